@@ -1,0 +1,108 @@
+"""Symbolic dimensions: evaluation and simplification with sympy."""
+
+from __future__ import annotations
+
+import functools
+
+import sympy
+
+from ds4c.errors import IRError
+from ds4c.ir.types import Dim
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_floordiv(text: str) -> sympy.Expr:
+    # Python's grammar handles '//' precedence; evaluate the parsed tree with sympy symbols.
+    import ast
+
+    tree = ast.parse(text, mode="eval")
+
+    def ev(node: ast.AST) -> sympy.Expr:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant):
+            return sympy.Integer(node.value)
+        if isinstance(node, ast.Name):
+            return sympy.Symbol(node.id, integer=True, positive=True)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        if isinstance(node, ast.BinOp):
+            a, b = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Add):
+                return a + b
+            if isinstance(node.op, ast.Sub):
+                return a - b
+            if isinstance(node.op, ast.Mult):
+                return a * b
+            if isinstance(node.op, ast.FloorDiv):
+                return sympy.floor(a / b)
+            if isinstance(node.op, ast.Mod):
+                return sympy.Mod(a, b)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _LOCALS:
+            return _LOCALS[node.func.id](*[ev(a) for a in node.args])
+        raise IRError(f"unsupported construct in symbolic dimension '{text}'")
+
+    return ev(tree)
+
+
+_LOCALS = {"Max": sympy.Max, "Min": sympy.Min, "Mod": sympy.Mod, "floor": sympy.floor, "ceiling": sympy.ceiling,
+           "FloorDiv": lambda a, b: sympy.floor(a / b), "CeilDiv": lambda a, b: sympy.ceiling(a / b)}
+
+
+def dim_expr(dim: Dim) -> sympy.Expr:
+    if isinstance(dim, int):
+        return sympy.Integer(dim)
+    return _parse_floordiv(dim)
+
+
+def eval_dim(dim: Dim, sizes: dict[str, int]) -> int:
+    """Value of a dimension once its symbols are bound, e.g. eval_dim('(S//4)', {'S': 9}) == 2."""
+    if isinstance(dim, int):
+        return dim
+    expr = dim_expr(dim)
+    subs = {s: sizes[s.name] for s in expr.free_symbols if s.name in sizes}
+    missing = [s.name for s in expr.free_symbols if s.name not in sizes]
+    if missing:
+        raise IRError(f"dimension '{dim}' uses unbound symbols {missing}; bound: {sorted(sizes)}")
+    return int(expr.subs(subs))
+
+
+def format_dim(expr: sympy.Expr) -> Dim:
+    """Canonical text of a sympy dimension: ints stay ints; floor(a/b) prints as (a//b)."""
+    expr = sympy.simplify(expr) if not expr.is_Integer else expr
+    if expr.is_Integer:
+        return int(expr)
+    return _to_text(expr)
+
+
+def _to_text(e: sympy.Expr) -> str:
+    if isinstance(e, sympy.floor) and isinstance(e.args[0], sympy.Mul):
+        num, den = sympy.fraction(e.args[0])
+        if den != 1:
+            return f"({_to_text(num)}//{_to_text(den)})"
+    if isinstance(e, sympy.Add):
+        terms = sorted(e.args, key=lambda t: (t.is_Number, str(t)))
+        out = _to_text(terms[0])
+        for t in terms[1:]:
+            if t.could_extract_minus_sign():
+                out += "-" + _to_text(-t)
+            else:
+                out += "+" + _to_text(t)
+        return out
+    if isinstance(e, sympy.Mul):
+        coeff, rest = e.as_coeff_Mul()
+        if coeff != 1:
+            return f"{coeff}*{_to_text(rest)}"
+        return "*".join(_paren(a) for a in e.args)
+    if isinstance(e, sympy.Mod):
+        return f"({_to_text(e.args[0])}%{_to_text(e.args[1])})"
+    if isinstance(e, sympy.Max | sympy.Min):
+        return f"{type(e).__name__}({','.join(_to_text(a) for a in e.args)})"
+    if isinstance(e, sympy.ceiling):
+        return f"ceiling({_to_text(e.args[0])})"
+    return str(e).replace(" ", "")
+
+
+def _paren(e: sympy.Expr) -> str:
+    t = _to_text(e)
+    return f"({t})" if isinstance(e, sympy.Add) else t

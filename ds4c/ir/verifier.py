@@ -1,0 +1,114 @@
+"""Structural verifier for graphs. Errors name the op (index, result, name) and what is wrong."""
+
+from __future__ import annotations
+
+import torch
+
+from ds4c.errors import IRError, VerificationError
+from ds4c.ir.graph import INPUT_KINDS, Graph, Op, Value
+from ds4c.ir.registry import get_op, split_results
+from ds4c.ir.types import ListType, ScalarType, TensorType
+
+
+def _describe(index: int, op: Op) -> str:
+    lhs = ", ".join(f"%{r.name}" for r in op.results)
+    return f"op #{index} ({lhs + ' = ' if lhs else ''}{op.name})"
+
+
+def verify_graph(graph: Graph, *, require_constants: bool = False) -> None:
+    """Check SSA form, registered ops, argument binding, types and outputs.
+
+    Raises VerificationError naming the first offending op.
+    """
+    defined: set[Value] = set()
+    names: set[str] = set()
+    for inp in graph.inputs:
+        if inp.kind not in INPUT_KINDS:
+            raise VerificationError(f"graph @{graph.name}: input %{inp.value.name} has unknown kind '{inp.kind}'")
+        if inp.value.name in names:
+            raise VerificationError(f"graph @{graph.name}: input %{inp.value.name} defined twice")
+        if inp.kind in ("param", "state", "const") and not isinstance(inp.value.type, TensorType):
+            raise VerificationError(f"graph @{graph.name}: {inp.kind} %{inp.value.name} must be a tensor")
+        if inp.kind == "const" and require_constants:
+            t = graph.constants.get(inp.value.name)
+            if t is None:
+                raise VerificationError(f"graph @{graph.name}: const %{inp.value.name} has no data attached")
+            ty = inp.value.type
+            assert isinstance(ty, TensorType)
+            if t.dtype != ty.dtype or tuple(t.shape) != tuple(ty.shape):
+                raise VerificationError(
+                    f"graph @{graph.name}: const %{inp.value.name} data is {t.dtype}{list(t.shape)}, type says {ty}")
+        defined.add(inp.value)
+        names.add(inp.value.name)
+    for index, op in enumerate(graph.ops):
+        where = _describe(index, op)
+        try:
+            opdef = get_op(op.name)
+        except IRError as e:
+            raise VerificationError(f"graph @{graph.name}: {where}: {e}") from None
+        for v in op.operands:
+            if v not in defined:
+                raise VerificationError(
+                    f"graph @{graph.name}: {where} uses %{v.name} before it is defined (or from another graph)")
+        for r in op.results:
+            if not isinstance(r.type, TensorType | ScalarType | ListType):
+                raise VerificationError(f"graph @{graph.name}: {where} result %{r.name} has no valid type")
+            if r.name in names:
+                raise VerificationError(f"graph @{graph.name}: {where} redefines %{r.name} (SSA)")
+        try:
+            opdef.verify(op)
+        except VerificationError as e:
+            raise VerificationError(f"graph @{graph.name}: {where}: {e}") from None
+        for r in op.results:
+            defined.add(r)
+            names.add(r.name)
+    seen_out: set[str] = set()
+    for name, v in graph.outputs:
+        if name in seen_out:
+            raise VerificationError(f"graph @{graph.name}: output '{name}' returned twice")
+        seen_out.add(name)
+        if v not in defined:
+            raise VerificationError(f"graph @{graph.name}: output '{name}' returns undefined %{v.name}")
+
+
+def check_types(graph: Graph, sizes: dict[str, int]) -> None:
+    """Re-derive every result type by running each op on meta tensors with symbols bound to ``sizes``.
+
+    Catches ops whose declared result type disagrees with what the op computes.
+    """
+    from ds4c.ir.shapes import eval_dim
+
+    env: dict[Value, object] = {}
+    for inp in graph.inputs:
+        ty = inp.value.type
+        if isinstance(ty, TensorType):
+            shape = [eval_dim(d, sizes) for d in ty.shape]
+            env[inp.value] = torch.empty(shape, dtype=ty.dtype, device="meta")
+        else:
+            env[inp.value] = sizes.get(inp.value.name, 1)
+    from ds4c.ir.graph import map_values
+
+    for index, op in enumerate(graph.ops):
+        opdef = get_op(op.name)
+        args = map_values(op.args, lambda v: env[v])
+        kwargs = map_values(op.kwargs, lambda v: env[v])
+        kwargs = {k: (torch.device("meta") if isinstance(a, torch.device) else a) for k, a in kwargs.items()}
+        try:
+            out = opdef.reference(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - reported with the op's name
+            raise VerificationError(f"graph @{graph.name}: {_describe(index, op)} fails on meta tensors: {e}") from e
+        outs = split_results(out)
+        if len(outs) != len(op.results):
+            raise VerificationError(
+                f"graph @{graph.name}: {_describe(index, op)} computes {len(outs)} results, declares {len(op.results)}")
+        for r, o in zip(op.results, outs, strict=True):
+            ty = r.type
+            if isinstance(ty, TensorType):
+                if not isinstance(o, torch.Tensor):
+                    raise VerificationError(f"graph @{graph.name}: {_describe(index, op)} result %{r.name} is not a tensor")
+                want = [eval_dim(d, sizes) for d in ty.shape]
+                if o.dtype != ty.dtype or list(o.shape) != want:
+                    raise VerificationError(
+                        f"graph @{graph.name}: {_describe(index, op)} result %{r.name} declared {ty} "
+                        f"(= {list(want)} at {sizes}) but computes {o.dtype} {list(o.shape)}")
+            env[r] = o

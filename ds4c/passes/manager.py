@@ -1,0 +1,126 @@
+"""Passes, pipelines and the PassManager.
+
+A pass is a named function ``(graph, ctx) -> graph`` registered with ``@register_pass``. The
+manager runs a named pipeline over every entry point of a Program; instruments observe each
+pass (print, time, verify, diff, dump) without the passes knowing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ds4c.errors import PassError
+from ds4c.ir.graph import Graph, Program
+
+PassFn = Callable[[Graph, "PassContext"], Graph]
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    fn: PassFn
+    doc: str
+
+    def __call__(self, graph: Graph, ctx: PassContext) -> Graph:
+        return self.fn(graph, ctx)
+
+
+_PASSES: dict[str, Pass] = {}
+
+
+def register_pass(name: str) -> Callable[[PassFn], PassFn]:
+    def wrap(fn: PassFn) -> PassFn:
+        if name in _PASSES:
+            raise PassError(f"pass '{name}' registered twice")
+        _PASSES[name] = Pass(name, fn, (fn.__doc__ or "").strip())
+        return fn
+
+    return wrap
+
+
+def get_pass(name: str) -> Pass:
+    _load_builtin_passes()
+    try:
+        return _PASSES[name]
+    except KeyError:
+        raise PassError(f"unknown pass '{name}'; known passes: {', '.join(sorted(_PASSES))}") from None
+
+
+def list_passes() -> list[Pass]:
+    _load_builtin_passes()
+    return [ _PASSES[k] for k in sorted(_PASSES)]
+
+
+# Named pipelines. Later stages (fusion, precision, memory, streams, lowering) append here.
+PIPELINES: dict[str, list[str]] = {
+    "default": ["canonicalize_shapes", "fold_constants", "cse", "dce", "canonicalize_shapes"],
+    "none": [],
+}
+
+
+def get_pipeline(name_or_passes: str | Sequence[str]) -> list[str]:
+    if isinstance(name_or_passes, str):
+        if name_or_passes not in PIPELINES:
+            raise PassError(f"unknown pipeline '{name_or_passes}'; known pipelines: {', '.join(PIPELINES)}")
+        return list(PIPELINES[name_or_passes])
+    return list(name_or_passes)
+
+
+@dataclass
+class PassContext:
+    """What passes may read: the target, compile options, and the shared program facts."""
+
+    target: Any = None
+    options: dict[str, Any] = field(default_factory=dict)
+    program_attrs: dict[str, Any] = field(default_factory=dict)
+
+
+class Instrument:
+    """Observer of the pipeline. Override any hook."""
+
+    def run_before_pass(self, pass_name: str, graph: Graph) -> None: ...
+
+    def run_after_pass(self, pass_name: str, before: Graph, after: Graph, seconds: float) -> None: ...
+
+    def run_after_pipeline(self, program: Program) -> None: ...
+
+
+class PassManager:
+    def __init__(self, passes: Iterable[str] | str = "default", instruments: Sequence[Instrument] = (),
+                 ctx: PassContext | None = None):
+        self.pass_names = get_pipeline(passes if isinstance(passes, str) else list(passes))
+        self.passes = [get_pass(n) for n in self.pass_names]
+        self.instruments = list(instruments)
+        self.ctx = ctx or PassContext()
+
+    def run(self, program: Program) -> Program:
+        graphs = dict(program.graphs)
+        self.ctx.program_attrs = program.attrs
+        for p in self.passes:
+            for name, graph in graphs.items():
+                for ins in self.instruments:
+                    ins.run_before_pass(p.name, graph)
+                t0 = time.perf_counter()
+                try:
+                    out = p(graph, self.ctx)
+                except PassError:
+                    raise
+                except Exception as e:
+                    raise PassError(f"pass '{p.name}' failed on graph @{name}: {type(e).__name__}: {e}") from e
+                dt = time.perf_counter() - t0
+                for ins in self.instruments:
+                    ins.run_after_pass(p.name, graph, out, dt)
+                graphs[name] = out
+        result = Program(graphs, dict(program.attrs))
+        result.attrs["pipeline"] = list(self.pass_names)
+        for ins in self.instruments:
+            ins.run_after_pipeline(result)
+        return result
+
+
+def _load_builtin_passes() -> None:
+    # Importing the modules registers their passes.
+    from ds4c.passes import canonicalize_shapes, cse, dce, fold_constants  # noqa: F401
