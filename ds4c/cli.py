@@ -1,0 +1,131 @@
+"""The ``ds4c`` command line: compile, run, inspect, targets."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ds4c.errors import Ds4cError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="ds4c: ahead-of-time compiler and runtime for DeepSeek-V4-class models.")
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def compile(
+    model: Annotated[str, typer.Argument(help="preset (tiny, flash-slice, flash, pro) or checkpoint directory")] = "tiny",
+    target: Annotated[str, typer.Option("--target", "-t", help="target name; see `ds4c targets`")] = "b200",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="artifact path (default MODEL-TARGET.ds4)")] = None,
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16")] = "auto",
+    max_context: Annotated[int | None, typer.Option("--max-context", help="longest sequence the artifact serves")] = None,
+    dump_ir: Annotated[Path | None, typer.Option("--dump-ir", help="write the IR after every pass into DIR")] = None,
+    print_after_all: Annotated[bool, typer.Option("--print-after-all", help="print the IR after every pass")] = False,
+    weights: Annotated[str, typer.Option(help="auto | embed | reference (checkpoint path or preset seed)")] = "auto",
+    seed: Annotated[int | None, typer.Option(help="seed of a preset's random weights")] = None,
+) -> None:
+    """Compile MODEL for TARGET into a .ds4 artifact."""
+    import ds4c
+
+    try:
+        art = ds4c.compile(model, target=target, precision=precision, max_context=max_context, dump_ir=dump_ir,
+                           print_after_all=print_after_all, weights=weights, seed=seed, progress=None)
+        if output is None:
+            output = Path(f"{Path(model).name}-{target}.ds4")
+        art.save(output)
+    except Ds4cError as e:
+        _fail(e)
+    m = art.manifest
+    ops = ", ".join(f"{n}: {len(g.ops)} ops" for n, g in art.program.graphs.items())
+    console.print(f"[green]compiled[/] {model} for {m['target']['name']} -> {output} "
+                  f"({ops}; weights {m['weights']['mode']}, {m['weights']['bytes'] / 2**20:.1f} MiB "
+                  f"{m['weights']['dtype']})")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise typer.BadParameter(f"--prompt-ids must be comma-separated integers, got '{text}'") from None
+
+
+@app.command()
+def run(
+    artifact: Annotated[Path, typer.Argument(help="a .ds4 artifact")],
+    prompt_ids: Annotated[str | None, typer.Option("--prompt-ids", help="comma-separated token ids")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="text, tokenized with the artifact's tokenizer")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 16,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+) -> None:
+    """Load ARTIFACT and greedily generate tokens."""
+    import ds4c
+    from ds4c.runtime.tokenizer import tokenizer_for
+
+    if (prompt_ids is None) == (prompt is None):
+        _fail(Ds4cError("give exactly one of --prompt-ids 1,2,3 or --prompt TEXT"))
+    try:
+        model = ds4c.load(artifact, device=device)
+        tok = tokenizer_for(model)
+        ids = _parse_ids(prompt_ids) if prompt_ids is not None else tok.encode(prompt or "")
+        out = model.generate([ids], max_new_tokens=max_new_tokens)
+    except Ds4cError as e:
+        _fail(e)
+    new = out[0, len(ids):].tolist()
+    console.print(f"prompt ids: {ids}")
+    console.print(f"generated ids: {new}")
+    if prompt is not None or tok.kind != "none":
+        console.print(f"text: {tok.decode(new)!r}")
+
+
+@app.command()
+def inspect(artifact: Annotated[Path, typer.Argument(help="a .ds4 artifact")]) -> None:
+    """Show target, pipeline, ops per layer, precision, weights and state layout of ARTIFACT."""
+    from ds4c.artifact.artifact import read_artifact
+    from ds4c.inspect import summarize
+
+    try:
+        manifest, program, _ = read_artifact(artifact)
+    except Ds4cError as e:
+        _fail(e)
+    summarize(manifest, program, console)
+
+
+@app.command()
+def targets() -> None:
+    """List the target records (hardware facts the passes read)."""
+    from ds4c.targets import list_targets
+
+    t = Table(title="ds4c targets")
+    for col in ("name", "backend", "arch", "units", "HBM GB", "HBM TB/s", "bf16 TFLOP/s", "fp8", "fp4"):
+        t.add_column(col)
+    for tg in list_targets():
+        d = tg.to_dict()
+        peak = d.get("peak_flops", {}) or {}
+        t.add_row(tg.name, str(d.get("backend")), str(d.get("arch")), str(d.get("compute_units")),
+                  f"{(d.get('hbm_bytes') or 0) / 1e9:.0f}", f"{(d.get('hbm_bandwidth') or 0) / 1e12:.2f}",
+                  f"{(peak.get('bf16') or 0) / 1e12:.0f}", "yes" if d.get("native_fp8") else "no",
+                  "yes" if d.get("native_fp4") else "no")
+    console.print(t)
+
+
+def main() -> None:
+    try:
+        app()
+    except Ds4cError as e:  # pragma: no cover - commands catch their own
+        err.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

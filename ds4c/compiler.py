@@ -1,0 +1,162 @@
+"""``ds4c.compile``: model -> traced IR -> pipeline -> Artifact."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ds4c.artifact.artifact import Artifact
+from ds4c.errors import ConfigError
+from ds4c.frontend.source import ModelSource, resolve_model
+from ds4c.frontend.trace import trace_program
+from ds4c.ir.graph import Program
+from ds4c.passes.instruments import DumpIR, PrintAfterAll, VerifyAfterEach
+from ds4c.passes.manager import Instrument, PassContext, PassManager
+from ds4c.runtime.progress import progress_steps
+from ds4c.targets import get_target
+
+PRECISIONS = ("auto", "fp32", "bf16")
+# Weights are embedded in the artifact up to this size unless asked otherwise; larger models
+# reference their checkpoint (or, for presets, the seed the runtime generates them from).
+EMBED_LIMIT_BYTES = 2 << 30
+DEFAULT_MAX_CONTEXT = 4096
+
+
+def compute_dtype(precision: str, target_name: str) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)} "
+                          "(per-layer FP8/INT8/MXFP4 policies arrive with the assign_precision pass)")
+    if precision == "fp32" or (precision == "auto" and target_name == "cpu"):
+        return torch.float32
+    return torch.bfloat16
+
+
+def compile(
+    model: Any,
+    target: str = "b200",
+    *,
+    precision: str = "auto",
+    max_context: int | None = None,
+    dump_ir: str | Path | None = None,
+    pipeline: str | Sequence[str] = "default",
+    instruments: Sequence[Instrument] = (),
+    weights: str = "auto",
+    print_after_all: bool = False,
+    verify: bool = True,
+    progress: bool | None = None,
+    seed: int | None = None,
+) -> Artifact:
+    """Compile ``model`` (preset name, checkpoint directory or transformers DeepseekV4ForCausalLM) for ``target``.
+
+    ``weights``: ``embed`` (weights inside the artifact), ``reference`` (the artifact points at the
+    checkpoint directory, or at the preset's seed), or ``auto`` (embed up to 2 GiB).
+    """
+    from ds4c.models.deepseek_v4 import ModelConfig
+
+    tgt = get_target(target)
+    source: ModelSource = resolve_model(model, seed=seed)
+    config = ModelConfig.from_hf_dict(source.config, source=_config_where(source))
+    if max_context is None:
+        max_context = min(int(source.config.get("max_position_embeddings", DEFAULT_MAX_CONTEXT)),
+                          DEFAULT_MAX_CONTEXT)
+    if max_context < 1:
+        raise ConfigError(f"--max-context must be positive, got {max_context}")
+    dtype = compute_dtype(precision, tgt.name)
+    if weights not in ("auto", "embed", "reference"):
+        raise ConfigError(f"weights='{weights}': choose auto, embed or reference")
+
+    with progress_steps(f"compiling for {tgt.name}", total=4, enabled=progress) as steps:
+        steps.advance("tracing (torch.export)", 0)
+        program, meta_model = trace_program(config, max_context, dtype)
+        steps.advance("running passes")
+        ins: list[Instrument] = list(instruments)
+        if verify:
+            ins.append(VerifyAfterEach())
+        if dump_ir is not None:
+            ins.append(DumpIR(dump_ir))
+        if print_after_all:
+            ins.append(PrintAfterAll())
+        ctx = PassContext(target=tgt, options={"precision": precision, "max_context": max_context})
+        program = PassManager(pipeline, ins, ctx).run(program)
+        steps.advance("collecting weights")
+        spec = _used_params(program, meta_model)
+        total_bytes = sum(_numel(s) * d.itemsize for s, d in spec.values())
+        mode = weights
+        if mode == "auto":
+            mode = "embed" if total_bytes <= EMBED_LIMIT_BYTES else "reference"
+        if mode == "reference" and source.kind == "module":
+            mode = "embed"  # an in-memory module has nothing to point at
+        embedded = None
+        if mode == "embed":
+            embedded = source.load_weights(spec, dtype=dtype)
+        steps.advance("done")
+
+    manifest: dict[str, Any] = {
+        "target": tgt.to_dict(),
+        "model": {"family": "deepseek_v4", "config": config.to_hf_dict(), "source": source.describe()},
+        "precision": {"policy": precision, "compute_dtype": str(dtype).removeprefix("torch.")},
+        "max_context": max_context,
+        "pipeline": program.attrs.get("pipeline", []),
+        "entry_points": _entry_points(program),
+        "state": program.attrs["state"],
+        "weights": {
+            "mode": mode,
+            "source": source.describe(),
+            "dtype": str(dtype).removeprefix("torch."),
+            "bytes": total_bytes,
+            "tensors": {k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")} for k, (s, d) in spec.items()},
+            # Transforms the runtime applies to referenced weights at load, in order.
+            "transforms": [{"op": "cast", "dtype": str(dtype).removeprefix("torch."), "tensors": "floating"}],
+        },
+        "kernels": {},
+    }
+    extras = {}
+    if source.kind == "checkpoint" and source.path is not None and (source.path / "tokenizer.json").is_file():
+        extras["tokenizer/tokenizer.json"] = (source.path / "tokenizer.json").read_bytes()
+        manifest["tokenizer"] = {"kind": "hf", "member": "tokenizer/tokenizer.json"}
+    elif config.vocab_size >= 256:
+        manifest["tokenizer"] = {"kind": "bytes"}
+    else:
+        manifest["tokenizer"] = {"kind": "none"}
+    return Artifact(manifest=manifest, program=program, weights=embedded, extras=extras)
+
+
+def _config_where(source: ModelSource) -> str:
+    if source.kind == "checkpoint":
+        return str(Path(source.path or source.name) / "config.json")
+    return f"{source.kind} '{source.name}' config"
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _used_params(program: Program, model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Weights any graph reads, with their shape and dtype, in the model's state_dict order."""
+    full = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    used: set[str] = set()
+    for g in program.graphs.values():
+        used.update(v.name for v in g.inputs_of_kind("param"))
+    return {k: full[k] for k in full if k in used}
+
+
+def _entry_points(program: Program) -> dict[str, Any]:
+    out = {}
+    for name, g in program.graphs.items():
+        out[name] = {
+            "ir": f"ir/{name}.ds4ir",
+            "consts": f"consts/{name}.safetensors",
+            "inputs": [{"name": i.value.name, "type": str(i.value.type)} for i in g.inputs if i.kind == "input"],
+            "outputs": [n for n, _ in g.outputs],
+            "ops": len(g.ops),
+        }
+    return out
+
+
+__all__ = ["compile", "PRECISIONS"]

@@ -1,0 +1,75 @@
+"""Build ds4c's export-friendly model on the meta device and trace both entry points into IR.
+
+Weights stay on the meta device (compiling ``pro`` never materialises 1.6T parameters); only the
+small buffers the model computes at construction (RoPE tables) are real, and they become ``const``
+inputs of the graphs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ds4c.frontend.fx_import import import_exported_program
+from ds4c.ir.graph import Program
+
+
+@dataclass(frozen=True)
+class EntryPointInfo:
+    inputs: list[str]
+    outputs: list[str]
+    state: list[dict[str, Any]]
+
+
+def build_meta_model(config: Any, max_context: int, dtype: torch.dtype) -> torch.nn.Module:
+    from ds4c.models.deepseek_v4 import DeepseekV4Model
+
+    with torch.device("meta"):
+        model = DeepseekV4Model(config, max_context)
+    # Parameters (not buffers) take the compute dtype; RoPE buffers keep their own.
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return model.eval()
+
+
+def param_spec(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every weight the checkpoint must provide: the model's state_dict minus non-persistent buffers."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def trace_program(config: Any, max_context: int, dtype: torch.dtype = torch.float32) -> tuple[Program, torch.nn.Module]:
+    from ds4c.models.deepseek_v4 import export_entry_points
+
+    model = build_meta_model(config, max_context, dtype)
+    eps = export_entry_points(model)
+    specs = model.state_specs(1)
+    state_names = [s.name for s in specs]
+    state_out = [s.name for s in specs]
+    graphs = {
+        "prefill": import_exported_program(eps["prefill"], "prefill", input_names=["input_ids"], state_names=[],
+                                           output_names=["logits", *state_out], param_prefix=_prefix(eps["prefill"])),
+        "decode": import_exported_program(eps["decode"], "decode", input_names=["input_ids", "position"],
+                                          state_names=state_names, output_names=["logits", *state_out],
+                                          param_prefix=_prefix(eps["decode"])),
+    }
+    attrs = {
+        "dim_names": {"input_ids": ["B", "S"], **{n: ["B"] for n in state_names}},
+        "state": [{"name": s.name, "shape": ["B", *s.shape[1:]], "dtype": str(s.dtype).removeprefix("torch."),
+                   "fill": s.fill} for s in specs],
+        "max_context": max_context,
+    }
+    return Program(graphs, attrs), model
+
+
+def _prefix(ep: torch.export.ExportedProgram) -> str:
+    """The attribute path under which the wrapper holds the model ('model.' for PrefillEntry(model))."""
+    names = [s.target for s in ep.graph_signature.input_specs if s.target]
+    from ds4c.models.deepseek_v4 import model as model_mod
+
+    prefix = getattr(model_mod, "ENTRY_PARAM_PREFIX", "")
+    if prefix and all(n.startswith(prefix) for n in names):
+        return prefix
+    return ""

@@ -1,0 +1,80 @@
+"""``ds4c inspect``: what an artifact holds, per layer."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ds4c.ir.graph import Graph, Program
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+def layer_of(loc: str | None) -> int | None:
+    if not loc:
+        return None
+    m = _LAYER.search(loc)
+    return int(m.group(1)) if m else None
+
+
+def ops_by_layer(graph: Graph) -> dict[int | None, Counter]:
+    out: dict[int | None, Counter] = {}
+    for op in graph.ops:
+        out.setdefault(layer_of(op.loc), Counter())[op.name] += 1
+    return out
+
+
+def _short(name: str) -> str:
+    parts = name.split(".")
+    return parts[1] if parts[0] == "aten" and len(parts) == 3 else name
+
+
+def summarize(manifest: dict[str, Any], program: Program, console: Console) -> None:
+    t = manifest["target"]
+    w = manifest["weights"]
+    cfg = manifest["model"]["config"]
+    console.print(f"[bold]target[/] {t['name']} ({t.get('backend')}, {t.get('arch')})   "
+                  f"[bold]ds4c[/] {manifest.get('ds4c_version')}   [bold]format[/] {manifest.get('format_version')}")
+    console.print(f"[bold]model[/] {manifest['model']['source']}  layers={cfg.get('num_hidden_layers')} "
+                  f"hidden={cfg.get('hidden_size')} vocab={cfg.get('vocab_size')}")
+    console.print(f"[bold]precision[/] {manifest['precision']}   [bold]max_context[/] {manifest['max_context']}")
+    console.print(f"[bold]pipeline[/] {' -> '.join(manifest.get('pipeline', [])) or '(none)'}")
+    console.print(f"[bold]weights[/] {w['mode']} ({w['bytes'] / 2**20:.1f} MiB {w['dtype']}, {len(w['tensors'])} tensors)"
+                  f" source={w['source']}; transforms={[tr['op'] for tr in w.get('transforms', [])]}")
+    st = Table(title="model state per sequence")
+    st.add_column("tensor")
+    st.add_column("shape")
+    st.add_column("dtype")
+    st.add_column("KiB", justify="right")
+    total = 0
+    for s in manifest["state"]:
+        n = 1
+        for d in s["shape"][1:]:
+            n *= int(d)
+        nbytes = n * (2 if s["dtype"] in ("bfloat16", "float16") else 4 if s["dtype"] in ("float32", "int32") else 8)
+        total += nbytes
+        st.add_row(s["name"], str(s["shape"]), s["dtype"], f"{nbytes / 1024:.1f}")
+    console.print(st)
+    console.print(f"state total per sequence: {total / 2**20:.2f} MiB")
+    layer_types = cfg.get("layer_types") or []
+    mlp_types = cfg.get("mlp_layer_types") or []
+    for name, g in program.graphs.items():
+        tb = Table(title=f"@{name}: {len(g.ops)} ops, {len(g.inputs_of_kind('param'))} weights, "
+                         f"{len(g.inputs_of_kind('const'))} consts")
+        tb.add_column("layer")
+        tb.add_column("attention")
+        tb.add_column("mlp")
+        tb.add_column("ops", justify="right")
+        tb.add_column("most frequent ops")
+        for layer, counts in sorted(ops_by_layer(g).items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+            attn = layer_types[layer] if layer is not None and layer < len(layer_types) else "-"
+            mlp = mlp_types[layer] if layer is not None and layer < len(mlp_types) else "-"
+            top = ", ".join(f"{_short(k)}×{v}" for k, v in counts.most_common(6))
+            tb.add_row("model" if layer is None else str(layer), attn, mlp, str(sum(counts.values())), top)
+        console.print(tb)
+    kernels = manifest.get("kernels") or {}
+    console.print(f"[bold]kernels[/] {len(kernels)} stored" + ("" if kernels else " (reference backend: none needed)"))

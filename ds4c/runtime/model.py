@@ -1,0 +1,196 @@
+"""The runtime: load an artifact, own the model state, run prefill/decode, generate."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ds4c.artifact.artifact import WEIGHTS_MEMBER, read_artifact
+from ds4c.backends.reference import ReferenceExecutor
+from ds4c.errors import ArtifactError, InputError
+from ds4c.ir.graph import Program
+from ds4c.runtime.progress import progress_steps
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64,
+           "int32": torch.int32}
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ArtifactError(f"manifest names unknown dtype '{name}'") from None
+
+
+class CompiledModel:
+    """A loaded artifact. ``model(ids)`` gives logits; ``model.generate(ids, n)`` gives tokens."""
+
+    def __init__(self, manifest: dict[str, Any], program: Program, weights: dict[str, torch.Tensor],
+                 device: torch.device):
+        self.manifest = manifest
+        self.program = program
+        self.weights = weights
+        self.device = device
+        self.max_context = int(manifest["max_context"])
+        self.vocab_size = int(manifest["model"]["config"]["vocab_size"])
+        self.state_layout = manifest["state"]
+        self._executors = {name: ReferenceExecutor(g, device) for name, g in program.graphs.items()}
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def _check_ids(self, input_ids: Any, *, extra: int = 0) -> torch.Tensor:
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2:
+            raise InputError(f"input_ids must be [batch, seq] token ids, got shape {list(ids.shape)}")
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise InputError(f"input_ids must be integer token ids, got {ids.dtype}")
+        if ids.numel() == 0:
+            raise InputError("input_ids is empty; give at least one token")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InputError(f"token id {bad} is out of range: this model's vocabulary has {self.vocab_size} ids "
+                             f"(0..{self.vocab_size - 1})")
+        if ids.shape[1] + extra > self.max_context:
+            what = f"{ids.shape[1]} prompt tokens" + (f" + {extra} new tokens" if extra else "")
+            raise InputError(f"context of {what} exceeds the compiled maximum of {self.max_context}; "
+                             f"recompile with --max-context {ids.shape[1] + extra} or more")
+        return ids.to(device=self.device, dtype=torch.int64)
+
+    def new_state(self, batch: int) -> dict[str, torch.Tensor]:
+        """Fresh model state (ring buffers, compressed KV, compressor tails) for ``batch`` sequences."""
+        out = {}
+        for s in self.state_layout:
+            shape = [batch if d == "B" else int(d) for d in s["shape"]]
+            out[s["name"]] = torch.full(shape, float(s["fill"]), dtype=_dtype(s["dtype"]), device=self.device)
+        return out
+
+    # -- entry points ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, input_ids: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ids = self._check_ids(input_ids)
+        out = self._executors["prefill"].run({"input_ids": ids}, self.weights)
+        logits = out.pop("logits")
+        return logits, out
+
+    @torch.no_grad()
+    def decode(self, token_ids: Any, position: int, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        ids = self._check_ids(token_ids)
+        if ids.shape[1] != 1:
+            raise InputError(f"decode takes one token per sequence, got {ids.shape[1]}")
+        if position >= self.max_context:
+            raise InputError(f"position {position} is beyond the compiled maximum context {self.max_context}; "
+                             f"recompile with a larger --max-context")
+        pos = torch.tensor(position, dtype=torch.int64, device=self.device)
+        out = self._executors["decode"].run({"input_ids": ids, "position": pos}, self.weights, state)
+        logits = out.pop("logits")
+        return logits, out
+
+    def __call__(self, input_ids: Any) -> torch.Tensor:
+        """Full forward of a whole sequence from an empty state: logits [B, S, vocab]."""
+        return self.prefill(input_ids)[0]
+
+    @torch.no_grad()
+    def generate(self, input_ids: Any, max_new_tokens: int = 32, do_sample: bool = False, *,
+                 temperature: float = 1.0, top_k: int | None = None, eos_token_id: int | None = None,
+                 seed: int | None = None) -> torch.Tensor:
+        """Prefill the prompt, then decode ``max_new_tokens`` tokens; returns prompt + new ids [B, S+N]."""
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        ids = self._check_ids(input_ids, extra=max_new_tokens)
+        if max_new_tokens == 0:
+            return ids
+        gen = torch.Generator(device=self.device)
+        if seed is not None:
+            gen.manual_seed(seed)
+        logits, state = self.prefill(ids)
+        tokens = [ids]
+        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)
+        pos = ids.shape[1]
+        for step in range(max_new_tokens):
+            nxt = self._pick(logits[:, -1].float(), do_sample, temperature, top_k, gen)
+            if eos_token_id is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
+                finished |= nxt == eos_token_id
+            tokens.append(nxt[:, None])
+            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+                break
+            logits, state = self.decode(nxt[:, None], pos, state)
+            pos += 1
+        return torch.cat(tokens, dim=1)
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+              gen: torch.Generator) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(dim=-1)
+        if temperature <= 0:
+            raise InputError(f"temperature must be > 0 when sampling, got {temperature}")
+        logits = logits / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+    def __repr__(self) -> str:
+        return (f"CompiledModel(target={self.manifest['target']['name']}, device={self.device}, "
+                f"max_context={self.max_context}, weights={len(self.weights)} tensors)")
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progress: bool | None = None) -> CompiledModel:
+    """Load an artifact written by ``Artifact.save`` / ``ds4c compile``, ready to run on ``device``."""
+    from safetensors.torch import load as st_load
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
+    manifest, program, container = read_artifact(path)
+    wman = manifest["weights"]
+    dtype = _dtype(wman["dtype"])
+    expected = {k: (tuple(v["shape"]), _dtype(v["dtype"])) for k, v in wman["tensors"].items()}
+    with progress_steps(f"loading {os.fspath(path)}", total=max(len(expected), 1), enabled=progress) as steps:
+        if wman["mode"] == "embed":
+            if WEIGHTS_MEMBER not in container.member_names():
+                raise ArtifactError(f"{path}: manifest says weights are embedded but '{WEIGHTS_MEMBER}' is missing")
+            raw = st_load(container.read_bytes(WEIGHTS_MEMBER))
+            weights = {}
+            for k in expected:
+                if k not in raw:
+                    raise ArtifactError(f"{path}: embedded weights lack tensor '{k}'; recompile the artifact")
+                weights[k] = raw.pop(k).to(device)
+                steps.advance()
+        else:
+            from ds4c.frontend.source import load_weights
+
+            def tick(i: int, n: int) -> None:
+                steps.advance()
+
+            weights = load_weights(wman["source"], expected, dtype=dtype, device=device, progress=tick)
+        weights = apply_transforms(weights, wman.get("transforms", []))
+    for k, (shape, dt) in expected.items():
+        t = weights[k]
+        if tuple(t.shape) != shape:
+            raise ArtifactError(f"{path}: weight '{k}' has shape {list(t.shape)}, the program expects {list(shape)}")
+    model = CompiledModel(manifest, program, weights, device)
+    model.container = container
+    return model
+
+
+def apply_transforms(weights: dict[str, torch.Tensor], transforms: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Apply the weight transforms recorded by the compiler, in order (idempotent on embedded weights)."""
+    for tr in transforms:
+        op = tr["op"]
+        if op == "cast":
+            dt = _dtype(tr["dtype"])
+            names = [k for k, v in weights.items() if v.is_floating_point()] if tr.get("tensors") == "floating" \
+                else list(tr["tensors"])
+            for k in names:
+                weights[k] = weights[k].to(dt)
+        else:
+            raise ArtifactError(f"artifact records weight transform '{op}' that this ds4c does not know; upgrade ds4c")
+    return weights
