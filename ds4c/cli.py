@@ -32,6 +32,9 @@ def compile(
     max_context: Annotated[int | None, typer.Option("--max-context", help="longest sequence the artifact serves")] = None,
     dump_ir: Annotated[Path | None, typer.Option("--dump-ir", help="write the IR after every pass into DIR")] = None,
     print_after_all: Annotated[bool, typer.Option("--print-after-all", help="print the IR after every pass")] = False,
+    print_after: Annotated[list[str] | None, typer.Option("--print-after", help="print the IR after PASS")] = None,
+    stop_after: Annotated[str | None, typer.Option("--stop-after", help="end the pipeline after PASS")] = None,
+    bisect: Annotated[int | None, typer.Option("--bisect", help="apply only the first N rewrites")] = None,
     weights: Annotated[str, typer.Option(help="auto | embed | reference (checkpoint path or preset seed)")] = "auto",
     seed: Annotated[int | None, typer.Option(help="seed of a preset's random weights")] = None,
 ) -> None:
@@ -40,7 +43,8 @@ def compile(
 
     try:
         art = ds4c.compile(model, target=target, precision=precision, max_context=max_context, dump_ir=dump_ir,
-                           print_after_all=print_after_all, weights=weights, seed=seed, progress=None)
+                           print_after_all=print_after_all, print_after=print_after or (), stop_after=stop_after,
+                           bisect=bisect, weights=weights, seed=seed, progress=None)
         if output is None:
             output = Path(f"{Path(model).name}-{target}.ds4")
         art.save(output)
@@ -48,6 +52,9 @@ def compile(
         _fail(e)
     m = art.manifest
     ops = ", ".join(f"{n}: {len(g.ops)} ops" for n, g in art.program.graphs.items())
+    if bisect is not None:
+        r = m["rewrites"]
+        console.print(f"bisect: applied {r['applied']} of {r['attempted']} rewrites")
     console.print(f"[green]compiled[/] {model} for {m['target']['name']} -> {output} "
                   f"({ops}; weights {m['weights']['mode']}, {m['weights']['bytes'] / 2**20:.1f} MiB "
                   f"{m['weights']['dtype']})")
@@ -117,6 +124,64 @@ def targets() -> None:
                   f"{(peak.get('bf16') or 0) / 1e12:.0f}", "yes" if d.get("native_fp8") else "no",
                   "yes" if d.get("native_fp4") else "no")
     console.print(t)
+
+
+debug_app = typer.Typer(no_args_is_help=True, help="Find what a pass did to the numbers.")
+app.add_typer(debug_app, name="debug")
+
+
+@debug_app.command("numerics")
+def debug_numerics(
+    model: Annotated[str, typer.Argument(help="preset, checkpoint directory, or a .ds4 artifact")],
+    against: Annotated[Path | None, typer.Option(help="a second artifact to compare side by side")] = None,
+    pipeline: Annotated[str, typer.Option(help="pipeline name, or comma-separated pass names")] = "default",
+    entry: Annotated[str, typer.Option(help="prefill | decode")] = "prefill",
+    atol: Annotated[float, typer.Option(help="tolerance (max abs error)")] = 1e-4,
+    seq_len: Annotated[int | None, typer.Option("--seq-len")] = None,
+    max_context: Annotated[int | None, typer.Option("--max-context")] = 256,
+) -> None:
+    """Run the graph after every pass on the same inputs; name the first pass and op that diverge."""
+    from ds4c.debug.session import numerics_for_artifacts, numerics_for_model
+
+    passes = pipeline if "," not in pipeline else [p for p in pipeline.split(",") if p]
+    try:
+        if against is not None:
+            div = numerics_for_artifacts(model, against, entry=entry, atol=atol, seq_len=seq_len)
+        else:
+            div, _ = numerics_for_model(model, pipeline=passes, entry=entry, atol=atol, seq_len=seq_len,
+                                        max_context=max_context)
+    except Ds4cError as e:
+        _fail(e)
+    if div is None:
+        console.print(f"[green]no divergence[/] beyond {atol:g} on @{entry}")
+        return
+    console.print(str(div), markup=False, highlight=False)
+    raise typer.Exit(1)
+
+
+@debug_app.command("bisect")
+def debug_bisect(
+    model: Annotated[str, typer.Argument(help="preset or checkpoint directory")],
+    pipeline: Annotated[str, typer.Option(help="pipeline name, or comma-separated pass names")] = "default",
+    entry: Annotated[str, typer.Option(help="prefill | decode")] = "prefill",
+    atol: Annotated[float, typer.Option(help="tolerance (max abs error)")] = 1e-4,
+    max_context: Annotated[int | None, typer.Option("--max-context")] = 256,
+) -> None:
+    """Binary-search the pipeline's rewrites for the first one that breaks the numbers."""
+    from ds4c.debug.session import bisect_model
+
+    passes = pipeline if "," not in pipeline else [p for p in pipeline.split(",") if p]
+    try:
+        res = bisect_model(model, pipeline=passes, entry=entry, atol=atol, max_context=max_context)
+    except Ds4cError as e:
+        _fail(e)
+    if res["first_bad_rewrite"] is None:
+        console.print(f"[green]all {res['total_rewrites']} rewrites keep the numbers[/] ({res['runs']} run)")
+        return
+    console.print(f"first bad rewrite: #{res['first_bad_rewrite']} of {res['total_rewrites']} in pass "
+                  f"'{res['pass']}': {res['rewrite']} (found in {res['runs']} runs; "
+                  f"reproduce with --bisect {res['first_bad_rewrite'] + 1})", markup=False)
+    raise typer.Exit(1)
 
 
 def main() -> None:

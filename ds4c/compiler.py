@@ -45,6 +45,9 @@ def compile(
     instruments: Sequence[Instrument] = (),
     weights: str = "auto",
     print_after_all: bool = False,
+    print_after: Sequence[str] = (),
+    stop_after: str | None = None,
+    bisect: int | None = None,
     verify: bool = True,
     progress: bool | None = None,
     seed: int | None = None,
@@ -53,6 +56,9 @@ def compile(
 
     ``weights``: ``embed`` (weights inside the artifact), ``reference`` (the artifact points at the
     checkpoint directory, or at the preset's seed), or ``auto`` (embed up to 2 GiB).
+    ``instruments`` observe every pass (see ds4c.debug.CompileTrace); ``print_after`` names passes
+    whose output IR is printed; ``stop_after`` ends the pipeline after a pass; ``bisect = N``
+    applies only the first N rewrites of the pipeline (the manifest's ``rewrites`` lists them).
     """
     from ds4c.models.deepseek_v4 import ModelConfig
 
@@ -79,8 +85,11 @@ def compile(
             ins.append(DumpIR(dump_ir))
         if print_after_all:
             ins.append(PrintAfterAll())
-        ctx = PassContext(target=tgt, options={"precision": precision, "max_context": max_context})
-        program = PassManager(pipeline, ins, ctx).run(program)
+        elif print_after:
+            ins.append(PrintAfterAll(only=set(print_after)))
+        ctx = PassContext(target=tgt, options={"precision": precision, "max_context": max_context},
+                          bisect_limit=bisect)
+        program = PassManager(pipeline, ins, ctx, stop_after=stop_after).run(program)
         steps.advance("collecting weights")
         spec = _used_params(program, meta_model)
         total_bytes = sum(_numel(s) * d.itemsize for s, d in spec.values())
@@ -100,6 +109,7 @@ def compile(
         "precision": {"policy": precision, "compute_dtype": str(dtype).removeprefix("torch.")},
         "max_context": max_context,
         "pipeline": program.attrs.get("pipeline", []),
+        "rewrites": {"attempted": len(ctx.rewrite_log), "applied": ctx.rewrites_applied, "bisect_limit": bisect},
         "entry_points": _entry_points(program),
         "state": program.attrs["state"],
         "weights": {

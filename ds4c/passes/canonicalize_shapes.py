@@ -118,11 +118,11 @@ def canonicalize_shapes(graph: Graph, ctx: PassContext) -> Graph:
                 literal[op.results[0]] = ty.shape[op.args[1]]
                 continue
         if op.name in _IDENTITY_IF_SAME_TYPE and isinstance(op.args[0], Value) and len(op.results) == 1:
-            if str(op.args[0].type) == str(op.results[0].type):
+            if str(op.args[0].type) == str(op.results[0].type) and ctx.allow_rewrite(f"drop identity {op.name}"):
                 mapping[op.results[0]] = op.args[0]
                 continue
         if op.name == "aten._to_copy.default" and isinstance(op.args[0], Value) and set(op.kwargs) <= {"dtype"}:
-            if str(op.args[0].type) == str(op.results[0].type):
+            if str(op.args[0].type) == str(op.results[0].type) and ctx.allow_rewrite("drop identity cast"):
                 mapping[op.results[0]] = op.args[0]
                 continue
         ops.append(op)

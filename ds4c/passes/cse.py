@@ -37,7 +37,7 @@ def cse(graph: Graph, ctx: PassContext) -> Graph:
                 tuple(str(r.type) for r in op.results),
             )
             prev = seen.get(key)
-            if prev is not None:
+            if prev is not None and ctx.allow_rewrite(f"merge %{op.results[0].name} into %{prev[0].name}"):
                 mapping.update(zip(op.results, prev, strict=True))
                 continue
             seen[key] = op.results

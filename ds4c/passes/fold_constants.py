@@ -62,7 +62,7 @@ def fold_constants(graph: Graph, ctx: PassContext) -> Graph:
             sizes = [r.type.nbytes() or 0 for r in op.results if isinstance(r.type, TensorType)]
             if sum(sizes) > limit:
                 foldable = False
-        if not foldable:
+        if not foldable or not ctx.allow_rewrite(f"fold {op.name} -> %{op.results[0].name}"):
             ops.append(op)
             continue
         args = _as_device_free(map_values(op.args, known.__getitem__))

@@ -71,11 +71,30 @@ def get_pipeline(name_or_passes: str | Sequence[str]) -> list[str]:
 
 @dataclass
 class PassContext:
-    """What passes may read: the target, compile options, and the shared program facts."""
+    """What passes may read: the target, compile options, and the shared program facts.
+
+    Every individual rewrite a pass makes (a fusion, a folded constant, a merged expression) asks
+    ``allow_rewrite`` first: with ``bisect_limit = N`` only the first N rewrites of the whole
+    pipeline happen (like LLVM's -opt-bisect-limit), and ``rewrite_log`` says which they were.
+    """
 
     target: Any = None
     options: dict[str, Any] = field(default_factory=dict)
     program_attrs: dict[str, Any] = field(default_factory=dict)
+    bisect_limit: int | None = None
+    rewrite_log: list[tuple[int, str, str, bool]] = field(default_factory=list)  # (index, pass, what, applied)
+    current_pass: str = ""
+    current_graph: str = ""
+
+    def allow_rewrite(self, what: str) -> bool:
+        index = len(self.rewrite_log)
+        ok = self.bisect_limit is None or index < self.bisect_limit
+        self.rewrite_log.append((index, self.current_pass, f"@{self.current_graph}: {what}", ok))
+        return ok
+
+    @property
+    def rewrites_applied(self) -> int:
+        return sum(1 for r in self.rewrite_log if r[3])
 
 
 class Instrument:
@@ -90,8 +109,13 @@ class Instrument:
 
 class PassManager:
     def __init__(self, passes: Iterable[str] | str = "default", instruments: Sequence[Instrument] = (),
-                 ctx: PassContext | None = None):
+                 ctx: PassContext | None = None, stop_after: str | None = None):
         self.pass_names = get_pipeline(passes if isinstance(passes, str) else list(passes))
+        if stop_after is not None:
+            if stop_after not in self.pass_names:
+                raise PassError(f"--stop-after {stop_after}: no such pass in the pipeline "
+                                f"({', '.join(self.pass_names)})")
+            self.pass_names = self.pass_names[: self.pass_names.index(stop_after) + 1]
         self.passes = [get_pass(n) for n in self.pass_names]
         self.instruments = list(instruments)
         self.ctx = ctx or PassContext()
@@ -101,6 +125,7 @@ class PassManager:
         self.ctx.program_attrs = program.attrs
         for p in self.passes:
             for name, graph in graphs.items():
+                self.ctx.current_pass, self.ctx.current_graph = p.name, name
                 for ins in self.instruments:
                     ins.run_before_pass(p.name, graph)
                 t0 = time.perf_counter()

@@ -1,0 +1,187 @@
+"""Find the first pass, and the first op in it, that changed the numbers.
+
+Every graph of the pipeline runs on the same inputs through the reference backend. The first
+stage whose outputs differ from the traced graph beyond the tolerance names the pass; then its
+values are compared by name with the stage before it, and the culprit is the earliest op the pass
+introduced upstream of the first mismatching value (or that op itself when the pass introduced
+none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ds4c.backends.reference import ReferenceExecutor
+from ds4c.debug.trace import CompileTrace
+from ds4c.ir.graph import Graph, Op, Value
+from ds4c.ir.printer import format_op
+
+
+@dataclass
+class Divergence:
+    pass_name: str
+    graph: str
+    op_index: int
+    op: str  # the op's IR line
+    value: str
+    max_abs_error: float
+    tolerance: float
+    loc: str | None
+    output_errors: dict[str, float]
+
+    def __str__(self) -> str:
+        where = f" ({self.loc})" if self.loc else ""
+        return (f"first divergence: pass '{self.pass_name}' on @{self.graph}, op #{self.op_index}{where}:\n"
+                f"  {self.op}\n  value %{self.value} max abs error {self.max_abs_error:.3g} > tolerance "
+                f"{self.tolerance:g}; outputs: " + ", ".join(f"{k}={v:.3g}" for k, v in self.output_errors.items()))
+
+
+def _err(a: Any, b: Any) -> float:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape:
+            return float("inf")
+        if a.numel() == 0:
+            return 0.0
+        a64, b64 = a.double(), b.double()
+        both_inf = torch.isinf(a64) & torch.isinf(b64) & (torch.sign(a64) == torch.sign(b64))
+        d = (a64 - b64).abs().masked_fill(both_inf, 0.0)
+        d = torch.nan_to_num(d, nan=float("inf"))
+        return float(d.max())
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return abs(float(a) - float(b))
+    return 0.0 if a == b else float("inf")
+
+
+def run_capturing(graph: Graph, inputs: Mapping[str, Any], params: Mapping[str, torch.Tensor],
+                  state: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run a graph keeping every intermediate value by name; returns (outputs, values)."""
+    values: dict[str, Any] = {}
+
+    def keep(i: int, op: Op, outs: list[Any]) -> None:
+        for r, o in zip(op.results, outs, strict=True):
+            values[r.name] = o.detach().clone() if isinstance(o, torch.Tensor) else o
+
+    outputs = ReferenceExecutor(graph, "cpu", on_op=keep).run(inputs, params, state)
+    return outputs, values
+
+
+def locate_op(before: Graph, after: Graph, inputs: Mapping[str, Any], params: Mapping[str, torch.Tensor],
+              state: Mapping[str, torch.Tensor] | None, atol: float) -> tuple[int, Op, str, float] | None:
+    """The op of ``after`` that introduced the difference from ``before``: (index, op, value, error)."""
+    _, vals_a = run_capturing(before, inputs, params, state)
+    outs_b, vals_b = run_capturing(after, inputs, params, state)
+    producers = after.producers()
+    index = {id(op): i for i, op in enumerate(after.ops)}
+    new_ops = {id(op) for op in after.ops if any(r.name not in vals_a for r in op.results)}
+
+    def earliest_new_ancestor(v: Value) -> Op | None:
+        best: Op | None = None
+        stack, seen = [v], set()
+        while stack:
+            x = stack.pop()
+            if x in seen:
+                continue
+            seen.add(x)
+            op = producers.get(x)
+            if op is None:
+                continue
+            if id(op) in new_ops:
+                if best is None or index[id(op)] < index[id(best)]:
+                    best = op
+            # stop at values that exist before and match: they are clean
+            for o in op.operands:
+                if o.name in vals_a and o.name in vals_b and _err(vals_a[o.name], vals_b[o.name]) <= atol:
+                    continue
+                stack.append(o)
+        return best
+
+    for i, op in enumerate(after.ops):
+        for r in op.results:
+            if r.name in vals_a and r.name in vals_b:
+                e = _err(vals_a[r.name], vals_b[r.name])
+                if e > atol:
+                    culprit = earliest_new_ancestor(r) if id(op) not in new_ops else op
+                    culprit = culprit or op
+                    cr = culprit.results[0]
+                    return index[id(culprit)], culprit, cr.name, e
+    # no shared intermediate differs: blame the earliest new op feeding a differing output
+    ref_outs = {n: vals_a.get(v.name) for n, v in before.outputs}
+    for (name, v) in after.outputs:
+        if name in ref_outs and ref_outs[name] is not None:
+            e = _err(ref_outs[name], outs_b[name])
+            if e > atol:
+                culprit = earliest_new_ancestor(v)
+                if culprit is not None:
+                    return index[id(culprit)], culprit, culprit.results[0].name, e
+    return None
+
+
+def output_errors(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, float]:
+    return {k: _err(a[k], b[k]) for k in a if k in b}
+
+
+def find_divergence(trace: CompileTrace, inputs: Mapping[str, Any], params: Mapping[str, torch.Tensor], *,
+                    graph: str = "prefill", state: Mapping[str, torch.Tensor] | None = None,
+                    atol: float = 1e-4) -> Divergence | None:
+    """Name the first pass (and op) whose graph's outputs differ from the traced graph by more than ``atol``."""
+    stages = trace.stages(graph)
+    if not stages:
+        raise KeyError(f"the trace holds no graph @{graph}; graphs: {trace.graph_names}")
+    reference, _ = run_capturing(stages[0].graph, inputs, params, state)
+    for i in range(1, len(stages)):
+        outs, _ = run_capturing(stages[i].graph, inputs, params, state)
+        errs = output_errors(reference, outs)
+        if max(errs.values(), default=0.0) > atol:
+            found = locate_op(stages[i - 1].graph, stages[i].graph, inputs, params, state, atol)
+            if found is None:
+                return Divergence(stages[i].pass_name, graph, -1, "(no single op found)", "", max(errs.values()),
+                                  atol, None, errs)
+            idx, op, value, e = found
+            return Divergence(stages[i].pass_name, graph, idx, format_op(op), value, e, atol, op.loc, errs)
+    return None
+
+
+def compare_graphs(a: Graph, b: Graph, inputs: Mapping[str, Any], params: Mapping[str, torch.Tensor],
+                   state: Mapping[str, torch.Tensor] | None = None, atol: float = 1e-4,
+                   label: str = "second artifact") -> Divergence | None:
+    """Two graphs of one entry point side by side (e.g. two artifacts)."""
+    oa, _ = run_capturing(a, inputs, params, state)
+    ob, _ = run_capturing(b, inputs, params, state)
+    errs = output_errors(oa, ob)
+    if max(errs.values(), default=0.0) <= atol:
+        return None
+    found = locate_op(a, b, inputs, params, state, atol)
+    if found is None:
+        return Divergence(label, b.name, -1, "(no single op found)", "", max(errs.values()), atol, None, errs)
+    idx, op, value, e = found
+    return Divergence(label, b.name, idx, format_op(op), value, e, atol, op.loc, errs)
+
+
+def bisect_rewrites(compile_with_limit: Callable[[int | None], tuple[int, bool]]) -> tuple[int | None, int]:
+    """Binary search for the first bad rewrite.
+
+    ``compile_with_limit(N)`` compiles allowing only the first N rewrites (None: all) and returns
+    (rewrites attempted, good?). Returns (index of the first bad rewrite or None, compiles run).
+    """
+    total, good = compile_with_limit(None)
+    runs = 1
+    if good:
+        return None, runs
+    lo, hi = 0, total  # invariant: limit lo is good (assumed for 0), limit hi is bad
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        _, ok = compile_with_limit(mid)
+        runs += 1
+        if ok:
+            lo = mid
+        else:
+            hi = mid
+    return hi - 1, runs
+
+
+__all__ = ["Divergence", "bisect_rewrites", "compare_graphs", "find_divergence", "locate_op", "run_capturing",
+           "Sequence"]
