@@ -133,11 +133,20 @@ for _fn, _name in SYM_OPS.items():
     register_op(SymOpDef(_name, _fn))
 
 
+_TORCH_NAMESPACES = {"aten", "prims", "quantized", "_c10d_functional", "c10d_functional"}
+
+
 def get_op(name: str) -> OpDef:
     """Return the OpDef for ``name``; ATen-level ops are resolved from ``torch.ops`` on first use."""
     opdef = _REGISTRY.get(name)
     if opdef is not None:
         return opdef
+    if "." not in name or name.split(".")[0] not in _TORCH_NAMESPACES:
+        import ds4c.ops  # noqa: F401 - registers ds4c's fused ops
+
+        opdef = _REGISTRY.get(name)
+        if opdef is not None:
+            return opdef
     opdef = _resolve_torch_op(name)
     if opdef is None:
         raise IRError(f"unknown op '{name}': not registered in ds4c.ir.registry and not a torch.ops overload")

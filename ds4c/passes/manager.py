@@ -148,4 +148,4 @@ class PassManager:
 
 def _load_builtin_passes() -> None:
     # Importing the modules registers their passes.
-    from ds4c.passes import canonicalize_shapes, cse, dce, fold_constants  # noqa: F401
+    from ds4c.passes import canonicalize_shapes, cse, dce, fold_constants, fuse_norms_mhc  # noqa: F401

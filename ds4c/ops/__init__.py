@@ -1,0 +1,6 @@
+"""ds4c's fused operators: one module per concept, each op declared once with its PyTorch reference.
+
+Importing this package registers the ops (``ds4c.ir.registry.get_op`` imports it on demand).
+"""
+
+from ds4c.ops import norms  # noqa: F401
