@@ -10,10 +10,10 @@ from ds4c.ir.types import IRType, ListType, TensorType
 from ds4c.passes.manager import PassContext, register_pass
 
 # Ops that return their input unchanged when the result type equals the operand type.
+# (Not clone/contiguous: they change strides, and a later view may depend on that.)
 _IDENTITY_IF_SAME_TYPE = {
     "aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.expand.default",
-    "aten.alias.default", "aten.clone.default", "aten.contiguous.default", "aten.lift_fresh_copy.default",
-    "aten.detach.default",
+    "aten.alias.default", "aten.lift_fresh_copy.default", "aten.detach.default",
 }
 
 

@@ -119,6 +119,7 @@ class Match:
     root: Value
     captures: dict[str, Any] = field(default_factory=dict)
     ops: list[Any] = field(default_factory=list)  # ir Ops matched, root op last
+    producers: dict[Value, Any] = field(default_factory=dict, repr=False)  # of the whole graph, for builders
 
     def __getitem__(self, name: str) -> Any:
         return self.captures[name]
@@ -135,7 +136,7 @@ class Matcher:
         self.producers = graph.producers()
 
     def match(self, pat: Pat, value: Value) -> Match | None:
-        m = Match(value)
+        m = Match(value, producers=self.producers)
         state = (m.captures, m.ops)
         got = self._match(pat, value, state)
         if got is None:

@@ -1,0 +1,76 @@
+"""Fusion patterns fire on a graph traced from transformers' DeepseekV4ForCausalLM (code we did not write)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds4c.backends.reference import run_graph
+from ds4c.frontend.fx_import import import_exported_program
+from ds4c.ir import Program, parse_graph, print_graph, verify_graph
+from ds4c.passes import PassContext, PassManager
+
+transformers = pytest.importorskip("transformers")
+
+HF_TINY = dict(
+    vocab_size=128, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=1, head_dim=32, partial_rotary_factor=0.25, q_lora_rank=32, o_groups=2, o_lora_rank=16,
+    n_routed_experts=4, num_experts_per_tok=2, sliding_window=8, hc_mult=2, hc_sinkhorn_iters=3, index_n_heads=2,
+    index_head_dim=16, index_topk=2, num_nextn_predict_layers=0,
+    layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+    mlp_layer_types=["hash_moe", "moe", "moe"],
+    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+)
+
+
+@pytest.fixture(scope="module")
+def hf_traced():
+    cfg = transformers.DeepseekV4Config(**HF_TINY)
+    cfg._experts_implementation = "batched_mm"  # export-friendly experts; the model code is untouched
+    torch.manual_seed(0)
+    model = transformers.DeepseekV4ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 1 and "norm" not in name:
+                p.normal_(0, 0.2)
+        for layer in model.model.layers:
+            gate = layer.mlp.gate
+            if hasattr(gate, "tid2eid"):
+                gate.tid2eid.copy_(torch.stack([torch.randperm(4)[:2] for _ in range(128)]))
+            if hasattr(gate, "e_score_correction_bias"):
+                gate.e_score_correction_bias.normal_(0, 0.1)
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(1))
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids):
+            return self.m(input_ids=input_ids, use_cache=False).logits
+
+    ep = torch.export.export(Logits(model), (ids,), strict=False)
+    g = import_exported_program(ep, "hf", input_names=["input_ids"], output_names=["logits"], param_prefix="m.")
+    params = {k: v for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+    return g, params, ids, want
+
+
+def test_fused_hf_graph_equals_transformers(hf_traced):
+    g, params, ids, want = hf_traced
+    ctx = PassContext(program_attrs={"dim_names": {"input_ids": ["B", "S"]}})
+    prog = PassManager("default", ctx=ctx).run(Program({"hf": g}, ctx.program_attrs))
+    fused = prog.graphs["hf"]
+    verify_graph(fused)
+    got = run_graph(fused, {"input_ids": ids}, params)["logits"]
+    assert (got - want).abs().max().item() <= 1e-5
+    counts = fused.op_counts()
+    # 3 layers: q_a, kv, compressor kv (x2 for CSA incl. indexer) weighted norms + final norm ...
+    fusion = prog.attrs["fusion"]["hf"]
+    assert fusion["rms_norm.weighted"] == 16
+    assert fusion["rms_norm.unweighted"] == 10  # q_b_norm x3, mHC input norms x6, head x1
+    assert fusion["rope"] == 13  # q, kv, output per layer (9) + 3 compressors + indexer queries
+    assert "aten.rsqrt.default" not in counts and "aten.stack.default" not in counts
+    text = print_graph(fused)
+    assert print_graph(parse_graph(text)) == text
