@@ -426,3 +426,54 @@ def literal_args(obj: Any) -> Any:
 
 __all__ = ["Alt", "Builder", "Lit", "Match", "Matcher", "Maybe", "Op", "Pat", "Rewrite", "Wild", "literal_args",
            "pattern_from_function", "pattern_from_graph", "rewrite_graph", "trace_function", "TensorType"]
+
+
+# -- multi-root rewrites ---------------------------------------------------------------------------
+
+@dataclass
+class Region:
+    """A rewrite with several roots: ``matches`` together are replaced by ``new_ops``.
+
+    ``mapping`` sends each root value to its replacement; new ops are inserted before the earliest
+    matched op that is a root, so every operand they read is already defined.
+    """
+
+    matches: list[Match]
+    new_ops: list[Any]
+    mapping: dict[Value, Value]
+
+
+def self_contained_union(matches: Sequence[Match], roots: set[Value], users: dict[Value, list[Any]],
+                         outputs: set[Value]) -> bool:
+    matched = {id(o) for m in matches for o in m.ops}
+    for m in matches:
+        for o in m.ops:
+            for r in o.results:
+                if r in roots:
+                    continue
+                if r in outputs or any(id(u) not in matched for u in users.get(r, [])):
+                    return False
+    return True
+
+
+def apply_regions(graph: Graph, regions: Sequence[Region]) -> Graph:
+    removed: set[int] = set()
+    inserted: dict[int, list[Any]] = {}
+    mapping: dict[Value, Value] = {}
+    position = {id(op): i for i, op in enumerate(graph.ops)}
+    for reg in regions:
+        ops = {id(o): o for m in reg.matches for o in m.ops}
+        if any(k in removed for k in ops):
+            continue
+        root_ops = [o for o in ops.values() if any(r in reg.mapping for r in o.results)]
+        first = min(root_ops, key=lambda o: position[id(o)])
+        inserted.setdefault(id(first), []).extend(reg.new_ops)
+        removed.update(ops)
+        mapping.update(reg.mapping)
+    out = []
+    for op in graph.ops:
+        if id(op) in inserted:
+            out.extend(inserted[id(op)])
+        if id(op) not in removed:
+            out.append(op)
+    return replace_uses(graph.copy(ops=out), mapping)

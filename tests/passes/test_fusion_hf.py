@@ -71,6 +71,8 @@ def test_fused_hf_graph_equals_transformers(hf_traced):
     assert fusion["rms_norm.weighted"] == 16
     assert fusion["rms_norm.unweighted"] == 10  # q_b_norm x3, mHC input norms x6, head x1
     assert fusion["rope"] == 13  # q, kv, output per layer (9) + 3 compressors + indexer queries
+    assert fusion["mhc.pre"] == 6 and fusion["mhc.post"] == 6 and fusion["mhc.head"] == 1  # 2 per layer + head
     assert "aten.rsqrt.default" not in counts and "aten.stack.default" not in counts
+    assert "aten.sigmoid.default" not in counts  # every mHC gate is inside an mhc op
     text = print_graph(fused)
     assert print_graph(parse_graph(text)) == text
