@@ -104,6 +104,8 @@ def _convert_arg(obj: Any, env: dict[torch.fx.Node, Any], where: str) -> Any:
         return [_convert_arg(o, env, where) for o in obj]
     if isinstance(obj, dict):
         return {k: _convert_arg(v, env, where) for k, v in obj.items()}
+    if isinstance(obj, torch.device) and obj.type == "meta":
+        return torch.device("cpu")  # traced on the meta device; the runtime retargets devices anyway
     if isinstance(obj, torch.SymInt | torch.SymFloat | torch.SymBool):
         raise IRError(f"{where}: a symbolic scalar appears without a node; re-export with dynamic shapes")
     return obj

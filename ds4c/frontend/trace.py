@@ -49,9 +49,9 @@ def trace_program(config: Any, max_context: int, dtype: torch.dtype = torch.floa
     state_names = [s.name for s in specs]
     state_out = [s.name for s in specs]
     graphs = {
-        "prefill": import_exported_program(eps["prefill"], "prefill", input_names=["input_ids"], state_names=[],
+        "prefill": import_exported_program(eps["prefill"], "prefill", input_names=["input_ids"], state_names=[], decompose=False,
                                            output_names=["logits", *state_out], param_prefix=_prefix(eps["prefill"])),
-        "decode": import_exported_program(eps["decode"], "decode", input_names=["input_ids", "position"],
+        "decode": import_exported_program(eps["decode"], "decode", input_names=["input_ids", "position"], decompose=False,
                                           state_names=state_names, output_names=["logits", *state_out],
                                           param_prefix=_prefix(eps["decode"])),
     }

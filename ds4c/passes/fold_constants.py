@@ -23,6 +23,8 @@ def _as_device_free(obj: Any) -> Any:
         return torch.device("cpu")
     if isinstance(obj, list):
         return [_as_device_free(o) for o in obj]
+    if isinstance(obj, tuple):
+        return tuple(_as_device_free(o) for o in obj)
     return obj
 
 

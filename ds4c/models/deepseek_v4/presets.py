@@ -1,0 +1,119 @@
+"""Built-in model presets and their deterministic random weights.
+
+- ``tiny`` (default): small, mixes every layer kind (sliding, CSA, HCA; hash and learned routing),
+  compiles and runs in seconds on a CPU.
+- ``flash-slice``: DeepSeek-V4-Flash widths, 3 layers (sliding, CSA, HCA) — for GPU benchmarks.
+- ``flash`` / ``pro``: the shipped V4-Flash / V4-Pro configs (43 / 61 layers).
+
+Weights of a preset come from a seed: tensor ``name`` is drawn from a generator seeded with
+sha256(f"{seed}:{name}"), so any subset, in any order, on any device, is reproducible, and an
+artifact can reference "preset tiny, seed 0" instead of embedding 39 GB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Mapping
+
+import torch
+
+_FLASH = dict(
+    model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"], vocab_size=129280, hidden_size=4096,
+    moe_intermediate_size=2048, num_hidden_layers=43, num_attention_heads=64, num_key_value_heads=1, head_dim=512,
+    partial_rotary_factor=64 / 512, q_lora_rank=1024, o_groups=8, o_lora_rank=1024, n_routed_experts=256,
+    n_shared_experts=1, num_experts_per_tok=6, scoring_func="sqrtsoftplus", norm_topk_prob=True,
+    routed_scaling_factor=1.5, swiglu_limit=10.0, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, rms_norm_eps=1e-6,
+    sliding_window=128, index_n_heads=64, index_head_dim=128, index_topk=512, max_position_embeddings=1048576,
+    rope_theta=10000.0, compress_rope_theta=160000.0,
+    rope_scaling={"type": "yarn", "factor": 16.0, "original_max_position_embeddings": 65536, "beta_fast": 32,
+                  "beta_slow": 1},
+    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+    layer_types=["sliding_attention"] * 2 + ["compressed_sparse_attention", "heavily_compressed_attention"] * 20
+    + ["compressed_sparse_attention"],
+    mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 40,
+    num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False,
+)
+
+_PRO = dict(
+    _FLASH, hidden_size=7168, moe_intermediate_size=3072, num_hidden_layers=61, num_attention_heads=128,
+    q_lora_rank=1536, o_groups=16, n_routed_experts=384, routed_scaling_factor=2.5, index_topk=1024,
+    layer_types=["heavily_compressed_attention"] * 2
+    + ["compressed_sparse_attention", "heavily_compressed_attention"] * 29 + ["compressed_sparse_attention"],
+    mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 58,
+)
+
+_FLASH_SLICE = dict(
+    _FLASH, num_hidden_layers=3,
+    layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+    mlp_layer_types=["hash_moe", "moe", "moe"],
+)
+
+_TINY = dict(
+    model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"], vocab_size=512, hidden_size=64,
+    moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+    partial_rotary_factor=0.25, q_lora_rank=32, o_groups=2, o_lora_rank=16, n_routed_experts=8, n_shared_experts=1,
+    num_experts_per_tok=2, scoring_func="sqrtsoftplus", norm_topk_prob=True, routed_scaling_factor=1.5,
+    swiglu_limit=10.0, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, rms_norm_eps=1e-6, sliding_window=16,
+    index_n_heads=8, index_head_dim=16, index_topk=8, max_position_embeddings=4096, rope_theta=10000.0,
+    compress_rope_theta=160000.0, compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
+    layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                 "compressed_sparse_attention"],
+    mlp_layer_types=["hash_moe", "moe", "moe", "moe"], num_nextn_predict_layers=0, bos_token_id=0, eos_token_id=1,
+    tie_word_embeddings=False,
+)
+
+PRESETS: dict[str, dict] = {"tiny": _TINY, "flash-slice": _FLASH_SLICE, "flash": _FLASH, "pro": _PRO}
+DEFAULT_PRESET = "tiny"
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def preset_weight(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int,
+                  device: str | torch.device = "cpu", *, vocab_experts: tuple[int, int] | None = None) -> torch.Tensor:
+    """One weight, deterministic in (seed, name), scaled by its role so activations stay O(1)."""
+    device = torch.device(device)
+    g = torch.Generator(device=device)
+    g.manual_seed(tensor_seed(seed, name))
+    leaf = name.rsplit(".", 1)[-1]
+
+    def normal(std: float, mean: float = 0.0) -> torch.Tensor:
+        t = torch.randn(shape, generator=g, device=device, dtype=torch.float32) * std + mean
+        return t.to(dtype)
+
+    if leaf == "tid2eid":
+        vocab, k = shape
+        experts = vocab_experts[1] if vocab_experts else max(k, 2 * k)
+        # k distinct experts per token: the k smallest of random keys
+        keys = torch.rand((vocab, experts), generator=g, device=device)
+        return keys.topk(k, dim=-1, largest=False).indices.to(torch.long)
+    if "norm" in name:
+        return normal(0.05, 1.0)
+    if leaf in ("fn", "hc_fn"):
+        return normal(0.02)
+    if leaf in ("base", "hc_base", "sinks", "position_bias"):
+        return normal(0.5)
+    if leaf in ("scale", "hc_scale"):
+        return normal(0.1, 1.0)
+    if leaf == "e_score_correction_bias":
+        return normal(0.1)
+    if "embed" in name:
+        return normal(1.0)
+    fan_in = shape[-1] if len(shape) else 1
+    return normal(1.0 / math.sqrt(fan_in))
+
+
+def init_preset_weights(expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]], seed: int,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Generate every expected weight (floating ones in ``dtype``), one at a time."""
+    experts = None
+    for name, (shape, _) in expected.items():
+        if name.endswith("experts.gate_up_proj"):
+            experts = (0, shape[0])
+            break
+    for name, (shape, want) in expected.items():
+        dt = want if not want.is_floating_point else dtype
+        yield name, preset_weight(name, tuple(shape), dt, seed, device, vocab_experts=experts)
