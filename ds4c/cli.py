@@ -14,8 +14,9 @@ from ds4c.errors import Ds4cError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="ds4c: ahead-of-time compiler and runtime for DeepSeek-V4-class models.")
-console = Console()
-err = Console(stderr=True)
+# Wide output when piped (tests, logs), the terminal's width otherwise.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _fail(e: Exception) -> None:

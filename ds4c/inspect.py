@@ -28,6 +28,11 @@ def ops_by_layer(graph: Graph) -> dict[int | None, Counter]:
     return out
 
 
+ATTN_SHORT = {"sliding_attention": "sliding", "compressed_sparse_attention": "CSA",
+              "heavily_compressed_attention": "HCA"}
+MLP_SHORT = {"hash_moe": "hash MoE", "moe": "MoE"}
+
+
 def _short(name: str) -> str:
     parts = name.split(".")
     return parts[1] if parts[0] == "aten" and len(parts) == 3 else name
@@ -71,8 +76,8 @@ def summarize(manifest: dict[str, Any], program: Program, console: Console) -> N
         tb.add_column("ops", justify="right")
         tb.add_column("most frequent ops")
         for layer, counts in sorted(ops_by_layer(g).items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
-            attn = layer_types[layer] if layer is not None and layer < len(layer_types) else "-"
-            mlp = mlp_types[layer] if layer is not None and layer < len(mlp_types) else "-"
+            attn = ATTN_SHORT.get(layer_types[layer], "?") if layer is not None and layer < len(layer_types) else "-"
+            mlp = MLP_SHORT.get(mlp_types[layer], "?") if layer is not None and layer < len(mlp_types) else "-"
             top = ", ".join(f"{_short(k)}×{v}" for k, v in counts.most_common(6))
             tb.add_row("model" if layer is None else str(layer), attn, mlp, str(sum(counts.values())), top)
         console.print(tb)
