@@ -17,6 +17,17 @@ _IDENTITY_IF_SAME_TYPE = {
 }
 
 
+def _is_plain_cast(op: Op) -> bool:
+    """A dtype conversion with no device/layout/memory-format change (``x.to(dtype)``, ``x.float()``)."""
+    if not op.args or not isinstance(op.args[0], Value) or len(op.results) != 1:
+        return False
+    if op.name == "aten._to_copy.default":
+        return set(op.kwargs) <= {"dtype"}
+    if op.name == "aten.to.dtype":
+        return len(op.args) <= 4 and not op.kwargs.get("memory_format") and not any(op.args[2:4])
+    return False
+
+
 def _retype(graph: Graph, fn) -> Graph:
     """Rebuild every value whose type ``fn`` changes."""
     mapping: dict[Value, Value] = {}
@@ -121,8 +132,8 @@ def canonicalize_shapes(graph: Graph, ctx: PassContext) -> Graph:
             if str(op.args[0].type) == str(op.results[0].type) and ctx.allow_rewrite(f"drop identity {op.name}"):
                 mapping[op.results[0]] = op.args[0]
                 continue
-        if op.name == "aten._to_copy.default" and isinstance(op.args[0], Value) and set(op.kwargs) <= {"dtype"}:
-            if str(op.args[0].type) == str(op.results[0].type) and ctx.allow_rewrite("drop identity cast"):
+        if _is_plain_cast(op) and str(op.args[0].type) == str(op.results[0].type):
+            if ctx.allow_rewrite(f"drop identity {op.name}"):
                 mapping[op.results[0]] = op.args[0]
                 continue
         ops.append(op)

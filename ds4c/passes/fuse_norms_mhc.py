@@ -7,7 +7,7 @@ from ds4c.ir.types import TensorType
 from ds4c.passes.manager import PassContext, register_pass
 from ds4c.passes.patterns import Alt, Builder, Lit, Match, Maybe, Op, Pat, Rewrite, Wild, rewrite_graph
 
-CASTS = ("aten._to_copy.default",)
+from ds4c.passes.pattern_lib import CASTS, VIEWS
 
 
 def _last_dim(dims) -> bool:
@@ -86,15 +86,14 @@ def fuse_norms_mhc(graph: Graph, ctx: PassContext) -> Graph:
 
 # -- mHC --------------------------------------------------------------------------------------------
 
-VIEWS = ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default", "aten.flatten.using_ints")
 _F = Lit(predicate=lambda v: isinstance(v, float), capture="hc_eps")
 
 
 def _flat_rms_mix(fn_capture: str) -> Op:
     flat = Maybe(CASTS, Op(VIEWS, Wild("h"), Wild(literals=True)))
-    if True:
-        flat_any = Alt(flat, Maybe(CASTS, Op("aten.flatten.using_ints", Wild("h"), Wild(literals=True),
-                                             Wild(literals=True))))
+    flat_any = Alt(flat, Maybe(CASTS, Op("aten.flatten.using_ints", Wild("h"), Wild(literals=True),
+                                         Wild(literals=True))),
+                   Maybe(CASTS, Op("aten.flatten.using_ints", Wild("h"), Wild(literals=True))))
     normed = Op("rms_norm", flat_any, None, eps=Lit(capture="norm_eps"))
     return Op("aten.linear.default", normed, Maybe(CASTS, Wild(fn_capture)))
 

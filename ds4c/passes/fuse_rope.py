@@ -5,10 +5,9 @@ from __future__ import annotations
 from ds4c.ir.graph import Graph, Value
 from ds4c.ir.types import TensorType
 from ds4c.passes.manager import PassContext, register_pass
-from ds4c.passes.patterns import Builder, Lit, Match, Maybe, Op, Rewrite, Wild, rewrite_graph
+from ds4c.passes.patterns import Alt, Builder, Lit, Match, Maybe, Op, Rewrite, Wild, rewrite_graph
 
-CASTS = ("aten._to_copy.default",)
-VIEWS = ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default")
+from ds4c.passes.pattern_lib import CASTS, VIEWS
 _INT = Lit(predicate=lambda v: isinstance(v, int) and not isinstance(v, bool))
 
 
@@ -21,8 +20,9 @@ def _slice(x, start, end, step=None, capture=None):
 
 _ROT = _slice(Wild("x"), Lit(capture="rot_start"), Lit(capture="rot_end"), capture="rot")
 _NOPE = _slice(Wild("x"), Lit(None, predicate=lambda v: v in (0, None)), Lit(capture="nope_end"))
-_HALF = Op(VIEWS, Op("aten.stack.default", [Op("aten.neg.default", _slice(_ROT, 1, _INT, 2)), _slice(_ROT, 0, _INT, 2)],
-                      Lit(predicate=lambda v: v == -1)), Wild(literals=True))
+_STACK = Op("aten.stack.default", [Op("aten.neg.default", _slice(_ROT, 1, _INT, 2)), _slice(_ROT, 0, _INT, 2)],
+            Lit(predicate=lambda v: v == -1))
+_HALF = Alt(Op(VIEWS, _STACK, Wild(literals=True)), Op("aten.flatten.using_ints", _STACK, -2), Op("aten.flatten.using_ints", _STACK, -2, -1))
 _ROTATED = Maybe(CASTS, Op("aten.add.Tensor",
                            Op("aten.mul.Tensor", Maybe(CASTS, _ROT), Wild("cos"), commutative=True),
                            Op("aten.mul.Tensor", Maybe(CASTS, _HALF), Wild("sin"), commutative=True)))

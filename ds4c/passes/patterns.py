@@ -134,6 +134,10 @@ class Matcher:
     def __init__(self, graph: Graph):
         self.graph = graph
         self.producers = graph.producers()
+        # (pattern, value) -> what matching it alone binds, or None. Matching is compositional
+        # (sub-results merge if their captures agree), so a pattern node that occurs many times
+        # in a pattern tree (Sinkhorn's nested normalisations) is matched once per value: linear.
+        self._memo: dict[tuple[int, int], tuple[dict, list] | None] = {}
 
     def match(self, pat: Pat, value: Value) -> Match | None:
         m = Match(value, producers=self.producers)
@@ -157,6 +161,30 @@ class Matcher:
         return caps, ops
 
     def _match(self, pat: Any, obj: Any, state: tuple[dict, list]) -> tuple[dict, list] | None:
+        if isinstance(pat, Op | Maybe | Alt) and isinstance(obj, Value):
+            key = (id(pat), id(obj))
+            if key not in self._memo:
+                self._memo[key] = self._match_raw(pat, obj, ({}, []))
+            got = self._memo[key]
+            if got is None:
+                return None
+            caps, ops = state
+            merged = None
+            for k, v in got[0].items():
+                if k in caps:
+                    prev = caps[k]
+                    same = prev is v if isinstance(v, Value) or isinstance(prev, Value) else _lit_eq(prev, v)
+                    if not same:
+                        return None
+                else:
+                    if merged is None:
+                        merged = dict(caps)
+                    merged[k] = v
+            seen = {id(o) for o in ops}
+            return (merged if merged is not None else caps), ops + [o for o in got[1] if id(o) not in seen]
+        return self._match_raw(pat, obj, state)
+
+    def _match_raw(self, pat: Any, obj: Any, state: tuple[dict, list]) -> tuple[dict, list] | None:
         if not isinstance(pat, Pat):
             # a plain literal (or list of sub-patterns) in a pattern's argument list
             if isinstance(pat, list | tuple):

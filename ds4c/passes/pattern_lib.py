@@ -1,0 +1,4 @@
+"""Op-name groups shared by fusion patterns: the spellings the same computation takes in traced graphs."""
+
+CASTS = ("aten._to_copy.default", "aten.to.dtype")
+VIEWS = ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default")
