@@ -74,5 +74,9 @@ def test_fused_hf_graph_equals_transformers(hf_traced):
     assert fusion["mhc.pre"] == 6 and fusion["mhc.post"] == 6 and fusion["mhc.head"] == 1  # 2 per layer + head
     assert "aten.rsqrt.default" not in counts and "aten.stack.default" not in counts
     assert "aten.sigmoid.default" not in counts  # every mHC gate is inside an mhc op
+    # one attention per layer, recognised by kind; the grouped output projection of each
+    assert (fusion["attention.sliding"], fusion["attention.csa"], fusion["attention.hca"]) == (1, 1, 1)
+    assert fusion["linear.grouped"] == 3
+    assert not any(op.name == "aten.softmax.int" and op.loc and op.loc.endswith("self_attn") for op in fused.ops)
     text = print_graph(fused)
     assert print_graph(parse_graph(text)) == text
