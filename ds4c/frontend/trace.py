@@ -60,6 +60,9 @@ def trace_program(config: Any, max_context: int, dtype: torch.dtype = torch.floa
         "state": [{"name": s.name, "shape": ["B", *s.shape[1:]], "dtype": str(s.dtype).removeprefix("torch."),
                    "fill": s.fill} for s in specs],
         "max_context": max_context,
+        # facts fusion patterns check against (e.g. a Sinkhorn chain must have the model's length)
+        "model_config": {"hc_sinkhorn_iters": config.hc_sinkhorn_iters, "hc_mult": config.hc_mult,
+                         "swiglu_limit": config.swiglu_limit},
     }
     return Program(graphs, attrs), model
 
