@@ -77,6 +77,8 @@ def test_fused_hf_graph_equals_transformers(hf_traced):
     # one attention per layer, recognised by kind; the grouped output projection of each
     assert (fusion["attention.sliding"], fusion["attention.csa"], fusion["attention.hca"]) == (1, 1, 1)
     assert fusion["linear.grouped"] == 3
+    assert fusion["moe"] == 3  # one hash-routed and two bias-routed layers
+    assert "aten.bmm.default" not in counts and "aten.topk.default" in counts  # topk left: the indexer
     assert not any(op.name == "aten.softmax.int" and op.loc and op.loc.endswith("self_attn") for op in fused.ops)
     text = print_graph(fused)
     assert print_graph(parse_graph(text)) == text

@@ -14,7 +14,7 @@ from ds4c.ops.rope import rope_reference
 from ds4c.passes import PassContext, PassManager
 from ds4c.passes.patterns import trace_function
 
-PIPE = ["canonicalize_shapes", "fuse_norms_mhc", "fuse_rope", "fuse_attention", "dce"]
+PIPE = ["canonicalize_shapes", "fuse_norms_mhc", "fuse_rope", "fuse_attention", "fuse_moe", "dce"]
 
 
 def fuse(fn, args, names, **attrs):
@@ -134,3 +134,42 @@ def test_attention_near_misses_missing_sink_and_wrong_axis():
     for fn in (no_sink, wrong_axis):
         g = fuse(fn, _attn_args(), ["q", "keys", "bias", "sinks"])
         assert not any(o.startswith("attention.") for o in ops(g)), fn.__name__
+
+
+# -- MoE ---------------------------------------------------------------------------------------------------
+
+def _moe_args(hashed: bool):
+    g = torch.Generator().manual_seed(0)
+    e, d, i, k = 4, 16, 8, 2
+    x = torch.randn(1, 5, d, generator=g)
+    ids = torch.randint(0, 32, (1, 5), generator=g)
+    sel = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(32)]) if hashed else torch.randn(e, generator=g)
+    return [x, ids, torch.randn(e, d, generator=g), sel, torch.randn(e, 2 * i, d, generator=g),
+            torch.randn(e, d, i, generator=g), torch.randn(i, d, generator=g), torch.randn(i, d, generator=g),
+            torch.randn(d, i, generator=g)]
+
+
+NAMES = ["x", "ids", "router", "selector", "gate_up", "down", "s_gate", "s_up", "s_down"]
+
+
+def test_moe_bias_and_hash_routing():
+    from ds4c.ops.moe import moe_reference
+
+    for hashed in (False, True):
+        def fn(*a, hashed=hashed):
+            return moe_reference(*a, top_k=2, route_scale=1.5, swiglu_limit=10.0, routing="hash" if hashed else "bias",
+                                 score="sqrtsoftplus")
+
+        g = fuse(fn, _moe_args(hashed), NAMES, model_config={"swiglu_limit": 10.0})
+        assert ops(g) == ["moe"], ops(g)
+        assert g.ops[0].kwargs["routing"] == ("hash" if hashed else "bias")
+
+
+def test_moe_near_miss_different_clamp():
+    from ds4c.ops.moe import moe_reference
+
+    def fn(*a):  # clamp 7 where the model says 10
+        return moe_reference(*a, top_k=2, route_scale=1.5, swiglu_limit=7.0, routing="bias", score="sqrtsoftplus")
+
+    g = fuse(fn, _moe_args(False), NAMES, model_config={"swiglu_limit": 10.0})
+    assert "moe" not in ops(g)

@@ -1,0 +1,69 @@
+"""``moe``: DeepSeek-V4's routed + shared experts in one op.
+
+    %y = moe(%x, %ids, %router, %selector, %gate_up, %down, %s_gate, %s_up, %s_down,
+             top_k=6, route_scale=1.5, swiglu_limit=10.0, routing="bias", score="sqrtsoftplus") : bf16[B,S,D]
+
+Router: logits = x·routerᵀ (fp32), affinity = score(logits); selection = top-k of (affinity + bias)
+(``routing="bias"``, ``selector`` = the correction bias) or ``selector[ids]`` (``routing="hash"``,
+``selector`` = tid2eid); weights = affinity[selected] / Σ · route_scale. Experts: clamped SwiGLU
+(gate ≤ limit, |up| ≤ limit), down projection, weighted sum over the k picks; plus the shared
+expert (same clamps). ``ids`` are the token ids (read by hash routing only).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ds4c.errors import VerificationError
+from ds4c.ir.registry import OpDef, register_op
+
+ROUTINGS = ("bias", "hash")
+SCORES = ("sqrtsoftplus", "sigmoid", "softmax")
+
+
+def _score(logits: torch.Tensor, score: str) -> torch.Tensor:
+    if score == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    if score == "sigmoid":
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=-1)
+
+
+def moe_reference(x, ids, router, selector, gate_up, down, s_gate, s_up, s_down, *, top_k: int, route_scale: float,
+                  swiglu_limit: float, routing: str, score: str) -> torch.Tensor:
+    d = x.shape[-1]
+    flat = x.reshape(-1, d)
+    scores = _score(F.linear(flat, router), score)
+    if routing == "hash":
+        idx = selector[ids.reshape(-1)].long()
+    else:
+        idx = torch.topk(scores + selector, top_k, dim=-1, sorted=False).indices
+    w = scores.gather(1, idx)
+    w = w / (w.sum(dim=-1, keepdim=True) + 1e-20) * route_scale
+    picked = flat.repeat_interleave(top_k, dim=0)
+    sel = idx.reshape(-1)
+    gu = torch.bmm(gate_up[sel], picked.unsqueeze(-1)).squeeze(-1)
+    g, u = gu.chunk(2, dim=-1)
+    h = F.silu(g.clamp(max=swiglu_limit)) * u.clamp(min=-swiglu_limit, max=swiglu_limit)
+    out = torch.bmm(down[sel], h.unsqueeze(-1)).squeeze(-1) * w.reshape(-1).unsqueeze(-1)
+    routed = out.view(-1, top_k, d).sum(dim=1).to(x.dtype).view(x.shape)
+    sg = F.linear(x, s_gate).clamp(max=swiglu_limit)
+    su = F.linear(x, s_up).clamp(min=-swiglu_limit, max=swiglu_limit)
+    return routed + F.linear(F.silu(sg) * su, s_down)
+
+
+@register_op
+class Moe(OpDef):
+    name = "moe"
+    num_results = 1
+
+    def reference(self, *args, **kwargs):
+        return moe_reference(*args, **kwargs)
+
+    def verify(self, op) -> None:
+        super().verify(op)
+        if len(op.args) != 9:
+            raise VerificationError("moe takes 9 operands (x, ids, router, selector, gate_up, down, s_gate, s_up, s_down)")
+        if op.kwargs.get("routing") not in ROUTINGS or op.kwargs.get("score") not in SCORES:
+            raise VerificationError(f"moe: routing must be one of {ROUTINGS}, score one of {SCORES}")
