@@ -56,7 +56,7 @@ def list_passes() -> list[Pass]:
 
 # Named pipelines. Later stages (fusion, precision, memory, streams, lowering) append here.
 PIPELINES: dict[str, list[str]] = {
-    "default": ["canonicalize_shapes", "fold_constants", "cse", "dce", "fuse_norms_mhc", "fuse_rope", "fuse_attention", "fuse_moe",
+    "default": ["canonicalize_shapes", "fold_constants", "cse", "dce", "fuse_norms_mhc", "fuse_rope", "fuse_attention", "fuse_moe", "fuse_compress",
                 "cse", "dce", "canonicalize_shapes"],
     "none": [],
 }
@@ -149,4 +149,4 @@ class PassManager:
 
 def _load_builtin_passes() -> None:
     # Importing the modules registers their passes.
-    from ds4c.passes import canonicalize_shapes, cse, dce, fold_constants, fuse_attention, fuse_moe, fuse_norms_mhc, fuse_rope  # noqa: F401
+    from ds4c.passes import canonicalize_shapes, cse, dce, fold_constants, fuse_attention, fuse_compress, fuse_moe, fuse_norms_mhc, fuse_rope  # noqa: F401

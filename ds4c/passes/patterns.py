@@ -175,7 +175,9 @@ class Matcher:
                     prev = caps[k]
                     same = prev is v if isinstance(v, Value) or isinstance(prev, Value) else _lit_eq(prev, v)
                     if not same:
-                        return None
+                        # The unconstrained match chose other alternatives (Maybe/Alt) than these
+                        # bindings allow: match again under them. (Failure unconstrained is final.)
+                        return self._match_raw(pat, obj, state)
                 else:
                     if merged is None:
                         merged = dict(caps)
@@ -274,8 +276,8 @@ class Rewrite:
 
     def root_names(self) -> frozenset[str] | None:
         p = self.pattern
-        while isinstance(p, Alt) and len(p.options) == 1:
-            p = p.options[0]
+        if isinstance(p, Alt) and all(isinstance(o, Op) for o in p.options):
+            return frozenset().union(*(o.names for o in p.options))
         if isinstance(p, Op):
             return p.names
         return None

@@ -78,7 +78,9 @@ def test_fused_hf_graph_equals_transformers(hf_traced):
     assert (fusion["attention.sliding"], fusion["attention.csa"], fusion["attention.hca"]) == (1, 1, 1)
     assert fusion["linear.grouped"] == 3
     assert fusion["moe"] == 3  # one hash-routed and two bias-routed layers
-    assert "aten.bmm.default" not in counts and "aten.topk.default" in counts  # topk left: the indexer
+    assert fusion["compress"] == 3 and fusion["indexer.topk"] == 1  # CSA main + indexer, HCA; one indexer
+    for name in ("aten.softmax.int", "aten.topk.default", "aten.matmul.default", "aten.bmm.default"):
+        assert name not in counts, f"{name} left outside a fused op"
     assert not any(op.name == "aten.softmax.int" and op.loc and op.loc.endswith("self_attn") for op in fused.ops)
     text = print_graph(fused)
     assert print_graph(parse_graph(text)) == text

@@ -1,0 +1,58 @@
+"""The default pipeline on ds4c's own graphs: every layer fused, numerics unchanged."""
+
+from __future__ import annotations
+
+import torch
+
+import ds4c
+from ds4c.debug.numerics import _err as max_abs_error
+from ds4c.backends.reference import run_graph
+from ds4c.frontend.trace import build_meta_model, param_spec
+from ds4c.models.deepseek_v4 import ModelConfig
+from ds4c.models.deepseek_v4.presets import PRESETS, init_preset_weights
+
+UNFUSED = ("aten.softmax.int", "aten.topk.default", "aten.matmul.default", "aten.bmm.default", "aten.sigmoid.default",
+           "aten.rsqrt.default")
+
+
+def _left_unfused(graph):
+    return {op.name for op in graph.ops if op.name in UNFUSED}
+
+
+def test_tiny_fused_equals_unfused_and_nothing_is_left():
+    fused = ds4c.compile("tiny", target="cpu", max_context=64, weights="embed", progress=False)
+    plain = ds4c.compile("tiny", target="cpu", max_context=64, weights="embed", pipeline="none", progress=False)
+    params = fused.weights
+    ids = torch.randint(0, 512, (2, 37), generator=torch.Generator().manual_seed(0))
+    want = run_graph(plain.program.graphs["prefill"], {"input_ids": ids}, params)
+    got = run_graph(fused.program.graphs["prefill"], {"input_ids": ids}, params)
+    for k in want:
+        assert max_abs_error(got[k], want[k]) <= 1e-5, k
+    state = {k: v for k, v in got.items() if k != "logits"}
+    tok = {"input_ids": ids[:, -1:], "position": torch.tensor(37)}
+    want = run_graph(plain.program.graphs["decode"], tok, params, state)
+    got = run_graph(fused.program.graphs["decode"], tok, params, state)
+    for k in want:
+        assert max_abs_error(got[k], want[k]) <= 1e-5, k
+    for g in fused.program.graphs.values():
+        assert not _left_unfused(g), (g.name, _left_unfused(g))
+        counts = g.op_counts()
+        assert counts["attention.sliding"] == 1 and counts["attention.csa"] == 2 and counts["attention.hca"] == 1
+        assert counts["moe"] == 4 and counts["mhc.pre"] == 8 and counts["mhc.post"] == 8 and counts["mhc.head"] == 1
+        assert counts["compress"] == 5 and counts["indexer.topk"] == 2 and counts["linear.grouped"] == 4
+
+
+def test_flash_slice_fuses_every_layer():
+    art = ds4c.compile("flash-slice", target="b200", progress=False)
+    for g in art.program.graphs.values():
+        assert not _left_unfused(g), (g.name, _left_unfused(g))
+        counts = g.op_counts()
+        assert counts["attention.sliding"] == 1 and counts["attention.csa"] == 1 and counts["attention.hca"] == 1
+        assert counts["moe"] == 3
+
+
+def test_preset_weights_drive_the_same_numbers_as_embedding():
+    model = build_meta_model(ModelConfig.from_hf_dict(PRESETS["tiny"]), 64, torch.float32)
+    spec = param_spec(model)
+    a = dict(init_preset_weights(spec, 0))
+    assert set(a) == set(spec)
