@@ -28,6 +28,11 @@ def ops_by_layer(graph: Graph) -> dict[int | None, Counter]:
     return out
 
 
+# Plain GEMMs go to the vendor BLAS; these compute ops should live inside fused ops.
+PLAIN_GEMMS = {"aten.linear.default", "aten.mm.default", "aten.addmm.default"}
+UNFUSED_COMPUTE = {"aten.softmax.int", "aten._softmax.default", "aten.topk.default", "aten.matmul.default",
+                   "aten.bmm.default", "aten.baddbmm.default", "aten.sigmoid.default", "aten.rsqrt.default",
+                   "aten.exp.default", "aten.silu.default", "aten.softplus.default"}
 ATTN_SHORT = {"sliding_attention": "sliding", "compressed_sparse_attention": "CSA",
               "heavily_compressed_attention": "HCA"}
 MLP_SHORT = {"hash_moe": "hash MoE", "moe": "MoE"}
@@ -74,12 +79,20 @@ def summarize(manifest: dict[str, Any], program: Program, console: Console) -> N
         tb.add_column("attention")
         tb.add_column("mlp")
         tb.add_column("ops", justify="right")
-        tb.add_column("most frequent ops")
+        tb.add_column("fused ops")
+        tb.add_column("GEMMs", justify="right")
+        tb.add_column("left unfused (compute)")
+        tb.add_column("other", justify="right")
         for layer, counts in sorted(ops_by_layer(g).items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
             attn = ATTN_SHORT.get(layer_types[layer], "?") if layer is not None and layer < len(layer_types) else "-"
             mlp = MLP_SHORT.get(mlp_types[layer], "?") if layer is not None and layer < len(mlp_types) else "-"
-            top = ", ".join(f"{_short(k)}×{v}" for k, v in counts.most_common(6))
-            tb.add_row("model" if layer is None else str(layer), attn, mlp, str(sum(counts.values())), top)
+            fused = {k: v for k, v in counts.items() if not k.startswith(("aten.", "sym."))}
+            gemms = sum(v for k, v in counts.items() if k in PLAIN_GEMMS)
+            unfused = {k: v for k, v in counts.items() if k in UNFUSED_COMPUTE}
+            other = sum(counts.values()) - sum(fused.values()) - gemms - sum(unfused.values())
+            tb.add_row("model" if layer is None else str(layer), attn, mlp, str(sum(counts.values())),
+                       ", ".join(f"{k}×{v}" for k, v in sorted(fused.items())) or "-", str(gemms),
+                       ", ".join(f"{_short(k)}×{v}" for k, v in sorted(unfused.items())) or "none", str(other))
         console.print(tb)
     kernels = manifest.get("kernels") or {}
     console.print(f"[bold]kernels[/] {len(kernels)} stored" + ("" if kernels else " (reference backend: none needed)"))
