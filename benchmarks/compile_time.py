@@ -65,7 +65,7 @@ def main() -> None:
         per_layer = (b["total_s"] - a["total_s"]) / (b["layers"] - a["layers"])
         print(f"marginal cost: {per_layer:.2f} s/layer; fixed: {a['total_s'] - per_layer * a['layers']:.1f} s")
     with open(args.out, "w") as f:
-        json.dump({"rows": rows, "torch": torch.__version__, "ds4c": ds4c.__version__, "python": platform.python_version(),
+        json.dump({"rows": rows, "torch": torch.__version__, "ds4c": __import__("ds4c.version", fromlist=["x"]).__version__, "python": platform.python_version(),
                    "cpus": __import__("os").cpu_count()}, f, indent=1)
 
 
