@@ -67,6 +67,9 @@ PRESETS: dict[str, dict] = {"tiny": _TINY, "flash-slice": _FLASH_SLICE, "flash":
 DEFAULT_PRESET = "tiny"
 
 
+_CHUNK_ELEMS = 1 << 26
+
+
 def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
@@ -80,8 +83,17 @@ def preset_weight(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: i
     leaf = name.rsplit(".", 1)[-1]
 
     def normal(std: float, mean: float = 0.0) -> torch.Tensor:
-        t = torch.randn(shape, generator=g, device=device, dtype=torch.float32) * std + mean
-        return t.to(dtype)
+        # Large tensors are drawn a slab at a time straight into the target dtype, so generating
+        # a 16 GiB expert stack needs no 32 GiB fp32 temporary on the device.
+        out = torch.empty(shape, dtype=dtype, device=device)
+        if out.numel() == 0:
+            return out
+        flat = out.view(shape[0], -1) if len(shape) > 1 else out.view(1, -1)
+        rows = max(1, _CHUNK_ELEMS // max(1, flat.shape[1]))
+        for i in range(0, flat.shape[0], rows):
+            part = flat[i:i + rows]
+            part.copy_(torch.randn(part.shape, generator=g, device=device, dtype=torch.float32) * std + mean)
+        return out
 
     if leaf == "tid2eid":
         vocab, k = shape
