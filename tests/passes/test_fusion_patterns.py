@@ -153,7 +153,7 @@ NAMES = ["x", "ids", "router", "selector", "gate_up", "down", "s_gate", "s_up", 
 
 
 def test_moe_bias_and_hash_routing():
-    from ds4c.ops.moe import moe_reference
+    from ds4c.ops.moe import moe_gather_formulation as moe_reference
 
     for hashed in (False, True):
         def fn(*a, hashed=hashed):
@@ -166,10 +166,19 @@ def test_moe_bias_and_hash_routing():
 
 
 def test_moe_near_miss_different_clamp():
-    from ds4c.ops.moe import moe_reference
+    from ds4c.ops.moe import moe_gather_formulation as moe_reference
 
     def fn(*a):  # clamp 7 where the model says 10
         return moe_reference(*a, top_k=2, route_scale=1.5, swiglu_limit=7.0, routing="bias", score="sqrtsoftplus")
 
     g = fuse(fn, _moe_args(False), NAMES, model_config={"swiglu_limit": 10.0})
     assert "moe" not in ops(g)
+
+
+def test_moe_reference_equals_the_traced_formulation():
+    from ds4c.ops.moe import moe_gather_formulation, moe_reference
+
+    for hashed in (False, True):
+        args = _moe_args(hashed)
+        kw = dict(top_k=2, route_scale=1.5, swiglu_limit=10.0, routing="hash" if hashed else "bias", score="sqrtsoftplus")
+        torch.testing.assert_close(moe_reference(*args, **kw), moe_gather_formulation(*args, **kw), atol=1e-5, rtol=1e-5)
