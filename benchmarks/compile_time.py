@@ -27,7 +27,6 @@ def flash_with_layers(n: int) -> dict:
 
 
 def main() -> None:
-    import ds4c
     from ds4c.compiler import compile as compile_model
     from ds4c.debug import CompileTrace
     from ds4c.frontend import source

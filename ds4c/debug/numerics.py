@@ -99,7 +99,7 @@ def locate_op(before: Graph, after: Graph, inputs: Mapping[str, Any], params: Ma
                 stack.append(o)
         return best
 
-    for i, op in enumerate(after.ops):
+    for op in after.ops:
         for r in op.results:
             if r.name in vals_a and r.name in vals_b:
                 e = _err(vals_a[r.name], vals_b[r.name])

@@ -48,7 +48,15 @@ def _dim(d: Any) -> int | str:
 def _sympy_text(expr: Any) -> str:
     """torch's sympy printing of FloorDiv/Mod/CeilToInt etc., reduced to our dimension grammar."""
     import sympy
-    from torch.utils._sympy.functions import CeilToInt, CleanDiv, FloorDiv, FloorToInt, Mod, ModularIndexing, PythonMod
+    from torch.utils._sympy.functions import (
+        CeilToInt,
+        CleanDiv,
+        FloorDiv,
+        FloorToInt,
+        Mod,
+        ModularIndexing,
+        PythonMod,
+    )
 
     def conv(e: Any) -> sympy.Expr:
         if isinstance(e, FloorDiv | CleanDiv):

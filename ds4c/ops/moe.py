@@ -30,17 +30,28 @@ def _score(logits: torch.Tensor, score: str) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)
 
 
-def moe_reference(x, ids, router, selector, gate_up, down, s_gate, s_up, s_down, *, top_k: int, route_scale: float,
-                  swiglu_limit: float, routing: str, score: str) -> torch.Tensor:
-    d = x.shape[-1]
-    flat = x.reshape(-1, d)
+def _route(x, ids, router, selector, top_k: int, route_scale: float, routing: str, score: str):
+    """(flattened tokens, selected experts [T, k], routing weights [T, k])."""
+    flat = x.reshape(-1, x.shape[-1])
     scores = _score(F.linear(flat, router), score)
     if routing == "hash":
         idx = selector[ids.reshape(-1)].long()
     else:
         idx = torch.topk(scores + selector, top_k, dim=-1, sorted=False).indices
     w = scores.gather(1, idx)
-    w = w / (w.sum(dim=-1, keepdim=True) + 1e-20) * route_scale
+    return flat, idx, w / (w.sum(dim=-1, keepdim=True) + 1e-20) * route_scale
+
+
+def _shared(x, s_gate, s_up, s_down, limit: float) -> torch.Tensor:
+    sg = F.linear(x, s_gate).clamp(max=limit)
+    su = F.linear(x, s_up).clamp(min=-limit, max=limit)
+    return F.linear(F.silu(sg) * su, s_down)
+
+
+def moe_reference(x, ids, router, selector, gate_up, down, s_gate, s_up, s_down, *, top_k: int, route_scale: float,
+                  swiglu_limit: float, routing: str, score: str) -> torch.Tensor:
+    d = x.shape[-1]
+    flat, idx, w = _route(x, ids, router, selector, top_k, route_scale, routing, score)
     # Group the (token, pick) pairs by expert: memory O(tokens·k·d) instead of gathering a weight
     # matrix per pair (the traced formulation needs 384 GiB for 2048 tokens of V4-Flash).
     sel = idx.reshape(-1)
@@ -61,23 +72,14 @@ def moe_reference(x, ids, router, selector, gate_up, down, s_gate, s_up, s_down,
         out[pairs] = h @ down[e].t()
     out = out * w.reshape(-1).unsqueeze(-1)
     routed = out.view(-1, top_k, d).sum(dim=1).to(x.dtype).view(x.shape)
-    sg = F.linear(x, s_gate).clamp(max=swiglu_limit)
-    su = F.linear(x, s_up).clamp(min=-swiglu_limit, max=swiglu_limit)
-    return routed + F.linear(F.silu(sg) * su, s_down)
+    return routed + _shared(x, s_gate, s_up, s_down, swiglu_limit)
 
 
 def moe_gather_formulation(x, ids, router, selector, gate_up, down, s_gate, s_up, s_down, *, top_k: int,
                            route_scale: float, swiglu_limit: float, routing: str, score: str) -> torch.Tensor:
     """The export-friendly (static-shape) formulation the model traces: one weight gather per (token, pick)."""
     d = x.shape[-1]
-    flat = x.reshape(-1, d)
-    scores = _score(F.linear(flat, router), score)
-    if routing == "hash":
-        idx = selector[ids.reshape(-1)].long()
-    else:
-        idx = torch.topk(scores + selector, top_k, dim=-1, sorted=False).indices
-    w = scores.gather(1, idx)
-    w = w / (w.sum(dim=-1, keepdim=True) + 1e-20) * route_scale
+    flat, idx, w = _route(x, ids, router, selector, top_k, route_scale, routing, score)
     picked = flat.repeat_interleave(top_k, dim=0)
     sel = idx.reshape(-1)
     gu = torch.bmm(gate_up[sel], picked.unsqueeze(-1)).squeeze(-1)
@@ -85,9 +87,7 @@ def moe_gather_formulation(x, ids, router, selector, gate_up, down, s_gate, s_up
     h = F.silu(g.clamp(max=swiglu_limit)) * u.clamp(min=-swiglu_limit, max=swiglu_limit)
     out = torch.bmm(down[sel], h.unsqueeze(-1)).squeeze(-1) * w.reshape(-1).unsqueeze(-1)
     routed = out.view(-1, top_k, d).sum(dim=1).to(x.dtype).view(x.shape)
-    sg = F.linear(x, s_gate).clamp(max=swiglu_limit)
-    su = F.linear(x, s_up).clamp(min=-swiglu_limit, max=swiglu_limit)
-    return routed + F.linear(F.silu(sg) * su, s_down)
+    return routed + _shared(x, s_gate, s_up, s_down, swiglu_limit)
 
 
 @register_op

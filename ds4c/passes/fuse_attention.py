@@ -6,7 +6,7 @@ from ds4c.ir.graph import Graph, Value
 from ds4c.ir.types import TensorType
 from ds4c.passes.manager import PassContext, register_pass
 from ds4c.passes.pattern_lib import CASTS, COPIES, VIEWS
-from ds4c.passes.patterns import Builder, Lit, Match, Maybe, Op, Rewrite, Wild, rewrite_graph
+from ds4c.passes.patterns import Builder, Lit, Match, Maybe, Op, Rewrite, Wild, record_fusion, rewrite_graph
 
 _ANY = Wild(literals=True)
 _LAST = Lit(predicate=lambda v: v in (-1, 3))
@@ -67,7 +67,7 @@ def _build_attention(m: Match, b: Builder) -> Value:
 
 
 def _check_grouped(m: Match) -> bool:
-    x, w, shape = m["x"], m["w"], m["wshape"]
+    x, shape = m["x"], m["wshape"]
     if not (isinstance(x.type, TensorType) and isinstance(shape, list) and len(shape) == 3):
         return False
     groups = shape[0]
@@ -101,13 +101,10 @@ def fuse_attention(graph: Graph, ctx: PassContext) -> Graph:
     fired: dict[str, int] = {}
     out = rewrite_graph(graph, RULES, budget=lambda rule, m: ctx.allow_rewrite(f"{rule} at %{m.root.name}"),
                         fired=fired)
-    # count attention by kind
-    counts: dict[str, int] = {}
+    fired.pop("attention", None)  # counted by kind instead
+    before = {id(op) for op in graph.ops}
     for op in out.ops:
-        if op.name.startswith("attention.") and op not in graph.ops:
-            counts[op.name] = counts.get(op.name, 0) + 1
-    stats = ctx.program_attrs.setdefault("fusion", {}).setdefault(graph.name, {})
-    for k, v in {**fired, **counts}.items():
-        if k != "attention":
-            stats[k] = stats.get(k, 0) + v
+        if op.name.startswith("attention.") and id(op) not in before:
+            fired[op.name] = fired.get(op.name, 0) + 1
+    record_fusion(ctx, graph.name, fired)
     return out

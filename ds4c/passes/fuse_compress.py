@@ -6,7 +6,7 @@ from ds4c.ir.graph import Graph, Value
 from ds4c.ir.types import TensorType
 from ds4c.passes.manager import PassContext, register_pass
 from ds4c.passes.pattern_lib import CASTS
-from ds4c.passes.patterns import Alt, Builder, Lit, Match, Maybe, Op, Rewrite, Wild, rewrite_graph
+from ds4c.passes.patterns import Alt, Builder, Lit, Match, Maybe, Op, Rewrite, Wild, apply_rules
 
 _SLOT = Lit(predicate=lambda v: v in (-2, 2), capture="dim")
 POOL = Op("aten.sum.dim_IntList",
@@ -60,10 +60,4 @@ def fuse_compress(graph: Graph, ctx: PassContext) -> Graph:
         %s = sum(mul(%kv, %p), [-2])                 ->   %e = compress(%kv, %score, %w, eps=1e-06)
         %e = rms_norm(%s, %w, eps=1e-06)
     """
-    fired: dict[str, int] = {}
-    out = rewrite_graph(graph, RULES, budget=lambda rule, m: ctx.allow_rewrite(f"{rule} at %{m.root.name}"),
-                        fired=fired)
-    stats = ctx.program_attrs.setdefault("fusion", {}).setdefault(graph.name, {})
-    for k, v in fired.items():
-        stats[k] = stats.get(k, 0) + v
-    return out
+    return apply_rules(graph, ctx, RULES)

@@ -6,7 +6,7 @@ from ds4c.ir.graph import Graph, Value
 from ds4c.ir.types import TensorType
 from ds4c.passes.manager import PassContext, register_pass
 from ds4c.passes.pattern_lib import CASTS, VIEWS
-from ds4c.passes.patterns import Alt, Builder, Lit, Match, Maybe, Op, Rewrite, Wild, rewrite_graph
+from ds4c.passes.patterns import Alt, Builder, Lit, Match, Maybe, Op, Rewrite, Wild, apply_rules
 
 _ANY = Wild(literals=True)
 _FLOAT = Lit(predicate=lambda v: isinstance(v, float))
@@ -95,10 +95,4 @@ def fuse_moe(graph: Graph, ctx: PassContext) -> Graph:
         %y = add(view(%routed), linear(silu(clamp(...)) * clamp(...), %s_down))
     """
     limit = (ctx.program_attrs.get("model_config") or {}).get("swiglu_limit")
-    fired: dict[str, int] = {}
-    out = rewrite_graph(graph, [Rewrite("moe", MOE, _build, _make_check(limit))],
-                        budget=lambda rule, m: ctx.allow_rewrite(f"{rule} at %{m.root.name}"), fired=fired)
-    stats = ctx.program_attrs.setdefault("fusion", {}).setdefault(graph.name, {})
-    for k, v in fired.items():
-        stats[k] = stats.get(k, 0) + v
-    return out
+    return apply_rules(graph, ctx, [Rewrite("moe", MOE, _build, _make_check(limit))])

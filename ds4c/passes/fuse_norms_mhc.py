@@ -5,9 +5,20 @@ from __future__ import annotations
 from ds4c.ir.graph import Graph, Value
 from ds4c.ir.types import TensorType
 from ds4c.passes.manager import PassContext, register_pass
-from ds4c.passes.patterns import Alt, Builder, Lit, Match, Maybe, Op, Pat, Rewrite, Wild, rewrite_graph
-
 from ds4c.passes.pattern_lib import CASTS, VIEWS
+from ds4c.passes.patterns import (
+    Alt,
+    Builder,
+    Lit,
+    Match,
+    Maybe,
+    Op,
+    Pat,
+    Rewrite,
+    Wild,
+    record_fusion,
+    rewrite_graph,
+)
 
 
 def _last_dim(dims) -> bool:
@@ -78,9 +89,7 @@ def fuse_norms_mhc(graph: Graph, ctx: PassContext) -> Graph:
         fired["mhc.pre"] = len(regions)
         out = apply_regions(out, regions)
     out = rewrite_graph(out, MHC_RULES, budget=budget, fired=fired)
-    stats = ctx.program_attrs.setdefault("fusion", {}).setdefault(graph.name, {})
-    for k, v in fired.items():
-        stats[k] = stats.get(k, 0) + v
+    record_fusion(ctx, graph.name, fired)
     return out
 
 

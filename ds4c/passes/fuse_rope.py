@@ -5,9 +5,9 @@ from __future__ import annotations
 from ds4c.ir.graph import Graph, Value
 from ds4c.ir.types import TensorType
 from ds4c.passes.manager import PassContext, register_pass
-from ds4c.passes.patterns import Alt, Builder, Lit, Match, Maybe, Op, Rewrite, Wild, rewrite_graph
-
 from ds4c.passes.pattern_lib import CASTS, VIEWS
+from ds4c.passes.patterns import Alt, Builder, Lit, Match, Maybe, Op, Rewrite, Wild, apply_rules
+
 _INT = Lit(predicate=lambda v: isinstance(v, int) and not isinstance(v, bool))
 
 
@@ -90,11 +90,4 @@ def fuse_rope(graph: Graph, ctx: PassContext) -> Graph:
         ... stack([-odd, even]) ... mul cos, mul sin, add ...   ->  %y = rope(%x, %cos, %sin, rope_dim=8, inverse=false)
         %y = aten.cat.default([%nope, %add], -1)
     """
-    fired: dict[str, int] = {}
-    rules = [Rewrite("rope", ROPE, _build, _check)]
-    out = rewrite_graph(graph, rules, budget=lambda rule, m: ctx.allow_rewrite(f"{rule} at %{m.root.name}"),
-                        fired=fired)
-    stats = ctx.program_attrs.setdefault("fusion", {}).setdefault(graph.name, {})
-    for k, v in fired.items():
-        stats[k] = stats.get(k, 0) + v
-    return out
+    return apply_rules(graph, ctx, [Rewrite("rope", ROPE, _build, _check)])

@@ -149,4 +149,14 @@ class PassManager:
 
 def _load_builtin_passes() -> None:
     # Importing the modules registers their passes.
-    from ds4c.passes import canonicalize_shapes, cse, dce, fold_constants, fuse_attention, fuse_compress, fuse_moe, fuse_norms_mhc, fuse_rope  # noqa: F401
+    from ds4c.passes import (  # noqa: F401
+        canonicalize_shapes,
+        cse,
+        dce,
+        fold_constants,
+        fuse_attention,
+        fuse_compress,
+        fuse_moe,
+        fuse_norms_mhc,
+        fuse_rope,
+    )

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ds4c.ir.graph import Graph, Op, Value, map_values, replace_uses
+from ds4c.ir.graph import Graph, Value, map_values, replace_uses
 from ds4c.ir.types import ScalarType, TensorType
 
 
@@ -360,6 +360,11 @@ def rewrite_graph(graph: Graph, rules: Sequence[Rewrite], *, budget: Callable[[s
                 break
             if id(op) in removed:
                 break
+    return _assemble(graph, inserted, removed, mapping)
+
+
+def _assemble(graph: Graph, inserted: dict[int, list[Any]], removed: set[int], mapping: dict[Value, Value]) -> Graph:
+    """The graph with new ops placed before the op they were anchored at, removed ops dropped, uses remapped."""
     ops = []
     for op in graph.ops:
         if id(op) in inserted:
@@ -367,6 +372,21 @@ def rewrite_graph(graph: Graph, rules: Sequence[Rewrite], *, budget: Callable[[s
         if id(op) not in removed:
             ops.append(op)
     return replace_uses(graph.copy(ops=ops), mapping)
+
+
+def apply_rules(graph: Graph, ctx: Any, rules: Sequence[Rewrite]) -> Graph:
+    """Run ``rules`` through the PassContext's rewrite budget; count what fired in ``program_attrs['fusion']``."""
+    fired: dict[str, int] = {}
+    out = rewrite_graph(graph, rules, budget=lambda rule, m: ctx.allow_rewrite(f"{rule} at %{m.root.name}"),
+                        fired=fired)
+    record_fusion(ctx, graph.name, fired)
+    return out
+
+
+def record_fusion(ctx: Any, graph_name: str, fired: dict[str, int]) -> None:
+    stats = ctx.program_attrs.setdefault("fusion", {}).setdefault(graph_name, {})
+    for k, v in fired.items():
+        stats[k] = stats.get(k, 0) + v
 
 
 def _self_contained(m: Match, root: Any, users: dict[Value, list[Any]], outputs: set[Value]) -> bool:
@@ -500,10 +520,4 @@ def apply_regions(graph: Graph, regions: Sequence[Region]) -> Graph:
         inserted.setdefault(id(first), []).extend(reg.new_ops)
         removed.update(ops)
         mapping.update(reg.mapping)
-    out = []
-    for op in graph.ops:
-        if id(op) in inserted:
-            out.extend(inserted[id(op)])
-        if id(op) not in removed:
-            out.append(op)
-    return replace_uses(graph.copy(ops=out), mapping)
+    return _assemble(graph, inserted, removed, mapping)

@@ -172,7 +172,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
 
             weights = load_weights(wman["source"], expected, dtype=dtype, device=device, progress=tick)
         weights = apply_transforms(weights, wman.get("transforms", []))
-    for k, (shape, dt) in expected.items():
+    for k, (shape, _) in expected.items():
         t = weights[k]
         if tuple(t.shape) != shape:
             raise ArtifactError(f"{path}: weight '{k}' has shape {list(t.shape)}, the program expects {list(shape)}")

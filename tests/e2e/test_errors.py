@@ -124,27 +124,28 @@ def test_truncated_artifact(artifact, tmp_path):
     assert res.exit_code == 2
 
 
-def test_tampered_artifact_fails_checksum(artifact, tmp_path):
-    bad = tmp_path / "tampered.ds4"
-    with zipfile.ZipFile(artifact) as zin, zipfile.ZipFile(bad, "w", zipfile.ZIP_STORED) as zout:
+def _rewrite_member(src, dst, name, edit):
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
         for info in zin.infolist():
             data = zin.read(info.filename)
-            if info.filename == "ir/decode.ds4ir":
-                data = data.replace(b"aten.", b"aten.", 1)[:-2] + b"x}\n"
-            zout.writestr(info, data)
+            zout.writestr(info, edit(data) if info.filename == name else data)
+
+
+def test_tampered_artifact_fails_checksum(artifact, tmp_path):
+    bad = tmp_path / "tampered.ds4"
+    _rewrite_member(artifact, bad, "ir/decode.ds4ir", lambda d: d[:-2] + b"x}\n")
     with pytest.raises(ArtifactError, match="ir/decode.ds4ir"):
         ds4c.load(bad)
 
 
 def test_newer_format_version_refused(artifact, tmp_path):
     bad = tmp_path / "newer.ds4"
-    with zipfile.ZipFile(artifact) as zin, zipfile.ZipFile(bad, "w", zipfile.ZIP_STORED) as zout:
-        for info in zin.infolist():
-            data = zin.read(info.filename)
-            if info.filename == "manifest.json":
-                m = json.loads(data)
-                m["format_version"] = m["format_version"] + 1
-                data = json.dumps(m).encode()
-            zout.writestr(info, data)
+
+    def newer(data):
+        m = json.loads(data)
+        m["format_version"] = m["format_version"] + 1
+        return json.dumps(m).encode()
+
+    _rewrite_member(artifact, bad, "manifest.json", newer)
     with pytest.raises(ArtifactError, match="newer"):
         ds4c.load(bad)

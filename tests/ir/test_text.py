@@ -4,7 +4,17 @@ import pytest
 import torch
 
 from ds4c.errors import IRError, VerificationError
-from ds4c.ir import Graph, GraphInput, Op, TensorType, Value, check_types, parse_graph, print_graph, verify_graph
+from ds4c.ir import (
+    Graph,
+    GraphInput,
+    Op,
+    TensorType,
+    Value,
+    check_types,
+    parse_graph,
+    print_graph,
+    verify_graph,
+)
 
 TEXT = """\
 graph @demo(input %x: f32[B,S,8], param %w: f32[8,8], const %c: f32[4], state %st: f32[B,3,8]) {
