@@ -119,10 +119,9 @@ def targets() -> None:
         t.add_column(col)
     for tg in list_targets():
         d = tg.to_dict()
-        peak = d.get("peak_flops", {}) or {}
         t.add_row(tg.name, str(d.get("backend")), str(d.get("arch")), str(d.get("compute_units")),
                   f"{(d.get('hbm_bytes') or 0) / 1e9:.0f}", f"{(d.get('hbm_bandwidth') or 0) / 1e12:.2f}",
-                  f"{(peak.get('bf16') or 0) / 1e12:.0f}", "yes" if d.get("native_fp8") else "no",
+                  f"{tg.peak('bf16') / 1e12:.0f}", "yes" if d.get("native_fp8") else "no",
                   "yes" if d.get("native_fp4") else "no")
     console.print(t)
 

@@ -1,5 +1,26 @@
-"""Artifacts: the on-disk container and the compiled-model layer on top of it."""
+"""Artifacts: the on-disk ``.ds4`` container (this package's ``container``) and the compiled-model
+layer on top of it (``ds4c.artifact.artifact``, imported on its own because it needs torch)."""
 
-from ds4c.artifact.container import FORMAT_VERSION, Container, open_container, write_container
+from ds4c.artifact.container import (
+    DATA_ALIGNMENT,
+    EAGER_VERIFY_BYTES,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    Container,
+    check_member_name,
+    open_container,
+    write_container,
+)
 
-__all__ = ["FORMAT_VERSION", "Container", "open_container", "write_container"]
+__all__ = [
+    "DATA_ALIGNMENT",
+    "EAGER_VERIFY_BYTES",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "Container",
+    "check_member_name",
+    "open_container",
+    "write_container",
+]
