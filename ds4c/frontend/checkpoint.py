@@ -1,81 +1,42 @@
-"""Checkpoint directories: ``config.json`` + ``*.safetensors`` (single or sharded with an index),
-in transformers' naming or in DeepSeek's original release naming (FP8 block-scaled linears,
-MXFP4-packed routed experts, dequantised here).
+"""Checkpoint directories: ``config.json`` + ``*.safetensors`` (one file, or shards listed by
+``model.safetensors.index.json``), in transformers' naming, in DeepSeek's release naming (FP8
+block-scaled linears, MXFP4-packed routed experts; dequantised here), or the mix of both that
+transformers' ``save_pretrained`` writes (``model.layers.N.attn.wq_a.weight``, ``head.weight``).
 
-Tensors are read memory-mapped (``safetensors.safe_open``) and converted one at a time straight
-into the destination dtype/device, so loading never holds two copies of the checkpoint.
+Everything is checked from the file headers before any tensor data is read (missing, unexpected,
+mis-shaped tensors; missing scales; truncated files), then tensor data is read a slab of rows at a
+time and written straight into its destination tensor (dtype, device), so loading holds the
+result plus one slab, never a second copy of the checkpoint. No pickle is ever read.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ds4c.errors import CheckpointError, ConfigError
+from ds4c.frontend.deepseek_format import DS_EXPERT, deepseek_to_hf_name, is_hf_name, scale_name
 from ds4c.frontend.formats import dequant_fp8_block, dequant_mxfp4
 
 INDEX = "model.safetensors.index.json"
 Spec = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
-
-# DeepSeek release naming -> transformers naming, applied in order (transformers' conversion_mapping
-# for deepseek_v4). Experts (w1/w3 -> gate_up_proj, w2 -> down_proj) are merged separately.
-DEEPSEEK_RENAMES: list[tuple[str, str]] = [
-    (r"\.attn\.", ".self_attn."),
-    (r"\.ffn\.", ".mlp."),
-    (r"\.indexer\.compressor\.", ".compressor.indexer."),
-    (r"^embed\.weight", "embed_tokens.weight"),
-    (r"^head\.weight", "lm_head.weight"),
-    (r"^hc_head_fn", "hc_head.hc_fn"),
-    (r"^hc_head_base", "hc_head.hc_base"),
-    (r"^hc_head_scale", "hc_head.hc_scale"),
-    (r"\.attn_norm\.", ".input_layernorm."),
-    (r"\.ffn_norm\.", ".post_attention_layernorm."),
-    (r"\.hc_attn_fn", ".attn_hc.fn"),
-    (r"\.hc_attn_base", ".attn_hc.base"),
-    (r"\.hc_attn_scale", ".attn_hc.scale"),
-    (r"\.hc_ffn_fn", ".ffn_hc.fn"),
-    (r"\.hc_ffn_base", ".ffn_hc.base"),
-    (r"\.hc_ffn_scale", ".ffn_hc.scale"),
-    (r"\.attn_sink", ".sinks"),
-    (r"\.indexer\.weights_proj\.", ".compressor.indexer.scorer.weights_proj."),
-    (r"\.indexer\.wq_b\.", ".compressor.indexer.q_b_proj."),
-    (r"\.norm\.", ".kv_norm."),
-    (r"\.ape", ".position_bias"),
-    (r"\.wq_a\.", ".q_a_proj."),
-    (r"\.self_attn\.wq_b\.", ".self_attn.q_b_proj."),
-    (r"\.wkv\.", ".kv_proj."),
-    (r"\.wgate\.", ".gate_proj."),
-    (r"\.wo_a\.", ".o_a_proj."),
-    (r"\.wo_b\.", ".o_b_proj."),
-    (r"\.q_norm\.", ".q_a_norm."),
-    (r"\.gate\.bias", ".gate.e_score_correction_bias"),
-    (r"\.shared_experts\.w1\.", ".shared_experts.gate_proj."),
-    (r"\.shared_experts\.w2\.", ".shared_experts.down_proj."),
-    (r"\.shared_experts\.w3\.", ".shared_experts.up_proj."),
-]
-_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<w>w[123])\.weight$")
-_COMPILED = [(re.compile(a), b) for a, b in DEEPSEEK_RENAMES]
-
-
-def deepseek_to_hf_name(name: str) -> str:
-    """Any on-disk name (release naming, transformers naming, or the mix ``save_pretrained`` writes)
-    -> the transformers module name."""
-    out = name.removeprefix("model.")
-    for pat, rep in _COMPILED:
-        out = pat.sub(rep, out)
-    if not out.startswith("lm_head."):
-        out = "model." + out
-    return out
+_FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+_FP4_DTYPES = ("I8", "U8", "F4")  # packed e2m1 pairs, when the model wants floats
+_SLAB_ELEMENTS = 1 << 22  # elements read per slab (multiple of 128 rows)
+logger = logging.getLogger(__name__)
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / "config.json"
-    if not Path(directory).is_dir():
+    """The ``config.json`` of a checkpoint directory, as a dict (ConfigError naming the path if absent or bad)."""
+    directory = Path(directory)
+    path = directory / "config.json"
+    if not directory.is_dir():
         raise ConfigError(f"{directory}: not a directory; pass a checkpoint directory with config.json")
     if not path.is_file():
         raise ConfigError(f"{path}: missing config.json; a checkpoint directory needs config.json next to its "
@@ -85,174 +46,309 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e}); fix or re-save the config") from None
     if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+        raise ConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}; re-save the config")
     return cfg
 
 
-class _Files:
-    """Which file holds which tensor; files opened lazily, memory-mapped."""
-
-    def __init__(self, directory: Path):
-        from safetensors import safe_open
-
-        self.dir = directory
-        self._open = safe_open
-        self.handles: dict[Path, Any] = {}
-        self.where: dict[str, Path] = {}
-        index = directory / INDEX
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: malformed index ({e}); it needs a 'weight_map' object") from None
-            for name, fname in weight_map.items():
-                f = directory / fname
-                if not f.is_file():
-                    raise CheckpointError(f"{index}: tensor '{name}' is in '{fname}', which does not exist")
-                self.where[name] = f
-            for f in set(self.where.values()):
-                keys = set(self._handle(f).keys())
-                for name, ff in self.where.items():
-                    if ff == f and name not in keys:
-                        raise CheckpointError(f"{index}: says '{name}' is in {f.name}, but that file does not hold it")
-        else:
-            files = sorted(directory.glob("*.safetensors"))
-            if not files:
-                raise CheckpointError(f"{directory}: no *.safetensors files; save the model with safe_serialization")
-            for f in files:
-                for name in self._handle(f).keys():
-                    if name in self.where:
-                        raise CheckpointError(f"{directory}: tensor '{name}' appears in {self.where[name].name} and {f.name}")
-                    self.where[name] = f
-
-    def _handle(self, f: Path) -> Any:
-        h = self.handles.get(f)
-        if h is None:
-            try:
-                h = self._open(str(f), framework="pt", device="cpu")
-            except Exception as e:  # noqa: BLE001 - safetensors raises several types
-                raise CheckpointError(f"{f}: unreadable safetensors file ({e}); it may be truncated — re-save it") from None
-            self.handles[f] = h
-        return h
-
-    def get(self, name: str) -> torch.Tensor:
-        f = self.where[name]
-        try:
-            return self._handle(f).get_tensor(name)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{f}: cannot read tensor '{name}' ({e}); the file may be truncated") from None
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        f = self.where[name]
-        return tuple(self._handle(f).get_slice(name).get_shape())
-
-
-def detect_naming(keys) -> str:
-    """'hf' when tensors use transformers' module names, else 'deepseek' (release names)."""
-    keys = list(keys)
-    if any(".self_attn." in k or ".mlp." in k or k.startswith("lm_head.") for k in keys):
+def detect_naming(keys: Iterable[str]) -> str:
+    """"hf" for transformers' serialisation (every name under ``model.`` or ``lm_head.``/``head.``,
+    as ``save_pretrained`` writes), "deepseek" for the release naming (``embed.weight``, ``layers.N...``)."""
+    keys = [k for k in keys if not k.startswith("mtp.")]
+    if keys and all(k.startswith(("model.", "lm_head.", "head.")) for k in keys):
         return "hf"
     return "deepseek"
 
 
-def _cast(t: torch.Tensor, want: torch.dtype, dtype: torch.dtype, device: Any) -> torch.Tensor:
-    target = dtype if want.is_floating_point else want
-    return t.to(device=device, dtype=target)
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu, "F4": torch.uint8,  # F4: e2m1 pairs, read as bytes
+}
 
 
-def _dequant(files: _Files, name: str) -> torch.Tensor:
-    """A DeepSeek tensor as fp32, dequantising FP8 (block 128) or MXFP4 (block 32) when it has a scale."""
-    t = files.get(name)
-    scale_name = name[: -len(".weight")] + ".scale" if name.endswith(".weight") else None
-    is_fp8 = t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
-    is_fp4 = t.dtype in (torch.int8, torch.uint8) or t.dtype == getattr(torch, "float4_e2m1fn_x2", None)
-    if not (is_fp8 or is_fp4):
-        return t
-    if scale_name is None or scale_name not in files.where:
-        raise CheckpointError(f"{files.where[name]}: {t.dtype} tensor '{name}' has no '{scale_name}' scale tensor; "
-                              "FP8/FP4 weights need their block scales")
-    scale = files.get(scale_name)
-    if is_fp8:
-        return dequant_fp8_block(t, scale, 128)
-    return dequant_mxfp4(t, scale, 32)
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]    # as the header says (F4: element count, two per byte)
+    begin: int                # absolute byte offset of the data in the file
+    nbytes: int
+
+
+def _read_header(f: Path) -> dict[str, _Entry]:
+    """Parse a safetensors header (8-byte little-endian length + JSON) and check it against the file size."""
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit in a {size}-byte file")
+            header = json.loads(fh.read(n))
+        entries = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dt, shape, (b, e) = info["dtype"], tuple(int(x) for x in info["shape"]), info["data_offsets"]
+            if dt not in _DTYPES:
+                raise ValueError(f"tensor '{name}' has dtype {dt}, which ds4c does not read")
+            numel = 1
+            for x in shape:
+                numel *= x
+            nbytes = numel // 2 if dt == "F4" else numel * _DTYPES[dt].itemsize
+            if e - b != nbytes:
+                raise ValueError(f"tensor '{name}' spans {e - b} bytes, its shape {list(shape)} {dt} needs {nbytes}")
+            if 8 + n + e > size:
+                raise ValueError(f"tensor '{name}' ends at byte {8 + n + e} but the file has {size} bytes")
+            entries[name] = _Entry(f, dt, shape, 8 + n + b, nbytes)
+        return entries
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as e:
+        raise CheckpointError(f"{f}: unreadable safetensors file ({e}); it may be truncated or not safetensors: "
+                              "re-download or re-save it") from None
+
+
+class _Files:
+    """Which file holds which tensor, from the headers; tensor data read on demand, a row range at a time.
+
+    Reads use plain positioned file reads into the destination-sized slab rather than a memory map:
+    mapped file pages count towards the process' resident memory, so an mmap-based loader peaks at
+    twice the checkpoint when the result has the file's dtype."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.entries: dict[str, _Entry] = {}
+        index = directory / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError("'weight_map' is not an object")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: malformed index ({e}); it needs a 'weight_map' object of tensor "
+                                      "name -> file; re-save the checkpoint or delete the index") from None
+            headers: dict[Path, dict[str, _Entry]] = {}
+            for name, fname in weight_map.items():
+                f = directory / str(fname)
+                if not f.is_file():
+                    raise CheckpointError(f"{index}: tensor '{name}' is in '{fname}', which does not exist; copy "
+                                          "the missing shard or fix the index")
+                if f not in headers:
+                    headers[f] = _read_header(f)
+                if name not in headers[f]:
+                    raise CheckpointError(f"{index}: says tensor '{name}' is in {f.name}, but that file does not "
+                                          "hold it; the index and the shards are from different saves")
+                self.entries[name] = headers[f][name]
+        else:
+            files = sorted(directory.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{directory}: no *.safetensors files; save the model with safe_serialization "
+                                      "(ds4c never reads pickle .bin/.pt files)")
+            for f in files:
+                for name, entry in _read_header(f).items():
+                    if name in self.entries:
+                        raise CheckpointError(f"{directory}: tensor '{name}' appears in both "
+                                              f"{self.entries[name].file.name} and {f.name}; remove the stale file")
+                    self.entries[name] = entry
+        self.where = {name: e.file for name, e in self.entries.items()}
+        self._open: dict[Path, Any] = {}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name].shape
+
+    def dtype(self, name: str) -> str:
+        return self.entries[name].dtype
+
+    def rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of a tensor (all of it when start is None), as stored (F4: uint8 pairs)."""
+        e = self.entries[name]
+        shape = e.shape if e.dtype != "F4" else (*e.shape[:-1], e.shape[-1] // 2)
+        n_rows = shape[0] if shape else 1
+        row_bytes = e.nbytes // n_rows if n_rows else 0
+        start, stop = (0, n_rows) if start is None else (start, min(stop, n_rows))
+        buf = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        fh = self._open.get(e.file)
+        if fh is None:
+            fh = self._open[e.file] = open(e.file, "rb")  # noqa: SIM115 - kept open across reads
+        fh.seek(e.begin + start * row_bytes)
+        got = fh.readinto(memoryview(buf.numpy())) if buf.numel() else 0
+        if got != buf.numel():
+            raise CheckpointError(f"{e.file}: cannot read tensor '{name}' (got {got} of {buf.numel()} bytes); the "
+                                  "file is truncated: re-download or re-save it")
+        return buf.view(_DTYPES[e.dtype]).reshape((stop - start, *shape[1:]) if shape else ())
+
+    def close(self) -> None:
+        for fh in self._open.values():
+            fh.close()
+        self._open.clear()
+
+
+@dataclass
+class _Source:
+    """How to produce one destination tensor (or, for experts, one slice of it) from the files."""
+
+    key: str          # name in the files
+    kind: str         # "plain", "fp8" or "fp4"
+    shape: tuple[int, ...]  # logical (dequantised) shape
+
+
+@dataclass
+class _Plan:
+    plain: dict[str, _Source] = field(default_factory=dict)   # destination name -> source
+    experts: dict[str, dict[tuple[int, str], _Source]] = field(default_factory=dict)  # stacked name -> (e, w)
+    ignored: list[str] = field(default_factory=list)
+
+
+def _classify(files: _Files, key: str, want_float: bool) -> _Source:
+    dt, shape = files.dtype(key), files.shape(key)
+    kind = "plain"
+    if dt in _FP8_DTYPES:
+        kind = "fp8"
+    elif dt in _FP4_DTYPES and want_float:
+        kind = "fp4"
+        shape = shape if dt == "F4" else (*shape[:-1], shape[-1] * 2)
+    if kind != "plain":
+        s = scale_name(key)
+        if s not in files.where:
+            raise CheckpointError(f"{files.where[key]}: {dt} tensor '{key}' has no '{s}' scale tensor; quantised "
+                                  "weights need their block scales: copy the complete checkpoint")
+        rows, cols = shape if len(shape) == 2 else (0, 0)
+        want = (-(-rows // 128), -(-cols // 128)) if kind == "fp8" else (rows, -(-cols // 32))
+        if len(shape) != 2 or files.shape(s) != want:
+            raise CheckpointError(f"{files.where[s]}: scale '{s}' has shape {list(files.shape(s))}, expected "
+                                  f"{list(want)} for {dt} weight '{key}' of shape {list(shape)} "
+                                  f"({'128x128 blocks' if kind == 'fp8' else 'one per 32 inputs'})")
+    return _Source(key, kind, tuple(shape))
+
+
+def _hf_name(key: str, expected: Spec) -> str | None:
+    """The transformers name a file's tensor name stands for (any of the three namings)."""
+    if key in expected or is_hf_name(key):
+        return key
+    bare = key.removeprefix("model.")
+    return deepseek_to_hf_name(bare) or (("model." + bare) if is_hf_name("model." + bare) else None)
+
+
+def _plan(files: _Files, expected: Spec) -> _Plan:
+    plan = _Plan()
+    directory = files.dir
+    for key in files.where:
+        bare = key.removeprefix("model.")
+        if bare.startswith("mtp."):
+            plan.ignored.append(key)  # multi-token-prediction block: the compiled model has none
+            continue
+        if key.endswith(".scale") and (key.removesuffix(".scale") + ".weight") in files.where:
+            continue  # block scales are read with their weight
+        name = _hf_name(key, expected)
+        if name is None or name not in expected:
+            hint = f" (would be '{name}')" if name else ""
+            raise CheckpointError(f"{files.where[key]}: unexpected tensor '{key}'{hint}; the model built from "
+                                  "config.json has no such parameter: the checkpoint is for another config, or "
+                                  "config.json is wrong")
+        want_float = expected[name][1].is_floating_point
+        m = DS_EXPERT.match(bare)
+        if m:
+            src = _classify(files, key, want_float)
+            slot = (int(m["expert"]), m["part"])
+            if slot in plan.experts.setdefault(name, {}):
+                raise CheckpointError(f"{files.where[key]}: expert {slot[0]} {slot[1]} of '{name}' appears twice "
+                                      f"('{plan.experts[name][slot].key}' and '{key}'); remove one")
+            plan.experts[name][slot] = src
+            continue
+        if name in plan.plain:
+            raise CheckpointError(f"{files.where[key]}: tensors '{plan.plain[name].key}' and '{key}' both map to "
+                                  f"'{name}'; remove one")
+        plan.plain[name] = _classify(files, key, want_float)
+    produced = set(plan.plain) | set(plan.experts)
+    missing = [k for k in expected if k not in produced]
+    if missing:
+        raise CheckpointError(f"{directory}: {len(missing)} tensor(s) missing: {missing[:10]}"
+                              f"{' ...' if len(missing) > 10 else ''} (transformers names); the checkpoint is "
+                              "incomplete or for another config")
+    for name, src in plan.plain.items():
+        want = tuple(expected[name][0])
+        if src.shape != want:
+            raise CheckpointError(f"{files.where[src.key]}: tensor '{src.key}' has shape {list(src.shape)}, the "
+                                  f"model expects {list(want)} for '{name}'; the checkpoint does not match "
+                                  "config.json")
+    for name, parts in plan.experts.items():
+        e_count, rows, cols = tuple(expected[name][0])
+        need = ("w2",) if name.endswith("down_proj") else ("w1", "w3")
+        part_shape = (rows, cols) if need == ("w2",) else (rows // 2, cols)
+        for e in range(e_count):
+            for w in need:
+                src = parts.get((e, w))
+                if src is None:
+                    raise CheckpointError(f"{directory}: expert {e} of '{name}' has no {w} weight; the checkpoint "
+                                          f"is incomplete or config.json's n_routed_experts ({e_count}) is wrong")
+                if src.shape != part_shape:
+                    raise CheckpointError(f"{files.where[src.key]}: tensor '{src.key}' has shape {list(src.shape)}, "
+                                          f"the model expects {list(part_shape)} (expert {e} {w} of '{name}'); the "
+                                          "checkpoint does not match config.json")
+        extra = [k for k in parts if k[0] >= e_count]
+        if extra:
+            src = parts[extra[0]]
+            raise CheckpointError(f"{files.where[src.key]}: unexpected tensor '{src.key}': expert {extra[0][0]} but "
+                                  f"config.json has n_routed_experts={e_count}")
+    return plan
+
+
+def _fill(files: _Files, src: _Source, dst: torch.Tensor) -> None:
+    """Read ``src`` a slab of rows at a time, dequantising, straight into ``dst`` (its dtype/device)."""
+    if dst.dim() <= 1 or src.shape[0] == 0:
+        dst.copy_(files.rows(src.key).reshape(dst.shape))
+        return
+    row_elems = max(1, dst[0].numel())
+    step = max(128, (_SLAB_ELEMENTS // row_elems) // 128 * 128)
+    scale = files.rows(scale_name(src.key)) if src.kind != "plain" else None
+    for r in range(0, src.shape[0], step):
+        r1 = min(r + step, src.shape[0])
+        t = files.rows(src.key, r, r1)
+        if src.kind == "fp8":
+            t = dequant_fp8_block(t, scale[r // 128: -(-r1 // 128)], 128, out_dtype=dst.dtype)
+        elif src.kind == "fp4":
+            t = dequant_mxfp4(t, scale[r:r1], 32, out_dtype=dst.dtype)
+        dst[r:r1].copy_(t)
 
 
 def load_checkpoint(directory: str | Path, expected: Spec, *, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu", progress: Callable[[int, int], None] | None = None,
                     ) -> dict[str, torch.Tensor]:
-    """Every tensor of ``expected`` (transformers names -> (shape, dtype)) from the checkpoint in ``directory``."""
+    """Every tensor of ``expected`` (transformers name -> (shape, dtype)) from the checkpoint in ``directory``.
+
+    Floating tensors come back in ``dtype``, others (tid2eid) in their expected dtype, all on
+    ``device``, keyed and ordered as ``expected``. ``progress(done, total)`` is called after each tensor.
+    Raises CheckpointError naming the file and tensor for anything missing, unexpected, mis-shaped
+    or unreadable; every check runs on the file headers before tensor data is read.
+    """
     directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory; pass a checkpoint directory with *.safetensors")
     files = _Files(directory)
-    total = len(expected)
+    plan = _plan(files, expected)
+    if plan.ignored:
+        logger.info("%s: ignoring %d multi-token-prediction tensors (mtp.*): ds4c compiles the main model only",
+                    directory, len(plan.ignored))
     out: dict[str, torch.Tensor] = {}
+    try:
+        _load_all(files, plan, expected, out, dtype, device, progress)
+    finally:
+        files.close()
+    return out
 
-    def check(name: str, got: tuple[int, ...], src: str) -> None:
-        want = tuple(expected[name][0])
-        if tuple(got) != want:
-            raise CheckpointError(f"{files.where.get(src, directory)}: tensor '{src}' has shape {list(got)}, the "
-                                  f"model expects {list(want)} for '{name}'; the checkpoint does not match config.json")
 
-    # Names are normalised to transformers' module names whatever the file uses: the release
-    # naming, transformers' own, or the mix save_pretrained writes (model.layers.N.attn.wq_a...).
-    experts: dict[str, dict[int, dict[str, str]]] = {}
-    plain: dict[str, str] = {}
-    ignored: list[str] = []
-    for key in files.where:
-        if key.endswith(".scale"):
-            continue
-        if key.removeprefix("model.").startswith("mtp."):
-            ignored.append(key)  # the multi-token-prediction block: not part of the main model
-            continue
-        m = _EXPERT.match(key)
-        if m:
-            target_prefix = deepseek_to_hf_name(m.group("prefix") + ".x")[: -len(".x")]
-            experts.setdefault(target_prefix, {}).setdefault(int(m.group("e")), {})[m.group("w")] = key
-            continue
-        plain[deepseek_to_hf_name(key)] = key
-    produced = set(plain)
-    for prefix in experts:
-        produced |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
-    extra = sorted(k for k in produced if k not in expected)
-    if extra:
-        src = plain.get(extra[0], extra[0])
-        raise CheckpointError(f"{directory}: unexpected tensor '{src}' (maps to '{extra[0]}'); the checkpoint does not "
-                              "match config.json")
-    missing = [k for k in expected if k not in produced]
-    if missing:
-        raise CheckpointError(f"{directory}: {len(missing)} tensor(s) missing, e.g. {missing[:10]} (transformers "
-                              "names); the checkpoint is incomplete or for another config")
-    done = 0
-    for name, src in plain.items():
-        t = _dequant(files, src)
-        check(name, tuple(t.shape), src)
-        out[name] = _cast(t, expected[name][1], dtype, device)
-        done += 1
+def _load_all(files: _Files, plan: _Plan, expected: Spec, out: dict[str, torch.Tensor], dtype: torch.dtype,
+              device: str | torch.device, progress: Callable[[int, int], None] | None) -> None:
+    total = len(expected)
+    for name in expected:
+        shape, want = expected[name]
+        dst = torch.empty(tuple(shape), dtype=dtype if want.is_floating_point else want, device=device)
+        if name in plan.plain:
+            _fill(files, plan.plain[name], dst)
+        else:
+            half = dst.shape[1] // 2
+            for (e, w), src in plan.experts[name].items():
+                part = dst[e] if w == "w2" else (dst[e, :half] if w == "w1" else dst[e, half:])
+                _fill(files, src, part)
+        out[name] = dst
         if progress:
-            progress(done, total)
-    for prefix, per_expert in experts.items():
-        gu_name, down_name = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
-        e_count, two_i, hidden = expected[gu_name][0]
-        if sorted(per_expert) != list(range(e_count)):
-            raise CheckpointError(f"{directory}: {prefix}: experts {sorted(per_expert)[:5]}... present, expected "
-                                  f"0..{e_count - 1}")
-        gate_up = torch.empty((e_count, two_i, hidden), dtype=dtype, device=device)
-        down = torch.empty(tuple(expected[down_name][0]), dtype=dtype, device=device)
-        for e, ws in per_expert.items():
-            for w in ("w1", "w2", "w3"):
-                if w not in ws:
-                    raise CheckpointError(f"{directory}: expert {e} of {prefix} has no {w} weight")
-            w1, w3, w2 = (_dequant(files, ws[w]) for w in ("w1", "w3", "w2"))
-            if tuple(w1.shape) != (two_i // 2, hidden) or w1.shape != w3.shape:
-                raise CheckpointError(f"{files.where[ws['w1']]}: '{ws['w1']}' has shape {list(w1.shape)}, expected "
-                                      f"{[two_i // 2, hidden]}")
-            if tuple(w2.shape) != tuple(down.shape[1:]):
-                raise CheckpointError(f"{files.where[ws['w2']]}: '{ws['w2']}' has shape {list(w2.shape)}, expected "
-                                      f"{list(down.shape[1:])}")
-            gate_up[e, : two_i // 2] = w1.to(dtype)
-            gate_up[e, two_i // 2:] = w3.to(dtype)
-            down[e] = w2.to(dtype)
-        out[gu_name], out[down_name] = gate_up, down
-        done += 2
-        if progress:
-            progress(done, total)
-    return {k: out[k] for k in expected}
+            progress(len(out), total)

@@ -3,8 +3,11 @@
 - FP8 e4m3 with one scale per 128x128 block; scales are UE8M0 (powers of two, ``float8_e8m0fnu``)
   or fp32. ``w = q.float() * scale`` blockwise.
 - MXFP4 (OCP microscaling): e2m1 values packed two per byte along the input dimension, the
-  element with the lower index in the low nibble (the OCP / ``torch.float4_e2m1fn_x2`` order),
-  one UE8M0 scale per 32 consecutive values. ``w = e2m1(q) * scale``.
+  element with the lower index in the low nibble, one UE8M0 scale per 32 consecutive values;
+  ``w = e2m1(q) * scale``. DeepSeek stores these bytes as int8 [out, in/2] with scales
+  float8_e8m0fnu [out, in/32]; the nibble order is the one its ``inference/convert.py``
+  (``cast_e2m1fn_to_e4m3fn``: ``stack([table[x & 0xF], table[x >> 4]], -1)``) decodes, and the
+  OCP / ``torch.float4_e2m1fn_x2`` order.
 Scales are chosen as the smallest power of two that keeps the block maximum representable
 (amax / 448 for e4m3, amax / 6 for e2m1), rounded up, as DeepSeek's converter does.
 """
@@ -19,9 +22,10 @@ FP4_MAX = 6.0
 
 
 def _pow2_scale(amax: torch.Tensor, fmax: float) -> torch.Tensor:
-    """Smallest power of two s with amax / s <= fmax (1 for all-zero blocks)."""
+    """Smallest power of two s with amax / s <= fmax, within UE8M0's range [2^-127, 2^127]
+    (all-zero blocks get 2^-127)."""
     amax = amax.float().clamp(min=torch.finfo(torch.float32).tiny)
-    return torch.exp2(torch.ceil(torch.log2(amax / fmax)))
+    return torch.exp2(torch.ceil(torch.log2(amax / fmax)).clamp(-127, 127))
 
 
 def _expand_blocks(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
@@ -29,9 +33,22 @@ def _expand_blocks(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int
     return s.repeat_interleave(block[1], dim=1)[:, : shape[1]]
 
 
-def dequant_fp8_block(w: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """FP8 e4m3 [out, in] with scales [ceil(out/b), ceil(in/b)] -> fp32."""
-    return w.float() * _expand_blocks(scale, tuple(w.shape), (block, block))
+def dequant_fp8_block(w: torch.Tensor, scale: torch.Tensor, block: int = 128, *,
+                      out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """FP8 e4m3 [out, in] with scales [ceil(out/b), ceil(in/b)] (UE8M0 or fp32) -> ``out_dtype``.
+
+    Computed one block row at a time in fp32, so the only full-size tensor is the result."""
+    out_f, in_f = w.shape
+    rows, cols = -(-out_f // block), -(-in_f // block)
+    if tuple(scale.shape) != (rows, cols):
+        raise ValueError(f"FP8 weight {list(w.shape)} needs {block}x{block} block scales of shape {[rows, cols]}, "
+                         f"got {list(scale.shape)}")
+    out = torch.empty((out_f, in_f), dtype=out_dtype, device=w.device)
+    s = scale.float().repeat_interleave(block, dim=1)[:, :in_f]
+    for r in range(rows):
+        sl = slice(r * block, min((r + 1) * block, out_f))
+        out[sl] = w[sl].float() * s[r]
+    return out
 
 
 def quant_fp8_block(w: torch.Tensor, block: int = 128, scale_fmt: str = "ue8m0") -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,10 +101,20 @@ def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < 0, -out, out)
 
 
-def dequant_mxfp4(packed: torch.Tensor, scale: torch.Tensor, block: int = 32) -> torch.Tensor:
-    """MXFP4 [out, in/2] bytes + UE8M0 scales [out, in/32] -> fp32 [out, in]."""
-    v = unpack_fp4_e2m1(packed)
-    return v * scale.float().repeat_interleave(block, dim=-1)[..., : v.shape[-1]]
+def dequant_mxfp4(packed: torch.Tensor, scale: torch.Tensor, block: int = 32, *,
+                  out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """MXFP4 [out, in/2] bytes + UE8M0 scales [out, ceil(in/32)] -> ``out_dtype`` [out, in]."""
+    n = packed.shape[-1] * 2
+    if tuple(scale.shape) != (*packed.shape[:-1], -(-n // block)):
+        raise ValueError(f"MXFP4 weight of {n} inputs per row ({list(packed.shape)} bytes) needs one scale per "
+                         f"{block} values, shape {[*packed.shape[:-1], -(-n // block)]}, got {list(scale.shape)}")
+    rows = max(1, (1 << 22) // max(1, n))  # bounded fp32 temporaries
+    flat_p, flat_s = packed.reshape(-1, packed.shape[-1]), scale.reshape(-1, scale.shape[-1])
+    out = torch.empty((flat_p.shape[0], n), dtype=out_dtype, device=packed.device)
+    for r in range(0, flat_p.shape[0], rows):
+        v = unpack_fp4_e2m1(flat_p[r:r + rows])
+        out[r:r + rows] = v * flat_s[r:r + rows].float().repeat_interleave(block, dim=-1)[:, :n]
+    return out.view(*packed.shape[:-1], n)
 
 
 def quant_mxfp4(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,3 +66,23 @@ def test_fp8_error_bound_and_ragged_edges():
     scale = s.float().repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200]
     # e4m3 has 3 mantissa bits: relative error <= 2^-4 for normals; absolute floor for subnormals
     assert ((d - w).abs() <= w.abs() * 2 ** -4 + scale * 2 ** -9).all()
+
+
+def test_unpack_accepts_torch_float4_dtype_and_deepseek_nibble_order():
+    # DeepSeek's convert.py decodes table[x & 0xF] first, then table[x >> 4]: low nibble = even index
+    byte = torch.tensor([[0x2F, 0x07]], dtype=torch.uint8)  # codes (F, 2), (7, 0)
+    assert unpack_fp4_e2m1(byte).tolist() == [[-6.0, 1.0, 6.0, 0.0]]
+    assert unpack_fp4_e2m1(byte.view(torch.int8)).tolist() == [[-6.0, 1.0, 6.0, 0.0]]
+    if hasattr(torch, "float4_e2m1fn_x2"):
+        assert unpack_fp4_e2m1(byte.view(torch.float4_e2m1fn_x2)).tolist() == [[-6.0, 1.0, 6.0, 0.0]]
+
+
+def test_fp8_fp32_scales_and_output_dtype():
+    w = torch.randn(130, 260, generator=torch.Generator().manual_seed(5))
+    q, s = quant_fp8_block(w, scale_fmt="fp32")
+    assert s.dtype == torch.float32 and s.shape == (2, 3)
+    d = dequant_fp8_block(q, s)
+    assert ((d - w).abs() <= w.abs() * 2 ** -4 + s.max() * 2 ** -9).all()
+    assert torch.equal(dequant_fp8_block(q, s, out_dtype=torch.bfloat16), d.to(torch.bfloat16))
+    q8, s8 = quant_fp8_block(torch.zeros(4, 4))
+    assert torch.equal(dequant_fp8_block(q8, s8), torch.zeros(4, 4))  # all-zero blocks: finite scale

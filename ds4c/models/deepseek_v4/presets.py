@@ -26,8 +26,13 @@ _FLASH = dict(
     routed_scaling_factor=1.5, swiglu_limit=10.0, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, rms_norm_eps=1e-6,
     sliding_window=128, index_n_heads=64, index_head_dim=128, index_topk=512, max_position_embeddings=1048576,
     rope_theta=10000.0, compress_rope_theta=160000.0,
-    rope_scaling={"type": "yarn", "factor": 16.0, "original_max_position_embeddings": 65536, "beta_fast": 32,
-                  "beta_slow": 1},
+    # sliding layers: plain RoPE theta 1e4; layers with a compressor: YaRN theta 1.6e5, no mscale
+    rope_parameters={
+        "main": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 64 / 512},
+        "compress": {"rope_type": "yarn", "rope_theta": 160000.0, "partial_rotary_factor": 64 / 512,
+                     "factor": 16.0, "original_max_position_embeddings": 65536, "beta_fast": 32.0,
+                     "beta_slow": 1.0, "attention_factor": 1.0},
+    },
     compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
     layer_types=["sliding_attention"] * 2 + ["compressed_sparse_attention", "heavily_compressed_attention"] * 20
     + ["compressed_sparse_attention"],
