@@ -57,7 +57,7 @@ def list_passes() -> list[Pass]:
 # Named pipelines. Later stages (fusion, precision, memory, streams, lowering) append here.
 PIPELINES: dict[str, list[str]] = {
     "default": ["canonicalize_shapes", "fold_constants", "cse", "dce", "fuse_norms_mhc", "fuse_rope", "fuse_attention", "fuse_moe", "fuse_compress",
-                "cse", "dce", "canonicalize_shapes"],
+                "cse", "dce", "canonicalize_shapes", "plan_memory", "schedule_streams"],
     "none": [],
 }
 
@@ -159,4 +159,6 @@ def _load_builtin_passes() -> None:
         fuse_moe,
         fuse_norms_mhc,
         fuse_rope,
+        plan_memory,
+        schedule_streams,
     )

@@ -16,6 +16,19 @@ is the shape of the computation:
 
 Formulas follow shared/DSV4_ARCHITECTURE.md; where transformers' code is the judge it is mirrored
 line for line (RMSNorm casts, softmax with the sink column and max subtraction, rope in fp32).
+Where transformers differs from DeepSeek's reference code we follow transformers:
+
+- no FP8/FP4 quantisation simulation of KV / indexer entries and no Hadamard rotation of the
+  indexer's queries and keys;
+- the indexer's top-k takes ``k = min(index_topk, entries emitted so far)`` and marks causality
+  violating picks invalid; over our static capacity (invisible entries at -inf) the selected set
+  is the same except where scores tie exactly at the k-th place;
+- routing weights are always normalised (``norm_topk_prob`` is not read) and there is exactly one
+  shared expert (``n_shared_experts`` is not read): ModelConfig refuses other values;
+- the mHC ``comb`` matrix mixes the residual streams transposed (``comb^T @ streams``);
+- compressor tails are kept with the position bias already added (the reference's
+  ``score_state``); transformers keeps raw gates and adds the bias when a window closes: the
+  same numbers.
 """
 
 from __future__ import annotations
@@ -27,10 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds4c.errors import InputError
 from ds4c.models.deepseek_v4.config import ModelConfig
 
-# Export wrappers hold the model as ``self.m``: exported parameter names carry this prefix.
-ENTRY_PARAM_PREFIX = "m."
+# Exported parameter names are transformers' names: the entry wrappers add no prefix (see _Entry).
+ENTRY_PARAM_PREFIX = ""
 NEG_INF = float("-inf")
 
 
@@ -606,8 +620,15 @@ class DeepseekV4Model(nn.Module):
         return self.lm_head(self.model.norm(self.model.hc_head(h)))
 
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Positions 0..S-1 from an empty state: (logits [B, S, vocab], *state)."""
+        """Positions 0..S-1 from an empty state: (logits [B, S, vocab], *state).
+
+        ``S`` may not exceed ``max_context`` (the compressed buffers hold that many tokens' entries);
+        under torch.export the ``seq`` dimension's bound enforces it instead of this check.
+        """
         s = input_ids.shape[1]
+        if isinstance(s, int) and s > self.max_context:
+            raise InputError(f"prefill of {s} tokens exceeds max_context={self.max_context} of this model; "
+                             "build DeepseekV4Model with a larger max_context")
         positions = torch.arange(s, device=input_ids.device)
         h = self._embed(input_ids)
         states: list[torch.Tensor] = []
@@ -628,22 +649,31 @@ class DeepseekV4Model(nn.Module):
         return (self._head(h), *out)
 
 
-class PrefillEntry(nn.Module):
+class _Entry(nn.Module):
+    """Base of the export wrappers: registers the model's own submodules (``model``, ``lm_head``).
+
+    torch.export names a lifted parameter by its path from the exported root, so registering
+    the two top-level children directly (instead of the whole model under an attribute) makes
+    every exported placeholder target exactly the transformers name (``model.layers.0...``,
+    ``lm_head.weight``): ``ENTRY_PARAM_PREFIX`` is empty. The DeepseekV4Model itself is kept
+    outside the module tree so its parameters are not registered twice.
+    """
+
     def __init__(self, model: DeepseekV4Model):
         super().__init__()
-        self.m = model
+        self.model = model.model
+        self.lm_head = model.lm_head
+        object.__setattr__(self, "_impl", model)
 
-    def forward(self, input_ids: torch.Tensor):
-        return self.m.prefill(input_ids)
+
+class PrefillEntry(_Entry):
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._impl.prefill(input_ids)
 
 
-class DecodeEntry(nn.Module):
-    def __init__(self, model: DeepseekV4Model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, input_ids: torch.Tensor, position: torch.Tensor, *state: torch.Tensor):
-        return self.m.decode(input_ids, position, *state)
+class DecodeEntry(_Entry):
+    def forward(self, input_ids: torch.Tensor, position: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._impl.decode(input_ids, position, *state)
 
 
 def _example_device(model: nn.Module) -> torch.device:
