@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ds4c.errors import IRError
 from ds4c.frontend.fx_import import import_exported_program
 from ds4c.ir.graph import Program
 
@@ -40,21 +41,30 @@ def param_spec(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
 
 
-def trace_program(config: Any, max_context: int, dtype: torch.dtype = torch.float32) -> tuple[Program, torch.nn.Module]:
-    from ds4c.models.deepseek_v4 import export_entry_points
+def trace_program(config: Any, max_context: int, dtype: torch.dtype = torch.float32, *,
+                  per_kind: bool = True) -> tuple[Program, torch.nn.Module]:
+    """Trace prefill and decode into a Program; returns it with the (meta) model it describes.
+
+    With ``per_kind`` (default) a model whose layers repeat kinds is traced as a proxy holding one
+    layer per kind, and each entry point is stitched back to all layers (``ds4c.frontend.stitch``):
+    torch.export's cost then grows with the number of kinds, not of layers.
+    """
+    from ds4c.frontend.stitch import proxy_plan, stitch_graph
 
     model = build_meta_model(config, max_context, dtype)
-    eps = export_entry_points(model)
+    plan = proxy_plan(config) if per_kind else None
+    if plan is None:
+        graphs = _trace_graphs(model)
+    else:
+        proxy_config, kind_of_layer = plan
+        proxy = _trace_graphs(build_meta_model(proxy_config, max_context, dtype))
+        graphs = {name: stitch_graph(g, kind_of_layer, proxy_config.num_hidden_layers) for name, g in proxy.items()}
     specs = model.state_specs(1)
     state_names = [s.name for s in specs]
-    state_out = [s.name for s in specs]
-    graphs = {
-        "prefill": import_exported_program(eps["prefill"], "prefill", input_names=["input_ids"], state_names=[], decompose=False,
-                                           output_names=["logits", *state_out], param_prefix=_prefix(eps["prefill"])),
-        "decode": import_exported_program(eps["decode"], "decode", input_names=["input_ids", "position"], decompose=False,
-                                          state_names=state_names, output_names=["logits", *state_out],
-                                          param_prefix=_prefix(eps["decode"])),
-    }
+    for name, g in graphs.items():
+        got = [n for n, _ in g.outputs]
+        if got != ["logits", *state_names]:
+            raise IRError(f"traced graph @{name} returns {got[:4]}..., expected logits and the model state in order")
     attrs = {
         "dim_names": {"input_ids": ["B", "S"], **{n: ["B"] for n in state_names}},
         "state": [{"name": s.name, "shape": ["B", *s.shape[1:]], "dtype": str(s.dtype).removeprefix("torch."),
@@ -65,6 +75,20 @@ def trace_program(config: Any, max_context: int, dtype: torch.dtype = torch.floa
                          "swiglu_limit": config.swiglu_limit},
     }
     return Program(graphs, attrs), model
+
+
+def _trace_graphs(model: torch.nn.Module) -> dict[str, Any]:
+    from ds4c.models.deepseek_v4 import export_entry_points
+
+    eps = export_entry_points(model)
+    state_names = [s.name for s in model.state_specs(1)]
+    return {
+        "prefill": import_exported_program(eps["prefill"], "prefill", input_names=["input_ids"], state_names=[], decompose=False,
+                                           output_names=["logits", *state_names], param_prefix=_prefix(eps["prefill"])),
+        "decode": import_exported_program(eps["decode"], "decode", input_names=["input_ids", "position"], decompose=False,
+                                          state_names=state_names, output_names=["logits", *state_names],
+                                          param_prefix=_prefix(eps["decode"])),
+    }
 
 
 def _prefix(ep: torch.export.ExportedProgram) -> str:

@@ -37,6 +37,7 @@ from ds4c.passes.manager import PassContext, register_pass
 
 ALIGNMENT = 256
 DEFAULT_LOOKAHEAD = 8
+LARGE_GRAPH_BUFFERS = 2000  # above this, pack_arena makes one greedy pass (compile time)
 DEFAULT_INDEX_TOPK = 512
 
 
@@ -46,37 +47,73 @@ def align_up(n: int, alignment: int = ALIGNMENT) -> int:
 
 # -- arena packing --------------------------------------------------------------------------------
 
+class _IntervalIndex:
+    """Items by interval, in fixed-width buckets: finding the items overlapping an interval costs
+    the buckets it spans plus their items, so placing n short-lived buffers is ~linear, not n^2."""
+
+    def __init__(self, values: list[float], n_items: int):
+        finite = [v for v in values if math.isfinite(v)] or [0.0]
+        self.lo, self.hi = min(finite), max(finite)
+        self.width = max((self.hi - self.lo) / max(n_items // 4, 1), 1e-9)
+        self.buckets: dict[int, list[int]] = {}
+
+    def _bucket(self, v: float) -> int:
+        return int((min(max(v, self.lo), self.hi) - self.lo) // self.width)  # clamps infinities
+
+    def _range(self, a: float, b: float) -> range:
+        return range(self._bucket(a), self._bucket(b) + 1)
+
+    def add(self, a: float, b: float, item: int) -> None:
+        for k in self._range(a, b):
+            self.buckets.setdefault(k, []).append(item)
+
+    def near(self, a: float, b: float) -> set[int]:
+        out: set[int] = set()
+        for k in self._range(a, b):
+            out.update(self.buckets.get(k, ()))
+        return out
+
+
 def _place(buffers: list[Buffer], order: list[int], alignment: int, best_fit: bool,
            times: list[tuple[float, float]] | None = None) -> tuple[dict[int, int], int]:
     """Place buffers in ``order``, each in a gap between the buffers already placed that are live at
     the same time: the smallest gap that holds it (best fit, TFLite's greedy-by-size) or the lowest
     (first fit); at the top when no gap does. With ``times`` (per buffer, a half-open interval of a
     concurrent schedule) buffers also conflict when those overlap."""
-    placed: list[tuple[int, int, int, int, int]] = []  # (offset, aligned size, start, end, buffer)
     offsets: dict[int, int] = {}
+    sizes: dict[int, int] = {}
     top = 0
+    steps = _IntervalIndex([b.start for b in buffers] + [b.end for b in buffers], len(buffers))
+    clock = _IntervalIndex([t for ab in times for t in ab], len(buffers)) if times is not None else None
     for k in order:
         b = buffers[k]
         size = align_up(max(b.size, 1), alignment)
-        overlapping = sorted((p for p in placed if (p[2] <= b.end and b.start <= p[3]) or (
-            times is not None and times[p[4]][0] < times[k][1] and times[k][0] < times[p[4]][1])),
-            key=lambda p: p[0])
+        near = steps.near(b.start, b.end)
+        conflicts = {p for p in near if buffers[p].start <= b.end and b.start <= buffers[p].end}
+        if clock is not None:
+            t0, t1 = times[k]
+            conflicts.update(p for p in clock.near(t0, t1) if times[p][0] < t1 and t0 < times[p][1])
+        overlapping = sorted(conflicts, key=lambda p: (offsets[p], p))
         best, best_gap, prev_end = None, None, 0
-        for off, sz, _, _, _ in overlapping:
+        for p in overlapping:
+            off = offsets[p]
             gap = off - prev_end
             if gap >= size and (best_gap is None or gap < best_gap):
                 best, best_gap = prev_end, gap
                 if not best_fit:
                     break
-            prev_end = max(prev_end, off + sz)
+            prev_end = max(prev_end, off + sizes[p])
         offset = prev_end if best is None else best
         offsets[k] = offset
-        placed.append((offset, size, b.start, b.end, k))
+        sizes[k] = size
+        steps.add(b.start, b.end, k)
+        if clock is not None:
+            clock.add(times[k][0], times[k][1], k)
         top = max(top, offset + size)
     return offsets, top
 
 
-def pack_arena(buffers: list[Buffer], alignment: int = ALIGNMENT, *, effort: int = 50000, seed: int = 0,
+def pack_arena(buffers: list[Buffer], alignment: int = ALIGNMENT, *, effort: int = 20000, seed: int = 0,
                times: list[tuple[float, float]] | None = None) -> tuple[list[int], int]:
     """Offsets (aligned) of ``buffers`` in one arena and the arena's size.
 
@@ -104,9 +141,13 @@ def pack_arena(buffers: list[Buffer], alignment: int = ALIGNMENT, *, effort: int
         sorted(idx, key=lambda k: (-sizes[k] * (buffers[k].end - buffers[k].start + 1), k)),
         sorted(idx, key=lambda k: (buffers[k].start, -sizes[k], k)),
     ]
+    if len(buffers) > LARGE_GRAPH_BUFFERS:
+        # Every placement scans the buffers live at the same time, and graph outputs (the model
+        # state) stay live to the end: on many-layer graphs one greedy pass is the budget.
+        orders, effort = orders[:1], 0
     best: tuple[dict[int, int], int] | None = None
-    for order in orders:
-        for best_fit in (True, False):
+    for i, order in enumerate(orders):
+        for best_fit in ((True, False) if i == 0 and effort else (True,)):
             offsets, top = _place(buffers, order, alignment, best_fit, times)
             if best is None or top < best[1]:
                 best = (offsets, top)

@@ -1,0 +1,204 @@
+"""Flash attention with one shared K=V head and per-head sinks: ``attention.sliding``, ``.csa``, ``.hca``.
+
+All H query heads read the same keys (MQA), so a tile's M axis holds (query, head) pairs,
+``row = s * H + h``: a decode step (S=1, H=64) is one tensor-core GEMM per block of keys, and the
+rows of one tile share their bias row. Softmax is online over blocks of T in fp32, in base 2;
+the sink starts the running max and denominator (``m = sink``, ``l = 1``), so a row whose bias is
+all -inf comes out 0, as in the reference. Keys serve as values: the P·V product reads the same
+rows again, restricted to this program's slice of the output columns.
+
+D=512 (DeepSeek-V4-Flash) is split two ways to fit a Hopper SM (227 KB shared memory per block,
+64K registers): the Q·Kᵀ reduction runs over D in chunks of ``block_d``, and in decode the output
+columns are split over programs in slices of ``block_dv`` (each recomputes Q·Kᵀ for its slice).
+With S > 1 a tile whose bias is -inf for every row is skipped (exact: it would add p = 0).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ds4c.backends.cuda.kernels import register_kernel
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    block_m: int  # (query, head) rows per tile
+    block_t: int  # keys per step of the online softmax
+    block_d: int  # chunk of D in the Q·Kᵀ reduction
+    block_dv: int  # output columns per program
+    num_warps: int
+    num_stages: int
+
+
+def attention_config(head_dim: int, dtype: torch.dtype, skip_masked: bool) -> AttentionConfig:
+    """Tile sizes from (D, dtype, whether masked blocks are skipped), measured on an H100 (triton 3.6).
+
+    Triton software-pipelines the T loop only without the block-skipping branch (decode), and then
+    keeps ``num_stages`` copies of every D chunk of Q and K and of the V slice in shared memory.
+    D=512 bf16 decode (block_t=32): 164 KB shared, 172 registers, no spills; block_t=64 asked for
+    264 KB and failed to launch (an H100 block may use 227 KB). With skipping (S > 1) nothing is
+    pipelined and one chunk lives at a time, so prefill takes block_t=64 and the whole 512-column
+    output per program (64x512 fp32 accumulator over 8 warps: 64 KB shared, 255 registers, a few
+    spills), 1.7x faster than two 256-column programs at S=T=2048. fp32 (tests, reference checks)
+    runs unpipelined: 168 KB shared at D=512.
+    """
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    if d_pad <= 128:
+        return AttentionConfig(64, 64, d_pad, d_pad, 4, 2)
+    if dtype == torch.float32:
+        return AttentionConfig(64, 32, 64, min(256, d_pad), 8, 1)
+    if skip_masked:
+        return AttentionConfig(64, 64, 128, min(512, d_pad), 8, 2)
+    return AttentionConfig(64, 32, 128, 256, 8, 2)
+
+
+def interpreter_bf16(dtype: torch.dtype) -> bool:
+    """Whether bf16 needs the interpreter's workarounds: under ``TRITON_INTERPRET=1`` triton 3.9
+    multiplies bf16 dot tiles as their raw uint16 bits (``create_dot``) and truncates fp32 to bf16
+    (``_convert_float``). The kernels then feed dots fp32 copies, which hold bf16 products exactly
+    as a tensor core does, and round to nearest even by hand, as the GPU's ``cvt.rn`` does."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def dot_operand(x, INTERPRETER_BF16: tl.constexpr):
+    if INTERPRETER_BF16:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (nearest even)."""
+    if INTERPRETER_BF16:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, bias_ptr, sinks_ptr, out_ptr,
+    H, S, T, qk_scale,
+    sq_b, sq_h, sq_s, sq_d,
+    sk_b, sk_t, sk_d,
+    sb_b, sb_s, sb_t,
+    so_b, so_h, so_s, so_d,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, SKIP_MASKED: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_dv = tl.program_id(1)
+    b = tl.program_id(2)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < S * H
+    s_idx = rows // H
+    h_idx = rows % H
+    q_rows = q_ptr + b * sq_b + h_idx * sq_h + s_idx * sq_s  # [BLOCK_M] pointers
+    bias_rows = bias_ptr + b * sb_b + s_idx * sb_s
+    k_base = k_ptr + b * sk_b
+
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < D
+
+    sink = tl.load(sinks_ptr + h_idx, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    m_i = sink
+    l_i = tl.where(sink == float("-inf"), 0.0, 1.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    if D <= BLOCK_D:  # one chunk: Q stays loaded across the T loop
+        q_whole = tl.load(q_rows[:, None] + offs_d[None, :] * sq_d,
+                          mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+
+    for t0 in range(0, T, BLOCK_T):
+        t_idx = t0 + offs_t
+        t_ok = t_idx < T
+        bias = tl.load(bias_rows[:, None] + t_idx[None, :] * sb_t,
+                       mask=row_ok[:, None] & t_ok[None, :], other=float("-inf")).to(tl.float32)
+        live = True
+        if SKIP_MASKED:  # a block masked for every row adds exactly nothing: skip its GEMMs
+            live = tl.max(tl.max(bias, axis=1), axis=0) > float("-inf")
+        if live:
+            if D <= BLOCK_D:
+                k = tl.load(k_base + t_idx[:, None] * sk_t + offs_d[None, :] * sk_d,
+                            mask=t_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                qk = tl.dot(dot_operand(q_whole, INTERPRETER_BF16), tl.trans(dot_operand(k, INTERPRETER_BF16)), input_precision=PRECISION)
+            else:
+                qk = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
+                for d0 in tl.static_range(0, D, BLOCK_D):
+                    d_ok = (d0 + offs_d) < D
+                    q = tl.load(q_rows[:, None] + (d0 + offs_d)[None, :] * sq_d,
+                                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                    k = tl.load(k_base + t_idx[:, None] * sk_t + (d0 + offs_d)[None, :] * sk_d,
+                                mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+                    qk = tl.dot(dot_operand(q, INTERPRETER_BF16), tl.trans(dot_operand(k, INTERPRETER_BF16)), qk,
+                                input_precision=PRECISION)
+            logits = qk * qk_scale + bias * 1.4426950408889634
+            m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # sink -inf and nothing visible yet
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(logits - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(k_base + t_idx[:, None] * sk_t + offs_dv[None, :] * sk_d,
+                        mask=t_ok[:, None] & dv_ok[None, :], other=0.0)
+            acc = tl.dot(dot_operand(round_to(p, v.dtype, INTERPRETER_BF16), INTERPRETER_BF16), dot_operand(v, INTERPRETER_BF16), acc * alpha[:, None],
+                         input_precision=PRECISION)
+            m_i = m_new
+
+    out = acc / l_i[:, None]
+    out_ptrs = out_ptr + b * so_b + (h_idx * so_h + s_idx * so_s)[:, None] + offs_dv[None, :] * so_d
+    tl.store(out_ptrs, round_to(out, out_ptr.dtype.element_ty, INTERPRETER_BF16), mask=row_ok[:, None] & dv_ok[None, :])
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor, *,
+              scale: float) -> torch.Tensor:
+    """Launcher with ``attention_reference``'s signature; declines GQA (keys with more than one
+    head), dtypes other than fp32/bf16/fp16, and q/keys of different dtypes."""
+    if q.dim() != 4 or keys.dim() != 4 or keys.shape[1] != 1 or bias.dim() != 4:
+        return NotImplemented
+    if q.dtype not in _DTYPES or keys.dtype != q.dtype or not q.device == keys.device == bias.device:
+        return NotImplemented
+    b, h, s, d = q.shape
+    t = keys.shape[2]
+    if keys.shape[3] != d or keys.shape[0] not in (1, b) or sinks.numel() != h:
+        return NotImplemented
+    keys = keys.expand(b, 1, t, d)
+    bias = bias.expand(b, 1, s, t)  # stride 0 where the bias broadcasts (batch 1, shared rows)
+    out = torch.empty((b, h, s, d), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    skip_masked = s > 1
+    cfg = attention_config(d, q.dtype, skip_masked)
+    grid = (triton.cdiv(s * h, cfg.block_m), triton.cdiv(d, cfg.block_dv), b)
+    _attention_kernel[grid](
+        q, keys, bias, sinks, out,
+        h, s, t, float(scale) * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3),
+        keys.stride(0), keys.stride(2), keys.stride(3),
+        bias.stride(0), bias.stride(2), bias.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        D=d, BLOCK_M=cfg.block_m, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv,
+        SKIP_MASKED=skip_masked, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        INTERPRETER_BF16=interpreter_bf16(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+for _name in ("attention.sliding", "attention.csa", "attention.hca"):
+    register_kernel(_name)(attention)

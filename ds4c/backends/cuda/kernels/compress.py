@@ -1,0 +1,176 @@
+"""``compress`` (gated pooling of a window's slots + RMS norm) and ``indexer.topk`` (lightning indexer scores + top-k).
+
+``compress``: one program per pooled row; three passes over the slots (per-channel max, sum of
+exponentials, weighted sum) compute the slot softmax exactly as ``softmax(dim=-2)`` does, and the
+weights, products and pooled row are rounded to kv's dtype where the reference rounds them.
+
+``indexer.topk``: the scores ``I[b,t,s] = Σ_h w[b,t,h]·weights_scale·ReLU(q[b,t,h]·keys[b,s])·softmax_scale``
+come from a Triton kernel with the indexer heads on the GEMM's M axis (one query, a block of
+entries per program); ``torch.topk`` then picks the k largest.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ds4c.backends.cuda.kernels import register_kernel
+from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_COMPRESS_DIM = 16384  # a whole row lives in one program for the norm
+_TILE_ELEMENTS = 4096  # slots x channels loaded per step of ``compress``
+
+
+@triton.jit
+def _compress_kernel(
+    kv_ptr, score_ptr, w_ptr, out_ptr,
+    SLOTS, D, eps,
+    skv_n, skv_s, skv_d, ssc_n, ssc_s, ssc_d,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+):
+    n = tl.program_id(0)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kv_row = kv_ptr + n * skv_n
+    score_row = score_ptr + n * ssc_n
+
+    m = tl.full([BLOCK_D], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, SLOTS, BLOCK_S):
+        ok = ((s0 + offs_s) < SLOTS)[:, None] & d_ok[None, :]
+        sc = tl.load(score_row + (s0 + offs_s)[:, None] * ssc_s + offs_d[None, :] * ssc_d, mask=ok,
+                     other=float("-inf")).to(tl.float32)
+        m = tl.maximum(m, tl.max(sc, axis=0))
+    m = tl.where(d_ok, m, 0.0)  # padding channels: keep their (discarded) exponentials finite
+    total = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, SLOTS, BLOCK_S):
+        ok = ((s0 + offs_s) < SLOTS)[:, None] & d_ok[None, :]
+        sc = tl.load(score_row + (s0 + offs_s)[:, None] * ssc_s + offs_d[None, :] * ssc_d, mask=ok,
+                     other=float("-inf")).to(tl.float32)
+        total += tl.sum(tl.where(ok, tl.exp(sc - m[None, :]), 0.0), axis=0)
+    total = tl.where(d_ok, total, 1.0)
+    pooled = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, SLOTS, BLOCK_S):
+        ok = ((s0 + offs_s) < SLOTS)[:, None] & d_ok[None, :]
+        sc = tl.load(score_row + (s0 + offs_s)[:, None] * ssc_s + offs_d[None, :] * ssc_d, mask=ok,
+                     other=float("-inf")).to(tl.float32)
+        kv = tl.load(kv_row + (s0 + offs_s)[:, None] * skv_s + offs_d[None, :] * skv_d, mask=ok, other=0.0)
+        weight = round_to(tl.exp(sc - m[None, :]) / total[None, :], kv.dtype, INTERPRETER_BF16)
+        product = round_to(kv.to(tl.float32) * weight.to(tl.float32), kv.dtype, INTERPRETER_BF16)
+        pooled += tl.sum(tl.where(ok, product.to(tl.float32), 0.0), axis=0)
+    pooled = round_to(pooled, out_ptr.dtype.element_ty, INTERPRETER_BF16).to(tl.float32)
+    mean_square = tl.sum(pooled * pooled, axis=0) / D
+    normed = pooled * tl.math.rsqrt(mean_square + eps)
+    gain = tl.load(w_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + n * D + offs_d, round_to(gain * normed, out_ptr.dtype.element_ty, INTERPRETER_BF16), mask=d_ok)
+
+
+@register_kernel("compress")
+def compress(kv: torch.Tensor, score: torch.Tensor, norm_w: torch.Tensor, *, eps: float) -> torch.Tensor:
+    """Launcher with ``compress_reference``'s signature; declines a score shaped unlike kv (its
+    softmax would run over broadcast slots), a missing norm weight, and rows wider than 16384."""
+    if norm_w is None or kv.dim() < 2 or score.shape != kv.shape or kv.dtype not in _DTYPES:
+        return NotImplemented
+    slots, d = kv.shape[-2], kv.shape[-1]
+    if d > _MAX_COMPRESS_DIM or norm_w.shape != (d,) or slots == 0:
+        return NotImplemented
+    kv3 = kv.reshape(-1, slots, d)
+    score3 = score.reshape(-1, slots, d)
+    out = torch.empty((kv3.shape[0], d), dtype=kv.dtype, device=kv.device)
+    if out.numel() == 0:
+        return out.view(*kv.shape[:-2], d)
+    block_d = triton.next_power_of_2(d)
+    block_s = max(1, min(triton.next_power_of_2(slots), _TILE_ELEMENTS // block_d))
+    _compress_kernel[(kv3.shape[0],)](
+        kv3, score3, norm_w, out, slots, d, float(eps),
+        kv3.stride(0), kv3.stride(1), kv3.stride(2), score3.stride(0), score3.stride(1), score3.stride(2),
+        BLOCK_S=block_s, BLOCK_D=block_d, INTERPRETER_BF16=interpreter_bf16(kv.dtype), num_warps=4 if block_d <= 512 else 8,
+    )
+    return out.view(*kv.shape[:-2], d)
+
+
+@triton.jit
+def _index_scores_kernel(
+    q_ptr, k_ptr, w_ptr, future_ptr, out_ptr,
+    H, C, softmax_scale, weights_scale,
+    sq_b, sq_s, sq_h, sq_d, sk_b, sk_c, sk_d, sw_b, sw_s, sw_h, sf_b, sf_s, sf_c,
+    D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    t = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = q_ptr + b * sq_b + t * sq_s
+    k_rows = k_ptr + b * sk_b + offs_c * sk_c
+
+    index = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        h_ok = (h0 + offs_h) < H
+        qk = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+        for d0 in tl.static_range(0, D, BLOCK_D):
+            d_ok = (d0 + offs_d) < D
+            q = tl.load(q_base + (h0 + offs_h)[:, None] * sq_h + (d0 + offs_d)[None, :] * sq_d,
+                        mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+            k = tl.load(k_rows[:, None] + (d0 + offs_d)[None, :] * sk_d, mask=c_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            qk = tl.dot(dot_operand(q, INTERPRETER_BF16), tl.trans(dot_operand(k, INTERPRETER_BF16)), qk, input_precision=PRECISION)
+        w = tl.load(w_ptr + b * sw_b + t * sw_s + (h0 + offs_h) * sw_h, mask=h_ok, other=0.0).to(tl.float32)
+        index += tl.sum((tl.maximum(qk, 0.0) * softmax_scale) * (w * weights_scale)[:, None], axis=0)
+    future = tl.load(future_ptr + b * sf_b + t * sf_s + offs_c * sf_c, mask=c_ok, other=1)
+    index = tl.where(future != 0, float("-inf"), index)
+    tl.store(out_ptr + (b * tl.num_programs(1) + t) * C + offs_c, index, mask=c_ok)
+
+
+def index_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, future: torch.Tensor,
+                 softmax_scale: float, weights_scale: float) -> torch.Tensor:
+    """Masked index scores [B, S, C] in fp32; q [B, S, H, d], keys [B|1, C, d], w [B, S, H],
+    future (bool) broadcastable to [B, S, C]."""
+    b, s, h, d = q.shape
+    c = keys.shape[1]
+    keys = keys.expand(b, c, d)
+    future = future.view(torch.uint8).expand(b, s, c)  # stride 0 where it broadcasts
+    out = torch.empty((b, s, c), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    block_h = max(16, min(64, triton.next_power_of_2(h)))
+    block_d = max(16, min(128, triton.next_power_of_2(d)))
+    block_c = 64 if q.dtype == torch.float32 else 128
+    _index_scores_kernel[(triton.cdiv(c, block_c), s, b)](
+        q, keys, w, future, out, h, c, float(softmax_scale), float(weights_scale),
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3), keys.stride(0), keys.stride(1), keys.stride(2),
+        w.stride(0), w.stride(1), w.stride(2), future.stride(0), future.stride(1), future.stride(2),
+        D=d, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_D=block_d,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRETER_BF16=interpreter_bf16(q.dtype),
+        num_warps=4, num_stages=2,
+    )
+    return out
+
+
+@register_kernel("indexer.topk")
+def indexer_topk(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, future: torch.Tensor, *, k: int,
+                 softmax_scale: float, weights_scale: float) -> torch.Tensor:
+    """Launcher with ``IndexerTopk.reference``'s signature; declines q that is not [B, S, H, d],
+    keys not [B|1, C, d], w not [B, S, H], a non-bool or non-broadcastable future, and q/keys of
+    different dtypes."""
+    if q.dim() != 4 or keys.dim() != 3 or q.dtype not in _DTYPES or keys.dtype != q.dtype:
+        return NotImplemented
+    b, s, h, d = q.shape
+    c = keys.shape[1]
+    if keys.shape[0] not in (1, b) or keys.shape[2] != d or tuple(w.shape) != (b, s, h):
+        return NotImplemented
+    if future.dtype != torch.bool or future.dim() > 3:
+        return NotImplemented
+    try:
+        if torch.broadcast_shapes(future.shape, (b, s, c)) != (b, s, c):
+            return NotImplemented
+    except RuntimeError:
+        return NotImplemented
+    future = future.reshape((1,) * (3 - future.dim()) + tuple(future.shape))
+    scores = index_scores(q, keys, w, future, softmax_scale, weights_scale)
+    return scores.topk(k, dim=-1).indices
