@@ -75,6 +75,7 @@ def run(
     prompt: Annotated[str | None, typer.Option("--prompt", help="text, tokenized with the artifact's tokenizer")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 16,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    backend: Annotated[str, typer.Option(help="auto | kernels (Triton) | reference")] = "auto",
 ) -> None:
     """Load ARTIFACT and greedily generate tokens."""
     import ds4c
@@ -83,7 +84,7 @@ def run(
     if (prompt_ids is None) == (prompt is None):
         _fail(Ds4cError("give exactly one of --prompt-ids 1,2,3 or --prompt TEXT"))
     try:
-        model = ds4c.load(artifact, device=device)
+        model = ds4c.load(artifact, device=device, backend=backend)
         tok = tokenizer_for(model)
         ids = _parse_ids(prompt_ids) if prompt_ids is not None else tok.encode(prompt or "")
         out = model.generate([ids], max_new_tokens=max_new_tokens)

@@ -29,7 +29,7 @@ class CompiledModel:
     """A loaded artifact. ``model(ids)`` gives logits; ``model.generate(ids, n)`` gives tokens."""
 
     def __init__(self, manifest: dict[str, Any], program: Program, weights: dict[str, torch.Tensor],
-                 device: torch.device):
+                 device: torch.device, backend: str = "auto", cuda_graphs: bool = True):
         self.manifest = manifest
         self.program = program
         self.weights = weights
@@ -37,7 +37,16 @@ class CompiledModel:
         self.max_context = int(manifest["max_context"])
         self.vocab_size = int(manifest["model"]["config"]["vocab_size"])
         self.state_layout = manifest["state"]
-        self._executors = {name: ReferenceExecutor(g, device) for name, g in program.graphs.items()}
+        self.backend = _pick_backend(backend, device)
+        if self.backend == "kernels":
+            from ds4c.backends.cuda.executor import KernelExecutor
+
+            self._executors = {name: KernelExecutor(g, device) for name, g in program.graphs.items()}
+        else:
+            self._executors = {name: ReferenceExecutor(g, device) for name, g in program.graphs.items()}
+        # decode steps captured as CUDA graphs, per batch size (state updated in place)
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        self._graphed: dict[int, Any] = {}
 
     # -- inputs ---------------------------------------------------------------------------------
     def _check_ids(self, input_ids: Any, *, extra: int = 0) -> torch.Tensor:
@@ -85,6 +94,19 @@ class CompiledModel:
         if position >= self.max_context:
             raise InputError(f"position {position} is beyond the compiled maximum context {self.max_context}; "
                              f"recompile with a larger --max-context")
+        return self._decode(ids, position, state)
+
+    def _decode(self, ids: torch.Tensor, position: int, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        if self.cuda_graphs:
+            from ds4c.backends.cuda.executor import GraphedDecode
+
+            b = ids.shape[0]
+            if b not in self._graphed:
+                self._graphed[b] = GraphedDecode(self._executors["decode"], self.weights, state, b)
+            step = self._graphed[b]
+            step.load_state(state)
+            logits = step(ids, position).clone()
+            return logits, step.state  # on CUDA the state buffers are updated in place
         pos = torch.tensor(position, dtype=torch.int64, device=self.device)
         out = self._executors["decode"].run({"input_ids": ids, "position": pos}, self.weights, state)
         logits = out.pop("logits")
@@ -119,7 +141,7 @@ class CompiledModel:
             tokens.append(nxt[:, None])
             if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
                 break
-            logits, state = self.decode(nxt[:, None], pos, state)
+            logits, state = self._decode(nxt[:, None], pos, state)  # model-picked ids: in range
             pos += 1
         return torch.cat(tokens, dim=1)
 
@@ -142,8 +164,27 @@ class CompiledModel:
                 f"max_context={self.max_context}, weights={len(self.weights)} tensors)")
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progress: bool | None = None) -> CompiledModel:
-    """Load an artifact written by ``Artifact.save`` / ``ds4c compile``, ready to run on ``device``."""
+BACKENDS = ("auto", "kernels", "reference")
+
+
+def _pick_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "kernels" if device.type == "cuda" else "reference"
+    return backend
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progress: bool | None = None,
+         backend: str = "auto", cuda_graphs: bool = True,
+         weights: dict[str, torch.Tensor] | None = None) -> CompiledModel:
+    """Load an artifact written by ``Artifact.save`` / ``ds4c compile``, ready to run on ``device``.
+
+    ``backend``: ``kernels`` (Triton kernels for fused ops; default on CUDA), ``reference`` (every
+    op's PyTorch reference; default on CPU) or ``auto``. ``cuda_graphs``: capture decode steps as
+    CUDA graphs (CUDA only). ``weights``: tensors to use instead of the artifact's (same names and
+    shapes, e.g. a transformers model's parameters, shared without copying).
+    """
     from safetensors.torch import load as st_load
 
     device = torch.device(device)
@@ -154,7 +195,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
     dtype = _dtype(wman["dtype"])
     expected = {k: (tuple(v["shape"]), _dtype(v["dtype"])) for k, v in wman["tensors"].items()}
     with progress_steps(f"loading {os.fspath(path)}", total=max(len(expected), 1), enabled=progress) as steps:
-        if wman["mode"] == "embed":
+        if weights is not None:
+            missing = sorted(set(expected) - set(weights))
+            if missing:
+                raise InputError(f"weights= lacks {len(missing)} tensors the program reads, e.g. '{missing[0]}'")
+            weights = {k: weights[k] for k in expected}
+        elif wman["mode"] == "embed":
             if WEIGHTS_MEMBER not in container.member_names():
                 raise ArtifactError(f"{path}: manifest says weights are embedded but '{WEIGHTS_MEMBER}' is missing")
             raw = st_load(container.read_bytes(WEIGHTS_MEMBER))
@@ -176,7 +222,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
         t = weights[k]
         if tuple(t.shape) != shape:
             raise ArtifactError(f"{path}: weight '{k}' has shape {list(t.shape)}, the program expects {list(shape)}")
-    model = CompiledModel(manifest, program, weights, device)
+    model = CompiledModel(manifest, program, weights, device, backend=backend, cuda_graphs=cuda_graphs)
     model.container = container
     return model
 

@@ -1,0 +1,329 @@
+"""ds4c vs transformers eager vs transformers under torch.compile, same GPU, same run, same weights.
+
+    PYTHONPATH=. python benchmarks/gpu_peers.py --preset flash-slice --out peers.json
+
+Figures (B = batch, ctx = context):
+- time to first token: one prefill of a 2048-token prompt, B=1 (all positions' logits, as both
+  ds4c's prefill and transformers' forward return);
+- decode step latency at ctx 2048 for B=1 and B=32, and at ctx 32768 for B=1;
+each also as a fraction of the roofline: bytes a decode step must read / HBM bandwidth, prefill
+FLOPs / dense bf16 tensor-core peak (from ds4c.targets).
+
+Weights: the preset's seeded weights are generated on the device once, into a transformers
+``DeepseekV4ForCausalLM``; ds4c's artifact references the same preset and is loaded with
+``weights=`` those very tensors (ds4c names weights as transformers does), so both run the same
+numbers with one copy in memory. ds4c's decode state for B=32 is the B=1 state after the prompt,
+repeated; at ctx 32768 the state is synthetic (random entries, every slot valid): a decode step's
+work in ds4c depends on the static capacity, not on the values. Peers that fail (out of memory,
+compile errors) are recorded with their error, not hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn: Callable[[], Any], dev: torch.device, *, warmup: int = 1, reps: int = 5) -> float:
+    """Median wall seconds of ``fn`` (synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        _sync(dev)
+        t = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def attempt(res: dict, key: str, fn: Callable[[], Any]) -> Any:
+    try:
+        out = fn()
+        res[key] = out
+        return out
+    except Exception as e:  # a failing peer is a result, recorded with its error
+        res[key] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+        traceback.print_exc()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
+    finally:
+        print(key, res.get(key), flush=True)
+
+
+# -- roofline --------------------------------------------------------------------------------------
+
+def decode_bytes(params: dict[str, torch.Tensor], cfg: dict, batch: int, state_bytes: int) -> float:
+    """Bytes one decode step must read: every non-expert weight, the experts the batch can pick
+    (expected distinct experts for ``batch`` x top-k uniform picks), ``batch`` embedding rows, the state."""
+    e, k = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
+    picked = e * (1 - (1 - k / e) ** batch)
+    total = 0.0
+    for name, t in params.items():
+        nbytes = t.numel() * t.element_size()
+        if "experts." in name and "shared" not in name:
+            total += nbytes * picked / e
+        elif name.endswith("embed_tokens.weight"):
+            total += nbytes * batch / t.shape[0]
+        else:
+            total += nbytes
+    return total + state_bytes
+
+
+def prefill_flops(params: dict[str, torch.Tensor], cfg: dict, tokens: int) -> float:
+    """2 x tokens x active weights (top-k of the routed experts) + attention scores and values."""
+    e, k = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
+    active = 0.0
+    for name, t in params.items():
+        if name.endswith("embed_tokens.weight") or t.dim() < 2:
+            continue
+        active += t.numel() * (k / e if ("experts." in name and "shared" not in name) else 1)
+    h, d, w = cfg["num_attention_heads"], cfg["head_dim"], cfg["sliding_window"]
+    attn = 0.0
+    rates = cfg.get("compress_rates", {})
+    for lt in cfg["layer_types"]:
+        seen = min(w, tokens)
+        if lt == "compressed_sparse_attention":
+            seen += min(cfg["index_topk"], tokens // rates.get(lt, 4))
+        elif lt == "heavily_compressed_attention":
+            seen += tokens // rates.get(lt, 128) / 2
+        attn += 4 * tokens * seen * h * d
+    return 2 * tokens * active + attn
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+def build_hf(cfg: dict, dev: torch.device, dtype: torch.dtype, seed: int):
+    import transformers
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+
+    from ds4c.models.deepseek_v4.presets import preset_weight
+
+    hcfg = transformers.DeepseekV4Config(**cfg)
+    hcfg._experts_implementation = "grouped_mm" if dev.type == "cuda" else "eager"
+    with no_init_weights(), torch.device(dev):
+        model = transformers.DeepseekV4ForCausalLM(hcfg)
+    model = model.to(dtype).eval()
+    sd = model.state_dict()
+    experts = next((t.shape[0] for n, t in sd.items() if n.endswith("experts.gate_up_proj")), None)
+    with torch.no_grad():
+        for name, t in sd.items():
+            if name.endswith("inv_freq") or "rotary" in name:
+                continue
+            w = preset_weight(name, tuple(t.shape), t.dtype if not t.is_floating_point() else dtype, seed, dev,
+                              vocab_experts=(0, experts) if experts else None)
+            t.copy_(w)
+            del w
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="flash-slice")
+    ap.add_argument("--target", default="h100")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--long-context", type=int, default=32768)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--peers", default="eager,compile", help="comma list of transformers peers to run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="peers.json")
+    args = ap.parse_args()
+
+    import transformers
+
+    import ds4c
+    from ds4c.models.deepseek_v4.presets import PRESETS
+    from ds4c.targets import get_target
+
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16
+    cfg = dict(PRESETS[args.preset])
+    tgt = get_target(args.target)
+    res: dict[str, Any] = {
+        "preset": args.preset, "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/gpu_peers.py "
+        + " ".join(f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(map(str, v))}"
+                   for k, v in vars(args).items() if k != "out"),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "triton": __import__("triton").__version__, "target": tgt.name,
+    }
+    bw, peak = tgt.hbm_bandwidth, tgt.peak("bf16")
+    res["hbm_bytes_per_s"], res["bf16_flops_per_s"] = bw, peak
+
+    def save() -> None:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, args.out)
+
+    t0 = time.perf_counter()
+    hf = build_hf(cfg, dev, dtype, args.seed)
+    _sync(dev)
+    res["hf_build_s"] = time.perf_counter() - t0
+    params = dict(hf.state_dict())
+    res["weight_gb"] = sum(t.numel() * t.element_size() for t in params.values()) / 1e9
+
+    def ds4c_model(max_context: int):
+        art = ds4c.compile(args.preset, target=args.target, max_context=max_context, progress=False,
+                           weights="reference", seed=args.seed)
+        path = f"/tmp/ds4c_peers_{args.preset}_{max_context}.ds4"
+        art.save(path)
+        return ds4c.load(path, device=dev, weights=params, progress=False)
+
+    t0 = time.perf_counter()
+    model = ds4c_model(args.prompt + 64)
+    res["ds4c_compile_and_load_s"] = time.perf_counter() - t0
+    res["ds4c_backend"] = model.backend
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, cfg["vocab_size"], (1, args.prompt), generator=g).to(dev)
+
+    # -- agreement with transformers (bf16, same weights) -------------------------------------------
+    def agreement():
+        short = prompt[:, :256]
+        with torch.no_grad():
+            want = hf(short).logits.float()
+        got = model(short).float()
+        return {"tokens": 256, "max_abs_err": float((got - want).abs().max()),
+                "max_abs_logit": float(want.abs().max()),
+                "argmax_agree": float((got.argmax(-1) == want.argmax(-1)).float().mean())}
+    attempt(res, "bf16_agreement_vs_transformers", agreement)
+    save()
+
+    flops = prefill_flops(params, cfg, args.prompt)
+    res["prefill_flops"] = flops
+    roof_prefill = flops / peak
+
+    def ttft_ds4c():
+        s = timed(lambda: model.prefill(prompt), dev, warmup=1, reps=3)
+        return {"seconds": s, "roofline_s": roof_prefill, "fraction_of_roofline": roof_prefill / s,
+                "kernel_stats": model._executors["prefill"].stats() if hasattr(model._executors["prefill"], "stats")
+                else None}
+    attempt(res, "ttft_ds4c", ttft_ds4c)
+    save()
+
+    peers = [p for p in args.peers.split(",") if p]
+    hf_compiled = None
+    if "compile" in peers:
+        hf_compiled = torch.compile(hf)
+
+    def ttft_hf(m):
+        def run():
+            with torch.no_grad():
+                return m(prompt).logits
+        t = time.perf_counter()
+        run()
+        _sync(dev)
+        first = time.perf_counter() - t
+        s = timed(run, dev, warmup=0, reps=3)
+        return {"seconds": s, "first_call_s": first, "fraction_of_roofline": roof_prefill / s}
+    if "eager" in peers:
+        attempt(res, "ttft_transformers_eager", lambda: ttft_hf(hf))
+        save()
+    if hf_compiled is not None:
+        attempt(res, "ttft_transformers_compile", lambda: ttft_hf(hf_compiled))
+        save()
+
+    # -- decode at ctx = prompt -----------------------------------------------------------------
+    logits, state = model.prefill(prompt)
+    tok = logits[:, -1].argmax(-1, keepdim=True)
+    state_bytes = sum(t.numel() * t.element_size() for t in state.values())
+
+    def decode_ds4c(m, st, b: int, position: int, sbytes: int):
+        ids = tok.expand(b, 1).contiguous()
+        st = {k: v.expand(b, *v.shape[1:]).contiguous() if v.shape[0] != b else v for k, v in st.items()}
+        m._decode(ids, position, st)  # capture (CUDA graph) + warm up
+        reps = 20
+        s = timed(lambda: m._decode(ids, position, st), dev, warmup=2, reps=reps)
+        roof = decode_bytes(params, cfg, b, sbytes * b) / bw
+        return {"seconds": s, "roofline_s": roof, "fraction_of_roofline": roof / s, "position": position,
+                "cuda_graph": bool(getattr(m, "_graphed", None))}
+
+    for b in args.batch:
+        attempt(res, f"decode_ds4c_ctx{args.prompt}_b{b}",
+                lambda b=b: decode_ds4c(model, state, b, args.prompt, state_bytes))
+        save()
+
+    def decode_hf(m, b: int):
+        ids = prompt.expand(b, -1).contiguous()
+        with torch.no_grad():
+            out = hf(ids, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        pos = [args.prompt]
+
+        def step():
+            with torch.no_grad():
+                o = m(nxt, past_key_values=cache, use_cache=True,
+                      position_ids=torch.full((b, 1), pos[0], device=dev, dtype=torch.long))
+            pos[0] += 1
+            return o.logits
+        t = time.perf_counter()
+        step()
+        _sync(dev)
+        first = time.perf_counter() - t
+        s = timed(step, dev, warmup=1, reps=8)
+        roof = decode_bytes(params, cfg, b, state_bytes * b) / bw
+        return {"seconds": s, "first_call_s": first, "fraction_of_roofline": roof / s}
+    for b in args.batch:
+        if "eager" in peers:
+            attempt(res, f"decode_transformers_eager_ctx{args.prompt}_b{b}", lambda b=b: decode_hf(hf, b))
+            save()
+        if hf_compiled is not None:
+            attempt(res, f"decode_transformers_compile_ctx{args.prompt}_b{b}", lambda b=b: decode_hf(hf_compiled, b))
+            save()
+
+    # -- decode at a long context (ds4c: synthetic full state) ---------------------------------------
+    if args.long_context:
+        del model, state
+        torch.cuda.empty_cache() if dev.type == "cuda" else None
+
+        def long_decode():
+            m = ds4c_model(args.long_context + 64)
+            gen = torch.Generator(device=dev).manual_seed(2)
+            st = m.new_state(1)
+            for v in st.values():
+                if v.is_floating_point():
+                    v.copy_(torch.randn(v.shape, generator=gen, device=dev, dtype=v.dtype) * 0.1)
+            sbytes = sum(t.numel() * t.element_size() for t in st.values())
+            return decode_ds4c(m, st, 1, args.long_context, sbytes)
+        attempt(res, f"decode_ds4c_ctx{args.long_context}_b1", long_decode)
+        save()
+
+    # -- ratios ---------------------------------------------------------------------------------
+    ratios = {}
+    for key in list(res):
+        if key.startswith(("ttft_transformers", "decode_transformers")) and isinstance(res[key], dict) \
+                and "seconds" in res[key]:
+            ours = key.replace("transformers_eager", "ds4c").replace("transformers_compile", "ds4c")
+            if isinstance(res.get(ours), dict) and "seconds" in res[ours]:
+                ratios[key + "/ds4c"] = res[key]["seconds"] / res[ours]["seconds"]
+    res["speedup_of_ds4c"] = ratios
+    res["peak_gpu_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None
+    save()
+    print(json.dumps({k: v for k, v in res.items() if k != "command"}, indent=1, default=str))
+    assert math.isfinite(res.get("weight_gb", float("nan")))
+
+
+if __name__ == "__main__":
+    main()

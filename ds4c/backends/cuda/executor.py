@@ -1,0 +1,113 @@
+"""GPU executor: runs a graph with Triton kernels for fused ops, torch (cuBLAS) for the rest.
+
+``KernelExecutor`` is the reference executor with a different op table: every op that has a
+registered launcher (``ds4c.backends.cuda.kernels``) runs it; a launcher that declines an instance
+(``NotImplemented``) falls back to the op's reference, and the executor counts both so
+``stats()`` says what ran where. It works on any device Triton reaches (CUDA, ROCm builds of
+PyTorch, or CPU under ``TRITON_INTERPRET=1``).
+
+``GraphedDecode`` captures one decode step of a fixed batch size as a CUDA graph over static
+input, state and output buffers; the step ends by copying the new state into the state buffers,
+so the model state is updated in place and a replay needs no allocation and no host work beyond
+the launch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ds4c.backends.cuda.kernels import get_kernel
+from ds4c.backends.reference import ReferenceExecutor
+from ds4c.ir.graph import Graph, Op
+from ds4c.ir.registry import OpDef
+
+
+class _KernelOp(OpDef):
+    """An op run by its Triton launcher, falling back to the reference when the launcher declines."""
+
+    def __init__(self, inner: OpDef, launcher: Callable[..., Any], counts: Counter):
+        self.inner = inner
+        self.launcher = launcher
+        self.counts = counts
+        self.name = inner.name
+
+    def reference(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.launcher(*args, **kwargs)
+        if out is NotImplemented:
+            self.counts[(self.name, "reference")] += 1
+            return self.inner.reference(*args, **kwargs)
+        self.counts[(self.name, "kernel")] += 1
+        return out
+
+
+class KernelExecutor(ReferenceExecutor):
+    def __init__(self, graph: Graph, device: torch.device | str = "cuda",
+                 on_op: Callable[[int, Op, list[Any]], None] | None = None, *, use_kernels: bool = True):
+        super().__init__(graph, device, on_op)
+        self.counts: Counter = Counter()
+        if use_kernels:
+            steps = []
+            for op, opdef, args, kwargs in self._steps:
+                launcher = get_kernel(op.name)
+                if launcher is not None:
+                    opdef = _KernelOp(opdef, launcher, self.counts)
+                steps.append((op, opdef, args, kwargs))
+            self._steps = steps
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per fused op name: how many calls ran a kernel and how many fell back to the reference."""
+        out: dict[str, dict[str, int]] = {}
+        for (name, how), n in self.counts.items():
+            out.setdefault(name, {})[how] = n
+        return out
+
+
+class GraphedDecode:
+    """One decode step for batch ``batch`` as a replayable CUDA graph with in-place state."""
+
+    def __init__(self, executor: KernelExecutor, params: Mapping[str, torch.Tensor],
+                 state: Mapping[str, torch.Tensor], batch: int, warmup: int = 2):
+        self.executor = executor
+        device = executor.device
+        self.ids = torch.zeros(batch, 1, dtype=torch.int64, device=device)
+        self.position = torch.zeros((), dtype=torch.int64, device=device)
+        self.state = {k: v.clone() for k, v in state.items()}
+        self.params = params
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            snapshot = {k: v.clone() for k, v in self.state.items()}
+            for _ in range(warmup):  # compiles/autotunes kernels, outside the capture
+                self._step()
+            for k, v in snapshot.items():
+                self.state[k].copy_(v)
+            del snapshot
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    def _step(self) -> torch.Tensor:
+        out = self.executor.run({"input_ids": self.ids, "position": self.position}, self.params, self.state)
+        logits = out.pop("logits")
+        for k, v in out.items():
+            self.state[k].copy_(v)
+        return logits
+
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        for k, v in state.items():
+            if v is not self.state[k]:
+                self.state[k].copy_(v)
+
+    def __call__(self, ids: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        if isinstance(position, torch.Tensor):
+            self.position.copy_(position)
+        else:
+            self.position.fill_(position)
+        self.graph.replay()
+        return self.logits
