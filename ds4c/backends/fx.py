@@ -8,24 +8,31 @@ ops are lowered through their reference function, traced in.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.fx as fx
 
 from ds4c.errors import IRError
-from ds4c.ir.graph import Graph, Value, map_values
+from ds4c.ir.graph import Graph, Op, Value, map_values
 from ds4c.ir.registry import SYM_OPS, TorchOpDef, get_op
 
 _SYM_FNS = {v: k for k, v in SYM_OPS.items()}
+_FUNCTIONAL_VIEWS = ("aten.view.default", "aten._unsafe_view.default")
 
 
 def _attr_name(name: str) -> str:
     return "w_" + "".join(c if c.isalnum() else "_" for c in name)
 
 
-def to_graph_module(graph: Graph, params: Mapping[str, torch.Tensor]) -> tuple[fx.GraphModule, list[str]]:
-    """Return (module, argument names). ``params`` supplies every ``param`` input."""
+def to_graph_module(graph: Graph, params: Mapping[str, torch.Tensor],
+                    lower_fused: Callable[[fx.Graph, Op, tuple, dict], fx.Node] | None = None,
+                    ) -> tuple[fx.GraphModule, list[str]]:
+    """Return (module, argument names). ``params`` supplies every ``param`` input.
+
+    ``lower_fused(graph, op, args, kwargs)`` emits the node for a ds4c fused op (default: a call
+    of its reference function); a node standing for several results is indexed with getitem.
+    """
     root = torch.nn.Module()
     g = fx.Graph()
     env: dict[Value, fx.Node] = {}
@@ -48,13 +55,18 @@ def to_graph_module(graph: Graph, params: Mapping[str, torch.Tensor]) -> tuple[f
         opdef = get_op(op.name)
         args = map_values(op.args, env.__getitem__)
         kwargs = map_values(op.kwargs, env.__getitem__)
-        if isinstance(opdef, TorchOpDef):
+        if op.name in _FUNCTIONAL_VIEWS:  # graphs are functional: a view's values are a reshape's
+            node = g.call_function(torch.ops.aten.reshape.default, tuple(args), dict(kwargs))
+        elif isinstance(opdef, TorchOpDef):
             node = g.call_function(opdef.overload, tuple(args), dict(kwargs))
         elif op.name in _SYM_FNS:
             node = g.call_function(_SYM_FNS[op.name], tuple(args), dict(kwargs))
+        elif lower_fused is not None:
+            node = lower_fused(g, op, tuple(args), dict(kwargs))
         else:
             node = g.call_function(opdef.reference, tuple(args), dict(kwargs))
-        if len(op.results) == 1:
+        if len(op.results) == 1 and not (lower_fused is not None and not isinstance(opdef, TorchOpDef)
+                                         and op.name not in _SYM_FNS):
             env[op.results[0]] = node
         else:
             import operator

@@ -38,7 +38,11 @@ class CompiledModel:
         self.vocab_size = int(manifest["model"]["config"]["vocab_size"])
         self.state_layout = manifest["state"]
         self.backend = _pick_backend(backend, device)
-        if self.backend == "kernels":
+        if self.backend == "compiled":
+            from ds4c.backends.cuda.inductor import InductorExecutor
+
+            self._executors = {name: InductorExecutor(g, weights, device) for name, g in program.graphs.items()}
+        elif self.backend == "kernels":
             from ds4c.backends.cuda.executor import KernelExecutor
 
             self._executors = {name: KernelExecutor(g, device) for name, g in program.graphs.items()}
@@ -164,7 +168,7 @@ class CompiledModel:
                 f"max_context={self.max_context}, weights={len(self.weights)} tensors)")
 
 
-BACKENDS = ("auto", "kernels", "reference")
+BACKENDS = ("auto", "kernels", "compiled", "reference")
 
 
 def _pick_backend(backend: str, device: torch.device) -> str:
@@ -180,8 +184,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
          weights: dict[str, torch.Tensor] | None = None) -> CompiledModel:
     """Load an artifact written by ``Artifact.save`` / ``ds4c compile``, ready to run on ``device``.
 
-    ``backend``: ``kernels`` (Triton kernels for fused ops; default on CUDA), ``reference`` (every
-    op's PyTorch reference; default on CPU) or ``auto``. ``cuda_graphs``: capture decode steps as
+    ``backend``: ``kernels`` (Triton kernels for fused ops, the rest op by op; default on CUDA),
+    ``compiled`` (the same kernels, everything between them compiled whole by TorchInductor, once
+    per input shape), ``reference`` (every op's PyTorch reference; default on CPU) or ``auto``. ``cuda_graphs``: capture decode steps as
     CUDA graphs (CUDA only). ``weights``: tensors to use instead of the artifact's (same names and
     shapes, e.g. a transformers model's parameters, shared without copying).
     """

@@ -24,6 +24,7 @@ from ds4c.backends.cuda.kernels import get_kernel
 from ds4c.backends.reference import ReferenceExecutor
 from ds4c.ir.graph import Graph, Op
 from ds4c.ir.registry import OpDef
+from ds4c.ops.moe import moe_gather_formulation
 
 
 class _KernelOp(OpDef):
@@ -44,6 +45,21 @@ class _KernelOp(OpDef):
         return out
 
 
+def _moe_without_host_sync(*args: Any, **kwargs: Any) -> Any:
+    """``moe`` with no kernel: the reference groups tokens by expert on the host (a sync, so no
+    CUDA graph); for a few tokens gather the picked experts' weights instead (static shapes)."""
+    x, gate_up = args[0], args[4]
+    pairs = x.numel() // x.shape[-1] * kwargs["top_k"]
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if pairs > gate_up.shape[0] and not capturing:
+        return NotImplemented
+    return moe_gather_formulation(*args, **kwargs)
+
+
+# Torch formulations used when no Triton launcher is registered for the op.
+_TORCH_FALLBACKS: dict[str, Callable[..., Any]] = {"moe": _moe_without_host_sync}
+
+
 class KernelExecutor(ReferenceExecutor):
     def __init__(self, graph: Graph, device: torch.device | str = "cuda",
                  on_op: Callable[[int, Op, list[Any]], None] | None = None, *, use_kernels: bool = True):
@@ -52,7 +68,7 @@ class KernelExecutor(ReferenceExecutor):
         if use_kernels:
             steps = []
             for op, opdef, args, kwargs in self._steps:
-                launcher = get_kernel(op.name)
+                launcher = get_kernel(op.name) or _TORCH_FALLBACKS.get(op.name)
                 if launcher is not None:
                     opdef = _KernelOp(opdef, launcher, self.counts)
                 steps.append((op, opdef, args, kwargs))

@@ -40,3 +40,18 @@ def test_generate_equal_tokens(tmp_path):
     ker = ds4c.load(tmp_path / "t.ds4", device=DEVICE, backend="kernels")
     ids = [[5, 17, 99, 3, 250, 7, 8, 9, 10]]
     assert ker.generate(ids, 12).tolist() == ref.generate(ids, 12).tolist()
+
+
+def test_compiled_backend_matches_reference(tmp_path):
+    art = ds4c.compile("tiny", target="h100", precision="fp32", max_context=64, progress=False)
+    art.save(tmp_path / "t.ds4")
+    ref = ds4c.load(tmp_path / "t.ds4", device=DEVICE, backend="reference")
+    comp = ds4c.load(tmp_path / "t.ds4", device=DEVICE, backend="compiled")
+    ids = torch.randint(0, 512, (1, 19), generator=torch.Generator().manual_seed(1))
+    la, sa = ref.prefill(ids)
+    lb, sb = comp.prefill(ids)
+    torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
+    tok = la[:, -1].argmax(-1, keepdim=True)
+    da, _ = ref.decode(tok, 19, sa)
+    db, _ = comp.decode(tok, 19, sb)
+    torch.testing.assert_close(db, da, rtol=1e-4, atol=1e-4)

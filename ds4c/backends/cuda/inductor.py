@@ -1,0 +1,124 @@
+"""Whole-graph compilation: the IR lowered to an fx graph, fused ops as one opaque custom op,
+everything else fused and scheduled by TorchInductor.
+
+ds4c's passes have already made each layer a handful of fused ops (attention, MoE, mHC, ...),
+which run our Triton launchers; what is left between them (projections, casts, small elementwise
+chains, index arithmetic) is ordinary ATen that Inductor fuses into few kernels and sends GEMMs
+to cuBLAS. Every fused op becomes ``ds4c::fused(tensors, spec)``: ``spec`` is JSON naming the op
+and its attributes; the fake (shape) implementation runs the op's reference under fake tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ds4c.backends.cuda.kernels import get_kernel
+from ds4c.backends.fx import to_graph_module
+from ds4c.errors import IRError
+from ds4c.ir.graph import Graph, Op
+from ds4c.ir.registry import get_op, split_results
+from ds4c.ops.moe import moe_gather_formulation
+
+
+def _run_fused(name: str, args: list, kwargs: dict, *, fake: bool) -> list[torch.Tensor]:
+    opdef = get_op(name)
+    if fake:
+        fn = moe_gather_formulation if name == "moe" else opdef.reference
+        return split_results(fn(*args, **kwargs))
+    launcher = get_kernel(name)
+    out = launcher(*args, **kwargs) if launcher is not None else NotImplemented
+    if out is NotImplemented:
+        if name == "moe":
+            capturing = args[0].is_cuda and torch.cuda.is_current_stream_capturing()
+            out = moe_gather_formulation(*args, **kwargs) if capturing else opdef.reference(*args, **kwargs)
+        else:
+            out = opdef.reference(*args, **kwargs)
+    outs = split_results(out)
+    ptrs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+    # a custom op may not return (views of) its inputs
+    return [o.clone() if o.untyped_storage().data_ptr() in ptrs else o for o in outs]
+
+
+@torch.library.custom_op("ds4c::fused", mutates_args=())
+def fused(args: list[torch.Tensor | None], spec: str) -> list[torch.Tensor]:
+    d = json.loads(spec)
+    return _run_fused(d["op"], list(args), d["kwargs"], fake=False)
+
+
+@fused.register_fake
+def _fused_fake(args: list[torch.Tensor | None], spec: str) -> list[torch.Tensor]:
+    d = json.loads(spec)
+    return [o.clone() for o in _run_fused(d["op"], list(args), d["kwargs"], fake=True)]
+
+
+def _lower_fused(g: fx.Graph, op: Op, args: tuple, kwargs: dict) -> fx.Node:
+    for a in args:
+        if a is not None and not isinstance(a, fx.Node):
+            raise IRError(f"{op.name} at {op.loc}: positional operand {a!r} is not a tensor; "
+                          "cannot lower it to ds4c::fused")
+    try:
+        spec = json.dumps({"op": op.name, "kwargs": kwargs}, sort_keys=True)
+    except TypeError as e:
+        raise IRError(f"{op.name} at {op.loc}: attributes are not JSON ({e}); cannot lower to ds4c::fused") from e
+    return g.call_function(torch.ops.ds4c.fused.default, (list(args), spec))
+
+
+class InductorGraph:
+    """One entry point compiled whole by torch.compile (Inductor), fused ops through our kernels.
+
+    Compiled for the sizes of the first call (``dynamic=False``); a new size recompiles.
+    """
+
+    def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor], device: torch.device | str):
+        device = torch.device(device)
+        g = graph.copy(constants={k: v.to(device) for k, v in graph.constants.items()})
+        self.graph = graph
+        self.module, self.arg_names = to_graph_module(g, params, lower_fused=_lower_fused)
+        self.output_names = [n for n, _ in graph.outputs]
+        self.fn = None  # compiled at the first call, for its sizes
+
+    def _compile(self, args: list[Any]) -> Any:
+        # The fx graph is already whole and functional: hand it to Inductor directly (AOT
+        # autograd traces it with fake tensors) instead of re-tracing Python with Dynamo.
+        from torch._inductor import compile as inductor_compile
+
+        return inductor_compile(self.module, args)
+
+    def run(self, inputs: Mapping[str, Any], params: Mapping[str, torch.Tensor],
+            state: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        state = state or {}
+        args = [inputs[n] if n in inputs else state[n] for n in self.arg_names]
+        if self.fn is None:
+            self.fn = self._compile(args)
+        outs = self.fn(*args) if not isinstance(self.fn, torch.fx.GraphModule) else self.fn(*args)
+        return dict(zip(self.output_names, outs, strict=True))
+
+
+class InductorExecutor:
+    """An entry point compiled per input shape (a few kept), with the executor interface."""
+
+    def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor], device: torch.device | str,
+                 max_shapes: int = 4):
+        self.graph = graph
+        self.params = params
+        self.device = torch.device(device)
+        self.max_shapes = max_shapes
+        self._compiled: dict[tuple, InductorGraph] = {}
+
+    def run(self, inputs: Mapping[str, Any], params: Mapping[str, torch.Tensor],
+            state: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        key = tuple((k, tuple(v.shape)) for k, v in sorted({**inputs, **(state or {})}.items()))
+        ig = self._compiled.get(key)
+        if ig is None:
+            if len(self._compiled) >= self.max_shapes:
+                self._compiled.pop(next(iter(self._compiled)))
+            ig = self._compiled[key] = InductorGraph(self.graph, params, self.device)
+        return ig.run(inputs, params, state)
+
+    def stats(self) -> dict[str, Any]:
+        return {"compiled_shapes": len(self._compiled)}
