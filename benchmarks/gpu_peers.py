@@ -13,7 +13,7 @@ Weights: the preset's seeded weights are generated on the device once, into a tr
 ``DeepseekV4ForCausalLM``; ds4c's artifact references the same preset and is loaded with
 ``weights=`` those very tensors (ds4c names weights as transformers does), so both run the same
 numbers with one copy in memory. ds4c's decode state for B=32 is the B=1 state after the prompt,
-repeated; at ctx 32768 the state is synthetic (random entries, every slot valid): a decode step's
+repeated, with a distinct next token per sequence; at ctx 32768 the state is synthetic (random entries, every slot valid): a decode step's
 work in ds4c depends on the static capacity, not on the values. Peers that fail (out of memory,
 compile errors) are recorded with their error, not hidden.
 """
@@ -152,7 +152,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--peers", default="eager,compile", help="comma list of transformers peers to run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile-decode", action="store_true",
+                    help="also time transformers' decode under torch.compile (its growing cache recompiles "
+                         "every step: 27.9 s/step on an H100, 2026-11-22)")
     ap.add_argument("--ds4c-backend", default="compiled", help="kernels | compiled | reference")
+    ap.add_argument("--precision", default="bf16", help="ds4c precision policy (the peers run bf16)")
     ap.add_argument("--out", default="peers.json")
     args = ap.parse_args()
 
@@ -192,7 +196,7 @@ def main() -> None:
 
     def ds4c_model(max_context: int):
         art = ds4c.compile(args.preset, target=args.target, max_context=max_context, progress=False,
-                           weights="reference", seed=args.seed)
+                           weights="reference", seed=args.seed, precision=args.precision)
         path = f"/tmp/ds4c_peers_{args.preset}_{max_context}.ds4"
         art.save(path)
         return ds4c.load(path, device=dev, weights=params, progress=False, backend=args.ds4c_backend)
@@ -260,7 +264,8 @@ def main() -> None:
     state_bytes = sum(t.numel() * t.element_size() for t in state.values())
 
     def decode_ds4c(m, st, b: int, position: int, sbytes: int):
-        ids = tok.expand(b, 1).contiguous()
+        # distinct next tokens per sequence, so routing picks experts as a real batch does
+        ids = tok if b == 1 else torch.randint(0, cfg["vocab_size"], (b, 1), generator=torch.Generator().manual_seed(b)).to(dev)
         st = {k: v.expand(b, *v.shape[1:]).contiguous() if v.shape[0] != b else v for k, v in st.items()}
         m._decode(ids, position, st)  # capture (CUDA graph) + warm up
         reps = 20
@@ -299,7 +304,7 @@ def main() -> None:
         if "eager" in peers:
             attempt(res, f"decode_transformers_eager_ctx{args.prompt}_b{b}", lambda b=b: decode_hf(hf, b))
             save()
-        if hf_compiled is not None:
+        if hf_compiled is not None and args.compile_decode:
             attempt(res, f"decode_transformers_compile_ctx{args.prompt}_b{b}", lambda b=b: decode_hf(hf_compiled, b))
             save()
 

@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from ds4c.backends.cuda.kernels import get_kernel
 from ds4c.backends.fx import to_graph_module
+from ds4c.backends.reference import _retarget_devices
 from ds4c.errors import IRError
 from ds4c.ir.graph import Graph, Op
 from ds4c.ir.registry import get_op, split_results
@@ -44,6 +45,10 @@ def _run_fused(name: str, args: list, kwargs: dict, *, fake: bool) -> list[torch
     return [o.clone() if o.untyped_storage().data_ptr() in ptrs else o for o in outs]
 
 
+def _as_list(x: Any) -> list[Any]:
+    return [x]
+
+
 @torch.library.custom_op("ds4c::fused", mutates_args=())
 def fused(args: list[torch.Tensor | None], spec: str) -> list[torch.Tensor]:
     d = json.loads(spec)
@@ -56,7 +61,17 @@ def _fused_fake(args: list[torch.Tensor | None], spec: str) -> list[torch.Tensor
     return [o.clone() for o in _run_fused(d["op"], list(args), d["kwargs"], fake=True)]
 
 
+# Fused ops whose reference Inductor must not trace in (host synchronisation, data-dependent shapes).
+_OPAQUE_WITHOUT_KERNEL = ("moe",)
+
+
 def _lower_fused(g: fx.Graph, op: Op, args: tuple, kwargs: dict) -> fx.Node:
+    if get_kernel(op.name) is None and op.name not in _OPAQUE_WITHOUT_KERNEL:
+        # no Triton kernel: trace the reference in, so Inductor fuses it with its neighbours
+        # (e.g. mhc.pre's Sinkhorn loop becomes a few kernels instead of a hundred)
+        node = g.call_function(get_op(op.name).reference, args, kwargs)
+        # to_graph_module indexes every lowered fused op's results
+        return g.call_function(_as_list, (node,)) if len(op.results) == 1 else node
     for a in args:
         if a is not None and not isinstance(a, fx.Node):
             raise IRError(f"{op.name} at {op.loc}: positional operand {a!r} is not a tensor; "
@@ -76,7 +91,10 @@ class InductorGraph:
 
     def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor], device: torch.device | str):
         device = torch.device(device)
-        g = graph.copy(constants={k: v.to(device) for k, v in graph.constants.items()})
+        # factory ops were traced with the trace device baked in: run them on ours
+        ops = [op.replace(args=_retarget_devices(op.args, device), kwargs=_retarget_devices(op.kwargs, device))
+               for op in graph.ops]
+        g = graph.copy(ops=ops, constants={k: v.to(device) for k, v in graph.constants.items()})
         self.graph = graph
         self.module, self.arg_names = to_graph_module(g, params, lower_fused=_lower_fused)
         self.output_names = [n for n, _ in graph.outputs]
