@@ -29,7 +29,8 @@ def compile(
     model: Annotated[str, typer.Argument(help="preset (tiny, flash-slice, flash, pro) or checkpoint directory")] = "tiny",
     target: Annotated[str, typer.Option("--target", "-t", help="target name; see `ds4c targets`")] = "b200",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="artifact path (default MODEL-TARGET.ds4)")] = None,
-    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp8 | mxfp4-experts | TABLE.json "
+                                                "(per-unit formats; see ds4c inspect)")] = "auto",
     max_context: Annotated[int | None, typer.Option("--max-context", help="longest sequence the artifact serves")] = None,
     dump_ir: Annotated[Path | None, typer.Option("--dump-ir", help="write the IR after every pass into DIR")] = None,
     print_after_all: Annotated[bool, typer.Option("--print-after-all", help="print the IR after every pass")] = False,
@@ -38,6 +39,11 @@ def compile(
     bisect: Annotated[int | None, typer.Option("--bisect", help="apply only the first N rewrites")] = None,
     weights: Annotated[str, typer.Option(help="auto | embed | reference (checkpoint path or preset seed)")] = "auto",
     seed: Annotated[int | None, typer.Option(help="seed of a preset's random weights")] = None,
+    hbm_budget: Annotated[str | None, typer.Option("--hbm-budget", help="device memory for weights + state + "
+                                                   "activations, e.g. 40GB or 2.5e10 (bytes); the rest stays "
+                                                   "in host memory, prefetched")] = None,
+    csa_kv_on_host: Annotated[bool, typer.Option("--csa-kv-on-host", help="keep CSA compressed KV in host "
+                                                 "memory; fetch only the selected entries")] = False,
 ) -> None:
     """Compile MODEL for TARGET into a .ds4 artifact."""
     import ds4c
@@ -45,7 +51,9 @@ def compile(
     try:
         art = ds4c.compile(model, target=target, precision=precision, max_context=max_context, dump_ir=dump_ir,
                            print_after_all=print_after_all, print_after=print_after or (), stop_after=stop_after,
-                           bisect=bisect, weights=weights, seed=seed, progress=None)
+                           bisect=bisect, weights=weights, seed=seed, progress=None,
+                           hbm_budget=_parse_bytes(hbm_budget) if hbm_budget else None,
+                           csa_kv_on_host=csa_kv_on_host)
         if output is None:
             output = Path(f"{Path(model).name}-{target}.ds4")
         art.save(output)
@@ -59,6 +67,21 @@ def compile(
     console.print(f"[green]compiled[/] {model} for {m['target']['name']} -> {output} "
                   f"({ops}; weights {m['weights']['mode']}, {m['weights']['bytes'] / 2**20:.1f} MiB "
                   f"{m['weights']['dtype']})")
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u):
+            t, scale = t[: -len(u)].strip(), units[u]
+            break
+    else:
+        scale = 1
+    try:
+        return int(float(t) * scale)
+    except ValueError:
+        raise Ds4cError(f"--hbm-budget {text!r}: give bytes, e.g. 40GB, 512MiB or 2.5e10") from None
 
 
 def _parse_ids(text: str) -> list[int]:

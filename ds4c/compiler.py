@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,8 @@ from ds4c.passes.manager import Instrument, PassContext, PassManager
 from ds4c.runtime.progress import progress_steps
 from ds4c.targets import get_target
 
-PRECISIONS = ("auto", "fp32", "bf16")
+# Policies of ds4c.quant.policy; a path to a per-unit table file (*.json) is accepted too.
+PRECISIONS = ("auto", "fp32", "bf16", "fp8", "mxfp4-experts")
 # Weights are embedded in the artifact up to this size unless asked otherwise; larger models
 # reference their checkpoint (or, for presets, the seed the runtime generates them from).
 EMBED_LIMIT_BYTES = 2 << 30
@@ -26,9 +27,9 @@ DEFAULT_MAX_CONTEXT = 4096
 
 
 def compute_dtype(precision: str, target_name: str) -> torch.dtype:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)} "
-                          "(per-layer FP8/INT8/MXFP4 policies arrive with the assign_precision pass)")
+    if precision not in PRECISIONS and not str(precision).endswith(".json"):
+        raise ConfigError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}, "
+                          "or a per-unit table file (JSON: unit glob -> format)")
     if precision == "fp32" or (precision == "auto" and target_name == "cpu"):
         return torch.float32
     return torch.bfloat16
@@ -51,6 +52,10 @@ def compile(
     verify: bool = True,
     progress: bool | None = None,
     seed: int | None = None,
+    calibration_tokens: Any = None,
+    error_bound: float | None = None,
+    hbm_budget: int | None = None,
+    csa_kv_on_host: bool = False,
 ) -> Artifact:
     """Compile ``model`` (preset name, checkpoint directory or transformers DeepseekV4ForCausalLM) for ``target``.
 
@@ -59,8 +64,17 @@ def compile(
     ``instruments`` observe every pass (see ds4c.debug.CompileTrace); ``print_after`` names passes
     whose output IR is printed; ``stop_after`` ends the pipeline after a pass; ``bisect = N``
     applies only the first N rewrites of the pipeline (the manifest's ``rewrites`` lists them).
+    ``precision``: a policy (``auto``, ``fp32``, ``bf16``, ``fp8``, ``mxfp4-experts``) or a per-unit
+    table file; ``calibration_tokens`` ([N, S] ids) and ``error_bound`` steer ``auto`` (assign_precision).
+    ``hbm_budget`` (bytes): device memory for weights + state + activations; weights beyond it stay in
+    host memory and are prefetched (plan_memory). ``csa_kv_on_host``: plan CSA's compressed KV in
+    host memory, fetching only the selected entries each step.
     """
+    if hbm_budget is not None and hbm_budget <= 0:
+        raise ConfigError(f"--hbm-budget must be a positive number of bytes, got {hbm_budget}")
+    from ds4c.frontend.weight_samples import calibration_for
     from ds4c.models.deepseek_v4 import ModelConfig
+    from ds4c.quant.packing import pack_weights, stored_spec
 
     tgt = get_target(target)
     source: ModelSource = resolve_model(model, seed=seed)
@@ -87,12 +101,24 @@ def compile(
             ins.append(PrintAfterAll())
         elif print_after:
             ins.append(PrintAfterAll(only=set(print_after)))
-        ctx = PassContext(target=tgt, options={"precision": precision, "max_context": max_context},
+        spec = _used_params(program, meta_model)
+        materialise = source.kind == "module" or weights == "embed" or (
+            weights == "auto" and sum(_numel(s) * d.itemsize for s, d in spec.values()) <= EMBED_LIMIT_BYTES)
+        tokens = None if calibration_tokens is None else torch.as_tensor(calibration_tokens, dtype=torch.int64)
+        calibration = calibration_for(source, spec, dtype, materialise=materialise, tokens=tokens)
+        ctx = PassContext(target=tgt, options={"precision": precision, "max_context": max_context,
+                                               "calibration": calibration, "error_bound": error_bound,
+                                               "csa_kv_on_host": csa_kv_on_host,
+                                               **({"hbm_budget": int(hbm_budget)} if hbm_budget else {})},
                           bisect_limit=bisect)
         program = PassManager(pipeline, ins, ctx, stop_after=stop_after).run(program)
         steps.advance("collecting weights")
-        spec = _used_params(program, meta_model)
-        total_bytes = sum(_numel(s) * d.itemsize for s, d in spec.values())
+        plan = program.attrs.get("precision") or {}
+        assignment = plan.get("assignment") or {}
+        read = {v.name for g in program.graphs.values() for v in g.inputs_of_kind("param")}
+        spec = _used_params(program, meta_model, also=assignment)
+        stored = stored_spec(spec, assignment, read)
+        total_bytes = sum(_numel(s) * d.itemsize for s, d in stored.values())
         mode = weights
         if mode == "auto":
             mode = "embed" if total_bytes <= EMBED_LIMIT_BYTES else "reference"
@@ -100,13 +126,19 @@ def compile(
             mode = "embed"  # an in-memory module has nothing to point at
         embedded = None
         if mode == "embed":
-            embedded = source.load_weights(spec, dtype=dtype)
+            loaded = calibration.weights() or source.load_weights(spec, dtype=dtype)
+            embedded = {k: loaded[k] for k in spec}
+            pack_weights(embedded, assignment, keep=read)
+            embedded = {k: embedded[k] for k in stored}
         steps.advance("done")
 
     manifest: dict[str, Any] = {
         "target": tgt.to_dict(),
         "model": {"family": "deepseek_v4", "config": config.to_hf_dict(), "source": source.describe()},
-        "precision": {"policy": precision, "compute_dtype": str(dtype).removeprefix("torch.")},
+        "precision": {**plan, "policy": precision, "compute_dtype": str(dtype).removeprefix("torch."),
+                      "weight_bytes": total_bytes,
+                      "bf16_weight_bytes": sum(_numel(s) * (2 if d.is_floating_point else d.itemsize)
+                                               for s, d in spec.values())},
         "max_context": max_context,
         "pipeline": program.attrs.get("pipeline", []),
         "rewrites": {"attempted": len(ctx.rewrite_log), "applied": ctx.rewrites_applied, "bisect_limit": bisect},
@@ -117,9 +149,13 @@ def compile(
             "source": source.describe(),
             "dtype": str(dtype).removeprefix("torch."),
             "bytes": total_bytes,
-            "tensors": {k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")} for k, (s, d) in spec.items()},
+            "tensors": {k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")} for k, (s, d) in stored.items()},
+            # What the source provides, when it differs from what the program reads (packed weights).
+            **({"source_tensors": {k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")}
+                                   for k, (s, d) in spec.items()}} if assignment else {}),
             # Transforms the runtime applies to referenced weights at load, in order.
-            "transforms": [{"op": "cast", "dtype": str(dtype).removeprefix("torch."), "tensors": "floating"}],
+            "transforms": [{"op": "cast", "dtype": str(dtype).removeprefix("torch."), "tensors": "floating"}]
+            + ([{"op": "quantize", "tensors": assignment}] if assignment else []),
         },
         "kernels": {},
     }
@@ -147,10 +183,11 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def _used_params(program: Program, model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Weights any graph reads, with their shape and dtype, in the model's state_dict order."""
+def _used_params(program: Program, model: torch.nn.Module,
+                 also: Iterable[str] = ()) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Weights any graph reads (or ``also`` names, e.g. packed ones), with shape and dtype, in state_dict order."""
     full = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-    used: set[str] = set()
+    used: set[str] = set(also)
     for g in program.graphs.values():
         used.update(v.name for v in g.inputs_of_kind("param"))
     return {k: full[k] for k in full if k in used}

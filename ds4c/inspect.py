@@ -51,10 +51,14 @@ def summarize(manifest: dict[str, Any], program: Program, console: Console) -> N
                   f"[bold]ds4c[/] {manifest.get('ds4c_version')}   [bold]format[/] {manifest.get('format_version')}")
     console.print(f"[bold]model[/] {manifest['model']['source']}  layers={cfg.get('num_hidden_layers')} "
                   f"hidden={cfg.get('hidden_size')} vocab={cfg.get('vocab_size')}")
-    console.print(f"[bold]precision[/] {manifest['precision']}   [bold]max_context[/] {manifest['max_context']}")
+    prec = manifest["precision"]
+    console.print(f"[bold]precision[/] {prec.get('policy')} (compute {prec.get('compute_dtype')})   "
+                  f"[bold]max_context[/] {manifest['max_context']}")
     console.print(f"[bold]pipeline[/] {' -> '.join(manifest.get('pipeline', [])) or '(none)'}")
     console.print(f"[bold]weights[/] {w['mode']} ({w['bytes'] / 2**20:.1f} MiB {w['dtype']}, {len(w['tensors'])} tensors)"
                   f" source={w['source']}; transforms={[tr['op'] for tr in w.get('transforms', [])]}")
+    if prec.get("units"):
+        console.print(precision_table(prec))
     st = Table(title="model state per sequence")
     st.add_column("tensor")
     st.add_column("shape")
@@ -96,3 +100,18 @@ def summarize(manifest: dict[str, Any], program: Program, console: Console) -> N
         console.print(tb)
     kernels = manifest.get("kernels") or {}
     console.print(f"[bold]kernels[/] {len(kernels)} stored" + ("" if kernels else " (reference backend: none needed)"))
+
+
+def precision_table(prec: dict[str, Any]) -> Table:
+    """Per unit: the chosen weight format, bytes, measured error and why (assign_precision's report)."""
+    bf16 = prec.get("bf16_weight_bytes") or 1
+    tb = Table(title=f"precision: {prec.get('policy')}, weights {prec.get('weight_bytes', 0) / 2**20:.1f} MiB = "
+                     f"{prec.get('weight_bytes', 0) / bf16:.3f}x bf16; total error {prec.get('total_error', 0):.3g} "
+                     f"(bound {prec.get('error_bound', 0):.3g}, measured on {prec.get('measured')})")
+    for col in ("layer", "unit", "format", "activations", "KiB", "vs bf16", "error (NSR)", "why"):
+        tb.add_column(col, justify="right" if col in ("KiB", "vs bf16", "error (NSR)") else "left")
+    for u in prec["units"]:
+        err = "-" if u.get("error") is None else f"{u['error']:.2e}"
+        tb.add_row("model" if u.get("layer") is None else str(u["layer"]), u["unit"], u["format"], u["activations"],
+                   f"{u['bytes'] / 1024:.1f}", f"{u['bytes'] / max(u['bf16_bytes'], 1):.3f}x", err, u["why"])
+    return tb

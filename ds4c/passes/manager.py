@@ -57,7 +57,8 @@ def list_passes() -> list[Pass]:
 # Named pipelines. Later stages (fusion, precision, memory, streams, lowering) append here.
 PIPELINES: dict[str, list[str]] = {
     "default": ["canonicalize_shapes", "fold_constants", "cse", "dce", "fuse_norms_mhc", "fuse_rope", "fuse_attention", "fuse_moe", "fuse_compress",
-                "cse", "dce", "canonicalize_shapes", "plan_memory", "schedule_streams"],
+                "cse", "dce", "canonicalize_shapes", "assign_precision", "quantize_weights", "plan_memory",
+                "schedule_streams"],
     "none": [],
 }
 
@@ -150,6 +151,7 @@ class PassManager:
 def _load_builtin_passes() -> None:
     # Importing the modules registers their passes.
     from ds4c.passes import (  # noqa: F401
+        assign_precision,
         canonicalize_shapes,
         cse,
         dce,
@@ -160,5 +162,6 @@ def _load_builtin_passes() -> None:
         fuse_norms_mhc,
         fuse_rope,
         plan_memory,
+        quantize_weights,
         schedule_streams,
     )

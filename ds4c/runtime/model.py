@@ -15,7 +15,7 @@ from ds4c.ir.graph import Program
 from ds4c.runtime.progress import progress_steps
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64,
-           "int32": torch.int32}
+           "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8, "float8_e4m3fn": torch.float8_e4m3fn}
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -38,6 +38,13 @@ class CompiledModel:
         self.vocab_size = int(manifest["model"]["config"]["vocab_size"])
         self.state_layout = manifest["state"]
         self.backend = _pick_backend(backend, device)
+        self.unpacked_weights: list[str] = []
+        if self.backend in ("kernels", "compiled"):
+            from ds4c.backends.cuda.executor import unpack_weights_once
+
+            graphs, weights, self.unpacked_weights = unpack_weights_once(program.graphs, weights)
+            program = Program(graphs, program.attrs)
+            self.program, self.weights = program, weights
         if self.backend == "compiled":
             from ds4c.backends.cuda.inductor import InductorExecutor
 
@@ -49,7 +56,8 @@ class CompiledModel:
         else:
             self._executors = {name: ReferenceExecutor(g, device) for name, g in program.graphs.items()}
         # decode steps captured as CUDA graphs, per batch size (state updated in place)
-        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        # (not the reference backend: its MoE groups tokens on the host, which a graph cannot hold)
+        self.cuda_graphs = cuda_graphs and device.type == "cuda" and self.backend != "reference"
         self._graphed: dict[int, Any] = {}
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -199,12 +207,16 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
     wman = manifest["weights"]
     dtype = _dtype(wman["dtype"])
     expected = {k: (tuple(v["shape"]), _dtype(v["dtype"])) for k, v in wman["tensors"].items()}
+    # what the source provides (differs from ``expected`` when weights are packed at load)
+    provided = {k: (tuple(v["shape"]), _dtype(v["dtype"])) for k, v in wman.get("source_tensors", {}).items()} \
+        or expected
     with progress_steps(f"loading {os.fspath(path)}", total=max(len(expected), 1), enabled=progress) as steps:
         if weights is not None:
-            missing = sorted(set(expected) - set(weights))
+            wanted = expected if set(expected) <= set(weights) else provided
+            missing = sorted(set(wanted) - set(weights))
             if missing:
                 raise InputError(f"weights= lacks {len(missing)} tensors the program reads, e.g. '{missing[0]}'")
-            weights = {k: weights[k] for k in expected}
+            weights = {k: weights[k] for k in wanted}
         elif wman["mode"] == "embed":
             if WEIGHTS_MEMBER not in container.member_names():
                 raise ArtifactError(f"{path}: manifest says weights are embedded but '{WEIGHTS_MEMBER}' is missing")
@@ -221,8 +233,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
             def tick(i: int, n: int) -> None:
                 steps.advance()
 
-            weights = load_weights(wman["source"], expected, dtype=dtype, device=device, progress=tick)
-        weights = apply_transforms(weights, wman.get("transforms", []))
+            weights = load_weights(wman["source"], provided, dtype=dtype, device=device, progress=tick)
+        weights = apply_transforms(weights, wman.get("transforms", []), keep=expected)
+        weights = {k: weights[k] for k in expected}
     for k, (shape, _) in expected.items():
         t = weights[k]
         if tuple(t.shape) != shape:
@@ -232,14 +245,23 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
     return model
 
 
-def apply_transforms(weights: dict[str, torch.Tensor], transforms: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Apply the weight transforms recorded by the compiler, in order (idempotent on embedded weights)."""
+def apply_transforms(weights: dict[str, torch.Tensor], transforms: Sequence[dict[str, Any]],
+                     keep: Any = ()) -> dict[str, torch.Tensor]:
+    """Apply the weight transforms recorded by the compiler, in order (idempotent on embedded weights).
+
+    ``quantize`` packs weights (ds4c.quant.packing); packed tensors are never cast. ``keep``: names
+    that stay unpacked as well (a graph still reads them)."""
+    from ds4c.quant.packing import pack_weights, packed_names
+
+    packed = set().union(*(packed_names(tr["tensors"]) for tr in transforms if tr["op"] == "quantize"))
     for tr in transforms:
         op = tr["op"]
-        if op == "cast":
+        if op == "quantize":
+            pack_weights(weights, tr["tensors"], keep=keep)
+        elif op == "cast":
             dt = _dtype(tr["dtype"])
-            names = [k for k, v in weights.items() if v.is_floating_point()] if tr.get("tensors") == "floating" \
-                else list(tr["tensors"])
+            names = [k for k, v in weights.items() if v.is_floating_point() and k not in packed] \
+                if tr.get("tensors") == "floating" else list(tr["tensors"])
             for k in names:
                 weights[k] = weights[k].to(dt)
         else:

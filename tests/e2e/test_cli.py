@@ -86,6 +86,6 @@ def test_flash_slice_compiles_small_with_referenced_weights(tmp_path):
     art = ds4c.compile("flash-slice", target="h100", progress=False)
     w = art.manifest["weights"]
     assert w["mode"] == "reference" and w["source"]["kind"] == "preset"
-    assert w["bytes"] > 30e9  # bf16 flash-slice is ~39 GB of weights...
+    assert w["bytes"] > 15e9  # ~21 GB of weights once auto packs them for h100 (bf16: ~42 GB)...
     path = art.save(tmp_path / "fs.ds4")
     assert path.stat().st_size < 20e6  # ...that the artifact does not carry

@@ -48,11 +48,17 @@ def test_tiny_layer_kinds_repeat():
     assert proxy.num_hidden_layers == 3 and kinds == [0, 1, 2, 1]
 
 
-@pytest.mark.parametrize("entry", ["prefill", "decode"])
-def test_stitched_graph_equals_whole_trace(entry):
+@pytest.fixture(scope="module")
+def traces():
     cfg = _config()
-    stitched, _ = trace_program(cfg, 64, per_kind=True)
+    stitched, model = trace_program(cfg, 64, per_kind=True)
     whole, _ = trace_program(cfg, 64, per_kind=False)
+    return stitched, whole, model
+
+
+@pytest.mark.parametrize("entry", ["prefill", "decode"])
+def test_stitched_graph_equals_whole_trace(traces, entry):
+    stitched, whole, _ = traces
     a, b = stitched.graphs[entry], whole.graphs[entry]
     assert [n for n, _ in a.outputs] == [n for n, _ in b.outputs]
     # same inputs (torch.export lists parameters before buffers; the stitched graph goes layer by layer)
@@ -67,14 +73,10 @@ def test_stitched_graph_equals_whole_trace(entry):
     print_graph(a)  # prints (unique SSA names)
 
 
-def test_stitched_program_runs_like_whole_trace():
-    cfg = _config(num_hidden_layers=6, layer_types=["sliding_attention", "compressed_sparse_attention",
-                                                     "heavily_compressed_attention"] * 2,
-                  mlp_layer_types=["hash_moe", "moe", "moe", "moe", "moe", "moe"])
-    stitched, model = trace_program(cfg, 64)
-    whole, _ = trace_program(cfg, 64, per_kind=False)
+def test_stitched_program_runs_like_whole_trace(traces):
+    stitched, whole, model = traces
     weights = dict(init_preset_weights(param_spec(model), seed=3))
-    ids = torch.randint(0, cfg.vocab_size, (2, 21))
+    ids = torch.randint(0, 512, (2, 21), generator=torch.Generator().manual_seed(0))
     out_a = run_graph(stitched.graphs["prefill"], {"input_ids": ids}, weights)
     out_b = run_graph(whole.graphs["prefill"], {"input_ids": ids}, weights)
     assert out_a.keys() == out_b.keys()
@@ -82,14 +84,14 @@ def test_stitched_program_runs_like_whole_trace():
         torch.testing.assert_close(out_a[k], out_b[k], rtol=0, atol=0)
 
 
-def test_interleaved_layers_are_refused():
-    cfg = _config()
-    proxy, kinds = proxy_plan(cfg)
-    g = trace_program(proxy, 64, per_kind=False)[0].graphs["decode"]
+def test_interleaved_layers_are_refused(traces):
+    _, whole, _ = traces
+    g = whole.graphs["decode"]  # as a "proxy" where every layer is its own kind
+    assert len(stitch_graph(g, [0, 1, 2, 3], 4).ops) >= len(g.ops) - 16
     ops = list(g.ops)
     # move an op of layer 0 behind layer 1's first op
     i0 = next(i for i, op in enumerate(ops) if op.loc and op.loc.startswith("model.layers.0.self_attn.q_a_proj"))
     i1 = next(i for i, op in enumerate(ops) if op.loc and op.loc.startswith("model.layers.1"))
     ops.insert(i1 + 1, ops.pop(i0))
     with pytest.raises(IRError, match="inside layer|segment|interleaved|before it is defined"):
-        stitch_graph(g.copy(ops=ops), kinds, proxy.num_hidden_layers)
+        stitch_graph(g.copy(ops=ops), [0, 1, 2, 3], 4)

@@ -127,3 +127,41 @@ class GraphedDecode:
             self.position.fill_(position)
         self.graph.replay()
         return self.logits
+
+
+def unpack_weights_once(graphs: Mapping[str, Graph], weights: dict[str, torch.Tensor]
+                        ) -> tuple[dict[str, Graph], dict[str, torch.Tensor], list[str]]:
+    """Expand every packed weight (``quant.dequant`` of parameters) once, at load, into a parameter.
+
+    The device kernels do not read packed formats yet, and the reference ``quant.dequant``
+    would expand a whole expert tensor at every step; so the kernel backends trade the packed
+    weights' memory saving for speed. Returns the rewritten graphs, the weights (packed tensors
+    no graph reads any more dropped) and the names of the expanded weights.
+    """
+    from ds4c.ir.graph import GraphInput
+    from ds4c.ir.registry import get_op
+
+    dequant = get_op("quant.dequant")
+    expanded: dict[str, torch.Tensor] = {}
+    out: dict[str, Graph] = {}
+    for name, g in graphs.items():
+        params = set(g.inputs_of_kind("param"))
+        ops, new_inputs = [], []
+        for op in g.ops:
+            if op.name == "quant.dequant" and all(v in params for v in op.operands):
+                r = op.result
+                if r.name not in expanded:
+                    expanded[r.name] = dequant.reference(*(weights[v.name] for v in op.args), **op.kwargs)
+                new_inputs.append(GraphInput("param", r))
+                continue
+            ops.append(op)
+        out[name] = g.copy(ops=ops, inputs=[*g.inputs, *new_inputs]) if new_inputs else g
+    if not expanded:
+        return dict(graphs), weights, []
+    read = {v.name for g in out.values() for op in g.ops for v in op.operands}
+    kept = {k: v for k, v in weights.items() if k in read or k in expanded}
+    kept.update(expanded)
+    final = {}
+    for name, g in out.items():  # drop graph inputs for packed tensors nothing reads now
+        final[name] = g.copy(inputs=[gi for gi in g.inputs if gi.kind != "param" or gi.value.name in kept])
+    return final, kept, sorted(expanded)

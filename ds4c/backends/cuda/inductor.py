@@ -41,8 +41,10 @@ def _run_fused(name: str, args: list, kwargs: dict, *, fake: bool) -> list[torch
             out = opdef.reference(*args, **kwargs)
     outs = split_results(out)
     ptrs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-    # a custom op may not return (views of) its inputs
-    return [o.clone() if o.untyped_storage().data_ptr() in ptrs else o for o in outs]
+    # a custom op may not return (views of) its inputs, and its outputs' strides must be the fake
+    # implementation's: contiguous on both sides
+    return [o.clone(memory_format=torch.contiguous_format) if o.untyped_storage().data_ptr() in ptrs
+            else o.contiguous() for o in outs]
 
 
 def _as_list(x: Any) -> list[Any]:
@@ -58,7 +60,8 @@ def fused(args: list[torch.Tensor | None], spec: str) -> list[torch.Tensor]:
 @fused.register_fake
 def _fused_fake(args: list[torch.Tensor | None], spec: str) -> list[torch.Tensor]:
     d = json.loads(spec)
-    return [o.clone() for o in _run_fused(d["op"], list(args), d["kwargs"], fake=True)]
+    return [torch.empty_like(o, memory_format=torch.contiguous_format)
+            for o in _run_fused(d["op"], list(args), d["kwargs"], fake=True)]
 
 
 # Fused ops whose reference Inductor must not trace in (host synchronisation, data-dependent shapes).

@@ -1,0 +1,118 @@
+"""``rope``: interleaved rotary embedding on the trailing ``rope_dim`` channels, copy of the rest.
+
+A program owns ``BLOCK_R`` rows of x (all leading dims flattened) and writes whole output rows:
+the ``D - rope_dim`` leading channels unchanged, then each pair ``(a, b) = (x[2i], x[2i+1])`` as
+``(a*cos[2i] - b*s[2i], b*cos[2i+1] + a*s[2i+1])`` in fp32 with ``s = ±sin``, rounded once.
+cos/sin are read through the strides of their broadcast to ``x[..., -rope_dim:]`` (0 on the
+broadcast dims: one [S, rope_dim] table serves every batch and head without a copy); x may be
+strided too. Up to 4 leading dims.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ds4c.backends.cuda.kernels import register_kernel
+from ds4c.backends.cuda.kernels.attention import interpreter_bf16, round_to
+
+MAX_LEAD = 4
+
+
+@triton.jit
+def _row_offset(r, n1, n2, n3, s0, s1, s2, s3):
+    """Offset of flat row ``r`` of a [n0, n1, n2, n3] grid with strides s0..s3 (int64)."""
+    i3 = r % n3
+    r = r // n3
+    i2 = r % n2
+    r = r // n2
+    i1 = r % n1
+    i0 = r // n1
+    return i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3
+
+
+@triton.jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, rows, dim, rope_dim,
+                 n1, n2, n3,
+                 sx0, sx1, sx2, sx3, sx_d,
+                 sc0, sc1, sc2, sc3, sc_d,
+                 ss0, ss1, ss2, ss3, ss_d,
+                 INVERSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_NOPE: tl.constexpr, BLOCK_P: tl.constexpr,
+                 INTERPRETER_BF16: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < rows
+    r64 = r.to(tl.int64)
+    x_rows = x_ptr + _row_offset(r64, n1, n2, n3, sx0, sx1, sx2, sx3)
+    c_rows = cos_ptr + _row_offset(r64, n1, n2, n3, sc0, sc1, sc2, sc3)
+    s_rows = sin_ptr + _row_offset(r64, n1, n2, n3, ss0, ss1, ss2, ss3)
+    out_rows = out_ptr + r64 * dim
+    dtype = out_ptr.dtype.element_ty
+    nope = dim - rope_dim
+
+    offs = tl.arange(0, BLOCK_NOPE)
+    for c0 in range(0, nope, BLOCK_NOPE):
+        c = c0 + offs
+        mask = r_ok[:, None] & (c[None, :] < nope)
+        tl.store(out_rows[:, None] + c[None, :], tl.load(x_rows[:, None] + c[None, :] * sx_d, mask=mask), mask=mask)
+
+    p = tl.arange(0, BLOCK_P)
+    ev = 2 * p
+    od = ev + 1
+    mask = r_ok[:, None] & (p[None, :] < rope_dim // 2)
+    a = tl.load(x_rows[:, None] + (nope + ev)[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(x_rows[:, None] + (nope + od)[None, :] * sx_d, mask=mask, other=0.0).to(tl.float32)
+    c_ev = tl.load(c_rows[:, None] + ev[None, :] * sc_d, mask=mask, other=0.0).to(tl.float32)
+    c_od = tl.load(c_rows[:, None] + od[None, :] * sc_d, mask=mask, other=0.0).to(tl.float32)
+    s_ev = tl.load(s_rows[:, None] + ev[None, :] * ss_d, mask=mask, other=0.0).to(tl.float32)
+    s_od = tl.load(s_rows[:, None] + od[None, :] * ss_d, mask=mask, other=0.0).to(tl.float32)
+    if INVERSE:
+        s_ev = -s_ev
+        s_od = -s_od
+    y_ev = a * c_ev + (-b) * s_ev
+    y_od = b * c_od + a * s_od
+    tl.store(out_rows[:, None] + (nope + ev)[None, :], round_to(y_ev, dtype, INTERPRETER_BF16), mask=mask)
+    tl.store(out_rows[:, None] + (nope + od)[None, :], round_to(y_od, dtype, INTERPRETER_BF16), mask=mask)
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _lead_strides(t: torch.Tensor) -> list[int]:
+    """Strides of t's leading dims, left-padded with zeros to MAX_LEAD."""
+    lead = list(t.stride()[:-1])
+    return [0] * (MAX_LEAD - len(lead)) + lead
+
+
+@register_kernel("rope")
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, rope_dim: int, inverse: bool = False):
+    """Launcher with ``Rope.reference``'s signature; declines more than 4 leading dims, dtypes
+    other than fp32/bf16/fp16, tables of fp64, an odd or oversized rope_dim, and cos/sin that
+    do not broadcast to ``x[..., -rope_dim:]``."""
+    if x.dtype not in _DTYPES or cos.dtype not in _DTYPES or sin.dtype not in _DTYPES:
+        return NotImplemented
+    if x.dim() < 1 or x.dim() - 1 > MAX_LEAD or rope_dim <= 0 or rope_dim % 2 or rope_dim > x.shape[-1]:
+        return NotImplemented
+    if not (x.device == cos.device == sin.device):
+        return NotImplemented
+    target = (*x.shape[:-1], rope_dim)
+    try:
+        cos_b, sin_b = cos.expand(target), sin.expand(target)
+    except RuntimeError:
+        return NotImplemented
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return out
+    dim = x.shape[-1]
+    lead = [1] * (MAX_LEAD - (x.dim() - 1)) + list(x.shape[:-1])
+    rows = out.numel() // dim
+    block_p = triton.next_power_of_2(rope_dim // 2)
+    block_nope = min(triton.next_power_of_2(max(dim - rope_dim, 1)), 512)
+    block_r = max(1, min(16, 1024 // max(block_p, block_nope)))
+    _rope_kernel[(triton.cdiv(rows, block_r),)](
+        x, cos_b, sin_b, out, rows, dim, rope_dim, lead[1], lead[2], lead[3],
+        *_lead_strides(x), x.stride(-1), *_lead_strides(cos_b), cos_b.stride(-1), *_lead_strides(sin_b),
+        sin_b.stride(-1),
+        INVERSE=bool(inverse), BLOCK_R=block_r, BLOCK_NOPE=block_nope, BLOCK_P=block_p,
+        INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=4)
+    return out

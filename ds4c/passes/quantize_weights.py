@@ -1,0 +1,60 @@
+"""quantize_weights: read packed weights through ``quant.dequant``, as assign_precision decided.
+
+Needs: ``program.attrs["precision"]["assignment"]`` (param -> format). Guarantees: every assigned
+param ``%w`` is replaced by its packed graph inputs ``%w.qdata`` (and ``%w.scale``), and an op
+right before the first use rebuilds ``%w`` in its old type, so users are untouched and the
+reference backend holds one expanded weight at a time. The tensors themselves are packed by
+ds4c.quant.packing (at compile time when embedded, at load time otherwise).
+
+    before: param %lm_head.weight: bf16[512,64]
+            %logits = aten.linear.default(%x, %lm_head.weight) : bf16[B,S,512]
+    after:  param %lm_head.weight.qdata: f8e4m3[512,64], param %lm_head.weight.scale: u8[4,1]
+            %lm_head.weight = quant.dequant(%lm_head.weight.qdata, %lm_head.weight.scale, format="fp8",
+                                            shape=[512, 64], dtype=dtype(bf16)) : bf16[512,64]
+            %logits = aten.linear.default(%x, %lm_head.weight) : bf16[B,S,512]
+"""
+
+from __future__ import annotations
+
+from ds4c.ir.graph import Graph, GraphInput, Op, Value, replace_uses
+from ds4c.ir.types import TensorType
+from ds4c.passes.manager import PassContext, register_pass
+from ds4c.quant.formats import get_format
+from ds4c.quant.packing import packed_name
+
+
+@register_pass("quantize_weights")
+def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
+    assignment = (ctx.program_attrs.get("precision") or {}).get("assignment") or {}
+    if not assignment:
+        return graph
+    users = graph.users()
+    first_use = {id(op): i for i, op in enumerate(graph.ops)}
+    inputs: list[GraphInput] = []
+    mapping: dict[Value, Value] = {}
+    inserts: dict[int, list[Op]] = {}
+    for gi in graph.inputs:
+        v = gi.value
+        fmt_name = assignment.get(v.name) if gi.kind == "param" else None
+        if fmt_name is None or v not in users or not ctx.allow_rewrite(f"pack %{v.name} as {fmt_name}"):
+            inputs.append(gi)
+            continue
+        assert isinstance(v.type, TensorType)
+        fmt = get_format(fmt_name)
+        shape = tuple(int(d) for d in v.type.shape)
+        packed = [Value(packed_name(v.name, part), TensorType(dt, s)) for part, (s, dt) in
+                  fmt.packed_spec(shape).items()]
+        inputs.extend(GraphInput("param", p) for p in packed)
+        first = min(users[v], key=lambda op: first_use[id(op)])
+        result = Value(v.name, v.type)
+        op = Op("quant.dequant", tuple(packed), {"format": fmt.name, "shape": list(shape), "dtype": v.type.dtype},
+                (result,), loc=first.loc)
+        inserts.setdefault(first_use[id(first)], []).append(op)
+        mapping[v] = result
+    if not mapping:
+        return graph
+    ops: list[Op] = []
+    for i, op in enumerate(graph.ops):
+        ops.extend(inserts.get(i, ()))
+        ops.append(op)
+    return replace_uses(graph.copy(ops=ops, inputs=inputs), mapping)

@@ -1,0 +1,53 @@
+"""Packed weights under their artifact names: ``<param>.qdata`` and ``<param>.scale``.
+
+The same function packs embedded weights at compile time and referenced weights at load time
+(the manifest's ``quantize`` transform), so both paths store identical bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, MutableMapping
+
+import torch
+
+from ds4c.quant.formats import get_format
+
+
+def packed_name(param: str, part: str) -> str:
+    return f"{param}.{part}"
+
+
+def packed_names(assignment: Mapping[str, str]) -> set[str]:
+    """Names of every packed tensor of an assignment (param -> format)."""
+    return {packed_name(p, part) for p, f in assignment.items() for part in get_format(f).parts}
+
+
+def pack_weights(weights: MutableMapping[str, torch.Tensor], assignment: Mapping[str, str], *,
+                 keep: Iterable[str] = ()) -> MutableMapping[str, torch.Tensor]:
+    """Replace each assigned weight by its packed tensors, in place; weights already packed (or absent)
+    are skipped, so applying it twice changes nothing. Names in ``keep`` keep their unpacked tensor too."""
+    keep = set(keep)
+    for param, fmt_name in assignment.items():
+        if param not in weights:
+            continue
+        fmt = get_format(fmt_name)
+        w = weights[param] if param in keep else weights.pop(param)
+        for part, t in fmt.pack(w).items():
+            weights[packed_name(param, part)] = t.contiguous()
+        del w
+    return weights
+
+
+def stored_spec(spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]], assignment: Mapping[str, str],
+                read: Iterable[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The tensors an artifact stores, in ``spec`` order: packed parts in place of each assigned weight
+    (which is kept too where some graph still reads it unpacked, ``read``)."""
+    read = set(read)
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name, (shape, dtype) in spec.items():
+        if name in assignment:
+            for part, (s, dt) in get_format(assignment[name]).packed_spec(tuple(shape)).items():
+                out[packed_name(name, part)] = (s, dt)
+        if name not in assignment or name in read:
+            out[name] = (tuple(shape), dtype)
+    return out

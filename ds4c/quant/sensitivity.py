@@ -1,0 +1,100 @@
+"""Sensitivity: the error one unit's format causes alone, as a noise-to-signal ratio (NSR).
+
+``NSR = ||y' - y||² / ||y||²`` where ``y`` is the unit's op output on calibration activations
+with exact weights and ``y'`` the same op with only this unit's weights round-tripped through the
+format (activation-aware). Without activations (models too large to materialise) the NSR is taken
+on a sample of the weights themselves (``||w' - w||² / ||w||²``: the same number for isotropic
+inputs). Errors of independent units add: the policy bounds their sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from ds4c.backends.reference import ReferenceExecutor
+from ds4c.ir.graph import Graph, Value, map_values
+from ds4c.ir.registry import get_op, split_results
+from ds4c.quant.formats import Format
+from ds4c.quant.units import Unit
+
+
+def _nsr(got: torch.Tensor, want: torch.Tensor) -> float:
+    signal = float(want.double().pow(2).sum())
+    return float((got.double() - want.double()).pow(2).sum()) / max(signal, 1e-30)
+
+
+def _cast(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cast(o) for o in obj)
+    return obj
+
+
+def model_tokens(graph: Graph, weights: Mapping[str, torch.Tensor], vocab_size: int, *, sequences: int = 2,
+                 length: int = 64, rounds: int = 2, seed: int = 0) -> torch.Tensor:
+    """Calibration ids drawn from the model itself: start from random ids, then ``rounds`` times
+    replace every position by a sample of the model's next-token distribution at the one before."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (sequences, length), generator=g)
+    run = ReferenceExecutor(graph)
+    for _ in range(rounds):
+        logits = run.run({"input_ids": ids}, weights)["logits"].float()
+        nxt = torch.multinomial(torch.softmax(logits[:, :-1].reshape(-1, logits.shape[-1]), -1), 1, generator=g)
+        ids = torch.cat([ids[:, :1], nxt.view(sequences, length - 1)], dim=1)
+    return ids
+
+
+def activation_errors(graph: Graph, units: Iterable[Unit], weights: Mapping[str, torch.Tensor],
+                      tokens: torch.Tensor, formats: Iterable[Format]) -> dict[str, dict[str, float]]:
+    """NSR of each unit's op output, per format that can hold the unit, on one prefill of ``tokens``."""
+    units, formats = list(units), list(formats)
+    kinds = {gi.value: gi.kind for gi in graph.inputs}
+    needed = {v for u in units for v in graph.ops[u.op_index].operands if v not in kinds}
+    captured: dict[Value, object] = {}
+
+    def keep(i, op, outs):
+        for r, o in zip(op.results, outs, strict=True):
+            if r in needed:
+                captured[r] = o
+
+    feeds = {"input_ids": tokens}
+    ReferenceExecutor(graph, on_op=keep).run(feeds, weights)
+
+    def lookup(v: Value):
+        kind = kinds.get(v)
+        if kind is None:
+            return captured[v]
+        return {"param": weights, "const": graph.constants, "input": feeds}[kind][v.name]
+
+    out: dict[str, dict[str, float]] = {}
+    for u in units:
+        op = graph.ops[u.op_index]
+        opdef = get_op(op.name)
+        args, kwargs = _cast(map_values(op.args, lookup)), _cast(map_values(op.kwargs, lookup))
+        want = split_results(opdef.reference(*args, **kwargs))[0]
+        positions = [i for i, a in enumerate(op.args) if isinstance(a, Value) and a.name in u.params]
+        out[u.name] = {}
+        for fmt in formats:
+            if not all(fmt.holds(s) for s in u.shapes):
+                continue
+            trial = list(args)
+            for p in positions:
+                trial[p] = fmt.roundtrip(weights[op.args[p].name], torch.float32)
+            got = split_results(opdef.reference(*trial, **kwargs))[0]
+            out[u.name][fmt.name] = _nsr(got, want)
+    return out
+
+
+def weight_errors(samples: Iterable[torch.Tensor], formats: Iterable[Format]) -> dict[str, float]:
+    """NSR of the weights themselves, over samples of a unit's tensors, per format that holds them."""
+    samples = list(samples)
+    out = {}
+    for fmt in formats:
+        if not all(fmt.holds(tuple(s.shape)) for s in samples):
+            continue
+        err = sum(float((fmt.roundtrip(s).double() - s.double()).pow(2).sum()) for s in samples)
+        out[fmt.name] = err / max(sum(float(s.double().pow(2).sum()) for s in samples), 1e-30)
+    return out

@@ -1,0 +1,37 @@
+"""Packed weights in artifacts: compile-time packing (embedded) equals load-time packing (referenced)."""
+
+from __future__ import annotations
+
+import torch
+from typer.testing import CliRunner
+
+import ds4c
+from ds4c.cli import app
+
+
+def test_compiled_tiny_runs_packed_and_reports(tmp_path):
+    art = ds4c.compile("tiny", target="b200", precision="mxfp4-experts", max_context=32, progress=False)
+    prec, w = art.manifest["precision"], art.manifest["weights"]
+    kinds = {u["kind"]: u["format"] for u in prec["units"] if u["layer"] == 1}
+    assert kinds == {"linear": "fp8", "experts": "mxfp4", "shared_experts": "fp8"}
+    assert w["bytes"] == prec["weight_bytes"]
+    for k, t in art.weights.items():  # packed tensors exactly as the manifest (and the IR) declare them
+        if k.endswith((".qdata", ".scale")):
+            assert [list(t.shape), str(t.dtype)] == [w["tensors"][k]["shape"], "torch." + w["tensors"][k]["dtype"]]
+    experts = art.weights["model.layers.1.mlp.experts.gate_up_proj.qdata"]
+    assert experts.dtype == torch.uint8 and list(experts.shape) == [8, 64, 32]
+    assert "quant.dequant" in art.ir_text("decode")
+    path = art.save(tmp_path / "t.ds4")
+    # embedded (packed at compile time) and referenced (packed at load) weights are the same bytes
+    ref = ds4c.compile("tiny", target="b200", precision="mxfp4-experts", max_context=32, progress=False,
+                       weights="reference")
+    ref_path = ref.save(tmp_path / "r.ds4")
+    a, b = ds4c.load(path), ds4c.load(ref_path)
+    assert set(a.weights) == set(b.weights)
+    assert all(torch.equal(a.weights[k].view(torch.uint8) if a.weights[k].element_size() == 1 else a.weights[k],
+                           b.weights[k].view(torch.uint8) if b.weights[k].element_size() == 1 else b.weights[k])
+               for k in a.weights)
+    ids = torch.randint(0, 512, (1, 12))
+    assert torch.equal(a(ids), b(ids))
+    res = CliRunner().invoke(app, ["inspect", str(path)])
+    assert res.exit_code == 0 and "mxfp4" in res.output and "vs bf16" in res.output, res.output
