@@ -39,7 +39,8 @@ def calibration_for(source: ModelSource, spec: WeightSpec, dtype: torch.dtype, *
         return t[tuple(slice(0, s) for s in shape)]
 
     arrival = shipped_formats(source.path, spec) if source.kind == "checkpoint" and source.path else {}
-    return Calibration(load_all=load_all if materialise else None, sample=sample, tokens=tokens, arrival=arrival)
+    return Calibration(load_all=load_all if materialise else None, sample=sample, tokens=tokens, arrival=arrival,
+                       iid_by_role=source.kind == "preset")
 
 
 def shipped_formats(directory: Path, spec: WeightSpec) -> dict[str, str]:

@@ -16,6 +16,7 @@ on samples of the weights (a few experts, a slab of rows) drawn from the source.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from ds4c.quant.policy import ACTIVATION_FORMATS, AUTO_MENU, DEFAULT_ERROR_BOUND
 from ds4c.quant.sensitivity import activation_errors, model_tokens, weight_errors
 from ds4c.quant.units import Unit, find_units
 
+_LAYER = re.compile(r"layers\.\d+\.")  # a unit's role: its parameter names without the layer index
 CALIBRATION_SEQUENCES = 2
 CALIBRATION_LENGTH = 64
 
@@ -54,6 +56,11 @@ def _measure(graph: Graph, units: list[Unit], cal: Calibration, formats: list[st
     errors, how = {}, set()
     gen = torch.Generator().manual_seed(0)
     for u in units:
+        role = tuple(_LAYER.sub("layers.*.", p) for p in u.params), tuple(tuple(s) for s in u.shapes), tuple(formats)
+        if cal.iid_by_role and role in cal.errors_cache:
+            errors[u.name], kind = cal.errors_cache[role]
+            how.add(kind)
+            continue
         samples = [cal.sample(p, sample_shape(s)) if cal.sample else None for p, s in zip(u.params, u.shapes,
                                                                                          strict=True)]
         if any(s is None for s in samples):
@@ -63,6 +70,7 @@ def _measure(graph: Graph, units: list[Unit], cal: Calibration, formats: list[st
         else:
             how.add("weight samples")
         errors[u.name] = weight_errors(samples, fmts)
+        cal.errors_cache[role] = (errors[u.name], "estimated" if "estimated" in how else "weight samples")
     return errors, "+".join(sorted(how)) or "not measured"
 
 

@@ -21,6 +21,10 @@ class Calibration:
     sample: Callable[[str, Shape], torch.Tensor | None] | None = None  # a representative slice of a weight
     tokens: torch.Tensor | None = None  # [N, S] calibration token ids; None: generated from the model
     arrival: Mapping[str, str] = field(default_factory=dict)  # param -> format the checkpoint ships it in
+    # Samples of weights with the same role and shape are draws of one distribution (preset weights):
+    # one measurement per (role, shapes) then stands for every layer.
+    iid_by_role: bool = False
+    errors_cache: dict = field(default_factory=dict, repr=False)
     _weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
