@@ -13,12 +13,12 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.fx as fx
 
+from ds4c.backends.reference import _FUNCTIONAL_VIEWS
 from ds4c.errors import IRError
 from ds4c.ir.graph import Graph, Op, Value, map_values
 from ds4c.ir.registry import SYM_OPS, TorchOpDef, get_op
 
 _SYM_FNS = {v: k for k, v in SYM_OPS.items()}
-_FUNCTIONAL_VIEWS = ("aten.view.default", "aten._unsafe_view.default")
 
 
 def _attr_name(name: str) -> str:
@@ -55,6 +55,7 @@ def to_graph_module(graph: Graph, params: Mapping[str, torch.Tensor],
         opdef = get_op(op.name)
         args = map_values(op.args, env.__getitem__)
         kwargs = map_values(op.kwargs, env.__getitem__)
+        indexed = len(op.results) != 1  # results taken from the node with getitem
         if op.name in _FUNCTIONAL_VIEWS:  # graphs are functional: a view's values are a reshape's
             node = g.call_function(torch.ops.aten.reshape.default, tuple(args), dict(kwargs))
         elif isinstance(opdef, TorchOpDef):
@@ -62,11 +63,10 @@ def to_graph_module(graph: Graph, params: Mapping[str, torch.Tensor],
         elif op.name in _SYM_FNS:
             node = g.call_function(_SYM_FNS[op.name], tuple(args), dict(kwargs))
         elif lower_fused is not None:
-            node = lower_fused(g, op, tuple(args), dict(kwargs))
+            node, indexed = lower_fused(g, op, tuple(args), dict(kwargs)), True
         else:
             node = g.call_function(opdef.reference, tuple(args), dict(kwargs))
-        if len(op.results) == 1 and not (lower_fused is not None and not isinstance(opdef, TorchOpDef)
-                                         and op.name not in _SYM_FNS):
+        if not indexed:
             env[op.results[0]] = node
         else:
             import operator

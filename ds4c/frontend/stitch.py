@@ -143,9 +143,8 @@ def stitch_graph(proxy: Graph, kind_of_layer: list[int], n_proxy_layers: int) ->
             for r in op.results:
                 seg_of[r] = s
 
-    # Per proxy segment: values it takes from the previous segment (carried in) and gives to later ones.
+    # Per proxy segment: the values it takes from the segment before (what that one hands on).
     carried_in: list[list[Value]] = [[] for _ in segs]
-    carried_out: list[list[Value]] = [[] for _ in segs]
     for s, ops in enumerate(segs):
         seen: set[Value] = set()
         for op in ops:
@@ -166,17 +165,15 @@ def stitch_graph(proxy: Graph, kind_of_layer: list[int], n_proxy_layers: int) ->
     for s in range(2, len(segs)):
         order = {r: i for i, r in enumerate(r for op in segs[s - 1] for r in op.results)}
         carried_in[s].sort(key=order.__getitem__)
-        carried_out[s - 1] = carried_in[s]
     # The first layer reads its residual streams straight from the prologue, next to shared
     # prologue values (positions, sizes): they are the prologue values of the types it hands on.
     used_by_first = list(dict.fromkeys(v for op in segs[1] for v in op.operands if seg_of.get(v) == 0))
-    for v in carried_out[1]:
+    for v in carried_in[2]:
         cands = [u for u in used_by_first if str(u.type) == str(v.type)]
         if len(cands) != 1:
             raise IRError(f"graph @{proxy.name}: cannot tell which prologue value feeds the first layer's "
                           f"{v.type} stream ({len(cands)} candidates); cannot stitch per-kind traces")
         carried_in[1].append(cands[0])
-    carried_out[0] = carried_in[1]
     for name, v in proxy.outputs:
         if 1 <= seg_of.get(v, -1) <= n_proxy_layers and not _LAYER_STATE.match(name):
             raise IRError(f"graph @{proxy.name}: output '{name}' is computed inside a layer but is not that "
@@ -232,12 +229,12 @@ def stitch_graph(proxy: Graph, kind_of_layer: list[int], n_proxy_layers: int) ->
                 local[old] = new
         if layer is None:
             env.update(local)
-        if layer is not None:
+        else:
             for n, v in proxy.outputs:
                 m = _LAYER_STATE.match(n)
                 if m and int(m.group(1)) == s - 1:
                     layer_outputs.append((_rename_layer(n, _LAYER_STATE, "layers.", layer), resolve(v)))
-        return [local[v] for v in carried_out[s]]
+        return [local[v] for v in carried_in[s + 1]] if s + 1 < len(segs) else []
 
     layer_outputs: list[tuple[str, Value]] = []
     carried = copy_segment(0, None, [])

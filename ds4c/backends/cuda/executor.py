@@ -57,7 +57,7 @@ def _moe_without_host_sync(*args: Any, **kwargs: Any) -> Any:
 
 
 # Torch formulations used when no Triton launcher is registered for the op.
-_TORCH_FALLBACKS: dict[str, Callable[..., Any]] = {"moe": _moe_without_host_sync}
+TORCH_FALLBACKS: dict[str, Callable[..., Any]] = {"moe": _moe_without_host_sync}
 
 
 class KernelExecutor(ReferenceExecutor):
@@ -68,7 +68,7 @@ class KernelExecutor(ReferenceExecutor):
         if use_kernels:
             steps = []
             for op, opdef, args, kwargs in self._steps:
-                launcher = get_kernel(op.name) or _TORCH_FALLBACKS.get(op.name)
+                launcher = get_kernel(op.name) or TORCH_FALLBACKS.get(op.name)
                 if launcher is not None:
                     opdef = _KernelOp(opdef, launcher, self.counts)
                 steps.append((op, opdef, args, kwargs))

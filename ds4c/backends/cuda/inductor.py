@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ds4c.backends.cuda.executor import TORCH_FALLBACKS
 from ds4c.backends.cuda.kernels import get_kernel
 from ds4c.backends.fx import to_graph_module
 from ds4c.backends.reference import _retarget_devices
@@ -33,12 +34,10 @@ def _run_fused(name: str, args: list, kwargs: dict, *, fake: bool) -> list[torch
         return split_results(fn(*args, **kwargs))
     launcher = get_kernel(name)
     out = launcher(*args, **kwargs) if launcher is not None else NotImplemented
+    if out is NotImplemented and name in TORCH_FALLBACKS:
+        out = TORCH_FALLBACKS[name](*args, **kwargs)
     if out is NotImplemented:
-        if name == "moe":
-            capturing = args[0].is_cuda and torch.cuda.is_current_stream_capturing()
-            out = moe_gather_formulation(*args, **kwargs) if capturing else opdef.reference(*args, **kwargs)
-        else:
-            out = opdef.reference(*args, **kwargs)
+        out = opdef.reference(*args, **kwargs)
     outs = split_results(out)
     ptrs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
     # a custom op may not return (views of) its inputs, and its outputs' strides must be the fake
