@@ -88,7 +88,7 @@ def compile(
     if weights not in ("auto", "embed", "reference"):
         raise ConfigError(f"weights='{weights}': choose auto, embed or reference")
 
-    with progress_steps(f"compiling for {tgt.name}", total=4, enabled=progress) as steps:
+    with progress_steps(f"compiling for {tgt.name}", total=5, enabled=progress) as steps:
         steps.advance("tracing (torch.export)", 0)
         program, meta_model = trace_program(config, max_context, dtype)
         steps.advance("running passes")
@@ -130,6 +130,10 @@ def compile(
             embedded = {k: loaded[k] for k in spec}
             pack_weights(embedded, assignment, keep=read)
             embedded = {k: embedded[k] for k in stored}
+        steps.advance(f"device code ({tgt.backend})")
+        from ds4c.backends import lower_kernels
+
+        kernel_section, kernel_members = lower_kernels(tgt, program, progress=progress)
         steps.advance("done")
 
     manifest: dict[str, Any] = {
@@ -157,7 +161,7 @@ def compile(
             "transforms": [{"op": "cast", "dtype": str(dtype).removeprefix("torch."), "tensors": "floating"}]
             + ([{"op": "quantize", "tensors": assignment}] if assignment else []),
         },
-        "kernels": {},
+        "kernels": kernel_section,
     }
     extras = {}
     if source.kind == "checkpoint" and source.path is not None and (source.path / "tokenizer.json").is_file():
@@ -167,7 +171,7 @@ def compile(
         manifest["tokenizer"] = {"kind": "bytes"}
     else:
         manifest["tokenizer"] = {"kind": "none"}
-    return Artifact(manifest=manifest, program=program, weights=embedded, extras=extras)
+    return Artifact(manifest=manifest, program=program, weights=embedded, kernels=kernel_members, extras=extras)
 
 
 def _config_where(source: ModelSource) -> str:
