@@ -48,3 +48,77 @@ class Dequant(OpDef):
         res = op.result.type
         if isinstance(res, TensorType) and (tuple(res.shape) != shape or res.dtype != op.kwargs.get("dtype")):
             raise VerificationError(f"quant.dequant: result {res} must be {op.kwargs.get('dtype')}{list(shape)}")
+
+
+def dequant_operands(args: tuple, formats: list[str], shapes: list[list[int]], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Weight operands of a packed op back in ``dtype``: one group of packed tensors per format
+    (the format's ``packed_spec`` order), or one plain tensor where the format is ``none``."""
+    from ds4c.quant.formats import get_format
+
+    out, i = [], 0
+    for fmt_name, shape in zip(formats, shapes, strict=True):
+        if fmt_name == "none":
+            out.append(args[i])
+            i += 1
+            continue
+        fmt = get_format(fmt_name)
+        names = list(fmt.packed_spec(tuple(shape)))
+        out.append(fmt.unpack(dict(zip(names, args[i:i + len(names)], strict=True)), tuple(shape), dtype))
+        i += len(names)
+    if i != len(args):
+        raise VerificationError(f"packed operands: {len(args)} tensors for formats {formats}, expected {i}")
+    return out
+
+
+def packed_operand_count(formats: list[str], shapes: list[list[int]]) -> int:
+    from ds4c.quant.formats import get_format
+
+    return sum(1 if f == "none" else len(get_format(f).packed_spec(tuple(s))) for f, s in zip(formats, shapes, strict=True))
+
+
+@register_op
+class LinearPacked(OpDef):
+    """``y = x @ dequant(w)ᵀ`` with ``w`` still packed: what device backends run in place of
+    ``quant.dequant`` + ``aten.linear`` so a GEMM reads the packed bytes (ds4c.backends.cuda.packed).
+
+        %y = linear.packed(%x, %w.qdata, %w.scale, format="fp8", shape=[4096,1024]) : bf16[1,1,4096]
+    """
+
+    name = "linear.packed"
+    num_results = 1
+
+    def reference(self, x: torch.Tensor, *packed: torch.Tensor, format: str, shape: list[int]) -> torch.Tensor:
+        (w,) = dequant_operands(packed, [format], [shape], x.dtype)
+        return torch.nn.functional.linear(x, w)
+
+    def verify(self, op) -> None:
+        super().verify(op)
+        n = packed_operand_count([op.kwargs.get("format")], [op.kwargs.get("shape")])
+        if len(op.args) != 1 + n:
+            raise VerificationError(f"linear.packed: format {op.kwargs.get('format')} takes x and {n} packed operands")
+
+
+MOE_WEIGHTS = ("gate_up", "down", "s_gate", "s_up", "s_down")
+
+
+@register_op
+class MoePacked(OpDef):
+    """``moe`` whose expert weights (``gate_up``, ``down``, ``s_gate``, ``s_up``, ``s_down``, in that
+    order) may be packed: ``formats[i]`` / ``shapes[i]`` describe weight ``i`` (``none``: a plain
+    tensor operand). Operands: x, ids, router, selector, then each weight's tensors."""
+
+    name = "moe.packed"
+    num_results = 1
+
+    def reference(self, x, ids, router, selector, *packed, formats: list[str], shapes: list[list[int]], **kwargs):
+        from ds4c.ops.moe import moe_reference
+
+        return moe_reference(x, ids, router, selector, *dequant_operands(packed, formats, shapes, x.dtype), **kwargs)
+
+    def verify(self, op) -> None:
+        super().verify(op)
+        formats, shapes = op.kwargs.get("formats") or [], op.kwargs.get("shapes") or []
+        if len(formats) != len(MOE_WEIGHTS) or len(shapes) != len(MOE_WEIGHTS):
+            raise VerificationError(f"moe.packed: formats and shapes name the {len(MOE_WEIGHTS)} weights {MOE_WEIGHTS}")
+        if len(op.args) != 4 + packed_operand_count(formats, shapes):
+            raise VerificationError(f"moe.packed: {len(op.args)} operands do not match formats {formats}")

@@ -1,0 +1,144 @@
+"""``linear.packed`` for a few rows (decode): a GEMV that reads the packed weight bytes.
+
+Decode multiplies one token per sequence by every weight matrix, so its linears are bound by the
+weight bytes they read. Reading FP8 (1 byte + a scale per 128x128 block) or INT8 (1 byte + a
+scale per row) instead of BF16 halves that traffic, provided nothing expands the weight first:
+the tile is loaded in its storage type, converted in registers (exact: e4m3 and int8 values are
+bf16 values) and the block scale is applied to each partial dot product.
+
+``y[M, N] = x[M, K] @ wᵀ``, ``w`` [N, K]. A program owns ``block_n`` output columns and one
+K-slice of ``k_split`` inputs; with more than one slice the fp32 partials are summed by torch
+(deterministic, no atomics). Slices and tiles are chosen so the grid covers the SMs a few times
+over; a K step stays inside one 128-wide scale block, so a step needs one scale per column.
+
+More than ``MAX_ROWS`` rows (prefill) is compute-bound: the launcher declines and the reference
+(dequantise once, cuBLAS) runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ds4c.backends.cuda.kernels import register_kernel
+from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
+
+MAX_ROWS = 64
+SCALE_BLOCK = 128
+# scale modes (constexpr SCALE)
+NO_SCALE, BLOCK_F32, BLOCK_UE8M0, ROW_F32 = 0, 1, 2, 3
+_MODES = {"bf16": NO_SCALE, "fp8-f32scale": BLOCK_F32, "fp8": BLOCK_UE8M0, "int8": ROW_F32}
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    k_split: int  # inputs per program (a multiple of block_k)
+    num_warps: int
+    num_stages: int
+
+
+def gemv_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> GemvConfig:
+    """Tiles for ``m`` rows of an [n, k] weight: 64 columns x 128 inputs per step (one FP8 scale
+    block wide), and K split until the grid holds about four programs per SM."""
+    block_m = max(16, triton.next_power_of_2(m))
+    block_k = 64 if dtype == torch.float32 else 128
+    block_n = 64 if block_m <= 32 else 32
+    n_blocks = triton.cdiv(n, block_n)
+    steps = triton.cdiv(k, block_k)
+    split = 1
+    while n_blocks * split < 4 * sms and steps // (split * 2) >= 4:
+        split *= 2
+    k_split = triton.cdiv(steps, split) * block_k
+    return GemvConfig(block_m, block_n, block_k, k_split, 4, 4 if dtype != torch.float32 else 2)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, k_split, s_cols,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr,
+                 PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = cols < N
+    k_lo = pid_k * k_split
+    k_hi = tl.minimum(k_lo + k_split, K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_hi
+        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(q_ptr + cols.to(tl.int64)[None, :] * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        w = storage_to_dot(w, x_ptr.dtype.element_ty, INTERPRETER_BF16)
+        part = tl.dot(dot_operand(x, INTERPRETER_BF16), w, input_precision=PRECISION)
+        if SCALE == 1 or SCALE == 2:
+            s = tl.load(s_ptr + (cols // 128) * s_cols + k0 // 128, mask=n_ok, other=0)
+            if SCALE == 2:
+                s = tl.exp2(s.to(tl.float32) - 127.0)
+            acc += part * s[None, :]
+        else:
+            acc += part
+    if SCALE == 3:
+        acc = acc * tl.load(s_ptr + cols, mask=n_ok, other=0.0)[None, :]
+    y_ptrs = y_ptr + pid_k * M * N + offs_m[:, None] * N + cols[None, :]
+    tl.store(y_ptrs, round_to(acc, y_ptr.dtype.element_ty, INTERPRETER_BF16), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def storage_to_dot(w, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """A weight tile in its storage type (fp8, int8, bf16, ...) as a dot operand of ``dtype``
+    (exact: every e4m3 and int8 value is a bf16 value); fp32 under the interpreter's bf16 bugs."""
+    if INTERPRETER_BF16:
+        return w.to(tl.float32)
+    return w.to(dtype)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, format: str) -> torch.Tensor | None:
+    """``x @ dequant(w)ᵀ`` for x [M, K] (M <= MAX_ROWS), or None when this kernel does not apply."""
+    mode = _MODES.get(format)
+    m, k = x.shape
+    n = qdata.shape[0]
+    if mode is None or x.dtype not in _DTYPES or m > MAX_ROWS or qdata.dim() != 2 or qdata.shape[1] != k:
+        return None
+    if mode in (BLOCK_F32, BLOCK_UE8M0) and (scale is None or scale.shape != (triton.cdiv(n, SCALE_BLOCK),
+                                                                             triton.cdiv(k, SCALE_BLOCK))):
+        return None
+    x, qdata = x.contiguous(), qdata.contiguous()
+    scale = qdata if scale is None else scale.contiguous()
+    cfg = gemv_config(m, n, k, x.dtype, _sm_count(x.device))
+    split = triton.cdiv(k, cfg.k_split)
+    y = torch.empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
+        x, qdata, scale, y, m, n, k, cfg.k_split, scale.shape[-1] if mode in (BLOCK_F32, BLOCK_UE8M0) else 0,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SCALE=mode,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", INTERPRETER_BF16=interpreter_bf16(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y[0] if split == 1 else y.sum(0).to(x.dtype)
+
+
+@register_kernel("linear.packed")
+def linear_packed(x, *packed, format: str, shape: list[int]):
+    """Launcher with ``linear.packed``'s reference signature; declines more than MAX_ROWS rows
+    and formats without a kernel (mxfp4: dequantised by the reference)."""
+    if format not in _MODES or len(shape) != 2 or not packed:
+        return NotImplemented
+    flat = x.reshape(-1, x.shape[-1])
+    y = gemv(flat, packed[0], packed[1] if len(packed) > 1 else None, format)
+    if y is None:
+        return NotImplemented
+    return y.view(*x.shape[:-1], shape[0])
