@@ -1,0 +1,89 @@
+"""Kernels that read packed weights (``linear.packed``, ``moe.packed``) against their references,
+and the load-time rewrite that hands them the packed tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds4c.backends.cuda.executor import unpack_weights_once
+from ds4c.backends.cuda.kernels.linear import linear_packed
+from ds4c.backends.cuda.kernels.moe import moe_packed
+from ds4c.backends.reference import ReferenceExecutor
+from ds4c.ir.registry import get_op
+from ds4c.quant.formats import get_format
+from tests.backends.cuda.test_moe_kernels import DEVICE, make_inputs
+
+# fp32 compute: the kernels multiply the stored values exactly; bf16: the reference rounds the
+# dequantised weight to bf16 first (fp32 scales) and its output, the kernel only its output.
+TOLERANCE = {torch.float32: {"atol": 2e-5, "rtol": 2e-5}, torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2}}
+FORMATS = ("fp8", "fp8-f32scale", "int8")
+
+
+def pack(w: torch.Tensor, fmt: str) -> list[torch.Tensor]:
+    f = get_format(fmt)
+    p = f.pack(w.float().cpu())
+    return [p[name].to(w.device) for name in f.packed_spec(tuple(w.shape))]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows,n,k,dtype", [
+    (1, 200, 384, torch.float32),   # decode; N not a multiple of the tile or of a scale block
+    (3, 256, 1000, torch.float32),  # K ragged inside a scale block
+    (40, 130, 256, torch.float32),  # many rows: a wider row tile
+    (2, 192, 512, torch.bfloat16),
+])
+def test_linear_packed_matches_reference(fmt, rows, n, k, dtype):
+    g = torch.Generator().manual_seed(rows * n + k)
+    x = torch.randn(1, rows, k, generator=g).to(dtype).to(DEVICE)
+    packed = pack(torch.randn(n, k, generator=g).to(DEVICE) / 8, fmt)
+    got = linear_packed(x, *packed, format=fmt, shape=[n, k])
+    assert got is not NotImplemented
+    want = get_op("linear.packed").reference(x, *packed, format=fmt, shape=[n, k])
+    assert got.shape == want.shape == (1, rows, n) and got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
+
+
+def test_linear_packed_declines_prefill_rows_and_mxfp4():
+    x = torch.randn(1, 65, 64, device=DEVICE)
+    assert linear_packed(x, *pack(torch.randn(32, 64, device=DEVICE), "fp8"), format="fp8", shape=[32, 64]) \
+        is NotImplemented
+    assert linear_packed(x[:, :1], *pack(torch.randn(32, 64, device=DEVICE), "mxfp4"), format="mxfp4",
+                         shape=[32, 64]) is NotImplemented
+
+
+@pytest.mark.parametrize("fmt,tokens,dtype", [("fp8", 1, torch.float32), ("int8", 3, torch.float32),
+                                              ("fp8-f32scale", 40, torch.float32), ("fp8", 2, torch.bfloat16)])
+def test_moe_packed_matches_reference(fmt, tokens, dtype):
+    # d and inter span two 128-wide scale blocks, so a tile's columns read two scale rows
+    args = make_inputs(tokens, 8, 256, 160, dtype, "bias", 2, seed=tokens)
+    formats = [fmt, fmt, fmt, "none", fmt]  # one shared-expert weight left plain
+    operands, shapes = list(args[:4]), []
+    for w, f in zip(args[4:], formats, strict=True):
+        shapes.append(list(w.shape))
+        operands.extend([w] if f == "none" else pack(w, f))
+    kw = dict(formats=formats, shapes=shapes, top_k=2, route_scale=1.5, swiglu_limit=10.0, routing="bias",
+              score="sqrtsoftplus")
+    got = moe_packed(*operands, **kw)
+    assert got is not NotImplemented
+    want = get_op("moe.packed").reference(*operands, **kw)
+    torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
+
+
+def test_rewrite_keeps_fp8_packed_and_preserves_the_reference_result():
+    import ds4c
+
+    art = ds4c.compile("tiny", target="h100", precision="fp8", progress=False)
+    graphs, weights, expanded = unpack_weights_once(art.program.graphs, art.weights)
+    ops = [op.name for g in graphs.values() for op in g.ops]
+    assert "linear.packed" in ops and "moe.packed" in ops and "moe" not in ops and "quant.dequant" not in ops
+    # expanded at load: weights whose use no kernel reads packed (the grouped output projection)
+    assert expanded and all("o_a_proj" in name for name in expanded), expanded
+    users = {v.name: op.name for g in graphs.values() for op in g.ops for v in op.operands}
+    assert {users[name] for name in expanded} == {"linear.grouped"}
+    assert any(w.dtype == torch.float8_e4m3fn for w in weights.values())
+    ids = {"input_ids": torch.tensor([[3, 1, 4, 1, 5, 9]])}
+    want = ReferenceExecutor(art.program.graphs["prefill"], "cpu").run(ids, art.weights)["logits"]
+    got = ReferenceExecutor(graphs["prefill"], "cpu").run(ids, weights)["logits"]
+    # the same math in the same order (dequantise, then linear / moe): bit-identical
+    assert torch.equal(got, want)
