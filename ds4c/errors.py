@@ -37,3 +37,7 @@ class ArtifactError(Ds4cError):
 
 class InputError(Ds4cError):
     """Bad runtime input: token ids out of range, context longer than compiled maximum, ..."""
+
+
+class KernelError(Ds4cError):
+    """A device kernel failed to compile ahead of time, or an artifact's stored binaries are unusable."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +30,7 @@ class CompiledModel:
     """A loaded artifact. ``model(ids)`` gives logits; ``model.generate(ids, n)`` gives tokens."""
 
     def __init__(self, manifest: dict[str, Any], program: Program, weights: dict[str, torch.Tensor],
-                 device: torch.device, backend: str = "auto", cuda_graphs: bool = True):
+                 device: torch.device, backend: str = "auto", cuda_graphs: bool = True, container: Any = None):
         self.manifest = manifest
         self.program = program
         self.weights = weights
@@ -37,10 +38,16 @@ class CompiledModel:
         self.max_context = int(manifest["max_context"])
         self.vocab_size = int(manifest["model"]["config"]["vocab_size"])
         self.state_layout = manifest["state"]
-        self.backend = _pick_backend(backend, device)
+        self.backend = _pick_backend(backend, device, manifest)
         self.unpacked_weights: list[str] = []
+        # what ds4c.load did with the artifact's stored kernel binaries (ds4c.backends.cuda.binaries)
+        self.kernel_binaries = "unused: the reference backend runs no device kernels"
+        self.kernel_target = None  # the target record kernel configurations are chosen for
         if self.backend in ("kernels", "compiled"):
             from ds4c.backends.cuda.executor import unpack_weights_once
+            from ds4c.backends.cuda.kernels.configs import kernel_target
+
+            self.kernel_target = kernel_target(manifest["target"])
 
             graphs, weights, self.unpacked_weights = unpack_weights_once(program.graphs, weights)
             program = Program(graphs, program.attrs)
@@ -53,6 +60,14 @@ class CompiledModel:
             from ds4c.backends.cuda.executor import KernelExecutor
 
             self._executors = {name: KernelExecutor(g, device) for name, g in program.graphs.items()}
+        elif self.backend == "npu":  # NPU ops through the TVM host build (ds4c.backends.npu.executor)
+            from ds4c.backends.npu.executor import NpuExecutor, load_library
+
+            if device.type != "cpu":
+                raise InputError(f"backend 'npu' runs the NPU kernels' host simulator on the CPU, not on {device}; "
+                                 "use device='cpu'")
+            vm, section = load_library(manifest, container, "artifact")
+            self._executors = {name: NpuExecutor(g, vm, section, device) for name, g in program.graphs.items()}
         else:
             self._executors = {name: ReferenceExecutor(g, device) for name, g in program.graphs.items()}
         # decode steps captured as CUDA graphs, per batch size (state updated in place)
@@ -91,10 +106,19 @@ class CompiledModel:
         return out
 
     # -- entry points ---------------------------------------------------------------------------
+    def _kernel_configs(self) -> Any:
+        """Launchers choose tiles and options for the kernel target while the model runs."""
+        if self.kernel_target is None:
+            return contextlib.nullcontext()
+        from ds4c.backends.cuda.kernels.configs import use_target
+
+        return use_target(self.kernel_target)
+
     @torch.no_grad()
     def prefill(self, input_ids: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = self._check_ids(input_ids)
-        out = self._executors["prefill"].run({"input_ids": ids}, self.weights)
+        with self._kernel_configs():
+            out = self._executors["prefill"].run({"input_ids": ids}, self.weights)
         logits = out.pop("logits")
         return logits, out
 
@@ -109,6 +133,11 @@ class CompiledModel:
         return self._decode(ids, position, state)
 
     def _decode(self, ids: torch.Tensor, position: int, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        with self._kernel_configs():
+            return self._decode_step(ids, position, state)
+
+    def _decode_step(self, ids: torch.Tensor, position: int, state: dict[str, torch.Tensor]
+                     ) -> tuple[torch.Tensor, dict]:
         if self.cuda_graphs:
             from ds4c.backends.cuda.executor import GraphedDecode
 
@@ -176,13 +205,15 @@ class CompiledModel:
                 f"max_context={self.max_context}, weights={len(self.weights)} tensors)")
 
 
-BACKENDS = ("auto", "kernels", "compiled", "reference")
+BACKENDS = ("auto", "kernels", "compiled", "npu", "reference")
 
 
-def _pick_backend(backend: str, device: torch.device) -> str:
+def _pick_backend(backend: str, device: torch.device, manifest: dict[str, Any] | None = None) -> str:
     if backend not in BACKENDS:
         raise InputError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
+        if device.type == "cpu" and ((manifest or {}).get("kernels") or {}).get("backend") == "npu":
+            return "npu"
         return "kernels" if device.type == "cuda" else "reference"
     return backend
 
@@ -194,7 +225,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
 
     ``backend``: ``kernels`` (Triton kernels for fused ops, the rest op by op; default on CUDA),
     ``compiled`` (the same kernels, everything between them compiled whole by TorchInductor, once
-    per input shape), ``reference`` (every op's PyTorch reference; default on CPU) or ``auto``. ``cuda_graphs``: capture decode steps as
+    per input shape), ``npu`` (an ``npu`` artifact's TVM kernels through their host build, the
+    functional simulator; default for such artifacts on CPU), ``reference`` (every op's PyTorch reference; default on CPU) or ``auto``. ``cuda_graphs``: capture decode steps as
     CUDA graphs (CUDA only). ``weights``: tensors to use instead of the artifact's (same names and
     shapes, e.g. a transformers model's parameters, shared without copying).
     """
@@ -240,8 +272,13 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
         t = weights[k]
         if tuple(t.shape) != shape:
             raise ArtifactError(f"{path}: weight '{k}' has shape {list(t.shape)}, the program expects {list(shape)}")
-    model = CompiledModel(manifest, program, weights, device, backend=backend, cuda_graphs=cuda_graphs)
+    model = CompiledModel(manifest, program, weights, device, backend=backend, cuda_graphs=cuda_graphs,
+                          container=container)
     model.container = container
+    if manifest.get("kernels") or model.backend != "reference":
+        from ds4c.backends.cuda.binaries import use_stored_binaries
+
+        model.kernel_binaries = use_stored_binaries(manifest, container, device, model.backend, os.fspath(path))
     return model
 
 

@@ -16,47 +16,17 @@ With S > 1 a tile whose bias is -inf for every row is skipped (exact: it would a
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
+from ds4c.backends.cuda.kernels.configs import AttentionConfig, active_target, attention_config, dot_precision
+
+__all__ = ["AttentionConfig", "attention", "attention_config", "dot_operand", "interpreter_bf16", "round_to"]
 
 LOG2E = 1.4426950408889634
-
-
-@dataclass(frozen=True)
-class AttentionConfig:
-    block_m: int  # (query, head) rows per tile
-    block_t: int  # keys per step of the online softmax
-    block_d: int  # chunk of D in the Q·Kᵀ reduction
-    block_dv: int  # output columns per program
-    num_warps: int
-    num_stages: int
-
-
-def attention_config(head_dim: int, dtype: torch.dtype, skip_masked: bool) -> AttentionConfig:
-    """Tile sizes from (D, dtype, whether masked blocks are skipped), measured on an H100 (triton 3.6).
-
-    Triton software-pipelines the T loop only without the block-skipping branch (decode), and then
-    keeps ``num_stages`` copies of every D chunk of Q and K and of the V slice in shared memory.
-    D=512 bf16 decode (block_t=32): 164 KB shared, 172 registers, no spills; block_t=64 asked for
-    264 KB and failed to launch (an H100 block may use 227 KB). With skipping (S > 1) nothing is
-    pipelined and one chunk lives at a time, so prefill takes block_t=64 and the whole 512-column
-    output per program (64x512 fp32 accumulator over 8 warps: 64 KB shared, 255 registers, a few
-    spills), 1.7x faster than two 256-column programs at S=T=2048. fp32 (tests, reference checks)
-    runs unpipelined: 168 KB shared at D=512.
-    """
-    d_pad = max(16, triton.next_power_of_2(head_dim))
-    if d_pad <= 128:
-        return AttentionConfig(64, 64, d_pad, d_pad, 4, 2)
-    if dtype == torch.float32:
-        return AttentionConfig(64, 32, 64, min(256, d_pad), 8, 1)
-    if skip_masked:
-        return AttentionConfig(64, 64, 128, min(512, d_pad), 8, 2)
-    return AttentionConfig(64, 32, 128, 256, 8, 2)
 
 
 def interpreter_bf16(dtype: torch.dtype) -> bool:
@@ -183,7 +153,8 @@ def attention(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, sinks: to
     if out.numel() == 0:
         return out
     skip_masked = s > 1
-    cfg = attention_config(d, q.dtype, skip_masked)
+    target = active_target()
+    cfg = attention_config(d, q.dtype, skip_masked, target)
     grid = (triton.cdiv(s * h, cfg.block_m), triton.cdiv(d, cfg.block_dv), b)
     _attention_kernel[grid](
         q, keys, bias, sinks, out,
@@ -193,9 +164,8 @@ def attention(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, sinks: to
         bias.stride(0), bias.stride(2), bias.stride(3),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         D=d, BLOCK_M=cfg.block_m, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv,
-        SKIP_MASKED=skip_masked, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        INTERPRETER_BF16=interpreter_bf16(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SKIP_MASKED=skip_masked, PRECISION=dot_precision(q.dtype, target),
+        INTERPRETER_BF16=interpreter_bf16(q.dtype), **cfg.launch.kwargs(target),
     )
     return out
 

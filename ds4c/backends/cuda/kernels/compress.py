@@ -17,10 +17,10 @@ import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
+from ds4c.backends.cuda.kernels.configs import active_target, compress_config, dot_precision, index_scores_config
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_COMPRESS_DIM = 16384  # a whole row lives in one program for the norm
-_TILE_ELEMENTS = 4096  # slots x channels loaded per step of ``compress``
 
 
 @triton.jit
@@ -81,12 +81,12 @@ def compress(kv: torch.Tensor, score: torch.Tensor, norm_w: torch.Tensor, *, eps
     out = torch.empty((kv3.shape[0], d), dtype=kv.dtype, device=kv.device)
     if out.numel() == 0:
         return out.view(*kv.shape[:-2], d)
-    block_d = triton.next_power_of_2(d)
-    block_s = max(1, min(triton.next_power_of_2(slots), _TILE_ELEMENTS // block_d))
+    block_s, block_d, launch = compress_config(slots, d)
+    target = active_target()
     _compress_kernel[(kv3.shape[0],)](
         kv3, score3, norm_w, out, slots, d, float(eps),
         kv3.stride(0), kv3.stride(1), kv3.stride(2), score3.stride(0), score3.stride(1), score3.stride(2),
-        BLOCK_S=block_s, BLOCK_D=block_d, INTERPRETER_BF16=interpreter_bf16(kv.dtype), num_warps=4 if block_d <= 512 else 8,
+        BLOCK_S=block_s, BLOCK_D=block_d, INTERPRETER_BF16=interpreter_bf16(kv.dtype), **launch.kwargs(target),
     )
     return out.view(*kv.shape[:-2], d)
 
@@ -138,16 +138,15 @@ def index_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, future: t
     out = torch.empty((b, s, c), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
-    block_h = max(16, min(64, triton.next_power_of_2(h)))
-    block_d = max(16, min(128, triton.next_power_of_2(d)))
-    block_c = 64 if q.dtype == torch.float32 else 128
-    _index_scores_kernel[(triton.cdiv(c, block_c), s, b)](
+    target = active_target()
+    cfg = index_scores_config(h, d, q.dtype, target)
+    _index_scores_kernel[(triton.cdiv(c, cfg.block_c), s, b)](
         q, keys, w, future, out, h, c, float(softmax_scale), float(weights_scale),
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), keys.stride(0), keys.stride(1), keys.stride(2),
         w.stride(0), w.stride(1), w.stride(2), future.stride(0), future.stride(1), future.stride(2),
-        D=d, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_D=block_d,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRETER_BF16=interpreter_bf16(q.dtype),
-        num_warps=4, num_stages=2,
+        D=d, BLOCK_H=cfg.block_h, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
+        PRECISION=dot_precision(q.dtype, target), INTERPRETER_BF16=interpreter_bf16(q.dtype),
+        **cfg.launch.kwargs(target),
     )
     return out
 

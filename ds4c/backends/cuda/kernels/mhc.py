@@ -24,14 +24,11 @@ import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import interpreter_bf16, round_to
+from ds4c.backends.cuda.kernels.configs import MHC_BLOCK_K, MHC_BLOCK_T, active_target, mhc_mix_launch, mhc_mix_programs
 
-BLOCK_T = 16  # tokens per mix program (tl.dot's minimum M)
-BLOCK_K = 64  # K step of the mix GEMM
-TARGET_PROGRAMS = 1024  # mix programs to aim for (~8 per H100 SM) when choosing the K split
+BLOCK_T = MHC_BLOCK_T  # tokens per mix program (tl.dot's minimum M)
+BLOCK_K = MHC_BLOCK_K  # K step of the mix GEMM
 BLOCK_D_COLLAPSE = 512
-# three tf32 tensor-core products (hi·hi + hi·lo + lo·hi): the fp32 linear to ~1e-7 relative, and
-# 3x faster than "ieee" (FMA units) on an H100: mix of 2048 tokens 0.12 ms vs 0.59 ms, 1 token 8 vs 16 us
-MIX_PRECISION = "tf32x3"
 
 
 @triton.jit
@@ -195,15 +192,17 @@ def _mix_partials(flat: torch.Tensor, fn: torch.Tensor):
     tokens, k_total = flat.shape
     n_mix = fn.shape[0]
     mix_pad = max(16, triton.next_power_of_2(n_mix))
+    target = active_target()
+    precision, launch = mhc_mix_launch(target)
     token_blocks = triton.cdiv(tokens, BLOCK_T)
-    wanted = max(1, min(TARGET_PROGRAMS // token_blocks, triton.cdiv(k_total, 2 * BLOCK_K)))
+    wanted = max(1, min(mhc_mix_programs(target) // token_blocks, triton.cdiv(k_total, 2 * BLOCK_K)))
     k_per_split = triton.cdiv(triton.cdiv(k_total, wanted), BLOCK_K) * BLOCK_K
     splits = triton.cdiv(k_total, k_per_split)
     part = torch.empty((splits, tokens, mix_pad), dtype=torch.float32, device=flat.device)
     sq = torch.empty((splits, tokens), dtype=torch.float32, device=flat.device)
     _mix_kernel[(token_blocks, splits)](flat, fn, part, sq, tokens, k_total, k_per_split, n_mix, flat.stride(0),
-                                       BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, MIX_PAD=mix_pad, PRECISION=MIX_PRECISION,
-                                       num_warps=4)
+                                       BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, MIX_PAD=mix_pad, PRECISION=precision,
+                                       **launch.kwargs(target))
     return part, sq, splits, mix_pad
 
 

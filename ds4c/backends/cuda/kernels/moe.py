@@ -23,47 +23,16 @@ in a CUDA graph.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
+from ds4c.backends.cuda.kernels.configs import MoeConfig, active_target, dot_precision, moe_config
 from ds4c.ops.moe import _route, _shared
 
-
-@dataclass(frozen=True)
-class MoeConfig:
-    block_m: int  # sorted (token, pick) rows per program: all of one expert's rows in decode
-    block_n_up: int  # columns of each of the gate and up halves per program
-    block_n_down: int  # hidden columns per program of the down GEMM
-    block_k: int  # reduction step
-    num_warps: int
-    num_stages: int
-
-
-def moe_config(pairs: int, experts: int, dtype: torch.dtype) -> MoeConfig:
-    """Tiles from the mean rows per expert (pairs / experts) and the dtype; measured on an H100
-    (triton 3.6, V4-Flash shapes: 256 experts, D=4096, I=2048, top-6, bf16, CUDA-graph replays).
-
-    Decode (under 8 rows per expert on average) is bound by the selected experts' weight bytes
-    (50 MB each): block_m=16 (tl.dot's minimum) holds an expert's tokens in one block and narrow N
-    tiles spread one expert over many SMs (gate_up 2048/32, down 4096/64 = 64 programs each).
-    1 / 8 / 32 tokens: 0.21 / 0.79 / 2.1 ms for the whole op (routing and shared expert 0.07 ms),
-    about 3.1-3.3 TB/s from 8 tokens on; other N and K tiles and stage counts were within 2%.
-    Prefill (2048 tokens, ~48 rows per expert, every expert read once): 64 x (2x128) and 64 x 256
-    tiles over 8 warps, 3 stages (40 KB of shared memory per stage): 5.7 ms, against 6.3 ms for
-    64 x (2x64) / 64 x 128 over 4 warps and 6.3 ms for block_m=128. fp32 (tests, reference
-    checks) keeps small tiles and 2 stages: its ieee dots run on the FMA units.
-    """
-    fp32 = dtype == torch.float32
-    if pairs < 8 * experts:
-        return MoeConfig(16, 32, 64, 64 if fp32 else 128, 4, 2 if fp32 else 4)
-    if fp32:
-        return MoeConfig(64, 64, 128, 32, 4, 2)
-    return MoeConfig(64, 128, 256, 64, 8, 3)
+__all__ = ["MoeConfig", "moe", "moe_config"]
 
 
 @triton.jit
@@ -204,12 +173,13 @@ def moe(x, ids, router, selector, gate_up, down, s_gate, s_up, s_down, *, top_k:
                                                                    dtype=sorted_experts.dtype))
         weights = w.reshape(-1).to(torch.float32).contiguous()
 
-        cfg = moe_config(pairs, experts, x.dtype)
+        target = active_target()
+        cfg = moe_config(pairs, experts, x.dtype, target)
         m = min(pairs, experts)
         m_blocks = (pairs - m) // cfg.block_m + m
         common = dict(BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_E=triton.next_power_of_2(experts),
-                      PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                      INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                      PRECISION=dot_precision(x.dtype, target), INTERPRETER_BF16=interpreter_bf16(x.dtype),
+                      **cfg.launch.kwargs(target))
         h = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
         _gate_up_kernel[(m_blocks, triton.cdiv(inter, cfg.block_n_up))](
             flat, gate_up, order, segments, h, experts, top_k, inter, hidden, float(swiglu_limit),

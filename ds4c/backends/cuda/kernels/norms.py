@@ -16,6 +16,7 @@ import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import interpreter_bf16, round_to
+from ds4c.backends.cuda.kernels.configs import active_target, rms_norm_config
 
 MAX_BLOCK_D = 8192
 
@@ -81,12 +82,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, *, eps: float)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     rows = flat.shape[0]
-    block_d = min(triton.next_power_of_2(dim), MAX_BLOCK_D)
-    # rows per program: ~2K elements per program for narrow rows (per-head q/kv norms, D=64..512)
-    block_r = max(1, min(triton.next_power_of_2(rows), 2048 // block_d))
-    num_warps = 4 if block_r * block_d <= 2048 else 8
+    block_r, block_d, launch = rms_norm_config(rows, dim, MAX_BLOCK_D)
     _rms_norm_kernel[(triton.cdiv(rows, block_r),)](
         flat, weight.contiguous() if weight is not None else flat, out, rows, dim, flat.stride(0), float(eps),
         HAS_WEIGHT=weight is not None, ONE_PASS=block_d >= dim, BLOCK_R=block_r, BLOCK_D=block_d,
-        INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=num_warps)
+        INTERPRETER_BF16=interpreter_bf16(x.dtype), **launch.kwargs(active_target()))
     return out

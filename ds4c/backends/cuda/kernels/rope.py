@@ -16,6 +16,7 @@ import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import interpreter_bf16, round_to
+from ds4c.backends.cuda.kernels.configs import active_target, rope_config
 
 MAX_LEAD = 4
 
@@ -106,13 +107,11 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, rope_dim: int
     dim = x.shape[-1]
     lead = [1] * (MAX_LEAD - (x.dim() - 1)) + list(x.shape[:-1])
     rows = out.numel() // dim
-    block_p = triton.next_power_of_2(rope_dim // 2)
-    block_nope = min(triton.next_power_of_2(max(dim - rope_dim, 1)), 512)
-    block_r = max(1, min(16, 1024 // max(block_p, block_nope)))
+    block_r, block_nope, block_p, launch = rope_config(dim, rope_dim)
     _rope_kernel[(triton.cdiv(rows, block_r),)](
         x, cos_b, sin_b, out, rows, dim, rope_dim, lead[1], lead[2], lead[3],
         *_lead_strides(x), x.stride(-1), *_lead_strides(cos_b), cos_b.stride(-1), *_lead_strides(sin_b),
         sin_b.stride(-1),
         INVERSE=bool(inverse), BLOCK_R=block_r, BLOCK_NOPE=block_nope, BLOCK_P=block_p,
-        INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=4)
+        INTERPRETER_BF16=interpreter_bf16(x.dtype), **launch.kwargs(active_target()))
     return out

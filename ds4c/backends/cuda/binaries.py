@@ -1,0 +1,178 @@
+"""Stored kernel binaries at load: verify them, decide whether they apply, hand them to Triton.
+
+An artifact compiled for a cuda/rocm target carries Triton binaries (``ds4c.backends.cuda.aot``).
+At load on a GPU they are used when all of these hold, checked in this order:
+
+1. the device is the artifact's arch: Triton's current target ``(backend, arch, warp_size)``
+   equals the stored one (sm_90a = ``("cuda", 90, 32)``, gfx942 = ``("hip", "gfx942", 64)``; HIP
+   builds of PyTorch expose AMD GPUs as ``cuda`` devices and Triton's driver reports gfx*);
+2. the Triton version equals the one that compiled them;
+3. for every binary, the cache key Triton computes *here* for its specialisation (kernel source
+   and its callees, options, backend and ptxas/LLVM build, cache-relevant ``TRITON_*`` variables)
+   equals the stored key; a kernel whose source differs from the artifact's is named.
+
+Then each binary's files go into Triton's cache (``triton.runtime.cache.get_cache_manager``, i.e.
+``TRITON_CACHE_DIR``) under that key, exactly as Triton would have written them after compiling,
+so the JIT's first launch of each kernel loads the binary instead of compiling. Otherwise the JIT
+compiles the installed kernels once (Triton caches them) and one warning says why.
+
+The runtime never executes code stored in an artifact (as it never unpickles): the stored source
+documents and reproduces the binaries; the kernels that run are this ds4c's, and check 3 is what
+ties the two together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from ds4c.errors import ArtifactError
+
+STORED = "stored"
+
+
+class KernelBinaryWarning(UserWarning):
+    """Stored kernel binaries do not apply on this device; kernels are compiled just in time."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Whether the stored binaries apply (``use``) and, if not, why (``reason``)."""
+
+    use: bool
+    reason: str = ""
+
+    @property
+    def status(self) -> str:
+        return STORED if self.use else f"jit: {self.reason}"
+
+
+def arch_name(triton_target: Any) -> str:
+    """``("cuda", 90, 32)`` -> ``sm_90a``; ``("hip", "gfx942", 64)`` -> ``gfx942``."""
+    backend, arch = triton_target[0], triton_target[1]
+    if backend == "cuda":
+        return f"sm_{arch}a" if int(arch) >= 90 else f"sm_{arch}"
+    return str(arch)
+
+
+def verify_section(section: dict[str, Any], container: Any, where: str) -> None:
+    """Every file the kernels section lists is a member whose bytes match the section's sha256."""
+    names = set(container.member_names())
+    listed = [f for b in section.get("binaries", []) for f in b["files"].values()]
+    listed += list(section.get("sources", {}).values())
+    for f in listed:
+        member = f["member"]
+        if member not in names:
+            raise ArtifactError(f"{where}: the manifest's kernels section lists '{member}', which the artifact "
+                                "lacks; recompile the artifact")
+        if hashlib.sha256(container.read_bytes(member)).hexdigest() != f["sha256"]:
+            raise ArtifactError(f"{where}: kernel member '{member}' does not match its sha256 in the manifest's "
+                                "kernels section (corrupted or replaced); recompile the artifact")
+
+
+def select(section: dict[str, Any], live_target: Any, live_triton_version: str) -> Selection:
+    """Checks 1 and 2 of the module docstring, from the stored facts and the live ones."""
+    if not section.get("binaries"):
+        return Selection(False, "the artifact stores no kernel binaries")
+    stored = tuple(section["triton_target"])
+    live = tuple(live_target)
+    if (str(live[0]), live[1], int(live[2])) != (str(stored[0]), stored[1], int(stored[2])):
+        return Selection(False, f"the artifact's binaries are for {section['arch']}, this device is "
+                                f"{arch_name(live)}")
+    if section["triton_version"] != live_triton_version:
+        return Selection(False, f"the binaries were built with triton {section['triton_version']}, this runtime "
+                                f"has triton {live_triton_version}")
+    return Selection(True)
+
+
+def live_cache_key(binary: dict[str, Any]) -> str:
+    """The cache key (sha256 hex) ``triton.compile`` computes here for a stored specialisation
+    (``binary["triton_target"]``: the artifact's), as ``triton.compile`` does in 3.6 and 3.9."""
+    from triton import knobs
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.cache import get_cache_key
+
+    from ds4c.backends.cuda.launches import triton_source
+
+    _, src, options = triton_source(binary["function"], binary["specialization"])
+    backend = make_backend(GPUTarget(*binary["triton_target"]))
+    parsed = backend.parse_options(dict(options, **src.parse_options()))
+    key = get_cache_key(src, backend, parsed, env_vars=get_cache_invalidating_env_vars())
+    hook = getattr(knobs.runtime, "add_stages_inspection_hook", None)
+    if hook is not None:
+        key += hook()[0]
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def install(section: dict[str, Any], container: Any) -> Selection:
+    """Check 3, then write every binary's files into Triton's cache under its key."""
+    from triton.runtime.cache import get_cache_manager
+
+    binaries = [dict(b, triton_target=section["triton_target"]) for b in section["binaries"]]
+    changed = []
+    for b in binaries:
+        try:
+            live = live_cache_key(b)
+        except LookupError as e:
+            return Selection(False, str(e))
+        if live != b["cache_key"]:
+            changed.append(b["name"])
+    if changed:
+        sources = _changed_sources(section, container)
+        why = (f"kernel source differs from the artifact's ({', '.join(sources)})" if sources else
+               "Triton computes other cache keys here (another triton build, ptxas/LLVM, or TRITON_* settings)")
+        return Selection(False, f"{why}: {len(changed)} of {len(binaries)} binaries, e.g. {changed[0]}")
+    for b in binaries:
+        manager = get_cache_manager(b["cache_key"])
+        group = {}
+        for filename, f in b["files"].items():
+            data = container.read_bytes(f["member"])
+            group[filename] = manager.put(data, filename, binary=not filename.endswith((".json", ".ptx", ".amdgcn")))
+        metadata = next(name for name in group if name.endswith(".json"))
+        manager.put_group(metadata, group)
+    return Selection(True)
+
+
+def _changed_sources(section: dict[str, Any], container: Any) -> list[str]:
+    from ds4c.backends.cuda.aot import kernel_sources
+
+    live = kernel_sources()
+    out = []
+    for mod, f in section.get("sources", {}).items():
+        here = live.get(mod)
+        if here is None or hashlib.sha256(here[1]).hexdigest() != f["sha256"]:
+            out.append(f"{mod}.py")
+    return out
+
+
+def use_stored_binaries(manifest: dict[str, Any], container: Any, device: Any, backend: str,
+                        where: str = "artifact") -> str:
+    """What the runtime does with an artifact's stored kernels on ``device``; the status string
+    ``CompiledModel.kernel_binaries`` reports: ``stored``, ``jit: <reason>``, or why none apply."""
+    section = manifest.get("kernels") or {}
+    if section.get("binaries"):
+        verify_section(section, container, where)
+    if backend == "reference":
+        return "unused: the reference backend runs no device kernels"
+    if not section.get("binaries"):
+        return "jit: the artifact stores no kernel binaries"
+    if getattr(device, "type", str(device)) != "cuda":
+        return "unused: on CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1)"
+    import triton
+
+    from ds4c.backends.cuda.kernels.configs import live_triton_target
+
+    live = live_triton_target()
+    if live is None:
+        return "unused: Triton's interpreter is on (TRITON_INTERPRET=1)"
+    choice = select(section, live, triton.__version__)
+    if choice.use:
+        choice = install(section, container)
+    if not choice.use:
+        warnings.warn(f"{where}: stored kernel binaries not used ({choice.reason}); Triton compiles the kernels "
+                      "from source on first use and caches them", KernelBinaryWarning, stacklevel=3)
+    return choice.status

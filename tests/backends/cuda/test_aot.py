@@ -1,0 +1,152 @@
+"""Ahead-of-time kernels: every kernel of tiny compiles for sm_90a, sm_100a, gfx942 and gfx950; the
+artifact stores the binaries with their source; on CPU the AMD configurations give the reference's
+logits in Triton's interpreter; at load the binaries are selected, installed under Triton's own
+cache keys, or refused with a reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import ds4c
+from ds4c.artifact import open_container, write_container
+from ds4c.backends.cuda import aot, binaries
+from ds4c.cli import app
+from ds4c.errors import ArtifactError
+from ds4c.targets import get_target
+
+GEMM_KERNELS = ("_attention_kernel", "_gate_up_kernel", "_down_kernel")
+
+
+@pytest.fixture(scope="module")
+def mi300x(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot") / "tiny-mi300x.ds4"
+    res = CliRunner().invoke(app, ["compile", "tiny", "--target", "mi300x", "--precision", "fp32",
+                                   "--max-context", "64", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def _asm(container, binary, suffix):
+    member = next(f["member"] for name, f in binary["files"].items() if name.endswith(suffix))
+    return container.read_bytes(member)
+
+
+def test_artifact_stores_binaries_and_sources(mi300x):
+    c = open_container(mi300x)  # verifies every member's sha256
+    section = c.manifest["kernels"]
+    assert section["arch"] == "gfx942" and section["binary_format"] == "hsaco"
+    assert section["triton_version"] and section["triton_target"] == ["hip", "gfx942", 64]
+    names = {b["name"] for b in section["binaries"]}
+    assert {"_attention_kernel", "_gate_up_kernel", "_down_kernel", "_rms_norm_kernel", "_rope_kernel",
+            "_mix_kernel", "_compress_kernel", "_index_scores_kernel", "_post_kernel"} <= names
+    for b in section["binaries"]:
+        assert c.read_bytes(b["binary"])[:4] == b"\x7fELF"  # a code object
+        assert b["source"] in c.member_names() and b["config"]["num_warps"] >= 1
+        if b["name"] in GEMM_KERNELS:  # 16x16 MFMAs, as the AMD configs ask
+            assert b"v_mfma" in _asm(c, b, ".amdgcn"), b["name"]
+            assert b["config"]["matrix_instr_nonkdim"] == 16
+    assert c.read_bytes(section["sources"]["attention"]["member"]).startswith(b'"""Flash attention')
+
+
+def test_amd_configs_match_reference_in_interpreter(mi300x):
+    ker = ds4c.load(mi300x, backend="kernels", cuda_graphs=False)
+    ref = ds4c.load(mi300x, backend="reference")
+    assert ker.kernel_target.name == "mi300x" and ker.kernel_binaries.startswith("unused: on CPU")
+    ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
+    la, sa = ref.prefill(ids)
+    lb, sb = ker.prefill(ids)
+    torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
+    tok = la[:, -1].argmax(-1, keepdim=True)
+    torch.testing.assert_close(ker.decode(tok, 6, sb)[0], ref.decode(tok, 6, sa)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("target,needle", [("h100", b"mma"), ("b200", b"mma"), ("mi355x", b"v_mfma")])
+def test_every_kernel_compiles_for_other_archs(mi300x, target, needle):
+    manifest, program, _ = ds4c.artifact.artifact.read_artifact(mi300x)
+    program.attrs["state"] = manifest["state"]
+    section, members = aot.lower(get_target(target), program, progress=False)
+    arch = get_target(target).arch
+    assert section["arch"] == arch and len(section["binaries"]) == len(manifest["kernels"]["binaries"])
+    asm = ".amdgcn" if target.startswith("mi") else ".ptx"
+    for b in section["binaries"]:
+        assert members[b["binary"].removeprefix("kernels/")], b["name"]
+    # fp32 GEMMs: tf32x3 tensor-core products in mHC's mix on NVIDIA, fp32 MFMAs on AMD
+    gemm = "_mix_kernel" if asm == ".ptx" else "_attention_kernel"
+    text = next(members[f["member"].removeprefix("kernels/")] for b in section["binaries"] if b["name"] == gemm
+                for n, f in b["files"].items() if n.endswith(asm))
+    assert needle in text
+    if asm == ".ptx":
+        assert f".target {arch}".encode() in text
+
+
+def test_selection_by_arch_and_version():
+    section = {"binaries": [{}], "triton_target": ["cuda", 90, 32], "arch": "sm_90a", "triton_version": "3.6.0"}
+    assert binaries.select(section, ("cuda", 90, 32), "3.6.0").status == "stored"
+    wrong_arch = binaries.select(section, ("cuda", 100, 32), "3.6.0")
+    assert wrong_arch.status == "jit: the artifact's binaries are for sm_90a, this device is sm_100a"
+    wrong_version = binaries.select(section, ("cuda", 90, 32), "3.9.0")
+    assert not wrong_version.use and "triton 3.6.0" in wrong_version.reason and "3.9.0" in wrong_version.reason
+    amd = binaries.select(dict(section, triton_target=["hip", "gfx942", 64], arch="gfx942"), ("hip", "gfx950", 64),
+                          "3.6.0")
+    assert amd.reason == "the artifact's binaries are for gfx942, this device is gfx950"
+    assert binaries.select({"binaries": []}, ("cuda", 90, 32), "3.6.0").reason.startswith("the artifact stores no")
+
+
+def test_install_under_the_keys_the_jit_computes(mi300x, tmp_path):
+    """Outside the interpreter (kernels as JITFunctions): the stored files land in an empty Triton
+    cache under keys triton.compile then finds for every binary, without compiling anything."""
+    script = textwrap.dedent(f"""
+        import json, triton
+        from triton import knobs
+        from triton.backends.compiler import GPUTarget
+        from ds4c.artifact.artifact import read_artifact
+        from ds4c.backends.cuda import binaries
+        from ds4c.backends.cuda.launches import triton_source
+        manifest, _, container = read_artifact({str(mi300x)!r})
+        section = manifest["kernels"]
+        chosen = binaries.install(section, container)
+        hits = []
+        knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
+        for b in section["binaries"]:
+            _, src, options = triton_source(b["function"], b["specialization"])
+            triton.compile(src, target=GPUTarget(*section["triton_target"]), options=options)
+        print(json.dumps({{"status": chosen.status, "hits": hits}}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["status"] == "stored"
+    assert result["hits"] and all(result["hits"])
+
+
+def test_corrupted_kernel_member_is_refused(mi300x, tmp_path):
+    c = open_container(mi300x)
+    section = c.manifest["kernels"]
+    victim = section["binaries"][0]["binary"]
+    members = {n: c.read_bytes(n) for n in c.member_names()}
+    members[victim] = members[victim][:-8] + b"tampered"
+    manifest = {k: v for k, v in c.manifest.items()}
+    bad = tmp_path / "bad.ds4"
+    write_container(bad, manifest, members)  # consistent container hashes, stale kernels section
+    with pytest.raises(ArtifactError, match=f"kernel member '{victim}' does not match its sha256"):
+        ds4c.load(bad, backend="reference")
+    flipped = tmp_path / "flipped.ds4"
+    flipped.write_bytes(mi300x.read_bytes())
+    with zipfile.ZipFile(mi300x) as zf:
+        info = zf.getinfo(victim)
+    data = bytearray(flipped.read_bytes())
+    start = data.index(members[victim][:-8][:64], info.header_offset)
+    data[start + 10] ^= 0xFF  # one bit pattern flipped inside the stored binary
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=victim.split("/")[-1]):
+        ds4c.load(flipped, backend="reference")
