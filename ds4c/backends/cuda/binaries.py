@@ -154,6 +154,8 @@ def use_stored_binaries(manifest: dict[str, Any], container: Any, device: Any, b
     """What the runtime does with an artifact's stored kernels on ``device``; the status string
     ``CompiledModel.kernel_binaries`` reports: ``stored``, ``jit: <reason>``, or why none apply."""
     section = manifest.get("kernels") or {}
+    if section and section.get("compiler") != "triton":
+        return f"unused: the artifact's kernels are not Triton's ({section.get('backend', 'unknown')} backend)"
     if section.get("binaries"):
         verify_section(section, container, where)
     if backend == "reference":
