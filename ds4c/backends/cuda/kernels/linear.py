@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
+from ds4c.backends.cuda.kernels.configs import active_target, dot_precision
 
 MAX_ROWS = 64
 SCALE_BLOCK = 128
@@ -102,12 +103,6 @@ def storage_to_dot(w, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
     return w.to(dtype)
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
-
-
 def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, format: str) -> torch.Tensor | None:
     """``x @ dequant(w)ᵀ`` for x [M, K] (M <= MAX_ROWS), or None when this kernel does not apply."""
     mode = _MODES.get(format)
@@ -120,13 +115,14 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, forma
         return None
     x, qdata = x.contiguous(), qdata.contiguous()
     scale = qdata if scale is None else scale.contiguous()
-    cfg = gemv_config(m, n, k, x.dtype, _sm_count(x.device))
+    target = active_target()  # the artifact's target (the live device's when loaded elsewhere)
+    cfg = gemv_config(m, n, k, x.dtype, target.compute_units)
     split = triton.cdiv(k, cfg.k_split)
     y = torch.empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
         x, qdata, scale, y, m, n, k, cfg.k_split, scale.shape[-1] if mode in (BLOCK_F32, BLOCK_UE8M0) else 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SCALE=mode,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", INTERPRETER_BF16=interpreter_bf16(x.dtype),
+        PRECISION=dot_precision(x.dtype, target), INTERPRETER_BF16=interpreter_bf16(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y[0] if split == 1 else y.sum(0).to(x.dtype)
 
