@@ -98,7 +98,7 @@ def run(
     prompt: Annotated[str | None, typer.Option("--prompt", help="text, tokenized with the artifact's tokenizer")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 16,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
-    backend: Annotated[str, typer.Option(help="auto | kernels (Triton) | compiled (Triton + Inductor) | reference")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto | kernels (Triton) | compiled (Triton + Inductor) | npu (TVM host simulator) | reference")] = "auto",
 ) -> None:
     """Load ARTIFACT and greedily generate tokens."""
     import ds4c

@@ -30,7 +30,9 @@ def compute_dtype(precision: str, target_name: str) -> torch.dtype:
     if precision not in PRECISIONS and not str(precision).endswith(".json"):
         raise ConfigError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}, "
                           "or a per-unit table file (JSON: unit glob -> format)")
-    if precision == "fp32" or (precision == "auto" and target_name == "cpu"):
+    # auto: fp32 where the target has no native bf16 path (cpu; the npu computes in fp16/int8/fp32)
+    if precision == "fp32" or (precision == "auto" and (target_name == "cpu"
+                                                        or "bf16" not in get_target(target_name).peak_flops)):
         return torch.float32
     return torch.bfloat16
 

@@ -99,6 +99,11 @@ def summarize(manifest: dict[str, Any], program: Program, console: Console) -> N
                        ", ".join(f"{_short(k)}×{v}" for k, v in sorted(unfused.items())) or "none", str(other))
         console.print(tb)
     kernels = manifest.get("kernels") or {}
+    if kernels.get("backend") == "npu":  # NPU vs host per op kind, SRAM working sets (ds4c.backends.npu.report)
+        from ds4c.backends.npu.report import kernel_table, placement_table
+
+        console.print(placement_table(kernels))
+        console.print(kernel_table(kernels))
     console.print(f"[bold]kernels[/] {len(kernels)} stored" + ("" if kernels else " (reference backend: none needed)"))
 
 
