@@ -166,6 +166,7 @@ def compile(
         "kernels": kernel_section,
     }
     extras = {}
+    manifest.update(plan_sections(program, extras))
     if source.kind == "checkpoint" and source.path is not None and (source.path / "tokenizer.json").is_file():
         extras["tokenizer/tokenizer.json"] = (source.path / "tokenizer.json").read_bytes()
         manifest["tokenizer"] = {"kind": "hf", "member": "tokenizer/tokenizer.json"}
@@ -174,6 +175,35 @@ def compile(
     else:
         manifest["tokenizer"] = {"kind": "none"}
     return Artifact(manifest=manifest, program=program, weights=embedded, kernels=kernel_members, extras=extras)
+
+
+def plan_sections(program: Program, members: dict[str, bytes]) -> dict[str, Any]:
+    """Manifest summaries of ``plan_memory`` and ``schedule_streams`` per entry point; the whole
+    plans go into ``members`` as ``plans/<entry>.memory.json`` / ``plans/<entry>.schedule.json``
+    (the runtime reads the schedule; ``ds4c inspect`` and the notebooks the rest)."""
+    import json
+
+    out: dict[str, Any] = {}
+    for key, kind in (("memory_plan", "memory"), ("schedule", "schedule")):
+        plans = program.attrs.get(key) or {}
+        section = {}
+        for entry, plan in plans.items():
+            member = f"plans/{entry}.{kind}.json"
+            members[member] = json.dumps(plan, default=str, separators=(",", ":")).encode()
+            if kind == "memory":
+                summary = {k: plan.get(k) for k in ("sizes", "arena_bytes", "arena_bytes_sequential", "peak_live_bytes",
+                                                    "device_bytes", "target_hbm_bytes", "fits")}
+                summary["weights"] = {k: v for k, v in (plan.get("weights") or {}).items() if k != "host"}
+                summary["state_bytes"] = (plan.get("state") or {}).get("by_kind")
+            else:
+                streams = [s for s, *_ in plan["ops"]]
+                summary = {"makespan_s": plan["makespan"], "single_stream_makespan_s": plan["single_stream_makespan"],
+                           "ops_per_stream": {s: streams.count(s) for s in plan["streams"]},
+                           "events": len(plan["events"])}
+            section[entry] = {**summary, "member": member}
+        if section:
+            out[key] = section
+    return out
 
 
 def _config_where(source: ModelSource) -> str:

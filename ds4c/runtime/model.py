@@ -30,7 +30,8 @@ class CompiledModel:
     """A loaded artifact. ``model(ids)`` gives logits; ``model.generate(ids, n)`` gives tokens."""
 
     def __init__(self, manifest: dict[str, Any], program: Program, weights: dict[str, torch.Tensor],
-                 device: torch.device, backend: str = "auto", cuda_graphs: bool = True, container: Any = None):
+                 device: torch.device, backend: str = "auto", cuda_graphs: bool = True, container: Any = None,
+                 streams: bool = True):
         self.manifest = manifest
         self.program = program
         self.weights = weights
@@ -43,6 +44,7 @@ class CompiledModel:
         # what ds4c.load did with the artifact's stored kernel binaries (ds4c.backends.cuda.binaries)
         self.kernel_binaries = "unused: the reference backend runs no device kernels"
         self.kernel_target = None  # the target record kernel configurations are chosen for
+        stored_graphs = program.graphs  # what the artifact's plans index (before load-time rewrites)
         if self.backend in ("kernels", "compiled"):
             from ds4c.backends.cuda.executor import unpack_weights_once
             from ds4c.backends.cuda.kernels.configs import kernel_target
@@ -59,7 +61,9 @@ class CompiledModel:
         elif self.backend == "kernels":
             from ds4c.backends.cuda.executor import KernelExecutor
 
-            self._executors = {name: KernelExecutor(g, device) for name, g in program.graphs.items()}
+            plans = _stream_plans(manifest, container, stored_graphs) if streams else {}
+            self._executors = {name: KernelExecutor(g, device, streams=plans.get(name))
+                               for name, g in program.graphs.items()}
         elif self.backend == "npu":  # NPU ops through the TVM host build (ds4c.backends.npu.executor)
             from ds4c.backends.npu.executor import NpuExecutor, load_library
 
@@ -205,6 +209,25 @@ class CompiledModel:
                 f"max_context={self.max_context}, weights={len(self.weights)} tensors)")
 
 
+def _stream_plans(manifest: dict[str, Any], container: Any, graphs: dict[str, Any]) -> dict[str, Any]:
+    """Per entry point, the op -> (stream, start) assignment of the artifact's ``schedule_streams``
+    plan (``plans/<entry>.schedule.json``), for the kernel executor; empty where none was made."""
+    import json
+
+    from ds4c.backends.cuda.executor import stream_assignment
+
+    out = {}
+    for name, section in (manifest.get("schedule") or {}).items():
+        if container is None or name not in graphs:
+            continue
+        schedule = json.loads(container.read_bytes(section["member"]))
+        if len(schedule.get("ops", [])) != len(graphs[name].ops):
+            raise ArtifactError(f"{section['member']}: the schedule covers {len(schedule.get('ops', []))} ops, graph "
+                                f"@{name} has {len(graphs[name].ops)}; the artifact is inconsistent — recompile it")
+        out[name] = stream_assignment(graphs[name], schedule)
+    return out
+
+
 BACKENDS = ("auto", "kernels", "compiled", "npu", "reference")
 
 
@@ -219,7 +242,7 @@ def _pick_backend(backend: str, device: torch.device, manifest: dict[str, Any] |
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progress: bool | None = None,
-         backend: str = "auto", cuda_graphs: bool = True,
+         backend: str = "auto", cuda_graphs: bool = True, streams: bool = True,
          weights: dict[str, torch.Tensor] | None = None) -> CompiledModel:
     """Load an artifact written by ``Artifact.save`` / ``ds4c compile``, ready to run on ``device``.
 
@@ -227,7 +250,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
     ``compiled`` (the same kernels, everything between them compiled whole by TorchInductor, once
     per input shape), ``npu`` (an ``npu`` artifact's TVM kernels through their host build, the
     functional simulator; default for such artifacts on CPU), ``reference`` (every op's PyTorch reference; default on CPU) or ``auto``. ``cuda_graphs``: capture decode steps as
-    CUDA graphs (CUDA only). ``weights``: tensors to use instead of the artifact's (same names and
+    CUDA graphs (CUDA only). ``streams``: the kernels backend runs the compiler's stream schedule
+    (``schedule_streams``: main / aux / copy CUDA streams with events, inside the decode graph);
+    False runs the same ops in the same order on one stream. ``weights``: tensors to use instead of the artifact's (same names and
     shapes, e.g. a transformers model's parameters, shared without copying).
     """
     from safetensors.torch import load as st_load
@@ -273,7 +298,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
         if tuple(t.shape) != shape:
             raise ArtifactError(f"{path}: weight '{k}' has shape {list(t.shape)}, the program expects {list(shape)}")
     model = CompiledModel(manifest, program, weights, device, backend=backend, cuda_graphs=cuda_graphs,
-                          container=container)
+                          container=container, streams=streams)
     model.container = container
     if manifest.get("kernels") or model.backend != "reference":
         from ds4c.backends.cuda.binaries import use_stored_binaries

@@ -23,7 +23,7 @@ import torch
 from ds4c.backends.cuda.kernels import get_kernel
 from ds4c.backends.reference import ReferenceExecutor
 from ds4c.ir.graph import Graph, Op
-from ds4c.ir.registry import OpDef
+from ds4c.ir.registry import OpDef, get_op, split_results
 from ds4c.ops.moe import moe_gather_formulation
 
 
@@ -60,9 +60,87 @@ def _moe_without_host_sync(*args: Any, **kwargs: Any) -> Any:
 TORCH_FALLBACKS: dict[str, Callable[..., Any]] = {"moe": _moe_without_host_sync}
 
 
+class _Streams:
+    """The CUDA streams and events of one executor: ``main`` is whatever stream is current when a
+    run starts (the capture stream inside a CUDA graph); the others fork from it at the start of a
+    run and join it at the end, so a run is one unit of work on ``main`` for its caller."""
+
+    def __init__(self, names: set[str], n_events: int, device: torch.device):
+        self.side = {n: torch.cuda.Stream(device) for n in sorted(names - {"main"})}
+        self.events = [torch.cuda.Event() for _ in range(n_events)]
+        self.current: dict[str, torch.cuda.Stream] = {}
+
+    def begin(self, main: torch.cuda.Stream) -> None:
+        self.current = {"main": main, **self.side}
+        for s in self.side.values():
+            s.wait_stream(main)
+
+    def end(self) -> None:
+        main = self.current["main"]
+        for s in self.side.values():
+            main.wait_stream(s)
+
+
+class _OnStream(OpDef):
+    """An op issued on its scheduled stream: waits for the events of its producers on other
+    streams, records its own event when a consumer runs elsewhere, and marks its results as used
+    by those streams (so the caching allocator does not hand their memory out too early)."""
+
+    def __init__(self, inner: OpDef, streams: _Streams, stream: str, waits: list[int], record: int | None,
+                 used_on: list[str]):
+        self.inner, self.streams, self.stream = inner, streams, stream
+        self.waits, self.record, self.used_on = waits, record, used_on
+        self.name = inner.name
+
+    def reference(self, *args: Any, **kwargs: Any) -> Any:
+        s = self.streams.current[self.stream]
+        for e in self.waits:
+            s.wait_event(self.streams.events[e])
+        with torch.cuda.stream(s):
+            out = self.inner.reference(*args, **kwargs)
+        if self.record is not None:
+            self.streams.events[self.record].record(s)
+        if self.used_on:
+            for t in split_results(out):
+                if isinstance(t, torch.Tensor) and t.is_cuda:
+                    for name in self.used_on:
+                        t.record_stream(self.streams.current[name])
+        return out
+
+
+def stream_assignment(stored: Graph, schedule: Mapping[str, Any]) -> dict[str, tuple[str, float]]:
+    """Per op of ``stored`` (the graph ``schedule`` was made for), keyed by its first result's
+    name: (stream, scheduled start). Keys survive the load-time rewrites, which keep result names."""
+    return {op.results[0].name: (str(row[0]), float(row[1]))
+            for op, row in zip(stored.ops, schedule["ops"], strict=True) if op.results}
+
+
+def order_for_streams(graph: Graph, assignment: Mapping[str, tuple[str, float]]) -> tuple[Graph, list[str]]:
+    """``graph`` with its ops in scheduled issue order (start time, then graph order: a topological
+    order, as a consumer never starts before its producer) and each op's stream; ops the schedule
+    does not know (none, unless a rewrite added some) and impure ops run on ``main``."""
+    keyed, last = [], 0.0
+    for i, op in enumerate(graph.ops):
+        stream, start = assignment.get(op.results[0].name, ("main", last)) if op.results else ("main", last)
+        if not get_op(op.name).pure:
+            stream = "main"
+        last = start
+        keyed.append((start, i, op, stream))
+    keyed.sort(key=lambda k: (k[0], k[1]))
+    return graph.copy(ops=[k[2] for k in keyed]), [k[3] for k in keyed]
+
+
 class KernelExecutor(ReferenceExecutor):
+    """``streams``: per op, keyed by result name, the (stream, start) of a ``schedule_streams``
+    schedule (``stream_assignment``); on a CUDA device the ops then run in scheduled order on
+    their streams with an event per cross-stream edge, elsewhere in that order on one stream."""
+
     def __init__(self, graph: Graph, device: torch.device | str = "cuda",
-                 on_op: Callable[[int, Op, list[Any]], None] | None = None, *, use_kernels: bool = True):
+                 on_op: Callable[[int, Op, list[Any]], None] | None = None, *, use_kernels: bool = True,
+                 streams: Mapping[str, tuple[str, float]] | None = None):
+        op_streams = None
+        if streams is not None:
+            graph, op_streams = order_for_streams(graph, streams)
         super().__init__(graph, device, on_op)
         self.counts: Counter = Counter()
         if use_kernels:
@@ -73,6 +151,36 @@ class KernelExecutor(ReferenceExecutor):
                     opdef = _KernelOp(opdef, launcher, self.counts)
                 steps.append((op, opdef, args, kwargs))
             self._steps = steps
+        self._streams: _Streams | None = None
+        if op_streams is not None and self.device.type == "cuda" and len(set(op_streams)) > 1:
+            self._use_streams(op_streams)
+
+    def _use_streams(self, op_streams: list[str]) -> None:
+        producer = {r: i for i, (op, *_) in enumerate(self._steps) for r in op.results}
+        event_of: dict[int, int] = {}
+        waits: list[set[int]] = [set() for _ in self._steps]
+        used_on: list[set[str]] = [set() for _ in self._steps]
+        for i, (op, *_) in enumerate(self._steps):
+            for v in op.operands:
+                j = producer.get(v)
+                if j is not None and op_streams[j] != op_streams[i]:
+                    waits[i].add(event_of.setdefault(j, len(event_of)))
+                    used_on[j].add(op_streams[i])
+        self._streams = _Streams(set(op_streams), len(event_of), self.device)
+        self._steps = [(op, _OnStream(opdef, self._streams, op_streams[i], sorted(waits[i]), event_of.get(i),
+                                      sorted(used_on[i])), args, kwargs)
+                       for i, (op, opdef, args, kwargs) in enumerate(self._steps)]
+        self.stream_events = len(event_of)
+
+    def run(self, inputs: Mapping[str, Any], params: Mapping[str, torch.Tensor],
+            state: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        if self._streams is None:
+            return super().run(inputs, params, state)
+        self._streams.begin(torch.cuda.current_stream(self.device))
+        try:
+            return super().run(inputs, params, state)
+        finally:
+            self._streams.end()
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per fused op name: how many calls ran a kernel and how many fell back to the reference."""
