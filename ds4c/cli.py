@@ -1,4 +1,4 @@
-"""The ``ds4c`` command line: compile, run, inspect, targets."""
+"""The ``ds4c`` command line: compile, run, inspect, export, targets."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def _fail(e: Exception) -> None:
 
 @app.command()
 def compile(
-    model: Annotated[str, typer.Argument(help="preset (tiny, flash-slice, flash, pro) or checkpoint directory")] = "tiny",
+    model: Annotated[str, typer.Argument(help="preset (tiny, flash-slice, flash, pro), checkpoint directory "
+                                             "or ONNX file")] = "tiny",
     target: Annotated[str, typer.Option("--target", "-t", help="target name; see `ds4c targets`")] = "b200",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="artifact path (default MODEL-TARGET.ds4)")] = None,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp8 | mxfp4-experts | TABLE.json "
@@ -131,6 +132,29 @@ def inspect(artifact: Annotated[Path, typer.Argument(help="a .ds4 artifact")]) -
     except Ds4cError as e:
         _fail(e)
     summarize(manifest, program, console)
+
+
+@app.command()
+def export(
+    artifact: Annotated[Path, typer.Argument(help="a .ds4 artifact")],
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx | mlir-torch | mlir-linalg | stablehlo | tosa")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="file to write (.onnx, .mlir)")],
+    entry: Annotated[str, typer.Option(help="prefill | decode")] = "prefill",
+    batch: Annotated[int, typer.Option(help="static batch size")] = 1,
+    seq: Annotated[int, typer.Option(help="static prompt length (prefill)")] = 16,
+    dtype: Annotated[str | None, typer.Option(help="float32: compute in fp32 where the artifact uses bf16 "
+                                                   "(onnxruntime's CPU provider lacks bf16 kernels)")] = None,
+) -> None:
+    """Export ARTIFACT's compiled graph (static shapes) to ONNX or MLIR; see ds4c.export."""
+    from ds4c.export import export as export_to
+
+    try:
+        path = export_to(artifact, format, output, entry=entry, batch=batch, seq=seq, dtype=dtype)
+    except Ds4cError as e:
+        _fail(e)
+    shape = f"batch {batch}" + (f", seq {seq}" if entry == "prefill" else "")
+    console.print(f"[green]exported[/] {artifact} @{entry} ({shape}) as {format} -> {path} "
+                  f"({path.stat().st_size / 2**20:.1f} MiB)")
 
 
 @app.command()

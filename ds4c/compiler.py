@@ -59,7 +59,7 @@ def compile(
     hbm_budget: int | None = None,
     csa_kv_on_host: bool = False,
 ) -> Artifact:
-    """Compile ``model`` (preset name, checkpoint directory or transformers DeepseekV4ForCausalLM) for ``target``.
+    """Compile ``model`` (preset name, checkpoint directory, ONNX file or transformers DeepseekV4ForCausalLM) for ``target``.
 
     ``weights``: ``embed`` (weights inside the artifact), ``reference`` (the artifact points at the
     checkpoint directory, or at the preset's seed), or ``auto`` (embed up to 2 GiB).
@@ -91,8 +91,19 @@ def compile(
         raise ConfigError(f"weights='{weights}': choose auto, embed or reference")
 
     with progress_steps(f"compiling for {tgt.name}", total=5, enabled=progress) as steps:
-        steps.advance("tracing (torch.export)", 0)
-        program, meta_model = trace_program(config, max_context, dtype)
+        if source.kind == "onnx":  # the file fixes graph, dtypes and shapes (ds4c.frontend.onnx_import)
+            from ds4c.frontend.onnx_import import import_onnx_program, onnx_float_dtype
+
+            steps.advance("importing ONNX", 0)
+            program, full_spec = import_onnx_program(source.path)
+            dtype = onnx_float_dtype(full_spec)
+            max_context = program.attrs.get("max_context") or max_context
+        else:
+            from ds4c.frontend.trace import param_spec
+
+            steps.advance("tracing (torch.export)", 0)
+            program, meta_model = trace_program(config, max_context, dtype)
+            full_spec = param_spec(meta_model)
         steps.advance("running passes")
         ins: list[Instrument] = list(instruments)
         if verify:
@@ -103,7 +114,7 @@ def compile(
             ins.append(PrintAfterAll())
         elif print_after:
             ins.append(PrintAfterAll(only=set(print_after)))
-        spec = _used_params(program, meta_model)
+        spec = _used_params(program, full_spec)
         materialise = source.kind == "module" or weights == "embed" or (
             weights == "auto" and sum(_numel(s) * d.itemsize for s, d in spec.values()) <= EMBED_LIMIT_BYTES)
         tokens = None if calibration_tokens is None else torch.as_tensor(calibration_tokens, dtype=torch.int64)
@@ -118,7 +129,7 @@ def compile(
         plan = program.attrs.get("precision") or {}
         assignment = plan.get("assignment") or {}
         read = {v.name for g in program.graphs.values() for v in g.inputs_of_kind("param")}
-        spec = _used_params(program, meta_model, also=assignment)
+        spec = _used_params(program, full_spec, also=assignment)
         stored = stored_spec(spec, assignment, read)
         total_bytes = sum(_numel(s) * d.itemsize for s, d in stored.values())
         mode = weights
@@ -219,10 +230,9 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def _used_params(program: Program, model: torch.nn.Module,
+def _used_params(program: Program, full: dict[str, tuple[tuple[int, ...], torch.dtype]],
                  also: Iterable[str] = ()) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Weights any graph reads (or ``also`` names, e.g. packed ones), with shape and dtype, in state_dict order."""
-    full = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    """Weights any graph reads (or ``also`` names, e.g. packed ones), with shape and dtype, in ``full``'s order."""
     used: set[str] = set(also)
     for g in program.graphs.values():
         used.update(v.name for v in g.inputs_of_kind("param"))

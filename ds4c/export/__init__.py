@@ -99,6 +99,36 @@ def example_inputs(src: ExportSource, graph: Graph, batch: int, seq: int) -> dic
     return out
 
 
+def portable_reference(name: str, kwargs: dict[str, Any]) -> Callable[..., Any]:
+    """The reference of a fused op in a form every exporter can trace: static shapes, no float8_e8m0.
+
+    ``moe``: the gather formulation (the reference groups tokens by expert with host-side counts);
+    ``quant.dequant`` of ``mxfp4``: nibble codes through the E2M1 table and ``2^(b-127)`` scales
+    (the reference views the scale bytes as float8_e8m0fnu, which ONNX and torch-mlir lack).
+    """
+    from ds4c.ir.registry import get_op
+
+    if name == "moe":
+        from ds4c.ops.moe import moe_gather_formulation
+
+        return moe_gather_formulation
+    if name == "quant.dequant" and kwargs.get("format") == "mxfp4":
+        return _mxfp4_dequant
+    return get_op(name).reference
+
+
+def _mxfp4_dequant(qdata: torch.Tensor, scale: torch.Tensor, *, format: str, shape: list[int],
+                   dtype: torch.dtype) -> torch.Tensor:
+    from ds4c.frontend.formats import E2M1_VALUES
+    from ds4c.quant.formats import MX_BLOCK
+
+    b = qdata.to(torch.int64)
+    codes = torch.stack([b % 16, b // 16], dim=-1).flatten(-2)  # low nibble first
+    values = E2M1_VALUES.to(qdata.device)[codes]
+    scales = torch.pow(2.0, scale.to(torch.float32) - 127.0).repeat_interleave(MX_BLOCK, dim=-1)
+    return (values * scales[..., : values.shape[-1]]).reshape(shape).to(dtype)
+
+
 def widen(graph: Graph, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[Graph, dict]:
     """The graph computing in ``dtype`` where it computed in a narrower float (bf16, fp16).
 

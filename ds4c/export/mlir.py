@@ -8,9 +8,10 @@
 
 Shapes are static (``batch`` x ``seq``): stablehlo and tosa need them (topk's iota, ``aten.size``),
 and the artifact's symbolic sizes would be bound anyway by the target toolchain. Fused ds4c ops are
-traced in through their references; MoE in its gather formulation (``moe_gather_formulation``),
-whose shapes do not depend on the routing, where the reference groups tokens by expert with
-host-side counts that no static graph can hold.
+traced in through their references (``ds4c.export.portable_reference``: MoE in its gather
+formulation, whose shapes do not depend on the routing, where the reference groups tokens by
+expert with host-side counts that no static graph can hold; MXFP4 dequantisation without
+float8_e8m0).
 
 Formulations chosen so that every dialect lowers and the text uses upstream MLIR dialects only
 (torch-mlir's own ``tm_tensor`` dialect cannot be parsed outside torch-mlir):
@@ -48,11 +49,9 @@ def _as_list(x: Any) -> list[Any]:
 
 
 def _lower_fused(g: torch.fx.Graph, op: Op, args: tuple, kwargs: dict) -> torch.fx.Node:
-    from ds4c.ir.registry import get_op
-    from ds4c.ops.moe import moe_gather_formulation
+    from ds4c.export import portable_reference
 
-    fn = moe_gather_formulation if op.name == "moe" else get_op(op.name).reference
-    node = g.call_function(fn, args, kwargs)
+    node = g.call_function(portable_reference(op.name, kwargs), args, kwargs)
     # to_graph_module indexes every lowered fused op's results
     return g.call_function(_as_list, (node,)) if len(op.results) == 1 else node
 

@@ -18,7 +18,8 @@ Quantised weights (``quant.dequant``) become QDQ: ``DequantizeLinear`` on the pa
   scale. UE8M0 scales (exponent bytes) are turned into fp32 by ``2^(b - 127)`` in the graph, so
   the initializers stay the artifact's packed bytes.
 - ``mxfp4`` (packed e2m1 pairs, UE8M0 per 32): FLOAT4E2M1 needs opset 23 and onnxruntime's CPU
-  DequantizeLinear does not take it; it stays a ``ds4c.quant_dequant`` function (its reference).
+  DequantizeLinear does not take it; it stays a ``ds4c.quant_dequant`` node whose function decodes
+  the nibbles through the E2M1 table (``ds4c.export.portable_reference``).
 - ``bf16``: a ``ds4c.quant_dequant`` function (a cast).
 Activations are not quantised by any ds4c policy, so there are no QuantizeLinear nodes.
 
@@ -72,18 +73,12 @@ def decode_attr(v: Any) -> Any:
     return v
 
 
-def _reference(name: str):
-    from ds4c.ir.registry import get_op
-    from ds4c.ops.moe import moe_gather_formulation
-
-    return moe_gather_formulation if name == "moe" else get_op(name).reference
-
-
 def _call(spec: dict[str, Any], tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    from ds4c.export import portable_reference
     from ds4c.ir.registry import split_results
 
     kwargs = {k: decode_attr(v) for k, v in spec["kwargs"].items()}
-    return split_results(_reference(spec["op"])(*tensors, **kwargs))
+    return split_results(portable_reference(spec["op"], kwargs)(*tensors, **kwargs))
 
 
 @torch.library.custom_op("ds4c_export::fused", mutates_args=())
@@ -279,7 +274,8 @@ def _example(elem: int, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _quiet_export(module: Any, args: Any, **kw: Any) -> Any:
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import contextlib

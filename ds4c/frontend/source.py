@@ -1,4 +1,4 @@
-"""Where a model comes from: a preset, a checkpoint directory, or a transformers module.
+"""Where a model comes from: a preset, a checkpoint directory, an ONNX file, or a transformers module.
 
 A ``ModelSource`` knows the model config and how to produce the weights, but never produces them
 unless asked: compiling ``flash`` or ``pro`` must not materialise their weights.
@@ -21,7 +21,7 @@ DEFAULT_PRESET_SEED = 0
 
 @dataclass
 class ModelSource:
-    kind: str  # "preset" | "checkpoint" | "module"
+    kind: str  # "preset" | "checkpoint" | "module" | "onnx"
     name: str
     config: dict[str, Any]
     path: Path | None = None
@@ -66,6 +66,10 @@ def load_weights(ref: Mapping[str, Any], expected: WeightSpec, *, dtype: torch.d
         from ds4c.frontend.checkpoint import load_checkpoint
 
         return load_checkpoint(Path(ref["path"]), expected, dtype=dtype, device=device, progress=progress)
+    if kind == "onnx":  # the file's dtypes are the graph's: no cast
+        from ds4c.frontend.onnx_import import load_onnx_weights
+
+        return load_onnx_weights(Path(ref["path"]), expected, device=device)
     if kind == "module":
         if module_state is None:
             raise ConfigError("weights come from a transformers module that is not available here; "
@@ -80,7 +84,7 @@ def load_weights(ref: Mapping[str, Any], expected: WeightSpec, *, dtype: torch.d
 
 
 def resolve_model(model: Any, *, seed: int | None = None) -> ModelSource:
-    """Accept a preset name, a checkpoint directory, or a transformers DeepseekV4ForCausalLM."""
+    """Accept a preset name, a checkpoint directory, an ONNX file, or a transformers DeepseekV4ForCausalLM."""
     from ds4c.models.deepseek_v4.presets import PRESETS
 
     if isinstance(model, str | Path):
@@ -93,9 +97,13 @@ def resolve_model(model: Any, *, seed: int | None = None) -> ModelSource:
             from ds4c.frontend.checkpoint import read_config
 
             return ModelSource("checkpoint", str(path), read_config(path), path=path.resolve())
+        if path.is_file() and path.suffix == ".onnx":
+            from ds4c.frontend.onnx_import import onnx_config
+
+            return ModelSource("onnx", str(path), onnx_config(path), path=path.resolve())
         if path.exists():
             raise ConfigError(f"model '{text}' is a file; pass a checkpoint directory holding config.json and "
-                              f"*.safetensors, or a preset name ({', '.join(PRESETS)})")
+                              f"*.safetensors, an ONNX file (*.onnx), or a preset name ({', '.join(PRESETS)})")
         raise ConfigError(f"model '{text}' is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint "
                           "directory; check the path")
     if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
