@@ -32,6 +32,8 @@ weights, which is what ``ds4c.frontend.onnx_import`` needs to compile the file a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -278,9 +280,6 @@ def _quiet_export(module: Any, args: Any, **kw: Any) -> Any:
         logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import contextlib
-        import io
-
         with contextlib.redirect_stdout(io.StringIO()):
             return torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
                                      **kw)
@@ -307,12 +306,17 @@ def build_model(src: ExportSource, *, entry: str = "prefill", batch: int = 1, se
     inputs = set(arg_names)  # ONNX names are SSA: decode's next state needs its own name
     _name_outputs(g, [n + ".next" if n in inputs else n for n, _ in graph.outputs])
     proto = _serialise(model)
+    for node in proto.graph.node:  # torch.onnx's provenance (python paths, fx nodes): not ours to ship
+        del node.metadata_props[:]
     _attach_functions(proto)
+    state_types = {i.value.name: str(feeds[i.value.name].dtype).removeprefix("torch.")
+                   for i in graph.inputs if i.kind == "state"}
+    state = [{**s, "dtype": state_types.get(s["name"], s["dtype"] if dtype is None else str(dtype).removeprefix(
+        "torch."))} for s in src.manifest["state"]]
     meta = {
-        "ds4c.entry": entry, "ds4c.batch": str(batch), "ds4c.seq": str(next(iter(feeds.values())).shape[-1]
-                                                                     if entry == "prefill" else 1),
+        "ds4c.entry": entry, "ds4c.batch": str(batch), "ds4c.seq": str(feeds["input_ids"].shape[1]),
         "ds4c.config": json.dumps(src.manifest["model"]["config"], sort_keys=True),
-        "ds4c.state": json.dumps(src.manifest["state"]),
+        "ds4c.state": json.dumps(state),
         "ds4c.max_context": str(src.manifest["max_context"]),
         "ds4c.target": src.manifest["target"]["name"],
         "ds4c.compute_dtype": str(dtype or src.manifest["precision"]["compute_dtype"]).removeprefix("torch."),
