@@ -46,6 +46,7 @@ import torch
 
 from ds4c.errors import IRError
 from ds4c.export import ExportSource, capture, entry_graph, write_atomic
+from ds4c.frontend.onnx_import import decode_attr
 from ds4c.ir.graph import Op
 
 OPSET = 21
@@ -57,7 +58,7 @@ _PROTOBUF_LIMIT = 2**31 - 2**26  # leave room for the graph next to the weights
 
 # -- the opaque fused op ---------------------------------------------------------------------------
 def encode_attr(v: Any) -> Any:
-    """IR attribute -> JSON (dtypes as {"dtype": name})."""
+    """IR attribute -> JSON (dtypes as {"dtype": name}); ``onnx_import.decode_attr`` reverses it."""
     if isinstance(v, torch.dtype):
         return {"dtype": str(v).removeprefix("torch.")}
     if isinstance(v, list | tuple):
@@ -65,14 +66,6 @@ def encode_attr(v: Any) -> Any:
     if v is None or isinstance(v, bool | int | float | str):
         return v
     raise IRError(f"attribute value {v!r} ({type(v).__name__}) has no ONNX form")
-
-
-def decode_attr(v: Any) -> Any:
-    if isinstance(v, dict) and set(v) == {"dtype"}:
-        return getattr(torch, v["dtype"])
-    if isinstance(v, list):
-        return [decode_attr(x) for x in v]
-    return v
 
 
 def _call(spec: dict[str, Any], tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:

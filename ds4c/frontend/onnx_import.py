@@ -468,8 +468,23 @@ def _broadcast_scale(b: _Builder, node: Any, s: Value, x: Value, attrs: dict, ra
                   node.output[0] + "_scale")[0]
 
 
+def _numel_dims(dims: Any) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def decode_attr(v: Any) -> Any:
+    """An attribute of a ``ds4c_spec`` (JSON; dtypes as {"dtype": name}) back to its IR value."""
+    if isinstance(v, dict) and set(v) == {"dtype"}:
+        return getattr(torch, v["dtype"])
+    if isinstance(v, list):
+        return [decode_attr(x) for x in v]
+    return v
+
+
 def _fused(b: _Builder, node: Any, attrs: dict, out: list[TensorType]) -> list[Value]:
-    from ds4c.export.onnx import decode_attr
     from ds4c.ir.registry import is_registered
 
     if "ds4c_spec" not in attrs:
@@ -522,9 +537,10 @@ def import_onnx_program(path: str | Path) -> tuple[Program, dict[str, tuple[tupl
         return v
 
     for name, init in inits.items():
+        small = _numel_dims(init.dims) <= 1024  # shapes, axes, indices: their values steer the mapping
         if name in params:
             b.values[name] = param(name, tuple(init.dims), _torch_dtype(init.data_type))
-        else:
+        if name not in params or small:
             b.consts[name] = to_tensor(init)
     from ds4c.quant.formats import get_format
 
