@@ -38,10 +38,11 @@ def main() -> None:
     ap.add_argument("--preset", default="flash-slice")
     ap.add_argument("--backend", default="kernels")
     ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--precision", default="bf16")
     ap.add_argument("--out", default="prof.json")
     args = ap.parse_args()
     art = ds4c.compile(args.preset, target="h100", max_context=args.prompt + 64, progress=False, weights="reference",
-                       precision="bf16")
+                       precision=args.precision)
     art.save("/tmp/prof.ds4")
     model = ds4c.load("/tmp/prof.ds4", device="cuda", backend=args.backend, cuda_graphs=False, progress=False)
     ids = torch.randint(0, 1000, (1, args.prompt), device="cuda")

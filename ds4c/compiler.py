@@ -204,7 +204,7 @@ def plan_sections(program: Program, members: dict[str, bytes]) -> dict[str, Any]
             if kind == "memory":
                 summary = {k: plan.get(k) for k in ("sizes", "arena_bytes", "arena_bytes_sequential", "peak_live_bytes",
                                                     "device_bytes", "target_hbm_bytes", "fits")}
-                summary["weights"] = {k: v for k, v in (plan.get("weights") or {}).items() if k != "host"}
+                summary["weights"] = {k: v for k, v in (plan.get("weights") or {}).items() if k != "prefetch"}
                 summary["state_bytes"] = (plan.get("state") or {}).get("by_kind")
             else:
                 streams = [s for s, *_ in plan["ops"]]

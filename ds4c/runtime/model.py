@@ -54,6 +54,10 @@ class CompiledModel:
             graphs, weights, self.unpacked_weights = unpack_weights_once(program.graphs, weights)
             program = Program(graphs, program.attrs)
             self.program, self.weights = program, weights
+        self.host_weights = _host_resident(manifest, weights, device, self.backend)
+        if self.host_weights:
+            program = Program({name: _prefetch_to(g, device) for name, g in program.graphs.items()}, program.attrs)
+            self.program = program
         if self.backend == "compiled":
             from ds4c.backends.cuda.inductor import InductorExecutor
 
@@ -207,6 +211,32 @@ class CompiledModel:
     def __repr__(self) -> str:
         return (f"CompiledModel(target={self.manifest['target']['name']}, device={self.device}, "
                 f"max_context={self.max_context}, weights={len(self.weights)} tensors)")
+
+
+def _host_resident(manifest: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device,
+                   backend: str) -> list[str]:
+    """Weights the memory plan keeps in host memory (``--hbm-budget``), moved to pinned host
+    memory on a CUDA device (in place in ``weights``); ``ds4c.prefetch`` copies them in at run time."""
+    host = sorted({n for s in (manifest.get("memory_plan") or {}).values() for n in (s.get("weights") or {}).get("host", [])}
+                  & set(weights))
+    if not host or device.type != "cuda":
+        return []
+    if backend == "compiled":
+        raise InputError(f"this artifact keeps {len(host)} weights in host memory (compiled with --hbm-budget); the "
+                         "'compiled' backend cannot prefetch them — load it with backend='kernels'")
+    for name in host:
+        weights[name] = weights[name].to("cpu").pin_memory()
+    return host
+
+
+def _prefetch_to(graph: Any, device: torch.device) -> Any:
+    """``graph`` whose ``ds4c.prefetch`` ops copy to ``device`` (host-resident weights, see plan_memory)."""
+    from ds4c.ops.memory import PREFETCH
+
+    if not any(op.name == PREFETCH for op in graph.ops):
+        return graph
+    return graph.copy(ops=[op.replace(kwargs={**op.kwargs, "device": device}) if op.name == PREFETCH else op
+                           for op in graph.ops])
 
 
 def _stream_plans(manifest: dict[str, Any], container: Any, graphs: dict[str, Any]) -> dict[str, Any]:

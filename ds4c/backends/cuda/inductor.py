@@ -27,10 +27,20 @@ from ds4c.ir.registry import get_op, split_results
 from ds4c.ops.moe import moe_gather_formulation
 
 
+def _moe_packed_fake(x, ids, router, selector, *packed, formats, shapes, **kwargs):
+    from ds4c.ops.quant import dequant_operands
+
+    return moe_gather_formulation(x, ids, router, selector, *dequant_operands(packed, formats, shapes, x.dtype), **kwargs)
+
+
+# Shape-only stand-ins where the reference has data-dependent shapes (MoE groups tokens by expert).
+_FAKE_FORMULATIONS = {"moe": moe_gather_formulation, "moe.packed": _moe_packed_fake}
+
+
 def _run_fused(name: str, args: list, kwargs: dict, *, fake: bool) -> list[torch.Tensor]:
     opdef = get_op(name)
     if fake:
-        fn = moe_gather_formulation if name == "moe" else opdef.reference
+        fn = _FAKE_FORMULATIONS.get(name, opdef.reference)
         return split_results(fn(*args, **kwargs))
     launcher = get_kernel(name)
     out = launcher(*args, **kwargs) if launcher is not None else NotImplemented

@@ -3,13 +3,14 @@
 Decode multiplies one token per sequence by every weight matrix, so its linears are bound by the
 weight bytes they read. Reading FP8 (1 byte + a scale per 128x128 block) or INT8 (1 byte + a
 scale per row) instead of BF16 halves that traffic, provided nothing expands the weight first:
-the tile is loaded in its storage type, converted in registers (exact: e4m3 and int8 values are
-bf16 values) and the block scale is applied to each partial dot product.
+the tile is loaded in its storage type and converted in registers (exact: every e4m3 and int8
+value is a bf16 value); a K step stays inside one 128-wide FP8 scale block, so its partial product
+is scaled by one scale per column (a per-element scale gather measured 1.5-3x slower on an H100),
+and INT8's row scales multiply the sum.
 
 ``y[M, N] = x[M, K] @ wᵀ``, ``w`` [N, K]. A program owns ``block_n`` output columns and one
 K-slice of ``k_split`` inputs; with more than one slice the fp32 partials are summed by torch
-(deterministic, no atomics). Slices and tiles are chosen so the grid covers the SMs a few times
-over; a K step stays inside one 128-wide scale block, so a step needs one scale per column.
+(deterministic, no atomics). Tiles come from ``gemv_config`` (see there).
 
 More than ``MAX_ROWS`` rows (prefill) is compute-bound: the launcher declines and the reference
 (dequantise once, cuBLAS) runs.
@@ -45,19 +46,30 @@ class GemvConfig:
     num_stages: int
 
 
-def gemv_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> GemvConfig:
-    """Tiles for ``m`` rows of an [n, k] weight: 64 columns x 128 inputs per step (one FP8 scale
-    block wide), and K split until the grid holds about four programs per SM."""
+def gemv_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int, storage_bytes: int = 2,
+                **override: int) -> GemvConfig:
+    """Tiles for ``m`` rows of an [n, k] weight stored in ``storage_bytes`` per value: 64 columns
+    x 128 inputs per step (one FP8 scale block wide), 4 stages, and K split (fp32 partials,
+    summed after) until the grid holds about four programs per SM.
+
+    Measured on an H100 (2026-11-25, flash-slice decode, whole CUDA-graph step): this beats
+    narrower column tiles without a K split (16-64 columns, 256 inputs for bf16; one program per
+    SM), which benchmarks/gemv_tune.py preferred per shape in isolation (FP8 step 2.26 vs 1.99 ms).
+    ``override`` replaces any field (the sweep uses it)."""
     block_m = max(16, triton.next_power_of_2(m))
-    block_k = 64 if dtype == torch.float32 else 128
-    block_n = 64 if block_m <= 32 else 32
+    block_k = override.get("block_k", 64 if dtype == torch.float32 else 128)
+    if storage_bytes == 1 and block_k > SCALE_BLOCK:
+        raise ValueError(f"FP8 GEMV steps must stay inside one {SCALE_BLOCK}-wide scale block, got block_k={block_k}")
+    block_n = override.get("block_n", 64 if block_m <= 32 else 32)
     n_blocks = triton.cdiv(n, block_n)
     steps = triton.cdiv(k, block_k)
     split = 1
     while n_blocks * split < 4 * sms and steps // (split * 2) >= 4:
         split *= 2
+    split = override.get("split", split)
     k_split = triton.cdiv(steps, split) * block_k
-    return GemvConfig(block_m, block_n, block_k, k_split, 4, 4 if dtype != torch.float32 else 2)
+    return GemvConfig(block_m, block_n, block_k, k_split, override.get("num_warps", 4),
+                      override.get("num_stages", 2 if dtype == torch.float32 else 4))
 
 
 @triton.jit
@@ -80,14 +92,13 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, k_split, s_cols,
         w = tl.load(q_ptr + cols.to(tl.int64)[None, :] * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
                     other=0.0)
         w = storage_to_dot(w, x_ptr.dtype.element_ty, INTERPRETER_BF16)
-        part = tl.dot(dot_operand(x, INTERPRETER_BF16), w, input_precision=PRECISION)
-        if SCALE == 1 or SCALE == 2:
+        if SCALE == 1 or SCALE == 2:  # one scale per column in this K step (block_k <= 128)
             s = tl.load(s_ptr + (cols // 128) * s_cols + k0 // 128, mask=n_ok, other=0)
             if SCALE == 2:
                 s = tl.exp2(s.to(tl.float32) - 127.0)
-            acc += part * s[None, :]
+            acc += tl.dot(dot_operand(x, INTERPRETER_BF16), w, input_precision=PRECISION) * s[None, :]
         else:
-            acc += part
+            acc = tl.dot(dot_operand(x, INTERPRETER_BF16), w, acc, input_precision=PRECISION)
     if SCALE == 3:
         acc = acc * tl.load(s_ptr + cols, mask=n_ok, other=0.0)[None, :]
     y_ptrs = y_ptr + pid_k * M * N + offs_m[:, None] * N + cols[None, :]
@@ -103,7 +114,8 @@ def storage_to_dot(w, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
     return w.to(dtype)
 
 
-def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, format: str) -> torch.Tensor | None:
+def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, format: str,
+         **override: int) -> torch.Tensor | None:
     """``x @ dequant(w)ᵀ`` for x [M, K] (M <= MAX_ROWS), or None when this kernel does not apply."""
     mode = _MODES.get(format)
     m, k = x.shape
@@ -116,7 +128,7 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, forma
     x, qdata = x.contiguous(), qdata.contiguous()
     scale = qdata if scale is None else scale.contiguous()
     target = active_target()  # the artifact's target (the live device's when loaded elsewhere)
-    cfg = gemv_config(m, n, k, x.dtype, target.compute_units)
+    cfg = gemv_config(m, n, k, x.dtype, target.compute_units, qdata.element_size(), **override)
     split = triton.cdiv(k, cfg.k_split)
     y = torch.empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](

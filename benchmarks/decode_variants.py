@@ -1,0 +1,127 @@
+"""One program, several ways to run its decode step: precision x backend x streams, same GPU, same run.
+
+    PYTHONPATH=. python benchmarks/decode_variants.py --preset flash-slice --out variants.json
+
+For each precision policy (default ``bf16`` and ``fp8``) the preset is compiled once for the
+target and loaded with the same seeded weights (generated on the device, as in gpu_peers.py;
+the fp8 artifact packs them at load); then each backend variant times a decode step at context
+``--prompt`` (B=1, CUDA graph, median of 20 replays) and, optionally, one prefill:
+
+- ``kernels+streams``: Triton kernels op by op, the compiler's stream schedule on CUDA streams;
+- ``kernels``: the same program and order on one stream (``ds4c.load(streams=False)``);
+- ``compiled``: kernels + TorchInductor between them (one stream).
+
+Ratios answer two acceptance questions: fp8 weights vs bf16 weights (bytes read), and the
+stream schedule vs one stream (same program).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.gpu_peers import attempt, build_hf, decode_bytes, timed
+
+VARIANTS = {"kernels+streams": ("kernels", True), "kernels": ("kernels", False), "compiled": ("compiled", False)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="flash-slice")
+    ap.add_argument("--target", default="h100")
+    ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--precisions", default="bf16,fp8")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--prefill", action="store_true", help="also time one prefill of the prompt per variant")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="variants.json")
+    args = ap.parse_args()
+
+    import transformers
+    import triton
+
+    import ds4c
+    from ds4c.models.deepseek_v4.presets import PRESETS
+    from ds4c.targets import get_target
+
+    dev = torch.device("cuda")
+    cfg = dict(PRESETS[args.preset])
+    tgt = get_target(args.target)
+    res: dict[str, Any] = {
+        "preset": args.preset, "date": time.strftime("%Y-%m-%d"),
+        "command": "python benchmarks/decode_variants.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not False),
+        "device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(), "target": tgt.name,
+    }
+
+    def save() -> None:
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+
+    hf = build_hf(cfg, dev, torch.bfloat16, args.seed)
+    params = dict(hf.state_dict())
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, cfg["vocab_size"], (1, args.prompt), generator=g).to(dev)
+    for precision in args.precisions.split(","):
+        art = ds4c.compile(args.preset, target=args.target, max_context=args.prompt + 64, progress=False,
+                           weights="reference", seed=args.seed, precision=precision)
+        path = f"/tmp/ds4c_variants_{args.preset}_{precision}.ds4"
+        art.save(path)
+        res[f"{precision}_weight_bytes"] = art.manifest["precision"]["weight_bytes"]
+        for name in args.variants.split(","):
+            backend, streams = VARIANTS[name]
+
+            def run(backend=backend, streams=streams) -> dict[str, Any]:
+                model = ds4c.load(path, device=dev, weights=params, progress=False, backend=backend,
+                                  streams=streams)
+                out: dict[str, Any] = {"kernel_binaries": getattr(model, "kernel_binaries", None)}
+                logits, state = model.prefill(prompt)
+                if args.prefill:
+                    out["prefill_s"] = timed(lambda: model.prefill(prompt), dev, warmup=0, reps=3)
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+                model._decode(tok, args.prompt, state)  # capture the CUDA graph
+                out["decode_s"] = timed(lambda: model._decode(tok, args.prompt, state), dev, warmup=2, reps=20)
+                nxt, _ = model._decode(tok, args.prompt, state)
+                out["next_token"] = int(nxt[0, -1].argmax())
+                sbytes = sum(t.numel() * t.element_size() for t in state.values())
+                packed = sum(t.numel() * t.element_size() for t in model.weights.values())
+                out["weights_resident_bytes"] = packed
+                out["bf16_roofline_s"] = decode_bytes(params, cfg, 1, sbytes) / tgt.hbm_bandwidth
+                ex = model._executors["decode"]
+                out["stream_events"] = getattr(ex, "stream_events", 0)
+                out["kernel_stats"] = ex.stats() if hasattr(ex, "stats") else None
+                del model, state, logits
+                torch.cuda.empty_cache()
+                return out
+            attempt(res, f"{precision}/{name}", run)
+            save()
+    ratios = {}
+    for p in args.precisions.split(","):
+        a, b = res.get(f"{p}/kernels", {}), res.get(f"{p}/kernels+streams", {})
+        if "decode_s" in a and "decode_s" in b:
+            ratios[f"{p}: one stream / streams"] = a["decode_s"] / b["decode_s"]
+    for name in args.variants.split(","):
+        a, b = res.get(f"bf16/{name}", {}), res.get(f"fp8/{name}", {})
+        if "decode_s" in a and "decode_s" in b:
+            ratios[f"{name}: bf16 / fp8"] = a["decode_s"] / b["decode_s"]
+    best = {p: min((v["decode_s"], k) for k, v in res.items() if k.startswith(p + "/") and "decode_s" in v)
+            for p in args.precisions.split(",") if any(k.startswith(p + "/") and "decode_s" in v
+                                                         for k, v in res.items() if isinstance(v, dict))}
+    if "bf16" in best and "fp8" in best:
+        ratios["best bf16 / best fp8"] = best["bf16"][0] / best["fp8"][0]
+    res["best"] = best
+    res["ratios"] = ratios
+    save()
+    print(json.dumps({"ratios": ratios, "best": best}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
