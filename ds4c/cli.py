@@ -122,16 +122,22 @@ def run(
 
 
 @app.command()
-def inspect(artifact: Annotated[Path, typer.Argument(help="a .ds4 artifact")]) -> None:
-    """Show target, pipeline, ops per layer, precision, weights and state layout of ARTIFACT."""
+def inspect(
+    artifact: Annotated[Path, typer.Argument(help="a .ds4 artifact")],
+    plots: Annotated[Path | None, typer.Option(help="write memory / schedule PNGs and Chrome traces to this folder")] = None,
+) -> None:
+    """Show target, pipeline, ops per layer, precision, weights, state layout, memory plan and streams of ARTIFACT."""
     from ds4c.artifact.artifact import read_artifact
-    from ds4c.inspect import summarize
+    from ds4c.inspect import summarize, write_plan_plots
 
     try:
-        manifest, program, _ = read_artifact(artifact)
+        manifest, program, container = read_artifact(artifact)
     except Ds4cError as e:
         _fail(e)
     summarize(manifest, program, console)
+    if plots is not None:
+        for path in write_plan_plots(manifest, program, container, plots):
+            console.print(f"wrote {path}")
 
 
 @app.command()

@@ -74,6 +74,8 @@ def summarize(manifest: dict[str, Any], program: Program, console: Console) -> N
         st.add_row(s["name"], str(s["shape"]), s["dtype"], f"{nbytes / 1024:.1f}")
     console.print(st)
     console.print(f"state total per sequence: {total / 2**20:.2f} MiB")
+    if manifest.get("memory_plan") or manifest.get("schedule"):
+        console.print(plan_table(manifest))
     layer_types = cfg.get("layer_types") or []
     mlp_types = cfg.get("mlp_layer_types") or []
     for name, g in program.graphs.items():
@@ -105,6 +107,52 @@ def summarize(manifest: dict[str, Any], program: Program, console: Console) -> N
         console.print(placement_table(kernels))
         console.print(kernel_table(kernels))
     console.print(f"[bold]kernels[/] {len(kernels)} stored" + ("" if kernels else " (reference backend: none needed)"))
+
+
+def _mib(n: Any) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f}"
+
+
+def plan_table(manifest: dict[str, Any]) -> Table:
+    """Per entry point: the memory plan (plan_memory) and the stream schedule (schedule_streams)."""
+    t = Table(title="memory plan and streams (per entry point; sizes at the plan's binding)")
+    for col in ("entry", "binding", "arena MiB", "peak live MiB", "weights HBM / host MiB", "device MiB / target",
+                "streams (ops)", "events", "makespan us (1 stream)"):
+        t.add_column(col, justify="left" if col in ("entry", "binding", "streams (ops)") else "right")
+    plans, scheds = manifest.get("memory_plan") or {}, manifest.get("schedule") or {}
+    for entry in sorted(set(plans) | set(scheds)):
+        p, sc = plans.get(entry, {}), scheds.get(entry, {})
+        w = p.get("weights") or {}
+        fits = p.get("fits")
+        dev = f"{_mib(p.get('device_bytes'))} / {_mib(p.get('target_hbm_bytes'))}" + (" [red]over[/]" if fits is False else "")
+        t.add_row(entry, " ".join(f"{k}={v}" for k, v in (p.get("sizes") or {}).items()), _mib(p.get("arena_bytes")),
+                  _mib(p.get("peak_live_bytes")), f"{_mib(w.get('hbm_bytes'))} / {_mib(w.get('host_bytes'))}", dev,
+                  " ".join(f"{k}={v}" for k, v in (sc.get("ops_per_stream") or {}).items()), str(sc.get("events", "-")),
+                  f"{sc['makespan_s'] * 1e6:,.1f} ({sc['single_stream_makespan_s'] * 1e6:,.1f})" if sc else "-")
+    return t
+
+
+def write_plan_plots(manifest: dict[str, Any], program: Program, container: Any, out_dir: Any) -> list[Any]:
+    """For each entry point with stored plans: ``<entry>.memory.png`` (live bytes over the program),
+    ``<entry>.schedule.png`` and ``<entry>.trace.json`` (Chrome trace: open in Perfetto)."""
+    import json
+    from pathlib import Path
+
+    from ds4c.passes.timeline import plot_memory_png, plot_schedule_png, write_chrome_trace
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for entry, section in (manifest.get("memory_plan") or {}).items():
+        plan = json.loads(container.read_bytes(section["member"]))
+        written.append(plot_memory_png(out / f"{entry}.memory.png", program.graphs[entry], plan,
+                                       title=f"@{entry}: live activation bytes ({manifest['target']['name']})"))
+    for entry, section in (manifest.get("schedule") or {}).items():
+        sched = json.loads(container.read_bytes(section["member"]))
+        written.append(plot_schedule_png(out / f"{entry}.schedule.png", program.graphs[entry], sched,
+                                         title=f"@{entry}: stream schedule ({manifest['target']['name']})"))
+        written.append(write_chrome_trace(out / f"{entry}.trace.json", program.graphs[entry], sched))
+    return written
 
 
 def precision_table(prec: dict[str, Any]) -> Table:

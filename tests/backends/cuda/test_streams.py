@@ -1,0 +1,68 @@
+"""The stream schedule as the runtime runs it: stored in the artifact, mapped onto the graph the
+kernel backends execute (after load-time rewrites), issued in a topological order; and the plan
+as ``ds4c inspect`` shows it (table, PNGs, Chrome trace)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import ds4c
+from ds4c.artifact.artifact import read_artifact
+from ds4c.backends.cuda.executor import order_for_streams, stream_assignment, unpack_weights_once
+from ds4c.backends.reference import ReferenceExecutor
+from ds4c.cli import app
+from ds4c.errors import ArtifactError
+
+
+@pytest.fixture(scope="module")
+def fp8_artifact(tmp_path_factory):
+    path = tmp_path_factory.mktemp("streams") / "tiny-fp8.ds4"
+    ds4c.compile("tiny", target="h100", precision="fp8", max_context=64, progress=False).save(path)
+    return path
+
+
+def test_schedule_is_stored_and_maps_onto_the_rewritten_graph(fp8_artifact):
+    manifest, program, container = read_artifact(fp8_artifact)
+    sched = manifest["schedule"]["decode"]
+    assert sched["makespan_s"] < sched["single_stream_makespan_s"] and sched["ops_per_stream"]["aux"] > 0
+    schedule = json.loads(container.read_bytes(sched["member"]))
+    stored = program.graphs["decode"]
+    assignment = stream_assignment(stored, schedule)
+    graphs, weights, _ = unpack_weights_once(program.graphs, ds4c.load(fp8_artifact, backend="reference").weights)
+    ordered, streams = order_for_streams(graphs["decode"], assignment)
+    assert sorted(map(id, ordered.ops)) == sorted(map(id, graphs["decode"].ops))
+    assert "aux" in streams and len(streams) == len(ordered.ops)
+    # issue order is topological: every operand is an input or produced earlier
+    known = {gi.value for gi in ordered.inputs}
+    for op in ordered.ops:
+        assert all(v in known for v in op.operands), op.name
+        known.update(op.results)
+    # and it computes the same thing (reference ops, CPU: one stream)
+    feeds = {"input_ids": torch.tensor([[5]]), "position": torch.tensor(3)}
+    state = ds4c.load(fp8_artifact, backend="reference").new_state(1)
+    want = ReferenceExecutor(graphs["decode"], "cpu").run(feeds, weights, state)["logits"]
+    got = ReferenceExecutor(ordered, "cpu").run(feeds, weights, state)["logits"]
+    assert torch.equal(got, want)
+
+
+def test_inspect_prints_the_plan_and_writes_plots(fp8_artifact, tmp_path):
+    res = CliRunner().invoke(app, ["inspect", str(fp8_artifact), "--plots", str(tmp_path / "plots")])
+    assert res.exit_code == 0, res.output
+    assert "memory plan and streams" in res.output and "main=" in res.output
+    for name in ("decode.memory.png", "decode.schedule.png", "prefill.schedule.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    trace = json.loads((tmp_path / "plots" / "decode.trace.json").read_text())
+    assert {e.get("cat") for e in trace["traceEvents"] if e.get("ph") == "X"} >= {"main", "aux"}
+
+
+def test_schedule_of_another_graph_is_refused(fp8_artifact):
+    from ds4c.runtime.model import _stream_plans
+
+    manifest, program, container = read_artifact(fp8_artifact)
+    swapped = dict(manifest, schedule={"decode": manifest["schedule"]["prefill"]})
+    with pytest.raises(ArtifactError, match="schedule covers"):
+        _stream_plans(swapped, container, program.graphs)
