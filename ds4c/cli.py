@@ -178,6 +178,17 @@ def targets() -> None:
                   f"{tg.peak('bf16') / 1e12:.0f}", "yes" if d.get("native_fp8") else "no",
                   "yes" if d.get("native_fp4") else "no")
     console.print(t)
+    from ds4c.verification import verification
+
+    v = Table(title="verified where", show_lines=True)
+    for col in ("targets", "backend", "verified here (CPU, CI)", "on hardware"):
+        v.add_column(col)
+    by_backend: dict[str, list[str]] = {}
+    for tg in list_targets():
+        by_backend.setdefault(tg.backend, []).append(tg.name)
+    for backend, names in by_backend.items():
+        v.add_row(", ".join(names), backend, *verification(backend))
+    console.print(v)
 
 
 debug_app = typer.Typer(no_args_is_help=True, help="Find what a pass did to the numbers.")

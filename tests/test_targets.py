@@ -111,3 +111,16 @@ def test_records_are_immutable_and_validated():
         Target.from_dict({**h100.to_dict(), "sm_count": 1})
     with pytest.raises(TargetError, match="vendor 'intel'"):
         dataclasses.replace(h100, vendor="intel")
+
+
+def test_every_target_says_what_is_verified_here_and_on_hardware():
+    from typer.testing import CliRunner
+
+    from ds4c.cli import app
+    from ds4c.verification import verification
+
+    for t in list_targets():
+        here, hardware = verification(t.backend)
+        assert here and hardware
+    out = CliRunner().invoke(app, ["targets"], env={"COLUMNS": "200"}).output
+    assert "verified where" in out and all(t.name in out for t in list_targets())
