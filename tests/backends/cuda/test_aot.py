@@ -88,6 +88,23 @@ def test_every_kernel_compiles_for_other_archs(mi300x, target, needle):
         assert f".target {arch}".encode() in text
 
 
+def test_mi355x_artifact_matches_reference_in_interpreter(tmp_path):
+    # after the test above: gfx950's binaries for this program come from aot's in-process cache
+    path = tmp_path / "tiny-mi355x.ds4"
+    ds4c.compile("tiny", target="mi355x", precision="fp32", progress=False).save(path)
+    manifest = ds4c.artifact.artifact.read_artifact(path)[0]
+    assert manifest["kernels"]["arch"] == "gfx950" and manifest["kernels"]["binaries"]
+    ker = ds4c.load(path, backend="kernels", cuda_graphs=False)
+    ref = ds4c.load(path, backend="reference")
+    assert ker.kernel_target.name == "mi355x"
+    ids = torch.tensor([[9, 4, 77, 120, 3]])
+    la, sa = ref.prefill(ids)
+    lb, sb = ker.prefill(ids)
+    torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
+    tok = la[:, -1].argmax(-1, keepdim=True)
+    torch.testing.assert_close(ker.decode(tok, 5, sb)[0], ref.decode(tok, 5, sa)[0], rtol=1e-4, atol=1e-4)
+
+
 def test_selection_by_arch_and_version():
     section = {"binaries": [{}], "triton_target": ["cuda", 90, 32], "arch": "sm_90a", "triton_version": "3.6.0"}
     assert binaries.select(section, ("cuda", 90, 32), "3.6.0").status == "stored"
