@@ -45,6 +45,10 @@ def compile(
                                                    "in host memory, prefetched")] = None,
     csa_kv_on_host: Annotated[bool, typer.Option("--csa-kv-on-host", help="keep CSA compressed KV in host "
                                                  "memory; fetch only the selected entries")] = False,
+    kernel_binaries: Annotated[bool | None, typer.Option(
+        "--kernel-binaries/--no-kernel-binaries",
+        help="store Triton binaries compiled ahead of time (cuda/rocm targets; default yes unless "
+             "DS4C_KERNEL_BINARIES=0); without them the runtime JIT-compiles")] = None,
 ) -> None:
     """Compile MODEL for TARGET into a .ds4 artifact."""
     import ds4c
@@ -54,7 +58,7 @@ def compile(
                            print_after_all=print_after_all, print_after=print_after or (), stop_after=stop_after,
                            bisect=bisect, weights=weights, seed=seed, progress=None,
                            hbm_budget=_parse_bytes(hbm_budget) if hbm_budget else None,
-                           csa_kv_on_host=csa_kv_on_host)
+                           csa_kv_on_host=csa_kv_on_host, kernel_binaries=kernel_binaries)
         if output is None:
             output = Path(f"{Path(model).name}-{target}.ds4")
         art.save(output)

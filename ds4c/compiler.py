@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ def compile(
     error_bound: float | None = None,
     hbm_budget: int | None = None,
     csa_kv_on_host: bool = False,
+    kernel_binaries: bool | None = None,
 ) -> Artifact:
     """Compile ``model`` (preset name, checkpoint directory, ONNX file or transformers DeepseekV4ForCausalLM) for ``target``.
 
@@ -70,7 +72,9 @@ def compile(
     table file; ``calibration_tokens`` ([N, S] ids) and ``error_bound`` steer ``auto`` (assign_precision).
     ``hbm_budget`` (bytes): device memory for weights + state + activations; weights beyond it stay in
     host memory and are prefetched (plan_memory). ``csa_kv_on_host``: plan CSA's compressed KV in
-    host memory, fetching only the selected entries each step.
+    host memory, fetching only the selected entries each step. ``kernel_binaries``: store Triton
+    binaries compiled ahead of time for cuda / rocm targets (default: yes, unless the environment
+    sets ``DS4C_KERNEL_BINARIES=0``); without them the runtime JIT-compiles its kernels.
     """
     if hbm_budget is not None and hbm_budget <= 0:
         raise ConfigError(f"--hbm-budget must be a positive number of bytes, got {hbm_budget}")
@@ -146,7 +150,9 @@ def compile(
         steps.advance(f"device code ({tgt.backend})")
         from ds4c.backends import lower_kernels
 
-        kernel_section, kernel_members = lower_kernels(tgt, program, progress=progress)
+        if kernel_binaries is None:
+            kernel_binaries = os.environ.get("DS4C_KERNEL_BINARIES", "1") != "0"
+        kernel_section, kernel_members = lower_kernels(tgt, program, progress=progress, binaries=kernel_binaries)
         steps.advance("done")
 
     manifest: dict[str, Any] = {

@@ -15,7 +15,6 @@ The ``reference`` backend (the ``cpu`` target) has no device code.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Any
 
 from ds4c.ir.graph import Program
@@ -24,11 +23,12 @@ from ds4c.targets import Target
 LOWERINGS = {"cuda": "ds4c.backends.cuda.aot", "rocm": "ds4c.backends.cuda.aot", "npu": "ds4c.backends.npu.lower"}
 
 
-def lower_kernels(target: Target, program: Program, *, progress: bool | None = None,
+def lower_kernels(target: Target, program: Program, *, progress: bool | None = None, binaries: bool = True,
                   ) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """(manifest ``kernels`` section, ``kernels/`` members) for ``target``; empty for the reference backend."""
+    """(manifest ``kernels`` section, ``kernels/`` members) for ``target``; empty for the reference
+    backend, and for cuda / rocm when ``binaries`` is False (the runtime then JIT-compiles)."""
     name = LOWERINGS.get(target.backend)
-    if name is None or importlib.util.find_spec(name) is None:
+    if name is None or (target.backend in ("cuda", "rocm") and not binaries):
         return {}, {}
     module = importlib.import_module(name)
     return module.lower(target, program, progress=progress)
