@@ -126,7 +126,7 @@ class CompiledModel:
     def prefill(self, input_ids: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = self._check_ids(input_ids)
         with self._kernel_configs():
-            out = self._executors["prefill"].run({"input_ids": ids}, self.weights)
+            out = self._entry("prefill").run({"input_ids": ids}, self.weights)
         logits = out.pop("logits")
         return logits, out
 
@@ -151,15 +151,21 @@ class CompiledModel:
 
             b = ids.shape[0]
             if b not in self._graphed:
-                self._graphed[b] = GraphedDecode(self._executors["decode"], self.weights, state, b)
+                self._graphed[b] = GraphedDecode(self._entry("decode"), self.weights, state, b)
             step = self._graphed[b]
             step.load_state(state)
             logits = step(ids, position).clone()
             return logits, step.state  # on CUDA the state buffers are updated in place
         pos = torch.tensor(position, dtype=torch.int64, device=self.device)
-        out = self._executors["decode"].run({"input_ids": ids, "position": pos}, self.weights, state)
+        out = self._entry("decode").run({"input_ids": ids, "position": pos}, self.weights, state)
         logits = out.pop("logits")
         return logits, out
+
+    def _entry(self, name: str) -> Any:
+        if name not in self._executors:
+            raise InputError(f"this artifact has no '{name}' entry point (it has {', '.join(sorted(self._executors))}); "
+                             f"recompile from a source that provides it (an ONNX file exported with --entry {name})")
+        return self._executors[name]
 
     def __call__(self, input_ids: Any) -> torch.Tensor:
         """Full forward of a whole sequence from an empty state: logits [B, S, vocab]."""

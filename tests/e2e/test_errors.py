@@ -106,6 +106,13 @@ def test_token_ids_out_of_range(artifact):
     assert res.exit_code == 2 and "out of range" in res.output
 
 
+def test_missing_entry_point_is_named(artifact):
+    model = ds4c.load(artifact)
+    del model._executors["prefill"]  # as an artifact imported from a decode-only ONNX file has it
+    with pytest.raises(InputError, match="no 'prefill' entry point .* --entry prefill"):
+        model([[1, 2, 3]])
+
+
 def test_context_longer_than_compiled_maximum(artifact):
     model = ds4c.load(artifact)
     with pytest.raises(InputError, match="exceeds the compiled maximum of 64"):
