@@ -6,3 +6,16 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8_artifact(tmp_path_factory):
+    """tiny compiled for h100 with FP8 weights (max context 64), shared by the packed-weight tests."""
+    import ds4c
+
+    path = tmp_path_factory.mktemp("fp8") / "tiny-fp8.ds4"
+    ds4c.compile("tiny", target="h100", precision="fp8", max_context=64, progress=False).save(path)
+    return path

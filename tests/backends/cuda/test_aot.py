@@ -91,7 +91,8 @@ def test_every_kernel_compiles_for_other_archs(mi300x, target, needle):
 def test_mi355x_artifact_matches_reference_in_interpreter(tmp_path):
     # after the test above: gfx950's binaries for this program come from aot's in-process cache
     path = tmp_path / "tiny-mi355x.ds4"
-    ds4c.compile("tiny", target="mi355x", precision="fp32", progress=False, kernel_binaries=True).save(path)
+    ds4c.compile("tiny", target="mi355x", precision="fp32", max_context=64, progress=False,
+                 kernel_binaries=True).save(path)
     manifest = ds4c.artifact.artifact.read_artifact(path)[0]
     assert manifest["kernels"]["arch"] == "gfx950" and manifest["kernels"]["binaries"]
     ker = ds4c.load(path, backend="kernels", cuda_graphs=False)

@@ -59,9 +59,8 @@ def test_compiled_backend_decode_matches_reference(tiny_path, reference):
     torch.testing.assert_close(db, da, rtol=1e-4, atol=1e-4)
 
 
-def test_packed_weights_are_read_packed_or_expanded_once_for_kernels(tmp_path):
-    path = tmp_path / "fp8.ds4"
-    ds4c.compile("tiny", target="h100", precision="fp8", max_context=64, progress=False).save(path)
+def test_packed_weights_are_read_packed_or_expanded_once_for_kernels(tiny_fp8_artifact):
+    path = tiny_fp8_artifact
     ref = ds4c.load(path, device=DEVICE, backend="reference")
     ker = ds4c.load(path, device=DEVICE, backend="kernels", cuda_graphs=False)
     # FP8 linears and experts stay packed (linear.packed / moe.packed read them); the grouped

@@ -70,11 +70,13 @@ def test_moe_packed_matches_reference(fmt, tokens, dtype):
     torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
 
 
-def test_rewrite_keeps_fp8_packed_and_preserves_the_reference_result():
-    import ds4c
+def test_rewrite_keeps_fp8_packed_and_preserves_the_reference_result(tiny_fp8_artifact):
+    from ds4c.artifact.artifact import read_artifact
+    from ds4c.runtime.model import load
 
-    art = ds4c.compile("tiny", target="h100", precision="fp8", progress=False)
-    graphs, weights, expanded = unpack_weights_once(art.program.graphs, art.weights)
+    _, program, _ = read_artifact(tiny_fp8_artifact)
+    stored = load(tiny_fp8_artifact, backend="reference").weights  # packed, as the artifact stores them
+    graphs, weights, expanded = unpack_weights_once(program.graphs, stored)
     ops = [op.name for g in graphs.values() for op in g.ops]
     assert "linear.packed" in ops and "moe.packed" in ops and "moe" not in ops and "quant.dequant" not in ops
     # expanded at load: weights whose use no kernel reads packed (the grouped output projection)
@@ -83,7 +85,7 @@ def test_rewrite_keeps_fp8_packed_and_preserves_the_reference_result():
     assert {users[name] for name in expanded} == {"linear.grouped"}
     assert any(w.dtype == torch.float8_e4m3fn for w in weights.values())
     ids = {"input_ids": torch.tensor([[3, 1, 4, 1, 5, 9]])}
-    want = ReferenceExecutor(art.program.graphs["prefill"], "cpu").run(ids, art.weights)["logits"]
+    want = ReferenceExecutor(program.graphs["prefill"], "cpu").run(ids, stored)["logits"]
     got = ReferenceExecutor(graphs["prefill"], "cpu").run(ids, weights)["logits"]
     # the same math in the same order (dequantise, then linear / moe): bit-identical
     assert torch.equal(got, want)

@@ -19,10 +19,8 @@ from ds4c.errors import ArtifactError
 
 
 @pytest.fixture(scope="module")
-def fp8_artifact(tmp_path_factory):
-    path = tmp_path_factory.mktemp("streams") / "tiny-fp8.ds4"
-    ds4c.compile("tiny", target="h100", precision="fp8", max_context=64, progress=False).save(path)
-    return path
+def fp8_artifact(tiny_fp8_artifact):
+    return tiny_fp8_artifact
 
 
 def test_schedule_is_stored_and_maps_onto_the_rewritten_graph(fp8_artifact):
