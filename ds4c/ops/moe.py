@@ -42,10 +42,11 @@ def _route(x, ids, router, selector, top_k: int, route_scale: float, routing: st
     return flat, idx, w / (w.sum(dim=-1, keepdim=True) + 1e-20) * route_scale
 
 
-def _shared(x, s_gate, s_up, s_down, limit: float) -> torch.Tensor:
-    sg = F.linear(x, s_gate).clamp(max=limit)
-    su = F.linear(x, s_up).clamp(min=-limit, max=limit)
-    return F.linear(F.silu(sg) * su, s_down)
+def _shared(x, s_gate, s_up, s_down, limit: float, linear=F.linear) -> torch.Tensor:
+    """The shared expert; ``linear(h, w)`` computes ``h @ wᵀ`` (packed weights pass their own)."""
+    sg = linear(x, s_gate).clamp(max=limit)
+    su = linear(x, s_up).clamp(min=-limit, max=limit)
+    return linear(F.silu(sg) * su, s_down)
 
 
 def moe_reference(x, ids, router, selector, gate_up, down, s_gate, s_up, s_down, *, top_k: int, route_scale: float,

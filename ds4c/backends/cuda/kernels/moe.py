@@ -36,8 +36,10 @@ import triton.language as tl
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import MoeConfig, active_target, dot_precision, moe_config
-from ds4c.backends.cuda.kernels.linear import _MODES, BLOCK_F32, BLOCK_UE8M0, gemv, storage_to_dot
+from ds4c.backends.cuda.kernels.linear import _MODES, BLOCK_F32, BLOCK_UE8M0, linear_packed, storage_to_dot
+from ds4c.ir.registry import get_op
 from ds4c.ops.moe import _route, _shared
+from ds4c.ops.quant import packed_operand_count
 
 __all__ = ["MoeConfig", "moe", "moe_config"]
 
@@ -206,33 +208,27 @@ def moe_packed(x, ids, router, selector, *packed, formats: list[str], shapes: li
     if any(f not in _MODES and f != "none" for f in formats):
         return NotImplemented
     weights, i = [], 0
-    for fmt in formats:  # (tensor, scale, scale mode) per weight
-        n = 1 if fmt in ("none", "bf16") else 2
-        weights.append((packed[i], packed[i + 1] if n == 2 else None, _MODES.get(fmt, 0)))
+    for fmt, shape in zip(formats, shapes, strict=True):  # (tensors, scale mode, format, shape) per weight
+        n = packed_operand_count([fmt], [shape])
+        weights.append((packed[i:i + n], _MODES.get(fmt, 0), fmt, shape))
         i += n
-    gate_up, down = weights[0], weights[1]
-    if gate_up[2] == 0 and gate_up[0].dtype != x.dtype or down[2] == 0 and down[0].dtype != x.dtype:
+    (gu, gu_mode, _, _), (dn, dn_mode, _, _) = weights[:2]
+    if gu_mode == 0 and gu[0].dtype != x.dtype or dn_mode == 0 and dn[0].dtype != x.dtype:
         return NotImplemented
-    routed = _routed(x, ids, router, selector, gate_up, down, top_k=top_k, route_scale=route_scale,
+    routed = _routed(x, ids, router, selector, (gu[0], gu[1] if len(gu) > 1 else None, gu_mode),
+                     (dn[0], dn[1] if len(dn) > 1 else None, dn_mode), top_k=top_k, route_scale=route_scale,
                      swiglu_limit=swiglu_limit, routing=routing, score=score)
     if routed is NotImplemented:
         return NotImplemented
-    flat = x.reshape(-1, x.shape[-1])
 
-    def linear(h, w, fmt):
-        q, scale, _ = w
-        y = gemv(h, q, scale, fmt) if fmt != "none" else None
-        if y is None:
-            from ds4c.ops.quant import dequant_operands
+    def linear(h, w):  # the shared expert's weights: linear.packed's kernel, else its reference
+        tensors, _, fmt, shape = w
+        if fmt == "none":
+            return torch.nn.functional.linear(h, tensors[0])
+        y = linear_packed(h, *tensors, format=fmt, shape=shape)
+        return get_op("linear.packed").reference(h, *tensors, format=fmt, shape=shape) if y is NotImplemented else y
 
-            (dense,) = dequant_operands(tuple(t for t in (q, scale) if t is not None), [fmt], [list(q.shape)], h.dtype)
-            y = torch.nn.functional.linear(h, dense)
-        return y
-
-    sg = linear(flat, weights[2], formats[2]).clamp(max=swiglu_limit)
-    su = linear(flat, weights[3], formats[3]).clamp(min=-swiglu_limit, max=swiglu_limit)
-    shared = linear(torch.nn.functional.silu(sg) * su, weights[4], formats[4])
-    return routed + shared.view(x.shape)
+    return routed + _shared(x, *weights[2:], swiglu_limit, linear=linear)
 
 
 def _routed(x, ids, router, selector, gate_up, down, *, top_k: int, route_scale: float, swiglu_limit: float,
