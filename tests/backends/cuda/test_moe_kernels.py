@@ -124,3 +124,55 @@ def test_tile_choice_by_rows_per_expert():
     assert moe_config(6, 256, torch.bfloat16).block_m == 16  # V4-Flash decode, 1 token
     assert moe_config(192, 256, torch.bfloat16).block_m == 16  # 32 tokens
     assert moe_config(2048 * 6, 256, torch.bfloat16).block_m == 64  # prefill
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("routing,score", [("bias", "sqrtsoftplus"), ("bias", "sigmoid"), ("bias", "softmax"),
+                                           ("hash", "sqrtsoftplus")])
+def test_routing_kernel_equals_route(dtype, routing, score):
+    """The routing kernel picks the reference's experts and rounds the weights where torch does:
+    bf16 weights bit-equal over many tokens, including large negative logits (softplus ~ exp);
+    fp32 within a few ulps (other exp/log implementations)."""
+    from ds4c.backends.cuda.kernels.moe import _route_on_device
+
+    args = make_inputs(48, 64, 64, 32, dtype, routing, 6, seed=11)
+    args[2] = args[2] * 6.0  # logits from about -20 to 20
+    if routing == "bias":  # an fp32 correction bias (as checkpoints ship it): bf16 keys would tie,
+        args[3] = args[3].float()  # and ties break differently in every top-k implementation
+    kw = (6, 1.5, routing, score)
+    flat, idx, w = _route_on_device(*args[:4], *kw)
+    _, want_idx, want_w = _route(*args[:4], *kw)
+    got_i, order = idx.sort(dim=-1)
+    want_i, want_order = want_idx.sort(dim=-1)
+    assert torch.equal(got_i, want_i)
+    got_w, want_w = w.gather(1, order), want_w.float().gather(1, want_order)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got_w, want_w)
+    else:
+        torch.testing.assert_close(got_w, want_w, atol=1e-6, rtol=1e-6)
+
+
+def test_decode_path_has_no_sort_and_fuses_the_shared_expert(monkeypatch):
+    import ds4c.backends.cuda.kernels.moe as moe_mod
+
+    args = make_inputs(2, 16, 64, 32, torch.float32, "bias", 3, seed=6)
+    kw = dict(top_k=3, route_scale=1.5, swiglu_limit=10.0, routing="bias", score="sqrtsoftplus")
+    want = moe_reference(*args, **kw)
+
+    def forbidden(*a, **k):
+        raise AssertionError("the decode path groups nothing and leaves no shared expert to torch")
+
+    monkeypatch.setattr(torch, "sort", forbidden)
+    monkeypatch.setattr(moe_mod, "_shared", forbidden)
+    got = moe(*args, **kw)
+    monkeypatch.undo()
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+
+
+def test_decode_path_with_a_shared_expert_of_another_width():
+    args = make_inputs(1, 16, 64, 32, torch.float32, "bias", 2, seed=7)
+    g = torch.Generator().manual_seed(8)
+    args[6], args[7] = (torch.randn(48, 64, generator=g) * 0.1 for _ in range(2))
+    args[8] = torch.randn(64, 48, generator=g) * 0.1
+    args[6:] = [a.to(DEVICE) for a in args[6:]]
+    check(args, top_k=2, route_scale=1.0, swiglu_limit=10.0, routing="bias", score="sigmoid")

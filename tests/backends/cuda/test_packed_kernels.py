@@ -70,6 +70,21 @@ def test_moe_packed_matches_reference(fmt, tokens, dtype):
     torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_moe_packed_decode_reads_the_shared_expert_packed(fmt):
+    # every expert weight in one format: the decode kernels run the shared expert too
+    args = make_inputs(1, 8, 256, 160, torch.float32, "bias", 2, seed=9)
+    operands, shapes = list(args[:4]), []
+    for w in args[4:]:
+        shapes.append(list(w.shape))
+        operands.extend(pack(w, fmt))
+    kw = dict(formats=[fmt] * 5, shapes=shapes, top_k=2, route_scale=1.5, swiglu_limit=10.0, routing="bias",
+              score="sqrtsoftplus")
+    got = moe_packed(*operands, **kw)
+    want = get_op("moe.packed").reference(*operands, **kw)
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+
+
 def test_rewrite_keeps_fp8_packed_and_preserves_the_reference_result(tiny_fp8_artifact):
     from ds4c.artifact.artifact import read_artifact
     from ds4c.runtime.model import load

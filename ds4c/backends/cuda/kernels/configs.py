@@ -310,6 +310,32 @@ def moe_config(pairs: int, experts: int, dtype: torch.dtype, target: Target | No
     return _replace(cfg, launch=gemm_launch(target, cfg.num_warps, cfg.num_stages, dtype))
 
 
+@dataclass(frozen=True)
+class MoeDecodeConfig:
+    """Tiles of the per-pair decode path (``moe`` with a few tokens): GEMVs, no tensor cores."""
+
+    max_pairs: int  # the path applies up to this many (token, pick) pairs
+    block_n_up: int  # columns of each of the gate and up halves per program
+    block_n_down: int  # hidden columns per program of the down GEMV
+    block_k: int  # reduction step (<= 128: FP8 scale blocks)
+    launch: Launch = field(default=Launch(4), compare=False)
+
+
+def moe_decode_config(dtype: torch.dtype, target: Target | None = None) -> MoeDecodeConfig:
+    """Decode (a few tokens): one program per (pair, column block), reading its expert's rows once.
+
+    Up to ``max_pairs`` pairs the picked experts rarely repeat (V4-Flash: 6 of 256 per token), so
+    grouping tokens by expert would save no bytes and costs a sort on the device; past it, the
+    grouped kernels share each expert's tile among its tokens. Narrow column tiles and 128-wide K
+    steps (one FP8 scale block) give V4-Flash shapes 448 gate_up programs and 256 down programs for
+    one token, about 2-3 waves of 132 SMs.
+    """
+    target = target or active_target()
+    fp32 = dtype == torch.float32
+    return MoeDecodeConfig(24, 32, 16, 64 if fp32 else 128,
+                           launch=Launch(4, 2 if fp32 or is_amd(target) else 3))
+
+
 # -- indexer scores -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

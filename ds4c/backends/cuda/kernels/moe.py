@@ -25,6 +25,14 @@ in a CUDA graph.
 weights as stored: a tile is loaded in its storage type and converted in registers, each K step's
 partial product is scaled by its 128x128 block's scale (FP8; K tiles never straddle a block), or
 the accumulator by the row scales (INT8). The shared expert goes through ``linear.packed``.
+
+Routing runs as one kernel after the router GEMM (``_route_kernel``: score, top-k by argmax or
+the hash table, normalisation, each step rounded to x's dtype where torch rounds). Decode (up to
+``MoeDecodeConfig.max_pairs`` pairs) skips the sort: the picked experts rarely repeat, so a GEMV
+program per (pair, column block) reads its expert's rows directly, the shared expert rides along
+as one more "pair" per token, and the down GEMV of a token sums its picks and the shared expert in
+registers and writes the result in x's dtype. A decode MoE is then four kernels: router GEMM,
+routing, gate_up, down.
 """
 
 from __future__ import annotations
@@ -35,13 +43,14 @@ import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
-from ds4c.backends.cuda.kernels.configs import MoeConfig, active_target, dot_precision, moe_config
+from ds4c.backends.cuda.kernels.configs import (MoeConfig, MoeDecodeConfig, active_target, dot_precision, moe_config,
+                                                moe_decode_config)
 from ds4c.backends.cuda.kernels.linear import _MODES, BLOCK_F32, BLOCK_UE8M0, linear_packed, storage_to_dot
 from ds4c.ir.registry import get_op
 from ds4c.ops.moe import _route, _shared
 from ds4c.ops.quant import packed_operand_count
 
-__all__ = ["MoeConfig", "moe", "moe_config"]
+__all__ = ["MoeConfig", "MoeDecodeConfig", "moe", "moe_config", "moe_decode_config"]
 
 
 @triton.jit
@@ -182,6 +191,225 @@ def _down_kernel(h_ptr, w_ptr, s_ptr, order_ptr, seg_ptr, weight_ptr, y_ptr,
     tl.store(y_ptrs, acc * scale[:, None], mask=row_ok[:, None] & col_ok[None, :])
 
 
+
+# -- routing --------------------------------------------------------------------------------------
+
+SCORE_CODES = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
+MAX_ROUTED_EXPERTS = 4096  # one program holds a token's scores
+
+
+@triton.jit
+def _as_dtype(x, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` and back: where torch keeps an intermediate in x's dtype."""
+    return round_to(x, dtype, INTERPRETER_BF16).to(tl.float32)
+
+
+@triton.jit
+def _route_kernel(logits_ptr, sel_ptr, ids_ptr, idx_ptr, w_ptr, n_experts, route_scale,
+                  TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TOPK: tl.constexpr, HASH: tl.constexpr,
+                  SCORE: tl.constexpr, KEY_ROUND: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """One token: ``_route``'s scores, picks and normalised weights (int64 picks, fp32 weights)."""
+    t = tl.program_id(0)
+    dt: tl.constexpr = logits_ptr.dtype.element_ty
+    e = tl.arange(0, BLOCK_E)
+    ok = e < n_experts
+    lg = tl.load(logits_ptr + t.to(tl.int64) * n_experts + e, mask=ok, other=0.0).to(tl.float32)
+    if SCORE == 0:  # sqrt(softplus): torch's softplus is log1p(exp(x)) below 20, rounded, then sqrt
+        ex = tl.exp(lg)
+        u = 1.0 + ex
+        d = u - 1.0
+        log1p = tl.where(d == 0.0, ex, tl.log(u) * tl.div_rn(ex, tl.where(d == 0.0, 1.0, d)))
+        sp = _as_dtype(tl.where(lg > 20.0, lg, log1p), dt, INTERPRETER_BF16)
+        s = _as_dtype(tl.sqrt_rn(sp), dt, INTERPRETER_BF16)
+    elif SCORE == 1:
+        s = _as_dtype(tl.div_rn(1.0, 1.0 + tl.exp(-lg)), dt, INTERPRETER_BF16)
+    else:
+        m = tl.max(tl.where(ok, lg, float("-inf")), 0)
+        p = tl.where(ok, tl.exp(lg - m), 0.0)
+        s = _as_dtype(tl.div_rn(p, tl.sum(p, 0)), dt, INTERPRETER_BF16)
+    kk = tl.arange(0, BLOCK_TOPK)
+    picks = tl.zeros([BLOCK_TOPK], dtype=tl.int64)
+    w = tl.zeros([BLOCK_TOPK], dtype=tl.float32)
+    if HASH:
+        tok = tl.load(ids_ptr + t).to(tl.int64)
+        picks = tl.load(sel_ptr + tok * TOP_K + kk, mask=kk < TOP_K, other=0).to(tl.int64)
+        for j in tl.static_range(TOP_K):
+            pj = tl.sum(tl.where(kk == j, picks, 0), 0)
+            w = tl.where(kk == j, tl.sum(tl.where(e == pj, s, 0.0), 0), w)
+    else:
+        key = s + tl.load(sel_ptr + e, mask=ok, other=0.0).to(tl.float32)
+        if KEY_ROUND:
+            key = _as_dtype(key, dt, INTERPRETER_BF16)
+        key = tl.where(ok, key, float("-inf"))
+        for j in tl.static_range(TOP_K):
+            best = tl.argmax(key, 0)
+            picks = tl.where(kk == j, best.to(tl.int64), picks)
+            w = tl.where(kk == j, tl.sum(tl.where(e == best, s, 0.0), 0), w)
+            key = tl.where(e == best, float("-inf"), key)
+    total = _as_dtype(tl.sum(tl.where(kk < TOP_K, w, 0.0), 0), dt, INTERPRETER_BF16)
+    total = _as_dtype(total + 1e-20, dt, INTERPRETER_BF16)
+    w = _as_dtype(tl.div_rn(w, total + tl.zeros([BLOCK_TOPK], dtype=tl.float32)), dt, INTERPRETER_BF16)
+    w = _as_dtype(w * route_scale, dt, INTERPRETER_BF16)
+    out = t.to(tl.int64) * TOP_K + kk
+    tl.store(idx_ptr + out, picks, mask=kk < TOP_K)
+    tl.store(w_ptr + out, w, mask=kk < TOP_K)
+
+
+def _route_on_device(x, ids, router, selector, top_k: int, route_scale: float, routing: str, score: str):
+    """``_route`` as the router GEMM (torch) plus ``_route_kernel``: (flat x, picks int64 [T, k],
+    weights fp32 [T, k]), or None where the kernel does not apply."""
+    experts = router.shape[0]
+    if router.dtype != x.dtype or experts > MAX_ROUTED_EXPERTS or score not in SCORE_CODES:
+        return None
+    if routing == "hash" and (selector.dim() != 2 or selector.shape[1] != top_k or selector.is_floating_point()):
+        return None
+    if routing == "bias" and (selector.dim() != 1 or selector.shape[0] != experts or not selector.is_floating_point()):
+        return None
+    flat = x.reshape(-1, x.shape[-1])
+    tokens = flat.shape[0]
+    logits = torch.nn.functional.linear(flat, router).contiguous()
+    idx = torch.empty((tokens, top_k), dtype=torch.int64, device=x.device)
+    w = torch.empty((tokens, top_k), dtype=torch.float32, device=x.device)
+    if tokens:
+        key_round = routing == "bias" and torch.promote_types(x.dtype, selector.dtype) == x.dtype != torch.float32
+        _route_kernel[(tokens,)](
+            logits, selector.contiguous(), ids.reshape(-1).contiguous(), idx, w, experts, float(route_scale),
+            TOP_K=top_k, BLOCK_E=triton.next_power_of_2(experts), BLOCK_TOPK=triton.next_power_of_2(top_k),
+            HASH=routing == "hash", SCORE=SCORE_CODES[score], KEY_ROUND=key_round,
+            INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=4)
+    return flat, idx, w
+
+
+# -- decode: one GEMV program per (pair, column block) ----------------------------------------------
+
+@triton.jit
+def _gemv_rows(a_ptr, w_base, s_base, row_off, cols, col_ok, k_total, s_cols,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr):
+    """fp32 [BLOCK_N]: ``a[k_total] . W[row_off + cols, :]`` of one expert's [rows, k_total] matrix
+    at ``w_base`` (its scales at ``s_base``: 128x128 blocks of ``s_cols`` per row block, or one per row)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = (row_off + cols).to(tl.int64)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k_total, BLOCK_K):
+        k = k0 + offs_k
+        k_ok = k < k_total
+        a = tl.load(a_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_base + rows[:, None] * k_total + k[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        part = tl.sum(w * a[None, :], 1)
+        if SCALE == 1 or SCALE == 2:  # the K step stays in one 128-wide scale block
+            s = tl.load(s_base + (rows // 128) * s_cols + k0 // 128, mask=col_ok, other=0)
+            if SCALE == 2:
+                s = tl.exp2(s.to(tl.float32) - 127.0)
+            part = part * s
+        acc += part
+    if SCALE == 3:
+        acc = acc * tl.load(s_base + rows, mask=col_ok, other=0.0)
+    return acc
+
+
+@triton.jit
+def _gate_up_pairs_kernel(x_ptr, w_ptr, s_ptr, idx_ptr, sg_ptr, sgs_ptr, su_ptr, sus_ptr, h_ptr,
+                          pairs, top_k, inter, hidden, s_cols, s_expert, limit,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr,
+                          INTERPRETER_BF16: tl.constexpr):
+    """Program (p, n): row p of h. p < pairs: pair p (its token, its expert's gate and up rows);
+    p >= pairs: the shared expert of token p - pairs."""
+    pid = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < inter
+    if pid < pairs:
+        token = pid // top_k
+        expert = tl.load(idx_ptr + pid).to(tl.int64)
+        g_base = w_ptr + expert * (2 * inter) * hidden
+        u_base = g_base
+        gs_base = s_ptr + expert * s_expert
+        us_base = gs_base
+        u_off = inter
+    else:
+        token = pid - pairs
+        g_base = sg_ptr
+        u_base = su_ptr
+        gs_base = sgs_ptr
+        us_base = sus_ptr
+        u_off = 0
+    a_ptr = x_ptr + token.to(tl.int64) * hidden
+    g = _gemv_rows(a_ptr, g_base, gs_base, 0, cols, col_ok, hidden, s_cols, BLOCK_N, BLOCK_K, SCALE)
+    u = _gemv_rows(a_ptr, u_base, us_base, u_off, cols, col_ok, hidden, s_cols, BLOCK_N, BLOCK_K, SCALE)
+    g = tl.minimum(g, limit)
+    u = tl.minimum(tl.maximum(u, -limit), limit)
+    h = g / (1.0 + tl.exp(-g)) * u
+    tl.store(h_ptr + pid.to(tl.int64) * inter + cols, round_to(h, h_ptr.dtype.element_ty, INTERPRETER_BF16),
+             mask=col_ok)
+
+
+@triton.jit
+def _down_pairs_kernel(h_ptr, w_ptr, s_ptr, idx_ptr, wt_ptr, sd_ptr, sds_ptr, out_ptr,
+                       pairs, inter, hidden, s_cols, s_expert,
+                       TOP_K: tl.constexpr, SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SCALE: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """Program (t, n): token t's output columns, Σ_j w_j · down[e_j] h_j over its picks (fp32,
+    rounded to x's dtype as the reference rounds the routed sum), plus the shared expert's down."""
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden
+    dt: tl.constexpr = out_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in range(TOP_K):
+        p = t * TOP_K + j
+        expert = tl.load(idx_ptr + p).to(tl.int64)
+        part = _gemv_rows(h_ptr + p.to(tl.int64) * inter, w_ptr + expert * hidden * inter, s_ptr + expert * s_expert,
+                          0, cols, col_ok, inter, s_cols, BLOCK_N, BLOCK_K, SCALE)
+        acc += part * tl.load(wt_ptr + p)
+    out = _as_dtype(acc, dt, INTERPRETER_BF16)
+    if SHARED:
+        sh = _gemv_rows(h_ptr + (pairs + t).to(tl.int64) * inter, sd_ptr, sds_ptr, 0, cols, col_ok, inter, s_cols,
+                        BLOCK_N, BLOCK_K, SCALE)
+        out = out + _as_dtype(sh, dt, INTERPRETER_BF16)
+    tl.store(out_ptr + t.to(tl.int64) * hidden + cols, round_to(out, dt, INTERPRETER_BF16), mask=col_ok)
+
+
+def _scale_arg(weight, scale, mode):
+    """(scale tensor for the kernel, scale elements per expert) of a stacked expert weight; the
+    weight itself stands in for the unused pointer when it has no scales."""
+    if scale is None or mode == 0:
+        return weight, 0
+    return scale.contiguous(), scale[0].numel()
+
+
+def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, swiglu_limit: float):
+    """The decode path: (output in x's dtype [T, D], whether the shared expert is in it)."""
+    (gate_up, gu_scale, gu_mode), (down, dn_scale, dn_mode) = gate_up, down
+    tokens, hidden = flat.shape
+    top_k = idx.shape[1]
+    inter = down.shape[2]
+    pairs = tokens * top_k
+    with_shared = shared is not None
+    if with_shared:
+        (sg, sgs), (su, sus), (sd, sds) = shared
+    else:  # unused pointers of the right types
+        sg, sgs, su, sus, sd, sds = gate_up, gu_scale, gate_up, gu_scale, down, dn_scale
+    gu_s, gu_se = _scale_arg(gate_up, gu_scale, gu_mode)
+    dn_s, dn_se = _scale_arg(down, dn_scale, dn_mode)
+    sgs = sg if gu_mode == 0 or sgs is None else sgs.contiguous()
+    sus = su if gu_mode == 0 or sus is None else sus.contiguous()
+    sds = sd if dn_mode == 0 or sds is None else sds.contiguous()
+    target = active_target()
+    rows = pairs + (tokens if with_shared else 0)
+    h = torch.empty((rows, inter), dtype=x.dtype, device=x.device)
+    ib = interpreter_bf16(x.dtype)
+    launch = cfg.launch.kwargs(target)
+    _gate_up_pairs_kernel[(rows, triton.cdiv(inter, cfg.block_n_up))](
+        flat, gate_up, gu_s, idx, sg.contiguous(), sgs, su.contiguous(), sus, h, pairs, top_k, inter, hidden,
+        triton.cdiv(hidden, 128), gu_se, float(swiglu_limit),
+        BLOCK_N=cfg.block_n_up, BLOCK_K=cfg.block_k, SCALE=gu_mode, INTERPRETER_BF16=ib, **launch)
+    out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
+    _down_pairs_kernel[(tokens, triton.cdiv(hidden, cfg.block_n_down))](
+        h, down, dn_s, idx, w, sd.contiguous(), sds, out, pairs, inter, hidden, triton.cdiv(inter, 128), dn_se,
+        TOP_K=top_k, SHARED=with_shared, BLOCK_N=cfg.block_n_down, BLOCK_K=cfg.block_k, SCALE=dn_mode,
+        INTERPRETER_BF16=ib, **launch)
+    return out, with_shared
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -192,19 +420,24 @@ def moe(x, ids, router, selector, gate_up, down, s_gate, s_up, s_down, *, top_k:
     expert weights of another dtype than x, and shapes that do not form [E, 2I, D] / [E, D, I]."""
     if gate_up.dtype != x.dtype or down.dtype != x.dtype:
         return NotImplemented
-    routed = _routed(x, ids, router, selector, (gate_up, None, 0), (down, None, 0), top_k=top_k,
+    shared = None
+    if {s_gate.dtype, s_up.dtype, s_down.dtype} == {x.dtype}:
+        shared = ((s_gate, None), (s_up, None), (s_down, None))
+    routed = _routed(x, ids, router, selector, (gate_up, None, 0), (down, None, 0), shared, top_k=top_k,
                      route_scale=route_scale, swiglu_limit=swiglu_limit, routing=routing, score=score)
     if routed is NotImplemented:
         return NotImplemented
-    return routed + _shared(x, s_gate, s_up, s_down, swiglu_limit)
+    out, with_shared = routed
+    return out if with_shared else out + _shared(x, s_gate, s_up, s_down, swiglu_limit)
 
 
 @register_kernel("moe.packed")
 def moe_packed(x, ids, router, selector, *packed, formats: list[str], shapes: list[list[int]], top_k: int,
                route_scale: float, swiglu_limit: float, routing: str, score: str):
     """``moe.packed``: the routed experts' GEMMs read FP8 (128x128 block scales) or INT8 (row
-    scales) expert weights as stored; the shared expert's linears go through ``linear.packed``'s
-    GEMV (its reference, dequantise + cuBLAS, for many tokens). Declines other formats."""
+    scales) expert weights as stored; the shared expert joins the decode kernels when its weights
+    have the routed experts' format, else goes through ``linear.packed``'s GEMV (its reference,
+    dequantise + cuBLAS, for many tokens). Declines other formats."""
     if any(f not in _MODES and f != "none" for f in formats):
         return NotImplemented
     weights, i = [], 0
@@ -215,11 +448,19 @@ def moe_packed(x, ids, router, selector, *packed, formats: list[str], shapes: li
     (gu, gu_mode, _, _), (dn, dn_mode, _, _) = weights[:2]
     if gu_mode == 0 and gu[0].dtype != x.dtype or dn_mode == 0 and dn[0].dtype != x.dtype:
         return NotImplemented
+    shared = None
+    sg, su, sd = weights[2:]
+    if sg[1] == su[1] == gu_mode and sd[1] == dn_mode and sg[0][0].dtype == su[0][0].dtype == gu[0].dtype \
+            and sd[0][0].dtype == dn[0].dtype:
+        shared = tuple((w[0][0], w[0][1] if len(w[0]) > 1 else None) for w in (sg, su, sd))
     routed = _routed(x, ids, router, selector, (gu[0], gu[1] if len(gu) > 1 else None, gu_mode),
-                     (dn[0], dn[1] if len(dn) > 1 else None, dn_mode), top_k=top_k, route_scale=route_scale,
+                     (dn[0], dn[1] if len(dn) > 1 else None, dn_mode), shared, top_k=top_k, route_scale=route_scale,
                      swiglu_limit=swiglu_limit, routing=routing, score=score)
     if routed is NotImplemented:
         return NotImplemented
+    out, with_shared = routed
+    if with_shared:
+        return out
 
     def linear(h, w):  # the shared expert's weights: linear.packed's kernel, else its reference
         tensors, _, fmt, shape = w
@@ -228,13 +469,15 @@ def moe_packed(x, ids, router, selector, *packed, formats: list[str], shapes: li
         y = linear_packed(h, *tensors, format=fmt, shape=shape)
         return get_op("linear.packed").reference(h, *tensors, format=fmt, shape=shape) if y is NotImplemented else y
 
-    return routed + _shared(x, *weights[2:], swiglu_limit, linear=linear)
+    return out + _shared(x, *weights[2:], swiglu_limit, linear=linear)
 
 
-def _routed(x, ids, router, selector, gate_up, down, *, top_k: int, route_scale: float, swiglu_limit: float,
+def _routed(x, ids, router, selector, gate_up, down, shared, *, top_k: int, route_scale: float, swiglu_limit: float,
             routing: str, score: str):
-    """The routed experts' sum (x's dtype, x's shape); ``gate_up`` / ``down`` are (weight in its
-    storage type, scale or None, scale mode of ``linear.SCALE``)."""
+    """(routed experts' sum [+ the shared expert] in x's dtype and shape, whether the shared
+    expert is included). ``gate_up`` / ``down`` are (weight in its storage type, scale or None,
+    scale mode of ``linear.SCALE``); ``shared``: ((weight, scale or None),) x 3 in those modes,
+    or None to leave the shared expert to the caller."""
     (gate_up, gu_scale, gu_mode), (down, dn_scale, dn_mode) = gate_up, down
     if x.dtype not in _DTYPES:
         return NotImplemented
@@ -246,16 +489,32 @@ def _routed(x, ids, router, selector, gate_up, down, *, top_k: int, route_scale:
         return NotImplemented
     if not (x.device == gate_up.device == down.device):
         return NotImplemented
+    if shared is not None and (tuple(shared[0][0].shape) != (inter, hidden) or tuple(shared[1][0].shape) != (inter, hidden)
+                               or tuple(shared[2][0].shape) != (hidden, inter)):
+        shared = None  # a shared expert of another width than the routed ones: the caller adds it
 
-    flat, idx, w = _route(x, ids, router, selector, top_k, route_scale, routing, score)
-    if idx.shape[-1] != top_k:  # a hash table of another width than top_k
-        return NotImplemented
     target = active_target()
-    cfg = moe_config(flat.shape[0] * top_k, experts, x.dtype, target)
-    if (gu_mode in (BLOCK_F32, BLOCK_UE8M0) or dn_mode in (BLOCK_F32, BLOCK_UE8M0)) and 128 % cfg.block_k:
+    routing_out = _route_on_device(x, ids, router, selector, top_k, route_scale, routing, score)
+    if routing_out is None:
+        flat, idx, w = _route(x, ids, router, selector, top_k, route_scale, routing, score)
+        w = w.to(torch.float32)
+    else:
+        flat, idx, w = routing_out
+    if idx.shape[-1] != top_k:  # a hash table of another width than top_k
         return NotImplemented
     tokens = flat.shape[0]
     pairs = tokens * top_k
+    blocked = gu_mode in (BLOCK_F32, BLOCK_UE8M0) or dn_mode in (BLOCK_F32, BLOCK_UE8M0)
+    dcfg = moe_decode_config(x.dtype, target)
+    if 0 < pairs <= dcfg.max_pairs and not (blocked and 128 % dcfg.block_k):
+        out, with_shared = _decode_pairs(x, flat.contiguous(), idx.contiguous(), w.contiguous(),
+                                         (gate_up.contiguous(), gu_scale, gu_mode),
+                                         (down.contiguous(), dn_scale, dn_mode), shared, dcfg, swiglu_limit)
+        return out.view(x.shape), with_shared
+
+    cfg = moe_config(pairs, experts, x.dtype, target)
+    if blocked and 128 % cfg.block_k:
+        return NotImplemented
     routed = torch.zeros((tokens, hidden), dtype=torch.float32, device=x.device)
     if pairs > 0:
         flat = flat.contiguous()
@@ -265,7 +524,7 @@ def _routed(x, ids, router, selector, gate_up, down, *, top_k: int, route_scale:
         sorted_experts, order = torch.sort(idx.reshape(-1), stable=True)
         segments = torch.searchsorted(sorted_experts, torch.arange(experts + 1, device=x.device,
                                                                    dtype=sorted_experts.dtype))
-        weights = w.reshape(-1).to(torch.float32).contiguous()
+        weights = w.reshape(-1).contiguous()
 
         m = min(pairs, experts)
         m_blocks = (pairs - m) // cfg.block_m + m
@@ -281,4 +540,4 @@ def _routed(x, ids, router, selector, gate_up, down, *, top_k: int, route_scale:
             h, down, dn_scale, order, segments, weights, y, experts, inter, hidden,
             BLOCK_N=cfg.block_n_down, EVEN_K=inter % cfg.block_k == 0, SCALE=dn_mode, **common)
         routed = y.view(tokens, top_k, hidden).sum(dim=1)
-    return routed.to(x.dtype).view(x.shape)
+    return routed.to(x.dtype).view(x.shape), False
