@@ -3,8 +3,9 @@
     PYTHONPATH=. python benchmarks/gpu_peers.py --preset flash-slice --out peers.json
 
 Figures (B = batch, ctx = context):
-- time to first token: one prefill of a 2048-token prompt, B=1 (all positions' logits, as both
-  ds4c's prefill and transformers' forward return);
+- time to first token: one prefill of a 2048-token prompt, B=1, computing the logits of the last
+  position only, as generation does (ds4c ``prefill(logits="last")``, transformers
+  ``logits_to_keep=1`` as its ``generate`` passes); ds4c's all-positions prefill is recorded too;
 - decode step latency at ctx 2048 for B=1 and B=32, and at ctx 32768 for B=1;
 each also as a fraction of the roofline: bytes a decode step must read / HBM bandwidth, prefill
 FLOPs / dense bf16 tensor-core peak (from ds4c.targets).
@@ -86,12 +87,17 @@ def decode_bytes(params: dict[str, torch.Tensor], cfg: dict, batch: int, state_b
     return total + state_bytes
 
 
-def prefill_flops(params: dict[str, torch.Tensor], cfg: dict, tokens: int) -> float:
-    """2 x tokens x active weights (top-k of the routed experts) + attention scores and values."""
+def prefill_flops(params: dict[str, torch.Tensor], cfg: dict, tokens: int, logits_positions: int | None = None) -> float:
+    """2 x tokens x active weights (top-k of the routed experts) + attention scores and values;
+    the LM head for ``logits_positions`` positions (default: every token)."""
     e, k = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
     active = 0.0
+    head = 0.0
     for name, t in params.items():
         if name.endswith("embed_tokens.weight") or t.dim() < 2:
+            continue
+        if name.endswith("lm_head.weight") and logits_positions is not None:
+            head = 2 * logits_positions * t.numel()
             continue
         active += t.numel() * (k / e if ("experts." in name and "shared" not in name) else 1)
     h, d, w = cfg["num_attention_heads"], cfg["head_dim"], cfg["sliding_window"]
@@ -104,7 +110,7 @@ def prefill_flops(params: dict[str, torch.Tensor], cfg: dict, tokens: int) -> fl
         elif lt == "heavily_compressed_attention":
             seen += tokens // rates.get(lt, 128) / 2
         attn += 4 * tokens * seen * h * d
-    return 2 * tokens * active + attn
+    return 2 * tokens * active + attn + head
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -220,16 +226,18 @@ def main() -> None:
     attempt(res, "bf16_agreement_vs_transformers", agreement)
     save()
 
-    flops = prefill_flops(params, cfg, args.prompt)
+    flops = prefill_flops(params, cfg, args.prompt, logits_positions=1)
     res["prefill_flops"] = flops
     roof_prefill = flops / peak
 
     def ttft_ds4c():
         t = time.perf_counter()
-        model.prefill(prompt)
+        model.prefill(prompt, logits="last")
         _sync(dev)
         res["ds4c_prefill_first_call_s"] = time.perf_counter() - t
-        s = timed(lambda: model.prefill(prompt), dev, warmup=0, reps=3)
+        s = timed(lambda: model.prefill(prompt, logits="last"), dev, warmup=0, reps=3)
+        model.prefill(prompt)
+        res["ds4c_prefill_all_logits_s"] = timed(lambda: model.prefill(prompt), dev, warmup=0, reps=3)
         return {"seconds": s, "roofline_s": roof_prefill, "fraction_of_roofline": roof_prefill / s,
                 "kernel_stats": model._executors["prefill"].stats() if hasattr(model._executors["prefill"], "stats")
                 else None}
@@ -244,7 +252,7 @@ def main() -> None:
     def ttft_hf(m):
         def run():
             with torch.no_grad():
-                return m(prompt).logits
+                return m(prompt, logits_to_keep=1).logits
         t = time.perf_counter()
         run()
         _sync(dev)

@@ -13,6 +13,7 @@ from ds4c.artifact.artifact import WEIGHTS_MEMBER, read_artifact
 from ds4c.backends.reference import ReferenceExecutor
 from ds4c.errors import ArtifactError, InputError
 from ds4c.ir.graph import Program
+from ds4c.passes.last_logits import LAST_ENTRY, last_position_logits
 from ds4c.runtime.progress import progress_steps
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64,
@@ -58,30 +59,46 @@ class CompiledModel:
         if self.host_weights:
             program = Program({name: _prefetch_to(g, device) for name, g in program.graphs.items()}, program.attrs)
             self.program = program
-        if self.backend == "compiled":
-            from ds4c.backends.cuda.inductor import InductorExecutor
-
-            self._executors = {name: InductorExecutor(g, weights, device) for name, g in program.graphs.items()}
-        elif self.backend == "kernels":
-            from ds4c.backends.cuda.executor import KernelExecutor
-
-            plans = _stream_plans(manifest, container, stored_graphs) if streams else {}
-            self._executors = {name: KernelExecutor(g, device, streams=plans.get(name))
-                               for name, g in program.graphs.items()}
-        elif self.backend == "npu":  # NPU ops through the TVM host build (ds4c.backends.npu.executor)
-            from ds4c.backends.npu.executor import NpuExecutor, load_library
-
-            if device.type != "cpu":
-                raise InputError(f"backend 'npu' runs the NPU kernels' host simulator on the CPU, not on {device}; "
-                                 "use device='cpu'")
-            vm, section = load_library(manifest, container, "artifact")
-            self._executors = {name: NpuExecutor(g, vm, section, device) for name, g in program.graphs.items()}
-        else:
-            self._executors = {name: ReferenceExecutor(g, device) for name, g in program.graphs.items()}
+        self._plans = _stream_plans(manifest, container, stored_graphs) if streams and self.backend == "kernels" else {}
+        self._container = container
+        self._executors = {name: self._make_executor(name, g) for name, g in program.graphs.items()}
+        self._last: Any = False  # prefill's last-position variant (built at first use; None: not derivable)
         # decode steps captured as CUDA graphs, per batch size (state updated in place)
         # (not the reference backend: its MoE groups tokens on the host, which a graph cannot hold)
         self.cuda_graphs = cuda_graphs and device.type == "cuda" and self.backend != "reference"
         self._graphed: dict[int, Any] = {}
+
+    def _make_executor(self, name: str, g: Any) -> Any:
+        if self.backend == "compiled":
+            from ds4c.backends.cuda.inductor import InductorExecutor
+
+            return InductorExecutor(g, self.weights, self.device)
+        if self.backend == "kernels":
+            from ds4c.backends.cuda.executor import KernelExecutor
+
+            plan = self._plans.get(name if name in self._plans else "prefill" if name == LAST_ENTRY else name)
+            return KernelExecutor(g, self.device, streams=plan)
+        if self.backend == "npu":  # NPU ops through the TVM host build (ds4c.backends.npu.executor)
+            from ds4c.backends.npu.executor import NpuExecutor, load_library
+
+            if self.device.type != "cpu":
+                raise InputError(f"backend 'npu' runs the NPU kernels' host simulator on the CPU, not on {self.device}; "
+                                 "use device='cpu'")
+            if not hasattr(self, "_npu_library"):
+                self._npu_library = load_library(self.manifest, self._container, "artifact")
+            vm, section = self._npu_library
+            return NpuExecutor(g, vm, section, self.device)
+        return ReferenceExecutor(g, self.device)
+
+    def _last_position_entry(self) -> Any:
+        """The executor of ``prefill`` with logits of the last position only (ds4c.passes.last_logits),
+        or None where the rewrite does not apply (the NPU backend runs its compiled op set only)."""
+        if self._last is False:
+            g = None
+            if self.backend != "npu" and "prefill" in self.program.graphs:
+                g = last_position_logits(self.program.graphs["prefill"])
+            self._last = None if g is None else self._make_executor(LAST_ENTRY, g)
+        return self._last
 
     # -- inputs ---------------------------------------------------------------------------------
     def _check_ids(self, input_ids: Any, *, extra: int = 0) -> torch.Tensor:
@@ -123,12 +140,23 @@ class CompiledModel:
         return use_target(self.kernel_target)
 
     @torch.no_grad()
-    def prefill(self, input_ids: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def prefill(self, input_ids: Any, logits: str = "all") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run the prompt from an empty state: (logits, state). ``logits="all"`` gives every
+        position's [B, S, vocab]; ``"last"`` only the last position's [B, 1, vocab], computing the
+        LM head for that position alone (what ``generate`` does)."""
+        if logits not in ("all", "last"):
+            raise InputError(f"prefill(logits=...) takes 'all' or 'last', got {logits!r}")
         ids = self._check_ids(input_ids)
+        return self._prefill(ids, logits)
+
+    def _prefill(self, ids: torch.Tensor, logits: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        entry = self._last_position_entry() if logits == "last" else None
         with self._kernel_configs():
-            out = self._entry("prefill").run({"input_ids": ids}, self.weights)
-        logits = out.pop("logits")
-        return logits, out
+            out = (entry or self._entry("prefill")).run({"input_ids": ids}, self.weights)
+        result = out.pop("logits")
+        if logits == "last" and entry is None:
+            result = result[:, -1:]
+        return result, out
 
     @torch.no_grad()
     def decode(self, token_ids: Any, position: int, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -184,7 +212,7 @@ class CompiledModel:
         gen = torch.Generator(device=self.device)
         if seed is not None:
             gen.manual_seed(seed)
-        logits, state = self.prefill(ids)
+        logits, state = self._prefill(ids, "last")
         tokens = [ids]
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)
         pos = ids.shape[1]

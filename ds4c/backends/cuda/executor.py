@@ -218,8 +218,11 @@ class GraphedDecode:
     def _step(self) -> torch.Tensor:
         out = self.executor.run({"input_ids": self.ids, "position": self.position}, self.params, self.state)
         logits = out.pop("logits")
-        for k, v in out.items():
-            self.state[k].copy_(v)
+        # the new state into the state buffers: one multi-tensor copy (a kernel or two) rather
+        # than a copy kernel per state tensor; outputs that are the buffers already are skipped
+        pairs = [(self.state[k], v) for k, v in out.items() if v is not self.state[k]]
+        if pairs:
+            torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
         return logits
 
     def load_state(self, state: Mapping[str, torch.Tensor]) -> None:

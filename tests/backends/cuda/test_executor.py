@@ -72,3 +72,30 @@ def test_packed_weights_are_read_packed_or_expanded_once_for_kernels(tiny_fp8_ar
     a, _ = ref.prefill(ids)
     b, _ = ker.prefill(ids)
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernels"])
+def test_prefill_last_position_logits(tiny_path, reference, backend):
+    """``prefill(logits="last")`` runs the head (last layer's FFN half, final norm, LM head) on the
+    last position only: same last row and state as the full prefill, and generate uses it."""
+    from ds4c.ir.types import TensorType
+
+    model = reference if backend == "reference" else ds4c.load(tiny_path, device=DEVICE, backend=backend,
+                                                               cuda_graphs=False)
+    ids = torch.randint(0, 512, (2, 19), generator=torch.Generator().manual_seed(3))
+    full, state = reference.prefill(ids)
+    last, state_last = model.prefill(ids, logits="last")
+    assert last.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-4, atol=1e-4)
+    for k, v in state.items():
+        torch.testing.assert_close(state_last[k], v, rtol=1e-4, atol=1e-4)
+    g = model._last_position_entry().graph
+    slices = [op for op in g.ops if op.loc == "last_position_logits"]
+    assert slices and all(op.name == "aten.slice.Tensor" for op in slices)
+    head = {op.name for op in g.ops if op.results and isinstance(op.results[0].type, TensorType)
+            and op.results[0].type.rank >= 2 and op.results[0].type.shape[1] == 1}
+    assert {"moe", "mhc.head", "aten.linear.default"} <= head
+    from ds4c.errors import InputError
+
+    with pytest.raises(InputError, match="'all' or 'last'"):
+        model.prefill(ids, logits="first")
