@@ -236,8 +236,16 @@ def main() -> None:
         _sync(dev)
         res["ds4c_prefill_first_call_s"] = time.perf_counter() - t
         s = timed(lambda: model.prefill(prompt, logits="last"), dev, warmup=0, reps=3)
-        model.prefill(prompt)
-        res["ds4c_prefill_all_logits_s"] = timed(lambda: model.prefill(prompt), dev, warmup=0, reps=3)
+        # the same prefill op by op (no CUDA graph), and with every position's logits
+        entry = model._last_position_entry() or model._executors["prefill"]
+
+        def op_by_op():
+            with model._kernel_configs():
+                entry.run({"input_ids": prompt}, model.weights)
+        res["ds4c_prefill_no_graph_s"] = timed(op_by_op, dev, warmup=0, reps=3)
+        res["ds4c_prefill_graphs"] = [str(k) for k in model._prefill_graphs]
+        res["ds4c_prefill_graph_errors"] = {str(k): v for k, v in model.prefill_graph_errors.items()}
+        res["ds4c_prefill_all_logits_s"] = timed(lambda: model.prefill(prompt), dev, warmup=1, reps=3)
         return {"seconds": s, "roofline_s": roof_prefill, "fraction_of_roofline": roof_prefill / s,
                 "kernel_stats": model._executors["prefill"].stats() if hasattr(model._executors["prefill"], "stats")
                 else None}

@@ -39,6 +39,9 @@ def main() -> None:
         with torch.no_grad():
             want = hf(ids).logits
         got = model(ids)
+        graphed = model(ids)  # the second call of a shape replays a captured CUDA graph
+        model.prefill(ids, logits="last")
+        last = model.prefill(ids, logits="last")[0]
         hf.generation_config.eos_token_id = None
         t0 = time.time()
         g_hf = hf.generate(ids[:1, :13], max_new_tokens=32, do_sample=False)
@@ -46,6 +49,10 @@ def main() -> None:
         g_ds = model.generate(ids[:1, :13], max_new_tokens=32)
         t2 = time.time()
         res["configs"][name] = {"max_abs_err_logits": float((got - want).abs().max()),
+                                "prefill_graph_max_abs_err": float((graphed - want).abs().max()),
+                                "last_logits_max_abs_err": float((last - want[:, -1:]).abs().max()),
+                                "prefill_graphs": [str(k) for k in model._prefill_graphs],
+                                "prefill_graph_errors": {str(k): v for k, v in model.prefill_graph_errors.items()},
                                 "greedy_equal": g_hf.tolist() == g_ds.tolist(),
                                 "hf_generate_s": t1 - t0, "ds4c_generate_s": t2 - t1,
                                 "ds4c_backend": model.backend, "cuda_graphs": bool(model._graphed)}

@@ -16,6 +16,8 @@ from ds4c.ir.graph import Program
 from ds4c.passes.last_logits import LAST_ENTRY, last_position_logits
 from ds4c.runtime.progress import progress_steps
 
+PREFILL_GRAPHS = 4  # prefill shapes kept as CUDA graphs
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64,
            "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8, "float8_e4m3fn": torch.float8_e4m3fn}
 
@@ -67,6 +69,10 @@ class CompiledModel:
         # (not the reference backend: its MoE groups tokens on the host, which a graph cannot hold)
         self.cuda_graphs = cuda_graphs and device.type == "cuda" and self.backend != "reference"
         self._graphed: dict[int, Any] = {}
+        # prefills captured as CUDA graphs per (logits, ids shape); see _prefill_graph
+        self._prefill_graphs: dict[tuple, Any] = {}
+        self._prefill_seen: dict[tuple, int] = {}
+        self.prefill_graph_errors: dict[tuple, str] = {}
 
     def _make_executor(self, name: str, g: Any) -> Any:
         if self.backend == "compiled":
@@ -89,6 +95,31 @@ class CompiledModel:
             vm, section = self._npu_library
             return NpuExecutor(g, vm, section, self.device)
         return ReferenceExecutor(g, self.device)
+
+    def _prefill_graph(self, executor: Any, logits: str, ids: torch.Tensor) -> Any:
+        """The CUDA graph of this prefill shape, captured at its second call (a length seen once
+        is not worth a capture); None to run it op by op. Keeps ``PREFILL_GRAPHS`` shapes; a
+        capture that fails is recorded in ``prefill_graph_errors`` and that shape runs op by op."""
+        if not self.cuda_graphs:
+            return None
+        from ds4c.backends.cuda.executor import GraphedPrefill
+
+        key = (logits, tuple(ids.shape))
+        if key in self._prefill_graphs:
+            return self._prefill_graphs[key]
+        self._prefill_seen[key] = self._prefill_seen.get(key, 0) + 1
+        if self._prefill_seen[key] < 2 or key in self.prefill_graph_errors:
+            return None
+        while len(self._prefill_graphs) >= PREFILL_GRAPHS:
+            self._prefill_graphs.pop(next(iter(self._prefill_graphs)))
+        try:
+            graphed = GraphedPrefill(executor, self.weights, tuple(ids.shape), self.device)
+        except RuntimeError as e:  # an op that cannot be captured: this shape runs op by op
+            self.prefill_graph_errors[key] = str(e).splitlines()[0] if str(e) else type(e).__name__
+            torch.cuda.synchronize(self.device)
+            return None
+        self._prefill_graphs[key] = graphed
+        return graphed
 
     def _last_position_entry(self) -> Any:
         """The executor of ``prefill`` with logits of the last position only (ds4c.passes.last_logits),
@@ -151,8 +182,10 @@ class CompiledModel:
 
     def _prefill(self, ids: torch.Tensor, logits: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         entry = self._last_position_entry() if logits == "last" else None
+        executor = entry or self._entry("prefill")
         with self._kernel_configs():
-            out = (entry or self._entry("prefill")).run({"input_ids": ids}, self.weights)
+            graphed = self._prefill_graph(executor, logits, ids)
+            out = graphed(ids) if graphed is not None else executor.run({"input_ids": ids}, self.weights)
         result = out.pop("logits")
         if logits == "last" and entry is None:
             result = result[:, -1:]
