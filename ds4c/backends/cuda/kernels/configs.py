@@ -326,14 +326,14 @@ def moe_decode_config(dtype: torch.dtype, target: Target | None = None) -> MoeDe
 
     Up to ``max_pairs`` pairs the picked experts rarely repeat (V4-Flash: 6 of 256 per token), so
     grouping tokens by expert would save no bytes and costs a sort on the device; past it, the
-    grouped kernels share each expert's tile among its tokens. Narrow column tiles and 128-wide K
-    steps (one FP8 scale block) give V4-Flash shapes 448 gate_up programs and 256 down programs for
-    one token, about 2-3 waves of 132 SMs.
+    grouped kernels share each expert's tile among its tokens. The tiles are the grouped kernels'
+    measured decode tiles (``moe_config``): 32 gate/up columns, 64 down columns, 128-wide K steps
+    (one FP8 scale block), 4 warps, 4 stages — for V4-Flash and one token 448 programs per GEMV.
     """
     target = target or active_target()
     fp32 = dtype == torch.float32
-    return MoeDecodeConfig(24, 32, 16, 64 if fp32 else 128,
-                           launch=Launch(4, 2 if fp32 or is_amd(target) else 3))
+    return MoeDecodeConfig(24, 32, 64, 64 if fp32 else 128,
+                           launch=Launch(4, 2 if fp32 or is_amd(target) else 4))
 
 
 # -- indexer scores -------------------------------------------------------------------------------
