@@ -22,7 +22,7 @@ GROUPS = [
     ("moe experts", r"_gate_up_kernel|_down_kernel|_gate_up_pairs_kernel|_down_pairs_kernel"),
     ("moe routing", r"_route_kernel"),
     ("attention", r"_attention_kernel"),
-    ("compressor", r"_compress_kernel"),
+    ("compressor", r"_compress_kernel|_pool_kernel"),
     ("indexer scores", r"_index_scores_kernel"),
     ("mhc", r"_mix_kernel|_pre_finish_kernel|_head_finish_kernel|_post_kernel"),
     ("rms_norm / rope", r"_rms_norm_kernel|_rope_kernel"),

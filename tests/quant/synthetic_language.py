@@ -5,6 +5,9 @@ many positions, so greedy agreement there measures ties, not quantisation."""
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 
 from tests.hf_configs import SMALL_CONFIGS, make_hf_model
@@ -20,8 +23,22 @@ def bigram_batch(successor: torch.Tensor, n: int, length: int, g: torch.Generato
     return x
 
 
+@functools.lru_cache(maxsize=2)
+def _trained(name: str, steps: int, seed: int):
+    return _train(name, steps, seed)
+
+
 def trained_model(name: str = "mixed", steps: int = 100, seed: int = 1234):
-    """(model, successor table, generator) after ``steps`` AdamW steps on the bigram language."""
+    """(model, successor table, generator) after ``steps`` AdamW steps on the bigram language; the
+    model is trained once per process and each caller gets its own copy (and a fresh generator
+    in the state training left it in)."""
+    model, successor, g = _trained(name, steps, seed)
+    fresh = torch.Generator()
+    fresh.set_state(g.get_state())
+    return copy.deepcopy(model), successor.clone(), fresh
+
+
+def _train(name: str, steps: int, seed: int):
     torch.manual_seed(seed)
     model = make_hf_model(SMALL_CONFIGS[name], seed=seed)
     g = torch.Generator().manual_seed(seed)

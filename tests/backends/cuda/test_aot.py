@@ -47,7 +47,7 @@ def test_artifact_stores_binaries_and_sources(mi300x):
     assert section["triton_version"] and section["triton_target"] == ["hip", "gfx942", 64]
     names = {b["name"] for b in section["binaries"]}
     assert {"_attention_kernel", "_gate_up_kernel", "_down_kernel", "_rms_norm_kernel", "_rope_kernel",
-            "_mix_kernel", "_compress_kernel", "_index_scores_kernel", "_post_kernel"} <= names
+            "_mix_kernel", "_pool_kernel", "_index_scores_kernel", "_post_kernel"} <= names
     for b in section["binaries"]:
         assert c.read_bytes(b["binary"])[:4] == b"\x7fELF"  # a code object
         assert b["source"] in c.member_names() and b["config"]["num_warps"] >= 1

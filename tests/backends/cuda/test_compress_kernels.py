@@ -23,8 +23,10 @@ def on_device(*tensors):
 @pytest.mark.parametrize("shape,dtype", [
     ((2, 3, 8, 64), torch.float32),    # CSA prefill: [B, windows, 2m slots, d]
     ((2, 3, 8, 64), torch.bfloat16),
-    ((4, 128, 40), torch.float32),     # HCA-like: 128 slots in two steps, d not a power of two
+    ((4, 128, 40), torch.float32),     # HCA-like: 128 slots in one tile, 32-channel blocks, d not a power of two
     ((1, 5, 4, 512), torch.bfloat16),  # DeepSeek-V4-Flash head dim
+    ((1, 128, 512), torch.bfloat16),   # V4-Flash HCA decode: one row, 16 channel-block programs
+    ((2, 300, 24), torch.float32),     # more slots than a tile holds: three passes per channel block
 ])
 def test_compress_matches_reference(shape, dtype):
     gen = torch.Generator().manual_seed(0)

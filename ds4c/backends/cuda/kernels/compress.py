@@ -1,8 +1,11 @@
 """``compress`` (gated pooling of a window's slots + RMS norm) and ``indexer.topk`` (lightning indexer scores + top-k).
 
-``compress``: one program per pooled row; three passes over the slots (per-channel max, sum of
-exponentials, weighted sum) compute the slot softmax exactly as ``softmax(dim=-2)`` does, and the
-weights, products and pooled row are rounded to kv's dtype where the reference rounds them.
+``compress``: the slot softmax is per channel, so a program pools one block of channels of one row
+(a decode step has one row per sequence: a single program per row left 128 slots x 512 channels
+of HCA to one SM, 55 us on an H100). With every slot in one tile it is one pass; otherwise three
+passes (per-channel max, sum of exponentials, weighted sum) compute ``softmax(dim=-2)`` exactly;
+the weights, products and pooled row are rounded to kv's dtype where the reference rounds them.
+The RMS norm of the pooled rows is then the ``rms_norm`` kernel.
 
 ``indexer.topk``: the scores ``I[b,t,s] = Σ_h w[b,t,h]·weights_scale·ReLU(q[b,t,h]·keys[b,s])·softmax_scale``
 come from a Triton kernel with the indexer heads on the GEMM's M axis (one query, a block of
@@ -18,76 +21,94 @@ import triton.language as tl
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import active_target, compress_config, dot_precision, index_scores_config
+from ds4c.backends.cuda.kernels.norms import rms_norm
+from ds4c.ops.norms import rms_norm_reference
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_COMPRESS_DIM = 16384  # a whole row lives in one program for the norm
 
 
 @triton.jit
-def _compress_kernel(
-    kv_ptr, score_ptr, w_ptr, out_ptr,
-    SLOTS, D, eps,
+def _pool_kernel(
+    kv_ptr, score_ptr, out_ptr,
+    SLOTS, D,
     skv_n, skv_s, skv_d, ssc_n, ssc_s, ssc_d,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
 ):
+    """Program (n, c): pooled channels [c * BLOCK_D, +BLOCK_D) of row n, ``(kv * softmax(score,
+    slots)).sum(slots)`` with the weights, products and sum rounded to kv's dtype as the reference
+    rounds them. ONE_TILE: every slot in one tile, a single pass; else three passes over the slots."""
     n = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    kv_row = kv_ptr + n * skv_n
-    score_row = score_ptr + n * ssc_n
-
-    m = tl.full([BLOCK_D], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, SLOTS, BLOCK_S):
-        ok = ((s0 + offs_s) < SLOTS)[:, None] & d_ok[None, :]
-        sc = tl.load(score_row + (s0 + offs_s)[:, None] * ssc_s + offs_d[None, :] * ssc_d, mask=ok,
+    kv_row = kv_ptr + n.to(tl.int64) * skv_n
+    score_row = score_ptr + n.to(tl.int64) * ssc_n
+    if ONE_TILE:
+        ok = (offs_s < SLOTS)[:, None] & d_ok[None, :]
+        sc = tl.load(score_row + offs_s[:, None] * ssc_s + offs_d[None, :] * ssc_d, mask=ok,
                      other=float("-inf")).to(tl.float32)
-        m = tl.maximum(m, tl.max(sc, axis=0))
-    m = tl.where(d_ok, m, 0.0)  # padding channels: keep their (discarded) exponentials finite
-    total = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, SLOTS, BLOCK_S):
-        ok = ((s0 + offs_s) < SLOTS)[:, None] & d_ok[None, :]
-        sc = tl.load(score_row + (s0 + offs_s)[:, None] * ssc_s + offs_d[None, :] * ssc_d, mask=ok,
-                     other=float("-inf")).to(tl.float32)
-        total += tl.sum(tl.where(ok, tl.exp(sc - m[None, :]), 0.0), axis=0)
-    total = tl.where(d_ok, total, 1.0)
-    pooled = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, SLOTS, BLOCK_S):
-        ok = ((s0 + offs_s) < SLOTS)[:, None] & d_ok[None, :]
-        sc = tl.load(score_row + (s0 + offs_s)[:, None] * ssc_s + offs_d[None, :] * ssc_d, mask=ok,
-                     other=float("-inf")).to(tl.float32)
-        kv = tl.load(kv_row + (s0 + offs_s)[:, None] * skv_s + offs_d[None, :] * skv_d, mask=ok, other=0.0)
-        weight = round_to(tl.exp(sc - m[None, :]) / total[None, :], kv.dtype, INTERPRETER_BF16)
+        m = tl.where(d_ok, tl.max(sc, axis=0), 0.0)  # padding channels: keep their exponentials finite
+        e = tl.where(ok, tl.exp(sc - m[None, :]), 0.0)
+        total = tl.where(d_ok, tl.sum(e, axis=0), 1.0)
+        kv = tl.load(kv_row + offs_s[:, None] * skv_s + offs_d[None, :] * skv_d, mask=ok, other=0.0)
+        weight = round_to(e / total[None, :], kv.dtype, INTERPRETER_BF16)
         product = round_to(kv.to(tl.float32) * weight.to(tl.float32), kv.dtype, INTERPRETER_BF16)
-        pooled += tl.sum(tl.where(ok, product.to(tl.float32), 0.0), axis=0)
-    pooled = round_to(pooled, out_ptr.dtype.element_ty, INTERPRETER_BF16).to(tl.float32)
-    mean_square = tl.sum(pooled * pooled, axis=0) / D
-    normed = pooled * tl.math.rsqrt(mean_square + eps)
-    gain = tl.load(w_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + n * D + offs_d, round_to(gain * normed, out_ptr.dtype.element_ty, INTERPRETER_BF16), mask=d_ok)
+        pooled = tl.sum(tl.where(ok, product.to(tl.float32), 0.0), axis=0)
+    else:
+        m = tl.full([BLOCK_D], float("-inf"), dtype=tl.float32)
+        for s0 in range(0, SLOTS, BLOCK_S):
+            ok = ((s0 + offs_s) < SLOTS)[:, None] & d_ok[None, :]
+            sc = tl.load(score_row + (s0 + offs_s)[:, None] * ssc_s + offs_d[None, :] * ssc_d, mask=ok,
+                         other=float("-inf")).to(tl.float32)
+            m = tl.maximum(m, tl.max(sc, axis=0))
+        m = tl.where(d_ok, m, 0.0)
+        total = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s0 in range(0, SLOTS, BLOCK_S):
+            ok = ((s0 + offs_s) < SLOTS)[:, None] & d_ok[None, :]
+            sc = tl.load(score_row + (s0 + offs_s)[:, None] * ssc_s + offs_d[None, :] * ssc_d, mask=ok,
+                         other=float("-inf")).to(tl.float32)
+            total += tl.sum(tl.where(ok, tl.exp(sc - m[None, :]), 0.0), axis=0)
+        total = tl.where(d_ok, total, 1.0)
+        pooled = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s0 in range(0, SLOTS, BLOCK_S):
+            ok = ((s0 + offs_s) < SLOTS)[:, None] & d_ok[None, :]
+            sc = tl.load(score_row + (s0 + offs_s)[:, None] * ssc_s + offs_d[None, :] * ssc_d, mask=ok,
+                         other=float("-inf")).to(tl.float32)
+            kv = tl.load(kv_row + (s0 + offs_s)[:, None] * skv_s + offs_d[None, :] * skv_d, mask=ok, other=0.0)
+            weight = round_to(tl.exp(sc - m[None, :]) / total[None, :], kv.dtype, INTERPRETER_BF16)
+            product = round_to(kv.to(tl.float32) * weight.to(tl.float32), kv.dtype, INTERPRETER_BF16)
+            pooled += tl.sum(tl.where(ok, product.to(tl.float32), 0.0), axis=0)
+    tl.store(out_ptr + n.to(tl.int64) * D + offs_d, round_to(pooled, out_ptr.dtype.element_ty, INTERPRETER_BF16),
+             mask=d_ok)
 
 
 @register_kernel("compress")
 def compress(kv: torch.Tensor, score: torch.Tensor, norm_w: torch.Tensor, *, eps: float) -> torch.Tensor:
-    """Launcher with ``compress_reference``'s signature; declines a score shaped unlike kv (its
-    softmax would run over broadcast slots), a missing norm weight, and rows wider than 16384."""
+    """Launcher with ``compress_reference``'s signature: the pooling kernel, then the ``rms_norm``
+    kernel on the pooled rows (the reference's norm, same roundings). Declines a score shaped
+    unlike kv (its softmax would run over broadcast slots), a missing norm weight, and dtypes
+    other than fp32/bf16/fp16."""
     if norm_w is None or kv.dim() < 2 or score.shape != kv.shape or kv.dtype not in _DTYPES:
         return NotImplemented
     slots, d = kv.shape[-2], kv.shape[-1]
-    if d > _MAX_COMPRESS_DIM or norm_w.shape != (d,) or slots == 0:
+    if norm_w.shape != (d,) or slots == 0:
         return NotImplemented
     kv3 = kv.reshape(-1, slots, d)
     score3 = score.reshape(-1, slots, d)
-    out = torch.empty((kv3.shape[0], d), dtype=kv.dtype, device=kv.device)
-    if out.numel() == 0:
-        return out.view(*kv.shape[:-2], d)
+    pooled = torch.empty((kv3.shape[0], d), dtype=kv.dtype, device=kv.device)
+    if pooled.numel() == 0:
+        return pooled.view(*kv.shape[:-2], d)
     block_s, block_d, launch = compress_config(slots, d)
     target = active_target()
-    _compress_kernel[(kv3.shape[0],)](
-        kv3, score3, norm_w, out, slots, d, float(eps),
+    _pool_kernel[(kv3.shape[0], triton.cdiv(d, block_d))](
+        kv3, score3, pooled, slots, d,
         kv3.stride(0), kv3.stride(1), kv3.stride(2), score3.stride(0), score3.stride(1), score3.stride(2),
-        BLOCK_S=block_s, BLOCK_D=block_d, INTERPRETER_BF16=interpreter_bf16(kv.dtype), **launch.kwargs(target),
+        BLOCK_S=block_s, BLOCK_D=block_d, ONE_TILE=block_s >= slots, INTERPRETER_BF16=interpreter_bf16(kv.dtype),
+        **launch.kwargs(target),
     )
+    out = rms_norm(pooled, norm_w, eps=eps)
+    if out is NotImplemented:
+        out = rms_norm_reference(pooled, norm_w, eps)
     return out.view(*kv.shape[:-2], d)
 
 

@@ -368,11 +368,13 @@ COMPRESS_TILE_ELEMENTS = 4096  # slots x channels loaded per step of ``compress`
 
 
 def compress_config(slots: int, dim: int) -> tuple[int, int, Launch]:
-    """(block_s, block_d, launch): a whole row per program, ~4K elements per step; 4 warps up to
-    512 channels, else 8."""
-    block_d = triton.next_power_of_2(dim)
-    block_s = max(1, min(triton.next_power_of_2(slots), COMPRESS_TILE_ELEMENTS // block_d))
-    return block_s, block_d, elementwise_launch(4 if block_d <= 512 else 8)
+    """(block_s, block_d, launch) of the pooling kernel: every slot in one tile where ~4K elements
+    leave at least 16 channels per program (V4: CSA's 8 slots x 512 channels, HCA's 128 x 32),
+    else 16-channel programs stepping over the slots; 4 warps."""
+    slots_p2 = triton.next_power_of_2(slots)
+    block_d = min(triton.next_power_of_2(dim), max(16, COMPRESS_TILE_ELEMENTS // slots_p2))
+    block_s = max(1, min(slots_p2, COMPRESS_TILE_ELEMENTS // block_d))
+    return block_s, block_d, elementwise_launch(4)
 
 
 MHC_BLOCK_T = 16  # tokens per mix program (tl.dot's minimum M)
