@@ -34,7 +34,7 @@ class CompiledModel:
 
     def __init__(self, manifest: dict[str, Any], program: Program, weights: dict[str, torch.Tensor],
                  device: torch.device, backend: str = "auto", cuda_graphs: bool = True, container: Any = None,
-                 streams: bool = True):
+                 streams: bool = True, merge_linears: bool = True):
         self.manifest = manifest
         self.program = program
         self.weights = weights
@@ -44,6 +44,7 @@ class CompiledModel:
         self.state_layout = manifest["state"]
         self.backend = _pick_backend(backend, device, manifest)
         self.unpacked_weights: list[str] = []
+        self.merged_linears = 0  # linears merged into a sibling's GEMM at load (kernel backends)
         # what ds4c.load did with the artifact's stored kernel binaries (ds4c.backends.cuda.binaries)
         self.kernel_binaries = "unused: the reference backend runs no device kernels"
         self.kernel_target = None  # the target record kernel configurations are chosen for
@@ -55,6 +56,12 @@ class CompiledModel:
             self.kernel_target = kernel_target(manifest["target"])
 
             graphs, weights, self.unpacked_weights = unpack_weights_once(program.graphs, weights)
+            if merge_linears:
+                from ds4c.backends.cuda.merge_linears import merge_sibling_linears
+
+                host = {n for s in (manifest.get("memory_plan") or {}).values()
+                        for n in (s.get("weights") or {}).get("host", [])}
+                graphs, weights, self.merged_linears = merge_sibling_linears(graphs, weights, keep=host)
             program = Program(graphs, program.attrs)
             self.program, self.weights = program, weights
         self.host_weights = _host_resident(manifest, weights, device, self.backend)
@@ -340,7 +347,7 @@ def _pick_backend(backend: str, device: torch.device, manifest: dict[str, Any] |
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progress: bool | None = None,
          backend: str = "auto", cuda_graphs: bool = True, streams: bool = True,
-         weights: dict[str, torch.Tensor] | None = None) -> CompiledModel:
+         weights: dict[str, torch.Tensor] | None = None, merge_linears: bool = True) -> CompiledModel:
     """Load an artifact written by ``Artifact.save`` / ``ds4c compile``, ready to run on ``device``.
 
     ``backend``: ``kernels`` (Triton kernels for fused ops, the rest op by op; default on CUDA),
@@ -350,7 +357,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
     CUDA graphs (CUDA only). ``streams``: the kernels backend runs the compiler's stream schedule
     (``schedule_streams``: main / aux / copy CUDA streams with events, inside the decode graph);
     False runs the same ops in the same order on one stream. ``weights``: tensors to use instead of the artifact's (same names and
-    shapes, e.g. a transformers model's parameters, shared without copying).
+    shapes, e.g. a transformers model's parameters, shared without copying). ``merge_linears``:
+    the kernel backends run linears that read the same activation as one GEMM over their
+    concatenated weights (``ds4c.backends.cuda.merge_linears``; built at load, extra memory the
+    size of those weights when they are shared through ``weights=``).
     """
     from safetensors.torch import load as st_load
 
@@ -395,7 +405,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
         if tuple(t.shape) != shape:
             raise ArtifactError(f"{path}: weight '{k}' has shape {list(t.shape)}, the program expects {list(shape)}")
     model = CompiledModel(manifest, program, weights, device, backend=backend, cuda_graphs=cuda_graphs,
-                          container=container, streams=streams)
+                          container=container, streams=streams, merge_linears=merge_linears)
     model.container = container
     if manifest.get("kernels") or model.backend != "reference":
         from ds4c.backends.cuda.binaries import use_stored_binaries

@@ -116,15 +116,21 @@ def stream_assignment(stored: Graph, schedule: Mapping[str, Any]) -> dict[str, t
 
 
 def order_for_streams(graph: Graph, assignment: Mapping[str, tuple[str, float]]) -> tuple[Graph, list[str]]:
-    """``graph`` with its ops in scheduled issue order (start time, then graph order: a topological
-    order, as a consumer never starts before its producer) and each op's stream; ops the schedule
-    does not know (none, unless a rewrite added some) and impure ops run on ``main``."""
-    keyed, last = [], 0.0
+    """``graph`` with its ops in scheduled issue order and each op's stream. An op's issue time is
+    its scheduled start, raised to its producers' issue times: ops the schedule does not know
+    (load-time rewrites add some, e.g. a merged GEMM) then issue right after what they read, and
+    sorting by (time, graph order) stays a topological order whatever the rewrites moved. Ops
+    the schedule does not know, and impure ops, run on ``main``."""
+    keyed = []
+    issue: dict[Any, float] = {}
     for i, op in enumerate(graph.ops):
-        stream, start = assignment.get(op.results[0].name, ("main", last)) if op.results else ("main", last)
+        after = max((issue[v] for v in op.operands if v in issue), default=0.0)
+        stream, start = assignment.get(op.results[0].name, ("main", after)) if op.results else ("main", after)
         if not get_op(op.name).pure:
             stream = "main"
-        last = start
+        start = max(start, after)
+        for r in op.results:
+            issue[r] = start
         keyed.append((start, i, op, stream))
     keyed.sort(key=lambda k: (k[0], k[1]))
     return graph.copy(ops=[k[2] for k in keyed]), [k[3] for k in keyed]

@@ -99,3 +99,21 @@ def test_prefill_last_position_logits(tiny_path, reference, backend):
 
     with pytest.raises(InputError, match="'all' or 'last'"):
         model.prefill(ids, logits="first")
+
+
+def test_sibling_linears_run_as_one_gemm(tiny_path):
+    """Linears reading the same activation (q_a, kv, compressor and indexer projections) become
+    one GEMM over concatenated weights at load; merge_linears=False keeps them apart."""
+    merged = ds4c.load(tiny_path, device=DEVICE, backend="kernels", cuda_graphs=False)
+    plain = ds4c.load(tiny_path, device=DEVICE, backend="kernels", cuda_graphs=False, merge_linears=False)
+    assert merged.merged_linears > 0 and plain.merged_linears == 0
+
+    def linears(m):
+        return [op for op in m.program.graphs["decode"].ops if op.name == "aten.linear.default"]
+
+    cats = [op.args[1].name for op in linears(merged) if op.args[1].name.startswith("cat(")]
+    assert any("q_a_proj" in c and "kv_proj" in c for c in cats)
+    assert len(linears(plain)) - len(linears(merged)) >= len(cats)
+    for c in cats:
+        parts = c[4:-1].split(",")
+        assert merged.weights[c].shape[0] == sum(plain.weights[p].shape[0] for p in parts)
