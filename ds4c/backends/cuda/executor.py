@@ -275,7 +275,7 @@ class GraphedPrefill:
 
 
 # Formats the GEMV (``linear.packed``) and MoE kernels read as stored.
-KERNEL_FORMATS = frozenset({"fp8", "fp8-f32scale", "int8"})
+KERNEL_FORMATS = frozenset({"fp8", "fp8-f32scale", "int8", "mxfp4"})
 _MOE_WEIGHT_ARGS = range(4, 9)  # gate_up, down, s_gate, s_up, s_down among moe's operands
 
 

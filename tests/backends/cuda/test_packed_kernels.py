@@ -44,16 +44,33 @@ def test_linear_packed_matches_reference(fmt, rows, n, k, dtype):
     torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
 
 
-def test_linear_packed_declines_prefill_rows_and_mxfp4():
+@pytest.mark.parametrize("rows,n,k,dtype", [
+    (1, 200, 384, torch.float32),   # decode; N not a multiple of the tile
+    (3, 96, 4096, torch.float32),   # split K: slices of several 32-wide scale blocks
+    (2, 192, 512, torch.bfloat16),
+])
+def test_linear_packed_mxfp4_decodes_in_registers(rows, n, k, dtype):
+    g = torch.Generator().manual_seed(rows + n + k)
+    x = torch.randn(1, rows, k, generator=g).to(dtype).to(DEVICE)
+    w = torch.randn(n, k, generator=g) / 8
+    w[:, :32] *= 1e-3  # a block with a small scale
+    packed = pack(w.to(DEVICE), "mxfp4")
+    got = linear_packed(x, *packed, format="mxfp4", shape=[n, k])
+    assert got is not NotImplemented
+    want = get_op("linear.packed").reference(x, *packed, format="mxfp4", shape=[n, k])
+    torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
+
+
+def test_linear_packed_declines_prefill_rows():
     x = torch.randn(1, 65, 64, device=DEVICE)
     assert linear_packed(x, *pack(torch.randn(32, 64, device=DEVICE), "fp8"), format="fp8", shape=[32, 64]) \
         is NotImplemented
-    assert linear_packed(x[:, :1], *pack(torch.randn(32, 64, device=DEVICE), "mxfp4"), format="mxfp4",
-                         shape=[32, 64]) is NotImplemented
 
 
 @pytest.mark.parametrize("fmt,tokens,dtype", [("fp8", 1, torch.float32), ("int8", 3, torch.float32),
-                                              ("fp8-f32scale", 40, torch.float32), ("fp8", 2, torch.bfloat16)])
+                                              ("fp8-f32scale", 40, torch.float32), ("fp8", 2, torch.bfloat16),
+                                              ("mxfp4", 1, torch.float32), ("mxfp4", 40, torch.float32),
+                                              ("mxfp4", 2, torch.bfloat16)])
 def test_moe_packed_matches_reference(fmt, tokens, dtype):
     # d and inter span two 128-wide scale blocks, so a tile's columns read two scale rows
     args = make_inputs(tokens, 8, 256, 160, dtype, "bias", 2, seed=tokens)
@@ -70,7 +87,7 @@ def test_moe_packed_matches_reference(fmt, tokens, dtype):
     torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "mxfp4"])
 def test_moe_packed_decode_reads_the_shared_expert_packed(fmt):
     # every expert weight in one format: the decode kernels run the shared expert too
     args = make_inputs(1, 8, 256, 160, torch.float32, "bias", 2, seed=9)
@@ -104,3 +121,30 @@ def test_rewrite_keeps_fp8_packed_and_preserves_the_reference_result(tiny_fp8_ar
     got = ReferenceExecutor(graphs["prefill"], "cpu").run(ids, weights)["logits"]
     # the same math in the same order (dequantise, then linear / moe): bit-identical
     assert torch.equal(got, want)
+
+
+def test_mxfp4_experts_stay_packed_end_to_end(tmp_path):
+    """tiny with MXFP4 routed experts (the layout DeepSeek ships): the kernel backend keeps the
+    experts packed (moe.packed decodes e2m1 in registers) and equals the reference backend."""
+    import ds4c
+
+    path = tmp_path / "tiny-mxfp4.ds4"
+    ds4c.compile("tiny", target="b200", precision="mxfp4-experts", max_context=32, progress=False).save(path)
+    ref = ds4c.load(path, backend="reference")
+    ker = ds4c.load(path, device=DEVICE, backend="kernels", cuda_graphs=False)
+    moes = [op for g in ker.program.graphs.values() for op in g.ops if op.name == "moe.packed"]
+    assert moes and all(op.kwargs["formats"][:2] == ["mxfp4", "mxfp4"] for op in moes)
+    assert not any("experts" in name for name in ker.unpacked_weights), ker.unpacked_weights
+    assert any(w.dtype == torch.uint8 and "experts" in name for name, w in ker.weights.items())
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    want, state = ref.prefill(ids)
+    got, kstate = ker.prefill(ids.to(DEVICE))
+    # bf16 compute: the kernels accumulate in fp32 and round once, the reference rounds per op
+    torch.testing.assert_close(got.float().cpu(), want.float(), atol=6e-2, rtol=6e-2)
+    assert (got.float().cpu().argmax(-1) == want.float().argmax(-1)).float().mean() >= 0.85
+    tok = want[:, -1:].argmax(-1)
+    dw, _ = ref.decode(tok, 8, state)
+    dg, _ = ker.decode(tok.to(DEVICE), 8, kstate)
+    torch.testing.assert_close(dg.float().cpu(), dw.float(), atol=6e-2, rtol=6e-2)
+    assert ker._executors["decode"].stats()["moe.packed"] == {"kernel": len([o for o in moes if o in
+                                                                            ker.program.graphs["decode"].ops])}

@@ -4,7 +4,8 @@ Decode multiplies one token per sequence by every weight matrix, so its linears 
 weight bytes they read. Reading FP8 (1 byte + a scale per 128x128 block) or INT8 (1 byte + a
 scale per row) instead of BF16 halves that traffic, provided nothing expands the weight first:
 the tile is loaded in its storage type and converted in registers (exact: every e4m3 and int8
-value is a bf16 value); a K step stays inside one 128-wide FP8 scale block, so its partial product
+value is a bf16 value; MXFP4's e2m1 nibbles are decoded and scaled by their UE8M0 block scale,
+exact in bf16 too); a K step stays inside one 128-wide FP8 scale block, so its partial product
 is scaled by one scale per column (a per-element scale gather measured 1.5-3x slower on an H100),
 and INT8's row scales multiply the sum.
 
@@ -30,9 +31,10 @@ from ds4c.backends.cuda.kernels.configs import active_target, dot_precision
 
 MAX_ROWS = 64
 SCALE_BLOCK = 128
+MX_BLOCK = 32  # MXFP4: inputs per UE8M0 scale
 # scale modes (constexpr SCALE)
-NO_SCALE, BLOCK_F32, BLOCK_UE8M0, ROW_F32 = 0, 1, 2, 3
-_MODES = {"bf16": NO_SCALE, "fp8-f32scale": BLOCK_F32, "fp8": BLOCK_UE8M0, "int8": ROW_F32}
+NO_SCALE, BLOCK_F32, BLOCK_UE8M0, ROW_F32, MXFP4 = 0, 1, 2, 3, 4
+_MODES = {"bf16": NO_SCALE, "fp8-f32scale": BLOCK_F32, "fp8": BLOCK_UE8M0, "int8": ROW_F32, "mxfp4": MXFP4}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -89,8 +91,11 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, k_split, s_cols,
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_hi
         x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(q_ptr + cols.to(tl.int64)[None, :] * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
-                    other=0.0)
+        if SCALE == 4:  # MXFP4: decoded and scaled in registers
+            w = mxfp4_tile(q_ptr, s_ptr, cols.to(tl.int64), offs_k, k_ok[:, None] & n_ok[None, :], K)
+        else:
+            w = tl.load(q_ptr + cols.to(tl.int64)[None, :] * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0)
         w = storage_to_dot(w, x_ptr.dtype.element_ty, INTERPRETER_BF16)
         if SCALE == 1 or SCALE == 2:  # one scale per column in this K step (block_k <= 128)
             s = tl.load(s_ptr + (cols // 128) * s_cols + k0 // 128, mask=n_ok, other=0)
@@ -103,6 +108,20 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, k_split, s_cols,
         acc = acc * tl.load(s_ptr + cols, mask=n_ok, other=0.0)[None, :]
     y_ptrs = y_ptr + pid_k * M * N + offs_m[:, None] * N + cols[None, :]
     tl.store(y_ptrs, round_to(acc, y_ptr.dtype.element_ty, INTERPRETER_BF16), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def mxfp4_tile(q_ptr, s_ptr, rows, k, mask, k_total):
+    """fp32 [BLOCK_K, BLOCK_N] tile ``W[rows, k]`` of an MXFP4 matrix (OCP e2m1, two values per byte
+    along the input dimension, low nibble first; ``q_ptr`` [rows, k_total / 2] bytes, ``s_ptr``
+    [rows, k_total / 32] UE8M0 exponent bytes). Every value is exact in bf16."""
+    byte = tl.load(q_ptr + rows[None, :] * (k_total // 2) + (k // 2)[:, None], mask=mask, other=0).to(tl.int32)
+    nib = (byte >> ((k % 2) * 4)[:, None]) & 15
+    e = (nib >> 1) & 3
+    m = (nib & 1).to(tl.float32)
+    mag = tl.where(e == 0, m * 0.5, (1.0 + m * 0.5) * tl.exp2((e - 1).to(tl.float32)))
+    s = tl.load(s_ptr + rows[None, :] * (k_total // 32) + (k // 32)[:, None], mask=mask, other=127)
+    return tl.where((nib & 8) != 0, -mag, mag) * tl.exp2(s.to(tl.float32) - 127.0)
 
 
 @triton.jit
@@ -120,7 +139,10 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, forma
     mode = _MODES.get(format)
     m, k = x.shape
     n = qdata.shape[0]
-    if mode is None or x.dtype not in _DTYPES or m > MAX_ROWS or qdata.dim() != 2 or qdata.shape[1] != k:
+    stored_k = k // 2 if mode == MXFP4 else k
+    if mode is None or x.dtype not in _DTYPES or m > MAX_ROWS or qdata.dim() != 2 or qdata.shape[1] != stored_k:
+        return None
+    if mode == MXFP4 and (k % MX_BLOCK or scale is None or scale.shape != (n, k // MX_BLOCK)):
         return None
     if mode in (BLOCK_F32, BLOCK_UE8M0) and (scale is None or scale.shape != (triton.cdiv(n, SCALE_BLOCK),
                                                                              triton.cdiv(k, SCALE_BLOCK))):
@@ -128,7 +150,7 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, forma
     x, qdata = x.contiguous(), qdata.contiguous()
     scale = qdata if scale is None else scale.contiguous()
     target = active_target()  # the artifact's target (the live device's when loaded elsewhere)
-    cfg = gemv_config(m, n, k, x.dtype, target.compute_units, qdata.element_size(), **override)
+    cfg = gemv_config(m, n, k, x.dtype, target.compute_units, 1 if mode == MXFP4 else qdata.element_size(), **override)
     split = triton.cdiv(k, cfg.k_split)
     y = torch.empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
@@ -142,7 +164,7 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, forma
 @register_kernel("linear.packed")
 def linear_packed(x, *packed, format: str, shape: list[int]):
     """Launcher with ``linear.packed``'s reference signature; declines more than MAX_ROWS rows
-    and formats without a kernel (mxfp4: dequantised by the reference)."""
+    and formats without a kernel."""
     if format not in _MODES or len(shape) != 2 or not packed:
         return NotImplemented
     flat = x.reshape(-1, x.shape[-1])

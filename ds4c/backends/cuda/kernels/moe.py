@@ -21,10 +21,12 @@ tokens are read, and nothing synchronises with the host: a decode step can be ca
 in a CUDA graph.
 
 ``moe.packed`` (the kernel backends' form of ``moe`` over packed weights, see
-``ds4c.backends.cuda.executor.unpack_weights_once``) runs the same kernels on FP8 or INT8 expert
-weights as stored: a tile is loaded in its storage type and converted in registers, each K step's
-partial product is scaled by its 128x128 block's scale (FP8; K tiles never straddle a block), or
-the accumulator by the row scales (INT8). The shared expert goes through ``linear.packed``.
+``ds4c.backends.cuda.executor.unpack_weights_once``) runs the same kernels on FP8, INT8 or MXFP4
+expert weights as stored: a tile is loaded in its storage type and converted in registers, each K
+step's partial product is scaled by its 128x128 block's scale (FP8; K tiles never straddle a
+block), or the accumulator by the row scales (INT8); MXFP4's e2m1 nibbles are decoded and scaled
+by their 32-input UE8M0 scales in the tile (weight-only dequantisation: sm_90a has no FP4 tensor
+cores). The shared expert goes through ``linear.packed``.
 
 Routing runs as one kernel after the router GEMM (``_route_kernel``: score, top-k by argmax or
 the hash table, normalisation, each step rounded to x's dtype where torch rounds). Decode (up to
@@ -46,7 +48,8 @@ from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import (MoeConfig, MoeDecodeConfig, active_target, dot_precision, moe_config,
                                                 moe_decode_config)
-from ds4c.backends.cuda.kernels.linear import _MODES, BLOCK_F32, BLOCK_UE8M0, linear_packed, storage_to_dot
+from ds4c.backends.cuda.kernels.linear import (_MODES, BLOCK_F32, BLOCK_UE8M0, MX_BLOCK, MXFP4, linear_packed,
+                                               mxfp4_tile, storage_to_dot)
 from ds4c.ir.registry import get_op
 from ds4c.ops.moe import _route, _shared
 from ds4c.ops.quant import packed_operand_count
@@ -87,7 +90,7 @@ def _block_scale(s_ptr, expert, rows, cols_total, out_rows, k0, row_ok, SCALE: t
 
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, s_ptr, order_ptr, seg_ptr, h_ptr,
-                    n_experts, top_k, inter, hidden, limit,
+                    n_experts, top_k, inter, hidden, limit, w_expert, s_expert,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
                     EVEN_K: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
                     INTERPRETER_BF16: tl.constexpr):
@@ -104,14 +107,21 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, order_ptr, seg_ptr, h_ptr,
     offs_k = tl.arange(0, BLOCK_K)
 
     a_ptrs = x_ptr + token.to(tl.int64)[:, None] * hidden + offs_k[None, :]
-    w_base = w_ptr + expert.to(tl.int64) * (2 * inter) * hidden
+    w_base = w_ptr + expert.to(tl.int64) * w_expert
     # [BLOCK_K, BLOCK_N] views of the gate rows `cols` and the up rows `inter + cols`
     g_ptrs = w_base + cols.to(tl.int64)[None, :] * hidden + offs_k[:, None]
     u_ptrs = g_ptrs + inter * hidden
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
-        if EVEN_K:
+        if SCALE == 4:  # MXFP4: decoded and scaled in registers
+            k_ok = (k0 + offs_k) < hidden
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            sx_base = s_ptr + expert.to(tl.int64) * s_expert
+            wmask = k_ok[:, None] & col_ok[None, :]
+            wg = mxfp4_tile(w_base, sx_base, cols.to(tl.int64), k0 + offs_k, wmask, hidden)
+            wu = mxfp4_tile(w_base, sx_base, (inter + cols).to(tl.int64), k0 + offs_k, wmask, hidden)
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             wg = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
             wu = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
@@ -148,7 +158,7 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, order_ptr, seg_ptr, h_ptr,
 
 @triton.jit
 def _down_kernel(h_ptr, w_ptr, s_ptr, order_ptr, seg_ptr, weight_ptr, y_ptr,
-                 n_experts, inter, hidden,
+                 n_experts, inter, hidden, w_expert, s_expert,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
                  EVEN_K: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
                  INTERPRETER_BF16: tl.constexpr):
@@ -164,10 +174,15 @@ def _down_kernel(h_ptr, w_ptr, s_ptr, order_ptr, seg_ptr, weight_ptr, y_ptr,
     offs_k = tl.arange(0, BLOCK_K)
 
     a_ptrs = h_ptr + rows.to(tl.int64)[:, None] * inter + offs_k[None, :]
-    w_ptrs = w_ptr + expert.to(tl.int64) * hidden * inter + cols.to(tl.int64)[None, :] * inter + offs_k[:, None]
+    w_ptrs = w_ptr + expert.to(tl.int64) * w_expert + cols.to(tl.int64)[None, :] * inter + offs_k[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
-        if EVEN_K:
+        if SCALE == 4:  # MXFP4: decoded and scaled in registers
+            k_ok = (k0 + offs_k) < inter
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = mxfp4_tile(w_ptr + expert.to(tl.int64) * w_expert, s_ptr + expert.to(tl.int64) * s_expert,
+                           cols.to(tl.int64), k0 + offs_k, k_ok[:, None] & col_ok[None, :], inter)
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
         else:
@@ -301,7 +316,11 @@ def _row_times_rows(a_ptr, w_base, s_base, row_off, cols, col_ok, k_total, s_col
         k = k0 + offs_k
         k_ok = k < k_total
         a = tl.load(a_ptr + offs_m[:, None] * 0 + k[None, :], mask=first & k_ok[None, :], other=0.0)
-        w = tl.load(w_base + rows[None, :] * k_total + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if SCALE == 4:  # MXFP4: decoded and scaled in registers
+            w = mxfp4_tile(w_base, s_base, rows, k, k_ok[:, None] & col_ok[None, :], k_total)
+        else:
+            w = tl.load(w_base + rows[None, :] * k_total + k[:, None], mask=k_ok[:, None] & col_ok[None, :],
+                        other=0.0)
         a = dot_operand(a, INTERPRETER_BF16)
         w = storage_to_dot(w, a_ptr.dtype.element_ty, INTERPRETER_BF16)
         if SCALE == 1 or SCALE == 2:  # the K step stays in one 128-wide scale block
@@ -318,7 +337,7 @@ def _row_times_rows(a_ptr, w_base, s_base, row_off, cols, col_ok, k_total, s_col
 
 @triton.jit
 def _gate_up_pairs_kernel(x_ptr, w_ptr, s_ptr, idx_ptr, sg_ptr, sgs_ptr, su_ptr, sus_ptr, h_ptr,
-                          pairs, top_k, inter, hidden, s_cols, s_expert, limit,
+                          pairs, top_k, inter, hidden, s_cols, w_expert, s_expert, limit,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
                           INTERPRETER_BF16: tl.constexpr):
     """Program (p, n): row p of h. p < pairs: pair p (its token, its expert's gate and up rows);
@@ -329,7 +348,7 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, s_ptr, idx_ptr, sg_ptr, sgs_ptr, su_ptr,
     if pid < pairs:
         token = pid // top_k
         expert = tl.load(idx_ptr + pid).to(tl.int64)
-        g_base = w_ptr + expert * (2 * inter) * hidden
+        g_base = w_ptr + expert * w_expert
         u_base = g_base
         gs_base = s_ptr + expert * s_expert
         us_base = gs_base
@@ -355,7 +374,7 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, s_ptr, idx_ptr, sg_ptr, sgs_ptr, su_ptr,
 
 @triton.jit
 def _down_pairs_kernel(h_ptr, w_ptr, s_ptr, idx_ptr, wt_ptr, sd_ptr, sds_ptr, y_ptr,
-                       pairs, inter, hidden, s_cols, s_expert,
+                       pairs, inter, hidden, s_cols, w_expert, s_expert,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
                        INTERPRETER_BF16: tl.constexpr):
     """Program (p, n): fp32 row p of y: pair p's down projection times its routing weight, or
@@ -365,7 +384,7 @@ def _down_pairs_kernel(h_ptr, w_ptr, s_ptr, idx_ptr, wt_ptr, sd_ptr, sds_ptr, y_
     col_ok = cols < hidden
     if pid < pairs:
         expert = tl.load(idx_ptr + pid).to(tl.int64)
-        w_base = w_ptr + expert * hidden * inter
+        w_base = w_ptr + expert * w_expert
         s_base = s_ptr + expert * s_expert
         weight = tl.load(wt_ptr + pid)
     else:
@@ -409,7 +428,7 @@ def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, 
     (gate_up, gu_scale, gu_mode), (down, dn_scale, dn_mode) = gate_up, down
     tokens, hidden = flat.shape
     top_k = idx.shape[1]
-    inter = down.shape[2]
+    inter = down.shape[2] * (2 if dn_mode == MXFP4 else 1)
     pairs = tokens * top_k
     with_shared = shared is not None
     if with_shared:
@@ -428,11 +447,12 @@ def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, 
                   INTERPRETER_BF16=interpreter_bf16(x.dtype), **cfg.launch.kwargs(target))
     _gate_up_pairs_kernel[(rows, triton.cdiv(inter, cfg.block_n_up))](
         flat, gate_up, gu_s, idx, sg.contiguous(), sgs, su.contiguous(), sus, h, pairs, top_k, inter, hidden,
-        triton.cdiv(hidden, 128), gu_se, float(swiglu_limit), BLOCK_N=cfg.block_n_up, SCALE=gu_mode, **common)
+        triton.cdiv(hidden, 128), gate_up[0].numel(), gu_se, float(swiglu_limit), BLOCK_N=cfg.block_n_up, SCALE=gu_mode,
+        **common)
     y = torch.empty((rows, hidden), dtype=torch.float32, device=x.device)
     _down_pairs_kernel[(rows, triton.cdiv(hidden, cfg.block_n_down))](
-        h, down, dn_s, idx, w, sd.contiguous(), sds, y, pairs, inter, hidden, triton.cdiv(inter, 128), dn_se,
-        BLOCK_N=cfg.block_n_down, SCALE=dn_mode, **common)
+        h, down, dn_s, idx, w, sd.contiguous(), sds, y, pairs, inter, hidden, triton.cdiv(inter, 128),
+        down[0].numel(), dn_se, BLOCK_N=cfg.block_n_down, SCALE=dn_mode, **common)
     out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
     _combine_kernel[(tokens, triton.cdiv(hidden, 1024))](
         y, out, pairs, hidden, TOP_K=top_k, SHARED=with_shared, BLOCK_N=1024,
@@ -513,13 +533,19 @@ def _routed(x, ids, router, selector, gate_up, down, shared, *, top_k: int, rout
     if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[1] % 2:
         return NotImplemented
     experts, two_inter, hidden = gate_up.shape
+    hidden *= 2 if gu_mode == MXFP4 else 1  # MXFP4 stores two inputs per byte
     inter = two_inter // 2
-    if hidden != x.shape[-1] or tuple(down.shape) != (experts, hidden, inter) or not 0 < top_k <= experts:
+    stored_inter = inter // 2 if dn_mode == MXFP4 else inter
+    if hidden != x.shape[-1] or tuple(down.shape) != (experts, hidden, stored_inter) or not 0 < top_k <= experts:
+        return NotImplemented
+    if (gu_mode == MXFP4 and (hidden % MX_BLOCK or gu_scale is None)) or \
+            (dn_mode == MXFP4 and (inter % MX_BLOCK or dn_scale is None)):
         return NotImplemented
     if not (x.device == gate_up.device == down.device):
         return NotImplemented
-    if shared is not None and (tuple(shared[0][0].shape) != (inter, hidden) or tuple(shared[1][0].shape) != (inter, hidden)
-                               or tuple(shared[2][0].shape) != (hidden, inter)):
+    gu_in = hidden // 2 if gu_mode == MXFP4 else hidden
+    if shared is not None and (tuple(shared[0][0].shape) != (inter, gu_in) or tuple(shared[1][0].shape) != (inter, gu_in)
+                               or tuple(shared[2][0].shape) != (hidden, stored_inter)):
         shared = None  # a shared expert of another width than the routed ones: the caller adds it
 
     target = active_target()
@@ -563,10 +589,10 @@ def _routed(x, ids, router, selector, gate_up, down, shared, *, top_k: int, rout
         h = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
         _gate_up_kernel[(m_blocks, triton.cdiv(inter, cfg.block_n_up))](
             flat, gate_up, gu_scale, order, segments, h, experts, top_k, inter, hidden, float(swiglu_limit),
-            BLOCK_N=cfg.block_n_up, EVEN_K=hidden % cfg.block_k == 0, SCALE=gu_mode, **common)
+            gate_up[0].numel(), gu_scale[0].numel() if gu_mode == MXFP4 else 0, BLOCK_N=cfg.block_n_up, EVEN_K=hidden % cfg.block_k == 0, SCALE=gu_mode, **common)
         y = torch.empty((pairs, hidden), dtype=torch.float32, device=x.device)
         _down_kernel[(m_blocks, triton.cdiv(hidden, cfg.block_n_down))](
             h, down, dn_scale, order, segments, weights, y, experts, inter, hidden,
-            BLOCK_N=cfg.block_n_down, EVEN_K=inter % cfg.block_k == 0, SCALE=dn_mode, **common)
+            down[0].numel(), dn_scale[0].numel() if dn_mode == MXFP4 else 0, BLOCK_N=cfg.block_n_down, EVEN_K=inter % cfg.block_k == 0, SCALE=dn_mode, **common)
         routed = y.view(tokens, top_k, hidden).sum(dim=1)
     return routed.to(x.dtype).view(x.shape), False
