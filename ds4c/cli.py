@@ -1,7 +1,8 @@
-"""The ``ds4c`` command line: compile, run, inspect, export, targets."""
+"""The ``ds4c`` command line: compile, run, tune, inspect, export, targets."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -123,6 +124,29 @@ def run(
     console.print(f"generated ids: {new}")
     if prompt is not None or tok.kind != "none":
         console.print(f"text: {tok.decode(new)!r}")
+
+
+@app.command()
+def tune(
+    artifact: Annotated[Path, typer.Argument(help="a .ds4 artifact")],
+    device: Annotated[str, typer.Option(help="the GPU to tune on")] = "cuda",
+    backend: Annotated[str, typer.Option(help="kernels | compiled")] = "compiled",
+    batch: Annotated[int, typer.Option(help="decode batch size to time")] = 1,
+) -> None:
+    """Time kernel configurations on this GPU (whole decode steps as CUDA graphs) and write the best
+    as ARTIFACT.tune.json, which ds4c.load applies on the same device and Triton."""
+    import ds4c
+    from ds4c.backends.cuda.autotune import tune as run_tune
+    from ds4c.backends.cuda.autotune import tuning_path
+
+    try:
+        model = ds4c.load(artifact, device=device, backend=backend, tuning=False)
+        res = run_tune(model, artifact=artifact, batch=batch, log=console.print)
+    except Ds4cError as e:
+        _fail(e)
+    console.print(f"decode step {res['baseline_s'] * 1e3:.3f} ms with the target's configurations, "
+                  f"{res['best_s'] * 1e3:.3f} ms tuned: {json.dumps(res['table'])}")
+    console.print(f"wrote {tuning_path(artifact)}")
 
 
 @app.command()

@@ -45,6 +45,8 @@ class CompiledModel:
         self.backend = _pick_backend(backend, device, manifest)
         self.unpacked_weights: list[str] = []
         self.merged_linears = 0  # linears merged into a sibling's GEMM at load (kernel backends)
+        self.tuning: dict[str, dict[str, Any]] | None = None  # measured config overrides (ds4c tune)
+        self.tuning_status = "none"
         # what ds4c.load did with the artifact's stored kernel binaries (ds4c.backends.cuda.binaries)
         self.kernel_binaries = "unused: the reference backend runs no device kernels"
         self.kernel_target = None  # the target record kernel configurations are chosen for
@@ -170,12 +172,17 @@ class CompiledModel:
 
     # -- entry points ---------------------------------------------------------------------------
     def _kernel_configs(self) -> Any:
-        """Launchers choose tiles and options for the kernel target while the model runs."""
+        """Launchers choose tiles and options for the kernel target (and the device's tuning
+        table, when one applies: ``ds4c tune``) while the model runs."""
         if self.kernel_target is None:
             return contextlib.nullcontext()
-        from ds4c.backends.cuda.kernels.configs import use_target
+        from ds4c.backends.cuda.kernels.configs import use_target, use_tuning
 
-        return use_target(self.kernel_target)
+        stack = contextlib.ExitStack()
+        stack.enter_context(use_target(self.kernel_target))
+        if self.tuning:
+            stack.enter_context(use_tuning(self.tuning))
+        return stack
 
     @torch.no_grad()
     def prefill(self, input_ids: Any, logits: str = "all") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -347,7 +354,8 @@ def _pick_backend(backend: str, device: torch.device, manifest: dict[str, Any] |
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progress: bool | None = None,
          backend: str = "auto", cuda_graphs: bool = True, streams: bool = True,
-         weights: dict[str, torch.Tensor] | None = None, merge_linears: bool = True) -> CompiledModel:
+         weights: dict[str, torch.Tensor] | None = None, merge_linears: bool = True,
+         tuning: bool | str | os.PathLike = True) -> CompiledModel:
     """Load an artifact written by ``Artifact.save`` / ``ds4c compile``, ready to run on ``device``.
 
     ``backend``: ``kernels`` (Triton kernels for fused ops, the rest op by op; default on CUDA),
@@ -360,7 +368,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
     shapes, e.g. a transformers model's parameters, shared without copying). ``merge_linears``:
     the kernel backends run linears that read the same activation as one GEMM over their
     concatenated weights (``ds4c.backends.cuda.merge_linears``; built at load, extra memory the
-    size of those weights when they are shared through ``weights=``).
+    size of those weights when they are shared through ``weights=``). ``tuning``: on CUDA with a
+    kernel backend, apply the tuning file ``ds4c tune`` wrote beside the artifact when it was
+    measured for this program, device and Triton (``model.tuning_status`` says what happened);
+    False ignores it.
     """
     from safetensors.torch import load as st_load
 
@@ -407,6 +418,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
     model = CompiledModel(manifest, program, weights, device, backend=backend, cuda_graphs=cuda_graphs,
                           container=container, streams=streams, merge_linears=merge_linears)
     model.container = container
+    if tuning and model.backend in ("kernels", "compiled") and device.type == "cuda":
+        from ds4c.backends.cuda.autotune import load_tuning
+
+        model.tuning, model.tuning_status = load_tuning(path, manifest, device,
+                                                        None if tuning is True else tuning)
     if manifest.get("kernels") or model.backend != "reference":
         from ds4c.backends.cuda.binaries import use_stored_binaries
 

@@ -20,7 +20,12 @@ import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
-from ds4c.backends.cuda.kernels.configs import active_target, compress_config, dot_precision, index_scores_config
+from ds4c.backends.cuda.kernels.configs import (
+    active_target,
+    compress_config,
+    dot_precision,
+    index_scores_config,
+)
 from ds4c.backends.cuda.kernels.norms import rms_norm
 from ds4c.ops.norms import rms_norm_reference
 

@@ -45,6 +45,29 @@ from ds4c.targets import Target, get_target, list_targets
 DEFAULT_TARGET = "h100"  # where the tables were measured; the target of the interpreter on CPU
 
 _ACTIVE: contextvars.ContextVar[Target | None] = contextvars.ContextVar("ds4c_kernel_target", default=None)
+# configuration overrides per kernel family measured on the device (ds4c.backends.cuda.autotune)
+_TUNED: contextvars.ContextVar[dict[str, dict[str, Any]] | None] = contextvars.ContextVar("ds4c_tuning", default=None)
+
+TUNABLE = {  # family -> fields the autotuner may set (see the config functions below)
+    "gemv": ("block_n", "split", "num_stages"),
+    "moe_decode": ("block_n_up", "block_n_down", "num_stages"),
+}
+
+
+@contextlib.contextmanager
+def use_tuning(table: dict[str, dict[str, Any]] | None) -> Iterator[None]:
+    """Launchers inside use ``table``'s measured overrides (family -> field -> value)."""
+    token = _TUNED.set(table)
+    try:
+        yield
+    finally:
+        _TUNED.reset(token)
+
+
+def tuned(family: str) -> dict[str, Any]:
+    """The active tuning table's overrides for ``family`` (empty: the target's defaults)."""
+    table = _TUNED.get() or {}
+    return {k: v for k, v in (table.get(family) or {}).items() if k in TUNABLE.get(family, ())}
 
 
 # -- the kernel target ----------------------------------------------------------------------------
@@ -332,8 +355,9 @@ def moe_decode_config(dtype: torch.dtype, target: Target | None = None) -> MoeDe
     """
     target = target or active_target()
     fp32 = dtype == torch.float32
-    return MoeDecodeConfig(24, 32, 64, 64 if fp32 else 128,
-                           launch=Launch(4, 2 if fp32 or is_amd(target) else 4))
+    t = tuned("moe_decode")
+    return MoeDecodeConfig(24, t.get("block_n_up", 32), t.get("block_n_down", 64), 64 if fp32 else 128,
+                           launch=Launch(4, t.get("num_stages", 2 if fp32 or is_amd(target) else 4)))
 
 
 # -- indexer scores -------------------------------------------------------------------------------

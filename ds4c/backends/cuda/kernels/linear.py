@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
-from ds4c.backends.cuda.kernels.configs import active_target, dot_precision
+from ds4c.backends.cuda.kernels.configs import active_target, dot_precision, tuned
 
 MAX_ROWS = 64
 SCALE_BLOCK = 128
@@ -57,7 +57,9 @@ def gemv_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int, storage_by
     Measured on an H100 (2026-11-25, flash-slice decode, whole CUDA-graph step): this beats
     narrower column tiles without a K split (16-64 columns, 256 inputs for bf16; one program per
     SM), which benchmarks/gemv_tune.py preferred per shape in isolation (FP8 step 2.26 vs 1.99 ms).
-    ``override`` replaces any field (the sweep uses it)."""
+    ``override`` replaces any field (the sweep uses it); so does the active tuning table
+    (``configs.use_tuning``, family ``gemv``), under ``override``."""
+    override = {**tuned("gemv"), **override}
     block_m = max(16, triton.next_power_of_2(m))
     block_k = override.get("block_k", 64 if dtype == torch.float32 else 128)
     if storage_bytes == 1 and block_k > SCALE_BLOCK:

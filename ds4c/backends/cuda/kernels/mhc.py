@@ -24,7 +24,13 @@ import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import interpreter_bf16, round_to
-from ds4c.backends.cuda.kernels.configs import MHC_BLOCK_K, MHC_BLOCK_T, active_target, mhc_mix_launch, mhc_mix_programs
+from ds4c.backends.cuda.kernels.configs import (
+    MHC_BLOCK_K,
+    MHC_BLOCK_T,
+    active_target,
+    mhc_mix_launch,
+    mhc_mix_programs,
+)
 
 BLOCK_T = MHC_BLOCK_T  # tokens per mix program (tl.dot's minimum M)
 BLOCK_K = MHC_BLOCK_K  # K step of the mix GEMM

@@ -46,10 +46,24 @@ import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
-from ds4c.backends.cuda.kernels.configs import (MoeConfig, MoeDecodeConfig, active_target, dot_precision, moe_config,
-                                                moe_decode_config)
-from ds4c.backends.cuda.kernels.linear import (_MODES, BLOCK_F32, BLOCK_UE8M0, MX_BLOCK, MXFP4, linear_packed,
-                                               mxfp4_tile, storage_to_dot)
+from ds4c.backends.cuda.kernels.configs import (
+    MoeConfig,
+    MoeDecodeConfig,
+    active_target,
+    dot_precision,
+    moe_config,
+    moe_decode_config,
+)
+from ds4c.backends.cuda.kernels.linear import (
+    _MODES,
+    BLOCK_F32,
+    BLOCK_UE8M0,
+    MX_BLOCK,
+    MXFP4,
+    linear_packed,
+    mxfp4_tile,
+    storage_to_dot,
+)
 from ds4c.ir.registry import get_op
 from ds4c.ops.moe import _route, _shared
 from ds4c.ops.quant import packed_operand_count
