@@ -1,6 +1,17 @@
 import os
 import tempfile
 
+# Under pytest-xdist (CI runs `-n 2`): one core's worth of threads per worker, for the worker and
+# the processes it starts (notebook kernels, the README job). torch's OpenMP threads spin while
+# waiting; two workers with a thread per core each on two cores slowed the matmul-heavy tests
+# (training the synthetic model, the precision notebook) five- to tenfold.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # Keep caches out of the user's home and out of the repo.
 os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="ds4c-triton-"))
 os.environ.setdefault("MPLBACKEND", "Agg")
