@@ -14,9 +14,9 @@ position, sliced where the head leaves the rest of the graph::
 
 The head grows backwards from the logits over ops that work position by position
 (``POSITIONWISE``) and feed nothing but the head; in DeepSeek-V4 that is also the last layer's
-FFN half (mHC pre/post, the MoE: a decode-sized MoE for one token). Each value entering the head
-must carry the sequence at dimension 1; otherwise the rewrite returns None and the caller slices
-the full logits instead. The state outputs are untouched.
+FFN half (mHC pre/post, the MoE: a decode-sized MoE for one token). The sequence length must be
+symbolic, and each value entering the head must carry it at dimension 1; otherwise the rewrite
+returns None and the caller slices the full logits instead. The state outputs are untouched.
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ def last_position_logits(graph: Graph, output: str = "logits") -> Graph | None:
     head_results = {r for op in head for r in op.results}
     params = set(graph.inputs_of_kind("param")) | set(graph.inputs_of_kind("const"))
     seq = graph.tensor_type(outs[output]).shape[1] if graph.tensor_type(outs[output]).rank >= 2 else None
+    if not isinstance(seq, str):
+        return None  # a static sequence length: dim 1 of another value could equal it by chance
     taken = graph.value_names()
     sliced: dict[Value, Value] = {}
     new_ops: list[Op] = []

@@ -11,7 +11,7 @@ import torch
 
 from ds4c.artifact.artifact import WEIGHTS_MEMBER, read_artifact
 from ds4c.backends.reference import ReferenceExecutor
-from ds4c.errors import ArtifactError, InputError
+from ds4c.errors import ArtifactError, Ds4cError, InputError
 from ds4c.ir.graph import Program
 from ds4c.passes.last_logits import LAST_ENTRY, last_position_logits
 from ds4c.runtime.progress import progress_steps
@@ -110,9 +110,9 @@ class CompiledModel:
         return ReferenceExecutor(g, self.device)
 
     def _prefill_graph(self, executor: Any, logits: str, ids: torch.Tensor) -> Any:
-        """The CUDA graph of this prefill shape, captured at its second call (a length seen once
-        is not worth a capture) when it has at most ``PREFILL_GRAPH_MAX_TOKENS`` tokens; None to
-        run it op by op. Keeps ``PREFILL_GRAPHS`` shapes; a
+        """The CUDA graph of this last-position prefill shape, captured at its second call (a length
+        seen once is not worth a capture) when it has at most ``PREFILL_GRAPH_MAX_TOKENS`` tokens;
+        None to run it op by op. Keeps ``PREFILL_GRAPHS`` shapes; a
         capture that fails is recorded in ``prefill_graph_errors`` and that shape runs op by op."""
         if not self.cuda_graphs or ids.numel() > PREFILL_GRAPH_MAX_TOKENS:
             return None
@@ -128,7 +128,7 @@ class CompiledModel:
             self._prefill_graphs.pop(next(iter(self._prefill_graphs)))
         try:
             graphed = GraphedPrefill(executor, self.weights, tuple(ids.shape), self.device)
-        except RuntimeError as e:  # an op that cannot be captured: this shape runs op by op
+        except (RuntimeError, Ds4cError) as e:  # an op that cannot be captured: this shape runs op by op
             self.prefill_graph_errors[key] = str(e).splitlines()[0] if str(e) else type(e).__name__
             torch.cuda.synchronize(self.device)
             return None
@@ -203,7 +203,8 @@ class CompiledModel:
         entry = self._last_position_entry() if logits == "last" else None
         executor = entry or self._entry("prefill")
         with self._kernel_configs():
-            graphed = self._prefill_graph(executor, logits, ids)
+            # graphs for the generation path only: a full-logits prefill would pin [B, S, vocab]
+            graphed = self._prefill_graph(executor, logits, ids) if entry is not None else None
             out = graphed(ids) if graphed is not None else executor.run({"input_ids": ids}, self.weights)
         result = out.pop("logits")
         if logits == "last" and entry is None:
@@ -427,7 +428,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
         from ds4c.backends.cuda.autotune import load_tuning
 
         model.tuning, model.tuning_status = load_tuning(path, manifest, device,
-                                                        None if tuning is True else tuning)
+                                                        None if tuning is True else tuning, model.backend)
     if manifest.get("kernels") or model.backend != "reference":
         from ds4c.backends.cuda.binaries import use_stored_binaries
 

@@ -95,7 +95,13 @@ def search(measure: Callable[[dict[str, dict[str, Any]]], float],
                     continue
                 table = {f: dict(v) for f, v in best.items()}
                 table.setdefault(family, {})[field] = value
-                t = measure(table)
+                try:
+                    t = measure(table)
+                except Exception as e:  # a candidate Triton cannot build here (resources): skip it
+                    trials.append({"table": table, "error": f"{type(e).__name__}: {e}"[:300]})
+                    if log:
+                        log(f"{family}.{field}={value}: failed ({type(e).__name__})")
+                    continue
                 trials.append({"table": table, "seconds": t})
                 if log:
                     log(f"{family}.{field}={value}: {t * 1e3:.3f} ms (best {best_time * 1e3:.3f} ms)")
@@ -111,10 +117,21 @@ def tune(model: Any, *, artifact: str | os.PathLike | None = None, batch: int = 
     """Tune ``model``'s kernel configurations on its device and apply the best table to it;
     with ``artifact``, also write the tuning file beside it. ``measure`` replaces the CUDA-graph
     step timer (tests)."""
-    from ds4c.backends.cuda.kernels.configs import use_tuning
-
     if model.backend not in ("kernels", "compiled"):
         raise InputError(f"autotuning needs a kernel backend ('kernels' or 'compiled'), this model runs '{model.backend}'")
+    loaded, model.tuning = model.tuning, None  # candidates are timed alone, not under a loaded table
+    try:
+        return _tune(model, artifact, batch, measure, candidates, log)
+    except BaseException:
+        model.tuning = loaded
+        raise
+
+
+def _tune(model: Any, artifact: str | os.PathLike | None, batch: int,
+          measure: Callable[[dict[str, dict[str, Any]]], float] | None,
+          candidates: Mapping[str, Mapping[str, Sequence[Any]]], log: Callable[[str], None] | None) -> dict[str, Any]:
+    from ds4c.backends.cuda.kernels.configs import use_tuning
+
     if measure is None:
         if model.device.type != "cuda" or not model.cuda_graphs:
             raise InputError("autotuning times CUDA-graph decode steps: load the artifact with device='cuda' "
@@ -126,11 +143,12 @@ def tune(model: Any, *, artifact: str | os.PathLike | None = None, batch: int = 
                 return timer()
     table, report = search(measure, candidates, log)
     result = {"format": FORMAT, "program": program_key(model.manifest), **device_key(model.device),
-              "batch": batch, "table": table, **report,
+              "backend": model.backend, "batch": batch, "table": table, **report,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     model.tuning = table
     model.tuning_status = f"tuned here: {report['baseline_s'] * 1e3:.3f} -> {report['best_s'] * 1e3:.3f} ms per step"
     model._graphed.clear()
+    model._prefill_graphs.clear()  # captured under the previous tiles
     if artifact is not None:
         path = tuning_path(artifact)
         tmp = path.with_name(path.name + ".tmp")
@@ -140,7 +158,8 @@ def tune(model: Any, *, artifact: str | os.PathLike | None = None, batch: int = 
 
 
 def load_tuning(artifact: str | os.PathLike, manifest: Mapping[str, Any], device: torch.device,
-                file: str | os.PathLike | None = None) -> tuple[dict[str, dict[str, Any]] | None, str]:
+                file: str | os.PathLike | None = None, backend: str | None = None
+                ) -> tuple[dict[str, dict[str, Any]] | None, str]:
     """(table, status) of the tuning file beside ``artifact`` (or ``file``): None with the reason
     when there is none or it was measured for another program, device or Triton."""
     path = Path(file) if file is not None else tuning_path(artifact)
@@ -155,6 +174,8 @@ def load_tuning(artifact: str | os.PathLike, manifest: Mapping[str, Any], device
     if data.get("program") != program_key(manifest):
         return None, f"ignored: {path} was measured for another program; rerun ds4c tune"
     here = device_key(device)
+    if backend is not None and data.get("backend", backend) != backend:
+        return None, f"ignored: {path} was measured with backend {data.get('backend')!r}, this model runs {backend!r}"
     for k, v in here.items():
         if data.get(k) != v:
             return None, f"ignored: {path} was measured with {k} {data.get(k)!r}, this is {v!r}"

@@ -96,3 +96,19 @@ def test_tune_needs_a_kernel_backend_and_a_gpu(tiny):
 
         res = CliRunner().invoke(app, ["tune", str(tiny)])
         assert res.exit_code != 0 and "no CUDA device" in res.output, res.output
+
+
+def test_candidates_are_timed_without_the_loaded_table_and_failures_are_skipped(tiny):
+    model = ds4c.load(tiny, device=DEVICE, backend="kernels", cuda_graphs=False)
+    model.tuning = {"gemv": {"block_n": 128}}  # as if a tuning file had been applied at load
+
+    def measure(table):
+        assert model.tuning is None  # the loaded table would override every candidate
+        if table.get("moe_decode", {}).get("num_stages") == 5:
+            raise RuntimeError("out of resource: shared memory")
+        return fake_step(table)
+
+    res = tune(model, measure=measure)
+    assert res["backend"] == "kernels" and model.tuning == res["table"] == {
+        "gemv": {"block_n": 32, "split": 1}, "moe_decode": {"block_n_down": 128}}
+    assert any("out of resource" in t.get("error", "") for t in res["trials"])
