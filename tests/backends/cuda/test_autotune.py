@@ -11,8 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import ds4c
-from ds4c.backends.cuda.autotune import (FORMAT, load_tuning, program_key, search, tune,
-                                         tuning_path)
+from ds4c.backends.cuda.autotune import FORMAT, load_tuning, program_key, search, tune, tuning_path
 from ds4c.backends.cuda.kernels.configs import moe_decode_config, tuned, use_tuning
 from ds4c.backends.cuda.kernels.linear import gemv_config
 
