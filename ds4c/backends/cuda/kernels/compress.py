@@ -33,6 +33,23 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
+def _score_tile(score_row, s0, offs_s, offs_d, d_ok, SLOTS, ssc_s, ssc_d):
+    """(mask, fp32 scores) of slots ``s0 + offs_s`` x channels ``offs_d``; -inf where masked."""
+    ok = ((s0 + offs_s) < SLOTS)[:, None] & d_ok[None, :]
+    sc = tl.load(score_row + (s0 + offs_s)[:, None] * ssc_s + offs_d[None, :] * ssc_d, mask=ok,
+                 other=float("-inf")).to(tl.float32)
+    return ok, sc
+
+
+@triton.jit
+def _pooled_part(kv, e, total, ok, INTERPRETER_BF16: tl.constexpr):
+    """Σ_slots kv · (e / total) of one tile, the weights and products rounded to kv's dtype."""
+    weight = round_to(e / total[None, :], kv.dtype, INTERPRETER_BF16)
+    product = round_to(kv.to(tl.float32) * weight.to(tl.float32), kv.dtype, INTERPRETER_BF16)
+    return tl.sum(tl.where(ok, product.to(tl.float32), 0.0), axis=0)
+
+
+@triton.jit
 def _pool_kernel(
     kv_ptr, score_ptr, out_ptr,
     SLOTS, D,
@@ -49,40 +66,28 @@ def _pool_kernel(
     kv_row = kv_ptr + n.to(tl.int64) * skv_n
     score_row = score_ptr + n.to(tl.int64) * ssc_n
     if ONE_TILE:
-        ok = (offs_s < SLOTS)[:, None] & d_ok[None, :]
-        sc = tl.load(score_row + offs_s[:, None] * ssc_s + offs_d[None, :] * ssc_d, mask=ok,
-                     other=float("-inf")).to(tl.float32)
+        ok, sc = _score_tile(score_row, 0, offs_s, offs_d, d_ok, SLOTS, ssc_s, ssc_d)
         m = tl.where(d_ok, tl.max(sc, axis=0), 0.0)  # padding channels: keep their exponentials finite
         e = tl.where(ok, tl.exp(sc - m[None, :]), 0.0)
         total = tl.where(d_ok, tl.sum(e, axis=0), 1.0)
         kv = tl.load(kv_row + offs_s[:, None] * skv_s + offs_d[None, :] * skv_d, mask=ok, other=0.0)
-        weight = round_to(e / total[None, :], kv.dtype, INTERPRETER_BF16)
-        product = round_to(kv.to(tl.float32) * weight.to(tl.float32), kv.dtype, INTERPRETER_BF16)
-        pooled = tl.sum(tl.where(ok, product.to(tl.float32), 0.0), axis=0)
+        pooled = _pooled_part(kv, e, total, ok, INTERPRETER_BF16)
     else:
         m = tl.full([BLOCK_D], float("-inf"), dtype=tl.float32)
         for s0 in range(0, SLOTS, BLOCK_S):
-            ok = ((s0 + offs_s) < SLOTS)[:, None] & d_ok[None, :]
-            sc = tl.load(score_row + (s0 + offs_s)[:, None] * ssc_s + offs_d[None, :] * ssc_d, mask=ok,
-                         other=float("-inf")).to(tl.float32)
+            ok, sc = _score_tile(score_row, s0, offs_s, offs_d, d_ok, SLOTS, ssc_s, ssc_d)
             m = tl.maximum(m, tl.max(sc, axis=0))
         m = tl.where(d_ok, m, 0.0)
         total = tl.zeros([BLOCK_D], dtype=tl.float32)
         for s0 in range(0, SLOTS, BLOCK_S):
-            ok = ((s0 + offs_s) < SLOTS)[:, None] & d_ok[None, :]
-            sc = tl.load(score_row + (s0 + offs_s)[:, None] * ssc_s + offs_d[None, :] * ssc_d, mask=ok,
-                         other=float("-inf")).to(tl.float32)
+            ok, sc = _score_tile(score_row, s0, offs_s, offs_d, d_ok, SLOTS, ssc_s, ssc_d)
             total += tl.sum(tl.where(ok, tl.exp(sc - m[None, :]), 0.0), axis=0)
         total = tl.where(d_ok, total, 1.0)
         pooled = tl.zeros([BLOCK_D], dtype=tl.float32)
         for s0 in range(0, SLOTS, BLOCK_S):
-            ok = ((s0 + offs_s) < SLOTS)[:, None] & d_ok[None, :]
-            sc = tl.load(score_row + (s0 + offs_s)[:, None] * ssc_s + offs_d[None, :] * ssc_d, mask=ok,
-                         other=float("-inf")).to(tl.float32)
+            ok, sc = _score_tile(score_row, s0, offs_s, offs_d, d_ok, SLOTS, ssc_s, ssc_d)
             kv = tl.load(kv_row + (s0 + offs_s)[:, None] * skv_s + offs_d[None, :] * skv_d, mask=ok, other=0.0)
-            weight = round_to(tl.exp(sc - m[None, :]) / total[None, :], kv.dtype, INTERPRETER_BF16)
-            product = round_to(kv.to(tl.float32) * weight.to(tl.float32), kv.dtype, INTERPRETER_BF16)
-            pooled += tl.sum(tl.where(ok, product.to(tl.float32), 0.0), axis=0)
+            pooled += _pooled_part(kv, tl.exp(sc - m[None, :]), total, ok, INTERPRETER_BF16)
     tl.store(out_ptr + n.to(tl.int64) * D + offs_d, round_to(pooled, out_ptr.dtype.element_ty, INTERPRETER_BF16),
              mask=d_ok)
 
