@@ -75,7 +75,7 @@ class CompiledModel:
             program = Program({name: _prefetch_to(g, device) for name, g in program.graphs.items()}, program.attrs)
             self.program = program
         self._plans = _stream_plans(manifest, container, stored_graphs) if streams and self.backend == "kernels" else {}
-        self._container = container
+        self.container = container  # the artifact's members (tokenizer, NPU library)
         self._executors = {name: self._make_executor(name, g) for name, g in program.graphs.items()}
         self._last: Any = False  # prefill's last-position variant (built at first use; None: not derivable)
         # decode steps captured as CUDA graphs, per batch size (state updated in place)
@@ -104,7 +104,7 @@ class CompiledModel:
                 raise InputError(f"backend 'npu' runs the NPU kernels' host simulator on the CPU, not on {self.device}; "
                                  "use device='cpu'")
             if not hasattr(self, "_npu_library"):
-                self._npu_library = load_library(self.manifest, self._container, "artifact")
+                self._npu_library = load_library(self.manifest, self.container, "artifact")
             vm, section = self._npu_library
             return NpuExecutor(g, vm, section, self.device)
         return ReferenceExecutor(g, self.device)
@@ -423,7 +423,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
             raise ArtifactError(f"{path}: weight '{k}' has shape {list(t.shape)}, the program expects {list(shape)}")
     model = CompiledModel(manifest, program, weights, device, backend=backend, cuda_graphs=cuda_graphs,
                           container=container, streams=streams, merge_linears=merge_linears)
-    model.container = container
     if tuning and model.backend in ("kernels", "compiled") and device.type == "cuda":
         from ds4c.backends.cuda.autotune import load_tuning
 

@@ -36,7 +36,8 @@ def tokenizer_for(model: Any) -> Tokenizer:
     if info["kind"] == "hf":
         from tokenizers import Tokenizer as HFTokenizer
 
-        blob = model.container.read_bytes(info["member"]) if hasattr(model, "container") else None
+        container = getattr(model, "container", None)
+        blob = container.read_bytes(info["member"]) if container is not None else None
         if blob is None:
             raise InputError("artifact tokenizer is not available")
         return Tokenizer("hf", HFTokenizer.from_str(blob.decode()))

@@ -196,6 +196,21 @@ class KernelExecutor(ReferenceExecutor):
         return out
 
 
+def capture_after_warmup(device: torch.device, warm: Callable[[], None], step: Callable[[], Any]
+                         ) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Run ``warm`` on a side stream (Triton compiles and autotunes, the caching allocator fills,
+    outside the capture), then capture one ``step`` as a CUDA graph: (graph, step's result)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        warm()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 class GraphedDecode:
     """One decode step for batch ``batch`` as a replayable CUDA graph with in-place state."""
 
@@ -207,19 +222,14 @@ class GraphedDecode:
         self.position = torch.zeros((), dtype=torch.int64, device=device)
         self.state = {k: v.clone() for k, v in state.items()}
         self.params = params
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
+
+        def warm() -> None:  # steps advance the state: put it back after
             snapshot = {k: v.clone() for k, v in self.state.items()}
-            for _ in range(warmup):  # compiles/autotunes kernels, outside the capture
+            for _ in range(warmup):
                 self._step()
             for k, v in snapshot.items():
                 self.state[k].copy_(v)
-            del snapshot
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+        self.graph, self.logits = capture_after_warmup(device, warm, self._step)
 
     def _step(self) -> torch.Tensor:
         out = self.executor.run({"input_ids": self.ids, "position": self.position}, self.params, self.state)
@@ -258,15 +268,14 @@ class GraphedPrefill:
     def __init__(self, executor: Any, params: Mapping[str, torch.Tensor], ids_shape: tuple[int, ...],
                  device: torch.device, warmup: int = 1):
         self.ids = torch.zeros(ids_shape, dtype=torch.int64, device=device)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):  # compiles kernels and caches allocations outside the capture
-                executor.run({"input_ids": self.ids}, params)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = executor.run({"input_ids": self.ids}, params)
+
+        def step() -> dict[str, torch.Tensor]:
+            return executor.run({"input_ids": self.ids}, params)
+
+        def warm() -> None:
+            for _ in range(warmup):
+                step()
+        self.graph, self.out = capture_after_warmup(device, warm, step)
 
     def __call__(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         self.ids.copy_(ids)

@@ -25,8 +25,6 @@ import torch
 from ds4c.ir.graph import Graph, GraphInput, Op, Value
 from ds4c.ir.types import TensorType
 
-_END = 9223372036854775807
-
 
 def _plain_linear(op: Op, params: set[Value]) -> bool:
     return (op.name == "aten.linear.default" and not op.kwargs and len(op.args) in (2, 3)
