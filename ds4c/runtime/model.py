@@ -393,6 +393,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
         or expected
     with progress_steps(f"loading {os.fspath(path)}", total=max(len(expected), 1), enabled=progress) as steps:
         if weights is not None:
+            from ds4c.backends.cuda.merge_linears import with_merged_views
+
+            # another loaded model's ``weights`` holds merged linears (load-time rewrite): split them back
+            weights = with_merged_views(weights, {k: s[0] for k, (s, _) in {**provided, **expected}.items() if s})
             wanted = expected if set(expected) <= set(weights) else provided
             missing = sorted(set(wanted) - set(weights))
             if missing:

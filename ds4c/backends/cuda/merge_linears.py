@@ -26,6 +26,30 @@ from ds4c.ir.graph import Graph, GraphInput, Op, Value
 from ds4c.ir.types import TensorType
 
 
+def merged_name(names: list[str]) -> str:
+    """The weight name of the concatenation of ``names`` (rows in this order)."""
+    return "cat(" + ",".join(names) + ")"
+
+
+def with_merged_views(weights: Mapping[str, torch.Tensor],
+                      rows: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """``weights`` plus, for each concatenation this module made (``cat(a,b)``) whose parts are
+    missing, the parts as row views of it (no copy); ``rows``: each part's row count. Lets a
+    loaded model's ``weights`` feed another ``ds4c.load(..., weights=)``."""
+    out = dict(weights)
+    for key, t in weights.items():
+        if not (key.startswith("cat(") and key.endswith(")")):
+            continue
+        names = key[4:-1].split(",")
+        if all(n in out for n in names) or not all(n in rows for n in names):
+            continue
+        if sum(rows[n] for n in names) != t.shape[0]:
+            continue
+        for n, part in zip(names, torch.split(t, [rows[n] for n in names], 0), strict=True):
+            out.setdefault(n, part)
+    return out
+
+
 def _plain_linear(op: Op, params: set[Value]) -> bool:
     return (op.name == "aten.linear.default" and not op.kwargs and len(op.args) in (2, 3)
             and (len(op.args) == 2 or op.args[2] is None) and isinstance(op.args[0], Value)
@@ -62,7 +86,7 @@ def merge_sibling_linears(graphs: Mapping[str, Graph], weights: dict[str, torch.
             if op in first_of:
                 ops = first_of[op]
                 names = [o.args[1].name for o in ops]
-                wname = "cat(" + ",".join(names) + ")"
+                wname = merged_name(names)
                 if wname not in merged_weights:
                     merged_weights[wname] = torch.cat([weights[n] for n in names], 0)
                 sizes = [int(o.args[1].type.shape[0]) for o in ops]

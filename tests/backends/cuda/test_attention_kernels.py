@@ -117,3 +117,28 @@ def test_declines_grouped_keys_and_mixed_dtypes():
 def test_registered_for_all_three_ops():
     for name in ("attention.sliding", "attention.csa", "attention.hca"):
         assert get_kernel(name) is attention
+
+
+def test_decode_splits_keys_over_programs_on_a_flash_shape():
+    from ds4c.backends.cuda.kernels.attention import key_splits
+    from ds4c.backends.cuda.kernels.configs import attention_config
+    from ds4c.targets import get_target
+
+    h100 = get_target("h100")
+    cfg = attention_config(512, torch.bfloat16, False, h100)
+    n_split, t_split = key_splits(1, 64, 1, 640, 512, cfg, h100)  # CSA decode: window + top-512
+    assert n_split > 8 and t_split % cfg.block_t == 0 and (n_split - 1) * t_split < 640 <= n_split * t_split
+    assert key_splits(32, 64, 1, 640, 512, cfg, h100)[0] < n_split  # a batch fills the SMs itself
+    assert key_splits(1, 64, 4, 640, 512, attention_config(512, torch.bfloat16, True, h100), h100) == (1, 640)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_split_with_a_fully_masked_share(dtype):
+    # T=300 over block_t=64: 5 shares; keys 0..191 masked for batch 0 (its first shares see nothing),
+    # all keys masked for batch 1 (only the sink is left: zeros), random subset elsewhere
+    q, keys, sinks, gen = make_inputs(3, 8, 1, 300, 64, dtype)
+    bias = selection_bias(3, 1, 300, 0.3, gen)
+    bias[0, ..., :192] = NEG_INF
+    bias[1] = NEG_INF
+    out, ref = check(q, keys, bias, sinks, 0.125)
+    assert torch.all(out[1] == 0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ds4c.backends.cuda.kernels import get_kernel
-from ds4c.backends.cuda.kernels.compress import compress, index_scores, indexer_topk
+from ds4c.backends.cuda.kernels.compress import compress, index_scores, indexer_topk, top_indices
 from ds4c.ops.compress import IndexerTopk, compress_reference, index_scores_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,6 +114,24 @@ def test_topk_with_full_future_mask_per_batch():
     assert set(idx[1, 0].tolist()) == set(range(10)) and set(idx[1, 1].tolist()) == set(range(10))
     scores = index_scores_reference(q, keys, w, 0.25, 1.0)
     assert torch.equal(scores[0].gather(-1, idx[0]).sort(-1).values, scores[0].topk(10).values.sort(-1).values)
+
+
+@pytest.mark.parametrize("rows,c,k", [(3, 528, 512), (2, 37, 6), (1, 5000, 512), (4, 16, 16)])
+def test_top_indices_match_torch_topk(rows, c, k):
+    # scores of both signs, -inf (future entries) and exact ties at zero (ReLU), as the indexer gives
+    gen = torch.Generator().manual_seed(c)
+    scores = torch.randn(rows, c, generator=gen) * 100
+    scores[:, ::7] = 0.0
+    scores[:, c // 2:] = torch.where(torch.rand(rows, c - c // 2, generator=gen) < 0.5, NEG_INF, scores[:, c // 2:])
+    idx = top_indices(scores.to(DEVICE), k).cpu()
+    ref = scores.topk(k, dim=-1)
+    assert idx.shape == (rows, k) and idx.dtype == torch.int64
+    assert torch.equal(scores.gather(-1, idx), ref.values)  # same values, largest first
+    assert all(len(set(r.tolist())) == k for r in idx)
+    # among equal scores the smaller index goes first
+    picked = scores.gather(-1, idx)
+    same = picked[:, 1:] == picked[:, :-1]
+    assert (idx[:, 1:] > idx[:, :-1])[same].all()
 
 
 def test_indexer_declines():

@@ -117,3 +117,8 @@ def test_sibling_linears_run_as_one_gemm(tiny_path):
     for c in cats:
         parts = c[4:-1].split(",")
         assert merged.weights[c].shape[0] == sum(plain.weights[p].shape[0] for p in parts)
+    # a loaded model's (merged) weights feed another load: ds4c.load splits them back into views
+    again = ds4c.load(tiny_path, device=DEVICE, backend="kernels", cuda_graphs=False, weights=merged.weights)
+    assert again.merged_linears == merged.merged_linears
+    ids = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    torch.testing.assert_close(again(ids), merged(ids), rtol=0, atol=0)

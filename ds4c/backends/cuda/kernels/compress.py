@@ -203,4 +203,47 @@ def indexer_topk(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, future: t
         return NotImplemented
     future = future.reshape((1,) * (3 - future.dim()) + tuple(future.shape))
     scores = index_scores(q, keys, w, future, softmax_scale, weights_scale)
-    return scores.topk(k, dim=-1).indices
+    return top_indices(scores, k)
+
+
+# -- top-k ----------------------------------------------------------------------------------------
+
+TOPK_MAX_ENTRIES = 16384  # one program holds a row's packed keys in registers: up to ctx 64K at ratio 4
+
+
+@triton.jit
+def _topk_kernel(scores_ptr, out_ptr, C, K,
+                 N: tl.constexpr, K_POW2: tl.constexpr):
+    """The K largest of one row of C fp32 scores, as indices, largest first. Each entry becomes one
+    int64 key: the score's bits made order-preserving as a signed int32 in the high word, and
+    ``2^31 - 1 - index`` in the low word (ties go to the smaller index); padding sorts last.
+    ``tl.topk`` (bitonic top-k over the whole row) then picks the largest keys."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, N)
+    ok = offs < C
+    x = tl.load(scores_ptr + row.to(tl.int64) * C + offs, mask=ok, other=float("-inf"))
+    bits = x.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = (ordered.to(tl.int64) << 32) + (2147483647 - offs).to(tl.int64)
+    key = tl.where(ok, key, -9223372036854775807 - 1)
+    top = tl.topk(key[None, :], K_POW2)  # [1, K_POW2], largest first
+    idx = 2147483647 - (top & 0xFFFFFFFF)
+    offs_k = tl.arange(0, K_POW2)[None, :]
+    tl.store(out_ptr + row.to(tl.int64) * K + offs_k, idx, mask=offs_k < K)
+
+
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``scores.topk(k, dim=-1).indices`` for contiguous fp32 scores [..., C]: one Triton program
+    per row up to ``TOPK_MAX_ENTRIES`` entries (torch.topk sorts a decode row of 528 entries
+    by radix sort in 2 kernels, 28 us on an H200), else torch. Ties may resolve differently from
+    torch's (which leaves them unspecified); ``indexer.topk`` consumers only use the set."""
+    c = scores.shape[-1]
+    n = max(16, triton.next_power_of_2(c))
+    if not hasattr(tl, "topk") or n > TOPK_MAX_ENTRIES or not 0 < k <= c or not scores.is_contiguous():
+        return scores.topk(k, dim=-1).indices
+    out = torch.empty(scores.shape[:-1] + (k,), dtype=torch.int64, device=scores.device)
+    rows = out.numel() // k
+    if rows:
+        _topk_kernel[(rows,)](scores, out, c, k, N=n, K_POW2=triton.next_power_of_2(k),
+                              num_warps=4 if n <= 2048 else 8)
+    return out
