@@ -75,10 +75,11 @@ def main() -> None:
     ap.add_argument("--backends", default="kernels")
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--target", default="h100", help="target record the artifact is compiled for")
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--out", default="prof.json")
     args = ap.parse_args()
-    art = ds4c.compile(args.preset, target="h100", max_context=args.prompt + 64, progress=False, weights="reference",
+    art = ds4c.compile(args.preset, target=args.target, max_context=args.prompt + 64, progress=False, weights="reference",
                        precision=args.precision)
     art.save("/tmp/prof.ds4")
     dev = torch.device("cuda")

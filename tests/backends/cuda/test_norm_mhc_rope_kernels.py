@@ -150,7 +150,8 @@ def test_mhc_post_reads_comb_transposed():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("lead,n,d,scale_n", [((1, 1), 4, 64, 1), ((2, 20), 4, 32, 4), ((3,), 2, 40, 1)])
+@pytest.mark.parametrize("lead,n,d,scale_n", [((1, 1), 4, 64, 1), ((2, 20), 4, 32, 4), ((3,), 2, 40, 1),
+                                                  ((1, 2), 4, 1100, 4)])  # D over 3 collapse programs, ragged
 def test_mhc_head(dtype, lead, n, d, scale_n):
     h, fn, base, _ = mhc_inputs(lead, n, d, dtype, n_mix=n)
     scale = randn(scale_n, seed=9).abs() + 0.5
