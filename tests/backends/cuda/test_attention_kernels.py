@@ -50,6 +50,7 @@ def check(q, keys, bias, sinks, scale):
     (2, 4, 3, 70, 48),     # D not a power of two, T over one block
     (1, 4, 2, 33, 160),    # D chunked with a ragged last chunk
     (1, 8, 3, 70, 512),    # V4-Flash head dim with S > 1: block skipping, whole output per program
+    (1, 2, 1, 4500, 16),   # decode over 71 key shares: the merge's share axis padded to 128
 ])
 def test_selection_bias(b, h, s, t, d, dtype):
     q, keys, sinks, gen = make_inputs(b, h, s, t, d, dtype)
