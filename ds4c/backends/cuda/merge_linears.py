@@ -31,6 +31,11 @@ def merged_name(names: list[str]) -> str:
     return "cat(" + ",".join(names) + ")"
 
 
+def merged_parts(name: str) -> list[str] | None:
+    """The part names of a concatenation ``merged_name`` made, or None for any other weight name."""
+    return name[4:-1].split(",") if name.startswith("cat(") and name.endswith(")") else None
+
+
 def with_merged_views(weights: Mapping[str, torch.Tensor],
                       rows: Mapping[str, int]) -> dict[str, torch.Tensor]:
     """``weights`` plus, for each concatenation this module made (``cat(a,b)``) whose parts are
@@ -38,10 +43,8 @@ def with_merged_views(weights: Mapping[str, torch.Tensor],
     loaded model's ``weights`` feed another ``ds4c.load(..., weights=)``."""
     out = dict(weights)
     for key, t in weights.items():
-        if not (key.startswith("cat(") and key.endswith(")")):
-            continue
-        names = key[4:-1].split(",")
-        if all(n in out for n in names) or not all(n in rows for n in names):
+        names = merged_parts(key)
+        if names is None or all(n in out for n in names) or not all(n in rows for n in names):
             continue
         if sum(rows[n] for n in names) != t.shape[0]:
             continue

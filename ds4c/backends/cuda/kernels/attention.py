@@ -63,6 +63,42 @@ def round_to(x, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
 
 
 @triton.jit
+def _qk_chunked(q_rows, row_ok, k_base, t_idx, t_ok, sq_d, sk_t, sk_d,
+                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """Q·Kᵀ [BLOCK_M, BLOCK_T] in fp32 for one block of keys, reduced over D in chunks of ``BLOCK_D``."""
+    offs_d = tl.arange(0, BLOCK_D)
+    qk = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
+    for d0 in tl.static_range(0, D, BLOCK_D):
+        d_ok = (d0 + offs_d) < D
+        q = tl.load(q_rows[:, None] + (d0 + offs_d)[None, :] * sq_d,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_base + t_idx[:, None] * sk_t + (d0 + offs_d)[None, :] * sk_d,
+                    mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        qk = tl.dot(dot_operand(q, INTERPRETER_BF16), tl.trans(dot_operand(k, INTERPRETER_BF16)), qk,
+                    input_precision=PRECISION)
+    return qk
+
+
+@triton.jit
+def _online_softmax_step(qk, bias, m_i, l_i, acc, k_base, t_idx, t_ok, offs_dv, dv_ok, sk_t, sk_d, qk_scale,
+                         PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """One block of keys into the running max ``m_i``, denominator ``l_i`` and ``acc`` (base 2; the
+    keys' columns ``offs_dv`` serve as values). Returns the updated ``(m_i, l_i, acc)``."""
+    logits = qk * qk_scale + bias * 1.4426950408889634
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet (and sink -inf or absent)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(logits - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(k_base + t_idx[:, None] * sk_t + offs_dv[None, :] * sk_d,
+                mask=t_ok[:, None] & dv_ok[None, :], other=0.0)
+    acc = tl.dot(dot_operand(round_to(p, v.dtype, INTERPRETER_BF16), INTERPRETER_BF16),
+                 dot_operand(v, INTERPRETER_BF16), acc * alpha[:, None], input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _split_kernel(
     q_ptr, k_ptr, bias_ptr, acc_ptr, ml_ptr,
     H, S, T, T_SPLIT, N_SPLIT, qk_scale,
@@ -90,7 +126,6 @@ def _split_kernel(
     k_base = k_ptr + b * sk_b
 
     offs_t = tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dv_ok = offs_dv < D
 
@@ -104,26 +139,10 @@ def _split_kernel(
         t_ok = t_idx < t_hi
         bias = tl.load(bias_rows[:, None] + t_idx[None, :] * sb_t,
                        mask=row_ok[:, None] & t_ok[None, :], other=float("-inf")).to(tl.float32)
-        qk = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
-        for d0 in tl.static_range(0, D, BLOCK_D):
-            d_ok = (d0 + offs_d) < D
-            q = tl.load(q_rows[:, None] + (d0 + offs_d)[None, :] * sq_d,
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            k = tl.load(k_base + t_idx[:, None] * sk_t + (d0 + offs_d)[None, :] * sk_d,
-                        mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-            qk = tl.dot(dot_operand(q, INTERPRETER_BF16), tl.trans(dot_operand(k, INTERPRETER_BF16)), qk,
-                        input_precision=PRECISION)
-        logits = qk * qk_scale + bias * 1.4426950408889634
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(logits - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(k_base + t_idx[:, None] * sk_t + offs_dv[None, :] * sk_d,
-                    mask=t_ok[:, None] & dv_ok[None, :], other=0.0)
-        acc = tl.dot(dot_operand(round_to(p, v.dtype, INTERPRETER_BF16), INTERPRETER_BF16),
-                     dot_operand(v, INTERPRETER_BF16), acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+        qk = _qk_chunked(q_rows, row_ok, k_base, t_idx, t_ok, sq_d, sk_t, sk_d,
+                         D, BLOCK_M, BLOCK_T, BLOCK_D, PRECISION, INTERPRETER_BF16)
+        m_i, l_i, acc = _online_softmax_step(qk, bias, m_i, l_i, acc, k_base, t_idx, t_ok, offs_dv, dv_ok,
+                                             sk_t, sk_d, qk_scale, PRECISION, INTERPRETER_BF16)
 
     part = (b * N_SPLIT + split) * (S * H) + rows  # [BLOCK_M] partial-row index
     tl.store(acc_ptr + part[:, None] * D + offs_dv[None, :], acc, mask=row_ok[:, None] & dv_ok[None, :])
@@ -220,26 +239,10 @@ def _attention_kernel(
                             mask=t_ok[:, None] & (offs_d[None, :] < D), other=0.0)
                 qk = tl.dot(dot_operand(q_whole, INTERPRETER_BF16), tl.trans(dot_operand(k, INTERPRETER_BF16)), input_precision=PRECISION)
             else:
-                qk = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
-                for d0 in tl.static_range(0, D, BLOCK_D):
-                    d_ok = (d0 + offs_d) < D
-                    q = tl.load(q_rows[:, None] + (d0 + offs_d)[None, :] * sq_d,
-                                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                    k = tl.load(k_base + t_idx[:, None] * sk_t + (d0 + offs_d)[None, :] * sk_d,
-                                mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-                    qk = tl.dot(dot_operand(q, INTERPRETER_BF16), tl.trans(dot_operand(k, INTERPRETER_BF16)), qk,
-                                input_precision=PRECISION)
-            logits = qk * qk_scale + bias * 1.4426950408889634
-            m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # sink -inf and nothing visible yet
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(logits - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(k_base + t_idx[:, None] * sk_t + offs_dv[None, :] * sk_d,
-                        mask=t_ok[:, None] & dv_ok[None, :], other=0.0)
-            acc = tl.dot(dot_operand(round_to(p, v.dtype, INTERPRETER_BF16), INTERPRETER_BF16), dot_operand(v, INTERPRETER_BF16), acc * alpha[:, None],
-                         input_precision=PRECISION)
-            m_i = m_new
+                qk = _qk_chunked(q_rows, row_ok, k_base, t_idx, t_ok, sq_d, sk_t, sk_d,
+                                 D, BLOCK_M, BLOCK_T, BLOCK_D, PRECISION, INTERPRETER_BF16)
+            m_i, l_i, acc = _online_softmax_step(qk, bias, m_i, l_i, acc, k_base, t_idx, t_ok, offs_dv, dv_ok,
+                                                 sk_t, sk_d, qk_scale, PRECISION, INTERPRETER_BF16)
 
     out = acc / l_i[:, None]
     out_ptrs = out_ptr + b * so_b + (h_idx * so_h + s_idx * so_s)[:, None] + offs_dv[None, :] * so_d
@@ -286,7 +289,6 @@ def attention(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, sinks: to
         INTERPRETER_BF16=interpreter_bf16(q.dtype), **cfg.launch.kwargs(target),
     )
     return out
-
 
 
 def key_splits(b: int, h: int, s: int, t: int, d: int, cfg: AttentionConfig, target) -> tuple[int, int]:

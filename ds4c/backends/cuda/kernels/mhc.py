@@ -213,6 +213,12 @@ def _mix_partials(flat: torch.Tensor, fn: torch.Tensor):
     return part, sq, splits, mix_pad
 
 
+def _collapse_grid(tokens: int, d: int) -> tuple[tuple[int, int], int]:
+    """(grid, BLOCK_D) of a finish kernel: a program per token and block of collapsed channels."""
+    block_d = min(BLOCK_D_COLLAPSE, triton.next_power_of_2(d))
+    return (tokens, triton.cdiv(d, block_d)), block_d
+
+
 def _fits(h, fn, base, n_mix: int) -> bool:
     if h.dtype not in _DTYPES or fn.dtype not in _DTYPES or base.dtype not in _DTYPES or h.dim() < 2:
         return False
@@ -237,8 +243,8 @@ def mhc_pre(h, fn, base, scale, *, norm_eps, hc_eps, sinkhorn_iters):
     if tokens == 0:
         return out, post, comb
     part, sq, splits, mix_pad = _mix_partials(flat, fn.contiguous())
-    block_d = min(BLOCK_D_COLLAPSE, triton.next_power_of_2(d))
-    _pre_finish_kernel[(tokens, triton.cdiv(d, block_d))](part, sq, base.contiguous(), scale.contiguous(), flat, out, post, comb,
+    grid, block_d = _collapse_grid(tokens, d)
+    _pre_finish_kernel[grid](part, sq, base.contiguous(), scale.contiguous(), flat, out, post, comb,
                                   tokens, splits, n * d, d, flat.stride(0), float(norm_eps), float(hc_eps),
                                   int(sinkhorn_iters), N=n, NP=triton.next_power_of_2(n), MIX_PAD=mix_pad,
                                   SPLIT_PAD=triton.next_power_of_2(splits),
@@ -260,8 +266,8 @@ def mhc_head(h, fn, base, scale, *, norm_eps, hc_eps):
         return out
     part, sq, splits, mix_pad = _mix_partials(flat, fn.contiguous())
     scale = scale.contiguous()
-    block_d = min(BLOCK_D_COLLAPSE, triton.next_power_of_2(d))
-    _head_finish_kernel[(tokens, triton.cdiv(d, block_d))](part, sq, base.contiguous(), scale, flat, out, tokens, splits, n * d, d,
+    grid, block_d = _collapse_grid(tokens, d)
+    _head_finish_kernel[grid](part, sq, base.contiguous(), scale, flat, out, tokens, splits, n * d, d,
                                    flat.stride(0), 0 if scale.numel() == 1 else 1, float(norm_eps), float(hc_eps),
                                    N=n, NP=triton.next_power_of_2(n), MIX_PAD=mix_pad,
                                   SPLIT_PAD=triton.next_power_of_2(splits),
