@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python benchmarks/decode_variants.py --preset flash-slice --out variants.json
 
-For each precision policy (default ``bf16`` and ``fp8``) the preset is compiled once for the
+For each precision policy (default ``bf16``, ``fp8`` and ``fp8:compute``: FP8 weights with the
+activations left in bf16, ``compile(activations="compute")``) the preset is compiled once for the
 target and loaded with the same seeded weights (generated on the device, as in gpu_peers.py;
 the fp8 artifact packs them at load); then each backend variant times a decode step at context
 ``--prompt`` (B=1, CUDA graph, median of 20 replays) and, optionally, one prefill:
@@ -36,7 +37,7 @@ def main() -> None:
     ap.add_argument("--preset", default="flash-slice")
     ap.add_argument("--target", default="h100")
     ap.add_argument("--prompt", type=int, default=2048)
-    ap.add_argument("--precisions", default="bf16,fp8")
+    ap.add_argument("--precisions", default="bf16,fp8,fp8:compute")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--prefill", action="store_true", help="also time one prefill of the prompt per variant")
     ap.add_argument("--seed", type=int, default=0)
@@ -71,9 +72,11 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, cfg["vocab_size"], (1, args.prompt), generator=g).to(dev)
     for precision in args.precisions.split(","):
+        policy, _, activations = precision.partition(":")  # "fp8:compute": weight-only quantisation
         art = ds4c.compile(args.preset, target=args.target, max_context=args.prompt + 64, progress=False,
-                           weights="reference", seed=args.seed, precision=precision)
-        path = f"/tmp/ds4c_variants_{args.preset}_{precision}.ds4"
+                           weights="reference", seed=args.seed, precision=policy,
+                           activations=activations or "native")
+        path = f"/tmp/ds4c_variants_{args.preset}_{precision.replace(':', '_')}.ds4"
         art.save(path)
         res[f"{precision}_weight_bytes"] = art.manifest["precision"]["weight_bytes"]
         for name in args.variants.split(","):
@@ -109,14 +112,18 @@ def main() -> None:
         if "decode_s" in a and "decode_s" in b:
             ratios[f"{p}: one stream / streams"] = a["decode_s"] / b["decode_s"]
     for name in args.variants.split(","):
-        a, b = res.get(f"bf16/{name}", {}), res.get(f"fp8/{name}", {})
-        if "decode_s" in a and "decode_s" in b:
-            ratios[f"{name}: bf16 / fp8"] = a["decode_s"] / b["decode_s"]
+        for p in args.precisions.split(","):
+            a, b = res.get(f"bf16/{name}", {}), res.get(f"{p}/{name}", {})
+            if p != "bf16" and "decode_s" in a and "decode_s" in b:
+                ratios[f"{name}: bf16 / {p}"] = a["decode_s"] / b["decode_s"]
+            if p != "bf16" and "prefill_s" in a and "prefill_s" in b:
+                ratios[f"{name} prefill: bf16 / {p}"] = a["prefill_s"] / b["prefill_s"]
     best = {p: min((v["decode_s"], k) for k, v in res.items() if k.startswith(p + "/") and "decode_s" in v)
             for p in args.precisions.split(",") if any(k.startswith(p + "/") and "decode_s" in v
                                                          for k, v in res.items() if isinstance(v, dict))}
-    if "bf16" in best and "fp8" in best:
-        ratios["best bf16 / best fp8"] = best["bf16"][0] / best["fp8"][0]
+    for p in best:
+        if p != "bf16" and "bf16" in best:
+            ratios[f"best bf16 / best {p}"] = best["bf16"][0] / best[p][0]
     res["best"] = best
     res["ratios"] = ratios
     save()

@@ -50,6 +50,9 @@ def compile(
         "--kernel-binaries/--no-kernel-binaries",
         help="store Triton binaries compiled ahead of time (cuda/rocm targets; default yes unless "
              "DS4C_KERNEL_BINARIES=0); without them the runtime JIT-compiles")] = None,
+    activations: Annotated[str, typer.Option(
+        help="native: FP8 linears multiply FP8 activations where the target's tensor cores do (h100, "
+             "b200, ...); compute: weight-only quantisation, activations in the compute dtype")] = "native",
 ) -> None:
     """Compile MODEL for TARGET into a .ds4 artifact."""
     import ds4c
@@ -59,7 +62,8 @@ def compile(
                            print_after_all=print_after_all, print_after=print_after or (), stop_after=stop_after,
                            bisect=bisect, weights=weights, seed=seed, progress=None,
                            hbm_budget=_parse_bytes(hbm_budget) if hbm_budget else None,
-                           csa_kv_on_host=csa_kv_on_host, kernel_binaries=kernel_binaries)
+                           csa_kv_on_host=csa_kv_on_host, kernel_binaries=kernel_binaries,
+                           activations=activations)
         if output is None:
             output = Path(f"{Path(model).name}-{target}.ds4")
         art.save(output)

@@ -16,6 +16,7 @@ from ds4c.frontend.trace import trace_program
 from ds4c.ir.graph import Program
 from ds4c.passes.instruments import DumpIR, PrintAfterAll, VerifyAfterEach
 from ds4c.passes.manager import Instrument, PassContext, PassManager
+from ds4c.quant.policy import ACTIVATION_MODES
 from ds4c.runtime.progress import progress_steps
 from ds4c.targets import get_target
 
@@ -60,6 +61,7 @@ def compile(
     hbm_budget: int | None = None,
     csa_kv_on_host: bool = False,
     kernel_binaries: bool | None = None,
+    activations: str = "native",
 ) -> Artifact:
     """Compile ``model`` (preset name, checkpoint directory, ONNX file or transformers DeepseekV4ForCausalLM) for ``target``.
 
@@ -70,12 +72,17 @@ def compile(
     applies only the first N rewrites of the pipeline (the manifest's ``rewrites`` lists them).
     ``precision``: a policy (``auto``, ``fp32``, ``bf16``, ``fp8``, ``mxfp4-experts``) or a per-unit
     table file; ``calibration_tokens`` ([N, S] ids) and ``error_bound`` steer ``auto`` (assign_precision).
+    ``activations``: ``native`` (FP8 linears multiply FP8 activations where the target's tensor cores
+    do, as DeepSeek runs them) or ``compute`` (weight-only quantisation: activations stay in the
+    compute dtype everywhere).
     ``hbm_budget`` (bytes): device memory for weights + state + activations; weights beyond it stay in
     host memory and are prefetched (plan_memory). ``csa_kv_on_host``: plan CSA's compressed KV in
     host memory, fetching only the selected entries each step. ``kernel_binaries``: store Triton
     binaries compiled ahead of time for cuda / rocm targets (default: yes, unless the environment
     sets ``DS4C_KERNEL_BINARIES=0``); without them the runtime JIT-compiles its kernels.
     """
+    if activations not in ACTIVATION_MODES:
+        raise ConfigError(f"--activations must be one of {', '.join(ACTIVATION_MODES)}, got '{activations}'")
     if hbm_budget is not None and hbm_budget <= 0:
         raise ConfigError(f"--hbm-budget must be a positive number of bytes, got {hbm_budget}")
     from ds4c.frontend.weight_samples import calibration_for
@@ -125,6 +132,7 @@ def compile(
         calibration = calibration_for(source, spec, dtype, materialise=materialise, tokens=tokens)
         ctx = PassContext(target=tgt, options={"precision": precision, "max_context": max_context,
                                                "calibration": calibration, "error_bound": error_bound,
+                                               "activations": activations,
                                                "csa_kv_on_host": csa_kv_on_host,
                                                **({"hbm_budget": int(hbm_budget)} if hbm_budget else {})},
                           bisect_limit=bisect)

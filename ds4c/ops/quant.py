@@ -50,6 +50,37 @@ class Dequant(OpDef):
             raise VerificationError(f"quant.dequant: result {res} must be {op.kwargs.get('dtype')}{list(shape)}")
 
 
+@register_op
+class Activation(OpDef):
+    """``x`` quantised as a GEMM that multiplies natively in ``format`` quantises its input, and
+    multiplied back (ds4c.quant.activations): what the FP8 tensor cores see, in the compute dtype.
+    quantize_weights puts it before linears whose FP8 weights the target multiplies natively; the
+    CUDA backend folds it into the ``linear.packed`` that reads it (``act="fp8"``).
+
+        %x.fp8 = quant.activation(%x, format="fp8", block=128) : bf16[1,1,4096]
+    """
+
+    name = "quant.activation"
+    num_results = 1
+
+    def reference(self, x: torch.Tensor, *, format: str, block: int) -> torch.Tensor:
+        from ds4c.quant.activations import roundtrip
+
+        return roundtrip(x, format, block)
+
+    def verify(self, op) -> None:
+        super().verify(op)
+        from ds4c.quant.activations import ACTIVATION_FORMATS
+
+        if op.kwargs.get("format") not in ACTIVATION_FORMATS or not isinstance(op.kwargs.get("block"), int) \
+                or op.kwargs["block"] <= 0 or len(op.args) != 1:
+            raise VerificationError(f"quant.activation: takes x, format= one of {', '.join(ACTIVATION_FORMATS)} "
+                                    f"and a positive block=, got {op.kwargs}")
+        x = op.args[0]
+        if isinstance(getattr(x, "type", None), TensorType) and str(op.result.type) != str(x.type):
+            raise VerificationError(f"quant.activation: result {op.result.type} must equal input type {x.type}")
+
+
 def dequant_operands(args: tuple, formats: list[str], shapes: list[list[int]], dtype: torch.dtype) -> list[torch.Tensor]:
     """Weight operands of a packed op back in ``dtype``: one group of packed tensors per format
     (the format's ``packed_spec`` order), or one plain tensor where the format is ``none``."""
@@ -79,16 +110,24 @@ def packed_operand_count(formats: list[str], shapes: list[list[int]]) -> int:
 @register_op
 class LinearPacked(OpDef):
     """``y = x @ dequant(w)ᵀ`` with ``w`` still packed: what device backends run in place of
-    ``quant.dequant`` + ``aten.linear`` so a GEMM reads the packed bytes (ds4c.backends.cuda.packed).
+    ``quant.dequant`` + ``aten.linear`` so a GEMM reads the packed bytes (ds4c.backends.cuda.kernels.linear).
+    ``act`` (optional) names the activation format the GEMM multiplies in (``quant.activation``
+    folded in): ``x`` is quantised to it first.
 
         %y = linear.packed(%x, %w.qdata, %w.scale, format="fp8", shape=[4096,1024]) : bf16[1,1,4096]
+        %y = linear.packed(%x, %w.qdata, %w.scale, format="fp8", shape=[4096,1024], act="fp8") : bf16[1,1,4096]
     """
 
     name = "linear.packed"
     num_results = 1
 
-    def reference(self, x: torch.Tensor, *packed: torch.Tensor, format: str, shape: list[int]) -> torch.Tensor:
+    def reference(self, x: torch.Tensor, *packed: torch.Tensor, format: str, shape: list[int],
+                  act: str | None = None) -> torch.Tensor:
         (w,) = dequant_operands(packed, [format], [shape], x.dtype)
+        if act is not None:
+            from ds4c.quant.activations import roundtrip
+
+            x = roundtrip(x, act)
         return torch.nn.functional.linear(x, w)
 
     def verify(self, op) -> None:

@@ -3,10 +3,12 @@
 Needs: ``ctx.options["precision"]`` (a policy of ds4c.quant.policy or a table file) and, to
 measure, ``ctx.options["calibration"]`` (ds4c.quant.calibration.Calibration). Guarantees: the
 graph is unchanged; ``program.attrs["precision"]`` holds the decision for every entry point (made
-once, on the first graph): ``assignment`` (param -> format, for every param to be packed) and
-``units`` (per unit: format, bytes, measured errors, why). quantize_weights applies it.
+once, on the first graph): ``assignment`` (param -> format, for every param to be packed),
+``activations`` (param -> the activation format its GEMM multiplies in, where not the compute
+dtype: FP8 for FP8 linears on targets with FP8 tensor cores) and ``units`` (per unit: format, bytes, measured errors, why). quantize_weights applies it.
 
-Each unit's error per candidate format is measured alone (ds4c.quant.sensitivity): on activations
+Each unit's error per candidate format is measured alone (ds4c.quant.sensitivity), with its
+input quantised too where the format's GEMM would multiply quantised activations: on activations
 of calibration tokens (given, or generated from the model) when the weights fit in memory, else
 on samples of the weights (a few experts, a slab of rows) drawn from the source.
 
@@ -25,7 +27,15 @@ from ds4c.ir.graph import Graph
 from ds4c.passes.manager import PassContext, register_pass
 from ds4c.quant.calibration import Calibration, sample_shape
 from ds4c.quant.formats import FORMATS, get_format
-from ds4c.quant.policy import ACTIVATION_FORMATS, AUTO_MENU, DEFAULT_ERROR_BOUND, POLICIES, choose, load_table
+from ds4c.quant.policy import (
+    ACTIVATION_FORMATS,
+    AUTO_MENU,
+    DEFAULT_ERROR_BOUND,
+    POLICIES,
+    activation_format,
+    choose,
+    load_table,
+)
 from ds4c.quant.sensitivity import activation_errors, model_tokens, weight_errors
 from ds4c.quant.units import Unit, find_units
 
@@ -41,8 +51,8 @@ def _compute_name(graph: Graph) -> str:
     return "bf16"
 
 
-def _measure(graph: Graph, units: list[Unit], cal: Calibration, formats: list[str],
-             max_context: int) -> tuple[dict[str, dict[str, float]], str]:
+def _measure(graph: Graph, units: list[Unit], cal: Calibration, formats: list[str], max_context: int,
+             act_of) -> tuple[dict[str, dict[str, float]], str]:
     fmts = [get_format(f) for f in formats]
     runnable = not graph.inputs_of_kind("state") and [v.name for v in graph.inputs_of_kind("input")] == ["input_ids"]
     if cal.materialised and runnable:
@@ -52,7 +62,7 @@ def _measure(graph: Graph, units: list[Unit], cal: Calibration, formats: list[st
             vocab = int(dict(graph.outputs)["logits"].type.shape[-1])
             tokens = model_tokens(graph, weights, vocab, sequences=CALIBRATION_SEQUENCES,
                                   length=max(2, min(CALIBRATION_LENGTH, max_context)))
-        return activation_errors(graph, units, weights, tokens, fmts), "activations"
+        return activation_errors(graph, units, weights, tokens, fmts, act_of), "activations"
     errors, how = {}, set()
     gen = torch.Generator().manual_seed(0)
     for u in units:
@@ -83,6 +93,7 @@ def assign_precision(graph: Graph, ctx: PassContext) -> Graph:
     compute = _compute_name(graph)
     units = find_units(graph)
     cal: Calibration | None = ctx.options.get("calibration")
+    mode = ctx.options.get("activations") or "native"
     keeps_compute = policy in ("fp32", "bf16") or (policy == "auto" and target.backend == "reference")
     errors: dict[str, dict[str, float]] = {}
     measured = "not measured"
@@ -90,12 +101,17 @@ def assign_precision(graph: Graph, ctx: PassContext) -> Graph:
         formats = list(AUTO_MENU)
         if policy not in POLICIES:
             formats += [f for _, f in load_table(policy) if f in FORMATS and f not in formats]
-        errors, measured = _measure(graph, units, cal, formats, int(ctx.options.get("max_context") or 64))
+        def act_of(unit: Unit, fmt: str) -> str | None:  # activation format the unit's GEMM would multiply in
+            act = activation_format(fmt, unit.kind, target, compute, mode)
+            return None if act == compute else act
+
+        errors, measured = _measure(graph, units, cal, formats, int(ctx.options.get("max_context") or 64), act_of)
     bound = float(ctx.options.get("error_bound") or DEFAULT_ERROR_BOUND)
     choices = choose(units, errors, policy, target, compute, arrival=cal.arrival if cal else {}, bound=bound,
-                     measured=measured)
+                     measured=measured, activations=mode)
     assignment = {p: c.format for c in choices if c.format != compute for p in c.params}
     used = {c.activations for c in choices}
+    activations = {p: c.activations for c in choices if c.activations != compute for p in c.params}
     record: dict[str, Any] = {
         "policy": policy,
         "compute_dtype": compute,
@@ -103,6 +119,8 @@ def assign_precision(graph: Graph, ctx: PassContext) -> Graph:
         "total_error": sum(c.error or 0.0 for c in choices),
         "measured": measured,
         "assignment": assignment,
+        "activations": activations,
+        "activation_mode": mode,
         "units": [c.to_dict() for c in choices],
         "activation_quantization": {k: v for k, v in ACTIVATION_FORMATS.items() if k in used},
     }

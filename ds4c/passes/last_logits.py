@@ -26,7 +26,7 @@ from ds4c.ir.types import TensorType
 
 # ops that map each position to itself: slicing their token dimension commutes with them
 POSITIONWISE = frozenset({"mhc.head", "mhc.pre", "mhc.post", "moe", "moe.packed", "rms_norm", "aten.linear.default",
-                          "linear.packed", "linear.grouped", "aten.to.dtype", "aten.mul.Tensor", "aten.add.Tensor"})
+                          "linear.packed", "linear.grouped", "quant.activation", "aten.to.dtype", "aten.mul.Tensor", "aten.add.Tensor"})
 LAST_ENTRY = "prefill_last"
 _END = 9223372036854775807
 

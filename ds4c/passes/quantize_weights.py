@@ -12,6 +12,8 @@ ds4c.quant.packing (at compile time when embedded, at load time otherwise).
             %lm_head.weight = quant.dequant(%lm_head.weight.qdata, %lm_head.weight.scale, format="fp8",
                                             shape=[512, 64], dtype=dtype(bf16)) : bf16[512,64]
             %logits = aten.linear.default(%x, %lm_head.weight) : bf16[B,S,512]
+    with FP8 activations (target h100): %x.fp8 = quant.activation(%x, format="fp8", block=128) : bf16[B,S,64]
+            %logits = aten.linear.default(%x.fp8, %lm_head.weight) : bf16[B,S,512]
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ from __future__ import annotations
 from ds4c.ir.graph import Graph, GraphInput, Op, Value, replace_uses
 from ds4c.ir.types import TensorType
 from ds4c.passes.manager import PassContext, register_pass
+from ds4c.quant.activations import ACT_BLOCK
 from ds4c.quant.formats import get_format
 from ds4c.quant.packing import packed_name
 
 
 @register_pass("quantize_weights")
 def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
-    assignment = (ctx.program_attrs.get("precision") or {}).get("assignment") or {}
+    precision = ctx.program_attrs.get("precision") or {}
+    assignment = precision.get("assignment") or {}
     if not assignment:
         return graph
+    activations = precision.get("activations") or {}
     users = graph.users()
     first_use = {id(op): i for i, op in enumerate(graph.ops)}
     inputs: list[GraphInput] = []
@@ -53,8 +58,28 @@ def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
         mapping[v] = result
     if not mapping:
         return graph
+    quantized: dict[tuple[Value, str], Value] = {}  # (x, activation format) -> quant.activation result
     ops: list[Op] = []
     for i, op in enumerate(graph.ops):
         ops.extend(inserts.get(i, ()))
+        act = _linear_activation(op, activations)
+        if act is not None and ctx.allow_rewrite(f"quantise the input of {op.results[0].name} to {act}"):
+            x = op.args[0]
+            if (x, act) not in quantized:
+                quantized[x, act] = Value(f"{x.name}.{act}", x.type)
+                ops.append(Op("quant.activation", (x,), {"format": act, "block": ACT_BLOCK}, (quantized[x, act],),
+                              loc=op.loc))
+            op = op.replace(args=(quantized[x, act], *op.args[1:]))
         ops.append(op)
     return replace_uses(graph.copy(ops=ops, inputs=inputs), mapping)
+
+
+def _linear_activation(op: Op, activations: dict[str, str]) -> str | None:
+    """The activation format ``op`` multiplies in, if it is an ``aten.linear`` whose weight parameter
+    assign_precision gave one (FP8 weights on FP8 tensor cores)."""
+    if op.name != "aten.linear.default" or len(op.args) < 2 or not isinstance(op.args[1], Value):
+        return None
+    x = op.args[0]
+    if not isinstance(x, Value) or not isinstance(x.type, TensorType):
+        return None
+    return activations.get(op.args[1].name)

@@ -35,7 +35,7 @@ AUTO_MENU = ("bf16", "int8", "fp8", "mxfp4")
 DEFAULT_ERROR_BOUND = 0.1
 SAME_SIZE = 1.05
 ACTIVATION_FORMATS = {
-    "fp8": "e4m3, one fp32 scale per token and 128 channels, computed at run time (DeepSeek's act_quant)",
+    "fp8": "e4m3, one power-of-two scale per token and 128 channels, computed at run time (DeepSeek's act_quant)",
     "mxfp4": "e2m1, one UE8M0 scale per 32 channels of each token, computed at run time",
 }
 
@@ -67,19 +67,28 @@ def unit_bytes(unit: Unit, fmt: str) -> int:
     return sum(get_format(fmt).nbytes(s) for s in unit.shapes)
 
 
-# Activation formats ds4c's kernels consume natively. Empty: every GEMM dequantises its weights in
-# registers and multiplies them with activations in the compute dtype (weight-only quantisation),
-# on every target. FP8 activations on sm_90a/sm_100a and FP4 on sm_100a (ACTIVATION_FORMATS) are
-# not executed yet, so the report must not claim them.
-EXECUTED_ACTIVATION_FORMATS: frozenset[str] = frozenset()
+# Activation formats ds4c executes, per unit kind: a linear whose weight is FP8 multiplies FP8
+# activations on targets whose tensor cores take FP8 (``quant.activation`` before it; the CUDA
+# GEMV/GEMM kernels quantise in registers). Expert groups still multiply compute-dtype activations
+# by weights dequantised in registers (weight-only), and FP4 activations are not executed: the
+# report says what runs.
+EXECUTED_ACTIVATION_FORMATS: Mapping[str, frozenset[str]] = {"linear": frozenset({"fp8"})}
+ACTIVATION_BACKENDS = frozenset({"cuda"})  # sm_90a / sm_100a: OCP e4m3 (MI300's matrix cores take FNUZ)
+# compile(activations=): "native" quantises activations where the above holds; "compute" never
+# (weight-only quantisation everywhere).
+ACTIVATION_MODES = ("native", "compute")
 
 
-def activation_format(fmt: str, target, compute: str) -> str:
+def activation_format(fmt: str, kind: str, target, compute: str, mode: str = "native") -> str:
     """The format a unit's activations enter its GEMM in when the artifact runs on ``target``: the
-    weight's format where the target multiplies it natively and ds4c executes that, else ``compute``."""
-    if fmt in ("fp8", "fp8-f32scale") and target.native_fp8 and "fp8" in EXECUTED_ACTIVATION_FORMATS:
+    weight's format where the target multiplies it natively, ds4c executes that and ``mode`` is
+    ``native``; else ``compute``."""
+    executed = EXECUTED_ACTIVATION_FORMATS.get(kind, frozenset())
+    if mode != "native" or target.backend not in ACTIVATION_BACKENDS:
+        return compute
+    if fmt in ("fp8", "fp8-f32scale") and target.native_fp8 and "fp8" in executed:
         return "fp8"
-    if fmt == "mxfp4" and target.native_fp4 and "mxfp4" in EXECUTED_ACTIVATION_FORMATS:
+    if fmt == "mxfp4" and target.native_fp4 and "mxfp4" in executed:
         return "mxfp4"
     return compute
 
@@ -123,7 +132,7 @@ def _fixed(unit: Unit, policy: str, compute: str, table: Sequence[tuple[str, str
 
 def choose(units: Sequence[Unit], errors: Mapping[str, Mapping[str, float]], policy: str, target, compute: str,
            *, arrival: Mapping[str, str] | None = None, bound: float = DEFAULT_ERROR_BOUND,
-           measured: str = "activations") -> list[Choice]:
+           measured: str = "activations", activations: str = "native") -> list[Choice]:
     """One Choice per unit under ``policy`` (a policy name or a table file path)."""
     arrival = arrival or {}
     table = load_table(policy) if policy not in POLICIES else []
@@ -146,7 +155,7 @@ def choose(units: Sequence[Unit], errors: Mapping[str, Mapping[str, float]], pol
         errs = dict(errors.get(u.name, {}))
         out.append(Choice(u.name, u.kind, u.layer, list(u.params), fmt, unit_bytes(u, fmt), unit_bytes(u, "bf16"),
                           errs.get(fmt, 0.0 if fmt == compute else None), errs, measured if errs else "not measured",
-                          activation_format(fmt, target, compute), why))
+                          activation_format(fmt, u.kind, target, compute, activations), why))
     return out
 
 

@@ -2,20 +2,22 @@
 
 ``NSR = ||y' - y||² / ||y||²`` where ``y`` is the unit's op output on calibration activations
 with exact weights and ``y'`` the same op with only this unit's weights round-tripped through the
-format (activation-aware). Without activations (models too large to materialise) the NSR is taken
+format (activation-aware), and its input quantised where that format's GEMM multiplies quantised
+activations (FP8 linears on FP8 tensor cores). Without activations (models too large to materialise) the NSR is taken
 on a sample of the weights themselves (``||w' - w||² / ||w||²``: the same number for isotropic
 inputs). Errors of independent units add: the policy bounds their sum.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
 from ds4c.backends.reference import ReferenceExecutor
 from ds4c.ir.graph import Graph, Value, map_values
 from ds4c.ir.registry import get_op, split_results
+from ds4c.quant.activations import roundtrip as act_roundtrip
 from ds4c.quant.formats import Format
 from ds4c.quant.units import Unit
 
@@ -48,8 +50,12 @@ def model_tokens(graph: Graph, weights: Mapping[str, torch.Tensor], vocab_size: 
 
 
 def activation_errors(graph: Graph, units: Iterable[Unit], weights: Mapping[str, torch.Tensor],
-                      tokens: torch.Tensor, formats: Iterable[Format]) -> dict[str, dict[str, float]]:
-    """NSR of each unit's op output, per format that can hold the unit, on one prefill of ``tokens``."""
+                      tokens: torch.Tensor, formats: Iterable[Format],
+                      act_of: Callable[[Unit, str], str | None] | None = None) -> dict[str, dict[str, float]]:
+    """NSR of each unit's op output, per format that can hold the unit, on one prefill of ``tokens``.
+    ``act_of(unit, format)`` names the activation format the unit's GEMM would multiply in with its
+    weights in ``format`` (None: the compute dtype); the trial quantises the input (a linear's
+    ``x``) to it too, so the error is what the target will compute."""
     units, formats = list(units), list(formats)
     kinds = {gi.value: gi.kind for gi in graph.inputs}
     needed = {v for u in units for v in graph.ops[u.op_index].operands if v not in kinds}
@@ -83,6 +89,11 @@ def activation_errors(graph: Graph, units: Iterable[Unit], weights: Mapping[str,
             trial = list(args)
             for p in positions:
                 trial[p] = fmt.roundtrip(weights[op.args[p].name], torch.float32)
+            act = act_of(u, fmt.name) if act_of is not None else None
+            if act is not None:
+                if u.kind != "linear":
+                    raise NotImplementedError(f"{u.name}: activation quantisation of a {u.kind} unit")
+                trial[0] = act_roundtrip(trial[0], act)
             got = split_results(opdef.reference(*trial, **kwargs))[0]
             out[u.name][fmt.name] = _nsr(got, want)
     return out

@@ -17,7 +17,7 @@ from ds4c.ir.types import TensorType
 # op name -> (argument positions that hold the unit's weights, unit kind)
 UNIT_OPERANDS: dict[str, tuple[tuple[tuple[int, ...], str], ...]] = {
     "aten.linear.default": (((1,), "linear"),),
-    "linear.grouped": (((1,), "linear"),),
+    "linear.grouped": (((1,), "grouped_linear"),),
     "aten.embedding.default": (((0,), "embedding"),),
     "moe": (((4, 5), "experts"), ((6, 7, 8), "shared_experts")),
 }
@@ -27,7 +27,7 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 @dataclass(frozen=True)
 class Unit:
     name: str  # e.g. "model.layers.1.mlp.experts"
-    kind: str  # linear | embedding | experts | shared_experts
+    kind: str  # linear | grouped_linear | embedding | experts | shared_experts
     params: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     op_index: int  # first op that reads it

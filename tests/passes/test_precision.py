@@ -72,6 +72,29 @@ bf16[64,64] loc("lm_head")
                        run_graph(g, {"input_ids": ids}, want)["logits"])
 
 
+def test_quantize_weights_quantises_the_inputs_of_fp8_linears_once():
+    """precision["activations"] (FP8 linears on FP8 tensor cores): each such linear reads its input
+    through one quant.activation per input value; the result is the reference GEMM over
+    fake-quantised inputs."""
+    from ds4c.quant.activations import fp8_roundtrip
+
+    g = parse_graph(BEFORE.replace("%logits = aten.linear.default(%h, %head)", "%logits = aten.linear.default(%x, %head)"))
+    plan = {"assignment": {"w": "fp8", "head": "fp8"}, "activations": {"w": "fp8", "head": "fp8"}}
+    after = get_pass("quantize_weights")(g, PassContext(program_attrs={"precision": plan}))
+    verify_graph(after)
+    acts = [op for op in after.ops if op.name == "quant.activation"]
+    assert len(acts) == 1 and acts[0].args[0].name == "x" and acts[0].kwargs == {"format": "fp8", "block": 128}
+    assert {op.results[0].name: op.args[0] for op in after.ops if op.name == "aten.linear.default"} == \
+        {"h": acts[0].result, "logits": acts[0].result}
+    assert 'quant.activation(%x, format="fp8", block=128) : bf16[B,S,64]' in print_graph(after)
+    w = _weights()
+    ids = torch.randint(0, 64, (1, 5))
+    packed = pack_weights(dict(w), {"w": "fp8", "head": "fp8"})
+    x = w["emb"][ids]
+    want = fp8_roundtrip(x) @ get_format("fp8").roundtrip(w["head"], torch.bfloat16).T
+    torch.testing.assert_close(run_graph(after, {"input_ids": ids}, packed)["logits"], want, atol=0, rtol=1e-2)
+
+
 def test_quantize_weights_respects_bisect_and_empty_plans():
     g = parse_graph(BEFORE)
     assert get_pass("quantize_weights")(g, PassContext()) is g
@@ -124,9 +147,12 @@ def test_auto_keeps_shipped_formats_and_tables_choose_per_unit(tmp_path):
     table = tmp_path / "table.json"
     table.write_text(json.dumps({"he*": "mxfp4", "*": "fp8"}))
     picks = choose(units, errors, str(table), get_target("b200"), "bf16")
-    # weight-only quantisation: activations stay bf16 even where b200 multiplies FP8/FP4 natively
-    # (ds4c does not execute activation quantisation yet; the report says what runs)
-    assert [(c.format, c.activations) for c in picks] == [("fp8", "bf16"), ("fp8", "bf16"), ("mxfp4", "bf16")]
+    # what runs on b200: the FP8 linear multiplies FP8 activations; the embedding is a lookup and
+    # MXFP4 is dequantised in registers (FP4 activations are not executed)
+    assert [(c.format, c.activations) for c in picks] == [("fp8", "bf16"), ("fp8", "fp8"), ("mxfp4", "bf16")]
+    # MI300's matrix cores take FNUZ e4m3, not the OCP e4m3 ds4c quantises to: weight-only there
+    picks = choose(units, errors, str(table), get_target("mi300x"), "bf16")
+    assert [c.activations for c in picks] == ["bf16"] * 3
     table.write_text(json.dumps({"*": "fp5"}))
     with pytest.raises(ds4c.errors.ConfigError, match="unknown format 'fp5'"):
         choose(units, errors, str(table), get_target("b200"), "bf16")

@@ -73,18 +73,19 @@ def lower(target: Target, program: Program, *, progress: bool | None = None
     """(manifest ``kernels`` section, ``kernels/`` members) of ``program`` compiled for ``target``."""
     from safetensors.torch import save
 
-    from ds4c.backends.cuda.launches import DECODE_BATCH, PREFILL_LENGTHS
+    from ds4c.backends.cuda.launches import DECODE_BATCH, prefill_lengths
     from ds4c.ir.printer import print_graph
 
     if target.triton_target is None:
         raise KernelError(f"target '{target.name}' has no Triton target; ds4c.backends.cuda.aot compiles "
                           "only for cuda and rocm targets")
     sources = kernel_sources()
+    lengths = prefill_lengths(program.attrs.get("max_context"))
     request = {
         "target": target.to_dict(),
         "ir": {name: print_graph(g) for name, g in program.graphs.items()},
         "state": program.attrs.get("state", []),
-        "prefill_lengths": list(PREFILL_LENGTHS),
+        "prefill_lengths": lengths,
     }
     consts = {name: save({k: v.contiguous() for k, v in g.constants.items()}) for name, g in program.graphs.items()}
     key = hashlib.sha256(json.dumps([request, triton_version(), sorted((k, hashlib.sha256(v).hexdigest())
@@ -143,8 +144,7 @@ def lower(target: Target, program: Program, *, progress: bool | None = None
         "triton_target": list(target.triton_target),
         "binary_format": BINARY_SUFFIX[backend].lstrip("."),
         "sources": section_sources,
-        "specialised_for": {"decode_batch": DECODE_BATCH, "prefill_batch": 1,
-                            "prefill_lengths": list(PREFILL_LENGTHS)},
+        "specialised_for": {"decode_batch": DECODE_BATCH, "prefill_batch": 1, "prefill_lengths": lengths},
         "binaries": binaries,
     }
     _CACHE[cache_key] = (section, members)

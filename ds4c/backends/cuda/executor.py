@@ -25,6 +25,7 @@ from ds4c.backends.reference import ReferenceExecutor
 from ds4c.ir.graph import Graph, Op
 from ds4c.ir.registry import OpDef, get_op, split_results
 from ds4c.ops.moe import moe_gather_formulation
+from ds4c.quant.activations import ACT_BLOCK
 
 
 class _KernelOp(OpDef):
@@ -285,6 +286,8 @@ class GraphedPrefill:
 
 # Formats the GEMV (``linear.packed``) and MoE kernels read as stored.
 KERNEL_FORMATS = frozenset({"fp8", "fp8-f32scale", "int8", "mxfp4"})
+# Weight formats whose GEMM kernels quantise their input to each activation format themselves.
+ACT_WEIGHT_FORMATS = {"fp8": frozenset({"fp8", "fp8-f32scale"})}
 _MOE_WEIGHT_ARGS = range(4, 9)  # gate_up, down, s_gate, s_up, s_down among moe's operands
 
 
@@ -321,6 +324,7 @@ def unpack_weights_once(graphs: Mapping[str, Graph], weights: dict[str, torch.Te
         params = set(g.inputs_of_kind("param"))
         users, outputs = g.users(), set(g.output_values())
         packed: dict[Any, tuple[str, list[int], tuple]] = {}  # dequantised value -> (format, shape, packed operands)
+        quantized = {op.result: op for op in g.ops if op.name == "quant.activation" and op.kwargs["block"] == ACT_BLOCK}
         ops, new_inputs = [], []
         for op in g.ops:
             if op.name == "quant.dequant" and all(v in params for v in op.operands):
@@ -332,7 +336,10 @@ def unpack_weights_once(graphs: Mapping[str, Graph], weights: dict[str, torch.Te
                     expanded[r.name] = dequant.reference(*(weights[v.name] for v in op.args), **op.kwargs)
                 new_inputs.append(GraphInput("param", r))
                 continue
-            ops.append(_read_packed(op, packed) if packed else op)
+            ops.append(_read_packed(op, packed, quantized) if packed else op)
+        if packed and quantized:  # quant.activation folded into every linear.packed that read it
+            read = {v for op in ops for v in op.operands} | outputs
+            ops = [op for op in ops if op.name != "quant.activation" or op.result in read]
         out[name] = g.copy(ops=ops, inputs=[*g.inputs, *new_inputs]) if (new_inputs or packed) else g
     if out == dict(graphs):
         return dict(graphs), weights, []
@@ -345,11 +352,16 @@ def unpack_weights_once(graphs: Mapping[str, Graph], weights: dict[str, torch.Te
     return final, kept, sorted(expanded)
 
 
-def _read_packed(op: Op, packed: Mapping[Any, tuple[str, list[int], tuple]]) -> Op:
-    """``op`` rewritten to read the packed weights among its operands (unchanged if none)."""
+def _read_packed(op: Op, packed: Mapping[Any, tuple[str, list[int], tuple]], quantized: Mapping[Any, Op]) -> Op:
+    """``op`` rewritten to read the packed weights among its operands (unchanged if none). A
+    linear whose input is a ``quant.activation`` (in ``quantized``, by result) of an FP8 weight
+    reads the unquantised input and quantises it itself (``act=``)."""
     if op.name == "aten.linear.default" and len(op.args) >= 2 and op.args[1] in packed:
         fmt, shape, tensors = packed[op.args[1]]
-        return op.replace(name="linear.packed", args=(op.args[0], *tensors), kwargs={"format": fmt, "shape": shape})
+        x, kwargs = op.args[0], {"format": fmt, "shape": shape}
+        if x in quantized and fmt in ACT_WEIGHT_FORMATS.get(quantized[x].kwargs["format"], ()):
+            x, kwargs["act"] = quantized[x].args[0], quantized[x].kwargs["format"]
+        return op.replace(name="linear.packed", args=(x, *tensors), kwargs=kwargs)
     if op.name == "moe" and any(op.args[i] in packed for i in _MOE_WEIGHT_ARGS):
         formats, shapes, tensors = [], [], []
         for w in op.args[4:9]:

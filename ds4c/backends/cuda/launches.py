@@ -41,9 +41,18 @@ from ds4c.targets import Target
 DECODE_BATCH = 1
 # Prompt lengths whose prefill launches are compiled ahead of time: one a multiple of 16 and one
 # not (Triton specialises integer arguments on divisibility by 16), both past the MoE kernels'
-# switch from decode to prefill tiles for small models. Other lengths may add specialisations,
-# which the JIT compiles once on first use and caches.
-PREFILL_LENGTHS = (64, 37)
+# switch from decode to prefill tiles for small models, and one past the packed linears' switch
+# from GEMV to GEMM (linear.MAX_ROWS). Lengths beyond the program's context are clamped to it
+# (``prefill_lengths``). Other lengths may add specialisations, which the JIT compiles once on
+# first use and caches.
+PREFILL_LENGTHS = (128, 64, 37)
+
+
+def prefill_lengths(max_context: int | None) -> list[int]:
+    """PREFILL_LENGTHS no longer than ``max_context`` (a longer prompt would index past the
+    program's caches), longest first, without repeats."""
+    cap = int(max_context) if max_context else max(PREFILL_LENGTHS)
+    return sorted({min(n, cap) for n in PREFILL_LENGTHS}, reverse=True)
 
 
 @dataclass(frozen=True)

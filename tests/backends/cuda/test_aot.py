@@ -168,3 +168,33 @@ def test_corrupted_kernel_member_is_refused(mi300x, tmp_path):
     flipped.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match=victim.split("/")[-1]):
         ds4c.load(flipped, backend="reference")
+
+
+def test_prefill_probes_fit_the_context():
+    from ds4c.backends.cuda.launches import prefill_lengths
+
+    assert prefill_lengths(4096) == [128, 64, 37]
+    assert prefill_lengths(64) == [64, 37]
+    assert prefill_lengths(32) == [32]  # longer probes would index past a 32-entry cache
+    assert prefill_lengths(None) == [128, 64, 37]
+
+
+def test_fp8_activation_kernels_compile_for_hopper_and_blackwell():
+    """FP8 weights for h100 and b200: the GEMV (decode), the activation quantiser and the FP8 GEMM
+    (a 128-token prefill probe) are stored, and multiply e4m3 by e4m3 on the tensor cores; the
+    tiny model's 32-token context clamps the probes (they used to index past its caches)."""
+    art = ds4c.compile("tiny", target="h100", precision="fp8", max_context=128, progress=False)
+    program = art.program
+    program.attrs["state"] = art.manifest["state"]
+    for target in ("h100", "b200"):
+        section, members = aot.lower(get_target(target), program, progress=False)
+        assert section["specialised_for"]["prefill_lengths"] == [128, 64, 37]
+        by_name = {}
+        for b in section["binaries"]:
+            by_name.setdefault(b["name"], []).append(b)
+        assert {"_gemv_kernel", "_act_quant_kernel", "_fp8_gemm_kernel"} <= set(by_name), sorted(by_name)
+        for name in ("_gemv_kernel", "_fp8_gemm_kernel"):
+            ptx = [members[f["member"].removeprefix("kernels/")] for b in by_name[name]
+                   for n, f in b["files"].items() if n.endswith(".ptx")]
+            # mma.sync / wgmma on e4m3 operands (sm_90a), tcgen05.mma kind::f8f6f4 (sm_100a)
+            assert any(b"e4m3.e4m3" in t or b"kind::f8f6f4" in t for t in ptx), (target, name)

@@ -21,7 +21,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-KERNEL_MODULES = ("norms", "rope", "mhc", "attention", "compress", "moe", "linear")
+KERNEL_MODULES = ("norms", "rope", "mhc", "attention", "compress", "moe", "act_quant", "linear")
 
 _KERNELS: dict[str, Callable[..., Any]] = {}
 _loaded = False

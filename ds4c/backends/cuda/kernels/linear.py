@@ -13,8 +13,13 @@ and INT8's row scales multiply the sum.
 K-slice of ``k_split`` inputs; with more than one slice the fp32 partials are summed by torch
 (deterministic, no atomics). Tiles come from ``gemv_config`` (see there).
 
-More than ``MAX_ROWS`` rows (prefill) is compute-bound: the launcher declines and the reference
-(dequantise once, cuBLAS) runs.
+With FP8 activations (``act="fp8"``: an FP8 weight on sm_90a/sm_100a, see ds4c.quant.activations)
+the GEMV quantises its activation tile per row in registers and multiplies e4m3 by e4m3 on the
+tensor cores (no weight conversion at all).
+
+More than ``MAX_ROWS`` rows (prefill) is compute-bound: with FP8 activations the FP8 GEMM runs
+(inputs quantised once by ``act_quant``, e4m3 tiles on the tensor cores at twice the bf16 rate);
+otherwise the launcher declines and the reference (dequantise, cuBLAS) runs.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ import triton
 import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
+from ds4c.backends.cuda.kernels.act_quant import act_quant, quantize_rows
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import active_target, dot_precision, tuned
+from ds4c.quant.activations import ACT_BLOCK
 
 MAX_ROWS = 64
 SCALE_BLOCK = 128
@@ -79,7 +86,7 @@ def gemv_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int, storage_by
 @triton.jit
 def _gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, k_split, s_cols,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr,
-                 PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+                 ACT_FP8: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -98,13 +105,18 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, k_split, s_cols,
         else:
             w = tl.load(q_ptr + cols.to(tl.int64)[None, :] * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0)
-        w = storage_to_dot(w, x_ptr.dtype.element_ty, INTERPRETER_BF16)
         if SCALE == 1 or SCALE == 2:  # one scale per column in this K step (block_k <= 128)
             s = tl.load(s_ptr + (cols // 128) * s_cols + k0 // 128, mask=n_ok, other=0)
             if SCALE == 2:
                 s = tl.exp2(s.to(tl.float32) - 127.0)
-            acc += tl.dot(dot_operand(x, INTERPRETER_BF16), w, input_precision=PRECISION) * s[None, :]
+            if ACT_FP8:  # x quantised per row and 128-block (block_k == 128), e4m3 x e4m3 on the tensor cores
+                xq, sx = quantize_rows(x.to(tl.float32))
+                acc += tl.dot(xq, w) * (sx[:, None] * s[None, :])
+            else:
+                w = storage_to_dot(w, x_ptr.dtype.element_ty, INTERPRETER_BF16)
+                acc += tl.dot(dot_operand(x, INTERPRETER_BF16), w, input_precision=PRECISION) * s[None, :]
         else:
+            w = storage_to_dot(w, x_ptr.dtype.element_ty, INTERPRETER_BF16)
             acc = tl.dot(dot_operand(x, INTERPRETER_BF16), w, acc, input_precision=PRECISION)
     if SCALE == 3:
         acc = acc * tl.load(s_ptr + cols, mask=n_ok, other=0.0)[None, :]
@@ -135,10 +147,14 @@ def storage_to_dot(w, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
     return w.to(dtype)
 
 
-def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, format: str,
+def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, format: str, act: str | None = None,
          **override: int) -> torch.Tensor | None:
-    """``x @ dequant(w)ᵀ`` for x [M, K] (M <= MAX_ROWS), or None when this kernel does not apply."""
+    """``x @ dequant(w)ᵀ`` for x [M, K] (M <= MAX_ROWS), or None when this kernel does not apply.
+    ``act="fp8"`` (FP8 weights only): x is quantised per row and 128 inputs first, and e4m3 tiles
+    are multiplied on the tensor cores."""
     mode = _MODES.get(format)
+    if act is not None and (act != "fp8" or mode not in (BLOCK_F32, BLOCK_UE8M0)):
+        return None
     m, k = x.shape
     n = qdata.shape[0]
     stored_k = k // 2 if mode == MXFP4 else k
@@ -152,25 +168,108 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, forma
     x, qdata = x.contiguous(), qdata.contiguous()
     scale = qdata if scale is None else scale.contiguous()
     target = active_target()  # the artifact's target (the live device's when loaded elsewhere)
+    if act is not None:
+        override = {**override, "block_k": ACT_BLOCK}  # one activation scale per K step
     cfg = gemv_config(m, n, k, x.dtype, target.compute_units, 1 if mode == MXFP4 else qdata.element_size(), **override)
     split = triton.cdiv(k, cfg.k_split)
     y = torch.empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
         x, qdata, scale, y, m, n, k, cfg.k_split, scale.shape[-1] if mode in (BLOCK_F32, BLOCK_UE8M0) else 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SCALE=mode,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SCALE=mode, ACT_FP8=act == "fp8",
         PRECISION=dot_precision(x.dtype, target), INTERPRETER_BF16=interpreter_bf16(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y[0] if split == 1 else y.sum(0).to(x.dtype)
 
 
+@dataclass(frozen=True)
+class Fp8GemmConfig:
+    block_m: int
+    block_n: int
+    group_m: int  # row tiles walked together (L2 reuse of the weight tiles)
+    num_warps: int
+    num_stages: int
+
+
+def fp8_gemm_config(m: int, n: int, **override: int) -> Fp8GemmConfig:
+    """128x128 output tiles (64 rows for short inputs), 128 inputs per step (one scale block of
+    both operands), 8 warps, 3 stages: the shape of DeepSeek's and Triton's FP8 GEMM tutorials on
+    Hopper. ``override`` replaces any field."""
+    return Fp8GemmConfig(override.get("block_m", 64 if m <= 64 else 128), override.get("block_n", 128),
+                         override.get("group_m", 8), override.get("num_warps", 8), override.get("num_stages", 3))
+
+
+@triton.jit
+def _fp8_gemm_kernel(xq_ptr, xs_ptr, q_ptr, s_ptr, y_ptr, M, N, K, s_cols,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     SCALE: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """y = (xq * xs) @ (q * s)ᵀ: e4m3 x e4m3 per 128-input step, scaled by the row's activation
+    scale and the column's weight-block scale (fp32 or UE8M0)."""
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % size_m
+    pid_n = (pid % (GROUP_M * tiles_n)) // size_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = rows < M, cols < N
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kb in range(0, k_blocks):
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = tl.load(xq_ptr + rows.to(tl.int64)[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        b = tl.load(q_ptr + cols.to(tl.int64)[None, :] * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        sa = tl.load(xs_ptr + rows * k_blocks + kb, mask=m_ok, other=0.0)
+        sb = tl.load(s_ptr + (cols // 128) * s_cols + kb, mask=n_ok, other=0)
+        if SCALE == 2:
+            sb = tl.exp2(sb.to(tl.float32) - 127.0)
+        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(y_ptrs, round_to(acc, y_ptr.dtype.element_ty, INTERPRETER_BF16), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def fp8_gemm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, format: str,
+             **override: int) -> torch.Tensor | None:
+    """``act_fp8(x) @ dequant(w)ᵀ`` for x [M, K] and an FP8 weight with 128x128 block scales (any M;
+    prefill), or None when this kernel does not apply: x is quantised once (``act_quant``), then
+    e4m3 tiles are multiplied on the tensor cores."""
+    mode = _MODES.get(format)
+    m, k = x.shape
+    n = qdata.shape[0]
+    if mode not in (BLOCK_F32, BLOCK_UE8M0) or x.dtype not in _DTYPES or qdata.shape != (n, k) \
+            or scale is None or scale.shape != (triton.cdiv(n, SCALE_BLOCK), triton.cdiv(k, SCALE_BLOCK)):
+        return None
+    xq, xs = act_quant(x)
+    qdata, scale = qdata.contiguous(), scale.contiguous()
+    cfg = fp8_gemm_config(m, n, **override)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    _fp8_gemm_kernel[grid](xq, xs, qdata, scale, y, m, n, k, scale.shape[-1],
+                           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=ACT_BLOCK, GROUP_M=cfg.group_m,
+                           SCALE=mode, INTERPRETER_BF16=interpreter_bf16(x.dtype),
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y
+
+
 @register_kernel("linear.packed")
-def linear_packed(x, *packed, format: str, shape: list[int]):
-    """Launcher with ``linear.packed``'s reference signature; declines more than MAX_ROWS rows
-    and formats without a kernel."""
-    if format not in _MODES or len(shape) != 2 or not packed:
+def linear_packed(x, *packed, format: str, shape: list[int], act: str | None = None):
+    """Launcher with ``linear.packed``'s reference signature: the GEMV up to MAX_ROWS rows; beyond,
+    with FP8 activations (``act="fp8"``), the FP8 GEMM. Declines the rest (the reference
+    dequantises the weight and runs cuBLAS) and formats without a kernel."""
+    if format not in _MODES or len(shape) != 2 or not packed or act not in (None, "fp8"):
         return NotImplemented
     flat = x.reshape(-1, x.shape[-1])
-    y = gemv(flat, packed[0], packed[1] if len(packed) > 1 else None, format)
+    scale = packed[1] if len(packed) > 1 else None
+    if flat.shape[0] <= MAX_ROWS:
+        y = gemv(flat, packed[0], scale, format, act)
+    elif act == "fp8":
+        y = fp8_gemm(flat, packed[0], scale, format)
+    else:
+        y = None
     if y is None:
         return NotImplemented
     return y.view(*x.shape[:-1], shape[0])

@@ -1,0 +1,102 @@
+"""FP8 activation quantisation in registers: ``quant.activation`` and the helpers the FP8 GEMMs share.
+
+One power-of-two scale per token and 128 input channels, e4m3 values rounded to nearest even
+(ds4c.quant.activations is the reference and explains the exponent). Both steps are integer and
+exact fp32 arithmetic, identical on a GPU and under Triton's interpreter (whose fp32 -> fp8
+conversion does not round: it is only given values already on the e4m3 grid here):
+
+- the scale exponent comes from the bits of the block's amax (no division, no logarithm);
+- rounding to the e4m3 grid adds and subtracts ``1.5 * 2^23`` quanta (fp32 then rounds to a
+  multiple of the quantum, ties to even), the quantum being ``2^(e - 3)`` for a value in
+  ``[2^e, 2^(e+1))``, ``2^-9`` below 2^-6 (subnormals).
+
+``quantize_rows`` turns a [rows, 128] tile into e4m3 operands and one fp32 scale per row: the GEMV
+(``linear.packed`` with ``act="fp8"``) calls it on its activation tile; ``act_quant`` writes a whole
+[M, K] input as e4m3 + scales for the FP8 GEMM of prefill, or (``quant.activation`` on its own)
+the quantised values times their scales in the input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ds4c.backends.cuda.kernels import register_kernel
+from ds4c.backends.cuda.kernels.attention import interpreter_bf16, round_to
+from ds4c.quant.activations import ACT_BLOCK
+
+
+@triton.jit
+def pow2(k):
+    """2^k as fp32, for int32 ``k`` in [-126, 127] (built from the exponent bits: exact)."""
+    return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def scale_exponent(amax):
+    """int32 ``k``: the smallest with ``max(amax, 1e-4) <= 448 * 2^k`` (448 = 1.75 * 2^8)."""
+    bits = tl.maximum(amax, 1e-4).to(tl.int32, bitcast=True)  # AMAX_FLOOR
+    return ((bits >> 23) & 255) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+
+
+@triton.jit
+def e4m3_round(v):
+    """fp32 ``v`` (|v| <= 448) rounded to the nearest e4m3 value, ties to even, as fp32."""
+    a = tl.abs(v)
+    e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 255) - 127, -6)
+    magic = (((e + 147) << 23) | 0x400000).to(tl.float32, bitcast=True)  # 1.5 * 2^23 quanta of 2^(e-3)
+    r = (a + magic) - magic
+    return tl.where(v < 0, -r, r)
+
+
+@triton.jit
+def quantize_rows(x):
+    """fp32 tile [R, 128] (one scale block per row) -> (e4m3 tile, fp32 scale [R])."""
+    k = scale_exponent(tl.max(tl.abs(x), axis=1))
+    q = e4m3_round(x * pow2(-k)[:, None]).to(tl.float8e4nv)
+    return q, pow2(k)
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
+                      DEQUANT: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows < M)[:, None] & (cols < K)[None, :]
+    offs = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    q, s = quantize_rows(x)
+    if DEQUANT:  # quant.activation: the quantised values in x's dtype (exact)
+        tl.store(q_ptr + offs, round_to(q.to(tl.float32) * s[:, None], q_ptr.dtype.element_ty, INTERPRETER_BF16),
+                 mask=mask)
+    else:
+        tl.store(q_ptr + offs, q, mask=mask)
+        tl.store(s_ptr + rows * tl.cdiv(K, BLOCK) + tl.program_id(1), s, mask=rows < M)
+
+
+def act_quant(x: torch.Tensor, *, dequant: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` [M, K] as (e4m3 [M, K], fp32 scales [M, ceil(K/128)]), or with ``dequant`` the
+    quantised values in x's dtype (and None)."""
+    x = x.contiguous()
+    m, k = x.shape
+    blocks = triton.cdiv(k, ACT_BLOCK)
+    if dequant:
+        q, s = torch.empty_like(x), None
+    else:
+        q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+        s = torch.empty((m, blocks), dtype=torch.float32, device=x.device)
+    block_m = 16
+    _act_quant_kernel[(triton.cdiv(m, block_m), blocks)](
+        x, q, q if s is None else s, m, k, BLOCK_M=block_m, BLOCK=ACT_BLOCK, DEQUANT=dequant,
+        INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=4)
+    return q, s
+
+
+@register_kernel("quant.activation")
+def activation(x: torch.Tensor, *, format: str, block: int):
+    """``quant.activation`` where no GEMM folded it in; declines formats and blocks it does not run."""
+    if format != "fp8" or block != ACT_BLOCK or x.dtype not in (torch.float32, torch.bfloat16) or x.numel() == 0:
+        return NotImplemented
+    q, _ = act_quant(x.reshape(-1, x.shape[-1]), dequant=True)
+    return q.view(x.shape)
