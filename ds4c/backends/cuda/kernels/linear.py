@@ -24,6 +24,7 @@ otherwise the launcher declines and the reference (dequantise, cuBLAS) runs.
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -31,12 +32,15 @@ import triton
 import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
-from ds4c.backends.cuda.kernels.act_quant import act_quant, quantize_rows
+from ds4c.backends.cuda.kernels.act_quant import act_quant, e4m3_round, pow2, quantize_rows, scale_exponent
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import active_target, dot_precision, tuned
 from ds4c.quant.activations import ACT_BLOCK
 
 MAX_ROWS = 64
+# One-row FP8 GEMVs use _row_gemv_kernel (CUDA cores) instead of the tensor-core tile; a switch for
+# benchmarks/fp8_gemm_bench.py, which times both.
+ROW_GEMV: contextvars.ContextVar[bool] = contextvars.ContextVar("ds4c_row_gemv", default=True)
 SCALE_BLOCK = 128
 MX_BLOCK = 32  # MXFP4: inputs per UE8M0 scale
 # scale modes (constexpr SCALE)
@@ -124,6 +128,72 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, k_split, s_cols,
     tl.store(y_ptrs, round_to(acc, y_ptr.dtype.element_ty, INTERPRETER_BF16), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@dataclass(frozen=True)
+class RowGemvConfig:
+    block_n: int
+    k_split: int  # inputs per program (a multiple of SCALE_BLOCK)
+    num_warps: int
+    num_stages: int
+
+
+def row_gemv_config(n: int, k: int, sms: int, **override: int) -> RowGemvConfig:
+    """Tiles of the one-row FP8 GEMV: ``block_n`` weight rows x 128 inputs per step, K split until
+    the grid holds about ``programs_per_sm`` programs per SM. ``override`` and the tuning table
+    (family ``row_gemv``) replace any field; ``split`` fixes the K split."""
+    override = {**tuned("row_gemv"), **override}
+    block_n = override.get("block_n", 32)
+    n_blocks, steps = triton.cdiv(n, block_n), triton.cdiv(k, SCALE_BLOCK)
+    split = 1
+    while n_blocks * split < override.get("programs_per_sm", 4) * sms and steps // (split * 2) >= 2:
+        split *= 2
+    split = override.get("split", split)
+    return RowGemvConfig(block_n, triton.cdiv(steps, split) * SCALE_BLOCK, override.get("num_warps", 4),
+                         override.get("num_stages", 4))
+
+
+@triton.jit
+def _row_gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, N, K, k_split, s_cols,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, ACT_FP8: tl.constexpr):
+    """One row times an FP8 weight without the tensor cores: each step multiplies a [BLOCK_N, 128]
+    weight tile (one scale block, K contiguous: wide loads) by the row elementwise into an fp32
+    tile, summed over K once at the end. Products of e4m3 and bf16 (or e4m3) values are exact in
+    fp32, so this is the tensor-core GEMV's arithmetic in another order."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = cols < N
+    k_lo = pid_k * k_split
+    k_hi = tl.minimum(k_lo + k_split, K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_hi
+        x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        if ACT_FP8:  # the row's 128-block quantised to e4m3 (values times their scale: exact in fp32)
+            e = scale_exponent(tl.max(tl.abs(x), axis=0))
+            x = e4m3_round(x * pow2(-e)) * pow2(e)
+        w = tl.load(q_ptr + cols.to(tl.int64)[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + (cols // 128) * s_cols + k0 // 128, mask=n_ok, other=0)
+        if SCALE == 2:
+            s = tl.exp2(s.to(tl.float32) - 127.0)
+        acc += w * x[None, :] * s[:, None]
+    tl.store(y_ptr + pid_k * N + cols, tl.sum(acc, axis=1), mask=n_ok)
+
+
+def row_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: int, act: str | None,
+             **override: int) -> torch.Tensor:
+    """x [1, K] @ dequant(w)ᵀ for an FP8 weight (block scales), fp32 partials summed over the split."""
+    n, k = qdata.shape
+    cfg = row_gemv_config(n, k, active_target().compute_units, **override)
+    split = triton.cdiv(k, cfg.k_split)
+    y = torch.empty((split, n), dtype=torch.float32, device=x.device)
+    _row_gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
+        x, qdata, scale, y, n, k, cfg.k_split, scale.shape[-1], BLOCK_N=cfg.block_n, BLOCK_K=SCALE_BLOCK,
+        SCALE=mode, ACT_FP8=act == "fp8", num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return (y[0] if split == 1 else y.sum(0)).to(x.dtype).view(1, n)
+
+
 @triton.jit
 def mxfp4_tile(q_ptr, s_ptr, rows, k, mask, k_total):
     """fp32 [BLOCK_K, BLOCK_N] tile ``W[rows, k]`` of an MXFP4 matrix (OCP e2m1, two values per byte
@@ -167,6 +237,8 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, forma
         return None
     x, qdata = x.contiguous(), qdata.contiguous()
     scale = qdata if scale is None else scale.contiguous()
+    if m == 1 and mode in (BLOCK_F32, BLOCK_UE8M0) and ROW_GEMV.get():
+        return row_gemv(x, qdata, scale, mode, act, **override)
     target = active_target()  # the artifact's target (the live device's when loaded elsewhere)
     if act is not None:
         override = {**override, "block_k": ACT_BLOCK}  # one activation scale per K step
@@ -191,11 +263,13 @@ class Fp8GemmConfig:
 
 
 def fp8_gemm_config(m: int, n: int, **override: int) -> Fp8GemmConfig:
-    """128x128 output tiles (64 rows for short inputs), 128 inputs per step (one scale block of
-    both operands), 8 warps, 3 stages: the shape of DeepSeek's and Triton's FP8 GEMM tutorials on
-    Hopper. ``override`` replaces any field."""
-    return Fp8GemmConfig(override.get("block_m", 64 if m <= 64 else 128), override.get("block_n", 128),
-                         override.get("group_m", 8), override.get("num_warps", 8), override.get("num_stages", 3))
+    """64x128 output tiles, 128 inputs per step (one scale block of both operands), one warpgroup,
+    3 stages: the fastest of 16 tilings (64/128 rows x 128/256 columns x 4/8 warps x 3/4 stages) on
+    every dense linear of flash-slice at 2048 rows, H200, 2026-12-02 (benchmarks/fp8_gemm_bench.py):
+    250-550 TFLOP/s, 0.8x cuBLAS's bf16 GEMM and 2x the dequantise-then-cuBLAS path; the per-step
+    rescaling of the fp32 accumulator keeps the wgmma pipeline short. ``override`` replaces any field."""
+    return Fp8GemmConfig(override.get("block_m", 64), override.get("block_n", 128), override.get("group_m", 8),
+                         override.get("num_warps", 4), override.get("num_stages", 3))
 
 
 @triton.jit
@@ -203,7 +277,10 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, q_ptr, s_ptr, y_ptr, M, N, K, s_cols,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      SCALE: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
     """y = (xq * xs) @ (q * s)ᵀ: e4m3 x e4m3 per 128-input step, scaled by the row's activation
-    scale and the column's weight-block scale (fp32 or UE8M0)."""
+    scale and the column's weight-block scale (fp32 or UE8M0) and added to an fp32 accumulator.
+    Hopper's FP8 tensor cores sum a step's products with fewer than fp32's bits (measured: about
+    1e-4 of the output's magnitude, fp32 output); promoting every 128 inputs bounds it, as
+    DeepSeek-V3 does."""
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     group = pid // (GROUP_M * tiles_n)
