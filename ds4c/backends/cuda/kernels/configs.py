@@ -50,7 +50,7 @@ _TUNED: contextvars.ContextVar[dict[str, dict[str, Any]] | None] = contextvars.C
 
 TUNABLE = {  # family -> fields the autotuner may set (see the config functions below)
     "gemv": ("block_n", "split", "num_stages"),
-    "row_gemv": ("block_n", "programs_per_sm", "num_warps", "num_stages"),
+    "row_gemv": ("block_n", "programs_per_sm", "num_warps", "num_stages", "prequant"),
     "moe_decode": ("block_n_up", "block_n_down", "num_stages"),
 }
 
