@@ -6,6 +6,7 @@ import torch
 from typer.testing import CliRunner
 
 import ds4c
+from ds4c.artifact.artifact import read_artifact
 from ds4c.cli import app
 
 
@@ -13,7 +14,7 @@ def test_compiled_tiny_runs_packed_and_reports(tmp_path):
     art = ds4c.compile("tiny", target="b200", precision="mxfp4-experts", max_context=32, progress=False)
     prec, w = art.manifest["precision"], art.manifest["weights"]
     kinds = {u["kind"]: u["format"] for u in prec["units"] if u["layer"] == 1}
-    assert kinds == {"linear": "fp8", "experts": "mxfp4", "shared_experts": "fp8"}
+    assert kinds == {"linear": "fp8", "grouped_linear": "fp8", "experts": "mxfp4", "shared_experts": "fp8"}
     assert w["bytes"] == prec["weight_bytes"]
     for k, t in art.weights.items():  # packed tensors exactly as the manifest (and the IR) declare them
         if k.endswith((".qdata", ".scale")):
@@ -35,3 +36,29 @@ def test_compiled_tiny_runs_packed_and_reports(tmp_path):
     assert torch.equal(a(ids), b(ids))
     res = CliRunner().invoke(app, ["inspect", str(path)])
     assert res.exit_code == 0 and "mxfp4" in res.output and "vs bf16" in res.output, res.output
+
+
+def test_fp8_activations_follow_the_target_and_the_cli_flag(tmp_path):
+    """FP8 linears multiply FP8 activations on b200 (quant.activation in the IR, "fp8" in the
+    report, the sensitivity measured with them); --activations compute and MI300 (FNUZ) keep
+    weight-only quantisation; a bad value is refused by name."""
+    def activations(art):
+        prec = art.manifest["precision"]
+        return {u["activations"] for u in prec["units"] if u["kind"] == "linear" and u["format"] == "fp8"}
+
+    native = ds4c.compile("tiny", target="b200", precision="fp8", max_context=32, progress=False)
+    assert activations(native) == {"fp8"} and native.manifest["precision"]["activation_mode"] == "native"
+    assert 'quant.activation(' in native.ir_text("decode") and 'format="fp8", block=128' in native.ir_text("decode")
+    assert {u["activations"] for u in native.manifest["precision"]["units"] if u["kind"] == "experts"} == {"bf16"}
+    mi300 = ds4c.compile("tiny", target="mi300x", precision="fp8", max_context=32, progress=False)
+    assert activations(mi300) == {"bf16"} and "quant.activation" not in mi300.ir_text("decode")
+    out = tmp_path / "t.ds4"
+    res = CliRunner().invoke(app, ["compile", "tiny", "--target", "b200", "--precision", "fp8", "--activations",
+                                   "compute", "--max-context", "32", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    manifest, program, _ = read_artifact(out)
+    units = manifest["precision"]["units"]
+    assert {u["activations"] for u in units if u["kind"] == "linear" and u["format"] == "fp8"} == {"bf16"}
+    assert not any(op.name == "quant.activation" for g in program.graphs.values() for op in g.ops)
+    res = CliRunner().invoke(app, ["compile", "tiny", "--activations", "fp4", "-o", str(out)])
+    assert res.exit_code != 0 and "--activations must be one of native, compute" in res.output

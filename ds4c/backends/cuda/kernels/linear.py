@@ -145,7 +145,7 @@ def row_gemv_config(n: int, k: int, sms: int, **override: int) -> RowGemvConfig:
     Measured on an H200 (2026-12-02, benchmarks/fp8_gemm_bench.py, every dense linear of
     flash-slice, CUDA-graph replays): with FP8 activations 11.6-14.4 us on the 32M-value weights
     (2.3-2.9 TB/s; cuBLAS bf16 18.7-21.9 us, the tensor-core tile GEMV 20-21 us, 4 warps 21-24 us),
-    and within 10% of the best of 36 tilings on every shape. Quantising the row first in a
+    and within 11% of the best of 36 tilings on every shape. Quantising the row first in a
     separate kernel (``prequant``) was no faster. ``override`` and the tuning table (family
     ``row_gemv``) replace any field; ``split`` fixes the K split."""
     override = {**tuned("row_gemv"), **override}
