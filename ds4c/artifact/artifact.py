@@ -91,4 +91,7 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], Program, Any
         text = container.read_bytes(ep["ir"]).decode()
         consts = load(container.read_bytes(ep["consts"]))
         graphs[name] = parse_graph(text, consts)
-    return manifest, Program(graphs, {"pipeline": manifest.get("pipeline", [])}), container
+    attrs = {"pipeline": manifest.get("pipeline", [])}
+    if manifest.get("max_context"):
+        attrs["max_context"] = int(manifest["max_context"])
+    return manifest, Program(graphs, attrs), container

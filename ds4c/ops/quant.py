@@ -132,9 +132,14 @@ class LinearPacked(OpDef):
 
     def verify(self, op) -> None:
         super().verify(op)
+        from ds4c.quant.activations import ACTIVATION_FORMATS
+
         n = packed_operand_count([op.kwargs.get("format")], [op.kwargs.get("shape")])
         if len(op.args) != 1 + n:
             raise VerificationError(f"linear.packed: format {op.kwargs.get('format')} takes x and {n} packed operands")
+        if op.kwargs.get("act") not in (None, *ACTIVATION_FORMATS):
+            raise VerificationError(f"linear.packed: act must be one of {', '.join(ACTIVATION_FORMATS)} (or absent), "
+                                    f"got {op.kwargs.get('act')!r}")
 
 
 MOE_WEIGHTS = ("gate_up", "down", "s_gate", "s_up", "s_down")

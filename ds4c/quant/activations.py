@@ -27,9 +27,14 @@ ACTIVATION_FORMATS = ("fp8",)
 
 
 def fp8_scale_exponents(amax: torch.Tensor) -> torch.Tensor:
-    """int32 ``k`` per entry: the smallest ``k`` with ``max(amax, 1e-4) <= 448 * 2^k``."""
-    mant, exp = torch.frexp(amax.float().clamp_min(AMAX_FLOOR))  # amax = mant * 2^exp, mant in [0.5, 1)
-    return (exp - 9 + (mant > 0.875).to(exp.dtype)).to(torch.int32)
+    """int32 ``k`` per entry: the smallest ``k`` with ``max(amax, 1e-4) <= 448 * 2^k``. Exact, from
+    ops every exporter knows: ``E = floor(log2 a)`` corrected across powers of two by comparing
+    with ``2^E`` (exact), then ``k = E - 8 + (a > 1.75 * 2^E)``."""
+    a = amax.float().clamp_min(AMAX_FLOOR)
+    e = torch.floor(torch.log2(a))
+    e = e - (torch.exp2(e) > a).float()
+    e = e + (torch.exp2(e + 1) <= a).float()
+    return (e - 8 + (a > 1.75 * torch.exp2(e)).float()).to(torch.int32)
 
 
 def fp8_roundtrip(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tensor:
@@ -41,9 +46,9 @@ def fp8_roundtrip(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tensor:
     if pad:
         xf = torch.nn.functional.pad(xf, (0, pad))
     blocks = xf.unflatten(-1, (-1, block))
-    e = fp8_scale_exponents(blocks.abs().amax(-1, keepdim=True))
-    q = torch.ldexp(blocks, -e).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    out = torch.ldexp(q.float(), e).flatten(-2)
+    scale = torch.exp2(fp8_scale_exponents(blocks.abs().amax(-1, keepdim=True)).float())  # exact powers of two
+    q = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    out = (q.float() * scale).flatten(-2)
     return out[..., :k].to(x.dtype)
 
 

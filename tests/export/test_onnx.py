@@ -118,3 +118,18 @@ def test_import_names_an_unmapped_op(tmp_path):
 
     with pytest.raises(IRError, match=r"ONNX node 'mix' \(op_type Einsum\) has no ds4c mapping.*_CONVERTERS"):
         import_onnx_program(path)
+
+
+def test_fp8_activations_export_and_run_in_onnxruntime():
+    """b200 multiplies FP8 activations: quant.activation exports (its reference through ops ONNX
+    has: log2/floor/exp2 for the exponent, a Cast to FLOAT8E4M3FN) and onnxruntime computes what
+    the reference backend does."""
+    art = ds4c.compile("tiny", target="b200", precision="fp8", max_context=32, progress=False)
+    assert "quant.activation" in art.ir_text("prefill")
+    src = open_source(art)
+    proto = build_model(src, entry="prefill", batch=1, seq=SEQ, dtype=torch.float32)
+    ids = torch.randint(0, 512, (1, SEQ), generator=torch.Generator().manual_seed(4))
+    got = torch.from_numpy(_session(proto).run(["logits"], {"input_ids": ids.numpy()})[0])
+    graph, weights = widen(src.program.graphs["prefill"], src.weights, torch.float32)
+    widened = ReferenceExecutor(graph).run({"input_ids": ids}, weights)["logits"]
+    assert (got - widened).abs().max() <= 1e-4

@@ -68,10 +68,14 @@ def test_packed_weights_are_read_packed_or_expanded_once_for_kernels(tiny_fp8_ar
     assert any(k.endswith(".qdata") and v.dtype == torch.float8_e4m3fn for k, v in ker.weights.items())
     assert ker.unpacked_weights and all("o_a_proj" in k for k in ker.unpacked_weights)
     assert not any(op.name == "quant.dequant" for g in ker.program.graphs.values() for op in g.ops)
-    ids = torch.randint(0, 512, (1, 11), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
     a, _ = ref.prefill(ids)
     b, _ = ker.prefill(ids)
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    # h100 multiplies FP8 activations: rounding them to e4m3 turns the kernels' last-bit differences
+    # into 1/16-size ones, and in this random tiny model some flip a router's top-k (a wrong kernel
+    # moves the logits by ~100% of their norm)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.8
+    assert float((a.float() - b.float()).norm() / a.float().norm()) < 0.25
 
 
 @pytest.mark.parametrize("backend", ["reference", "kernels"])
