@@ -24,6 +24,8 @@ ACT_BLOCK = 128  # input channels per activation scale (one FP8 weight block wid
 FP8_MAX = 448.0
 AMAX_FLOOR = 1e-4
 ACTIVATION_FORMATS = ("fp8",)
+# activation format -> the weight formats a GEMM multiplies natively in it (e4m3 x e4m3)
+WEIGHT_FORMATS = {"fp8": frozenset({"fp8", "fp8-f32scale"})}
 
 
 def fp8_scale_exponents(amax: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ds4c.errors import ConfigError
+from ds4c.quant.activations import WEIGHT_FORMATS
 from ds4c.quant.formats import FORMATS, get_format
 from ds4c.quant.units import Unit
 
@@ -86,7 +87,7 @@ def activation_format(fmt: str, kind: str, target, compute: str, mode: str = "na
     executed = EXECUTED_ACTIVATION_FORMATS.get(kind, frozenset())
     if mode != "native" or target.backend not in ACTIVATION_BACKENDS:
         return compute
-    if fmt in ("fp8", "fp8-f32scale") and target.native_fp8 and "fp8" in executed:
+    if fmt in WEIGHT_FORMATS["fp8"] and target.native_fp8 and "fp8" in executed:
         return "fp8"
     if fmt == "mxfp4" and target.native_fp4 and "mxfp4" in executed:
         return "mxfp4"

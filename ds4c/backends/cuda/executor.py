@@ -25,7 +25,7 @@ from ds4c.backends.reference import ReferenceExecutor
 from ds4c.ir.graph import Graph, Op
 from ds4c.ir.registry import OpDef, get_op, split_results
 from ds4c.ops.moe import moe_gather_formulation
-from ds4c.quant.activations import ACT_BLOCK
+from ds4c.quant.activations import ACT_BLOCK, WEIGHT_FORMATS
 
 
 class _KernelOp(OpDef):
@@ -286,8 +286,6 @@ class GraphedPrefill:
 
 # Formats the GEMV (``linear.packed``) and MoE kernels read as stored.
 KERNEL_FORMATS = frozenset({"fp8", "fp8-f32scale", "int8", "mxfp4"})
-# Weight formats whose GEMM kernels quantise their input to each activation format themselves.
-ACT_WEIGHT_FORMATS = {"fp8": frozenset({"fp8", "fp8-f32scale"})}
 _MOE_WEIGHT_ARGS = range(4, 9)  # gate_up, down, s_gate, s_up, s_down among moe's operands
 
 
@@ -361,7 +359,7 @@ def _read_packed(op: Op, packed: Mapping[Any, tuple[str, list[int], tuple]], qua
     if op.name == "aten.linear.default" and len(op.args) >= 2 and op.args[1] in packed:
         fmt, shape, tensors = packed[op.args[1]]
         x, kwargs = op.args[0], {"format": fmt, "shape": shape}
-        if x in quantized and fmt in ACT_WEIGHT_FORMATS.get(quantized[x].kwargs["format"], ()):
+        if x in quantized and fmt in WEIGHT_FORMATS.get(quantized[x].kwargs["format"], ()):
             x, kwargs["act"] = quantized[x].args[0], quantized[x].kwargs["format"]
         return op.replace(name="linear.packed", args=(x, *tensors), kwargs=kwargs)
     if op.name == "moe" and any(op.args[i] in packed for i in _MOE_WEIGHT_ARGS):

@@ -59,6 +59,15 @@ class GemvConfig:
     num_stages: int
 
 
+def k_split_count(n_blocks: int, steps: int, programs: int, *, min_steps: int) -> int:
+    """Slices of K for a GEMV of ``n_blocks`` column tiles and ``steps`` K steps: doubled until the
+    grid holds ``programs`` programs or a slice would have fewer than ``min_steps`` steps."""
+    split = 1
+    while n_blocks * split < programs and steps // (split * 2) >= min_steps:
+        split *= 2
+    return split
+
+
 def gemv_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int, storage_bytes: int = 2,
                 **override: int) -> GemvConfig:
     """Tiles for ``m`` rows of an [n, k] weight stored in ``storage_bytes`` per value: 64 columns
@@ -76,15 +85,21 @@ def gemv_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int, storage_by
     if storage_bytes == 1 and block_k > SCALE_BLOCK:
         raise ValueError(f"FP8 GEMV steps must stay inside one {SCALE_BLOCK}-wide scale block, got block_k={block_k}")
     block_n = override.get("block_n", 64 if block_m <= 32 else 32)
-    n_blocks = triton.cdiv(n, block_n)
     steps = triton.cdiv(k, block_k)
-    split = 1
-    while n_blocks * split < 4 * sms and steps // (split * 2) >= 4:
-        split *= 2
-    split = override.get("split", split)
+    split = override.get("split", k_split_count(triton.cdiv(n, block_n), steps, 4 * sms, min_steps=4))
     k_split = triton.cdiv(steps, split) * block_k
     return GemvConfig(block_m, block_n, block_k, k_split, override.get("num_warps", 4),
                       override.get("num_stages", 2 if dtype == torch.float32 else 4))
+
+
+@triton.jit
+def block_scale(s_ptr, cols, col_ok, s_cols, k0, SCALE: tl.constexpr):
+    """Scales of weight rows ``cols`` at input ``k0`` of a matrix with 128x128 block scales
+    (``s_cols`` blocks per row of scales): fp32, or UE8M0 exponent bytes when SCALE == 2."""
+    s = tl.load(s_ptr + (cols // 128) * s_cols + k0 // 128, mask=col_ok, other=0)
+    if SCALE == 2:
+        s = tl.exp2(s.to(tl.float32) - 127.0)
+    return s
 
 
 @triton.jit
@@ -110,9 +125,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, k_split, s_cols,
             w = tl.load(q_ptr + cols.to(tl.int64)[None, :] * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0)
         if SCALE == 1 or SCALE == 2:  # one scale per column in this K step (block_k <= 128)
-            s = tl.load(s_ptr + (cols // 128) * s_cols + k0 // 128, mask=n_ok, other=0)
-            if SCALE == 2:
-                s = tl.exp2(s.to(tl.float32) - 127.0)
+            s = block_scale(s_ptr, cols, n_ok, s_cols, k0, SCALE)
             if ACT_FP8:  # x quantised per row and 128-block (block_k == 128), e4m3 x e4m3 on the tensor cores
                 xq, sx = quantize_rows(x.to(tl.float32))
                 acc += tl.dot(xq, w) * (sx[:, None] * s[None, :])
@@ -150,12 +163,9 @@ def row_gemv_config(n: int, k: int, sms: int, **override: int) -> RowGemvConfig:
     ``row_gemv``) replace any field; ``split`` fixes the K split."""
     override = {**tuned("row_gemv"), **override}
     block_n = override.get("block_n", 32)
-    n_blocks, steps = triton.cdiv(n, block_n), triton.cdiv(k, SCALE_BLOCK)
+    steps = triton.cdiv(k, SCALE_BLOCK)
     per_sm = override.get("programs_per_sm", 8 if n * k <= 1 << 24 else 4)
-    split = 1
-    while n_blocks * split < per_sm * sms and steps // (split * 2) >= 2:
-        split *= 2
-    split = override.get("split", split)
+    split = override.get("split", k_split_count(triton.cdiv(n, block_n), steps, per_sm * sms, min_steps=2))
     return RowGemvConfig(block_n, triton.cdiv(steps, split) * SCALE_BLOCK, override.get("num_warps", 1),
                          override.get("num_stages", 3), override.get("prequant", 0))
 
@@ -183,10 +193,7 @@ def _row_gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, N, K, k_split, s_cols,
             x = e4m3_round(x * pow2(-e)) * pow2(e)
         w = tl.load(q_ptr + cols.to(tl.int64)[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)
-        s = tl.load(s_ptr + (cols // 128) * s_cols + k0 // 128, mask=n_ok, other=0)
-        if SCALE == 2:
-            s = tl.exp2(s.to(tl.float32) - 127.0)
-        acc += w * x[None, :] * s[:, None]
+        acc += w * x[None, :] * block_scale(s_ptr, cols, n_ok, s_cols, k0, SCALE)[:, None]
     tl.store(y_ptr + pid_k * N + cols, tl.sum(acc, axis=1), mask=n_ok)
 
 
@@ -312,9 +319,7 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, q_ptr, s_ptr, y_ptr, M, N, K, s_cols,
         b = tl.load(q_ptr + cols.to(tl.int64)[None, :] * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
                     other=0.0)
         sa = tl.load(xs_ptr + rows * k_blocks + kb, mask=m_ok, other=0.0)
-        sb = tl.load(s_ptr + (cols // 128) * s_cols + kb, mask=n_ok, other=0)
-        if SCALE == 2:
-            sb = tl.exp2(sb.to(tl.float32) - 127.0)
+        sb = block_scale(s_ptr, cols, n_ok, s_cols, kb * BLOCK_K, SCALE)
         acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
     y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(y_ptrs, round_to(acc, y_ptr.dtype.element_ty, INTERPRETER_BF16), mask=m_ok[:, None] & n_ok[None, :])

@@ -60,6 +60,7 @@ from ds4c.backends.cuda.kernels.linear import (
     BLOCK_UE8M0,
     MX_BLOCK,
     MXFP4,
+    block_scale,
     linear_packed,
     mxfp4_tile,
     storage_to_dot,
@@ -96,10 +97,7 @@ def _block_scale(s_ptr, expert, rows, cols_total, out_rows, k0, row_ok, SCALE: t
     [rows, cols_total] matrix (fp32, or UE8M0 exponent bytes when SCALE == 2)."""
     s_cols = (cols_total + 127) // 128
     base = s_ptr + expert.to(tl.int64) * ((rows + 127) // 128) * s_cols
-    s = tl.load(base + (out_rows // 128) * s_cols + k0 // 128, mask=row_ok, other=0)
-    if SCALE == 2:
-        s = tl.exp2(s.to(tl.float32) - 127.0)
-    return s
+    return block_scale(base, out_rows, row_ok, s_cols, k0, SCALE)
 
 
 @triton.jit
@@ -338,10 +336,7 @@ def _row_times_rows(a_ptr, w_base, s_base, row_off, cols, col_ok, k_total, s_col
         a = dot_operand(a, INTERPRETER_BF16)
         w = storage_to_dot(w, a_ptr.dtype.element_ty, INTERPRETER_BF16)
         if SCALE == 1 or SCALE == 2:  # the K step stays in one 128-wide scale block
-            s = tl.load(s_base + (rows // 128) * s_cols + k0 // 128, mask=col_ok, other=0)
-            if SCALE == 2:
-                s = tl.exp2(s.to(tl.float32) - 127.0)
-            acc += tl.dot(a, w, input_precision=PRECISION) * s[None, :]
+            acc += tl.dot(a, w, input_precision=PRECISION) * block_scale(s_base, rows, col_ok, s_cols, k0, SCALE)[None, :]
         else:
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if SCALE == 3:
