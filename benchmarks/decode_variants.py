@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import time
 from typing import Any
 
@@ -76,7 +77,7 @@ def main() -> None:
         art = ds4c.compile(args.preset, target=args.target, max_context=args.prompt + 64, progress=False,
                            weights="reference", seed=args.seed, precision=policy,
                            activations=activations or "native")
-        path = f"/tmp/ds4c_variants_{args.preset}_{precision.replace(':', '_')}.ds4"
+        path = f"/tmp/ds4c_variants_{args.preset}_{re.sub(r'[^A-Za-z0-9]+', '_', precision)}.ds4"
         art.save(path)
         res[f"{precision}_weight_bytes"] = art.manifest["precision"]["weight_bytes"]
         for name in args.variants.split(","):

@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2048])
     ap.add_argument("--target", default="h200")
     ap.add_argument("--gemm-grid", action="store_true", help="sweep the prefill GEMM's tiles too")
+    ap.add_argument("--shapes", nargs="+", default=None, metavar="NxK",
+                    help="weight shapes to run instead of the preset's dense linears (e.g. the LM head, 129280x4096)")
     ap.add_argument("--out", default="fp8_gemm.json")
     args = ap.parse_args()
 
@@ -58,7 +60,8 @@ def main() -> None:
     res["act_quant_bit_exact"] = bool(torch.equal(act_quant(xs, dequant=True)[0], fp8_roundtrip(xs)))
     print("act_quant bit-exact on the device:", res["act_quant_bit_exact"], flush=True)
     with use_target(args.target):
-        for (n, k), m in itertools.product(linear_shapes(args.preset), args.rows):
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else linear_shapes(args.preset)
+        for (n, k), m in itertools.product(shapes, args.rows):
             g = torch.Generator(device=dev).manual_seed(n + k)
             w = torch.randn(n, k, device=dev, generator=g) / 32
             packed = {name: t.to(dev) for name, t in fmt.pack(w.cpu()).items()}

@@ -109,6 +109,24 @@ def test_one_row_fp8_gemv_kernels_agree(act):
     torch.testing.assert_close(row, tile, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows,act", [(1, None), (1, "fp8"), (3, None), (3, "fp8")])
+def test_split_k_sums_in_the_kernel_and_rearms_its_counters(rows, act):
+    """A K split over 8 programs per column block: the last program of each block sums the
+    partials in slice order, so repeated calls give the same bits as each other, agree with the
+    unsplit kernel, and leave every arrival counter at zero for the next launch."""
+    from ds4c.backends.cuda.kernels.linear import _LOCKS, gemv
+
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(rows, 2048, generator=g).to(DEVICE)
+    packed = pack(torch.randn(200, 2048, generator=g).to(DEVICE) / 8, "fp8")
+    whole = gemv(x, *packed, "fp8", act, split=1)
+    first = gemv(x, *packed, "fp8", act, split=8)
+    again = gemv(x, *packed, "fp8", act, split=8)
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first, whole, atol=1e-4, rtol=1e-5)
+    assert _LOCKS and all(int(locks.abs().sum()) == 0 for locks in _LOCKS.values())
+
+
 def test_linear_packed_declines_fp8_activations_on_other_formats():
     x = torch.randn(1, 2, 128, device=DEVICE)
     assert linear_packed(x, *pack(torch.randn(32, 128, device=DEVICE), "int8"), format="int8", shape=[32, 128],
@@ -160,6 +178,27 @@ def test_moe_packed_matches_reference(fmt, tokens, dtype):
     assert got is not NotImplemented
     want = get_op("moe.packed").reference(*operands, **kw)
     torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp8-f32scale"])
+def test_moe_packed_decode_fp8_rows_equal_the_tile_path(fmt):
+    """FP8 experts in decode: the CUDA-core row kernels (default) and the tensor-core 16-row tile
+    compute the same exact products, summed in another order."""
+    from ds4c.backends.cuda.kernels.configs import moe_decode_config, use_tuning
+
+    args = make_inputs(1, 8, 384, 160, torch.float32, "bias", 2, seed=4)
+    operands, shapes = list(args[:4]), []
+    for w in args[4:]:
+        shapes.append(list(w.shape))
+        operands.extend(pack(w, fmt))
+    kw = dict(formats=[fmt] * 5, shapes=shapes, top_k=2, route_scale=1.5, swiglu_limit=10.0, routing="bias",
+              score="sqrtsoftplus")
+    assert moe_decode_config(torch.float32).fp8_rows
+    rows = moe_packed(*operands, **kw)
+    with use_tuning({"moe_decode": {"fp8_rows": 0}}):
+        tile = moe_packed(*operands, **kw)
+    torch.testing.assert_close(rows, tile, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows, get_op("moe.packed").reference(*operands, **kw), **TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8", "mxfp4"])

@@ -51,7 +51,8 @@ _TUNED: contextvars.ContextVar[dict[str, dict[str, Any]] | None] = contextvars.C
 TUNABLE = {  # family -> fields the autotuner may set (see the config functions below)
     "gemv": ("block_n", "split", "num_stages"),
     "row_gemv": ("block_n", "programs_per_sm", "num_warps", "num_stages", "prequant"),
-    "moe_decode": ("block_n_up", "block_n_down", "num_stages"),
+    "moe_decode": ("block_n_up", "block_n_down", "num_stages", "fp8_rows", "row_block_n_up", "row_block_n_down",
+                   "row_warps"),
 }
 
 
@@ -343,6 +344,12 @@ class MoeDecodeConfig:
     block_n_down: int  # hidden columns per program of the down GEMV
     block_k: int  # reduction step (<= 128: FP8 scale blocks)
     launch: Launch = field(default=Launch(4), compare=False)
+    # FP8 expert weights (128x128 block scales): the CUDA-core row kernel (linear.row_dot) instead
+    # of the 16-row tensor-core tile, with these tiles
+    fp8_rows: bool = True
+    row_block_n_up: int = 8
+    row_block_n_down: int = 16
+    row_launch: Launch = field(default=Launch(2, 3), compare=False)
 
 
 def moe_decode_config(dtype: torch.dtype, target: Target | None = None) -> MoeDecodeConfig:
@@ -353,12 +360,23 @@ def moe_decode_config(dtype: torch.dtype, target: Target | None = None) -> MoeDe
     grouped kernels share each expert's tile among its tokens. The tiles are the grouped kernels'
     measured decode tiles (``moe_config``): 32 gate/up columns, 64 down columns, 128-wide K steps
     (one FP8 scale block), 4 warps, 4 stages — for V4-Flash and one token 448 programs per GEMV.
+
+    FP8 expert weights take the one-row CUDA-core kernel of the dense FP8 GEMV (``row_dot``, one
+    warps, 3 stages; 8 gate/up rows of each half, 16 down rows per program): the tile path
+    converted every e4m3 tile to bf16 for a 16-row dot of which one row is real, and streamed
+    FP8 experts at 1.8 TB/s on an H200. Measured there (2026-12-03, benchmarks/moe_decode_bench.py,
+    flash-slice widths, one token, router to combine): bf16 108 us, FP8 tile 98.6 us, FP8 rows
+    82.9 us with these tiles, the fastest of 27 (8-32 up rows x 16-64 down rows x 1-4 warps;
+    16/32 rows on one warp: 99 us).
     """
     target = target or active_target()
     fp32 = dtype == torch.float32
     t = tuned("moe_decode")
     return MoeDecodeConfig(24, t.get("block_n_up", 32), t.get("block_n_down", 64), 64 if fp32 else 128,
-                           launch=Launch(4, t.get("num_stages", 2 if fp32 or is_amd(target) else 4)))
+                           launch=Launch(4, t.get("num_stages", 2 if fp32 or is_amd(target) else 4)),
+                           fp8_rows=bool(t.get("fp8_rows", not is_amd(target))),
+                           row_block_n_up=t.get("row_block_n_up", 8), row_block_n_down=t.get("row_block_n_down", 16),
+                           row_launch=Launch(t.get("row_warps", 2), 3))
 
 
 # -- indexer scores -------------------------------------------------------------------------------

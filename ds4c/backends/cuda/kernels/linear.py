@@ -10,8 +10,11 @@ is scaled by one scale per column (a per-element scale gather measured 1.5-3x sl
 and INT8's row scales multiply the sum.
 
 ``y[M, N] = x[M, K] @ wᵀ``, ``w`` [N, K]. A program owns ``block_n`` output columns and one
-K-slice of ``k_split`` inputs; with more than one slice the fp32 partials are summed by torch
-(deterministic, no atomics). Tiles come from ``gemv_config`` (see there).
+K-slice of ``k_split`` inputs; with more than one slice each program stores its fp32 partial and
+counts itself in on its output tile's counter, and the last to arrive sums the partials in slice
+order (deterministic) and writes the output (``split_k_store``): one kernel per linear, where a
+torch sum and cast after it cost two more launches per linear in a decode step. Tiles come from
+``gemv_config`` (see there).
 
 With FP8 activations (``act="fp8"``: an FP8 weight on sm_90a/sm_100a, see ds4c.quant.activations)
 the GEMV quantises its activation tile per row in registers and multiplies e4m3 by e4m3 on the
@@ -102,10 +105,47 @@ def block_scale(s_ptr, cols, col_ok, s_cols, k0, SCALE: tl.constexpr):
     return s
 
 
+_LOCKS: dict[tuple, torch.Tensor] = {}
+
+
+def split_locks(device: torch.device, count: int) -> torch.Tensor:
+    """int32 arrival counters (all zero between launches: the last program of a tile re-arms its
+    own) for split-K kernels on the current stream. One set per (device, stream): kernels on one
+    stream run one after the other, kernels on two streams never share a counter."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    locks = _LOCKS.get((device, stream))
+    if locks is None or locks.numel() < count:
+        locks = _LOCKS[(device, stream)] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+    return locks
+
+
 @triton.jit
-def _gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, k_split, s_cols,
+def split_k_store(part, p_ptr, y_ptr, lock_ptr, offs, mask, slice_stride, split,
+                  SPLIT_K: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """Store a program's fp32 share ``part`` of the output tile at ``offs``. Without a K split it is
+    the output (rounded to y's dtype). With one, it goes to its slice of the partials ``p_ptr``;
+    the program then counts itself in on the tile's counter (``lock_ptr``, release/acquire), and
+    the last of the ``split`` to arrive sums the slices in order, writes y and re-arms the counter."""
+    if SPLIT_K:
+        pid_k = tl.program_id(1)
+        tl.store(p_ptr + pid_k * slice_stride + offs, part, mask=mask)
+        tl.debug_barrier()  # every thread's partial is stored before the count is released
+        arrived = tl.atomic_add(lock_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+        if arrived == split - 1:
+            total = tl.load(p_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            for k in range(1, split):
+                total += tl.load(p_ptr + k * slice_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + offs, round_to(total, y_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
+            tl.atomic_xchg(lock_ptr + tl.program_id(0), 0)
+    else:
+        tl.store(y_ptr + offs, round_to(part, y_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, M, N, K, k_split, split, s_cols,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr,
-                 ACT_FP8: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+                 ACT_FP8: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
+                 INTERPRETER_BF16: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -137,8 +177,8 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, k_split, s_cols,
             acc = tl.dot(dot_operand(x, INTERPRETER_BF16), w, acc, input_precision=PRECISION)
     if SCALE == 3:
         acc = acc * tl.load(s_ptr + cols, mask=n_ok, other=0.0)[None, :]
-    y_ptrs = y_ptr + pid_k * M * N + offs_m[:, None] * N + cols[None, :]
-    tl.store(y_ptrs, round_to(acc, y_ptr.dtype.element_ty, INTERPRETER_BF16), mask=m_ok[:, None] & n_ok[None, :])
+    split_k_store(acc, p_ptr, y_ptr, lock_ptr, offs_m[:, None] * N + cols[None, :], m_ok[:, None] & n_ok[None, :],
+                  M * N, split, SPLIT_K, INTERPRETER_BF16)
 
 
 @dataclass(frozen=True)
@@ -159,30 +199,28 @@ def row_gemv_config(n: int, k: int, sms: int, **override: int) -> RowGemvConfig:
     flash-slice, CUDA-graph replays): with FP8 activations 11.6-14.4 us on the 32M-value weights
     (2.3-2.9 TB/s; cuBLAS bf16 18.7-21.9 us, the tensor-core tile GEMV 20-21 us, 4 warps 21-24 us),
     and within 11% of the best of 36 tilings on every shape. Quantising the row first in a
-    separate kernel (``prequant``) was no faster. ``override`` and the tuning table (family
-    ``row_gemv``) replace any field; ``split`` fixes the K split."""
+    separate kernel (``prequant``) was no faster there; on an LM-head-sized weight (over 128M
+    values: 129280 x 4096) it is, with 16-row tiles (H200, 2026-12-03: 154 us against 169 us with
+    the default tiles and 244 us for cuBLAS's bf16 GEMV). ``override`` and the tuning table
+    (family ``row_gemv``) replace any field; ``split`` fixes the K split."""
     override = {**tuned("row_gemv"), **override}
-    block_n = override.get("block_n", 32)
+    huge = n * k > 1 << 27
+    block_n = override.get("block_n", 16 if huge else 32)
     steps = triton.cdiv(k, SCALE_BLOCK)
     per_sm = override.get("programs_per_sm", 8 if n * k <= 1 << 24 else 4)
     split = override.get("split", k_split_count(triton.cdiv(n, block_n), steps, per_sm * sms, min_steps=2))
     return RowGemvConfig(block_n, triton.cdiv(steps, split) * SCALE_BLOCK, override.get("num_warps", 1),
-                         override.get("num_stages", 3), override.get("prequant", 0))
+                         override.get("num_stages", 3), override.get("prequant", int(huge)))
 
 
 @triton.jit
-def _row_gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, N, K, k_split, s_cols,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, ACT_FP8: tl.constexpr):
-    """One row times an FP8 weight without the tensor cores: each step multiplies a [BLOCK_N, 128]
-    weight tile (one scale block, K contiguous: wide loads) by the row elementwise into an fp32
-    tile, summed over K once at the end. Products of e4m3 and bf16 (or e4m3) values are exact in
-    fp32, so this is the tensor-core GEMV's arithmetic in another order."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = cols < N
-    k_lo = pid_k * k_split
-    k_hi = tl.minimum(k_lo + k_split, K)
+def row_dot(x_ptr, q_ptr, s_ptr, cols, n_ok, k_lo, k_hi, K, s_cols,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, ACT_FP8: tl.constexpr):
+    """fp32 [BLOCK_N]: the row ``x[k_lo:k_hi]`` times rows ``cols`` of an FP8 weight [*, K] with
+    128x128 block scales, without the tensor cores: each step multiplies a [BLOCK_N, 128] weight
+    tile (one scale block, K contiguous: wide loads) by the row elementwise into an fp32 tile,
+    summed over K once at the end. Products of e4m3 and bf16 (or e4m3) values are exact in fp32,
+    so this is the tensor-core GEMV's arithmetic in another order."""
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -194,7 +232,20 @@ def _row_gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, N, K, k_split, s_cols,
         w = tl.load(q_ptr + cols.to(tl.int64)[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)
         acc += w * x[None, :] * block_scale(s_ptr, cols, n_ok, s_cols, k0, SCALE)[:, None]
-    tl.store(y_ptr + pid_k * N + cols, tl.sum(acc, axis=1), mask=n_ok)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _row_gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, N, K, k_split, split, s_cols,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, ACT_FP8: tl.constexpr,
+                     SPLIT_K: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """One row times an FP8 weight on the CUDA cores (``row_dot``), program (column block, K slice)."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = cols < N
+    k_lo = tl.program_id(1) * k_split
+    part = row_dot(x_ptr, q_ptr, s_ptr, cols, n_ok, k_lo, tl.minimum(k_lo + k_split, K), K, s_cols,
+                   BLOCK_N, BLOCK_K, SCALE, ACT_FP8)
+    split_k_store(part, p_ptr, y_ptr, lock_ptr, cols, n_ok, N, split, SPLIT_K, INTERPRETER_BF16)
 
 
 def row_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: int, act: str | None,
@@ -205,11 +256,15 @@ def row_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: in
     if act == "fp8" and cfg.prequant:  # quantised values in x's dtype (exact), then weight-only
         x, act = act_quant(x, dequant=True)[0], None
     split = triton.cdiv(k, cfg.k_split)
-    y = torch.empty((split, n), dtype=torch.float32, device=x.device)
-    _row_gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
-        x, qdata, scale, y, n, k, cfg.k_split, scale.shape[-1], BLOCK_N=cfg.block_n, BLOCK_K=SCALE_BLOCK,
-        SCALE=mode, ACT_FP8=act == "fp8", num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return (y[0] if split == 1 else y.sum(0)).to(x.dtype).view(1, n)
+    blocks = triton.cdiv(n, cfg.block_n)
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    parts = torch.empty((split, n), dtype=torch.float32, device=x.device) if split > 1 else y
+    locks = split_locks(x.device, blocks) if split > 1 else y
+    _row_gemv_kernel[(blocks, split)](
+        x, qdata, scale, parts, y, locks, n, k, cfg.k_split, split, scale.shape[-1], BLOCK_N=cfg.block_n,
+        BLOCK_K=SCALE_BLOCK, SCALE=mode, ACT_FP8=act == "fp8", SPLIT_K=split > 1,
+        INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y
 
 
 @triton.jit
@@ -262,13 +317,17 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, forma
         override = {**override, "block_k": ACT_BLOCK}  # one activation scale per K step
     cfg = gemv_config(m, n, k, x.dtype, target.compute_units, 1 if mode == MXFP4 else qdata.element_size(), **override)
     split = triton.cdiv(k, cfg.k_split)
-    y = torch.empty((split, m, n), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
-        x, qdata, scale, y, m, n, k, cfg.k_split, scale.shape[-1] if mode in (BLOCK_F32, BLOCK_UE8M0) else 0,
+    blocks = triton.cdiv(n, cfg.block_n)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    parts = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
+    locks = split_locks(x.device, blocks) if split > 1 else y
+    _gemv_kernel[(blocks, split)](
+        x, qdata, scale, parts, y, locks, m, n, k, cfg.k_split, split,
+        scale.shape[-1] if mode in (BLOCK_F32, BLOCK_UE8M0) else 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SCALE=mode, ACT_FP8=act == "fp8",
-        PRECISION=dot_precision(x.dtype, target), INTERPRETER_BF16=interpreter_bf16(x.dtype),
+        SPLIT_K=split > 1, PRECISION=dot_precision(x.dtype, target), INTERPRETER_BF16=interpreter_bf16(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return y[0] if split == 1 else y.sum(0).to(x.dtype)
+    return y
 
 
 @dataclass(frozen=True)

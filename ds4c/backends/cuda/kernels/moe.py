@@ -63,6 +63,7 @@ from ds4c.backends.cuda.kernels.linear import (
     block_scale,
     linear_packed,
     mxfp4_tile,
+    row_dot,
     storage_to_dot,
 )
 from ds4c.ir.registry import get_op
@@ -348,9 +349,9 @@ def _row_times_rows(a_ptr, w_base, s_base, row_off, cols, col_ok, k_total, s_col
 def _gate_up_pairs_kernel(x_ptr, w_ptr, s_ptr, idx_ptr, sg_ptr, sgs_ptr, su_ptr, sus_ptr, h_ptr,
                           pairs, top_k, inter, hidden, s_cols, w_expert, s_expert, limit,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
-                          INTERPRETER_BF16: tl.constexpr):
+                          ROW: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
     """Program (p, n): row p of h. p < pairs: pair p (its token, its expert's gate and up rows);
-    p >= pairs: the shared expert of token p - pairs."""
+    p >= pairs: the shared expert of token p - pairs. ROW: FP8 weights on the CUDA cores."""
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < inter
@@ -370,10 +371,15 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, s_ptr, idx_ptr, sg_ptr, sgs_ptr, su_ptr,
         us_base = sus_ptr
         u_off = 0
     a_ptr = x_ptr + token.to(tl.int64) * hidden
-    g = _row_times_rows(a_ptr, g_base, gs_base, 0, cols, col_ok, hidden, s_cols, BLOCK_N, BLOCK_K, SCALE, PRECISION,
-                        INTERPRETER_BF16)
-    u = _row_times_rows(a_ptr, u_base, us_base, u_off, cols, col_ok, hidden, s_cols, BLOCK_N, BLOCK_K, SCALE,
-                        PRECISION, INTERPRETER_BF16)
+    if ROW:
+        g = row_dot(a_ptr, g_base, gs_base, cols, col_ok, 0, hidden, hidden, s_cols, BLOCK_N, BLOCK_K, SCALE, False)
+        u = row_dot(a_ptr, u_base, us_base, u_off + cols, col_ok, 0, hidden, hidden, s_cols, BLOCK_N, BLOCK_K, SCALE,
+                    False)
+    else:
+        g = _row_times_rows(a_ptr, g_base, gs_base, 0, cols, col_ok, hidden, s_cols, BLOCK_N, BLOCK_K, SCALE,
+                            PRECISION, INTERPRETER_BF16)
+        u = _row_times_rows(a_ptr, u_base, us_base, u_off, cols, col_ok, hidden, s_cols, BLOCK_N, BLOCK_K, SCALE,
+                            PRECISION, INTERPRETER_BF16)
     g = tl.minimum(g, limit)
     u = tl.minimum(tl.maximum(u, -limit), limit)
     h = g / (1.0 + tl.exp(-g)) * u
@@ -385,9 +391,10 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, s_ptr, idx_ptr, sg_ptr, sgs_ptr, su_ptr,
 def _down_pairs_kernel(h_ptr, w_ptr, s_ptr, idx_ptr, wt_ptr, sd_ptr, sds_ptr, y_ptr,
                        pairs, inter, hidden, s_cols, w_expert, s_expert,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
-                       INTERPRETER_BF16: tl.constexpr):
+                       ROW: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
     """Program (p, n): fp32 row p of y: pair p's down projection times its routing weight, or
-    (p >= pairs) the shared expert's down projection of token p - pairs."""
+    (p >= pairs) the shared expert's down projection of token p - pairs. ROW: FP8 weights on the
+    CUDA cores."""
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
@@ -400,8 +407,12 @@ def _down_pairs_kernel(h_ptr, w_ptr, s_ptr, idx_ptr, wt_ptr, sd_ptr, sds_ptr, y_
         w_base = sd_ptr
         s_base = sds_ptr
         weight = 1.0
-    y = _row_times_rows(h_ptr + pid.to(tl.int64) * inter, w_base, s_base, 0, cols, col_ok, inter, s_cols, BLOCK_N,
-                        BLOCK_K, SCALE, PRECISION, INTERPRETER_BF16)
+    if ROW:
+        y = row_dot(h_ptr + pid.to(tl.int64) * inter, w_base, s_base, cols, col_ok, 0, inter, inter, s_cols, BLOCK_N,
+                    BLOCK_K, SCALE, False)
+    else:
+        y = _row_times_rows(h_ptr + pid.to(tl.int64) * inter, w_base, s_base, 0, cols, col_ok, inter, s_cols,
+                            BLOCK_N, BLOCK_K, SCALE, PRECISION, INTERPRETER_BF16)
     tl.store(y_ptr + pid.to(tl.int64) * hidden + cols, y * weight, mask=col_ok)
 
 
@@ -452,16 +463,22 @@ def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, 
     target = active_target()
     rows = pairs + (tokens if with_shared else 0)
     h = torch.empty((rows, inter), dtype=x.dtype, device=x.device)
-    common = dict(BLOCK_K=cfg.block_k, PRECISION=dot_precision(x.dtype, target),
-                  INTERPRETER_BF16=interpreter_bf16(x.dtype), **cfg.launch.kwargs(target))
-    _gate_up_pairs_kernel[(rows, triton.cdiv(inter, cfg.block_n_up))](
+    common = dict(PRECISION=dot_precision(x.dtype, target), INTERPRETER_BF16=interpreter_bf16(x.dtype))
+    # FP8 weights (one scale per 128x128 block) on the CUDA cores, the rest on the tensor cores
+    gu_row = cfg.fp8_rows and gu_mode in (BLOCK_F32, BLOCK_UE8M0)
+    dn_row = cfg.fp8_rows and dn_mode in (BLOCK_F32, BLOCK_UE8M0)
+    block_up = cfg.row_block_n_up if gu_row else cfg.block_n_up
+    _gate_up_pairs_kernel[(rows, triton.cdiv(inter, block_up))](
         flat, gate_up, gu_s, idx, sg.contiguous(), sgs, su.contiguous(), sus, h, pairs, top_k, inter, hidden,
-        triton.cdiv(hidden, 128), gate_up[0].numel(), gu_se, float(swiglu_limit), BLOCK_N=cfg.block_n_up, SCALE=gu_mode,
-        **common)
+        triton.cdiv(hidden, 128), gate_up[0].numel(), gu_se, float(swiglu_limit), BLOCK_N=block_up,
+        BLOCK_K=128 if gu_row else cfg.block_k, SCALE=gu_mode, ROW=gu_row,
+        **(cfg.row_launch if gu_row else cfg.launch).kwargs(target), **common)
     y = torch.empty((rows, hidden), dtype=torch.float32, device=x.device)
-    _down_pairs_kernel[(rows, triton.cdiv(hidden, cfg.block_n_down))](
+    block_down = cfg.row_block_n_down if dn_row else cfg.block_n_down
+    _down_pairs_kernel[(rows, triton.cdiv(hidden, block_down))](
         h, down, dn_s, idx, w, sd.contiguous(), sds, y, pairs, inter, hidden, triton.cdiv(inter, 128),
-        down[0].numel(), dn_se, BLOCK_N=cfg.block_n_down, SCALE=dn_mode, **common)
+        down[0].numel(), dn_se, BLOCK_N=block_down, BLOCK_K=128 if dn_row else cfg.block_k, SCALE=dn_mode, ROW=dn_row,
+        **(cfg.row_launch if dn_row else cfg.launch).kwargs(target), **common)
     out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
     _combine_kernel[(tokens, triton.cdiv(hidden, 1024))](
         y, out, pairs, hidden, TOP_K=top_k, SHARED=with_shared, BLOCK_N=1024,
