@@ -142,6 +142,36 @@ class LinearPacked(OpDef):
                                     f"got {op.kwargs.get('act')!r}")
 
 
+@register_op
+class LinearGroupedPacked(OpDef):
+    """``linear.grouped`` with its weight still packed: ``y[.., g, :] = x[.., g, :] @ dequant(w)[g*O:(g+1)*O, :]ᵀ``
+    (the grouped output projection ``wo_a`` reading FP8/INT8/MXFP4 bytes in decode).
+
+        %y = linear.grouped.packed(%x, %w.qdata, %w.scale, format="fp8", shape=[8192,4096], groups=8) : bf16[1,1,8,1024]
+    """
+
+    name = "linear.grouped.packed"
+    num_results = 1
+
+    def reference(self, x: torch.Tensor, *packed: torch.Tensor, format: str, shape: list[int],
+                  groups: int) -> torch.Tensor:
+        from ds4c.ir.registry import get_op
+
+        (w,) = dequant_operands(packed, [format], [shape], x.dtype)
+        return get_op("linear.grouped").reference(x, w, groups=groups)
+
+    def verify(self, op) -> None:
+        super().verify(op)
+        n = packed_operand_count([op.kwargs.get("format")], [op.kwargs.get("shape")])
+        if len(op.args) != 1 + n:
+            raise VerificationError(f"linear.grouped.packed: format {op.kwargs.get('format')} takes x and {n} packed "
+                                    "operands")
+        shape, groups = op.kwargs.get("shape") or [], op.kwargs.get("groups")
+        if not isinstance(groups, int) or groups < 1 or len(shape) != 2 or shape[0] % groups:
+            raise VerificationError(f"linear.grouped.packed: groups ({groups}) must divide the weight's rows "
+                                    f"(shape {shape})")
+
+
 MOE_WEIGHTS = ("gate_up", "down", "s_gate", "s_up", "s_down")
 
 

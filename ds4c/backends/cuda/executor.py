@@ -291,10 +291,12 @@ _MOE_WEIGHT_ARGS = range(4, 9)  # gate_up, down, s_gate, s_up, s_down among moe'
 
 def _reads_packed(use: Op, value: Any) -> bool:
     """Whether ``use`` can take ``value`` (a dequantised weight) packed: as the weight of a
-    bias-free ``aten.linear`` or as one of ``moe``'s expert weights."""
+    bias-free ``aten.linear``, the weight of ``linear.grouped`` or one of ``moe``'s expert weights."""
     if use.name == "aten.linear.default":
         return len(use.args) >= 2 and use.args[1] is value and value not in use.args[:1] + use.args[2:] \
             and all(a is None for a in use.args[2:]) and not use.kwargs
+    if use.name == "linear.grouped":
+        return len(use.args) == 2 and use.args[1] is value and use.args[0] is not value
     if use.name == "moe":
         return any(use.args[i] is value for i in _MOE_WEIGHT_ARGS) and value not in use.args[:4]
     return False
@@ -305,9 +307,9 @@ def unpack_weights_once(graphs: Mapping[str, Graph], weights: dict[str, torch.Te
     """Prepare packed weights (``quant.dequant`` of parameters) for the kernel backends, at load.
 
     Where every use of a dequantised weight is a kernel that reads its format as stored
-    (``KERNEL_FORMATS`` as the weight of a bias-free linear, or an expert weight of ``moe``), the
-    dequantisation is dropped and the uses become ``linear.packed`` / ``moe.packed`` over the
-    packed tensors: the step reads FP8/INT8 bytes; a ``quant.activation`` feeding such an FP8 linear
+    (``KERNEL_FORMATS`` as the weight of a bias-free linear or of ``linear.grouped``, or an expert
+    weight of ``moe``), the dequantisation is dropped and the uses become ``linear.packed`` /
+    ``linear.grouped.packed`` / ``moe.packed`` over the packed tensors: the step reads FP8/INT8 bytes; a ``quant.activation`` feeding such an FP8 linear
     is folded into it (``act="fp8"``: the kernel quantises its input itself) and dropped once
     nothing else reads it. Any other packed weight is expanded once here
     into a parameter (the reference ``quant.dequant`` would expand a whole expert tensor at
@@ -362,6 +364,10 @@ def _read_packed(op: Op, packed: Mapping[Any, tuple[str, list[int], tuple]], qua
         if x in quantized and fmt in WEIGHT_FORMATS.get(quantized[x].kwargs["format"], ()):
             x, kwargs["act"] = quantized[x].args[0], quantized[x].kwargs["format"]
         return op.replace(name="linear.packed", args=(x, *tensors), kwargs=kwargs)
+    if op.name == "linear.grouped" and op.args[1] in packed:
+        fmt, shape, tensors = packed[op.args[1]]
+        return op.replace(name="linear.grouped.packed", args=(op.args[0], *tensors),
+                          kwargs={"format": fmt, "shape": shape, "groups": op.kwargs["groups"]})
     if op.name == "moe" and any(op.args[i] in packed for i in _MOE_WEIGHT_ARGS):
         formats, shapes, tensors = [], [], []
         for w in op.args[4:9]:

@@ -63,14 +63,22 @@ def test_packed_weights_are_read_packed_or_expanded_once_for_kernels(tiny_fp8_ar
     path = tiny_fp8_artifact
     ref = ds4c.load(path, device=DEVICE, backend="reference")
     ker = ds4c.load(path, device=DEVICE, backend="kernels", cuda_graphs=False)
-    # FP8 linears and experts stay packed (linear.packed / moe.packed read them); the grouped
-    # output projection, which no kernel reads packed, is expanded once at load
+    # FP8 linears, the grouped output projection and the experts stay packed (linear.packed,
+    # linear.grouped.packed, moe.packed read them): nothing is expanded at load
     assert any(k.endswith(".qdata") and v.dtype == torch.float8_e4m3fn for k, v in ker.weights.items())
-    assert ker.unpacked_weights and all("o_a_proj" in k for k in ker.unpacked_weights)
+    assert any("o_a_proj" in k and v.dtype == torch.float8_e4m3fn for k, v in ker.weights.items())
+    assert not ker.unpacked_weights, ker.unpacked_weights
     assert not any(op.name == "quant.dequant" for g in ker.program.graphs.values() for op in g.ops)
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
-    a, _ = ref.prefill(ids)
-    b, _ = ker.prefill(ids)
+    a, sa = ref.prefill(ids)
+    b, sb = ker.prefill(ids)
+    # decode (two tokens): the grouped projection's GEMV kernel runs on the packed weight
+    tok = a[:, -1:].argmax(-1)
+    da, _ = ref.decode(tok, 24, sa)
+    db, _ = ker.decode(tok, 24, sb)
+    grouped = ker._executors["decode"].stats()["linear.grouped.packed"]
+    assert grouped == {"kernel": sum(op.name == "linear.grouped.packed" for op in ker.program.graphs["decode"].ops)}
+    assert float((da.float() - db.float()).norm() / da.float().norm()) < 0.25
     # h100 multiplies FP8 activations: rounding them to e4m3 turns the kernels' last-bit differences
     # into 1/16-size ones, and in this random tiny model some flip a router's top-k (a wrong kernel
     # moves the logits by ~100% of their norm)

@@ -142,7 +142,7 @@ def split_k_store(part, p_ptr, y_ptr, lock_ptr, offs, mask, slice_stride, split,
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, M, N, K, k_split, split, s_cols,
+def _gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, M, N, K, x_stride, group_rows, k_split, split, s_cols,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr,
                  ACT_FP8: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
                  INTERPRETER_BF16: tl.constexpr):
@@ -154,11 +154,13 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, M, N, K, k_split, 
     n_ok = cols < N
     k_lo = pid_k * k_split
     k_hi = tl.minimum(k_lo + k_split, K)
+    x_ptr += ((pid_n * BLOCK_N) // group_rows) * K  # linear.grouped: the block's group of inputs
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_hi
-        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None] * x_stride + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
         if SCALE == 4:  # MXFP4: decoded and scaled in registers
             w = mxfp4_tile(q_ptr, s_ptr, cols.to(tl.int64), offs_k, k_ok[:, None] & n_ok[None, :], K)
         else:
@@ -236,21 +238,24 @@ def row_dot(x_ptr, q_ptr, s_ptr, cols, n_ok, k_lo, k_hi, K, s_cols,
 
 
 @triton.jit
-def _row_gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, N, K, k_split, split, s_cols,
+def _row_gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, N, K, group_rows, k_split, split, s_cols,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, ACT_FP8: tl.constexpr,
                      SPLIT_K: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
-    """One row times an FP8 weight on the CUDA cores (``row_dot``), program (column block, K slice)."""
+    """One row times an FP8 weight on the CUDA cores (``row_dot``), program (column block, K slice);
+    with ``group_rows`` < N (linear.grouped), weight rows ``[g * group_rows, (g + 1) * group_rows)``
+    multiply inputs ``[g * K, (g + 1) * K)`` of the row."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < N
     k_lo = tl.program_id(1) * k_split
-    part = row_dot(x_ptr, q_ptr, s_ptr, cols, n_ok, k_lo, tl.minimum(k_lo + k_split, K), K, s_cols,
+    part = row_dot(x_ptr + ((tl.program_id(0) * BLOCK_N) // group_rows) * K, q_ptr, s_ptr, cols, n_ok, k_lo, tl.minimum(k_lo + k_split, K), K, s_cols,
                    BLOCK_N, BLOCK_K, SCALE, ACT_FP8)
     split_k_store(part, p_ptr, y_ptr, lock_ptr, cols, n_ok, N, split, SPLIT_K, INTERPRETER_BF16)
 
 
 def row_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: int, act: str | None,
-             **override: int) -> torch.Tensor:
-    """x [1, K] @ dequant(w)ᵀ for an FP8 weight (block scales), fp32 partials summed over the split."""
+             groups: int = 1, **override: int) -> torch.Tensor:
+    """x [1, groups * K] @ dequant(w)ᵀ for an FP8 weight [N, K] (block scales), group by group;
+    K-split partials summed by the last program of each column block."""
     n, k = qdata.shape
     cfg = row_gemv_config(n, k, active_target().compute_units, **override)
     if act == "fp8" and cfg.prequant:  # quantised values in x's dtype (exact), then weight-only
@@ -261,7 +266,7 @@ def row_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: in
     parts = torch.empty((split, n), dtype=torch.float32, device=x.device) if split > 1 else y
     locks = split_locks(x.device, blocks) if split > 1 else y
     _row_gemv_kernel[(blocks, split)](
-        x, qdata, scale, parts, y, locks, n, k, cfg.k_split, split, scale.shape[-1], BLOCK_N=cfg.block_n,
+        x, qdata, scale, parts, y, locks, n, k, n // groups, cfg.k_split, split, scale.shape[-1], BLOCK_N=cfg.block_n,
         BLOCK_K=SCALE_BLOCK, SCALE=mode, ACT_FP8=act == "fp8", SPLIT_K=split > 1,
         INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
@@ -290,16 +295,29 @@ def storage_to_dot(w, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
     return w.to(dtype)
 
 
+def group_tile(rows: int, block_n: int) -> int | None:
+    """The column tile for a grouped GEMV of ``rows`` output rows per group: ``block_n`` halved
+    until it divides ``rows`` (a tile never straddles two groups), not below 16; None if none does."""
+    while block_n > 16 and rows % block_n:
+        block_n //= 2
+    return block_n if rows % block_n == 0 else None
+
+
 def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, format: str, act: str | None = None,
-         **override: int) -> torch.Tensor | None:
+         groups: int = 1, **override: int) -> torch.Tensor | None:
     """``x @ dequant(w)ᵀ`` for x [M, K] (M <= MAX_ROWS), or None when this kernel does not apply.
     ``act="fp8"`` (FP8 weights only): x is quantised per row and 128 inputs first, and e4m3 tiles
-    are multiplied on the tensor cores."""
+    are multiplied on the tensor cores. ``groups`` > 1 (``linear.grouped``): x is [M, groups * K]
+    and output columns ``[g * N / groups, (g + 1) * N / groups)`` read inputs ``[g * K, (g + 1) * K)``
+    (each program's column block inside one group, else None)."""
     mode = _MODES.get(format)
-    if act is not None and (act != "fp8" or mode not in (BLOCK_F32, BLOCK_UE8M0)):
+    if act is not None and (act != "fp8" or mode not in (BLOCK_F32, BLOCK_UE8M0) or groups > 1):
         return None
     m, k = x.shape
     n = qdata.shape[0]
+    if x.shape[1] % groups or n % groups:
+        return None
+    k //= groups
     stored_k = k // 2 if mode == MXFP4 else k
     if mode is None or x.dtype not in _DTYPES or m > MAX_ROWS or qdata.dim() != 2 or qdata.shape[1] != stored_k:
         return None
@@ -311,18 +329,29 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, forma
     x, qdata = x.contiguous(), qdata.contiguous()
     scale = qdata if scale is None else scale.contiguous()
     if m == 1 and mode in (BLOCK_F32, BLOCK_UE8M0) and ROW_GEMV.get():
-        return row_gemv(x, qdata, scale, mode, act, **override)
+        if groups > 1:
+            block_n = group_tile(n // groups, row_gemv_config(n, k, active_target().compute_units, **override).block_n)
+            if block_n is None:
+                return None
+            override = {**override, "block_n": block_n}
+        return row_gemv(x, qdata, scale, mode, act, groups, **override)
     target = active_target()  # the artifact's target (the live device's when loaded elsewhere)
     if act is not None:
         override = {**override, "block_k": ACT_BLOCK}  # one activation scale per K step
     cfg = gemv_config(m, n, k, x.dtype, target.compute_units, 1 if mode == MXFP4 else qdata.element_size(), **override)
+    if groups > 1 and (n // groups) % cfg.block_n:
+        block_n = group_tile(n // groups, cfg.block_n)
+        if block_n is None:
+            return None
+        cfg = gemv_config(m, n, k, x.dtype, target.compute_units, 1 if mode == MXFP4 else qdata.element_size(),
+                          **{**override, "block_n": block_n})
     split = triton.cdiv(k, cfg.k_split)
     blocks = triton.cdiv(n, cfg.block_n)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     parts = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
     locks = split_locks(x.device, blocks) if split > 1 else y
     _gemv_kernel[(blocks, split)](
-        x, qdata, scale, parts, y, locks, m, n, k, cfg.k_split, split,
+        x, qdata, scale, parts, y, locks, m, n, k, x.shape[1], n // groups, cfg.k_split, split,
         scale.shape[-1] if mode in (BLOCK_F32, BLOCK_UE8M0) else 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SCALE=mode, ACT_FP8=act == "fp8",
         SPLIT_K=split > 1, PRECISION=dot_precision(x.dtype, target), INTERPRETER_BF16=interpreter_bf16(x.dtype),
@@ -425,3 +454,19 @@ def linear_packed(x, *packed, format: str, shape: list[int], act: str | None = N
     if y is None:
         return NotImplemented
     return y.view(*x.shape[:-1], shape[0])
+
+
+@register_kernel("linear.grouped.packed")
+def linear_grouped_packed(x, *packed, format: str, shape: list[int], groups: int):
+    """Launcher with ``linear.grouped.packed``'s reference signature: up to MAX_ROWS tokens, the
+    GEMV over the packed weight, each column block reading its group's inputs. Declines the rest
+    (prefill: the reference dequantises the weight and runs the grouped matmul)."""
+    if format not in _MODES or len(shape) != 2 or not packed or x.shape[-2] != groups:
+        return NotImplemented
+    flat = x.reshape(-1, groups * x.shape[-1])
+    if flat.shape[0] > MAX_ROWS:
+        return NotImplemented
+    y = gemv(flat, packed[0], packed[1] if len(packed) > 1 else None, format, groups=groups)
+    if y is None:
+        return NotImplemented
+    return y.view(*x.shape[:-1], shape[0] // groups)
