@@ -53,11 +53,12 @@ class Dequant(OpDef):
 @register_op
 class Activation(OpDef):
     """``x`` quantised as a GEMM that multiplies natively in ``format`` quantises its input, and
-    multiplied back (ds4c.quant.activations): what the FP8 tensor cores see, in the compute dtype.
-    quantize_weights puts it before linears whose FP8 weights the target multiplies natively; the
-    CUDA backend folds it into the ``linear.packed`` that reads it (``act="fp8"``).
+    multiplied back (ds4c.quant.activations): what the FP8 (FP4) tensor cores see, in the compute
+    dtype. quantize_weights puts it before linears whose FP8 (MXFP4) weights the target multiplies
+    natively; the CUDA backend folds it into the ``linear.packed`` that reads it (``act=``).
 
         %x.fp8 = quant.activation(%x, format="fp8", block=128) : bf16[1,1,4096]
+        %x.mxfp4 = quant.activation(%x, format="mxfp4", block=32) : bf16[1,1,4096]
     """
 
     name = "quant.activation"

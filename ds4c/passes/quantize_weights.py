@@ -21,7 +21,7 @@ from __future__ import annotations
 from ds4c.ir.graph import Graph, GraphInput, Op, Value, replace_uses
 from ds4c.ir.types import TensorType
 from ds4c.passes.manager import PassContext, register_pass
-from ds4c.quant.activations import ACT_BLOCK
+from ds4c.quant.activations import ACTIVATION_BLOCKS
 from ds4c.quant.formats import get_format
 from ds4c.quant.packing import packed_name
 
@@ -67,7 +67,7 @@ def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
             x = op.args[0]
             if (x, act) not in quantized:
                 quantized[x, act] = Value(f"{x.name}.{act}", x.type)
-                ops.append(Op("quant.activation", (x,), {"format": act, "block": ACT_BLOCK}, (quantized[x, act],),
+                ops.append(Op("quant.activation", (x,), {"format": act, "block": ACTIVATION_BLOCKS[act]}, (quantized[x, act],),
                               loc=op.loc))
             op = op.replace(args=(quantized[x, act], *op.args[1:]))
         ops.append(op)

@@ -37,7 +37,8 @@ DEFAULT_ERROR_BOUND = 0.1
 SAME_SIZE = 1.05
 ACTIVATION_FORMATS = {
     "fp8": "e4m3, one power-of-two scale per token and 128 channels, computed at run time (DeepSeek's act_quant)",
-    "mxfp4": "e2m1, one UE8M0 scale per 32 channels of each token, computed at run time",
+    "mxfp4": "e2m1, one power-of-two (UE8M0) scale per token and 32 channels, computed at run time "
+             "(OCP MXFP4, as the weights)",
 }
 
 
@@ -69,11 +70,11 @@ def unit_bytes(unit: Unit, fmt: str) -> int:
 
 
 # Activation formats ds4c executes, per unit kind: a linear whose weight is FP8 multiplies FP8
-# activations on targets whose tensor cores take FP8 (``quant.activation`` before it; the CUDA
-# GEMV/GEMM kernels quantise in registers). Expert groups still multiply compute-dtype activations
-# by weights dequantised in registers (weight-only), and FP4 activations are not executed: the
-# report says what runs.
-EXECUTED_ACTIVATION_FORMATS: Mapping[str, frozenset[str]] = {"linear": frozenset({"fp8"})}
+# activations on targets whose tensor cores take FP8, and one whose weight is MXFP4 multiplies
+# MXFP4 activations where they take FP4 (sm_100a) (``quant.activation`` before it; the CUDA GEMV
+# kernels quantise in registers). Expert groups still multiply compute-dtype activations by
+# weights dequantised in registers (weight-only): the report says what runs.
+EXECUTED_ACTIVATION_FORMATS: Mapping[str, frozenset[str]] = {"linear": frozenset({"fp8", "mxfp4"})}
 ACTIVATION_BACKENDS = frozenset({"cuda"})  # sm_90a / sm_100a: OCP e4m3 (MI300's matrix cores take FNUZ)
 # compile(activations=): "native" quantises activations where the above holds; "compute" never
 # (weight-only quantisation everywhere).

@@ -147,9 +147,11 @@ def test_auto_keeps_shipped_formats_and_tables_choose_per_unit(tmp_path):
     table = tmp_path / "table.json"
     table.write_text(json.dumps({"he*": "mxfp4", "*": "fp8"}))
     picks = choose(units, errors, str(table), get_target("b200"), "bf16")
-    # what runs on b200: the FP8 linear multiplies FP8 activations; the embedding is a lookup and
-    # MXFP4 is dequantised in registers (FP4 activations are not executed)
-    assert [(c.format, c.activations) for c in picks] == [("fp8", "bf16"), ("fp8", "fp8"), ("mxfp4", "bf16")]
+    # what runs on b200: the FP8 linear multiplies FP8 activations, the MXFP4 one MXFP4 activations
+    # (FP4 tensor cores); the embedding is a lookup
+    assert [(c.format, c.activations) for c in picks] == [("fp8", "bf16"), ("fp8", "fp8"), ("mxfp4", "mxfp4")]
+    # h100 has no FP4 tensor cores: MXFP4 stays weight-only there
+    assert choose(units, errors, str(table), get_target("h100"), "bf16")[2].activations == "bf16"
     # MI300's matrix cores take FNUZ e4m3, not the OCP e4m3 ds4c quantises to: weight-only there
     picks = choose(units, errors, str(table), get_target("mi300x"), "bf16")
     assert [c.activations for c in picks] == ["bf16"] * 3

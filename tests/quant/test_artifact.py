@@ -62,3 +62,21 @@ def test_fp8_activations_follow_the_target_and_the_cli_flag(tmp_path):
     assert not any(op.name == "quant.activation" for g in program.graphs.values() for op in g.ops)
     res = CliRunner().invoke(app, ["compile", "tiny", "--activations", "fp4", "-o", str(out)])
     assert res.exit_code != 0 and "--activations must be one of native, compute" in res.output
+
+
+def test_fp4_activations_on_blackwell_only(tmp_path):
+    """MXFP4 linears multiply MXFP4 activations where the tensor cores take FP4 (b200: quant.activation
+    with 32-channel blocks in the IR, "mxfp4" in the report); on h100 (no FP4 tensor cores) they
+    stay weight-only. (The kernels running them: tests/backends/cuda/test_packed_kernels.py.)"""
+    table = tmp_path / "table.json"
+    table.write_text('{"model.layers.*.self_attn.q_b_proj": "mxfp4", "lm_head": "bf16", "model.embed_tokens": "bf16"}')
+
+    def acts(art):
+        return {u["activations"] for u in art.manifest["precision"]["units"] if u["format"] == "mxfp4"}
+
+    b200 = ds4c.compile("tiny", target="b200", precision=str(table), max_context=32, progress=False)
+    assert acts(b200) == {"mxfp4"}
+    assert 'format="mxfp4", block=32' in b200.ir_text("decode")
+    assert "e2m1" in b200.manifest["precision"]["activation_quantization"]["mxfp4"]
+    h100 = ds4c.compile("tiny", target="h100", precision=str(table), max_context=32, progress=False)
+    assert acts(h100) == {"bf16"} and "quant.activation" not in h100.ir_text("decode")

@@ -25,7 +25,7 @@ from ds4c.backends.reference import ReferenceExecutor
 from ds4c.ir.graph import Graph, Op
 from ds4c.ir.registry import OpDef, get_op, split_results
 from ds4c.ops.moe import moe_gather_formulation
-from ds4c.quant.activations import ACT_BLOCK, WEIGHT_FORMATS
+from ds4c.quant.activations import ACTIVATION_BLOCKS, WEIGHT_FORMATS
 
 
 class _KernelOp(OpDef):
@@ -326,7 +326,8 @@ def unpack_weights_once(graphs: Mapping[str, Graph], weights: dict[str, torch.Te
         params = set(g.inputs_of_kind("param"))
         users, outputs = g.users(), set(g.output_values())
         packed: dict[Any, tuple[str, list[int], tuple]] = {}  # dequantised value -> (format, shape, packed operands)
-        quantized = {op.result: op for op in g.ops if op.name == "quant.activation" and op.kwargs["block"] == ACT_BLOCK}
+        quantized = {op.result: op for op in g.ops if op.name == "quant.activation"
+                     and op.kwargs["block"] == ACTIVATION_BLOCKS.get(op.kwargs["format"])}
         ops, new_inputs = [], []
         for op in g.ops:
             if op.name == "quant.dequant" and all(v in params for v in op.operands):

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from ds4c.backends.cuda.executor import unpack_weights_once
+from ds4c.backends.cuda.kernels.act_quant import mx_fake_quant
 from ds4c.backends.cuda.kernels.linear import MAX_ROWS, linear_packed
 from ds4c.backends.cuda.kernels.moe import moe_packed
 from ds4c.backends.reference import ReferenceExecutor
@@ -168,6 +171,48 @@ def test_linear_grouped_packed_declines_what_it_cannot_tile():
                                  shape=[256, 128], groups=4) is NotImplemented
 
 
+@pytest.mark.parametrize("rows,n,k,dtype", [
+    (1, 200, 384, torch.float32),   # decode GEMV: x quantised to MXFP4 in registers
+    (3, 96, 4096, torch.float32),   # split K
+    (2, 192, 512, torch.bfloat16),
+])
+def test_linear_packed_fp4_activations_match_reference(rows, n, k, dtype):
+    """act="mxfp4" (an MXFP4 weight on FP4 tensor cores): the kernel quantises x per row and 32
+    inputs as ds4c.quant.activations does, so only the accumulation order differs."""
+    g = torch.Generator().manual_seed(rows + n + k + 2)
+    x = (torch.randn(1, rows, k, generator=g) * torch.logspace(-2, 2, k)).to(dtype).to(DEVICE)
+    x[0, 0, :32] = 0  # an all-zero block: the amax floor
+    packed = pack(torch.randn(n, k, generator=g).to(DEVICE) / 8, "mxfp4")
+    got = linear_packed(x, *packed, format="mxfp4", shape=[n, k], act="mxfp4")
+    assert got is not NotImplemented
+    ref = get_op("linear.packed").reference
+    want = ref(x, *packed, format="mxfp4", shape=[n, k], act="mxfp4")
+    tol = TOLERANCE[dtype]["atol"] * float(want.abs().max())
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
+    assert not torch.allclose(ref(x, *packed, format="mxfp4", shape=[n, k]).float(), want.float(), atol=tol, rtol=0)
+
+
+@triton.jit
+def _mx_quant_tile(x_ptr, y_ptr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    offs = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    tl.store(y_ptr + offs, mx_fake_quant(tl.load(x_ptr + offs), ROWS, COLS))
+
+
+def test_mx_fake_quant_in_registers_equals_the_reference_bit_for_bit():
+    from ds4c.quant.activations import mxfp4_roundtrip
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 128, generator=g) * torch.logspace(-6, 3, 128)
+    x[1] = 0                               # amax floor
+    x[2, :3] = 6.0                         # scale exactly 2^0
+    x[3, :2] = torch.tensor([0.25, 0.75])  # ties to the even code (scale 2^-3 from 0.75: 2, 6)
+    x[4, :4] = torch.tensor([5.0, 2.5, 3.5, 1.75])
+    x = x.to(DEVICE)
+    y = torch.empty_like(x)
+    _mx_quant_tile[(1,)](x, y, ROWS=16, COLS=128)
+    assert torch.equal(y.cpu(), mxfp4_roundtrip(x.cpu()))
+
+
 def test_linear_packed_declines_fp8_activations_on_other_formats():
     x = torch.randn(1, 2, 128, device=DEVICE)
     assert linear_packed(x, *pack(torch.randn(32, 128, device=DEVICE), "int8"), format="int8", shape=[32, 128],
@@ -312,3 +357,29 @@ def test_mxfp4_experts_stay_packed_end_to_end(tmp_path):
     assert float((dg.float().cpu() - dw.float()).norm() / dw.float().norm()) < 0.25
     assert ker._executors["decode"].stats()["moe.packed"] == {"kernel": len([o for o in moes if o in
                                                                             ker.program.graphs["decode"].ops])}
+
+
+def test_fp4_activation_linears_run_on_the_kernels_backend(tmp_path):
+    """tiny for b200 with MXFP4 q_b projections (MXFP4 activations): the kernels backend folds
+    quant.activation into linear.packed(act="mxfp4"), runs the GEMV on decode, and agrees with
+    the reference backend."""
+    import ds4c
+
+    table = tmp_path / "table.json"
+    table.write_text('{"model.layers.*.self_attn.q_b_proj": "mxfp4", "lm_head": "bf16", "model.embed_tokens": "bf16"}')
+    path = tmp_path / "fp4.ds4"
+    ds4c.compile("tiny", target="b200", precision=str(table), max_context=32, progress=False).save(path)
+    ref = ds4c.load(path, backend="reference")
+    ker = ds4c.load(path, device=DEVICE, backend="kernels", cuda_graphs=False)
+    packed = [op for op in ker.program.graphs["decode"].ops if op.name == "linear.packed"]
+    assert packed and all(op.kwargs.get("act") == "mxfp4" for op in packed)
+    assert not any(op.name == "quant.activation" for g in ker.program.graphs.values() for op in g.ops)
+    ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(3))
+    want, sa = ref.prefill(ids)
+    got, sb = ker.prefill(ids.to(DEVICE))
+    tok = want[:, -1:].argmax(-1)
+    da, _ = ref.decode(tok, 6, sa)
+    db, _ = ker.decode(tok.to(DEVICE), 6, sb)
+    assert ker._executors["decode"].stats()["linear.packed"] == {"kernel": len(packed)}
+    for a, b in ((want, got), (da, db)):
+        assert float((a.float() - b.float().cpu()).norm() / a.float().norm()) < 0.25

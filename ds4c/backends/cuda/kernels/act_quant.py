@@ -51,6 +51,35 @@ def e4m3_round(v):
 
 
 @triton.jit
+def mx_scale_exponent(amax):
+    """int32 ``k``: the smallest with ``max(amax, 1e-4) <= 6 * 2^k`` (6 = 1.5 * 2^2; MXFP4)."""
+    bits = tl.maximum(amax, 1e-4).to(tl.int32, bitcast=True)  # AMAX_FLOOR
+    return ((bits >> 23) & 255) - 129 + ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)
+
+
+@triton.jit
+def e2m1_round(v):
+    """fp32 ``v`` rounded to the nearest e2m1 value (saturating at 6), ties to the even code, as
+    fp32: the quantum is 2^(max(e, 0) - 1) for |v| in [2^e, 2^(e+1)) (0.5 below 2, 1 below 4, 2
+    up to 6), rounded to by adding and subtracting 1.5 * 2^23 quanta."""
+    a = tl.minimum(tl.abs(v), 6.0)
+    e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 255) - 127, 0)
+    magic = (((e + 149) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    r = (a + magic) - magic
+    return tl.where(v < 0, -r, r)
+
+
+@triton.jit
+def mx_fake_quant(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """fp32 tile [ROWS, COLS] (COLS a multiple of 32, each 32 columns one scale block) quantised to
+    MXFP4 and multiplied back (fp32, exact): what the FP4 tensor cores multiply."""
+    xb = tl.reshape(x, [ROWS, COLS // 32, 32])
+    k = mx_scale_exponent(tl.max(tl.abs(xb), axis=2))
+    q = e2m1_round(xb * pow2(-k)[:, :, None]) * pow2(k)[:, :, None]
+    return tl.reshape(q, [ROWS, COLS])
+
+
+@triton.jit
 def quantize_rows(x):
     """fp32 tile [R, 128] (one scale block per row) -> (e4m3 tile, fp32 scale [R])."""
     k = scale_exponent(tl.max(tl.abs(x), axis=1))

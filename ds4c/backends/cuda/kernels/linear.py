@@ -35,7 +35,14 @@ import triton
 import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
-from ds4c.backends.cuda.kernels.act_quant import act_quant, e4m3_round, pow2, quantize_rows, scale_exponent
+from ds4c.backends.cuda.kernels.act_quant import (
+    act_quant,
+    e4m3_round,
+    mx_fake_quant,
+    pow2,
+    quantize_rows,
+    scale_exponent,
+)
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import active_target, dot_precision, tuned
 from ds4c.quant.activations import ACT_BLOCK
@@ -145,7 +152,7 @@ def split_k_store(part, p_ptr, y_ptr, lock_ptr, offs, mask, slice_stride, split,
 def _gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, M, N, K, x_stride, group_rows, k_split, split, s_cols,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr,
                  ACT_FP8: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
-                 INTERPRETER_BF16: tl.constexpr):
+                 INTERPRETER_BF16: tl.constexpr, ACT_FP4: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -163,6 +170,9 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, M, N, K, x_stride,
                     other=0.0)
         if SCALE == 4:  # MXFP4: decoded and scaled in registers
             w = mxfp4_tile(q_ptr, s_ptr, cols.to(tl.int64), offs_k, k_ok[:, None] & n_ok[None, :], K)
+            if ACT_FP4:  # x quantised per row and 32 inputs to MXFP4 (exact in x's dtype), as FP4 cores take it
+                x = round_to(mx_fake_quant(x.to(tl.float32), BLOCK_M, BLOCK_K), x_ptr.dtype.element_ty,
+                             INTERPRETER_BF16)
         else:
             w = tl.load(q_ptr + cols.to(tl.int64)[None, :] * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0)
@@ -307,11 +317,14 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, forma
          groups: int = 1, **override: int) -> torch.Tensor | None:
     """``x @ dequant(w)ᵀ`` for x [M, K] (M <= MAX_ROWS), or None when this kernel does not apply.
     ``act="fp8"`` (FP8 weights only): x is quantised per row and 128 inputs first, and e4m3 tiles
-    are multiplied on the tensor cores. ``groups`` > 1 (``linear.grouped``): x is [M, groups * K]
+    are multiplied on the tensor cores. ``act="mxfp4"`` (MXFP4 weights only): x is quantised per row
+    and 32 inputs to MXFP4 in registers (the FP4 tensor cores' operands; multiplied exactly in
+    bf16 here, a bandwidth-bound GEMV). ``groups`` > 1 (``linear.grouped``): x is [M, groups * K]
     and output columns ``[g * N / groups, (g + 1) * N / groups)`` read inputs ``[g * K, (g + 1) * K)``
     (each program's column block inside one group, else None)."""
     mode = _MODES.get(format)
-    if act is not None and (act != "fp8" or mode not in (BLOCK_F32, BLOCK_UE8M0) or groups > 1):
+    if act is not None and (groups > 1 or (act, mode) not in (("fp8", BLOCK_F32), ("fp8", BLOCK_UE8M0),
+                                                                ("mxfp4", MXFP4))):
         return None
     m, k = x.shape
     n = qdata.shape[0]
@@ -336,7 +349,7 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, forma
             override = {**override, "block_n": block_n}
         return row_gemv(x, qdata, scale, mode, act, groups, **override)
     target = active_target()  # the artifact's target (the live device's when loaded elsewhere)
-    if act is not None:
+    if act == "fp8":
         override = {**override, "block_k": ACT_BLOCK}  # one activation scale per K step
     cfg = gemv_config(m, n, k, x.dtype, target.compute_units, 1 if mode == MXFP4 else qdata.element_size(), **override)
     if groups > 1 and (n // groups) % cfg.block_n:
@@ -355,7 +368,7 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, forma
         scale.shape[-1] if mode in (BLOCK_F32, BLOCK_UE8M0) else 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SCALE=mode, ACT_FP8=act == "fp8",
         SPLIT_K=split > 1, PRECISION=dot_precision(x.dtype, target), INTERPRETER_BF16=interpreter_bf16(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        ACT_FP4=act == "mxfp4", num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 
@@ -441,7 +454,7 @@ def linear_packed(x, *packed, format: str, shape: list[int], act: str | None = N
     """Launcher with ``linear.packed``'s reference signature: the GEMV up to MAX_ROWS rows; beyond,
     with FP8 activations (``act="fp8"``), the FP8 GEMM. Declines the rest (the reference
     dequantises the weight and runs cuBLAS) and formats without a kernel."""
-    if format not in _MODES or len(shape) != 2 or not packed or act not in (None, "fp8"):
+    if format not in _MODES or len(shape) != 2 or not packed or act not in (None, "fp8", "mxfp4"):
         return NotImplemented
     flat = x.reshape(-1, x.shape[-1])
     scale = packed[1] if len(packed) > 1 else None

@@ -1,0 +1,54 @@
+"""Activation quantisation references (ds4c.quant.activations): FP4 (MXFP4) activations."""
+
+from __future__ import annotations
+
+import torch
+
+from ds4c.frontend.formats import dequant_mxfp4, quant_mxfp4, round_to_e2m1
+from ds4c.quant.activations import (
+    ACTIVATION_BLOCKS,
+    mxfp4_roundtrip,
+    mxfp4_scale_exponents,
+    round_e2m1,
+    roundtrip,
+)
+
+
+def test_e2m1_rounding_is_the_weight_packers_rounding_ties_included():
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, 1e9])
+    v = torch.cat([torch.linspace(-8, 8, 64001), ties, -ties, torch.tensor([0.0, -0.0, 1e-30])])
+    assert torch.equal(round_e2m1(v), round_to_e2m1(v))
+    # ties go to the even code: 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4
+    assert round_e2m1(ties[:7]).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
+
+
+def test_mxfp4_activations_are_the_weight_format_per_token_block():
+    """Per token and 32 channels, the same scale and values as MXFP4 weight packing (OCP MX), in
+    the input's dtype; representable inputs come back unchanged."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 256, generator=g) * torch.logspace(-3, 3, 256)
+    q, s = quant_mxfp4(x.reshape(-1, 256))
+    want = dequant_mxfp4(q, s, 32, out_dtype=torch.float32).view(2, 3, 256)
+    assert torch.equal(mxfp4_roundtrip(x), want)
+    assert torch.equal(mxfp4_roundtrip(want), want)  # idempotent: e2m1 x 2^k values stay
+    assert torch.equal(roundtrip(x.bfloat16(), "mxfp4"), mxfp4_roundtrip(x.bfloat16()))
+    assert mxfp4_roundtrip(x.bfloat16()).dtype == torch.bfloat16 and ACTIVATION_BLOCKS["mxfp4"] == 32
+
+
+def test_mxfp4_activation_error_is_within_half_a_quantum_and_scales_are_minimal():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 96, generator=g) * torch.logspace(-2, 2, 96)
+    x[0, :32] = 0  # an all-zero block
+    blocks = x.view(64, 3, 32)
+    amax = blocks.abs().amax(-1)
+    k = mxfp4_scale_exponents(amax).float()
+    # the smallest power of two that brings the block under 6 (amax floored at 1e-4)
+    assert bool((amax.clamp_min(1e-4) <= 6 * torch.exp2(k)).all())
+    assert bool((amax.clamp_min(1e-4) > 6 * torch.exp2(k - 1)).all())
+    err = (mxfp4_roundtrip(x).view(64, 3, 32) - blocks).abs()
+    # quantum of e2m1 is at most 2 (between 4 and 6): half of it times the scale bounds the error
+    assert bool((err <= torch.exp2(k)[..., None] + 1e-12).all())
+    assert torch.equal(mxfp4_roundtrip(x)[0, :32], torch.zeros(32))
+    # ragged channels (not a multiple of 32) pad the last block with zeros
+    y = torch.randn(5, 40, generator=g)
+    assert torch.equal(mxfp4_roundtrip(y)[:, :32], mxfp4_roundtrip(y[:, :32]))
