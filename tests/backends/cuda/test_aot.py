@@ -198,3 +198,22 @@ def test_fp8_activation_kernels_compile_for_hopper_and_blackwell():
                    for n, f in b["files"].items() if n.endswith(".ptx")]
             # mma.sync / wgmma on e4m3 operands (sm_90a), tcgen05.mma kind::f8f6f4 (sm_100a)
             assert any(b"e4m3.e4m3" in t or b"kind::f8f6f4" in t for t in ptx), (target, name)
+
+
+def test_fp4_activation_gemv_compiles_for_blackwell(tmp_path):
+    """MXFP4 linears for b200 multiply MXFP4 activations: the decode GEMV that quantises them in
+    registers (ACT_FP4, MXFP4 weights) is among the stored sm_100a binaries."""
+    table = tmp_path / "table.json"
+    table.write_text('{"*.q_b_proj": "mxfp4", "lm_head": "bf16", "model.embed_tokens": "bf16"}')
+    art = ds4c.compile("tiny", target="b200", precision=str(table), max_context=64, progress=False)
+    program = art.program
+    program.attrs["state"] = art.manifest["state"]
+    section, _ = aot.lower(get_target("b200"), program, progress=False)
+    constants = []
+    for b in section["binaries"]:
+        if b["name"] == "_gemv_kernel":
+            spec = json.loads(b["specialization"])
+            names = list(spec["signature"])
+            constants.append({names[k[0]]: v for k, v in zip(spec["constant_keys"], spec["constant_vals"], strict=True)})
+    assert constants and {b["arch"] for b in section["binaries"]} == {"sm_100a"}
+    assert any(c.get("ACT_FP4") is True and c.get("SCALE") == 4 for c in constants), constants
