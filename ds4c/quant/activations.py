@@ -70,34 +70,36 @@ def round_e2m1(v: torch.Tensor) -> torch.Tensor:
     return torch.where(v < 0, -q, q)
 
 
-def mxfp4_roundtrip(x: torch.Tensor, block: int = MX_ACT_BLOCK) -> torch.Tensor:
-    """``x`` (any shape, last dim the GEMM's input channels) quantised to e2m1 per token and
-    ``block`` channels with power-of-two scales, then multiplied back, in ``x.dtype`` (exact in
-    bf16: an e2m1 value has 2 significant bits)."""
+def _blockwise(x: torch.Tensor, block: int, quantize) -> torch.Tensor:
+    """``x`` (last dim: the GEMM's input channels) in blocks of ``block`` channels per token (the
+    last zero-padded), each block through ``quantize(block values fp32, amax)`` -> values times
+    their scale, back in ``x.dtype``."""
     k = x.shape[-1]
     pad = (-k) % block
     xf = x.float()
     if pad:
         xf = torch.nn.functional.pad(xf, (0, pad))
     blocks = xf.unflatten(-1, (-1, block))
-    scale = torch.exp2(mxfp4_scale_exponents(blocks.abs().amax(-1, keepdim=True)).float())
-    out = (round_e2m1(blocks / scale) * scale).flatten(-2)
-    return out[..., :k].to(x.dtype)
+    return quantize(blocks, blocks.abs().amax(-1, keepdim=True)).flatten(-2)[..., :k].to(x.dtype)
+
+
+def mxfp4_roundtrip(x: torch.Tensor, block: int = MX_ACT_BLOCK) -> torch.Tensor:
+    """``x`` (any shape, last dim the GEMM's input channels) quantised to e2m1 per token and
+    ``block`` channels with power-of-two scales, then multiplied back, in ``x.dtype`` (exact in
+    bf16: an e2m1 value has 2 significant bits)."""
+    def quantize(blocks, amax):
+        scale = torch.exp2(mxfp4_scale_exponents(amax).float())  # exact powers of two
+        return round_e2m1(blocks / scale) * scale
+    return _blockwise(x, block, quantize)
 
 
 def fp8_roundtrip(x: torch.Tensor, block: int = ACT_BLOCK) -> torch.Tensor:
     """``x`` (any shape, last dim the GEMM's input channels) quantised to e4m3 per token and
     ``block`` channels with power-of-two scales, then multiplied back, in ``x.dtype``."""
-    k = x.shape[-1]
-    pad = (-k) % block
-    xf = x.float()
-    if pad:
-        xf = torch.nn.functional.pad(xf, (0, pad))
-    blocks = xf.unflatten(-1, (-1, block))
-    scale = torch.exp2(fp8_scale_exponents(blocks.abs().amax(-1, keepdim=True)).float())  # exact powers of two
-    q = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    out = (q.float() * scale).flatten(-2)
-    return out[..., :k].to(x.dtype)
+    def quantize(blocks, amax):
+        scale = torch.exp2(fp8_scale_exponents(amax).float())  # exact powers of two
+        return (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+    return _blockwise(x, block, quantize)
 
 
 def roundtrip(x: torch.Tensor, format: str, block: int | None = None) -> torch.Tensor:

@@ -266,19 +266,23 @@ def test_moe_packed_matches_reference(fmt, tokens, dtype):
     torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
 
 
+def packed_moe(args: list, fmt: str) -> tuple[list, dict]:
+    """make_inputs' operands with every expert weight packed in ``fmt``, and moe.packed's kwargs."""
+    operands, shapes = list(args[:4]), []
+    for w in args[4:]:
+        shapes.append(list(w.shape))
+        operands.extend(pack(w, fmt))
+    return operands, dict(formats=[fmt] * 5, shapes=shapes, top_k=2, route_scale=1.5, swiglu_limit=10.0,
+                          routing="bias", score="sqrtsoftplus")
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "fp8-f32scale"])
 def test_moe_packed_decode_fp8_rows_equal_the_tile_path(fmt):
     """FP8 experts in decode: the CUDA-core row kernels (default) and the tensor-core 16-row tile
     compute the same exact products, summed in another order."""
     from ds4c.backends.cuda.kernels.configs import moe_decode_config, use_tuning
 
-    args = make_inputs(1, 8, 384, 160, torch.float32, "bias", 2, seed=4)
-    operands, shapes = list(args[:4]), []
-    for w in args[4:]:
-        shapes.append(list(w.shape))
-        operands.extend(pack(w, fmt))
-    kw = dict(formats=[fmt] * 5, shapes=shapes, top_k=2, route_scale=1.5, swiglu_limit=10.0, routing="bias",
-              score="sqrtsoftplus")
+    operands, kw = packed_moe(make_inputs(1, 8, 384, 160, torch.float32, "bias", 2, seed=4), fmt)
     assert moe_decode_config(torch.float32).fp8_rows
     rows = moe_packed(*operands, **kw)
     with use_tuning({"moe_decode": {"fp8_rows": 0}}):
@@ -290,13 +294,7 @@ def test_moe_packed_decode_fp8_rows_equal_the_tile_path(fmt):
 @pytest.mark.parametrize("fmt", ["fp8", "int8", "mxfp4"])
 def test_moe_packed_decode_reads_the_shared_expert_packed(fmt):
     # every expert weight in one format: the decode kernels run the shared expert too
-    args = make_inputs(1, 8, 256, 160, torch.float32, "bias", 2, seed=9)
-    operands, shapes = list(args[:4]), []
-    for w in args[4:]:
-        shapes.append(list(w.shape))
-        operands.extend(pack(w, fmt))
-    kw = dict(formats=[fmt] * 5, shapes=shapes, top_k=2, route_scale=1.5, swiglu_limit=10.0, routing="bias",
-              score="sqrtsoftplus")
+    operands, kw = packed_moe(make_inputs(1, 8, 256, 160, torch.float32, "bias", 2, seed=9), fmt)
     got = moe_packed(*operands, **kw)
     want = get_op("moe.packed").reference(*operands, **kw)
     torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
