@@ -211,18 +211,19 @@ def row_gemv_config(n: int, k: int, sms: int, **override: int) -> RowGemvConfig:
     flash-slice, CUDA-graph replays): with FP8 activations 11.6-14.4 us on the 32M-value weights
     (2.3-2.9 TB/s; cuBLAS bf16 18.7-21.9 us, the tensor-core tile GEMV 20-21 us, 4 warps 21-24 us),
     and within 11% of the best of 36 tilings on every shape. Quantising the row first in a
-    separate kernel (``prequant``) was no faster there; on an LM-head-sized weight (over 128M
-    values: 129280 x 4096) it is, with 16-row tiles (H200, 2026-12-03: 154 us against 169 us with
-    the default tiles and 244 us for cuBLAS's bf16 GEMV). ``override`` and the tuning table
-    (family ``row_gemv``) replace any field; ``split`` fixes the K split."""
+    separate kernel (``prequant``) was no faster. On the LM head (129280 x 4096) 16-row tiles with
+    the row quantised first measured 154 us in isolation against 173 us with these (cuBLAS bf16:
+    244 us; H200, 2026-12-03), but the graphed decode step with an FP8 head got ~55 us slower with
+    them (same-run comparisons against FP8 with a bf16 head, two machines), so they are not the
+    default. ``override`` and the tuning table (family ``row_gemv``) replace any field; ``split``
+    fixes the K split."""
     override = {**tuned("row_gemv"), **override}
-    huge = n * k > 1 << 27
-    block_n = override.get("block_n", 16 if huge else 32)
+    block_n = override.get("block_n", 32)
     steps = triton.cdiv(k, SCALE_BLOCK)
     per_sm = override.get("programs_per_sm", 8 if n * k <= 1 << 24 else 4)
     split = override.get("split", k_split_count(triton.cdiv(n, block_n), steps, per_sm * sms, min_steps=2))
     return RowGemvConfig(block_n, triton.cdiv(steps, split) * SCALE_BLOCK, override.get("num_warps", 1),
-                         override.get("num_stages", 3), override.get("prequant", int(huge)))
+                         override.get("num_stages", 3), override.get("prequant", 0))
 
 
 @triton.jit
