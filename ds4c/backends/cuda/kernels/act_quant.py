@@ -34,10 +34,17 @@ def pow2(k):
 
 
 @triton.jit
-def scale_exponent(amax):
-    """int32 ``k``: the smallest with ``max(amax, 1e-4) <= 448 * 2^k`` (448 = 1.75 * 2^8)."""
+def pow2_exponent(amax, SHIFT: tl.constexpr, MANTISSA: tl.constexpr):
+    """int32 ``k``: the smallest with ``max(amax, 1e-4) <= 1.m * 2^SHIFT * 2^k`` where ``1.m`` has
+    mantissa bits ``MANTISSA``: from amax's bits (``E - SHIFT``, plus one above the mantissa)."""
     bits = tl.maximum(amax, 1e-4).to(tl.int32, bitcast=True)  # AMAX_FLOOR
-    return ((bits >> 23) & 255) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    return ((bits >> 23) & 255) - 127 - SHIFT + ((bits & 0x7FFFFF) > MANTISSA).to(tl.int32)
+
+
+@triton.jit
+def scale_exponent(amax):
+    """int32 ``k``: the smallest with ``max(amax, 1e-4) <= 448 * 2^k`` (448 = 1.75 * 2^8; FP8)."""
+    return pow2_exponent(amax, 8, 0x600000)
 
 
 @triton.jit
@@ -53,8 +60,7 @@ def e4m3_round(v):
 @triton.jit
 def mx_scale_exponent(amax):
     """int32 ``k``: the smallest with ``max(amax, 1e-4) <= 6 * 2^k`` (6 = 1.5 * 2^2; MXFP4)."""
-    bits = tl.maximum(amax, 1e-4).to(tl.int32, bitcast=True)  # AMAX_FLOOR
-    return ((bits >> 23) & 255) - 129 + ((bits & 0x7FFFFF) > 0x400000).to(tl.int32)
+    return pow2_exponent(amax, 2, 0x400000)
 
 
 @triton.jit

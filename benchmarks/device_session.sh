@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The device measurements behind docs/PERFORMANCE.md, in parts that each fit one 10-minute device call
+# (results under $OUT, or ./device_out):
+#
+#   bash benchmarks/device_session.sh exactness   # fp32 smoke vs transformers + packed/MoE kernel tests  (~4 min)
+#   bash benchmarks/device_session.sh profile     # per-kernel decode profiles: bf16, fp8, fp8 incl. LM head (~5 min)
+#   bash benchmarks/device_session.sh variants    # graphed decode step bf16 / fp8 / fp8 incl. LM head    (~4 min)
+#   bash benchmarks/device_session.sh kernels     # decode MoE tile sweep, LM-head and dense FP8 GEMVs     (~3 min)
+#
+# TARGET (default h200) names the target record the artifacts are compiled for.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=.
+case "${1:-}" in
+  exactness|profile|variants|kernels) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|kernels" >&2; exit 2 ;;
+esac
+out="${OUT:-device_out}"
+target="${TARGET:-h200}"
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv > "$out/gpu.txt" 2>&1
+head_table=benchmarks/tables/fp8_with_head.json
+case "$1" in
+  exactness)
+    timeout 200 python benchmarks/gpu_smoke.py --out "$out/smoke.json" > "$out/smoke.log" 2>&1; tail -3 "$out/smoke.log"
+    timeout 300 python -m pytest -q -x -p no:cacheprovider tests/backends/cuda/test_packed_kernels.py \
+      tests/backends/cuda/test_moe_kernels.py > "$out/pytest.log" 2>&1; tail -3 "$out/pytest.log" ;;
+  profile)
+    for p in bf16 fp8 "$head_table"; do
+      n=$(basename "$p" .json)
+      timeout 170 python benchmarks/profile_step.py --preset flash-slice --backends compiled --no-prefill \
+        --target "$target" --precision "$p" --out "$out/prof_$n.json" > "$out/prof_$n.log" 2>&1
+      grep -v Warn "$out/prof_$n.log" | head -20
+    done
+    rm -f "$out"/*trace.json ;;
+  variants)
+    timeout 500 python benchmarks/decode_variants.py --preset flash-slice --target "$target" \
+      --precisions "bf16,fp8,$head_table" --variants compiled --out "$out/variants.json" > "$out/variants.log" 2>&1
+    tail -22 "$out/variants.log" ;;
+  kernels)
+    timeout 200 python benchmarks/moe_decode_bench.py --target "$target" --out "$out/moe_decode.json" \
+      > "$out/moe_decode.log" 2>&1; tail -8 "$out/moe_decode.log"
+    timeout 300 python benchmarks/fp8_gemm_bench.py --rows 1 --target "$target" --shapes 129280x4096 8192x4096 \
+      4096x8192 --out "$out/fp8_gemv.json" > "$out/fp8_gemv.log" 2>&1; grep -v Warn "$out/fp8_gemv.log" | cut -c1-400 ;;
+esac
