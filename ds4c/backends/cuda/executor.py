@@ -309,11 +309,11 @@ def unpack_weights_once(graphs: Mapping[str, Graph], weights: dict[str, torch.Te
     Where every use of a dequantised weight is a kernel that reads its format as stored
     (``KERNEL_FORMATS`` as the weight of a bias-free linear or of ``linear.grouped``, or an expert
     weight of ``moe``), the dequantisation is dropped and the uses become ``linear.packed`` /
-    ``linear.grouped.packed`` / ``moe.packed`` over the packed tensors: the step reads FP8/INT8 bytes; a ``quant.activation`` feeding such an FP8 linear
-    is folded into it (``act="fp8"``: the kernel quantises its input itself) and dropped once
-    nothing else reads it. Any other packed weight is expanded once here
-    into a parameter (the reference ``quant.dequant`` would expand a whole expert tensor at
-    every step). Returns the rewritten graphs, the weights (packed tensors no graph reads any
+    ``linear.grouped.packed`` / ``moe.packed`` over the packed tensors: the step reads FP8/INT8
+    bytes; a ``quant.activation`` feeding such an FP8 (MXFP4) linear is folded into it (``act=``:
+    the kernel quantises its input itself) and dropped once nothing else reads it. Any other
+    packed weight is expanded once here into a parameter (the reference ``quant.dequant`` would
+    expand a whole expert tensor at every step). Returns the rewritten graphs, the weights (packed tensors no graph reads any
     more dropped) and the names of the expanded weights.
     """
     from ds4c.ir.graph import GraphInput

@@ -361,7 +361,7 @@ def moe_decode_config(dtype: torch.dtype, target: Target | None = None) -> MoeDe
     measured decode tiles (``moe_config``): 32 gate/up columns, 64 down columns, 128-wide K steps
     (one FP8 scale block), 4 warps, 4 stages — for V4-Flash and one token 448 programs per GEMV.
 
-    FP8 expert weights take the one-row CUDA-core kernel of the dense FP8 GEMV (``row_dot``, one
+    FP8 expert weights take the one-row CUDA-core kernel of the dense FP8 GEMV (``row_dot``, two
     warps, 3 stages; 8 gate/up rows of each half, 16 down rows per program): the tile path
     converted every e4m3 tile to bf16 for a 16-row dot of which one row is real, and streamed
     FP8 experts at 1.8 TB/s on an H200. Measured there (2026-12-03, benchmarks/moe_decode_bench.py,

@@ -126,6 +126,14 @@ def split_locks(device: torch.device, count: int) -> torch.Tensor:
     return locks
 
 
+def split_k_buffers(y: torch.Tensor, split: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 partials [split, *y.shape], arrival counters for ``blocks`` column blocks) of a split-K
+    launch writing ``y``; without a split, ``y`` stands in for both unused pointers."""
+    if split == 1:
+        return y, y
+    return torch.empty((split, *y.shape), dtype=torch.float32, device=y.device), split_locks(y.device, blocks)
+
+
 @triton.jit
 def split_k_store(part, p_ptr, y_ptr, lock_ptr, offs, mask, slice_stride, split,
                   SPLIT_K: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
@@ -258,24 +266,27 @@ def _row_gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, N, K, group_ro
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < N
     k_lo = tl.program_id(1) * k_split
-    part = row_dot(x_ptr + ((tl.program_id(0) * BLOCK_N) // group_rows) * K, q_ptr, s_ptr, cols, n_ok, k_lo, tl.minimum(k_lo + k_split, K), K, s_cols,
+    x_ptr += ((tl.program_id(0) * BLOCK_N) // group_rows) * K  # linear.grouped: the block's group of inputs
+    part = row_dot(x_ptr, q_ptr, s_ptr, cols, n_ok, k_lo, tl.minimum(k_lo + k_split, K), K, s_cols,
                    BLOCK_N, BLOCK_K, SCALE, ACT_FP8)
     split_k_store(part, p_ptr, y_ptr, lock_ptr, cols, n_ok, N, split, SPLIT_K, INTERPRETER_BF16)
 
 
 def row_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: int, act: str | None,
-             groups: int = 1, **override: int) -> torch.Tensor:
-    """x [1, groups * K] @ dequant(w)ᵀ for an FP8 weight [N, K] (block scales), group by group;
-    K-split partials summed by the last program of each column block."""
+             groups: int = 1, **override: int) -> torch.Tensor | None:
+    """x [1, groups * K] @ dequant(w)ᵀ for an FP8 weight [N, K] (block scales), group by group
+    (None when no column tile fits a group); K-split partials summed by the last program of each
+    column block."""
     n, k = qdata.shape
-    cfg = row_gemv_config(n, k, active_target().compute_units, **override)
+    cfg = grouped_config(lambda **o: row_gemv_config(n, k, active_target().compute_units, **o), n, groups, override)
+    if cfg is None:
+        return None
     if act == "fp8" and cfg.prequant:  # quantised values in x's dtype (exact), then weight-only
         x, act = act_quant(x, dequant=True)[0], None
     split = triton.cdiv(k, cfg.k_split)
     blocks = triton.cdiv(n, cfg.block_n)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    parts = torch.empty((split, n), dtype=torch.float32, device=x.device) if split > 1 else y
-    locks = split_locks(x.device, blocks) if split > 1 else y
+    parts, locks = split_k_buffers(y[0], split, blocks)
     _row_gemv_kernel[(blocks, split)](
         x, qdata, scale, parts, y, locks, n, k, n // groups, cfg.k_split, split, scale.shape[-1], BLOCK_N=cfg.block_n,
         BLOCK_K=SCALE_BLOCK, SCALE=mode, ACT_FP8=act == "fp8", SPLIT_K=split > 1,
@@ -306,12 +317,19 @@ def storage_to_dot(w, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
     return w.to(dtype)
 
 
-def group_tile(rows: int, block_n: int) -> int | None:
-    """The column tile for a grouped GEMV of ``rows`` output rows per group: ``block_n`` halved
-    until it divides ``rows`` (a tile never straddles two groups), not below 16; None if none does."""
+def grouped_config(make, n: int, groups: int, override: dict):
+    """``make(**override)``, a GEMV config; for linear.grouped (``groups`` > 1) one whose column tile
+    divides the ``n / groups`` output rows of a group (a tile never straddles two groups): halved
+    until it divides, not below 16; None if none does."""
+    cfg = make(**override)
+    if groups == 1:
+        return cfg
+    rows, block_n = n // groups, cfg.block_n
     while block_n > 16 and rows % block_n:
         block_n //= 2
-    return block_n if rows % block_n == 0 else None
+    if rows % block_n:
+        return None
+    return cfg if block_n == cfg.block_n else make(**{**override, "block_n": block_n})
 
 
 def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, format: str, act: str | None = None,
@@ -343,27 +361,19 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, forma
     x, qdata = x.contiguous(), qdata.contiguous()
     scale = qdata if scale is None else scale.contiguous()
     if m == 1 and mode in (BLOCK_F32, BLOCK_UE8M0) and ROW_GEMV.get():
-        if groups > 1:
-            block_n = group_tile(n // groups, row_gemv_config(n, k, active_target().compute_units, **override).block_n)
-            if block_n is None:
-                return None
-            override = {**override, "block_n": block_n}
         return row_gemv(x, qdata, scale, mode, act, groups, **override)
     target = active_target()  # the artifact's target (the live device's when loaded elsewhere)
     if act == "fp8":
         override = {**override, "block_k": ACT_BLOCK}  # one activation scale per K step
-    cfg = gemv_config(m, n, k, x.dtype, target.compute_units, 1 if mode == MXFP4 else qdata.element_size(), **override)
-    if groups > 1 and (n // groups) % cfg.block_n:
-        block_n = group_tile(n // groups, cfg.block_n)
-        if block_n is None:
-            return None
-        cfg = gemv_config(m, n, k, x.dtype, target.compute_units, 1 if mode == MXFP4 else qdata.element_size(),
-                          **{**override, "block_n": block_n})
+    storage = 1 if mode == MXFP4 else qdata.element_size()
+    cfg = grouped_config(lambda **o: gemv_config(m, n, k, x.dtype, target.compute_units, storage, **o), n, groups,
+                         override)
+    if cfg is None:
+        return None
     split = triton.cdiv(k, cfg.k_split)
     blocks = triton.cdiv(n, cfg.block_n)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    parts = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else y
-    locks = split_locks(x.device, blocks) if split > 1 else y
+    parts, locks = split_k_buffers(y, split, blocks)
     _gemv_kernel[(blocks, split)](
         x, qdata, scale, parts, y, locks, m, n, k, x.shape[1], n // groups, cfg.k_split, split,
         scale.shape[-1] if mode in (BLOCK_F32, BLOCK_UE8M0) else 0,
