@@ -10,7 +10,9 @@ the fp8 artifact packs them at load); then each backend variant times a decode s
 
 - ``kernels+streams``: Triton kernels op by op, the compiler's stream schedule on CUDA streams;
 - ``kernels``: the same program and order on one stream (``ds4c.load(streams=False)``);
-- ``compiled``: kernels + TorchInductor between them (one stream).
+- ``compiled``: kernels + TorchInductor between them (one stream);
+- ``compiled-nopdl``: the same without programmatic dependent launch (``DS4C_PDL=0``,
+  ``ds4c/backends/cuda/kernels/pdl.py``), to measure what PDL gives in the same run.
 
 Ratios answer two acceptance questions: fp8 weights vs bf16 weights (bytes read), and the
 stream schedule vs one stream (same program).
@@ -30,7 +32,9 @@ import torch
 
 from benchmarks.gpu_peers import attempt, build_hf, decode_bytes, timed
 
-VARIANTS = {"kernels+streams": ("kernels", True), "kernels": ("kernels", False), "compiled": ("compiled", False)}
+# name -> (backend, streams, environment while loading and running)
+VARIANTS = {"kernels+streams": ("kernels", True, {}), "kernels": ("kernels", False, {}),
+            "compiled": ("compiled", False, {}), "compiled-nopdl": ("compiled", False, {"DS4C_PDL": "0"})}
 
 
 def main() -> None:
@@ -81,12 +85,25 @@ def main() -> None:
         art.save(path)
         res[f"{precision}_weight_bytes"] = art.manifest["precision"]["weight_bytes"]
         for name in args.variants.split(","):
-            backend, streams = VARIANTS[name]
+            backend, streams, env = VARIANTS[name]
 
-            def run(backend=backend, streams=streams) -> dict[str, Any]:
+            def run(backend=backend, streams=streams, env=env) -> dict[str, Any]:
+                saved = {k: os.environ.get(k) for k in env}
+                os.environ.update(env)
+                try:
+                    return measure(backend, streams)
+                finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
+
+            def measure(backend: str, streams: bool) -> dict[str, Any]:
                 model = ds4c.load(path, device=dev, weights=params, progress=False, backend=backend,
                                   streams=streams)
-                out: dict[str, Any] = {"kernel_binaries": getattr(model, "kernel_binaries", None)}
+                out: dict[str, Any] = {"kernel_binaries": getattr(model, "kernel_binaries", None),
+                                       "pdl": os.environ.get("DS4C_PDL", "1") != "0"}
                 logits, state = model.prefill(prompt)
                 if args.prefill:
                     out["prefill_s"] = timed(lambda: model.prefill(prompt), dev, warmup=0, reps=3)
@@ -119,6 +136,10 @@ def main() -> None:
                 ratios[f"{name}: bf16 / {p}"] = a["decode_s"] / b["decode_s"]
             if p != "bf16" and "prefill_s" in a and "prefill_s" in b:
                 ratios[f"{name} prefill: bf16 / {p}"] = a["prefill_s"] / b["prefill_s"]
+    for p in args.precisions.split(","):
+        a, b = res.get(f"{p}/compiled-nopdl", {}), res.get(f"{p}/compiled", {})
+        if "decode_s" in a and "decode_s" in b:
+            ratios[f"{p}: compiled without PDL / with PDL"] = a["decode_s"] / b["decode_s"]
     best = {p: min((v["decode_s"], k) for k, v in res.items() if k.startswith(p + "/") and "decode_s" in v)
             for p in args.precisions.split(",") if any(k.startswith(p + "/") and "decode_s" in v
                                                          for k, v in res.items() if isinstance(v, dict))}

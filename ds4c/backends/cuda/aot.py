@@ -61,7 +61,7 @@ def kernel_sources() -> dict[str, tuple[str, bytes]]:
     from ds4c.backends.cuda import kernels
 
     out = {}
-    for mod in (*kernels.KERNEL_MODULES, "configs"):
+    for mod in (*kernels.KERNEL_MODULES, "configs", "pdl"):
         spec = importlib.util.find_spec(f"{kernels.__name__}.{mod}")
         if spec is not None and spec.origin:
             out[mod] = (Path(spec.origin).name, Path(spec.origin).read_bytes())

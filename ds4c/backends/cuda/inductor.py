@@ -95,6 +95,20 @@ def _lower_fused(g: fx.Graph, op: Op, args: tuple, kwargs: dict) -> fx.Node:
     return g.call_function(torch.ops.ds4c.fused.default, (list(args), spec))
 
 
+def inductor_options(device: torch.device) -> dict[str, Any]:
+    """Inductor settings for ``device``: its kernels launch with programmatic dependent launch
+    where ours do (``kernels/pdl.py``; the setting exists from torch 2.9)."""
+    from torch._inductor import config as inductor_config
+
+    from ds4c.backends.cuda.kernels.configs import device_target
+    from ds4c.backends.cuda.kernels.pdl import pdl_enabled
+
+    if device.type != "cuda" or not hasattr(inductor_config.triton, "enable_pdl"):
+        return {}
+    target = device_target()
+    return {"triton.enable_pdl": target is not None and pdl_enabled(target)}
+
+
 class InductorGraph:
     """One entry point compiled whole by torch.compile (Inductor), fused ops through our kernels.
 
@@ -110,14 +124,17 @@ class InductorGraph:
         self.graph = graph
         self.module, self.arg_names = to_graph_module(g, params, lower_fused=_lower_fused)
         self.output_names = [n for n, _ in graph.outputs]
+        self.device = device
         self.fn = None  # compiled at the first call, for its sizes
 
     def _compile(self, args: list[Any]) -> Any:
         # The fx graph is already whole and functional: hand it to Inductor directly (AOT
         # autograd traces it with fake tensors) instead of re-tracing Python with Dynamo.
         from torch._inductor import compile as inductor_compile
+        from torch._inductor import config as inductor_config
 
-        return inductor_compile(self.module, args)
+        with inductor_config.patch(inductor_options(self.device)):
+            return inductor_compile(self.module, args)
 
     def run(self, inputs: Mapping[str, Any], params: Mapping[str, torch.Tensor],
             state: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:

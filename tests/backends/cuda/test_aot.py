@@ -86,6 +86,11 @@ def test_every_kernel_compiles_for_other_archs(mi300x, target, needle):
     assert needle in text
     if asm == ".ptx":
         assert f".target {arch}".encode() in text
+    # programmatic dependent launch on NVIDIA (kernels/pdl.py): every kernel waits for its
+    # producer first; AMD has no griddepcontrol
+    for b in section["binaries"]:
+        text = next(members[f["member"].removeprefix("kernels/")] for n, f in b["files"].items() if n.endswith(asm))
+        assert (b"griddepcontrol.wait" in text) == (asm == ".ptx"), (target, b["name"])
 
 
 def test_mi355x_artifact_matches_reference_in_interpreter(tmp_path):

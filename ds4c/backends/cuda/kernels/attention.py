@@ -30,6 +30,7 @@ import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.configs import AttentionConfig, active_target, attention_config, dot_precision
+from ds4c.backends.cuda.kernels.pdl import pdl_kwargs, wait_for_producers
 
 __all__ = ["AttentionConfig", "attention", "attention_config", "dot_operand", "interpreter_bf16", "round_to"]
 
@@ -107,10 +108,12 @@ def _split_kernel(
     sb_b, sb_s, sb_t,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program: rows ``pid_m``, output slice ``pid_dv``, keys ``[split * T_SPLIT, +T_SPLIT)``.
     Writes ``acc`` (unnormalised, fp32) to ``acc_ptr[b, split, row, :]`` and ``(m, l)`` (base 2)
     to ``ml_ptr[b, split, row, :]``; the sink is left to the merge."""
+    wait_for_producers(PDL)
     split = tl.program_id(0)
     pid_dv = tl.program_id(1)
     n_m = tl.cdiv(S * H, BLOCK_M)
@@ -157,9 +160,11 @@ def _merge_kernel(
     H, S, N_SPLIT,
     so_b, so_h, so_s, so_d,
     D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """``out = (sum_i 2^(m_i - M) acc_i) / (2^(sink - M) + sum_i 2^(m_i - M) l_i)``, ``M`` the max of
     the sink and every share's ``m_i``: the single-program result, regrouped."""
+    wait_for_producers(PDL)
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2)
@@ -198,7 +203,9 @@ def _attention_kernel(
     so_b, so_h, so_s, so_d,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, SKIP_MASKED: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_producers(PDL)
     pid_m = tl.program_id(0)
     pid_dv = tl.program_id(1)
     b = tl.program_id(2)
@@ -330,6 +337,7 @@ def _split_launch(q, keys, bias, sinks, out, qk_scale: float, n_split: int, t_sp
         acc, ml, sinks, out, h, s, n_split,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         D=d, BLOCK_R=block_r, BLOCK_C=block_c, INTERPRETER_BF16=interpreter_bf16(q.dtype), num_warps=4,
+        **pdl_kwargs(target),
     )
 
 for _name in ("attention.sliding", "attention.csa", "attention.hca"):

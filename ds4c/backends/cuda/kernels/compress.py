@@ -27,6 +27,7 @@ from ds4c.backends.cuda.kernels.configs import (
     index_scores_config,
 )
 from ds4c.backends.cuda.kernels.norms import rms_norm
+from ds4c.backends.cuda.kernels.pdl import pdl_kwargs, wait_for_producers
 from ds4c.ops.norms import rms_norm_reference
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -55,10 +56,12 @@ def _pool_kernel(
     SLOTS, D,
     skv_n, skv_s, skv_d, ssc_n, ssc_s, ssc_d,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (n, c): pooled channels [c * BLOCK_D, +BLOCK_D) of row n, ``(kv * softmax(score,
     slots)).sum(slots)`` with the weights, products and sum rounded to kv's dtype as the reference
     rounds them. ONE_TILE: every slot in one tile, a single pass; else three passes over the slots."""
+    wait_for_producers(PDL)
     n = tl.program_id(0)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -129,7 +132,9 @@ def _index_scores_kernel(
     sq_b, sq_s, sq_h, sq_d, sk_b, sk_c, sk_d, sw_b, sw_s, sw_h, sf_b, sf_s, sf_c,
     D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_producers(PDL)
     pid_c = tl.program_id(0)
     t = tl.program_id(1)
     b = tl.program_id(2)
@@ -213,11 +218,12 @@ TOPK_MAX_ENTRIES = 16384  # one program holds a row's packed keys in registers: 
 
 @triton.jit
 def _topk_kernel(scores_ptr, out_ptr, C, K,
-                 N: tl.constexpr, K_POW2: tl.constexpr):
+                 N: tl.constexpr, K_POW2: tl.constexpr, PDL: tl.constexpr):
     """The K largest of one row of C fp32 scores, as indices, largest first. Each entry becomes one
     int64 key: the score's bits made order-preserving as a signed int32 in the high word, and
     ``2^31 - 1 - index`` in the low word (ties go to the smaller index); padding sorts last.
     ``tl.topk`` (bitonic top-k over the whole row) then picks the largest keys."""
+    wait_for_producers(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, N)
     ok = offs < C
@@ -245,5 +251,5 @@ def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     rows = out.numel() // k
     if rows:
         _topk_kernel[(rows,)](scores, out, c, k, N=n, K_POW2=triton.next_power_of_2(k),
-                              num_warps=4 if n <= 2048 else 8)
+                              num_warps=4 if n <= 2048 else 8, **pdl_kwargs(active_target()))
     return out

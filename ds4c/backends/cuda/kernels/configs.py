@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import triton
 
+from ds4c.backends.cuda.kernels.pdl import pdl_kwargs
 from ds4c.targets import Target, get_target, list_targets
 
 DEFAULT_TARGET = "h100"  # where the tables were measured; the target of the interpreter on CPU
@@ -141,7 +142,8 @@ def is_amd(target: Target) -> bool:
 
 @dataclass(frozen=True)
 class Launch:
-    """Launch options of one kernel (keyword arguments of ``kernel[grid](...)``)."""
+    """Launch options of one kernel (keyword arguments of ``kernel[grid](...)``), with the
+    kernel's ``PDL`` constexpr (``kernels/pdl.py``)."""
 
     num_warps: int
     num_stages: int | None = None  # None: Triton's default for the backend
@@ -150,7 +152,7 @@ class Launch:
     kpack: int = 1  # AMD gfx942: K elements packed per MFMA operand load
 
     def kwargs(self, target: Target) -> dict[str, Any]:
-        out: dict[str, Any] = {"num_warps": self.num_warps}
+        out: dict[str, Any] = {"num_warps": self.num_warps, **pdl_kwargs(target)}
         if self.num_stages is not None:
             out["num_stages"] = self.num_stages
         if is_amd(target):

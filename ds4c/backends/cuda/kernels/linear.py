@@ -45,6 +45,7 @@ from ds4c.backends.cuda.kernels.act_quant import (
 )
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import active_target, dot_precision, tuned
+from ds4c.backends.cuda.kernels.pdl import pdl_kwargs, wait_for_producers
 from ds4c.quant.activations import ACT_BLOCK
 
 MAX_ROWS = 64
@@ -160,7 +161,8 @@ def split_k_store(part, p_ptr, y_ptr, lock_ptr, offs, mask, slice_stride, split,
 def _gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, M, N, K, x_stride, group_rows, k_split, split, s_cols,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr,
                  ACT_FP8: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
-                 INTERPRETER_BF16: tl.constexpr, ACT_FP4: tl.constexpr = False):
+                 INTERPRETER_BF16: tl.constexpr, ACT_FP4: tl.constexpr = False, PDL: tl.constexpr = False):
+    wait_for_producers(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -259,10 +261,11 @@ def row_dot(x_ptr, q_ptr, s_ptr, cols, n_ok, k_lo, k_hi, K, s_cols,
 @triton.jit
 def _row_gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, N, K, group_rows, k_split, split, s_cols,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, ACT_FP8: tl.constexpr,
-                     SPLIT_K: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+                     SPLIT_K: tl.constexpr, INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr):
     """One row times an FP8 weight on the CUDA cores (``row_dot``), program (column block, K slice);
     with ``group_rows`` < N (linear.grouped), weight rows ``[g * group_rows, (g + 1) * group_rows)``
     multiply inputs ``[g * K, (g + 1) * K)`` of the row."""
+    wait_for_producers(PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < N
     k_lo = tl.program_id(1) * k_split
@@ -290,7 +293,8 @@ def row_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: in
     _row_gemv_kernel[(blocks, split)](
         x, qdata, scale, parts, y, locks, n, k, n // groups, cfg.k_split, split, scale.shape[-1], BLOCK_N=cfg.block_n,
         BLOCK_K=SCALE_BLOCK, SCALE=mode, ACT_FP8=act == "fp8", SPLIT_K=split > 1,
-        INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_kwargs(active_target()))
     return y
 
 
@@ -379,7 +383,7 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, forma
         scale.shape[-1] if mode in (BLOCK_F32, BLOCK_UE8M0) else 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SCALE=mode, ACT_FP8=act == "fp8",
         SPLIT_K=split > 1, PRECISION=dot_precision(x.dtype, target), INTERPRETER_BF16=interpreter_bf16(x.dtype),
-        ACT_FP4=act == "mxfp4", num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        ACT_FP4=act == "mxfp4", num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(target))
     return y
 
 
@@ -405,12 +409,13 @@ def fp8_gemm_config(m: int, n: int, **override: int) -> Fp8GemmConfig:
 @triton.jit
 def _fp8_gemm_kernel(xq_ptr, xs_ptr, q_ptr, s_ptr, y_ptr, M, N, K, s_cols,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     SCALE: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+                     SCALE: tl.constexpr, INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr):
     """y = (xq * xs) @ (q * s)ᵀ: e4m3 x e4m3 per 128-input step, scaled by the row's activation
     scale and the column's weight-block scale (fp32 or UE8M0) and added to an fp32 accumulator.
     Hopper's FP8 tensor cores sum a step's products with fewer than fp32's bits (measured: about
     1e-4 of the output's magnitude, fp32 output); promoting every 128 inputs bounds it, as
     DeepSeek-V3 does."""
+    wait_for_producers(PDL)
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     group = pid // (GROUP_M * tiles_n)
@@ -456,7 +461,7 @@ def fp8_gemm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, format: 
     _fp8_gemm_kernel[grid](xq, xs, qdata, scale, y, m, n, k, scale.shape[-1],
                            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=ACT_BLOCK, GROUP_M=cfg.group_m,
                            SCALE=mode, INTERPRETER_BF16=interpreter_bf16(x.dtype),
-                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(active_target()))
     return y
 
 

@@ -33,6 +33,7 @@ from ds4c.backends.cuda.kernels.configs import (
     mhc_mix_launch,
     mhc_mix_programs,
 )
+from ds4c.backends.cuda.kernels.pdl import pdl_kwargs, wait_for_producers
 
 BLOCK_T = MHC_BLOCK_T  # tokens per mix program (tl.dot's minimum M)
 BLOCK_K = MHC_BLOCK_K  # K step of the mix GEMM
@@ -41,7 +42,9 @@ BLOCK_D_COLLAPSE = 512
 
 @triton.jit
 def _mix_kernel(h_ptr, fn_ptr, part_ptr, sq_ptr, tokens, k_total, k_per_split, n_mix, stride_h,
-                BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, MIX_PAD: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, MIX_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                PDL: tl.constexpr):
+    wait_for_producers(PDL)
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -111,7 +114,8 @@ def _pre_finish_kernel(part_ptr, sq_ptr, base_ptr, scale_ptr, h_ptr, out_ptr, po
                        tokens, splits, k_total, dim, stride_h, norm_eps, hc_eps, iters,
                        N: tl.constexpr, NP: tl.constexpr, MIX_PAD: tl.constexpr, SPLIT_PAD: tl.constexpr,
                        BLOCK_D: tl.constexpr,
-                       INTERPRETER_BF16: tl.constexpr):
+                       INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, NP)
     i_ok = i < N
@@ -150,7 +154,8 @@ def _head_finish_kernel(part_ptr, sq_ptr, base_ptr, scale_ptr, h_ptr, out_ptr,
                         tokens, splits, k_total, dim, stride_h, scale_stride, norm_eps, hc_eps,
                         N: tl.constexpr, NP: tl.constexpr, MIX_PAD: tl.constexpr, SPLIT_PAD: tl.constexpr,
                        BLOCK_D: tl.constexpr,
-                        INTERPRETER_BF16: tl.constexpr):
+                        INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, NP)
     i_ok = i < N
@@ -162,7 +167,9 @@ def _head_finish_kernel(part_ptr, sq_ptr, base_ptr, scale_ptr, h_ptr, out_ptr,
 
 @triton.jit
 def _post_kernel(f_ptr, h_ptr, post_ptr, comb_ptr, out_ptr, dim,
-                 N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+                 N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+                 PDL: tl.constexpr):
+    wait_for_producers(PDL)
     t = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < dim
@@ -248,7 +255,8 @@ def mhc_pre(h, fn, base, scale, *, norm_eps, hc_eps, sinkhorn_iters):
                                   tokens, splits, n * d, d, flat.stride(0), float(norm_eps), float(hc_eps),
                                   int(sinkhorn_iters), N=n, NP=triton.next_power_of_2(n), MIX_PAD=mix_pad,
                                   SPLIT_PAD=triton.next_power_of_2(splits),
-                                  BLOCK_D=block_d, INTERPRETER_BF16=interpreter_bf16(h.dtype), num_warps=2)
+                                  BLOCK_D=block_d, INTERPRETER_BF16=interpreter_bf16(h.dtype), num_warps=2,
+                                  **pdl_kwargs(active_target()))
     return out, post, comb
 
 
@@ -271,7 +279,8 @@ def mhc_head(h, fn, base, scale, *, norm_eps, hc_eps):
                                    flat.stride(0), 0 if scale.numel() == 1 else 1, float(norm_eps), float(hc_eps),
                                    N=n, NP=triton.next_power_of_2(n), MIX_PAD=mix_pad,
                                   SPLIT_PAD=triton.next_power_of_2(splits),
-                                   BLOCK_D=block_d, INTERPRETER_BF16=interpreter_bf16(h.dtype), num_warps=2)
+                                   BLOCK_D=block_d, INTERPRETER_BF16=interpreter_bf16(h.dtype), num_warps=2,
+                                   **pdl_kwargs(active_target()))
     return out
 
 
@@ -298,5 +307,5 @@ def mhc_post(f, h, post, comb):
     _post_kernel[(tokens, triton.cdiv(d, block_d))](f.contiguous(), h.contiguous(), post.contiguous(),
                                                     comb.contiguous(), out, d, N=n, NP=triton.next_power_of_2(n),
                                                     BLOCK_D=block_d, INTERPRETER_BF16=interpreter_bf16(h.dtype),
-                                                    num_warps=4)
+                                                    num_warps=4, **pdl_kwargs(active_target()))
     return out

@@ -66,6 +66,7 @@ from ds4c.backends.cuda.kernels.linear import (
     row_dot,
     storage_to_dot,
 )
+from ds4c.backends.cuda.kernels.pdl import pdl_kwargs, wait_for_producers
 from ds4c.ir.registry import get_op
 from ds4c.ops.moe import _route, _shared
 from ds4c.ops.quant import packed_operand_count
@@ -106,7 +107,8 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, order_ptr, seg_ptr, h_ptr,
                     n_experts, top_k, inter, hidden, limit, w_expert, s_expert,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
                     EVEN_K: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
-                    INTERPRETER_BF16: tl.constexpr):
+                    INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert, row0, row_end, live = _expert_rows(seg_ptr, n_experts, pid_m, BLOCK_M, BLOCK_E)
@@ -174,7 +176,8 @@ def _down_kernel(h_ptr, w_ptr, s_ptr, order_ptr, seg_ptr, weight_ptr, y_ptr,
                  n_experts, inter, hidden, w_expert, s_expert,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
                  EVEN_K: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
-                 INTERPRETER_BF16: tl.constexpr):
+                 INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert, row0, row_end, live = _expert_rows(seg_ptr, n_experts, pid_m, BLOCK_M, BLOCK_E)
@@ -236,8 +239,9 @@ def _as_dtype(x, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
 @triton.jit
 def _route_kernel(logits_ptr, sel_ptr, ids_ptr, idx_ptr, w_ptr, n_experts, route_scale,
                   TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TOPK: tl.constexpr, HASH: tl.constexpr,
-                  SCORE: tl.constexpr, KEY_ROUND: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+                  SCORE: tl.constexpr, KEY_ROUND: tl.constexpr, INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr):
     """One token: ``_route``'s scores, picks and normalised weights (int64 picks, fp32 weights)."""
+    wait_for_producers(PDL)
     t = tl.program_id(0)
     dt: tl.constexpr = logits_ptr.dtype.element_ty
     e = tl.arange(0, BLOCK_E)
@@ -305,7 +309,7 @@ def _route_on_device(x, ids, router, selector, top_k: int, route_scale: float, r
             logits, selector.contiguous(), ids.reshape(-1).contiguous(), idx, w, experts, float(route_scale),
             TOP_K=top_k, BLOCK_E=triton.next_power_of_2(experts), BLOCK_TOPK=triton.next_power_of_2(top_k),
             HASH=routing == "hash", SCORE=SCORE_CODES[score], KEY_ROUND=key_round,
-            INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=4)
+            INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=4, **pdl_kwargs(active_target()))
     return flat, idx, w
 
 
@@ -349,9 +353,10 @@ def _row_times_rows(a_ptr, w_base, s_base, row_off, cols, col_ok, k_total, s_col
 def _gate_up_pairs_kernel(x_ptr, w_ptr, s_ptr, idx_ptr, sg_ptr, sgs_ptr, su_ptr, sus_ptr, h_ptr,
                           pairs, top_k, inter, hidden, s_cols, w_expert, s_expert, limit,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
-                          ROW: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+                          ROW: tl.constexpr, INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr):
     """Program (p, n): row p of h. p < pairs: pair p (its token, its expert's gate and up rows);
     p >= pairs: the shared expert of token p - pairs. ROW: FP8 weights on the CUDA cores."""
+    wait_for_producers(PDL)
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < inter
@@ -391,10 +396,11 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, s_ptr, idx_ptr, sg_ptr, sgs_ptr, su_ptr,
 def _down_pairs_kernel(h_ptr, w_ptr, s_ptr, idx_ptr, wt_ptr, sd_ptr, sds_ptr, y_ptr,
                        pairs, inter, hidden, s_cols, w_expert, s_expert,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
-                       ROW: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+                       ROW: tl.constexpr, INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr):
     """Program (p, n): fp32 row p of y: pair p's down projection times its routing weight, or
     (p >= pairs) the shared expert's down projection of token p - pairs. ROW: FP8 weights on the
     CUDA cores."""
+    wait_for_producers(PDL)
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
@@ -418,9 +424,10 @@ def _down_pairs_kernel(h_ptr, w_ptr, s_ptr, idx_ptr, wt_ptr, sd_ptr, sds_ptr, y_
 
 @triton.jit
 def _combine_kernel(y_ptr, out_ptr, pairs, hidden, TOP_K: tl.constexpr, SHARED: tl.constexpr,
-                    BLOCK_N: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+                    BLOCK_N: tl.constexpr, INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr):
     """Program (t, n): token t's routed sum over its picks (fp32, rounded to x's dtype as the
     reference rounds it), plus its shared expert's row (rounded, then the sum rounded)."""
+    wait_for_producers(PDL)
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
@@ -482,7 +489,7 @@ def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, 
     out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
     _combine_kernel[(tokens, triton.cdiv(hidden, 1024))](
         y, out, pairs, hidden, TOP_K=top_k, SHARED=with_shared, BLOCK_N=1024,
-        INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=4)
+        INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=4, **pdl_kwargs(target))
     return out, with_shared
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)

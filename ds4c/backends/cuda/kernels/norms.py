@@ -17,6 +17,7 @@ import triton.language as tl
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import active_target, rms_norm_config
+from ds4c.backends.cuda.kernels.pdl import wait_for_producers
 
 MAX_BLOCK_D = 8192
 
@@ -24,7 +25,8 @@ MAX_BLOCK_D = 8192
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, rows, dim, stride_x, eps,
                      HAS_WEIGHT: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                     INTERPRETER_BF16: tl.constexpr):
+                     INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < rows
     offs = tl.arange(0, BLOCK_D)

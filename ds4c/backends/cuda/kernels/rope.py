@@ -17,6 +17,7 @@ import triton.language as tl
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import active_target, rope_config
+from ds4c.backends.cuda.kernels.pdl import wait_for_producers
 
 MAX_LEAD = 4
 
@@ -40,7 +41,8 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, rows, dim, rope_dim,
                  sc0, sc1, sc2, sc3, sc_d,
                  ss0, ss1, ss2, ss3, ss_d,
                  INVERSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_NOPE: tl.constexpr, BLOCK_P: tl.constexpr,
-                 INTERPRETER_BF16: tl.constexpr):
+                 INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < rows
     r64 = r.to(tl.int64)

@@ -1,0 +1,93 @@
+"""Programmatic dependent launch (PDL) between consecutive kernels on sm_90 and later.
+
+A decode step is ~140 kernels, most of them a few microseconds long; inside a CUDA graph each
+kernel boundary still costs the launch of the next grid after the previous one has drained
+(measured: ~400 us of a 1.3 ms H200 step is between kernels, docs/PERFORMANCE.md). With PDL a
+kernel is launched with programmatic stream serialisation (Triton's ``launch_pdl=True``, i.e.
+``cuLaunchKernelEx`` with ``CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION``; stream
+capture turns it into a programmatic edge of the graph), so the hardware may start it as soon
+as every program of the previous kernel has signalled, instead of when the previous kernel ends.
+
+The contract every ds4c entry kernel keeps (``wait_for_producers`` is its first statement):
+
+1. ``gdc_wait``: nothing is read before the previous grid in the stream has *completed* and its
+   writes are visible (PTX ``griddepcontrol.wait``);
+2. then ``gdc_launch_dependents``: the next grid may be launched now; its programs are scheduled
+   onto free SMs and themselves wait at 1. until this grid completes.
+
+Ordering stays transitive along a stream: a grid signals only after its own wait, so when a grid
+passes its wait, every earlier grid has completed. A kernel whose predecessor is not launched this
+way (cuBLAS, a copy) simply starts when that predecessor ends. Only the launch latency of the next
+kernel overlaps the current one; results are bit-identical with and without PDL.
+
+PDL is used on NVIDIA targets of compute capability 9.0 and later (``h100`` ... ``gb200``), not on
+AMD, not under Triton's interpreter (which has no ``griddepcontrol``), and not when the
+environment sets ``DS4C_PDL=0`` (to measure without it; stored binaries are built with it, so the
+JIT then compiles the kernels once, and says so). The same decision covers the kernels Inductor
+generates between ours (``torch._inductor.config.triton.enable_pdl``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from ds4c.targets import Target
+
+try:  # Triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAVE_GDC = True
+except ImportError:  # pragma: no cover - older Triton: kernels launch without PDL
+    HAVE_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+MIN_SM = 90  # griddepcontrol: PTX ISA, sm_90 and later
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _live_device_allows() -> bool:
+    """False on an NVIDIA GPU older than sm_90 (which runs the ``h100`` record's kernels: no
+    ``griddepcontrol`` there); True without a GPU, where the target alone decides (AOT)."""
+    if _interpreted() or not torch.cuda.is_available() or torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability()[0] * 10 >= MIN_SM
+
+
+def pdl_enabled(target: Target) -> bool:
+    """Whether kernels built for ``target`` launch with PDL (see the module docstring)."""
+    tt = target.triton_target
+    return (HAVE_GDC and tt is not None and tt[0] == "cuda" and int(tt[1]) >= MIN_SM and not _interpreted()
+            and os.environ.get("DS4C_PDL", "1") != "0" and _live_device_allows())
+
+
+def pdl_kwargs(target: Target) -> dict[str, Any]:
+    """Keyword arguments of ``kernel[grid](...)`` for PDL: the kernel's ``PDL`` constexpr and, when
+    on, Triton's ``launch_pdl`` option (a compile option too, so part of the binary's cache key)."""
+    on = pdl_enabled(target)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@triton.jit
+def wait_for_producers(PDL: tl.constexpr):
+    """First statement of every ds4c entry kernel: wait for the previous grid, then let the next
+    one launch (a no-op when ``PDL`` is false)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
