@@ -152,6 +152,9 @@ def lower(target: Target, program: Program, *, progress: bool | None = None
 
 
 def _worker_env() -> dict[str, str]:
+    from ds4c.backends.cuda.binaries import pin_ptxas
+
+    pin_ptxas()  # the ptxas the runtime's keys will name, whether Inductor ran here or not
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the workers need real JITFunctions
     return env

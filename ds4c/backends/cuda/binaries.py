@@ -24,6 +24,7 @@ ties the two together.
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -85,6 +86,24 @@ def select(section: dict[str, Any], live_target: Any, live_triton_version: str) 
         return Selection(False, f"the binaries were built with triton {section['triton_version']}, this runtime "
                                 f"has triton {live_triton_version}")
     return Selection(True)
+
+
+def pin_ptxas() -> str | None:
+    """Settle which ``ptxas`` Triton uses in this process, the way TorchInductor does, and return it.
+
+    Triton's cache key includes the ptxas build. Inductor, the first time it compiles a kernel,
+    points ``TRITON_PTXAS_PATH`` at the ptxas bundled with torch (``torch/bin/ptxas``, when the wheel
+    ships one), so a process's keys change midway: binaries installed (or compiled ahead of time)
+    under keys made with Triton's own ptxas are then never found by launches made after Inductor
+    ran (measured on the H200: an FP8 artifact compiled after a bf16 run reported 0 of 73 stored
+    binaries usable). ds4c settles the choice first, with Inductor's own function, wherever it makes
+    or checks keys: in the ahead-of-time workers' environment and before installing binaries."""
+    try:
+        from torch._inductor.runtime.compile_tasks import _set_triton_ptxas_path
+    except ImportError:  # pragma: no cover - a torch without it: Inductor will not switch either
+        return os.environ.get("TRITON_PTXAS_PATH")
+    _set_triton_ptxas_path()
+    return os.environ.get("TRITON_PTXAS_PATH")
 
 
 def live_cache_key(binary: dict[str, Any]) -> str:
@@ -173,6 +192,7 @@ def use_stored_binaries(manifest: dict[str, Any], container: Any, device: Any, b
         return "unused: Triton's interpreter is on (TRITON_INTERPRET=1)"
     choice = select(section, live, triton.__version__)
     if choice.use:
+        pin_ptxas()  # before any key is computed here (see pin_ptxas)
         choice = install(section, container)
     if not choice.use:
         warnings.warn(f"{where}: stored kernel binaries not used ({choice.reason}); Triton compiles the kernels "

@@ -222,3 +222,18 @@ def test_fp4_activation_gemv_compiles_for_blackwell(tmp_path):
             constants.append({names[k[0]]: v for k, v in zip(spec["constant_keys"], spec["constant_vals"], strict=True)})
     assert constants and {b["arch"] for b in section["binaries"]} == {"sm_100a"}
     assert any(c.get("ACT_FP4") is True and c.get("SCALE") == 4 for c in constants), constants
+
+
+def test_ptxas_settled_before_keys_are_made(monkeypatch, tmp_path):
+    """Inductor points TRITON_PTXAS_PATH at torch's bundled ptxas the first time it compiles, which
+    changes Triton's cache keys midway through a process; ds4c settles it first, with Inductor's own
+    function, in the AOT workers' environment (and before installing binaries at load)."""
+    import torch._inductor.runtime.compile_tasks as tasks
+
+    ptxas = tmp_path / "ptxas"
+    monkeypatch.setenv("TRITON_PTXAS_PATH", "placeholder")
+    monkeypatch.delenv("TRITON_PTXAS_PATH")
+    monkeypatch.setattr(tasks, "_set_triton_ptxas_path",
+                        lambda: os.environ.setdefault("TRITON_PTXAS_PATH", str(ptxas)))
+    assert aot._worker_env()["TRITON_PTXAS_PATH"] == str(ptxas)
+    assert binaries.pin_ptxas() == str(ptxas)
