@@ -15,7 +15,8 @@ Weights: the preset's seeded weights are generated on the device once, into a tr
 ``weights=`` those very tensors (ds4c names weights as transformers does), so both run the same
 numbers with one copy in memory. ds4c's decode state for B=32 is the B=1 state after the prompt,
 repeated, with a distinct next token per sequence; at ctx 32768 the state is synthetic (random entries, every slot valid): a decode step's
-work in ds4c depends on the static capacity, not on the values. Peers that fail (out of memory,
+work in ds4c depends on the static capacity, not on the values; transformers' ctx-32768 cache is
+real (a random 32768-token prompt prefilled in ``--long-chunk`` chunks). Peers that fail (out of memory,
 compile errors) are recorded with their error, not hidden.
 """
 
@@ -155,6 +156,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--long-context", type=int, default=32768)
+    ap.add_argument("--long-chunk", type=int, default=1024,
+                    help="transformers' long-context cache is built by prefilling the prompt in chunks of this many "
+                         "tokens (one 32768-token forward would need ~140 GB of attention scores)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--peers", default="eager,compile", help="comma list of transformers peers to run")
     ap.add_argument("--seed", type=int, default=0)
@@ -340,6 +344,38 @@ def main() -> None:
             return decode_ds4c(m, st, 1, args.long_context, sbytes)
         attempt(res, f"decode_ds4c_ctx{args.long_context}_b1", long_decode)
         save()
+
+        def long_decode_hf():
+            # a real cache: a random long prompt prefilled chunk by chunk (exact: transformers'
+            # DeepseekV4 continues a cache chunk by chunk as one forward would, to 1e-6 on the
+            # foundation's configs), then decode steps on it
+            long_prompt = torch.randint(0, cfg["vocab_size"], (1, args.long_context),
+                                        generator=torch.Generator().manual_seed(3)).to(dev)
+            cache, out = None, None
+            t = time.perf_counter()
+            with torch.no_grad():
+                for s0 in range(0, args.long_context, args.long_chunk):
+                    out = hf(long_prompt[:, s0:s0 + args.long_chunk], past_key_values=cache, use_cache=True,
+                             logits_to_keep=1)
+                    cache = out.past_key_values
+            _sync(dev)
+            build = time.perf_counter() - t
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            pos = [args.long_context]
+
+            def step():
+                with torch.no_grad():
+                    o = hf(nxt, past_key_values=cache, use_cache=True,
+                           position_ids=torch.full((1, 1), pos[0], device=dev, dtype=torch.long))
+                pos[0] += 1
+                return o.logits
+            s = timed(step, dev, warmup=1, reps=8)
+            roof = res.get(f"decode_ds4c_ctx{args.long_context}_b1", {}).get("roofline_s")
+            return {"seconds": s, "cache_build_s": build, "chunk": args.long_chunk,
+                    "fraction_of_roofline": roof / s if roof else None}
+        if "eager" in peers:
+            attempt(res, f"decode_transformers_eager_ctx{args.long_context}_b1", long_decode_hf)
+            save()
 
     # -- ratios ---------------------------------------------------------------------------------
     ratios = {}
