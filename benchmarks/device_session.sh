@@ -5,6 +5,8 @@
 #   bash benchmarks/device_session.sh exactness   # fp32 smoke vs transformers + packed/MoE kernel tests  (~4 min)
 #   bash benchmarks/device_session.sh profile     # per-kernel decode profiles: bf16, fp8, fp8 incl. LM head (~5 min)
 #   bash benchmarks/device_session.sh variants    # graphed decode step bf16 / fp8 / fp8 incl. LM head    (~4 min)
+#   bash benchmarks/device_session.sh pdl         # graphed decode step bf16 / fp8, with and without PDL  (~5 min)
+#   bash benchmarks/device_session.sh peers       # ds4c vs transformers eager / torch.compile, same run  (~5 min)
 #   bash benchmarks/device_session.sh kernels     # decode MoE tile sweep, LM-head and dense FP8 GEMVs     (~3 min)
 #
 # TARGET (default h200) names the target record the artifacts are compiled for.
@@ -12,8 +14,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|kernels) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|kernels" >&2; exit 2 ;;
+  exactness|profile|variants|pdl|peers|kernels) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|kernels" >&2; exit 2 ;;
 esac
 out="${OUT:-device_out}"
 target="${TARGET:-h200}"
@@ -37,6 +39,14 @@ case "$1" in
     timeout 500 python benchmarks/decode_variants.py --preset flash-slice --target "$target" \
       --precisions "bf16,fp8,$head_table" --variants compiled --out "$out/variants.json" > "$out/variants.log" 2>&1
     tail -22 "$out/variants.log" ;;
+  pdl)
+    timeout 500 python benchmarks/decode_variants.py --preset flash-slice --target "$target" \
+      --precisions bf16,fp8 --variants compiled,compiled-nopdl --out "$out/variants_pdl.json" > "$out/variants_pdl.log" 2>&1
+    tail -22 "$out/variants_pdl.log" ;;
+  peers)
+    timeout 540 python benchmarks/gpu_peers.py --preset flash-slice --target "$target" --peers eager,compile \
+      --out "$out/peers.json" > "$out/peers.log" 2>&1
+    tail -30 "$out/peers.log" ;;
   kernels)
     timeout 200 python benchmarks/moe_decode_bench.py --target "$target" --out "$out/moe_decode.json" \
       > "$out/moe_decode.log" 2>&1; tail -8 "$out/moe_decode.log"
