@@ -58,7 +58,16 @@ def _entry_kernels():
                 yield mod, node
 
 
-def test_every_entry_kernel_waits_for_its_producer_first():
+def _is_wait(stmt) -> bool:
+    return (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call)
+            and getattr(stmt.value.func, "id", None) == "wait_for_producers")
+
+
+# what may run before the wait: index arithmetic and L2 prefetches of weights - no memory access
+_BEFORE_WAIT = {"program_id", "arange", "minimum", "maximum", "to", "prefetch_l2", "range"}
+
+
+def test_every_entry_kernel_waits_for_its_producer_before_touching_memory():
     found = list(_entry_kernels())
     assert len(found) >= 20
     for mod, fn in found:
@@ -66,12 +75,68 @@ def test_every_entry_kernel_waits_for_its_producer_first():
         assert "PDL" in args, f"{mod}.{fn.name} lacks the PDL constexpr"
         body = fn.body[1:] if isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant) \
             else fn.body
-        first = body[0]
-        assert (isinstance(first, ast.Expr) and isinstance(first.value, ast.Call)
-                and getattr(first.value.func, "id", None) == "wait_for_producers"), \
-            f"{mod}.{fn.name}: the first statement must be wait_for_producers(PDL)"
+        waits = [i for i, stmt in enumerate(body) if _is_wait(stmt)]
+        assert waits, f"{mod}.{fn.name}: no top-level wait_for_producers(PDL)"
+        for stmt in body[:waits[0]]:
+            for node in ast.walk(stmt):
+                if isinstance(node, ast.Call):
+                    name = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
+                    assert name in _BEFORE_WAIT, f"{mod}.{fn.name}: {name}() before wait_for_producers"
+
+
+def test_weight_prefetch_only_before_the_wait_of_row_gemv():
+    # the one kernel that prefetches its weights before waiting; anything else starts with the wait
+    early = []
+    for _mod, fn in _entry_kernels():
+        body = fn.body[1:] if isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant) \
+            else fn.body
+        if not _is_wait(body[0]):
+            early.append(fn.name)
+    assert early == ["_row_gemv_kernel"]
 
 
 def test_launch_options_of_the_interpreter_run_without_pdl():
     # CI runs every kernel through the interpreter (conftest): PDL is off there
     assert pdl.pdl_kwargs(get_target("h100")) == {"PDL": False}
+
+
+_COMPILE_ROW_GEMV = """
+import triton
+from triton.backends.compiler import GPUTarget
+from ds4c.backends.cuda.kernels.linear import _row_gemv_kernel
+sig = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "p_ptr": "*fp32", "y_ptr": "*bf16",
+       "lock_ptr": "*i32", "N": "i32", "K": "i32", "group_rows": "i32", "k_split": "i32", "split": "i32",
+       "s_cols": "i32"}
+const = {"BLOCK_N": 32, "BLOCK_K": 128, "SCALE": 1, "ACT_FP8": True, "SPLIT_K": True, "INTERPRETER_BF16": False,
+         "PDL": True, "PREFETCH": True}
+sig.update({k: "constexpr" for k in const})
+src = triton.compiler.ASTSource(fn=_row_gemv_kernel, signature=sig, constexprs=const)
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1, "launch_pdl": True}).asm["ptx"]
+print(ptx.index("prefetch.global.L2"), ptx.index("griddepcontrol.wait"))
+"""
+
+
+def test_row_gemv_prefetches_its_weights_before_waiting_on_sm90():
+    """With the tunable ``prefetch`` the one-row FP8 GEMV asks L2 for its weight slice before
+    ``griddepcontrol.wait``; compiled for sm_90a without a GPU (a real JITFunction: no interpreter)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE_ROW_GEMV], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    prefetch, wait = map(int, out.stdout.split()[-2:])
+    assert prefetch < wait
+
+
+def test_prefetch_is_a_tunable_off_by_default():
+    from ds4c.backends.cuda.autotune import CANDIDATES
+    from ds4c.backends.cuda.kernels.configs import TUNABLE, use_tuning
+    from ds4c.backends.cuda.kernels.linear import row_gemv_config
+
+    assert row_gemv_config(4096, 4096, 132).prefetch == 0
+    with use_tuning({"row_gemv": {"prefetch": 1}}):
+        assert row_gemv_config(4096, 4096, 132).prefetch == 1
+    assert "prefetch" in TUNABLE["row_gemv"] and CANDIDATES["row_gemv"]["prefetch"] == (None, 1)

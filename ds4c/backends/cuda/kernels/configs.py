@@ -51,7 +51,7 @@ _TUNED: contextvars.ContextVar[dict[str, dict[str, Any]] | None] = contextvars.C
 
 TUNABLE = {  # family -> fields the autotuner may set (see the config functions below)
     "gemv": ("block_n", "split", "num_stages"),
-    "row_gemv": ("block_n", "programs_per_sm", "num_warps", "num_stages", "prequant"),
+    "row_gemv": ("block_n", "programs_per_sm", "num_warps", "num_stages", "prequant", "prefetch"),
     "moe_decode": ("block_n_up", "block_n_down", "num_stages", "fp8_rows", "row_block_n_up", "row_block_n_down",
                    "row_warps"),
 }

@@ -45,7 +45,7 @@ from ds4c.backends.cuda.kernels.act_quant import (
 )
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import active_target, dot_precision, tuned
-from ds4c.backends.cuda.kernels.pdl import pdl_kwargs, wait_for_producers
+from ds4c.backends.cuda.kernels.pdl import pdl_enabled, pdl_kwargs, prefetch_l2, wait_for_producers
 from ds4c.quant.activations import ACT_BLOCK
 
 MAX_ROWS = 64
@@ -210,6 +210,7 @@ class RowGemvConfig:
     num_warps: int
     num_stages: int
     prequant: int  # FP8 activations: 1 quantises the row first (act_quant), 0 in every program
+    prefetch: int = 0  # 1: L2 prefetch of the program's weight slice before waiting for x (with PDL)
 
 
 def row_gemv_config(n: int, k: int, sms: int, **override: int) -> RowGemvConfig:
@@ -225,15 +226,17 @@ def row_gemv_config(n: int, k: int, sms: int, **override: int) -> RowGemvConfig:
     the row quantised first measured 154 us in isolation against 173 us with these (cuBLAS bf16:
     244 us; H200, 2026-12-03), but the graphed decode step with an FP8 head got ~55 us slower with
     them (same-run comparisons against FP8 with a bf16 head, two machines), so they are not the
-    default. ``override`` and the tuning table (family ``row_gemv``) replace any field; ``split``
-    fixes the K split."""
+    default. ``prefetch`` (L2 prefetch of each program's weights before it waits for x, meaningful
+    with programmatic dependent launch) is off until measured: ``ds4c tune`` tries it on the device.
+    ``override`` and the tuning table (family ``row_gemv``) replace any field; ``split`` fixes the K
+    split."""
     override = {**tuned("row_gemv"), **override}
     block_n = override.get("block_n", 32)
     steps = triton.cdiv(k, SCALE_BLOCK)
     per_sm = override.get("programs_per_sm", 8 if n * k <= 1 << 24 else 4)
     split = override.get("split", k_split_count(triton.cdiv(n, block_n), steps, per_sm * sms, min_steps=2))
     return RowGemvConfig(block_n, triton.cdiv(steps, split) * SCALE_BLOCK, override.get("num_warps", 1),
-                         override.get("num_stages", 3), override.get("prequant", 0))
+                         override.get("num_stages", 3), override.get("prequant", 0), override.get("prefetch", 0))
 
 
 @triton.jit
@@ -261,14 +264,20 @@ def row_dot(x_ptr, q_ptr, s_ptr, cols, n_ok, k_lo, k_hi, K, s_cols,
 @triton.jit
 def _row_gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, N, K, group_rows, k_split, split, s_cols,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, ACT_FP8: tl.constexpr,
-                     SPLIT_K: tl.constexpr, INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr):
+                     SPLIT_K: tl.constexpr, INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr,
+                     PREFETCH: tl.constexpr):
     """One row times an FP8 weight on the CUDA cores (``row_dot``), program (column block, K slice);
     with ``group_rows`` < N (linear.grouped), weight rows ``[g * group_rows, (g + 1) * group_rows)``
-    multiply inputs ``[g * K, (g + 1) * K)`` of the row."""
-    wait_for_producers(PDL)
+    multiply inputs ``[g * K, (g + 1) * K)`` of the row. With ``PREFETCH``, the program asks L2 for
+    its whole weight slice (one request per 128 bytes) before waiting for the kernel that
+    produces x."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < N
     k_lo = tl.program_id(1) * k_split
+    if PREFETCH:  # weights only: never written while the program runs
+        for k0 in range(k_lo, tl.minimum(k_lo + k_split, K), 128):
+            prefetch_l2(q_ptr + cols.to(tl.int64) * K + k0, n_ok)
+    wait_for_producers(PDL)
     x_ptr += ((tl.program_id(0) * BLOCK_N) // group_rows) * K  # linear.grouped: the block's group of inputs
     part = row_dot(x_ptr, q_ptr, s_ptr, cols, n_ok, k_lo, tl.minimum(k_lo + k_split, K), K, s_cols,
                    BLOCK_N, BLOCK_K, SCALE, ACT_FP8)
@@ -281,7 +290,8 @@ def row_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: in
     (None when no column tile fits a group); K-split partials summed by the last program of each
     column block."""
     n, k = qdata.shape
-    cfg = grouped_config(lambda **o: row_gemv_config(n, k, active_target().compute_units, **o), n, groups, override)
+    target = active_target()
+    cfg = grouped_config(lambda **o: row_gemv_config(n, k, target.compute_units, **o), n, groups, override)
     if cfg is None:
         return None
     if act == "fp8" and cfg.prequant:  # quantised values in x's dtype (exact), then weight-only
@@ -294,7 +304,7 @@ def row_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: in
         x, qdata, scale, parts, y, locks, n, k, n // groups, cfg.k_split, split, scale.shape[-1], BLOCK_N=cfg.block_n,
         BLOCK_K=SCALE_BLOCK, SCALE=mode, ACT_FP8=act == "fp8", SPLIT_K=split > 1,
         INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **pdl_kwargs(active_target()))
+        PREFETCH=bool(cfg.prefetch) and pdl_enabled(target), **pdl_kwargs(target))
     return y
 
 

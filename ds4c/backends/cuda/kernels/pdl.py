@@ -8,12 +8,15 @@ kernel is launched with programmatic stream serialisation (Triton's ``launch_pdl
 capture turns it into a programmatic edge of the graph), so the hardware may start it as soon
 as every program of the previous kernel has signalled, instead of when the previous kernel ends.
 
-The contract every ds4c entry kernel keeps (``wait_for_producers`` is its first statement):
+The contract every ds4c entry kernel keeps (``wait_for_producers`` before any memory access):
 
 1. ``gdc_wait``: nothing is read before the previous grid in the stream has *completed* and its
    writes are visible (PTX ``griddepcontrol.wait``);
 2. then ``gdc_launch_dependents``: the next grid may be launched now; its programs are scheduled
    onto free SMs and themselves wait at 1. until this grid completes.
+
+Before its wait a kernel may compute indices and prefetch *weights* into L2 (``prefetch_l2``;
+the one-row FP8 GEMV does with its tunable ``prefetch``), never touch anything a kernel writes.
 
 Ordering stays transitive along a stream: a grid signals only after its own wait, so when a grid
 passes its wait, every earlier grid has completed. A kernel whose predecessor is not launched this
@@ -82,6 +85,17 @@ def pdl_kwargs(target: Target) -> dict[str, Any]:
     on, Triton's ``launch_pdl`` option (a compile option too, so part of the binary's cache key)."""
     on = pdl_enabled(target)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@triton.jit
+def prefetch_l2(ptrs, mask):
+    """Ask L2 for the lines at ``ptrs`` (where ``mask``) without waiting for them (PTX
+    ``prefetch.global.L2::evict_last``). For read-only data only - weights - and NVIDIA only: a
+    weight-streaming kernel may issue it *before* ``wait_for_producers``, so its first weight bytes
+    stream in while the previous kernel finishes (``row_gemv`` with the tunable ``prefetch``)."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2::evict_last [$1]; mov.b32 $0, 0; }",
+        "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
