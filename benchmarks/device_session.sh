@@ -7,6 +7,7 @@
 #   bash benchmarks/device_session.sh variants    # graphed decode step bf16 / fp8 / fp8 incl. LM head    (~4 min)
 #   bash benchmarks/device_session.sh pdl         # graphed decode step bf16 / fp8, with and without PDL  (~5 min)
 #   bash benchmarks/device_session.sh peers       # ds4c vs transformers eager / torch.compile, same run  (~5 min)
+#   bash benchmarks/device_session.sh tune        # ds4c tune on the FP8 flash-slice: row GEMV prefetch/stages
 #   bash benchmarks/device_session.sh kernels     # decode MoE tile sweep, LM-head and dense FP8 GEMVs     (~3 min)
 #
 # TARGET (default h200) names the target record the artifacts are compiled for.
@@ -14,8 +15,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|kernels) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|kernels" >&2; exit 2 ;;
+  exactness|profile|variants|pdl|peers|tune|kernels) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels" >&2; exit 2 ;;
 esac
 out="${OUT:-device_out}"
 target="${TARGET:-h200}"
@@ -47,6 +48,12 @@ case "$1" in
     timeout 540 python benchmarks/gpu_peers.py --preset flash-slice --target "$target" --peers eager,compile \
       --out "$out/peers.json" > "$out/peers.log" 2>&1
     tail -30 "$out/peers.log" ;;
+  tune)
+    art=/tmp/ds4c_tune_flash_slice_fp8.ds4
+    timeout 200 python -m ds4c.cli compile flash-slice --target "$target" --precision fp8 --weights reference \
+      --max-context 4096 -o "$art" > "$out/tune.log" 2>&1
+    timeout 380 python -m ds4c.cli tune "$art" --only row_gemv.prefetch,row_gemv.num_stages >> "$out/tune.log" 2>&1
+    cp "$art.tune.json" "$out/" 2>/dev/null; tail -8 "$out/tune.log" ;;
   kernels)
     timeout 200 python benchmarks/moe_decode_bench.py --target "$target" --out "$out/moe_decode.json" \
       > "$out/moe_decode.log" 2>&1; tail -8 "$out/moe_decode.log"

@@ -136,16 +136,19 @@ def tune(
     device: Annotated[str, typer.Option(help="the GPU to tune on")] = "cuda",
     backend: Annotated[str, typer.Option(help="kernels | compiled")] = "compiled",
     batch: Annotated[int, typer.Option(help="decode batch size to time")] = 1,
+    only: Annotated[str | None, typer.Option(
+        help="tune only these, comma-separated: a family (row_gemv) or family.field (row_gemv.prefetch)")] = None,
 ) -> None:
     """Time kernel configurations on this GPU (whole decode steps as CUDA graphs) and write the best
     as ARTIFACT.tune.json, which ds4c.load applies on the same device and Triton."""
     import ds4c
+    from ds4c.backends.cuda.autotune import restrict, tuning_path
     from ds4c.backends.cuda.autotune import tune as run_tune
-    from ds4c.backends.cuda.autotune import tuning_path
 
     try:
+        candidates = restrict(only)
         model = ds4c.load(artifact, device=device, backend=backend, tuning=False)
-        res = run_tune(model, artifact=artifact, batch=batch, log=console.print)
+        res = run_tune(model, artifact=artifact, batch=batch, log=console.print, candidates=candidates)
     except Ds4cError as e:
         _fail(e)
     console.print(f"decode step {res['baseline_s'] * 1e3:.3f} ms with the target's configurations, "

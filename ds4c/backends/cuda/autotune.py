@@ -42,6 +42,25 @@ CANDIDATES: dict[str, dict[str, Sequence[Any]]] = {
 }
 
 
+def restrict(only: str | Sequence[str] | None,
+             candidates: Mapping[str, Mapping[str, Sequence[Any]]] = CANDIDATES
+             ) -> dict[str, dict[str, Sequence[Any]]]:
+    """The candidates named by ``only`` ("family" or "family.field", comma-separated or a list):
+    a search that fits the time one has on a device. None: all of them."""
+    if only is None:
+        return {f: dict(v) for f, v in candidates.items()}
+    names = [n.strip() for n in (only.split(",") if isinstance(only, str) else only) if n.strip()]
+    out: dict[str, dict[str, Sequence[Any]]] = {}
+    for name in names:
+        family, _, field = name.partition(".")
+        if family not in candidates or (field and field not in candidates[family]):
+            known = ", ".join(f"{f}.{k}" for f, v in candidates.items() for k in v)
+            raise InputError(f"ds4c tune --only: no tunable '{name}'; tunables: {known} (or a family alone)")
+        fields = {field: candidates[family][field]} if field else dict(candidates[family])
+        out.setdefault(family, {}).update(fields)
+    return out
+
+
 def tuning_path(artifact: str | os.PathLike) -> Path:
     return Path(os.fspath(artifact) + ".tune.json")
 

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import ds4c
-from ds4c.backends.cuda.autotune import FORMAT, load_tuning, program_key, search, tune, tuning_path
+from ds4c.backends.cuda.autotune import FORMAT, load_tuning, program_key, restrict, search, tune, tuning_path
 from ds4c.backends.cuda.kernels.configs import moe_decode_config, tuned, use_tuning
 from ds4c.backends.cuda.kernels.linear import gemv_config
 
@@ -29,6 +29,20 @@ def test_search_finds_the_best_per_field():
     assert table == {"gemv": {"block_n": 32, "split": 1}, "moe_decode": {"block_n_down": 128}}
     assert report["baseline_s"] == 1.0 and report["best_s"] == pytest.approx(0.65)
     assert len(report["trials"]) > 10
+
+
+def test_only_restricts_the_search_to_named_tunables(tiny):
+    only = restrict("row_gemv.prefetch, moe_decode")
+    assert only == {"row_gemv": {"prefetch": (None, 1)}, "moe_decode": restrict(None)["moe_decode"]}
+    table, report = search(fake_step, only)
+    assert table == {"moe_decode": {"block_n_down": 128}}
+    assert all(set(t["table"]) <= {"row_gemv", "moe_decode"} for t in report["trials"])
+    with pytest.raises(ds4c.errors.InputError, match=r"no tunable 'row_gemv.bogus'.*row_gemv.prefetch"):
+        restrict("row_gemv.bogus")
+    from ds4c.cli import app
+
+    res = CliRunner().invoke(app, ["tune", str(tiny), "--only", "nothing"])
+    assert res.exit_code != 0 and "no tunable 'nothing'" in res.output, res.output
 
 
 def test_tuned_values_reach_the_config_functions():
