@@ -98,11 +98,18 @@ def pin_ptxas() -> str | None:
     ran (measured on the H200: an FP8 artifact compiled after a bf16 run reported 0 of 73 stored
     binaries usable). ds4c settles the choice first, with Inductor's own function, wherever it makes
     or checks keys: in the ahead-of-time workers' environment and before installing binaries."""
-    try:
-        from torch._inductor.runtime.compile_tasks import _set_triton_ptxas_path
-    except ImportError:  # pragma: no cover - a torch without it: Inductor will not switch either
-        return os.environ.get("TRITON_PTXAS_PATH")
-    _set_triton_ptxas_path()
+    import importlib
+
+    # where torch has kept it over the versions (2.13: runtime.compile_tasks)
+    for module in ("torch._inductor.runtime.compile_tasks", "torch._inductor.async_compile",
+                   "torch._inductor.codecache"):
+        try:
+            setter = getattr(importlib.import_module(module), "_set_triton_ptxas_path", None)
+        except ImportError:  # pragma: no cover
+            continue
+        if setter is not None:
+            setter()
+            break
     return os.environ.get("TRITON_PTXAS_PATH")
 
 
