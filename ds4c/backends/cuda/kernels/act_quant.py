@@ -24,8 +24,8 @@ import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import interpreter_bf16, round_to
-from ds4c.backends.cuda.kernels.configs import active_target
-from ds4c.backends.cuda.kernels.pdl import pdl_kwargs, wait_for_producers
+from ds4c.backends.cuda.kernels.configs import Launch, active_target
+from ds4c.backends.cuda.kernels.pdl import wait_for_producers
 from ds4c.quant.activations import ACT_BLOCK
 
 
@@ -127,7 +127,7 @@ def act_quant(x: torch.Tensor, *, dequant: bool = False) -> tuple[torch.Tensor, 
     block_m = 16
     _act_quant_kernel[(triton.cdiv(m, block_m), blocks)](
         x, q, q if s is None else s, m, k, BLOCK_M=block_m, BLOCK=ACT_BLOCK, DEQUANT=dequant,
-        INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=4, **pdl_kwargs(active_target()))
+        INTERPRETER_BF16=interpreter_bf16(x.dtype), **Launch(4).kwargs(active_target()))
     return q, s
 
 

@@ -29,8 +29,14 @@ import triton
 import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
-from ds4c.backends.cuda.kernels.configs import AttentionConfig, active_target, attention_config, dot_precision
-from ds4c.backends.cuda.kernels.pdl import pdl_kwargs, wait_for_producers
+from ds4c.backends.cuda.kernels.configs import (
+    AttentionConfig,
+    Launch,
+    active_target,
+    attention_config,
+    dot_precision,
+)
+from ds4c.backends.cuda.kernels.pdl import wait_for_producers
 
 __all__ = ["AttentionConfig", "attention", "attention_config", "dot_operand", "interpreter_bf16", "round_to"]
 
@@ -336,8 +342,8 @@ def _split_launch(q, keys, bias, sinks, out, qk_scale: float, n_split: int, t_sp
     _merge_kernel[(triton.cdiv(rows, block_r), triton.cdiv(d, block_c), b)](
         acc, ml, sinks, out, h, s, n_split,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        D=d, BLOCK_R=block_r, BLOCK_C=block_c, INTERPRETER_BF16=interpreter_bf16(q.dtype), num_warps=4,
-        **pdl_kwargs(target),
+        D=d, BLOCK_R=block_r, BLOCK_C=block_c, INTERPRETER_BF16=interpreter_bf16(q.dtype),
+        **Launch(4).kwargs(target),
     )
 
 for _name in ("attention.sliding", "attention.csa", "attention.hca"):

@@ -21,13 +21,14 @@ import triton.language as tl
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import (
+    Launch,
     active_target,
     compress_config,
     dot_precision,
     index_scores_config,
 )
 from ds4c.backends.cuda.kernels.norms import rms_norm
-from ds4c.backends.cuda.kernels.pdl import pdl_kwargs, wait_for_producers
+from ds4c.backends.cuda.kernels.pdl import wait_for_producers
 from ds4c.ops.norms import rms_norm_reference
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -251,5 +252,5 @@ def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     rows = out.numel() // k
     if rows:
         _topk_kernel[(rows,)](scores, out, c, k, N=n, K_POW2=triton.next_power_of_2(k),
-                              num_warps=4 if n <= 2048 else 8, **pdl_kwargs(active_target()))
+                              **Launch(4 if n <= 2048 else 8).kwargs(active_target()))
     return out

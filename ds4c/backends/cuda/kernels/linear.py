@@ -44,8 +44,8 @@ from ds4c.backends.cuda.kernels.act_quant import (
     scale_exponent,
 )
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
-from ds4c.backends.cuda.kernels.configs import active_target, dot_precision, tuned
-from ds4c.backends.cuda.kernels.pdl import pdl_enabled, pdl_kwargs, prefetch_l2, wait_for_producers
+from ds4c.backends.cuda.kernels.configs import Launch, active_target, dot_precision, tuned
+from ds4c.backends.cuda.kernels.pdl import pdl_enabled, prefetch_l2, wait_for_producers
 from ds4c.quant.activations import ACT_BLOCK
 
 MAX_ROWS = 64
@@ -303,8 +303,8 @@ def row_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: in
     _row_gemv_kernel[(blocks, split)](
         x, qdata, scale, parts, y, locks, n, k, n // groups, cfg.k_split, split, scale.shape[-1], BLOCK_N=cfg.block_n,
         BLOCK_K=SCALE_BLOCK, SCALE=mode, ACT_FP8=act == "fp8", SPLIT_K=split > 1,
-        INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        PREFETCH=bool(cfg.prefetch) and pdl_enabled(target), **pdl_kwargs(target))
+        INTERPRETER_BF16=interpreter_bf16(x.dtype), PREFETCH=bool(cfg.prefetch) and pdl_enabled(target),
+        **Launch(cfg.num_warps, cfg.num_stages).kwargs(target))
     return y
 
 
@@ -393,7 +393,7 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, forma
         scale.shape[-1] if mode in (BLOCK_F32, BLOCK_UE8M0) else 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SCALE=mode, ACT_FP8=act == "fp8",
         SPLIT_K=split > 1, PRECISION=dot_precision(x.dtype, target), INTERPRETER_BF16=interpreter_bf16(x.dtype),
-        ACT_FP4=act == "mxfp4", num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(target))
+        ACT_FP4=act == "mxfp4", **Launch(cfg.num_warps, cfg.num_stages).kwargs(target))
     return y
 
 
@@ -471,7 +471,7 @@ def fp8_gemm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, format: 
     _fp8_gemm_kernel[grid](xq, xs, qdata, scale, y, m, n, k, scale.shape[-1],
                            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=ACT_BLOCK, GROUP_M=cfg.group_m,
                            SCALE=mode, INTERPRETER_BF16=interpreter_bf16(x.dtype),
-                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(active_target()))
+                           **Launch(cfg.num_warps, cfg.num_stages).kwargs(active_target()))
     return y
 
 

@@ -29,11 +29,12 @@ from ds4c.backends.cuda.kernels.attention import interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import (
     MHC_BLOCK_K,
     MHC_BLOCK_T,
+    Launch,
     active_target,
     mhc_mix_launch,
     mhc_mix_programs,
 )
-from ds4c.backends.cuda.kernels.pdl import pdl_kwargs, wait_for_producers
+from ds4c.backends.cuda.kernels.pdl import wait_for_producers
 
 BLOCK_T = MHC_BLOCK_T  # tokens per mix program (tl.dot's minimum M)
 BLOCK_K = MHC_BLOCK_K  # K step of the mix GEMM
@@ -255,8 +256,8 @@ def mhc_pre(h, fn, base, scale, *, norm_eps, hc_eps, sinkhorn_iters):
                                   tokens, splits, n * d, d, flat.stride(0), float(norm_eps), float(hc_eps),
                                   int(sinkhorn_iters), N=n, NP=triton.next_power_of_2(n), MIX_PAD=mix_pad,
                                   SPLIT_PAD=triton.next_power_of_2(splits),
-                                  BLOCK_D=block_d, INTERPRETER_BF16=interpreter_bf16(h.dtype), num_warps=2,
-                                  **pdl_kwargs(active_target()))
+                                  BLOCK_D=block_d, INTERPRETER_BF16=interpreter_bf16(h.dtype),
+                                  **Launch(2).kwargs(active_target()))
     return out, post, comb
 
 
@@ -279,8 +280,8 @@ def mhc_head(h, fn, base, scale, *, norm_eps, hc_eps):
                                    flat.stride(0), 0 if scale.numel() == 1 else 1, float(norm_eps), float(hc_eps),
                                    N=n, NP=triton.next_power_of_2(n), MIX_PAD=mix_pad,
                                   SPLIT_PAD=triton.next_power_of_2(splits),
-                                   BLOCK_D=block_d, INTERPRETER_BF16=interpreter_bf16(h.dtype), num_warps=2,
-                                   **pdl_kwargs(active_target()))
+                                   BLOCK_D=block_d, INTERPRETER_BF16=interpreter_bf16(h.dtype),
+                                   **Launch(2).kwargs(active_target()))
     return out
 
 
@@ -307,5 +308,5 @@ def mhc_post(f, h, post, comb):
     _post_kernel[(tokens, triton.cdiv(d, block_d))](f.contiguous(), h.contiguous(), post.contiguous(),
                                                     comb.contiguous(), out, d, N=n, NP=triton.next_power_of_2(n),
                                                     BLOCK_D=block_d, INTERPRETER_BF16=interpreter_bf16(h.dtype),
-                                                    num_warps=4, **pdl_kwargs(active_target()))
+                                                    **Launch(4).kwargs(active_target()))
     return out

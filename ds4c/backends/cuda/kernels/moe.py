@@ -47,6 +47,7 @@ import triton.language as tl
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import (
+    Launch,
     MoeConfig,
     MoeDecodeConfig,
     active_target,
@@ -66,7 +67,7 @@ from ds4c.backends.cuda.kernels.linear import (
     row_dot,
     storage_to_dot,
 )
-from ds4c.backends.cuda.kernels.pdl import pdl_kwargs, wait_for_producers
+from ds4c.backends.cuda.kernels.pdl import wait_for_producers
 from ds4c.ir.registry import get_op
 from ds4c.ops.moe import _route, _shared
 from ds4c.ops.quant import packed_operand_count
@@ -309,7 +310,7 @@ def _route_on_device(x, ids, router, selector, top_k: int, route_scale: float, r
             logits, selector.contiguous(), ids.reshape(-1).contiguous(), idx, w, experts, float(route_scale),
             TOP_K=top_k, BLOCK_E=triton.next_power_of_2(experts), BLOCK_TOPK=triton.next_power_of_2(top_k),
             HASH=routing == "hash", SCORE=SCORE_CODES[score], KEY_ROUND=key_round,
-            INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=4, **pdl_kwargs(active_target()))
+            INTERPRETER_BF16=interpreter_bf16(x.dtype), **Launch(4).kwargs(active_target()))
     return flat, idx, w
 
 
@@ -489,7 +490,7 @@ def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, 
     out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
     _combine_kernel[(tokens, triton.cdiv(hidden, 1024))](
         y, out, pairs, hidden, TOP_K=top_k, SHARED=with_shared, BLOCK_N=1024,
-        INTERPRETER_BF16=interpreter_bf16(x.dtype), num_warps=4, **pdl_kwargs(target))
+        INTERPRETER_BF16=interpreter_bf16(x.dtype), **Launch(4).kwargs(target))
     return out, with_shared
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -26,7 +26,8 @@ kernel overlaps the current one; results are bit-identical with and without PDL.
 PDL is used on NVIDIA targets of compute capability 9.0 and later (``h100`` ... ``gb200``), not on
 AMD, not under Triton's interpreter (which has no ``griddepcontrol``), and not when the
 environment sets ``DS4C_PDL=0`` (to measure without it; stored binaries are built with it, so the
-JIT then compiles the kernels once, and says so). The same decision covers the kernels Inductor
+JIT then compiles the PDL-free specialisations once, silently: the artifact's binaries still
+install and ``kernel_binaries`` still says "stored"). The same decision covers the kernels Inductor
 generates between ours (``torch._inductor.config.triton.enable_pdl``).
 """
 
@@ -82,7 +83,9 @@ def pdl_enabled(target: Target) -> bool:
 
 def pdl_kwargs(target: Target) -> dict[str, Any]:
     """Keyword arguments of ``kernel[grid](...)`` for PDL: the kernel's ``PDL`` constexpr and, when
-    on, Triton's ``launch_pdl`` option (a compile option too, so part of the binary's cache key)."""
+    on, Triton's ``launch_pdl`` option (a compile option too, so part of the binary's cache key).
+    Launchers get them through ``configs.Launch.kwargs``, never alone: ``launch_pdl`` without the
+    kernel's wait would let it read its inputs early."""
     on = pdl_enabled(target)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
@@ -100,8 +103,9 @@ def prefetch_l2(ptrs, mask):
 
 @triton.jit
 def wait_for_producers(PDL: tl.constexpr):
-    """First statement of every ds4c entry kernel: wait for the previous grid, then let the next
-    one launch (a no-op when ``PDL`` is false)."""
+    """In every ds4c entry kernel before its first memory access (its first statement, but for
+    weight prefetches): wait for the previous grid, then let the next one launch (a no-op when
+    ``PDL`` is false)."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
