@@ -27,6 +27,7 @@ import platform
 import re
 import time
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -88,16 +89,8 @@ def main() -> None:
             backend, streams, env = VARIANTS[name]
 
             def run(backend=backend, streams=streams, env=env) -> dict[str, Any]:
-                saved = {k: os.environ.get(k) for k in env}
-                os.environ.update(env)
-                try:
+                with mock.patch.dict(os.environ, env):
                     return measure(backend, streams)
-                finally:
-                    for k, v in saved.items():
-                        if v is None:
-                            os.environ.pop(k, None)
-                        else:
-                            os.environ[k] = v
 
             def measure(backend: str, streams: bool) -> dict[str, Any]:
                 model = ds4c.load(path, device=dev, weights=params, progress=False, backend=backend,

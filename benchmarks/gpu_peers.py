@@ -299,13 +299,9 @@ def main() -> None:
                 lambda b=b: decode_ds4c(model, state, b, args.prompt, state_bytes))
         save()
 
-    def decode_hf(m, b: int):
-        ids = prompt.expand(b, -1).contiguous()
-        with torch.no_grad():
-            out = hf(ids, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        pos = [args.prompt]
+    def hf_steps(m, cache, nxt, position: int, b: int) -> tuple[float, float]:
+        """(first step, median of the next) seconds of transformers' decode steps on ``cache``."""
+        pos = [position]
 
         def step():
             with torch.no_grad():
@@ -317,7 +313,13 @@ def main() -> None:
         step()
         _sync(dev)
         first = time.perf_counter() - t
-        s = timed(step, dev, warmup=1, reps=8)
+        return first, timed(step, dev, warmup=1, reps=8)
+
+    def decode_hf(m, b: int):
+        ids = prompt.expand(b, -1).contiguous()
+        with torch.no_grad():
+            out = hf(ids, use_cache=True, logits_to_keep=1)
+        first, s = hf_steps(m, out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True), args.prompt, b)
         roof = decode_bytes(params, cfg, b, state_bytes * b) / bw
         return {"seconds": s, "first_call_s": first, "fraction_of_roofline": roof / s}
     for b in args.batch:
@@ -360,18 +362,9 @@ def main() -> None:
                     cache = out.past_key_values
             _sync(dev)
             build = time.perf_counter() - t
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            pos = [args.long_context]
-
-            def step():
-                with torch.no_grad():
-                    o = hf(nxt, past_key_values=cache, use_cache=True,
-                           position_ids=torch.full((1, 1), pos[0], device=dev, dtype=torch.long))
-                pos[0] += 1
-                return o.logits
-            s = timed(step, dev, warmup=1, reps=8)
+            first, s = hf_steps(hf, cache, out.logits[:, -1].argmax(-1, keepdim=True), args.long_context, 1)
             roof = res.get(f"decode_ds4c_ctx{args.long_context}_b1", {}).get("roofline_s")
-            return {"seconds": s, "cache_build_s": build, "chunk": args.long_chunk,
+            return {"seconds": s, "first_call_s": first, "cache_build_s": build, "chunk": args.long_chunk,
                     "fraction_of_roofline": roof / s if roof else None}
         if "eager" in peers:
             attempt(res, f"decode_transformers_eager_ctx{args.long_context}_b1", long_decode_hf)

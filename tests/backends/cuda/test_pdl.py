@@ -58,6 +58,12 @@ def _entry_kernels():
                 yield mod, node
 
 
+def _body(fn: ast.FunctionDef) -> list[ast.stmt]:
+    """The kernel's statements without its docstring."""
+    first = fn.body[0]
+    return fn.body[1:] if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) else fn.body
+
+
 def _is_wait(stmt) -> bool:
     return (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call)
             and getattr(stmt.value.func, "id", None) == "wait_for_producers")
@@ -73,8 +79,7 @@ def test_every_entry_kernel_waits_for_its_producer_before_touching_memory():
     for mod, fn in found:
         args = [a.arg for a in fn.args.args]
         assert "PDL" in args, f"{mod}.{fn.name} lacks the PDL constexpr"
-        body = fn.body[1:] if isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant) \
-            else fn.body
+        body = _body(fn)
         waits = [i for i, stmt in enumerate(body) if _is_wait(stmt)]
         assert waits, f"{mod}.{fn.name}: no top-level wait_for_producers(PDL)"
         for stmt in body[:waits[0]]:
@@ -88,9 +93,7 @@ def test_weight_prefetch_only_before_the_wait_of_row_gemv():
     # the one kernel that prefetches its weights before waiting; anything else starts with the wait
     early = []
     for _mod, fn in _entry_kernels():
-        body = fn.body[1:] if isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant) \
-            else fn.body
-        if not _is_wait(body[0]):
+        if not _is_wait(_body(fn)[0]):
             early.append(fn.name)
     assert early == ["_row_gemv_kernel"]
 
