@@ -274,12 +274,13 @@ def _row_gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, N, K, group_ro
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < N
     k_lo = tl.program_id(1) * k_split
+    k_hi = tl.minimum(k_lo + k_split, K)
     if PREFETCH:  # weights only: never written while the program runs
-        for k0 in range(k_lo, tl.minimum(k_lo + k_split, K), 128):
+        for k0 in range(k_lo, k_hi, 128):
             prefetch_l2(q_ptr + cols.to(tl.int64) * K + k0, n_ok)
     wait_for_producers(PDL)
     x_ptr += ((tl.program_id(0) * BLOCK_N) // group_rows) * K  # linear.grouped: the block's group of inputs
-    part = row_dot(x_ptr, q_ptr, s_ptr, cols, n_ok, k_lo, tl.minimum(k_lo + k_split, K), K, s_cols,
+    part = row_dot(x_ptr, q_ptr, s_ptr, cols, n_ok, k_lo, k_hi, K, s_cols,
                    BLOCK_N, BLOCK_K, SCALE, ACT_FP8)
     split_k_store(part, p_ptr, y_ptr, lock_ptr, cols, n_ok, N, split, SPLIT_K, INTERPRETER_BF16)
 
