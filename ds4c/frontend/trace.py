@@ -7,6 +7,8 @@ inputs of the graphs.
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,17 +43,41 @@ def param_spec(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
 
 
+# Traces kept per process: (config, max_context, dtype, per_kind) -> (graphs, attrs). A trace
+# depends on nothing else (weights stay on the meta device), and torch.export is most of a small
+# model's compile time (tiny: ~20 of ~25 s on a 2-core CPU), so compiling one model for several
+# targets or precisions in one process traces it once. Graphs are immutable in use (every pass
+# returns new graphs); attrs are copied on each hit.
+TRACE_CACHE_SIZE = 8
+_TRACES: OrderedDict[tuple, tuple[dict[str, Any], dict[str, Any]]] = OrderedDict()
+
+
 def trace_program(config: Any, max_context: int, dtype: torch.dtype = torch.float32, *,
                   per_kind: bool = True) -> tuple[Program, torch.nn.Module]:
     """Trace prefill and decode into a Program; returns it with the (meta) model it describes.
 
     With ``per_kind`` (default) a model whose layers repeat kinds is traced as a proxy holding one
     layer per kind, and each entry point is stitched back to all layers (``ds4c.frontend.stitch``):
-    torch.export's cost then grows with the number of kinds, not of layers.
+    torch.export's cost then grows with the number of kinds, not of layers. A trace of the same
+    (config, max_context, dtype) earlier in the process is reused (``_TRACES``).
     """
+    model = build_meta_model(config, max_context, dtype)
+    key = (repr(config), int(max_context), str(dtype), per_kind)
+    if key in _TRACES:
+        _TRACES.move_to_end(key)
+        graphs, attrs = _TRACES[key]
+        return Program(dict(graphs), copy.deepcopy(attrs)), model
+    program = _trace_program(config, model, max_context, dtype, per_kind)
+    _TRACES[key] = (dict(program.graphs), copy.deepcopy(program.attrs))
+    while len(_TRACES) > TRACE_CACHE_SIZE:
+        _TRACES.popitem(last=False)
+    return program, model
+
+
+def _trace_program(config: Any, model: torch.nn.Module, max_context: int, dtype: torch.dtype,
+                   per_kind: bool) -> Program:
     from ds4c.frontend.stitch import proxy_plan, stitch_graph
 
-    model = build_meta_model(config, max_context, dtype)
     plan = proxy_plan(config) if per_kind else None
     if plan is None:
         graphs = _trace_graphs(model)
@@ -74,7 +100,7 @@ def trace_program(config: Any, max_context: int, dtype: torch.dtype = torch.floa
         "model_config": {"hc_sinkhorn_iters": config.hc_sinkhorn_iters, "hc_mult": config.hc_mult,
                          "swiglu_limit": config.swiglu_limit},
     }
-    return Program(graphs, attrs), model
+    return Program(graphs, attrs)
 
 
 def _trace_graphs(model: torch.nn.Module) -> dict[str, Any]:

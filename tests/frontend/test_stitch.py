@@ -95,3 +95,21 @@ def test_interleaved_layers_are_refused(traces):
     ops.insert(i1 + 1, ops.pop(i0))
     with pytest.raises(IRError, match="inside layer|segment|interleaved|before it is defined"):
         stitch_graph(g.copy(ops=ops), [0, 1, 2, 3], 4)
+
+
+def test_a_trace_is_reused_within_the_process(traces, monkeypatch):
+    """Tracing the same config, context and dtype again returns the first trace (torch.export is
+    most of a small model's compile time) with attrs of its own; another context traces anew."""
+    import ds4c.frontend.trace as trace_mod
+
+    stitched, _, _ = traces
+    calls = []
+    real = trace_mod._trace_program
+    monkeypatch.setattr(trace_mod, "_trace_program", lambda *a: calls.append(a[2]) or real(*a))
+    again, model = trace_program(_config(), 64, per_kind=True)
+    assert calls == [] and param_spec(model) == param_spec(traces[2])
+    assert {n: print_graph(g) for n, g in again.graphs.items()} == {n: print_graph(g) for n, g in stitched.graphs.items()}
+    again.attrs["state"].clear()
+    assert stitched.attrs["state"] and trace_program(_config(), 64)[0].attrs["state"] == stitched.attrs["state"]
+    other, _ = trace_program(_config(), 48, per_kind=True)
+    assert calls == [48] and other.attrs["max_context"] == 48
