@@ -210,7 +210,7 @@ class RowGemvConfig:
     num_warps: int
     num_stages: int
     prequant: int  # FP8 activations: 1 quantises the row first (act_quant), 0 in every program
-    prefetch: int = 0  # 1: L2 prefetch of the program's weight slice before waiting for x (with PDL)
+    prefetch: int = 1  # 1: L2 prefetch of the program's weight slice before waiting for x (with PDL)
 
 
 def row_gemv_config(n: int, k: int, sms: int, **override: int) -> RowGemvConfig:
@@ -226,8 +226,9 @@ def row_gemv_config(n: int, k: int, sms: int, **override: int) -> RowGemvConfig:
     the row quantised first measured 154 us in isolation against 173 us with these (cuBLAS bf16:
     244 us; H200, 2026-12-03), but the graphed decode step with an FP8 head got ~55 us slower with
     them (same-run comparisons against FP8 with a bf16 head, two machines), so they are not the
-    default. ``prefetch`` (L2 prefetch of each program's weights before it waits for x, meaningful
-    with programmatic dependent launch) is off until measured: ``ds4c tune`` tries it on the device.
+    default. ``prefetch`` (L2 prefetch of each program's weights before it waits for x; only with
+    programmatic dependent launch) is on: ``ds4c tune`` on the FP8 flash-slice, H200 2026-12-03,
+    graphed decode step 1.208 ms without, 1.117-1.138 ms with (docs/PERFORMANCE.md).
     ``override`` and the tuning table (family ``row_gemv``) replace any field; ``split`` fixes the K
     split."""
     override = {**tuned("row_gemv"), **override}
@@ -236,7 +237,7 @@ def row_gemv_config(n: int, k: int, sms: int, **override: int) -> RowGemvConfig:
     per_sm = override.get("programs_per_sm", 8 if n * k <= 1 << 24 else 4)
     split = override.get("split", k_split_count(triton.cdiv(n, block_n), steps, per_sm * sms, min_steps=2))
     return RowGemvConfig(block_n, triton.cdiv(steps, split) * SCALE_BLOCK, override.get("num_warps", 1),
-                         override.get("num_stages", 3), override.get("prequant", 0), override.get("prefetch", 0))
+                         override.get("num_stages", 3), override.get("prequant", 0), override.get("prefetch", 1))
 
 
 @triton.jit
