@@ -8,6 +8,14 @@ Router: logits = x·routerᵀ (fp32), affinity = score(logits); selection = top-
 ``selector`` = tid2eid); weights = affinity[selected] / Σ · route_scale. Experts: clamped SwiGLU
 (gate ≤ limit, |up| ≤ limit), down projection, weighted sum over the k picks; plus the shared
 expert (same clamps). ``ids`` are the token ids (read by hash routing only).
+
+Activation quantisation (quantize_weights sets it where the experts' weights are FP8 and the
+target's tensor cores multiply FP8): ``act`` (routed experts) and ``shared_act`` (shared expert)
+name the format a GEMM's input is quantised to first, as DeepSeek's ``act_quant`` does inside
+every FP8 linear: the hidden row ``x`` before gate/up and the SwiGLU output ``h`` (in x's dtype)
+before down, one scale per token and block (ds4c.quant.activations). Absent: the compute dtype.
+
+    %y = moe(%x, ..., top_k=6, ..., act="fp8", shared_act="fp8") : bf16[B,S,D]
 """
 
 from __future__ import annotations
@@ -42,17 +50,33 @@ def _route(x, ids, router, selector, top_k: int, route_scale: float, routing: st
     return flat, idx, w / (w.sum(dim=-1, keepdim=True) + 1e-20) * route_scale
 
 
-def _shared(x, s_gate, s_up, s_down, limit: float, linear=F.linear) -> torch.Tensor:
-    """The shared expert; ``linear(h, w)`` computes ``h @ wᵀ`` (packed weights pass their own)."""
-    sg = linear(x, s_gate).clamp(max=limit)
-    su = linear(x, s_up).clamp(min=-limit, max=limit)
-    return linear(F.silu(sg) * su, s_down)
+def _quantized(t: torch.Tensor, act: str | None) -> torch.Tensor:
+    """``t`` as a GEMM that multiplies in ``act`` sees it (None: unchanged)."""
+    if act is None:
+        return t
+    from ds4c.quant.activations import roundtrip
+
+    return roundtrip(t, act)
+
+
+def _linear(h: torch.Tensor, w: torch.Tensor, act: str | None) -> torch.Tensor:
+    return F.linear(_quantized(h, act), w)
+
+
+def _shared(x, s_gate, s_up, s_down, limit: float, linear=_linear, act: str | None = None) -> torch.Tensor:
+    """The shared expert; ``linear(h, w, act)`` computes ``h @ wᵀ`` with ``h`` quantised to ``act``
+    first (packed weights pass their own)."""
+    sg = linear(x, s_gate, act).clamp(max=limit)
+    su = linear(x, s_up, act).clamp(min=-limit, max=limit)
+    return linear(F.silu(sg) * su, s_down, act)
 
 
 def moe_reference(x, ids, router, selector, gate_up, down, s_gate, s_up, s_down, *, top_k: int, route_scale: float,
-                  swiglu_limit: float, routing: str, score: str) -> torch.Tensor:
+                  swiglu_limit: float, routing: str, score: str, act: str | None = None,
+                  shared_act: str | None = None) -> torch.Tensor:
     d = x.shape[-1]
     flat, idx, w = _route(x, ids, router, selector, top_k, route_scale, routing, score)
+    flat_q = _quantized(flat, act)  # per token: the same for every expert the token picks
     # Group the (token, pick) pairs by expert: memory O(tokens·k·d) instead of gathering a weight
     # matrix per pair (the traced formulation needs 384 GiB for 2048 tokens of V4-Flash).
     sel = idx.reshape(-1)
@@ -66,29 +90,30 @@ def moe_reference(x, ids, router, selector, gate_up, down, s_gate, s_up, s_down,
             continue
         pairs = order[start:start + n]
         start += n
-        xe = flat[token_of[pairs]]
+        xe = flat_q[token_of[pairs]]
         gu = xe @ gate_up[e].t()
         g, u = gu.chunk(2, dim=-1)
         h = F.silu(g.clamp(max=swiglu_limit)) * u.clamp(min=-swiglu_limit, max=swiglu_limit)
-        out[pairs] = h @ down[e].t()
+        out[pairs] = _quantized(h, act) @ down[e].t()
     out = out * w.reshape(-1).unsqueeze(-1)
     routed = out.view(-1, top_k, d).sum(dim=1).to(x.dtype).view(x.shape)
-    return routed + _shared(x, s_gate, s_up, s_down, swiglu_limit)
+    return routed + _shared(x, s_gate, s_up, s_down, swiglu_limit, act=shared_act)
 
 
 def moe_gather_formulation(x, ids, router, selector, gate_up, down, s_gate, s_up, s_down, *, top_k: int,
-                           route_scale: float, swiglu_limit: float, routing: str, score: str) -> torch.Tensor:
+                           route_scale: float, swiglu_limit: float, routing: str, score: str, act: str | None = None,
+                           shared_act: str | None = None) -> torch.Tensor:
     """The export-friendly (static-shape) formulation the model traces: one weight gather per (token, pick)."""
     d = x.shape[-1]
     flat, idx, w = _route(x, ids, router, selector, top_k, route_scale, routing, score)
-    picked = flat.repeat_interleave(top_k, dim=0)
+    picked = _quantized(flat, act).repeat_interleave(top_k, dim=0)
     sel = idx.reshape(-1)
     gu = torch.bmm(gate_up[sel], picked.unsqueeze(-1)).squeeze(-1)
     g, u = gu.chunk(2, dim=-1)
-    h = F.silu(g.clamp(max=swiglu_limit)) * u.clamp(min=-swiglu_limit, max=swiglu_limit)
+    h = _quantized(F.silu(g.clamp(max=swiglu_limit)) * u.clamp(min=-swiglu_limit, max=swiglu_limit), act)
     out = torch.bmm(down[sel], h.unsqueeze(-1)).squeeze(-1) * w.reshape(-1).unsqueeze(-1)
     routed = out.view(-1, top_k, d).sum(dim=1).to(x.dtype).view(x.shape)
-    return routed + _shared(x, s_gate, s_up, s_down, swiglu_limit)
+    return routed + _shared(x, s_gate, s_up, s_down, swiglu_limit, act=shared_act)
 
 
 @register_op
@@ -105,3 +130,14 @@ class Moe(OpDef):
             raise VerificationError("moe takes 9 operands (x, ids, router, selector, gate_up, down, s_gate, s_up, s_down)")
         if op.kwargs.get("routing") not in ROUTINGS or op.kwargs.get("score") not in SCORES:
             raise VerificationError(f"moe: routing must be one of {ROUTINGS}, score one of {SCORES}")
+        verify_activations(op)
+
+
+def verify_activations(op) -> None:
+    """``act`` / ``shared_act`` of ``moe`` and ``moe.packed``: an activation format or absent."""
+    from ds4c.quant.activations import ACTIVATION_FORMATS
+
+    for key in ("act", "shared_act"):
+        if op.kwargs.get(key) not in (None, *ACTIVATION_FORMATS):
+            raise VerificationError(f"{op.name}: {key} must be one of {', '.join(ACTIVATION_FORMATS)} (or absent), "
+                                    f"got {op.kwargs.get(key)!r}")

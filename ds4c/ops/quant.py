@@ -180,7 +180,8 @@ MOE_WEIGHTS = ("gate_up", "down", "s_gate", "s_up", "s_down")
 class MoePacked(OpDef):
     """``moe`` whose expert weights (``gate_up``, ``down``, ``s_gate``, ``s_up``, ``s_down``, in that
     order) may be packed: ``formats[i]`` / ``shapes[i]`` describe weight ``i`` (``none``: a plain
-    tensor operand). Operands: x, ids, router, selector, then each weight's tensors."""
+    tensor operand). Operands: x, ids, router, selector, then each weight's tensors. ``act`` /
+    ``shared_act`` as on ``moe``."""
 
     name = "moe.packed"
     num_results = 1
@@ -197,3 +198,6 @@ class MoePacked(OpDef):
             raise VerificationError(f"moe.packed: formats and shapes name the {len(MOE_WEIGHTS)} weights {MOE_WEIGHTS}")
         if len(op.args) != 4 + packed_operand_count(formats, shapes):
             raise VerificationError(f"moe.packed: {len(op.args)} operands do not match formats {formats}")
+        from ds4c.ops.moe import verify_activations
+
+        verify_activations(op)

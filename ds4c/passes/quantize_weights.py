@@ -14,6 +14,7 @@ ds4c.quant.packing (at compile time when embedded, at load time otherwise).
             %logits = aten.linear.default(%x, %lm_head.weight) : bf16[B,S,512]
     with FP8 activations (target h100): %x.fp8 = quant.activation(%x, format="fp8", block=128) : bf16[B,S,64]
             %logits = aten.linear.default(%x.fp8, %lm_head.weight) : bf16[B,S,512]
+    FP8 experts there: %y = moe(%x, ..., act="fp8", shared_act="fp8") (the op quantises x and h)
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from ds4c.passes.manager import PassContext, register_pass
 from ds4c.quant.activations import ACTIVATION_BLOCKS
 from ds4c.quant.formats import get_format
 from ds4c.quant.packing import packed_name
+
+# moe's activation keywords -> the operand range of the weights they apply to
+MOE_ACT_OPERANDS = {"act": (4, 6), "shared_act": (6, 9)}
 
 
 @register_pass("quantize_weights")
@@ -62,6 +66,8 @@ def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
     ops: list[Op] = []
     for i, op in enumerate(graph.ops):
         ops.extend(inserts.get(i, ()))
+        if op.name == "moe":
+            op = _moe_activations(op, activations, ctx)
         act = _linear_activation(op, activations)
         if act is not None and ctx.allow_rewrite(f"quantise the input of {op.results[0].name} to {act}"):
             x = op.args[0]
@@ -72,6 +78,20 @@ def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
             op = op.replace(args=(quantized[x, act], *op.args[1:]))
         ops.append(op)
     return replace_uses(graph.copy(ops=ops, inputs=inputs), mapping)
+
+
+def _moe_activations(op: Op, activations: dict[str, str], ctx: PassContext) -> Op:
+    """``op`` (a ``moe``) with ``act`` / ``shared_act`` where assign_precision gave its routed /
+    shared expert weights an activation format: the op quantises x and h itself (the router reads
+    x unquantised, so no ``quant.activation`` before it)."""
+    kwargs = dict(op.kwargs)
+    for key, positions in MOE_ACT_OPERANDS.items():
+        acts = {activations.get(a.name) for a in op.args[positions[0]:positions[1]] if isinstance(a, Value)}
+        act = acts.pop() if len(acts) == 1 else None
+        if act is not None and kwargs.get(key) != act and ctx.allow_rewrite(f"quantise the {key} inputs of "
+                                                                            f"{op.results[0].name} to {act}"):
+            kwargs[key] = act
+    return op if kwargs == op.kwargs else op.replace(kwargs=kwargs)
 
 
 def _linear_activation(op: Op, activations: dict[str, str]) -> str | None:

@@ -72,9 +72,16 @@ def unit_bytes(unit: Unit, fmt: str) -> int:
 # Activation formats ds4c executes, per unit kind: a linear whose weight is FP8 multiplies FP8
 # activations on targets whose tensor cores take FP8, and one whose weight is MXFP4 multiplies
 # MXFP4 activations where they take FP4 (sm_100a) (``quant.activation`` before it; the CUDA GEMV
-# kernels quantise in registers). Expert groups still multiply compute-dtype activations by
-# weights dequantised in registers (weight-only): the report says what runs.
-EXECUTED_ACTIVATION_FORMATS: Mapping[str, frozenset[str]] = {"linear": frozenset({"fp8", "mxfp4"})}
+# kernels quantise in registers). FP8 expert groups (routed and shared) multiply FP8 activations
+# there too (``moe``'s ``act`` / ``shared_act``: x before gate/up, h before down, as DeepSeek's
+# FP8 experts do). MXFP4 experts multiply compute-dtype activations (weight-only dequantisation):
+# whether FP4 or FP8 activations is an open question (DeepSeek's reference GEMM multiplies FP8
+# activations by FP4 weights). The report says what runs.
+EXECUTED_ACTIVATION_FORMATS: Mapping[str, frozenset[str]] = {
+    "linear": frozenset({"fp8", "mxfp4"}),
+    "experts": frozenset({"fp8"}),
+    "shared_experts": frozenset({"fp8"}),
+}
 ACTIVATION_BACKENDS = frozenset({"cuda"})  # sm_90a / sm_100a: OCP e4m3 (MI300's matrix cores take FNUZ)
 # compile(activations=): "native" quantises activations where the above holds; "compute" never
 # (weight-only quantisation everywhere).

@@ -3,7 +3,7 @@
 ``NSR = ||y' - y||² / ||y||²`` where ``y`` is the unit's op output on calibration activations
 with exact weights and ``y'`` the same op with only this unit's weights round-tripped through the
 format (activation-aware), and its input quantised where that format's GEMM multiplies quantised
-activations (FP8 linears on FP8 tensor cores). Without activations (models too large to materialise) the NSR is taken
+activations (FP8 linears and experts on FP8 tensor cores). Without activations (models too large to materialise) the NSR is taken
 on a sample of the weights themselves (``||w' - w||² / ||w||²``: the same number for isotropic
 inputs). Errors of independent units add: the policy bounds their sum.
 """
@@ -20,6 +20,9 @@ from ds4c.ir.registry import get_op, split_results
 from ds4c.quant.activations import roundtrip as act_roundtrip
 from ds4c.quant.formats import Format
 from ds4c.quant.units import Unit
+
+# expert unit kind -> the ``moe`` keyword naming its GEMMs' activation format
+MOE_ACT_KWARG = {"experts": "act", "shared_experts": "shared_act"}
 
 
 def _nsr(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -90,11 +93,15 @@ def activation_errors(graph: Graph, units: Iterable[Unit], weights: Mapping[str,
             for p in positions:
                 trial[p] = fmt.roundtrip(weights[op.args[p].name], torch.float32)
             act = act_of(u, fmt.name) if act_of is not None else None
+            trial_kwargs = kwargs
             if act is not None:
-                if u.kind != "linear":
+                if u.kind == "linear":
+                    trial[0] = act_roundtrip(trial[0], act)
+                elif u.kind in MOE_ACT_KWARG:  # the moe op quantises its GEMMs' inputs itself
+                    trial_kwargs = {**kwargs, MOE_ACT_KWARG[u.kind]: act}
+                else:
                     raise NotImplementedError(f"{u.name}: activation quantisation of a {u.kind} unit")
-                trial[0] = act_roundtrip(trial[0], act)
-            got = split_results(opdef.reference(*trial, **kwargs))[0]
+            got = split_results(opdef.reference(*trial, **trial_kwargs))[0]
             out[u.name][fmt.name] = _nsr(got, want)
     return out
 

@@ -52,3 +52,38 @@ def test_mxfp4_activation_error_is_within_half_a_quantum_and_scales_are_minimal(
     # ragged channels (not a multiple of 32) pad the last block with zeros
     y = torch.randn(5, 40, generator=g)
     assert torch.equal(mxfp4_roundtrip(y)[:, :32], mxfp4_roundtrip(y[:, :32]))
+
+
+def test_moe_quantises_the_expert_gemm_inputs_like_deepseeks_fp8_experts():
+    """``moe`` with ``act="fp8"``: each picked expert multiplies the token's row quantised per 128
+    channels (the router reads it unquantised) and its SwiGLU output quantised the same way;
+    ``shared_act`` does the same for the shared expert; the gather formulation (export) agrees."""
+    import torch.nn.functional as F
+
+    from ds4c.ops.moe import _route, moe_gather_formulation, moe_reference
+    from tests.backends.cuda.test_moe_kernels import make_inputs
+
+    args = [a.cpu() for a in make_inputs(3, 4, 256, 256, torch.float32, "bias", 2, seed=5)]
+    x, ids, router, selector, gate_up, down, s_gate, s_up, s_down = args
+    kw = dict(top_k=2, route_scale=1.5, swiglu_limit=10.0, routing="bias", score="sqrtsoftplus")
+
+    def swiglu(gu):
+        g, u = gu.chunk(2, dim=-1)
+        return F.silu(g.clamp(max=10.0)) * u.clamp(-10.0, 10.0)
+
+    flat, idx, w = _route(x, ids, router, selector, 2, 1.5, "bias", "sqrtsoftplus")
+    q = lambda t: roundtrip(t, "fp8")  # noqa: E731
+    want = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for j in range(2):
+            e = int(idx[t, j])
+            want[t] += w[t, j] * (q(swiglu(q(flat[t]) @ gate_up[e].t())) @ down[e].t())
+        xs = q(flat[t])
+        want[t] += q(swiglu(torch.cat([xs @ s_gate.t(), xs @ s_up.t()]))) @ s_down.t()
+    got = moe_reference(*args, **kw, act="fp8", shared_act="fp8")
+    torch.testing.assert_close(got.view(-1, 256), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moe_gather_formulation(*args, **kw, act="fp8", shared_act="fp8"), got,
+                               atol=1e-5, rtol=1e-5)
+    plain = moe_reference(*args, **kw)
+    routed_only = moe_reference(*args, **kw, act="fp8")
+    assert (plain - got).abs().max() > 1e-3 and (routed_only - got).abs().max() > 1e-4

@@ -40,8 +40,9 @@ def test_compiled_tiny_runs_packed_and_reports(tmp_path):
 
 def test_fp8_activations_follow_the_target_and_the_cli_flag(tmp_path):
     """FP8 linears multiply FP8 activations on b200 (quant.activation in the IR, "fp8" in the
-    report, the sensitivity measured with them); --activations compute and MI300 (FNUZ) keep
-    weight-only quantisation; a bad value is refused by name."""
+    report, the sensitivity measured with them), FP8 experts too (the moe op's act / shared_act);
+    --activations compute and MI300 (FNUZ) keep weight-only quantisation; a bad value is refused
+    by name."""
     def activations(art):
         prec = art.manifest["precision"]
         return {u["activations"] for u in prec["units"] if u["kind"] == "linear" and u["format"] == "fp8"}
@@ -49,9 +50,12 @@ def test_fp8_activations_follow_the_target_and_the_cli_flag(tmp_path):
     native = ds4c.compile("tiny", target="b200", precision="fp8", max_context=32, progress=False)
     assert activations(native) == {"fp8"} and native.manifest["precision"]["activation_mode"] == "native"
     assert 'quant.activation(' in native.ir_text("decode") and 'format="fp8", block=128' in native.ir_text("decode")
-    assert {u["activations"] for u in native.manifest["precision"]["units"] if u["kind"] == "experts"} == {"bf16"}
+    experts = [u for u in native.manifest["precision"]["units"] if u["kind"] in ("experts", "shared_experts")]
+    assert experts and {(u["format"], u["activations"]) for u in experts} == {("fp8", "fp8")}
+    assert native.ir_text("decode").count('act="fp8", shared_act="fp8"') == len(experts) // 2
     mi300 = ds4c.compile("tiny", target="mi300x", precision="fp8", max_context=32, progress=False)
     assert activations(mi300) == {"bf16"} and "quant.activation" not in mi300.ir_text("decode")
+    assert "act=" not in mi300.ir_text("decode")
     out = tmp_path / "t.ds4"
     res = CliRunner().invoke(app, ["compile", "tiny", "--target", "b200", "--precision", "fp8", "--activations",
                                    "compute", "--max-context", "32", "-o", str(out)])
@@ -59,7 +63,7 @@ def test_fp8_activations_follow_the_target_and_the_cli_flag(tmp_path):
     manifest, program, _ = read_artifact(out)
     units = manifest["precision"]["units"]
     assert {u["activations"] for u in units if u["kind"] == "linear" and u["format"] == "fp8"} == {"bf16"}
-    assert not any(op.name == "quant.activation" for g in program.graphs.values() for op in g.ops)
+    assert not any(op.name == "quant.activation" or "act" in op.kwargs for g in program.graphs.values() for op in g.ops)
     res = CliRunner().invoke(app, ["compile", "tiny", "--activations", "fp4", "-o", str(out)])
     assert res.exit_code != 0 and "--activations must be one of native, compute" in res.output
 

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
+from ds4c.backends.cuda.kernels.act_quant import act_quant
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import (
     Launch,
@@ -354,9 +355,11 @@ def _row_times_rows(a_ptr, w_base, s_base, row_off, cols, col_ok, k_total, s_col
 def _gate_up_pairs_kernel(x_ptr, w_ptr, s_ptr, idx_ptr, sg_ptr, sgs_ptr, su_ptr, sus_ptr, h_ptr,
                           pairs, top_k, inter, hidden, s_cols, w_expert, s_expert, limit,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
-                          ROW: tl.constexpr, INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr):
+                          ROW: tl.constexpr, ACT_FP8: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+                          PDL: tl.constexpr):
     """Program (p, n): row p of h. p < pairs: pair p (its token, its expert's gate and up rows);
-    p >= pairs: the shared expert of token p - pairs. ROW: FP8 weights on the CUDA cores."""
+    p >= pairs: the shared expert of token p - pairs. ROW: FP8 weights on the CUDA cores;
+    ACT_FP8 (with ROW): the token's row quantised to e4m3 per 128 inputs in registers first."""
     wait_for_producers(PDL)
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -378,9 +381,10 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, s_ptr, idx_ptr, sg_ptr, sgs_ptr, su_ptr,
         u_off = 0
     a_ptr = x_ptr + token.to(tl.int64) * hidden
     if ROW:
-        g = row_dot(a_ptr, g_base, gs_base, cols, col_ok, 0, hidden, hidden, s_cols, BLOCK_N, BLOCK_K, SCALE, False)
+        g = row_dot(a_ptr, g_base, gs_base, cols, col_ok, 0, hidden, hidden, s_cols, BLOCK_N, BLOCK_K, SCALE,
+                    ACT_FP8)
         u = row_dot(a_ptr, u_base, us_base, u_off + cols, col_ok, 0, hidden, hidden, s_cols, BLOCK_N, BLOCK_K, SCALE,
-                    False)
+                    ACT_FP8)
     else:
         g = _row_times_rows(a_ptr, g_base, gs_base, 0, cols, col_ok, hidden, s_cols, BLOCK_N, BLOCK_K, SCALE,
                             PRECISION, INTERPRETER_BF16)
@@ -397,10 +401,11 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, s_ptr, idx_ptr, sg_ptr, sgs_ptr, su_ptr,
 def _down_pairs_kernel(h_ptr, w_ptr, s_ptr, idx_ptr, wt_ptr, sd_ptr, sds_ptr, y_ptr,
                        pairs, inter, hidden, s_cols, w_expert, s_expert,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
-                       ROW: tl.constexpr, INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr):
+                       ROW: tl.constexpr, ACT_FP8: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+                       PDL: tl.constexpr):
     """Program (p, n): fp32 row p of y: pair p's down projection times its routing weight, or
     (p >= pairs) the shared expert's down projection of token p - pairs. ROW: FP8 weights on the
-    CUDA cores."""
+    CUDA cores; ACT_FP8 (with ROW): h's row quantised to e4m3 in registers first."""
     wait_for_producers(PDL)
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -416,7 +421,7 @@ def _down_pairs_kernel(h_ptr, w_ptr, s_ptr, idx_ptr, wt_ptr, sd_ptr, sds_ptr, y_
         weight = 1.0
     if ROW:
         y = row_dot(h_ptr + pid.to(tl.int64) * inter, w_base, s_base, cols, col_ok, 0, inter, inter, s_cols, BLOCK_N,
-                    BLOCK_K, SCALE, False)
+                    BLOCK_K, SCALE, ACT_FP8)
     else:
         y = _row_times_rows(h_ptr + pid.to(tl.int64) * inter, w_base, s_base, 0, cols, col_ok, inter, s_cols,
                             BLOCK_N, BLOCK_K, SCALE, PRECISION, INTERPRETER_BF16)
@@ -451,8 +456,23 @@ def _scale_arg(weight, scale, mode):
     return scale.contiguous(), scale[0].numel()
 
 
-def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, swiglu_limit: float):
-    """The decode path: (output in x's dtype [T, D], whether the shared expert is in it)."""
+def _act_roundtrip(t: torch.Tensor, act: str | None) -> torch.Tensor:
+    """``t`` [rows, K] as a GEMM multiplying in ``act`` sees it, in t's dtype (exact): the FP8
+    quantiser kernel, else the reference's torch ops. For the GEMMs that do not quantise their
+    input in registers (the tensor-core tiles); None: ``t``."""
+    if act is None:
+        return t
+    if act == "fp8" and t.dtype in (torch.float32, torch.bfloat16) and t.numel():
+        return act_quant(t, dequant=True)[0]
+    from ds4c.quant.activations import roundtrip
+
+    return roundtrip(t, act)
+
+
+def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, swiglu_limit: float,
+                  act: str | None = None):
+    """The decode path: (output in x's dtype [T, D], whether the shared expert is in it). ``act``:
+    the experts' activation format (the shared expert's too when it rides along)."""
     (gate_up, gu_scale, gu_mode), (down, dn_scale, dn_mode) = gate_up, down
     tokens, hidden = flat.shape
     top_k = idx.shape[1]
@@ -476,17 +496,19 @@ def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, 
     gu_row = cfg.fp8_rows and gu_mode in (BLOCK_F32, BLOCK_UE8M0)
     dn_row = cfg.fp8_rows and dn_mode in (BLOCK_F32, BLOCK_UE8M0)
     block_up = cfg.row_block_n_up if gu_row else cfg.block_n_up
+    gu_act = act == "fp8" and gu_row  # quantised in registers; otherwise beforehand
     _gate_up_pairs_kernel[(rows, triton.cdiv(inter, block_up))](
-        flat, gate_up, gu_s, idx, sg.contiguous(), sgs, su.contiguous(), sus, h, pairs, top_k, inter, hidden,
+        flat if gu_act else _act_roundtrip(flat, act), gate_up, gu_s, idx, sg.contiguous(), sgs, su.contiguous(), sus, h, pairs, top_k, inter, hidden,
         triton.cdiv(hidden, 128), gate_up[0].numel(), gu_se, float(swiglu_limit), BLOCK_N=block_up,
-        BLOCK_K=128 if gu_row else cfg.block_k, SCALE=gu_mode, ROW=gu_row,
+        BLOCK_K=128 if gu_row else cfg.block_k, SCALE=gu_mode, ROW=gu_row, ACT_FP8=gu_act,
         **(cfg.row_launch if gu_row else cfg.launch).kwargs(target), **common)
     y = torch.empty((rows, hidden), dtype=torch.float32, device=x.device)
     block_down = cfg.row_block_n_down if dn_row else cfg.block_n_down
+    dn_act = act == "fp8" and dn_row
     _down_pairs_kernel[(rows, triton.cdiv(hidden, block_down))](
-        h, down, dn_s, idx, w, sd.contiguous(), sds, y, pairs, inter, hidden, triton.cdiv(inter, 128),
+        h if dn_act else _act_roundtrip(h, act), down, dn_s, idx, w, sd.contiguous(), sds, y, pairs, inter, hidden, triton.cdiv(inter, 128),
         down[0].numel(), dn_se, BLOCK_N=block_down, BLOCK_K=128 if dn_row else cfg.block_k, SCALE=dn_mode, ROW=dn_row,
-        **(cfg.row_launch if dn_row else cfg.launch).kwargs(target), **common)
+        ACT_FP8=dn_act, **(cfg.row_launch if dn_row else cfg.launch).kwargs(target), **common)
     out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
     _combine_kernel[(tokens, triton.cdiv(hidden, 1024))](
         y, out, pairs, hidden, TOP_K=top_k, SHARED=with_shared, BLOCK_N=1024,
@@ -498,29 +520,34 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @register_kernel("moe")
 def moe(x, ids, router, selector, gate_up, down, s_gate, s_up, s_down, *, top_k: int, route_scale: float,
-        swiglu_limit: float, routing: str, score: str):
+        swiglu_limit: float, routing: str, score: str, act: str | None = None, shared_act: str | None = None):
     """Launcher with ``moe_reference``'s signature; declines dtypes other than fp32/bf16/fp16,
-    expert weights of another dtype than x, and shapes that do not form [E, 2I, D] / [E, D, I]."""
+    expert weights of another dtype than x, and shapes that do not form [E, 2I, D] / [E, D, I].
+    Activation formats (expert weights expanded at load) quantise the GEMMs' inputs first."""
     if gate_up.dtype != x.dtype or down.dtype != x.dtype:
         return NotImplemented
     shared = None
-    if {s_gate.dtype, s_up.dtype, s_down.dtype} == {x.dtype}:
+    if {s_gate.dtype, s_up.dtype, s_down.dtype} == {x.dtype} and shared_act == act:
         shared = ((s_gate, None), (s_up, None), (s_down, None))
     routed = _routed(x, ids, router, selector, (gate_up, None, 0), (down, None, 0), shared, top_k=top_k,
-                     route_scale=route_scale, swiglu_limit=swiglu_limit, routing=routing, score=score)
+                     route_scale=route_scale, swiglu_limit=swiglu_limit, routing=routing, score=score, act=act)
     if routed is NotImplemented:
         return NotImplemented
     out, with_shared = routed
-    return out if with_shared else out + _shared(x, s_gate, s_up, s_down, swiglu_limit)
+    return out if with_shared else out + _shared(x, s_gate, s_up, s_down, swiglu_limit, act=shared_act)
 
 
 @register_kernel("moe.packed")
 def moe_packed(x, ids, router, selector, *packed, formats: list[str], shapes: list[list[int]], top_k: int,
-               route_scale: float, swiglu_limit: float, routing: str, score: str):
+               route_scale: float, swiglu_limit: float, routing: str, score: str, act: str | None = None,
+               shared_act: str | None = None):
     """``moe.packed``: the routed experts' GEMMs read FP8 (128x128 block scales) or INT8 (row
     scales) expert weights as stored; the shared expert joins the decode kernels when its weights
-    have the routed experts' format, else goes through ``linear.packed``'s GEMV (its reference,
-    dequantise + cuBLAS, for many tokens). Declines other formats."""
+    have the routed experts' format (and activation format), else goes through
+    ``linear.packed``'s GEMV (its reference, dequantise + cuBLAS, for many tokens). FP8
+    activations (``act``): the decode kernels on the CUDA cores quantise each row in registers,
+    the other GEMMs get their input quantised by the FP8 quantiser kernel first. Declines other
+    formats."""
     if any(f not in _MODES and f != "none" for f in formats):
         return NotImplemented
     weights, i = [], 0
@@ -534,33 +561,36 @@ def moe_packed(x, ids, router, selector, *packed, formats: list[str], shapes: li
     shared = None
     sg, su, sd = weights[2:]
     if sg[1] == su[1] == gu_mode and sd[1] == dn_mode and sg[0][0].dtype == su[0][0].dtype == gu[0].dtype \
-            and sd[0][0].dtype == dn[0].dtype:
+            and sd[0][0].dtype == dn[0].dtype and shared_act == act:
         shared = tuple((w[0][0], w[0][1] if len(w[0]) > 1 else None) for w in (sg, su, sd))
     routed = _routed(x, ids, router, selector, (gu[0], gu[1] if len(gu) > 1 else None, gu_mode),
                      (dn[0], dn[1] if len(dn) > 1 else None, dn_mode), shared, top_k=top_k, route_scale=route_scale,
-                     swiglu_limit=swiglu_limit, routing=routing, score=score)
+                     swiglu_limit=swiglu_limit, routing=routing, score=score, act=act)
     if routed is NotImplemented:
         return NotImplemented
     out, with_shared = routed
     if with_shared:
         return out
 
-    def linear(h, w):  # the shared expert's weights: linear.packed's kernel, else its reference
+    def linear(h, w, act):  # the shared expert's weights: linear.packed's kernel, else its reference
         tensors, _, fmt, shape = w
         if fmt == "none":
-            return torch.nn.functional.linear(h, tensors[0])
-        y = linear_packed(h, *tensors, format=fmt, shape=shape)
-        return get_op("linear.packed").reference(h, *tensors, format=fmt, shape=shape) if y is NotImplemented else y
+            return torch.nn.functional.linear(_act_roundtrip(h.reshape(-1, h.shape[-1]), act).view(h.shape), tensors[0])
+        y = linear_packed(h, *tensors, format=fmt, shape=shape, act=act)
+        if y is NotImplemented:
+            return get_op("linear.packed").reference(h, *tensors, format=fmt, shape=shape, act=act)
+        return y
 
-    return out + _shared(x, *weights[2:], swiglu_limit, linear=linear)
+    return out + _shared(x, *weights[2:], swiglu_limit, linear=linear, act=shared_act)
 
 
 def _routed(x, ids, router, selector, gate_up, down, shared, *, top_k: int, route_scale: float, swiglu_limit: float,
-            routing: str, score: str):
+            routing: str, score: str, act: str | None = None):
     """(routed experts' sum [+ the shared expert] in x's dtype and shape, whether the shared
     expert is included). ``gate_up`` / ``down`` are (weight in its storage type, scale or None,
     scale mode of ``linear.SCALE``); ``shared``: ((weight, scale or None),) x 3 in those modes,
-    or None to leave the shared expert to the caller."""
+    or None to leave the shared expert to the caller; ``act``: the activation format of the
+    experts' GEMMs (x before gate/up, h before down)."""
     (gate_up, gu_scale, gu_mode), (down, dn_scale, dn_mode) = gate_up, down
     if x.dtype not in _DTYPES:
         return NotImplemented
@@ -598,7 +628,7 @@ def _routed(x, ids, router, selector, gate_up, down, shared, *, top_k: int, rout
     if 0 < pairs <= dcfg.max_pairs and not (blocked and 128 % dcfg.block_k):
         out, with_shared = _decode_pairs(x, flat.contiguous(), idx.contiguous(), w.contiguous(),
                                          (gate_up.contiguous(), gu_scale, gu_mode),
-                                         (down.contiguous(), dn_scale, dn_mode), shared, dcfg, swiglu_limit)
+                                         (down.contiguous(), dn_scale, dn_mode), shared, dcfg, swiglu_limit, act)
         return out.view(x.shape), with_shared
 
     cfg = moe_config(pairs, experts, x.dtype, target)
@@ -622,11 +652,11 @@ def _routed(x, ids, router, selector, gate_up, down, shared, *, top_k: int, rout
                       **cfg.launch.kwargs(target))
         h = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
         _gate_up_kernel[(m_blocks, triton.cdiv(inter, cfg.block_n_up))](
-            flat, gate_up, gu_scale, order, segments, h, experts, top_k, inter, hidden, float(swiglu_limit),
+            _act_roundtrip(flat, act), gate_up, gu_scale, order, segments, h, experts, top_k, inter, hidden, float(swiglu_limit),
             gate_up[0].numel(), gu_scale[0].numel() if gu_mode == MXFP4 else 0, BLOCK_N=cfg.block_n_up, EVEN_K=hidden % cfg.block_k == 0, SCALE=gu_mode, **common)
         y = torch.empty((pairs, hidden), dtype=torch.float32, device=x.device)
         _down_kernel[(m_blocks, triton.cdiv(hidden, cfg.block_n_down))](
-            h, down, dn_scale, order, segments, weights, y, experts, inter, hidden,
+            _act_roundtrip(h, act), down, dn_scale, order, segments, weights, y, experts, inter, hidden,
             down[0].numel(), dn_scale[0].numel() if dn_mode == MXFP4 else 0, BLOCK_N=cfg.block_n_down, EVEN_K=inter % cfg.block_k == 0, SCALE=dn_mode, **common)
         routed = y.view(tokens, top_k, hidden).sum(dim=1)
     return routed.to(x.dtype).view(x.shape), False
