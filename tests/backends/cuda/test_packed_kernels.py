@@ -299,8 +299,9 @@ def test_moe_packed_decode_fp8_rows_equal_the_tile_path(fmt):
 ])
 def test_moe_packed_fp8_activations_match_reference(tokens, dtype, rows, shared_act):
     """FP8 experts multiplying FP8 activations (``act`` / ``shared_act``, as quantize_weights sets
-    them on FP8 tensor-core targets) equal the reference, which quantises x and h first; and
-    differ from weight-only quantisation (the activations really are quantised)."""
+    them on FP8 tensor-core targets) equal the reference, which quantises x and h first, and
+    differ from weight-only quantisation (the activations really are quantised). On a GPU, where
+    the sums run in another order, the quantisation's effect must be reproduced to 90% on average (fp32)."""
     from ds4c.backends.cuda.kernels.configs import use_tuning
 
     operands, kw = packed_moe(make_inputs(tokens, 8, 256, 256, dtype, "bias", 2, seed=11 + tokens), "fp8")
@@ -309,10 +310,16 @@ def test_moe_packed_fp8_activations_match_reference(tokens, dtype, rows, shared_
         got = moe_packed(*operands, **kw)
         weight_only = moe_packed(*operands, **{**kw, "act": None, "shared_act": None})
     want = get_op("moe.packed").reference(*operands, **kw)
-    torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
-    err, err_weight_only = ((t.float() - want.float()).abs().max() for t in (got, weight_only))
-    print(f"max error {err:.3g}, weight-only quantisation {err_weight_only:.3g}")
-    assert err_weight_only > 2 * err
+    err, err_weight_only = ((t.float() - want.float()).abs() for t in (got, weight_only))
+    print(f"error max {err.max():.3g} mean {err.mean():.3g}; weight-only quantisation max {err_weight_only.max():.3g} "
+          f"mean {err_weight_only.mean():.3g}")
+    if DEVICE == "cpu":  # the interpreter sums in the reference's order: the same roundings
+        torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
+        assert err_weight_only.max() > 2 * err.max()
+    else:  # a GPU sums in another order, and a value within rounding noise of an e4m3 rounding
+        # boundary may round the other way (one quantum: 1/16 of it): few outputs move far
+        share = 0.1 if dtype == torch.float32 else 0.3  # bf16: its own roundings too (CPU: 0.18)
+        assert err.mean() < share * err_weight_only.mean() and err.max() < 0.5 * err_weight_only.max()
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8", "mxfp4"])
