@@ -33,7 +33,7 @@ def test_search_finds_the_best_per_field():
 
 def test_only_restricts_the_search_to_named_tunables(tiny):
     only = restrict("row_gemv.prefetch, moe_decode")
-    assert only == {"row_gemv": {"prefetch": (None, 1)}, "moe_decode": restrict(None)["moe_decode"]}
+    assert only == {"row_gemv": {"prefetch": (None, 0)}, "moe_decode": restrict(None)["moe_decode"]}
     table, report = search(fake_step, only)
     assert table == {"moe_decode": {"block_n_down": 128}}
     assert all(set(t["table"]) <= {"row_gemv", "moe_decode"} for t in report["trials"])

@@ -53,7 +53,7 @@ TUNABLE = {  # family -> fields the autotuner may set (see the config functions 
     "gemv": ("block_n", "split", "num_stages"),
     "row_gemv": ("block_n", "programs_per_sm", "num_warps", "num_stages", "prequant", "prefetch"),
     "moe_decode": ("block_n_up", "block_n_down", "num_stages", "fp8_rows", "row_block_n_up", "row_block_n_down",
-                   "row_warps"),
+                   "row_warps", "act_in_registers"),
 }
 
 
@@ -352,6 +352,9 @@ class MoeDecodeConfig:
     row_block_n_up: int = 8
     row_block_n_down: int = 16
     row_launch: Launch = field(default=Launch(2, 3), compare=False)
+    # FP8 activations with the row kernels: 1 quantises the token's row in every program
+    # (row_dot's ACT_FP8), 0 once before each GEMV (act_quant: two ~3 us kernels per MoE)
+    act_in_registers: int = 0
 
 
 def moe_decode_config(dtype: torch.dtype, target: Target | None = None) -> MoeDecodeConfig:
@@ -369,7 +372,9 @@ def moe_decode_config(dtype: torch.dtype, target: Target | None = None) -> MoeDe
     FP8 experts at 1.8 TB/s on an H200. Measured there (2026-12-03, benchmarks/moe_decode_bench.py,
     flash-slice widths, one token, router to combine): bf16 108 us, FP8 tile 98.6 us, FP8 rows
     82.9 us with these tiles, the fastest of 27 (8-32 up rows x 16-64 down rows x 1-4 warps;
-    16/32 rows on one warp: 99 us).
+    16/32 rows on one warp: 99 us). FP8 activations (``act``) are quantised once per GEMV input
+    before the row kernels (``act_in_registers`` = 0), not in every program, where each 128-input
+    amax would serve only 8 rows of work (docs/PERFORMANCE.md, 2026-12-03, for the measurement).
     """
     target = target or active_target()
     fp32 = dtype == torch.float32
@@ -378,7 +383,8 @@ def moe_decode_config(dtype: torch.dtype, target: Target | None = None) -> MoeDe
                            launch=Launch(4, t.get("num_stages", 2 if fp32 or is_amd(target) else 4)),
                            fp8_rows=bool(t.get("fp8_rows", not is_amd(target))),
                            row_block_n_up=t.get("row_block_n_up", 8), row_block_n_down=t.get("row_block_n_down", 16),
-                           row_launch=Launch(t.get("row_warps", 2), 3))
+                           row_launch=Launch(t.get("row_warps", 2), 3),
+                           act_in_registers=int(t.get("act_in_registers", 0)))
 
 
 # -- indexer scores -------------------------------------------------------------------------------

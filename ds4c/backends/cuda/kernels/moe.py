@@ -496,7 +496,8 @@ def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, 
     gu_row = cfg.fp8_rows and gu_mode in (BLOCK_F32, BLOCK_UE8M0)
     dn_row = cfg.fp8_rows and dn_mode in (BLOCK_F32, BLOCK_UE8M0)
     block_up = cfg.row_block_n_up if gu_row else cfg.block_n_up
-    gu_act = act == "fp8" and gu_row  # quantised in registers; otherwise beforehand
+    # FP8 activations quantised in the row kernels' registers, or beforehand (once per GEMV input)
+    gu_act = act == "fp8" and gu_row and bool(cfg.act_in_registers)
     _gate_up_pairs_kernel[(rows, triton.cdiv(inter, block_up))](
         flat if gu_act else _act_roundtrip(flat, act), gate_up, gu_s, idx, sg.contiguous(), sgs, su.contiguous(), sus, h, pairs, top_k, inter, hidden,
         triton.cdiv(hidden, 128), gate_up[0].numel(), gu_se, float(swiglu_limit), BLOCK_N=block_up,
@@ -504,7 +505,7 @@ def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, 
         **(cfg.row_launch if gu_row else cfg.launch).kwargs(target), **common)
     y = torch.empty((rows, hidden), dtype=torch.float32, device=x.device)
     block_down = cfg.row_block_n_down if dn_row else cfg.block_n_down
-    dn_act = act == "fp8" and dn_row
+    dn_act = act == "fp8" and dn_row and bool(cfg.act_in_registers)
     _down_pairs_kernel[(rows, triton.cdiv(hidden, block_down))](
         h if dn_act else _act_roundtrip(h, act), down, dn_s, idx, w, sd.contiguous(), sds, y, pairs, inter, hidden, triton.cdiv(inter, 128),
         down[0].numel(), dn_se, BLOCK_N=block_down, BLOCK_K=128 if dn_row else cfg.block_k, SCALE=dn_mode, ROW=dn_row,
