@@ -134,12 +134,12 @@ def test_row_gemv_prefetches_its_weights_before_waiting_on_sm90():
     assert prefetch < wait
 
 
-def test_prefetch_is_a_tunable_off_by_default():
+def test_prefetch_is_on_by_default_and_tunable():
     from ds4c.backends.cuda.autotune import CANDIDATES
     from ds4c.backends.cuda.kernels.configs import TUNABLE, use_tuning
     from ds4c.backends.cuda.kernels.linear import row_gemv_config
 
-    assert row_gemv_config(4096, 4096, 132).prefetch == 0
-    with use_tuning({"row_gemv": {"prefetch": 1}}):
-        assert row_gemv_config(4096, 4096, 132).prefetch == 1
-    assert "prefetch" in TUNABLE["row_gemv"] and CANDIDATES["row_gemv"]["prefetch"] == (None, 1)
+    assert row_gemv_config(4096, 4096, 132).prefetch == 1  # H200: 1.208 -> 1.117-1.138 ms (ds4c tune)
+    with use_tuning({"row_gemv": {"prefetch": 0}}):
+        assert row_gemv_config(4096, 4096, 132).prefetch == 0
+    assert "prefetch" in TUNABLE["row_gemv"] and CANDIDATES["row_gemv"]["prefetch"] == (None, 0)
