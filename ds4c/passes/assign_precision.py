@@ -5,7 +5,9 @@ measure, ``ctx.options["calibration"]`` (ds4c.quant.calibration.Calibration). Gu
 graph is unchanged; ``program.attrs["precision"]`` holds the decision for every entry point (made
 once, on the first graph): ``assignment`` (param -> format, for every param to be packed),
 ``activations`` (param -> the activation format its GEMM multiplies in, where not the compute
-dtype: FP8 for FP8 linears on targets with FP8 tensor cores) and ``units`` (per unit: format, bytes, measured errors, why). quantize_weights applies it.
+dtype: FP8 for FP8 linears and FP8 experts on targets with FP8 tensor cores, MXFP4 for MXFP4
+linears on FP4 ones) and ``units`` (per unit: format, bytes, measured errors, why).
+quantize_weights applies it.
 
 Each unit's error per candidate format is measured alone (ds4c.quant.sensitivity), with its
 input quantised too where the format's GEMM would multiply quantised activations: on activations
