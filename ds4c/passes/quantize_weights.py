@@ -62,12 +62,14 @@ def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
         mapping[v] = result
     if not mapping:
         return graph
+    packed_names = {v.name for v in mapping}
+    packed_activations = {p: a for p, a in activations.items() if p in packed_names}
     quantized: dict[tuple[Value, str], Value] = {}  # (x, activation format) -> quant.activation result
     ops: list[Op] = []
     for i, op in enumerate(graph.ops):
         ops.extend(inserts.get(i, ()))
         if op.name == "moe":
-            op = _moe_activations(op, activations, ctx)
+            op = _moe_activations(op, packed_activations, ctx)
         act = _linear_activation(op, activations)
         if act is not None and ctx.allow_rewrite(f"quantise the input of {op.results[0].name} to {act}"):
             x = op.args[0]
@@ -82,8 +84,9 @@ def quantize_weights(graph: Graph, ctx: PassContext) -> Graph:
 
 def _moe_activations(op: Op, activations: dict[str, str], ctx: PassContext) -> Op:
     """``op`` (a ``moe``) with ``act`` / ``shared_act`` where assign_precision gave its routed /
-    shared expert weights an activation format: the op quantises x and h itself (the router reads
-    x unquantised, so no ``quant.activation`` before it)."""
+    shared expert weights (packed by this pass: ``activations`` holds only those) an activation
+    format: the op quantises x and h itself (the router reads x unquantised, so no
+    ``quant.activation`` before it)."""
     kwargs = dict(op.kwargs)
     for key, positions in MOE_ACT_OPERANDS.items():
         acts = {activations.get(a.name) for a in op.args[positions[0]:positions[1]] if isinstance(a, Value)}

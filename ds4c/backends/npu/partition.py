@@ -28,6 +28,7 @@ from ds4c.ir.graph import Op, Value, iter_values
 from ds4c.ir.types import TensorType
 from ds4c.targets import Target, canonical_dtype
 
+ACT_REASON = "activation quantisation to FP8/FP4: the NPU computes in fp16/int8/fp32, so the host runs it"
 TOPK_REASON = "top-k selection: TVM 0.27's c codegen of topk emits invalid C, so it runs on the host"
 
 # Fused ds4c ops the NPU takes (their references are traced into Relax).
@@ -79,6 +80,8 @@ def place(op: Op, target: Target) -> Placement:
         return Placement(False, UNLISTED_REASON)
     if name == "moe" and op.kwargs.get("routing") != "hash":
         return Placement(False, f"moe routing='{op.kwargs.get('routing')}' picks experts with {TOPK_REASON}")
+    if name == "moe" and (op.kwargs.get("act") or op.kwargs.get("shared_act")):
+        return Placement(False, f"{ACT_REASON} (act={op.kwargs.get('act')}, shared_act={op.kwargs.get('shared_act')})")
     return _check_operands(op, target)
 
 

@@ -18,7 +18,7 @@ pytest.importorskip("tvm")
 
 import ds4c  # noqa: E402
 from ds4c.backends.npu.lower import C_SOURCE_MEMBER, LIBRARY_MEMBER, c_include_dirs  # noqa: E402
-from ds4c.backends.npu.partition import TOPK_REASON  # noqa: E402
+from ds4c.backends.npu.partition import ACT_REASON, TOPK_REASON, place  # noqa: E402
 from ds4c.cli import app  # noqa: E402
 from ds4c.errors import ArtifactError  # noqa: E402
 from ds4c.targets import get_target  # noqa: E402
@@ -46,6 +46,17 @@ def test_manifest_places_ops_with_reasons(section):
     for fused in ("attention.sliding", "attention.csa", "attention.hca", "rms_norm", "rope", "compress"):
         assert table[fused]["npu"] > 0 and table[fused]["host"] == 0, (fused, table[fused])
     assert table["aten.view.default"]["npu"] == 0 and table["aten.view.default"]["reasons"]
+
+
+def test_moe_with_activation_quantisation_stays_on_the_host(artifact):
+    # a hash-routed moe goes to the NPU; with FP8 activations (act=, from a re-imported CUDA
+    # artifact's ONNX, say) it runs on the host: the NPU has no FP8 arithmetic
+    program = ds4c.artifact.artifact.read_artifact(artifact)[1]
+    moe = next(op for op in program.graphs["decode"].ops if op.name == "moe" and op.kwargs["routing"] == "hash")
+    npu = get_target("npu")
+    assert place(moe, npu).npu
+    refused = place(moe.replace(kwargs={**moe.kwargs, "act": "fp8"}), npu)
+    assert not refused.npu and ACT_REASON in refused.reason
 
 
 def test_every_kernel_fits_sram(section):

@@ -546,9 +546,9 @@ def moe_packed(x, ids, router, selector, *packed, formats: list[str], shapes: li
     scales) expert weights as stored; the shared expert joins the decode kernels when its weights
     have the routed experts' format (and activation format), else goes through
     ``linear.packed``'s GEMV (its reference, dequantise + cuBLAS, for many tokens). FP8
-    activations (``act``): the decode kernels on the CUDA cores quantise each row in registers,
-    the other GEMMs get their input quantised by the FP8 quantiser kernel first. Declines other
-    formats."""
+    activations (``act``): each GEMM's input is quantised once by the FP8 quantiser kernel first
+    (the decode row kernels can quantise in registers instead: ``moe_decode.act_in_registers``).
+    Declines other formats."""
     if any(f not in _MODES and f != "none" for f in formats):
         return NotImplemented
     weights, i = [], 0
