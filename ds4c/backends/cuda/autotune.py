@@ -30,7 +30,10 @@ import torch
 
 from ds4c.errors import InputError
 
-FORMAT = "ds4c-tuning/1"
+# A table holds the fields whose best value differed from the defaults of its day; when a default
+# changes, the version changes too, so an older table is ignored (with that reason) rather than
+# read against new defaults. /2: the one-row GEMV's L2 prefetch on by default (2026-12-03).
+FORMAT = "ds4c-tuning/2"
 
 # candidate values per (family, field); the first of each is the target's default
 CANDIDATES: dict[str, dict[str, Sequence[Any]]] = {
