@@ -74,14 +74,21 @@ def unit_bytes(unit: Unit, fmt: str) -> int:
 # MXFP4 activations where they take FP4 (sm_100a) (``quant.activation`` before it; the CUDA GEMV
 # kernels quantise in registers). FP8 expert groups (routed and shared) multiply FP8 activations
 # there too (``moe``'s ``act`` / ``shared_act``: x before gate/up, h before down, as DeepSeek's
-# FP8 experts do). MXFP4 experts multiply compute-dtype activations (weight-only dequantisation):
-# whether FP4 or FP8 activations is an open question (DeepSeek's reference GEMM multiplies FP8
-# activations by FP4 weights). The report says what runs.
+# FP8 experts do). MXFP4 experts multiply FP8 activations where the tensor cores take FP4 (and
+# so e4m3 x e2m1: sm_100a's kind::f8f6f4), as DeepSeek's FP4 experts do (FP8 activations by FP4
+# weights; SGLang / FlashInfer run MXFP8 x MXFP4): on the trained ``mixed`` test model (b200,
+# 512 positions vs the fp32 oracle) the KL of ``mxfp4-experts`` is 6.08e-3 with FP8 activations,
+# 5.87e-3 weight-only and 1.12e-2 with FP4 activations (greedy agreement 100% in all three;
+# 2026-12-03, CPU). Elsewhere (sm_90a: no FP4 tensor cores) MXFP4 experts stay weight-only.
+# The report says what runs.
 EXECUTED_ACTIVATION_FORMATS: Mapping[str, frozenset[str]] = {
     "linear": frozenset({"fp8", "mxfp4"}),
     "experts": frozenset({"fp8"}),
     "shared_experts": frozenset({"fp8"}),
 }
+# unit kind -> weight format -> the activation format its GEMM multiplies in, where not the
+# weight's own (mixed-format tensor-core products; on targets with FP4 tensor cores)
+MIXED_ACTIVATIONS: Mapping[str, Mapping[str, str]] = {"experts": {"mxfp4": "fp8"}, "shared_experts": {"mxfp4": "fp8"}}
 ACTIVATION_BACKENDS = frozenset({"cuda"})  # sm_90a / sm_100a: OCP e4m3 (MI300's matrix cores take FNUZ)
 # compile(activations=): "native" quantises activations where the above holds; "compute" never
 # (weight-only quantisation everywhere).
@@ -90,13 +97,16 @@ ACTIVATION_MODES = ("native", "compute")
 
 def activation_format(fmt: str, kind: str, target, compute: str, mode: str = "native") -> str:
     """The format a unit's activations enter its GEMM in when the artifact runs on ``target``: the
-    weight's format where the target multiplies it natively, ds4c executes that and ``mode`` is
-    ``native``; else ``compute``."""
+    weight's format (or its ``MIXED_ACTIVATIONS`` partner) where the target multiplies it
+    natively, ds4c executes that and ``mode`` is ``native``; else ``compute``."""
     executed = EXECUTED_ACTIVATION_FORMATS.get(kind, frozenset())
     if mode != "native" or target.backend not in ACTIVATION_BACKENDS:
         return compute
     if fmt in WEIGHT_FORMATS["fp8"] and target.native_fp8 and "fp8" in executed:
         return "fp8"
+    mixed = MIXED_ACTIVATIONS.get(kind, {}).get(fmt)
+    if fmt == "mxfp4" and target.native_fp4 and mixed in executed:
+        return mixed
     if fmt == "mxfp4" and target.native_fp4 and "mxfp4" in executed:
         return "mxfp4"
     return compute

@@ -71,7 +71,8 @@ def test_fp8_activations_follow_the_target_and_the_cli_flag(tmp_path):
 def test_fp4_activations_on_blackwell_only(tmp_path):
     """MXFP4 linears multiply MXFP4 activations where the tensor cores take FP4 (b200: quant.activation
     with 32-channel blocks in the IR, "mxfp4" in the report); on h100 (no FP4 tensor cores) they
-    stay weight-only. (The kernels running them: tests/backends/cuda/test_packed_kernels.py.)"""
+    stay weight-only; MXFP4 experts multiply FP8 activations on b200. (The kernels running them:
+    tests/backends/cuda/test_packed_kernels.py.)"""
     table = tmp_path / "table.json"
     table.write_text('{"model.layers.*.self_attn.q_b_proj": "mxfp4", "lm_head": "bf16", "model.embed_tokens": "bf16"}')
 
@@ -84,3 +85,9 @@ def test_fp4_activations_on_blackwell_only(tmp_path):
     assert "e2m1" in b200.manifest["precision"]["activation_quantization"]["mxfp4"]
     h100 = ds4c.compile("tiny", target="h100", precision=str(table), max_context=32, progress=False)
     assert acts(h100) == {"bf16"} and "quant.activation" not in h100.ir_text("decode")
+    # MXFP4 experts multiply FP8 activations where the tensor cores take FP4 (e4m3 x e2m1, as
+    # DeepSeek's FP4 experts do), weight-only elsewhere
+    for target, want in (("b200", "fp8"), ("h100", "bf16")):
+        art = ds4c.compile("tiny", target=target, precision="mxfp4-experts", max_context=32, progress=False)
+        assert {u["activations"] for u in art.manifest["precision"]["units"] if u["kind"] == "experts"} == {want}
+        assert (', act="fp8"' in art.ir_text("decode")) == (want == "fp8")  # routed; shared_act: FP8 shared expert

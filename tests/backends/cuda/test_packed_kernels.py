@@ -291,21 +291,23 @@ def test_moe_packed_decode_fp8_rows_equal_the_tile_path(fmt):
     torch.testing.assert_close(rows, get_op("moe.packed").reference(*operands, **kw), **TOLERANCE[torch.float32])
 
 
-@pytest.mark.parametrize("tokens,dtype,rows,regs,shared_act", [
-    (1, torch.float32, 1, 0, "fp8"),  # decode, CUDA-core rows over x and h quantised first, shared expert along
-    (1, torch.float32, 1, 1, "fp8"),  # the same, each program quantising in registers
-    (1, torch.float32, 0, 0, "fp8"),  # decode, tensor-core tile: inputs quantised by the FP8 quantiser first
-    (2, torch.bfloat16, 1, 1, None),  # shared expert without activation quantisation: linear.packed's GEMV
-    (40, torch.float32, 1, 0, "fp8"),  # prefill: grouped GEMMs over quantised x and h
+@pytest.mark.parametrize("fmt,tokens,dtype,rows,regs,shared_act", [
+    ("fp8", 1, torch.float32, 1, 0, "fp8"),  # decode, CUDA-core rows over x and h quantised first, shared along
+    ("fp8", 1, torch.float32, 1, 1, "fp8"),  # the same, each program quantising in registers
+    ("fp8", 1, torch.float32, 0, 0, "fp8"),  # decode, tensor-core tile: inputs quantised by the FP8 quantiser first
+    ("fp8", 2, torch.bfloat16, 1, 1, None),  # shared expert without activation quantisation: linear.packed's GEMV
+    ("fp8", 40, torch.float32, 1, 0, "fp8"),  # prefill: grouped GEMMs over quantised x and h
+    ("mxfp4", 1, torch.float32, 1, 0, "fp8"),  # MXFP4 experts with FP8 activations (b200), decode
+    ("mxfp4", 40, torch.float32, 1, 0, "fp8"),  # and prefill
 ])
-def test_moe_packed_fp8_activations_match_reference(tokens, dtype, rows, regs, shared_act):
+def test_moe_packed_fp8_activations_match_reference(fmt, tokens, dtype, rows, regs, shared_act):
     """FP8 experts multiplying FP8 activations (``act`` / ``shared_act``, as quantize_weights sets
     them on FP8 tensor-core targets) equal the reference, which quantises x and h first, and
     differ from weight-only quantisation (the activations really are quantised). On a GPU, where
     the sums run in another order, the quantisation's effect must be reproduced to 90% on average (fp32)."""
     from ds4c.backends.cuda.kernels.configs import use_tuning
 
-    operands, kw = packed_moe(make_inputs(tokens, 8, 256, 256, dtype, "bias", 2, seed=11 + tokens), "fp8")
+    operands, kw = packed_moe(make_inputs(tokens, 8, 256, 256, dtype, "bias", 2, seed=11 + tokens), fmt)
     kw.update(act="fp8", shared_act=shared_act)
     with use_tuning({"moe_decode": {"fp8_rows": rows, "act_in_registers": regs}}):
         got = moe_packed(*operands, **kw)
