@@ -46,8 +46,8 @@ def param_spec(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch
 # Traces kept per process: (config, max_context, dtype, per_kind) -> (graphs, attrs). A trace
 # depends on nothing else (weights stay on the meta device), and torch.export is most of a small
 # model's compile time (tiny: ~20 of ~25 s on a 2-core CPU), so compiling one model for several
-# targets or precisions in one process traces it once. Each hit gets shallow copies of the graphs
-# (ops and values are immutable; passes return new graphs) and its own attrs.
+# targets or precisions in one process traces it once. The cache and every caller hold shallow
+# copies of the graphs (ops and values are immutable; passes return new graphs) and own attrs.
 TRACE_CACHE_SIZE = 8
 _TRACES: OrderedDict[tuple, tuple[dict[str, Any], dict[str, Any]]] = OrderedDict()
 
@@ -68,7 +68,7 @@ def trace_program(config: Any, max_context: int, dtype: torch.dtype = torch.floa
         graphs, attrs = _TRACES[key]
         return Program({n: g.copy() for n, g in graphs.items()}, copy.deepcopy(attrs)), model
     program = _trace_program(config, model, max_context, dtype, per_kind)
-    _TRACES[key] = (dict(program.graphs), copy.deepcopy(program.attrs))
+    _TRACES[key] = ({n: g.copy() for n, g in program.graphs.items()}, copy.deepcopy(program.attrs))
     while len(_TRACES) > TRACE_CACHE_SIZE:
         _TRACES.popitem(last=False)
     return program, model

@@ -25,9 +25,7 @@ from ds4c.passes.manager import PassContext, register_pass
 from ds4c.quant.activations import ACTIVATION_BLOCKS
 from ds4c.quant.formats import get_format
 from ds4c.quant.packing import packed_name
-
-# moe's activation keywords -> the operand range of the weights they apply to
-MOE_ACT_OPERANDS = {"act": (4, 6), "shared_act": (6, 9)}
+from ds4c.quant.units import MOE_ACT_KWARG, UNIT_OPERANDS
 
 
 @register_pass("quantize_weights")
@@ -88,8 +86,9 @@ def _moe_activations(op: Op, activations: dict[str, str], ctx: PassContext) -> O
     format: the op quantises x and h itself (the router reads x unquantised, so no
     ``quant.activation`` before it)."""
     kwargs = dict(op.kwargs)
-    for key, positions in MOE_ACT_OPERANDS.items():
-        acts = {activations.get(a.name) for a in op.args[positions[0]:positions[1]] if isinstance(a, Value)}
+    for positions, kind in UNIT_OPERANDS["moe"]:
+        key = MOE_ACT_KWARG[kind]
+        acts = {activations.get(op.args[i].name) for i in positions if isinstance(op.args[i], Value)}
         act = acts.pop() if len(acts) == 1 else None
         if act is not None and kwargs.get(key) != act and ctx.allow_rewrite(f"quantise the {key} inputs of "
                                                                             f"{op.results[0].name} to {act}"):

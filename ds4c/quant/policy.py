@@ -104,11 +104,9 @@ def activation_format(fmt: str, kind: str, target, compute: str, mode: str = "na
         return compute
     if fmt in WEIGHT_FORMATS["fp8"] and target.native_fp8 and "fp8" in executed:
         return "fp8"
-    mixed = MIXED_ACTIVATIONS.get(kind, {}).get(fmt)
-    if fmt == "mxfp4" and target.native_fp4 and mixed in executed:
-        return mixed
-    if fmt == "mxfp4" and target.native_fp4 and "mxfp4" in executed:
-        return "mxfp4"
+    if fmt == "mxfp4" and target.native_fp4:
+        act = MIXED_ACTIVATIONS.get(kind, {}).get(fmt, "mxfp4")
+        return act if act in executed else compute
     return compute
 
 

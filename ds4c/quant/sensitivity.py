@@ -19,10 +19,7 @@ from ds4c.ir.graph import Graph, Value, map_values
 from ds4c.ir.registry import get_op, split_results
 from ds4c.quant.activations import roundtrip as act_roundtrip
 from ds4c.quant.formats import Format
-from ds4c.quant.units import Unit
-
-# expert unit kind -> the ``moe`` keyword naming its GEMMs' activation format
-MOE_ACT_KWARG = {"experts": "act", "shared_experts": "shared_act"}
+from ds4c.quant.units import MOE_ACT_KWARG, Unit
 
 
 def _nsr(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -21,6 +21,8 @@ UNIT_OPERANDS: dict[str, tuple[tuple[tuple[int, ...], str], ...]] = {
     "aten.embedding.default": (((0,), "embedding"),),
     "moe": (((4, 5), "experts"), ((6, 7, 8), "shared_experts")),
 }
+# expert unit kind -> the ``moe`` keyword naming the activation format of its GEMMs
+MOE_ACT_KWARG = {"experts": "act", "shared_experts": "shared_act"}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 

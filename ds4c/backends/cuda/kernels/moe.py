@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel
-from ds4c.backends.cuda.kernels.act_quant import act_quant
+from ds4c.backends.cuda.kernels.act_quant import activation
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import (
     Launch,
@@ -72,6 +72,7 @@ from ds4c.backends.cuda.kernels.pdl import wait_for_producers
 from ds4c.ir.registry import get_op
 from ds4c.ops.moe import _route, _shared
 from ds4c.ops.quant import packed_operand_count
+from ds4c.quant.activations import ACTIVATION_BLOCKS
 
 __all__ = ["MoeConfig", "MoeDecodeConfig", "moe", "moe_config", "moe_decode_config"]
 
@@ -457,16 +458,14 @@ def _scale_arg(weight, scale, mode):
 
 
 def _act_roundtrip(t: torch.Tensor, act: str | None) -> torch.Tensor:
-    """``t`` [rows, K] as a GEMM multiplying in ``act`` sees it, in t's dtype (exact): the FP8
-    quantiser kernel, else the reference's torch ops. For the GEMMs that do not quantise their
-    input in registers (the tensor-core tiles); None: ``t``."""
+    """``t`` as a GEMM multiplying in ``act`` sees it, in t's dtype (exact): ``quant.activation``'s
+    kernel (FP8), else its reference. For the GEMMs that do not quantise their input in registers;
+    None: ``t``."""
     if act is None:
         return t
-    if act == "fp8" and t.dtype in (torch.float32, torch.bfloat16) and t.numel():
-        return act_quant(t, dequant=True)[0]
-    from ds4c.quant.activations import roundtrip
-
-    return roundtrip(t, act)
+    block = ACTIVATION_BLOCKS[act]
+    y = activation(t, format=act, block=block)
+    return get_op("quant.activation").reference(t, format=act, block=block) if y is NotImplemented else y
 
 
 def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, swiglu_limit: float,
@@ -576,7 +575,7 @@ def moe_packed(x, ids, router, selector, *packed, formats: list[str], shapes: li
     def linear(h, w, act):  # the shared expert's weights: linear.packed's kernel, else its reference
         tensors, _, fmt, shape = w
         if fmt == "none":
-            return torch.nn.functional.linear(_act_roundtrip(h.reshape(-1, h.shape[-1]), act).view(h.shape), tensors[0])
+            return torch.nn.functional.linear(_act_roundtrip(h, act), tensors[0])
         y = linear_packed(h, *tensors, format=fmt, shape=shape, act=act)
         if y is NotImplemented:
             return get_op("linear.packed").reference(h, *tensors, format=fmt, shape=shape, act=act)
