@@ -1,4 +1,4 @@
-"""The ``ds4c`` command line: compile, run, tune, inspect, export, targets."""
+"""The ``ds4c`` command line: compile, run, tune, inspect, export, targets, cache."""
 
 from __future__ import annotations
 
@@ -224,6 +224,24 @@ def targets() -> None:
     for backend, names in by_backend.items():
         v.add_row(", ".join(names), backend, *verification(backend))
     console.print(v)
+
+
+@app.command()
+def cache(
+    clear: Annotated[bool, typer.Option("--clear", help="remove every stored trace")] = False,
+) -> None:
+    """Show (or clear) the trace cache: torch.export traces kept between compiles."""
+    from ds4c.frontend import trace_cache
+
+    where = trace_cache.trace_dir()
+    if clear:
+        console.print(f"removed {trace_cache.clear()} traces from {where}")
+        return
+    entries = trace_cache.entries()
+    size = sum(p.stat().st_size for p in entries)
+    state = "on" if trace_cache.enabled() else "off (DS4C_TRACE_CACHE=0)"
+    console.print(f"trace cache {where}: {state}, {len(entries)} traces, {size / 2**20:.1f} MiB "
+                  f"(at most {trace_cache.MAX_ENTRIES}; DS4C_CACHE_DIR moves it)")
 
 
 debug_app = typer.Typer(no_args_is_help=True, help="Find what a pass did to the numbers.")

@@ -59,15 +59,22 @@ def trace_program(config: Any, max_context: int, dtype: torch.dtype = torch.floa
     With ``per_kind`` (default) a model whose layers repeat kinds is traced as a proxy holding one
     layer per kind, and each entry point is stitched back to all layers (``ds4c.frontend.stitch``):
     torch.export's cost then grows with the number of kinds, not of layers. A trace of the same
-    (config, max_context, dtype) earlier in the process is reused (``_TRACES``).
+    (config, max_context, dtype) earlier in the process is reused (``_TRACES``), and one of an
+    earlier process is read back from disk (``ds4c.frontend.trace_cache``).
     """
+    from ds4c.frontend import trace_cache
+
     model = build_meta_model(config, max_context, dtype)
     key = (repr(config), int(max_context), str(dtype), per_kind)
     if key in _TRACES:
         _TRACES.move_to_end(key)
         graphs, attrs = _TRACES[key]
         return Program({n: g.copy() for n, g in graphs.items()}, copy.deepcopy(attrs)), model
-    program = _trace_program(config, model, max_context, dtype, per_kind)
+    disk_key = trace_cache.trace_key(config, max_context, dtype, per_kind)
+    program = trace_cache.load(disk_key)
+    if program is None:
+        program = _trace_program(config, model, max_context, dtype, per_kind)
+        trace_cache.store(disk_key, program)
     _TRACES[key] = ({n: g.copy() for n, g in program.graphs.items()}, copy.deepcopy(program.attrs))
     while len(_TRACES) > TRACE_CACHE_SIZE:
         _TRACES.popitem(last=False)

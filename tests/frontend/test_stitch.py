@@ -98,11 +98,13 @@ def test_interleaved_layers_are_refused(traces):
         stitch_graph(g.copy(ops=ops), [0, 1, 2, 3], 4)
 
 
-def test_a_trace_is_reused_within_the_process(traces, monkeypatch):
+def test_a_trace_is_reused_within_the_process(traces, monkeypatch, tmp_path):
     """Tracing the same config, context and dtype again returns the first trace (torch.export is
     most of a small model's compile time) with attrs of its own; another context traces anew."""
     import ds4c.frontend.trace as trace_mod
     from ds4c.ir.graph import Program
+
+    monkeypatch.setenv("DS4C_CACHE_DIR", str(tmp_path))  # an empty disk cache (tests/frontend/test_trace_cache.py)
 
     stitched, _, _ = traces
     calls = []  # max_context of every real trace; other tests of this process may have traced 48 already

@@ -186,9 +186,15 @@ def test_prefill_probes_fit_the_context():
 
 def test_fp8_activation_kernels_compile_for_hopper_and_blackwell():
     """FP8 weights for h100 and b200: the GEMV (decode), the activation quantiser and the FP8 GEMM
-    (a 128-token prefill probe) are stored, and multiply e4m3 by e4m3 on the tensor cores; the
-    tiny model's 32-token context clamps the probes (they used to index past its caches)."""
-    art = ds4c.compile("tiny", target="h100", precision="fp8", max_context=128, progress=False)
+    (a 128-token prefill probe) are stored, and multiply e4m3 by e4m3 on the tensor cores. One
+    sliding layer with routed experts: every FP8 kernel, a third fewer kernels to lower than tiny."""
+    import transformers
+
+    from tests.hf_configs import SMALL_CONFIGS, randomize_
+
+    cfg = dict(SMALL_CONFIGS["mixed"], num_hidden_layers=1, layer_types=["sliding_attention"], mlp_layer_types=["moe"])
+    model = randomize_(transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config(**cfg)), 0)
+    art = ds4c.compile(model, target="h100", precision="fp8", max_context=128, progress=False)
     program = art.program
     program.attrs["state"] = art.manifest["state"]
     for target in ("h100", "b200"):

@@ -1,0 +1,179 @@
+"""Traces kept on disk between processes, like Inductor's FX graph cache.
+
+torch.export is most of a small model's compile time (``tiny``: ~20 of ~25 s on a 2-core CPU), and
+every ``ds4c compile`` is a new process. A trace depends only on the model config, the context,
+the compute dtype, the per-kind proxy choice, torch and ds4c's own source (weights stay on the
+meta device), so it is stored under a key of exactly those, as one safetensors file: the graphs'
+constants as tensors, the printed IR (``ds4c.ir.printer``, which ``ds4c.ir.parser`` reads back
+exactly) and the program's attrs as JSON metadata. No pickle.
+
+- Where: ``$DS4C_CACHE_DIR/traces`` (default ``$XDG_CACHE_HOME/ds4c`` or ``~/.cache/ds4c``);
+  ``DS4C_TRACE_CACHE=0`` turns the cache off. ``ds4c cache`` shows it, ``ds4c cache --clear``
+  empties it.
+- Entries are written atomically (a temporary file renamed into place); an entry that cannot be
+  read back (truncated, edited, another format) is reported with a warning naming the file,
+  removed, and traced anew. At most ``MAX_ENTRIES`` are kept, the least recently used go first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ds4c.ir.graph import Program
+
+FORMAT = "ds4c-trace/1"
+MAX_ENTRIES = 64
+_SUFFIX = ".safetensors"
+
+
+def cache_root() -> Path:
+    """ds4c's cache directory (``DS4C_CACHE_DIR``, else the XDG cache home)."""
+    if os.environ.get("DS4C_CACHE_DIR"):
+        return Path(os.environ["DS4C_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "ds4c"
+
+
+def trace_dir() -> Path:
+    return cache_root() / "traces"
+
+
+def enabled() -> bool:
+    return os.environ.get("DS4C_TRACE_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@cache
+def _source_digest() -> str:
+    """sha256 over ds4c's Python sources: any change to the frontend, the model or the IR may
+    change a trace, and telling which cannot is not worth a stale graph."""
+    import ds4c
+
+    root = Path(ds4c.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def trace_key(config: Any, max_context: int, dtype: torch.dtype, per_kind: bool) -> str:
+    parts = [FORMAT, repr(config), int(max_context), str(dtype), bool(per_kind), torch.__version__,
+             f"{sys.version_info.major}.{sys.version_info.minor}", _source_digest()]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _path(key: str) -> Path:
+    return trace_dir() / f"{key}{_SUFFIX}"
+
+
+def load(key: str) -> Program | None:
+    """The stored trace under ``key``, or None (absent, cache off, or unreadable: then removed)."""
+    if not enabled():
+        return None
+    path = _path(key)
+    if not path.is_file():
+        return None
+    try:
+        program = _read(path, key)
+    except Exception as e:  # noqa: BLE001 - any unreadable entry is traced anew, and said so
+        warnings.warn(f"{path}: cached trace unreadable ({type(e).__name__}: {e}); removed, tracing anew",
+                      stacklevel=3)
+        path.unlink(missing_ok=True)
+        return None
+    try:
+        os.utime(path)  # least recently used goes first when pruning
+    except OSError:
+        pass
+    return program
+
+
+def _read(path: Path, key: str) -> Program:
+    from safetensors import safe_open
+
+    from ds4c.ir.parser import parse_graph
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
+        if meta.get("key") != key:
+            raise ValueError("its key does not match its file name")
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    texts = json.loads(meta["graphs"])
+    graphs = {}
+    for name, text in texts.items():
+        prefix = f"{name}/"
+        constants = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        graphs[name] = parse_graph(text, constants)
+    return Program(graphs, json.loads(meta["attrs"]))
+
+
+def store(key: str, program: Program) -> None:
+    """Write ``program`` under ``key`` atomically; a trace whose attrs are not JSON, or a cache
+    directory that cannot be written, is skipped with a warning (the compile goes on)."""
+    if not enabled():
+        return
+    from safetensors.torch import save_file
+
+    from ds4c.ir.printer import print_graph
+
+    attrs = json.dumps(program.attrs, sort_keys=True)
+    if json.loads(attrs) != program.attrs:
+        return  # not representable as JSON (tuples, tensors): keep it in memory only
+    tensors = {f"{name}/{k}": v.detach().cpu().contiguous() for name, g in program.graphs.items()
+               for k, v in g.constants.items()}
+    meta = {"format": FORMAT, "key": key, "attrs": attrs,
+            "graphs": json.dumps({name: print_graph(g) for name, g in program.graphs.items()})}
+    directory = trace_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}-", suffix=".tmp", dir=directory)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, _path(key))
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        _prune(directory)
+    except OSError as e:
+        warnings.warn(f"trace cache {directory} not written ({e}); set DS4C_CACHE_DIR to a writable directory "
+                      "or DS4C_TRACE_CACHE=0", stacklevel=3)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed meanwhile by another process
+        return 0.0
+
+
+def _prune(directory: Path) -> None:
+    for old in sorted(directory.glob(f"*{_SUFFIX}"), key=_mtime, reverse=True)[MAX_ENTRIES:]:
+        old.unlink(missing_ok=True)
+
+
+def entries() -> list[Path]:
+    d = trace_dir()
+    return sorted(d.glob(f"*{_SUFFIX}")) if d.is_dir() else []
+
+
+def clear() -> int:
+    """Remove every stored trace (and stray temporary files); returns how many traces went."""
+    gone = 0
+    d = trace_dir()
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.suffix in (_SUFFIX, ".tmp") and p.is_file():
+                gone += p.suffix == _SUFFIX
+                p.unlink(missing_ok=True)
+    return gone
