@@ -41,6 +41,9 @@ def _load() -> None:
     if _loaded:
         return
     _loaded = True
+    from ds4c.backends.cuda.kernels.interpreter import install
+
+    install()  # under TRITON_INTERPRET=1 only: one language swap per launch (kernels/interpreter.py)
     for mod in KERNEL_MODULES:
         try:
             importlib.import_module(f"{__name__}.{mod}")
