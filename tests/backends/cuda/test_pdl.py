@@ -109,7 +109,7 @@ from triton.backends.compiler import GPUTarget
 from ds4c.backends.cuda.kernels.linear import _row_gemv_kernel
 sig = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "p_ptr": "*fp32", "y_ptr": "*bf16",
        "lock_ptr": "*i32", "N": "i32", "K": "i32", "group_rows": "i32", "k_split": "i32", "split": "i32",
-       "s_cols": "i32"}
+       "s_cols": "i32", "prefetch_k": "i32"}
 const = {"BLOCK_N": 32, "BLOCK_K": 128, "SCALE": 1, "ACT_FP8": True, "SPLIT_K": True, "INTERPRETER_BF16": False,
          "PDL": True, "PREFETCH": True}
 sig.update({k: "constexpr" for k in const})
@@ -143,3 +143,20 @@ def test_prefetch_is_on_by_default_and_tunable():
     with use_tuning({"row_gemv": {"prefetch": 0}}):
         assert row_gemv_config(4096, 4096, 132).prefetch == 0
     assert "prefetch" in TUNABLE["row_gemv"] and CANDIDATES["row_gemv"]["prefetch"] == (None, 0)
+
+
+def test_prefetch_stays_within_three_quarters_of_l2():
+    """Every program prefetches its whole K slice while the GEMV's prefetches fit in 3/4 of L2
+    (flash-slice's 2-32 MB linears on a 50 MB L2), else only its first steps: an FP8 LM head
+    (129280 x 4096, 530 MB) prefetches two 128-wide steps per program, 33 MB in all."""
+    from ds4c.backends.cuda.kernels.linear import prefetch_inputs, row_gemv_config
+
+    l2 = get_target("h200").l2_bytes
+    for n, k in ((32768, 1024), (4096, 8192), (1024, 4096)):
+        cfg = row_gemv_config(n, k, 132, l2)
+        assert cfg.prefetch_k == cfg.k_split and n * cfg.k_split <= l2 * 3 // 4, (n, k, cfg)
+    head = row_gemv_config(129280, 4096, 132, l2)
+    assert head.k_split == 4096 and head.prefetch_k == 256
+    assert prefetch_inputs(65536, 4096, l2) == 4 * 128  # 4.5 steps of 64K rows fit 37.5 MB
+    assert prefetch_inputs(1 << 20, 4096, l2) == 128  # at least one step
+    assert row_gemv_config(129280, 4096, 132, l2, prefetch=0).prefetch_k == 0

@@ -210,10 +210,25 @@ class RowGemvConfig:
     num_warps: int
     num_stages: int
     prequant: int  # FP8 activations: 1 quantises the row first (act_quant), 0 in every program
-    prefetch: int = 1  # 1: L2 prefetch of the program's weight slice before waiting for x (with PDL)
+    prefetch: int = 1  # 1: L2 prefetch of the program's first weights before waiting for x (with PDL)
+    prefetch_k: int = 0  # inputs of its slice each program prefetches (prefetch_inputs); 0: none
 
 
-def row_gemv_config(n: int, k: int, sms: int, **override: int) -> RowGemvConfig:
+# The share of L2 the prefetches of one GEMV may fill: every program asks for its first weights at
+# once, and lines marked evict_last that do not fit are fetched twice (an LM head's 530 MB would
+# be). flash-slice's linears (up to 32 MB) fit whole on a 50 MB L2, as `ds4c tune` measured them.
+PREFETCH_L2_SHARE = 0.75
+
+
+def prefetch_inputs(n: int, k_split: int, l2_bytes: int) -> int:
+    """Inputs (a multiple of 128) of its K slice each program of a one-row FP8 GEMV over ``n``
+    weight rows prefetches: the whole slice while all programs' prefetches together stay within
+    ``PREFETCH_L2_SHARE`` of L2, else as many 128-wide steps as fit (at least one)."""
+    steps = int(l2_bytes * PREFETCH_L2_SHARE) // max(1, n * SCALE_BLOCK)
+    return min(k_split, max(1, steps) * SCALE_BLOCK)
+
+
+def row_gemv_config(n: int, k: int, sms: int, l2_bytes: int = 50 << 20, **override: int) -> RowGemvConfig:
     """Tiles of the one-row FP8 GEMV: 32 weight rows x 128 inputs per step, one warp per program
     (the activation block's amax is then a warp shuffle, not a trip through shared memory), 3
     stages, K split until the grid holds 8 programs per SM (4 for weights over 16M values).
@@ -228,16 +243,21 @@ def row_gemv_config(n: int, k: int, sms: int, **override: int) -> RowGemvConfig:
     them (same-run comparisons against FP8 with a bf16 head, two machines), so they are not the
     default. ``prefetch`` (L2 prefetch of each program's weights before it waits for x; only with
     programmatic dependent launch) is on: ``ds4c tune`` on the FP8 flash-slice, H200 2026-12-03,
-    graphed decode step 1.208 ms without, 1.117-1.138 ms with (docs/PERFORMANCE.md).
-    ``override`` and the tuning table (family ``row_gemv``) replace any field; ``split`` fixes the K
-    split."""
+    graphed decode step 1.208 ms without, 1.117-1.138 ms with (docs/PERFORMANCE.md). Each program
+    prefetches its whole slice while the GEMV's prefetches fit in 3/4 of ``l2_bytes``, else its
+    first steps (``prefetch_inputs``): an FP8 LM head prefetching all of its 530 MB took 268 us in
+    the step against 173 us in isolation (H200, 2026-12-03). ``override`` and the tuning table
+    (family ``row_gemv``) replace any field; ``split`` fixes the K split."""
     override = {**tuned("row_gemv"), **override}
     block_n = override.get("block_n", 32)
     steps = triton.cdiv(k, SCALE_BLOCK)
     per_sm = override.get("programs_per_sm", 8 if n * k <= 1 << 24 else 4)
     split = override.get("split", k_split_count(triton.cdiv(n, block_n), steps, per_sm * sms, min_steps=2))
-    return RowGemvConfig(block_n, triton.cdiv(steps, split) * SCALE_BLOCK, override.get("num_warps", 1),
-                         override.get("num_stages", 3), override.get("prequant", 0), override.get("prefetch", 1))
+    k_split = triton.cdiv(steps, split) * SCALE_BLOCK
+    prefetch = override.get("prefetch", 1)
+    return RowGemvConfig(block_n, k_split, override.get("num_warps", 1), override.get("num_stages", 3),
+                         override.get("prequant", 0), prefetch,
+                         prefetch_inputs(n, k_split, l2_bytes) if prefetch else 0)
 
 
 @triton.jit
@@ -264,20 +284,21 @@ def row_dot(x_ptr, q_ptr, s_ptr, cols, n_ok, k_lo, k_hi, K, s_cols,
 
 @triton.jit
 def _row_gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, N, K, group_rows, k_split, split, s_cols,
+                     prefetch_k,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, ACT_FP8: tl.constexpr,
                      SPLIT_K: tl.constexpr, INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr,
                      PREFETCH: tl.constexpr):
     """One row times an FP8 weight on the CUDA cores (``row_dot``), program (column block, K slice);
     with ``group_rows`` < N (linear.grouped), weight rows ``[g * group_rows, (g + 1) * group_rows)``
     multiply inputs ``[g * K, (g + 1) * K)`` of the row. With ``PREFETCH``, the program asks L2 for
-    its whole weight slice (one request per 128 bytes) before waiting for the kernel that
-    produces x."""
+    the first ``prefetch_k`` inputs of its weight slice (one request per 128 bytes) before waiting
+    for the kernel that produces x."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = cols < N
     k_lo = tl.program_id(1) * k_split
     k_hi = tl.minimum(k_lo + k_split, K)
     if PREFETCH:  # weights only: never written while the program runs
-        for k0 in range(k_lo, k_hi, 128):
+        for k0 in range(k_lo, tl.minimum(k_hi, k_lo + prefetch_k), 128):
             prefetch_l2(q_ptr + cols.to(tl.int64) * K + k0, n_ok)
     wait_for_producers(PDL)
     x_ptr += ((tl.program_id(0) * BLOCK_N) // group_rows) * K  # linear.grouped: the block's group of inputs
@@ -293,7 +314,8 @@ def row_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: in
     column block."""
     n, k = qdata.shape
     target = active_target()
-    cfg = grouped_config(lambda **o: row_gemv_config(n, k, target.compute_units, **o), n, groups, override)
+    cfg = grouped_config(lambda **o: row_gemv_config(n, k, target.compute_units, target.l2_bytes, **o), n, groups,
+                         override)
     if cfg is None:
         return None
     if act == "fp8" and cfg.prequant:  # quantised values in x's dtype (exact), then weight-only
@@ -303,9 +325,9 @@ def row_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: in
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     parts, locks = split_k_buffers(y[0], split, blocks)
     _row_gemv_kernel[(blocks, split)](
-        x, qdata, scale, parts, y, locks, n, k, n // groups, cfg.k_split, split, scale.shape[-1], BLOCK_N=cfg.block_n,
-        BLOCK_K=SCALE_BLOCK, SCALE=mode, ACT_FP8=act == "fp8", SPLIT_K=split > 1,
-        INTERPRETER_BF16=interpreter_bf16(x.dtype), PREFETCH=bool(cfg.prefetch) and pdl_enabled(target),
+        x, qdata, scale, parts, y, locks, n, k, n // groups, cfg.k_split, split, scale.shape[-1], cfg.prefetch_k,
+        BLOCK_N=cfg.block_n, BLOCK_K=SCALE_BLOCK, SCALE=mode, ACT_FP8=act == "fp8", SPLIT_K=split > 1,
+        INTERPRETER_BF16=interpreter_bf16(x.dtype), PREFETCH=cfg.prefetch_k > 0 and pdl_enabled(target),
         **Launch(cfg.num_warps, cfg.num_stages).kwargs(target))
     return y
 
