@@ -11,9 +11,13 @@ concatenated weights, sliced after::
                                                 %kv = aten.slice.Tensor(%y, -1, 1024, 1536)
 
 The concatenated weights are built once here, from the weights the model was loaded with; the
-sliced results keep their names (stream schedules and plans key ops by them). Only plain
-bias-free linears over parameters of one dtype and width merge; packed weights (``linear.packed``)
-and host-resident weights (``--hbm-budget``) are left as they are.
+sliced results keep their names (stream schedules and plans key ops by them). Plain bias-free
+linears over parameters of one dtype and width merge, and so do packed ones (``linear.packed``)
+of one format, width and activation format: each packed tensor (FP8 values and their 128x128
+block scales, INT8 values and row scales, MXFP4 bytes and scales) is concatenated along its rows,
+which holds when every part but the last fills whole scale blocks (``_concatenable``), e.g. an FP8
+CSA layer's q_a, kv, compressor and indexer projections: seven one-row GEMVs become one.
+Host-resident weights (``--hbm-budget``) are left as they are.
 """
 
 from __future__ import annotations
@@ -60,6 +64,45 @@ def _plain_linear(op: Op, params: set[Value]) -> bool:
             and isinstance(op.results[0].type, TensorType))
 
 
+def _packed_linear(op: Op, params: set[Value]) -> bool:
+    return (op.name == "linear.packed" and isinstance(op.args[0], Value) and len(op.args) >= 2
+            and all(a in params for a in op.args[1:]) and isinstance(op.results[0].type, TensorType))
+
+
+def _rows(fmt: str, rows: int, k: int) -> list[tuple[int, ...]]:
+    from ds4c.quant.formats import get_format
+
+    return [tuple(shape) for shape, _ in get_format(fmt).packed_spec((rows, k)).values()]
+
+
+def _whole(fmt: str, rows: int, k: int) -> bool:
+    """Whether ``rows`` fill whole scale blocks of ``fmt``: twice the rows pack into twice the rows."""
+    return [s[0] for s in _rows(fmt, 2 * rows, k)] == [2 * s[0] for s in _rows(fmt, rows, k)]
+
+
+def _concatenable(fmt: str, rows: list[int], k: int) -> bool:
+    """Whether weights of ``rows`` x ``k``, packed in ``fmt``, concatenated tensor by tensor along
+    dim 0, are the packing of their row concatenation: every part but the last fills whole scale
+    blocks, and the shapes add up."""
+    if not all(_whole(fmt, r, k) for r in rows[:-1]):
+        return False
+    total, parts = _rows(fmt, sum(rows), k), [_rows(fmt, r, k) for r in rows]
+    return all(t[0] == sum(p[j][0] for p in parts) and all(p[j][1:] == t[1:] for p in parts)
+               for j, t in enumerate(total))
+
+
+def _mergeable_packed(ops: list[Op]) -> list[Op]:
+    """The packed siblings to merge, in row order: those whose rows fill whole scale blocks, and
+    one that does not (last); fewer than two: none."""
+    fmt, k = ops[0].kwargs["format"], int(ops[0].kwargs["shape"][1])
+    rows = {op: int(op.kwargs["shape"][0]) for op in ops}
+    whole = [op for op in ops if _whole(fmt, rows[op], k)]
+    ragged = [op for op in ops if op not in whole]
+    if ragged and _concatenable(fmt, [rows[op] for op in (*whole, ragged[0])], k):
+        whole.append(ragged[0])
+    return whole if len(whole) > 1 else []
+
+
 def merge_sibling_linears(graphs: Mapping[str, Graph], weights: dict[str, torch.Tensor],
                           keep: set[str] = frozenset()) -> tuple[dict[str, Graph], dict[str, torch.Tensor], int]:
     """(graphs with sibling linears merged, weights with the concatenations added and the merged
@@ -76,11 +119,18 @@ def merge_sibling_linears(graphs: Mapping[str, Graph], weights: dict[str, torch.
                 w = op.args[1]
                 key = (op.args[0], w.type.dtype, w.type.shape[1], weights[w.name].device)
                 groups.setdefault(key, []).append(op)
+            elif _packed_linear(op, params):
+                kw = op.kwargs
+                key = ("packed", op.args[0], kw.get("format"), kw.get("act"), int(kw["shape"][1]),
+                       tuple(weights[a.name].dtype for a in op.args[1:]), weights[op.args[1].name].device)
+                groups.setdefault(key, []).append(op)
+        groups = {k: (_mergeable_packed(v) if k[0] == "packed" else v) for k, v in groups.items() if len(v) > 1}
         groups = {k: v for k, v in groups.items() if len(v) > 1}
         if not groups:
             out[name] = g
             continue
-        first_of = {ops[0]: ops for ops in groups.values()}
+        # the merged op goes where the first of its siblings was (all read the same input)
+        first_of = {next(o for o in g.ops if o in set(ops)): ops for ops in groups.values()}
         member = {op for ops in groups.values() for op in ops}
         taken = g.value_names()
         new_ops: list[Op] = []
@@ -88,19 +138,28 @@ def merge_sibling_linears(graphs: Mapping[str, Graph], weights: dict[str, torch.
         for op in g.ops:
             if op in first_of:
                 ops = first_of[op]
-                names = [o.args[1].name for o in ops]
-                wname = merged_name(names)
-                if wname not in merged_weights:
-                    merged_weights[wname] = torch.cat([weights[n] for n in names], 0)
-                sizes = [int(o.args[1].type.shape[0]) for o in ops]
-                w_val = Value(wname, TensorType(ops[0].args[1].type.dtype, (sum(sizes), ops[0].args[1].type.shape[1])))
-                new_inputs.append(GraphInput("param", w_val))
+                packed = ops[0].name == "linear.packed"
+                sizes = [int(o.kwargs["shape"][0]) if packed else int(o.args[1].type.shape[0]) for o in ops]
+                w_vals = []
+                for j in range(1, len(ops[0].args) if packed else 2):  # each packed tensor, or the weight
+                    parts = [o.args[j] for o in ops]
+                    wname = merged_name([v.name for v in parts])
+                    if wname not in merged_weights:
+                        merged_weights[wname] = torch.cat([weights[v.name] for v in parts], 0)
+                    t = parts[0].type
+                    w_val = Value(wname, TensorType(t.dtype, (sum(int(v.type.shape[0]) for v in parts), *t.shape[1:])))
+                    new_inputs.append(GraphInput("param", w_val))
+                    w_vals.append(w_val)
                 x = op.args[0]
                 rtype = op.results[0].type
                 y_name = g.fresh_name(f"{op.results[0].name}_merged", taken)
                 taken.add(y_name)
                 y = Value(y_name, TensorType(rtype.dtype, (*rtype.shape[:-1], sum(sizes))))
-                new_ops.append(Op("aten.linear.default", (x, w_val), {}, (y,), loc=op.loc))
+                if packed:
+                    kwargs = {**ops[0].kwargs, "shape": [sum(sizes), int(ops[0].kwargs["shape"][1])]}
+                    new_ops.append(Op("linear.packed", (x, *w_vals), kwargs, (y,), loc=op.loc))
+                else:
+                    new_ops.append(Op("aten.linear.default", (x, *w_vals), {}, (y,), loc=op.loc))
                 start = 0
                 for o, n in zip(ops, sizes, strict=True):
                     new_ops.append(Op("aten.slice.Tensor", (y, -1, start, start + n), {}, o.results, loc=o.loc))

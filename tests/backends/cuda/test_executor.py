@@ -86,6 +86,42 @@ def test_packed_weights_are_read_packed_or_expanded_once_for_kernels(tiny_fp8_ar
     assert float((a.float() - b.float()).norm() / a.float().norm()) < 0.25
 
 
+def test_packed_sibling_linears_run_as_one_gemv(tmp_path):
+    """Packed siblings of one format merge too (INT8 here: row scales always concatenate): one
+    linear.packed over the concatenated values and scales, the same logits as unmerged."""
+    table = tmp_path / "int8.json"
+    table.write_text('{"lm_head": "bf16", "model.embed_tokens": "bf16", "*": "int8"}')
+    path = tmp_path / "int8.ds4"
+    ds4c.compile("tiny", target="h100", precision=str(table), max_context=32, progress=False).save(path)
+    merged = ds4c.load(path, device=DEVICE, backend="kernels", cuda_graphs=False)
+    plain = ds4c.load(path, device=DEVICE, backend="kernels", cuda_graphs=False, merge_linears=False)
+
+    def packed(m):
+        return [op for op in m.program.graphs["decode"].ops if op.name == "linear.packed"]
+
+    cats = [op for op in packed(merged) if op.args[1].name.startswith("cat(")]
+    assert any("q_a_proj" in op.args[1].name and "kv_proj" in op.args[1].name for op in cats), \
+        [op.args[1].name for op in packed(merged)]
+    assert len(packed(plain)) - len(packed(merged)) >= len(cats) > 0
+    for op in cats:
+        assert op.kwargs["format"] == "int8" and op.kwargs["shape"][0] == merged.weights[op.args[1].name].shape[0]
+    ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    la, sa = plain.prefill(ids)
+    lb, sb = merged.prefill(ids)
+    torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
+    tok = la[:, -1:].argmax(-1)
+    torch.testing.assert_close(merged.decode(tok, 6, sb)[0], plain.decode(tok, 6, sa)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_siblings_merge_only_along_whole_scale_blocks():
+    """FP8's 128x128 scale blocks: parts of whole blocks concatenate, a ragged part only last."""
+    from ds4c.backends.cuda.merge_linears import _concatenable
+
+    assert _concatenable("fp8", [1024, 512, 1024, 256, 64], 4096)  # V4-Flash's CSA siblings
+    assert not _concatenable("fp8", [64, 1024], 4096)
+    assert _concatenable("int8", [3, 5], 64) and _concatenable("mxfp4", [3, 5], 64)
+
+
 @pytest.mark.parametrize("backend", ["reference", "kernels"])
 def test_prefill_last_position_logits(tiny_path, reference, backend):
     """``prefill(logits="last")`` runs the head (last layer's FFN half, final norm, LM head) on the
