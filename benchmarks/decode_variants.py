@@ -12,7 +12,9 @@ the fp8 artifact packs them at load); then each backend variant times a decode s
 - ``kernels``: the same program and order on one stream (``ds4c.load(streams=False)``);
 - ``compiled``: kernels + TorchInductor between them (one stream);
 - ``compiled-nopdl``: the same without programmatic dependent launch (``DS4C_PDL=0``,
-  ``ds4c/backends/cuda/kernels/pdl.py``), to measure what PDL gives in the same run.
+  ``ds4c/backends/cuda/kernels/pdl.py``), to measure what PDL gives in the same run;
+- ``compiled-nomergepacked``: ``compiled`` with packed sibling linears kept apart at load
+  (``DS4C_MERGE_PACKED=0``; ``ds4c/backends/cuda/merge_linears.py`` merges them by default).
 
 Ratios answer two acceptance questions: fp8 weights vs bf16 weights (bytes read), and the
 stream schedule vs one stream (same program).
@@ -35,7 +37,8 @@ from benchmarks.gpu_peers import attempt, build_hf, decode_bytes, timed
 
 # name -> (backend, streams, environment while loading and running)
 VARIANTS = {"kernels+streams": ("kernels", True, {}), "kernels": ("kernels", False, {}),
-            "compiled": ("compiled", False, {}), "compiled-nopdl": ("compiled", False, {"DS4C_PDL": "0"})}
+            "compiled": ("compiled", False, {}), "compiled-nopdl": ("compiled", False, {"DS4C_PDL": "0"}),
+            "compiled-nomergepacked": ("compiled", False, {"DS4C_MERGE_PACKED": "0"})}
 
 
 def main() -> None:

@@ -17,11 +17,15 @@ of one format, width and activation format: each packed tensor (FP8 values and t
 block scales, INT8 values and row scales, MXFP4 bytes and scales) is concatenated along its rows,
 which holds when every part but the last fills whole scale blocks (``_concatenable``), e.g. an FP8
 CSA layer's q_a, kv, compressor and indexer projections: seven one-row GEMVs become one.
+Measured on an H200 (2026-12-03, flash-slice, graphed decode step, the same run and machine):
+FP8 1.117 -> 1.092 ms, FP8 with an FP8 LM head 1.154 -> 1.033 ms. ``DS4C_MERGE_PACKED=0`` keeps
+packed siblings apart (benchmarks/decode_variants.py's ``compiled-nomergepacked``).
 Host-resident weights (``--hbm-budget``) are left as they are.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import torch
@@ -103,11 +107,19 @@ def _mergeable_packed(ops: list[Op]) -> list[Op]:
     return whole if len(whole) > 1 else []
 
 
+def merge_packed_default() -> bool:
+    """Whether packed siblings merge by default (yes, unless ``DS4C_MERGE_PACKED=0``)."""
+    return os.environ.get("DS4C_MERGE_PACKED", "1") != "0"
+
+
 def merge_sibling_linears(graphs: Mapping[str, Graph], weights: dict[str, torch.Tensor],
-                          keep: set[str] = frozenset()) -> tuple[dict[str, Graph], dict[str, torch.Tensor], int]:
+                          keep: set[str] = frozenset(), packed: bool | None = None,
+                          ) -> tuple[dict[str, Graph], dict[str, torch.Tensor], int]:
     """(graphs with sibling linears merged, weights with the concatenations added and the merged
     originals nothing reads any more dropped, number of linears merged away). ``keep``: weight
-    names never to merge (host-resident ones)."""
+    names never to merge (host-resident ones); ``packed``: merge ``linear.packed`` siblings too
+    (default: ``merge_packed_default()``)."""
+    packed = merge_packed_default() if packed is None else packed
     out: dict[str, Graph] = {}
     merged_weights: dict[str, torch.Tensor] = {}
     removed = 0
@@ -119,7 +131,7 @@ def merge_sibling_linears(graphs: Mapping[str, Graph], weights: dict[str, torch.
                 w = op.args[1]
                 key = (op.args[0], w.type.dtype, w.type.shape[1], weights[w.name].device)
                 groups.setdefault(key, []).append(op)
-            elif _packed_linear(op, params):
+            elif packed and _packed_linear(op, params):
                 kw = op.kwargs
                 key = ("packed", op.args[0], kw.get("format"), kw.get("act"), int(kw["shape"][1]),
                        tuple(weights[a.name].dtype for a in op.args[1:]), weights[op.args[1].name].device)
@@ -138,10 +150,10 @@ def merge_sibling_linears(graphs: Mapping[str, Graph], weights: dict[str, torch.
         for op in g.ops:
             if op in first_of:
                 ops = first_of[op]
-                packed = ops[0].name == "linear.packed"
-                sizes = [int(o.kwargs["shape"][0]) if packed else int(o.args[1].type.shape[0]) for o in ops]
+                is_packed = ops[0].name == "linear.packed"
+                sizes = [int(o.kwargs["shape"][0]) if is_packed else int(o.args[1].type.shape[0]) for o in ops]
                 w_vals = []
-                for j in range(1, len(ops[0].args) if packed else 2):  # each packed tensor, or the weight
+                for j in range(1, len(ops[0].args) if is_packed else 2):  # each packed tensor, or the weight
                     parts = [o.args[j] for o in ops]
                     wname = merged_name([v.name for v in parts])
                     if wname not in merged_weights:
@@ -155,7 +167,7 @@ def merge_sibling_linears(graphs: Mapping[str, Graph], weights: dict[str, torch.
                 y_name = g.fresh_name(f"{op.results[0].name}_merged", taken)
                 taken.add(y_name)
                 y = Value(y_name, TensorType(rtype.dtype, (*rtype.shape[:-1], sum(sizes))))
-                if packed:
+                if is_packed:
                     kwargs = {**ops[0].kwargs, "shape": [sum(sizes), int(ops[0].kwargs["shape"][1])]}
                     new_ops.append(Op("linear.packed", (x, *w_vals), kwargs, (y,), loc=op.loc))
                 else:

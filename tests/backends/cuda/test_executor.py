@@ -86,9 +86,10 @@ def test_packed_weights_are_read_packed_or_expanded_once_for_kernels(tiny_fp8_ar
     assert float((a.float() - b.float()).norm() / a.float().norm()) < 0.25
 
 
-def test_packed_sibling_linears_run_as_one_gemv(tmp_path):
+def test_packed_sibling_linears_run_as_one_gemv(tmp_path, monkeypatch):
     """Packed siblings of one format merge too (INT8 here: row scales always concatenate): one
-    linear.packed over the concatenated values and scales, the same logits as unmerged."""
+    linear.packed over the concatenated values and scales, the same logits as unmerged;
+    DS4C_MERGE_PACKED=0 keeps them apart."""
     table = tmp_path / "int8.json"
     table.write_text('{"lm_head": "bf16", "model.embed_tokens": "bf16", "*": "int8"}')
     path = tmp_path / "int8.ds4"
@@ -103,6 +104,9 @@ def test_packed_sibling_linears_run_as_one_gemv(tmp_path):
     assert any("q_a_proj" in op.args[1].name and "kv_proj" in op.args[1].name for op in cats), \
         [op.args[1].name for op in packed(merged)]
     assert len(packed(plain)) - len(packed(merged)) >= len(cats) > 0
+    monkeypatch.setenv("DS4C_MERGE_PACKED", "0")
+    apart = ds4c.load(path, device=DEVICE, backend="kernels", cuda_graphs=False)
+    assert len(packed(apart)) == len(packed(plain)) and apart.merged_linears < merged.merged_linears
     for op in cats:
         assert op.kwargs["format"] == "int8" and op.kwargs["shape"][0] == merged.weights[op.args[1].name].shape[0]
     ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(6)).to(DEVICE)
