@@ -184,17 +184,22 @@ def test_prefill_probes_fit_the_context():
     assert prefill_lengths(None) == [128, 64, 37]
 
 
-def test_fp8_activation_kernels_compile_for_hopper_and_blackwell():
-    """FP8 weights for h100 and b200: the GEMV (decode), the activation quantiser and the FP8 GEMM
-    (a 128-token prefill probe) are stored, and multiply e4m3 by e4m3 on the tensor cores. One
-    sliding layer with routed experts: every FP8 kernel, a third fewer kernels to lower than tiny."""
+def _one_layer():
+    """A transformers model of one sliding-window layer with routed experts (random weights):
+    every linear and expert kernel, fewer kernels to lower than tiny."""
     import transformers
 
     from tests.hf_configs import SMALL_CONFIGS, randomize_
 
     cfg = dict(SMALL_CONFIGS["mixed"], num_hidden_layers=1, layer_types=["sliding_attention"], mlp_layer_types=["moe"])
-    model = randomize_(transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config(**cfg)), 0)
-    art = ds4c.compile(model, target="h100", precision="fp8", max_context=128, progress=False)
+    return randomize_(transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config(**cfg)), 0)
+
+
+def test_fp8_activation_kernels_compile_for_hopper_and_blackwell():
+    """FP8 weights for h100 and b200: the GEMV (decode), the activation quantiser and the FP8 GEMM
+    (a 128-token prefill probe) are stored, and multiply e4m3 by e4m3 on the tensor cores. One
+    sliding layer with routed experts: every FP8 kernel, a third fewer kernels to lower than tiny."""
+    art = ds4c.compile(_one_layer(), target="h100", precision="fp8", max_context=128, progress=False)
     program = art.program
     program.attrs["state"] = art.manifest["state"]
     for target in ("h100", "b200"):
@@ -216,7 +221,7 @@ def test_fp4_activation_gemv_compiles_for_blackwell(tmp_path):
     registers (ACT_FP4, MXFP4 weights) is among the stored sm_100a binaries."""
     table = tmp_path / "table.json"
     table.write_text('{"*.q_b_proj": "mxfp4", "lm_head": "bf16", "model.embed_tokens": "bf16"}')
-    art = ds4c.compile("tiny", target="b200", precision=str(table), max_context=64, progress=False)
+    art = ds4c.compile(_one_layer(), target="b200", precision=str(table), max_context=64, progress=False)
     program = art.program
     program.attrs["state"] = art.manifest["state"]
     section, _ = aot.lower(get_target("b200"), program, progress=False)
