@@ -26,8 +26,8 @@ kernel overlaps the current one; results are bit-identical with and without PDL.
 PDL is used on NVIDIA targets of compute capability 9.0 and later (``h100`` ... ``gb200``), not on
 AMD, not under Triton's interpreter (which has no ``griddepcontrol``), and not when the
 environment sets ``DS4C_PDL=0`` (to measure without it; stored binaries are built with it, so the
-JIT then compiles the PDL-free specialisations once, silently: the artifact's binaries still
-install and ``kernel_binaries`` still says "stored"). The same decision covers the kernels Inductor
+JIT then compiles the PDL-free specialisations once, and ``kernel_binaries`` says so: "jit:
+DS4C_PDL=0 ..."). The same decision covers the kernels Inductor
 generates between ours (``torch._inductor.config.triton.enable_pdl``).
 """
 
