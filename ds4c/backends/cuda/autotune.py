@@ -39,7 +39,7 @@ FORMAT = "ds4c-tuning/2"
 CANDIDATES: dict[str, dict[str, Sequence[Any]]] = {
     "gemv": {"block_n": (None, 32, 64, 128), "split": (None, 1, 2, 4, 8), "num_stages": (None, 3, 4, 5)},
     "row_gemv": {"block_n": (None, 16, 64), "programs_per_sm": (None, 2, 8), "num_warps": (None, 2, 8),
-                 "num_stages": (None, 2, 3), "prefetch": (None, 0)},
+                 "num_stages": (None, 2, 4), "prefetch": (None, 0)},
     "moe_decode": {"act_in_registers": (None, 1), "block_n_up": (None, 16, 32, 64), "block_n_down": (None, 32, 64, 128),
                    "num_stages": (None, 3, 4, 5)},
 }
