@@ -17,7 +17,12 @@ os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="ds4c-triton-"
 os.environ.setdefault("MPLBACKEND", "Agg")
 # Traces on disk (ds4c.frontend.trace_cache): one directory for the whole run, shared by the xdist
 # workers (set before they start) and the processes tests start (notebooks, the README job).
-os.environ.setdefault("DS4C_CACHE_DIR", tempfile.mkdtemp(prefix="ds4c-cache-"))
+if "DS4C_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+
+    os.environ["DS4C_CACHE_DIR"] = tempfile.mkdtemp(prefix="ds4c-cache-")
+    atexit.register(shutil.rmtree, os.environ["DS4C_CACHE_DIR"], ignore_errors=True)  # in the process that made it
 # Ahead-of-time Triton binaries cost 10-40 s per GPU-target compile on 2 cores; the tests that are
 # about them (tests/backends/cuda/test_aot.py) ask for them explicitly, the rest compile without.
 os.environ.setdefault("DS4C_KERNEL_BINARIES", "0")

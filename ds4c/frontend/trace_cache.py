@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import warnings
 from functools import cache
 from pathlib import Path
@@ -49,18 +50,23 @@ def trace_dir() -> Path:
 
 
 def enabled() -> bool:
-    return os.environ.get("DS4C_TRACE_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+    """On unless ``DS4C_TRACE_CACHE=0``, and only where ds4c runs from its sources (the key hashes them)."""
+    return (os.environ.get("DS4C_TRACE_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+            and bool(_source_digest()))
 
 
 @cache
 def _source_digest() -> str:
     """sha256 over ds4c's Python sources: any change to the frontend, the model or the IR may
-    change a trace, and telling which cannot is not worth a stale graph."""
+    change a trace, and telling which cannot is not worth a stale graph ("" without sources)."""
     import ds4c
 
     root = Path(ds4c.__file__).parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    paths = sorted(root.rglob("*.py"))
+    if not paths:
+        return ""
+    h = hashlib.sha256(getattr(ds4c, "__version__", "").encode())
+    for path in paths:
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
@@ -80,15 +86,23 @@ def load(key: str) -> Program | None:
     """The stored trace under ``key``, or None (absent, cache off, or unreadable: then removed)."""
     if not enabled():
         return None
-    path = _path(key)
-    if not path.is_file():
+    try:
+        path = _path(key)
+        if not path.is_file():
+            return None
+    except (OSError, RuntimeError):  # no home directory, a directory we may not read: a miss
         return None
     try:
         program = _read(path, key)
+    except FileNotFoundError:  # pruned by another process meanwhile: a miss
+        return None
     except Exception as e:  # noqa: BLE001 - any unreadable entry is traced anew, and said so
         warnings.warn(f"{path}: cached trace unreadable ({type(e).__name__}: {e}); removed, tracing anew",
                       stacklevel=3)
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
         return None
     try:
         os.utime(path)  # least recently used goes first when pruning
@@ -127,27 +141,44 @@ def store(key: str, program: Program) -> None:
 
     from ds4c.ir.printer import print_graph
 
-    attrs = json.dumps(program.attrs, sort_keys=True)
+    try:
+        attrs = json.dumps(program.attrs, sort_keys=True)
+    except (TypeError, ValueError):
+        return  # not representable as JSON (tensors, sets): keep it in memory only
     if json.loads(attrs) != program.attrs:
-        return  # not representable as JSON (tuples, tensors): keep it in memory only
-    tensors = {f"{name}/{k}": v.detach().cpu().contiguous() for name, g in program.graphs.items()
+        return  # tuples would come back as lists: keep it in memory only
+    # own copies: safetensors refuses tensors that share memory
+    tensors = {f"{name}/{k}": v.detach().cpu().clone().contiguous() for name, g in program.graphs.items()
                for k, v in g.constants.items()}
     meta = {"format": FORMAT, "key": key, "attrs": attrs,
             "graphs": json.dumps({name: print_graph(g) for name, g in program.graphs.items()})}
-    directory = trace_dir()
     try:
+        directory = trace_dir()
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}-", suffix=".tmp", dir=directory)
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=meta)
+            os.chmod(tmp, 0o666 & ~_umask())  # as an ordinary file (mkstemp makes it private)
             os.replace(tmp, _path(key))
         finally:
             Path(tmp).unlink(missing_ok=True)
         _prune(directory)
-    except OSError as e:
-        warnings.warn(f"trace cache {directory} not written ({e}); set DS4C_CACHE_DIR to a writable directory "
-                      "or DS4C_TRACE_CACHE=0", stacklevel=3)
+    except Exception as e:  # noqa: BLE001 - a full disk, no home, ...: the compile goes on untraced-cached
+        warnings.warn(f"trace cache not written ({type(e).__name__}: {e}); set DS4C_CACHE_DIR to a writable "
+                      "directory or DS4C_TRACE_CACHE=0", stacklevel=3)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for every thread
+    for a moment); 0o022 where /proc does not say."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def _mtime(path: Path) -> float:
@@ -158,8 +189,14 @@ def _mtime(path: Path) -> float:
 
 
 def _prune(directory: Path) -> None:
+    """Keep the ``MAX_ENTRIES`` most recently used traces; drop temporary files a killed writer
+    left (older than an hour)."""
     for old in sorted(directory.glob(f"*{_SUFFIX}"), key=_mtime, reverse=True)[MAX_ENTRIES:]:
         old.unlink(missing_ok=True)
+    now = time.time()
+    for tmp in directory.glob("*.tmp"):
+        if now - _mtime(tmp) > 3600:
+            tmp.unlink(missing_ok=True)
 
 
 def entries() -> list[Path]:

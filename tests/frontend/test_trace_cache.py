@@ -115,3 +115,22 @@ def test_cli_shows_and_clears_the_cache(program, cache_dir):
     assert res.exit_code == 0 and "1 traces" in res.output and str(cache_dir) in res.output.replace("\n", "")
     res = CliRunner().invoke(app, ["cache", "--clear"])
     assert res.exit_code == 0 and "removed 1 traces" in res.output and not trace_cache.entries()
+
+
+def test_an_unusable_cache_directory_only_warns(program, tmp_path, monkeypatch):
+    """A cache path that cannot be a directory: storing warns and the compile goes on; loading misses."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("DS4C_CACHE_DIR", str(blocker))
+    key = trace_cache.trace_key(CONFIG, 64, torch.float32, True)
+    with pytest.warns(UserWarning, match="trace cache not written"):
+        trace_cache.store(key, program)
+    assert trace_cache.load(key) is None
+
+
+def test_entries_are_ordinary_files(program, cache_dir):
+    import stat
+
+    trace_cache.store("e" * 64, program)
+    mode = stat.S_IMODE((cache_dir / f"{'e' * 64}.safetensors").stat().st_mode)
+    assert mode == 0o666 & ~trace_cache._umask()  # readable by whoever shares DS4C_CACHE_DIR, as umask allows

@@ -68,9 +68,13 @@ def _plain_linear(op: Op, params: set[Value]) -> bool:
             and isinstance(op.results[0].type, TensorType))
 
 
+_PACKED_KWARGS = {"format", "shape", "act"}  # what a merged linear.packed carries over from its parts
+
+
 def _packed_linear(op: Op, params: set[Value]) -> bool:
     return (op.name == "linear.packed" and isinstance(op.args[0], Value) and len(op.args) >= 2
-            and all(a in params for a in op.args[1:]) and isinstance(op.results[0].type, TensorType))
+            and set(op.kwargs) <= _PACKED_KWARGS and all(a in params for a in op.args[1:])
+            and isinstance(op.results[0].type, TensorType))
 
 
 def _rows(fmt: str, rows: int, k: int) -> list[tuple[int, ...]]:
@@ -142,7 +146,8 @@ def merge_sibling_linears(graphs: Mapping[str, Graph], weights: dict[str, torch.
             out[name] = g
             continue
         # the merged op goes where the first of its siblings was (all read the same input)
-        first_of = {next(o for o in g.ops if o in set(ops)): ops for ops in groups.values()}
+        position = {o: i for i, o in enumerate(g.ops)}
+        first_of = {min(ops, key=position.__getitem__): ops for ops in groups.values()}
         member = {op for ops in groups.values() for op in ops}
         taken = g.value_names()
         new_ops: list[Op] = []

@@ -152,9 +152,12 @@ def test_prefetch_stays_within_three_quarters_of_l2():
     from ds4c.backends.cuda.kernels.linear import prefetch_inputs, row_gemv_config
 
     l2 = get_target("h200").l2_bytes
-    for n, k in ((32768, 1024), (4096, 8192), (1024, 4096)):
+    for n, k in ((32768, 1024), (4096, 8192), (1024, 4096)):  # whole weights, all K slices
         cfg = row_gemv_config(n, k, 132, l2)
-        assert cfg.prefetch_k == cfg.k_split and n * cfg.k_split <= l2 * 3 // 4, (n, k, cfg)
+        assert cfg.prefetch_k == cfg.k_split and n * k <= l2 * 3 // 4, (n, k, cfg)
+    # 64 MB in 4 K slices: each program prefetches what keeps all of them within 37.5 MB
+    big = row_gemv_config(8192, 8192, 132, l2)
+    assert big.k_split == 2048 and 8192 * 4 * big.prefetch_k <= l2 * 3 // 4 and big.prefetch_k == 1152
     head = row_gemv_config(129280, 4096, 132, l2)
     assert head.k_split == 4096 and head.prefetch_k == 256
     assert prefetch_inputs(65536, 4096, l2) == 4 * 128  # 4.5 steps of 64K rows fit 37.5 MB

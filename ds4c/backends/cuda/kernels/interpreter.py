@@ -11,8 +11,9 @@ program. ds4c's kernels call helpers in their inner loops (``round_to``, ``row_d
 ``tl.core`` for Triton's own helpers such as ``tl.sum``) are already swapped in the running
 launch: by the launch itself, or by an earlier helper call of it (Triton never restores a
 helper's swap, so it holds until the launch restores its own). The swap patches those module
-objects, shared by all functions; anything else goes through Triton's own path unchanged. Nothing changes on a GPU,
-where no interpreter runs; an interpreter without these internals is left alone.
+objects, shared by all functions; anything else goes through Triton's own path unchanged.
+Nothing changes on a GPU, where no interpreter runs; a Triton release not in ``CHECKED_TRITON``
+is left alone.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from typing import Any
 
 _state = threading.local()
 _installed = False
+# Triton releases whose interpreter this was checked against (GridExecutor / InterpretedFunction
+# / _patch_lang as in 3.9); others run as shipped, slower but unpatched
+CHECKED_TRITON = ("3.9",)
 
 
 def _langs(fn: Any) -> frozenset[int]:
@@ -48,8 +52,11 @@ def install() -> bool:
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         return False
     try:
+        import triton
         from triton.runtime import interpreter as it
     except ImportError:
+        return False
+    if not triton.__version__.startswith(CHECKED_TRITON):
         return False
     grid_cls, fn_cls = getattr(it, "GridExecutor", None), getattr(it, "InterpretedFunction", None)
     if grid_cls is None or fn_cls is None or not hasattr(it, "_patch_lang") or not hasattr(fn_cls, "rewrite"):

@@ -220,11 +220,12 @@ class RowGemvConfig:
 PREFETCH_L2_SHARE = 0.75
 
 
-def prefetch_inputs(n: int, k_split: int, l2_bytes: int) -> int:
+def prefetch_inputs(n: int, k_split: int, l2_bytes: int, split: int = 1) -> int:
     """Inputs (a multiple of 128) of its K slice each program of a one-row FP8 GEMV over ``n``
-    weight rows prefetches: the whole slice while all programs' prefetches together stay within
-    ``PREFETCH_L2_SHARE`` of L2, else as many 128-wide steps as fit (at least one)."""
-    steps = int(l2_bytes * PREFETCH_L2_SHARE) // max(1, n * SCALE_BLOCK)
+    weight rows and ``split`` K slices prefetches: the whole slice while all programs' prefetches
+    together (``n * split`` of them per input) stay within ``PREFETCH_L2_SHARE`` of L2, else as many
+    128-wide steps as fit (at least one)."""
+    steps = int(l2_bytes * PREFETCH_L2_SHARE) // max(1, n * split * SCALE_BLOCK)
     return min(k_split, max(1, steps) * SCALE_BLOCK)
 
 
@@ -257,7 +258,7 @@ def row_gemv_config(n: int, k: int, sms: int, l2_bytes: int = 50 << 20, **overri
     prefetch = override.get("prefetch", 1)
     return RowGemvConfig(block_n, k_split, override.get("num_warps", 1), override.get("num_stages", 3),
                          override.get("prequant", 0), prefetch,
-                         prefetch_inputs(n, k_split, l2_bytes) if prefetch else 0)
+                         prefetch_inputs(n, k_split, l2_bytes, triton.cdiv(k, k_split)) if prefetch else 0)
 
 
 @triton.jit
