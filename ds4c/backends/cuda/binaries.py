@@ -198,12 +198,13 @@ def use_stored_binaries(manifest: dict[str, Any], container: Any, device: Any, b
         return "unused: on CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1)"
     import triton
 
+    from ds4c.backends.cuda.kernels import pdl
     from ds4c.backends.cuda.kernels.configs import live_triton_target
 
     live = live_triton_target()
     if live is None:
         return "unused: Triton's interpreter is on (TRITON_INTERPRET=1)"
-    choice = select(section, live, triton.__version__, pdl_off=os.environ.get("DS4C_PDL", "1") == "0")
+    choice = select(section, live, triton.__version__, pdl_off=pdl.turned_off())
     if choice.use:
         pin_ptxas()  # before any key is computed here (see pin_ptxas)
         choice = install(section, container)

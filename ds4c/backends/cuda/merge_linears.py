@@ -133,7 +133,7 @@ def merge_sibling_linears(graphs: Mapping[str, Graph], weights: dict[str, torch.
         for op in g.ops:
             if _plain_linear(op, params):
                 w = op.args[1]
-                key = (op.args[0], w.type.dtype, w.type.shape[1], weights[w.name].device)
+                key = ("plain", op.args[0], w.type.dtype, w.type.shape[1], weights[w.name].device)
                 groups.setdefault(key, []).append(op)
             elif packed and _packed_linear(op, params):
                 kw = op.kwargs

@@ -18,6 +18,7 @@ is left alone.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import threading
@@ -30,7 +31,10 @@ _installed = False
 CHECKED_TRITON = ("3.9",)
 
 
+@functools.cache
 def _langs(fn: Any) -> frozenset[int]:
+    """The language modules (by id) ``fn``'s globals name; once per function (kernels and helpers
+    live as long as the process)."""
     import triton.language as tl
 
     return frozenset(id(v) for v in getattr(fn, "__globals__", {}).values()

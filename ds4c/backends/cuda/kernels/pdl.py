@@ -74,11 +74,16 @@ def _live_device_allows() -> bool:
     return torch.cuda.get_device_capability()[0] * 10 >= MIN_SM
 
 
+def turned_off() -> bool:
+    """Whether the environment turns PDL off (``DS4C_PDL=0``)."""
+    return os.environ.get("DS4C_PDL", "1") == "0"
+
+
 def pdl_enabled(target: Target) -> bool:
     """Whether kernels built for ``target`` launch with PDL (see the module docstring)."""
     tt = target.triton_target
     return (HAVE_GDC and tt is not None and tt[0] == "cuda" and int(tt[1]) >= MIN_SM and not _interpreted()
-            and os.environ.get("DS4C_PDL", "1") != "0" and _live_device_allows())
+            and not turned_off() and _live_device_allows())
 
 
 def pdl_kwargs(target: Target) -> dict[str, Any]:
