@@ -15,6 +15,8 @@ the fp8 artifact packs them at load); then each backend variant times a decode s
   ``ds4c/backends/cuda/kernels/pdl.py``), to measure what PDL gives in the same run;
 - ``compiled-nomergepacked``: ``compiled`` with packed sibling linears kept apart at load
   (``DS4C_MERGE_PACKED=0``; ``ds4c/backends/cuda/merge_linears.py`` merges them by default).
+- ``compiled-rowloop0``: ``compiled`` with the FP8 one-row kernels' K loop as before 2026-12-03
+  (not pipelined, one [rows, 128] fp32 accumulator, gate and up rows in two loops; ``row_dot``).
 
 Ratios answer two acceptance questions: fp8 weights vs bf16 weights (bytes read), and the
 stream schedule vs one stream (same program).
@@ -38,7 +40,11 @@ from benchmarks.gpu_peers import attempt, build_hf, decode_bytes, timed
 # name -> (backend, streams, environment while loading and running)
 VARIANTS = {"kernels+streams": ("kernels", True, {}), "kernels": ("kernels", False, {}),
             "compiled": ("compiled", False, {}), "compiled-nopdl": ("compiled", False, {"DS4C_PDL": "0"}),
-            "compiled-nomergepacked": ("compiled", False, {"DS4C_MERGE_PACKED": "0"})}
+            "compiled-nomergepacked": ("compiled", False, {"DS4C_MERGE_PACKED": "0"}),
+            "compiled-rowloop0": ("compiled", False, {})}
+# name -> tuning table applied after loading (model.tuning), as ``ds4c tune`` would
+TUNING = {"compiled-rowloop0": {"row_gemv": {"pipeline": 0, "row_sums": 0},
+                                "moe_decode": {"row_pipeline": 0, "row_sums": 0, "row_paired": 0}}}
 
 
 def main() -> None:
@@ -91,13 +97,16 @@ def main() -> None:
         for name in args.variants.split(","):
             backend, streams, env = VARIANTS[name]
 
-            def run(backend=backend, streams=streams, env=env) -> dict[str, Any]:
+            def run(backend=backend, streams=streams, env=env, name=name) -> dict[str, Any]:
                 with mock.patch.dict(os.environ, env):
-                    return measure(backend, streams)
+                    return measure(backend, streams, name)
 
-            def measure(backend: str, streams: bool) -> dict[str, Any]:
+            def measure(backend: str, streams: bool, name: str) -> dict[str, Any]:
                 model = ds4c.load(path, device=dev, weights=params, progress=False, backend=backend,
                                   streams=streams)
+                if name in TUNING:
+                    base = dict(model.tuning or {})
+                    model.tuning = {**base, **{f: {**base.get(f, {}), **v} for f, v in TUNING[name].items()}}
                 out: dict[str, Any] = {"kernel_binaries": getattr(model, "kernel_binaries", None),
                                        "pdl": os.environ.get("DS4C_PDL", "1") != "0"}
                 logits, state = model.prefill(prompt)

@@ -8,15 +8,17 @@
 #   bash benchmarks/device_session.sh pdl         # graphed decode step bf16 / fp8, with and without PDL  (~5 min)
 #   bash benchmarks/device_session.sh peers       # ds4c vs transformers eager / torch.compile, same run  (~5 min)
 #   bash benchmarks/device_session.sh tune        # ds4c tune on the FP8 flash-slice: row GEMV prefetch/stages
-#   bash benchmarks/device_session.sh kernels     # decode MoE tile sweep, LM-head and dense FP8 GEMVs     (~3 min)
+#   bash benchmarks/device_session.sh kernels     # decode MoE tile sweep, LM-head and dense FP8 GEMVs     (~6 min)
+#   bash benchmarks/device_session.sh rowloop     # graphed decode step, FP8 row kernels' K loop new vs old (~5 min)
 #
 # TARGET (default h200) names the target record the artifacts are compiled for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels" >&2; exit 2 ;;
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop" >&2
+     exit 2 ;;
 esac
 out="${OUT:-device_out}"
 target="${TARGET:-h200}"
@@ -55,8 +57,13 @@ case "$1" in
     timeout 380 python -m ds4c.cli tune "$art" --only row_gemv.prefetch,row_gemv.num_stages >> "$out/tune.log" 2>&1
     cp "$art.tune.json" "$out/" 2>/dev/null; tail -8 "$out/tune.log" ;;
   kernels)
-    timeout 200 python benchmarks/moe_decode_bench.py --target "$target" --out "$out/moe_decode.json" \
-      > "$out/moe_decode.log" 2>&1; tail -8 "$out/moe_decode.log"
-    timeout 300 python benchmarks/fp8_gemm_bench.py --rows 1 --target "$target" --shapes 129280x4096 8192x4096 \
+    timeout 250 python benchmarks/moe_decode_bench.py --target "$target" --out "$out/moe_decode.json" \
+      > "$out/moe_decode.log" 2>&1; tail -4 "$out/moe_decode.log" | cut -c1-600
+    timeout 320 python benchmarks/fp8_gemm_bench.py --rows 1 --target "$target" --shapes 129280x4096 8192x4096 \
       4096x8192 --out "$out/fp8_gemv.json" > "$out/fp8_gemv.log" 2>&1; grep -v Warn "$out/fp8_gemv.log" | cut -c1-400 ;;
+  rowloop)
+    timeout 540 python benchmarks/decode_variants.py --preset flash-slice --target "$target" \
+      --precisions "fp8,$head_table,bf16" --variants compiled,compiled-rowloop0 --out "$out/variants_rowloop.json" \
+      > "$out/variants_rowloop.log" 2>&1
+    tail -22 "$out/variants_rowloop.log" ;;
 esac

@@ -20,8 +20,8 @@ import torch
 
 from benchmarks.gemv_tune import linear_shapes
 
-ROW_GRID = {"block_n": (16, 32, 64), "num_warps": (1, 2, 4), "programs_per_sm": (4, 8), "num_stages": (3,),
-            "prequant": (0, 1)}
+ROW_GRID = {"block_n": (16, 32), "num_warps": (1, 2), "programs_per_sm": (4, 8), "pipeline": (0, 3, 4),
+            "row_sums": (0, 1)}
 GEMM_GRID = {"block_m": (64, 128), "block_n": (128, 256), "num_warps": (4, 8), "num_stages": (3, 4)}
 
 

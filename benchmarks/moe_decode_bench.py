@@ -20,7 +20,8 @@ import time
 
 import torch
 
-ROW_GRID = {"row_block_n_up": (8, 16, 32), "row_block_n_down": (16, 32, 64), "row_warps": (1, 2, 4)}
+ROW_GRID = {"row_block_n_up": (8, 16), "row_block_n_down": (16, 32), "row_warps": (1, 2, 4), "row_pipeline": (0, 3),
+            "row_sums": (0, 1), "row_paired": (0, 1)}
 
 
 def main() -> None:
@@ -86,6 +87,8 @@ def main() -> None:
             if best is None or t < best[1]:
                 best = (over, t)
             print(over, f"{t * 1e6:.1f} us", f"rel err {err:.1e}", flush=True)
+            with open(args.out, "w") as f:  # so far (a run stopped by a time limit keeps its grid)
+                json.dump(res, f, indent=1)
         res["fp8_rows_default_s"] = bench(lambda: moe_packed(x, ids, router, selector, *packed, **fp8_kw))
         res["fp8_rows_best"] = best
         for key in ("bf16_s", "fp8_tile_s", "fp8_rows_default_s"):

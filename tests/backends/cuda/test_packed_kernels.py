@@ -95,15 +95,20 @@ def test_linear_packed_fp8_activations_match_reference(fmt, rows, n, k, dtype):
                               rtol=0)
 
 
-@pytest.mark.parametrize("act", [None, "fp8"])
-def test_one_row_fp8_gemv_kernels_agree(act):
-    """The CUDA-core one-row kernel and the tensor-core tile kernel compute the same sums."""
+@pytest.mark.parametrize("act,rows_kw", [
+    (None, {}), ("fp8", {}),
+    ("fp8", {"pipeline": 3, "row_sums": 1}),  # K loop pipelined, per-row sums each step
+    (None, {"pipeline": 2, "row_sums": 0}),
+])
+def test_one_row_fp8_gemv_kernels_agree(act, rows_kw):
+    """The CUDA-core one-row kernel (with each of its loop forms) and the tensor-core tile kernel
+    compute the same sums."""
     from ds4c.backends.cuda.kernels.linear import ROW_GEMV, gemv
 
     g = torch.Generator().manual_seed(11)
     x = torch.randn(1, 2048, generator=g).to(DEVICE)
     packed = pack(torch.randn(320, 2048, generator=g).to(DEVICE) / 8, "fp8")
-    row = gemv(x, *packed, "fp8", act, split=4)
+    row = gemv(x, *packed, "fp8", act, split=4, **rows_kw)
     token = ROW_GEMV.set(False)
     try:
         tile = gemv(x, *packed, "fp8", act)
@@ -276,15 +281,21 @@ def packed_moe(args: list, fmt: str) -> tuple[list, dict]:
                           routing="bias", score="sqrtsoftplus")
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "fp8-f32scale"])
-def test_moe_packed_decode_fp8_rows_equal_the_tile_path(fmt):
-    """FP8 experts in decode: the CUDA-core row kernels (default) and the tensor-core 16-row tile
-    compute the same exact products, summed in another order."""
+@pytest.mark.parametrize("fmt,rows_kw", [
+    ("fp8", {}), ("fp8-f32scale", {}),
+    # gate and up rows paired in one loop (the shared expert's from two tensors), pipelined, row sums
+    ("fp8", {"row_paired": 1, "row_pipeline": 3, "row_sums": 1}),
+    ("fp8-f32scale", {"row_paired": 1, "row_pipeline": 0, "row_sums": 0}),
+])
+def test_moe_packed_decode_fp8_rows_equal_the_tile_path(fmt, rows_kw):
+    """FP8 experts in decode: the CUDA-core row kernels (default; each loop form) and the
+    tensor-core 16-row tile compute the same exact products, summed in another order."""
     from ds4c.backends.cuda.kernels.configs import moe_decode_config, use_tuning
 
     operands, kw = packed_moe(make_inputs(1, 8, 384, 160, torch.float32, "bias", 2, seed=4), fmt)
     assert moe_decode_config(torch.float32).fp8_rows
-    rows = moe_packed(*operands, **kw)
+    with use_tuning({"moe_decode": rows_kw}):
+        rows = moe_packed(*operands, **kw)
     with use_tuning({"moe_decode": {"fp8_rows": 0}}):
         tile = moe_packed(*operands, **kw)
     torch.testing.assert_close(rows, tile, atol=1e-5, rtol=1e-5)

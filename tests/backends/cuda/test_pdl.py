@@ -111,17 +111,22 @@ sig = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "p_ptr": "*fp32"
        "lock_ptr": "*i32", "N": "i32", "K": "i32", "group_rows": "i32", "k_split": "i32", "split": "i32",
        "s_cols": "i32", "prefetch_k": "i32"}
 const = {"BLOCK_N": 32, "BLOCK_K": 128, "SCALE": 1, "ACT_FP8": True, "SPLIT_K": True, "INTERPRETER_BF16": False,
-         "PDL": True, "PREFETCH": True}
+         "PDL": True, "PREFETCH": True, "STAGES": 3, "ROW_SUMS": True}
 sig.update({k: "constexpr" for k in const})
-src = triton.compiler.ASTSource(fn=_row_gemv_kernel, signature=sig, constexprs=const)
-ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1, "launch_pdl": True}).asm["ptx"]
-print(ptx.index("prefetch.global.L2"), ptx.index("griddepcontrol.wait"))
+attrs = {(list(sig).index(a),): [["tt.divisibility", 16]] for a in ("x_ptr", "q_ptr", "s_ptr", "K", "k_split")}
+for stages in (3, 0):
+    src = triton.compiler.ASTSource(fn=_row_gemv_kernel, signature=sig, constexprs={**const, "STAGES": stages},
+                                    attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1, "launch_pdl": True}).asm["ptx"]
+    print(ptx.index("prefetch.global.L2"), ptx.index("griddepcontrol.wait"), ptx.count("cp.async.cg"))
 """
 
 
 def test_row_gemv_prefetches_its_weights_before_waiting_on_sm90():
     """With the tunable ``prefetch`` the one-row FP8 GEMV asks L2 for its weight slice before
-    ``griddepcontrol.wait``; compiled for sm_90a without a GPU (a real JITFunction: no interpreter)."""
+    ``griddepcontrol.wait``; with ``pipeline`` its K loop reads weights by asynchronous copies
+    (``cp.async``: Triton pipelines a loop without a dot only when asked), without it by plain
+    loads. Compiled for sm_90a without a GPU (a real JITFunction: no interpreter)."""
     import os
     import subprocess
     import sys
@@ -130,8 +135,10 @@ def test_row_gemv_prefetches_its_weights_before_waiting_on_sm90():
     out = subprocess.run([sys.executable, "-c", _COMPILE_ROW_GEMV], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    prefetch, wait = map(int, out.stdout.split()[-2:])
+    (prefetch, wait, copies), (_, _, copies_unpipelined) = (map(int, line.split())
+                                                             for line in out.stdout.strip().splitlines()[-2:])
     assert prefetch < wait
+    assert copies > 0 and copies_unpipelined == 0
 
 
 def test_prefetch_is_on_by_default_and_tunable():

@@ -51,9 +51,10 @@ _TUNED: contextvars.ContextVar[dict[str, dict[str, Any]] | None] = contextvars.C
 
 TUNABLE = {  # family -> fields the autotuner may set (see the config functions below)
     "gemv": ("block_n", "split", "num_stages"),
-    "row_gemv": ("block_n", "programs_per_sm", "num_warps", "num_stages", "prequant", "prefetch"),
+    "row_gemv": ("block_n", "programs_per_sm", "num_warps", "num_stages", "prequant", "prefetch", "pipeline",
+                 "row_sums"),
     "moe_decode": ("block_n_up", "block_n_down", "num_stages", "fp8_rows", "row_block_n_up", "row_block_n_down",
-                   "row_warps", "act_in_registers"),
+                   "row_warps", "act_in_registers", "row_pipeline", "row_sums", "row_paired"),
 }
 
 
@@ -355,6 +356,10 @@ class MoeDecodeConfig:
     # FP8 activations with the row kernels: 1 quantises the token's row in every program
     # (row_dot's ACT_FP8), 0 once before each GEMV (act_quant: two ~3 us kernels per MoE)
     act_in_registers: int = 0
+    # row_dot's STAGES and ROW_SUMS; row_paired: gate and up rows in one loop (one tile per step)
+    row_pipeline: int = 0
+    row_sums: int = 0
+    row_paired: int = 0
 
 
 def moe_decode_config(dtype: torch.dtype, target: Target | None = None) -> MoeDecodeConfig:
@@ -386,7 +391,9 @@ def moe_decode_config(dtype: torch.dtype, target: Target | None = None) -> MoeDe
                            fp8_rows=bool(t.get("fp8_rows", not is_amd(target))),
                            row_block_n_up=t.get("row_block_n_up", 8), row_block_n_down=t.get("row_block_n_down", 16),
                            row_launch=Launch(t.get("row_warps", 2), 3),
-                           act_in_registers=int(t.get("act_in_registers", 0)))
+                           act_in_registers=int(t.get("act_in_registers", 0)),
+                           row_pipeline=int(t.get("row_pipeline", 0 if is_amd(target) else 3)),
+                           row_sums=int(t.get("row_sums", 1)), row_paired=int(t.get("row_paired", 1)))
 
 
 # -- indexer scores -------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from ds4c.backends.cuda.kernels.act_quant import (
     scale_exponent,
 )
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
-from ds4c.backends.cuda.kernels.configs import Launch, active_target, dot_precision, tuned
+from ds4c.backends.cuda.kernels.configs import Launch, active_target, dot_precision, is_amd, tuned
 from ds4c.backends.cuda.kernels.pdl import pdl_enabled, prefetch_l2, wait_for_producers
 from ds4c.quant.activations import ACT_BLOCK
 
@@ -212,6 +212,8 @@ class RowGemvConfig:
     prequant: int  # FP8 activations: 1 quantises the row first (act_quant), 0 in every program
     prefetch: int = 1  # 1: L2 prefetch of the program's first weights before waiting for x (with PDL)
     prefetch_k: int = 0  # inputs of its slice each program prefetches (prefetch_inputs); 0: none
+    pipeline: int = 0  # row_dot's STAGES: K loop software-pipelined over this many stages; 0: not
+    row_sums: int = 0  # 1: row_dot sums each step over K (per-row accumulators)
 
 
 # The share of L2 the prefetches of one GEMV may fill: every program asks for its first weights at
@@ -229,7 +231,8 @@ def prefetch_inputs(n: int, k_split: int, l2_bytes: int, split: int = 1) -> int:
     return min(k_split, max(1, steps) * SCALE_BLOCK)
 
 
-def row_gemv_config(n: int, k: int, sms: int, l2_bytes: int = 50 << 20, **override: int) -> RowGemvConfig:
+def row_gemv_config(n: int, k: int, sms: int, l2_bytes: int = 50 << 20, amd: bool = False,
+                    **override: int) -> RowGemvConfig:
     """Tiles of the one-row FP8 GEMV: 32 weight rows x 128 inputs per step, one warp per program
     (the activation block's amax is then a warp shuffle, not a trip through shared memory), 3
     stages, K split until the grid holds 8 programs per SM (4 for weights over 16M values).
@@ -258,29 +261,70 @@ def row_gemv_config(n: int, k: int, sms: int, l2_bytes: int = 50 << 20, **overri
     prefetch = override.get("prefetch", 1)
     return RowGemvConfig(block_n, k_split, override.get("num_warps", 1), override.get("num_stages", 3),
                          override.get("prequant", 0), prefetch,
-                         prefetch_inputs(n, k_split, l2_bytes, triton.cdiv(k, k_split)) if prefetch else 0)
+                         prefetch_inputs(n, k_split, l2_bytes, triton.cdiv(k, k_split)) if prefetch else 0,
+                         override.get("pipeline", 0 if amd else 3), override.get("row_sums", 1))
 
 
 @triton.jit
-def row_dot(x_ptr, q_ptr, s_ptr, cols, n_ok, k_lo, k_hi, K, s_cols,
-            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, ACT_FP8: tl.constexpr):
-    """fp32 [BLOCK_N]: the row ``x[k_lo:k_hi]`` times rows ``cols`` of an FP8 weight [*, K] with
-    128x128 block scales, without the tensor cores: each step multiplies a [BLOCK_N, 128] weight
-    tile (one scale block, K contiguous: wide loads) by the row elementwise into an fp32 tile,
-    summed over K once at the end. Products of e4m3 and bf16 (or e4m3) values are exact in fp32,
-    so this is the tensor-core GEMV's arithmetic in another order."""
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_hi
-        x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        if ACT_FP8:  # the row's 128-block quantised to e4m3 (values times their scale: exact in fp32)
-            e = scale_exponent(tl.max(tl.abs(x), axis=0))
-            x = e4m3_round(x * pow2(-e)) * pow2(e)
-        w = tl.load(q_ptr + cols.to(tl.int64)[:, None] * K + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)
-        acc += w * x[None, :] * block_scale(s_ptr, cols, n_ok, s_cols, k0, SCALE)[:, None]
-    return tl.sum(acc, axis=1)
+def _row_step(x_ptr, w_rows, s_rows, n_ok, k0, k_hi, BLOCK_K: tl.constexpr, SCALE: tl.constexpr):
+    """One K step of ``row_dot``: inputs ``x[k0:k0 + BLOCK_K]``, the [rows, BLOCK_K] weight tile
+    (storage type) and the rows' scales of that 128-input block (fp32); all masked past ``k_hi``."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < k_hi
+    x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
+    w = tl.load(w_rows[:, None] + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    s = tl.load(s_rows + k0 // 128, mask=n_ok, other=0)
+    if SCALE == 2:
+        s = tl.exp2(s.to(tl.float32) - 127.0)
+    return x, w, s
+
+
+@triton.jit
+def _row_accumulate(acc, x, w, s, ACT_FP8: tl.constexpr, ROW_SUMS: tl.constexpr):
+    """``acc`` plus one K step of ``row_dot`` (x, w, s as ``_row_step`` loaded them)."""
+    x = x.to(tl.float32)
+    if ACT_FP8:  # the row's 128-block quantised to e4m3 (values times their scale: exact in fp32)
+        e = scale_exponent(tl.max(tl.abs(x), axis=0))
+        x = e4m3_round(x * pow2(-e)) * pow2(e)
+    if ROW_SUMS:
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1) * s
+    else:
+        acc += w.to(tl.float32) * x[None, :] * s[:, None]
+    return acc
+
+
+@triton.jit
+def row_dot(x_ptr, w_rows, s_rows, n_ok, k_lo, k_hi,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, ACT_FP8: tl.constexpr,
+            STAGES: tl.constexpr, ROW_SUMS: tl.constexpr):
+    """fp32 [BLOCK_N]: the row ``x[k_lo:k_hi]`` times ``BLOCK_N`` rows of FP8 weights with 128x128
+    block scales, without the tensor cores. ``w_rows``: pointers to each row's first weight,
+    ``s_rows``: to its row of block scales (the rows need not be adjacent: the MoE kernels pair
+    gate and up rows). Each step multiplies a [BLOCK_N, 128] weight tile (one scale block, K
+    contiguous: wide loads) by the row elementwise. Products of e4m3 and bf16 (or e4m3) values are
+    exact in fp32, so this is the tensor-core GEMV's arithmetic in another order.
+
+    ``STAGES`` > 0: the K loop is software-pipelined over that many stages (asynchronous copies
+    into shared memory, ``tl.range(num_stages=...)``): Triton pipelines a loop without a dot only
+    when asked, so with 0 each step waits for its own loads, one tile per program in flight.
+    ``ROW_SUMS``: each step's products are summed over K and scaled per row at once (BLOCK_N fp32
+    accumulators, BLOCK_N scale products per step) instead of an fp32 [BLOCK_N, 128] accumulator
+    summed at the end."""
+    if ROW_SUMS:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if STAGES > 0:
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+            x, w, s = _row_step(x_ptr, w_rows, s_rows, n_ok, k0, k_hi, BLOCK_K, SCALE)
+            acc = _row_accumulate(acc, x, w, s, ACT_FP8, ROW_SUMS)
+    else:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            x, w, s = _row_step(x_ptr, w_rows, s_rows, n_ok, k0, k_hi, BLOCK_K, SCALE)
+            acc = _row_accumulate(acc, x, w, s, ACT_FP8, ROW_SUMS)
+    if not ROW_SUMS:
+        acc = tl.sum(acc, axis=1)
+    return acc
 
 
 @triton.jit
@@ -288,7 +332,7 @@ def _row_gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, N, K, group_ro
                      prefetch_k,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, ACT_FP8: tl.constexpr,
                      SPLIT_K: tl.constexpr, INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr,
-                     PREFETCH: tl.constexpr):
+                     PREFETCH: tl.constexpr, STAGES: tl.constexpr, ROW_SUMS: tl.constexpr):
     """One row times an FP8 weight on the CUDA cores (``row_dot``), program (column block, K slice);
     with ``group_rows`` < N (linear.grouped), weight rows ``[g * group_rows, (g + 1) * group_rows)``
     multiply inputs ``[g * K, (g + 1) * K)`` of the row. With ``PREFETCH``, the program asks L2 for
@@ -303,8 +347,8 @@ def _row_gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, N, K, group_ro
             prefetch_l2(q_ptr + cols.to(tl.int64) * K + k0, n_ok)
     wait_for_producers(PDL)
     x_ptr += ((tl.program_id(0) * BLOCK_N) // group_rows) * K  # linear.grouped: the block's group of inputs
-    part = row_dot(x_ptr, q_ptr, s_ptr, cols, n_ok, k_lo, k_hi, K, s_cols,
-                   BLOCK_N, BLOCK_K, SCALE, ACT_FP8)
+    part = row_dot(x_ptr, q_ptr + cols.to(tl.int64) * K, s_ptr + (cols // 128) * s_cols, n_ok, k_lo, k_hi,
+                   BLOCK_N, BLOCK_K, SCALE, ACT_FP8, STAGES, ROW_SUMS)
     split_k_store(part, p_ptr, y_ptr, lock_ptr, cols, n_ok, N, split, SPLIT_K, INTERPRETER_BF16)
 
 
@@ -315,8 +359,8 @@ def row_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: in
     column block."""
     n, k = qdata.shape
     target = active_target()
-    cfg = grouped_config(lambda **o: row_gemv_config(n, k, target.compute_units, target.l2_bytes, **o), n, groups,
-                         override)
+    cfg = grouped_config(lambda **o: row_gemv_config(n, k, target.compute_units, target.l2_bytes, is_amd(target), **o),
+                         n, groups, override)
     if cfg is None:
         return None
     if act == "fp8" and cfg.prequant:  # quantised values in x's dtype (exact), then weight-only
@@ -329,7 +373,7 @@ def row_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: in
         x, qdata, scale, parts, y, locks, n, k, n // groups, cfg.k_split, split, scale.shape[-1], cfg.prefetch_k,
         BLOCK_N=cfg.block_n, BLOCK_K=SCALE_BLOCK, SCALE=mode, ACT_FP8=act == "fp8", SPLIT_K=split > 1,
         INTERPRETER_BF16=interpreter_bf16(x.dtype), PREFETCH=cfg.prefetch_k > 0 and pdl_enabled(target),
-        **Launch(cfg.num_warps, cfg.num_stages).kwargs(target))
+        STAGES=cfg.pipeline, ROW_SUMS=bool(cfg.row_sums), **Launch(cfg.num_warps, cfg.num_stages).kwargs(target))
     return y
 
 

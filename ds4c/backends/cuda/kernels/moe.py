@@ -357,7 +357,8 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, s_ptr, idx_ptr, sg_ptr, sgs_ptr, su_ptr,
                           pairs, top_k, inter, hidden, s_cols, w_expert, s_expert, limit,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
                           ROW: tl.constexpr, ACT_FP8: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
-                          PDL: tl.constexpr):
+                          PDL: tl.constexpr, STAGES: tl.constexpr = 0, ROW_SUMS: tl.constexpr = False,
+                          PAIRED: tl.constexpr = False):
     """Program (p, n): row p of h. p < pairs: pair p (its token, its expert's gate and up rows);
     p >= pairs: the shared expert of token p - pairs. ROW: FP8 weights on the CUDA cores;
     ACT_FP8 (with ROW): the token's row quantised to e4m3 per 128 inputs in registers first."""
@@ -381,11 +382,23 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, s_ptr, idx_ptr, sg_ptr, sgs_ptr, su_ptr,
         us_base = sus_ptr
         u_off = 0
     a_ptr = x_ptr + token.to(tl.int64) * hidden
-    if ROW:
-        g = row_dot(a_ptr, g_base, gs_base, cols, col_ok, 0, hidden, hidden, s_cols, BLOCK_N, BLOCK_K, SCALE,
-                    ACT_FP8)
-        u = row_dot(a_ptr, u_base, us_base, u_off + cols, col_ok, 0, hidden, hidden, s_cols, BLOCK_N, BLOCK_K, SCALE,
-                    ACT_FP8)
+    if ROW and PAIRED:  # gate and up rows interleaved in one [2 * BLOCK_N, 128] tile per step
+        r = tl.arange(0, 2 * BLOCK_N)
+        c = tl.program_id(1) * BLOCK_N + r // 2
+        up = (r % 2) == 1
+        rows = tl.where(up, u_off + c, c).to(tl.int64)
+        w_rows = tl.where(up, u_base, g_base) + rows * hidden
+        s_rows = tl.where(up, us_base, gs_base) + (rows // 128) * s_cols
+        gu = row_dot(a_ptr, w_rows, s_rows, c < inter, 0, hidden, 2 * BLOCK_N, BLOCK_K, SCALE, ACT_FP8, STAGES,
+                     ROW_SUMS)
+        g, u = tl.split(tl.reshape(gu, [BLOCK_N, 2]))
+    elif ROW:
+        rows = cols.to(tl.int64)
+        g = row_dot(a_ptr, g_base + rows * hidden, gs_base + (rows // 128) * s_cols, col_ok, 0, hidden, BLOCK_N,
+                    BLOCK_K, SCALE, ACT_FP8, STAGES, ROW_SUMS)
+        rows = rows + u_off
+        u = row_dot(a_ptr, u_base + rows * hidden, us_base + (rows // 128) * s_cols, col_ok, 0, hidden, BLOCK_N,
+                    BLOCK_K, SCALE, ACT_FP8, STAGES, ROW_SUMS)
     else:
         g = _row_times_rows(a_ptr, g_base, gs_base, 0, cols, col_ok, hidden, s_cols, BLOCK_N, BLOCK_K, SCALE,
                             PRECISION, INTERPRETER_BF16)
@@ -403,7 +416,7 @@ def _down_pairs_kernel(h_ptr, w_ptr, s_ptr, idx_ptr, wt_ptr, sd_ptr, sds_ptr, y_
                        pairs, inter, hidden, s_cols, w_expert, s_expert,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
                        ROW: tl.constexpr, ACT_FP8: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
-                       PDL: tl.constexpr):
+                       PDL: tl.constexpr, STAGES: tl.constexpr = 0, ROW_SUMS: tl.constexpr = False):
     """Program (p, n): fp32 row p of y: pair p's down projection times its routing weight, or
     (p >= pairs) the shared expert's down projection of token p - pairs. ROW: FP8 weights on the
     CUDA cores; ACT_FP8 (with ROW): h's row quantised to e4m3 in registers first."""
@@ -421,8 +434,9 @@ def _down_pairs_kernel(h_ptr, w_ptr, s_ptr, idx_ptr, wt_ptr, sd_ptr, sds_ptr, y_
         s_base = sds_ptr
         weight = 1.0
     if ROW:
-        y = row_dot(h_ptr + pid.to(tl.int64) * inter, w_base, s_base, cols, col_ok, 0, inter, inter, s_cols, BLOCK_N,
-                    BLOCK_K, SCALE, ACT_FP8)
+        rows = cols.to(tl.int64)
+        y = row_dot(h_ptr + pid.to(tl.int64) * inter, w_base + rows * inter, s_base + (rows // 128) * s_cols, col_ok,
+                    0, inter, BLOCK_N, BLOCK_K, SCALE, ACT_FP8, STAGES, ROW_SUMS)
     else:
         y = _row_times_rows(h_ptr + pid.to(tl.int64) * inter, w_base, s_base, 0, cols, col_ok, inter, s_cols,
                             BLOCK_N, BLOCK_K, SCALE, PRECISION, INTERPRETER_BF16)
@@ -497,18 +511,19 @@ def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, 
     block_up = cfg.row_block_n_up if gu_row else cfg.block_n_up
     # FP8 activations quantised in the row kernels' registers, or beforehand (once per GEMV input)
     gu_act = act == "fp8" and gu_row and bool(cfg.act_in_registers)
+    rows_kw = dict(STAGES=cfg.row_pipeline, ROW_SUMS=bool(cfg.row_sums))
     _gate_up_pairs_kernel[(rows, triton.cdiv(inter, block_up))](
         flat if gu_act else _act_roundtrip(flat, act), gate_up, gu_s, idx, sg.contiguous(), sgs, su.contiguous(), sus, h, pairs, top_k, inter, hidden,
         triton.cdiv(hidden, 128), gate_up[0].numel(), gu_se, float(swiglu_limit), BLOCK_N=block_up,
-        BLOCK_K=128 if gu_row else cfg.block_k, SCALE=gu_mode, ROW=gu_row, ACT_FP8=gu_act,
-        **(cfg.row_launch if gu_row else cfg.launch).kwargs(target), **common)
+        BLOCK_K=128 if gu_row else cfg.block_k, SCALE=gu_mode, ROW=gu_row, ACT_FP8=gu_act, **rows_kw,
+        PAIRED=gu_row and bool(cfg.row_paired), **(cfg.row_launch if gu_row else cfg.launch).kwargs(target), **common)
     y = torch.empty((rows, hidden), dtype=torch.float32, device=x.device)
     block_down = cfg.row_block_n_down if dn_row else cfg.block_n_down
     dn_act = act == "fp8" and dn_row and bool(cfg.act_in_registers)
     _down_pairs_kernel[(rows, triton.cdiv(hidden, block_down))](
         h if dn_act else _act_roundtrip(h, act), down, dn_s, idx, w, sd.contiguous(), sds, y, pairs, inter, hidden, triton.cdiv(inter, 128),
         down[0].numel(), dn_se, BLOCK_N=block_down, BLOCK_K=128 if dn_row else cfg.block_k, SCALE=dn_mode, ROW=dn_row,
-        ACT_FP8=dn_act, **(cfg.row_launch if dn_row else cfg.launch).kwargs(target), **common)
+        ACT_FP8=dn_act, **rows_kw, **(cfg.row_launch if dn_row else cfg.launch).kwargs(target), **common)
     out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
     _combine_kernel[(tokens, triton.cdiv(hidden, 1024))](
         y, out, pairs, hidden, TOP_K=top_k, SHARED=with_shared, BLOCK_N=1024,
