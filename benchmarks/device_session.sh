@@ -7,7 +7,7 @@
 #   bash benchmarks/device_session.sh variants    # graphed decode step bf16 / fp8 / fp8 incl. LM head    (~4 min)
 #   bash benchmarks/device_session.sh pdl         # graphed decode step bf16 / fp8, with and without PDL  (~5 min)
 #   bash benchmarks/device_session.sh peers       # ds4c vs transformers eager / torch.compile, same run  (~5 min)
-#   bash benchmarks/device_session.sh tune        # ds4c tune on the FP8 flash-slice: row GEMV prefetch/stages
+#   bash benchmarks/device_session.sh tune        # ds4c tune on the FP8 flash-slice: row kernels' K loop forms
 #   bash benchmarks/device_session.sh kernels     # decode MoE tile sweep, LM-head and dense FP8 GEMVs     (~6 min)
 #   bash benchmarks/device_session.sh rowloop     # graphed decode step, FP8 row kernels' K loop new vs old (~5 min)
 #
@@ -54,7 +54,7 @@ case "$1" in
     art=/tmp/ds4c_tune_flash_slice_fp8.ds4
     timeout 200 python -m ds4c.cli compile flash-slice --target "$target" --precision fp8 --weights reference \
       --max-context 4096 -o "$art" > "$out/tune.log" 2>&1
-    timeout 380 python -m ds4c.cli tune "$art" --only row_gemv.prefetch,row_gemv.num_stages >> "$out/tune.log" 2>&1
+    timeout 380 python -m ds4c.cli tune "$art" --only row_gemv.pipeline,row_gemv.row_sums,moe_decode.row_pipeline >> "$out/tune.log" 2>&1
     cp "$art.tune.json" "$out/" 2>/dev/null; tail -8 "$out/tune.log" ;;
   kernels)
     timeout 250 python benchmarks/moe_decode_bench.py --target "$target" --out "$out/moe_decode.json" \

@@ -32,16 +32,18 @@ from ds4c.errors import InputError
 
 # A table holds the fields whose best value differed from the defaults of its day; when a default
 # changes, the version changes too, so an older table is ignored (with that reason) rather than
-# read against new defaults. /2: the one-row GEMV's L2 prefetch on by default (2026-12-03).
-FORMAT = "ds4c-tuning/2"
+# read against new defaults. /2: the one-row GEMV's L2 prefetch on by default (2026-12-03); /3: the
+# FP8 row kernels' K loop pipelined, MoE gate/up rows paired (2026-12-03).
+FORMAT = "ds4c-tuning/3"
 
 # candidate values per (family, field); the first of each is the target's default
 CANDIDATES: dict[str, dict[str, Sequence[Any]]] = {
     "gemv": {"block_n": (None, 32, 64, 128), "split": (None, 1, 2, 4, 8), "num_stages": (None, 3, 4, 5)},
     "row_gemv": {"block_n": (None, 16, 64), "programs_per_sm": (None, 2, 8), "num_warps": (None, 2, 8),
-                 "num_stages": (None, 2, 4), "prefetch": (None, 0)},
+                 "pipeline": (None, 0, 2, 4), "row_sums": (None, 0, 1), "prefetch": (None, 0)},
     "moe_decode": {"act_in_registers": (None, 1), "block_n_up": (None, 16, 32, 64), "block_n_down": (None, 32, 64, 128),
-                   "num_stages": (None, 3, 4, 5)},
+                   "num_stages": (None, 3, 4, 5), "row_pipeline": (None, 0, 4), "row_sums": (None, 1),
+                   "row_paired": (None, 0)},
 }
 
 

@@ -393,7 +393,7 @@ def moe_decode_config(dtype: torch.dtype, target: Target | None = None) -> MoeDe
                            row_launch=Launch(t.get("row_warps", 2), 3),
                            act_in_registers=int(t.get("act_in_registers", 0)),
                            row_pipeline=int(t.get("row_pipeline", 0 if is_amd(target) else 3)),
-                           row_sums=int(t.get("row_sums", 1)), row_paired=int(t.get("row_paired", 1)))
+                           row_sums=int(t.get("row_sums", 0)), row_paired=int(t.get("row_paired", 1)))
 
 
 # -- indexer scores -------------------------------------------------------------------------------

@@ -259,10 +259,11 @@ def row_gemv_config(n: int, k: int, sms: int, l2_bytes: int = 50 << 20, amd: boo
     split = override.get("split", k_split_count(triton.cdiv(n, block_n), steps, per_sm * sms, min_steps=2))
     k_split = triton.cdiv(steps, split) * SCALE_BLOCK
     prefetch = override.get("prefetch", 1)
+    big = n * k > 1 << 26  # an LM head, not one of a layer's linears
     return RowGemvConfig(block_n, k_split, override.get("num_warps", 1), override.get("num_stages", 3),
                          override.get("prequant", 0), prefetch,
                          prefetch_inputs(n, k_split, l2_bytes, triton.cdiv(k, k_split)) if prefetch else 0,
-                         override.get("pipeline", 0 if amd else 3), override.get("row_sums", 1))
+                         override.get("pipeline", 0 if amd else 4 if big else 3), override.get("row_sums", int(big)))
 
 
 @triton.jit
