@@ -381,7 +381,12 @@ def moe_decode_config(dtype: torch.dtype, target: Target | None = None) -> MoeDe
     before the row kernels (``act_in_registers`` = 0), not in every program, where each 128-input
     amax serves only 8 rows of work: graphed FP8 flash-slice decode step 1.335 ms quantising in
     registers, 1.113 ms quantising first (H200, 2026-12-03, two machines whose bf16 steps were
-    1.139 / 1.151 ms).
+    1.139 / 1.151 ms). The row kernels' K loop is software-pipelined over 3 stages (``row_pipeline``;
+    0 on AMD, unmeasured there) and each gate/up program reads its gate and up rows interleaved in
+    one loop (``row_paired``): one MoE 77.3 us -> 61.0 us (2.9 TB/s), the best of 96 (tiles x warps
+    x pipeline x row sums x pairing; per-step row sums, ``row_sums``, 61 -> 65 us here); graphed
+    FP8 flash-slice decode step 1.145 -> 1.021 ms with these and the one-row GEMV's pipelining
+    (H200, 2026-12-03, same run; docs/PERFORMANCE.md).
     """
     target = target or active_target()
     fp32 = dtype == torch.float32

@@ -250,8 +250,14 @@ def row_gemv_config(n: int, k: int, sms: int, l2_bytes: int = 50 << 20, amd: boo
     graphed decode step 1.208 ms without, 1.117-1.138 ms with (docs/PERFORMANCE.md). Each program
     prefetches its whole slice while the GEMV's prefetches fit in 3/4 of ``l2_bytes``, else its
     first steps (``prefetch_inputs``): an FP8 LM head prefetching all of its 530 MB took 268 us in
-    the step against 173 us in isolation (H200, 2026-12-03). ``override`` and the tuning table
-    (family ``row_gemv``) replace any field; ``split`` fixes the K split."""
+    the step against 173 us in isolation (H200, 2026-12-03). The K loop is software-pipelined
+    (``pipeline`` stages, row_dot's STAGES; 0 on AMD, unmeasured there): before, each step waited
+    for its own loads, one 4 KB tile per program in flight. H200 (2026-12-03,
+    benchmarks/fp8_gemm_bench.py, FP8 activations): the LM head 173.8 us -> 136.2 us (3.9 TB/s) with
+    4 stages and per-step row sums (``row_sums``), 8192x4096 / 4096x8192 12.8 / 13.1 us -> 12.2 / 12.4
+    us with 3 stages and the 2D accumulator (row sums cost there); hence row sums and 4 stages only
+    past 64M values. ``override`` and the tuning table (family ``row_gemv``) replace any field;
+    ``split`` fixes the K split."""
     override = {**tuned("row_gemv"), **override}
     block_n = override.get("block_n", 32)
     steps = triton.cdiv(k, SCALE_BLOCK)
