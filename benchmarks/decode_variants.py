@@ -145,6 +145,9 @@ def main() -> None:
         a, b = res.get(f"{p}/compiled-nopdl", {}), res.get(f"{p}/compiled", {})
         if "decode_s" in a and "decode_s" in b:
             ratios[f"{p}: compiled without PDL / with PDL"] = a["decode_s"] / b["decode_s"]
+        a = res.get(f"{p}/compiled-rowloop0", {})
+        if "decode_s" in a and "decode_s" in b:
+            ratios[f"{p}: row kernels' old loop / new"] = a["decode_s"] / b["decode_s"]
     best = {p: min((v["decode_s"], k) for k, v in res.items() if k.startswith(p + "/") and "decode_s" in v)
             for p in args.precisions.split(",") if any(k.startswith(p + "/") and "decode_s" in v
                                                          for k, v in res.items() if isinstance(v, dict))}

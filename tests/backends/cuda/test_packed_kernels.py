@@ -98,7 +98,8 @@ def test_linear_packed_fp8_activations_match_reference(fmt, rows, n, k, dtype):
 @pytest.mark.parametrize("act,rows_kw", [
     (None, {}), ("fp8", {}),
     ("fp8", {"pipeline": 3, "row_sums": 1}),  # K loop pipelined, per-row sums each step
-    (None, {"pipeline": 2, "row_sums": 0}),
+    (None, {"pipeline": 0, "row_sums": 1}),  # not pipelined (AMD's default), per-row sums
+    ("fp8", {"pipeline": 0, "row_sums": 0}),  # the loop before 2026-12-03
 ])
 def test_one_row_fp8_gemv_kernels_agree(act, rows_kw):
     """The CUDA-core one-row kernel (with each of its loop forms) and the tensor-core tile kernel
@@ -285,7 +286,8 @@ def packed_moe(args: list, fmt: str) -> tuple[list, dict]:
     ("fp8", {}), ("fp8-f32scale", {}),
     # gate and up rows paired in one loop (the shared expert's from two tensors), pipelined, row sums
     ("fp8", {"row_paired": 1, "row_pipeline": 3, "row_sums": 1}),
-    ("fp8-f32scale", {"row_paired": 1, "row_pipeline": 0, "row_sums": 0}),
+    ("fp8", {"row_paired": 0, "row_pipeline": 3, "row_sums": 1}),  # a loop for gate, one for up
+    ("fp8-f32scale", {"row_paired": 0, "row_pipeline": 0, "row_sums": 0}),  # the loop before 2026-12-03
 ])
 def test_moe_packed_decode_fp8_rows_equal_the_tile_path(fmt, rows_kw):
     """FP8 experts in decode: the CUDA-core row kernels (default; each loop form) and the

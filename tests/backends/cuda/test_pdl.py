@@ -114,7 +114,7 @@ const = {"BLOCK_N": 32, "BLOCK_K": 128, "SCALE": 1, "ACT_FP8": True, "SPLIT_K": 
          "PDL": True, "PREFETCH": True, "STAGES": 3, "ROW_SUMS": True}
 sig.update({k: "constexpr" for k in const})
 attrs = {(list(sig).index(a),): [["tt.divisibility", 16]] for a in ("x_ptr", "q_ptr", "s_ptr", "K", "k_split")}
-for stages in (3, 0):
+for stages in (3, 1):
     src = triton.compiler.ASTSource(fn=_row_gemv_kernel, signature=sig, constexprs={**const, "STAGES": stages},
                                     attrs=attrs)
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1, "launch_pdl": True}).asm["ptx"]
@@ -124,7 +124,7 @@ for stages in (3, 0):
 
 def test_row_gemv_prefetches_its_weights_before_waiting_on_sm90():
     """With the tunable ``prefetch`` the one-row FP8 GEMV asks L2 for its weight slice before
-    ``griddepcontrol.wait``; with ``pipeline`` its K loop reads weights by asynchronous copies
+    ``griddepcontrol.wait``; with ``pipeline`` (STAGES > 1) its K loop reads weights by asynchronous copies
     (``cp.async``: Triton pipelines a loop without a dot only when asked), without it by plain
     loads. Compiled for sm_90a without a GPU (a real JITFunction: no interpreter)."""
     import os

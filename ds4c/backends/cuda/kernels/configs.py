@@ -51,8 +51,7 @@ _TUNED: contextvars.ContextVar[dict[str, dict[str, Any]] | None] = contextvars.C
 
 TUNABLE = {  # family -> fields the autotuner may set (see the config functions below)
     "gemv": ("block_n", "split", "num_stages"),
-    "row_gemv": ("block_n", "programs_per_sm", "num_warps", "num_stages", "prequant", "prefetch", "pipeline",
-                 "row_sums"),
+    "row_gemv": ("block_n", "programs_per_sm", "num_warps", "prequant", "prefetch", "pipeline", "row_sums"),
     "moe_decode": ("block_n_up", "block_n_down", "num_stages", "fp8_rows", "row_block_n_up", "row_block_n_down",
                    "row_warps", "act_in_registers", "row_pipeline", "row_sums", "row_paired"),
 }
@@ -356,7 +355,8 @@ class MoeDecodeConfig:
     # FP8 activations with the row kernels: 1 quantises the token's row in every program
     # (row_dot's ACT_FP8), 0 once before each GEMV (act_quant: two ~3 us kernels per MoE)
     act_in_registers: int = 0
-    # row_dot's STAGES and ROW_SUMS; row_paired: gate and up rows in one loop (one tile per step)
+    # row_dot's STAGES and ROW_SUMS; row_paired: gate and up rows in one loop (one tile per step).
+    # These defaults are the loop before 2026-12-03; moe_decode_config chooses per target.
     row_pipeline: int = 0
     row_sums: int = 0
     row_paired: int = 0
@@ -372,7 +372,7 @@ def moe_decode_config(dtype: torch.dtype, target: Target | None = None) -> MoeDe
     (one FP8 scale block), 4 warps, 4 stages — for V4-Flash and one token 448 programs per GEMV.
 
     FP8 expert weights take the one-row CUDA-core kernel of the dense FP8 GEMV (``row_dot``, two
-    warps, 3 stages; 8 gate/up rows of each half, 16 down rows per program): the tile path
+    warps; 8 gate/up rows of each half, 16 down rows per program): the tile path
     converted every e4m3 tile to bf16 for a 16-row dot of which one row is real, and streamed
     FP8 experts at 1.8 TB/s on an H200. Measured there (2026-12-03, benchmarks/moe_decode_bench.py,
     flash-slice widths, one token, router to combine): bf16 108 us, FP8 tile 98.6 us, FP8 rows

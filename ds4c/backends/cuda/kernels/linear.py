@@ -212,6 +212,8 @@ class RowGemvConfig:
     prequant: int  # FP8 activations: 1 quantises the row first (act_quant), 0 in every program
     prefetch: int = 1  # 1: L2 prefetch of the program's first weights before waiting for x (with PDL)
     prefetch_k: int = 0  # inputs of its slice each program prefetches (prefetch_inputs); 0: none
+    # the K loop's form (row_dot); these defaults are the loop before 2026-12-03, row_gemv_config
+    # chooses per target and size
     pipeline: int = 0  # row_dot's STAGES: K loop software-pipelined over this many stages; 0: not
     row_sums: int = 0  # 1: row_dot sums each step over K (per-row accumulators)
 
@@ -234,8 +236,10 @@ def prefetch_inputs(n: int, k_split: int, l2_bytes: int, split: int = 1) -> int:
 def row_gemv_config(n: int, k: int, sms: int, l2_bytes: int = 50 << 20, amd: bool = False,
                     **override: int) -> RowGemvConfig:
     """Tiles of the one-row FP8 GEMV: 32 weight rows x 128 inputs per step, one warp per program
-    (the activation block's amax is then a warp shuffle, not a trip through shared memory), 3
-    stages, K split until the grid holds 8 programs per SM (4 for weights over 16M values).
+    (the activation block's amax is then a warp shuffle, not a trip through shared memory), the K
+    loop pipelined over 3 stages (4, with per-step row sums, past 64M values; ``pipeline``,
+    ``row_sums``), K split until the grid holds 8 programs per SM (4 for weights over 16M values).
+    ``num_stages`` is the launch option only: it does not pipeline this dot-less loop.
 
     Measured on an H200 (2026-12-02, benchmarks/fp8_gemm_bench.py, every dense linear of
     flash-slice, CUDA-graph replays): with FP8 activations 11.6-14.4 us on the 32M-value weights
@@ -251,7 +255,7 @@ def row_gemv_config(n: int, k: int, sms: int, l2_bytes: int = 50 << 20, amd: boo
     prefetches its whole slice while the GEMV's prefetches fit in 3/4 of ``l2_bytes``, else its
     first steps (``prefetch_inputs``): an FP8 LM head prefetching all of its 530 MB took 268 us in
     the step against 173 us in isolation (H200, 2026-12-03). The K loop is software-pipelined
-    (``pipeline`` stages, row_dot's STAGES; 0 on AMD, unmeasured there): before, each step waited
+    (``pipeline`` stages, row_dot's STAGES; AMD keeps the old loop, unmeasured there): before, each step waited
     for its own loads, one 4 KB tile per program in flight. H200 (2026-12-03,
     benchmarks/fp8_gemm_bench.py, FP8 activations): the LM head 173.8 us -> 136.2 us (3.9 TB/s) with
     4 stages and per-step row sums (``row_sums``), 8192x4096 / 4096x8192 12.8 / 13.1 us -> 12.2 / 12.4
@@ -269,35 +273,7 @@ def row_gemv_config(n: int, k: int, sms: int, l2_bytes: int = 50 << 20, amd: boo
     return RowGemvConfig(block_n, k_split, override.get("num_warps", 1), override.get("num_stages", 3),
                          override.get("prequant", 0), prefetch,
                          prefetch_inputs(n, k_split, l2_bytes, triton.cdiv(k, k_split)) if prefetch else 0,
-                         override.get("pipeline", 0 if amd else 4 if big else 3), override.get("row_sums", int(big)))
-
-
-@triton.jit
-def _row_step(x_ptr, w_rows, s_rows, n_ok, k0, k_hi, BLOCK_K: tl.constexpr, SCALE: tl.constexpr):
-    """One K step of ``row_dot``: inputs ``x[k0:k0 + BLOCK_K]``, the [rows, BLOCK_K] weight tile
-    (storage type) and the rows' scales of that 128-input block (fp32); all masked past ``k_hi``."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    k_ok = offs_k < k_hi
-    x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
-    w = tl.load(w_rows[:, None] + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-    s = tl.load(s_rows + k0 // 128, mask=n_ok, other=0)
-    if SCALE == 2:
-        s = tl.exp2(s.to(tl.float32) - 127.0)
-    return x, w, s
-
-
-@triton.jit
-def _row_accumulate(acc, x, w, s, ACT_FP8: tl.constexpr, ROW_SUMS: tl.constexpr):
-    """``acc`` plus one K step of ``row_dot`` (x, w, s as ``_row_step`` loaded them)."""
-    x = x.to(tl.float32)
-    if ACT_FP8:  # the row's 128-block quantised to e4m3 (values times their scale: exact in fp32)
-        e = scale_exponent(tl.max(tl.abs(x), axis=0))
-        x = e4m3_round(x * pow2(-e)) * pow2(e)
-    if ROW_SUMS:
-        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1) * s
-    else:
-        acc += w.to(tl.float32) * x[None, :] * s[:, None]
-    return acc
+                         override.get("pipeline", 0 if amd else 4 if big else 3), override.get("row_sums", int(big and not amd)))
 
 
 @triton.jit
@@ -311,27 +287,40 @@ def row_dot(x_ptr, w_rows, s_rows, n_ok, k_lo, k_hi,
     contiguous: wide loads) by the row elementwise. Products of e4m3 and bf16 (or e4m3) values are
     exact in fp32, so this is the tensor-core GEMV's arithmetic in another order.
 
-    ``STAGES`` > 0: the K loop is software-pipelined over that many stages (asynchronous copies
+    ``STAGES`` > 1: the K loop is software-pipelined over that many stages (asynchronous copies
     into shared memory, ``tl.range(num_stages=...)``): Triton pipelines a loop without a dot only
-    when asked, so with 0 each step waits for its own loads, one tile per program in flight.
-    ``ROW_SUMS``: each step's products are summed over K and scaled per row at once (BLOCK_N fp32
-    accumulators, BLOCK_N scale products per step) instead of an fp32 [BLOCK_N, 128] accumulator
-    summed at the end."""
+    when asked, so with 1 each step waits for its own loads, one tile per program in flight
+    (``pipeline_stages`` maps a config's 0 to 1). ``ROW_SUMS``: each step's products are summed over
+    K and scaled per row at once (BLOCK_N fp32 accumulators, BLOCK_N scale products per step)
+    instead of an fp32 [BLOCK_N, 128] accumulator summed at the end. One loop body, no helper
+    calls in it: Triton's interpreter (CPU CI) pays for every call per step."""
     if ROW_SUMS:
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if STAGES > 0:
-        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
-            x, w, s = _row_step(x_ptr, w_rows, s_rows, n_ok, k0, k_hi, BLOCK_K, SCALE)
-            acc = _row_accumulate(acc, x, w, s, ACT_FP8, ROW_SUMS)
-    else:
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            x, w, s = _row_step(x_ptr, w_rows, s_rows, n_ok, k0, k_hi, BLOCK_K, SCALE)
-            acc = _row_accumulate(acc, x, w, s, ACT_FP8, ROW_SUMS)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_hi
+        x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_rows[:, None] + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        s = tl.load(s_rows + k0 // 128, mask=n_ok, other=0)
+        if SCALE == 2:
+            s = tl.exp2(s.to(tl.float32) - 127.0)
+        if ACT_FP8:  # the row's 128-block quantised to e4m3 (values times their scale: exact in fp32)
+            e = scale_exponent(tl.max(tl.abs(x), axis=0))
+            x = e4m3_round(x * pow2(-e)) * pow2(e)
+        if ROW_SUMS:
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1) * s
+        else:
+            acc += w.to(tl.float32) * x[None, :] * s[:, None]
     if not ROW_SUMS:
         acc = tl.sum(acc, axis=1)
     return acc
+
+
+def pipeline_stages(pipeline: int) -> int:
+    """row_dot's STAGES for a config's ``pipeline`` (0: not pipelined, i.e. one stage)."""
+    return max(1, int(pipeline))
 
 
 @triton.jit
@@ -380,7 +369,7 @@ def row_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: in
         x, qdata, scale, parts, y, locks, n, k, n // groups, cfg.k_split, split, scale.shape[-1], cfg.prefetch_k,
         BLOCK_N=cfg.block_n, BLOCK_K=SCALE_BLOCK, SCALE=mode, ACT_FP8=act == "fp8", SPLIT_K=split > 1,
         INTERPRETER_BF16=interpreter_bf16(x.dtype), PREFETCH=cfg.prefetch_k > 0 and pdl_enabled(target),
-        STAGES=cfg.pipeline, ROW_SUMS=bool(cfg.row_sums), **Launch(cfg.num_warps, cfg.num_stages).kwargs(target))
+        STAGES=pipeline_stages(cfg.pipeline), ROW_SUMS=bool(cfg.row_sums), **Launch(cfg.num_warps, cfg.num_stages).kwargs(target))
     return y
 
 

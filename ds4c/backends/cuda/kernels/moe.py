@@ -65,6 +65,7 @@ from ds4c.backends.cuda.kernels.linear import (
     block_scale,
     linear_packed,
     mxfp4_tile,
+    pipeline_stages,
     row_dot,
     storage_to_dot,
 )
@@ -357,11 +358,13 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, s_ptr, idx_ptr, sg_ptr, sgs_ptr, su_ptr,
                           pairs, top_k, inter, hidden, s_cols, w_expert, s_expert, limit,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
                           ROW: tl.constexpr, ACT_FP8: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
-                          PDL: tl.constexpr, STAGES: tl.constexpr = 0, ROW_SUMS: tl.constexpr = False,
+                          PDL: tl.constexpr, STAGES: tl.constexpr = 1, ROW_SUMS: tl.constexpr = False,
                           PAIRED: tl.constexpr = False):
     """Program (p, n): row p of h. p < pairs: pair p (its token, its expert's gate and up rows);
     p >= pairs: the shared expert of token p - pairs. ROW: FP8 weights on the CUDA cores;
-    ACT_FP8 (with ROW): the token's row quantised to e4m3 per 128 inputs in registers first."""
+    ACT_FP8 (with ROW): the token's row quantised to e4m3 per 128 inputs in registers first.
+    STAGES, ROW_SUMS (with ROW): row_dot's loop form; PAIRED (with ROW): gate and up rows
+    interleaved in one tile per K step (one loop), else a loop for each."""
     wait_for_producers(PDL)
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -416,10 +419,11 @@ def _down_pairs_kernel(h_ptr, w_ptr, s_ptr, idx_ptr, wt_ptr, sd_ptr, sds_ptr, y_
                        pairs, inter, hidden, s_cols, w_expert, s_expert,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
                        ROW: tl.constexpr, ACT_FP8: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
-                       PDL: tl.constexpr, STAGES: tl.constexpr = 0, ROW_SUMS: tl.constexpr = False):
+                       PDL: tl.constexpr, STAGES: tl.constexpr = 1, ROW_SUMS: tl.constexpr = False):
     """Program (p, n): fp32 row p of y: pair p's down projection times its routing weight, or
     (p >= pairs) the shared expert's down projection of token p - pairs. ROW: FP8 weights on the
-    CUDA cores; ACT_FP8 (with ROW): h's row quantised to e4m3 in registers first."""
+    CUDA cores; ACT_FP8 (with ROW): h's row quantised to e4m3 in registers first. STAGES,
+    ROW_SUMS (with ROW): row_dot's loop form."""
     wait_for_producers(PDL)
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -511,11 +515,12 @@ def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, 
     block_up = cfg.row_block_n_up if gu_row else cfg.block_n_up
     # FP8 activations quantised in the row kernels' registers, or beforehand (once per GEMV input)
     gu_act = act == "fp8" and gu_row and bool(cfg.act_in_registers)
-    rows_kw = dict(STAGES=cfg.row_pipeline, ROW_SUMS=bool(cfg.row_sums))
+    rows_kw = dict(STAGES=pipeline_stages(cfg.row_pipeline), ROW_SUMS=bool(cfg.row_sums))
     _gate_up_pairs_kernel[(rows, triton.cdiv(inter, block_up))](
         flat if gu_act else _act_roundtrip(flat, act), gate_up, gu_s, idx, sg.contiguous(), sgs, su.contiguous(), sus, h, pairs, top_k, inter, hidden,
         triton.cdiv(hidden, 128), gate_up[0].numel(), gu_se, float(swiglu_limit), BLOCK_N=block_up,
-        BLOCK_K=128 if gu_row else cfg.block_k, SCALE=gu_mode, ROW=gu_row, ACT_FP8=gu_act, **rows_kw,
+        BLOCK_K=128 if gu_row else cfg.block_k, SCALE=gu_mode, ROW=gu_row, ACT_FP8=gu_act,
+        **(rows_kw if gu_row else {}),
         PAIRED=gu_row and bool(cfg.row_paired), **(cfg.row_launch if gu_row else cfg.launch).kwargs(target), **common)
     y = torch.empty((rows, hidden), dtype=torch.float32, device=x.device)
     block_down = cfg.row_block_n_down if dn_row else cfg.block_n_down
@@ -523,7 +528,7 @@ def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, 
     _down_pairs_kernel[(rows, triton.cdiv(hidden, block_down))](
         h if dn_act else _act_roundtrip(h, act), down, dn_s, idx, w, sd.contiguous(), sds, y, pairs, inter, hidden, triton.cdiv(inter, 128),
         down[0].numel(), dn_se, BLOCK_N=block_down, BLOCK_K=128 if dn_row else cfg.block_k, SCALE=dn_mode, ROW=dn_row,
-        ACT_FP8=dn_act, **rows_kw, **(cfg.row_launch if dn_row else cfg.launch).kwargs(target), **common)
+        ACT_FP8=dn_act, **(rows_kw if dn_row else {}), **(cfg.row_launch if dn_row else cfg.launch).kwargs(target), **common)
     out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
     _combine_kernel[(tokens, triton.cdiv(hidden, 1024))](
         y, out, pairs, hidden, TOP_K=top_k, SHARED=with_shared, BLOCK_N=1024,
