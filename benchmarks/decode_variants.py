@@ -17,6 +17,8 @@ the fp8 artifact packs them at load); then each backend variant times a decode s
   (``DS4C_MERGE_PACKED=0``; ``ds4c/backends/cuda/merge_linears.py`` merges them by default).
 - ``compiled-rowloop0``: ``compiled`` with the FP8 one-row kernels' K loop as before 2026-12-03
   (not pipelined, one [rows, 128] fp32 accumulator, gate and up rows in two loops; ``row_dot``).
+- ``compiled-topk0``: ``compiled`` with the indexer's top-k as a bitonic sort in every case (before
+  2026-12-03 late: ``topk_config``'s threshold select for rows of 2048+ entries).
 
 Ratios answer two acceptance questions: fp8 weights vs bf16 weights (bytes read), and the
 stream schedule vs one stream (same program).
@@ -41,10 +43,11 @@ from benchmarks.gpu_peers import attempt, build_hf, decode_bytes, timed
 VARIANTS = {"kernels+streams": ("kernels", True, {}), "kernels": ("kernels", False, {}),
             "compiled": ("compiled", False, {}), "compiled-nopdl": ("compiled", False, {"DS4C_PDL": "0"}),
             "compiled-nomergepacked": ("compiled", False, {"DS4C_MERGE_PACKED": "0"}),
-            "compiled-rowloop0": ("compiled", False, {})}
+            "compiled-rowloop0": ("compiled", False, {}), "compiled-topk0": ("compiled", False, {})}
 # name -> tuning table applied after loading (model.tuning), as ``ds4c tune`` would
 TUNING = {"compiled-rowloop0": {"row_gemv": {"pipeline": 0, "row_sums": 0},
-                                "moe_decode": {"row_pipeline": 0, "row_sums": 0, "row_paired": 0}}}
+                                "moe_decode": {"row_pipeline": 0, "row_sums": 0, "row_paired": 0}},
+          "compiled-topk0": {"topk": {"select": 0}}}
 
 
 def main() -> None:
@@ -52,9 +55,13 @@ def main() -> None:
     ap.add_argument("--preset", default="flash-slice")
     ap.add_argument("--target", default="h100")
     ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--precisions", default="bf16,fp8,fp8:compute")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--prefill", action="store_true", help="also time one prefill of the prompt per variant")
+    ap.add_argument("--synthetic-state", action="store_true",
+                    help="decode from a random full state at position --prompt instead of prefilling the prompt "
+                         "(a step's work depends on the static capacity, not the values; as gpu_peers.py at ctx 32768)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="variants.json")
     args = ap.parse_args()
@@ -85,7 +92,7 @@ def main() -> None:
     hf = build_hf(cfg, dev, torch.bfloat16, args.seed)
     params = dict(hf.state_dict())
     g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, cfg["vocab_size"], (1, args.prompt), generator=g).to(dev)
+    prompt = torch.randint(0, cfg["vocab_size"], (args.batch, args.prompt), generator=g).to(dev)
     for precision in args.precisions.split(","):
         policy, _, activations = precision.partition(":")  # "fp8:compute": weight-only quantisation
         art = ds4c.compile(args.preset, target=args.target, max_context=args.prompt + 64, progress=False,
@@ -109,10 +116,18 @@ def main() -> None:
                     model.tuning = {**base, **{f: {**base.get(f, {}), **v} for f, v in TUNING[name].items()}}
                 out: dict[str, Any] = {"kernel_binaries": getattr(model, "kernel_binaries", None),
                                        "pdl": os.environ.get("DS4C_PDL", "1") != "0"}
-                logits, state = model.prefill(prompt)
+                if args.synthetic_state:
+                    gen = torch.Generator(device=dev).manual_seed(2)
+                    state = model.new_state(args.batch)
+                    for v in state.values():
+                        if v.is_floating_point():
+                            v.copy_(torch.randn(v.shape, generator=gen, device=dev, dtype=v.dtype) * 0.1)
+                    tok, logits = prompt[:, -1:], None
+                else:
+                    logits, state = model.prefill(prompt)
+                    tok = logits[:, -1].argmax(-1, keepdim=True)
                 if args.prefill:
                     out["prefill_s"] = timed(lambda: model.prefill(prompt), dev, warmup=0, reps=3)
-                tok = logits[:, -1].argmax(-1, keepdim=True)
                 model._decode(tok, args.prompt, state)  # capture the CUDA graph
                 out["decode_s"] = timed(lambda: model._decode(tok, args.prompt, state), dev, warmup=2, reps=20)
                 nxt, _ = model._decode(tok, args.prompt, state)
@@ -120,7 +135,7 @@ def main() -> None:
                 sbytes = sum(t.numel() * t.element_size() for t in state.values())
                 packed = sum(t.numel() * t.element_size() for t in model.weights.values())
                 out["weights_resident_bytes"] = packed
-                out["bf16_roofline_s"] = decode_bytes(params, cfg, 1, sbytes) / tgt.hbm_bandwidth
+                out["bf16_roofline_s"] = decode_bytes(params, cfg, args.batch, sbytes) / tgt.hbm_bandwidth
                 ex = model._executors["decode"]
                 out["stream_events"] = getattr(ex, "stream_events", 0)
                 out["kernel_stats"] = ex.stats() if hasattr(ex, "stats") else None
@@ -148,6 +163,9 @@ def main() -> None:
         a = res.get(f"{p}/compiled-rowloop0", {})
         if "decode_s" in a and "decode_s" in b:
             ratios[f"{p}: row kernels' old loop / new"] = a["decode_s"] / b["decode_s"]
+        a = res.get(f"{p}/compiled-topk0", {})
+        if "decode_s" in a and "decode_s" in b:
+            ratios[f"{p}: bitonic top-k / select"] = a["decode_s"] / b["decode_s"]
     best = {p: min((v["decode_s"], k) for k, v in res.items() if k.startswith(p + "/") and "decode_s" in v)
             for p in args.precisions.split(",") if any(k.startswith(p + "/") and "decode_s" in v
                                                          for k, v in res.items() if isinstance(v, dict))}

@@ -10,14 +10,15 @@
 #   bash benchmarks/device_session.sh tune        # ds4c tune on the FP8 flash-slice: row kernels' K loop forms
 #   bash benchmarks/device_session.sh kernels     # decode MoE tile sweep, LM-head and dense FP8 GEMVs     (~6 min)
 #   bash benchmarks/device_session.sh rowloop     # graphed decode step, FP8 row kernels' K loop new vs old (~5 min)
+#   bash benchmarks/device_session.sh topk        # indexer top-k forms alone; graphed step at ctx 32768 select vs bitonic (~7 min)
 #
 # TARGET (default h200) names the target record the artifacts are compiled for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -66,4 +67,11 @@ case "$1" in
       --precisions "fp8,$head_table,bf16" --variants compiled,compiled-rowloop0 --out "$out/variants_rowloop.json" \
       > "$out/variants_rowloop.log" 2>&1
     tail -22 "$out/variants_rowloop.log" ;;
+  topk)
+    timeout 150 python benchmarks/topk_bench.py --target "$target" --out "$out/topk.json" > "$out/topk.log" 2>&1
+    grep -v Warn "$out/topk.log" | cut -c1-300
+    timeout 400 python -u benchmarks/decode_variants.py --preset flash-slice --target "$target" --prompt 32768 \
+      --synthetic-state --precisions bf16,fp8 --variants compiled,compiled-topk0 --out "$out/variants_topk_32k.json" \
+      > "$out/variants_topk_32k.log" 2>&1
+    tail -12 "$out/variants_topk_32k.log" ;;
 esac

@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--preset", default="flash-slice")
     ap.add_argument("--backends", default="kernels")
     ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--target", default="h100", help="target record the artifact is compiled for")
     ap.add_argument("--no-prefill", action="store_true")
@@ -83,7 +84,7 @@ def main() -> None:
                        precision=args.precision)
     art.save("/tmp/prof.ds4")
     dev = torch.device("cuda")
-    ids = torch.randint(0, 1000, (1, args.prompt), device=dev)
+    ids = torch.randint(0, 1000, (args.batch, args.prompt), device=dev)
     res: dict = {"preset": args.preset, "precision": args.precision, "device": torch.cuda.get_device_name(dev)}
     weights = None
     for backend in args.backends.split(","):

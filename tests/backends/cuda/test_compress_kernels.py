@@ -7,6 +7,7 @@ import torch
 
 from ds4c.backends.cuda.kernels import get_kernel
 from ds4c.backends.cuda.kernels.compress import compress, index_scores, indexer_topk, top_indices
+from ds4c.backends.cuda.kernels.configs import topk_config, use_tuning
 from ds4c.ops.compress import IndexerTopk, compress_reference, index_scores_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -116,22 +117,53 @@ def test_topk_with_full_future_mask_per_batch():
     assert torch.equal(scores[0].gather(-1, idx[0]).sort(-1).values, scores[0].topk(10).values.sort(-1).values)
 
 
-@pytest.mark.parametrize("rows,c,k", [(3, 528, 512), (2, 37, 6), (1, 5000, 512), (4, 16, 16)])
-def test_top_indices_match_torch_topk(rows, c, k):
+def tie_heavy_scores(rows, c):
     # scores of both signs, -inf (future entries) and exact ties at zero (ReLU), as the indexer gives
     gen = torch.Generator().manual_seed(c)
     scores = torch.randn(rows, c, generator=gen) * 100
     scores[:, ::7] = 0.0
     scores[:, c // 2:] = torch.where(torch.rand(rows, c - c // 2, generator=gen) < 0.5, NEG_INF, scores[:, c // 2:])
-    idx = top_indices(scores.to(DEVICE), k).cpu()
+    return scores
+
+
+@pytest.mark.parametrize("rows,c,k,select", [
+    *[(*case, select) for case in [(3, 528, 512), (2, 37, 6), (1, 5000, 512), (4, 16, 16)] for select in (0, 1)],
+    (2, 8208, 512, 1),  # ctx 32K at ratio 4 (the bitonic form takes a minute in the interpreter here)
+])
+def test_top_indices_match_torch_topk(rows, c, k, select):
+    scores = tie_heavy_scores(rows, c)
+    with use_tuning({"topk": {"select": select}}):
+        idx = top_indices(scores.to(DEVICE), k).cpu()
     ref = scores.topk(k, dim=-1)
     assert idx.shape == (rows, k) and idx.dtype == torch.int64
-    assert torch.equal(scores.gather(-1, idx), ref.values)  # same values, largest first
     assert all(len(set(r.tolist())) == k for r in idx)
-    # among equal scores the smaller index goes first
     picked = scores.gather(-1, idx)
-    same = picked[:, 1:] == picked[:, :-1]
-    assert (idx[:, 1:] > idx[:, :-1])[same].all()
+    # the same values as torch: the k largest, ties included
+    assert torch.equal(picked.sort(-1, descending=True).values, ref.values)
+    # among equal scores at the threshold the smaller indices are the ones taken
+    kth = ref.values[:, -1:]
+    below_taken = (scores == kth) & ~torch.zeros_like(scores, dtype=torch.bool).scatter(-1, idx, True)
+    for r in range(rows):
+        tied_taken = idx[r][picked[r] == kth[r]]
+        if below_taken[r].any() and len(tied_taken):
+            assert tied_taken.max() < below_taken[r].nonzero().min()
+    if select:  # a set, written in index order
+        assert (idx[:, 1:] > idx[:, :-1]).all()
+    else:  # largest first, among equal scores the smaller index first
+        assert torch.equal(picked, ref.values)
+        same = picked[:, 1:] == picked[:, :-1]
+        assert (idx[:, 1:] > idx[:, :-1])[same].all()
+
+
+def test_top_indices_select_and_bitonic_pick_one_set():
+    # the select form is the default; the bitonic form (a tunable) picks the same set
+    c = 2048
+    scores = tie_heavy_scores(1, c)
+    assert topk_config(8208, 512).select == 1 and topk_config(528, 512).select == 1
+    with use_tuning({"topk": {"select": 0}}):
+        bitonic = top_indices(scores.to(DEVICE), 512).cpu()
+    chosen = top_indices(scores.to(DEVICE), 512).cpu()
+    assert torch.equal(bitonic.sort(-1).values, chosen)
 
 
 def test_indexer_declines():

@@ -9,7 +9,8 @@ The RMS norm of the pooled rows is then the ``rms_norm`` kernel.
 
 ``indexer.topk``: the scores ``I[b,t,s] = Σ_h w[b,t,h]·weights_scale·ReLU(q[b,t,h]·keys[b,s])·softmax_scale``
 come from a Triton kernel with the indexer heads on the GEMM's M axis (one query, a block of
-entries per program); ``torch.topk`` then picks the k largest.
+entries per program); ``top_indices`` then picks the k largest (``topk_config``: a bitwise search
+for the k-th largest key + one compaction; a bitonic top-k as the tunable alternative).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import triton.language as tl
 from ds4c.backends.cuda.kernels import register_kernel
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import (
-    Launch,
     active_target,
     compress_config,
     dot_precision,
     index_scores_config,
+    topk_config,
 )
 from ds4c.backends.cuda.kernels.norms import rms_norm
 from ds4c.backends.cuda.kernels.pdl import wait_for_producers
@@ -239,11 +240,46 @@ def _topk_kernel(scores_ptr, out_ptr, C, K,
     tl.store(out_ptr + row.to(tl.int64) * K + offs_k, idx, mask=offs_k < K)
 
 
+@triton.jit
+def _select_kernel(scores_ptr, out_ptr, C, K, N: tl.constexpr, PDL: tl.constexpr):
+    """The K largest of one row of C fp32 scores, as indices in increasing order (a set, not
+    ranked). Each score becomes an order-preserving unsigned 32-bit key (padding: 0, below every
+    score, -inf included); the K-th largest key ``t`` is found bit by bit from the top (keep a bit
+    when at least K keys are >= the prefix with it set), then every key > t is taken, and the
+    first ``K - #(> t)`` keys equal to t in index order (ties go to the smaller index, as in
+    ``_topk_kernel``). A prefix sum over the taken flags gives each its output slot. All tensors
+    are 1-D over the row: a [1, N] form let Triton give the scans a layout with the whole row in
+    every thread (2 ms for 528 entries on an H200)."""
+    wait_for_producers(PDL)
+    row = tl.program_id(0)
+    offs = tl.arange(0, N)
+    ok = offs < C
+    x = tl.load(scores_ptr + row.to(tl.int64) * C + offs, mask=ok, other=float("-inf"))
+    bits = x.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed int32 order = float order
+    key = tl.where(ok, (ordered ^ -2147483648).to(tl.uint32, bitcast=True), 0)  # unsigned order
+    t = tl.full((), 0, tl.uint32)
+    bit = tl.full((), 2147483648, tl.uint32)
+    for _ in range(32):
+        cand = t | bit
+        n_ge = tl.sum((key >= cand).to(tl.int32), axis=0)
+        t = tl.where(n_ge >= K, cand, t)
+        bit = bit >> 1
+    above = key > t
+    tie = key == t
+    need = K - tl.sum(above.to(tl.int32), axis=0)
+    take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
+    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + row.to(tl.int64) * K + slot, offs.to(tl.int64), mask=take)
+
+
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """``scores.topk(k, dim=-1).indices`` for contiguous fp32 scores [..., C]: one Triton program
-    per row up to ``TOPK_MAX_ENTRIES`` entries (torch.topk sorts a decode row of 528 entries
-    by radix sort in 2 kernels, 28 us on an H200), else torch. Ties may resolve differently from
-    torch's (which leaves them unspecified); ``indexer.topk`` consumers only use the set."""
+    """The indices of the k largest of contiguous fp32 scores [..., C] (``scores.topk(k).indices``
+    as a set): one Triton program per row up to ``TOPK_MAX_ENTRIES`` entries (torch.topk sorts a
+    decode row of 528 entries by radix sort in 2 kernels, 22 us on an H200), else torch. The
+    select form (the default, ``topk_config``) writes them in index order, the bitonic form
+    largest first; among equal scores the smaller index is chosen (torch leaves it unspecified).
+    ``indexer.topk``'s consumers only use the set."""
     c = scores.shape[-1]
     n = max(16, triton.next_power_of_2(c))
     if not hasattr(tl, "topk") or n > TOPK_MAX_ENTRIES or not 0 < k <= c or not scores.is_contiguous():
@@ -251,6 +287,10 @@ def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.empty(scores.shape[:-1] + (k,), dtype=torch.int64, device=scores.device)
     rows = out.numel() // k
     if rows:
-        _topk_kernel[(rows,)](scores, out, c, k, N=n, K_POW2=triton.next_power_of_2(k),
-                              **Launch(4 if n <= 2048 else 8).kwargs(active_target()))
+        cfg = topk_config(c, k)
+        launch = cfg.launch.kwargs(active_target())
+        if cfg.select:
+            _select_kernel[(rows,)](scores, out, c, k, N=n, **launch)
+        else:
+            _topk_kernel[(rows,)](scores, out, c, k, N=n, K_POW2=triton.next_power_of_2(k), **launch)
     return out
