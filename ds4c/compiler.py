@@ -101,6 +101,13 @@ def compile(
     if weights not in ("auto", "embed", "reference"):
         raise ConfigError(f"weights='{weights}': choose auto, embed or reference")
 
+    if source.kind == "checkpoint" and source.path is not None:
+        # the checkpoint's headers against the model's parameters first: a bad checkpoint is
+        # refused before tracing and the passes (loading checks the same again, with the data)
+        from ds4c.frontend.checkpoint import check_checkpoint
+        from ds4c.frontend.trace import build_meta_model, param_spec
+
+        check_checkpoint(source.path, param_spec(build_meta_model(config, max_context, dtype)))
     with progress_steps(f"compiling for {tgt.name}", total=5, enabled=progress) as steps:
         if source.kind == "onnx":  # the file fixes graph, dtypes and shapes (ds4c.frontend.onnx_import)
             from ds4c.frontend.onnx_import import import_onnx_program, onnx_float_dtype

@@ -310,6 +310,21 @@ def _fill(files: _Files, src: _Source, dst: torch.Tensor) -> None:
         dst[r:r1].copy_(t)
 
 
+def check_checkpoint(directory: str | Path, expected: Spec) -> None:
+    """Refuse, from the file headers alone, a checkpoint in ``directory`` that cannot provide
+    ``expected``: the checks ``load_checkpoint`` makes before reading data (missing, unexpected and
+    mis-shaped tensors, missing scales, unreadable files), without reading any. ``ds4c.compile``
+    runs it before tracing, so a bad checkpoint fails in a second instead of after the passes."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory; pass a checkpoint directory with *.safetensors")
+    files = _Files(directory)
+    try:
+        _plan(files, expected)
+    finally:
+        files.close()
+
+
 def load_checkpoint(directory: str | Path, expected: Spec, *, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu", progress: Callable[[int, int], None] | None = None,
                     ) -> dict[str, torch.Tensor]:

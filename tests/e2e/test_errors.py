@@ -90,6 +90,20 @@ def test_misshaped_tensor(tmp_path, ckpt):
         ds4c.compile(d, target="cpu", weights="embed")
 
 
+def test_bad_checkpoint_fails_before_tracing(tmp_path, ckpt, monkeypatch):
+    # the headers are checked against the model's parameters first: no trace, no passes
+    d = tmp_path / "missing"
+    popped = []
+    _rewrite_weights(ckpt, d, lambda t: popped.append(t.pop(next(k for k in sorted(t) if k.startswith("model.layers.0.attn.") and k.endswith(".weight")))))
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("traced a checkpoint whose headers are wrong")
+    monkeypatch.setattr("ds4c.compiler.trace_program", no_trace)
+    with pytest.raises(CheckpointError, match="missing"):
+        ds4c.compile(d, target="cpu", weights="embed")
+    assert popped
+
+
 def test_unknown_target_lists_valid_ones(tmp_path):
     _compile_fails(["tiny", "--target", "tpu9000"], tmp_path / "o.ds4", "b200")
     with pytest.raises(TargetError, match="h100"):
