@@ -446,11 +446,12 @@ def topk_config(entries: int, k: int) -> TopkConfig:
     do not use. Measured on an H200 (``benchmarks/topk_bench.py``, k=512, one launch in a CUDA
     graph): 528 entries (ctx 2K decode) 6.3 us vs bitonic 13.3 us; 2064: 10.8 vs 62 us; 8208 (ctx
     32K): 26.6 vs 267 us; 2048 rows x 528 (prefill) 25 vs 169 us; torch.topk 22 / 31 / 56 / 117 us.
-    So select everywhere, with ~32 keys per thread: 4 warps up to 4096 entries, then n / 1024."""
+    So select everywhere; warps for the padded row n: 4 up to 8192, then n / 2048 (8208 entries pad
+    to 16384: 8 warps 26.6 us, 16 warps 30.9 us, 4 warps 44.1 us)."""
     n = triton.next_power_of_2(max(entries, 16))
     t = tuned("topk")
     select = int(t.get("select", 1))
-    warps = int(t.get("num_warps", min(32, max(4, n // 1024))))
+    warps = int(t.get("num_warps", min(32, max(4, n // 2048))))
     return TopkConfig(select=select, launch=Launch(warps))
 
 
