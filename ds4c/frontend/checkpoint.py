@@ -11,9 +11,10 @@ result plus one slab, never a second copy of the checkpoint. No pickle is ever r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,19 +311,27 @@ def _fill(files: _Files, src: _Source, dst: torch.Tensor) -> None:
         dst[r:r1].copy_(t)
 
 
-def check_checkpoint(directory: str | Path, expected: Spec) -> None:
-    """Refuse, from the file headers alone, a checkpoint in ``directory`` that cannot provide
-    ``expected``: the checks ``load_checkpoint`` makes before reading data (missing, unexpected and
-    mis-shaped tensors, missing scales, unreadable files), without reading any. ``ds4c.compile``
-    runs it before tracing, so a bad checkpoint fails in a second instead of after the passes."""
+@contextlib.contextmanager
+def _planned(directory: str | Path, expected: Spec) -> Iterator[tuple[_Files, _Plan]]:
+    """The checkpoint in ``directory`` opened and checked against ``expected`` from its headers
+    (every check that needs no tensor data), closed on leaving the block."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory; pass a checkpoint directory with *.safetensors")
     files = _Files(directory)
     try:
-        _plan(files, expected)
+        yield files, _plan(files, expected)
     finally:
         files.close()
+
+
+def check_checkpoint(directory: str | Path, expected: Spec) -> None:
+    """Refuse, from the file headers alone, a checkpoint in ``directory`` that cannot provide
+    ``expected``: the checks ``load_checkpoint`` makes before reading data (missing, unexpected and
+    mis-shaped tensors, missing scales, unreadable files), without reading any. ``ds4c.compile``
+    runs it before tracing, so a bad checkpoint fails in a second instead of after the passes."""
+    with _planned(directory, expected):
+        pass
 
 
 def load_checkpoint(directory: str | Path, expected: Spec, *, dtype: torch.dtype = torch.float32,
@@ -335,19 +344,12 @@ def load_checkpoint(directory: str | Path, expected: Spec, *, dtype: torch.dtype
     Raises CheckpointError naming the file and tensor for anything missing, unexpected, mis-shaped
     or unreadable; every check runs on the file headers before tensor data is read.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory; pass a checkpoint directory with *.safetensors")
-    files = _Files(directory)
-    plan = _plan(files, expected)
-    if plan.ignored:
-        logger.info("%s: ignoring %d multi-token-prediction tensors (mtp.*): ds4c compiles the main model only",
-                    directory, len(plan.ignored))
     out: dict[str, torch.Tensor] = {}
-    try:
+    with _planned(directory, expected) as (files, plan):
+        if plan.ignored:
+            logger.info("%s: ignoring %d multi-token-prediction tensors (mtp.*): ds4c compiles the main model only",
+                        directory, len(plan.ignored))
         _load_all(files, plan, expected, out, dtype, device, progress)
-    finally:
-        files.close()
     return out
 
 
