@@ -37,7 +37,7 @@ from unittest import mock
 
 import torch
 
-from benchmarks.gpu_peers import attempt, build_hf, decode_bytes, timed
+from benchmarks.gpu_peers import attempt, build_hf, decode_bytes, synthetic_state, timed
 
 # name -> (backend, streams, environment while loading and running)
 VARIANTS = {"kernels+streams": ("kernels", True, {}), "kernels": ("kernels", False, {}),
@@ -117,12 +117,7 @@ def main() -> None:
                 out: dict[str, Any] = {"kernel_binaries": getattr(model, "kernel_binaries", None),
                                        "pdl": os.environ.get("DS4C_PDL", "1") != "0"}
                 if args.synthetic_state:
-                    gen = torch.Generator(device=dev).manual_seed(2)
-                    state = model.new_state(args.batch)
-                    for v in state.values():
-                        if v.is_floating_point():
-                            v.copy_(torch.randn(v.shape, generator=gen, device=dev, dtype=v.dtype) * 0.1)
-                    tok, logits = prompt[:, -1:], None
+                    state, tok, logits = synthetic_state(model, args.batch, dev), prompt[:, -1:], None
                 else:
                     logits, state = model.prefill(prompt)
                     tok = logits[:, -1].argmax(-1, keepdim=True)

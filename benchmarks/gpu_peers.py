@@ -54,6 +54,17 @@ def timed(fn: Callable[[], Any], dev: torch.device, *, warmup: int = 1, reps: in
     return sorted(times)[len(times) // 2]
 
 
+def synthetic_state(model: Any, batch: int, dev: torch.device) -> dict[str, torch.Tensor]:
+    """A full decode state for ``batch`` sequences with random values (seeded): a step's work in
+    ds4c depends on the static capacity, not on the values, so a long context needs no prefill."""
+    gen = torch.Generator(device=dev).manual_seed(2)
+    state = model.new_state(batch)
+    for v in state.values():
+        if v.is_floating_point():
+            v.copy_(torch.randn(v.shape, generator=gen, device=dev, dtype=v.dtype) * 0.1)
+    return state
+
+
 def attempt(res: dict, key: str, fn: Callable[[], Any]) -> Any:
     try:
         out = fn()
@@ -337,11 +348,7 @@ def main() -> None:
 
         def long_decode():
             m = ds4c_model(args.long_context + 64)
-            gen = torch.Generator(device=dev).manual_seed(2)
-            st = m.new_state(1)
-            for v in st.values():
-                if v.is_floating_point():
-                    v.copy_(torch.randn(v.shape, generator=gen, device=dev, dtype=v.dtype) * 0.1)
+            st = synthetic_state(m, 1, dev)
             sbytes = sum(t.numel() * t.element_size() for t in st.values())
             return decode_ds4c(m, st, 1, args.long_context, sbytes)
         attempt(res, f"decode_ds4c_ctx{args.long_context}_b1", long_decode)

@@ -287,7 +287,7 @@ def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.empty(scores.shape[:-1] + (k,), dtype=torch.int64, device=scores.device)
     rows = out.numel() // k
     if rows:
-        cfg = topk_config(c, k)
+        cfg = topk_config(c)
         launch = cfg.launch.kwargs(active_target())
         if cfg.select:
             _select_kernel[(rows,)](scores, out, c, k, N=n, **launch)

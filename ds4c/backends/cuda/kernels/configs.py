@@ -436,7 +436,7 @@ class TopkConfig:
     launch: Launch
 
 
-def topk_config(entries: int, k: int) -> TopkConfig:
+def topk_config(entries: int) -> TopkConfig:
     """How one program picks the k largest of a row of ``entries`` scores (``compress.top_indices``).
 
     The bitonic top-k (``tl.topk``) sorts the whole row in the program: ~log2(n)^2/2 compare-exchange
