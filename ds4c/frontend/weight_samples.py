@@ -45,12 +45,10 @@ def calibration_for(source: ModelSource, spec: WeightSpec, dtype: torch.dtype, *
 
 def shipped_formats(directory: Path, spec: WeightSpec) -> dict[str, str]:
     """transformers name -> ``fp8`` / ``fp8-f32scale`` / ``mxfp4`` for tensors the checkpoint stores quantised."""
-    from ds4c.frontend.checkpoint import _Files, _plan  # the loader's own reading of the headers
+    from ds4c.frontend.checkpoint import _planned  # the loader's own reading of the headers
     from ds4c.frontend.deepseek_format import scale_name
 
-    files = _Files(Path(directory))
-    try:
-        plan = _plan(files, spec)
+    with _planned(directory, spec) as (files, plan):
         out: dict[str, str] = {}
 
         def fmt(src: Any) -> str | None:
@@ -68,5 +66,3 @@ def shipped_formats(directory: Path, spec: WeightSpec) -> dict[str, str]:
             if len(kinds) == 1 and None not in kinds:
                 out[name] = kinds.pop()
         return out
-    finally:
-        files.close()
