@@ -15,6 +15,7 @@ import torch
 from ds4c.errors import VerificationError
 from ds4c.ir.registry import OpDef, register_op
 from ds4c.ir.types import TensorType
+from ds4c.ops.norms import rms_norm_reference
 
 
 def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
@@ -48,3 +49,40 @@ class Rope(OpDef):
         d = x.type.shape[-1]
         if not isinstance(r, int) or r <= 0 or r % 2 or (isinstance(d, int) and r > d):
             raise VerificationError(f"rope: rope_dim={r} must be a positive even number <= {d}")
+
+
+def rms_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                            eps: float, rope_dim: int) -> torch.Tensor:
+    return rope_reference(rms_norm_reference(x, weight, eps), cos, sin, rope_dim)
+
+
+@register_op
+class RmsNormRope(OpDef):
+    """``rope(rms_norm(x, weight, eps), cos, sin, rope_dim)`` as one op, with both ops' roundings
+    (the normalised row is rounded to x's dtype before it rotates). The CUDA backend forms it at
+    load (``ds4c.backends.cuda.fuse_norm_rope``) so a query or key is normalised and rotated in one
+    launch.
+
+        %q = rms_norm.rope(%x, none, %cos, %sin, eps=1e-06, rope_dim=64) : bf16[B,64,1,512]
+    """
+
+    name = "rms_norm.rope"
+    num_results = 1
+
+    def reference(self, x, weight, cos, sin, *, eps: float, rope_dim: int):
+        return rms_norm_rope_reference(x, weight, cos, sin, eps, rope_dim)
+
+    def verify(self, op) -> None:
+        super().verify(op)
+        if len(op.args) != 4 or set(op.kwargs) != {"eps", "rope_dim"}:
+            raise VerificationError("rms_norm.rope takes (x, weight | none, cos, sin) and eps=, rope_dim=")
+        x, w = op.args[:2]
+        if not isinstance(x.type, TensorType):
+            raise VerificationError("rms_norm.rope: x must be a tensor")
+        if w is not None and (not isinstance(w.type, TensorType) or w.type.shape != x.type.shape[-1:]):
+            raise VerificationError(f"rms_norm.rope: weight {getattr(w, 'type', w)} must be [{x.type.shape[-1]}]")
+        r, d = op.kwargs["rope_dim"], x.type.shape[-1]
+        if not isinstance(r, int) or r <= 0 or r % 2 or (isinstance(d, int) and r > d):
+            raise VerificationError(f"rms_norm.rope: rope_dim={r} must be a positive even number <= {d}")
+        if str(op.results[0].type) != str(x.type):
+            raise VerificationError(f"rms_norm.rope: result {op.results[0].type} must equal input type {x.type}")

@@ -49,6 +49,7 @@ class CompiledModel:
         self.backend = _pick_backend(backend, device, manifest)
         self.unpacked_weights: list[str] = []
         self.merged_linears = 0  # linears merged into a sibling's GEMM at load (kernel backends)
+        self.fused_norm_rope = 0  # rms_norm + rope pairs fused into one launch at load (kernel backends)
         self.tuning: dict[str, dict[str, Any]] | None = None  # measured config overrides (ds4c tune)
         self.tuning_status = "none"
         # what ds4c.load did with the artifact's stored kernel binaries (ds4c.backends.cuda.binaries)
@@ -57,11 +58,14 @@ class CompiledModel:
         stored_graphs = program.graphs  # what the artifact's plans index (before load-time rewrites)
         if self.backend in ("kernels", "compiled"):
             from ds4c.backends.cuda.executor import unpack_weights_once
+            from ds4c.backends.cuda.fuse_norm_rope import fuse_norm_rope, fuse_norm_rope_default
             from ds4c.backends.cuda.kernels.configs import kernel_target
 
             self.kernel_target = kernel_target(manifest["target"])
 
             graphs, weights, self.unpacked_weights = unpack_weights_once(program.graphs, weights)
+            if fuse_norm_rope_default():
+                graphs, self.fused_norm_rope = fuse_norm_rope(graphs)
             if merge_linears:
                 from ds4c.backends.cuda.merge_linears import merge_sibling_linears
 

@@ -143,6 +143,7 @@ def record_launches(graphs: Mapping[str, Graph], state_layout: Sequence[Mapping[
     from triton.backends.compiler import GPUTarget
 
     from ds4c.backends.cuda.executor import KernelExecutor, unpack_weights_once
+    from ds4c.backends.cuda.fuse_norm_rope import fuse_norm_rope, fuse_norm_rope_default
     from ds4c.backends.cuda.kernels.configs import use_target
     from ds4c.runtime.model import _dtype
 
@@ -154,6 +155,8 @@ def record_launches(graphs: Mapping[str, Graph], state_layout: Sequence[Mapping[
             if gi.kind == "param":
                 weights[gi.value.name] = _meta(gi.value.type, {})
     graphs, weights, _ = unpack_weights_once(graphs, weights)  # the graphs the kernel backends run
+    if fuse_norm_rope_default():
+        graphs, _ = fuse_norm_rope(graphs)
     state = {s["name"]: torch.empty([DECODE_BATCH if d == "B" else int(d) for d in s["shape"]],
                                     dtype=_dtype(s["dtype"]), device="meta") for s in state_layout}
     runs: list[tuple[str, dict[str, int]]] = []

@@ -174,3 +174,27 @@ def test_sibling_linears_run_as_one_gemm(tiny_path):
     assert again.merged_linears == merged.merged_linears
     ids = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     torch.testing.assert_close(again(ids), merged(ids), rtol=0, atol=0)
+
+
+def test_norm_and_rope_fuse_at_load(tiny_path, reference, monkeypatch):
+    """Each layer's query and key norms + rotary embeddings run as one ``rms_norm.rope`` launch (the
+    layout ops between them moved before it); the logits stay the reference's; DS4C_FUSE_NORM_ROPE=0
+    keeps them apart."""
+    fused = ds4c.load(tiny_path, device=DEVICE, backend="kernels", cuda_graphs=False)
+    layers = reference.manifest["model"]["config"]["num_hidden_layers"]
+    for entry in ("prefill", "decode"):
+        counts = fused.program.graphs[entry].op_counts()
+        assert counts.get("rms_norm.rope") == 2 * layers, counts
+    assert fused.fused_norm_rope == 4 * layers
+    monkeypatch.setenv("DS4C_FUSE_NORM_ROPE", "0")
+    apart = ds4c.load(tiny_path, device=DEVICE, backend="kernels", cuda_graphs=False)
+    assert apart.fused_norm_rope == 0 and "rms_norm.rope" not in apart.program.graphs["decode"].op_counts()
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    la, sa = reference.prefill(ids)
+    lf, sf = fused.prefill(ids)
+    lp, _ = apart.prefill(ids)
+    torch.testing.assert_close(lf, la, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lf, lp, rtol=1e-5, atol=1e-5)
+    tok = la[:, -1].argmax(-1, keepdim=True)
+    torch.testing.assert_close(fused.decode(tok, 9, sf)[0], reference.decode(tok, 9, sa)[0], rtol=1e-4, atol=1e-4)
+    assert fused._executors["decode"].stats()["rms_norm.rope"] == {"kernel": 2 * layers}

@@ -1,4 +1,4 @@
-"""The ``rms_norm``, ``mhc.pre``/``.post``/``.head`` and ``rope`` launchers against their references."""
+"""The ``rms_norm``, ``mhc.pre``/``.post``/``.head``, ``rope`` and ``rms_norm.rope`` launchers against their references."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import torch
 from ds4c.backends.cuda.kernels import _KERNELS
 from ds4c.backends.cuda.kernels.mhc import mhc_head, mhc_post, mhc_pre
 from ds4c.backends.cuda.kernels.norms import rms_norm
-from ds4c.backends.cuda.kernels.rope import rope
+from ds4c.backends.cuda.kernels.rope import rms_norm_rope, rope
 from ds4c.ops.mhc import mhc_head_reference, mhc_post_reference, mhc_pre_reference
 from ds4c.ops.norms import rms_norm_reference
-from ds4c.ops.rope import rope_reference
+from ds4c.ops.rope import rms_norm_rope_reference, rope_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
@@ -93,6 +93,34 @@ def test_rope_declines():
     assert rope(randn(1, 1, 1, 1, 2, 16), cos, sin, rope_dim=8, inverse=False) is NotImplemented  # 5 leading dims
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("shape,rope_dim", [((2, 4, 3, 48), 16), ((1, 5, 1, 1100), 64), ((2, 7, 40), 40)])
+def test_rms_norm_rope(dtype, weighted, shape, rope_dim):
+    """Norm and rotation in one launch: rope(rms_norm(x)) with both ops' roundings; rows of more
+    than one BLOCK_NOPE chunk (1100 - 64 channels), and rows that are all rotary channels."""
+    x = randn(*shape, dtype=dtype, scale=3.0)
+    w = randn(shape[-1], seed=2) if weighted else None
+    cos, sin = tables(shape[-2], rope_dim)
+    out = rms_norm_rope(x, w, cos, sin, eps=1e-6, rope_dim=rope_dim)
+    close(out, rms_norm_rope_reference(x, w, cos, sin, 1e-6, rope_dim))
+    # the same values as the two kernels one after the other (last-bit differences of the scale aside)
+    two = rope(rms_norm(x, w, eps=1e-6), cos, sin, rope_dim=rope_dim, inverse=False)
+    close(out, two)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, two, rtol=2e-6, atol=2e-6)
+
+
+def test_rms_norm_rope_strided_input_and_declines():
+    """A transposed query ([B, S, H, D] read as [B, H, S, D]) is read through its strides."""
+    x = randn(2, 6, 4, 80, scale=2.0).transpose(1, 2)
+    cos, sin = tables(6, 16, lead=(2, 1))
+    w = randn(80, seed=3)
+    close(rms_norm_rope(x, w, cos, sin, eps=1e-6, rope_dim=16), rms_norm_rope_reference(x, w, cos, sin, 1e-6, 16))
+    assert rms_norm_rope(x, randn(79), cos, sin, eps=1e-6, rope_dim=16) is NotImplemented  # weight of another width
+    assert rms_norm_rope(x, w, cos, sin, eps=1e-6, rope_dim=6) is NotImplemented
+
+
 # ---- mHC ------------------------------------------------------------------------------------------------------
 
 def mhc_inputs(lead, n, d, dtype, seed=0, n_mix=None):
@@ -166,5 +194,5 @@ def test_mhc_declines_wrong_fn_shape():
 
 
 def test_registered():
-    assert _KERNELS["rms_norm"] is rms_norm and _KERNELS["rope"] is rope
+    assert _KERNELS["rms_norm"] is rms_norm and _KERNELS["rope"] is rope and _KERNELS["rms_norm.rope"] is rms_norm_rope
     assert _KERNELS["mhc.pre"] is mhc_pre and _KERNELS["mhc.post"] is mhc_post and _KERNELS["mhc.head"] is mhc_head

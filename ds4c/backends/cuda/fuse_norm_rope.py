@@ -1,0 +1,94 @@
+"""A query's or key's RMS norm and its rotary embedding as one launch, at load (kernel backends).
+
+DeepSeek-V4 normalises each attention query head (``rms_norm`` without weight) and the key/value
+row (``kv_norm``), then rotates their last ``rope_dim`` channels: two launches and a round trip of
+the row through memory, for a few KB per token. In a decode step (one token) both kernels are
+bound by launch latency, not by bytes. Where a ``rope`` reads, through layout ops that keep the
+last dim whole, the only use of an ``rms_norm``, the pair becomes one ``rms_norm.rope`` (the rope
+kernel with a norm prologue, ``kernels/rope.py``); the layout ops move before it (a row-wise norm
+commutes with them)::
+
+    %n = rms_norm(%k, %w, eps=1e-06)              %v = aten.view.default(%k, [B, 1, 1, 512])
+    %v = aten.view.default(%n, [B, 1, 1, 512])  ->  %t = aten.transpose.int(%v, 1, 2)
+    %t = aten.transpose.int(%v, 1, 2)              %y = rms_norm.rope(%t, %w, %cos, %sin, ...)
+    %y = rope(%t, %cos, %sin, rope_dim=64, inverse=false)
+
+The fused op keeps the rope's result (stream schedules and plans key ops by result name); the
+layout ops keep theirs. flash-slice: 6 of a decode step's launches (q and kv of each layer).
+``DS4C_FUSE_NORM_ROPE=0`` keeps them apart (benchmarks/decode_variants.py's
+``compiled-nonormrope``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from ds4c.ir.graph import Graph, Op, Value
+from ds4c.ir.types import TensorType
+
+_VIEWS = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"}
+
+
+def fuse_norm_rope_default() -> bool:
+    """Whether the kernel backends fuse norm + rope at load (yes, unless ``DS4C_FUSE_NORM_ROPE=0``)."""
+    return os.environ.get("DS4C_FUSE_NORM_ROPE", "1") != "0"
+
+
+def _keeps_rows(op: Op) -> bool:
+    """Whether layout op ``op`` maps the rows (last dim) of its input onto rows of its result whole,
+    so that a row-wise norm before it equals the same norm after it."""
+    x, y = op.args[0] if op.args else None, op.results[0]
+    if not isinstance(x, Value) or not isinstance(x.type, TensorType) or not isinstance(y.type, TensorType):
+        return False
+    d_in, d_out = x.type.shape[-1:], y.type.shape[-1:]
+    if not d_in or d_in != d_out or not isinstance(d_in[0], int) or x.type.dtype != y.type.dtype:
+        return False
+    if op.name in _VIEWS:
+        return True  # same trailing size, row-major order kept: row k stays row k
+    rank_in, rank_out = x.type.rank, y.type.rank
+    if op.name == "aten.transpose.int" and len(op.args) == 3:
+        return all(isinstance(d, int) and d % rank_in != rank_in - 1 for d in op.args[1:])
+    if op.name == "aten.unsqueeze.default" and len(op.args) == 2 and isinstance(op.args[1], int):
+        return op.args[1] % rank_out != rank_out - 1
+    return False
+
+
+def fuse_norm_rope(graphs: Mapping[str, Graph]) -> tuple[dict[str, Graph], int]:
+    """(graphs with every ``rope(layout*(rms_norm(x)))`` as ``rms_norm.rope``, number fused).
+
+    Only a forward rope (``inverse=false``) over a norm whose result, and each layout result on
+    the way, has that single use and is no graph output."""
+    out: dict[str, Graph] = {}
+    fused = 0
+    for name, g in graphs.items():
+        producer, users, outputs = g.producers(), g.users(), set(g.output_values())
+
+        def single_use(v: Value) -> bool:
+            return v not in outputs and len(users.get(v, ())) == 1
+
+        dropped: set[Op] = set()
+        rewritten: dict[Op, Op] = {}
+        for op in g.ops:
+            if op.name != "rope" or op.kwargs.get("inverse") or not isinstance(op.args[0], Value):
+                continue
+            chain: list[Op] = []
+            v = op.args[0]
+            while v in producer and producer[v].name != "rms_norm" and single_use(v) and _keeps_rows(producer[v]):
+                chain.append(producer[v])
+                v = producer[v].args[0]
+            norm = producer.get(v)
+            if norm is None or norm.name != "rms_norm" or not single_use(v) or norm in dropped:
+                continue
+            x, w = norm.args
+            if chain:  # the layout ops now read the norm's input
+                first = chain[-1]
+                rewritten[first] = first.replace(args=(x, *first.args[1:]))
+                x = op.args[0]
+            _, cos, sin = op.args
+            rewritten[op] = op.replace(name="rms_norm.rope", args=(x, w, cos, sin),
+                                       kwargs={"eps": norm.kwargs["eps"], "rope_dim": op.kwargs["rope_dim"]})
+            dropped.add(norm)
+            fused += 1
+        out[name] = g.copy(ops=[rewritten.get(o, o) for o in g.ops if o not in dropped]) if dropped else g
+    return out, fused
