@@ -19,6 +19,10 @@ the fp8 artifact packs them at load); then each backend variant times a decode s
   (not pipelined, one [rows, 128] fp32 accumulator, gate and up rows in two loops; ``row_dot``).
 - ``compiled-topk0``: ``compiled`` with the indexer's top-k as a bitonic sort in every case (before
   2026-12-03 late: ``topk_config``'s threshold select for rows of 2048+ entries).
+- ``compiled-nonormrope``: ``compiled`` with each query/key norm and its rotary embedding as two
+  launches (``DS4C_FUSE_NORM_ROPE=0``; ``ds4c/backends/cuda/fuse_norm_rope.py`` fuses them by default).
+- ``compiled-combo``: ``compiled`` with Inductor's combo kernels (``DS4C_INDUCTOR_COMBO=1``:
+  independent glue kernels share a launch).
 
 Ratios answer two acceptance questions: fp8 weights vs bf16 weights (bytes read), and the
 stream schedule vs one stream (same program).
@@ -43,7 +47,9 @@ from benchmarks.gpu_peers import attempt, build_hf, decode_bytes, synthetic_stat
 VARIANTS = {"kernels+streams": ("kernels", True, {}), "kernels": ("kernels", False, {}),
             "compiled": ("compiled", False, {}), "compiled-nopdl": ("compiled", False, {"DS4C_PDL": "0"}),
             "compiled-nomergepacked": ("compiled", False, {"DS4C_MERGE_PACKED": "0"}),
-            "compiled-rowloop0": ("compiled", False, {}), "compiled-topk0": ("compiled", False, {})}
+            "compiled-rowloop0": ("compiled", False, {}), "compiled-topk0": ("compiled", False, {}),
+            "compiled-nonormrope": ("compiled", False, {"DS4C_FUSE_NORM_ROPE": "0"}),
+            "compiled-combo": ("compiled", False, {"DS4C_INDUCTOR_COMBO": "1"})}
 # name -> tuning table applied after loading (model.tuning), as ``ds4c tune`` would
 TUNING = {"compiled-rowloop0": {"row_gemv": {"pipeline": 0, "row_sums": 0},
                                 "moe_decode": {"row_pipeline": 0, "row_sums": 0, "row_paired": 0}},
@@ -161,6 +167,10 @@ def main() -> None:
         a = res.get(f"{p}/compiled-topk0", {})
         if "decode_s" in a and "decode_s" in b:
             ratios[f"{p}: bitonic top-k / select"] = a["decode_s"] / b["decode_s"]
+        for v in ("compiled-nonormrope", "compiled-combo"):
+            a = res.get(f"{p}/{v}", {})
+            if "decode_s" in a and "decode_s" in b:
+                ratios[f"{p}: {v} / compiled"] = a["decode_s"] / b["decode_s"]
     best = {p: min((v["decode_s"], k) for k, v in res.items() if k.startswith(p + "/") and "decode_s" in v)
             for p in args.precisions.split(",") if any(k.startswith(p + "/") and "decode_s" in v
                                                          for k, v in res.items() if isinstance(v, dict))}

@@ -11,14 +11,16 @@
 #   bash benchmarks/device_session.sh kernels     # decode MoE tile sweep, LM-head and dense FP8 GEMVs     (~6 min)
 #   bash benchmarks/device_session.sh rowloop     # graphed decode step, FP8 row kernels' K loop new vs old (~5 min)
 #   bash benchmarks/device_session.sh topk        # indexer top-k forms alone; graphed step at ctx 32768 select vs bitonic (~7 min)
+#   bash benchmarks/device_session.sh fusion      # norm+rope kernel tests; graphed step: norm+rope apart / fused / + Inductor combo kernels;
+#                                                 # the decode step's Inductor code kept (~8 min)
 #
 # TARGET (default h200) names the target record the artifacts are compiled for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -74,4 +76,15 @@ case "$1" in
       --synthetic-state --precisions bf16,fp8 --variants compiled,compiled-topk0 --out "$out/variants_topk_32k.json" \
       > "$out/variants_topk_32k.log" 2>&1
     tail -12 "$out/variants_topk_32k.log" ;;
+  fusion)
+    timeout 60 python -m pytest -q -x -p no:cacheprovider tests/backends/cuda/test_norm_mhc_rope_kernels.py \
+      > "$out/pytest_rope.log" 2>&1; tail -2 "$out/pytest_rope.log"
+    export TORCHINDUCTOR_CACHE_DIR=/tmp/ds4c_inductor_cache
+    timeout 480 python -u benchmarks/decode_variants.py --preset flash-slice --target "$target" \
+      --precisions "bf16,$head_table" --variants compiled-nonormrope,compiled,compiled-combo \
+      --out "$out/variants_fusion.json" > "$out/variants_fusion.log" 2>&1
+    tail -14 "$out/variants_fusion.log"
+    # the generated wrappers + kernels of the decode graphs (the files naming the ds4c::fused calls)
+    grep -rl "ds4c.fused" "$TORCHINDUCTOR_CACHE_DIR" --include=*.py 2>/dev/null | head -12 | \
+      tar czf "$out/inductor_code.tgz" -T - 2>/dev/null; ls -la "$out" ;;
 esac

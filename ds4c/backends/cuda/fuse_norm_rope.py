@@ -63,10 +63,7 @@ def fuse_norm_rope(graphs: Mapping[str, Graph]) -> tuple[dict[str, Graph], int]:
     fused = 0
     for name, g in graphs.items():
         producer, users, outputs = g.producers(), g.users(), set(g.output_values())
-
-        def single_use(v: Value) -> bool:
-            return v not in outputs and len(users.get(v, ())) == 1
-
+        single = {v for v, us in users.items() if len(us) == 1 and v not in outputs}
         dropped: set[Op] = set()
         rewritten: dict[Op, Op] = {}
         for op in g.ops:
@@ -74,11 +71,11 @@ def fuse_norm_rope(graphs: Mapping[str, Graph]) -> tuple[dict[str, Graph], int]:
                 continue
             chain: list[Op] = []
             v = op.args[0]
-            while v in producer and producer[v].name != "rms_norm" and single_use(v) and _keeps_rows(producer[v]):
+            while v in producer and producer[v].name != "rms_norm" and v in single and _keeps_rows(producer[v]):
                 chain.append(producer[v])
                 v = producer[v].args[0]
             norm = producer.get(v)
-            if norm is None or norm.name != "rms_norm" or not single_use(v) or norm in dropped:
+            if norm is None or norm.name != "rms_norm" or v not in single or norm in dropped:
                 continue
             x, w = norm.args
             if chain:  # the layout ops now read the norm's input

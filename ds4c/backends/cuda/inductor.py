@@ -11,6 +11,7 @@ and its attributes; the fake (shape) implementation runs the op's reference unde
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -97,16 +98,24 @@ def _lower_fused(g: fx.Graph, op: Op, args: tuple, kwargs: dict) -> fx.Node:
 
 def inductor_options(device: torch.device) -> dict[str, Any]:
     """Inductor settings for ``device``: its kernels launch with programmatic dependent launch
-    where ours do (``kernels/pdl.py``; the setting exists from torch 2.9)."""
+    where ours do (``kernels/pdl.py``; the setting exists from torch 2.9). ``DS4C_INDUCTOR_COMBO=1``
+    also lets Inductor put independent small kernels into one launch (its experimental
+    ``combo_kernels``: a decode step's glue - rotary tables, masks, slots, all from the position -
+    is ~30 launches; benchmarks/decode_variants.py's ``compiled-combo`` measures it)."""
     from torch._inductor import config as inductor_config
 
     from ds4c.backends.cuda.kernels.configs import device_target
     from ds4c.backends.cuda.kernels.pdl import pdl_enabled
 
-    if device.type != "cuda" or not hasattr(inductor_config.triton, "enable_pdl"):
+    if device.type != "cuda":
         return {}
-    target = device_target()
-    return {"triton.enable_pdl": target is not None and pdl_enabled(target)}
+    opts: dict[str, Any] = {}
+    if hasattr(inductor_config.triton, "enable_pdl"):
+        target = device_target()
+        opts["triton.enable_pdl"] = target is not None and pdl_enabled(target)
+    if os.environ.get("DS4C_INDUCTOR_COMBO", "0") == "1" and hasattr(inductor_config, "combo_kernels"):
+        opts["combo_kernels"] = True
+    return opts
 
 
 class InductorGraph:
