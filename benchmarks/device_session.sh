@@ -2,7 +2,7 @@
 # The device measurements behind docs/PERFORMANCE.md, in parts that each fit one 10-minute device call
 # (results under $OUT, or ./device_out):
 #
-#   bash benchmarks/device_session.sh exactness   # fp32 smoke vs transformers + packed/MoE kernel tests  (~4 min)
+#   bash benchmarks/device_session.sh exactness   # fp32 smoke vs transformers, norm/rope kernel + executor tests, packed/MoE kernel tests (~6 min)
 #   bash benchmarks/device_session.sh profile     # per-kernel decode profiles: bf16, fp8, fp8 incl. LM head (~5 min)
 #   bash benchmarks/device_session.sh variants    # graphed decode step bf16 / fp8 / fp8 incl. LM head    (~4 min)
 #   bash benchmarks/device_session.sh pdl         # graphed decode step bf16 / fp8, with and without PDL  (~5 min)
@@ -11,8 +11,8 @@
 #   bash benchmarks/device_session.sh kernels     # decode MoE tile sweep, LM-head and dense FP8 GEMVs     (~6 min)
 #   bash benchmarks/device_session.sh rowloop     # graphed decode step, FP8 row kernels' K loop new vs old (~5 min)
 #   bash benchmarks/device_session.sh topk        # indexer top-k forms alone; graphed step at ctx 32768 select vs bitonic (~7 min)
-#   bash benchmarks/device_session.sh fusion      # norm+rope kernel tests; graphed step: norm+rope apart / fused / + Inductor combo kernels;
-#                                                 # the decode step's Inductor code kept (~8 min)
+#   bash benchmarks/device_session.sh fusion      # graphed step: norm+rope apart / fused / + Inductor combo kernels, all loaded,
+#                                                 # timed in turn (5 rounds); the decode step's Inductor code kept (~7 min)
 #
 # TARGET (default h200) names the target record the artifacts are compiled for.
 set -uo pipefail
@@ -31,6 +31,9 @@ head_table=benchmarks/tables/fp8_with_head.json
 case "$1" in
   exactness)
     timeout 200 python benchmarks/gpu_smoke.py --out "$out/smoke.json" > "$out/smoke.log" 2>&1; tail -3 "$out/smoke.log"
+    timeout 120 python -m pytest -q -x -p no:cacheprovider tests/backends/cuda/test_norm_mhc_rope_kernels.py \
+      tests/backends/cuda/test_executor.py -k "rope or fuse or match_reference" > "$out/pytest_rope.log" 2>&1
+    tail -2 "$out/pytest_rope.log"
     timeout 300 python -m pytest -q -x -p no:cacheprovider tests/backends/cuda/test_packed_kernels.py \
       tests/backends/cuda/test_moe_kernels.py > "$out/pytest.log" 2>&1; tail -3 "$out/pytest.log" ;;
   profile)
@@ -77,11 +80,9 @@ case "$1" in
       > "$out/variants_topk_32k.log" 2>&1
     tail -12 "$out/variants_topk_32k.log" ;;
   fusion)
-    timeout 60 python -m pytest -q -x -p no:cacheprovider tests/backends/cuda/test_norm_mhc_rope_kernels.py \
-      > "$out/pytest_rope.log" 2>&1; tail -2 "$out/pytest_rope.log"
     export TORCHINDUCTOR_CACHE_DIR=/tmp/ds4c_inductor_cache
     timeout 480 python -u benchmarks/decode_variants.py --preset flash-slice --target "$target" \
-      --precisions "bf16,$head_table" --variants compiled-nonormrope,compiled,compiled-combo \
+      --precisions "bf16,$head_table" --variants compiled-nonormrope,compiled,compiled-combo --rounds 5 \
       --out "$out/variants_fusion.json" > "$out/variants_fusion.log" 2>&1
     tail -14 "$out/variants_fusion.log"
     # the generated wrappers + kernels of the decode graphs (the files naming the ds4c::fused calls)
