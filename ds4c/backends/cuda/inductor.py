@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -121,7 +122,12 @@ def inductor_options(device: torch.device) -> dict[str, Any]:
 class InductorGraph:
     """One entry point compiled whole by torch.compile (Inductor), fused ops through our kernels.
 
-    Compiled for the sizes of the first call (``dynamic=False``); a new size recompiles.
+    Compiled for the sizes of the first call (``dynamic=False``); a new size recompiles. Where
+    Inductor fails to compile it (an Inductor bug for that shape, e.g. torch 2.11 on flash-slice's
+    32768-token prefill: ``ValueError: The argument '((-4)) + 4' is not comparable``), the entry
+    point runs op by op on the Triton kernels instead (the ``kernels`` backend: same ops, same
+    values), with a warning naming the entry point, its sizes and Inductor's error;
+    ``fallback_error`` keeps that error.
     """
 
     def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor], device: torch.device | str):
@@ -135,6 +141,8 @@ class InductorGraph:
         self.output_names = [n for n, _ in graph.outputs]
         self.device = device
         self.fn = None  # compiled at the first call, for its sizes
+        self.fallback: Any = None  # a KernelExecutor where Inductor could not compile the graph
+        self.fallback_error: str | None = None
 
     def _compile(self, args: list[Any]) -> Any:
         # The fx graph is already whole and functional: hand it to Inductor directly (AOT
@@ -148,11 +156,30 @@ class InductorGraph:
     def run(self, inputs: Mapping[str, Any], params: Mapping[str, torch.Tensor],
             state: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
         state = state or {}
+        if self.fallback is not None:
+            return self.fallback.run(inputs, params, state)
         args = [inputs[n] if n in inputs else state[n] for n in self.arg_names]
         if self.fn is None:
-            self.fn = self._compile(args)
-        outs = self.fn(*args) if not isinstance(self.fn, torch.fx.GraphModule) else self.fn(*args)
+            try:
+                self.fn = self._compile(args)
+            except Exception as e:  # noqa: BLE001 - any Inductor failure: the kernels still run the graph
+                return self._fall_back(e, args).run(inputs, params, state)
+        outs = self.fn(*args)
         return dict(zip(self.output_names, outs, strict=True))
+
+    def _fall_back(self, error: Exception, args: list[Any]) -> Any:
+        from ds4c.backends.cuda.executor import KernelExecutor
+
+        first = str(error).strip().splitlines()
+        self.fallback_error = f"{type(error).__name__}: {first[-1] if first else ''}"[:500]
+        sizes = {n: tuple(a.shape) for n, a in zip(self.arg_names, args, strict=True)
+                 if isinstance(a, torch.Tensor) and n in {gi.value.name for gi in self.graph.inputs if gi.kind == "input"}}
+        warnings.warn(f"backend 'compiled': TorchInductor could not compile entry point '{self.graph.name}' for inputs "
+                      f"{sizes} ({self.fallback_error}); it runs op by op on the Triton kernels instead (backend "
+                      "'kernels': same ops, same values; only the glue between kernels is not fused)",
+                      RuntimeWarning, stacklevel=3)
+        self.fallback = KernelExecutor(self.graph, self.device)
+        return self.fallback
 
 
 class InductorExecutor:
@@ -177,4 +204,8 @@ class InductorExecutor:
         return ig.run(inputs, params, state)
 
     def stats(self) -> dict[str, Any]:
-        return {"compiled_shapes": len(self._compiled)}
+        out: dict[str, Any] = {"compiled_shapes": sum(ig.fallback is None for ig in self._compiled.values())}
+        errors = {str(key): ig.fallback_error for key, ig in self._compiled.items() if ig.fallback is not None}
+        if errors:
+            out["inductor_fallbacks"] = errors
+        return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -198,3 +200,26 @@ def test_norm_and_rope_fuse_at_load(tiny_path, reference, monkeypatch):
     tok = la[:, -1].argmax(-1, keepdim=True)
     torch.testing.assert_close(fused.decode(tok, 9, sf)[0], reference.decode(tok, 9, sa)[0], rtol=1e-4, atol=1e-4)
     assert fused._executors["decode"].stats()["rms_norm.rope"] == {"kernel": 2 * layers}
+
+
+def test_compiled_backend_falls_back_to_kernels_where_inductor_fails(tiny_path, reference, monkeypatch):
+    """An entry point Inductor cannot compile (an Inductor bug for that shape) runs op by op on the
+    Triton kernels, with a warning naming it, its sizes and the error; the stats keep the error."""
+    from ds4c.backends.cuda.inductor import InductorGraph
+
+    def broken(self, args):
+        raise ValueError("The argument '((-4)) + 4' is not comparable")
+
+    monkeypatch.setattr(InductorGraph, "_compile", broken)
+    comp = ds4c.load(tiny_path, device=DEVICE, backend="compiled", cuda_graphs=False)
+    ids = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    with pytest.warns(RuntimeWarning, match=r"could not compile entry point 'prefill' for inputs \{'input_ids': \(1, 7\)\}"
+                      r" \(ValueError: The argument"):
+        got, _ = comp.prefill(ids)
+    torch.testing.assert_close(got, reference.prefill(ids)[0], rtol=1e-4, atol=1e-4)
+    stats = comp._executors["prefill"].stats()
+    assert stats["compiled_shapes"] == 0 and "not comparable" in next(iter(stats["inductor_fallbacks"].values()))
+    with warnings.catch_warnings(record=True) as caught:  # the fallback is kept: no second attempt, no second warning
+        warnings.simplefilter("always")
+        comp.prefill(ids)
+    assert not [w for w in caught if "could not compile" in str(w.message)]
