@@ -61,18 +61,18 @@ def main() -> None:
             for m in args.rows:
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
                 wb = w.to(torch.bfloat16)
-                row = {"cublas_bf16_us": 1e3 * do_bench_cudagraph(lambda: torch.nn.functional.linear(x, wb))}
+                row = {"cublas_bf16_us": 1e3 * do_bench_cudagraph(lambda x=x, wb=wb: torch.nn.functional.linear(x, wb))}
                 for fmt in ("bf16", "fp8"):
                     f = get_format(fmt)
                     p = f.pack(w)
                     parts = [p[name] for name in f.packed_spec((n, k))]
                     q, s = parts[0], (parts[1] if len(parts) > 1 else None)
                     nbytes = sum(t.numel() * t.element_size() for t in parts)
-                    row[f"{fmt}_default_us"] = 1e3 * do_bench_cudagraph(lambda: gemv(x, q, s, fmt))
+                    row[f"{fmt}_default_us"] = 1e3 * do_bench_cudagraph(lambda x=x, q=q, s=s, fmt=fmt: gemv(x, q, s, fmt))
                     best = None
                     for cfg in grid:
                         try:
-                            t = 1e3 * do_bench_cudagraph(lambda cfg=cfg: gemv(x, q, s, fmt, **cfg))
+                            t = 1e3 * do_bench_cudagraph(lambda cfg=cfg, x=x, q=q, s=s, fmt=fmt: gemv(x, q, s, fmt, **cfg))
                         except Exception as e:  # a tile that does not fit (shared memory) is skipped
                             print("skip", cfg, type(e).__name__)
                             continue

@@ -57,21 +57,15 @@ class CompiledModel:
         self.kernel_target = None  # the target record kernel configurations are chosen for
         stored_graphs = program.graphs  # what the artifact's plans index (before load-time rewrites)
         if self.backend in ("kernels", "compiled"):
-            from ds4c.backends.cuda.executor import unpack_weights_once
-            from ds4c.backends.cuda.fuse_norm_rope import fuse_norm_rope, fuse_norm_rope_default
             from ds4c.backends.cuda.kernels.configs import kernel_target
+            from ds4c.backends.cuda.load_rewrites import kernel_graphs
 
             self.kernel_target = kernel_target(manifest["target"])
-
-            graphs, weights, self.unpacked_weights = unpack_weights_once(program.graphs, weights)
-            if fuse_norm_rope_default():
-                graphs, self.fused_norm_rope = fuse_norm_rope(graphs)
-            if merge_linears:
-                from ds4c.backends.cuda.merge_linears import merge_sibling_linears
-
-                host = {n for s in (manifest.get("memory_plan") or {}).values()
-                        for n in (s.get("weights") or {}).get("host", [])}
-                graphs, weights, self.merged_linears = merge_sibling_linears(graphs, weights, keep=host)
+            host = {n for s in (manifest.get("memory_plan") or {}).values()
+                    for n in (s.get("weights") or {}).get("host", [])}
+            graphs, weights, done = kernel_graphs(program.graphs, weights, merge_linears=merge_linears, keep=host)
+            self.unpacked_weights, self.fused_norm_rope, self.merged_linears = (
+                done.unpacked_weights, done.fused_norm_rope, done.merged_linears)
             program = Program(graphs, program.attrs)
             self.program, self.weights = program, weights
         self.host_weights = _host_resident(manifest, weights, device, self.backend)

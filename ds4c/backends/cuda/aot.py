@@ -86,6 +86,9 @@ def lower(target: Target, program: Program, *, progress: bool | None = None
         "ir": {name: print_graph(g) for name, g in program.graphs.items()},
         "state": program.attrs.get("state", []),
         "prefill_lengths": lengths,
+        # weights the memory plan keeps in host memory: ds4c.load does not merge their linears
+        "host_weights": sorted({n for plan in (program.attrs.get("memory_plan") or {}).values()
+                                for n in (plan.get("weights") or {}).get("host", [])}),
     }
     consts = {name: save({k: v.contiguous() for k, v in g.constants.items()}) for name, g in program.graphs.items()}
     key = hashlib.sha256(json.dumps([request, triton_version(), sorted((k, hashlib.sha256(v).hexdigest())
@@ -236,7 +239,8 @@ def _worker(tmpdir: Path, index: int, count: int) -> None:
     target = Target.from_dict(request["target"])
     graphs = {name: parse_graph(text, load((tmpdir / f"{name}.safetensors").read_bytes()))
               for name, text in request["ir"].items()}
-    launches = record_launches(graphs, request["state"], target, request["prefill_lengths"])
+    launches = record_launches(graphs, request["state"], target, request["prefill_lengths"],
+                               keep=frozenset(request.get("host_weights", ())))
     print(json.dumps({"total": len(launches)}), flush=True)
     gpu_target = GPUTarget(*target.triton_target)
     backend = target.triton_target[0]

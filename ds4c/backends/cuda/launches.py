@@ -137,14 +137,16 @@ def _meta(ty: Any, sizes: Mapping[str, int]) -> torch.Tensor:
 
 
 def record_launches(graphs: Mapping[str, Graph], state_layout: Sequence[Mapping[str, Any]], target: Target,
-                    prefill_lengths: Sequence[int] = PREFILL_LENGTHS) -> list[Launch]:
+                    prefill_lengths: Sequence[int] = PREFILL_LENGTHS, keep: frozenset[str] = frozenset()) -> list[Launch]:
     """The distinct launches of the kernel backend running ``graphs`` for ``target``: decode at batch
-    1, prefill at batch 1 and each of ``prefill_lengths``; sorted, so every process agrees."""
+    1, prefill at batch 1 and each of ``prefill_lengths``; sorted, so every process agrees. The
+    graphs are first rewritten as ``ds4c.load`` rewrites them (``load_rewrites.kernel_graphs``;
+    ``keep``: host-resident weights, whose linears are not merged)."""
     from triton.backends.compiler import GPUTarget
 
-    from ds4c.backends.cuda.executor import KernelExecutor, unpack_weights_once
-    from ds4c.backends.cuda.fuse_norm_rope import fuse_norm_rope, fuse_norm_rope_default
+    from ds4c.backends.cuda.executor import KernelExecutor
     from ds4c.backends.cuda.kernels.configs import use_target
+    from ds4c.backends.cuda.load_rewrites import kernel_graphs
     from ds4c.runtime.model import _dtype
 
     if target.triton_target is None:
@@ -154,9 +156,7 @@ def record_launches(graphs: Mapping[str, Graph], state_layout: Sequence[Mapping[
         for gi in g.inputs:
             if gi.kind == "param":
                 weights[gi.value.name] = _meta(gi.value.type, {})
-    graphs, weights, _ = unpack_weights_once(graphs, weights)  # the graphs the kernel backends run
-    if fuse_norm_rope_default():
-        graphs, _ = fuse_norm_rope(graphs)
+    graphs, weights, _ = kernel_graphs(graphs, weights, keep=keep)
     state = {s["name"]: torch.empty([DECODE_BATCH if d == "B" else int(d) for d in s["shape"]],
                                     dtype=_dtype(s["dtype"]), device="meta") for s in state_layout}
     runs: list[tuple[str, dict[str, int]]] = []
