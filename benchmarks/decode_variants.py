@@ -6,7 +6,12 @@ For each precision policy (default ``bf16``, ``fp8`` and ``fp8:compute``: FP8 we
 activations left in bf16, ``compile(activations="compute")``) the preset is compiled once for the
 target and loaded with the same seeded weights (generated on the device, as in gpu_peers.py;
 the fp8 artifact packs them at load); then each backend variant times a decode step at context
-``--prompt`` (B=1, CUDA graph, median of 20 replays) and, optionally, one prefill:
+``--prompt`` (B=1, CUDA graph: ``decode_s`` the median wall time of 20 synchronised replays,
+``decode_gpu_s`` the device time per replay of 50 queued back to back; each step is given the
+state the previous one returned, as ``generate`` does: ``decode_recopy_s`` / ``decode_recopy_gpu_s``
+give the prefill's state dict every time instead, which copies each of its tensors into the
+graph's buffers first, as these figures were timed before 2026-12-03 night) and, optionally, one
+prefill:
 
 - ``kernels+streams``: Triton kernels op by op, the compiler's stream schedule on CUDA streams;
 - ``kernels``: the same program and order on one stream (``ds4c.load(streams=False)``);
@@ -41,7 +46,7 @@ from unittest import mock
 
 import torch
 
-from benchmarks.gpu_peers import attempt, build_hf, decode_bytes, synthetic_state, timed
+from benchmarks.gpu_peers import attempt, build_hf, decode_bytes, gpu_timed, synthetic_state, timed
 
 # name -> (backend, streams, environment while loading and running)
 VARIANTS = {"kernels+streams": ("kernels", True, {}), "kernels": ("kernels", False, {}),
@@ -135,12 +140,21 @@ def main() -> None:
                 if args.prefill:
                     out["prefill_s"] = timed(lambda: model.prefill(prompt), dev, warmup=0, reps=3)
 
-                def step() -> Any:
-                    return model._decode(tok, args.prompt, state)
-                step()  # capture the CUDA graph
-                out["decode_s"] = timed(step, dev, warmup=2, reps=20)
-                nxt, _ = step()
+                nxt, graph_state = model._decode(tok, args.prompt, state)  # captures the CUDA graph
                 out["next_token"] = int(nxt[0, -1].argmax())
+
+                def step(st: dict = graph_state) -> Any:
+                    # as generate() steps: the graph's own state buffers passed back, nothing copied
+                    return model._decode(tok, args.prompt, st)
+
+                def step_recopy() -> Any:
+                    # another dict each step: all its tensors are copied into the graph's buffers
+                    # first (how the decode figures were timed before 2026-12-03, night)
+                    return model._decode(tok, args.prompt, state)
+                out["decode_s"] = timed(step, dev, warmup=2, reps=20)
+                out["decode_gpu_s"] = gpu_timed(step, dev)
+                out["decode_recopy_s"] = timed(step_recopy, dev, warmup=2, reps=20)
+                out["decode_recopy_gpu_s"] = gpu_timed(step_recopy, dev)
                 sbytes = sum(t.numel() * t.element_size() for t in state.values())
                 packed = sum(t.numel() * t.element_size() for t in model.weights.values())
                 out["weights_resident_bytes"] = packed
@@ -160,13 +174,17 @@ def main() -> None:
         # --rounds the loaded variants are timed in turn, round after round, and each keeps the
         # median of its round medians
         rounds: dict[str, list[float]] = {name: [] for name in live}
+        gpu_rounds: dict[str, list[float]] = {name: [] for name in live}
         for _ in range(args.rounds if live else 0):
             for name, (_, replay) in live.items():
                 rounds[name].append(timed(replay, dev, warmup=2, reps=20))
+                gpu_rounds[name].append(gpu_timed(replay, dev))
         for name, times in rounds.items():
             r = res[f"{precision}/{name}"]
             r["decode_first_s"], r["decode_rounds_s"] = r["decode_s"], times
             r["decode_s"] = sorted(times)[len(times) // 2]
+            r["decode_gpu_rounds_s"] = gpu_rounds[name]
+            r["decode_gpu_s"] = sorted(gpu_rounds[name])[len(times) // 2]
         live.clear()
         torch.cuda.empty_cache()
         save()
@@ -196,6 +214,8 @@ def main() -> None:
             a = res.get(f"{p}/{v}", {})
             if "decode_s" in a and "decode_s" in b:
                 ratios[f"{p}: {v} / compiled"] = a["decode_s"] / b["decode_s"]
+            if "decode_gpu_s" in a and "decode_gpu_s" in b:
+                ratios[f"{p}: {v} / compiled (device time)"] = a["decode_gpu_s"] / b["decode_gpu_s"]
     best = {p: min((v["decode_s"], k) for k, v in res.items() if k.startswith(p + "/") and "decode_s" in v)
             for p in args.precisions.split(",") if any(k.startswith(p + "/") and "decode_s" in v
                                                          for k, v in res.items() if isinstance(v, dict))}

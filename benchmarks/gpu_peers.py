@@ -54,6 +54,23 @@ def timed(fn: Callable[[], Any], dev: torch.device, *, warmup: int = 1, reps: in
     return sorted(times)[len(times) // 2]
 
 
+def gpu_timed(fn: Callable[[], Any], dev: torch.device, *, warmup: int = 2, reps: int = 50) -> float:
+    """Device seconds per call of ``fn`` (a CUDA-graph replay): ``reps`` calls queued back to back
+    between two CUDA events, no synchronisation in between. Unlike ``timed`` (wall time of each
+    call, synchronised) it leaves out the host's launch and synchronisation latency and its
+    jitter, which are tens of microseconds against a step of about a millisecond."""
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
 def synthetic_state(model: Any, batch: int, dev: torch.device) -> dict[str, torch.Tensor]:
     """A full decode state for ``batch`` sequences with random values (seeded): a step's work in
     ds4c depends on the static capacity, not on the values, so a long context needs no prefill."""
@@ -298,12 +315,17 @@ def main() -> None:
         # distinct next tokens per sequence, so routing picks experts as a real batch does
         ids = tok if b == 1 else torch.randint(0, cfg["vocab_size"], (b, 1), generator=torch.Generator().manual_seed(b)).to(dev)
         st = {k: v.expand(b, *v.shape[1:]).contiguous() if v.shape[0] != b else v for k, v in st.items()}
-        m._decode(ids, position, st)  # capture (CUDA graph) + warm up
+        _, live = m._decode(ids, position, st)  # capture (CUDA graph) + warm up
         reps = 20
-        s = timed(lambda: m._decode(ids, position, st), dev, warmup=2, reps=reps)
+        # each step gets the state the previous one returned, as generate() does (the graph's own
+        # buffers: nothing copied); before 2026-12-03 night every step was given ``st`` again,
+        # which copies each state tensor into the graph's buffers first ("recopy_seconds")
+        s = timed(lambda: m._decode(ids, position, live), dev, warmup=2, reps=reps)
+        recopy = timed(lambda: m._decode(ids, position, st), dev, warmup=2, reps=reps)
         roof = decode_bytes(params, cfg, b, sbytes * b) / bw
         return {"seconds": s, "roofline_s": roof, "fraction_of_roofline": roof / s, "position": position,
-                "cuda_graph": bool(getattr(m, "_graphed", None))}
+                "cuda_graph": bool(getattr(m, "_graphed", None)), "recopy_seconds": recopy,
+                "device_seconds": gpu_timed(lambda: m._decode(ids, position, live), dev)}
 
     for b in args.batch:
         attempt(res, f"decode_ds4c_ctx{args.prompt}_b{b}",
