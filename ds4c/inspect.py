@@ -100,6 +100,8 @@ def summarize(manifest: dict[str, Any], program: Program, console: Console) -> N
                        ", ".join(f"{k}×{v}" for k, v in sorted(fused.items())) or "-", str(gemms),
                        ", ".join(f"{_short(k)}×{v}" for k, v in sorted(unfused.items())) or "none", str(other))
         console.print(tb)
+    if t.get("backend") in ("cuda", "rocm"):
+        console.print(load_rewrites_line(manifest, program))
     kernels = manifest.get("kernels") or {}
     if kernels.get("backend") == "npu":  # NPU vs host per op kind, SRAM working sets (ds4c.backends.npu.report)
         from ds4c.backends.npu.report import kernel_table, placement_table
@@ -107,6 +109,24 @@ def summarize(manifest: dict[str, Any], program: Program, console: Console) -> N
         console.print(placement_table(kernels))
         console.print(kernel_table(kernels))
     console.print(f"[bold]kernels[/] {len(kernels)} stored" + ("" if kernels else " (reference backend: none needed)"))
+
+
+def load_rewrites_line(manifest: dict[str, Any], program: Program) -> str:
+    """What the CUDA / ROCm kernel backends change in the graphs at load (``load_rewrites``),
+    computed here on meta tensors: ops per entry point before -> after, and per rewrite."""
+    import torch
+
+    from ds4c.backends.cuda.load_rewrites import kernel_graphs
+
+    weights = {gi.value.name: torch.empty([int(d) for d in gi.value.type.shape], dtype=gi.value.type.dtype,
+                                          device="meta")
+               for g in program.graphs.values() for gi in g.inputs if gi.kind == "param"}
+    host = {n for plan in (manifest.get("memory_plan") or {}).values() for n in (plan.get("weights") or {}).get("host", [])}
+    graphs, _, done = kernel_graphs(program.graphs, weights, keep=host)
+    sizes = ", ".join(f"@{name} {len(program.graphs[name].ops)} -> {len(g.ops)}" for name, g in graphs.items())
+    return (f"[bold]at load[/] (kernel backends, all entry points): {done.fused_norm_rope} query/key norm+rope "
+            f"pairs become one launch each, {done.merged_linears} linears merge into a sibling's GEMM, "
+            f"{len(done.unpacked_weights)} packed weights are expanded (the rest are read as stored); ops {sizes}")
 
 
 def _mib(n: Any) -> str:

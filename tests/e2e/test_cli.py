@@ -48,6 +48,9 @@ def test_inspect_lists_layers_weights_and_state(tiny):
     text = res.output
     assert "b200" in text and "pipeline" in text and "layers.1.compressed_kv" in text
     assert "CSA" in text and "HCA" in text and "sliding" in text and "hash MoE" in text
+    # what the kernel backends rewrite at load, computed without a GPU: 4 layers x (q, kv) x (prefill, decode)
+    flat = " ".join(text.split())  # rich wraps long lines
+    assert "at load (kernel backends, all entry points): 16 query/key norm+rope pairs become one launch" in flat, flat
 
 
 def test_run_command_prompt_ids_and_text(tiny):
