@@ -114,15 +114,12 @@ def summarize(manifest: dict[str, Any], program: Program, console: Console) -> N
 def load_rewrites_line(manifest: dict[str, Any], program: Program) -> str:
     """What the CUDA / ROCm kernel backends change in the graphs at load (``load_rewrites``),
     computed here on meta tensors: ops per entry point before -> after, and per rewrite."""
-    import torch
-
+    from ds4c.backends.cuda.launches import meta_params
     from ds4c.backends.cuda.load_rewrites import kernel_graphs
+    from ds4c.passes.plan_memory import host_weights
 
-    weights = {gi.value.name: torch.empty([int(d) for d in gi.value.type.shape], dtype=gi.value.type.dtype,
-                                          device="meta")
-               for g in program.graphs.values() for gi in g.inputs if gi.kind == "param"}
-    host = {n for plan in (manifest.get("memory_plan") or {}).values() for n in (plan.get("weights") or {}).get("host", [])}
-    graphs, _, done = kernel_graphs(program.graphs, weights, keep=host)
+    graphs, _, done = kernel_graphs(program.graphs, meta_params(program.graphs),
+                                    keep=host_weights(manifest.get("memory_plan")))
     sizes = ", ".join(f"@{name} {len(program.graphs[name].ops)} -> {len(g.ops)}" for name, g in graphs.items())
     return (f"[bold]at load[/] (kernel backends, all entry points): {done.fused_norm_rope} query/key norm+rope "
             f"pairs become one launch each, {done.merged_linears} linears merge into a sibling's GEMM, "

@@ -26,6 +26,12 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float)
     return (weight * h).to(x.dtype)
 
 
+def check_norm_weight(op_name: str, x, w) -> None:
+    """A norm weight, when there is one, is a [D] tensor for x of D channels."""
+    if w is not None and (not isinstance(w.type, TensorType) or w.type.shape != x.type.shape[-1:]):
+        raise VerificationError(f"{op_name}: weight {getattr(w, 'type', w)} must be [{x.type.shape[-1]}]")
+
+
 @register_op
 class RmsNorm(OpDef):
     name = "rms_norm"
@@ -41,7 +47,6 @@ class RmsNorm(OpDef):
         x, w = op.args
         if not isinstance(x.type, TensorType):
             raise VerificationError("rms_norm: x must be a tensor")
-        if w is not None and (not isinstance(w.type, TensorType) or w.type.shape != x.type.shape[-1:]):
-            raise VerificationError(f"rms_norm: weight {getattr(w, 'type', w)} must be [{x.type.shape[-1]}]")
+        check_norm_weight("rms_norm", x, w)
         if str(op.results[0].type) != str(x.type):
             raise VerificationError(f"rms_norm: result {op.results[0].type} must equal input type {x.type}")

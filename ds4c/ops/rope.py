@@ -15,7 +15,7 @@ import torch
 from ds4c.errors import VerificationError
 from ds4c.ir.registry import OpDef, register_op
 from ds4c.ir.types import TensorType
-from ds4c.ops.norms import rms_norm_reference
+from ds4c.ops.norms import check_norm_weight, rms_norm_reference
 
 
 def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
@@ -28,6 +28,12 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_d
     s = -sin if inverse else sin
     rotated = ((rot.float() * cos) + (rotate_pairs(rot).float() * s)).to(x.dtype)
     return torch.cat([nope, rotated], dim=-1)
+
+
+def check_rope_dim(op_name: str, r, d) -> None:
+    """``rope_dim`` is a positive even number of at most the ``d`` channels."""
+    if not isinstance(r, int) or r <= 0 or r % 2 or (isinstance(d, int) and r > d):
+        raise VerificationError(f"{op_name}: rope_dim={r} must be a positive even number <= {d}")
 
 
 @register_op
@@ -45,10 +51,7 @@ class Rope(OpDef):
         x = op.args[0]
         if not isinstance(x.type, TensorType):
             raise VerificationError("rope: x must be a tensor")
-        r = op.kwargs["rope_dim"]
-        d = x.type.shape[-1]
-        if not isinstance(r, int) or r <= 0 or r % 2 or (isinstance(d, int) and r > d):
-            raise VerificationError(f"rope: rope_dim={r} must be a positive even number <= {d}")
+        check_rope_dim("rope", op.kwargs["rope_dim"], x.type.shape[-1])
 
 
 def rms_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
@@ -79,10 +82,7 @@ class RmsNormRope(OpDef):
         x, w = op.args[:2]
         if not isinstance(x.type, TensorType):
             raise VerificationError("rms_norm.rope: x must be a tensor")
-        if w is not None and (not isinstance(w.type, TensorType) or w.type.shape != x.type.shape[-1:]):
-            raise VerificationError(f"rms_norm.rope: weight {getattr(w, 'type', w)} must be [{x.type.shape[-1]}]")
-        r, d = op.kwargs["rope_dim"], x.type.shape[-1]
-        if not isinstance(r, int) or r <= 0 or r % 2 or (isinstance(d, int) and r > d):
-            raise VerificationError(f"rms_norm.rope: rope_dim={r} must be a positive even number <= {d}")
+        check_norm_weight("rms_norm.rope", x, w)
+        check_rope_dim("rms_norm.rope", op.kwargs["rope_dim"], x.type.shape[-1])
         if str(op.results[0].type) != str(x.type):
             raise VerificationError(f"rms_norm.rope: result {op.results[0].type} must equal input type {x.type}")

@@ -412,6 +412,12 @@ def plan_memory(graph: Graph, ctx: PassContext) -> Graph:
     return planned
 
 
+def host_weights(plans: Mapping[str, Any] | None) -> set[str]:
+    """The weights any entry point's memory plan keeps in host memory (``plan["weights"]["host"]``),
+    from ``Program.attrs["memory_plan"]`` or from the manifest's summaries of it."""
+    return {n for plan in (plans or {}).values() for n in (plan.get("weights") or {}).get("host", [])}
+
+
 # -- context capacity -------------------------------------------------------------------------------
 
 def _layer_types(config: Mapping[str, Any]) -> list[str]:

@@ -14,6 +14,7 @@ from ds4c.backends.reference import ReferenceExecutor
 from ds4c.errors import ArtifactError, Ds4cError, InputError
 from ds4c.ir.graph import Program
 from ds4c.passes.last_logits import LAST_ENTRY, last_position_logits
+from ds4c.passes.plan_memory import host_weights
 from ds4c.runtime.progress import progress_steps
 
 PREFILL_GRAPHS = 4  # prefill shapes kept as CUDA graphs
@@ -61,9 +62,8 @@ class CompiledModel:
             from ds4c.backends.cuda.load_rewrites import kernel_graphs
 
             self.kernel_target = kernel_target(manifest["target"])
-            host = {n for s in (manifest.get("memory_plan") or {}).values()
-                    for n in (s.get("weights") or {}).get("host", [])}
-            graphs, weights, done = kernel_graphs(program.graphs, weights, merge_linears=merge_linears, keep=host)
+            graphs, weights, done = kernel_graphs(program.graphs, weights, merge_linears=merge_linears,
+                                                  keep=host_weights(manifest.get("memory_plan")))
             self.unpacked_weights, self.fused_norm_rope, self.merged_linears = (
                 done.unpacked_weights, done.fused_norm_rope, done.merged_linears)
             program = Program(graphs, program.attrs)
@@ -302,8 +302,7 @@ def _host_resident(manifest: dict[str, Any], weights: dict[str, torch.Tensor], d
                    backend: str) -> list[str]:
     """Weights the memory plan keeps in host memory (``--hbm-budget``), moved to pinned host
     memory on a CUDA device (in place in ``weights``); ``ds4c.prefetch`` copies them in at run time."""
-    host = sorted({n for s in (manifest.get("memory_plan") or {}).values() for n in (s.get("weights") or {}).get("host", [])}
-                  & set(weights))
+    host = sorted(host_weights(manifest.get("memory_plan")) & set(weights))
     if not host or device.type != "cuda":
         return []
     if backend == "compiled":

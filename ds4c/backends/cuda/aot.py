@@ -75,6 +75,7 @@ def lower(target: Target, program: Program, *, progress: bool | None = None
 
     from ds4c.backends.cuda.launches import DECODE_BATCH, prefill_lengths
     from ds4c.ir.printer import print_graph
+    from ds4c.passes.plan_memory import host_weights
 
     if target.triton_target is None:
         raise KernelError(f"target '{target.name}' has no Triton target; ds4c.backends.cuda.aot compiles "
@@ -87,8 +88,7 @@ def lower(target: Target, program: Program, *, progress: bool | None = None
         "state": program.attrs.get("state", []),
         "prefill_lengths": lengths,
         # weights the memory plan keeps in host memory: ds4c.load does not merge their linears
-        "host_weights": sorted({n for plan in (program.attrs.get("memory_plan") or {}).values()
-                                for n in (plan.get("weights") or {}).get("host", [])}),
+        "host_weights": sorted(host_weights(program.attrs.get("memory_plan"))),
     }
     consts = {name: save({k: v.contiguous() for k, v in g.constants.items()}) for name, g in program.graphs.items()}
     key = hashlib.sha256(json.dumps([request, triton_version(), sorted((k, hashlib.sha256(v).hexdigest())

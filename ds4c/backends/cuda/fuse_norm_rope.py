@@ -26,8 +26,7 @@ from collections.abc import Mapping
 
 from ds4c.ir.graph import Graph, Op, Value
 from ds4c.ir.types import TensorType
-
-_VIEWS = {"aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"}
+from ds4c.passes.pattern_lib import VIEWS
 
 
 def fuse_norm_rope_default() -> bool:
@@ -44,7 +43,7 @@ def _keeps_rows(op: Op) -> bool:
     d_in, d_out = x.type.shape[-1:], y.type.shape[-1:]
     if not d_in or d_in != d_out or not isinstance(d_in[0], int) or x.type.dtype != y.type.dtype:
         return False
-    if op.name in _VIEWS:
+    if op.name in VIEWS:
         return True  # same trailing size, row-major order kept: row k stays row k
     rank_in, rank_out = x.type.rank, y.type.rank
     if op.name == "aten.transpose.int" and len(op.args) == 3:

@@ -136,6 +136,11 @@ def _meta(ty: Any, sizes: Mapping[str, int]) -> torch.Tensor:
     return torch.empty([eval_dim(d, dict(sizes)) for d in ty.shape], dtype=ty.dtype, device="meta")
 
 
+def meta_params(graphs: Mapping[str, Graph]) -> dict[str, torch.Tensor]:
+    """Every parameter of ``graphs`` as a meta tensor of its type (shapes and dtypes, no data)."""
+    return {gi.value.name: _meta(gi.value.type, {}) for g in graphs.values() for gi in g.inputs if gi.kind == "param"}
+
+
 def record_launches(graphs: Mapping[str, Graph], state_layout: Sequence[Mapping[str, Any]], target: Target,
                     prefill_lengths: Sequence[int] = PREFILL_LENGTHS, keep: frozenset[str] = frozenset()) -> list[Launch]:
     """The distinct launches of the kernel backend running ``graphs`` for ``target``: decode at batch
@@ -151,12 +156,7 @@ def record_launches(graphs: Mapping[str, Graph], state_layout: Sequence[Mapping[
 
     if target.triton_target is None:
         raise ValueError(f"target '{target.name}' has no Triton target")
-    weights: dict[str, torch.Tensor] = {}
-    for g in graphs.values():
-        for gi in g.inputs:
-            if gi.kind == "param":
-                weights[gi.value.name] = _meta(gi.value.type, {})
-    graphs, weights, _ = kernel_graphs(graphs, weights, keep=keep)
+    graphs, weights, _ = kernel_graphs(graphs, meta_params(graphs), keep=keep)
     state = {s["name"]: torch.empty([DECODE_BATCH if d == "B" else int(d) for d in s["shape"]],
                                     dtype=_dtype(s["dtype"]), device="meta") for s in state_layout}
     runs: list[tuple[str, dict[str, int]]] = []
