@@ -98,6 +98,9 @@ class ReferenceExecutor:
                                      f"expected {ty} = {want}")
         return sizes
 
+    def _begin(self, sizes: dict[str, int]) -> None:
+        """Called by ``run`` once the symbolic sizes are bound, before the first op (a hook)."""
+
     def run(self, inputs: Mapping[str, Any], params: Mapping[str, torch.Tensor],
             state: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
         env: dict[Value, Any] = {}
@@ -115,7 +118,8 @@ class ReferenceExecutor:
             if name not in src:
                 raise InputError(f"graph @{self.graph.name}: {gi.kind} '{name}' was not supplied")
             env[gi.value] = src[name]
-        self.bind_sizes({gi.value: env[gi.value] for gi in self.graph.inputs if gi.kind in ("input", "state")})
+        self._begin(self.bind_sizes({gi.value: env[gi.value] for gi in self.graph.inputs
+                                     if gi.kind in ("input", "state")}))
         lookup = env.__getitem__
         for i, (op, opdef, args, kwargs) in enumerate(self._steps):
             a = map_values(args, lookup)

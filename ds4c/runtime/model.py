@@ -293,6 +293,21 @@ class CompiledModel:
         probs = torch.softmax(logits, dim=-1)
         return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
+    def buffer_plans(self) -> dict[str, Any]:
+        """Per entry point run so far, the kernel executor's static buffer plan
+        (``KernelExecutor.buffer_stats``: arena bytes, eager and captured in CUDA graphs; the latest
+        binding's plan; per op, results written into their planned buffer or allocated). Empty for
+        backends that plan no buffers (reference; compiled, whose Inductor code plans its own)."""
+        executors = dict(self._executors)
+        if self._last not in (False, None):
+            executors[LAST_ENTRY] = self._last
+        out = {}
+        for name, ex in executors.items():
+            stats = ex.buffer_stats() if hasattr(ex, "buffer_stats") else None
+            if stats is not None and stats["plans"]:
+                out[name] = stats
+        return out
+
     def __repr__(self) -> str:
         return (f"CompiledModel(target={self.manifest['target']['name']}, device={self.device}, "
                 f"max_context={self.max_context}, weights={len(self.weights)} tensors)")

@@ -6,6 +6,12 @@ registered launcher (``ds4c.backends.cuda.kernels``) runs it; a launcher that de
 ``stats()`` says what ran where. It works on any device Triton reaches (CUDA, ROCm builds of
 PyTorch, or CPU under ``TRITON_INTERPRET=1``).
 
+On by default (``DS4C_BUFFER_PLAN=0`` turns it off), the executor places activations at offsets
+of one arena per binding of the symbolic sizes, planned before the first op runs
+(``ds4c.backends.cuda.buffer_plan``): Triton launchers write their results there
+(``result_buffer``), ATen ops through their ``out=`` overloads; inside a CUDA graph the arena is
+the graph's, so every captured shape holds one planned allocation for its activations.
+
 ``GraphedDecode`` captures one decode step of a fixed batch size as a CUDA graph over static
 input, state and output buffers; the step ends by copying the new state into the state buffers,
 so the model state is updated in place and a replay needs no allocation and no host work beyond
@@ -14,14 +20,18 @@ the launch.
 
 from __future__ import annotations
 
+import math
+import os
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from ds4c.backends.cuda.kernels import get_kernel
+from ds4c.backends.cuda.buffer_plan import BufferPlan, out_variant, plan_buffers
+from ds4c.backends.cuda.kernels import get_kernel, planned_results
 from ds4c.backends.reference import ReferenceExecutor
+from ds4c.errors import IRError
 from ds4c.ir.graph import Graph, Op
 from ds4c.ir.registry import OpDef, get_op, split_results
 from ds4c.ops.moe import moe_gather_formulation
@@ -82,6 +92,115 @@ class _Streams:
             main.wait_stream(s)
 
 
+class _Arena:
+    """An executor's planned activation buffers: a ``BufferPlan`` per binding of the symbolic
+    sizes (the last ``MAX_PLANS``), laid over one arena. Eager runs share an arena that grows to
+    the largest plan; a run being captured into a CUDA graph gets its own (the graph keeps its
+    addresses), allocated inside the capture, i.e. from the graph's memory pool."""
+
+    MAX_PLANS = 16
+
+    def __init__(self, graph: Graph, placeable: list[bool], streams: list[str] | None, device: torch.device):
+        self.graph, self.placeable, self.streams, self.device = graph, placeable, streams, device
+        self.plans: dict[tuple, BufferPlan] = {}
+        self.eager: torch.Tensor | None = None
+        self._eager_views: dict[tuple, list] = {}
+        self.captured: list[torch.Tensor] = []  # arenas of captured runs, alive as long as the executor
+        self.current: list[list[torch.Tensor | None]] | None = None
+        self.expected: list[list[int | None]] = []
+        self.counts: Counter = Counter()  # (op name, "placed" | "allocated")
+
+    def plan(self, sizes: Mapping[str, int]) -> BufferPlan:
+        key = tuple(sorted(sizes.items()))
+        plan = self.plans.pop(key, None)
+        if plan is None:
+            plan = plan_buffers(self.graph, dict(sizes), self.placeable, self.streams)
+        self.plans[key] = plan  # most recently used last
+        while len(self.plans) > self.MAX_PLANS:
+            old = next(iter(self.plans))
+            del self.plans[old]
+            self._eager_views.pop(old, None)
+        return plan
+
+    def begin(self, sizes: Mapping[str, int]) -> None:
+        plan = self.plan(sizes)
+        key = tuple(sorted(sizes.items()))
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing:
+            arena = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
+            self.captured.append(arena)
+            self.current = plan.views(arena)
+        else:
+            if self.eager is None or self.eager.numel() < plan.arena_bytes:
+                self.eager = None  # free the old arena before taking the larger one
+                self.eager = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
+                self._eager_views.clear()
+            if key not in self._eager_views:
+                self._eager_views[key] = plan.views(self.eager)
+            self.current = self._eager_views[key]
+        self.expected = [[None if s is None else math.prod(s[2]) for s in step] for step in plan.slots]
+
+    def stats(self) -> dict[str, Any]:
+        latest = next(reversed(self.plans.values()), None)
+        per_op: dict[str, dict[str, int]] = {}
+        for (name, how), n in self.counts.items():
+            per_op.setdefault(name, {})[how] = n
+        return {"plans": len(self.plans),
+                "arena_bytes": 0 if self.eager is None else self.eager.numel(),
+                "captured_arena_bytes": sum(a.numel() for a in self.captured),
+                "latest": None if latest is None else {
+                    "sizes": latest.sizes, "arena_bytes": latest.arena_bytes, "placed": latest.placed,
+                    "placed_bytes": latest.placed_bytes, "peak_live_bytes": latest.peak_live_bytes,
+                    "outputs": latest.outputs, "unplaced": latest.unplaced},
+                "results": per_op}
+
+
+class _Placed(OpDef):
+    """An op that writes its results into their planned buffers, when this run's plan has any:
+    an ATen op through its ``out=`` overload, a launcher through ``result_buffer``. Results that
+    did not land in their buffer (a launcher declined, or allocated elsewhere) are counted; an
+    ``out=`` call that raises marks the op unplaceable and runs it as before."""
+
+    def __init__(self, inner: OpDef, arena: _Arena, index: int, out_op: Any | None):
+        self.inner, self.arena, self.index, self.out_op = inner, arena, index, out_op
+        self.name = inner.name
+
+    def reference(self, *args: Any, **kwargs: Any) -> Any:
+        views = self.arena.current[self.index] if self.arena.current is not None else None
+        if not views or all(v is None for v in views):
+            return self.inner.reference(*args, **kwargs)
+        if self.out_op is not None:
+            try:
+                out = self.out_op(*args, **kwargs, out=views[0])
+            except (RuntimeError, TypeError):
+                self.out_op = None  # this op's out= overload does not take these operands: allocate
+                self.arena.counts[(self.name, "out= failed")] += 1
+                return self.inner.reference(*args, **kwargs)
+        else:
+            with planned_results(views):
+                out = self.inner.reference(*args, **kwargs)
+        outs = split_results(out)
+        for k, (o, v) in enumerate(zip(outs, views, strict=False)):
+            if v is None or not isinstance(o, torch.Tensor):
+                continue
+            if o.data_ptr() == v.data_ptr() and o.numel() == self.arena.expected[self.index][k]:
+                self.arena.counts[(self.name, "placed")] += 1
+            elif o.data_ptr() == v.data_ptr():
+                raise IRError(f"op {self.name}: result {k} has {o.numel()} elements, its IR type at this binding "
+                              f"{self.arena.expected[self.index][k]}; the buffer plan's slot was overrun - "
+                              "report this (DS4C_BUFFER_PLAN=0 runs without the plan)")
+            elif o.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():
+                # a fallback returned (a view of) another arena buffer, whose bytes the plan may
+                # reuse before this result's last read: give it bytes of its own
+                self.arena.counts[(self.name, "copied")] += 1
+                if isinstance(out, torch.Tensor):
+                    return o.clone()
+                out = type(out)(x.clone() if i == k else x for i, x in enumerate(out))
+            else:
+                self.arena.counts[(self.name, "allocated")] += 1
+        return out
+
+
 class _OnStream(OpDef):
     """An op issued on its scheduled stream: waits for the events of its producers on other
     streams, records its own event when a consumer runs elsewhere, and marks its results as used
@@ -140,11 +259,13 @@ def order_for_streams(graph: Graph, assignment: Mapping[str, tuple[str, float]])
 class KernelExecutor(ReferenceExecutor):
     """``streams``: per op, keyed by result name, the (stream, start) of a ``schedule_streams``
     schedule (``stream_assignment``); on a CUDA device the ops then run in scheduled order on
-    their streams with an event per cross-stream edge, elsewhere in that order on one stream."""
+    their streams with an event per cross-stream edge, elsewhere in that order on one stream.
+    ``buffer_plan``: place activations in a planned arena (module doc); None reads
+    ``DS4C_BUFFER_PLAN`` (on unless "0")."""
 
     def __init__(self, graph: Graph, device: torch.device | str = "cuda",
                  on_op: Callable[[int, Op, list[Any]], None] | None = None, *, use_kernels: bool = True,
-                 streams: Mapping[str, tuple[str, float]] | None = None):
+                 streams: Mapping[str, tuple[str, float]] | None = None, buffer_plan: bool | None = None):
         op_streams = None
         if streams is not None:
             graph, op_streams = order_for_streams(graph, streams)
@@ -159,8 +280,35 @@ class KernelExecutor(ReferenceExecutor):
                 steps.append((op, opdef, args, kwargs))
             self._steps = steps
         self._streams: _Streams | None = None
-        if op_streams is not None and self.device.type == "cuda" and len(set(op_streams)) > 1:
+        multi = op_streams is not None and self.device.type == "cuda" and len(set(op_streams)) > 1
+        if buffer_plan is None:
+            buffer_plan = os.environ.get("DS4C_BUFFER_PLAN", "1") != "0"
+        self._arena: _Arena | None = None
+        if buffer_plan:
+            self._plan_buffers(op_streams if multi else None)
+        if multi:
             self._use_streams(op_streams)
+
+    def _plan_buffers(self, op_streams: list[str] | None) -> None:
+        """Wrap every op that can write into a planned buffer (a launcher, an ATen op with ``out=``)."""
+        placeable, steps = [], []
+        self._arena = _Arena(self.graph, placeable, op_streams, self.device)
+        for i, (op, opdef, args, kwargs) in enumerate(self._steps):
+            launcher = isinstance(opdef, _KernelOp) and get_kernel(op.name) is not None
+            out_op = None if launcher else out_variant(op.name)
+            ok = (launcher or out_op is not None) and get_op(op.name).pure and bool(op.results)
+            placeable.append(ok)
+            steps.append((op, _Placed(opdef, self._arena, i, out_op) if ok else opdef, args, kwargs))
+        self._steps = steps
+
+    def _begin(self, sizes: dict[str, int]) -> None:
+        if self._arena is not None:
+            self._arena.begin(sizes)
+
+    def buffer_stats(self) -> dict[str, Any] | None:
+        """The buffer plan's state (None when off): plans made, arena bytes (eager, captured), the
+        latest plan, and per op how many results were placed or allocated."""
+        return None if self._arena is None else self._arena.stats()
 
     def _use_streams(self, op_streams: list[str]) -> None:
         producer = {r: i for i, (op, *_) in enumerate(self._steps) for r in op.results}

@@ -11,20 +11,32 @@ Kernel modules register at import::
     @register_kernel("rms_norm")
     def rms_norm(x, weight=None, *, eps): ...
 
+A launcher allocates the tensors it returns with ``result_buffer`` (result index, shape, dtype,
+device): when the executor has planned a buffer for that result (``ds4c.backends.cuda.buffer_plan``)
+and set it for this launch (``planned_results``), the launcher writes there; otherwise it gets a
+new tensor. Scratch it does not return comes from ``torch.empty`` as usual.
+
 Launchers are device-agnostic: under ``TRITON_INTERPRET=1`` (set before triton is imported)
 they run on CPU tensors through Triton's interpreter, which is how CI checks them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+import torch
 
 KERNEL_MODULES = ("norms", "rope", "mhc", "attention", "compress", "moe", "act_quant", "linear")
 
 _KERNELS: dict[str, Callable[..., Any]] = {}
 _loaded = False
+# the current launch's planned result buffers (None: nothing planned); one executor runs at a time
+# on a thread, and each buffer is handed out once (a launcher calling another launcher may take it)
+_RESULT_BUFFERS: list[torch.Tensor | None] | None = None
 
 
 def register_kernel(op_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -61,3 +73,27 @@ def get_kernel(op_name: str) -> Callable[..., Any] | None:
 def kernels() -> dict[str, Callable[..., Any]]:
     _load()
     return dict(_KERNELS)
+
+
+@contextlib.contextmanager
+def planned_results(buffers: Sequence[torch.Tensor | None]) -> Iterator[None]:
+    """Within the block, ``result_buffer(k, ...)`` hands out ``buffers[k]`` (once) when it fits."""
+    global _RESULT_BUFFERS
+    saved, _RESULT_BUFFERS = _RESULT_BUFFERS, list(buffers)
+    try:
+        yield
+    finally:
+        _RESULT_BUFFERS = saved
+
+
+def result_buffer(index: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The tensor a launcher writes its op's result ``index`` into: the planned buffer for it when
+    one is set for this launch with this dtype, device and number of elements (viewed as
+    ``shape``), else a new one."""
+    buffers = _RESULT_BUFFERS
+    if buffers is not None and index < len(buffers):
+        buf = buffers[index]
+        if buf is not None and buf.dtype == dtype and buf.device == device and buf.numel() == math.prod(shape):
+            buffers[index] = None
+            return buf.view(tuple(shape))
+    return torch.empty(tuple(shape), dtype=dtype, device=device)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4c.backends.cuda.kernels import register_kernel
+from ds4c.backends.cuda.kernels import register_kernel, result_buffer
 from ds4c.backends.cuda.kernels.attention import interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import Launch, active_target
 from ds4c.backends.cuda.kernels.pdl import wait_for_producers
@@ -113,14 +113,15 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK: t
         tl.store(s_ptr + rows * tl.cdiv(K, BLOCK) + tl.program_id(1), s, mask=rows < M)
 
 
-def act_quant(x: torch.Tensor, *, dequant: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def act_quant(x: torch.Tensor, *, dequant: bool = False, result: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x`` [M, K] as (e4m3 [M, K], fp32 scales [M, ceil(K/128)]), or with ``dequant`` the
-    quantised values in x's dtype (and None)."""
+    quantised values in x's dtype (and None); ``result``: those are the launched op's result
+    (``result_buffer``), not a GEMM's scratch."""
     x = x.contiguous()
     m, k = x.shape
     blocks = triton.cdiv(k, ACT_BLOCK)
     if dequant:
-        q, s = torch.empty_like(x), None
+        q, s = (result_buffer(0, x.shape, x.dtype, x.device) if result else torch.empty_like(x)), None
     else:
         q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
         s = torch.empty((m, blocks), dtype=torch.float32, device=x.device)
@@ -136,5 +137,5 @@ def activation(x: torch.Tensor, *, format: str, block: int):
     """``quant.activation`` where no GEMM folded it in; declines formats and blocks it does not run."""
     if format != "fp8" or block != ACT_BLOCK or x.dtype not in (torch.float32, torch.bfloat16) or x.numel() == 0:
         return NotImplemented
-    q, _ = act_quant(x.reshape(-1, x.shape[-1]), dequant=True)
+    q, _ = act_quant(x.reshape(-1, x.shape[-1]), dequant=True, result=True)
     return q.view(x.shape)

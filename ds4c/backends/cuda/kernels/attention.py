@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4c.backends.cuda.kernels import register_kernel
+from ds4c.backends.cuda.kernels import register_kernel, result_buffer
 from ds4c.backends.cuda.kernels.configs import (
     AttentionConfig,
     Launch,
@@ -279,7 +279,7 @@ def attention(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, sinks: to
         return NotImplemented
     keys = keys.expand(b, 1, t, d)
     bias = bias.expand(b, 1, s, t)  # stride 0 where the bias broadcasts (batch 1, shared rows)
-    out = torch.empty((b, h, s, d), dtype=q.dtype, device=q.device)
+    out = result_buffer(0, (b, h, s, d), q.dtype, q.device)
     if out.numel() == 0:
         return out
     skip_masked = s > 1

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4c.backends.cuda.kernels import register_kernel
+from ds4c.backends.cuda.kernels import register_kernel, result_buffer
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import (
     active_target,
@@ -284,7 +284,7 @@ def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     n = max(16, triton.next_power_of_2(c))
     if not hasattr(tl, "topk") or n > TOPK_MAX_ENTRIES or not 0 < k <= c or not scores.is_contiguous():
         return scores.topk(k, dim=-1).indices
-    out = torch.empty(scores.shape[:-1] + (k,), dtype=torch.int64, device=scores.device)
+    out = result_buffer(0, scores.shape[:-1] + (k,), torch.int64, scores.device)
     rows = out.numel() // k
     if rows:
         cfg = topk_config(c)

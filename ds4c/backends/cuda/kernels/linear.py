@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4c.backends.cuda.kernels import register_kernel
+from ds4c.backends.cuda.kernels import register_kernel, result_buffer
 from ds4c.backends.cuda.kernels.act_quant import (
     act_quant,
     e4m3_round,
@@ -363,7 +363,7 @@ def row_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: in
         x, act = act_quant(x, dequant=True)[0], None
     split = triton.cdiv(k, cfg.k_split)
     blocks = triton.cdiv(n, cfg.block_n)
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    y = result_buffer(0, (1, n), x.dtype, x.device)
     parts, locks = split_k_buffers(y[0], split, blocks)
     _row_gemv_kernel[(blocks, split)](
         x, qdata, scale, parts, y, locks, n, k, n // groups, cfg.k_split, split, scale.shape[-1], cfg.prefetch_k,
@@ -451,7 +451,7 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, forma
         return None
     split = triton.cdiv(k, cfg.k_split)
     blocks = triton.cdiv(n, cfg.block_n)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = result_buffer(0, (m, n), x.dtype, x.device)
     parts, locks = split_k_buffers(y, split, blocks)
     _gemv_kernel[(blocks, split)](
         x, qdata, scale, parts, y, locks, m, n, k, x.shape[1], n // groups, cfg.k_split, split,
@@ -531,7 +531,7 @@ def fp8_gemm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, format: 
     xq, xs = act_quant(x)
     qdata, scale = qdata.contiguous(), scale.contiguous()
     cfg = fp8_gemm_config(m, n, **override)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = result_buffer(0, (m, n), x.dtype, x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _fp8_gemm_kernel[grid](xq, xs, qdata, scale, y, m, n, k, scale.shape[-1],
                            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=ACT_BLOCK, GROUP_M=cfg.group_m,

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4c.backends.cuda.kernels import register_kernel
+from ds4c.backends.cuda.kernels import register_kernel, result_buffer
 from ds4c.backends.cuda.kernels.attention import interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import (
     MHC_BLOCK_K,
@@ -243,9 +243,9 @@ def mhc_pre(h, fn, base, scale, *, norm_eps, hc_eps, sinkhorn_iters):
     if not _fits(h, fn, base, n * (n + 2)) or scale.numel() != 3 or int(sinkhorn_iters) < 1:
         return NotImplemented
     lead = h.shape[:-2]
-    out = torch.empty((*lead, d), dtype=h.dtype, device=h.device)
-    post = torch.empty((*lead, n), dtype=torch.float32, device=h.device)
-    comb = torch.empty((*lead, n, n), dtype=torch.float32, device=h.device)
+    out = result_buffer(0, (*lead, d), h.dtype, h.device)
+    post = result_buffer(1, (*lead, n), torch.float32, h.device)
+    comb = result_buffer(2, (*lead, n, n), torch.float32, h.device)
     flat = _rows(h)
     tokens = flat.shape[0]
     if tokens == 0:
@@ -268,7 +268,7 @@ def mhc_head(h, fn, base, scale, *, norm_eps, hc_eps):
     n, d = h.shape[-2:] if h.dim() >= 2 else (0, 0)
     if not _fits(h, fn, base, n) or scale.numel() not in (1, n) or scale.device != h.device:
         return NotImplemented
-    out = torch.empty((*h.shape[:-2], d), dtype=h.dtype, device=h.device)
+    out = result_buffer(0, (*h.shape[:-2], d), h.dtype, h.device)
     flat = _rows(h)
     tokens = flat.shape[0]
     if tokens == 0:
@@ -300,7 +300,7 @@ def mhc_post(f, h, post, comb):
         return NotImplemented
     if not (f.device == h.device == post.device == comb.device):
         return NotImplemented
-    out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    out = result_buffer(0, h.shape, h.dtype, h.device)
     tokens = out.numel() // max(n * d, 1)
     if out.numel() == 0:
         return out

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4c.backends.cuda.kernels import register_kernel
+from ds4c.backends.cuda.kernels import register_kernel, result_buffer
 from ds4c.backends.cuda.kernels.act_quant import activation
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import (
@@ -529,7 +529,7 @@ def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, 
         h if dn_act else _act_roundtrip(h, act), down, dn_s, idx, w, sd.contiguous(), sds, y, pairs, inter, hidden, triton.cdiv(inter, 128),
         down[0].numel(), dn_se, BLOCK_N=block_down, BLOCK_K=128 if dn_row else cfg.block_k, SCALE=dn_mode, ROW=dn_row,
         ACT_FP8=dn_act, **(rows_kw if dn_row else {}), **(cfg.row_launch if dn_row else cfg.launch).kwargs(target), **common)
-    out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
+    out = result_buffer(0, (tokens, hidden), x.dtype, x.device)
     _combine_kernel[(tokens, triton.cdiv(hidden, 1024))](
         y, out, pairs, hidden, TOP_K=top_k, SHARED=with_shared, BLOCK_N=1024,
         INTERPRETER_BF16=interpreter_bf16(x.dtype), **Launch(4).kwargs(target))

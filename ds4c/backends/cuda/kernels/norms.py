@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4c.backends.cuda.kernels import register_kernel
+from ds4c.backends.cuda.kernels import register_kernel, result_buffer
 from ds4c.backends.cuda.kernels.attention import interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import active_target, rms_norm_config
 from ds4c.backends.cuda.kernels.pdl import wait_for_producers
@@ -77,7 +77,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, *, eps: float)
     if weight is not None and (weight.dtype not in _DTYPES or tuple(weight.shape) != (dim,)
                                or weight.device != x.device):
         return NotImplemented
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = result_buffer(0, x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return out
     flat = x.reshape(-1, dim)

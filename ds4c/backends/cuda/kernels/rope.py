@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4c.backends.cuda.kernels import register_kernel
+from ds4c.backends.cuda.kernels import register_kernel, result_buffer
 from ds4c.backends.cuda.kernels.attention import interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import active_target, rope_config
 from ds4c.backends.cuda.kernels.pdl import wait_for_producers
@@ -145,7 +145,7 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch
         cos_b, sin_b = cos.expand(target), sin.expand(target)
     except RuntimeError:
         return NotImplemented
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = result_buffer(0, x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return out
     dim = x.shape[-1]

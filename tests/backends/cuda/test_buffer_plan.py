@@ -1,0 +1,245 @@
+"""The kernel executor's static buffer plan: activations at planned arena offsets, reuse ordered
+across streams, results equal to running without it."""
+
+from __future__ import annotations
+
+import random
+
+import networkx as nx
+import pytest
+import torch
+
+import ds4c
+from ds4c.backends.cuda.buffer_plan import out_variant, plan_buffers
+from ds4c.backends.cuda.executor import KernelExecutor, _Placed
+from ds4c.backends.reference import run_graph
+from ds4c.ir import parse_graph
+from ds4c.ir.registry import OpDef
+from ds4c.passes.liveness import analyze_liveness, is_view_op
+from tests.passes.random_graphs import random_feeds, random_graph
+
+SEEDS = range(24)
+
+
+def test_out_variants_of_aten_ops():
+    assert out_variant("aten.add.Tensor") is torch.ops.aten.add.out
+    assert out_variant("aten.mm.default") is torch.ops.aten.mm.out
+    assert out_variant("aten.linear.default") is torch.ops.aten.linear.out
+    assert out_variant("aten.cat.default") is torch.ops.aten.cat.out
+    assert out_variant("aten.view.default") is None  # a view: no bytes of its own
+    assert out_variant("aten.topk.default") is None  # two results
+    assert out_variant("aten.contiguous.default") is None  # may return its input
+    assert out_variant("rms_norm") is None  # not ATen: launchers take ``result_buffer`` instead
+
+
+def _placed_in_arena(executor):
+    """(placed results, slots of the latest plan): every slot's result must have landed in it."""
+    arena = executor._arena
+    plan = next(reversed(arena.plans.values()))
+    placed = sum(n for (_, how), n in arena.counts.items() if how == "placed")
+    return placed, plan.placed
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_graphs_run_in_the_planned_arena(seed):
+    graph = random_graph(seed)
+    inputs, params = random_feeds(graph, seed)
+    executor = KernelExecutor(graph, "cpu", buffer_plan=True)
+    got = executor.run(inputs, params)
+    want = run_graph(graph, inputs, params)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k  # live buffers sharing bytes would corrupt results
+    placed, slots = _placed_in_arena(executor)
+    assert placed == slots > 0
+    stats = executor.buffer_stats()
+    latest = stats["latest"]
+    assert latest["peak_live_bytes"] <= stats["arena_bytes"] == latest["arena_bytes"]
+    # outputs are not in the arena: the next run must not overwrite what the caller holds
+    arena = executor._arena.eager
+    lo, hi = arena.data_ptr(), arena.data_ptr() + arena.numel()
+    assert not any(lo <= t.data_ptr() < hi for t in got.values())
+    again = executor.run(inputs, params)
+    for k in want:
+        assert torch.equal(got[k], want[k]) and torch.equal(again[k], want[k]), k
+
+
+SYMBOLIC = """\
+graph @g(input %x: f32[B,64], param %w: f32[64,64]) {
+  %a = aten.mm.default(%x, %w) : f32[B,64]
+  %t = aten.t.default(%a) : f32[64,B]
+  %b = aten.relu.default(%a) : f32[B,64]
+  %c = aten.relu.default(%b) : f32[B,64]
+  %d = aten.mm.default(%t, %c) : f32[64,64]
+  %e = aten.add.Tensor(%d, %w) : f32[64,64]
+  %f = aten.mul.Tensor(%e, %e) : f32[64,64]
+  return y=%f
+}
+"""
+
+
+def test_a_plan_per_binding_one_growing_arena():
+    graph = parse_graph(SYMBOLIC)
+    executor = KernelExecutor(graph, "cpu", buffer_plan=True)
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    sizes = []
+    for b in (2, 300, 2):
+        x = torch.randn(b, 64, generator=torch.Generator().manual_seed(b))
+        got = executor.run({"x": x}, {"w": w})["y"]
+        torch.testing.assert_close(got, run_graph(graph, {"x": x}, {"w": w})["y"], rtol=0, atol=0)
+        stats = executor.buffer_stats()
+        sizes.append(stats["arena_bytes"])
+        assert stats["latest"]["sizes"] == {"B": b}
+    assert stats["plans"] == 2  # B=2 planned once, reused
+    assert sizes[0] < sizes[1] == sizes[2]  # the eager arena grows to the largest plan and stays
+
+
+def test_off_switch(monkeypatch):
+    monkeypatch.setenv("DS4C_BUFFER_PLAN", "0")
+    executor = KernelExecutor(parse_graph(SYMBOLIC), "cpu")
+    assert executor.buffer_stats() is None
+
+
+def _groups(graph, sizes):
+    return {b.root: b for b in analyze_liveness(graph, sizes).buffers}
+
+
+def _order_graph(graph, streams):
+    """Happens-before of ops issued in graph order: stream order plus each cross-stream operand's event."""
+    g = nx.DiGraph()
+    g.add_nodes_from(range(len(graph.ops)))
+    producer = {r: i for i, op in enumerate(graph.ops) for r in op.results}
+    last = {}
+    for i, op in enumerate(graph.ops):
+        if streams[i] in last:
+            g.add_edge(last[streams[i]], i)
+        last[streams[i]] = i
+        for v in op.operands:
+            if v in producer and streams[producer[v]] != streams[i]:
+                g.add_edge(producer[v], i)
+    return g
+
+
+def _check_reuse_is_ordered(graph, plan, streams):
+    """Independent of the planner: two placed buffers share bytes only if every op touching one
+    (writer, readers, readers of its views) happens before the other's writer."""
+    order = _order_graph(graph, streams)
+    reach = {i: nx.descendants(order, i) for i in order}
+    groups = _groups(graph, plan.sizes)
+    readers = {}
+    for i, op in enumerate(graph.ops):
+        for v in op.operands:
+            readers.setdefault(v.name, set()).add(i)
+    placed = []
+    for i, step in enumerate(plan.slots):
+        for k, slot in enumerate(step):
+            if slot is not None:
+                b = groups[graph.ops[i].results[k].name]
+                touch = {i}.union(*(readers.get(v, set()) for v in b.values))
+                nbytes = slot[1].itemsize * max(1, int(torch.tensor(slot[2]).prod()))
+                placed.append((i, touch, slot[0], slot[0] + nbytes))
+    for a, (wa, ta, lo_a, hi_a) in enumerate(placed):
+        for wb, tb, lo_b, hi_b in placed[a + 1:]:
+            if lo_a < hi_b and lo_b < hi_a:
+                a_first = all(t != wb and wb in reach[t] for t in ta)
+                b_first = all(t != wa and wa in reach[t] for t in tb)
+                assert a_first or b_first, (graph.ops[wa].results, graph.ops[wb].results)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_reuse_across_streams_is_ordered_by_events(seed):
+    graph = random_graph(seed)
+    rng = random.Random(seed)
+    streams = [rng.choice(["main", "main", "aux", "copy"]) for _ in graph.ops]
+    placeable = [not is_view_op(op.name) for op in graph.ops]
+    sizes = {}
+    one = plan_buffers(graph, sizes, placeable)
+    many = plan_buffers(graph, sizes, placeable, streams)
+    _check_reuse_is_ordered(graph, one, ["main"] * len(graph.ops))
+    _check_reuse_is_ordered(graph, many, streams)
+    assert one.placed == many.placed and one.arena_bytes <= many.arena_bytes
+
+
+def test_a_buffer_read_on_another_stream_is_not_reused_by_unordered_ops():
+    graph = parse_graph("""\
+graph @g(input %x: f32[64,64]) {
+  %a = aten.mm.default(%x, %x) : f32[64,64]
+  %b = aten.relu.default(%x) : f32[64,64]
+  %c = aten.neg.default(%a) : f32[64,64]
+  %d = aten.add.Tensor(%b, %c) : f32[64,64]
+  %e = aten.relu.default(%d) : f32[64,64]
+  %f = aten.neg.default(%e) : f32[64,64]
+  return y=%f
+}
+""")
+    placeable = [True] * len(graph.ops)
+    one = plan_buffers(graph, {}, placeable)
+    many = plan_buffers(graph, {}, placeable, ["main", "main", "aux", "main", "main", "main"])
+    # one stream: %a (last read by #2) shares bytes with %d (#3); with #2 on aux, %d's writer
+    # is ordered after #2 (it waits for %c), so it may still reuse them; %a's bytes are not free
+    # for %b, which is issued before #2 and runs concurrently with it
+    offset = {graph.ops[i].results[0].name: s[0][0] for i, s in enumerate(one.slots) if s[0] is not None}
+    assert offset["a"] == offset["d"]
+    off_many = {graph.ops[i].results[0].name: s[0][0] for i, s in enumerate(many.slots) if s[0] is not None}
+    assert off_many["a"] != off_many["b"]
+    _check_reuse_is_ordered(graph, many, ["main", "main", "aux", "main", "main", "main"])
+
+
+class _ReturnsItsInput(OpDef):
+    name = "test.identity"
+
+    def reference(self, x):
+        return x  # a view of another arena buffer (%c is a slice of %b), not its planned buffer
+
+
+def test_a_result_left_in_another_buffer_is_copied_out():
+    graph = parse_graph("""\
+graph @g(input %x: f32[8,8]) {
+  %a = aten.add.Tensor(%x, %x) : f32[8,8]
+  %b = aten.relu.default(%a) : f32[8,8]
+  %c = aten.slice.Tensor(%b, 0, 1, 8) : f32[7,8]
+  %d = aten.mul.Tensor(%c, %c) : f32[7,8]
+  %e = aten.neg.default(%d) : f32[7,8]
+  %f = aten.add.Tensor(%e, %e) : f32[7,8]
+  return y=%f
+}
+""")
+    executor = KernelExecutor(graph, "cpu", buffer_plan=True)
+    # stand-in for a launcher whose fallback returns a view of its input: step %c's op writes nothing
+    op, placed, args, kwargs = executor._steps[3]
+    executor._steps[3] = (op, _Placed(_ReturnsItsInput(), executor._arena, 3, None), (op.args[0],), {})
+    x = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+    got = executor.run({"x": x}, {})["y"]
+    want = -2 * torch.relu(x + x)[1:]
+    assert torch.equal(got, want)
+    counts = executor.buffer_stats()["results"]
+    assert counts["test.identity"] == {"copied": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bp") / "t.ds4"
+    ds4c.compile("tiny", target="h100", precision="fp32", max_context=64, progress=False).save(path)
+    return path
+
+
+def test_tiny_decode_runs_in_its_plan_with_the_same_values(tiny_path, monkeypatch):
+    ref = ds4c.load(tiny_path, device="cpu", backend="reference")
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(3))
+    logits, state = ref.prefill(ids)
+    tok = logits[:, -1].argmax(-1, keepdim=True)
+    planned = ds4c.load(tiny_path, device="cpu", backend="kernels")
+    got, _ = planned.decode(tok, 9, dict(state))
+    monkeypatch.setenv("DS4C_BUFFER_PLAN", "0")
+    unplanned = ds4c.load(tiny_path, device="cpu", backend="kernels")
+    want, _ = unplanned.decode(tok, 9, dict(state))
+    assert torch.equal(got, want)  # same kernels, same order: only the addresses differ
+    assert unplanned.buffer_plans() == {}
+    plans = planned.buffer_plans()
+    decode = plans["decode"]
+    assert decode["latest"]["sizes"] == {"B": 2}
+    # every fused op and GEMM of the step wrote into its planned buffer; none allocated its own
+    results = decode["results"]
+    assert {"attention.csa", "moe", "mhc.pre", "rms_norm", "aten.linear.default"} <= set(results)
+    assert all(set(r) == {"placed"} for r in results.values()), results
+    assert decode["latest"]["placed"] > 100
+    assert decode["arena_bytes"] < decode["latest"]["placed_bytes"] / 3  # bytes reused across the step
