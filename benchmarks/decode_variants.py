@@ -28,6 +28,10 @@ prefill:
   launches (``DS4C_FUSE_NORM_ROPE=0``; ``ds4c/backends/cuda/fuse_norm_rope.py`` fuses them by default).
 - ``compiled-combo``: ``compiled`` with Inductor's combo kernels (``DS4C_INDUCTOR_COMBO=1``:
   independent glue kernels share a launch).
+- ``kernels+streams-noplan`` / ``kernels-noplan``: the kernels backend without its static buffer
+  plan (``DS4C_BUFFER_PLAN=0``: every result allocated by the caching allocator, inside the CUDA
+  graph from its pool), to measure what the plan costs or saves in time and in the bytes the
+  capture holds (``capture_allocated_bytes``).
 
 Ratios answer two acceptance questions: fp8 weights vs bf16 weights (bytes read), and the
 stream schedule vs one stream (same program).
@@ -54,7 +58,9 @@ VARIANTS = {"kernels+streams": ("kernels", True, {}), "kernels": ("kernels", Fal
             "compiled-nomergepacked": ("compiled", False, {"DS4C_MERGE_PACKED": "0"}),
             "compiled-rowloop0": ("compiled", False, {}), "compiled-topk0": ("compiled", False, {}),
             "compiled-nonormrope": ("compiled", False, {"DS4C_FUSE_NORM_ROPE": "0"}),
-            "compiled-combo": ("compiled", False, {"DS4C_INDUCTOR_COMBO": "1"})}
+            "compiled-combo": ("compiled", False, {"DS4C_INDUCTOR_COMBO": "1"}),
+            "kernels+streams-noplan": ("kernels", True, {"DS4C_BUFFER_PLAN": "0"}),
+            "kernels-noplan": ("kernels", False, {"DS4C_BUFFER_PLAN": "0"})}
 # name -> tuning table applied after loading (model.tuning), as ``ds4c tune`` would
 TUNING = {"compiled-rowloop0": {"row_gemv": {"pipeline": 0, "row_sums": 0},
                                 "moe_decode": {"row_pipeline": 0, "row_sums": 0, "row_paired": 0}},
@@ -140,7 +146,12 @@ def main() -> None:
                 if args.prefill:
                     out["prefill_s"] = timed(lambda: model.prefill(prompt), dev, warmup=0, reps=3)
 
+                torch.cuda.synchronize(dev)
+                held = torch.cuda.memory_allocated(dev)
                 nxt, graph_state = model._decode(tok, args.prompt, state)  # captures the CUDA graph
+                torch.cuda.synchronize(dev)
+                # what the capture keeps: the graph's pool (activations, scratch) + its state buffers
+                out["capture_allocated_bytes"] = torch.cuda.memory_allocated(dev) - held
                 out["next_token"] = int(nxt[0, -1].argmax())
 
                 def step(st: dict = graph_state) -> Any:
@@ -162,6 +173,7 @@ def main() -> None:
                 ex = model._executors["decode"]
                 out["stream_events"] = getattr(ex, "stream_events", 0)
                 out["kernel_stats"] = ex.stats() if hasattr(ex, "stats") else None
+                out["buffer_plans"] = model.buffer_plans()
                 if args.rounds > 1:
                     live[name] = (model, step)
                 else:
@@ -210,6 +222,11 @@ def main() -> None:
         a = res.get(f"{p}/compiled-topk0", {})
         if "decode_s" in a and "decode_s" in b:
             ratios[f"{p}: bitonic top-k / select"] = a["decode_s"] / b["decode_s"]
+        for v in ("kernels", "kernels+streams"):
+            a, b = res.get(f"{p}/{v}-noplan", {}), res.get(f"{p}/{v}", {})
+            for key in ("decode_s", "decode_gpu_s", "capture_allocated_bytes"):
+                if key in a and key in b and b[key]:
+                    ratios[f"{p}: {v} without / with the buffer plan ({key})"] = a[key] / b[key]
         for v in ("compiled-nonormrope", "compiled-combo"):
             a = res.get(f"{p}/{v}", {})
             if "decode_s" in a and "decode_s" in b:

@@ -13,14 +13,18 @@
 #   bash benchmarks/device_session.sh topk        # indexer top-k forms alone; graphed step at ctx 32768 select vs bitonic (~7 min)
 #   bash benchmarks/device_session.sh fusion      # graphed step: norm+rope apart / fused / + Inductor combo kernels, all loaded,
 #                                                 # timed in turn (5 rounds); the decode step's Inductor code kept (~7 min)
+#   bash benchmarks/device_session.sh plan        # fp32 smoke vs transformers with the kernels backend's buffer plan (its
+#                                                 # arenas per entry point), buffer plan + executor tests (~5 min)
+#   bash benchmarks/device_session.sh planvariants  # graphed step, kernels backend with / without the buffer plan, one
+#                                                 # stream and the stream schedule, + compiled; 3 rounds (~9 min)
 #
 # TARGET (default h200) names the target record the artifacts are compiled for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -29,6 +33,17 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv > "$out/gpu.txt" 2>&1
 head_table=benchmarks/tables/fp8_with_head.json
 case "$1" in
+  plan)
+    timeout 200 python benchmarks/gpu_smoke.py --out "$out/smoke_plan.json" > "$out/smoke_plan.log" 2>&1
+    tail -3 "$out/smoke_plan.log" | cut -c1-700
+    timeout 200 python -m pytest -q -x -p no:cacheprovider tests/backends/cuda/test_buffer_plan.py \
+      tests/backends/cuda/test_executor.py tests/backends/cuda/test_streams.py > "$out/pytest_plan.log" 2>&1
+    tail -3 "$out/pytest_plan.log" ;;
+  planvariants)
+    timeout 570 python benchmarks/decode_variants.py --preset flash-slice --target "$target" --precisions bf16,fp8 \
+      --variants kernels+streams,kernels+streams-noplan,kernels,kernels-noplan,compiled --rounds 3 \
+      --out "$out/variants_plan.json" > "$out/variants_plan.log" 2>&1
+    tail -30 "$out/variants_plan.log" ;;
   exactness)
     timeout 200 python benchmarks/gpu_smoke.py --out "$out/smoke.json" > "$out/smoke.log" 2>&1; tail -3 "$out/smoke.log"
     timeout 120 python -m pytest -q -x -p no:cacheprovider tests/backends/cuda/test_norm_mhc_rope_kernels.py \

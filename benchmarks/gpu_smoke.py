@@ -13,6 +13,16 @@ import time
 import torch
 
 
+def _plan_summary(stats: dict) -> dict:
+    """An entry point's static buffer plan in a few numbers: arena bytes, results placed / not."""
+    how: dict[str, int] = {}
+    for counts in stats["results"].values():
+        for k, n in counts.items():
+            how[k] = how.get(k, 0) + n
+    return {"plans": stats["plans"], "arena_bytes": stats["arena_bytes"],
+            "captured_arena_bytes": stats["captured_arena_bytes"], "results": how}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu_smoke.json")
@@ -55,7 +65,8 @@ def main() -> None:
                                 "prefill_graph_errors": {str(k): v for k, v in model.prefill_graph_errors.items()},
                                 "greedy_equal": g_hf.tolist() == g_ds.tolist(),
                                 "hf_generate_s": t1 - t0, "ds4c_generate_s": t2 - t1,
-                                "ds4c_backend": model.backend, "cuda_graphs": bool(model._graphed)}
+                                "ds4c_backend": model.backend, "cuda_graphs": bool(model._graphed),
+                                "buffer_plans": {e: _plan_summary(st) for e, st in model.buffer_plans().items()}}
         print(name, res["configs"][name], flush=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

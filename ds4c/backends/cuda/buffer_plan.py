@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +84,7 @@ class BufferPlan:
     peak_live_bytes: int  # the most placed bytes live at one step (the arena's lower bound, alignment aside)
     unplaced: dict[str, int]  # per op name, its results (not graph outputs) its op allocates itself
     outputs: int  # buffers that hold (or may hold) graph outputs: allocated by their ops, they outlive the step
+    seconds: float = 0.0  # time to make the plan
 
     def views(self, arena: torch.Tensor) -> list[list[torch.Tensor | None]]:
         """Each slot as a contiguous tensor of its result's dtype and shape inside ``arena``."""
@@ -150,6 +152,7 @@ def plan_buffers(graph: Graph, sizes: dict[str, int], placeable: Sequence[bool],
     so; a fused op's reference: unknown): such a result counts as a view of each operand's buffer
     (their bytes stay live while it is read), and a buffer that may reach a graph output that way
     is not placed."""
+    t0 = time.perf_counter()
     evaluator = SizeEvaluator(sizes)
     live = analyze_liveness(graph, sizes)
     n = len(graph.ops)
@@ -223,7 +226,7 @@ def plan_buffers(graph: Graph, sizes: dict[str, int], placeable: Sequence[bool],
         delta[b.end + 1] -= b.size
     peak = max(_running(delta), default=0)
     return BufferPlan(dict(sizes), arena, slots, len(chosen), sum(b.size for b in chosen), peak,
-                      dict(sorted(unplaced.items())), n_outputs)
+                      dict(sorted(unplaced.items())), n_outputs, time.perf_counter() - t0)
 
 
 def _running(delta: list[int]) -> list[int]:

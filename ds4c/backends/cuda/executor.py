@@ -151,7 +151,7 @@ class _Arena:
                 "latest": None if latest is None else {
                     "sizes": latest.sizes, "arena_bytes": latest.arena_bytes, "placed": latest.placed,
                     "placed_bytes": latest.placed_bytes, "peak_live_bytes": latest.peak_live_bytes,
-                    "outputs": latest.outputs, "unplaced": latest.unplaced},
+                    "outputs": latest.outputs, "unplaced": latest.unplaced, "plan_seconds": latest.seconds},
                 "results": per_op}
 
 
