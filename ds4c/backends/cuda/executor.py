@@ -132,6 +132,10 @@ class _Arena:
             self.current = plan.views(arena)
         else:
             if self.eager is None or self.eager.numel() < plan.arena_bytes:
+                if self.eager is not None and self.eager.is_cuda:
+                    # it may have been allocated on another stream (a capture's warm-up): not
+                    # reused before the work queued on this one is done
+                    self.eager.record_stream(torch.cuda.current_stream(self.device))
                 self.eager = None  # free the old arena before taking the larger one
                 self.eager = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
                 self._eager_views.clear()
