@@ -40,7 +40,7 @@ case "$1" in
       tests/backends/cuda/test_executor.py tests/backends/cuda/test_streams.py > "$out/pytest_plan.log" 2>&1
     tail -3 "$out/pytest_plan.log" ;;
   planvariants)
-    timeout 570 python benchmarks/decode_variants.py --preset flash-slice --target "$target" --precisions bf16,fp8 \
+    timeout 530 python benchmarks/decode_variants.py --preset flash-slice --target "$target" --precisions bf16,fp8 \
       --variants kernels+streams,kernels+streams-noplan,kernels,kernels-noplan,compiled --rounds 3 \
       --out "$out/variants_plan.json" > "$out/variants_plan.log" 2>&1
     tail -30 "$out/variants_plan.log" ;;

@@ -19,6 +19,7 @@ from ds4c.passes.liveness import analyze_liveness, is_view_op
 from tests.passes.random_graphs import random_feeds, random_graph
 
 SEEDS = range(24)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_out_variants_of_aten_ops():
@@ -223,16 +224,16 @@ def tiny_path(tmp_path_factory):
 
 
 def test_tiny_decode_runs_in_its_plan_with_the_same_values(tiny_path, monkeypatch):
-    ref = ds4c.load(tiny_path, device="cpu", backend="reference")
-    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(3))
+    ref = ds4c.load(tiny_path, device=DEVICE, backend="reference")
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     logits, state = ref.prefill(ids)
     tok = logits[:, -1].argmax(-1, keepdim=True)
-    planned = ds4c.load(tiny_path, device="cpu", backend="kernels")
+    planned = ds4c.load(tiny_path, device=DEVICE, backend="kernels")
     got, _ = planned.decode(tok, 9, dict(state))
     monkeypatch.setenv("DS4C_BUFFER_PLAN", "0")
-    unplanned = ds4c.load(tiny_path, device="cpu", backend="kernels")
+    unplanned = ds4c.load(tiny_path, device=DEVICE, backend="kernels")
     want, _ = unplanned.decode(tok, 9, dict(state))
-    assert torch.equal(got, want)  # same kernels, same order: only the addresses differ
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # same kernels, same order: only addresses differ
     assert unplanned.buffer_plans() == {}
     plans = planned.buffer_plans()
     decode = plans["decode"]
