@@ -17,6 +17,7 @@ from ds4c.ir import parse_graph
 from ds4c.ir.registry import OpDef
 from ds4c.passes.liveness import analyze_liveness, is_view_op
 from tests.passes.random_graphs import random_feeds, random_graph
+from tests.passes.test_plan_memory import VIEWS
 
 SEEDS = range(24)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,22 +65,10 @@ def test_random_graphs_run_in_the_planned_arena(seed):
         assert torch.equal(got[k], want[k]) and torch.equal(again[k], want[k]), k
 
 
-SYMBOLIC = """\
-graph @g(input %x: f32[B,64], param %w: f32[64,64]) {
-  %a = aten.mm.default(%x, %w) : f32[B,64]
-  %t = aten.t.default(%a) : f32[64,B]
-  %b = aten.relu.default(%a) : f32[B,64]
-  %c = aten.relu.default(%b) : f32[B,64]
-  %d = aten.mm.default(%t, %c) : f32[64,64]
-  %e = aten.add.Tensor(%d, %w) : f32[64,64]
-  %f = aten.mul.Tensor(%e, %e) : f32[64,64]
-  return y=%f
-}
-"""
 
 
 def test_a_plan_per_binding_one_growing_arena():
-    graph = parse_graph(SYMBOLIC)
+    graph = parse_graph(VIEWS)
     executor = KernelExecutor(graph, "cpu", buffer_plan=True)
     w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
     sizes = []
@@ -96,7 +85,7 @@ def test_a_plan_per_binding_one_growing_arena():
 
 def test_off_switch(monkeypatch):
     monkeypatch.setenv("DS4C_BUFFER_PLAN", "0")
-    executor = KernelExecutor(parse_graph(SYMBOLIC), "cpu")
+    executor = KernelExecutor(parse_graph(VIEWS), "cpu")
     assert executor.buffer_stats() is None
 
 
@@ -217,10 +206,8 @@ graph @g(input %x: f32[8,8]) {
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bp") / "t.ds4"
-    ds4c.compile("tiny", target="h100", precision="fp32", max_context=64, progress=False).save(path)
-    return path
+def tiny_path(tiny_fp32_artifact):
+    return tiny_fp32_artifact
 
 
 def test_tiny_decode_runs_in_its_plan_with_the_same_values(tiny_path, monkeypatch):

@@ -15,10 +15,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("exec") / "t.ds4"
-    ds4c.compile("tiny", target="h100", precision="fp32", max_context=64, progress=False).save(path)
-    return path
+def tiny_path(tiny_fp32_artifact):
+    return tiny_fp32_artifact
 
 
 @pytest.fixture(scope="module")
