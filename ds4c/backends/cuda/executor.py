@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -105,7 +106,10 @@ class _Arena:
         self.plans: dict[tuple, BufferPlan] = {}
         self.eager: torch.Tensor | None = None
         self._eager_views: dict[tuple, list] = {}
-        self.captured: list[torch.Tensor] = []  # arenas of captured runs, alive as long as the executor
+        # arenas of captured runs: held by the CUDA graph object that took them (``take_captured``),
+        # seen here through weak references (evicting a graph frees its arena)
+        self.pending: list[torch.Tensor] = []
+        self.captured: list[weakref.ref] = []
         self.current: list[list[torch.Tensor | None]] | None = None
         self.expected: list[list[int | None]] = []
         self.counts: Counter = Counter()  # (op name, "placed" | "allocated")
@@ -122,13 +126,16 @@ class _Arena:
             self._eager_views.pop(old, None)
         return plan
 
+    def capturing(self) -> bool:
+        return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
     def begin(self, sizes: Mapping[str, int]) -> None:
         plan = self.plan(sizes)
         key = tuple(sorted(sizes.items()))
-        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if capturing:
+        if self.capturing():
             arena = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
-            self.captured.append(arena)
+            self.pending.append(arena)
+            self.captured.append(weakref.ref(arena))
             self.current = plan.views(arena)
         else:
             if self.eager is None or self.eager.numel() < plan.arena_bytes:
@@ -151,7 +158,7 @@ class _Arena:
             per_op.setdefault(name, {})[how] = n
         return {"plans": len(self.plans),
                 "arena_bytes": 0 if self.eager is None else self.eager.numel(),
-                "captured_arena_bytes": sum(a.numel() for a in self.captured),
+                "captured_arena_bytes": sum(a.numel() for a in (r() for r in self.captured) if a is not None),
                 "latest": None if latest is None else {
                     "sizes": latest.sizes, "arena_bytes": latest.arena_bytes, "placed": latest.placed,
                     "placed_bytes": latest.placed_bytes, "peak_live_bytes": latest.peak_live_bytes,
@@ -309,6 +316,15 @@ class KernelExecutor(ReferenceExecutor):
         if self._arena is not None:
             self._arena.begin(sizes)
 
+    def take_captured(self) -> list[torch.Tensor]:
+        """The arenas of the runs captured since the last call, for the CUDA graph that replays
+        them to keep (the executor itself keeps none)."""
+        if self._arena is None:
+            return []
+        taken, self._arena.pending = self._arena.pending, []
+        self._arena.captured = [r for r in self._arena.captured if r() is not None]
+        return taken
+
     def buffer_stats(self) -> dict[str, Any] | None:
         """The buffer plan's state (None when off): plans made, arena bytes (eager, captured), the
         latest plan, and per op how many results were placed or allocated."""
@@ -383,6 +399,7 @@ class GraphedDecode:
             for k, v in snapshot.items():
                 self.state[k].copy_(v)
         self.graph, self.logits = capture_after_warmup(device, warm, self._step)
+        self.arenas = executor.take_captured()  # the planned activations the graph addresses
 
     def _step(self) -> torch.Tensor:
         out = self.executor.run({"input_ids": self.ids, "position": self.position}, self.params, self.state)
@@ -429,6 +446,7 @@ class GraphedPrefill:
             for _ in range(warmup):
                 step()
         self.graph, self.out = capture_after_warmup(device, warm, step)
+        self.arenas = executor.take_captured()
 
     def __call__(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         self.ids.copy_(ids)

@@ -203,6 +203,10 @@ class InductorExecutor:
             ig = self._compiled[key] = InductorGraph(self.graph, params, self.device)
         return ig.run(inputs, params, state)
 
+    def take_captured(self) -> list[torch.Tensor]:
+        """Arenas of captured runs of the shapes that fell back to the kernels (``KernelExecutor``)."""
+        return [a for ig in self._compiled.values() if ig.fallback is not None for a in ig.fallback.take_captured()]
+
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"compiled_shapes": sum(ig.fallback is None for ig in self._compiled.values())}
         errors = {str(key): ig.fallback_error for key, ig in self._compiled.items() if ig.fallback is not None}

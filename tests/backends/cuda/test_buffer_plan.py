@@ -83,6 +83,23 @@ def test_a_plan_per_binding_one_growing_arena():
     assert sizes[0] < sizes[1] == sizes[2]  # the eager arena grows to the largest plan and stays
 
 
+def test_a_captured_run_gets_its_own_arena_which_the_graph_keeps(monkeypatch):
+    graph = parse_graph(VIEWS)
+    executor = KernelExecutor(graph, "cpu", buffer_plan=True)
+    feeds = ({"x": torch.randn(4, 64)}, {"w": torch.randn(64, 64)})
+    want = executor.run(*feeds)["y"]
+    eager = executor.buffer_stats()["arena_bytes"]
+    monkeypatch.setattr(type(executor._arena), "capturing", lambda self: True)  # as inside a CUDA graph capture
+    got = executor.run(*feeds)["y"]
+    assert torch.equal(got, want)
+    held = executor.take_captured()  # what GraphedDecode / GraphedPrefill keep with their graph
+    assert len(held) == 1 and held[0].numel() == eager
+    assert executor.buffer_stats()["captured_arena_bytes"] == eager
+    assert executor.take_captured() == []
+    del held  # the graph evicted: its arena is freed, the executor keeps none
+    assert executor.buffer_stats()["captured_arena_bytes"] == 0
+
+
 def test_off_switch(monkeypatch):
     monkeypatch.setenv("DS4C_BUFFER_PLAN", "0")
     executor = KernelExecutor(parse_graph(VIEWS), "cpu")
