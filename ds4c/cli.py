@@ -128,6 +128,24 @@ def run(
     console.print(f"generated ids: {new}")
     if prompt is not None or tok.kind != "none":
         console.print(f"text: {tok.decode(new)!r}")
+    line = buffer_plan_line(model.buffer_plans())
+    if line:
+        console.print(line)
+
+
+def buffer_plan_line(plans: dict) -> str:
+    """One line on the kernels backend's static buffer plan per entry point that ran (empty if none)."""
+    parts = []
+    for entry, st in sorted(plans.items()):
+        placed = sum(c.get("placed", 0) for c in st["results"].values())
+        other = sum(n for c in st["results"].values() for k, n in c.items() if k != "placed")
+        text = f"{entry} {st['arena_bytes'] / 2**20:.2f} MiB, {placed} results placed"
+        if other:
+            text += f" ({other} allocated by their op)"
+        if st["captured_arena_bytes"]:
+            text += f", CUDA graphs {st['captured_arena_bytes'] / 2**20:.2f} MiB"
+        parts.append(text)
+    return ("activations in planned arenas (model.buffer_plans()): " + "; ".join(parts)) if parts else ""
 
 
 @app.command()

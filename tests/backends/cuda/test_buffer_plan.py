@@ -248,3 +248,16 @@ def test_tiny_decode_runs_in_its_plan_with_the_same_values(tiny_path, monkeypatc
     assert all(set(r) == {"placed"} for r in results.values()), results
     assert decode["latest"]["placed"] > 100
     assert decode["arena_bytes"] < decode["latest"]["placed_bytes"] / 3  # bytes reused across the step
+
+
+def test_ds4c_run_reports_the_plan(tiny_path):
+    from typer.testing import CliRunner
+
+    from ds4c.cli import app
+
+    res = CliRunner().invoke(app, ["run", str(tiny_path), "--prompt-ids", "5,17,99", "-n", "2", "--backend", "kernels",
+                                   "--device", DEVICE])
+    assert res.exit_code == 0, res.output
+    flat = " ".join(res.output.split())
+    assert "activations in planned arenas (model.buffer_plans()): decode" in flat, flat
+    assert "prefill_last" in flat and "results placed" in flat
