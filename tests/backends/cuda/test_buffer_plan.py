@@ -261,3 +261,26 @@ def test_ds4c_run_reports_the_plan(tiny_path):
     flat = " ".join(res.output.split())
     assert "activations in planned arenas (model.buffer_plans()): decode" in flat, flat
     assert "prefill_last" in flat and "results placed" in flat
+
+
+def test_planned_results_are_per_thread():
+    import threading
+
+    from ds4c.backends.cuda.kernels import planned_results, result_buffer
+
+    mine = torch.empty(6)
+    seen = {}
+
+    def other_thread():  # another model's launcher, running meanwhile on another thread
+        seen["other"] = result_buffer(0, (2, 3), torch.float32, mine.device)
+
+    with planned_results([mine]):
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+        got = result_buffer(0, (3, 2), torch.float32, mine.device)
+        again = result_buffer(0, (3, 2), torch.float32, mine.device)
+    assert seen["other"].data_ptr() != mine.data_ptr()
+    assert got.data_ptr() == mine.data_ptr() and got.shape == (3, 2)
+    assert again.data_ptr() != mine.data_ptr()  # handed out once
+    assert result_buffer(0, (6,), torch.float32, mine.device).data_ptr() != mine.data_ptr()  # outside the block

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -34,9 +35,9 @@ KERNEL_MODULES = ("norms", "rope", "mhc", "attention", "compress", "moe", "act_q
 
 _KERNELS: dict[str, Callable[..., Any]] = {}
 _loaded = False
-# the current launch's planned result buffers (None: nothing planned); one executor runs at a time
-# on a thread, and each buffer is handed out once (a launcher calling another launcher may take it)
-_RESULT_BUFFERS: list[torch.Tensor | None] | None = None
+# per thread, the current launch's planned result buffers (``buffers``; absent or None: nothing
+# planned); each is handed out once (a launcher calling another launcher may take it)
+_PLANNED = threading.local()
 
 
 def register_kernel(op_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -78,19 +79,19 @@ def kernels() -> dict[str, Callable[..., Any]]:
 @contextlib.contextmanager
 def planned_results(buffers: Sequence[torch.Tensor | None]) -> Iterator[None]:
     """Within the block, ``result_buffer(k, ...)`` hands out ``buffers[k]`` (once) when it fits."""
-    global _RESULT_BUFFERS
-    saved, _RESULT_BUFFERS = _RESULT_BUFFERS, list(buffers)
+    saved = getattr(_PLANNED, "buffers", None)
+    _PLANNED.buffers = list(buffers)
     try:
         yield
     finally:
-        _RESULT_BUFFERS = saved
+        _PLANNED.buffers = saved
 
 
 def result_buffer(index: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The tensor a launcher writes its op's result ``index`` into: the planned buffer for it when
     one is set for this launch with this dtype, device and number of elements (viewed as
     ``shape``), else a new one."""
-    buffers = _RESULT_BUFFERS
+    buffers = getattr(_PLANNED, "buffers", None)
     if buffers is not None and index < len(buffers):
         buf = buffers[index]
         if buf is not None and buf.dtype == dtype and buf.device == device and buf.numel() == math.prod(shape):
