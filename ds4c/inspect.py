@@ -102,6 +102,9 @@ def summarize(manifest: dict[str, Any], program: Program, console: Console) -> N
         console.print(tb)
     if t.get("backend") in ("cuda", "rocm"):
         console.print(load_rewrites_line(manifest, program))
+        line = runtime_buffer_plan_line(manifest, program)
+        if line:
+            console.print(line)
     kernels = manifest.get("kernels") or {}
     if kernels.get("backend") == "npu":  # NPU vs host per op kind, SRAM working sets (ds4c.backends.npu.report)
         from ds4c.backends.npu.report import kernel_table, placement_table
@@ -124,6 +127,36 @@ def load_rewrites_line(manifest: dict[str, Any], program: Program) -> str:
     return (f"[bold]at load[/] (kernel backends, all entry points): {done.fused_norm_rope} query/key norm+rope "
             f"pairs become one launch each, {done.merged_linears} linears merge into a sibling's GEMM, "
             f"{len(done.unpacked_weights)} packed weights are expanded (the rest are read as stored); ops {sizes}")
+
+
+def runtime_buffer_plan_line(manifest: dict[str, Any], program: Program) -> str:
+    """The kernels backend's static buffer plan (``ds4c.backends.cuda.buffer_plan``) of each entry
+    point at the compile-time plan's sizes, computed on meta tensors: the arena the GPU runtime
+    will allocate for the results it places (one stream; the stream schedule may need more)."""
+    from ds4c.backends.cuda.executor import KernelExecutor
+    from ds4c.backends.cuda.launches import meta_params
+    from ds4c.backends.cuda.load_rewrites import kernel_graphs
+    from ds4c.passes.plan_memory import host_weights
+
+    plans = manifest.get("memory_plan") or {}
+    graphs, _, _ = kernel_graphs(program.graphs, meta_params(program.graphs), keep=host_weights(plans))
+    parts = []
+    for name, g in graphs.items():
+        sizes = (plans.get(name) or {}).get("sizes")
+        if sizes is None:
+            continue
+        plan = KernelExecutor(g, "meta", buffer_plan=True)._arena.plan(sizes)
+        binding = ", ".join(f"{k}={v}" for k, v in sorted(sizes.items()))
+        parts.append(f"@{name} ({binding}) {_size(plan.arena_bytes)} for {plan.placed} results "
+                     f"({_size(plan.placed_bytes)} apart)")
+    if not parts:
+        return ""
+    return "[bold]GPU activations[/] (kernels backend, planned at load per shape; here at the plan's sizes): " + \
+        "; ".join(parts)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
 
 
 def _mib(n: Any) -> str:

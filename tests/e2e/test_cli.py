@@ -51,6 +51,9 @@ def test_inspect_lists_layers_weights_and_state(tiny):
     # what the kernel backends rewrite at load, computed without a GPU: 4 layers x (q, kv) x (prefill, decode)
     flat = " ".join(text.split())  # rich wraps long lines
     assert "at load (kernel backends, all entry points): 16 query/key norm+rope pairs become one launch" in flat, flat
+    # the GPU runtime's static buffer plan, predicted on meta tensors at the compile plan's sizes
+    assert "GPU activations (kernels backend, planned at load per shape; here at the plan's sizes): @prefill (B=1, S=128)" in flat, flat
+    assert "@decode (B=1, S=128)" in flat and "results (" in flat
 
 
 def test_run_command_prompt_ids_and_text(tiny):
