@@ -190,10 +190,15 @@ def _mhc_regions(graph: Graph, ctx: PassContext) -> list:
     regions = []
     fired = 0
     for op in graph.ops:
-        if op.name not in ("aten.sum.dim_IntList", "aten._to_copy.default"):
+        if op.name not in ("aten.sum.dim_IntList", *CASTS):
             continue
         coll = matcher.match(MHC_COLLAPSE, op.results[0])
         if coll is None:
+            continue
+        # mhc.pre returns the collapsed streams in H's dtype: the region ends where the graph's value
+        # has that dtype (a bf16 model sums in fp32 and casts after: the cast is the root)
+        if not (isinstance(coll["h"].type, TensorType) and isinstance(op.results[0].type, TensorType)
+                and op.results[0].type.dtype == coll["h"].type.dtype):
             continue
         n = coll["h"].type.shape[-2] if isinstance(coll["h"].type, TensorType) else None
         if not isinstance(n, int) or coll["sizes"] != [n, n, n * n] or coll["bsizes"] != [n, n, n * n]:

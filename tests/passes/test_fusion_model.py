@@ -56,3 +56,24 @@ def test_preset_weights_drive_the_same_numbers_as_embedding():
     spec = param_spec(model)
     a = dict(init_preset_weights(spec, 0))
     assert set(a) == set(spec)
+
+
+def test_bf16_fused_ops_return_the_dtypes_their_ir_types_say():
+    """In bf16 the mHC collapse sums in fp32 and casts to bf16 after: ``mhc.pre`` (whose reference
+    returns H's dtype) takes the cast into its region, so its IR type is bf16, not the sum's fp32."""
+    from ds4c.backends.reference import ReferenceExecutor
+    from ds4c.ir.types import TensorType
+
+    art = ds4c.compile("tiny", target="cpu", precision="bf16", max_context=64, progress=False)
+    wrong = []
+
+    def check(i, op, outs):
+        for r, o in zip(op.results, outs, strict=True):
+            if isinstance(r.type, TensorType) and isinstance(o, torch.Tensor) and o.dtype != r.type.dtype:
+                wrong.append((op.name, r.name, str(r.type), o.dtype))
+
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    ReferenceExecutor(art.program.graphs["prefill"], "cpu", on_op=check).run({"input_ids": ids}, art.weights)
+    assert wrong == []
+    pre = [op for op in art.program.graphs["decode"].ops if op.name == "mhc.pre"]
+    assert pre and all(op.results[0].type.dtype == op.args[0].type.dtype == torch.bfloat16 for op in pre)
