@@ -101,8 +101,9 @@ def summarize(manifest: dict[str, Any], program: Program, console: Console) -> N
                        ", ".join(f"{_short(k)}×{v}" for k, v in sorted(unfused.items())) or "none", str(other))
         console.print(tb)
     if t.get("backend") in ("cuda", "rocm"):
-        console.print(load_rewrites_line(manifest, program))
-        line = runtime_buffer_plan_line(manifest, program)
+        rewritten = _kernel_graphs(manifest, program)
+        console.print(load_rewrites_line(program, rewritten))
+        line = runtime_buffer_plan_line(manifest, rewritten[0])
         if line:
             console.print(line)
     kernels = manifest.get("kernels") or {}
@@ -114,38 +115,42 @@ def summarize(manifest: dict[str, Any], program: Program, console: Console) -> N
     console.print(f"[bold]kernels[/] {len(kernels)} stored" + ("" if kernels else " (reference backend: none needed)"))
 
 
-def load_rewrites_line(manifest: dict[str, Any], program: Program) -> str:
-    """What the CUDA / ROCm kernel backends change in the graphs at load (``load_rewrites``),
-    computed here on meta tensors: ops per entry point before -> after, and per rewrite."""
+def _kernel_graphs(manifest: dict[str, Any], program: Program) -> tuple[dict[str, Graph], Any]:
+    """The graphs the CUDA / ROCm kernel backends run (``load_rewrites``), made here on meta
+    tensors, and what the rewrites did."""
     from ds4c.backends.cuda.launches import meta_params
     from ds4c.backends.cuda.load_rewrites import kernel_graphs
     from ds4c.passes.plan_memory import host_weights
 
     graphs, _, done = kernel_graphs(program.graphs, meta_params(program.graphs),
                                     keep=host_weights(manifest.get("memory_plan")))
+    return graphs, done
+
+
+def load_rewrites_line(program: Program, rewritten: tuple[dict[str, Graph], Any]) -> str:
+    """What the kernel backends change in the graphs at load (``_kernel_graphs``): ops per entry
+    point before -> after, and per rewrite."""
+    graphs, done = rewritten
     sizes = ", ".join(f"@{name} {len(program.graphs[name].ops)} -> {len(g.ops)}" for name, g in graphs.items())
     return (f"[bold]at load[/] (kernel backends, all entry points): {done.fused_norm_rope} query/key norm+rope "
             f"pairs become one launch each, {done.merged_linears} linears merge into a sibling's GEMM, "
             f"{len(done.unpacked_weights)} packed weights are expanded (the rest are read as stored); ops {sizes}")
 
 
-def runtime_buffer_plan_line(manifest: dict[str, Any], program: Program) -> str:
+def runtime_buffer_plan_line(manifest: dict[str, Any], graphs: dict[str, Graph]) -> str:
     """The kernels backend's static buffer plan (``ds4c.backends.cuda.buffer_plan``) of each entry
-    point at the compile-time plan's sizes, computed on meta tensors: the arena the GPU runtime
-    will allocate for the results it places (one stream; the stream schedule may need more)."""
+    point of ``graphs`` (``_kernel_graphs``) at the compile-time plan's sizes, computed on meta
+    tensors: the arena the GPU runtime will allocate for the results it places (one stream; the
+    stream schedule may need more)."""
     from ds4c.backends.cuda.executor import KernelExecutor
-    from ds4c.backends.cuda.launches import meta_params
-    from ds4c.backends.cuda.load_rewrites import kernel_graphs
-    from ds4c.passes.plan_memory import host_weights
 
     plans = manifest.get("memory_plan") or {}
-    graphs, _, _ = kernel_graphs(program.graphs, meta_params(program.graphs), keep=host_weights(plans))
     parts = []
     for name, g in graphs.items():
         sizes = (plans.get(name) or {}).get("sizes")
         if sizes is None:
             continue
-        plan = KernelExecutor(g, "meta", buffer_plan=True)._arena.plan(sizes)
+        plan = KernelExecutor(g, "meta", buffer_plan=True).buffer_plan(sizes)
         binding = ", ".join(f"{k}={v}" for k, v in sorted(sizes.items()))
         parts.append(f"@{name} ({binding}) {_size(plan.arena_bytes)} for {plan.placed} results "
                      f"({_size(plan.placed_bytes)} apart)")

@@ -200,7 +200,7 @@ def _mhc_regions(graph: Graph, ctx: PassContext) -> list:
         if not (isinstance(coll["h"].type, TensorType) and isinstance(op.results[0].type, TensorType)
                 and op.results[0].type.dtype == coll["h"].type.dtype):
             continue
-        n = coll["h"].type.shape[-2] if isinstance(coll["h"].type, TensorType) else None
+        n = coll["h"].type.shape[-2]
         if not isinstance(n, int) or coll["sizes"] != [n, n, n * n] or coll["bsizes"] != [n, n, n * n]:
             continue
         split = matcher.producers[coll["mix0"]]

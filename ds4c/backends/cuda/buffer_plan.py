@@ -8,9 +8,8 @@ prompt), so the executor plans what it runs with the same planner: ``analyze_liv
 op sequence at the bound sizes, then ``pack_arena``. What differs from the compile-time plan:
 
 - Graph outputs are not placed: they outlive the step (logits, the new state).
-- A value is placed only when its op can write into a given buffer: a Triton launcher that takes
-  its results from ``result_buffer`` (``PLACES_RESULTS``), or an ATen op with an ``out=``
-  overload (``out_variant``). Other results (and kernel scratch: split-K partials,
+- A value is placed only when its op can write into a given buffer: a Triton launcher (it takes
+  its results from ``result_buffer``), or an ATen op with an ``out=`` overload (``out_variant``). Other results (and kernel scratch: split-K partials,
   flash-decoding partials) are allocated as before; the executor counts both.
 - With several streams, bytes of a buffer are reused only by an op that every op touching the
   buffer (its writer and readers) happens before, through stream order and the executor's
@@ -39,7 +38,7 @@ import torch
 
 from ds4c.ir.graph import Graph, Op
 from ds4c.ir.types import TensorType
-from ds4c.passes.liveness import Buffer, SizeEvaluator, analyze_liveness, is_view_op
+from ds4c.passes.liveness import Buffer, Liveness, SizeEvaluator, analyze_liveness, is_view_op
 from ds4c.passes.plan_memory import ALIGNMENT, pack_arena
 
 PACK_EFFORT = 2000  # buffer placements per plan beyond the greedy orders (plans are made at run time)
@@ -86,9 +85,16 @@ class BufferPlan:
     outputs: int  # buffers that hold (or may hold) graph outputs: allocated by their ops, they outlive the step
     seconds: float = 0.0  # time to make the plan
 
-    def views(self, arena: torch.Tensor) -> list[list[torch.Tensor | None]]:
-        """Each slot as a contiguous tensor of its result's dtype and shape inside ``arena``."""
-        return [[None if s is None else _view(arena, *s) for s in step] for step in self.slots]
+    def views(self, arena: torch.Tensor) -> list[list[torch.Tensor | None] | None]:
+        """Each slot as a contiguous tensor of its result's dtype and shape inside ``arena``; None
+        for a step with no slot."""
+        return [None if all(s is None for s in step) else [None if s is None else _view(arena, *s) for s in step]
+                for step in self.slots]
+
+    @functools.cached_property
+    def numels(self) -> list[list[int | None]]:
+        """Elements of each slot's result (what the op must return there)."""
+        return [[None if s is None else math.prod(s[2]) for s in step] for step in self.slots]
 
 
 def _view(arena: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -220,18 +226,6 @@ def plan_buffers(graph: Graph, sizes: dict[str, int], placeable: Sequence[bool],
     for b, off in zip(chosen, offsets, strict=True):
         i, k = result_at[b.root]
         slots[i][k] = (off, *shape_of[b.root])
-    delta = [0] * (n + 2)
-    for b in chosen:
-        delta[b.start] += b.size
-        delta[b.end + 1] -= b.size
-    peak = max(_running(delta), default=0)
+    peak = max(Liveness(graph.name, n + 1, dict(sizes), [], chosen).live_bytes(), default=0)
     return BufferPlan(dict(sizes), arena, slots, len(chosen), sum(b.size for b in chosen), peak,
                       dict(sorted(unplaced.items())), n_outputs, time.perf_counter() - t0)
-
-
-def _running(delta: list[int]) -> list[int]:
-    out, acc = [], 0
-    for d in delta:
-        acc += d
-        out.append(acc)
-    return out

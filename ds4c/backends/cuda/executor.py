@@ -20,7 +20,6 @@ the launch.
 
 from __future__ import annotations
 
-import math
 import os
 import weakref
 from collections import Counter
@@ -110,12 +109,12 @@ class _Arena:
         # seen here through weak references (evicting a graph frees its arena)
         self.pending: list[torch.Tensor] = []
         self.captured: list[weakref.ref] = []
-        self.current: list[list[torch.Tensor | None]] | None = None
-        self.expected: list[list[int | None]] = []
+        self.current: list[list[torch.Tensor | None] | None] | None = None
+        self.expected: list[list[int | None]] = []  # the current plan's ``numels``
         self.counts: Counter = Counter()  # (op name, "placed" | "allocated")
 
     def plan(self, sizes: Mapping[str, int]) -> BufferPlan:
-        key = tuple(sorted(sizes.items()))
+        key = _key(sizes)
         plan = self.plans.pop(key, None)
         if plan is None:
             plan = plan_buffers(self.graph, dict(sizes), self.placeable, self.streams)
@@ -130,8 +129,7 @@ class _Arena:
         return self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
     def begin(self, sizes: Mapping[str, int]) -> None:
-        plan = self.plan(sizes)
-        key = tuple(sorted(sizes.items()))
+        plan, key = self.plan(sizes), _key(sizes)
         if self.capturing():
             arena = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
             self.pending.append(arena)
@@ -149,7 +147,13 @@ class _Arena:
             if key not in self._eager_views:
                 self._eager_views[key] = plan.views(self.eager)
             self.current = self._eager_views[key]
-        self.expected = [[None if s is None else math.prod(s[2]) for s in step] for step in plan.slots]
+        self.expected = plan.numels
+
+    def take(self) -> list[torch.Tensor]:
+        """The arenas of the runs captured since the last call (see ``KernelExecutor.take_captured``)."""
+        taken, self.pending = self.pending, []
+        self.captured = [r for r in self.captured if r() is not None]
+        return taken
 
     def stats(self) -> dict[str, Any]:
         latest = next(reversed(self.plans.values()), None)
@@ -166,6 +170,10 @@ class _Arena:
                 "results": per_op}
 
 
+def _key(sizes: Mapping[str, int]) -> tuple:
+    return tuple(sorted(sizes.items()))
+
+
 class _Placed(OpDef):
     """An op that writes its results into their planned buffers, when this run's plan has any:
     an ATen op through its ``out=`` overload, a launcher through ``result_buffer``. Results that
@@ -177,8 +185,8 @@ class _Placed(OpDef):
         self.name = inner.name
 
     def reference(self, *args: Any, **kwargs: Any) -> Any:
-        views = self.arena.current[self.index] if self.arena.current is not None else None
-        if not views or all(v is None for v in views):
+        views = self.arena.current[self.index]
+        if views is None:  # no slot for this op at this binding
             return self.inner.reference(*args, **kwargs)
         if self.out_op is not None:
             try:
@@ -319,11 +327,11 @@ class KernelExecutor(ReferenceExecutor):
     def take_captured(self) -> list[torch.Tensor]:
         """The arenas of the runs captured since the last call, for the CUDA graph that replays
         them to keep (the executor itself keeps none)."""
-        if self._arena is None:
-            return []
-        taken, self._arena.pending = self._arena.pending, []
-        self._arena.captured = [r for r in self._arena.captured if r() is not None]
-        return taken
+        return [] if self._arena is None else self._arena.take()
+
+    def buffer_plan(self, sizes: Mapping[str, int]) -> BufferPlan | None:
+        """The buffer plan this executor runs at ``sizes`` (made now if it is not cached; None when off)."""
+        return None if self._arena is None else self._arena.plan(sizes)
 
     def buffer_stats(self) -> dict[str, Any] | None:
         """The buffer plan's state (None when off): plans made, arena bytes (eager, captured), the
