@@ -312,8 +312,9 @@ class Builder:
 def rewrite_graph(graph: Graph, rules: Sequence[Rewrite], *, budget: Callable[[str, Match], bool] | None = None,
                   fired: dict[str, int] | None = None) -> Graph:
     """Apply ``rules`` once over the graph, visiting ops in order; a match's inner ops must not be used
-    outside it (so nothing is computed twice). ``budget(rule, match)`` may refuse individual rewrites
-    (used by bisection). Returns the rewritten graph; dead ops are left to DCE.
+    outside it (so nothing is computed twice), except views (free to keep: CSE makes one
+    ``reshape(%input_ids, [-1])`` serve every hash-routed MoE layer). ``budget(rule, match)`` may
+    refuse individual rewrites (used by bisection). Returns the rewritten graph; dead ops are left to DCE.
     """
     by_root: dict[str, list[Rewrite]] = {}
     anywhere: list[Rewrite] = []
@@ -339,9 +340,10 @@ def rewrite_graph(graph: Graph, rules: Sequence[Rewrite], *, budget: Callable[[s
                 m = matcher.match(rule.pattern, res)
                 if m is None or any(id(o) in removed for o in m.ops):
                     continue
-                inner = {id(o) for o in m.ops if o is not op}
-                if not _self_contained(m, op, users, outputs):
+                kept = _shared_views(m, op, users, outputs)
+                if kept is None:
                     continue
+                inner = {id(o) for o in m.ops if o is not op and id(o) not in kept}
                 if rule.check is not None and not rule.check(m):
                     continue
                 if budget is not None and not budget(rule.name, m):
@@ -389,17 +391,25 @@ def record_fusion(ctx: Any, graph_name: str, fired: dict[str, int]) -> None:
         stats[k] = stats.get(k, 0) + v
 
 
-def _self_contained(m: Match, root: Any, users: dict[Value, list[Any]], outputs: set[Value]) -> bool:
+def _shared_views(m: Match, root: Any, users: dict[Value, list[Any]], outputs: set[Value]) -> set[int] | None:
+    """The inner ops of ``m`` to keep because something outside the match uses them, or None when
+    the match cannot be rewritten. Only views may be kept (they compute nothing), and only views of
+    values that stay (graph inputs, ops outside the match, other kept views)."""
+    from ds4c.passes.pattern_lib import VIEWS
+
     matched = {id(o) for o in m.ops}
-    for o in m.ops:
-        if o is root:
+    escaping = [o for o in m.ops if o is not root
+                and any(r in outputs or any(id(u) not in matched for u in users.get(r, [])) for r in o.results)]
+    kept: set[int] = set()
+    while escaping:  # a kept view keeps the matched views it reads
+        o = escaping.pop()
+        if id(o) in kept:
             continue
-        for r in o.results:
-            if r in outputs:
-                return False
-            if any(id(u) not in matched for u in users.get(r, [])):
-                return False
-    return True
+        if o.name not in VIEWS:
+            return None
+        kept.add(id(o))
+        escaping.extend(p for a in o.operands if (p := m.producers.get(a)) is not None and id(p) in matched)
+    return kept
 
 
 # -- patterns from traced reference code ----------------------------------------------------------

@@ -23,9 +23,9 @@ HF_TINY = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def hf_traced():
-    cfg = transformers.DeepseekV4Config(**HF_TINY)
+def _trace(overrides: dict | None = None, seq: int = 24):
+    """The transformers model of ``HF_TINY | overrides`` with random weights, exported and imported."""
+    cfg = transformers.DeepseekV4Config(**{**HF_TINY, **(overrides or {})})
     cfg._experts_implementation = "batched_mm"  # export-friendly experts; the model code is untouched
     torch.manual_seed(0)
     model = transformers.DeepseekV4ForCausalLM(cfg).eval()
@@ -39,7 +39,7 @@ def hf_traced():
                 gate.tid2eid.copy_(torch.stack([torch.randperm(4)[:2] for _ in range(128)]))
             if hasattr(gate, "e_score_correction_bias"):
                 gate.e_score_correction_bias.normal_(0, 0.1)
-    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 128, (1, seq), generator=torch.Generator().manual_seed(1))
 
     class Logits(torch.nn.Module):
         def __init__(self, m):
@@ -57,17 +57,25 @@ def hf_traced():
     return g, params, ids, want
 
 
-def test_fused_hf_graph_equals_transformers(hf_traced):
-    g, params, ids, want = hf_traced
+def _fuse(g):
     ctx = PassContext(program_attrs={"dim_names": {"input_ids": ["B", "S"]}})
     prog = PassManager("default", ctx=ctx).run(Program({"hf": g}, ctx.program_attrs))
-    fused = prog.graphs["hf"]
+    return prog.graphs["hf"], prog.attrs["fusion"]["hf"]
+
+
+@pytest.fixture(scope="module")
+def hf_traced():
+    return _trace()
+
+
+def test_fused_hf_graph_equals_transformers(hf_traced):
+    g, params, ids, want = hf_traced
+    fused, fusion = _fuse(g)
     verify_graph(fused)
     got = run_graph(fused, {"input_ids": ids}, params)["logits"]
     assert (got - want).abs().max().item() <= 1e-5
     counts = fused.op_counts()
     # 3 layers: q_a, kv, compressor kv (x2 for CSA incl. indexer) weighted norms + final norm ...
-    fusion = prog.attrs["fusion"]["hf"]
     assert fusion["rms_norm.weighted"] == 16
     assert fusion["rms_norm.unweighted"] == 10  # q_b_norm x3, mHC input norms x6, head x1
     assert fusion["rope"] == 13  # q, kv, output per layer (9) + 3 compressors + indexer queries
@@ -84,3 +92,28 @@ def test_fused_hf_graph_equals_transformers(hf_traced):
     assert not any(op.name == "aten.softmax.int" and op.loc and op.loc.endswith("self_attn") for op in fused.ops)
     text = print_graph(fused)
     assert print_graph(parse_graph(text)) == text
+
+
+# The released models' layer orders at small width: Flash starts sliding, sliding, then CSA/HCA
+# alternate; Pro starts HCA, HCA, then CSA/HCA alternate; both route their first three MoE layers by
+# token hash. CSE shares one flattened view of the token ids among the hash layers, which once left
+# every hash layer of such a model unfused (each layer's gather of whole expert matrices per token).
+RELEASE_ORDERS = {
+    "flash": ["sliding_attention"] * 2 + ["compressed_sparse_attention", "heavily_compressed_attention"] * 2,
+    "pro": ["heavily_compressed_attention"] * 2 + ["compressed_sparse_attention", "heavily_compressed_attention"] * 2,
+}
+
+
+@pytest.mark.parametrize("order", sorted(RELEASE_ORDERS))
+def test_release_layer_order_fuses_every_moe_layer(order):
+    layers = RELEASE_ORDERS[order]
+    g, params, ids, want = _trace(dict(num_hidden_layers=len(layers), layer_types=layers,
+                                       mlp_layer_types=["hash_moe"] * 3 + ["moe"] * (len(layers) - 3)), seq=20)
+    fused, fusion = _fuse(g)
+    assert fusion["moe"] == len(layers)
+    counts = fused.op_counts()
+    assert "aten.bmm.default" not in counts and "aten.index.Tensor" not in counts
+    moes = [op for op in fused.ops if op.name == "moe"]
+    assert [op.kwargs["routing"] for op in moes] == ["hash"] * 3 + ["bias"] * (len(layers) - 3)
+    got = run_graph(fused, {"input_ids": ids}, params)["logits"]
+    assert (got - want).abs().max().item() <= 1e-5
