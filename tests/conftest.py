@@ -23,6 +23,14 @@ if "DS4C_CACHE_DIR" not in os.environ:
 
     os.environ["DS4C_CACHE_DIR"] = tempfile.mkdtemp(prefix="ds4c-cache-")
     atexit.register(shutil.rmtree, os.environ["DS4C_CACHE_DIR"], ignore_errors=True)  # in the process that made it
+# Signing keys and trusted keys (ds4c.artifact.signing) of the run, not the user's: one directory
+# for the whole run, shared by the xdist workers and the processes tests start.
+if "DS4C_HOME" not in os.environ:
+    import atexit
+    import shutil
+
+    os.environ["DS4C_HOME"] = tempfile.mkdtemp(prefix="ds4c-home-")
+    atexit.register(shutil.rmtree, os.environ["DS4C_HOME"], ignore_errors=True)
 # Ahead-of-time Triton binaries cost 10-40 s per GPU-target compile on 2 cores; the tests that are
 # about them (tests/backends/cuda/test_aot.py) ask for them explicitly, the rest compile without.
 os.environ.setdefault("DS4C_KERNEL_BINARIES", "0")

@@ -7,9 +7,13 @@ from ds4c.artifact.container import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
+    SIGNATURE,
     Container,
     check_member_name,
     open_container,
+    remove_stale_temps,
+    rewrite_signature,
+    temp_beside,
     write_container,
 )
 
@@ -19,8 +23,12 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST",
+    "SIGNATURE",
     "Container",
     "check_member_name",
     "open_container",
+    "remove_stale_temps",
+    "rewrite_signature",
+    "temp_beside",
     "write_container",
 ]

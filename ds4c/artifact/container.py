@@ -6,10 +6,18 @@ padding lives in a ZIP extra field, as Android's zipalign does), so a runtime ca
 large member in place (``Container.member_span``). Any ZIP tool can list and extract the file.
 
 Writing is atomic: a temp file in the destination directory, fsync, ``os.replace``. On any
-exception the temp file is removed and an existing file at the path is left untouched. File
-members are streamed, never read whole; they are hashed once before writing (the manifest,
-which lists every sha256, comes first) and again while copied, which also catches a file that
-changes under us.
+exception the temp file is removed and an existing file at the path is left untouched. A temp
+file is named ``.NAME.PID-RANDOM[.LABEL].tmp`` and locked (``flock``) while its writer lives, so
+one left by a killed process (SIGKILL, power loss) is recognised and removed by the next write
+next to it: its writer's pid is gone and its lock is free. The artifact gets the mode any new
+file gets (``0666 & ~umask``). File members are streamed, never read whole; they are hashed once
+before writing (the manifest, which lists every sha256, comes first) and again while copied,
+which also catches a file that changes under us.
+
+A container may carry a signature of the manifest's exact bytes, the member ``signature.json``
+right after the manifest (``SIGNATURE``; not listed in the manifest, which it signs). This module
+stores and returns those bytes; making and checking signatures is ``ds4c.artifact.signing``'s.
+Since the manifest lists every member's sha256, signing the manifest signs the whole artifact.
 
 Reading checks the format and its version, refuses truncated files, members missing from the
 manifest or from the archive, and verifies sha256 sums: at open for members up to
@@ -20,15 +28,18 @@ members like any other.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import re
 import struct
 import tempfile
 import threading
 import zipfile
-from collections.abc import Iterator, Mapping
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, BinaryIO
@@ -39,6 +50,8 @@ from ds4c.version import __version__
 FORMAT = "ds4c-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SIGNATURE = "signature.json"  # the manifest's signature (ds4c.artifact.signing); not a listed member
+MAX_SIGNATURE_BYTES = 64 * 1024
 RESERVED_KEYS = ("format", "format_version", "ds4c_version", "created", "members")
 DATA_ALIGNMENT = 64  # bytes; enough for any dtype view and for cache lines
 EAGER_VERIFY_BYTES = 256 * 1024 * 1024  # members larger than this are verified on first use
@@ -59,10 +72,14 @@ def check_member_name(name: object) -> str:
             or PurePosixPath(name).is_absolute() or (len(parts[0]) == 2 and parts[0][1] == ":")):
         raise ArtifactError(f"invalid artifact member name '{name}': use a relative posix path "
                             "like 'kernels/matmul.ptx', without '..', '.', empty parts or backslashes")
-    if name == MANIFEST:
-        raise ArtifactError(f"invalid artifact member name '{name}': it is reserved for the manifest; "
-                            "pass manifest sections in the manifest argument")
+    if name in (MANIFEST, SIGNATURE):
+        raise ArtifactError(f"invalid artifact member name '{name}': it is reserved for the manifest and its "
+                            "signature; pass manifest sections in the manifest argument")
     return name
+
+
+# where a member's bytes come from while writing: bytes, a file, or chunks of another container
+_Source = Path | memoryview | Callable[[], Iterable[bytes]]
 
 
 def _hash_file(path: Path) -> tuple[str, int]:
@@ -75,7 +92,7 @@ def _hash_file(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _describe(name: str, src: object) -> tuple[str, int, Path | memoryview]:
+def _describe(name: str, src: object) -> tuple[str, int, _Source]:
     """(sha256, size, source) of one member; file members are hashed by streaming."""
     if isinstance(src, bytes | bytearray | memoryview):
         view = memoryview(src).cast("B")
@@ -105,13 +122,15 @@ def _aligned_info(zf: zipfile.ZipFile, name: str, size: int) -> zipfile.ZipInfo:
 
 
 def write_container(path: str | os.PathLike, manifest: Mapping[str, Any],
-                    members: Mapping[str, bytes | bytearray | memoryview | os.PathLike]) -> None:
+                    members: Mapping[str, bytes | bytearray | memoryview | os.PathLike], *,
+                    sign: Callable[[bytes], bytes] | None = None) -> None:
     """Write ``manifest`` sections and ``members`` to ``path`` as one ``.ds4`` file, atomically.
 
     ``members`` maps names (relative posix paths) to bytes or to paths of files that are streamed
     in. The keys ``format``, ``format_version``, ``ds4c_version``, ``created`` and ``members`` of
     the manifest are written by this function (values given for them are replaced), so a manifest
-    read from one artifact can be passed back in.
+    read from one artifact can be passed back in. ``sign``, given the manifest's bytes, returns
+    the ``signature.json`` member (``ds4c.artifact.signing.signer``); without it the file is unsigned.
     """
     path = Path(path)
     if path.is_dir():
@@ -128,26 +147,46 @@ def write_container(path: str | os.PathLike, manifest: Mapping[str, Any],
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"the manifest for {path} is not JSON-serializable ({e}); store tensors as "
                             "members and keep only plain numbers, strings, lists and dicts in the manifest") from None
+    _write(path, manifest_bytes, sign(manifest_bytes) if sign is not None else None, described)
 
+
+def rewrite_signature(path: str | os.PathLike, sign: Callable[[bytes], bytes] | None) -> None:
+    """Sign the artifact at ``path`` anew (``sign``) or drop its signature (None), atomically.
+
+    The manifest's bytes and every member are kept as they are (streamed from the old file, each
+    checked against its sha256 on the way), so the new signature covers exactly what was there.
+    """
+    path = Path(path)
+    with open_container(path, verify=False) as c:
+        described = {name: (info["sha256"], info["size"], _member_chunks(c, name))
+                     for name, info in c.manifest["members"].items()}
+        _write(path, c.raw_manifest, sign(c.raw_manifest) if sign is not None else None, described)
+
+
+def _member_chunks(c: Container, name: str) -> Callable[[], Iterator[bytes]]:
+    return lambda: c._chunks(name)
+
+
+def _write(path: Path, manifest_bytes: bytes, signature: bytes | None,
+           described: Mapping[str, tuple[str, int, _Source]]) -> None:
+    if signature is not None and len(signature) > MAX_SIGNATURE_BYTES:
+        raise ArtifactError(f"the signature for {path} has {len(signature)} bytes, more than {MAX_SIGNATURE_BYTES}; "
+                            "sign with an Ed25519 key (ds4c.artifact.signing)")
     directory = path.parent.resolve()
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-                manifest_digest = hashlib.sha256(manifest_bytes).hexdigest()
-                _copy_member(zf, MANIFEST, manifest_digest, len(manifest_bytes), memoryview(manifest_bytes))
-                for name, (digest, size, src) in described.items():
-                    _copy_member(zf, name, digest, size, src)
-            raw.flush()
-            os.fsync(raw.fileno())
+    with temp_beside(path) as (raw, tmp):
+        with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            manifest_digest = hashlib.sha256(manifest_bytes).hexdigest()
+            _copy_member(zf, MANIFEST, manifest_digest, len(manifest_bytes), memoryview(manifest_bytes))
+            if signature is not None:
+                _copy_member(zf, SIGNATURE, hashlib.sha256(signature).hexdigest(), len(signature),
+                             memoryview(signature))
+            for name, (digest, size, src) in described.items():
+                _copy_member(zf, name, digest, size, src)
+        raw.flush()
+        if hasattr(os, "fchmod"):  # mkstemp made it 0600: give it the mode any new file gets
+            os.fchmod(raw.fileno(), 0o666 & ~_umask())
+        os.fsync(raw.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     try:  # make the rename itself durable; not possible on every platform / filesystem
         dir_fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -160,7 +199,109 @@ def write_container(path: str | os.PathLike, manifest: Mapping[str, Any],
         os.close(dir_fd)
 
 
-def _copy_member(zf: zipfile.ZipFile, name: str, digest: str, size: int, src: Path | memoryview) -> None:
+def _umask() -> int:
+    """The process's umask, read without changing it where the platform allows (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not atomic, as everywhere without getumask)
+    os.umask(mask)
+    return mask
+
+
+# .NAME.PID-RANDOM[.LABEL].tmp (the random part is tempfile.mkstemp's)
+_TEMP = re.compile(r"\.(?P<pid>[0-9]+)-[a-z0-9_]+(?:\.[a-z]+)?\.tmp")
+
+
+@contextlib.contextmanager
+def temp_beside(path: str | os.PathLike, label: str = "") -> Iterator[tuple[BinaryIO, Path]]:
+    """A new, locked temp file next to ``path`` (``.NAME.PID-RANDOM[.LABEL].tmp``), removed at exit
+    unless it was renamed away; stale temps of ``path`` left by dead processes are removed first."""
+    path = Path(path)
+    directory = path.parent.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=f".{label}.tmp" if label else ".tmp",
+                               dir=directory)
+    f = os.fdopen(fd, "r+b")
+    try:
+        _try_lock(f.fileno())  # held until closed: tells remove_stale_temps this writer lives
+        yield f, Path(tmp)
+    finally:
+        f.close()
+        Path(tmp).unlink(missing_ok=True)
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temp files of ``path`` whose writer died (its pid is gone and its lock is free).
+
+    Only files of this user that match the temp scheme exactly are considered; returns those removed."""
+    path = Path(path)
+    directory = path.parent
+    prefix = f".{path.name}"
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(prefix) or not _TEMP.fullmatch(entry.name[len(prefix):]):
+            continue
+        pid = int(_TEMP.fullmatch(entry.name[len(prefix):]).group("pid"))  # type: ignore[union-attr]
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if (not entry.is_file(follow_symlinks=False) or pid == os.getpid() or _pid_alive(pid)
+                or (hasattr(os, "getuid") and st.st_uid != os.getuid())):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if _try_lock(fd):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` without waiting; False if another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock (Windows): the pid alone decides
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a filesystem without flock: the pid alone decides
+        return True
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # another user's process (or a pid the OS cannot name): leave its file alone
+    return True
+
+
+def _copy_member(zf: zipfile.ZipFile, name: str, digest: str, size: int, src: _Source) -> None:
     h = hashlib.sha256()
     copied = 0
     with zf.open(_aligned_info(zf, name, size), "w", force_zip64=True) as out:
@@ -168,13 +309,21 @@ def _copy_member(zf: zipfile.ZipFile, name: str, digest: str, size: int, src: Pa
             out.write(src)
             h.update(src)
             copied = src.nbytes
-        else:
+        elif isinstance(src, Path):
             with open(src, "rb") as f:
                 while chunk := f.read(_CHUNK):
                     out.write(chunk)
                     h.update(chunk)
                     copied += len(chunk)
+        else:
+            for chunk in src():
+                out.write(chunk)
+                h.update(chunk)
+                copied += len(chunk)
     if copied != size or h.hexdigest() != digest:
+        if not isinstance(src, memoryview | Path):
+            raise ArtifactError(f"member '{name}' does not match its sha256 in the manifest; the artifact is "
+                                "corrupted: recompile or re-download it")
         raise ArtifactError(f"member '{name}': {src} changed while the artifact was being written; "
                             "write the artifact again once nothing else writes that file")
 
@@ -209,10 +358,17 @@ class Container:
             with zipfile.ZipFile(self._file, "r") as zf:
                 infos = zf.infolist()
                 raw_manifest = zf.read(MANIFEST)
+                signed = [i for i in infos if i.filename == SIGNATURE]
+                if signed and signed[0].file_size > MAX_SIGNATURE_BYTES:
+                    raise self._bad(f"{SIGNATURE} has {signed[0].file_size} bytes, more than a signature")
+                raw_signature = zf.read(signed[0]) if signed else None
         except KeyError:
             raise self._bad("no manifest.json") from None
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
-            raise self._bad(str(e)) from None
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error,
+                NotImplementedError, RuntimeError, zlib.error) as e:  # what zipfile raises on damaged input
+            raise self._bad(str(e) or type(e).__name__) from None
+        self.raw_manifest: bytes = raw_manifest  # the exact bytes a signature covers
+        self.signature: bytes | None = raw_signature  # the signature member's bytes, if signed
         try:
             manifest = json.loads(raw_manifest)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -251,14 +407,14 @@ class Container:
         if missing:
             raise ArtifactError(f"{self.path}: member '{missing[0]}' listed in the manifest is missing; "
                                 "the artifact is incomplete, recompile it")
-        extra = sorted(seen - set(listed) - {MANIFEST})
+        extra = sorted(seen - set(listed) - {MANIFEST, SIGNATURE})
         if extra:
             raise ArtifactError(f"{self.path}: member '{extra[0]}' is not listed in the manifest; "
                                 "the artifact was modified after it was written, recompile it")
 
         self._spans: dict[str, tuple[int, int]] = {}
         for info in infos:
-            if info.filename == MANIFEST:
+            if info.filename in (MANIFEST, SIGNATURE):
                 continue
             name = info.filename
             if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
@@ -267,7 +423,7 @@ class Container:
             if info.file_size != listed[name]["size"]:
                 raise ArtifactError(f"{self.path}: member '{name}' is corrupted: size {info.file_size} != "
                                     f"{listed[name]['size']} in the manifest; recompile or re-download")
-            header = self._pread(info.header_offset, _LOCAL_HEADER.size)
+            header = self._pread(info.header_offset, _LOCAL_HEADER.size) if info.header_offset >= 0 else b""
             if len(header) != _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
                 raise self._bad(f"bad local header of member '{name}'")
             fields = _LOCAL_HEADER.unpack(header)

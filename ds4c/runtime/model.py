@@ -39,8 +39,10 @@ class CompiledModel:
 
     def __init__(self, manifest: dict[str, Any], program: Program, weights: dict[str, torch.Tensor],
                  device: torch.device, backend: str = "auto", cuda_graphs: bool = True, container: Any = None,
-                 streams: bool = True, merge_linears: bool = True):
+                 streams: bool = True, merge_linears: bool = True, trust: Any = None):
         self.manifest = manifest
+        # whether the artifact's native code may run (ds4c.artifact.signing.Trust; None: untrusted)
+        self.trust = trust
         self.program = program
         self.weights = weights
         self.device = device
@@ -102,7 +104,8 @@ class CompiledModel:
                 raise InputError(f"backend 'npu' runs the NPU kernels' host simulator on the CPU, not on {self.device}; "
                                  "use device='cpu'")
             if not hasattr(self, "_npu_library"):
-                self._npu_library = load_library(self.manifest, self.container, "artifact")
+                self._npu_library = load_library(self.manifest, self.container, "artifact", trust=self.trust,
+                                                 program=self.program)
             vm, section = self._npu_library
             return NpuExecutor(g, vm, section, self.device)
         return ReferenceExecutor(g, self.device)
@@ -373,7 +376,7 @@ def _pick_backend(backend: str, device: torch.device, manifest: dict[str, Any] |
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progress: bool | None = None,
          backend: str = "auto", cuda_graphs: bool = True, streams: bool = True,
          weights: dict[str, torch.Tensor] | None = None, merge_linears: bool = True,
-         tuning: bool | str | os.PathLike = True) -> CompiledModel:
+         tuning: bool | str | os.PathLike = True, trust_binaries: bool = False) -> CompiledModel:
     """Load an artifact written by ``Artifact.save`` / ``ds4c compile``, ready to run on ``device``.
 
     ``backend``: ``kernels`` (Triton kernels for fused ops, the rest op by op; default on CUDA),
@@ -389,14 +392,19 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
     size of those weights when they are shared through ``weights=``). ``tuning``: on CUDA with a
     kernel backend, apply the tuning file ``ds4c tune`` wrote beside the artifact when it was
     measured for this program, device and Triton (``model.tuning_status`` says what happened);
-    False ignores it.
+    False ignores it. ``trust_binaries``: use the native code stored in the artifact (kernel
+    binaries, the NPU host build) even when it is not signed by a trusted key (ds4c.artifact.signing);
+    otherwise such code is rebuilt here or JIT-compiled (``model.trust`` says which applied).
     """
     from safetensors.torch import load as st_load
+
+    from ds4c.artifact.signing import artifact_trust
 
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
     manifest, program, container = read_artifact(path)
+    trust = artifact_trust(container, trust_binaries)
     wman = manifest["weights"]
     dtype = _dtype(wman["dtype"])
     expected = {k: (tuple(v["shape"]), _dtype(v["dtype"])) for k, v in wman["tensors"].items()}
@@ -438,7 +446,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
         if tuple(t.shape) != shape:
             raise ArtifactError(f"{path}: weight '{k}' has shape {list(t.shape)}, the program expects {list(shape)}")
     model = CompiledModel(manifest, program, weights, device, backend=backend, cuda_graphs=cuda_graphs,
-                          container=container, streams=streams, merge_linears=merge_linears)
+                          container=container, streams=streams, merge_linears=merge_linears, trust=trust)
     if tuning and model.backend in ("kernels", "compiled") and device.type == "cuda":
         from ds4c.backends.cuda.autotune import load_tuning
 
@@ -447,7 +455,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
     if manifest.get("kernels") or model.backend != "reference":
         from ds4c.backends.cuda.binaries import use_stored_binaries
 
-        model.kernel_binaries = use_stored_binaries(manifest, container, device, model.backend, os.fspath(path))
+        model.kernel_binaries = use_stored_binaries(manifest, container, device, model.backend, os.fspath(path),
+                                                    trust=trust)
     return model
 
 

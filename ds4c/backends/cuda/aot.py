@@ -13,8 +13,9 @@ target's kernel configurations (``kernels/configs.py``). The artifact then holds
 - ``manifest["kernels"]``: per binary the kernel, its source member, the sha256 of every file, the
   arch, the Triton version, Triton's cache key and specialisation, and the configuration.
 
-At load, ``ds4c.backends.cuda.binaries`` puts the files back into Triton's cache under the same
-key when the device and the Triton build match, so the JIT finds them instead of compiling.
+At load, ``ds4c.backends.cuda.binaries`` puts the files of a trusted artifact (signed by a key
+trusted there, ``ds4c.artifact.signing``) into ds4c's own binary cache under the same key when
+the device and the Triton build match, so the JIT finds them instead of compiling.
 
 Recording and compiling run in worker processes (``python -m ds4c.backends.cuda.aot``): the
 kernels must be ``JITFunction``s, not interpreter functions (``TRITON_INTERPRET=1`` in the
@@ -73,6 +74,7 @@ def lower(target: Target, program: Program, *, progress: bool | None = None
     """(manifest ``kernels`` section, ``kernels/`` members) of ``program`` compiled for ``target``."""
     from safetensors.torch import save
 
+    from ds4c.backends.cuda.binaries import check_file_name
     from ds4c.backends.cuda.launches import DECODE_BATCH, prefill_lengths
     from ds4c.ir.printer import print_graph
     from ds4c.passes.plan_memory import host_weights
@@ -121,6 +123,8 @@ def lower(target: Target, program: Program, *, progress: bool | None = None
         stem = f"{r['name']}-{r['cache_key'][:16]}"
         files = {}
         for filename, path in sorted(r["files"].items()):
+            # the names ds4c.load accepts (binaries.check_file_name): refuse here what it would refuse there
+            check_file_name(filename, backend, r["function"].rsplit(".", 1)[-1], f"compiling for {target.name}")
             suffix = Path(filename).suffix
             blob = Path(path).read_bytes()
             member = f"{arch}/{stem}{suffix}"

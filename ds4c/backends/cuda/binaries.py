@@ -1,8 +1,15 @@
 """Stored kernel binaries at load: verify them, decide whether they apply, hand them to Triton.
 
 An artifact compiled for a cuda/rocm target carries Triton binaries (``ds4c.backends.cuda.aot``).
-At load on a GPU they are used when all of these hold, checked in this order:
+Their names and the kernels section are checked whenever the artifact is loaded
+(``verify_section``): every file is a member with the recorded sha256, every file name is one
+Triton writes for that kernel on that backend (``<kernel><suffix>``: ``.json``, ``.cubin``,
+``.ptx`` for cuda, ``.json``, ``.hsaco``, ``.amdgcn`` for hip; no directories, no ``..``) and
+every cache key a sha256. At load on a GPU the binaries are used when all of these hold, checked
+in this order:
 
+0. the artifact is trusted (``ds4c.artifact.signing``): signed by a key trusted here, or the user
+   passed ``--trust-binaries``; a binary is native code that runs on the GPU in this process;
 1. the device is the artifact's arch: Triton's current target ``(backend, arch, warp_size)``
    equals the stored one (sm_90a = ``("cuda", 90, 32)``, gfx942 = ``("hip", "gfx942", 64)``; HIP
    builds of PyTorch expose AMD GPUs as ``cuda`` devices and Triton's driver reports gfx*);
@@ -13,25 +20,28 @@ At load on a GPU they are used when all of these hold, checked in this order:
    and its callees, options, backend and ptxas/LLVM build, cache-relevant ``TRITON_*`` variables)
    equals the stored key; a kernel whose source differs from the artifact's is named.
 
-Then each binary's files go into Triton's cache (``triton.runtime.cache.get_cache_manager``, i.e.
-``TRITON_CACHE_DIR``) under that key, exactly as Triton would have written them after compiling,
-so the JIT's first launch of each kernel loads the binary instead of compiling. Otherwise the JIT
-compiles the installed kernels once (Triton caches them) and one warning says why.
+Then each binary's files go into ds4c's own binary cache (``binary_cache``: a directory of this
+user's, not the Triton cache other programs share) under that key, laid out as Triton would have
+written them after compiling, and ds4c's cache manager makes the JIT's first launch of each kernel
+load the binary instead of compiling. Otherwise the JIT compiles the installed kernels once
+(Triton caches them) and one warning says why (and, for an untrusted artifact, how to trust it).
 
-The runtime never executes code stored in an artifact (as it never unpickles): the stored source
-documents and reproduces the binaries; the kernels that run are this ds4c's, and check 3 is what
-ties the two together.
+What runs is this ds4c's kernels either way: a stored binary is used only under the key Triton
+computes from this ds4c's kernel source (check 3), so the stored source documents and reproduces
+it. The binaries themselves are native code the runtime cannot inspect, which is why check 0
+comes first: an untrusted artifact's binaries are never handed to Triton or the driver.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from ds4c.errors import ArtifactError
+from ds4c.errors import ArtifactError, KernelError
 
 STORED = "stored"
 
@@ -60,8 +70,75 @@ def arch_name(triton_target: Any) -> str:
     return str(arch)
 
 
+_CACHE_KEY = re.compile(r"[0-9a-f]{64}")
+_KERNEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_file_name(filename: object, backend: str, kernel: str, where: str) -> str:
+    """``filename`` is a file Triton writes for ``kernel`` on ``backend``: ``<kernel>[:150]<suffix>``
+    with a suffix ``aot.KEPT_SUFFIXES`` keeps; anything else (a path, ``..``) is an ArtifactError."""
+    from ds4c.backends.cuda.aot import KEPT_SUFFIXES
+
+    suffixes = KEPT_SUFFIXES.get(backend, ())
+    stem = kernel[:150]
+    if not isinstance(filename, str) or filename not in {stem + s for s in suffixes}:
+        raise ArtifactError(f"{where}: the kernels section names the file {filename!r} for kernel '{kernel}'; Triton "
+                            f"writes only {', '.join(stem + s for s in suffixes) or '(none: unknown backend)'} there, "
+                            "so the artifact was tampered with: recompile it")
+    return filename
+
+
+def _section_fields(section: Any, where: str) -> None:
+    """The kernels section's shape: what ``verify_section`` and ``install`` read, with the right types."""
+    def bad(field: str, expected: str) -> ArtifactError:
+        return ArtifactError(f"{where}: the manifest's kernels section field '{field}' should be {expected}; the "
+                             "artifact is damaged or from another ds4c: recompile it")
+
+    if not isinstance(section.get("binaries", []), list):
+        raise bad("binaries", "a list")
+    if not isinstance(section.get("sources", {}), dict):
+        raise bad("sources", "an object")
+    for mod, f in section.get("sources", {}).items():
+        if not isinstance(f, dict) or not isinstance(f.get("member"), str) or not isinstance(f.get("sha256"), str):
+            raise bad(f"sources.{mod}", "{member, sha256}")
+    if not section.get("binaries"):
+        return
+    target = section.get("triton_target")
+    if not (isinstance(target, list) and len(target) == 3 and target[0] in ("cuda", "hip")
+            and isinstance(target[1], int | str) and isinstance(target[2], int) and not isinstance(target[2], bool)):
+        raise bad("triton_target", "[backend ('cuda' or 'hip'), arch, warp size]")
+    for field in ("triton_version", "arch"):
+        if not isinstance(section.get(field), str):
+            raise bad(field, "a string")
+    for i, b in enumerate(section["binaries"]):
+        if not isinstance(b, dict):
+            raise bad(f"binaries[{i}]", "an object")
+        for field in ("name", "function", "specialization"):
+            if not isinstance(b.get(field), str):
+                raise bad(f"binaries[{i}].{field}", "a string")
+        if not isinstance(b.get("cache_key"), str) or not _CACHE_KEY.fullmatch(b["cache_key"]):
+            raise bad(f"binaries[{i}].cache_key", "a sha256 (64 hex digits)")
+        if not isinstance(b.get("config") or {}, dict):
+            raise bad(f"binaries[{i}].config", "an object")
+        files = b.get("files")
+        if not isinstance(files, dict) or not files:
+            raise bad(f"binaries[{i}].files", "an object of file name -> {member, sha256}")
+        kernel = b["function"].rsplit(".", 1)[-1]
+        if not _KERNEL_NAME.fullmatch(kernel):
+            raise bad(f"binaries[{i}].function", "a kernel's qualified name")
+        for filename, f in files.items():
+            check_file_name(filename, target[0], kernel, where)
+            if not isinstance(f, dict) or not isinstance(f.get("member"), str) or not isinstance(f.get("sha256"), str):
+                raise bad(f"binaries[{i}].files.{filename}", "{member, sha256}")
+        if not any(name.endswith(".json") for name in files):
+            raise bad(f"binaries[{i}].files", "a set of files with Triton's .json metadata")
+
+
 def verify_section(section: dict[str, Any], container: Any, where: str) -> None:
-    """Every file the kernels section lists is a member whose bytes match the section's sha256."""
+    """The kernels section is well formed (``_section_fields``: types, Triton's file names, cache
+    keys), and every file it lists is a member whose bytes match the section's sha256."""
+    _section_fields(section, where)
     names = set(container.member_names())
     listed = [f for b in section.get("binaries", []) for f in b["files"].values()]
     listed += list(section.get("sources", {}).values())
@@ -141,8 +218,9 @@ def live_cache_key(binary: dict[str, Any]) -> str:
 
 
 def install(section: dict[str, Any], container: Any) -> Selection:
-    """Check 3, then write every binary's files into Triton's cache under its key."""
-    from triton.runtime.cache import get_cache_manager
+    """Check 3, then write every binary's files into ds4c's binary cache under its key and make
+    Triton's JIT look there first (``binary_cache``). The section must have passed ``verify_section``."""
+    from ds4c.backends.cuda import binary_cache
 
     binaries = [dict(b, triton_target=section["triton_target"]) for b in section["binaries"]]
     changed = []
@@ -158,14 +236,13 @@ def install(section: dict[str, Any], container: Any) -> Selection:
         why = (f"kernel source differs from the artifact's ({', '.join(sources)})" if sources else
                "Triton computes other cache keys here (another triton build, ptxas/LLVM, or TRITON_* settings)")
         return Selection(False, f"{why}: {len(changed)} of {len(binaries)} binaries, e.g. {changed[0]}")
-    for b in binaries:
-        manager = get_cache_manager(b["cache_key"])
-        group = {}
-        for filename, f in b["files"].items():
-            data = container.read_bytes(f["member"])
-            group[filename] = manager.put(data, filename, binary=not filename.endswith((".json", ".ptx", ".amdgcn")))
-        metadata = next(name for name in group if name.endswith(".json"))
-        manager.put_group(metadata, group)
+    try:
+        for b in binaries:
+            binary_cache.store(b["cache_key"], {name: container.read_bytes(f["member"])
+                                                for name, f in b["files"].items()})
+    except (KernelError, OSError) as e:
+        return Selection(False, f"ds4c's binary cache is not usable ({e})")
+    binary_cache.activate()
     return Selection(True)
 
 
@@ -182,13 +259,14 @@ def _changed_sources(section: dict[str, Any], container: Any) -> list[str]:
 
 
 def use_stored_binaries(manifest: dict[str, Any], container: Any, device: Any, backend: str,
-                        where: str = "artifact") -> str:
+                        where: str = "artifact", trust: Any = None) -> str:
     """What the runtime does with an artifact's stored kernels on ``device``; the status string
-    ``CompiledModel.kernel_binaries`` reports: ``stored``, ``jit: <reason>``, or why none apply."""
+    ``CompiledModel.kernel_binaries`` reports: ``stored``, ``jit: <reason>``, or why none apply.
+    ``trust`` (``ds4c.artifact.signing.Trust``; None: untrusted) is check 0 of the module docstring."""
     section = manifest.get("kernels") or {}
     if section and section.get("compiler") != "triton":
         return f"unused: the artifact's kernels are not Triton's ({section.get('backend', 'unknown')} backend)"
-    if section.get("binaries"):
+    if section.get("binaries") or section.get("sources"):
         verify_section(section, container, where)
     if backend == "reference":
         return "unused: the reference backend runs no device kernels"
@@ -204,7 +282,12 @@ def use_stored_binaries(manifest: dict[str, Any], container: Any, device: Any, b
     live = live_triton_target()
     if live is None:
         return "unused: Triton's interpreter is on (TRITON_INTERPRET=1)"
-    choice = select(section, live, triton.__version__, pdl_off=pdl.turned_off())
+    if trust is None or not trust.trusted:
+        why = trust.reason if trust is not None else "its signature was not checked"
+        choice = Selection(False, f"the artifact is not trusted: {why}; to use them, trust its publisher's key with "
+                                  "`ds4c trust add KEY.pub`, or pass --trust-binaries if you trust this file")
+    else:
+        choice = select(section, live, triton.__version__, pdl_off=pdl.turned_off())
     if choice.use:
         pin_ptxas()  # before any key is computed here (see pin_ptxas)
         choice = install(section, container)

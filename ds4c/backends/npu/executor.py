@@ -3,7 +3,11 @@
 The artifact's ``kernels/npu/host.so`` is the LLVM build of the same scheduled TIR as the C
 source: loaded with ``tvm.runtime.load_module`` from a private temporary file (a shared object
 must be a file to be mapped; never unpickled) and run by a Relax VM on the CPU, it is the
-functional simulator of the device kernels. ``NpuExecutor`` is the reference executor with the
+functional simulator of the device kernels. Loading a shared object runs its code, so the stored
+one is loaded only when the artifact is trusted (``ds4c.artifact.signing``: signed by a trusted
+key, or ``--trust-binaries``). An untrusted artifact's host build is made anew from its IR with
+this machine's TVM (``lower.lower``, kept in ds4c's cache under ``lower.build_key``), or, where
+no toolchain can build it, the artifact is refused with a message saying how to trust it. ``NpuExecutor`` is the reference executor with the
 NPU ops' dispatch replaced: tensors go to TVM and back through DLPack (no copies on CPU).
 
 Kernels are built for symbolic batch and sequence sizes; a call the kernel was not built for
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -23,13 +28,25 @@ from typing import Any
 import torch
 
 from ds4c.backends.reference import ReferenceExecutor
-from ds4c.errors import ArtifactError, TargetError
+from ds4c.errors import ArtifactError, Ds4cError, TargetError
 from ds4c.ir.graph import Graph, Op, Value
 from ds4c.ir.registry import OpDef
 
+HOW_TO_TRUST = ("trust its publisher's key with `ds4c trust add KEY.pub`, or pass --trust-binaries "
+                "(ds4c.load(..., trust_binaries=True)) if you trust this file")
 
-def load_library(manifest: dict[str, Any], container: Any, where: str) -> tuple[Any, dict[str, Any]]:
-    """(Relax VM over the host build, the manifest's kernels section), checked against the manifest."""
+
+class NpuBuildWarning(UserWarning):
+    """The artifact's NPU host build is not loaded (untrusted); it is built here instead."""
+
+
+def load_library(manifest: dict[str, Any], container: Any, where: str, *, trust: Any = None,
+                 program: Any = None) -> tuple[Any, dict[str, Any]]:
+    """(Relax VM over the host build, the kernels section it implements).
+
+    ``trust`` (``ds4c.artifact.signing.Trust``; None: untrusted) decides whether the artifact's own
+    library may be loaded (checked against the manifest first); otherwise it is built from
+    ``program`` (the artifact's graphs) here, and the section of that build is returned."""
     from ds4c.backends.npu.lower import require_tvm
 
     tvm = require_tvm()
@@ -39,11 +56,27 @@ def load_library(manifest: dict[str, Any], container: Any, where: str) -> tuple[
     if section.get("backend") != "npu":
         raise ArtifactError(f"{where}: the artifact has no npu kernels (target '{manifest['target']['name']}'); "
                             "compile it with --target npu, or load it with backend='reference'")
-    member = section.get("library")
     if not section.get("kernels"):
         return None, section
+    if trust is not None and trust.trusted:
+        lib = _stored_library(tvm, section, container, where)
+    else:
+        lib, section = _built_library(tvm, manifest, program, where,
+                                      trust.reason if trust is not None else "its signature was not checked")
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+    kernels = section.get("kernels")
+    missing = [k for k in kernels if not isinstance(k, str) or not _has_function(vm, k)] if isinstance(
+        kernels, dict) else ["(the section's kernels are not a name -> record map)"]
+    if missing:
+        raise ArtifactError(f"{where}: npu host build lacks kernel '{missing[0]}' named in the manifest; recompile")
+    return vm, section
+
+
+def _stored_library(tvm: Any, section: dict[str, Any], container: Any, where: str) -> Any:
+    """The artifact's own host build, checked against the manifest (trusted artifacts only)."""
+    member = section.get("library")
     name = f"kernels/{member}"
-    if name not in container.member_names():
+    if not isinstance(member, str) or name not in container.member_names():
         raise ArtifactError(f"{where}: manifest lists the npu host build '{name}' but the artifact lacks it; recompile")
     blob = container.read_bytes(name)
     if hashlib.sha256(blob).hexdigest() != section.get("library_sha256"):
@@ -56,12 +89,47 @@ def load_library(manifest: dict[str, Any], container: Any, where: str) -> tuple[
         path = os.path.join(tmp, "host.so")
         with open(path, "wb") as f:
             f.write(blob)
-        lib = tvm.runtime.load_module(path)  # mapped now; the file may go
-    vm = relax.VirtualMachine(lib, tvm.cpu())
-    missing = [k for k in section["kernels"] if not _has_function(vm, k)]
-    if missing:
-        raise ArtifactError(f"{where}: npu host build lacks kernel '{missing[0]}' named in the manifest; recompile")
-    return vm, section
+        return tvm.runtime.load_module(path)  # mapped now; the file may go
+
+
+def _built_library(tvm: Any, manifest: dict[str, Any], program: Any, where: str, why: str
+                   ) -> tuple[Any, dict[str, Any]]:
+    """The host build of ``program`` made on this machine (ds4c's cache, else built now), never the
+    artifact's: (library, its kernels section)."""
+    from ds4c.backends.npu.lower import LIBRARY_MEMBER, build_key, cached_host_build, lower, toolchain_problem
+    from ds4c.targets import Target
+
+    if program is None:
+        raise ArtifactError(f"{where}: the artifact's npu host build is native code and the artifact is not trusted "
+                            f"({why}); load it with ds4c.load so that it is rebuilt from the IR, or {HOW_TO_TRUST}")
+    try:
+        target = Target.from_dict(manifest["target"])
+    except Ds4cError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{where}: the manifest's target record is malformed ({type(e).__name__}: {e}); "
+                            "recompile the artifact") from None
+    key = build_key(target, program)
+    cached = cached_host_build(key)
+    if cached is not None:
+        return tvm.runtime.load_module(str(cached[0])), cached[1]
+    problem = toolchain_problem()
+    if problem is not None:
+        raise ArtifactError(f"{where}: the artifact's npu host build is native code and the artifact is not trusted "
+                            f"({why}); it cannot be rebuilt here ({problem}): {HOW_TO_TRUST}")
+    warnings.warn(f"{where}: not loading the npu host build stored in the artifact, which is native code, because "
+                  f"the artifact is not trusted ({why}); building it from the artifact's IR with this machine's TVM "
+                  f"instead (once: the build is cached). To load the stored one, {HOW_TO_TRUST}",
+                  NpuBuildWarning, stacklevel=4)
+    section, members = lower(target, program, progress=False)
+    cached = cached_host_build(key)  # lower keeps what it builds in ds4c's cache
+    if cached is not None:
+        return tvm.runtime.load_module(str(cached[0])), cached[1]
+    with tempfile.TemporaryDirectory(prefix="ds4c-npu-") as tmp:  # no usable cache: a private temp file
+        path = os.path.join(tmp, "host.so")
+        with open(path, "wb") as f:
+            f.write(members[LIBRARY_MEMBER])
+        return tvm.runtime.load_module(path), section
 
 
 def _has_function(vm: Any, name: str) -> bool:

@@ -12,14 +12,25 @@
 
 The manifest section maps each NPU op (graph, op index) to its kernel, and records per kernel
 its op, signature and SRAM working set, and per op kind where it runs and why.
+
+The host build is native code. The runtime loads the artifact's own only when the artifact is
+trusted (``ds4c.artifact.signing``); otherwise it builds it anew from the artifact's IR
+(``ds4c.backends.npu.executor``), which is this function run again. Builds made here are kept in
+ds4c's cache (``HOST_BUILDS``, a directory of this user's alone) under ``build_key``: everything
+that determines the build (IR and constants of every graph, the target record, TVM's version,
+ds4c's source), so loading an untrusted copy of an artifact compiled on this machine costs no
+rebuild.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import tempfile
 import warnings
+from pathlib import Path
 from typing import Any
 
 from ds4c.backends.npu.partition import place, placement_table
@@ -30,6 +41,7 @@ from ds4c.ir.graph import Program
 from ds4c.runtime.progress import progress_steps
 from ds4c.targets import Target
 
+HOST_BUILDS = "npu-host-builds"  # under ds4c's cache: <build key>/host.so + section.json
 LIBRARY_MEMBER = "npu/host.so"
 C_SOURCE_MEMBER = "npu/kernels.c"
 SECTION_VERSION = 1
@@ -137,7 +149,82 @@ def lower(target: Target, program: Program, *, progress: bool | None = None
         "assign_ops": {g: {str(i): program.graphs[g].ops[i].name for i in sorted(a)} for g, a in assign.items()},
         "placement": table,
     }
+    if kernels:
+        store_host_build(build_key(target, program), members[LIBRARY_MEMBER], section)
     return section, members
+
+
+@functools.cache
+def _ds4c_source_digest() -> str:
+    """sha256 over ds4c's Python sources: op references, the importer and the tiling shape the build."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def build_key(target: Target, program: Program) -> str:
+    """The host build's cache key: every graph's IR text and constants, the target record, TVM's
+    version and ds4c's source."""
+    import tvm
+    from safetensors.torch import save
+
+    from ds4c.ir.printer import print_graph
+
+    h = hashlib.sha256(json.dumps({"target": target.to_dict(), "tvm": tvm.__version__, "section": SECTION_VERSION,
+                                   "ds4c": _ds4c_source_digest()}, sort_keys=True, default=str).encode())
+    for name, g in sorted(program.graphs.items()):
+        h.update(f"\0{name}\0".encode())
+        h.update(print_graph(g).encode())
+        h.update(save({k: v.contiguous() for k, v in g.constants.items()}))
+    return h.hexdigest()
+
+
+def store_host_build(key: str, library: bytes, section: dict[str, Any]) -> Path | None:
+    """Keep a host build made here under ``key``; None where ds4c's cache is not usable (not kept)."""
+    from ds4c.backends.local_cache import private_dir, write_file
+    from ds4c.errors import KernelError
+
+    try:
+        directory = private_dir(HOST_BUILDS, key)
+        write_file(directory, "section.json", json.dumps(section).encode())
+        write_file(directory, "host.so", library)  # last: its presence means the entry is whole
+    except (KernelError, OSError):
+        return None
+    return directory
+
+
+def cached_host_build(key: str) -> tuple[Path, dict[str, Any]] | None:
+    """(library path, section) of a host build made here under ``key``, if ds4c's cache has it."""
+    from ds4c.backends.local_cache import private_dir
+    from ds4c.errors import KernelError
+
+    try:
+        directory = private_dir(HOST_BUILDS, key)
+        library = directory / "host.so"
+        if not library.is_file():
+            return None
+        section = json.loads((directory / "section.json").read_text())
+    except (KernelError, OSError, ValueError):
+        return None
+    return (library, section) if isinstance(section, dict) and section.get("kernels") else None
+
+
+def toolchain_problem() -> str | None:
+    """Why a host build cannot be made here (TVM without LLVM, no C compiler to link), or None."""
+    import shutil
+
+    tvm = require_tvm()
+    from tvm.support import cc
+
+    if not tvm.runtime.enabled("llvm"):
+        return "this TVM build has no LLVM code generator"
+    compiler = cc.get_cc()
+    if not compiler or shutil.which(compiler) is None:
+        return "no C compiler for TVM to link the library with: install gcc, or set CXX"
+    return None
 
 
 def _schedule(tvm: Any, funcs: dict[str, Any], target: Target
