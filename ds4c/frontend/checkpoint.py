@@ -23,12 +23,15 @@ import torch
 
 from ds4c.errors import CheckpointError, ConfigError
 from ds4c.frontend.deepseek_format import DS_EXPERT, deepseek_to_hf_name, is_hf_name, scale_name
+from ds4c.frontend.file_record import RecordCheck
 from ds4c.frontend.formats import dequant_fp8_block, dequant_mxfp4
 
 INDEX = "model.safetensors.index.json"
 Spec = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 _FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 _FP4_DTYPES = ("I8", "U8", "F4")  # packed e2m1 pairs, when the model wants floats
+_INT_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")
+_SCALE_DTYPES = ("F8_E8M0", "U8", "F32", "BF16", "F16")  # U8: UE8M0 exponents as plain bytes
 _SLAB_ELEMENTS = 1 << 22  # elements read per slab (multiple of 128 rows)
 logger = logging.getLogger(__name__)
 
@@ -77,35 +80,122 @@ class _Entry:
     nbytes: int
 
 
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+
+
+class _BadFile(ValueError):
+    """What is wrong with a safetensors file, and the fix (prefixed with the file by ``_read_header``)."""
+
+    def __init__(self, what: str, fix: str = "it is damaged or not safetensors: re-download or re-save it"):
+        super().__init__(f"{what}; {fix}")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _BadFile(f"tensor '{k}' is listed twice in the header")
+        out[k] = v
+    return out
+
+
+def _header_entry(f: Path, name: str, info: Any, data_start: int) -> _Entry:
+    """One header record, checked as safetensors checks it: dtype, shape, offsets, dtype x shape == bytes."""
+    if not isinstance(info, dict):
+        raise _BadFile(f"tensor '{name}' has a header record of type {type(info).__name__}, not an object")
+    dt, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dt, str) or dt not in _DTYPES:
+        raise _BadFile(f"tensor '{name}' has dtype {dt!r}, which ds4c does not read ({', '.join(_DTYPES)})",
+                       "convert the tensor to one of those (e.g. with safetensors.torch.save_file)")
+    if not isinstance(shape, list) or not all(type(x) is int and x >= 0 for x in shape):
+        raise _BadFile(f"tensor '{name}' has shape {shape!r}; a shape is a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(x) is int for x in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise _BadFile(f"tensor '{name}' has data_offsets {offsets!r}; they must be [begin, end] with "
+                       "0 <= begin <= end, counted from the end of the header")
+    numel = 1
+    for x in shape:
+        numel *= x
+    if dt == "F4" and (not shape or shape[-1] % 2):
+        raise _BadFile(f"tensor '{name}' is F4 of shape {shape}: its last dimension must be even (two values a byte)")
+    nbytes = numel // 2 if dt == "F4" else numel * _DTYPES[dt].itemsize
+    b, e = offsets
+    if e - b != nbytes:
+        raise _BadFile(f"tensor '{name}' spans {e - b} bytes [{b}, {e}), but its shape {shape} of {dt} needs "
+                       f"{nbytes}", "the header's dtype or shape is wrong for its data: re-save the file")
+    return _Entry(f, dt, tuple(shape), data_start + b, nbytes)
+
+
 def _read_header(f: Path) -> dict[str, _Entry]:
-    """Parse a safetensors header (8-byte little-endian length + JSON) and check it against the file size."""
-    size = f.stat().st_size
+    """The tensors of a safetensors file, from its header (8-byte little-endian length + JSON object).
+
+    The checks are safetensors' own (``Metadata::validate`` and ``read_metadata``): a header that
+    fits the file and is a JSON object, string metadata, known dtypes, shapes of non-negative ints,
+    ``dtype x shape == end - begin``, and data ranges that tile the data section exactly (sorted,
+    contiguous from 0 to the end of the file: none overlaps another, points into the header or
+    past the end, and no byte belongs to no tensor). What no header check can see is a dtype
+    that reinterprets data of the same size (``I32`` over ``F32`` bytes, ``F16`` over ``BF16``):
+    the loader refuses integer dtypes for floating parameters and the reverse, and non-finite
+    values while reading, which catches most but not all such mix-ups."""
     try:
+        size = f.stat().st_size
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
-            if size < 8 or n <= 0 or 8 + n > size:
-                raise ValueError(f"header length {n} does not fit in a {size}-byte file")
-            header = json.loads(fh.read(n))
-        entries = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dt, shape, (b, e) = info["dtype"], tuple(int(x) for x in info["shape"]), info["data_offsets"]
-            if dt not in _DTYPES:
-                raise ValueError(f"tensor '{name}' has dtype {dt}, which ds4c does not read")
-            numel = 1
-            for x in shape:
-                numel *= x
-            nbytes = numel // 2 if dt == "F4" else numel * _DTYPES[dt].itemsize
-            if e - b != nbytes:
-                raise ValueError(f"tensor '{name}' spans {e - b} bytes, its shape {list(shape)} {dt} needs {nbytes}")
-            if 8 + n + e > size:
-                raise ValueError(f"tensor '{name}' ends at byte {8 + n + e} but the file has {size} bytes")
-            entries[name] = _Entry(f, dt, shape, 8 + n + b, nbytes)
+            if size < 8 or n <= 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+                raise _BadFile(f"header length {n} does not fit in a {size}-byte file",
+                               "it is truncated or not safetensors: re-download or re-save it")
+            raw = fh.read(n)
+        try:
+            header = json.loads(raw, object_pairs_hook=_unique_keys)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _BadFile(f"header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise _BadFile(f"header is a JSON {type(header).__name__}, not an object of tensor records")
+        meta = header.pop("__metadata__", {})
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise _BadFile("header's __metadata__ is not an object of strings")
+        entries = {name: _header_entry(f, name, info, 8 + n) for name, info in header.items()}
+        at, last = 8 + n, None
+        for name, e in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].nbytes)):
+            if e.begin != at:
+                where = f"after tensor '{last}'" if last else "at the start of the data"
+                if e.begin < at:
+                    raise _BadFile(f"tensor '{name}' [{e.begin - 8 - n}, {e.begin - 8 - n + e.nbytes}) overlaps "
+                                   f"tensor '{last}', which ends at {at - 8 - n}")
+                raise _BadFile(f"bytes [{at - 8 - n}, {e.begin - 8 - n}) {where} belong to no tensor (tensor "
+                               f"'{name}' starts at {e.begin - 8 - n})")
+            at, last = e.begin + e.nbytes, name
+        if at != size:
+            what = (f"tensor '{last}' ends at byte {at}" if last else f"the header ends at byte {at}")
+            raise _BadFile(f"{what} but the file has {size} bytes",
+                           "it is truncated: re-download or re-save it" if at > size else
+                           "bytes after the last tensor belong to none: re-download or re-save it")
         return entries
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as e:
-        raise CheckpointError(f"{f}: unreadable safetensors file ({e}); it may be truncated or not safetensors: "
-                              "re-download or re-save it") from None
+    except _BadFile as e:
+        raise CheckpointError(f"{f}: unreadable safetensors file: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"{f}: cannot read ({e.strerror or e}); check the file's permissions") from None
+
+
+def _inside(directory: Path, fname: Any, what: str) -> Path:
+    """``directory / fname`` when ``fname`` is a plain relative file name that stays inside the
+    checkpoint directory once symlinks are resolved; CheckpointError (``what`` + why) otherwise.
+
+    A checkpoint comes from anywhere, so its index must not make ds4c read (and embed in an
+    artifact) a file elsewhere on this machine: no absolute names, no ``..``, no symlink out of the
+    directory. One exception: a Hugging Face hub snapshot (``.../snapshots/<revision>/``) holds
+    symlinks into its repository's ``blobs/`` folder, so those targets are inside too."""
+    if not isinstance(fname, str) or not fname or "\\" in fname or fname.startswith("/") \
+            or ".." in fname.split("/") or Path(fname).is_absolute():
+        raise CheckpointError(f"{what} is not a file name inside the checkpoint directory {directory} (absolute "
+                              "names, '..' and backslashes are refused); name the shard relative to the directory")
+    path = directory / fname
+    real, root = path.resolve(), directory.resolve()
+    roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if not any(real.is_relative_to(r) for r in roots):
+        raise CheckpointError(f"{what} is a symlink to {real}, outside the checkpoint directory {directory}; copy "
+                              "the file into the directory instead of linking to it")
+    return path
 
 
 class _Files:
@@ -118,23 +208,27 @@ class _Files:
     def __init__(self, directory: Path):
         self.dir = directory
         self.entries: dict[str, _Entry] = {}
+        self.files: list[Path] = []  # every file read: the index (if any), then the shards
         index = directory / INDEX
         if index.is_file():
+            _inside(directory, INDEX, f"{index}")
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 if not isinstance(weight_map, dict):
                     raise TypeError("'weight_map' is not an object")
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError) as e:
                 raise CheckpointError(f"{index}: malformed index ({e}); it needs a 'weight_map' object of tensor "
                                       "name -> file; re-save the checkpoint or delete the index") from None
+            self.files.append(index)
             headers: dict[Path, dict[str, _Entry]] = {}
             for name, fname in weight_map.items():
-                f = directory / str(fname)
+                f = _inside(directory, fname, f"{index}: tensor '{name}' is in '{fname}', which")
                 if not f.is_file():
                     raise CheckpointError(f"{index}: tensor '{name}' is in '{fname}', which does not exist; copy "
                                           "the missing shard or fix the index")
                 if f not in headers:
                     headers[f] = _read_header(f)
+                    self.files.append(f)
                 if name not in headers[f]:
                     raise CheckpointError(f"{index}: says tensor '{name}' is in {f.name}, but that file does not "
                                           "hold it; the index and the shards are from different saves")
@@ -145,6 +239,8 @@ class _Files:
                 raise CheckpointError(f"{directory}: no *.safetensors files; save the model with safe_serialization "
                                       "(ds4c never reads pickle .bin/.pt files)")
             for f in files:
+                _inside(directory, f.name, f"{f}")
+                self.files.append(f)
                 for name, entry in _read_header(f).items():
                     if name in self.entries:
                         raise CheckpointError(f"{directory}: tensor '{name}' appears in both "
@@ -199,8 +295,19 @@ class _Plan:
     ignored: list[str] = field(default_factory=list)
 
 
-def _classify(files: _Files, key: str, want_float: bool) -> _Source:
+def _classify(files: _Files, key: str, want_float: bool, name: str) -> _Source:
+    """How ``key`` becomes parameter ``name``: as stored, or dequantised with its scale. A stored
+    dtype of the wrong class is refused (integers for a floating parameter would be converted
+    value by value, floats for an integer one truncated: a wrong header, never a format)."""
     dt, shape = files.dtype(key), files.shape(key)
+    if want_float and dt in _INT_DTYPES and dt not in _FP4_DTYPES:
+        raise CheckpointError(f"{files.where[key]}: tensor '{key}' is stored as {dt}, but '{name}' is a floating "
+                              "point parameter; the header's dtype is wrong or the checkpoint is for another model: "
+                              "re-save it with the tensor's real dtype")
+    if not want_float and dt not in _INT_DTYPES:
+        raise CheckpointError(f"{files.where[key]}: tensor '{key}' is stored as {dt}, but '{name}' holds integers "
+                              "(indices); the header's dtype is wrong or the checkpoint is for another model: "
+                              "re-save it with an integer dtype")
     kind = "plain"
     if dt in _FP8_DTYPES:
         kind = "fp8"
@@ -212,6 +319,9 @@ def _classify(files: _Files, key: str, want_float: bool) -> _Source:
         if s not in files.where:
             raise CheckpointError(f"{files.where[key]}: {dt} tensor '{key}' has no '{s}' scale tensor; quantised "
                                   "weights need their block scales: copy the complete checkpoint")
+        if files.dtype(s) not in _SCALE_DTYPES:
+            raise CheckpointError(f"{files.where[s]}: scale '{s}' is stored as {files.dtype(s)}; block scales are "
+                                  f"{', '.join(_SCALE_DTYPES)} (U8: UE8M0 exponent bytes): re-save the checkpoint")
         rows, cols = shape if len(shape) == 2 else (0, 0)
         want = (-(-rows // 128), -(-cols // 128)) if kind == "fp8" else (rows, -(-cols // 32))
         if len(shape) != 2 or files.shape(s) != want:
@@ -248,7 +358,7 @@ def _plan(files: _Files, expected: Spec) -> _Plan:
         want_float = expected[name][1].is_floating_point
         m = DS_EXPERT.match(bare)
         if m:
-            src = _classify(files, key, want_float)
+            src = _classify(files, key, want_float, name)
             slot = (int(m["expert"]), m["part"])
             if slot in plan.experts.setdefault(name, {}):
                 raise CheckpointError(f"{files.where[key]}: expert {slot[0]} {slot[1]} of '{name}' appears twice "
@@ -258,7 +368,7 @@ def _plan(files: _Files, expected: Spec) -> _Plan:
         if name in plan.plain:
             raise CheckpointError(f"{files.where[key]}: tensors '{plan.plain[name].key}' and '{key}' both map to "
                                   f"'{name}'; remove one")
-        plan.plain[name] = _classify(files, key, want_float)
+        plan.plain[name] = _classify(files, key, want_float, name)
     produced = set(plan.plain) | set(plan.experts)
     missing = [k for k in expected if k not in produced]
     if missing:
@@ -293,14 +403,25 @@ def _plan(files: _Files, expected: Spec) -> _Plan:
     return plan
 
 
-def _fill(files: _Files, src: _Source, dst: torch.Tensor) -> None:
-    """Read ``src`` a slab of rows at a time, dequantising, straight into ``dst`` (its dtype/device)."""
+def _fill(files: _Files, src: _Source, dst: torch.Tensor, allow_nonfinite: bool = False) -> None:
+    """Read ``src`` a slab of rows at a time, dequantising, straight into ``dst`` (its dtype/device).
+
+    Each slab is checked for NaN/Inf on its way (``_finite``) unless ``allow_nonfinite``: a
+    non-finite weight makes every logit NaN, and greedy decoding then emits token 0 forever."""
     if dst.dim() <= 1 or src.shape[0] == 0:
-        dst.copy_(files.rows(src.key).reshape(dst.shape))
+        t = files.rows(src.key).reshape(dst.shape)
+        if not allow_nonfinite:
+            _finite(files, src, t, 0)
+        dst.copy_(t)
         return
     row_elems = max(1, dst[0].numel())
     step = max(128, (_SLAB_ELEMENTS // row_elems) // 128 * 128)
-    scale = files.rows(scale_name(src.key)) if src.kind != "plain" else None
+    scale = None
+    if src.kind != "plain":
+        s = scale_name(src.key)
+        scale = files.rows(s)
+        if files.dtype(s) == "U8":  # UE8M0 exponents stored as bytes: the same bits as F8_E8M0
+            scale = scale.view(torch.float8_e8m0fnu)
     for r in range(0, src.shape[0], step):
         r1 = min(r + step, src.shape[0])
         t = files.rows(src.key, r, r1)
@@ -308,18 +429,48 @@ def _fill(files: _Files, src: _Source, dst: torch.Tensor) -> None:
             t = dequant_fp8_block(t, scale[r // 128: -(-r1 // 128)], 128, out_dtype=dst.dtype)
         elif src.kind == "fp4":
             t = dequant_mxfp4(t, scale[r:r1], 32, out_dtype=dst.dtype)
+        if not allow_nonfinite:
+            _finite(files, src, t, r)
         dst[r:r1].copy_(t)
 
 
+def _finite(files: _Files, src: _Source, t: torch.Tensor, first_row: int) -> None:
+    """Refuse a slab (rows from ``first_row``) holding NaN or Inf, naming the tensor and the place.
+
+    One reduction per slab, on the slab just read (still in cache): a NaN or Inf anywhere makes
+    the fp32 sum non-finite, so the exact per-element test runs only then (or when finite values
+    overflow the sum, which that test then clears). Quantised weights are checked dequantised, so
+    a NaN scale or FP8 NaN code counts too."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(t.sum(dtype=acc))):
+        return
+    bad = ~torch.isfinite(t.to(acc) if t.element_size() == 1 else t)
+    if not bool(bad.any()):
+        return
+    where = [int(i) for i in bad.nonzero()[0]]
+    if where and t.dim() >= 2:
+        where[0] += first_row
+    raise CheckpointError(f"{files.where[src.key]}: tensor '{src.key}' holds {int(bad.sum())} NaN/Inf value(s) "
+                          f"(the first at index {where}); they would make every logit NaN: use an intact "
+                          "checkpoint, or pass --allow-nonfinite-weights (ds4c.compile(..., allow_nonfinite=True)) "
+                          "if they are meant")
+
+
 @contextlib.contextmanager
-def _planned(directory: str | Path, expected: Spec) -> Iterator[tuple[_Files, _Plan]]:
+def _planned(directory: str | Path, expected: Spec, record: RecordCheck | None = None,
+             ) -> Iterator[tuple[_Files, _Plan]]:
     """The checkpoint in ``directory`` opened and checked against ``expected`` from its headers
-    (every check that needs no tensor data), closed on leaving the block."""
+    (every check that needs no tensor data; first, that ``record`` names every file read),
+    closed on leaving the block."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory; pass a checkpoint directory with *.safetensors")
     files = _Files(directory)
     try:
+        if record is not None:
+            record.files_read(directory, files.files)
         yield files, _plan(files, expected)
     finally:
         files.close()
@@ -336,36 +487,49 @@ def check_checkpoint(directory: str | Path, expected: Spec) -> None:
 
 def load_checkpoint(directory: str | Path, expected: Spec, *, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu", progress: Callable[[int, int], None] | None = None,
+                    allow_nonfinite: bool = False, record: RecordCheck | None = None,
                     ) -> dict[str, torch.Tensor]:
     """Every tensor of ``expected`` (transformers name -> (shape, dtype)) from the checkpoint in ``directory``.
 
     Floating tensors come back in ``dtype``, others (tid2eid) in their expected dtype, all on
     ``device``, keyed and ordered as ``expected``. ``progress(done, total)`` is called after each tensor.
     Raises CheckpointError naming the file and tensor for anything missing, unexpected, mis-shaped
-    or unreadable; every check runs on the file headers before tensor data is read.
+    or unreadable; every check runs on the file headers before tensor data is read. NaN/Inf
+    values are refused as they are read, unless ``allow_nonfinite``. ``record``: a reference-mode
+    artifact's record of the checkpoint's files, checked before any header is parsed (every
+    recorded file unchanged) and after (every file read is recorded; ``ds4c.frontend.file_record``).
     """
     out: dict[str, torch.Tensor] = {}
-    with _planned(directory, expected) as (files, plan):
+    if record is not None:
+        record.before_reading(Path(directory))
+    with _planned(directory, expected, record) as (files, plan):
         if plan.ignored:
             logger.info("%s: ignoring %d multi-token-prediction tensors (mtp.*): ds4c compiles the main model only",
                         directory, len(plan.ignored))
-        _load_all(files, plan, expected, out, dtype, device, progress)
+        _load_all(files, plan, expected, out, dtype, device, progress, allow_nonfinite)
     return out
 
 
+def checkpoint_files(directory: str | Path, expected: Spec) -> list[Path]:
+    """The files loading ``expected`` from ``directory`` reads: the index (if any), then the shards."""
+    with _planned(directory, expected) as (files, _):
+        return list(files.files)
+
+
 def _load_all(files: _Files, plan: _Plan, expected: Spec, out: dict[str, torch.Tensor], dtype: torch.dtype,
-              device: str | torch.device, progress: Callable[[int, int], None] | None) -> None:
+              device: str | torch.device, progress: Callable[[int, int], None] | None,
+              allow_nonfinite: bool) -> None:
     total = len(expected)
     for name in expected:
         shape, want = expected[name]
         dst = torch.empty(tuple(shape), dtype=dtype if want.is_floating_point else want, device=device)
         if name in plan.plain:
-            _fill(files, plan.plain[name], dst)
+            _fill(files, plan.plain[name], dst, allow_nonfinite)
         else:
             half = dst.shape[1] // 2
             for (e, w), src in plan.experts[name].items():
                 part = dst[e] if w == "w2" else (dst[e, :half] if w == "w1" else dst[e, half:])
-                _fill(files, src, part)
+                _fill(files, src, part, allow_nonfinite)
         out[name] = dst
         if progress:
             progress(len(out), total)

@@ -1,11 +1,19 @@
 """Where a model comes from: a preset, a checkpoint directory, an ONNX file, or a transformers module.
 
 A ``ModelSource`` knows the model config and how to produce the weights, but never produces them
-unless asked: compiling ``flash`` or ``pro`` must not materialise their weights.
+unless asked: compiling ``flash`` or ``pro`` must not materialise their weights. ``describe()`` is
+the reference an artifact's manifest stores; ``reference()`` adds, for weights left in a checkpoint
+or ONNX file, the size and sha256 of every file the load reads (``ds4c.frontend.file_record``),
+so that ``load_weights`` refuses a changed file and can be re-pointed (``weights_from``) where it moved.
+
+Weights are refused when they hold NaN or Inf (checkpoints while they are read, modules and
+ONNX initializers once loaded) unless the source allows them (``allow_nonfinite``, recorded in
+the reference, so the artifact loads as it compiled).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ds4c.errors import ConfigError
+from ds4c.errors import CheckpointError, ConfigError
 
 WeightSpec = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 DEFAULT_PRESET_SEED = 0
@@ -27,6 +35,7 @@ class ModelSource:
     path: Path | None = None
     seed: int | None = None
     module_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    allow_nonfinite: bool = False
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "name": self.name}
@@ -34,6 +43,22 @@ class ModelSource:
             out["path"] = str(self.path)
         if self.seed is not None:
             out["seed"] = self.seed
+        if self.allow_nonfinite:
+            out["allow_nonfinite"] = True
+        return out
+
+    def reference(self, expected: WeightSpec) -> dict[str, Any]:
+        """``describe()`` plus, for a checkpoint or ONNX file, ``files``: name -> size and sha256
+        of every file loading ``expected`` reads (hashed here: one read of the checkpoint)."""
+        from ds4c.frontend.file_record import record_files
+
+        out = self.describe()
+        if self.kind == "checkpoint" and self.path is not None:
+            from ds4c.frontend.checkpoint import checkpoint_files
+
+            out["files"] = record_files(self.path, checkpoint_files(self.path, expected))
+        elif self.kind == "onnx" and self.path is not None:
+            out["files"] = record_files(self.path.parent, [self.path])
         return out
 
     def load_weights(self, expected: WeightSpec, *, dtype: torch.dtype, device: str | torch.device = "cpu",
@@ -45,9 +70,19 @@ class ModelSource:
 
 def load_weights(ref: Mapping[str, Any], expected: WeightSpec, *, dtype: torch.dtype,
                  device: str | torch.device = "cpu", progress: Callable[[int, int], None] | None = None,
-                 module_state: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Weights from a source reference (as stored in an artifact manifest)."""
+                 module_state: Mapping[str, torch.Tensor] | None = None, weights_from: str | Path | None = None,
+                 artifact: str | None = None) -> dict[str, torch.Tensor]:
+    """Weights from a source reference (as stored in an artifact manifest).
+
+    A checkpoint or ONNX reference with a ``files`` record is checked against it before any data
+    is read. ``weights_from``: where a referenced checkpoint directory (or ONNX file, or the
+    folder holding it) is now; ``artifact`` names the artifact in messages."""
     kind = ref["kind"]
+    allow_nonfinite = bool(ref.get("allow_nonfinite", False))
+    origin = f"the artifact {artifact}" if artifact else "the artifact"
+    if weights_from is not None and kind not in ("checkpoint", "onnx"):
+        raise ConfigError(f"--weights-from {weights_from}: {origin} takes its weights from a {kind} "
+                          f"('{ref.get('name')}'), not from a checkpoint; drop --weights-from")
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
@@ -65,11 +100,21 @@ def load_weights(ref: Mapping[str, Any], expected: WeightSpec, *, dtype: torch.d
     if kind == "checkpoint":
         from ds4c.frontend.checkpoint import load_checkpoint
 
-        return load_checkpoint(Path(ref["path"]), expected, dtype=dtype, device=device, progress=progress)
+        path = _referenced(ref, weights_from, origin, artifact, want_dir=True)
+        return load_checkpoint(path, expected, dtype=dtype, device=device, progress=progress,
+                               allow_nonfinite=allow_nonfinite, record=_record(ref, origin, artifact))
     if kind == "onnx":  # the file's dtypes are the graph's: no cast
         from ds4c.frontend.onnx_import import load_onnx_weights
 
-        return load_onnx_weights(Path(ref["path"]), expected, device=device)
+        path = _referenced(ref, weights_from, origin, artifact, want_dir=False)
+        record = _record(ref, origin, artifact)
+        if record is not None:
+            record.before_reading(path.parent)
+            record.files_read(path.parent, [path])
+        out = load_onnx_weights(path, expected, device=device)
+        if not allow_nonfinite:
+            _check_finite(out, str(path))
+        return out
     if kind == "module":
         if module_state is None:
             raise ConfigError("weights come from a transformers module that is not available here; "
@@ -79,12 +124,67 @@ def load_weights(ref: Mapping[str, Any], expected: WeightSpec, *, dtype: torch.d
             out[name] = cast(module_state[name].detach())
             if progress:
                 progress(i + 1, len(expected))
+        if not allow_nonfinite:
+            _check_finite(out, f"the {ref.get('name', 'module')}'s state_dict")
         return out
     raise ConfigError(f"unknown weight source kind '{kind}'")
 
 
-def resolve_model(model: Any, *, seed: int | None = None) -> ModelSource:
+def _referenced(ref: Mapping[str, Any], weights_from: str | Path | None, origin: str, artifact: str | None,
+                *, want_dir: bool) -> Path:
+    """The checkpoint directory (``want_dir``) or ONNX file a reference points at, re-pointed by
+    ``weights_from``; an error that says what the artifact references, and how to re-point it."""
+    recorded = Path(str(ref.get("path") or ref.get("name")))
+    what = "checkpoint directory" if want_dir else "ONNX file"
+    if weights_from is None:
+        path = recorded
+        ok = path.is_dir() if want_dir else path.is_file()
+        if artifact is not None and not ok:  # loading an artifact: say it references it, and the fix
+            raise CheckpointError(f"{path}: not found; {origin} references this {what} for its weights (compiled "
+                                  "with weights by reference): pass its new location with --weights-from "
+                                  f"{'DIR' if want_dir else 'FILE'} (ds4c.load(..., weights_from=...)), or "
+                                  "recompile with --weights embed")
+        return path
+    path = Path(weights_from).expanduser()
+    if not want_dir and path.is_dir():
+        path = path / recorded.name
+    ok = path.is_dir() if want_dir else path.is_file()
+    if not ok:
+        raise CheckpointError(f"--weights-from {weights_from}: no {what} there ({origin} was compiled against "
+                              f"{recorded}); pass the {what} holding its weights")
+    return path
+
+
+def _record(ref: Mapping[str, Any], origin: str, artifact: str | None) -> Any:
+    from ds4c.frontend.file_record import RecordCheck
+
+    if "files" in ref:
+        recorded = Path(str(ref.get("path") or ref.get("name")))
+        base = recorded if ref["kind"] == "checkpoint" else recorded.parent
+        return RecordCheck(ref["files"], origin, str(base))
+    if artifact is not None:
+        warnings.warn(f"{artifact}: references {ref.get('path')} without a record of its files (compiled by an "
+                      "older ds4c), so a changed checkpoint cannot be detected; recompile it to record them",
+                      stacklevel=4)
+    return None
+
+
+def _check_finite(weights: Mapping[str, torch.Tensor], where: str) -> None:
+    for name, t in weights.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise ConfigError(f"{where}: weight '{name}' holds NaN/Inf values; they would make every logit NaN: "
+                              "fix the weights, or pass --allow-nonfinite-weights (ds4c.compile(..., "
+                              "allow_nonfinite=True)) if they are meant")
+
+
+def resolve_model(model: Any, *, seed: int | None = None, allow_nonfinite: bool = False) -> ModelSource:
     """Accept a preset name, a checkpoint directory, an ONNX file, or a transformers DeepseekV4ForCausalLM."""
+    import dataclasses
+
+    return dataclasses.replace(_resolve(model, seed), allow_nonfinite=allow_nonfinite)
+
+
+def _resolve(model: Any, seed: int | None) -> ModelSource:
     from ds4c.models.deepseek_v4.presets import PRESETS
 
     if isinstance(model, str | Path):

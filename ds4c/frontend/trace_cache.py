@@ -2,17 +2,26 @@
 
 torch.export is most of a small model's compile time (``tiny``: ~20 of ~25 s on a 2-core CPU), and
 every ``ds4c compile`` is a new process. A trace depends only on the model config, the context,
-the compute dtype, the per-kind proxy choice, torch and ds4c's own source (weights stay on the
-meta device), so it is stored under a key of exactly those, as one safetensors file: the graphs'
-constants as tensors, the printed IR (``ds4c.ir.printer``, which ``ds4c.ir.parser`` reads back
-exactly) and the program's attrs as JSON metadata. No pickle.
+the compute dtype, the per-kind proxy choice, torch (and sympy, which its export reasons with),
+Python and ds4c's own source (weights stay on the meta device; the entry points, the model and
+the frontend are that source; no environment variable is read while tracing), so it is stored
+under a key of exactly those, as one safetensors file: the graphs' constants as tensors, the
+printed IR (``ds4c.ir.printer``, which ``ds4c.ir.parser`` reads back exactly) and the program's
+attrs as JSON metadata. No pickle.
+
+An entry is used only if it is what was traced under its key: it carries the key's inputs
+(whose sha256 must be its file name and its recorded key) and a sha256 of its whole content
+(inputs, IR text, attrs, every constant's name, dtype, shape and bytes), checked on every read;
+the context length it holds must be its key's. A hand-edited entry, a damaged one, or one copied
+under another key is reported with a warning, removed and traced anew, never used. The hash
+guards against accidents and edits, not against someone who rewrites an entry and its hash
+together: whoever can write the cache can also edit ds4c's sources.
 
 - Where: ``$DS4C_CACHE_DIR/traces`` (default ``$XDG_CACHE_HOME/ds4c`` or ``~/.cache/ds4c``);
   ``DS4C_TRACE_CACHE=0`` turns the cache off. ``ds4c cache`` shows it, ``ds4c cache --clear``
   empties it.
-- Entries are written atomically (a temporary file renamed into place); an entry that cannot be
-  read back (truncated, edited, another format) is reported with a warning naming the file,
-  removed, and traced anew. At most ``MAX_ENTRIES`` are kept, the least recently used go first.
+- Entries are written atomically (a temporary file renamed into place). At most ``MAX_ENTRIES``
+  are kept, the least recently used go first.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import torch
 
 from ds4c.ir.graph import Program
 
-FORMAT = "ds4c-trace/1"
+FORMAT = "ds4c-trace/2"
 MAX_ENTRIES = 64
 _SUFFIX = ".safetensors"
 
@@ -72,10 +81,41 @@ def _source_digest() -> str:
     return h.hexdigest()
 
 
-def trace_key(config: Any, max_context: int, dtype: torch.dtype, per_kind: bool) -> str:
+def key_inputs(config: Any, max_context: int, dtype: torch.dtype, per_kind: bool) -> str:
+    """Everything a trace depends on, as the JSON text its key hashes (stored in the entry)."""
+    import sympy
+
     parts = [FORMAT, repr(config), int(max_context), str(dtype), bool(per_kind), torch.__version__,
-             f"{sys.version_info.major}.{sys.version_info.minor}", _source_digest()]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+             sympy.__version__, f"{sys.version_info.major}.{sys.version_info.minor}", _source_digest()]
+    return json.dumps(parts)
+
+
+_MAX_CONTEXT_AT = 2  # where key_inputs puts the context length
+
+
+# The inputs of the keys ``trace_key`` made in this process, for ``store`` to record with the entry.
+_KEY_INPUTS: dict[str, str] = {}
+
+
+def trace_key(config: Any, max_context: int, dtype: torch.dtype, per_kind: bool) -> str:
+    inputs = key_inputs(config, max_context, dtype, per_kind)
+    key = hashlib.sha256(inputs.encode()).hexdigest()
+    _KEY_INPUTS[key] = inputs
+    while len(_KEY_INPUTS) > 4 * MAX_ENTRIES:
+        del _KEY_INPUTS[next(iter(_KEY_INPUTS))]
+    return key
+
+
+def _content_sha256(inputs: str, attrs: str, graphs: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of an entry's content: its key inputs, attrs and IR text (JSON), and every tensor."""
+    h = hashlib.sha256()
+    for text in (inputs, attrs, graphs):
+        h.update(len(text).to_bytes(8, "little") + text.encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _path(key: str) -> Path:
@@ -96,8 +136,8 @@ def load(key: str) -> Program | None:
         program = _read(path, key)
     except FileNotFoundError:  # pruned by another process meanwhile: a miss
         return None
-    except Exception as e:  # noqa: BLE001 - any unreadable entry is traced anew, and said so
-        warnings.warn(f"{path}: cached trace unreadable ({type(e).__name__}: {e}); removed, tracing anew",
+    except Exception as e:  # noqa: BLE001 - any unreadable or unverified entry is traced anew, and said so
+        warnings.warn(f"{path}: cached trace not used ({type(e).__name__}: {e}); removed, tracing anew",
                       stacklevel=3)
         try:
             path.unlink(missing_ok=True)
@@ -111,6 +151,10 @@ def load(key: str) -> Program | None:
     return program
 
 
+class StaleEntry(ValueError):
+    """A cache entry that is not what was traced under its key."""
+
+
 def _read(path: Path, key: str) -> Program:
     from safetensors import safe_open
 
@@ -119,23 +163,32 @@ def _read(path: Path, key: str) -> Program:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
-        if meta.get("key") != key:
-            raise ValueError("its key does not match its file name")
+            raise StaleEntry(f"format {meta.get('format')!r}, expected {FORMAT!r}")
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iterator
-    texts = json.loads(meta["graphs"])
+    inputs, attrs_text, graphs_text = meta.get("inputs", ""), meta.get("attrs", ""), meta.get("graphs", "")
+    if meta.get("key") != key or hashlib.sha256(inputs.encode()).hexdigest() != key:
+        raise StaleEntry("it was stored under another key (copied or renamed)")
+    if _content_sha256(inputs, attrs_text, graphs_text, tensors) != meta.get("content_sha256"):
+        raise StaleEntry("its content does not match its sha256 (edited or damaged)")
+    attrs = json.loads(attrs_text)
+    if attrs.get("max_context") != json.loads(inputs)[_MAX_CONTEXT_AT]:
+        raise StaleEntry(f"it holds a trace for context {attrs.get('max_context')}, not its key's")
     graphs = {}
-    for name, text in texts.items():
+    for name, text in json.loads(graphs_text).items():
         prefix = f"{name}/"
         constants = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
         graphs[name] = parse_graph(text, constants)
-    return Program(graphs, json.loads(meta["attrs"]))
+    return Program(graphs, attrs)
 
 
-def store(key: str, program: Program) -> None:
-    """Write ``program`` under ``key`` atomically; a trace whose attrs are not JSON, or a cache
-    directory that cannot be written, is skipped with a warning (the compile goes on)."""
-    if not enabled():
+def store(key: str, program: Program, inputs: str | None = None) -> None:
+    """Write ``program`` under ``key`` atomically, with the key's inputs (``key_inputs``; by
+    default those ``trace_key`` hashed into ``key`` in this process: a key made otherwise could
+    never be verified, so no entry is written for it) and a sha256 of its content; a trace whose
+    attrs are not JSON, or a cache directory that cannot be written, is skipped with a warning
+    (the compile goes on)."""
+    inputs = inputs if inputs is not None else _KEY_INPUTS.get(key)
+    if not enabled() or inputs is None or hashlib.sha256(inputs.encode()).hexdigest() != key:
         return
     from safetensors.torch import save_file
 
@@ -150,8 +203,9 @@ def store(key: str, program: Program) -> None:
     # own copies: safetensors refuses tensors that share memory
     tensors = {f"{name}/{k}": v.detach().cpu().clone().contiguous() for name, g in program.graphs.items()
                for k, v in g.constants.items()}
-    meta = {"format": FORMAT, "key": key, "attrs": attrs,
-            "graphs": json.dumps({name: print_graph(g) for name, g in program.graphs.items()})}
+    graphs = json.dumps({name: print_graph(g) for name, g in program.graphs.items()})
+    meta = {"format": FORMAT, "key": key, "inputs": inputs, "attrs": attrs, "graphs": graphs,
+            "content_sha256": _content_sha256(inputs, attrs, graphs, tensors)}
     try:
         directory = trace_dir()
         directory.mkdir(parents=True, exist_ok=True)

@@ -252,7 +252,7 @@ def test_truncated_file_and_bad_index(hf_model, spec, tmp_path):
     f = one / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) - 100])
-    with pytest.raises(CheckpointError, match=r"model.safetensors: unreadable safetensors file .*truncated"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors: unreadable safetensors file: .*truncated"):
         load_checkpoint(one, spec)
     f.write_bytes(data[:4])
     with pytest.raises(CheckpointError, match="unreadable safetensors file"):
