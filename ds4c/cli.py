@@ -53,6 +53,8 @@ def compile(
     activations: Annotated[str, typer.Option(
         help="native: FP8 linears multiply FP8 activations where the target's tensor cores do (h100, "
              "b200, ...); compute: weight-only quantisation, activations in the compute dtype")] = "native",
+    allow_nonfinite_weights: Annotated[bool, typer.Option(
+        "--allow-nonfinite-weights", help="accept NaN/Inf weights (refused by default, naming the tensor)")] = False,
 ) -> None:
     """Compile MODEL for TARGET into a .ds4 artifact."""
     import ds4c
@@ -63,7 +65,7 @@ def compile(
                            bisect=bisect, weights=weights, seed=seed, progress=None,
                            hbm_budget=_parse_bytes(hbm_budget) if hbm_budget else None,
                            csa_kv_on_host=csa_kv_on_host, kernel_binaries=kernel_binaries,
-                           activations=activations)
+                           activations=activations, allow_nonfinite=allow_nonfinite_weights)
         if output is None:
             output = Path(f"{Path(model).name}-{target}.ds4")
         art.save(output)
@@ -109,6 +111,9 @@ def run(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 16,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     backend: Annotated[str, typer.Option(help="auto | kernels (Triton) | compiled (Triton + Inductor) | npu (TVM host simulator) | reference")] = "auto",
+    weights_from: Annotated[Path | None, typer.Option(
+        "--weights-from", help="where the checkpoint an artifact compiled with --weights reference now is, "
+                               "when it moved (checked against the artifact's record of its files)")] = None,
 ) -> None:
     """Load ARTIFACT and greedily generate tokens."""
     import ds4c
@@ -117,7 +122,7 @@ def run(
     if (prompt_ids is None) == (prompt is None):
         _fail(Ds4cError("give exactly one of --prompt-ids 1,2,3 or --prompt TEXT"))
     try:
-        model = ds4c.load(artifact, device=device, backend=backend)
+        model = ds4c.load(artifact, device=device, backend=backend, weights_from=weights_from)
         tok = tokenizer_for(model)
         ids = _parse_ids(prompt_ids) if prompt_ids is not None else tok.encode(prompt or "")
         out = model.generate([ids], max_new_tokens=max_new_tokens)

@@ -62,6 +62,7 @@ def compile(
     csa_kv_on_host: bool = False,
     kernel_binaries: bool | None = None,
     activations: str = "native",
+    allow_nonfinite: bool = False,
 ) -> Artifact:
     """Compile ``model`` (preset name, checkpoint directory, ONNX file or transformers DeepseekV4ForCausalLM) for ``target``.
 
@@ -80,6 +81,10 @@ def compile(
     host memory, fetching only the selected entries each step. ``kernel_binaries``: store Triton
     binaries compiled ahead of time for cuda / rocm targets (default: yes, unless the environment
     sets ``DS4C_KERNEL_BINARIES=0``); without them the runtime JIT-compiles its kernels.
+    ``allow_nonfinite``: accept NaN/Inf weights (refused by default, naming the tensor; recorded
+    in the weight source so the artifact loads them too). With ``weights="reference"`` the
+    artifact records the size and sha256 of every checkpoint file it reads (one read of the
+    checkpoint here) and refuses to run on a changed one (ds4c.frontend.file_record).
     """
     if activations not in ACTIVATION_MODES:
         raise ConfigError(f"--activations must be one of {', '.join(ACTIVATION_MODES)}, got '{activations}'")
@@ -90,7 +95,7 @@ def compile(
     from ds4c.quant.packing import pack_weights, stored_spec
 
     tgt = get_target(target)
-    source: ModelSource = resolve_model(model, seed=seed)
+    source: ModelSource = resolve_model(model, seed=seed, allow_nonfinite=allow_nonfinite)
     config = ModelConfig.from_hf_dict(source.config, source=_config_where(source))
     if max_context is None:
         max_context = min(int(source.config.get("max_position_embeddings", DEFAULT_MAX_CONTEXT)),
@@ -162,6 +167,8 @@ def compile(
             embedded = {k: loaded[k] for k in spec}
             pack_weights(embedded, assignment, keep=read)
             embedded = {k: embedded[k] for k in stored}
+        # a referenced checkpoint is recorded (size + sha256 per file) so a changed one is refused at load
+        weights_source = source.reference(spec) if mode == "reference" else source.describe()
         steps.advance(f"device code ({tgt.backend})")
         from ds4c.backends import lower_kernels
 
@@ -184,7 +191,7 @@ def compile(
         "state": program.attrs["state"],
         "weights": {
             "mode": mode,
-            "source": source.describe(),
+            "source": weights_source,
             "dtype": str(dtype).removeprefix("torch."),
             "bytes": total_bytes,
             "tensors": {k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")} for k, (s, d) in stored.items()},

@@ -376,7 +376,8 @@ def _pick_backend(backend: str, device: torch.device, manifest: dict[str, Any] |
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progress: bool | None = None,
          backend: str = "auto", cuda_graphs: bool = True, streams: bool = True,
          weights: dict[str, torch.Tensor] | None = None, merge_linears: bool = True,
-         tuning: bool | str | os.PathLike = True, trust_binaries: bool = False) -> CompiledModel:
+         tuning: bool | str | os.PathLike = True, trust_binaries: bool = False,
+         weights_from: str | os.PathLike | None = None) -> CompiledModel:
     """Load an artifact written by ``Artifact.save`` / ``ds4c compile``, ready to run on ``device``.
 
     ``backend``: ``kernels`` (Triton kernels for fused ops, the rest op by op; default on CUDA),
@@ -395,6 +396,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
     False ignores it. ``trust_binaries``: use the native code stored in the artifact (kernel
     binaries, the NPU host build) even when it is not signed by a trusted key (ds4c.artifact.signing);
     otherwise such code is rebuilt here or JIT-compiled (``model.trust`` says which applied).
+    ``weights_from``: where the checkpoint directory (or ONNX file) of an artifact compiled with
+    weights by reference is now, when it moved; its files are checked against the artifact's record
+    of them either way (ds4c.frontend.file_record).
     """
     from safetensors.torch import load as st_load
 
@@ -423,6 +427,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
                 raise InputError(f"weights= lacks {len(missing)} tensors the program reads, e.g. '{missing[0]}'")
             weights = {k: weights[k] for k in wanted}
         elif wman["mode"] == "embed":
+            if weights_from is not None:
+                raise InputError(f"{path}: weights_from / --weights-from given, but this artifact embeds its weights; "
+                                 "drop it")
             if WEIGHTS_MEMBER not in container.member_names():
                 raise ArtifactError(f"{path}: manifest says weights are embedded but '{WEIGHTS_MEMBER}' is missing")
             raw = st_load(container.read_bytes(WEIGHTS_MEMBER))
@@ -438,7 +445,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
             def tick(i: int, n: int) -> None:
                 steps.advance()
 
-            weights = load_weights(wman["source"], provided, dtype=dtype, device=device, progress=tick)
+            weights = load_weights(wman["source"], provided, dtype=dtype, device=device, progress=tick,
+                                   weights_from=weights_from, artifact=os.fspath(path))
         weights = apply_transforms(weights, wman.get("transforms", []), keep=expected)
         weights = {k: weights[k] for k in expected}
     for k, (shape, _) in expected.items():
