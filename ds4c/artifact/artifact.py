@@ -7,7 +7,8 @@ Members of a ``.ds4`` file (see ds4c.artifact.container for the container itself
 - ``ir/<entry>.ds4ir``: the final IR of each entry point, as text;
 - ``consts/<entry>.safetensors``: the constants those graphs read (RoPE tables, folded values);
 - ``weights.safetensors``: the weights, when embedded; otherwise the manifest references a
-  checkpoint directory or a preset seed and lists the transforms to apply at load;
+  checkpoint directory (with the size and sha256 of every file loading it reads, checked at
+  load: ds4c.frontend.file_record) or a preset seed and lists the transforms to apply at load;
 - ``kernels/...``: generated kernels (source and binaries), when a device backend made any;
 - ``signature.json``: the manifest's signature (``ds4c.artifact.signing``), unless saved unsigned.
 

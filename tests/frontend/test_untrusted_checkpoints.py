@@ -252,21 +252,22 @@ def test_a_shard_symlinked_out_of_the_directory_is_refused_but_a_hub_snapshot_lo
 
 
 # -- non-finite weights ----------------------------------------------------------------------------
-@pytest.mark.parametrize("where", ["plain", "fp8 weight", "fp8 scale", "one-dimensional"])
+@pytest.mark.parametrize("where", ["plain", "fp8 weight", "fp8 scale", "fp4 scale", "one-dimensional"])
 def test_nonfinite_weights_are_refused_naming_the_tensor_unless_allowed(sharded, tmp_path, where):
     src, spec = sharded
     sd = load_checkpoint(src, spec)
     d = tmp_path / "ckpt"
-    if where.startswith("fp8"):  # DeepSeek's release format: FP8 weights with UE8M0 block scales
+    if where.startswith("fp"):  # DeepSeek's release format: FP8 / MXFP4 weights with UE8M0 block scales
         write_deepseek_checkpoint(sd, json.loads((src / "config.json").read_text()), d)
         f = d / "model.safetensors"
         t = load_file(f)
-        key = "layers.0.attn.wq_a.weight" if where == "fp8 weight" else "layers.0.attn.wq_a.scale"
+        key = {"fp8 weight": "layers.0.attn.wq_a.weight", "fp8 scale": "layers.0.attn.wq_a.scale",
+               "fp4 scale": "layers.1.ffn.experts.2.w3.scale"}[where]
         raw = t[key].view(torch.uint8).clone()
         raw.view(-1)[min(3, raw.numel() - 1)] = 0xFF  # e4m3fn NaN / e8m0 NaN
         t[key] = raw.view(t[key].dtype)
         save_file(t, str(f))
-        named = "layers.0.attn.wq_a.weight"
+        named = key.removesuffix(".scale").removesuffix(".weight") + ".weight"
     else:
         d.mkdir()
         shutil.copy(src / "config.json", d)
