@@ -1,4 +1,4 @@
-"""The ``ds4c`` command line: compile, run, tune, inspect, export, targets, cache."""
+"""The ``ds4c`` command line: compile, run, tune, inspect, export, targets, cache, trust, sign."""
 
 from __future__ import annotations
 
@@ -55,11 +55,18 @@ def compile(
              "b200, ...); compute: weight-only quantisation, activations in the compute dtype")] = "native",
     allow_nonfinite_weights: Annotated[bool, typer.Option(
         "--allow-nonfinite-weights", help="accept NaN/Inf weights (refused by default, naming the tensor)")] = False,
+    sign_key: Annotated[Path | None, typer.Option(
+        "--sign-key", help="sign the artifact with this Ed25519 private key (PEM) instead of your own key "
+                           "(made on first use under $DS4C_HOME, see `ds4c trust`)")] = None,
 ) -> None:
     """Compile MODEL for TARGET into a .ds4 artifact."""
     import ds4c
 
     try:
+        if sign_key is not None:  # a key that cannot sign is refused before the compile, not after
+            from ds4c.artifact.signing import load_signing_key
+
+            load_signing_key(sign_key)
         art = ds4c.compile(model, target=target, precision=precision, max_context=max_context, dump_ir=dump_ir,
                            print_after_all=print_after_all, print_after=print_after or (), stop_after=stop_after,
                            bisect=bisect, weights=weights, seed=seed, progress=None,
@@ -68,7 +75,7 @@ def compile(
                            activations=activations, allow_nonfinite=allow_nonfinite_weights)
         if output is None:
             output = Path(f"{Path(model).name}-{target}.ds4")
-        art.save(output)
+        art.save(output, sign_key=sign_key if sign_key is not None else True)
     except Ds4cError as e:
         _fail(e)
     m = art.manifest
@@ -114,6 +121,9 @@ def run(
     weights_from: Annotated[Path | None, typer.Option(
         "--weights-from", help="where the checkpoint an artifact compiled with --weights reference now is, "
                                "when it moved (checked against the artifact's record of its files)")] = None,
+    trust_binaries: Annotated[bool, typer.Option(
+        "--trust-binaries", help="use the native code stored in ARTIFACT (kernel binaries, NPU host build) even "
+                                 "if no trusted key signed it")] = False,
 ) -> None:
     """Load ARTIFACT and greedily generate tokens."""
     import ds4c
@@ -122,7 +132,8 @@ def run(
     if (prompt_ids is None) == (prompt is None):
         _fail(Ds4cError("give exactly one of --prompt-ids 1,2,3 or --prompt TEXT"))
     try:
-        model = ds4c.load(artifact, device=device, backend=backend, weights_from=weights_from)
+        model = ds4c.load(artifact, device=device, backend=backend, weights_from=weights_from,
+                          trust_binaries=trust_binaries)
         tok = tokenizer_for(model)
         ids = _parse_ids(prompt_ids) if prompt_ids is not None else tok.encode(prompt or "")
         out = model.generate([ids], max_new_tokens=max_new_tokens)
@@ -265,6 +276,83 @@ def cache(
     state = "on" if trace_cache.enabled() else "off (DS4C_TRACE_CACHE=0)"
     console.print(f"trace cache {where}: {state}, {len(entries)} traces, {size / 2**20:.1f} MiB "
                   f"(at most {trace_cache.MAX_ENTRIES}; DS4C_CACHE_DIR moves it)")
+
+
+trust_app = typer.Typer(no_args_is_help=True, help="Keys whose signed artifacts may run their native code "
+                                                    "(kernel binaries, NPU host builds) here.")
+app.add_typer(trust_app, name="trust")
+
+
+@trust_app.command("add")
+def trust_add(key: Annotated[Path, typer.Argument(help="a publisher's Ed25519 public key (PEM, e.g. signing-key.pub)")]
+              ) -> None:
+    """Trust artifacts signed by KEY."""
+    from ds4c.artifact import signing
+
+    try:
+        kid = signing.trust_key(key)
+    except Ds4cError as e:
+        _fail(e)
+    console.print(f"trusted key {kid} ({signing.ds4c_home() / signing.TRUSTED_DIR / (kid + '.pub')})")
+
+
+@trust_app.command("remove")
+def trust_remove(key_id: Annotated[str, typer.Argument(help="key id, as `ds4c trust list` shows it")]) -> None:
+    """Stop trusting the key KEY_ID."""
+    from ds4c.artifact import signing
+
+    try:
+        path = signing.untrust_key(key_id)
+    except Ds4cError as e:
+        _fail(e)
+    console.print(f"removed {path}")
+
+
+@trust_app.command("list")
+def trust_list() -> None:
+    """The keys trusted here: your own and the ones added."""
+    from ds4c.artifact import signing
+
+    try:
+        keys = signing.trusted_keys()
+    except (Ds4cError, ImportError) as e:
+        _fail(Ds4cError(f"cannot read the trusted keys ({e}); install the 'cryptography' package"))
+    for kid, (_, where) in keys.items():
+        console.print(f"{kid}  {where}", markup=False, highlight=False)
+    if not keys:
+        console.print(f"no keys yet under {signing.ds4c_home()}: yours is made at the first compile")
+
+
+@trust_app.command("export")
+def trust_export(output: Annotated[Path | None, typer.Option("--output", "-o", help="write to FILE (default: "
+                                                                                    "print it)")] = None) -> None:
+    """Your public key (made if needed), to give to those who run your artifacts (`ds4c trust add`)."""
+    from ds4c.artifact import signing
+
+    try:
+        pem = signing.public_key_pem(signing.local_key())
+    except (Ds4cError, ImportError) as e:
+        _fail(Ds4cError(f"no signing key ({e}); install the 'cryptography' package"))
+    if output is None:
+        console.print(pem.decode().strip(), markup=False, highlight=False)
+    else:
+        output.write_bytes(pem)
+        console.print(f"wrote {output}")
+
+
+@app.command()
+def sign(
+    artifact: Annotated[Path, typer.Argument(help="a .ds4 artifact, signed anew in place")],
+    key: Annotated[Path | None, typer.Option("--key", help="Ed25519 private key (PEM); default: yours")] = None,
+) -> None:
+    """Sign ARTIFACT with your key (or KEY): after checking its contents, or to publish it under KEY."""
+    from ds4c.artifact import signing
+
+    try:
+        kid = signing.sign_file(artifact, key if key is not None else True)
+    except Ds4cError as e:
+        _fail(e)
+    console.print(f"signed {artifact} with key {kid}")
 
 
 debug_app = typer.Typer(no_args_is_help=True, help="Find what a pass did to the numbers.")

@@ -540,6 +540,11 @@ class Container:
     def close(self) -> None:
         self._file.close()
 
+    def __del__(self) -> None:  # a model keeps its container for lazy reads: closed when it goes
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()
+
     @property
     def closed(self) -> bool:
         return self._file.closed

@@ -260,3 +260,94 @@ def test_bad_member_names_refused_on_read(tmp_path, artifact):
             zout.writestr("../x" if info.filename == "x" else info.filename, data)
     with pytest.raises(ArtifactError, match="invalid artifact member name '../x'"):
         open_container(evil)
+
+
+# -- file handling: mode, temp files of killed writers ------------------------------------------------
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_artifact_mode_follows_the_umask(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        write_container(tmp_path / "a.ds4", {}, {"m": b"1"})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.ds4").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+_KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from ds4c.artifact import container
+
+real = container._copy_member
+
+def copy_then_hang(zf, name, *args):
+    real(zf, name, *args)
+    if name == "m2":  # the temp file holds the manifest and two members: stop here
+        print("writing", flush=True)
+        time.sleep(120)
+
+container._copy_member = copy_then_hang
+container.write_container(Path(sys.argv[1]), {}, {"m1": b"1", "m2": b"2" * 100000, "m3": b"3"})
+"""
+
+
+def test_temp_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "a.ds4"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+        temps = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        assert len(temps) == 1 and temps[0].name.startswith(f".a.ds4.{proc.pid}-")
+        # a live writer's temp file is left alone, also by a write of the same artifact
+        assert container.remove_stale_temps(target) == [] and temps[0].exists()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert temps[0].exists() and not target.exists()  # SIGKILL: nothing cleaned up, nothing renamed
+    write_container(target, {}, {"m": b"fresh"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ds4"]
+    with open_container(target) as c:
+        assert c.read_bytes("m") == b"fresh"
+
+
+def test_stale_temp_scheme_touches_only_its_own_files(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    target = tmp_path / "m.ds4"
+    stale = [tmp_path / f".m.ds4.{pid}-abc123_x.tmp", tmp_path / f".m.ds4.{pid}-q9.weights.tmp"]
+    kept = [tmp_path / f".m.ds4.{os.getppid()}-abc.tmp",  # a live process's
+            tmp_path / f".other.ds4.{pid}-abc.tmp",  # another artifact's
+            tmp_path / f".m.ds4.{pid}-abc.tmp.keep", tmp_path / ".m.ds4.notapid-abc.tmp",
+            tmp_path / "m.ds4.123-abc.tmp"]  # not a temp of this scheme
+    for p in stale + kept:
+        p.write_bytes(b"partial")
+    (tmp_path / f".m.ds4.{pid}-dir.tmp").mkdir()  # a directory of that name is not ours either
+    kept.append(tmp_path / f".m.ds4.{pid}-dir.tmp")
+    removed = container.remove_stale_temps(target)
+    assert sorted(removed) == sorted(stale)
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)
+
+
+def test_saving_an_artifact_with_weights_leaves_only_the_artifact(tmp_path):
+    """Artifact.save streams embedded weights through a temp file of the same scheme beside the output."""
+    import torch
+
+    from ds4c.artifact.artifact import Artifact, read_artifact
+    from ds4c.ir.graph import Program
+
+    art = Artifact({"target": {"name": "cpu"}, "weights": {"mode": "embed"}}, Program({}, {}),
+                   {"w": torch.arange(6.0).reshape(2, 3)})
+    art.save(tmp_path / "w.ds4", sign_key=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["w.ds4"]
+    with open_container(tmp_path / "w.ds4") as c:
+        assert "weights.safetensors" in c and c.signature is None
+    with pytest.raises(ArtifactError, match="manifest field"):  # not a complete artifact: named, not a crash
+        read_artifact(tmp_path / "w.ds4")

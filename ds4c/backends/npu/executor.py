@@ -63,7 +63,12 @@ def load_library(manifest: dict[str, Any], container: Any, where: str, *, trust:
     else:
         lib, section = _built_library(tvm, manifest, program, where,
                                       trust.reason if trust is not None else "its signature was not checked")
-    vm = relax.VirtualMachine(lib, tvm.cpu())
+    try:
+        vm = relax.VirtualMachine(lib, tvm.cpu())
+    except Exception as e:  # noqa: BLE001 - TVM's own error types (AttributeError for a library without a VM)
+        raise ArtifactError(f"{where}: the npu host build is not a TVM library this TVM can load ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); recompile the artifact") \
+            from None
     kernels = section.get("kernels")
     missing = [k for k in kernels if not isinstance(k, str) or not _has_function(vm, k)] if isinstance(
         kernels, dict) else ["(the section's kernels are not a name -> record map)"]
@@ -89,7 +94,7 @@ def _stored_library(tvm: Any, section: dict[str, Any], container: Any, where: st
         path = os.path.join(tmp, "host.so")
         with open(path, "wb") as f:
             f.write(blob)
-        return tvm.runtime.load_module(path)  # mapped now; the file may go
+        return _load_module(tvm, path, where)  # mapped now; the file may go
 
 
 def _built_library(tvm: Any, manifest: dict[str, Any], program: Any, where: str, why: str
@@ -111,25 +116,34 @@ def _built_library(tvm: Any, manifest: dict[str, Any], program: Any, where: str,
                             "recompile the artifact") from None
     key = build_key(target, program)
     cached = cached_host_build(key)
-    if cached is not None:
-        return tvm.runtime.load_module(str(cached[0])), cached[1]
-    problem = toolchain_problem()
-    if problem is not None:
+    if cached is None and (problem := toolchain_problem()) is not None:
         raise ArtifactError(f"{where}: the artifact's npu host build is native code and the artifact is not trusted "
                             f"({why}); it cannot be rebuilt here ({problem}): {HOW_TO_TRUST}")
+    how = ("using the build of its IR made on this machine earlier" if cached is not None else
+           "building it from the artifact's IR with this machine's TVM now (once: the build is cached)")
     warnings.warn(f"{where}: not loading the npu host build stored in the artifact, which is native code, because "
-                  f"the artifact is not trusted ({why}); building it from the artifact's IR with this machine's TVM "
-                  f"instead (once: the build is cached). To load the stored one, {HOW_TO_TRUST}",
+                  f"the artifact is not trusted ({why}); {how}. To load the stored one, {HOW_TO_TRUST}",
                   NpuBuildWarning, stacklevel=4)
+    if cached is not None:
+        return _load_module(tvm, cached[0], where), cached[1]
     section, members = lower(target, program, progress=False)
     cached = cached_host_build(key)  # lower keeps what it builds in ds4c's cache
     if cached is not None:
-        return tvm.runtime.load_module(str(cached[0])), cached[1]
+        return _load_module(tvm, cached[0], where), cached[1]
     with tempfile.TemporaryDirectory(prefix="ds4c-npu-") as tmp:  # no usable cache: a private temp file
         path = os.path.join(tmp, "host.so")
         with open(path, "wb") as f:
             f.write(members[LIBRARY_MEMBER])
-        return tvm.runtime.load_module(path), section
+        return _load_module(tvm, path, where), section
+
+
+def _load_module(tvm: Any, path: Any, where: str) -> Any:
+    try:
+        return tvm.runtime.load_module(str(path))
+    except Exception as e:  # noqa: BLE001 - TVM raises its own error types for a library it cannot use
+        raise ArtifactError(f"{where}: the npu host build is not a TVM library this TVM can load "
+                            f"({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}); "
+                            "recompile the artifact") from None
 
 
 def _has_function(vm: Any, name: str) -> bool:

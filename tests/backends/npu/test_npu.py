@@ -1,11 +1,13 @@
 """The npu backend end to end on ``tiny``: compile (CLI), C source, host build, logits and tokens
-equal the reference backend, fallbacks with reasons, SRAM bound, refusal of a bad kernel member.
+equal the reference backend, fallbacks with reasons, SRAM bound, refusal of a bad kernel member;
+an untrusted artifact's host build (a hostile library here) is rebuilt from the IR, never loaded.
 
 One compile for the whole module (the artifact fixture); each distinct (op, shapes) is lowered once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import zipfile
@@ -17,6 +19,8 @@ from typer.testing import CliRunner
 pytest.importorskip("tvm")
 
 import ds4c  # noqa: E402
+from ds4c.artifact import SIGNATURE  # noqa: E402
+from ds4c.backends.npu.executor import NpuBuildWarning  # noqa: E402
 from ds4c.backends.npu.lower import C_SOURCE_MEMBER, LIBRARY_MEMBER, c_include_dirs  # noqa: E402
 from ds4c.backends.npu.partition import ACT_REASON, TOPK_REASON, place  # noqa: E402
 from ds4c.cli import app  # noqa: E402
@@ -109,10 +113,12 @@ def test_cli_run_and_inspect(artifact):
 
 
 def _rewrite(src, dst, member, fn):
+    """Copy ``src`` with one member edited; the signature goes (an edited artifact is nobody's)."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for info in zin.infolist():
             data = zin.read(info.filename)
-            zout.writestr(info, fn(data) if info.filename == member else data)
+            if info.filename != SIGNATURE:
+                zout.writestr(info, fn(data) if info.filename == member else data)
 
 
 def test_mismatched_kernel_member_is_refused(artifact, tmp_path):
@@ -122,7 +128,7 @@ def test_mismatched_kernel_member_is_refused(artifact, tmp_path):
     _rewrite(artifact, bad, f"kernels/{LIBRARY_MEMBER}", lambda b: b[:-64] + bytes(64))
     with pytest.raises(ArtifactError):
         ds4c.load(bad, backend="npu")
-    # the manifest pointing a kernel at a function the host build lacks
+    # the manifest pointing a kernel at a function the stored host build lacks (loaded when trusted)
     man = tmp_path / "man.ds4"
 
     def rename(data: bytes) -> bytes:
@@ -132,8 +138,79 @@ def test_mismatched_kernel_member_is_refused(artifact, tmp_path):
         return json.dumps(m).encode()
 
     _rewrite(artifact, man, "manifest.json", rename)
-    with pytest.raises(ArtifactError):
-        ds4c.load(man, backend="npu")
+    with pytest.raises(ArtifactError, match="lacks kernel 'no_such_kernel'"):
+        ds4c.load(man, backend="npu", trust_binaries=True)
+
+
+_SENTINEL_C = """
+#include <stdio.h>
+__attribute__((constructor)) static void ds4c_test_hostile(void) {
+    FILE *f = fopen("%s", "w");
+    if (f) { fputs("native code from the artifact ran", f); fclose(f); }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def hostile(artifact, tmp_path_factory):
+    """(artifact whose host.so is a library with a constructor that writes a sentinel file, with
+    the manifest's sha256s rewritten to match and the signature dropped; the sentinel's path)."""
+    import shutil
+
+    if shutil.which("gcc") is None:
+        pytest.skip("no system C compiler (gcc) to build the hostile library with")
+    from ds4c.artifact import open_container, write_container
+
+    tmp = tmp_path_factory.mktemp("hostile")
+    sentinel = tmp / "sentinel"
+    src = tmp / "hostile.c"
+    src.write_text(_SENTINEL_C % sentinel)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp / "hostile.so"), str(src)], check=True)
+    evil = (tmp / "hostile.so").read_bytes()
+    with open_container(artifact) as c:
+        members = {n: c.read_bytes(n) for n in c.member_names()}
+        manifest = json.loads(json.dumps(c.manifest))
+    members[f"kernels/{LIBRARY_MEMBER}"] = evil
+    manifest["kernels"]["library_sha256"] = hashlib.sha256(evil).hexdigest()
+    path = tmp / "hostile.ds4"
+    write_container(path, manifest, members)  # consistent hashes, no signature
+    return path, sentinel
+
+
+def test_untrusted_host_build_is_rebuilt_never_loaded(hostile, artifact):
+    path, sentinel = hostile
+    with pytest.warns(NpuBuildWarning, match="not loading the npu host build .*unsigned.*--trust-binaries"):
+        model = ds4c.load(path)  # the build of the same IR this machine made at compile (cached)
+    assert model.backend == "npu" and not model.trust.trusted
+    assert not sentinel.exists()
+    ref = ds4c.load(artifact, backend="reference")
+    assert (model(PROMPT) - ref(PROMPT)).abs().max().item() <= 1e-4
+    assert model._executors["prefill"].stats()["attention.sliding"].get("npu")
+    assert not sentinel.exists()
+
+
+def test_untrusted_host_build_refused_without_a_toolchain(hostile, tmp_path, monkeypatch):
+    from ds4c.backends.npu import lower
+
+    path, sentinel = hostile
+    monkeypatch.setenv("DS4C_CACHE_DIR", str(tmp_path / "empty-cache"))  # no build of this IR here
+    monkeypatch.setattr(lower, "toolchain_problem", lambda: "no C compiler for TVM to link the library with")
+    with pytest.raises(ArtifactError, match="not trusted .*unsigned.*cannot be rebuilt here .*no C compiler.*"
+                                            "ds4c trust add KEY.pub.*--trust-binaries"):
+        ds4c.load(path)
+    res = CliRunner().invoke(app, ["run", str(path), "--prompt-ids", "1,2", "-n", "1"])
+    assert res.exit_code == 2 and "--trust-binaries" in res.output and "Traceback" not in res.output
+    assert not sentinel.exists()
+
+
+def test_trust_binaries_loads_the_stored_library(hostile):
+    """The one switch that lets stored native code run: the hostile constructor does run then
+    (the library is no TVM module, so the load is refused after)."""
+    path, sentinel = hostile
+    with pytest.raises(ArtifactError, match="not a TVM library"):
+        ds4c.load(path, trust_binaries=True)
+    assert sentinel.read_text() == "native code from the artifact ran"
+    sentinel.unlink()
 
 
 def test_npu_backend_refuses_non_npu_artifact(artifact, tmp_path):
