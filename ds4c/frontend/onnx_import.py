@@ -31,7 +31,7 @@ import torch
 
 from ds4c.errors import ConfigError, IRError
 from ds4c.ir.graph import Graph, GraphInput, Op, Program, Value
-from ds4c.ir.types import TensorType
+from ds4c.ir.types import DTYPE_NAMES, TensorType
 
 DOMAIN = "ds4c"
 
@@ -78,7 +78,11 @@ def to_tensor(proto: Any) -> torch.Tensor:
     """An ONNX TensorProto as a torch tensor (float8 and bfloat16 through their raw bytes)."""
     import onnx
     from onnx import numpy_helper
+    from onnx.external_data_helper import uses_external_data
 
+    if uses_external_data(proto):  # onnx.load reads external data (inside the model's directory only)
+        raise ConfigError(f"ONNX tensor '{proto.name}' keeps its data in an external file that was not loaded with "
+                          "the model; ds4c reads external data only through onnx.load of the model file")
     dtype = _torch_dtype(proto.data_type)
     if dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2) and proto.HasField("raw_data"):
         raw = torch.frombuffer(bytearray(proto.raw_data), dtype=torch.uint8)
@@ -203,10 +207,39 @@ class _Builder:
                       "static input shapes before importing")
 
 
-def _attrs(node: Any) -> dict[str, Any]:
-    from onnx import helper
+# The attributes the converters read, with the one ONNX type each may have. Nothing else of an
+# attribute is used: a subgraph, a sparse tensor or a type proto is refused wherever it appears.
+_ATTR_TYPES = {"axis": "INT", "perm": "INTS", "fmod": "INT", "reduction": "STRING", "value": "TENSOR",
+               "keepdims": "INT", "largest": "INT", "sorted": "INT", "block_size": "INT", "value_float": "FLOAT",
+               "value_int": "INT", "value_floats": "FLOATS", "value_ints": "INTS", "ds4c_spec": "STRING"}
+_PLAIN_ATTR_TYPES = ("FLOAT", "INT", "STRING", "TENSOR", "FLOATS", "INTS", "STRINGS")
 
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+def _attrs(node: Any) -> dict[str, Any]:
+    """The node's attributes as Python values, each of the type ds4c reads it as (``_ATTR_TYPES``)."""
+    from onnx import AttributeProto, helper
+
+    out = {}
+    for a in node.attribute:
+        kind = AttributeProto.AttributeType.Name(a.type) if a.type in AttributeProto.AttributeType.values() \
+            else str(a.type)
+        want = _ATTR_TYPES.get(a.name)
+        if kind not in _PLAIN_ATTR_TYPES or (want is not None and kind != want):
+            raise IRError(f"ONNX node '{node.name}' ({node.op_type}): attribute '{a.name}' is {kind}, ds4c reads "
+                          f"{want or 'numbers, strings and tensors'} there; re-export the model with standard "
+                          "attributes (no subgraphs)")
+        if a.ref_attr_name:
+            raise IRError(f"ONNX node '{node.name}' ({node.op_type}): attribute '{a.name}' refers to a function "
+                          f"attribute '{a.ref_attr_name}'; ds4c imports main-graph nodes with literal attributes")
+        out[a.name] = helper.get_attribute_value(a)
+    return out
+
+
+def _required(attrs: dict[str, Any], name: str, node: Any) -> Any:
+    if name not in attrs:
+        raise IRError(f"ONNX node '{node.name}' ({node.op_type}) has no '{name}' attribute, which the op requires; "
+                      "check the model with onnx.checker")
+    return attrs[name]
 
 
 Converter = Callable[[_Builder, Any, dict[str, Any], list[TensorType]], list[Value]]
@@ -305,7 +338,7 @@ def _expand(b, node, attrs, out):
 
 @_converter("Concat")
 def _concat(b, node, attrs, out):
-    return b.emit("aten.cat.default", ([b.value(i, node) for i in node.input], attrs["axis"]), {}, out,
+    return b.emit("aten.cat.default", ([b.value(i, node) for i in node.input], _required(attrs, "axis", node)), {}, out,
                   node.output[0])
 
 
@@ -475,28 +508,65 @@ def _numel_dims(dims: Any) -> int:
     return n
 
 
-def decode_attr(v: Any) -> Any:
-    """An attribute of a ``ds4c_spec`` (JSON; dtypes as {"dtype": name}) back to its IR value."""
-    if isinstance(v, dict) and set(v) == {"dtype"}:
-        return getattr(torch, v["dtype"])
+# dtypes a ds4c_spec may name (as ``str(dtype)`` without ``torch.``): the IR's dtypes, looked up,
+# never fetched from the torch module by name.
+SPEC_DTYPES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in DTYPE_NAMES}
+
+
+def decode_attr(v: Any, where: str = "ds4c_spec") -> Any:
+    """An attribute of a ``ds4c_spec`` (JSON; dtypes as {"dtype": name}) back to its IR value.
+
+    Only JSON numbers, strings, booleans, null, lists of them and dtypes of ``SPEC_DTYPES``: an
+    attribute can name no module, callable or file."""
+    if isinstance(v, dict):
+        if set(v) != {"dtype"} or v["dtype"] not in SPEC_DTYPES:
+            raise IRError(f"{where}: attribute {json.dumps(v)[:80]} is not a dtype ds4c knows ({{\"dtype\": name}}, "
+                          f"name one of {', '.join(SPEC_DTYPES)}); re-export with `ds4c export --format onnx`")
+        return SPEC_DTYPES[v["dtype"]]
     if isinstance(v, list):
-        return [decode_attr(x) for x in v]
-    return v
+        return [decode_attr(x, where) for x in v]
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    raise IRError(f"{where}: attribute {v!r:.80} of type {type(v).__name__} has no IR form")
+
+
+def _spec(node: Any, attrs: dict) -> dict[str, Any]:
+    """The node's ``ds4c_spec``, checked: {"op": a ds4c op, "present": [bool per operand slot],
+    "kwargs": {name: attribute}, "results": n}."""
+    from ds4c.ir.registry import get_op, is_ds4c_op
+
+    where = f"ONNX node '{node.name}' ({DOMAIN}.{node.op_type})"
+    if "ds4c_spec" not in attrs:
+        raise IRError(f"{where} has no ds4c_spec attribute; only nodes written by `ds4c export --format onnx` can "
+                      "be imported from the ds4c domain")
+    try:
+        spec = json.loads(attrs["ds4c_spec"])
+    except (ValueError, RecursionError):
+        raise IRError(f"{where}: its ds4c_spec is not JSON; re-export with `ds4c export --format onnx`") from None
+    if not (isinstance(spec, dict) and isinstance(spec.get("op"), str) and isinstance(spec.get("kwargs"), dict)
+            and isinstance(spec.get("present"), list) and all(isinstance(p, bool) for p in spec["present"])):
+        raise IRError(f"{where}: its ds4c_spec is not {{\"op\": name, \"present\": [bool], \"kwargs\": {{...}}}}; "
+                      "re-export with `ds4c export --format onnx`")
+    try:
+        get_op(spec["op"])  # the allow-list's refusal, naming the op, for anything outside it
+    except IRError as e:
+        raise IRError(f"{where}: {e}") from None
+    if not is_ds4c_op(spec["op"]):
+        raise IRError(f"{where} names '{spec['op']}', which is not one of ds4c's fused ops; a ds4c-domain node "
+                      "stands for a fused op only (ATen ops are standard ONNX nodes); re-export with `ds4c export "
+                      "--format onnx`")
+    if sum(spec["present"]) != len(node.input):
+        raise IRError(f"{where}: its ds4c_spec lists {sum(spec['present'])} present operands, the node has "
+                      f"{len(node.input)} inputs; re-export with `ds4c export --format onnx`")
+    return spec
 
 
 def _fused(b: _Builder, node: Any, attrs: dict, out: list[TensorType]) -> list[Value]:
-    from ds4c.ir.registry import is_registered
-
-    if "ds4c_spec" not in attrs:
-        raise IRError(f"ONNX node '{node.name}' ({DOMAIN}.{node.op_type}) has no ds4c_spec attribute; only nodes "
-                      "written by `ds4c export --format onnx` can be imported from the ds4c domain")
-    spec = json.loads(attrs["ds4c_spec"])
-    if not is_registered(spec["op"]):
-        raise IRError(f"ONNX node '{node.name}' names ds4c op '{spec['op']}', which this ds4c does not know; "
-                      "upgrade ds4c")
+    spec = _spec(node, attrs)
     it = iter(node.input)
     args = tuple(b.value(next(it), node) if present else None for present in spec["present"])
-    kwargs = {k: decode_attr(v) for k, v in spec["kwargs"].items()}
+    where = f"ONNX node '{node.name}' ({DOMAIN}.{node.op_type})"
+    kwargs = {str(k): decode_attr(v, where) for k, v in spec["kwargs"].items()}
     return b.emit(spec["op"], args, kwargs, out, spec["op"].replace(".", "_"))
 
 

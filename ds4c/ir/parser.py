@@ -1,6 +1,13 @@
 """Parse IR text (as written by ds4c.ir.printer) back into graphs.
 
 Constants' data is not part of the text; ``parse_graph(text, constants=...)`` reattaches it.
+
+IR text comes from artifacts and caches that may have been edited, so parsing is strict and
+resolves no names: an op must be one ``ds4c.ir.registry.get_op`` admits (ds4c's ops, ``sym.*``,
+the ATen allow-list of ``ds4c.ir.allowed_aten``), and a literal is a number, string, bool, none,
+list, or a ``dtype(...)``, ``device(...)``, ``layout(...)`` or ``memfmt(...)`` looked up in the
+fixed tables below; nothing is evaluated, imported or fetched with ``getattr``. Every malformed
+input is an ``IRError`` naming the line.
 """
 
 from __future__ import annotations
@@ -13,7 +20,17 @@ import torch
 
 from ds4c.errors import IRError
 from ds4c.ir.graph import INPUT_KINDS, Graph, GraphInput, Op, Value
+from ds4c.ir.registry import get_op
 from ds4c.ir.types import IRType, ListType, TensorType, parse_dtype, parse_type
+
+# What device(), layout() and memfmt() may name: only what traced graphs hold. Devices are
+# retargeted by the runtime anyway; ``cuda:N`` is accepted for graphs traced on a GPU.
+DEVICE_TYPES = ("cpu", "cuda", "meta")
+LAYOUTS: dict[str, torch.layout] = {"strided": torch.strided}
+MEMORY_FORMATS: dict[str, torch.memory_format] = {"contiguous_format": torch.contiguous_format,
+                                                  "preserve_format": torch.preserve_format}
+_NAME = re.compile(r"[A-Za-z0-9_.:\-]+")
+MAX_NESTING = 32  # lists in a literal: IR holds shapes and index lists, never deep structures
 
 _TOKEN = re.compile(
     r"""
@@ -62,7 +79,7 @@ class _Cursor:
         return tok is not None and tok[1] == text
 
 
-def _parse_literal(cur: _Cursor, values: dict[str, Value]) -> Any:
+def _parse_literal(cur: _Cursor, values: dict[str, Value], depth: int = 0) -> Any:
     kind, tok = cur.next()
     if kind == "value":
         name = tok[1:]
@@ -70,13 +87,18 @@ def _parse_literal(cur: _Cursor, values: dict[str, Value]) -> Any:
             raise IRError(f"{cur.where}: use of undefined value %{name}")
         return values[name]
     if kind == "string":
-        return json.loads(tok)
+        return _string(tok, cur.where)
     if kind == "number":
-        return float(tok) if any(c in tok for c in ".eE") else int(tok)
+        try:
+            return float(tok) if any(c in tok for c in ".eE") else int(tok)
+        except ValueError:  # more digits than Python converts
+            raise IRError(f"{cur.where}: number '{tok[:40]}...' is too long") from None
     if tok == "[":
+        if depth >= MAX_NESTING:
+            raise IRError(f"{cur.where}: lists nested deeper than {MAX_NESTING} levels")
         items = []
         while not cur.at("]"):
-            items.append(_parse_literal(cur, values))
+            items.append(_parse_literal(cur, values, depth + 1))
             if not cur.at("]"):
                 cur.expect(",")
         cur.expect("]")
@@ -88,16 +110,39 @@ def _parse_literal(cur: _Cursor, values: dict[str, Value]) -> Any:
             return simple[tok]
         if tok in ("dtype", "device", "layout", "memfmt"):
             cur.expect("(")
-            _, arg = cur.next()
+            arg_kind, arg = cur.next()
             cur.expect(")")
             if tok == "dtype":
                 return parse_dtype(arg)
             if tok == "device":
-                return torch.device(json.loads(arg))
-            if tok == "layout":
-                return getattr(torch, arg)
-            return getattr(torch, arg)
-    raise IRError(f"{cur.where}: cannot parse literal starting at '{tok}'")
+                return _device(arg if arg_kind != "string" else _string(arg, cur.where), arg_kind, cur.where)
+            table: dict[str, Any] = LAYOUTS if tok == "layout" else MEMORY_FORMATS
+            if arg not in table:
+                raise IRError(f"{cur.where}: {tok}({arg[:40]}) is not one that ds4c's IR admits; known: {', '.join(table)}")
+            return table[arg]
+    raise IRError(f"{cur.where}: cannot parse literal starting at '{tok[:40]}'")
+
+
+def _string(tok: str, where: str) -> str:
+    try:
+        return json.loads(tok)
+    except ValueError:
+        raise IRError(f"{where}: string literal {tok[:40]} has an invalid escape; write strings as JSON does") from None
+
+
+def _device(arg: str, kind: str, where: str) -> torch.device:
+    """A device literal: a quoted ``cpu``, ``cuda``, ``cuda:N`` or ``meta``, nothing else."""
+    bad = IRError(f"{where}: device({arg[:40]}) is not one that ds4c's IR admits; write device(\"cpu\"), "
+                  f"device(\"cuda\") or device(\"cuda:N\") (types: {', '.join(DEVICE_TYPES)})")
+    if kind != "string" or not re.fullmatch(r"[a-z]+(:\d{1,4})?", arg):
+        raise bad
+    try:
+        device = torch.device(arg)
+    except RuntimeError:
+        raise bad from None
+    if device.type not in DEVICE_TYPES:
+        raise bad
+    return device
 
 
 _SIG = re.compile(r"^graph @(?P<name>[A-Za-z0-9_.]+)\((?P<ins>.*)\) \{$")
@@ -165,7 +210,12 @@ def parse_graph(text: str, constants: dict[str, torch.Tensor] | None = None) -> 
         if line == "}":
             if not saw_return:
                 raise IRError(f"{where}: graph @{m.group('name')} has no return")
+            if lineno < len(lines):
+                raise IRError(f"line {lineno + 1}: text after the end of graph @{m.group('name')}: "
+                              f"'{lines[lineno][:80]}'; parse several graphs with parse_program")
             break
+        if saw_return:
+            raise IRError(f"{where}: op after the return of graph @{m.group('name')}")
         if line.startswith("return"):
             saw_return = True
             rest = line[len("return"):].strip()
@@ -181,6 +231,10 @@ def parse_graph(text: str, constants: dict[str, torch.Tensor] | None = None) -> 
         om = _OP.match(line)
         if not om:
             raise IRError(f"{where}: cannot parse op line '{line[:80]}'")
+        try:
+            get_op(om.group("name"))  # the allow-list: nothing else is parsed, loaded or run
+        except IRError as e:
+            raise IRError(f"{where}: {e}") from None
         rest = om.group("rest")
         end = _find_call_end(rest, where)
         call_text, tail = rest[:end], rest[end + 1:].strip()
@@ -193,6 +247,8 @@ def parse_graph(text: str, constants: dict[str, torch.Tensor] | None = None) -> 
             if tok[0] == "ident" and cur.i + 1 < len(cur.tokens) and cur.tokens[cur.i + 1][1] == "=":
                 cur.next()
                 cur.next()
+                if tok[1] in kwargs:
+                    raise IRError(f"{where}: keyword argument '{tok[1]}' given twice")
                 kwargs[tok[1]] = _parse_literal(cur, values)
             else:
                 if kwargs:
@@ -203,11 +259,14 @@ def parse_graph(text: str, constants: dict[str, torch.Tensor] | None = None) -> 
         loc = None
         lm = re.search(r'\s*loc\(("(?:[^"\\]|\\.)*")\)$', tail)
         if lm:
-            loc = json.loads(lm.group(1))
+            loc = _string(lm.group(1), where)
             tail = tail[: lm.start()].strip()
         results: list[Value] = []
         if om.group("lhs"):
-            names = [n.strip().lstrip("%") for n in om.group("lhs").split(",")]
+            names = [n.strip().removeprefix("%") for n in om.group("lhs").split(",")]
+            for n in names:
+                if not _NAME.fullmatch(n):
+                    raise IRError(f"{where}: result name '%{n[:40]}' is not a value name (letters, digits, '_.:-')")
             if not tail.startswith(":"):
                 raise IRError(f"{where}: op {om.group('name')} has results but no ': type'")
             types: list[IRType] = [parse_type(t) for t in _split_types(tail[1:])]
@@ -236,6 +295,8 @@ def parse_program(text: str) -> list[Graph]:
         if ln.strip() == "}":
             chunks.append("\n".join(cur))
             cur = []
+    if any(ln.strip() and not ln.strip().startswith("//") for ln in cur):
+        raise IRError("IR text ends inside a graph: missing closing '}'")
     return [parse_graph(c) for c in chunks if c.strip()]
 
 

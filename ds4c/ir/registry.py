@@ -1,10 +1,15 @@
 """The op registry: every op name maps to one ``OpDef`` holding its reference implementation.
 
 Three families live here:
-- ATen-level ops (``aten.mm.default``, any ``torch.ops`` namespace): resolved on demand; the
-  reference is the ATen kernel itself, the verifier checks arguments against its schema.
+- ATen-level ops (``aten.mm.default``): resolved from ``torch.ops`` on first use, but only those
+  on ds4c's allow-list (``ds4c.ir.allowed_aten``: pure tensor ops, nothing that touches files,
+  writes in place or draws random numbers); the reference is the ATen kernel itself, the
+  verifier checks arguments against its schema.
 - ``sym.*``: integer arithmetic on symbolic sizes (what torch.export emits as ``operator.mul`` ...).
 - ds4c's own ops (fused attention, MoE, ...), declared with ``@register_op``.
+
+``get_op`` is the one gate every IR op name passes (parser, verifier, passes, backends), so an
+op outside these families cannot be parsed, loaded, folded or run.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 import torch
 
 from ds4c.errors import IRError, VerificationError
+from ds4c.ir.allowed_aten import is_allowed, refusal
 
 
 class OpDef:
@@ -137,21 +143,36 @@ _TORCH_NAMESPACES = {"aten", "prims", "quantized", "_c10d_functional", "c10d_fun
 
 
 def get_op(name: str) -> OpDef:
-    """Return the OpDef for ``name``; ATen-level ops are resolved from ``torch.ops`` on first use."""
+    """Return the OpDef for ``name``: ds4c's own ops and ``sym.*`` from the registry, ATen ops from
+    ``torch.ops`` when ``ds4c.ir.allowed_aten`` lists them. Anything else is an ``IRError``."""
     opdef = _REGISTRY.get(name)
     if opdef is not None:
         return opdef
-    if "." not in name or name.split(".")[0] not in _TORCH_NAMESPACES:
+    if name.split(".")[0] not in _TORCH_NAMESPACES:
         import ds4c.ops  # noqa: F401 - registers ds4c's fused ops
 
         opdef = _REGISTRY.get(name)
         if opdef is not None:
             return opdef
+        raise IRError(f"unknown op '{name[:200]}': not one of ds4c's ops (ds4c.ops) or sym.*, and ATen ops are "
+                      "spelled aten.<op>.<overload>; check the name, or recompile the model with this ds4c")
+    if not is_allowed(name):
+        raise IRError(refusal(name[:200]))
     opdef = _resolve_torch_op(name)
     if opdef is None:
-        raise IRError(f"unknown op '{name}': not registered in ds4c.ir.registry and not a torch.ops overload")
+        raise IRError(f"op '{name}' is on ds4c's allow-list but this torch {torch.__version__} has no such overload; "
+                      "install a torch version ds4c supports (pyproject.toml)")
     _REGISTRY[name] = opdef
     return opdef
+
+
+def is_ds4c_op(name: str) -> bool:
+    """Whether ``name`` is one of ds4c's own ops (declared with ``@register_op``; not ATen, not sym.*)."""
+    try:
+        opdef = get_op(name)
+    except IRError:
+        return False
+    return not isinstance(opdef, TorchOpDef | SymOpDef)
 
 
 def is_registered(name: str) -> bool:

@@ -9,20 +9,28 @@ import sympy
 from ds4c.errors import IRError
 from ds4c.ir.types import Dim
 
+MAX_DIM_TEXT = 400  # a dimension is a short expression over a few symbols
+
 
 @functools.lru_cache(maxsize=8192)
 def _parse_floordiv(text: str) -> sympy.Expr:
-    # Python's grammar handles '//' precedence; evaluate the parsed tree with sympy symbols.
+    # Python's grammar handles '//' precedence; the parsed tree is walked (never evaluated) into
+    # sympy: integers, symbols, + - * // %, and the functions of _LOCALS only.
     import ast
 
-    tree = ast.parse(text, mode="eval")
+    if len(text) > MAX_DIM_TEXT:
+        raise IRError(f"symbolic dimension '{text[:40]}...' is longer than {MAX_DIM_TEXT} characters")
+    try:
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        raise IRError(f"symbolic dimension '{text[:80]}' is not an expression; write e.g. S, (S//4) or B*S") from None
 
     def ev(node: ast.AST) -> sympy.Expr:
         if isinstance(node, ast.Expression):
             return ev(node.body)
-        if isinstance(node, ast.Constant):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
             return sympy.Integer(node.value)
-        if isinstance(node, ast.Name):
+        if isinstance(node, ast.Name) and node.id not in _LOCALS:
             return sympy.Symbol(node.id, integer=True, positive=True)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             return -ev(node.operand)
@@ -38,15 +46,24 @@ def _parse_floordiv(text: str) -> sympy.Expr:
                 return sympy.floor(a / b)
             if isinstance(node.op, ast.Mod):
                 return sympy.Mod(a, b)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _LOCALS:
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _LOCALS
+                and not node.keywords and _ARITY[node.func.id][0] <= len(node.args) <= _ARITY[node.func.id][1]):
             return _LOCALS[node.func.id](*[ev(a) for a in node.args])
-        raise IRError(f"unsupported construct in symbolic dimension '{text}'")
+        raise IRError(f"unsupported construct in symbolic dimension '{text[:80]}'; dimensions use integers, "
+                      f"symbols, + - * // % and {', '.join(_LOCALS)}")
 
-    return ev(tree)
+    try:
+        return ev(tree)
+    except RecursionError:
+        raise IRError(f"symbolic dimension '{text[:40]}...' is nested too deeply") from None
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:  # sympy on e.g. x//0
+        raise IRError(f"symbolic dimension '{text[:80]}' has no value ({type(e).__name__}: {e})") from None
 
 
 _LOCALS = {"Max": sympy.Max, "Min": sympy.Min, "Mod": sympy.Mod, "floor": sympy.floor, "ceiling": sympy.ceiling,
            "FloorDiv": lambda a, b: sympy.floor(a / b), "CeilDiv": lambda a, b: sympy.ceiling(a / b)}
+_ARITY = {"Max": (1, 16), "Min": (1, 16), "Mod": (2, 2), "floor": (1, 1), "ceiling": (1, 1), "FloorDiv": (2, 2),
+          "CeilDiv": (2, 2)}
 
 
 def dim_expr(dim: Dim) -> sympy.Expr:

@@ -6,6 +6,7 @@ A dimension is an ``int`` or a ``str`` holding a sympy-parsable expression over 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -122,13 +123,16 @@ def _split_top(text: str, sep: str = ",") -> list[str]:
 
 
 def parse_dim(text: str) -> Dim:
+    """An integer, or a symbolic expression checked here against the grammar of ``ds4c.ir.shapes``."""
     text = text.strip()
     if not text:
         raise IRError("empty dimension in a type")
-    try:
+    if re.fullmatch(r"-?\d{1,30}", text):
         return int(text)
-    except ValueError:
-        return text
+    from ds4c.ir.shapes import dim_expr
+
+    dim_expr(text)  # IRError when it is not an expression of ours
+    return text
 
 
 def parse_type(text: str) -> IRType:

@@ -16,7 +16,8 @@ def _describe(index: int, op: Op) -> str:
 
 
 def verify_graph(graph: Graph, *, require_constants: bool = False) -> None:
-    """Check SSA form, registered ops, argument binding, types and outputs.
+    """Check SSA form, admitted ops (``get_op``: ds4c's, ``sym.*``, the ATen allow-list), argument
+    binding, types and outputs.
 
     Raises VerificationError naming the first offending op.
     """
@@ -59,6 +60,14 @@ def verify_graph(graph: Graph, *, require_constants: bool = False) -> None:
             opdef.verify(op)
         except VerificationError as e:
             raise VerificationError(f"graph @{graph.name}: {where}: {e}") from None
+        except IRError as e:
+            raise VerificationError(f"graph @{graph.name}: {where}: {e}") from None
+        except (TypeError, ValueError, AttributeError, IndexError, KeyError, ArithmeticError) as e:
+            # an op's own verifier meeting operands of the wrong kind (a number where it reads a
+            # tensor's type): the graph is malformed, which is this function's error to report
+            raise VerificationError(f"graph @{graph.name}: {where}: malformed operands or attributes "
+                                    f"({type(e).__name__}: {e}); check the op's arguments against its "
+                                    "declaration in ds4c.ops") from None
         for r in op.results:
             defined.add(r)
             names.add(r.name)

@@ -1,4 +1,10 @@
-"""Constant folding: evaluate at compile time what depends only on constants."""
+"""Constant folding: evaluate at compile time what depends only on constants.
+
+Folding runs op references at compile time, on IR that may come from a crafted ONNX file, so it
+runs only what ``get_op`` admits (ds4c's ops, ``sym.*`` and ``ds4c.ir.allowed_aten``: no op that
+reads a file, writes in place or draws random numbers); anything else is an ``IRError`` before
+any op runs.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ds4c.errors import IRError
 from ds4c.ir.graph import Graph, GraphInput, Op, Value, map_values
 from ds4c.ir.registry import get_op, split_results
 from ds4c.ir.types import ScalarType, TensorType
@@ -55,7 +62,7 @@ def fold_constants(graph: Graph, ctx: PassContext) -> Graph:
                             kwargs=map_values(op.kwargs, lambda v: literal.get(v, v)))
         operands = op.operands
         opdef = get_op(op.name)
-        foldable = (opdef.pure and is_deterministic(op.name) and all(v in known for v in operands)
+        foldable = (opdef.pure and bool(op.results) and is_deterministic(op.name) and all(v in known for v in operands)
                     and not any(isinstance(r.type, TensorType) and not r.type.is_static for r in op.results)
                     and not any(isinstance(r.type, ScalarType) and r in returned for r in op.results))
         if foldable:
@@ -69,7 +76,15 @@ def fold_constants(graph: Graph, ctx: PassContext) -> Graph:
             continue
         args = _as_device_free(map_values(op.args, known.__getitem__))
         kwargs = {k: _as_device_free(v) for k, v in map_values(op.kwargs, known.__getitem__).items()}
-        outs = split_results(opdef.reference(*args, **kwargs))
+        try:
+            outs = split_results(opdef.reference(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 - malformed IR (ONNX import, hand-written text), reported by op
+            raise IRError(f"fold_constants: op {op.name} -> %{op.results[0].name} fails on its constant operands "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check its arguments "
+                          "against the op's signature") from None
+        if len(outs) != len(op.results):
+            raise IRError(f"fold_constants: op {op.name} -> %{op.results[0].name} computes {len(outs)} results, "
+                          f"declares {len(op.results)}; fix the op's result list")
         for r, o in zip(op.results, outs, strict=True):
             if isinstance(r.type, ScalarType):
                 literal[r] = o if not isinstance(o, torch.Tensor) else o.item()
