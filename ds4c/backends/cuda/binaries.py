@@ -264,6 +264,9 @@ def use_stored_binaries(manifest: dict[str, Any], container: Any, device: Any, b
     ``CompiledModel.kernel_binaries`` reports: ``stored``, ``jit: <reason>``, or why none apply.
     ``trust`` (``ds4c.artifact.signing.Trust``; None: untrusted) is check 0 of the module docstring."""
     section = manifest.get("kernels") or {}
+    if not isinstance(section, dict):
+        raise ArtifactError(f"{where}: the manifest's kernels section is a {type(section).__name__}, not an object; "
+                            "the artifact is damaged: recompile it")
     if section and section.get("compiler") != "triton":
         return f"unused: the artifact's kernels are not Triton's ({section.get('backend', 'unknown')} backend)"
     if section.get("binaries") or section.get("sources"):

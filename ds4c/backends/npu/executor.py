@@ -53,7 +53,7 @@ def load_library(manifest: dict[str, Any], container: Any, where: str, *, trust:
     from tvm import relax
 
     section = manifest.get("kernels") or {}
-    if section.get("backend") != "npu":
+    if not isinstance(section, dict) or section.get("backend") != "npu":
         raise ArtifactError(f"{where}: the artifact has no npu kernels (target '{manifest['target']['name']}'); "
                             "compile it with --target npu, or load it with backend='reference'")
     if not section.get("kernels"):
