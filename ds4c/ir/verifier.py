@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ds4c.errors import IRError, VerificationError
+from ds4c.errors import Ds4cError, IRError, VerificationError
 from ds4c.ir.graph import INPUT_KINDS, Graph, Op, Value
 from ds4c.ir.registry import get_op, split_results
 from ds4c.ir.types import ListType, ScalarType, TensorType
@@ -60,7 +60,7 @@ def verify_graph(graph: Graph, *, require_constants: bool = False) -> None:
             opdef.verify(op)
         except VerificationError as e:
             raise VerificationError(f"graph @{graph.name}: {where}: {e}") from None
-        except IRError as e:
+        except Ds4cError as e:  # an op's declaration refusing an attribute (an unknown weight format ...)
             raise VerificationError(f"graph @{graph.name}: {where}: {e}") from None
         except (TypeError, ValueError, AttributeError, IndexError, KeyError, ArithmeticError) as e:
             # an op's own verifier meeting operands of the wrong kind (a number where it reads a
