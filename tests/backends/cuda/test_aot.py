@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,10 +154,94 @@ def test_install_under_the_keys_the_jit_computes(mi300x, tmp_path):
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    env["DS4C_CACHE_DIR"] = str(tmp_path / "ds4c")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["status"] == "stored"
     assert result["hits"] and all(result["hits"])
+    # the files are in ds4c's own cache (this user's alone), not in the Triton cache other programs share
+    from ds4c.backends.cuda.binary_cache import DIRECTORY
+
+    ours = tmp_path / "ds4c" / DIRECTORY
+    assert ours.stat().st_mode & 0o077 == 0
+    assert len(list(ours.glob("*/*.hsaco"))) == len({b["cache_key"] for b in open_container(mi300x).manifest[
+        "kernels"]["binaries"]})
+    assert not list((tmp_path / "cache").rglob("*.hsaco"))
+
+
+def _with_section(src, dst, edit):
+    """``src`` rewritten with its kernels section edited (consistent member hashes, unsigned)."""
+    c = open_container(src)
+    manifest = json.loads(json.dumps(c.manifest))
+    edit(manifest["kernels"])
+    write_container(dst, manifest, {n: c.read_bytes(n) for n in c.member_names()})
+    return dst
+
+
+@pytest.mark.parametrize("name", ["../../evil.json", "/tmp/evil.hsaco", "sub/_attention_kernel.json",
+                                  "_attention_kernel.so", "other_kernel.hsaco", ".json", "_attention_kernel.json/x"])
+def test_binary_file_names_other_than_tritons_are_refused(mi300x, tmp_path, name):
+    def rename(section):
+        b = next(b for b in section["binaries"] if b["name"] == "_attention_kernel")
+        victim = next(n for n in b["files"] if n.endswith(".hsaco"))
+        b["files"][name] = b["files"].pop(victim)
+
+    bad = _with_section(mi300x, tmp_path / "bad.ds4", rename)
+    with pytest.raises(ArtifactError, match="names the file .* for kernel '_attention_kernel'.*tampered"):
+        ds4c.load(bad, backend="reference")
+    res = CliRunner().invoke(app, ["run", str(bad), "--prompt-ids", "1,2", "-n", "1"])
+    assert res.exit_code == 2 and "tampered" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("key", ["../../x", "A" * 64, "0" * 63, 7])
+def test_cache_keys_other_than_sha256_are_refused(mi300x, tmp_path, key):
+    bad = _with_section(mi300x, tmp_path / "bad.ds4", lambda s: s["binaries"][0].update(cache_key=key))
+    with pytest.raises(ArtifactError, match="cache_key' should be a sha256"):
+        ds4c.load(bad, backend="reference")
+
+
+def test_untrusted_binaries_are_never_installed(mi300x, monkeypatch):
+    """On a (pretended) gfx942 device the binaries apply; they are installed only for a trusted artifact."""
+    from ds4c.artifact.signing import Trust
+    from ds4c.backends.cuda.kernels import configs
+
+    monkeypatch.setattr(configs, "live_triton_target", lambda: ("hip", "gfx942", 64))
+    installed = []
+    monkeypatch.setattr(binaries, "install", lambda section, container: installed.append(1) or binaries.Selection(True))
+    manifest, _, container = ds4c.artifact.artifact.read_artifact(mi300x)
+    device = torch.device("cuda")
+    for trust in (None, Trust(False, "the artifact is unsigned")):
+        with pytest.warns(binaries.KernelBinaryWarning, match="not trusted.*ds4c trust add KEY.pub.*--trust-binaries"):
+            status = binaries.use_stored_binaries(manifest, container, device, "kernels", trust=trust)
+        assert status.startswith("jit: the artifact is not trusted") and not installed
+    status = binaries.use_stored_binaries(manifest, container, device, "kernels", trust=Trust(True, "signed"))
+    assert status == "stored" and installed == [1]
+
+
+def test_binary_cache_is_read_first_and_private(tmp_path, monkeypatch):
+    """ds4c's binary cache: a stored key's files come from it, other keys and every write go to the
+    cache manager configured before; a directory others can write is not used."""
+    pytest.importorskip("triton")
+    from triton.runtime.cache import FileCacheManager
+
+    from ds4c.backends.cuda import binary_cache
+    from ds4c.errors import KernelError
+
+    monkeypatch.setenv("DS4C_CACHE_DIR", str(tmp_path / "ds4c"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    monkeypatch.setattr(binary_cache.StoredBinaries, "fallback", FileCacheManager)
+    key = "ab" * 32
+    where = binary_cache.store(key, {"_k.json": b"{}", "_k.hsaco": b"\x7fELF"})
+    manager = binary_cache.StoredBinaries(binary_cache.triton_key(key))
+    group = manager.get_group("_k.json")
+    assert group == {"_k.json": str(where / "_k.json"), "_k.hsaco": str(where / "_k.hsaco")}
+    assert manager.get_file("../_k.json") is None and manager.get_group("_other.json") is None
+    other = binary_cache.StoredBinaries(binary_cache.triton_key("cd" * 32))
+    written = Path(other.put(b"x", "_j.hsaco"))
+    assert written.is_relative_to(tmp_path / "triton") and other.get_file("_j.hsaco") == str(written)
+    (tmp_path / "ds4c" / "kernel-binaries").chmod(0o777)
+    with pytest.raises(KernelError, match="others can write to it"):
+        binary_cache.store(key, {"_k.json": b"{}"})
 
 
 def test_corrupted_kernel_member_is_refused(mi300x, tmp_path):
