@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import re
+import warnings
 
 import sympy
 
@@ -10,6 +12,7 @@ from ds4c.errors import IRError
 from ds4c.ir.types import Dim
 
 MAX_DIM_TEXT = 400  # a dimension is a short expression over a few symbols
+_DIM_CHARS = re.compile(r"[A-Za-z0-9_+\-*/%(), ]+")
 
 
 @functools.lru_cache(maxsize=8192)
@@ -20,8 +23,12 @@ def _parse_floordiv(text: str) -> sympy.Expr:
 
     if len(text) > MAX_DIM_TEXT:
         raise IRError(f"symbolic dimension '{text[:40]}...' is longer than {MAX_DIM_TEXT} characters")
+    if not _DIM_CHARS.fullmatch(text):
+        raise IRError(f"symbolic dimension '{text[:80]}' has characters no dimension has; write e.g. S, (S//4) or B*S")
     try:
-        tree = ast.parse(text, mode="eval")
+        with warnings.catch_warnings():  # "invalid decimal literal" for '4S': refused below, not printed
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(text, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         raise IRError(f"symbolic dimension '{text[:80]}' is not an expression; write e.g. S, (S//4) or B*S") from None
 
@@ -81,7 +88,10 @@ def eval_dim(dim: Dim, sizes: dict[str, int]) -> int:
     missing = [s.name for s in expr.free_symbols if s.name not in sizes]
     if missing:
         raise IRError(f"dimension '{dim}' uses unbound symbols {missing}; bound: {sorted(sizes)}")
-    return int(expr.subs(subs))
+    try:
+        return int(expr.subs(subs))
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # x//0 is zoo, which has no int value
+        raise IRError(f"dimension '{dim}' has no integer value at {subs} ({e})") from None
 
 
 def format_dim(expr: sympy.Expr) -> Dim:

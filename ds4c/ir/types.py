@@ -102,6 +102,7 @@ class ListType:
 IRType = TensorType | ScalarType | ListType
 
 SCALAR_KINDS = ("int", "float", "bool")
+MAX_DIM = 2**62  # torch sizes are int64; products of dims must stay representable too
 
 
 def _split_top(text: str, sep: str = ",") -> list[str]:
@@ -128,10 +129,16 @@ def parse_dim(text: str) -> Dim:
     if not text:
         raise IRError("empty dimension in a type")
     if re.fullmatch(r"-?\d{1,30}", text):
+        if not 0 <= int(text) <= MAX_DIM:
+            raise IRError(f"dimension {text} is out of range (0 to 2**62)")
         return int(text)
+    import sympy
+
     from ds4c.ir.shapes import dim_expr
 
-    dim_expr(text)  # IRError when it is not an expression of ours
+    expr = dim_expr(text)  # IRError when it is not an expression of ours
+    if expr.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan) or (expr.is_number and not 0 <= expr <= MAX_DIM):
+        raise IRError(f"dimension '{text[:80]}' has no size value (a division by zero, or out of 0 to 2**62)")
     return text
 
 

@@ -92,7 +92,11 @@ def check_types(graph: Graph, sizes: dict[str, int]) -> None:
         ty = inp.value.type
         if isinstance(ty, TensorType):
             shape = [eval_dim(d, sizes) for d in ty.shape]
-            env[inp.value] = torch.empty(shape, dtype=ty.dtype, device="meta")
+            try:
+                env[inp.value] = torch.empty(shape, dtype=ty.dtype, device="meta")
+            except (RuntimeError, TypeError, OverflowError) as e:  # negative or overflowing sizes
+                raise VerificationError(f"graph @{graph.name}: input %{inp.value.name}: {ty} is {shape} at {sizes}, "
+                                        f"not a tensor shape ({str(e).splitlines()[0]})") from None
         else:
             env[inp.value] = sizes.get(inp.value.name, 1)
     from ds4c.ir.graph import map_values

@@ -257,10 +257,12 @@ graph @g(input %x: f32[4]) {
 
 
 @pytest.mark.parametrize("text, message", [
-    ("graph @g(input %x: f32[__import__('os')]) {\n  return y=%x\n}", "unsupported construct"),
+    ("graph @g(input %x: f32[__import__('os')]) {\n  return y=%x\n}", "characters no dimension has"),
+    ("graph @g(input %x: f32[__import__(S)]) {\n  return y=%x\n}", "unsupported construct"),
     ("graph @g(input %x: f32[S//]) {\n  return y=%x\n}", "not an expression"),
     ("graph @g(input %x: f32[Max()]) {\n  return y=%x\n}", "unsupported construct"),
-    ("graph @g(input %x: f32[\"S\"]) {\n  return y=%x\n}", "unsupported construct"),
+    ("graph @g(input %x: f32[\"S\"]) {\n  return y=%x\n}", "characters no dimension has"),
+    ("graph @g(input %x: f32[S(1)]) {\n  return y=%x\n}", "unsupported construct"),
     ("graph @g(input %x: f32[4]) {\n  %y = aten.neg.default(%x, %x) : f32[4]\n  %y = aten.neg.default(%x) : f32[4]\n"
      "  return y=%y\n}", "defined twice"),
     ("graph @g(input %x: f32[4]) {\n  %y = aten.clone.default(%x, memory_format=none, memory_format=none) : f32[4]\n"
@@ -273,6 +275,16 @@ graph @g(input %x: f32[4]) {
 def test_malformed_text_is_an_ir_error(text, message):
     with pytest.raises(IRError, match=message):
         parse_graph(text)
+
+
+def test_refused_dims_print_no_python_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for dim in ("4S", "1_000x", "S.real", "(B//0)", "0-1"):
+            with pytest.raises(IRError, match="dimension"):
+                parse_graph(f"graph @g(input %x: f32[{dim}]) {{\n  return y=%x\n}}")
 
 
 def test_symbolic_dims_of_traced_graphs_still_parse():
