@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from ds4c.errors import Ds4cError
+from ds4c.errors import ConfigError, Ds4cError, InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="ds4c: ahead-of-time compiler and runtime for DeepSeek-V4-class models.")
@@ -21,11 +25,32 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[bold red]error:[/] {e}")
+    """Print ``e`` as one line on stderr and exit with status 2: every error ds4c raises on purpose
+    names the thing and the fix, and a user needs that line, not a traceback."""
+    message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    err.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def one_line_errors(command: Command) -> Command:
+    """Every command: a ``Ds4cError`` raised anywhere in it ends the command as one line (``_fail``).
+    Anything else is a bug in ds4c and keeps its traceback."""
+
+    @functools.wraps(command)
+    def run_command(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except Ds4cError as e:
+            _fail(e)
+
+    return run_command  # type: ignore[return-value]
+
+
 @app.command()
+@one_line_errors
 def compile(
     model: Annotated[str, typer.Argument(help="preset (tiny, flash-slice, flash, pro), checkpoint directory "
                                              "or ONNX file")] = "tiny",
@@ -62,6 +87,10 @@ def compile(
     """Compile MODEL for TARGET into a .ds4 artifact."""
     import ds4c
 
+    if Path(model).suffix == ".ds4" and Path(model).is_file():
+        raise InputError(f"{model} is a ds4c artifact, compiled already: run it with `ds4c run {model}`, or compile "
+                         f"the model it came from (`ds4c inspect {model}` shows its source)")
+    _check_output(output if output is not None else Path(f"{Path(model).name}-{target}.ds4"), "--output", "model.ds4")
     try:
         if sign_key is not None:  # a key that cannot sign is refused before the compile, not after
             from ds4c.artifact.signing import load_signing_key
@@ -69,7 +98,7 @@ def compile(
             load_signing_key(sign_key)
         art = ds4c.compile(model, target=target, precision=precision, max_context=max_context, dump_ir=dump_ir,
                            print_after_all=print_after_all, print_after=print_after or (), stop_after=stop_after,
-                           bisect=bisect, weights=weights, seed=seed, progress=None,
+                           bisect=bisect, weights=weights, seed=seed, progress=True,
                            hbm_budget=_parse_bytes(hbm_budget) if hbm_budget else None,
                            csa_kv_on_host=csa_kv_on_host, kernel_binaries=kernel_binaries,
                            activations=activations, allow_nonfinite=allow_nonfinite_weights)
@@ -88,6 +117,17 @@ def compile(
                   f"{m['weights']['dtype']})")
 
 
+def _check_output(path: Path, option: str, example: str) -> None:
+    """Refuse, before any work, an output path that cannot be written: a folder, or one under a file."""
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a folder; give a file path, e.g. {path / example}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
+            break
+
+
 def _parse_bytes(text: str) -> int:
     units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     t = text.strip().upper()
@@ -98,19 +138,33 @@ def _parse_bytes(text: str) -> int:
     else:
         scale = 1
     try:
-        return int(float(t) * scale)
+        value = float(t) * scale
     except ValueError:
-        raise Ds4cError(f"--hbm-budget {text!r}: give bytes, e.g. 40GB, 512MiB or 2.5e10") from None
+        value = math.nan
+    if not math.isfinite(value) or value < 1:
+        raise ConfigError(f"--hbm-budget {text!r}: give a positive, finite number of bytes, e.g. 40GB, 512MiB "
+                          "or 2.5e10")
+    return int(value)
 
 
-def _parse_ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise typer.BadParameter(f"--prompt-ids must be comma-separated integers, got '{text}'") from None
+def _parse_ids(text: str) -> list[list[int]]:
+    """``--prompt-ids``: comma-separated token ids; ``;`` separates the rows of a batch."""
+    rows = []
+    for i, row in enumerate(text.split(";")):
+        try:
+            ids = [int(t) for t in row.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise InputError(f"--prompt-ids {text!r}: give comma-separated integer token ids, e.g. 1,2,3 "
+                             "(a batch: rows separated by ';', e.g. '1,2;3,4')") from None
+        if not ids:
+            where = "is empty" if ";" not in text else f"has an empty row (row {i})"
+            raise InputError(f"--prompt-ids {where}: give at least one token id per row, e.g. --prompt-ids 1,2,3")
+        rows.append(ids)
+    return rows
 
 
 @app.command()
+@one_line_errors
 def run(
     artifact: Annotated[Path, typer.Argument(help="a .ds4 artifact")],
     prompt_ids: Annotated[str | None, typer.Option("--prompt-ids", help="comma-separated token ids")] = None,
@@ -127,23 +181,33 @@ def run(
 ) -> None:
     """Load ARTIFACT and greedily generate tokens."""
     import ds4c
+    from ds4c.runtime.model import as_token_ids
     from ds4c.runtime.tokenizer import tokenizer_for
 
     if (prompt_ids is None) == (prompt is None):
         _fail(Ds4cError("give exactly one of --prompt-ids 1,2,3 or --prompt TEXT"))
+    if prompt is not None and not prompt:
+        _fail(InputError("--prompt is empty: give some text, e.g. --prompt 'Hello', or token ids, e.g. --prompt-ids 1,2,3"))
+    rows = _parse_ids(prompt_ids) if prompt_ids is not None else []
+    as_token_ids(rows)  # a ragged batch is refused before the (possibly long) load
     try:
         model = ds4c.load(artifact, device=device, backend=backend, weights_from=weights_from,
                           trust_binaries=trust_binaries)
         tok = tokenizer_for(model)
-        ids = _parse_ids(prompt_ids) if prompt_ids is not None else tok.encode(prompt or "")
-        out = model.generate([ids], max_new_tokens=max_new_tokens)
+        if prompt is not None:
+            rows = [tok.encode(prompt)]
+            if not rows[0]:
+                raise InputError(f"--prompt {prompt!r} encodes to no tokens; give other text, or --prompt-ids")
+        out = model.generate(rows, max_new_tokens=max_new_tokens)
     except Ds4cError as e:
         _fail(e)
-    new = out[0, len(ids):].tolist()
-    console.print(f"prompt ids: {ids}")
-    console.print(f"generated ids: {new}")
-    if prompt is not None or tok.kind != "none":
-        console.print(f"text: {tok.decode(new)!r}")
+    for i, ids in enumerate(rows):
+        row = f" (row {i})" if len(rows) > 1 else ""
+        new = out[i, len(ids):].tolist()
+        console.print(f"prompt ids{row}: {ids}")
+        console.print(f"generated ids{row}: {new}")
+        if prompt is not None or tok.kind != "none":
+            console.print(f"text{row}: {tok.decode(new)!r}")
     line = buffer_plan_line(model.buffer_plans())
     if line:
         console.print(line)
@@ -165,6 +229,7 @@ def buffer_plan_line(plans: dict) -> str:
 
 
 @app.command()
+@one_line_errors
 def tune(
     artifact: Annotated[Path, typer.Argument(help="a .ds4 artifact")],
     device: Annotated[str, typer.Option(help="the GPU to tune on")] = "cuda",
@@ -179,6 +244,8 @@ def tune(
     from ds4c.backends.cuda.autotune import restrict, tuning_path
     from ds4c.backends.cuda.autotune import tune as run_tune
 
+    if batch < 1:
+        raise InputError(f"--batch must be 1 or more, got {batch}")
     try:
         candidates = restrict(only)
         model = ds4c.load(artifact, device=device, backend=backend, tuning=False)
@@ -191,6 +258,7 @@ def tune(
 
 
 @app.command()
+@one_line_errors
 def inspect(
     artifact: Annotated[Path, typer.Argument(help="a .ds4 artifact")],
     plots: Annotated[Path | None, typer.Option(help="write memory / schedule PNGs and Chrome traces to this folder")] = None,
@@ -199,6 +267,8 @@ def inspect(
     from ds4c.artifact.artifact import read_artifact
     from ds4c.inspect import summarize, write_plan_plots
 
+    if plots is not None and plots.exists() and not plots.is_dir():
+        raise InputError(f"--plots {plots} is a file; give a folder (it is made if missing)")
     try:
         manifest, program, container = read_artifact(artifact)
     except Ds4cError as e:
@@ -210,6 +280,7 @@ def inspect(
 
 
 @app.command()
+@one_line_errors
 def export(
     artifact: Annotated[Path, typer.Argument(help="a .ds4 artifact")],
     format: Annotated[str, typer.Option("--format", "-f", help="onnx | mlir-torch | mlir-linalg | stablehlo | tosa")],
@@ -223,6 +294,7 @@ def export(
     """Export ARTIFACT's compiled graph (static shapes) to ONNX or MLIR; see ds4c.export."""
     from ds4c.export import export as export_to
 
+    _check_output(output, "--output", "model.onnx" if format == "onnx" else "model.mlir")
     try:
         path = export_to(artifact, format, output, entry=entry, batch=batch, seq=seq, dtype=dtype)
     except Ds4cError as e:
@@ -233,6 +305,7 @@ def export(
 
 
 @app.command()
+@one_line_errors
 def targets() -> None:
     """List the target records (hardware facts the passes read)."""
     from ds4c.targets import list_targets
@@ -261,6 +334,7 @@ def targets() -> None:
 
 
 @app.command()
+@one_line_errors
 def cache(
     clear: Annotated[bool, typer.Option("--clear", help="remove every stored trace")] = False,
 ) -> None:
@@ -360,27 +434,46 @@ app.add_typer(debug_app, name="debug")
 
 
 @debug_app.command("numerics")
+@one_line_errors
 def debug_numerics(
     model: Annotated[str, typer.Argument(help="preset, checkpoint directory, or a .ds4 artifact")],
     against: Annotated[Path | None, typer.Option(help="a second artifact to compare side by side")] = None,
     pipeline: Annotated[str, typer.Option(help="pipeline name, or comma-separated pass names")] = "default",
     entry: Annotated[str, typer.Option(help="prefill | decode")] = "prefill",
     atol: Annotated[float, typer.Option(help="tolerance (max abs error)")] = 1e-4,
-    seq_len: Annotated[int | None, typer.Option("--seq-len")] = None,
-    max_context: Annotated[int | None, typer.Option("--max-context")] = 256,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="prompt tokens to run (default: up to 64)")] = None,
+    max_context: Annotated[int | None, typer.Option("--max-context", help="for a model (default 256); an "
+                                                    "artifact keeps its own")] = None,
 ) -> None:
-    """Run the graph after every pass on the same inputs; name the first pass and op that diverge."""
-    from ds4c.debug.session import numerics_for_artifacts, numerics_for_model
+    """Run the graph after every pass on the same inputs; name the first pass and op that diverge.
+    An artifact is recompiled from its source as its manifest records (target, precision, context,
+    pipeline); with --against, two artifacts of one model (any precision or context) side by side."""
+    from ds4c.debug.session import (
+        is_artifact,
+        numerics_for_artifact,
+        numerics_for_artifacts,
+        numerics_for_model,
+    )
 
     passes = pipeline if "," not in pipeline else [p for p in pipeline.split(",") if p]
+    notes: list[str] = []
+    if is_artifact(model) and (pipeline != "default" or max_context is not None):
+        raise InputError(f"{model} is an artifact: it is debugged with its own pipeline and context; drop "
+                         "--pipeline / --max-context, or give the model it was compiled from")
+    if against is not None and not is_artifact(model):
+        raise InputError(f"--against compares two artifacts: {model} is not a .ds4 artifact file")
     try:
         if against is not None:
-            div = numerics_for_artifacts(model, against, entry=entry, atol=atol, seq_len=seq_len)
+            div, notes = numerics_for_artifacts(model, against, entry=entry, atol=atol, seq_len=seq_len)
+        elif is_artifact(model):
+            div, notes = numerics_for_artifact(model, entry=entry, atol=atol, seq_len=seq_len)
         else:
             div, _ = numerics_for_model(model, pipeline=passes, entry=entry, atol=atol, seq_len=seq_len,
-                                        max_context=max_context)
+                                        max_context=max_context if max_context is not None else 256)
     except Ds4cError as e:
         _fail(e)
+    for note in notes:
+        console.print(note, markup=False, highlight=False)
     if div is None:
         console.print(f"[green]no divergence[/] beyond {atol:g} on @{entry}")
         return
@@ -389,8 +482,9 @@ def debug_numerics(
 
 
 @debug_app.command("bisect")
+@one_line_errors
 def debug_bisect(
-    model: Annotated[str, typer.Argument(help="preset or checkpoint directory")],
+    model: Annotated[str, typer.Argument(help="preset or checkpoint directory (an artifact: bisect its source)")],
     pipeline: Annotated[str, typer.Option(help="pipeline name, or comma-separated pass names")] = "default",
     entry: Annotated[str, typer.Option(help="prefill | decode")] = "prefill",
     atol: Annotated[float, typer.Option(help="tolerance (max abs error)")] = 1e-4,
@@ -414,11 +508,42 @@ def debug_bisect(
 
 
 def main() -> None:
+    """The ``ds4c`` executable: a usage error (an unknown option, a missing argument, a value of
+    the wrong type) or a ``Ds4cError`` is one line on stderr and exit status 2; anything else is a
+    bug and keeps its traceback."""
     try:
-        app()
-    except Ds4cError as e:  # pragma: no cover - commands catch their own
-        err.print(f"[bold red]error:[/] {e}")
-        sys.exit(2)
+        code = app(prog_name="ds4c", standalone_mode=False)
+    except _usage_errors() as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `ds4c debug`: the group's help page
+            e.show()
+        else:
+            ctx = getattr(e, "ctx", None)
+            where = f" (`{ctx.command_path} --help` lists what it takes)" if ctx is not None else ""
+            err.print(Text("error: ", style="bold red") + Text(e.format_message() + where), soft_wrap=True,
+                      highlight=False)
+        code = e.exit_code
+    except typer.Abort:
+        err.print("aborted")
+        code = 1
+    except Ds4cError as e:  # commands catch their own (one_line_errors); this is a safety net
+        try:
+            _fail(e)
+        except typer.Exit as done:
+            code = done.exit_code
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """What command-line parsing raises: typer's own exceptions (typer >= 0.29 vendors click),
+    or click's where typer still uses the click package."""
+    errors: list[type[Exception]] = [typer.TyperException] if hasattr(typer, "TyperException") else []
+    try:
+        import click
+
+        errors.append(click.ClickException)
+    except ImportError:  # pragma: no cover - typer >= 0.29 does not need click
+        pass
+    return tuple(errors)
 
 
 if __name__ == "__main__":

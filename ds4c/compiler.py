@@ -15,8 +15,8 @@ from ds4c.frontend.source import ModelSource, resolve_model
 from ds4c.frontend.trace import trace_program
 from ds4c.ir.graph import Program
 from ds4c.passes.instruments import DumpIR, PrintAfterAll, VerifyAfterEach
-from ds4c.passes.manager import Instrument, PassContext, PassManager
-from ds4c.quant.policy import ACTIVATION_MODES
+from ds4c.passes.manager import Instrument, PassContext, PassManager, check_pipeline_options
+from ds4c.quant.policy import ACTIVATION_MODES, check_table
 from ds4c.runtime.progress import progress_steps
 from ds4c.targets import get_target
 
@@ -105,6 +105,17 @@ def compile(
     dtype = compute_dtype(precision, tgt.name)
     if weights not in ("auto", "embed", "reference"):
         raise ConfigError(f"weights='{weights}': choose auto, embed or reference")
+    if max_context > config.max_position_embeddings:
+        raise ConfigError(f"--max-context {max_context} exceeds the model's 'max_position_embeddings' "
+                          f"({config.max_position_embeddings}, {_config_where(source)}); give at most that")
+    # the rest of what the options name is checked before tracing, which takes seconds to minutes
+    check_pipeline_options(pipeline, print_after=print_after, stop_after=stop_after, bisect=bisect)
+    if dump_ir is not None and Path(dump_ir).exists() and not Path(dump_ir).is_dir():
+        raise ConfigError(f"--dump-ir {dump_ir} is a file; give a folder (it is made if missing)")
+    if precision not in PRECISIONS and source.kind != "onnx":  # a table: its globs against the weights' names
+        from ds4c.frontend.trace import build_meta_model, param_spec
+
+        check_table(precision, param_spec(build_meta_model(config, max_context, dtype)))
 
     if source.kind == "checkpoint" and source.path is not None:
         # the checkpoint's headers against the model's parameters first: a bad checkpoint is
@@ -120,6 +131,8 @@ def compile(
             steps.advance("importing ONNX", 0)
             program, full_spec = import_onnx_program(source.path)
             dtype = onnx_float_dtype(full_spec)
+            if precision not in PRECISIONS:
+                check_table(precision, full_spec)
             max_context = program.attrs.get("max_context") or max_context
         else:
             from ds4c.frontend.trace import param_spec

@@ -17,6 +17,7 @@ import torch
 
 from ds4c.backends.reference import ReferenceExecutor
 from ds4c.debug.trace import CompileTrace
+from ds4c.errors import InputError
 from ds4c.ir.graph import Graph, Op, Value
 from ds4c.ir.printer import format_op
 
@@ -69,14 +70,34 @@ def run_capturing(graph: Graph, inputs: Mapping[str, Any], params: Mapping[str, 
     return outputs, values
 
 
+@dataclass(frozen=True)
+class Feed:
+    """What one graph runs on: its inputs, weights and (for decode) state."""
+
+    inputs: Mapping[str, Any]
+    params: Mapping[str, torch.Tensor]
+    state: Mapping[str, torch.Tensor] | None = None
+
+
 def locate_op(before: Graph, after: Graph, inputs: Mapping[str, Any], params: Mapping[str, torch.Tensor],
-              state: Mapping[str, torch.Tensor] | None, atol: float) -> tuple[int, Op, str, float] | None:
-    """The op of ``after`` that introduced the difference from ``before``: (index, op, value, error)."""
+              state: Mapping[str, torch.Tensor] | None, atol: float, *, after_feed: Feed | None = None,
+              comparable_only: bool = False) -> tuple[int, Op, str, float] | None:
+    """The op of ``after`` that introduced the difference from ``before``: (index, op, value, error).
+
+    ``after_feed``: what ``after`` runs on, when not what ``before`` does (two artifacts of one model
+    at different precisions hold different weights). ``comparable_only``: values of different
+    shapes (a state sized by another context length) are skipped rather than counted as different.
+    """
+    feed = after_feed or Feed(inputs, params, state)
     _, vals_a = run_capturing(before, inputs, params, state)
-    outs_b, vals_b = run_capturing(after, inputs, params, state)
+    outs_b, vals_b = run_capturing(after, feed.inputs, feed.params, feed.state)
+    names_before = set(vals_a)
+    if comparable_only:
+        for name in [n for n in vals_a if n in vals_b and not comparable(vals_a[n], vals_b[n])]:
+            del vals_a[name], vals_b[name]
     producers = after.producers()
     index = {id(op): i for i, op in enumerate(after.ops)}
-    new_ops = {id(op) for op in after.ops if any(r.name not in vals_a for r in op.results)}
+    new_ops = {id(op) for op in after.ops if any(r.name not in names_before for r in op.results)}
 
     def earliest_new_ancestor(v: Value) -> Op | None:
         best: Op | None = None
@@ -111,7 +132,8 @@ def locate_op(before: Graph, after: Graph, inputs: Mapping[str, Any], params: Ma
     # no shared intermediate differs: blame the earliest new op feeding a differing output
     ref_outs = {n: vals_a.get(v.name) for n, v in before.outputs}
     for (name, v) in after.outputs:
-        if name in ref_outs and ref_outs[name] is not None:
+        if name in ref_outs and ref_outs[name] is not None and (not comparable_only
+                                                                or comparable(ref_outs[name], outs_b[name])):
             e = _err(ref_outs[name], outs_b[name])
             if e > atol:
                 culprit = earliest_new_ancestor(v)
@@ -120,8 +142,13 @@ def locate_op(before: Graph, after: Graph, inputs: Mapping[str, Any], params: Ma
     return None
 
 
-def output_errors(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, float]:
-    return {k: _err(a[k], b[k]) for k in a if k in b}
+def comparable(a: Any, b: Any) -> bool:
+    """Whether two values can be compared element by element (tensors: the same shape)."""
+    return not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape != b.shape)
+
+
+def output_errors(a: Mapping[str, Any], b: Mapping[str, Any], comparable_only: bool = False) -> dict[str, float]:
+    return {k: _err(a[k], b[k]) for k in a if k in b and (not comparable_only or comparable(a[k], b[k]))}
 
 
 def find_divergence(trace: CompileTrace, inputs: Mapping[str, Any], params: Mapping[str, torch.Tensor], *,
@@ -130,7 +157,8 @@ def find_divergence(trace: CompileTrace, inputs: Mapping[str, Any], params: Mapp
     """Name the first pass (and op) whose graph's outputs differ from the traced graph by more than ``atol``."""
     stages = trace.stages(graph)
     if not stages:
-        raise KeyError(f"the trace holds no graph @{graph}; graphs: {trace.graph_names}")
+        raise InputError(f"the trace holds no graph @{graph}; choose one of its graphs: "
+                         f"{', '.join(trace.graph_names) or 'none (no pass ran)'}")
     reference, _ = run_capturing(stages[0].graph, inputs, params, state)
     for i in range(1, len(stages)):
         outs, _ = run_capturing(stages[i].graph, inputs, params, state)
@@ -147,14 +175,18 @@ def find_divergence(trace: CompileTrace, inputs: Mapping[str, Any], params: Mapp
 
 def compare_graphs(a: Graph, b: Graph, inputs: Mapping[str, Any], params: Mapping[str, torch.Tensor],
                    state: Mapping[str, torch.Tensor] | None = None, atol: float = 1e-4,
-                   label: str = "second artifact") -> Divergence | None:
-    """Two graphs of one entry point side by side (e.g. two artifacts)."""
+                   label: str = "second artifact", *, b_feed: Feed | None = None,
+                   comparable_only: bool = False) -> Divergence | None:
+    """Two graphs of one entry point side by side (e.g. two artifacts). ``b_feed``: what ``b`` runs
+    on when it is not what ``a`` does; ``comparable_only``: outputs and values of different shapes
+    are left out of the comparison (see ``locate_op``)."""
+    feed = b_feed or Feed(inputs, params, state)
     oa, _ = run_capturing(a, inputs, params, state)
-    ob, _ = run_capturing(b, inputs, params, state)
-    errs = output_errors(oa, ob)
+    ob, _ = run_capturing(b, feed.inputs, feed.params, feed.state)
+    errs = output_errors(oa, ob, comparable_only)
     if max(errs.values(), default=0.0) <= atol:
         return None
-    found = locate_op(a, b, inputs, params, state, atol)
+    found = locate_op(a, b, inputs, params, state, atol, after_feed=feed, comparable_only=comparable_only)
     if found is None:
         return Divergence(label, b.name, -1, "(no single op found)", "", max(errs.values()), atol, None, errs)
     idx, op, value, e = found
@@ -183,5 +215,5 @@ def bisect_rewrites(compile_with_limit: Callable[[int | None], tuple[int, bool]]
     return hi - 1, runs
 
 
-__all__ = ["Divergence", "bisect_rewrites", "compare_graphs", "find_divergence", "locate_op", "run_capturing",
-           "Sequence"]
+__all__ = ["Divergence", "Feed", "bisect_rewrites", "comparable", "compare_graphs", "find_divergence", "locate_op",
+           "run_capturing", "Sequence"]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ import torch
 from ds4c.errors import ConfigError, IRError
 from ds4c.export import ExportSource, capture, entry_graph, write_atomic
 from ds4c.ir.graph import Op
+from ds4c.quiet import TORCH_PYTREE_LEAFSPEC
 
 OUTPUT_TYPES = {"mlir-torch": "torch", "mlir-linalg": "linalg-on-tensors", "stablehlo": "stablehlo", "tosa": "tosa"}
 
@@ -137,7 +139,9 @@ def mlir_texts(src: ExportSource, dialects: Any, *, entry: str = "prefill", batc
     stage = "import"
     out = {}
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            # torch's pytree deprecation, raised when torch-mlir copies a LeafSpec: theirs, not the user's
+            warnings.filterwarnings("ignore", message=TORCH_PYTREE_LEAFSPEC, category=FutureWarning)
             prog = _sorted_topk(captured).run_decompositions({**get_decomposition_table(), **_PORTABLE_DECOMPOSITIONS})
             importer = FxImporter(context=ctx)
             importer.import_frozen_program(prog, func_name=entry)

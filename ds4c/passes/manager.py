@@ -71,6 +71,26 @@ def get_pipeline(name_or_passes: str | Sequence[str]) -> list[str]:
     return list(name_or_passes)
 
 
+def check_pipeline_options(pipeline: str | Sequence[str], *, print_after: Iterable[str] = (),
+                           stop_after: str | None = None, bisect: int | None = None) -> list[str]:
+    """The pipeline's pass names, once every option that names its passes has been checked.
+
+    Compiling traces the model first (seconds to minutes), so ``ds4c.compile`` calls this before
+    any work: a misspelt ``--print-after`` / ``--stop-after`` pass, an unknown pass in a custom
+    pipeline or a negative ``--bisect`` is refused at once, naming the passes that exist.
+    """
+    names = get_pipeline(pipeline)
+    for name in names:
+        get_pass(name)
+    ran = ", ".join(dict.fromkeys(names)) or "none: the pipeline is empty"
+    for option, asked in [*(("--print-after", p) for p in print_after), ("--stop-after", stop_after)]:
+        if asked is not None and asked not in names:
+            raise PassError(f"{option} {asked}: no such pass in the pipeline; its passes are {ran}")
+    if bisect is not None and bisect < 0:
+        raise PassError(f"--bisect {bisect}: give how many rewrites to apply, 0 or more")
+    return names
+
+
 @dataclass
 class PassContext:
     """What passes may read: the target, compile options, and the shared program facts.
@@ -112,15 +132,13 @@ class Instrument:
 class PassManager:
     def __init__(self, passes: Iterable[str] | str = "default", instruments: Sequence[Instrument] = (),
                  ctx: PassContext | None = None, stop_after: str | None = None):
-        self.pass_names = get_pipeline(passes if isinstance(passes, str) else list(passes))
+        self.ctx = ctx or PassContext()
+        self.pass_names = check_pipeline_options(passes if isinstance(passes, str) else list(passes),
+                                                 stop_after=stop_after, bisect=self.ctx.bisect_limit)
         if stop_after is not None:
-            if stop_after not in self.pass_names:
-                raise PassError(f"--stop-after {stop_after}: no such pass in the pipeline "
-                                f"({', '.join(self.pass_names)})")
             self.pass_names = self.pass_names[: self.pass_names.index(stop_after) + 1]
         self.passes = [get_pass(n) for n in self.pass_names]
         self.instruments = list(instruments)
-        self.ctx = ctx or PassContext()
 
     def run(self, program: Program) -> Program:
         graphs = dict(program.graphs)

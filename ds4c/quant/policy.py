@@ -22,6 +22,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from ds4c.errors import ConfigError
 from ds4c.quant.activations import WEIGHT_FORMATS
@@ -129,6 +130,27 @@ def load_table(path: str | Path) -> list[tuple[str, str]]:
             raise ConfigError(f"precision table {p}: '{pattern}' asks for unknown format '{fmt}'; "
                               f"known: {', '.join(FORMATS)}")
     return list(table.items())
+
+
+def check_table(path: str | Path, weights: Mapping[str, tuple[Sequence[int], Any]]) -> list[tuple[str, str]]:
+    """``load_table`` plus a check that every glob can match a unit of the model whose weights
+    (name -> (shape, dtype)) are ``weights``, before the model is traced.
+
+    Units are found in the traced graph, but a unit is named after its weight (``.weight``
+    dropped) or, for a group of weights (the experts), after the module holding them; only
+    matrices are units. A glob matching none of those names matches no unit, and would silently
+    leave the units it meant in the compute dtype.
+    """
+    table = load_table(path)
+    matrices = [name for name, (shape, _) in weights.items() if len(shape) >= 2]
+    names = {n.removesuffix(".weight") for n in matrices} | {n.rsplit(".", 1)[0] for n in matrices}
+    for pattern, _ in table:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            examples = [n.removesuffix(".weight") for n in matrices if n.endswith("_proj.weight")][:3]
+            raise ConfigError(f"precision table {path}: '{pattern}' matches no unit of this model; unit names look "
+                              f"like {', '.join(examples or sorted(names)[:3])} (`ds4c inspect` of an artifact "
+                              "lists them all)")
+    return table
 
 
 def _fixed(unit: Unit, policy: str, compute: str, table: Sequence[tuple[str, str]]) -> tuple[str, str]:

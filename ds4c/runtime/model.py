@@ -147,16 +147,45 @@ class CompiledModel:
         return self._last
 
     # -- inputs ---------------------------------------------------------------------------------
+    def _check_prompt(self, ids: torch.Tensor, max_new_tokens: int = 0) -> None:
+        """What this artifact's entry points can do with ``ids`` [B, S]: an artifact imported from
+        an ONNX export has one entry point with fixed shapes, and says so instead of failing deep
+        in its graph."""
+        static = self._static_prompt_shape()
+        origin = self._origin()
+        if static is not None and list(ids.shape) != static:
+            raise InputError(f"this artifact's @prefill takes exactly {static[0]} x {static[1]} token ids (static shapes, "
+                             f"{origin}), got {ids.shape[0]} x {ids.shape[1]}; give {static[1]} ids, or compile the "
+                             "model itself for prompts of any length")
+        if max_new_tokens > 1 and "decode" not in self.program.graphs:
+            raise InputError(f"this artifact has no @decode entry point ({origin}): it computes the next token of a "
+                             f"prompt, not {max_new_tokens}; ask for one (--max-new-tokens 1; model(ids) gives all "
+                             "logits), or compile the model itself to generate")
+
+    def _static_prompt_shape(self) -> list[int] | None:
+        """The [batch, seq] @prefill takes when its input shape is fixed (an ONNX import), else None."""
+        graph = self.program.graphs.get("prefill")
+        for inp in graph.inputs if graph is not None else ():
+            if inp.kind == "input" and inp.value.name == "input_ids" and getattr(inp.value.type, "is_static", False):
+                return [int(d) for d in inp.value.type.shape]
+        return None
+
+    def _origin(self) -> str:
+        source = self.manifest["model"].get("source") or {}
+        if source.get("kind") == "onnx":
+            return f"imported from the ONNX file '{source.get('name')}'"
+        return f"compiled from the {source.get('kind', 'model')} '{source.get('name', '?')}'"
+
     def _check_ids(self, input_ids: Any, *, extra: int = 0) -> torch.Tensor:
-        ids = torch.as_tensor(input_ids)
+        ids = as_token_ids(input_ids)
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         if ids.dim() != 2:
             raise InputError(f"input_ids must be [batch, seq] token ids, got shape {list(ids.shape)}")
+        if ids.numel() == 0:
+            raise InputError("the prompt is empty (input_ids has no tokens); give at least one token")
         if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise InputError(f"input_ids must be integer token ids, got {ids.dtype}")
-        if ids.numel() == 0:
-            raise InputError("input_ids is empty; give at least one token")
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= self.vocab_size:
             bad = lo if lo < 0 else hi
@@ -198,6 +227,7 @@ class CompiledModel:
         if logits not in ("all", "last"):
             raise InputError(f"prefill(logits=...) takes 'all' or 'last', got {logits!r}")
         ids = self._check_ids(input_ids)
+        self._check_prompt(ids)
         return self._prefill(ids, logits)
 
     def _prefill(self, ids: torch.Tensor, logits: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -263,6 +293,7 @@ class CompiledModel:
         ids = self._check_ids(input_ids, extra=max_new_tokens)
         if max_new_tokens == 0:
             return ids
+        self._check_prompt(ids, max_new_tokens)
         gen = torch.Generator(device=self.device)
         if seed is not None:
             gen.manual_seed(seed)
@@ -363,9 +394,45 @@ def _stream_plans(manifest: dict[str, Any], container: Any, graphs: dict[str, An
 BACKENDS = ("auto", "kernels", "compiled", "npu", "reference")
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as one ds4c runs on: ``cpu``, or ``cuda`` / ``cuda:N`` where torch sees that GPU."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {str(device)!r}; use cpu or cuda (cuda:N for GPU N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"ds4c does not run on device '{dev}'; use cpu or cuda (ROCm builds of PyTorch call AMD "
+                         "GPUs cuda too)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise InputError(f"device '{dev}' does not exist: torch sees {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    return dev
+
+
+def as_token_ids(input_ids: Any) -> torch.Tensor:
+    """``input_ids`` as a tensor: prompts of different lengths in one list, and values that are
+    not token ids, are refused by name rather than by torch's conversion error."""
+    if isinstance(input_ids, list | tuple) and input_ids and all(isinstance(r, list | tuple) for r in input_ids):
+        lengths = [len(r) for r in input_ids]
+        if len(set(lengths)) > 1:
+            raise InputError(f"prompts of different lengths in one batch ({', '.join(map(str, lengths))} tokens): "
+                             "a batch runs as one [batch, seq] tensor, so padded batches must have equal length; "
+                             "run the prompts one at a time (ragged batches are not served yet)")
+    try:
+        return torch.as_tensor(input_ids)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as e:
+        raise InputError(f"input_ids must be token ids, a [batch, seq] tensor or equal-length lists of ints ({e})") \
+            from None
+
+
 def _pick_backend(backend: str, device: torch.device, manifest: dict[str, Any] | None = None) -> str:
     if backend not in BACKENDS:
         raise InputError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if backend in ("kernels", "compiled") and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise InputError(f"backend '{backend}' runs Triton kernels, which need a GPU: use --device cuda, or --backend "
+                         "reference on the CPU (TRITON_INTERPRET=1 runs the kernels in Triton's slow interpreter)")
     if backend == "auto":
         if device.type == "cpu" and ((manifest or {}).get("kernels") or {}).get("backend") == "npu":
             return "npu"
@@ -404,9 +471,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
 
     from ds4c.artifact.signing import artifact_trust
 
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
+    device = parse_device(device)
     manifest, program, container = read_artifact(path)
     trust = artifact_trust(container, trust_binaries)
     wman = manifest["weights"]

@@ -201,6 +201,9 @@ def _run_workers(tmpdir: Path, target: Target, progress: bool | None) -> list[di
         for p, t in zip(procs, threads, strict=True):
             p.wait()
             t.join()
+            for pipe in (p.stdout, p.stderr):  # read to the end: closed here, not left to the garbage collector
+                if pipe is not None:
+                    pipe.close()
     if errors:
         raise KernelError(errors[0])
     failed = [(p.returncode, err) for p, err in zip(procs, stderr, strict=True) if p.returncode != 0]

@@ -30,7 +30,10 @@ SCORING_FUNCS = ("sqrtsoftplus", "sigmoid")
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
                    "q_lora_rank", "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok")
 _POSITIVE_INT_FIELDS = (*REQUIRED_FIELDS, "o_groups", "o_lora_rank", "sliding_window", "index_n_heads",
-                        "index_head_dim", "index_topk", "hc_mult", "hc_sinkhorn_iters")
+                        "index_head_dim", "index_topk", "hc_mult", "hc_sinkhorn_iters", "max_position_embeddings")
+# Epsilons, RoPE bases and scales: zero, negative or non-finite values trace and compile, then give
+# NaN or meaningless logits (x / sqrt(0 + 0) in a norm of a zero row).
+_POSITIVE_FLOAT_FIELDS = ("rms_norm_eps", "hc_eps", "rope_theta", "compress_rope_theta", "routed_scaling_factor")
 
 
 @dataclass(frozen=True)
@@ -123,8 +126,10 @@ class ModelConfig:
         kwargs = {k: v for k, v in d.items() if k not in _NOT_CONFIG_KWARGS}
         try:
             hf = DeepseekV4Config(**kwargs)
-        except (TypeError, ValueError, KeyError) as e:
-            raise ConfigError(f"{source}: transformers' DeepseekV4Config rejects it: {e}") from e
+        except (TypeError, ValueError, KeyError, *_strict_field_errors()) as e:
+            detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            hint = "; write floats with a decimal point (0.0, 1e-06)" if "expected float, got int" in detail else ""
+            raise ConfigError(f"{source}: transformers' DeepseekV4Config rejects it: {detail}{hint}") from e
         quant = getattr(hf, "quantization_config", None)
         config = cls(
             vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, num_hidden_layers=hf.num_hidden_layers,
@@ -167,6 +172,16 @@ class ModelConfig:
 _NOT_CONFIG_KWARGS = {"model_type", "architectures", "transformers_version", "_name_or_path", "auto_map",
                       "torch_dtype", "dtype", "_attn_implementation_autoset", "_attn_implementation",
                       "_experts_implementation", "output_attentions", "output_hidden_states", "return_dict"}
+
+
+def _strict_field_errors() -> tuple[type[Exception], ...]:
+    """What transformers' strict config dataclasses raise for a field of the wrong type (a JSON
+    ``0`` where a float is declared), where its huggingface_hub has them."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover - older huggingface_hub: TypeError / ValueError only
+        return ()
+    return (StrictDataclassError,)
 
 
 def _without(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -258,3 +273,14 @@ def _check_consistency(c: ModelConfig, hf: Any, source: str) -> None:
         fail(f"'rope_parameters' must have 'main' and 'compress' entries, got {sorted(c.rope_parameters)}")
     if not math.isfinite(c.swiglu_limit) or c.swiglu_limit <= 0:
         fail(f"'swiglu_limit' must be a positive number, got {c.swiglu_limit}")
+    for key in _POSITIVE_FLOAT_FIELDS:
+        value = getattr(c, key)
+        if not math.isfinite(value) or value <= 0:
+            fail(f"'{key}' must be a positive, finite number, got {value}; DeepSeek-V4 configs use e.g. "
+                 f"{_TYPICAL[key]}")
+    if c.num_nextn_predict_layers < 0:
+        fail(f"'num_nextn_predict_layers' must be 0 or more, got {c.num_nextn_predict_layers}")
+
+
+_TYPICAL = {"rms_norm_eps": "1e-6", "hc_eps": "1e-6", "rope_theta": "10000", "compress_rope_theta": "160000",
+            "routed_scaling_factor": "1.5"}
