@@ -358,6 +358,7 @@ app.add_typer(trust_app, name="trust")
 
 
 @trust_app.command("add")
+@one_line_errors
 def trust_add(key: Annotated[Path, typer.Argument(help="a publisher's Ed25519 public key (PEM, e.g. signing-key.pub)")]
               ) -> None:
     """Trust artifacts signed by KEY."""
@@ -371,6 +372,7 @@ def trust_add(key: Annotated[Path, typer.Argument(help="a publisher's Ed25519 pu
 
 
 @trust_app.command("remove")
+@one_line_errors
 def trust_remove(key_id: Annotated[str, typer.Argument(help="key id, as `ds4c trust list` shows it")]) -> None:
     """Stop trusting the key KEY_ID."""
     from ds4c.artifact import signing
@@ -383,6 +385,7 @@ def trust_remove(key_id: Annotated[str, typer.Argument(help="key id, as `ds4c tr
 
 
 @trust_app.command("list")
+@one_line_errors
 def trust_list() -> None:
     """The keys trusted here: your own and the ones added."""
     from ds4c.artifact import signing
@@ -398,11 +401,16 @@ def trust_list() -> None:
 
 
 @trust_app.command("export")
+@one_line_errors
 def trust_export(output: Annotated[Path | None, typer.Option("--output", "-o", help="write to FILE (default: "
                                                                                     "print it)")] = None) -> None:
     """Your public key (made if needed), to give to those who run your artifacts (`ds4c trust add`)."""
     from ds4c.artifact import signing
 
+    if output is not None:
+        _check_output(output, "--output", "signing-key.pub")
+        if not output.parent.is_dir():
+            raise InputError(f"--output {output}: folder {output.parent} does not exist; make it or choose another")
     try:
         pem = signing.public_key_pem(signing.local_key())
     except (Ds4cError, ImportError) as e:
@@ -415,6 +423,7 @@ def trust_export(output: Annotated[Path | None, typer.Option("--output", "-o", h
 
 
 @app.command()
+@one_line_errors
 def sign(
     artifact: Annotated[Path, typer.Argument(help="a .ds4 artifact, signed anew in place")],
     key: Annotated[Path | None, typer.Option("--key", help="Ed25519 private key (PEM); default: yours")] = None,

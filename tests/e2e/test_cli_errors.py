@@ -245,3 +245,9 @@ def test_readme_onnx_round_trip_runs_or_says_what_it_is(artifact, tmp_path):
                    "takes exactly 1 x 16 token ids", "tiny.onnx')", "give 16 ids")
     one_line_error(runner.invoke(app, ["run", str(again), "--prompt-ids", sixteen]),
                    "no @decode entry point", "--max-new-tokens 1")
+
+
+def test_trust_export_refuses_a_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("DS4C_HOME", str(tmp_path / "home"))
+    one_line_error(runner.invoke(app, ["trust", "export", "-o", str(tmp_path)]), "is a folder", "signing-key.pub")
+    one_line_error(runner.invoke(app, ["trust", "export", "-o", str(tmp_path / "no" / "k.pub")]), "does not exist")
