@@ -171,7 +171,8 @@ def _record(ref: Mapping[str, Any], origin: str, artifact: str | None) -> Any:
 
 def _check_finite(weights: Mapping[str, torch.Tensor], where: str) -> None:
     for name, t in weights.items():
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        # one-byte floats (FP8 values of packed weights) have no isfinite kernel: widen them first
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all()):
             raise ConfigError(f"{where}: weight '{name}' holds NaN/Inf values; they would make every logit NaN: "
                               "fix the weights, or pass --allow-nonfinite-weights (ds4c.compile(..., "
                               "allow_nonfinite=True)) if they are meant")
