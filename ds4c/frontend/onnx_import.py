@@ -7,12 +7,16 @@ default) with static shapes. Mapping:
 
 - nodes of domain ``ds4c`` (what ``ds4c export --format onnx`` writes for fused ops) become the
   ds4c op their ``ds4c_spec`` attribute names, with its attributes exactly; their function bodies
-  are not read;
+  are not read. The spec may name only ds4c's own fused ops (an ATen op, or one outside the IR's
+  allow-list ``ds4c.ir.allowed_aten``, is refused before anything runs), and its attributes are
+  JSON values and dtypes from a fixed table: nothing in the file names a module, callable or file;
 - ``DequantizeLinear`` of a weight ``<param>.qdata`` that metadata ``ds4c.quantized`` lists becomes
   ``quant.dequant`` in that format, with the packed scale recovered from the QDQ scale (exact);
   any other ``DequantizeLinear`` becomes ATen arithmetic;
 - standard ONNX ops become core (ATen-level) IR ops (``_CONVERTERS``); an op without a mapping is an
-  error naming the node, its op_type and what to do.
+  error naming the node, its op_type and what to do. Attributes are read only with the types
+  ``_ATTR_TYPES`` gives (no subgraphs); tensors' external data only through ``onnx.load``, which
+  keeps it inside the model's directory.
 
 Initializers listed in metadata ``ds4c.params`` (all of them when absent) are the model's weights
 (``param`` inputs, loaded from the file); the other initializers and ``Constant`` nodes are graph
