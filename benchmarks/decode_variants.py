@@ -18,14 +18,16 @@ prefill:
 - ``compiled``: kernels + TorchInductor between them (one stream);
 - ``compiled-nopdl``: the same without programmatic dependent launch (``DS4C_PDL=0``,
   ``ds4c/backends/cuda/kernels/pdl.py``), to measure what PDL gives in the same run;
-- ``compiled-nomergepacked``: ``compiled`` with packed sibling linears kept apart at load
-  (``DS4C_MERGE_PACKED=0``; ``ds4c/backends/cuda/merge_linears.py`` merges them by default).
+- ``compiled-nomergepacked``: ``compiled`` on a program compiled with packed sibling linears kept
+  apart (``compile(lowering={"merge_packed": False})``; the pass ``ds4c/passes/merge_sibling_linears.py``
+  merges them by default).
 - ``compiled-rowloop0``: ``compiled`` with the FP8 one-row kernels' K loop as before 2026-12-03
   (not pipelined, one [rows, 128] fp32 accumulator, gate and up rows in two loops; ``row_dot``).
 - ``compiled-topk0``: ``compiled`` with the indexer's top-k as a bitonic sort in every case (before
   2026-12-03 late: ``topk_config``'s threshold select for rows of 2048+ entries).
-- ``compiled-nonormrope``: ``compiled`` with each query/key norm and its rotary embedding as two
-  launches (``DS4C_FUSE_NORM_ROPE=0``; ``ds4c/backends/cuda/fuse_norm_rope.py`` fuses them by default).
+- ``compiled-nonormrope``: ``compiled`` on a program compiled with each query/key norm and its rotary
+  embedding as two launches (``compile(lowering={"fuse_norm_rope": False})``; the pass
+  ``ds4c/passes/fuse_norm_rope.py`` fuses them by default).
 - ``compiled-combo``: ``compiled`` with Inductor's combo kernels (``DS4C_INDUCTOR_COMBO=1``:
   independent glue kernels share a launch).
 - ``kernels+streams-noplan`` / ``kernels-noplan``: the kernels backend without its static buffer
@@ -55,12 +57,14 @@ from benchmarks.gpu_peers import attempt, build_hf, decode_bytes, gpu_timed, syn
 # name -> (backend, streams, environment while loading and running)
 VARIANTS = {"kernels+streams": ("kernels", True, {}), "kernels": ("kernels", False, {}),
             "compiled": ("compiled", False, {}), "compiled-nopdl": ("compiled", False, {"DS4C_PDL": "0"}),
-            "compiled-nomergepacked": ("compiled", False, {"DS4C_MERGE_PACKED": "0"}),
+            "compiled-nomergepacked": ("compiled", False, {}),
             "compiled-rowloop0": ("compiled", False, {}), "compiled-topk0": ("compiled", False, {}),
-            "compiled-nonormrope": ("compiled", False, {"DS4C_FUSE_NORM_ROPE": "0"}),
+            "compiled-nonormrope": ("compiled", False, {}),
             "compiled-combo": ("compiled", False, {"DS4C_INDUCTOR_COMBO": "1"}),
             "kernels+streams-noplan": ("kernels", True, {"DS4C_BUFFER_PLAN": "0"}),
             "kernels-noplan": ("kernels", False, {"DS4C_BUFFER_PLAN": "0"})}
+# name -> lowering options the variant's program is compiled with (a program of its own)
+LOWERING = {"compiled-nomergepacked": {"merge_packed": False}, "compiled-nonormrope": {"fuse_norm_rope": False}}
 # name -> tuning table applied after loading (model.tuning), as ``ds4c tune`` would
 TUNING = {"compiled-rowloop0": {"row_gemv": {"pipeline": 0, "row_sums": 0},
                                 "moe_decode": {"row_pipeline": 0, "row_sums": 0, "row_paired": 0}},
@@ -115,11 +119,17 @@ def main() -> None:
     prompt = torch.randint(0, cfg["vocab_size"], (args.batch, args.prompt), generator=g).to(dev)
     for precision in args.precisions.split(","):
         policy, _, activations = precision.partition(":")  # "fp8:compute": weight-only quantisation
-        art = ds4c.compile(args.preset, target=args.target, max_context=args.prompt + 64, progress=False,
-                           weights="reference", seed=args.seed, precision=policy,
-                           activations=activations or "native")
-        path = f"/tmp/ds4c_variants_{args.preset}_{re.sub(r'[^A-Za-z0-9]+', '_', precision)}.ds4"
-        art.save(path)
+        def compiled(lowering: dict[str, bool] | None = None, policy: str = policy,
+                     activations: str = activations, precision: str = precision) -> tuple[str, Any]:
+            art = ds4c.compile(args.preset, target=args.target, max_context=args.prompt + 64, progress=False,
+                               weights="reference", seed=args.seed, precision=policy,
+                               activations=activations or "native", lowering=lowering)
+            tag = "_".join(k for k, v in (lowering or {}).items() if not v)
+            path = f"/tmp/ds4c_variants_{args.preset}_{re.sub(r'[^A-Za-z0-9]+', '_', precision)}{tag and '_no_' + tag}.ds4"
+            art.save(path)
+            return path, art
+
+        path, art = compiled()
         res[f"{precision}_weight_bytes"] = art.manifest["precision"]["weight_bytes"]
         live: dict[str, tuple[Any, Any]] = {}  # --rounds > 1: name -> (model, step), timed in turn below
         for name in args.variants.split(","):
@@ -130,6 +140,8 @@ def main() -> None:
                     return measure(backend, streams, name)
 
             def measure(backend: str, streams: bool, name: str, path: str = path, live: dict = live) -> dict[str, Any]:
+                if name in LOWERING:  # a program of its own, compiled with the variant's lowering options
+                    path = compiled(LOWERING[name])[0]
                 model = ds4c.load(path, device=dev, weights=params, progress=False, backend=backend,
                                   streams=streams)
                 if name in TUNING:

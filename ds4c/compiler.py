@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,15 @@ from ds4c.frontend.source import ModelSource, resolve_model
 from ds4c.frontend.trace import trace_program
 from ds4c.ir.graph import Program
 from ds4c.passes.instruments import DumpIR, PrintAfterAll, VerifyAfterEach
-from ds4c.passes.manager import Instrument, PassContext, PassManager, check_pipeline_options
+from ds4c.passes.manager import (
+    LOWERING,
+    LOWERING_OPTIONS,
+    Instrument,
+    PassContext,
+    PassManager,
+    check_lowering_options,
+    check_pipeline_options,
+)
 from ds4c.quant.policy import ACTIVATION_MODES, check_table
 from ds4c.runtime.progress import progress_steps
 from ds4c.targets import get_target
@@ -63,6 +71,7 @@ def compile(
     kernel_binaries: bool | None = None,
     activations: str = "native",
     allow_nonfinite: bool = False,
+    lowering: Mapping[str, bool] | None = None,
 ) -> Artifact:
     """Compile ``model`` (preset name, checkpoint directory, ONNX file or transformers DeepseekV4ForCausalLM) for ``target``.
 
@@ -108,8 +117,9 @@ def compile(
     if max_context > config.max_position_embeddings:
         raise ConfigError(f"--max-context {max_context} exceeds the model's 'max_position_embeddings' "
                           f"({config.max_position_embeddings}, {_config_where(source)}); give at most that")
+    lowering_options = check_lowering_options(lowering)
     # the rest of what the options name is checked before tracing, which takes seconds to minutes
-    check_pipeline_options(pipeline, print_after=print_after, stop_after=stop_after, bisect=bisect)
+    check_pipeline_options(pipeline, print_after=print_after, stop_after=stop_after, bisect=bisect, target=tgt)
     if dump_ir is not None and Path(dump_ir).exists() and not Path(dump_ir).is_dir():
         raise ConfigError(f"--dump-ir {dump_ir} is a file; give a folder (it is made if missing)")
     if precision not in PRECISIONS and source.kind != "onnx":  # a table: its globs against the weights' names
@@ -158,7 +168,7 @@ def compile(
         ctx = PassContext(target=tgt, options={"precision": precision, "max_context": max_context,
                                                "calibration": calibration, "error_bound": error_bound,
                                                "activations": activations,
-                                               "csa_kv_on_host": csa_kv_on_host,
+                                               "csa_kv_on_host": csa_kv_on_host, **lowering_options,
                                                **({"hbm_budget": int(hbm_budget)} if hbm_budget else {})},
                           bisect_limit=bisect)
         program = PassManager(pipeline, ins, ctx, stop_after=stop_after).run(program)
@@ -166,8 +176,9 @@ def compile(
         plan = program.attrs.get("precision") or {}
         assignment = plan.get("assignment") or {}
         read = {v.name for g in program.graphs.values() for v in g.inputs_of_kind("param")}
-        spec = _used_params(program, full_spec, also=assignment)
-        stored = stored_spec(spec, assignment, read)
+        transforms = program.attrs.get("weight_transforms") or []
+        spec = _used_params(program, full_spec, also=set(assignment) | transform_sources(transforms))
+        stored = lowered_spec(stored_spec(spec, assignment, read | transform_sources(transforms)), transforms, read)
         total_bytes = sum(_numel(s) * d.itemsize for s, d in stored.values())
         mode = weights
         if mode == "auto":
@@ -179,6 +190,7 @@ def compile(
             loaded = calibration.weights() or source.load_weights(spec, dtype=dtype)
             embedded = {k: loaded[k] for k in spec}
             pack_weights(embedded, assignment, keep=read)
+            apply_lowering(embedded, transforms)
             embedded = {k: embedded[k] for k in stored}
         # a referenced checkpoint is recorded (size + sha256 per file) so a changed one is refused at load
         weights_source = source.reference(spec) if mode == "reference" else source.describe()
@@ -210,13 +222,16 @@ def compile(
             "tensors": {k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")} for k, (s, d) in stored.items()},
             # What the source provides, when it differs from what the program reads (packed weights).
             **({"source_tensors": {k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")}
-                                   for k, (s, d) in spec.items()}} if assignment else {}),
+                                   for k, (s, d) in spec.items()}} if assignment or transforms else {}),
             # Transforms the runtime applies to referenced weights at load, in order.
             "transforms": [{"op": "cast", "dtype": str(dtype).removeprefix("torch."), "tensors": "floating"}]
-            + ([{"op": "quantize", "tensors": assignment}] if assignment else []),
+            + ([{"op": "quantize", "tensors": assignment}] if assignment else []) + list(transforms),
         },
         "kernels": kernel_section,
     }
+    lowered = [p for p in program.attrs.get("pipeline", []) if p in LOWERING and p != "dce"]
+    if lowered:  # the GPU lowering stage ran: the IR is the program the kernels run, with these options
+        manifest["lowering"] = {"passes": lowered, "options": {**LOWERING_OPTIONS, **lowering_options}}
     extras = {}
     manifest.update(plan_sections(program, extras))
     if source.kind == "checkpoint" and source.path is not None and (source.path / "tokenizer.json").is_file():
@@ -278,6 +293,38 @@ def _used_params(program: Program, full: dict[str, tuple[tuple[int, ...], torch.
     for g in program.graphs.values():
         used.update(v.name for v in g.inputs_of_kind("param"))
     return {k: full[k] for k in full if k in used}
+
+
+def transform_sources(transforms: Sequence[dict[str, Any]]) -> set[str]:
+    """Every weight the lowering's weight transforms read (packed tensors, concatenated parts)."""
+    out: set[str] = set()
+    for tr in transforms:
+        for entry in tr["tensors"].values():
+            out.update(entry["from"] if tr["op"] == "dequantize" else entry)
+    return out
+
+
+def lowered_spec(stored: dict[str, tuple[tuple[int, ...], torch.dtype]], transforms: Sequence[dict[str, Any]],
+                 read: set[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The tensors the program reads (``read``), with shape and dtype: ``stored`` ones and those
+    the lowering's transforms make (dequantized weights, concatenations)."""
+    out = dict(stored)
+    for tr in transforms:
+        for name, entry in tr["tensors"].items():
+            if tr["op"] == "dequantize":
+                out[name] = (tuple(int(d) for d in entry["shape"]), getattr(torch, entry["dtype"]))
+            else:
+                shapes = [out[p][0] for p in entry]
+                out[name] = ((sum(s[0] for s in shapes), *shapes[0][1:]), out[entry[0]][1])
+    return {k: v for k, v in out.items() if k in read}
+
+
+def apply_lowering(weights: dict[str, torch.Tensor], transforms: Sequence[dict[str, Any]]) -> None:
+    """The lowering's weight transforms on embedded weights, at compile (the artifact stores the results)."""
+    from ds4c.quant.packing import concat_weights, dequantize_weights
+
+    for tr in transforms:
+        (dequantize_weights if tr["op"] == "dequantize" else concat_weights)(weights, tr["tensors"])
 
 
 def _entry_points(program: Program) -> dict[str, Any]:

@@ -101,9 +101,8 @@ def summarize(manifest: dict[str, Any], program: Program, console: Console) -> N
                        ", ".join(f"{_short(k)}×{v}" for k, v in sorted(unfused.items())) or "none", str(other))
         console.print(tb)
     if t.get("backend") in ("cuda", "rocm"):
-        rewritten = _kernel_graphs(manifest, program)
-        console.print(load_rewrites_line(program, rewritten))
-        line = runtime_buffer_plan_line(manifest, rewritten[0])
+        console.print(lowering_line(manifest, program))
+        line = runtime_buffer_plan_line(manifest, program.graphs)
         if line:
             console.print(line)
     kernels = manifest.get("kernels") or {}
@@ -115,31 +114,30 @@ def summarize(manifest: dict[str, Any], program: Program, console: Console) -> N
     console.print(f"[bold]kernels[/] {len(kernels)} stored" + ("" if kernels else " (reference backend: none needed)"))
 
 
-def _kernel_graphs(manifest: dict[str, Any], program: Program) -> tuple[dict[str, Graph], Any]:
-    """The graphs the CUDA / ROCm kernel backends run (``load_rewrites``), made here on meta
-    tensors, and what the rewrites did."""
-    from ds4c.backends.cuda.launches import meta_params
-    from ds4c.backends.cuda.load_rewrites import kernel_graphs
-    from ds4c.passes.plan_memory import host_weights
-
-    graphs, _, done = kernel_graphs(program.graphs, meta_params(program.graphs),
-                                    keep=host_weights(manifest.get("memory_plan")))
-    return graphs, done
-
-
-def load_rewrites_line(program: Program, rewritten: tuple[dict[str, Graph], Any]) -> str:
-    """What the kernel backends change in the graphs at load (``_kernel_graphs``): ops per entry
-    point before -> after, and per rewrite."""
-    graphs, done = rewritten
-    sizes = ", ".join(f"@{name} {len(program.graphs[name].ops)} -> {len(g.ops)}" for name, g in graphs.items())
-    return (f"[bold]at load[/] (kernel backends, all entry points): {done.fused_norm_rope} query/key norm+rope "
-            f"pairs become one launch each, {done.merged_linears} linears merge into a sibling's GEMM, "
-            f"{len(done.unpacked_weights)} packed weights are expanded (the rest are read as stored); ops {sizes}")
+def lowering_line(manifest: dict[str, Any], program: Program) -> str:
+    """The GPU lowering stage as the artifact records it: its passes and options, and what the
+    kernels read (packed-weight ops, fused norm+rope, merged linears, weights made at load)."""
+    lowering = manifest.get("lowering")
+    if not lowering:
+        return ("[bold]lowering[/] none recorded (compiled by an older ds4c): the kernels expand packed "
+                "weights at every step; recompile")
+    counts: dict[str, int] = {}
+    for g in program.graphs.values():
+        for op in g.ops:
+            if op.name in ("linear.packed", "linear.grouped.packed", "moe.packed", "rms_norm.rope"):
+                counts[op.name] = counts.get(op.name, 0) + 1
+    made = {tr["op"]: len(tr["tensors"]) for tr in manifest["weights"].get("transforms", [])
+            if tr["op"] in ("dequantize", "concat")}
+    options = ", ".join(f"{k}={'on' if v else 'off'}" for k, v in lowering.get("options", {}).items())
+    ops = ", ".join(f"{k}×{v}" for k, v in sorted(counts.items())) or "none"
+    return (f"[bold]lowering[/] {' -> '.join(lowering.get('passes', []))} ({options}); kernel ops {ops}; "
+            f"weights made at load: {made.get('concat', 0)} concatenations (merged linears), "
+            f"{made.get('dequantize', 0)} expanded from packed")
 
 
 def runtime_buffer_plan_line(manifest: dict[str, Any], graphs: dict[str, Graph]) -> str:
     """The kernels backend's static buffer plan (``ds4c.backends.cuda.buffer_plan``) of each entry
-    point of ``graphs`` (``_kernel_graphs``) at the compile-time plan's sizes, computed on meta
+    point of ``graphs`` (the artifact's lowered program) at the compile-time plan's sizes, computed on meta
     tensors: the arena the GPU runtime will allocate for the results it places (one stream; the
     stream schedule may need more)."""
     from ds4c.backends.cuda.executor import KernelExecutor

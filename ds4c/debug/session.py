@@ -86,6 +86,22 @@ def _need_entry(graphs: dict[str, Any], entry: str, what: str) -> None:
                          f"--entry {' or '.join(g for g in ENTRIES if g in graphs) or 'prefill'}")
 
 
+def with_concat_parts(weights: dict[str, torch.Tensor], transforms: Sequence[dict[str, Any]],
+                      graphs: Any) -> dict[str, torch.Tensor]:
+    """``weights`` plus the parts of each concatenation the lowering made (``concat`` transforms)
+    that the artifact does not store, as row views of it: the graphs before ``merge_sibling_linears``
+    read them. ``graphs``: graphs whose parameter types give each part's rows."""
+    rows = {v.name: int(v.type.shape[0]) for g in graphs for v in g.inputs_of_kind("param")}
+    out = dict(weights)
+    for tr in transforms:
+        if tr["op"] != "concat":
+            continue
+        for name, parts in tr["tensors"].items():
+            if name in out and not all(p in out for p in parts) and all(p in rows for p in parts):
+                out.update(zip(parts, torch.split(out[name], [rows[p] for p in parts], 0), strict=True))
+    return out
+
+
 def numerics_for_model(model: Any, *, target: str = "cpu", pipeline: str | Sequence[str] = "default",
                        entry: str = "prefill", atol: float = 1e-4, seq_len: int | None = None,
                        max_context: int | None = None, seed: int = 0) -> tuple[Divergence | None, CompileTrace]:
@@ -101,6 +117,7 @@ def numerics_for_model(model: Any, *, target: str = "cpu", pipeline: str | Seque
         raise InputError("the pipeline runs no passes, so there is nothing to compare; give --pipeline default or "
                          "pass names")
     first = {g: trace.stages(g)[0].graph for g in trace.graph_names}
+    params = with_concat_parts(params, art.manifest["weights"].get("transforms", []), first.values())
     _need_entry(first, entry, f"model {model}")
     check_options(entry=entry, atol=atol, seq_len=seq_len, max_context=art.manifest["max_context"])
     ids = sample_inputs(cfg["vocab_size"], art.manifest["max_context"], seq_len=seq_len, seed=seed)
@@ -234,6 +251,7 @@ def bisect_model(model: Any, *, target: str = "cpu", pipeline: str | Sequence[st
     The model is traced once; the pipeline then reruns with ``bisect_limit = N`` for O(log n) values of N.
     """
     import ds4c
+    from ds4c.compiler import apply_lowering
     from ds4c.passes.manager import PassContext, PassManager, check_pipeline_options
     from ds4c.targets import get_target
 
@@ -257,7 +275,9 @@ def bisect_model(model: Any, *, target: str = "cpu", pipeline: str | Sequence[st
         ctx = PassContext(target=get_target(target), options={"max_context": base.manifest["max_context"]},
                           bisect_limit=limit)
         prog = PassManager(pipeline, ctx=ctx).run(base.program)
-        got, _ = run_capturing(prog.graphs[entry], inputs, params, state)
+        lowered = dict(params)
+        apply_lowering(lowered, prog.attrs.get("weight_transforms") or [])
+        got, _ = run_capturing(prog.graphs[entry], inputs, lowered, state)
         err = max((float((got[k].double() - want[k].double()).abs().max()) for k in want
                    if isinstance(got[k], torch.Tensor)), default=0.0)
         logs[limit] = ctx.rewrite_log

@@ -62,9 +62,8 @@ def rms_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, cos: t
 @register_op
 class RmsNormRope(OpDef):
     """``rope(rms_norm(x, weight, eps), cos, sin, rope_dim)`` as one op, with both ops' roundings
-    (the normalised row is rounded to x's dtype before it rotates). The CUDA backend forms it at
-    load (``ds4c.backends.cuda.fuse_norm_rope``) so a query or key is normalised and rotated in one
-    launch.
+    (the normalised row is rounded to x's dtype before it rotates). The GPU lowering forms it
+    (``ds4c.passes.fuse_norm_rope``) so a query or key is normalised and rotated in one launch.
 
         %q = rms_norm.rope(%x, none, %cos, %sin, eps=1e-06, rope_dim=64) : bf16[B,64,1,512]
     """

@@ -8,7 +8,7 @@ pass (print, time, verify, diff, dump) without the passes knowing.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,25 +61,50 @@ PIPELINES: dict[str, list[str]] = {
                 "schedule_streams"],
     "none": [],
 }
+# The lowering stage for targets with Triton kernels (h100 ... mi355x): the ops their kernels run,
+# inserted into a named pipeline before memory planning, so the artifact holds the program that runs.
+LOWERING: list[str] = ["lower_packed_weights", "fuse_norm_rope", "merge_sibling_linears", "dce"]
 
 
-def get_pipeline(name_or_passes: str | Sequence[str]) -> list[str]:
+# Compile options of the lowering passes (all on by default; off for A/B runs), recorded in the manifest.
+LOWERING_OPTIONS: dict[str, bool] = {"fuse_norm_rope": True, "merge_linears": True, "merge_packed": True}
+
+
+def check_lowering_options(options: Mapping[str, Any] | None) -> dict[str, bool]:
+    """``options`` (lowering pass -> on/off) checked against ``LOWERING_OPTIONS``."""
+    out: dict[str, bool] = {}
+    for key, value in (options or {}).items():
+        if key not in LOWERING_OPTIONS:
+            raise PassError(f"lowering option '{key}' does not exist; the options are {', '.join(LOWERING_OPTIONS)}")
+        if not isinstance(value, bool):
+            raise PassError(f"lowering option '{key}' must be true or false (on/off), got {value!r}")
+        out[key] = value
+    return out
+
+
+def get_pipeline(name_or_passes: str | Sequence[str], target: Any = None) -> list[str]:
+    """The pass names of a named pipeline (with ``target``'s lowering stage) or of an explicit list."""
     if isinstance(name_or_passes, str):
         if name_or_passes not in PIPELINES:
             raise PassError(f"unknown pipeline '{name_or_passes}'; known pipelines: {', '.join(PIPELINES)}")
-        return list(PIPELINES[name_or_passes])
+        names = list(PIPELINES[name_or_passes])
+        if getattr(target, "triton_target", None) is not None and "plan_memory" in names:
+            at = names.index("plan_memory")
+            names[at:at] = LOWERING
+        return names
     return list(name_or_passes)
 
 
 def check_pipeline_options(pipeline: str | Sequence[str], *, print_after: Iterable[str] = (),
-                           stop_after: str | None = None, bisect: int | None = None) -> list[str]:
+                           stop_after: str | None = None, bisect: int | None = None,
+                           target: Any = None) -> list[str]:
     """The pipeline's pass names, once every option that names its passes has been checked.
 
     Compiling traces the model first (seconds to minutes), so ``ds4c.compile`` calls this before
     any work: a misspelt ``--print-after`` / ``--stop-after`` pass, an unknown pass in a custom
     pipeline or a negative ``--bisect`` is refused at once, naming the passes that exist.
     """
-    names = get_pipeline(pipeline)
+    names = get_pipeline(pipeline, target)
     for name in names:
         get_pass(name)
     ran = ", ".join(dict.fromkeys(names)) or "none: the pipeline is empty"
@@ -134,7 +159,8 @@ class PassManager:
                  ctx: PassContext | None = None, stop_after: str | None = None):
         self.ctx = ctx or PassContext()
         self.pass_names = check_pipeline_options(passes if isinstance(passes, str) else list(passes),
-                                                 stop_after=stop_after, bisect=self.ctx.bisect_limit)
+                                                 stop_after=stop_after, bisect=self.ctx.bisect_limit,
+                                                 target=self.ctx.target)
         if stop_after is not None:
             self.pass_names = self.pass_names[: self.pass_names.index(stop_after) + 1]
         self.passes = [get_pass(n) for n in self.pass_names]
@@ -177,8 +203,11 @@ def _load_builtin_passes() -> None:
         fuse_attention,
         fuse_compress,
         fuse_moe,
+        fuse_norm_rope,
         fuse_norms_mhc,
         fuse_rope,
+        lower_packed_weights,
+        merge_sibling_linears,
         plan_memory,
         quantize_weights,
         schedule_streams,

@@ -51,3 +51,41 @@ def stored_spec(spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]], assignm
         if name not in assignment or name in read:
             out[name] = (tuple(shape), dtype)
     return out
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dequantize_weights(weights: MutableMapping[str, torch.Tensor], tensors: Mapping[str, Mapping]) -> None:
+    """The manifest's ``dequantize`` transform (ds4c.passes.lower_packed_weights), in place: each
+    ``name`` made from its packed tensors (``from``) in ``format`` / ``shape`` / ``dtype``. Where the
+    packed tensors are absent the weight must be there already (an embedded artifact stores it)."""
+    from ds4c.errors import ArtifactError
+
+    for name, spec in tensors.items():
+        sources = list(spec["from"])
+        if not all(s in weights for s in sources):
+            if name not in weights:
+                raise ArtifactError(f"weight transform dequantize: '{name}' lacks its packed tensors {sources}")
+            continue
+        if spec["dtype"] not in _DTYPES:
+            raise ArtifactError(f"weight transform dequantize: '{name}' names dtype {spec['dtype']!r}; "
+                                f"one of {', '.join(_DTYPES)} expected")
+        fmt = get_format(spec["format"])
+        shape = tuple(int(d) for d in spec["shape"])
+        packed = dict(zip(fmt.packed_spec(shape), (weights[s] for s in sources), strict=True))
+        weights[name] = fmt.unpack(packed, shape, _DTYPES[spec["dtype"]])
+
+
+def concat_weights(weights: MutableMapping[str, torch.Tensor], tensors: Mapping[str, list[str]]) -> None:
+    """The manifest's ``concat`` transform (ds4c.passes.merge_sibling_linears), in place: each
+    merged weight is its parts concatenated along dim 0 (skipped where it is there already)."""
+    from ds4c.errors import ArtifactError
+
+    for name, parts in tensors.items():
+        if name in weights:
+            continue
+        missing = [p for p in parts if p not in weights]
+        if missing:
+            raise ArtifactError(f"weight transform concat: '{name}' lacks its part '{missing[0]}'")
+        weights[name] = torch.cat([weights[p] for p in parts], 0)

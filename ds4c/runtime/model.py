@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,7 +40,7 @@ class CompiledModel:
 
     def __init__(self, manifest: dict[str, Any], program: Program, weights: dict[str, torch.Tensor],
                  device: torch.device, backend: str = "auto", cuda_graphs: bool = True, container: Any = None,
-                 streams: bool = True, merge_linears: bool = True, trust: Any = None):
+                 streams: bool = True, trust: Any = None):
         self.manifest = manifest
         # whether the artifact's native code may run (ds4c.artifact.signing.Trust; None: untrusted)
         self.trust = trust
@@ -50,26 +51,20 @@ class CompiledModel:
         self.vocab_size = int(manifest["model"]["config"]["vocab_size"])
         self.state_layout = manifest["state"]
         self.backend = _pick_backend(backend, device, manifest)
-        self.unpacked_weights: list[str] = []
-        self.merged_linears = 0  # linears merged into a sibling's GEMM at load (kernel backends)
-        self.fused_norm_rope = 0  # rms_norm + rope pairs fused into one launch at load (kernel backends)
         self.tuning: dict[str, dict[str, Any]] | None = None  # measured config overrides (ds4c tune)
         self.tuning_status = "none"
         # what ds4c.load did with the artifact's stored kernel binaries (ds4c.backends.cuda.binaries)
         self.kernel_binaries = "unused: the reference backend runs no device kernels"
         self.kernel_target = None  # the target record kernel configurations are chosen for
-        stored_graphs = program.graphs  # what the artifact's plans index (before load-time rewrites)
+        stored_graphs = program.graphs  # what the artifact's plans index
         if self.backend in ("kernels", "compiled"):
             from ds4c.backends.cuda.kernels.configs import kernel_target
-            from ds4c.backends.cuda.load_rewrites import kernel_graphs
 
             self.kernel_target = kernel_target(manifest["target"])
-            graphs, weights, done = kernel_graphs(program.graphs, weights, merge_linears=merge_linears,
-                                                  keep=host_weights(manifest.get("memory_plan")))
-            self.unpacked_weights, self.fused_norm_rope, self.merged_linears = (
-                done.unpacked_weights, done.fused_norm_rope, done.merged_linears)
-            program = Program(graphs, program.attrs)
-            self.program, self.weights = program, weights
+            if manifest["target"].get("backend") in ("cuda", "rocm") and "lowering" not in manifest:
+                warnings.warn("this artifact was compiled without the GPU lowering stage (an older ds4c): its "
+                              "kernels expand packed weights at every step; recompile it for the fast path",
+                              stacklevel=3)
         self.host_weights = _host_resident(manifest, weights, device, self.backend)
         if self.host_weights:
             program = Program({name: _prefetch_to(g, device) for name, g in program.graphs.items()}, program.attrs)
@@ -442,7 +437,7 @@ def _pick_backend(backend: str, device: torch.device, manifest: dict[str, Any] |
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progress: bool | None = None,
          backend: str = "auto", cuda_graphs: bool = True, streams: bool = True,
-         weights: dict[str, torch.Tensor] | None = None, merge_linears: bool = True,
+         weights: dict[str, torch.Tensor] | None = None,
          tuning: bool | str | os.PathLike = True, trust_binaries: bool = False,
          weights_from: str | os.PathLike | None = None) -> CompiledModel:
     """Load an artifact written by ``Artifact.save`` / ``ds4c compile``, ready to run on ``device``.
@@ -454,10 +449,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
     CUDA graphs (CUDA only). ``streams``: the kernels backend runs the compiler's stream schedule
     (``schedule_streams``: main / aux / copy CUDA streams with events, inside the decode graph);
     False runs the same ops in the same order on one stream. ``weights``: tensors to use instead of the artifact's (same names and
-    shapes, e.g. a transformers model's parameters, shared without copying). ``merge_linears``:
-    the kernel backends run linears that read the same activation as one GEMM over their
-    concatenated weights (``ds4c.backends.cuda.merge_linears``; built at load, extra memory the
-    size of those weights when they are shared through ``weights=``). ``tuning``: on CUDA with a
+    shapes, e.g. a transformers model's parameters, shared without copying; the manifest's weight
+    transforms still apply, e.g. concatenations of merged linears take memory of their own). ``tuning``: on CUDA with a
     kernel backend, apply the tuning file ``ds4c tune`` wrote beside the artifact when it was
     measured for this program, device and Triton (``model.tuning_status`` says what happened);
     False ignores it. ``trust_binaries``: use the native code stored in the artifact (kernel
@@ -482,10 +475,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
         or expected
     with progress_steps(f"loading {os.fspath(path)}", total=max(len(expected), 1), enabled=progress) as steps:
         if weights is not None:
-            from ds4c.backends.cuda.merge_linears import with_merged_views
-
-            # another loaded model's ``weights`` holds merged linears (load-time rewrite): split them back
-            weights = with_merged_views(weights, {k: s[0] for k, (s, _) in {**provided, **expected}.items() if s})
+            # the program's own tensors (another loaded model's ``weights``), or what the source provides
             wanted = expected if set(expected) <= set(weights) else provided
             missing = sorted(set(wanted) - set(weights))
             if missing:
@@ -519,7 +509,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
         if tuple(t.shape) != shape:
             raise ArtifactError(f"{path}: weight '{k}' has shape {list(t.shape)}, the program expects {list(shape)}")
     model = CompiledModel(manifest, program, weights, device, backend=backend, cuda_graphs=cuda_graphs,
-                          container=container, streams=streams, merge_linears=merge_linears, trust=trust)
+                          container=container, streams=streams, trust=trust)
     if tuning and model.backend in ("kernels", "compiled") and device.type == "cuda":
         from ds4c.backends.cuda.autotune import load_tuning
 
@@ -538,10 +528,16 @@ def apply_transforms(weights: dict[str, torch.Tensor], transforms: Sequence[dict
     """Apply the weight transforms recorded by the compiler, in order (idempotent on embedded weights).
 
     ``quantize`` packs weights (ds4c.quant.packing); packed tensors are never cast. ``keep``: names
-    that stay unpacked as well (a graph still reads them)."""
-    from ds4c.quant.packing import pack_weights, packed_names
+    that stay unpacked as well (a graph still reads them). The lowering passes' ``dequantize`` and
+    ``concat`` make weights the program reads from packed ones and from parts."""
+    from ds4c.quant.packing import concat_weights, dequantize_weights, pack_weights, packed_names
 
     packed = set().union(*(packed_names(tr["tensors"]) for tr in transforms if tr["op"] == "quantize"))
+    for tr in transforms:  # what the lowering makes has its own dtype: concatenated packed parts, dequantised weights
+        if tr["op"] == "concat":
+            packed.update(name for name, parts in tr["tensors"].items() if packed.intersection(parts))
+        elif tr["op"] == "dequantize":
+            packed.update(tr["tensors"])
     for tr in transforms:
         op = tr["op"]
         if op == "quantize":
@@ -552,6 +548,10 @@ def apply_transforms(weights: dict[str, torch.Tensor], transforms: Sequence[dict
                 if tr.get("tensors") == "floating" else list(tr["tensors"])
             for k in names:
                 weights[k] = weights[k].to(dt)
+        elif op == "dequantize":
+            dequantize_weights(weights, tr["tensors"])
+        elif op == "concat":
+            concat_weights(weights, tr["tensors"])
         else:
             raise ArtifactError(f"artifact records weight transform '{op}' that this ds4c does not know; upgrade ds4c")
     return weights

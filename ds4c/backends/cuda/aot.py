@@ -77,7 +77,6 @@ def lower(target: Target, program: Program, *, progress: bool | None = None
     from ds4c.backends.cuda.binaries import check_file_name
     from ds4c.backends.cuda.launches import DECODE_BATCH, prefill_lengths
     from ds4c.ir.printer import print_graph
-    from ds4c.passes.plan_memory import host_weights
 
     if target.triton_target is None:
         raise KernelError(f"target '{target.name}' has no Triton target; ds4c.backends.cuda.aot compiles "
@@ -89,8 +88,6 @@ def lower(target: Target, program: Program, *, progress: bool | None = None
         "ir": {name: print_graph(g) for name, g in program.graphs.items()},
         "state": program.attrs.get("state", []),
         "prefill_lengths": lengths,
-        # weights the memory plan keeps in host memory: ds4c.load does not merge their linears
-        "host_weights": sorted(host_weights(program.attrs.get("memory_plan"))),
     }
     consts = {name: save({k: v.contiguous() for k, v in g.constants.items()}) for name, g in program.graphs.items()}
     key = hashlib.sha256(json.dumps([request, triton_version(), sorted((k, hashlib.sha256(v).hexdigest())
@@ -246,8 +243,7 @@ def _worker(tmpdir: Path, index: int, count: int) -> None:
     target = Target.from_dict(request["target"])
     graphs = {name: parse_graph(text, load((tmpdir / f"{name}.safetensors").read_bytes()))
               for name, text in request["ir"].items()}
-    launches = record_launches(graphs, request["state"], target, request["prefill_lengths"],
-                               keep=frozenset(request.get("host_weights", ())))
+    launches = record_launches(graphs, request["state"], target, request["prefill_lengths"])
     print(json.dumps({"total": len(launches)}), flush=True)
     gpu_target = GPUTarget(*target.triton_target)
     backend = target.triton_target[0]

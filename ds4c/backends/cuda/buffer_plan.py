@@ -2,7 +2,7 @@
 before the step runs, one arena allocation per binding of the symbolic sizes.
 
 ``plan_memory`` plans the stored graph at one binding (the largest prefill, ``plan_batch``). The
-kernel backends run another graph (``load_rewrites``: merged linears, norm+rope, packed weights),
+kernel backends run that graph (lowered at compile: packed weights, norm+rope, merged linears)
 in the stream schedule's issue order, at the sizes each call brings (decode at B=32, a 300-token
 prompt), so the executor plans what it runs with the same planner: ``analyze_liveness`` over its
 op sequence at the bound sizes, then ``pack_arena``. What differs from the compile-time plan:

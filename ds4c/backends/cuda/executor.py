@@ -35,7 +35,6 @@ from ds4c.errors import IRError
 from ds4c.ir.graph import Graph, Op
 from ds4c.ir.registry import OpDef, get_op, split_results
 from ds4c.ops.moe import moe_gather_formulation
-from ds4c.quant.activations import ACTIVATION_BLOCKS, WEIGHT_FORMATS
 
 
 class _KernelOp(OpDef):
@@ -462,98 +461,3 @@ class GraphedPrefill:
         return {k: v.clone() for k, v in self.out.items()}
 
 
-# Formats the GEMV (``linear.packed``) and MoE kernels read as stored.
-KERNEL_FORMATS = frozenset({"fp8", "fp8-f32scale", "int8", "mxfp4"})
-_MOE_WEIGHT_ARGS = range(4, 9)  # gate_up, down, s_gate, s_up, s_down among moe's operands
-
-
-def _reads_packed(use: Op, value: Any) -> bool:
-    """Whether ``use`` can take ``value`` (a dequantised weight) packed: as the weight of a
-    bias-free ``aten.linear``, the weight of ``linear.grouped`` or one of ``moe``'s expert weights."""
-    if use.name == "aten.linear.default":
-        return len(use.args) >= 2 and use.args[1] is value and value not in use.args[:1] + use.args[2:] \
-            and all(a is None for a in use.args[2:]) and not use.kwargs
-    if use.name == "linear.grouped":
-        return len(use.args) == 2 and use.args[1] is value and use.args[0] is not value
-    if use.name == "moe":
-        return any(use.args[i] is value for i in _MOE_WEIGHT_ARGS) and value not in use.args[:4]
-    return False
-
-
-def unpack_weights_once(graphs: Mapping[str, Graph], weights: dict[str, torch.Tensor]
-                        ) -> tuple[dict[str, Graph], dict[str, torch.Tensor], list[str]]:
-    """Prepare packed weights (``quant.dequant`` of parameters) for the kernel backends, at load.
-
-    Where every use of a dequantised weight is a kernel that reads its format as stored
-    (``KERNEL_FORMATS`` as the weight of a bias-free linear or of ``linear.grouped``, or an expert
-    weight of ``moe``), the dequantisation is dropped and the uses become ``linear.packed`` /
-    ``linear.grouped.packed`` / ``moe.packed`` over the packed tensors: the step reads FP8/INT8
-    bytes; a ``quant.activation`` feeding such an FP8 (MXFP4) linear is folded into it (``act=``:
-    the kernel quantises its input itself) and dropped once nothing else reads it. Any other
-    packed weight is expanded once here into a parameter (the reference ``quant.dequant`` would
-    expand a whole expert tensor at every step). Returns the rewritten graphs, the weights (packed tensors no graph reads any
-    more dropped) and the names of the expanded weights.
-    """
-    from ds4c.ir.graph import GraphInput
-    from ds4c.ir.registry import get_op
-
-    dequant = get_op("quant.dequant")
-    expanded: dict[str, torch.Tensor] = {}
-    out: dict[str, Graph] = {}
-    for name, g in graphs.items():
-        params = set(g.inputs_of_kind("param"))
-        users, outputs = g.users(), set(g.output_values())
-        packed: dict[Any, tuple[str, list[int], tuple]] = {}  # dequantised value -> (format, shape, packed operands)
-        quantized = {op.result: op for op in g.ops if op.name == "quant.activation"
-                     and op.kwargs["block"] == ACTIVATION_BLOCKS.get(op.kwargs["format"])}
-        ops, new_inputs = [], []
-        for op in g.ops:
-            if op.name == "quant.dequant" and all(v in params for v in op.operands):
-                r = op.result
-                if op.kwargs["format"] in KERNEL_FORMATS and r not in outputs and users.get(r) and all(_reads_packed(u, r) for u in users[r]):
-                    packed[r] = (op.kwargs["format"], list(op.kwargs["shape"]), tuple(op.args))
-                    continue
-                if r.name not in expanded:
-                    expanded[r.name] = dequant.reference(*(weights[v.name] for v in op.args), **op.kwargs)
-                new_inputs.append(GraphInput("param", r))
-                continue
-            ops.append(_read_packed(op, packed, quantized) if packed else op)
-        if packed and quantized:  # quant.activation folded into every linear.packed that read it
-            read = {v for op in ops for v in op.operands} | outputs
-            ops = [op for op in ops if op.name != "quant.activation" or op.result in read]
-        out[name] = g.copy(ops=ops, inputs=[*g.inputs, *new_inputs]) if (new_inputs or packed) else g
-    if out == dict(graphs):
-        return dict(graphs), weights, []
-    read = {v.name for g in out.values() for op in g.ops for v in op.operands}
-    kept = {k: v for k, v in weights.items() if k in read or k in expanded}
-    kept.update(expanded)
-    final = {}
-    for name, g in out.items():  # drop graph inputs for packed tensors nothing reads now
-        final[name] = g.copy(inputs=[gi for gi in g.inputs if gi.kind != "param" or gi.value.name in kept])
-    return final, kept, sorted(expanded)
-
-
-def _read_packed(op: Op, packed: Mapping[Any, tuple[str, list[int], tuple]], quantized: Mapping[Any, Op]) -> Op:
-    """``op`` rewritten to read the packed weights among its operands (unchanged if none). A
-    linear whose input is a ``quant.activation`` (in ``quantized``, by result) of an FP8 weight
-    reads the unquantised input and quantises it itself (``act=``)."""
-    if op.name == "aten.linear.default" and len(op.args) >= 2 and op.args[1] in packed:
-        fmt, shape, tensors = packed[op.args[1]]
-        x, kwargs = op.args[0], {"format": fmt, "shape": shape}
-        if x in quantized and fmt in WEIGHT_FORMATS.get(quantized[x].kwargs["format"], ()):
-            x, kwargs["act"] = quantized[x].args[0], quantized[x].kwargs["format"]
-        return op.replace(name="linear.packed", args=(x, *tensors), kwargs=kwargs)
-    if op.name == "linear.grouped" and op.args[1] in packed:
-        fmt, shape, tensors = packed[op.args[1]]
-        return op.replace(name="linear.grouped.packed", args=(op.args[0], *tensors),
-                          kwargs={"format": fmt, "shape": shape, "groups": op.kwargs["groups"]})
-    if op.name == "moe" and any(op.args[i] in packed for i in _MOE_WEIGHT_ARGS):
-        formats, shapes, tensors = [], [], []
-        for w in op.args[4:9]:
-            fmt, shape, ts = packed.get(w, ("none", None, (w,)))
-            formats.append(fmt)
-            shapes.append(shape if shape is not None else list(w.type.shape))
-            tensors.extend(ts)
-        return op.replace(name="moe.packed", args=(*op.args[:4], *tensors),
-                          kwargs={**op.kwargs, "formats": formats, "shapes": shapes})
-    return op

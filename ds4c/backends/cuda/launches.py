@@ -142,21 +142,19 @@ def meta_params(graphs: Mapping[str, Graph]) -> dict[str, torch.Tensor]:
 
 
 def record_launches(graphs: Mapping[str, Graph], state_layout: Sequence[Mapping[str, Any]], target: Target,
-                    prefill_lengths: Sequence[int] = PREFILL_LENGTHS, keep: frozenset[str] = frozenset()) -> list[Launch]:
+                    prefill_lengths: Sequence[int] = PREFILL_LENGTHS) -> list[Launch]:
     """The distinct launches of the kernel backend running ``graphs`` for ``target``: decode at batch
     1, prefill at batch 1 and each of ``prefill_lengths``; sorted, so every process agrees. The
-    graphs are first rewritten as ``ds4c.load`` rewrites them (``load_rewrites.kernel_graphs``;
-    ``keep``: host-resident weights, whose linears are not merged)."""
+    graphs are the artifact's, lowered for the target: what ``ds4c.load`` runs."""
     from triton.backends.compiler import GPUTarget
 
     from ds4c.backends.cuda.executor import KernelExecutor
     from ds4c.backends.cuda.kernels.configs import use_target
-    from ds4c.backends.cuda.load_rewrites import kernel_graphs
     from ds4c.runtime.model import _dtype
 
     if target.triton_target is None:
         raise ValueError(f"target '{target.name}' has no Triton target")
-    graphs, weights, _ = kernel_graphs(graphs, meta_params(graphs), keep=keep)
+    weights = meta_params(graphs)
     state = {s["name"]: torch.empty([DECODE_BATCH if d == "B" else int(d) for d in s["shape"]],
                                     dtype=_dtype(s["dtype"]), device="meta") for s in state_layout}
     runs: list[tuple[str, dict[str, int]]] = []

@@ -36,8 +36,8 @@ def test_fp8_activation_kernels_compile_for_hopper_and_blackwell():
         for b in section["binaries"]:
             by_name.setdefault(b["name"], []).append(b)
         assert {"_gemv_kernel", "_act_quant_kernel", "_fp8_gemm_kernel"} <= set(by_name), sorted(by_name)
-        # the launches are recorded on the graphs as ds4c.load rewrites them (load_rewrites.kernel_graphs):
-        # the query/key norm + rope pairs are one rms_norm.rope launch there, so that is what is stored
+        # the launches are recorded on the lowered graphs, the ones ds4c.load runs: the query/key
+        # norm + rope pairs are one rms_norm.rope launch there, so that is what is stored
         assert any("rms_norm.rope" in b["ops"] for b in by_name["_rope_kernel"]), by_name["_rope_kernel"]
         for name in ("_gemv_kernel", "_fp8_gemm_kernel"):
             ptx = [members[f["member"].removeprefix("kernels/")] for b in by_name[name]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -64,10 +62,10 @@ def test_packed_weights_are_read_packed_or_expanded_once_for_kernels(tiny_fp8_ar
     ref = ds4c.load(path, device=DEVICE, backend="reference")
     ker = ds4c.load(path, device=DEVICE, backend="kernels", cuda_graphs=False)
     # FP8 linears, the grouped output projection and the experts stay packed (linear.packed,
-    # linear.grouped.packed, moe.packed read them): nothing is expanded at load
+    # linear.grouped.packed, moe.packed read them): the lowering expands nothing at load
     assert any(k.endswith(".qdata") and v.dtype == torch.float8_e4m3fn for k, v in ker.weights.items())
     assert any("o_a_proj" in k and v.dtype == torch.float8_e4m3fn for k, v in ker.weights.items())
-    assert not ker.unpacked_weights, ker.unpacked_weights
+    assert not [t for t in ker.manifest["weights"]["transforms"] if t["op"] == "dequantize"]
     assert not any(op.name == "quant.dequant" for g in ker.program.graphs.values() for op in g.ops)
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
     a, sa = ref.prefill(ids)
@@ -86,27 +84,29 @@ def test_packed_weights_are_read_packed_or_expanded_once_for_kernels(tiny_fp8_ar
     assert float((a.float() - b.float()).norm() / a.float().norm()) < 0.25
 
 
-def test_packed_sibling_linears_run_as_one_gemv(tmp_path, monkeypatch):
+def test_packed_sibling_linears_run_as_one_gemv(tmp_path):
     """Packed siblings of one format merge too (INT8 here: row scales always concatenate): one
-    linear.packed over the concatenated values and scales, the same logits as unmerged;
-    DS4C_MERGE_PACKED=0 keeps them apart."""
+    linear.packed over the concatenated values and scales, the same logits as unmerged; the compile
+    option merge_packed=False keeps them apart."""
     table = tmp_path / "int8.json"
     table.write_text('{"lm_head": "bf16", "model.embed_tokens": "bf16", "*": "int8"}')
-    path = tmp_path / "int8.ds4"
-    ds4c.compile("tiny", target="h100", precision=str(table), max_context=32, progress=False).save(path)
-    merged = ds4c.load(path, device=DEVICE, backend="kernels", cuda_graphs=False)
-    plain = ds4c.load(path, device=DEVICE, backend="kernels", cuda_graphs=False, merge_linears=False)
+    paths = {}
+    for name, options in (("merged", None), ("plain", {"merge_linears": False}), ("apart", {"merge_packed": False})):
+        paths[name] = tmp_path / f"{name}.ds4"
+        ds4c.compile("tiny", target="h100", precision=str(table), max_context=32, progress=False,
+                     lowering=options).save(paths[name])
+    merged, plain, apart = (ds4c.load(paths[n], device=DEVICE, backend="kernels", cuda_graphs=False)
+                            for n in ("merged", "plain", "apart"))
 
     def packed(m):
         return [op for op in m.program.graphs["decode"].ops if op.name == "linear.packed"]
 
-    cats = [op for op in packed(merged) if op.args[1].name.startswith("cat(")]
+    cats = [op for op in packed(merged) if ".cat:" in op.args[1].name]
     assert any("q_a_proj" in op.args[1].name and "kv_proj" in op.args[1].name for op in cats), \
         [op.args[1].name for op in packed(merged)]
     assert len(packed(plain)) - len(packed(merged)) >= len(cats) > 0
-    monkeypatch.setenv("DS4C_MERGE_PACKED", "0")
-    apart = ds4c.load(path, device=DEVICE, backend="kernels", cuda_graphs=False)
-    assert len(packed(apart)) == len(packed(plain)) and apart.merged_linears < merged.merged_linears
+    assert len(packed(apart)) == len(packed(plain))
+    assert apart.manifest["lowering"]["options"]["merge_packed"] is False
     for op in cats:
         assert op.kwargs["format"] == "int8" and op.kwargs["shape"][0] == merged.weights[op.args[1].name].shape[0]
     ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(6)).to(DEVICE)
@@ -119,7 +119,7 @@ def test_packed_sibling_linears_run_as_one_gemv(tmp_path, monkeypatch):
 
 def test_fp8_siblings_merge_only_along_whole_scale_blocks():
     """FP8's 128x128 scale blocks: parts of whole blocks concatenate, a ragged part only last."""
-    from ds4c.backends.cuda.merge_linears import _concatenable
+    from ds4c.passes.merge_sibling_linears import _concatenable
 
     assert _concatenable("fp8", [1024, 512, 1024, 256, 64], 4096)  # V4-Flash's CSA siblings
     assert not _concatenable("fp8", [64, 1024], 4096)
@@ -153,42 +153,50 @@ def test_prefill_last_position_logits(tiny_path, reference, backend):
         model.prefill(ids, logits="first")
 
 
-def test_sibling_linears_run_as_one_gemm(tiny_path):
-    """Linears reading the same activation (q_a, kv, compressor and indexer projections) become
-    one GEMM over concatenated weights at load; merge_linears=False keeps them apart."""
+@pytest.fixture(scope="module")
+def tiny_unlowered(tmp_path_factory):
+    """tiny for h100 in fp32 with the lowering's norm+rope fusion and linear merging off."""
+    path = tmp_path_factory.mktemp("apart") / "t.ds4"
+    ds4c.compile("tiny", target="h100", precision="fp32", max_context=64, progress=False,
+                 lowering={"fuse_norm_rope": False, "merge_linears": False}).save(path)
+    return path
+
+
+def test_sibling_linears_run_as_one_gemm(tiny_path, tiny_unlowered):
+    """Linears reading the same activation (q_a, kv, compressor and indexer projections) are one
+    GEMM over concatenated weights in the artifact's program; merge_linears=False keeps them apart."""
     merged = ds4c.load(tiny_path, device=DEVICE, backend="kernels", cuda_graphs=False)
-    plain = ds4c.load(tiny_path, device=DEVICE, backend="kernels", cuda_graphs=False, merge_linears=False)
-    assert merged.merged_linears > 0 and plain.merged_linears == 0
+    plain = ds4c.load(tiny_unlowered, device=DEVICE, backend="kernels", cuda_graphs=False)
 
     def linears(m):
         return [op for op in m.program.graphs["decode"].ops if op.name == "aten.linear.default"]
 
-    cats = [op.args[1].name for op in linears(merged) if op.args[1].name.startswith("cat(")]
+    concat = {k: v for t in merged.manifest["weights"]["transforms"] if t["op"] == "concat"
+              for k, v in t["tensors"].items()}
+    cats = [op.args[1].name for op in linears(merged) if op.args[1].name in concat]
     assert any("q_a_proj" in c and "kv_proj" in c for c in cats)
-    assert len(linears(plain)) - len(linears(merged)) >= len(cats)
-    for c in cats:
-        parts = c[4:-1].split(",")
-        assert merged.weights[c].shape[0] == sum(plain.weights[p].shape[0] for p in parts)
-    # a loaded model's (merged) weights feed another load: ds4c.load splits them back into views
+    assert len(linears(plain)) - len(linears(merged)) >= len(cats) > 0
+    for c in cats:  # stored concatenated, the parts not again (no weight stored twice)
+        assert merged.weights[c].shape[0] == sum(plain.weights[p].shape[0] for p in concat[c])
+        assert not any(p in merged.weights for p in concat[c])
+    # a loaded model's weights feed another load of the same artifact
     again = ds4c.load(tiny_path, device=DEVICE, backend="kernels", cuda_graphs=False, weights=merged.weights)
-    assert again.merged_linears == merged.merged_linears
     ids = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     torch.testing.assert_close(again(ids), merged(ids), rtol=0, atol=0)
+    torch.testing.assert_close(merged(ids), plain(ids), rtol=1e-5, atol=1e-5)
 
 
-def test_norm_and_rope_fuse_at_load(tiny_path, reference, monkeypatch):
+def test_norm_and_rope_fuse_in_the_lowering(tiny_path, tiny_unlowered, reference):
     """Each layer's query and key norms + rotary embeddings run as one ``rms_norm.rope`` launch (the
-    layout ops between them moved before it); the logits stay the reference's; DS4C_FUSE_NORM_ROPE=0
-    keeps them apart."""
+    layout ops between them moved before it); the logits stay the reference's; the compile option
+    fuse_norm_rope=False keeps them apart."""
     fused = ds4c.load(tiny_path, device=DEVICE, backend="kernels", cuda_graphs=False)
     layers = reference.manifest["model"]["config"]["num_hidden_layers"]
     for entry in ("prefill", "decode"):
         counts = fused.program.graphs[entry].op_counts()
         assert counts.get("rms_norm.rope") == 2 * layers, counts
-    assert fused.fused_norm_rope == 4 * layers
-    monkeypatch.setenv("DS4C_FUSE_NORM_ROPE", "0")
-    apart = ds4c.load(tiny_path, device=DEVICE, backend="kernels", cuda_graphs=False)
-    assert apart.fused_norm_rope == 0 and "rms_norm.rope" not in apart.program.graphs["decode"].op_counts()
+    apart = ds4c.load(tiny_unlowered, device=DEVICE, backend="kernels", cuda_graphs=False)
+    assert "rms_norm.rope" not in apart.program.graphs["decode"].op_counts()
     ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(9)).to(DEVICE)
     la, sa = reference.prefill(ids)
     lf, sf = fused.prefill(ids)
@@ -198,26 +206,3 @@ def test_norm_and_rope_fuse_at_load(tiny_path, reference, monkeypatch):
     tok = la[:, -1].argmax(-1, keepdim=True)
     torch.testing.assert_close(fused.decode(tok, 9, sf)[0], reference.decode(tok, 9, sa)[0], rtol=1e-4, atol=1e-4)
     assert fused._executors["decode"].stats()["rms_norm.rope"] == {"kernel": 2 * layers}
-
-
-def test_compiled_backend_falls_back_to_kernels_where_inductor_fails(tiny_path, reference, monkeypatch):
-    """An entry point Inductor cannot compile (an Inductor bug for that shape) runs op by op on the
-    Triton kernels, with a warning naming it, its sizes and the error; the stats keep the error."""
-    from ds4c.backends.cuda.inductor import InductorGraph
-
-    def broken(self, args):
-        raise ValueError("The argument '((-4)) + 4' is not comparable")
-
-    monkeypatch.setattr(InductorGraph, "_compile", broken)
-    comp = ds4c.load(tiny_path, device=DEVICE, backend="compiled", cuda_graphs=False)
-    ids = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    with pytest.warns(RuntimeWarning, match=r"could not compile entry point 'prefill' for inputs \{'input_ids': \(1, 7\)\}"
-                      r" \(ValueError: The argument"):
-        got, _ = comp.prefill(ids)
-    torch.testing.assert_close(got, reference.prefill(ids)[0], rtol=1e-4, atol=1e-4)
-    stats = comp._executors["prefill"].stats()
-    assert stats["compiled_shapes"] == 0 and "not comparable" in next(iter(stats["inductor_fallbacks"].values()))
-    with warnings.catch_warnings(record=True) as caught:  # the fallback is kept: no second attempt, no second warning
-        warnings.simplefilter("always")
-        comp.prefill(ids)
-    assert not [w for w in caught if "could not compile" in str(w.message)]

@@ -8,7 +8,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4c.backends.cuda.executor import unpack_weights_once
 from ds4c.backends.cuda.kernels.act_quant import mx_fake_quant
 from ds4c.backends.cuda.kernels.linear import MAX_ROWS, linear_packed
 from ds4c.backends.cuda.kernels.moe import moe_packed
@@ -347,27 +346,34 @@ def test_moe_packed_decode_reads_the_shared_expert_packed(fmt):
     torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
 
 
-def test_rewrite_keeps_fp8_packed_and_preserves_the_reference_result(tiny_fp8_artifact):
+def test_lowering_keeps_fp8_packed_and_preserves_the_reference_result(tiny_fp8_artifact):
+    import ds4c
     from ds4c.artifact.artifact import read_artifact
+    from ds4c.passes.manager import PIPELINES
     from ds4c.runtime.model import load
 
     _, program, _ = read_artifact(tiny_fp8_artifact)
-    stored = load(tiny_fp8_artifact, backend="reference").weights  # packed, as the artifact stores them
-    graphs, weights, expanded = unpack_weights_once(program.graphs, stored)
+    weights = load(tiny_fp8_artifact, backend="reference").weights  # packed, as the artifact stores them
+    graphs = program.graphs
     ops = [op.name for g in graphs.values() for op in g.ops]
     assert "linear.packed" in ops and "moe.packed" in ops and "moe" not in ops and "quant.dequant" not in ops
     # the grouped output projection reads its FP8 weight packed too: nothing is expanded at load
     assert "linear.grouped.packed" in ops and "linear.grouped" not in ops
-    assert not expanded, expanded
+    manifest = ds4c.load(tiny_fp8_artifact, backend="reference").manifest
+    assert not [t for t in manifest["weights"]["transforms"] if t["op"] == "dequantize"]
     assert any(w.dtype == torch.float8_e4m3fn and "o_a_proj" in name for name, w in weights.items())
-    # h100 multiplies FP8 natively: every FP8 linear quantises its input (quant.activation in the
-    # artifact), folded into linear.packed (act="fp8"); the grouped projection stays bf16-activated
-    stored_ops = [op for g in program.graphs.values() for op in g.ops]
+    # h100 multiplies FP8 natively: every FP8 linear quantises its input; the unlowered program
+    # (the default pipeline as an explicit list: no lowering stage) has quant.activation ops, the
+    # lowering folds them into linear.packed (act="fp8"); the grouped projection stays bf16-activated
+    unlowered = ds4c.compile("tiny", target="h100", precision="fp8", max_context=64, progress=False,
+                             pipeline=list(PIPELINES["default"]))
+    stored_ops = [op for g in unlowered.program.graphs.values() for op in g.ops]
     assert sum(op.name == "quant.activation" for op in stored_ops) > 0
+    assert not any(op.name == "linear.packed" for op in stored_ops)
     assert "quant.activation" not in ops
     assert all(op.kwargs.get("act") == "fp8" for g in graphs.values() for op in g.ops if op.name == "linear.packed")
     ids = {"input_ids": torch.tensor([[3, 1, 4, 1, 5, 9]])}
-    want = ReferenceExecutor(program.graphs["prefill"], "cpu").run(ids, stored)["logits"]
+    want = ReferenceExecutor(unlowered.program.graphs["prefill"], "cpu").run(ids, unlowered.weights)["logits"]
     got = ReferenceExecutor(graphs["prefill"], "cpu").run(ids, weights)["logits"]
     # the same math in the same order (dequantise, then linear / moe): bit-identical
     assert torch.equal(got, want)
@@ -384,7 +390,8 @@ def test_mxfp4_experts_stay_packed_end_to_end(tmp_path):
     ker = ds4c.load(path, device=DEVICE, backend="kernels", cuda_graphs=False)
     moes = [op for g in ker.program.graphs.values() for op in g.ops if op.name == "moe.packed"]
     assert moes and all(op.kwargs["formats"][:2] == ["mxfp4", "mxfp4"] for op in moes)
-    assert not any("experts" in name for name in ker.unpacked_weights), ker.unpacked_weights
+    expanded = [n for t in ker.manifest["weights"]["transforms"] if t["op"] == "dequantize" for n in t["tensors"]]
+    assert not any("experts" in name for name in expanded), expanded
     assert any(w.dtype == torch.uint8 and "experts" in name for name, w in ker.weights.items())
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     want, state = ref.prefill(ids)

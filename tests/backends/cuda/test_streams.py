@@ -1,6 +1,6 @@
-"""The stream schedule as the runtime runs it: stored in the artifact, mapped onto the graph the
-kernel backends execute (after load-time rewrites), issued in a topological order; and the plan
-as ``ds4c inspect`` shows it (table, PNGs, Chrome trace)."""
+"""The stream schedule as the runtime runs it: stored in the artifact for the lowered graph the
+kernel backends execute, issued in a topological order; and the plan as ``ds4c inspect`` shows it
+(table, PNGs, Chrome trace)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import ds4c
 from ds4c.artifact.artifact import read_artifact
-from ds4c.backends.cuda.executor import order_for_streams, stream_assignment, unpack_weights_once
+from ds4c.backends.cuda.executor import order_for_streams, stream_assignment
 from ds4c.backends.reference import ReferenceExecutor
 from ds4c.cli import app
 from ds4c.errors import ArtifactError
@@ -23,16 +23,19 @@ def fp8_artifact(tiny_fp8_artifact):
     return tiny_fp8_artifact
 
 
-def test_schedule_is_stored_and_maps_onto_the_rewritten_graph(fp8_artifact):
+def test_schedule_is_stored_for_the_lowered_graph_and_orders_it(fp8_artifact):
     manifest, program, container = read_artifact(fp8_artifact)
     sched = manifest["schedule"]["decode"]
     assert sched["makespan_s"] < sched["single_stream_makespan_s"] and sched["ops_per_stream"]["aux"] > 0
     schedule = json.loads(container.read_bytes(sched["member"]))
     stored = program.graphs["decode"]
     assignment = stream_assignment(stored, schedule)
-    graphs, weights, _ = unpack_weights_once(program.graphs, ds4c.load(fp8_artifact, backend="reference").weights)
-    ordered, streams = order_for_streams(graphs["decode"], assignment)
-    assert sorted(map(id, ordered.ops)) == sorted(map(id, graphs["decode"].ops))
+    # the schedule covers the lowered graph the kernels run: every op is scheduled, none added at load
+    assert len(assignment) == sum(bool(op.results) for op in stored.ops)
+    assert any(op.name == "linear.packed" for op in stored.ops)
+    weights = ds4c.load(fp8_artifact, backend="reference").weights
+    ordered, streams = order_for_streams(stored, assignment)
+    assert sorted(map(id, ordered.ops)) == sorted(map(id, stored.ops))
     assert "aux" in streams and len(streams) == len(ordered.ops)
     # issue order is topological: every operand is an input or produced earlier
     known = {gi.value for gi in ordered.inputs}
@@ -42,7 +45,7 @@ def test_schedule_is_stored_and_maps_onto_the_rewritten_graph(fp8_artifact):
     # and it computes the same thing (reference ops, CPU: one stream)
     feeds = {"input_ids": torch.tensor([[5]]), "position": torch.tensor(3)}
     state = ds4c.load(fp8_artifact, backend="reference").new_state(1)
-    want = ReferenceExecutor(graphs["decode"], "cpu").run(feeds, weights, state)["logits"]
+    want = ReferenceExecutor(stored, "cpu").run(feeds, weights, state)["logits"]
     got = ReferenceExecutor(ordered, "cpu").run(feeds, weights, state)["logits"]
     assert torch.equal(got, want)
 

@@ -21,7 +21,7 @@ tokens are read, and nothing synchronises with the host: a decode step can be ca
 in a CUDA graph.
 
 ``moe.packed`` (the kernel backends' form of ``moe`` over packed weights, see
-``ds4c.backends.cuda.executor.unpack_weights_once``) runs the same kernels on FP8, INT8 or MXFP4
+the lowering pass ``ds4c.passes.lower_packed_weights``) runs the same kernels on FP8, INT8 or MXFP4
 expert weights as stored: a tile is loaded in its storage type and converted in registers, each K
 step's partial product is scaled by its 128x128 block's scale (FP8; K tiles never straddle a
 block), or the accumulator by the row scales (INT8); MXFP4's e2m1 nibbles are decoded and scaled
