@@ -15,6 +15,7 @@ from ds4c.frontend.source import ModelSource, resolve_model
 from ds4c.frontend.trace import trace_program
 from ds4c.ir.graph import Program
 from ds4c.passes.instruments import DumpIR, PrintAfterAll, VerifyAfterEach
+from ds4c.passes.last_logits import add_last_position_entry
 from ds4c.passes.manager import (
     LOWERING,
     LOWERING_OPTIONS,
@@ -150,6 +151,8 @@ def compile(
             steps.advance("tracing (torch.export)", 0)
             program, meta_model = trace_program(config, max_context, dtype)
             full_spec = param_spec(meta_model)
+            if tgt.backend != "npu":  # generation's prefill: the pass last_position_logits makes it
+                program = add_last_position_entry(program)
         steps.advance("running passes")
         ins: list[Instrument] = list(instruments)
         if verify:

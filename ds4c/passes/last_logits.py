@@ -3,7 +3,11 @@
 A prefill entry point returns logits for every prompt position ([B, S, vocab]), which the
 numerical checks compare; generation reads only the last row. For a 2048-token prompt of
 V4-Flash the LM head over every position is 2.2 TFLOP (about 3 ms on an H100), the largest
-single GEMM of the step. This rewrite derives a ``prefill_last`` graph from ``prefill``: the ops
+single GEMM of the step. So every artifact that generates has its own entry point for it:
+``add_last_position_entry`` gives the traced program a ``prefill_last`` graph (a copy of
+``prefill``), and the pass ``last_position_logits`` rewrites that graph, and only that one, after
+fusion (so the compiled artifact holds it, lowered, planned and scheduled like the others). The
+ops
 that feed only ``logits`` (the head: ``mhc.head``, the final norm, the LM head) run on the last
 position, sliced where the head leaves the rest of the graph::
 
@@ -16,13 +20,15 @@ The head grows backwards from the logits over ops that work position by position
 (``POSITIONWISE``) and feed nothing but the head; in DeepSeek-V4 that is also the last layer's
 FFN half (mHC pre/post, the MoE: a decode-sized MoE for one token). The sequence length must be
 symbolic, and each value entering the head must carry it at dimension 1; otherwise the rewrite
-returns None and the caller slices the full logits instead. The state outputs are untouched.
+returns None, the pass leaves ``prefill_last`` as it is and the runtime slices its full logits.
+The state outputs are untouched.
 """
 
 from __future__ import annotations
 
-from ds4c.ir.graph import Graph, Op, Value
+from ds4c.ir.graph import Graph, Op, Program, Value
 from ds4c.ir.types import TensorType
+from ds4c.passes.manager import PassContext, register_pass
 
 # ops that map each position to itself: slicing their token dimension commutes with them
 POSITIONWISE = frozenset({"mhc.head", "mhc.pre", "mhc.post", "moe", "moe.packed", "rms_norm", "aten.linear.default",
@@ -96,3 +102,27 @@ def last_position_logits(graph: Graph, output: str = "logits") -> Graph | None:
     out = graph.copy(ops=ops + new_ops, outputs=outputs)
     out.name = LAST_ENTRY
     return out
+
+
+def add_last_position_entry(program: Program) -> Program:
+    """``program`` with a ``prefill_last`` entry point: a copy of ``prefill`` that the pass
+    ``last_position_logits`` turns into the last-position variant (unchanged without ``prefill``)."""
+    prefill = program.graphs.get("prefill")
+    if prefill is None or LAST_ENTRY in program.graphs:
+        return program
+    entry = prefill.copy()
+    entry.name = LAST_ENTRY
+    return Program({**program.graphs, LAST_ENTRY: entry}, dict(program.attrs))
+
+
+@register_pass("last_position_logits")
+def last_position_logits_pass(graph: Graph, ctx: PassContext) -> Graph:
+    """Compute the ``prefill_last`` entry point's logits for the last position only.
+
+    Needs: ``prefill_last`` (``add_last_position_entry``), after fusion. Guarantees: other graphs
+    are untouched; ``prefill_last``'s logits equal ``prefill``'s last row, its state outputs
+    ``prefill``'s. See the module docstring for the rewrite and when it does not apply.
+    """
+    if graph.name != LAST_ENTRY:
+        return graph
+    return last_position_logits(graph) or graph

@@ -57,7 +57,7 @@ def list_passes() -> list[Pass]:
 # Named pipelines. Later stages (fusion, precision, memory, streams, lowering) append here.
 PIPELINES: dict[str, list[str]] = {
     "default": ["canonicalize_shapes", "fold_constants", "cse", "dce", "fuse_norms_mhc", "fuse_rope", "fuse_attention", "fuse_moe", "fuse_compress",
-                "cse", "dce", "canonicalize_shapes", "assign_precision", "quantize_weights", "plan_memory",
+                "cse", "dce", "last_position_logits", "canonicalize_shapes", "assign_precision", "quantize_weights", "plan_memory",
                 "schedule_streams"],
     "none": [],
 }
@@ -206,6 +206,7 @@ def _load_builtin_passes() -> None:
         fuse_norm_rope,
         fuse_norms_mhc,
         fuse_rope,
+        last_logits,
         lower_packed_weights,
         merge_sibling_linears,
         plan_memory,

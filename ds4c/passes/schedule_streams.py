@@ -21,7 +21,8 @@ costs). Every edge between streams gets an event (recorded after the producer, w
 the consumer).
 
 Result: ``Program.attrs['schedule'][graph]`` = {``streams``, ``ops`` (per op index: [stream,
-start_s, end_s]), ``order`` (issue order per stream), ``events``, ``makespan``,
+start_s, end_s]), ``order`` (issue order per stream), ``issue`` (the one order the host issues
+them in, across streams: what the GPU runtime runs), ``events``, ``makespan``,
 ``single_stream_makespan``, ...}. ``check_schedule`` verifies it independently.
 """
 
@@ -226,8 +227,10 @@ def schedule_graph(graph: Graph, cost_model: CostModel, memory_plan: Mapping[str
     start = [0.0] * len(costs)
     end = [0.0] * len(costs)
     order: dict[str, list[int]] = {s: [] for s in STREAMS}
+    issue: list[int] = []  # the order ops are issued in, across streams (a topological order)
     while ready:
         _, u = heapq.heappop(ready)
+        issue.append(u)
         c, s = costs[u], streams[u]
         t0 = max([stream_free[s]] + [end[p] for p in dag.predecessors(u)])
         if c["kind"] == "copy":
@@ -264,6 +267,7 @@ def schedule_graph(graph: Graph, cost_model: CostModel, memory_plan: Mapping[str
         "streams": list(STREAMS),
         "ops": [[streams[i], start[i], end[i]] for i in range(len(costs))],
         "order": order,
+        "issue": issue,
         "events": events,
         "makespan": makespan,
         "single_stream_makespan": sum(duration),
@@ -358,7 +362,15 @@ def check_schedule(graph: Graph, schedule: Mapping[str, Any], plan: Mapping[str,
     end = {i: float(entries[i][2]) for i in range(n)}
     waits = {(int(e["producer"]), e["wait_stream"], int(c)) for e in schedule.get("events", []) for c in
              e["consumers"]}
+    issue = schedule.get("issue")
+    if issue is not None and sorted(issue) != list(range(n)):
+        problems.append(f"the issue order names {len(issue)} ops, not each of the graph's {n} once")
+        issue = None
+    issued_at = {u: k for k, u in enumerate(issue)} if issue is not None else None
     for e in schedule.get("events", []):
+        if issued_at is not None and any(issued_at[int(c)] < issued_at[int(e["producer"])] for c in e["consumers"]):
+            problems.append(f"event {e.get('id')}: a consumer is issued before its producer op "
+                            f"#{e['producer']} records it")
         if stream[int(e["producer"])] != e["record_stream"]:
             problems.append(f"event {e.get('id')}: recorded on {e['record_stream']}, its producer runs on "
                             f"{stream[int(e['producer'])]}")
@@ -367,6 +379,8 @@ def check_schedule(graph: Graph, schedule: Mapping[str, Any], plan: Mapping[str,
         if start[v] + tolerance < end[u]:
             problems.append(f"op #{v} {graph.ops[v].name} starts at {start[v]:.3e}s before op #{u} "
                             f"{graph.ops[u].name} ends at {end[u]:.3e}s ({why})")
+        if issued_at is not None and issued_at[v] < issued_at[u]:
+            problems.append(f"op #{v} {graph.ops[v].name} is issued before op #{u} {graph.ops[u].name} ({why})")
         if stream[u] != stream[v] and (u, stream[v], v) not in waits:
             problems.append(f"op #{u} ({stream[u]}) -> op #{v} ({stream[v]}): no event for this {why} edge")
 

@@ -14,7 +14,7 @@ from ds4c.artifact.artifact import WEIGHTS_MEMBER, read_artifact
 from ds4c.backends.reference import ReferenceExecutor
 from ds4c.errors import ArtifactError, Ds4cError, InputError
 from ds4c.ir.graph import Program
-from ds4c.passes.last_logits import LAST_ENTRY, last_position_logits
+from ds4c.passes.last_logits import LAST_ENTRY
 from ds4c.passes.plan_memory import host_weights
 from ds4c.runtime.progress import progress_steps
 
@@ -72,7 +72,6 @@ class CompiledModel:
         self._plans = _stream_plans(manifest, container, stored_graphs) if streams and self.backend == "kernels" else {}
         self.container = container  # the artifact's members (tokenizer, NPU library)
         self._executors = {name: self._make_executor(name, g) for name, g in program.graphs.items()}
-        self._last: Any = False  # prefill's last-position variant (built at first use; None: not derivable)
         # decode steps captured as CUDA graphs, per batch size (state updated in place)
         # (not the reference backend: its MoE groups tokens on the host, which a graph cannot hold)
         self.cuda_graphs = cuda_graphs and device.type == "cuda" and self.backend != "reference"
@@ -90,8 +89,7 @@ class CompiledModel:
         if self.backend == "kernels":
             from ds4c.backends.cuda.executor import KernelExecutor
 
-            plan = self._plans.get(name if name in self._plans else "prefill" if name == LAST_ENTRY else name)
-            return KernelExecutor(g, self.device, streams=plan)
+            return KernelExecutor(g, self.device, schedule=self._plans.get(name))
         if self.backend == "npu":  # NPU ops through the TVM host build (ds4c.backends.npu.executor)
             from ds4c.backends.npu.executor import NpuExecutor, load_library
 
@@ -132,14 +130,9 @@ class CompiledModel:
         return graphed
 
     def _last_position_entry(self) -> Any:
-        """The executor of ``prefill`` with logits of the last position only (ds4c.passes.last_logits),
-        or None where the rewrite does not apply (the NPU backend runs its compiled op set only)."""
-        if self._last is False:
-            g = None
-            if self.backend != "npu" and "prefill" in self.program.graphs:
-                g = last_position_logits(self.program.graphs["prefill"])
-            self._last = None if g is None else self._make_executor(LAST_ENTRY, g)
-        return self._last
+        """The executor of the compiled ``prefill_last`` entry point (logits of the last position,
+        ds4c.passes.last_logits), or None where the artifact has none (the NPU target, ONNX imports)."""
+        return self._executors.get(LAST_ENTRY)
 
     # -- inputs ---------------------------------------------------------------------------------
     def _check_prompt(self, ids: torch.Tensor, max_new_tokens: int = 0) -> None:
@@ -233,7 +226,7 @@ class CompiledModel:
             graphed = self._prefill_graph(executor, logits, ids) if entry is not None else None
             out = graphed(ids) if graphed is not None else executor.run({"input_ids": ids}, self.weights)
         result = out.pop("logits")
-        if logits == "last" and entry is None:
+        if logits == "last" and result.shape[1] != 1:  # no prefill_last, or one the rewrite left whole
             result = result[:, -1:]
         return result, out
 
@@ -327,11 +320,8 @@ class CompiledModel:
         (``KernelExecutor.buffer_stats``: arena bytes, eager and captured in CUDA graphs; the latest
         binding's plan; per op, results written into their planned buffer or allocated). Empty for
         backends that plan no buffers (reference; compiled, whose Inductor code plans its own)."""
-        executors = dict(self._executors)
-        if self._last not in (False, None):
-            executors[LAST_ENTRY] = self._last
         out = {}
-        for name, ex in executors.items():
+        for name, ex in self._executors.items():
             stats = ex.buffer_stats() if hasattr(ex, "buffer_stats") else None
             if stats is not None and stats["plans"]:
                 out[name] = stats
@@ -368,11 +358,9 @@ def _prefetch_to(graph: Any, device: torch.device) -> Any:
 
 
 def _stream_plans(manifest: dict[str, Any], container: Any, graphs: dict[str, Any]) -> dict[str, Any]:
-    """Per entry point, the op -> (stream, start) assignment of the artifact's ``schedule_streams``
-    plan (``plans/<entry>.schedule.json``), for the kernel executor; empty where none was made."""
+    """Per entry point, the artifact's ``schedule_streams`` plan (``plans/<entry>.schedule.json``):
+    the issue order, streams and events the kernel executor runs; empty where none was made."""
     import json
-
-    from ds4c.backends.cuda.executor import stream_assignment
 
     out = {}
     for name, section in (manifest.get("schedule") or {}).items():
@@ -382,7 +370,7 @@ def _stream_plans(manifest: dict[str, Any], container: Any, graphs: dict[str, An
         if len(schedule.get("ops", [])) != len(graphs[name].ops):
             raise ArtifactError(f"{section['member']}: the schedule covers {len(schedule.get('ops', []))} ops, graph "
                                 f"@{name} has {len(graphs[name].ops)}; the artifact is inconsistent — recompile it")
-        out[name] = stream_assignment(graphs[name], schedule)
+        out[name] = schedule
     return out
 
 

@@ -73,6 +73,11 @@ def test_checker_rejects_broken_schedules():
     for e in bad["ops"]:
         e[0] = "main"
     assert any("overlap on stream main" in m for m in check_schedule(graph, bad))
+    bad = copy.deepcopy(s)  # the issue order the runtime follows: a consumer ahead of its producer
+    bad["issue"] = bad["issue"][::-1]
+    assert any("is issued before op" in m for m in check_schedule(graph, bad))
+    bad["issue"] = bad["issue"][1:]
+    assert any("issue order names" in m for m in check_schedule(graph, bad))
 
 
 def test_prefetch_runs_on_the_copy_stream_before_its_reader():

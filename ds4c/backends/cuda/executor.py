@@ -224,7 +224,7 @@ class _OnStream(OpDef):
     streams, records its own event when a consumer runs elsewhere, and marks its results as used
     by those streams (so the caching allocator does not hand their memory out too early)."""
 
-    def __init__(self, inner: OpDef, streams: _Streams, stream: str, waits: list[int], record: int | None,
+    def __init__(self, inner: OpDef, streams: _Streams, stream: str, waits: list[int], record: list[int],
                  used_on: list[str]):
         self.inner, self.streams, self.stream = inner, streams, stream
         self.waits, self.record, self.used_on = waits, record, used_on
@@ -236,8 +236,8 @@ class _OnStream(OpDef):
             s.wait_event(self.streams.events[e])
         with torch.cuda.stream(s):
             out = self.inner.reference(*args, **kwargs)
-        if self.record is not None:
-            self.streams.events[self.record].record(s)
+        for e in self.record:
+            self.streams.events[e].record(s)
         if self.used_on:
             for t in split_results(out):
                 if isinstance(t, torch.Tensor) and t.is_cuda:
@@ -246,47 +246,33 @@ class _OnStream(OpDef):
         return out
 
 
-def stream_assignment(stored: Graph, schedule: Mapping[str, Any]) -> dict[str, tuple[str, float]]:
-    """Per op of ``stored`` (the graph ``schedule`` was made for), keyed by its first result's
-    name: (stream, scheduled start). Keys survive the load-time rewrites, which keep result names."""
-    return {op.results[0].name: (str(row[0]), float(row[1]))
-            for op, row in zip(stored.ops, schedule["ops"], strict=True) if op.results}
-
-
-def order_for_streams(graph: Graph, assignment: Mapping[str, tuple[str, float]]) -> tuple[Graph, list[str]]:
-    """``graph`` with its ops in scheduled issue order and each op's stream. An op's issue time is
-    its scheduled start, raised to its producers' issue times: ops the schedule does not know
-    (load-time rewrites add some, e.g. a merged GEMM) then issue right after what they read, and
-    sorting by (time, graph order) stays a topological order whatever the rewrites moved. Ops
-    the schedule does not know, and impure ops, run on ``main``."""
-    keyed = []
-    issue: dict[Any, float] = {}
-    for i, op in enumerate(graph.ops):
-        after = max((issue[v] for v in op.operands if v in issue), default=0.0)
-        stream, start = assignment.get(op.results[0].name, ("main", after)) if op.results else ("main", after)
-        if not get_op(op.name).pure:
-            stream = "main"
-        start = max(start, after)
-        for r in op.results:
-            issue[r] = start
-        keyed.append((start, i, op, stream))
-    keyed.sort(key=lambda k: (k[0], k[1]))
-    return graph.copy(ops=[k[2] for k in keyed]), [k[3] for k in keyed]
+def issued(graph: Graph, schedule: Mapping[str, Any]) -> tuple[Graph, list[str], list[dict[str, Any]]]:
+    """``graph`` with its ops in the compiled schedule's issue order, each op's stream, and the
+    schedule's events with op indices of that order. ``schedule`` is ``schedule_streams``' plan of
+    this very graph (the artifact's ``plans/<entry>.schedule.json``): nothing is re-derived."""
+    rows = schedule["ops"]
+    if len(rows) != len(graph.ops):
+        raise IRError(f"the stream schedule covers {len(rows)} ops, graph @{graph.name} has {len(graph.ops)}: "
+                      "the artifact is inconsistent - recompile it")
+    issue = [int(i) for i in schedule.get("issue") or sorted(range(len(rows)), key=lambda i: (float(rows[i][1]), i))]
+    at = {u: k for k, u in enumerate(issue)}
+    events = [{"id": int(e["id"]), "producer": at[int(e["producer"])], "wait_stream": str(e["wait_stream"]),
+               "consumers": [at[int(c)] for c in e["consumers"]]} for e in schedule.get("events", [])]
+    return graph.copy(ops=[graph.ops[u] for u in issue]), [str(rows[u][0]) for u in issue], events
 
 
 class KernelExecutor(ReferenceExecutor):
-    """``streams``: per op, keyed by result name, the (stream, start) of a ``schedule_streams``
-    schedule (``stream_assignment``); on a CUDA device the ops then run in scheduled order on
-    their streams with an event per cross-stream edge, elsewhere in that order on one stream.
+    """``schedule``: the compiled ``schedule_streams`` plan of ``graph``; the ops then run in its
+    issue order, on a CUDA device on its streams with its events (elsewhere on one stream).
     ``buffer_plan``: place activations in a planned arena (module doc); None reads
     ``DS4C_BUFFER_PLAN`` (on unless "0")."""
 
     def __init__(self, graph: Graph, device: torch.device | str = "cuda",
                  on_op: Callable[[int, Op, list[Any]], None] | None = None, *, use_kernels: bool = True,
-                 streams: Mapping[str, tuple[str, float]] | None = None, buffer_plan: bool | None = None):
-        op_streams = None
-        if streams is not None:
-            graph, op_streams = order_for_streams(graph, streams)
+                 schedule: Mapping[str, Any] | None = None, buffer_plan: bool | None = None):
+        op_streams, events = None, []
+        if schedule is not None:
+            graph, op_streams, events = issued(graph, schedule)
         super().__init__(graph, device, on_op)
         self.counts: Counter = Counter()
         if use_kernels:
@@ -305,7 +291,7 @@ class KernelExecutor(ReferenceExecutor):
         if buffer_plan:
             self._plan_buffers(op_streams if multi else None)
         if multi:
-            self._use_streams(op_streams)
+            self._use_streams(op_streams, events)
 
     def _plan_buffers(self, op_streams: list[str] | None) -> None:
         """Wrap every op that can write into a planned buffer (a launcher, an ATen op with ``out=``)."""
@@ -337,22 +323,22 @@ class KernelExecutor(ReferenceExecutor):
         latest plan, and per op how many results were placed or allocated."""
         return None if self._arena is None else self._arena.stats()
 
-    def _use_streams(self, op_streams: list[str]) -> None:
-        producer = {r: i for i, (op, *_) in enumerate(self._steps) for r in op.results}
-        event_of: dict[int, int] = {}
-        waits: list[set[int]] = [set() for _ in self._steps]
+    def _use_streams(self, op_streams: list[str], events: list[dict[str, Any]]) -> None:
+        """Each op on its stream: it records the compiled events it produces, waits for those its
+        stream needs, and marks its results as used by the streams that wait for them."""
+        waits: list[list[int]] = [[] for _ in self._steps]
+        records: list[list[int]] = [[] for _ in self._steps]
         used_on: list[set[str]] = [set() for _ in self._steps]
-        for i, (op, *_) in enumerate(self._steps):
-            for v in op.operands:
-                j = producer.get(v)
-                if j is not None and op_streams[j] != op_streams[i]:
-                    waits[i].add(event_of.setdefault(j, len(event_of)))
-                    used_on[j].add(op_streams[i])
-        self._streams = _Streams(set(op_streams), len(event_of), self.device)
-        self._steps = [(op, _OnStream(opdef, self._streams, op_streams[i], sorted(waits[i]), event_of.get(i),
+        for e in events:
+            records[e["producer"]].append(e["id"])
+            used_on[e["producer"]].add(e["wait_stream"])
+            for c in e["consumers"]:
+                waits[c].append(e["id"])
+        self._streams = _Streams(set(op_streams), len(events), self.device)
+        self._steps = [(op, _OnStream(opdef, self._streams, op_streams[i], sorted(set(waits[i])), records[i],
                                       sorted(used_on[i])), args, kwargs)
                        for i, (op, opdef, args, kwargs) in enumerate(self._steps)]
-        self.stream_events = len(event_of)
+        self.stream_events = len(events)
 
     def run(self, inputs: Mapping[str, Any], params: Mapping[str, torch.Tensor],
             state: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:

@@ -12,10 +12,11 @@ from typer.testing import CliRunner
 
 import ds4c
 from ds4c.artifact.artifact import read_artifact
-from ds4c.backends.cuda.executor import order_for_streams, stream_assignment
+from ds4c.backends.cuda.executor import issued
 from ds4c.backends.reference import ReferenceExecutor
 from ds4c.cli import app
 from ds4c.errors import ArtifactError
+from ds4c.passes.schedule_streams import check_schedule
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +30,17 @@ def test_schedule_is_stored_for_the_lowered_graph_and_orders_it(fp8_artifact):
     assert sched["makespan_s"] < sched["single_stream_makespan_s"] and sched["ops_per_stream"]["aux"] > 0
     schedule = json.loads(container.read_bytes(sched["member"]))
     stored = program.graphs["decode"]
-    assignment = stream_assignment(stored, schedule)
-    # the schedule covers the lowered graph the kernels run: every op is scheduled, none added at load
-    assert len(assignment) == sum(bool(op.results) for op in stored.ops)
     assert any(op.name == "linear.packed" for op in stored.ops)
     weights = ds4c.load(fp8_artifact, backend="reference").weights
-    ordered, streams = order_for_streams(stored, assignment)
+    # the schedule covers the lowered graph the kernels run: every op is scheduled, none added at load
+    ordered, streams, events = issued(stored, schedule)
+    assert len(schedule["issue"]) == len(stored.ops) and check_schedule(stored, schedule) == []
     assert sorted(map(id, ordered.ops)) == sorted(map(id, stored.ops))
-    assert "aux" in streams and len(streams) == len(ordered.ops)
+    assert "aux" in streams and len(streams) == len(ordered.ops) and events
+    # the runtime's events are the compiled ones: each waits on a producer issued earlier, on another stream
+    for e in events:
+        assert all(e["producer"] < c and streams[c] == e["wait_stream"] != streams[e["producer"]]
+                   for c in e["consumers"])
     # issue order is topological: every operand is an input or produced earlier
     known = {gi.value for gi in ordered.inputs}
     for op in ordered.ops:
