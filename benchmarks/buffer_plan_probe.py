@@ -4,7 +4,7 @@ kernels the graph replays (device time per kernel name, with and without the pla
 
     PYTHONPATH=. python benchmarks/buffer_plan_probe.py --preset flash-slice --out probe.json
 
-Loads the same artifact (bf16 by default) with ``DS4C_BUFFER_PLAN`` 1 and 0 (kernels backend,
+Loads the same artifact (bf16 by default) with ``buffer_plan`` True and False (kernels backend,
 stream schedule on unless ``--one-stream``), prefills ``--prompt`` tokens, then captures the
 decode step under ``torch.cuda.memory._record_memory_history`` and profiles ``--replays`` replays.
 """
@@ -16,7 +16,6 @@ import json
 import os
 import time
 from typing import Any
-from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -69,42 +68,41 @@ def main() -> None:
                            "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
     kernels: dict[str, dict[str, float]] = {}
     for plan in ("1", "0"):
-        with mock.patch.dict(os.environ, {"DS4C_BUFFER_PLAN": plan}):
-            model = ds4c.load(path, device=dev, weights=params, progress=False, backend="kernels",
-                              streams=not args.one_stream)
-            logits, state = model.prefill(prompt)
-            tok = logits[:, -1].argmax(-1, keepdim=True)
-            del logits
-            torch.cuda.synchronize()
-            held = torch.cuda.memory_allocated(dev)
-            torch.cuda.memory._record_memory_history(max_entries=200000)
-            start = len(torch.cuda.memory._snapshot()["device_traces"][0])
-            _, st = model._decode(tok, args.prompt, state)
-            torch.cuda.synchronize()
-            snap = torch.cuda.memory._snapshot()
-            torch.cuda.memory._record_memory_history(enabled=None)
-            live = _live_allocations(snap, start)
-            row: dict[str, Any] = {"capture_allocated_bytes": torch.cuda.memory_allocated(dev) - held,
-                                   "live_allocations": len(live), "live_bytes": sum(r["bytes"] for r in live),
-                                   "largest": live[:12]}
-            graphed = model._graphed[1]
-            for _ in range(3):
+        model = ds4c.load(path, device=dev, weights=params, progress=False, backend="kernels",
+                          streams=not args.one_stream, buffer_plan=plan == "1")
+        logits, state = model.prefill(prompt)
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        del logits
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated(dev)
+        torch.cuda.memory._record_memory_history(max_entries=200000)
+        start = len(torch.cuda.memory._snapshot()["device_traces"][0])
+        _, st = model._decode(tok, args.prompt, state)
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        live = _live_allocations(snap, start)
+        row: dict[str, Any] = {"capture_allocated_bytes": torch.cuda.memory_allocated(dev) - held,
+                               "live_allocations": len(live), "live_bytes": sum(r["bytes"] for r in live),
+                               "largest": live[:12]}
+        graphed = model._graphed[1]
+        for _ in range(3):
+            graphed.graph.replay()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.replays):
                 graphed.graph.replay()
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(args.replays):
-                    graphed.graph.replay()
-                torch.cuda.synchronize()
-            rows = kernel_rows(prof)
-            kernels[plan] = {r["name"]: r["total_us"] / args.replays for r in rows}
-            row["kernel_us_per_step"] = sum(kernels[plan].values())
-            row["kernel_count"] = sum(r["calls"] for r in rows) / args.replays
-            res[f"plan={plan}"] = row
-            print(plan, json.dumps({k: v for k, v in row.items() if k != "largest"}), flush=True)
-            for r in live[:8]:
-                print("   ", r["bytes"], " <- ".join(r["frames"][:4]), flush=True)
-            del model, state, st, graphed
-            torch.cuda.empty_cache()
+        rows = kernel_rows(prof)
+        kernels[plan] = {r["name"]: r["total_us"] / args.replays for r in rows}
+        row["kernel_us_per_step"] = sum(kernels[plan].values())
+        row["kernel_count"] = sum(r["calls"] for r in rows) / args.replays
+        res[f"plan={plan}"] = row
+        print(plan, json.dumps({k: v for k, v in row.items() if k != "largest"}), flush=True)
+        for r in live[:8]:
+            print("   ", r["bytes"], " <- ".join(r["frames"][:4]), flush=True)
+        del model, state, st, graphed
+        torch.cuda.empty_cache()
     names = set(kernels["1"]) | set(kernels["0"])
     diff = sorted(((kernels["1"].get(n, 0.0) - kernels["0"].get(n, 0.0), n) for n in names), key=lambda d: -abs(d[0]))
     res["kernel_us_with_minus_without"] = [{"name": n, "us": d, "with": kernels["1"].get(n, 0.0),

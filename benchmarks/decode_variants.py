@@ -31,7 +31,7 @@ prefill:
 - ``compiled-combo``: ``compiled`` with Inductor's combo kernels (``DS4C_INDUCTOR_COMBO=1``:
   independent glue kernels share a launch).
 - ``kernels+streams-noplan`` / ``kernels-noplan``: the kernels backend without its static buffer
-  plan (``DS4C_BUFFER_PLAN=0``: every result allocated by the caching allocator, inside the CUDA
+  plan (``ds4c.load(buffer_plan=False)``: every result allocated by the caching allocator, inside the CUDA
   graph from its pool), to measure what the plan costs or saves in time and in the bytes the
   capture holds (``capture_allocated_bytes``).
 
@@ -61,8 +61,10 @@ VARIANTS = {"kernels+streams": ("kernels", True, {}), "kernels": ("kernels", Fal
             "compiled-rowloop0": ("compiled", False, {}), "compiled-topk0": ("compiled", False, {}),
             "compiled-nonormrope": ("compiled", False, {}),
             "compiled-combo": ("compiled", False, {"DS4C_INDUCTOR_COMBO": "1"}),
-            "kernels+streams-noplan": ("kernels", True, {"DS4C_BUFFER_PLAN": "0"}),
-            "kernels-noplan": ("kernels", False, {"DS4C_BUFFER_PLAN": "0"})}
+            "kernels+streams-noplan": ("kernels", True, {}),
+            "kernels-noplan": ("kernels", False, {})}
+# name -> ds4c.load options of the variant
+LOAD_OPTIONS = {"kernels+streams-noplan": {"buffer_plan": False}, "kernels-noplan": {"buffer_plan": False}}
 # name -> lowering options the variant's program is compiled with (a program of its own)
 LOWERING = {"compiled-nomergepacked": {"merge_packed": False}, "compiled-nonormrope": {"fuse_norm_rope": False}}
 # name -> tuning table applied after loading (model.tuning), as ``ds4c tune`` would
@@ -143,7 +145,7 @@ def main() -> None:
                 if name in LOWERING:  # a program of its own, compiled with the variant's lowering options
                     path = compiled(LOWERING[name])[0]
                 model = ds4c.load(path, device=dev, weights=params, progress=False, backend=backend,
-                                  streams=streams)
+                                  streams=streams, **LOAD_OPTIONS.get(name, {}))
                 if name in TUNING:
                     base = dict(model.tuning or {})
                     model.tuning = {**base, **{f: {**base.get(f, {}), **v} for f, v in TUNING[name].items()}}

@@ -250,7 +250,8 @@ def compile(
 def plan_sections(program: Program, members: dict[str, bytes]) -> dict[str, Any]:
     """Manifest summaries of ``plan_memory`` and ``schedule_streams`` per entry point; the whole
     plans go into ``members`` as ``plans/<entry>.memory.json`` / ``plans/<entry>.schedule.json``
-    (the runtime reads the schedule; ``ds4c inspect`` and the notebooks the rest)."""
+    (the GPU runtime runs the schedule and places activations by the memory plan; ``ds4c inspect``
+    and the notebooks show them)."""
     import json
 
     out: dict[str, Any] = {}
@@ -265,6 +266,11 @@ def plan_sections(program: Program, members: dict[str, bytes]) -> dict[str, Any]
                                                     "device_bytes", "target_hbm_bytes", "fits")}
                 summary["weights"] = {k: v for k, v in (plan.get("weights") or {}).items() if k != "prefetch"}
                 summary["state_bytes"] = (plan.get("state") or {}).get("by_kind")
+                # the GPU runtime's arena at the plan's sizes (graph outputs are not placed in it)
+                placed = [b for b in plan.get("buffers", []) if b.get("placed_offset") is not None]
+                summary["runtime_arena"] = {"bytes": plan.get("placed_arena_bytes"), "buffers": len(placed),
+                                            "bytes_apart": sum(int(b["size"]) for b in placed),
+                                            "order": plan.get("order", "graph")}
             else:
                 streams = [s for s, *_ in plan["ops"]]
                 summary = {"makespan_s": plan["makespan"], "single_stream_makespan_s": plan["single_stream_makespan"],

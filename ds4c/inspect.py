@@ -136,26 +136,23 @@ def lowering_line(manifest: dict[str, Any], program: Program) -> str:
 
 
 def runtime_buffer_plan_line(manifest: dict[str, Any], graphs: dict[str, Graph]) -> str:
-    """The kernels backend's static buffer plan (``ds4c.backends.cuda.buffer_plan``) of each entry
-    point of ``graphs`` (the artifact's lowered program) at the compile-time plan's sizes, computed on meta
-    tensors: the arena the GPU runtime will allocate for the results it places (one stream; the
-    stream schedule may need more)."""
-    from ds4c.backends.cuda.executor import KernelExecutor
-
+    """The GPU runtime's arena per entry point, as the artifact's memory plan gives it at the plan's
+    sizes (``placed_arena_bytes``: graph outputs left out; the runtime evaluates the same plan at each
+    call's sizes and places the results its ops can write into a given buffer)."""
     plans = manifest.get("memory_plan") or {}
     parts = []
-    for name, g in graphs.items():
-        sizes = (plans.get(name) or {}).get("sizes")
-        if sizes is None:
+    for name in graphs:
+        section = plans.get(name) or {}
+        arena = section.get("runtime_arena") or {}
+        if arena.get("bytes") is None:
             continue
-        plan = KernelExecutor(g, "meta", buffer_plan=True).buffer_plan(sizes)
-        binding = ", ".join(f"{k}={v}" for k, v in sorted(sizes.items()))
-        parts.append(f"@{name} ({binding}) {_size(plan.arena_bytes)} for {plan.placed} results "
-                     f"({_size(plan.placed_bytes)} apart)")
+        binding = ", ".join(f"{k}={v}" for k, v in sorted(section["sizes"].items()))
+        parts.append(f"@{name} ({binding}) {_size(arena['bytes'])} for {arena['buffers']} results "
+                     f"({_size(arena['bytes_apart'])} apart; packed for the {arena['order']} order)")
     if not parts:
         return ""
-    return "[bold]GPU activations[/] (kernels backend, planned at load per shape; here at the plan's sizes): " + \
-        "; ".join(parts)
+    return "[bold]GPU activations[/] (the compiled plan, evaluated by the runtime at each call's sizes; here at " \
+        "the plan's): " + "; ".join(parts)
 
 
 def _size(n: int) -> str:

@@ -8,7 +8,8 @@ live to step ``n``; a result nobody reads lives over ``[i, i]``.
 Graph inputs (``input``, ``param``, ``state``, ``const``) are not activation buffers: the runtime
 owns them. Ops that return a view of an input (``VIEW_OPS``: view, reshape, expand, slice, select,
 permute, transpose, unsqueeze, split, ...) get no buffer of their own: they share the buffer of
-their source and extend its live range; a view of a graph input is no buffer at all.
+their source and extend its live range; a view of a graph input is no buffer at all. So do ATen
+ops whose schema lets them return an input (``contiguous``, ``to``: ``may_return_input``).
 
 Byte sizes of symbolic dims are evaluated at one binding of the symbols (``plan_binding``):
 ``ctx.options['plan_sizes']`` when given (``{'B': 1, 'S': 4096}``); otherwise ``B`` =
@@ -41,6 +42,21 @@ VIEW_OPS = frozenset({
 def is_view_op(name: str) -> bool:
     parts = name.split(".")
     return len(parts) == 3 and parts[0] == "aten" and parts[1] in VIEW_OPS
+
+
+def may_return_input(name: str) -> bool:
+    """Whether an op's result may share bytes with an operand: a view op, or an ATen op whose
+    schema lets a result alias an input (``contiguous``, ``to``: they return the input itself when
+    there is nothing to do). Liveness treats such a result as a view: if it is a fresh tensor after
+    all, its op allocates it (no ``out=`` form exists for it), and the source stays live as long."""
+    if is_view_op(name):
+        return True
+    if not name.startswith("aten."):
+        return False
+    from ds4c.ir.registry import get_op
+
+    schema = getattr(get_op(name), "schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
 
 
 def plan_binding(graph: Graph, options: dict[str, Any] | None = None,
@@ -141,7 +157,7 @@ def analyze_liveness(graph: Graph, sizes: dict[str, int], assumed: list[str] | N
     root_of: dict[Value, Value | None] = {}  # every tensor op result -> the value owning its bytes (None: an input)
     buffers: dict[Value, Buffer] = {}
     for i, op in enumerate(graph.ops):
-        view = is_view_op(op.name)
+        view = may_return_input(op.name)
         source = next((v for v in op.operands if isinstance(v.type, TensorType | ListType)), None) if view else None
         for r in op.results:
             if evaluator.nbytes(r.type) is None:

@@ -167,6 +167,49 @@ def pack_arena(buffers: list[Buffer], alignment: int = ALIGNMENT, *, effort: int
     return [best[0][k] for k in idx], align_up(best[1], alignment)
 
 
+def placement_order(buffers: list[Buffer], outputs: list[bool], alignment: int = ALIGNMENT, *,
+                    effort: int = 20000) -> tuple[list[int | None], list[list[int]], int]:
+    """The arena of the GPU runtime, in a form that holds at any sizes: the buffers that are not
+    graph outputs (the runtime hands outputs to the caller; they are not placed) packed on their
+    own, and per buffer the buffers it conflicts with (live at the same step) and sits above.
+    The runtime evaluates it at the sizes of each call (``evaluate_placement``): a buffer starts
+    where the highest of those ends, so buffers live at once never share bytes, whatever B and S
+    are. Returns (offset per buffer at these sizes, None for outputs; ``below`` lists; arena bytes)."""
+    idx = [k for k in range(len(buffers)) if not outputs[k]]
+    packed, arena = pack_arena([buffers[k] for k in idx], alignment, effort=effort)
+    offsets: list[int | None] = [None] * len(buffers)
+    for k, off in zip(idx, packed, strict=True):
+        offsets[k] = off
+    below: list[list[int]] = [[] for _ in buffers]
+    active: list[int] = []
+    for k in sorted(idx, key=lambda k: buffers[k].start):
+        b = buffers[k]
+        active = [p for p in active if buffers[p].end >= b.start]
+        for p in active:  # live at the same step: the one placed lower is below the other
+            lo, hi = (p, k) if offsets[p] < offsets[k] else (k, p)
+            below[hi].append(lo)
+        active.append(k)
+    return offsets, [sorted(x) for x in below], arena
+
+
+def evaluate_placement(sizes: list[int | None], below: list[list[int]], order: list[int],
+                       alignment: int = ALIGNMENT) -> tuple[list[int | None], int]:
+    """Offsets and arena bytes of a ``placement_order`` at concrete buffer sizes (None: not placed).
+    ``order`` lists the buffers from the lowest compiled offset up (a topological order of ``below``)."""
+    offsets: list[int | None] = [None] * len(sizes)
+    top = 0
+    for k in order:
+        if sizes[k] is None:
+            continue
+        off = 0
+        for p in below[k]:
+            if offsets[p] is not None:
+                off = max(off, offsets[p] + align_up(max(sizes[p] or 0, 1), alignment))
+        offsets[k] = off
+        top = max(top, off + align_up(max(sizes[k], 1), alignment))
+    return offsets, align_up(top, alignment)
+
+
 def _aligned_live_bytes(live: Liveness, alignment: int) -> list[int]:
     delta = [0] * (live.num_steps + 1)
     for b in live.buffers:
@@ -184,6 +227,8 @@ def plan_arena(graph: Graph, sizes: dict[str, int], assumed: list[str] | None = 
     """The arena part of a memory plan (JSON-able)."""
     live = analyze_liveness(graph, sizes, assumed)
     offsets, arena = pack_arena(live.buffers, alignment)
+    outputs = [b.end >= len(graph.ops) for b in live.buffers]
+    placed, below, placed_arena = placement_order(live.buffers, outputs, alignment)
     per_step = live.live_bytes()
     aligned = _aligned_live_bytes(live, alignment)
     peak = max(per_step, default=0)
@@ -196,8 +241,12 @@ def plan_arena(graph: Graph, sizes: dict[str, int], assumed: list[str] | None = 
         "peak_live_aligned_bytes": max(aligned, default=0),
         "peak_step": per_step.index(peak) if per_step else 0,
         "live_bytes": per_step,  # per step: ops 0..n-1, then the return
+        # the GPU runtime's arena (graph outputs left out), evaluated at each call's sizes
+        "placed_arena_bytes": placed_arena,
         "buffers": [{"value": b.root, "values": list(b.values), "op": b.op, "start": b.start, "end": b.end,
-                     "size": b.size, "offset": off} for b, off in zip(live.buffers, offsets, strict=True)],
+                     "size": b.size, "offset": off, "output": out, "placed_offset": po, "below": bl}
+                    for b, off, out, po, bl in zip(live.buffers, offsets, outputs, placed, below, strict=True)],
+        "order": "graph",  # the op order the steps and ``below`` refer to (schedule_streams: "issue")
         "views_of_inputs": sorted(v for v, r in live.alias_of.items() if r is None),
     }
 
@@ -517,11 +566,16 @@ def _schema_aliases(op_name: str, result_index: int) -> bool:
     return ret.alias_info is not None and not ret.alias_info.is_write
 
 
-def check_plan(graph: Graph, plan: Mapping[str, Any]) -> list[str]:
+def check_plan(graph: Graph, plan: Mapping[str, Any], schedule: Mapping[str, Any] | None = None) -> list[str]:
     """Problems of ``plan`` for ``graph`` (empty: valid). Independent of the planner: recomputes live
     ranges from the ops, accepts shared buffers only where torch's schema says the op returns a view,
-    and checks that no two buffers live at the same step overlap in the arena and all fit in it."""
+    and checks that no two buffers live at the same step overlap in the arena and all fit in it.
+    A plan re-packed for a stream schedule (``order: issue``) is checked against ``schedule``: two
+    buffers may share bytes only if every op touching one happens before (stream order, events)
+    the op writing the other."""
     problems: list[str] = []
+    if plan.get("order") == "issue" and schedule is None:
+        return ["the plan is packed for a stream schedule's issue order: check it with that schedule"]
     sizes = dict(plan["sizes"])
     n = len(graph.ops)
     alignment = int(plan.get("alignment", 1))
@@ -607,6 +661,8 @@ def check_plan(graph: Graph, plan: Mapping[str, Any]) -> list[str]:
                             f"its uses [{start}, {end}]")
         intervals.append((start, end, off, max(size, need), root))
 
+    if plan.get("order") == "issue":
+        return problems + _check_issue_order(graph, plan, schedule, last)
     # sweep over steps: buffers live at the same step must not overlap in the arena
     intervals.sort()
     active: list[tuple[int, int, int, int, str]] = []
@@ -617,5 +673,53 @@ def check_plan(graph: Graph, plan: Mapping[str, Any]) -> list[str]:
                 problems.append(f"buffers %{a[4]} [{a[2]}, {a[2] + a[3]}) and %{cur[4]} [{cur[2]}, "
                                 f"{cur[2] + cur[3]}) overlap while both live (steps {max(a[0], cur[0])}.."
                                 f"{min(a[1], cur[1])})")
+        active.append(cur)
+    return problems
+
+
+def _check_issue_order(graph: Graph, plan: Mapping[str, Any], schedule: Mapping[str, Any],
+                       last: Mapping[str, int]) -> list[str]:
+    """``check_plan`` for a plan packed for ``schedule``: buffers overlapping in bytes must be
+    ordered, all users of one before the writer of the other."""
+    n = len(graph.ops)
+    issue = [int(u) for u in schedule["issue"]]
+    stream = [str(row[0]) for row in schedule["ops"]]
+    waits: dict[int, list[int]] = {}
+    for e in schedule.get("events", []):
+        for c in e["consumers"]:
+            waits.setdefault(int(c), []).append(int(e["producer"]))
+    before: dict[int, int] = {}  # op -> bit set of ops done before it starts
+    last_on: dict[str, int] = {}
+    for u in issue:
+        bits = 0
+        if stream[u] in last_on:
+            p = last_on[stream[u]]
+            bits |= before[p] | (1 << p)
+        for p in waits.get(u, []):
+            bits |= before[p] | (1 << p)
+        before[u], last_on[stream[u]] = bits, u
+    readers: dict[str, int] = {}
+    for i, op in enumerate(graph.ops):
+        for v in op.operands:
+            readers[v.name] = readers.get(v.name, 0) | (1 << i)
+    rows = []  # (offset, end byte, writer op, touchers, is output, root)
+    for b in plan["buffers"]:
+        touch = 1 << int(b["op"])
+        for v in b["values"]:
+            touch |= readers.get(v, 0)
+        output = any(last.get(v, -1) >= n for v in b["values"])
+        rows.append((int(b["offset"]), int(b["offset"]) + max(int(b["size"]), 1), int(b["op"]), touch, output,
+                     b["values"][0]))
+    rows.sort()
+    problems: list[str] = []
+    active: list[tuple] = []
+    for cur in rows:
+        active = [a for a in active if a[1] > cur[0]]
+        for a in active:
+            a_first = not a[4] and before[cur[2]] & a[3] == a[3]
+            c_first = not cur[4] and before[a[2]] & cur[3] == cur[3]
+            if not (a_first or c_first):
+                problems.append(f"buffers %{a[5]} and %{cur[5]} share bytes [{max(a[0], cur[0])}, "
+                                f"{min(a[1], cur[1])}) but neither's users all happen before the other's writer")
         active.append(cur)
     return problems

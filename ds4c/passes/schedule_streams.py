@@ -261,8 +261,8 @@ def schedule_graph(graph: Graph, cost_model: CostModel, memory_plan: Mapping[str
             events.append(by_key[key])
         by_key[key]["consumers"].append(v)
     makespan = max(end, default=0.0)
-    if memory_plan is not None and not single_stream:
-        _repack_for_concurrency(graph, memory_plan, start, end, makespan)
+    if memory_plan is not None:
+        _plan_for_issue_order(graph, memory_plan, issue, streams, events)
     return {
         "streams": list(STREAMS),
         "ops": [[streams[i], start[i], end[i]] for i in range(len(costs))],
@@ -276,44 +276,95 @@ def schedule_graph(graph: Graph, cost_model: CostModel, memory_plan: Mapping[str
     }
 
 
-def buffer_times(graph: Graph, plan: Mapping[str, Any], start: Mapping[int, float] | list[float],
-                 end: Mapping[int, float] | list[float]) -> list[tuple[float, float]]:
-    """Per plan buffer, the half-open time interval it is in use in a schedule: from its writer's
-    start to the end of its last reader (graph outputs: forever)."""
-    readers: dict[str, list[int]] = {}
+def _happens_before(n: int, at: list[int], streams: list[str], events: list[dict[str, Any]]) -> list[int]:
+    """Per op in issue order, a bit set of the issue positions that complete before it starts: the
+    earlier ops of its stream and, through each event it waits for, its producer and what that
+    producer waited for. ``at`` maps op index -> issue position."""
+    waits: list[list[int]] = [[] for _ in range(n)]
+    for e in events:
+        for c in e["consumers"]:
+            waits[at[int(c)]].append(at[int(e["producer"])])
+    by_pos = [""] * n
+    for u, k in enumerate(at):
+        by_pos[k] = streams[u]
+    last_on: dict[str, int] = {}
+    before: list[int] = []
+    for k in range(n):
+        bits = 0
+        prev = last_on.get(by_pos[k])
+        if prev is not None:
+            bits |= before[prev] | (1 << prev)
+        for j in waits[k]:
+            bits |= before[j] | (1 << j)
+        before.append(bits)
+        last_on[by_pos[k]] = k
+    return before
+
+
+def _concurrent_end(touchers: int, start: int, before: list[int], by_stream: list[list[int]]) -> int:
+    """The last issue position not ordered after every op in ``touchers`` (a bit set): along a
+    stream the set of ops before an op only grows, so per stream a binary search finds it."""
+    import bisect
+
+    end = start
+    for order in by_stream:
+        lo, hi = bisect.bisect_right(order, start), len(order)
+        while lo < hi:  # first op of this stream after ``start`` that all touchers precede
+            mid = (lo + hi) // 2
+            if before[order[mid]] & touchers == touchers:
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo > 0:
+            end = max(end, order[lo - 1])
+    return end
+
+
+def _plan_for_issue_order(graph: Graph, plan: dict[str, Any], issue: list[int], streams: list[str],
+                          events: list[dict[str, Any]]) -> None:
+    """Re-pack ``plan_memory``'s arena, in place, for the program as the GPU runtime runs it: ops in
+    ``issue`` order on their streams. A buffer is live from its writer's issue position to the last
+    position not ordered (by stream order and events) after every op that touches it, so bytes are
+    reused only by an op that all earlier users of them happen before: sound on real streams, not
+    only in the modelled timeline. ``placement_order`` is recomputed for these intervals."""
+    from ds4c.passes.liveness import Buffer
+    from ds4c.passes.plan_memory import pack_arena, placement_order
+
+    n = len(graph.ops)
+    at = [0] * n
+    for k, u in enumerate(issue):
+        at[u] = k
+    before = _happens_before(n, at, streams, events)
+    by_stream: dict[str, list[int]] = {}
+    for k, u in enumerate(issue):
+        by_stream.setdefault(streams[u], []).append(k)
+    readers: dict[str, int] = {}
     for i, op in enumerate(graph.ops):
         for v in op.operands:
-            readers.setdefault(v.name, []).append(i)
-    outputs = {v.name for v in graph.output_values()}
-    times = []
+            readers[v.name] = readers.get(v.name, 0) | (1 << at[i])
+    buffers, outputs = [], []
     for b in plan["buffers"]:
-        t0 = start[b["op"]]
-        t1 = max([end[b["op"]]] + [end[r] for v in b["values"] for r in readers.get(v, [])])
-        if any(v in outputs for v in b["values"]):
-            t1 = math.inf
-        times.append((t0, max(t1, t0 + 1e-15)))
-    return times
-
-
-def _repack_for_concurrency(graph: Graph, plan: dict[str, Any], start: list[float], end: list[float],
-                            makespan: float) -> None:
-    """Buffers that are in use at the same time of the schedule must not share bytes, whatever
-    program order says: re-pack the arena with both conflicts, in place (the plan stays valid for
-    sequential execution too)."""
-    from ds4c.passes.liveness import Buffer
-    from ds4c.passes.plan_memory import pack_arena
-
-    buffers = [Buffer(b["value"], b["values"], b["start"], b["end"], b["size"], b["op"]) for b in plan["buffers"]]
-    offsets, arena = pack_arena(buffers, int(plan["alignment"]), effort=5000,
-                                times=buffer_times(graph, plan, start, end))
+        start = at[b["op"]]
+        touchers = 1 << start
+        for v in b["values"]:
+            touchers |= readers.get(v, 0)
+        output = bool(b.get("output")) or b["end"] >= n
+        end = n if output else _concurrent_end(touchers, max(start, touchers.bit_length() - 1), before,
+                                               list(by_stream.values()))
+        buffers.append(Buffer(b["value"], b["values"], start, end, b["size"], b["op"]))
+        outputs.append(output)
+    offsets, arena = pack_arena(buffers, int(plan["alignment"]), effort=5000)
+    placed, below, placed_arena = placement_order(buffers, outputs, int(plan["alignment"]), effort=5000)
+    plan["placed_arena_bytes"] = placed_arena
     plan.setdefault("arena_bytes_sequential", plan["arena_bytes"])
     if "device_bytes" in plan:
         plan["device_bytes"] += arena - plan["arena_bytes"]
     plan["arena_bytes"] = arena
     if plan.get("target_hbm_bytes"):
         plan["fits"] = plan["device_bytes"] <= plan["target_hbm_bytes"]
-    for b, off in zip(plan["buffers"], offsets, strict=True):
-        b["offset"] = off
+    for b, buf, off, out, po, bl in zip(plan["buffers"], buffers, offsets, outputs, placed, below, strict=True):
+        b.update(offset=off, output=out, placed_offset=po, below=bl, issued=[buf.start, buf.end])
+    plan["order"] = "issue"
     plan["packed_for"] = "schedule_streams"
 
 

@@ -40,7 +40,7 @@ class CompiledModel:
 
     def __init__(self, manifest: dict[str, Any], program: Program, weights: dict[str, torch.Tensor],
                  device: torch.device, backend: str = "auto", cuda_graphs: bool = True, container: Any = None,
-                 streams: bool = True, trust: Any = None):
+                 streams: bool = True, trust: Any = None, buffer_plan: bool = True):
         self.manifest = manifest
         # whether the artifact's native code may run (ds4c.artifact.signing.Trust; None: untrusted)
         self.trust = trust
@@ -69,7 +69,10 @@ class CompiledModel:
         if self.host_weights:
             program = Program({name: _prefetch_to(g, device) for name, g in program.graphs.items()}, program.attrs)
             self.program = program
-        self._plans = _stream_plans(manifest, container, stored_graphs) if streams and self.backend == "kernels" else {}
+        self.streams, self.buffer_plan = streams, buffer_plan
+        # the compiled stream schedules and memory plans the kernel executor runs (nothing planned here)
+        self._plans = _stream_plans(manifest, container, stored_graphs) if self.backend == "kernels" else {}
+        self._memory_plans = _memory_plans(manifest, container, stored_graphs) if self.backend == "kernels" else {}
         self.container = container  # the artifact's members (tokenizer, NPU library)
         self._executors = {name: self._make_executor(name, g) for name, g in program.graphs.items()}
         # decode steps captured as CUDA graphs, per batch size (state updated in place)
@@ -89,7 +92,8 @@ class CompiledModel:
         if self.backend == "kernels":
             from ds4c.backends.cuda.executor import KernelExecutor
 
-            return KernelExecutor(g, self.device, schedule=self._plans.get(name))
+            return KernelExecutor(g, self.device, schedule=self._plans.get(name), memory_plan=self._memory_plans.get(name),
+                                  streams=self.streams, buffer_plan=self.buffer_plan)
         if self.backend == "npu":  # NPU ops through the TVM host build (ds4c.backends.npu.executor)
             from ds4c.backends.npu.executor import NpuExecutor, load_library
 
@@ -374,6 +378,27 @@ def _stream_plans(manifest: dict[str, Any], container: Any, graphs: dict[str, An
     return out
 
 
+def _memory_plans(manifest: dict[str, Any], container: Any, graphs: dict[str, Any]) -> dict[str, Any]:
+    """Per entry point, the artifact's memory plan (``plans/<entry>.memory.json``), whose offsets the
+    kernel executor evaluates at each call's sizes; empty where none was made."""
+    import json
+
+    out = {}
+    for name, section in (manifest.get("memory_plan") or {}).items():
+        if container is None or name not in graphs:
+            continue
+        plan = json.loads(container.read_bytes(section["member"]))
+        if "below" not in next(iter(plan.get("buffers") or [{"below": []}])):
+            continue  # an artifact of an older ds4c: its plan has no placement order; results are allocated
+        made = {r.name for op in graphs[name].ops for r in op.results}
+        missing = [b["value"] for b in plan.get("buffers", []) if b["value"] not in made]
+        if missing:
+            raise ArtifactError(f"{section['member']}: the memory plan places %{missing[0]}, which graph @{name} does "
+                                "not make; the artifact is inconsistent — recompile it")
+        out[name] = plan
+    return out
+
+
 BACKENDS = ("auto", "kernels", "compiled", "npu", "reference")
 
 
@@ -424,7 +449,7 @@ def _pick_backend(backend: str, device: torch.device, manifest: dict[str, Any] |
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progress: bool | None = None,
-         backend: str = "auto", cuda_graphs: bool = True, streams: bool = True,
+         backend: str = "auto", cuda_graphs: bool = True, streams: bool = True, buffer_plan: bool = True,
          weights: dict[str, torch.Tensor] | None = None,
          tuning: bool | str | os.PathLike = True, trust_binaries: bool = False,
          weights_from: str | os.PathLike | None = None) -> CompiledModel:
@@ -436,7 +461,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
     functional simulator; default for such artifacts on CPU), ``reference`` (every op's PyTorch reference; default on CPU) or ``auto``. ``cuda_graphs``: capture decode steps as
     CUDA graphs (CUDA only). ``streams``: the kernels backend runs the compiler's stream schedule
     (``schedule_streams``: main / aux / copy CUDA streams with events, inside the decode graph);
-    False runs the same ops in the same order on one stream. ``weights``: tensors to use instead of the artifact's (same names and
+    False runs the same ops in the same order on one stream. ``buffer_plan``: the kernels backend
+    places activations at the offsets of the artifact's memory plan (evaluated at each call's
+    sizes); False lets every op allocate its results (A/B measurement). ``weights``: tensors to use instead of the artifact's (same names and
     shapes, e.g. a transformers model's parameters, shared without copying; the manifest's weight
     transforms still apply, e.g. concatenations of merged linears take memory of their own). ``tuning``: on CUDA with a
     kernel backend, apply the tuning file ``ds4c tune`` wrote beside the artifact when it was
@@ -497,7 +524,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
         if tuple(t.shape) != shape:
             raise ArtifactError(f"{path}: weight '{k}' has shape {list(t.shape)}, the program expects {list(shape)}")
     model = CompiledModel(manifest, program, weights, device, backend=backend, cuda_graphs=cuda_graphs,
-                          container=container, streams=streams, trust=trust)
+                          container=container, streams=streams, trust=trust, buffer_plan=buffer_plan)
     if tuning and model.backend in ("kernels", "compiled") and device.type == "cuda":
         from ds4c.backends.cuda.autotune import load_tuning
 

@@ -53,7 +53,7 @@ def test_inspect_lists_layers_weights_and_state(tiny):
     assert "lowering lower_packed_weights -> fuse_norm_rope -> merge_sibling_linears" in flat, flat
     assert "rms_norm.rope×" in flat and "moe.packed×" in flat, flat
     # the GPU runtime's static buffer plan, predicted on meta tensors at the compile plan's sizes
-    assert "GPU activations (kernels backend, planned at load per shape; here at the plan's sizes): @prefill (B=1, S=128)" in flat, flat
+    assert "GPU activations (the compiled plan, evaluated by the runtime at each call's sizes; here at the plan's): @prefill (B=1, S=128)" in flat, flat
     assert "@decode (B=1, S=128)" in flat and "results (" in flat
 
 

@@ -27,6 +27,7 @@ def schedule(graph, target=None, **options):
 def test_random_graph_schedule_respects_dependencies(seed):
     graph, s, plan = schedule(random_graph(seed))
     assert check_schedule(graph, s, plan) == []
+    assert check_plan(graph, plan, s) == []  # the arena re-packed for the issue order and its streams
     assert s["makespan"] <= s["single_stream_makespan"] * (1 + 1e-12)
 
 
@@ -73,6 +74,12 @@ def test_checker_rejects_broken_schedules():
     for e in bad["ops"]:
         e[0] = "main"
     assert any("overlap on stream main" in m for m in check_schedule(graph, bad))
+    assert check_plan(graph, plan, s) == []
+    squashed = copy.deepcopy(plan)  # every buffer at offset 0: concurrent ones share bytes
+    for b in squashed["buffers"]:
+        b["offset"] = 0
+    assert any("neither's users all happen before" in m for m in check_plan(graph, squashed, s))
+    assert "check it with that schedule" in check_plan(graph, plan)[0]
     bad = copy.deepcopy(s)  # the issue order the runtime follows: a consumer ahead of its producer
     bad["issue"] = bad["issue"][::-1]
     assert any("is issued before op" in m for m in check_schedule(graph, bad))
@@ -83,7 +90,7 @@ def test_checker_rejects_broken_schedules():
 def test_prefetch_runs_on_the_copy_stream_before_its_reader():
     graph = parse_graph(BRANCHES)
     graph, s, plan = schedule(graph, hbm_budget=60_000_000, prefetch_lookahead=2)
-    assert plan["weights"]["host"] and check_plan(graph, plan) == []
+    assert plan["weights"]["host"] and check_plan(graph, plan, s) == []
     assert check_schedule(graph, s, plan) == []
     for rec in plan["weights"]["prefetch"]:
         assert s["ops"][rec["op"]][0] == "copy"
@@ -116,7 +123,7 @@ def test_flash_slice_decode_is_faster_on_streams():
     graph = art.program.graphs["decode"]
     s = art.program.attrs["schedule"]["decode"]
     plan = art.program.attrs["memory_plan"]["decode"]
-    assert check_plan(graph, plan) == []
+    assert plan["order"] == "issue" and check_plan(graph, plan, s) == []
     assert check_schedule(graph, s, plan) == []
     assert s["makespan"] < s["single_stream_makespan"]
     assert any(e[0] == "aux" for e in s["ops"])

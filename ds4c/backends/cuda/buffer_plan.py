@@ -1,47 +1,38 @@
-"""The kernel executor's static buffer plan: every activation it can place at an arena offset fixed
-before the step runs, one arena allocation per binding of the symbolic sizes.
+"""The kernel executor's arena: every activation it can place, at the offset the compiled plan gives it.
 
-``plan_memory`` plans the stored graph at one binding (the largest prefill, ``plan_batch``). The
-kernel backends run that graph (lowered at compile: packed weights, norm+rope, merged linears)
-in the stream schedule's issue order, at the sizes each call brings (decode at B=32, a 300-token
-prompt), so the executor plans what it runs with the same planner: ``analyze_liveness`` over its
-op sequence at the bound sizes, then ``pack_arena``. What differs from the compile-time plan:
+The plan is the compiler's (``plan_memory``, re-packed by ``schedule_streams`` for the issue
+order and the streams the runtime runs; the artifact's ``plans/<entry>.memory.json``). It is
+symbolic in the sizes: each buffer lists the buffers it must sit above (``below``: those live at
+the same time, by stream order and events, and placed lower), so at the sizes of a call (decode at
+B=32, a 300-token prompt) the runtime evaluates the offsets (``evaluate_placement``) instead of
+planning again: same relative placement, compacted to the call's sizes. What the runtime adds:
 
 - Graph outputs are not placed: they outlive the step (logits, the new state).
 - A value is placed only when its op can write into a given buffer: a Triton launcher (it takes
-  its results from ``result_buffer``), or an ATen op with an ``out=`` overload (``out_variant``). Other results (and kernel scratch: split-K partials,
-  flash-decoding partials) are allocated as before; the executor counts both.
-- With several streams, bytes of a buffer are reused only by an op that every op touching the
-  buffer (its writer and readers) happens before, through stream order and the executor's
-  cross-stream events: the buffer's live range runs to the last issued op not ordered after all
-  of them. So the plan needs no extra events, and is the liveness of one stream when there is one.
+  its results from ``result_buffer``), or an ATen op with an ``out=`` overload (``out_variant``).
+  Other results (and kernel scratch: split-K partials, flash-decoding partials) are allocated as
+  before; the executor counts both. Their slots stay empty.
 
-        ops in issue order:  0 main  %a = linear(%x)      buffers:  %a [0, 2]  (read by #2 on aux)
-                             1 main  %b = rms_norm(%x)              %b [1, 3]
-                             2 aux   %c = rope(%a)                  %c [2, 3]
-                             3 main  %d = add(%b, %c)               (#3 waits for #2's event)
-        with one stream %a could share bytes with %d; with #2 on aux, only ops after #3 on main
-        (ordered after #2 through #3's wait) may reuse %a's bytes.
+        compiled (plan binding B=1, S=2048):    %a [0, 4096)   %b below: [%a]   %c below: [%a, %b]
+        a call at B=32: %a's bytes x32 -> %a [0, 131072), %b [131072, ...), %c above both
 """
 
 from __future__ import annotations
 
-import bisect
 import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ds4c.ir.graph import Graph, Op
+from ds4c.errors import ArtifactError
+from ds4c.ir.graph import Graph
 from ds4c.ir.types import TensorType
-from ds4c.passes.liveness import Buffer, Liveness, SizeEvaluator, analyze_liveness, is_view_op
-from ds4c.passes.plan_memory import ALIGNMENT, pack_arena
-
-PACK_EFFORT = 2000  # buffer placements per plan beyond the greedy orders (plans are made at run time)
+from ds4c.passes.liveness import SizeEvaluator, is_view_op
+from ds4c.passes.plan_memory import ALIGNMENT, evaluate_placement
 
 
 @functools.cache
@@ -83,7 +74,7 @@ class BufferPlan:
     peak_live_bytes: int  # the most placed bytes live at one step (the arena's lower bound, alignment aside)
     unplaced: dict[str, int]  # per op name, its results (not graph outputs) its op allocates itself
     outputs: int  # buffers that hold (or may hold) graph outputs: allocated by their ops, they outlive the step
-    seconds: float = 0.0  # time to make the plan
+    seconds: float = 0.0  # time to evaluate the compiled plan at these sizes
 
     def views(self, arena: torch.Tensor) -> list[list[torch.Tensor | None] | None]:
         """Each slot as a contiguous tensor of its result's dtype and shape inside ``arena``; None
@@ -102,130 +93,58 @@ def _view(arena: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int
     return arena[offset:offset + nbytes].view(dtype).view(shape)
 
 
-def _happens_before(ops: Sequence[Op], streams: Sequence[str]) -> list[int]:
-    """Per op (issue order), a bit set of the ops that complete before it starts: the earlier ops
-    of its stream and, through the event of each cross-stream operand, its producer's ancestors."""
-    producer = {r: i for i, op in enumerate(ops) for r in op.results}
-    last_on: dict[str, int] = {}
-    before: list[int] = []
-    for i, op in enumerate(ops):
-        bits = 0
-        prev = last_on.get(streams[i])
-        if prev is not None:
-            bits |= before[prev] | (1 << prev)
-        for v in op.operands:
-            j = producer.get(v)
-            if j is not None and streams[j] != streams[i]:
-                bits |= before[j] | (1 << j)
-        before.append(bits)
-        last_on[streams[i]] = i
-    return before
-
-
-def _concurrent_end(touchers: int, start: int, before: list[int], by_stream: dict[str, list[int]]) -> int:
-    """The last issued op that not every op in ``touchers`` (a bit set) happens before: along a
-    stream the set of ops before an op only grows, so per stream a binary search finds it."""
-    end = start
-    for order in by_stream.values():
-        lo, hi = bisect.bisect_right(order, start), len(order)
-        while lo < hi:  # first op of this stream after ``start`` that all touchers precede
-            mid = (lo + hi) // 2
-            if before[order[mid]] & touchers == touchers:
-                hi = mid
-            else:
-                lo = mid + 1
-        if lo > 0:
-            end = max(end, order[lo - 1])
-    return end
-
-
-@functools.cache
-def _never_aliases(op_name: str) -> bool:
-    """Whether torch's schema of this ATen op says no result is a view of an input."""
-    from ds4c.ir.registry import get_op
-
-    schema = getattr(get_op(op_name), "schema", None) if op_name.startswith("aten.") else None
-    return schema is not None and all(r.alias_info is None for r in schema.returns)
-
-
-def plan_buffers(graph: Graph, sizes: dict[str, int], placeable: Sequence[bool],
-                 streams: Sequence[str] | None = None, alignment: int = ALIGNMENT) -> BufferPlan:
-    """The buffer plan of ``graph`` (ops in issue order, ``streams[i]`` the stream of op ``i``)
-    at ``sizes``: results of the ops marked ``placeable`` that are not (views of) graph outputs.
-
-    An op that is not placeable and not a view op allocates its results, but may return one of
-    its operands as is (``aten.contiguous``, ``aten.to`` with nothing to change: their schemas say
-    so; a fused op's reference: unknown): such a result counts as a view of each operand's buffer
-    (their bytes stay live while it is read), and a buffer that may reach a graph output that way
-    is not placed."""
+def place(graph: Graph, plan: Mapping[str, Any], sizes: dict[str, int], placeable: Sequence[bool]) -> BufferPlan:
+    """The compiled ``plan`` evaluated at ``sizes`` for ``graph`` (ops in the order the executor
+    runs them, the order the plan was packed for): a slot for each result of a ``placeable`` op
+    that is not a graph output."""
     t0 = time.perf_counter()
     evaluator = SizeEvaluator(sizes)
-    live = analyze_liveness(graph, sizes)
-    n = len(graph.ops)
-    outputs = {v.name for v in graph.output_values()}
-    result_at: dict[str, tuple[int, int]] = {r.name: (i, k) for i, op in enumerate(graph.ops)
-                                            for k, r in enumerate(op.results)}
-    group = {b.root: b for b in live.buffers}
-    buffer_of = {v: b for b in live.buffers for v in b.values}  # value -> the buffer holding its bytes
-    for i in range(n - 1, -1, -1):  # later ops first: a chain of such ops reaches back to the first
-        op = graph.ops[i]
-        if placeable[i] or is_view_op(op.name) or not op.results or _never_aliases(op.name):
-            continue
-        members: list[str] = []
-        for r in op.results:
-            members += group[r.name].values if r.name in group else [r.name]
-        for v in op.operands:
-            b = buffer_of.get(v.name)
-            if b is not None:
-                b.values += [m for m in members if m not in b.values]
-    last: dict[str, int] = {}
-    for i, op in enumerate(graph.ops):
-        for v in op.operands:
-            last[v.name] = i
-    for v in outputs:
-        last[v] = n
-
-    chosen: list[Buffer] = []
-    shape_of: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    result_at = {r.name: (i, k) for i, op in enumerate(graph.ops) for k, r in enumerate(op.results)}
+    buffers = plan["buffers"]
+    nbytes: list[int | None] = []
+    shapes: list[tuple[torch.dtype, tuple[int, ...]] | None] = []
     unplaced: dict[str, int] = {}
-    n_outputs = 0
-    for b in live.buffers:
-        i, k = result_at[b.root]
-        ty = graph.ops[i].results[k].type
-        end = max([b.start] + [last.get(v, b.start) for v in b.values])
-        if end >= n:  # (may be) a graph output: it outlives the step
-            n_outputs += 1
-            continue
-        shape = None
-        if placeable[i] and isinstance(ty, TensorType):
+    outputs = 0
+    for b in buffers:
+        where = result_at.get(b["value"])
+        if where is None:
+            raise ArtifactError(f"the memory plan places %{b['value']}, which graph @{graph.name} does not make; "
+                                "the artifact is inconsistent - recompile it")
+        i, k = where
+        ty, shape = graph.ops[i].results[k].type, None
+        if b.get("output"):
+            outputs += 1
+        elif placeable[i] and isinstance(ty, TensorType):
             try:
                 shape = tuple(evaluator.dim(d) for d in ty.shape)
             except Exception:  # noqa: BLE001 - a size no bound symbol determines (data-dependent)
                 shape = None
-        if shape is None:
+            if shape is not None:
+                shapes.append((ty.dtype, shape))
+                nbytes.append(math.prod(shape) * ty.dtype.itemsize)
+                continue
+        if not b.get("output"):
             unplaced[graph.ops[i].name] = unplaced.get(graph.ops[i].name, 0) + 1
-            continue
-        shape_of[b.root] = (ty.dtype, shape)
-        chosen.append(Buffer(b.root, list(b.values), b.start, end, b.size, b.op))
-    if streams is not None and len(set(streams)) > 1 and chosen:
-        before = _happens_before(graph.ops, streams)
-        by_stream: dict[str, list[int]] = {}
-        for i, s in enumerate(streams):
-            by_stream.setdefault(s, []).append(i)
-        readers: dict[str, int] = {}
-        for i, op in enumerate(graph.ops):
-            for v in op.operands:
-                readers[v.name] = readers.get(v.name, 0) | (1 << i)
-        for b in chosen:
-            touchers = 1 << b.op
-            for v in b.values:
-                touchers |= readers.get(v, 0)
-            b.end = max(b.end, _concurrent_end(touchers, b.start, before, by_stream))
-    offsets, arena = pack_arena(chosen, alignment, effort=PACK_EFFORT)
+        shapes.append(None)
+        nbytes.append(None)
+    order = sorted((j for j in range(len(buffers)) if buffers[j].get("placed_offset") is not None),
+                   key=lambda j: (int(buffers[j]["placed_offset"]), j))
+    offsets, arena = evaluate_placement(nbytes, [b.get("below", []) for b in buffers], order,
+                                        int(plan.get("alignment", ALIGNMENT)))
     slots: list[list[Any]] = [[None] * len(op.results) for op in graph.ops]
-    for b, off in zip(chosen, offsets, strict=True):
-        i, k = result_at[b.root]
-        slots[i][k] = (off, *shape_of[b.root])
-    peak = max(Liveness(graph.name, n + 1, dict(sizes), [], chosen).live_bytes(), default=0)
-    return BufferPlan(dict(sizes), arena, slots, len(chosen), sum(b.size for b in chosen), peak,
-                      dict(sorted(unplaced.items())), n_outputs, time.perf_counter() - t0)
+    live = [0] * (len(graph.ops) + 2)
+    for b, off, sh, size in zip(buffers, offsets, shapes, nbytes, strict=True):
+        if off is None or sh is None or size is None:
+            continue
+        i, k = result_at[b["value"]]
+        slots[i][k] = (off, *sh)
+        first, last = b.get("issued") or (b["start"], b["end"])
+        live[first] += size
+        live[min(last, len(graph.ops)) + 1] -= size
+    peak, acc = 0, 0
+    for d in live:
+        acc += d
+        peak = max(peak, acc)
+    placed = [n for n, o in zip(nbytes, offsets, strict=True) if n is not None and o is not None]
+    return BufferPlan(dict(sizes), arena, slots, len(placed), sum(placed), peak, dict(sorted(unplaced.items())),
+                      outputs, time.perf_counter() - t0)

@@ -6,9 +6,9 @@ registered launcher (``ds4c.backends.cuda.kernels``) runs it; a launcher that de
 ``stats()`` says what ran where. It works on any device Triton reaches (CUDA, ROCm builds of
 PyTorch, or CPU under ``TRITON_INTERPRET=1``).
 
-On by default (``DS4C_BUFFER_PLAN=0`` turns it off), the executor places activations at offsets
-of one arena per binding of the symbolic sizes, planned before the first op runs
-(``ds4c.backends.cuda.buffer_plan``): Triton launchers write their results there
+Given the artifact's memory plan, the executor places activations at the plan's offsets in one
+arena per binding of the symbolic sizes (``ds4c.backends.cuda.buffer_plan``: the compiled plan
+evaluated at the call's sizes, nothing planned here): Triton launchers write their results there
 (``result_buffer``), ATen ops through their ``out=`` overloads; inside a CUDA graph the arena is
 the graph's, so every captured shape holds one planned allocation for its activations.
 
@@ -20,7 +20,6 @@ the launch.
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ds4c.backends.cuda.buffer_plan import BufferPlan, out_variant, plan_buffers
+from ds4c.backends.cuda.buffer_plan import BufferPlan, out_variant, place
 from ds4c.backends.cuda.kernels import get_kernel, planned_results
 from ds4c.backends.reference import ReferenceExecutor
 from ds4c.errors import IRError
@@ -92,15 +91,15 @@ class _Streams:
 
 
 class _Arena:
-    """An executor's planned activation buffers: a ``BufferPlan`` per binding of the symbolic
-    sizes (the last ``MAX_PLANS``), laid over one arena. Eager runs share an arena that grows to
-    the largest plan; a run being captured into a CUDA graph gets its own (the graph keeps its
-    addresses), allocated inside the capture, i.e. from the graph's memory pool."""
+    """An executor's planned activation buffers: the compiled plan evaluated per binding of the
+    symbolic sizes (a ``BufferPlan``; the last ``MAX_PLANS`` kept), laid over one arena. Eager runs
+    share an arena that grows to the largest; a run being captured into a CUDA graph gets its own
+    (the graph keeps its addresses), allocated inside the capture, i.e. from the graph's memory pool."""
 
     MAX_PLANS = 16
 
-    def __init__(self, graph: Graph, placeable: list[bool], streams: list[str] | None, device: torch.device):
-        self.graph, self.placeable, self.streams, self.device = graph, placeable, streams, device
+    def __init__(self, graph: Graph, placeable: list[bool], compiled: Mapping[str, Any], device: torch.device):
+        self.graph, self.placeable, self.compiled, self.device = graph, placeable, compiled, device
         self.plans: dict[tuple, BufferPlan] = {}
         self.eager: torch.Tensor | None = None
         self._eager_views: dict[tuple, list] = {}
@@ -116,7 +115,7 @@ class _Arena:
         key = _key(sizes)
         plan = self.plans.pop(key, None)
         if plan is None:
-            plan = plan_buffers(self.graph, dict(sizes), self.placeable, self.streams)
+            plan = place(self.graph, self.compiled, dict(sizes), self.placeable)
         self.plans[key] = plan  # most recently used last
         while len(self.plans) > self.MAX_PLANS:
             old = next(iter(self.plans))
@@ -206,7 +205,7 @@ class _Placed(OpDef):
             elif o.data_ptr() == v.data_ptr():
                 raise IRError(f"op {self.name}: result {k} has {o.numel()} elements, its IR type at this binding "
                               f"{self.arena.expected[self.index][k]}; the buffer plan's slot was overrun - "
-                              "report this (DS4C_BUFFER_PLAN=0 runs without the plan)")
+                              "report this (ds4c.load(..., buffer_plan=False) runs without the plan)")
             elif o.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():
                 # a fallback returned (a view of) another arena buffer, whose bytes the plan may
                 # reuse before this result's last read: give it bytes of its own
@@ -263,16 +262,23 @@ def issued(graph: Graph, schedule: Mapping[str, Any]) -> tuple[Graph, list[str],
 
 class KernelExecutor(ReferenceExecutor):
     """``schedule``: the compiled ``schedule_streams`` plan of ``graph``; the ops then run in its
-    issue order, on a CUDA device on its streams with its events (elsewhere on one stream).
-    ``buffer_plan``: place activations in a planned arena (module doc); None reads
-    ``DS4C_BUFFER_PLAN`` (on unless "0")."""
+    issue order, on a CUDA device on its streams with its events (on one stream elsewhere, or with
+    ``streams=False``). ``memory_plan``: the compiled ``plan_memory`` plan of ``graph`` (packed for
+    that issue order when there is a schedule); results are placed at its offsets (module doc)
+    unless ``buffer_plan`` is False or there is none.
+    """
 
     def __init__(self, graph: Graph, device: torch.device | str = "cuda",
                  on_op: Callable[[int, Op, list[Any]], None] | None = None, *, use_kernels: bool = True,
-                 schedule: Mapping[str, Any] | None = None, buffer_plan: bool | None = None):
+                 schedule: Mapping[str, Any] | None = None, memory_plan: Mapping[str, Any] | None = None,
+                 streams: bool = True, buffer_plan: bool = True):
         op_streams, events = None, []
         if schedule is not None:
             graph, op_streams, events = issued(graph, schedule)
+        if memory_plan is not None and (memory_plan.get("order") == "issue") != (schedule is not None):
+            raise IRError(f"graph @{graph.name}: the memory plan is packed for "
+                          f"{'a stream schedule' if schedule is None else 'program order'} but the executor runs "
+                          f"{'program order' if schedule is None else 'the schedule'}; the artifact is inconsistent")
         super().__init__(graph, device, on_op)
         self.counts: Counter = Counter()
         if use_kernels:
@@ -284,19 +290,17 @@ class KernelExecutor(ReferenceExecutor):
                 steps.append((op, opdef, args, kwargs))
             self._steps = steps
         self._streams: _Streams | None = None
-        multi = op_streams is not None and self.device.type == "cuda" and len(set(op_streams)) > 1
-        if buffer_plan is None:
-            buffer_plan = os.environ.get("DS4C_BUFFER_PLAN", "1") != "0"
+        multi = streams and op_streams is not None and self.device.type == "cuda" and len(set(op_streams)) > 1
         self._arena: _Arena | None = None
-        if buffer_plan:
-            self._plan_buffers(op_streams if multi else None)
+        if buffer_plan and memory_plan is not None:
+            self._plan_buffers(memory_plan)
         if multi:
             self._use_streams(op_streams, events)
 
-    def _plan_buffers(self, op_streams: list[str] | None) -> None:
+    def _plan_buffers(self, memory_plan: Mapping[str, Any]) -> None:
         """Wrap every op that can write into a planned buffer (a launcher, an ATen op with ``out=``)."""
         placeable, steps = [], []
-        self._arena = _Arena(self.graph, placeable, op_streams, self.device)
+        self._arena = _Arena(self.graph, placeable, memory_plan, self.device)
         for i, (op, opdef, args, kwargs) in enumerate(self._steps):
             launcher = isinstance(opdef, _KernelOp) and get_kernel(op.name) is not None
             out_op = None if launcher else out_variant(op.name)
@@ -315,7 +319,7 @@ class KernelExecutor(ReferenceExecutor):
         return [] if self._arena is None else self._arena.take()
 
     def buffer_plan(self, sizes: Mapping[str, int]) -> BufferPlan | None:
-        """The buffer plan this executor runs at ``sizes`` (made now if it is not cached; None when off)."""
+        """The compiled plan evaluated at ``sizes``, as this executor runs it (None when off)."""
         return None if self._arena is None else self._arena.plan(sizes)
 
     def buffer_stats(self) -> dict[str, Any] | None:

@@ -1,26 +1,43 @@
-"""The kernel executor's static buffer plan: activations at planned arena offsets, reuse ordered
-across streams, results equal to running without it."""
+"""The kernel executor's arena: activations at the offsets of the compiled memory plan (evaluated at
+each call's sizes, nothing planned at run time), reuse ordered across streams by the compiled
+events, results equal to running without it."""
 
 from __future__ import annotations
-
-import random
 
 import networkx as nx
 import pytest
 import torch
 
 import ds4c
-from ds4c.backends.cuda.buffer_plan import out_variant, plan_buffers
-from ds4c.backends.cuda.executor import KernelExecutor, _Placed
+from ds4c.backends.cuda.buffer_plan import out_variant, place
+from ds4c.backends.cuda.executor import KernelExecutor, _Placed, issued
 from ds4c.backends.reference import run_graph
 from ds4c.ir import parse_graph
 from ds4c.ir.registry import OpDef
 from ds4c.passes.liveness import analyze_liveness, is_view_op
+from ds4c.passes.manager import PassContext, get_pass
+from ds4c.passes.plan_memory import check_plan
+from ds4c.passes.schedule_streams import _plan_for_issue_order
+from ds4c.targets import get_target
 from tests.passes.random_graphs import random_feeds, random_graph
 from tests.passes.test_plan_memory import VIEWS
 
 SEEDS = range(24)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compiled(graph, schedule=True, **options):
+    """``graph``'s memory plan (and stream schedule) as the compiler makes them for h100."""
+    ctx = PassContext(target=get_target("h100"), options=options, program_attrs={})
+    graph = get_pass("plan_memory")(graph, ctx)
+    if schedule:
+        graph = get_pass("schedule_streams")(graph, ctx)
+    return graph, ctx.program_attrs.get("schedule", {}).get(graph.name), ctx.program_attrs["memory_plan"][graph.name]
+
+
+def planned_executor(graph, schedule=True, **options):
+    graph, sched, plan = compiled(graph, schedule, **options)
+    return KernelExecutor(graph, "cpu", schedule=sched, memory_plan=plan)
 
 
 def test_out_variants_of_aten_ops():
@@ -46,7 +63,7 @@ def _placed_in_arena(executor):
 def test_random_graphs_run_in_the_planned_arena(seed):
     graph = random_graph(seed)
     inputs, params = random_feeds(graph, seed)
-    executor = KernelExecutor(graph, "cpu", buffer_plan=True)
+    executor = planned_executor(graph, schedule=seed % 2 == 0)
     got = executor.run(inputs, params)
     want = run_graph(graph, inputs, params)
     for k in want:
@@ -69,7 +86,7 @@ def test_random_graphs_run_in_the_planned_arena(seed):
 
 def test_a_plan_per_binding_one_growing_arena():
     graph = parse_graph(VIEWS)
-    executor = KernelExecutor(graph, "cpu", buffer_plan=True)
+    executor = planned_executor(graph)
     w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
     sizes = []
     for b in (2, 300, 2):
@@ -79,13 +96,13 @@ def test_a_plan_per_binding_one_growing_arena():
         stats = executor.buffer_stats()
         sizes.append(stats["arena_bytes"])
         assert stats["latest"]["sizes"] == {"B": b}
-    assert stats["plans"] == 2  # B=2 planned once, reused
+    assert stats["plans"] == 2  # the compiled plan evaluated at B=2 once, reused
     assert sizes[0] < sizes[1] == sizes[2]  # the eager arena grows to the largest plan and stays
 
 
 def test_a_captured_run_gets_its_own_arena_which_the_graph_keeps(monkeypatch):
     graph = parse_graph(VIEWS)
-    executor = KernelExecutor(graph, "cpu", buffer_plan=True)
+    executor = planned_executor(graph)
     feeds = ({"x": torch.randn(4, 64)}, {"w": torch.randn(64, 64)})
     want = executor.run(*feeds)["y"]
     eager = executor.buffer_stats()["arena_bytes"]
@@ -100,38 +117,40 @@ def test_a_captured_run_gets_its_own_arena_which_the_graph_keeps(monkeypatch):
     assert executor.buffer_stats()["captured_arena_bytes"] == 0
 
 
-def test_off_switch(monkeypatch):
-    monkeypatch.setenv("DS4C_BUFFER_PLAN", "0")
-    executor = KernelExecutor(parse_graph(VIEWS), "cpu")
-    assert executor.buffer_stats() is None
+def test_off_switch():
+    graph, sched, plan = compiled(parse_graph(VIEWS))
+    assert KernelExecutor(graph, "cpu", schedule=sched, memory_plan=plan, buffer_plan=False).buffer_stats() is None
+    assert KernelExecutor(graph, "cpu", schedule=sched).buffer_stats() is None  # no plan in the artifact
 
 
-def _groups(graph, sizes):
-    return {b.root: b for b in analyze_liveness(graph, sizes).buffers}
+def test_a_plan_packed_for_a_schedule_is_not_run_in_program_order():
+    graph, sched, plan = compiled(parse_graph(VIEWS))
+    with pytest.raises(Exception, match="packed for a stream schedule"):
+        KernelExecutor(graph, "cpu", memory_plan=plan)
 
 
-def _order_graph(graph, streams):
-    """Happens-before of ops issued in graph order: stream order plus each cross-stream operand's event."""
+def _order_graph(n, streams, events):
+    """Happens-before of ops issued in order 0..n-1: stream order plus the schedule's events."""
     g = nx.DiGraph()
-    g.add_nodes_from(range(len(graph.ops)))
-    producer = {r: i for i, op in enumerate(graph.ops) for r in op.results}
+    g.add_nodes_from(range(n))
     last = {}
-    for i, op in enumerate(graph.ops):
+    for i in range(n):
         if streams[i] in last:
             g.add_edge(last[streams[i]], i)
         last[streams[i]] = i
-        for v in op.operands:
-            if v in producer and streams[producer[v]] != streams[i]:
-                g.add_edge(producer[v], i)
+    for e in events:
+        for c in e["consumers"]:
+            g.add_edge(e["producer"], c)
     return g
 
 
-def _check_reuse_is_ordered(graph, plan, streams):
+def _check_reuse_is_ordered(graph, plan, streams, events):
     """Independent of the planner: two placed buffers share bytes only if every op touching one
-    (writer, readers, readers of its views) happens before the other's writer."""
-    order = _order_graph(graph, streams)
+    (writer, readers, readers of its views) happens before the other's writer. ``graph``: ops in
+    issue order, ``plan`` a ``BufferPlan`` evaluated for it."""
+    order = _order_graph(len(graph.ops), streams, events)
     reach = {i: nx.descendants(order, i) for i in order}
-    groups = _groups(graph, plan.sizes)
+    groups = {b.root: b for b in analyze_liveness(graph, plan.sizes).buffers}
     readers = {}
     for i, op in enumerate(graph.ops):
         for v in op.operands:
@@ -153,17 +172,14 @@ def _check_reuse_is_ordered(graph, plan, streams):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_reuse_across_streams_is_ordered_by_events(seed):
-    graph = random_graph(seed)
-    rng = random.Random(seed)
-    streams = [rng.choice(["main", "main", "aux", "copy"]) for _ in graph.ops]
-    placeable = [not is_view_op(op.name) for op in graph.ops]
-    sizes = {}
-    one = plan_buffers(graph, sizes, placeable)
-    many = plan_buffers(graph, sizes, placeable, streams)
-    _check_reuse_is_ordered(graph, one, ["main"] * len(graph.ops))
-    _check_reuse_is_ordered(graph, many, streams)
-    assert one.placed == many.placed and one.arena_bytes <= many.arena_bytes
+def test_reuse_across_streams_is_ordered_by_the_compiled_events(seed):
+    graph, sched, plan = compiled(random_graph(seed))
+    assert check_plan(graph, plan, sched) == []
+    ordered, streams, events = issued(graph, sched)
+    placeable = [not is_view_op(op.name) for op in ordered.ops]
+    for sizes in ({}, {k: 2 * v for k, v in plan["sizes"].items()}):  # the plan binding, and twice it
+        evaluated = place(ordered, plan, {**plan["sizes"], **sizes}, placeable)
+        _check_reuse_is_ordered(ordered, evaluated, streams, events)
 
 
 def test_a_buffer_read_on_another_stream_is_not_reused_by_unordered_ops():
@@ -178,9 +194,18 @@ graph @g(input %x: f32[64,64]) {
   return y=%f
 }
 """)
+    graph, _, plan = compiled(graph, schedule=False)
     placeable = [True] * len(graph.ops)
-    one = plan_buffers(graph, {}, placeable)
-    many = plan_buffers(graph, {}, placeable, ["main", "main", "aux", "main", "main", "main"])
+    one = place(graph, plan, {}, placeable)
+    # a schedule with #2 (%c) on aux: it waits for %a (#0) and #3 (%d) waits for it
+    streams = ["main", "main", "aux", "main", "main", "main"]
+    events = [{"id": 0, "producer": 0, "record_stream": "main", "wait_stream": "aux", "consumers": [2]},
+              {"id": 1, "producer": 2, "record_stream": "aux", "wait_stream": "main", "consumers": [3]}]
+    import copy
+
+    many_plan = copy.deepcopy(plan)
+    _plan_for_issue_order(graph, many_plan, list(range(6)), streams, events)
+    many = place(graph, many_plan, {}, placeable)
     # one stream: %a (last read by #2) shares bytes with %d (#3); with #2 on aux, %d's writer
     # is ordered after #2 (it waits for %c), so it may still reuse them; %a's bytes are not free
     # for %b, which is issued before #2 and runs concurrently with it
@@ -188,7 +213,10 @@ graph @g(input %x: f32[64,64]) {
     assert offset["a"] == offset["d"]
     off_many = {graph.ops[i].results[0].name: s[0][0] for i, s in enumerate(many.slots) if s[0] is not None}
     assert off_many["a"] != off_many["b"]
-    _check_reuse_is_ordered(graph, many, ["main", "main", "aux", "main", "main", "main"])
+    _check_reuse_is_ordered(graph, many, streams, events)
+    sched = {"ops": [[st, float(i), float(i + 1)] for i, st in enumerate(streams)], "issue": list(range(6)),
+             "events": events}
+    assert check_plan(graph, many_plan, sched) == []
 
 
 class _ReturnsItsInput(OpDef):
@@ -210,7 +238,7 @@ graph @g(input %x: f32[8,8]) {
   return y=%f
 }
 """)
-    executor = KernelExecutor(graph, "cpu", buffer_plan=True)
+    executor = planned_executor(graph, schedule=False)
     # stand-in for a launcher whose fallback returns a view of its input: step %c's op writes nothing
     op, placed, args, kwargs = executor._steps[3]
     executor._steps[3] = (op, _Placed(_ReturnsItsInput(), executor._arena, 3, None), (op.args[0],), {})
@@ -227,15 +255,14 @@ def tiny_path(tiny_fp32_artifact):
     return tiny_fp32_artifact
 
 
-def test_tiny_decode_runs_in_its_plan_with_the_same_values(tiny_path, monkeypatch):
+def test_tiny_decode_runs_in_its_plan_with_the_same_values(tiny_path):
     ref = ds4c.load(tiny_path, device=DEVICE, backend="reference")
     ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     logits, state = ref.prefill(ids)
     tok = logits[:, -1].argmax(-1, keepdim=True)
     planned = ds4c.load(tiny_path, device=DEVICE, backend="kernels")
     got, _ = planned.decode(tok, 9, dict(state))
-    monkeypatch.setenv("DS4C_BUFFER_PLAN", "0")
-    unplanned = ds4c.load(tiny_path, device=DEVICE, backend="kernels")
+    unplanned = ds4c.load(tiny_path, device=DEVICE, backend="kernels", buffer_plan=False)
     want, _ = unplanned.decode(tok, 9, dict(state))
     torch.testing.assert_close(got, want, rtol=0, atol=0)  # same kernels, same order: only addresses differ
     assert unplanned.buffer_plans() == {}
