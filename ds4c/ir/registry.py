@@ -10,34 +10,112 @@ Three families live here:
 
 ``get_op`` is the one gate every IR op name passes (parser, verifier, passes, backends), so an
 op outside these families cannot be parsed, loaded, folded or run.
+
+An ``OpDef`` also holds what passes and backends need to know about the op, so that no table of
+op names elsewhere restates it: its operands by name and role (``operands``), its ``traits``
+(``TRAITS`` says what each means), the op that reads its weights packed (``packed_variant``) and
+the formulation exporters trace (``portable``). ds4c's ops declare them where they are defined;
+ATen ops derive them from their torch schema (operand names; a result that aliases an input is a
+view) plus the declarations below (``_ATEN_TRAITS``, ``_ATEN_OPERANDS``, ``_ATEN_PACKED``), the one
+place that names ATen ops for their facts. A declaration naming an op that does not exist or a
+trait nobody defined is an ``IRError`` at import, so such names cannot go stale.
+
+    >>> get_op("aten.view.default").traits
+    frozenset({'view', 'reshape'})
+    >>> [o.name for o in get_op("moe").operands if o.unit]
+    ['gate_up', 'down', 's_gate', 's_up', 's_down']
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ds4c.errors import IRError, VerificationError
-from ds4c.ir.allowed_aten import is_allowed, refusal
+from ds4c.ir.allowed_aten import ALLOWED_ATEN_OPS, is_allowed, refusal
+
+# What an operand is to the op.
+ROLES = {
+    "data": "an activation the op computes on",
+    "index": "integer ids or positions that select, not values that are computed on",
+    "weight": "a model parameter (for packed ops: the packed tensors of one, scales included)",
+    "scale": "the scale of a quantised operand",
+    "state": "model state the runtime owns and the graph reads",
+}
+
+# What an op may be known to be; passes and backends ask ``has_trait`` / ``ops_with`` instead of
+# keeping lists of op names.
+TRAITS = {
+    "view": "every result is a view of the first tensor operand: no buffer of its own (for ATen ops, "
+            "derived: the schema lets a result alias an input and the op is not copy_if_needed)",
+    "copy_if_needed": "returns its input itself when there is nothing to do, a fresh tensor otherwise "
+                      "(contiguous, to): its result may alias an input, but it is not a view",
+    "reshape": "a view that only reshapes: the elements in row-major order are the input's",
+    "broadcast": "repeats its input's elements along new or size-1 dimensions, computing nothing",
+    "cast": "converts its input elementwise to another dtype",
+    "identity": "returns its input's values unchanged (a copy or an alias)",
+    "layout": "moves, selects or joins elements without arithmetic (concatenation, gathers, scatters)",
+    "factory": "makes a filled tensor from sizes (arange, full, zeros)",
+    "transfer": "moves a tensor between memories (host and device): a copy the runtime issues",
+    "topk": "selects the k largest entries",
+    "positionwise": "maps each position (dimension 1) of its inputs to the same position of its result, "
+                    "so slicing the positions commutes with it",
+    "npu": "runs fused on the NPU (ds4c.backends.npu: its reference is traced into Relax)",
+}
+
+
+@dataclass(frozen=True)
+class Operand:
+    """One operand of an op, by position. ``unit``: for a weight, the precision unit it belongs to
+    (``ds4c.quant.units``: the weights of one unit get one storage format); ``variadic``: this
+    operand and all after it (packed weight tensors, whose number depends on their format)."""
+
+    name: str
+    role: str = "data"
+    unit: str | None = None
+    variadic: bool = False
 
 
 class OpDef:
-    """Declaration of an op: name, reference implementation, optional verifier.
+    """Declaration of an op: name, reference implementation, optional verifier, and its facts.
 
     Subclasses override ``reference`` (torch, any device) and may override ``verify`` to check
     operand/result types. ``pure`` ops may be removed when unused and merged by CSE.
+    ``operands`` (by position), ``traits`` (names from ``TRAITS``), ``packed_variant`` (the op
+    that reads this op's weights packed) and ``portable`` (the formulation exporters trace) are
+    the facts the rest of ds4c asks for by op name.
     """
 
     name: str = ""
     pure: bool = True
     num_results: int | None = None  # None: any
+    operands: tuple[Operand, ...] = ()
+    traits: frozenset[str] = frozenset()
+    packed_variant: str | None = None
 
     def reference(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"op {self.name} has no reference implementation")
+
+    def portable(self, kwargs: Mapping[str, Any]) -> Callable[..., Any]:
+        """The op's computation (for an instance with attributes ``kwargs``) in a form every
+        exporter can trace and fake tensors can run: static shapes, no float8_e8m0. By default the
+        reference; ops whose reference is not so (MoE groups tokens by expert with host-side
+        counts) override it."""
+        return self.reference
+
+    def unit_operands(self) -> list[tuple[tuple[int, ...], str]]:
+        """The precision units among the operands: (positions, unit kind), in operand order."""
+        units: dict[str, list[int]] = {}
+        for i, o in enumerate(self.operands):
+            if o.unit is not None:
+                units.setdefault(o.unit, []).append(i)
+        return [(tuple(pos), kind) for kind, pos in units.items()]
 
     def verify(self, op: Any) -> None:
         if self.num_results is not None and len(op.results) != self.num_results:
@@ -47,14 +125,91 @@ class OpDef:
 _REGISTRY: dict[str, OpDef] = {}
 
 
+def _check_facts(name: str, traits: frozenset[str], operands: tuple[Operand, ...]) -> None:
+    unknown = sorted(traits - TRAITS.keys())
+    if unknown:
+        raise IRError(f"op {name} declares unknown traits {unknown}; the traits are {', '.join(TRAITS)} "
+                      "(ds4c.ir.registry.TRAITS: add one there, with what it means)")
+    for o in operands:
+        if o.role not in ROLES:
+            raise IRError(f"op {name}: operand {o.name} has unknown role '{o.role}'; roles: {', '.join(ROLES)}")
+
+
 def register_op(cls_or_def: type[OpDef] | OpDef) -> Any:
     opdef = cls_or_def() if isinstance(cls_or_def, type) else cls_or_def
     if not opdef.name:
         raise IRError(f"{cls_or_def} declares no op name")
     if opdef.name in _REGISTRY:
         raise IRError(f"op {opdef.name} registered twice")
+    opdef.traits = frozenset(opdef.traits)
+    _check_facts(opdef.name, opdef.traits, opdef.operands)
     _REGISTRY[opdef.name] = opdef
     return cls_or_def
+
+
+def check_declarations() -> None:
+    """Every op name a declaration refers to (a packed variant) is a registered op; ``ds4c.ops``
+    runs this once all its ops are registered, so a stale name fails the import."""
+    for opdef in list(_REGISTRY.values()):
+        if opdef.packed_variant is not None and opdef.packed_variant not in _REGISTRY:
+            raise IRError(f"op {opdef.name} declares packed variant '{opdef.packed_variant}', which is not a "
+                          "registered op")
+
+
+# Facts about ATen ops that their schemas do not state, by trait. A view needs no entry: the schema
+# says when a result aliases an input. Every name must be on the allow-list (checked at import).
+_ATEN_TRAITS: dict[str, tuple[str, ...]] = {
+    "view": ("aten._unsafe_view.default",),  # its schema does not mark the alias
+    "copy_if_needed": ("aten.contiguous.default", "aten.to.dtype", "aten.to.device"),
+    "reshape": ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default"),
+    "broadcast": ("aten.unsqueeze.default", "aten.expand.default", "aten.repeat_interleave.self_int"),
+    "cast": ("aten._to_copy.default", "aten.to.dtype"),
+    "identity": ("aten.clone.default", "aten.contiguous.default", "aten.alias.default", "aten.detach.default"),
+    "layout": ("aten.cat.default", "aten.stack.default", "aten.flip.default", "aten.roll.default",
+               "aten.repeat.default", "aten.repeat_interleave.self_int", "aten.index.Tensor",
+               "aten.index_select.default", "aten.index_put.default", "aten.gather.default", "aten.scatter.src",
+               "aten.scatter.value", "aten.scatter_add.default", "aten.slice_scatter.default",
+               "aten.select_scatter.default", "aten.embedding.default", "aten.copy.default",
+               "aten.lift_fresh_copy.default"),
+    "factory": ("aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.full.default",
+                "aten.full_like.default", "aten.zeros.default", "aten.zeros_like.default", "aten.ones.default",
+                "aten.ones_like.default", "aten.new_full.default", "aten.new_zeros.default",
+                "aten.new_ones.default"),
+    "transfer": ("aten.to.device",),
+    "topk": ("aten.topk.default",),
+    "positionwise": ("aten.linear.default", "aten.to.dtype", "aten.mul.Tensor", "aten.add.Tensor"),
+    # matrix-unit ops and vector-unit elementwise math
+    "npu": ("aten.linear.default", "aten.matmul.default", "aten.mm.default", "aten.bmm.default",
+            "aten.mul.Tensor", "aten.add.Tensor", "aten.sub.Tensor", "aten.div.Tensor", "aten.neg.default",
+            "aten.cos.default", "aten.sin.default", "aten.exp.default", "aten.rsqrt.default",
+            "aten.sqrt.default", "aten.silu.default", "aten.sigmoid.default", "aten._softmax.default",
+            "aten.softmax.int"),
+}
+# Roles of ATen operands other than "data", by schema argument name.
+_ATEN_OPERANDS: dict[str, dict[str, Operand]] = {
+    "aten.linear.default": {"weight": Operand("weight", "weight", unit="linear")},
+    "aten.embedding.default": {"weight": Operand("weight", "weight", unit="embedding"),
+                               "indices": Operand("indices", "index")},
+}
+_ATEN_PACKED: dict[str, str] = {"aten.linear.default": "linear.packed"}
+
+
+def _checked_aten_declarations(traits: Mapping[str, tuple[str, ...]], *tables: Mapping[str, Any]
+                               ) -> dict[str, frozenset[str]]:
+    """``traits`` by op name, after checking that every name the declarations use is an allowed ATen op."""
+    by_op: dict[str, set[str]] = {}
+    for trait, names in traits.items():
+        _check_facts(f"declared {trait}", frozenset({trait}), ())
+        for name in names:
+            by_op.setdefault(name, set()).add(trait)
+    for name in [*by_op, *(n for t in tables for n in t)]:
+        if not is_allowed(name):
+            raise IRError(f"ds4c.ir.registry declares facts of '{name}', which is not an ATen op ds4c admits "
+                          "(ds4c.ir.allowed_aten); fix or remove the declaration")
+    return {name: frozenset(t) for name, t in by_op.items()}
+
+
+_ATEN_TRAITS_BY_OP = _checked_aten_declarations(_ATEN_TRAITS, _ATEN_OPERANDS, _ATEN_PACKED)
 
 
 class TorchOpDef(OpDef):
@@ -66,6 +221,17 @@ class TorchOpDef(OpDef):
         self.schema = overload._schema
         self.pure = not self.schema.is_mutable
         self.num_results = None
+        declared = _ATEN_TRAITS_BY_OP.get(name, frozenset())
+        aliases = any(r.alias_info is not None and not r.alias_info.is_write for r in self.schema.returns)
+        self.traits = declared | ({"view"} if aliases and "copy_if_needed" not in declared else set())
+        roles = _ATEN_OPERANDS.get(name, {})
+        self.operands = tuple(roles.get(a.name, Operand(a.name)) for a in self.schema.arguments if not a.kwarg_only)
+        self.packed_variant = _ATEN_PACKED.get(name)
+
+    @property
+    def may_alias(self) -> bool:
+        """Whether the schema lets a result share bytes with an input (views and copy_if_needed ops)."""
+        return any(r.alias_info is not None for r in self.schema.returns)
 
     def reference(self, *args: Any, **kwargs: Any) -> Any:
         return self.overload(*args, **kwargs)
@@ -185,6 +351,24 @@ def is_registered(name: str) -> bool:
 
 def registered_ops() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def has_trait(name: str, trait: str) -> bool:
+    """Whether op ``name`` has ``trait`` (a name from ``TRAITS``); an unknown op is an ``IRError``."""
+    if trait not in TRAITS:
+        raise IRError(f"unknown trait '{trait}'; the traits are {', '.join(TRAITS)}")
+    return trait in get_op(name).traits
+
+
+@functools.cache
+def ops_with(trait: str) -> frozenset[str]:
+    """The names of every op (ds4c's own, sym.*, the ATen ops ds4c admits) that has ``trait``."""
+    if trait not in TRAITS:
+        raise IRError(f"unknown trait '{trait}'; the traits are {', '.join(TRAITS)}")
+    import ds4c.ops  # noqa: F401 - registers ds4c's fused ops
+
+    names = [n for n in (*_REGISTRY, *ALLOWED_ATEN_OPS) if is_registered(n)]  # an ATen op this torch lacks: none
+    return frozenset(n for n in names if trait in get_op(n).traits)
 
 
 def split_results(out: Any) -> list[Any]:

@@ -3,4 +3,7 @@
 Importing this package registers the ops (``ds4c.ir.registry.get_op`` imports it on demand).
 """
 
+from ds4c.ir.registry import check_declarations
 from ds4c.ops import attention, compress, memory, mhc, moe, norms, quant, rope  # noqa: F401
+
+check_declarations()

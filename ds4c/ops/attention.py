@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ds4c.errors import VerificationError
-from ds4c.ir.registry import OpDef, register_op
+from ds4c.ir.registry import OpDef, Operand, register_op
 from ds4c.ir.types import TensorType
 
 
@@ -35,6 +35,8 @@ def attention_reference(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor,
 
 class _Attention(OpDef):
     num_results = 1
+    operands = (Operand("q"), Operand("keys"), Operand("bias"), Operand("sinks", "weight"))
+    traits = frozenset({"npu"})
 
     def reference(self, q, keys, bias, sinks, *, scale: float):
         return attention_reference(q, keys, bias, sinks, scale)
@@ -76,6 +78,9 @@ class LinearGrouped(OpDef):
 
     name = "linear.grouped"
     num_results = 1
+    operands = (Operand("x"), Operand("w", "weight", unit="grouped_linear"))
+    traits = frozenset({"npu", "positionwise"})
+    packed_variant = "linear.grouped.packed"
 
     def reference(self, x, w, *, groups: int):
         lead = x.shape[:-2]

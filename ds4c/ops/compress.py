@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ds4c.ir.registry import OpDef, register_op
+from ds4c.ir.registry import OpDef, Operand, register_op
 from ds4c.ops.norms import rms_norm_reference
 
 
@@ -34,6 +34,8 @@ def index_scores_reference(q, keys, w, softmax_scale: float, weights_scale: floa
 class Compress(OpDef):
     name = "compress"
     num_results = 1
+    operands = (Operand("kv"), Operand("score"), Operand("norm_w", "weight"))
+    traits = frozenset({"npu"})
 
     def reference(self, kv, score, norm_w, *, eps: float):
         return compress_reference(kv, score, norm_w, eps)
@@ -43,6 +45,8 @@ class Compress(OpDef):
 class IndexerTopk(OpDef):
     name = "indexer.topk"
     num_results = 1
+    operands = (Operand("q"), Operand("keys"), Operand("w"), Operand("future", "index"))
+    traits = frozenset({"topk"})
 
     def reference(self, q, keys, w, future, *, k: int, softmax_scale: float, weights_scale: float):
         s = index_scores_reference(q, keys, w, softmax_scale, weights_scale).masked_fill(future, float("-inf"))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ds4c.errors import VerificationError
-from ds4c.ir.registry import OpDef, register_op
+from ds4c.ir.registry import OpDef, Operand, register_op
 from ds4c.ir.types import TensorType
 
 PREFETCH = "ds4c.prefetch"
@@ -24,6 +24,8 @@ PREFETCH = "ds4c.prefetch"
 class Prefetch(OpDef):
     name = PREFETCH
     num_results = 1
+    operands = (Operand("x", "weight"),)
+    traits = frozenset({"transfer"})
 
     def reference(self, x: torch.Tensor, *, device: Any = None) -> torch.Tensor:
         return x if device is None else x.to(device, non_blocking=True)

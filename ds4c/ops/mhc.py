@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ds4c.errors import VerificationError
-from ds4c.ir.registry import OpDef, register_op
+from ds4c.ir.registry import OpDef, Operand, register_op
 from ds4c.ops.norms import rms_norm_reference
 
 
@@ -63,6 +63,8 @@ def mhc_head_reference(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, sc
 class MhcPre(OpDef):
     name = "mhc.pre"
     num_results = 3
+    operands = (Operand("h"), Operand("fn", "weight"), Operand("base", "weight"), Operand("scale", "weight"))
+    traits = frozenset({"npu", "positionwise"})
 
     def reference(self, h, fn, base, scale, *, norm_eps, hc_eps, sinkhorn_iters):
         return mhc_pre_reference(h, fn, base, scale, norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=sinkhorn_iters)
@@ -79,6 +81,8 @@ class MhcPre(OpDef):
 class MhcPost(OpDef):
     name = "mhc.post"
     num_results = 1
+    operands = (Operand("f"), Operand("h"), Operand("post"), Operand("comb"))
+    traits = frozenset({"npu", "positionwise"})
 
     def reference(self, f, h, post, comb):
         return mhc_post_reference(f, h, post, comb)
@@ -88,6 +92,8 @@ class MhcPost(OpDef):
 class MhcHead(OpDef):
     name = "mhc.head"
     num_results = 1
+    operands = (Operand("h"), Operand("fn", "weight"), Operand("base", "weight"), Operand("scale", "weight"))
+    traits = frozenset({"npu", "positionwise"})
 
     def reference(self, h, fn, base, scale, *, norm_eps, hc_eps):
         return mhc_head_reference(h, fn, base, scale, norm_eps=norm_eps, hc_eps=hc_eps)

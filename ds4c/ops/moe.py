@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ds4c.errors import VerificationError
-from ds4c.ir.registry import OpDef, register_op
+from ds4c.ir.registry import OpDef, Operand, register_op
 
 ROUTINGS = ("bias", "hash")
 SCORES = ("sqrtsoftplus", "sigmoid", "softmax")
@@ -120,14 +120,24 @@ def moe_gather_formulation(x, ids, router, selector, gate_up, down, s_gate, s_up
 class Moe(OpDef):
     name = "moe"
     num_results = 1
+    operands = (Operand("x"), Operand("ids", "index"), Operand("router", "weight"), Operand("selector", "weight"),
+                Operand("gate_up", "weight", unit="experts"), Operand("down", "weight", unit="experts"),
+                Operand("s_gate", "weight", unit="shared_experts"), Operand("s_up", "weight", unit="shared_experts"),
+                Operand("s_down", "weight", unit="shared_experts"))
+    traits = frozenset({"npu", "positionwise"})
+    packed_variant = "moe.packed"
 
     def reference(self, *args, **kwargs):
         return moe_reference(*args, **kwargs)
 
+    def portable(self, kwargs):
+        return moe_gather_formulation
+
     def verify(self, op) -> None:
         super().verify(op)
-        if len(op.args) != 9:
-            raise VerificationError("moe takes 9 operands (x, ids, router, selector, gate_up, down, s_gate, s_up, s_down)")
+        if len(op.args) != len(self.operands):
+            raise VerificationError(f"moe takes {len(self.operands)} operands "
+                                    f"({', '.join(o.name for o in self.operands)})")
         if op.kwargs.get("routing") not in ROUTINGS or op.kwargs.get("score") not in SCORES:
             raise VerificationError(f"moe: routing must be one of {ROUTINGS}, score one of {SCORES}")
         verify_activations(op)

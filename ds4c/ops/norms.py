@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ds4c.errors import VerificationError
-from ds4c.ir.registry import OpDef, register_op
+from ds4c.ir.registry import OpDef, Operand, register_op
 from ds4c.ir.types import TensorType
 
 
@@ -36,6 +36,8 @@ def check_norm_weight(op_name: str, x, w) -> None:
 class RmsNorm(OpDef):
     name = "rms_norm"
     num_results = 1
+    operands = (Operand("x"), Operand("weight", "weight"))
+    traits = frozenset({"npu", "positionwise"})
 
     def reference(self, x: torch.Tensor, weight: torch.Tensor | None = None, *, eps: float) -> torch.Tensor:
         return rms_norm_reference(x, weight, eps)

@@ -12,20 +12,28 @@ from __future__ import annotations
 import torch
 
 from ds4c.errors import VerificationError
-from ds4c.ir.registry import OpDef, register_op
+from ds4c.ir.registry import OpDef, Operand, register_op
 from ds4c.ir.types import TensorType
+from ds4c.ops.moe import Moe
 
 
 @register_op
 class Dequant(OpDef):
     name = "quant.dequant"
     num_results = 1
+    operands = (Operand("packed", "weight", variadic=True),)
+    traits = frozenset({"npu"})
 
     def reference(self, *packed: torch.Tensor, format: str, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
         from ds4c.quant.formats import get_format
 
         fmt = get_format(format)
         return fmt.unpack(dict(zip(fmt.packed_spec(tuple(shape)), packed, strict=True)), tuple(shape), dtype)
+
+    def portable(self, kwargs):
+        """``mxfp4``: nibble codes through the E2M1 table and ``2^(b-127)`` scales (the reference
+        views the scale bytes as float8_e8m0fnu, which ONNX and torch-mlir lack)."""
+        return _mxfp4_dequant_portable if kwargs.get("format") == "mxfp4" else self.reference
 
     def verify(self, op) -> None:
         super().verify(op)
@@ -63,6 +71,8 @@ class Activation(OpDef):
 
     name = "quant.activation"
     num_results = 1
+    operands = (Operand("x"),)
+    traits = frozenset({"positionwise"})
 
     def reference(self, x: torch.Tensor, *, format: str, block: int) -> torch.Tensor:
         from ds4c.quant.activations import roundtrip
@@ -80,6 +90,13 @@ class Activation(OpDef):
         x = op.args[0]
         if isinstance(getattr(x, "type", None), TensorType) and str(op.result.type) != str(x.type):
             raise VerificationError(f"quant.activation: result {op.result.type} must equal input type {x.type}")
+
+
+def _mxfp4_dequant_portable(qdata: torch.Tensor, scale: torch.Tensor, *, format: str, shape: list[int],
+                            dtype: torch.dtype) -> torch.Tensor:
+    from ds4c.quant.formats import dequant_mxfp4_portable
+
+    return dequant_mxfp4_portable(qdata, scale, tuple(shape), dtype)
 
 
 def dequant_operands(args: tuple, formats: list[str], shapes: list[list[int]], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -121,6 +138,8 @@ class LinearPacked(OpDef):
 
     name = "linear.packed"
     num_results = 1
+    operands = (Operand("x"), Operand("packed", "weight", variadic=True))
+    traits = frozenset({"positionwise"})
 
     def reference(self, x: torch.Tensor, *packed: torch.Tensor, format: str, shape: list[int],
                   act: str | None = None) -> torch.Tensor:
@@ -153,6 +172,8 @@ class LinearGroupedPacked(OpDef):
 
     name = "linear.grouped.packed"
     num_results = 1
+    operands = (Operand("x"), Operand("packed", "weight", variadic=True))
+    traits = frozenset({"positionwise"})
 
     def reference(self, x: torch.Tensor, *packed: torch.Tensor, format: str, shape: list[int],
                   groups: int) -> torch.Tensor:
@@ -173,7 +194,7 @@ class LinearGroupedPacked(OpDef):
                                     f"(shape {shape})")
 
 
-MOE_WEIGHTS = ("gate_up", "down", "s_gate", "s_up", "s_down")
+MOE_WEIGHTS = tuple(o.name for o in Moe.operands if o.unit)  # gate_up, down, s_gate, s_up, s_down
 
 
 @register_op
@@ -185,11 +206,16 @@ class MoePacked(OpDef):
 
     name = "moe.packed"
     num_results = 1
+    operands = (*Moe.operands[:4], Operand("packed", "weight", variadic=True))
+    traits = frozenset({"positionwise"})
 
     def reference(self, x, ids, router, selector, *packed, formats: list[str], shapes: list[list[int]], **kwargs):
         from ds4c.ops.moe import moe_reference
 
         return moe_reference(x, ids, router, selector, *dequant_operands(packed, formats, shapes, x.dtype), **kwargs)
+
+    def portable(self, kwargs):
+        return _moe_packed_portable
 
     def verify(self, op) -> None:
         super().verify(op)
@@ -201,3 +227,10 @@ class MoePacked(OpDef):
         from ds4c.ops.moe import verify_activations
 
         verify_activations(op)
+
+
+def _moe_packed_portable(x, ids, router, selector, *packed, formats: list[str], shapes: list[list[int]], **kwargs):
+    from ds4c.ops.moe import moe_gather_formulation
+
+    return moe_gather_formulation(x, ids, router, selector, *dequant_operands(packed, formats, shapes, x.dtype),
+                                  **kwargs)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ds4c.errors import VerificationError
-from ds4c.ir.registry import OpDef, register_op
+from ds4c.ir.registry import OpDef, Operand, register_op
 from ds4c.ir.types import TensorType
 from ds4c.ops.norms import check_norm_weight, rms_norm_reference
 
@@ -40,6 +40,8 @@ def check_rope_dim(op_name: str, r, d) -> None:
 class Rope(OpDef):
     name = "rope"
     num_results = 1
+    operands = (Operand("x"), Operand("cos"), Operand("sin"))
+    traits = frozenset({"npu"})
 
     def reference(self, x, cos, sin, *, rope_dim: int, inverse: bool = False):
         return rope_reference(x, cos, sin, rope_dim, inverse)
@@ -70,6 +72,7 @@ class RmsNormRope(OpDef):
 
     name = "rms_norm.rope"
     num_results = 1
+    operands = (Operand("x"), Operand("weight", "weight"), Operand("cos"), Operand("sin"))
 
     def reference(self, x, weight, cos, sin, *, eps: float, rope_dim: int):
         return rms_norm_rope_reference(x, weight, cos, sin, eps, rope_dim)
