@@ -6,10 +6,11 @@ the reader's inputs and outputs coexist, so an op never writes over its own inpu
 live to step ``n``; a result nobody reads lives over ``[i, i]``.
 
 Graph inputs (``input``, ``param``, ``state``, ``const``) are not activation buffers: the runtime
-owns them. Ops that return a view of an input (``VIEW_OPS``: view, reshape, expand, slice, select,
-permute, transpose, unsqueeze, split, ...) get no buffer of their own: they share the buffer of
-their source and extend its live range; a view of a graph input is no buffer at all. So do ATen
-ops whose schema lets them return an input (``contiguous``, ``to``: ``may_return_input``).
+owns them. Ops that return a view of an input (the registry's ``view`` trait: view, reshape,
+expand, slice, select, permute, transpose, unsqueeze, split, ...) get no buffer of their own: they
+share the buffer of their source and extend its live range; a view of a graph input is no buffer
+at all. So do ATen ops whose schema lets them return an input (``contiguous``, ``to``:
+``may_return_input``).
 
 Byte sizes of symbolic dims are evaluated at one binding of the symbols (``plan_binding``):
 ``ctx.options['plan_sizes']`` when given (``{'B': 1, 'S': 4096}``); otherwise ``B`` =
@@ -25,23 +26,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ds4c.ir.graph import Graph, Value
+from ds4c.ir.registry import get_op, has_trait
 from ds4c.ir.shapes import dim_expr, eval_dim
 from ds4c.ir.types import IRType, ListType, TensorType
 
 DEFAULT_MAX_CONTEXT = 4096
 
-# ATen ops (the part of the name between namespace and overload) whose results are views of
-# their first tensor operand.
-VIEW_OPS = frozenset({
-    "view", "_unsafe_view", "reshape", "view_as", "expand", "expand_as", "slice", "select", "narrow", "permute",
-    "transpose", "t", "unsqueeze", "squeeze", "as_strided", "alias", "detach", "split", "split_with_sizes",
-    "unbind", "chunk", "tensor_split", "flatten", "unflatten", "movedim", "diagonal", "unfold",
-})
-
-
 def is_view_op(name: str) -> bool:
-    parts = name.split(".")
-    return len(parts) == 3 and parts[0] == "aten" and parts[1] in VIEW_OPS
+    """Whether op ``name``'s results are views of its first tensor operand (its ``view`` trait)."""
+    return has_trait(name, "view")
 
 
 def may_return_input(name: str) -> bool:
@@ -49,14 +42,8 @@ def may_return_input(name: str) -> bool:
     schema lets a result alias an input (``contiguous``, ``to``: they return the input itself when
     there is nothing to do). Liveness treats such a result as a view: if it is a fresh tensor after
     all, its op allocates it (no ``out=`` form exists for it), and the source stays live as long."""
-    if is_view_op(name):
-        return True
-    if not name.startswith("aten."):
-        return False
-    from ds4c.ir.registry import get_op
-
-    schema = getattr(get_op(name), "schema", None)
-    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+    opdef = get_op(name)
+    return "view" in opdef.traits or getattr(opdef, "may_alias", False)
 
 
 def plan_binding(graph: Graph, options: dict[str, Any] | None = None,
