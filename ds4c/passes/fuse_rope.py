@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ds4c.ir.graph import Graph, Value
+from ds4c.ir.registry import ops_with
 from ds4c.ir.types import TensorType
 from ds4c.passes.manager import PassContext, register_pass
 from ds4c.passes.pattern_lib import CASTS, VIEWS
@@ -45,8 +46,7 @@ def _check(m: Match) -> bool:
     return m["rot_start"] in (-r, (d - r) if isinstance(d, int) else None)
 
 
-_LAYOUT = {"aten.unsqueeze.default", "aten.repeat_interleave.self_int", "aten.expand.default", "aten.view.default",
-           "aten._unsafe_view.default", "aten.reshape.default"}
+_LAYOUT = ops_with("reshape") | ops_with("broadcast")  # they commute with negation
 
 
 def _un_negate(m: Match, b: Builder, v: Value) -> Value | None:

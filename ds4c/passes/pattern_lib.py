@@ -1,6 +1,9 @@
-"""Op-name groups shared by fusion patterns: the spellings the same computation takes in traced graphs."""
+"""Op-name groups shared by fusion patterns: the spellings the same computation takes in traced
+graphs, read from the ops' traits (``ds4c.ir.registry.TRAITS``)."""
 
-CASTS = ("aten._to_copy.default", "aten.to.dtype")
-VIEWS = ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default")
+from ds4c.ir.registry import ops_with
+
+CASTS = ops_with("cast")  # _to_copy, to.dtype
+VIEWS = ops_with("reshape")  # view, _unsafe_view, reshape
 # Value-preserving copies that sit between the ops a pattern cares about (dropout at eval, .contiguous()).
-COPIES = ("aten.clone.default", "aten.contiguous.default", "aten.alias.default", "aten.detach.default")
+COPIES = ops_with("identity")
