@@ -17,7 +17,7 @@ position, sliced where the head leaves the rest of the graph::
     return logits=%linear(%z, ...), ...        return logits=%linear(...) : [B, 1, vocab], ...
 
 The head grows backwards from the logits over ops that work position by position
-(``POSITIONWISE``) and feed nothing but the head; in DeepSeek-V4 that is also the last layer's
+(the ``positionwise`` trait) and feed nothing but the head; in DeepSeek-V4 that is also the last layer's
 FFN half (mHC pre/post, the MoE: a decode-sized MoE for one token). The sequence length must be
 symbolic, and each value entering the head must carry it at dimension 1; otherwise the rewrite
 returns None, the pass leaves ``prefill_last`` as it is and the runtime slices its full logits.
@@ -27,12 +27,10 @@ The state outputs are untouched.
 from __future__ import annotations
 
 from ds4c.ir.graph import Graph, Op, Program, Value
+from ds4c.ir.registry import has_trait
 from ds4c.ir.types import TensorType
 from ds4c.passes.manager import PassContext, register_pass
 
-# ops that map each position to itself: slicing their token dimension commutes with them
-POSITIONWISE = frozenset({"mhc.head", "mhc.pre", "mhc.post", "moe", "moe.packed", "rms_norm", "aten.linear.default",
-                          "linear.packed", "linear.grouped", "quant.activation", "aten.to.dtype", "aten.mul.Tensor", "aten.add.Tensor"})
 LAST_ENTRY = "prefill_last"
 _END = 9223372036854775807
 
@@ -62,7 +60,7 @@ def last_position_logits(graph: Graph, output: str = "logits") -> Graph | None:
     head: list[Op] = []
     seen: set[Op] = set()
     for op in reversed(graph.ops):
-        if op in shared or op.name not in POSITIONWISE or not op.results:
+        if op in shared or not has_trait(op.name, "positionwise") or not op.results:
             continue
         readers = [u for r in op.results for u in users.get(r, [])]
         feeds_output = outs[output] in op.results
