@@ -182,6 +182,8 @@ def compile(
         transforms = program.attrs.get("weight_transforms") or []
         spec = _used_params(program, full_spec, also=set(assignment) | transform_sources(transforms))
         stored = lowered_spec(stored_spec(spec, assignment, read | transform_sources(transforms)), transforms, read)
+        # what the source gives: checkpoint tensors shipped in their assigned format come packed (their bytes)
+        provided = source.provided_spec(spec, assignment, keep=read | transform_sources(transforms))
         total_bytes = sum(_numel(s) * d.itemsize for s, d in stored.values())
         mode = weights
         if mode == "auto":
@@ -190,8 +192,8 @@ def compile(
             mode = "embed"  # an in-memory module has nothing to point at
         embedded = None
         if mode == "embed":
-            loaded = calibration.weights() or source.load_weights(spec, dtype=dtype)
-            embedded = {k: loaded[k] for k in spec}
+            loaded = (calibration.weights() if provided == spec else None) or source.load_weights(provided, dtype=dtype)
+            embedded = {k: loaded[k] for k in provided}
             pack_weights(embedded, assignment, keep=read)
             apply_lowering(embedded, transforms)
             embedded = {k: embedded[k] for k in stored}
@@ -225,7 +227,7 @@ def compile(
             "tensors": {k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")} for k, (s, d) in stored.items()},
             # What the source provides, when it differs from what the program reads (packed weights).
             **({"source_tensors": {k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")}
-                                   for k, (s, d) in spec.items()}} if assignment or transforms else {}),
+                                   for k, (s, d) in provided.items()}} if assignment or transforms else {}),
             # Transforms the runtime applies to referenced weights at load, in order.
             "transforms": [{"op": "cast", "dtype": str(dtype).removeprefix("torch."), "tensors": "floating"}]
             + ([{"op": "quantize", "tensors": assignment}] if assignment else []) + list(transforms),

@@ -119,14 +119,9 @@ def portable_reference(name: str, kwargs: dict[str, Any]) -> Callable[..., Any]:
 
 def _mxfp4_dequant(qdata: torch.Tensor, scale: torch.Tensor, *, format: str, shape: list[int],
                    dtype: torch.dtype) -> torch.Tensor:
-    from ds4c.frontend.formats import E2M1_VALUES
-    from ds4c.quant.formats import MX_BLOCK
+    from ds4c.quant.formats import dequant_mxfp4_portable
 
-    b = qdata.to(torch.int64)
-    codes = torch.stack([b % 16, b // 16], dim=-1).flatten(-2)  # low nibble first
-    values = E2M1_VALUES.to(qdata.device)[codes]
-    scales = torch.pow(2.0, scale.to(torch.float32) - 127.0).repeat_interleave(MX_BLOCK, dim=-1)
-    return (values * scales[..., : values.shape[-1]]).reshape(shape).to(dtype)
+    return dequant_mxfp4_portable(qdata, scale, tuple(shape), dtype)
 
 
 def widen(graph: Graph, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[Graph, dict]:

@@ -1,7 +1,12 @@
 """Checkpoint directories: ``config.json`` + ``*.safetensors`` (one file, or shards listed by
 ``model.safetensors.index.json``), in transformers' naming, in DeepSeek's release naming (FP8
-block-scaled linears, MXFP4-packed routed experts; dequantised here), or the mix of both that
-transformers' ``save_pretrained`` writes (``model.layers.N.attn.wq_a.weight``, ``head.weight``).
+block-scaled linears, MXFP4-packed routed experts), or the mix of both that transformers'
+``save_pretrained`` writes (``model.layers.N.attn.wq_a.weight``, ``head.weight``).
+
+A quantised tensor is dequantised where its parameter is asked for, and handed over with its
+bytes unchanged where its packed tensors are asked for instead (``<name>.qdata`` / ``<name>.scale``
+in a format of ds4c.quant.formats, the one it ships in: ``packable`` says which): an artifact
+compiled in the format a checkpoint ships stores, or loads, the checkpoint's own bytes.
 
 Everything is checked from the file headers before any tensor data is read (missing, unexpected,
 mis-shaped tensors; missing scales; truncated files), then tensor data is read a slab of rows at a
@@ -24,7 +29,15 @@ import torch
 from ds4c.errors import CheckpointError, ConfigError
 from ds4c.frontend.deepseek_format import DS_EXPERT, deepseek_to_hf_name, is_hf_name, scale_name
 from ds4c.frontend.file_record import RecordCheck
-from ds4c.frontend.formats import dequant_fp8_block, dequant_mxfp4
+from ds4c.quant.formats import (
+    FP8_BLOCK,
+    MX_BLOCK,
+    dequant_fp8_block,
+    dequant_mxfp4,
+    from_checkpoint,
+    get_format,
+    packed_format,
+)
 
 INDEX = "model.safetensors.index.json"
 Spec = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
@@ -32,7 +45,7 @@ _FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 _FP4_DTYPES = ("I8", "U8", "F4")  # packed e2m1 pairs, when the model wants floats
 _INT_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")
 _SCALE_DTYPES = ("F8_E8M0", "U8", "F32", "BF16", "F16")  # U8: UE8M0 exponents as plain bytes
-_SLAB_ELEMENTS = 1 << 22  # elements read per slab (multiple of 128 rows)
+_SLAB_ELEMENTS = 1 << 22  # elements read per slab (whole FP8 block rows)
 logger = logging.getLogger(__name__)
 
 
@@ -323,11 +336,11 @@ def _classify(files: _Files, key: str, want_float: bool, name: str) -> _Source:
             raise CheckpointError(f"{files.where[s]}: scale '{s}' is stored as {files.dtype(s)}; block scales are "
                                   f"{', '.join(_SCALE_DTYPES)} (U8: UE8M0 exponent bytes): re-save the checkpoint")
         rows, cols = shape if len(shape) == 2 else (0, 0)
-        want = (-(-rows // 128), -(-cols // 128)) if kind == "fp8" else (rows, -(-cols // 32))
+        want = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)) if kind == "fp8" else (rows, -(-cols // MX_BLOCK))
         if len(shape) != 2 or files.shape(s) != want:
             raise CheckpointError(f"{files.where[s]}: scale '{s}' has shape {list(files.shape(s))}, expected "
                                   f"{list(want)} for {dt} weight '{key}' of shape {list(shape)} "
-                                  f"({'128x128 blocks' if kind == 'fp8' else 'one per 32 inputs'})")
+                                  f"({f'{FP8_BLOCK}x{FP8_BLOCK} blocks' if kind == 'fp8' else f'one per {MX_BLOCK} inputs'})")
     return _Source(key, kind, tuple(shape))
 
 
@@ -339,7 +352,7 @@ def _hf_name(key: str, expected: Spec) -> str | None:
     return deepseek_to_hf_name(bare) or (("model." + bare) if is_hf_name("model." + bare) else None)
 
 
-def _plan(files: _Files, expected: Spec) -> _Plan:
+def _plan(files: _Files, expected: Spec, partial: bool = False) -> _Plan:
     plan = _Plan()
     directory = files.dir
     for key in files.where:
@@ -350,6 +363,8 @@ def _plan(files: _Files, expected: Spec) -> _Plan:
         if key.endswith(".scale") and (key.removesuffix(".scale") + ".weight") in files.where:
             continue  # block scales are read with their weight
         name = _hf_name(key, expected)
+        if partial and name is not None and name not in expected:
+            continue  # a parameter not asked for this time (one weight read alone)
         if name is None or name not in expected:
             hint = f" (would be '{name}')" if name else ""
             raise CheckpointError(f"{files.where[key]}: unexpected tensor '{key}'{hint}; the model built from "
@@ -415,7 +430,7 @@ def _fill(files: _Files, src: _Source, dst: torch.Tensor, allow_nonfinite: bool 
         dst.copy_(t)
         return
     row_elems = max(1, dst[0].numel())
-    step = max(128, (_SLAB_ELEMENTS // row_elems) // 128 * 128)
+    step = max(FP8_BLOCK, (_SLAB_ELEMENTS // row_elems) // FP8_BLOCK * FP8_BLOCK)  # whole FP8 block rows
     scale = None
     if src.kind != "plain":
         s = scale_name(src.key)
@@ -426,9 +441,9 @@ def _fill(files: _Files, src: _Source, dst: torch.Tensor, allow_nonfinite: bool 
         r1 = min(r + step, src.shape[0])
         t = files.rows(src.key, r, r1)
         if src.kind == "fp8":
-            t = dequant_fp8_block(t, scale[r // 128: -(-r1 // 128)], 128, out_dtype=dst.dtype)
+            t = dequant_fp8_block(t, scale[r // FP8_BLOCK: -(-r1 // FP8_BLOCK)], FP8_BLOCK, out_dtype=dst.dtype)
         elif src.kind == "fp4":
-            t = dequant_mxfp4(t, scale[r:r1], 32, out_dtype=dst.dtype)
+            t = dequant_mxfp4(t, scale[r:r1], MX_BLOCK, out_dtype=dst.dtype)
         if not allow_nonfinite:
             _finite(files, src, t, r)
         dst[r:r1].copy_(t)
@@ -459,7 +474,7 @@ def _finite(files: _Files, src: _Source, t: torch.Tensor, first_row: int) -> Non
 
 
 @contextlib.contextmanager
-def _planned(directory: str | Path, expected: Spec, record: RecordCheck | None = None,
+def _planned(directory: str | Path, expected: Spec, record: RecordCheck | None = None, partial: bool = False,
              ) -> Iterator[tuple[_Files, _Plan]]:
     """The checkpoint in ``directory`` opened and checked against ``expected`` from its headers
     (every check that needs no tensor data; first, that ``record`` names every file read),
@@ -471,9 +486,124 @@ def _planned(directory: str | Path, expected: Spec, record: RecordCheck | None =
     try:
         if record is not None:
             record.files_read(directory, files.files)
-        yield files, _plan(files, expected)
+        yield files, _plan(files, _split_packed(expected)[0], partial)
     finally:
         files.close()
+
+
+def shipped_format(files: _Files, src: _Source) -> str | None:
+    """The format of ds4c.quant.formats a checkpoint tensor is stored in (None: not quantised)."""
+    if src.kind == "fp4":
+        return "mxfp4"
+    if src.kind == "fp8":
+        return "fp8" if files.dtype(scale_name(src.key)) in ("F8_E8M0", "U8") else "fp8-f32scale"
+    return None
+
+
+_PACKED_PARTS = ("qdata", "scale")
+
+
+def _split_packed(expected: Spec) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]],
+                                           dict[str, tuple[str, dict[str, tuple[tuple[int, ...], torch.dtype]]]]]:
+    """``expected`` with the weights asked for as packed tensors (``<name>.qdata`` + ``<name>.scale``,
+    the artifact's names, in a format's exact shapes and dtypes) planned as the weights themselves:
+    (weights to plan, name -> (format, parts))."""
+    groups: dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
+    for k, (shape, dt) in expected.items():
+        base, _, part = k.rpartition(".")
+        if part in _PACKED_PARTS and f"{base}.qdata" in expected:
+            groups.setdefault(base, {})[part] = (tuple(shape), dt)
+    weights = {k: (tuple(v[0]), v[1]) for k, v in expected.items()}
+    packed = {}
+    for base, parts in groups.items():
+        found = packed_format(parts)
+        if found is None:
+            continue
+        fmt, shape = found
+        packed[base] = (fmt, parts)
+        for part in parts:
+            weights.pop(f"{base}.{part}")
+        weights.setdefault(base, (shape, torch.float32))
+    return weights, packed
+
+
+def _sources(plan: _Plan, name: str) -> list[list[_Source]]:
+    """Per matrix of ``name`` (one, or one per expert), its checkpoint tensors stacked along rows."""
+    if name in plan.plain:
+        return [[plan.plain[name]]]
+    parts = plan.experts[name]
+    order = ("w2",) if name.endswith("down_proj") else ("w1", "w3")
+    return [[parts[(e, w)] for w in order] for e in range(1 + max(e for e, _ in parts))]
+
+
+def _packable_layout(files: _Files, plan: _Plan, name: str, fmt: str, shape: tuple[int, ...]) -> str | None:
+    """Why ``name`` cannot be handed over as ``fmt`` with the checkpoint's bytes, or None."""
+    mats = _sources(plan, name)
+    shipped = {shipped_format(files, src) for mat in mats for src in mat}
+    if shipped != {fmt}:
+        return f"the checkpoint stores it as {' / '.join(sorted(str(f) for f in shipped))}"
+    if fmt.startswith("fp8") and any(files.dtype(src.key) != "F8_E4M3" for mat in mats for src in mat):
+        return "the checkpoint stores it as e5m2, not e4m3"
+    f = get_format(fmt)
+    rows = [src.shape for src in mats[0]]
+    stacked = {part: sum(f.packed_spec(r)[part][0][0] for r in rows) for part in f.parts}
+    want = f.packed_spec(shape)
+    if any(want[part][0][-2] != stacked[part] for part in f.parts):  # e.g. w1 | w3 scale blocks straddling
+        return f"its {len(rows)} stacked matrices' {fmt} blocks are not those of the stack"
+    return None
+
+
+def packable(directory: str | Path, expected: Spec, formats: Mapping[str, str]) -> dict[str, str]:
+    """Of ``formats`` (weight -> format), the weights the checkpoint in ``directory`` stores in that
+    format with the layout of its packed tensors: loading their packed tensors reads the bytes as
+    stored, no dequantise / requantise (``load_checkpoint`` with ``<name>.qdata`` / ``.scale``)."""
+    with _planned(directory, expected) as (files, plan):
+        return {name: fmt for name, fmt in formats.items() if name in expected
+                and (name in plan.plain or name in plan.experts)
+                and _packable_layout(files, plan, name, fmt, tuple(expected[name][0])) is None}
+
+
+def _read_packed(files: _Files, plan: _Plan, name: str, fmt: str,
+                 parts: Mapping[str, tuple[tuple[int, ...], torch.dtype]], allow_nonfinite: bool
+                 ) -> dict[str, torch.Tensor]:
+    """The packed tensors of ``name`` in ``fmt``: the checkpoint's tensors as stored (stacked per
+    expert, w1 above w3), checked for NaN codes unless ``allow_nonfinite``."""
+    shape = packed_format(dict(parts))[1]
+    why = _packable_layout(files, plan, name, fmt, shape)
+    if why is not None:
+        raise CheckpointError(f"{files.dir}: '{name}' is asked for packed as {fmt}, but {why}; the checkpoint is not "
+                              "the one the artifact was compiled against: recompile it")
+    mats = []
+    for mat in _sources(plan, name):
+        pieces = [from_checkpoint(fmt, files.rows(src.key), _scale_rows(files, src)) for src in mat]
+        for src, p in zip(mat, pieces, strict=True):
+            if not allow_nonfinite:
+                _finite_packed(files, src, p)
+        mats.append({part: torch.cat([p[part] for p in pieces]) for part in pieces[0]})
+    out = {part: (mats[0][part] if name in plan.plain else torch.stack([m[part] for m in mats])) for part in parts}
+    for part, (want_shape, want_dtype) in parts.items():
+        if tuple(out[part].shape) != tuple(want_shape) or out[part].dtype != want_dtype:
+            raise CheckpointError(f"{files.dir}: '{name}.{part}' is {out[part].dtype}{list(out[part].shape)} in the "
+                                  f"checkpoint, {want_dtype}{list(want_shape)} expected; recompile the artifact")
+    return out
+
+
+def _scale_rows(files: _Files, src: _Source) -> torch.Tensor:
+    s = scale_name(src.key)
+    scale = files.rows(s)
+    return scale.view(torch.float8_e8m0fnu) if files.dtype(s) == "U8" else scale
+
+
+def _finite_packed(files: _Files, src: _Source, packed: Mapping[str, torch.Tensor]) -> None:
+    """Refuse packed tensors with NaN codes (e4m3 0x7F / 0xFF, UE8M0 0xFF, non-finite fp32 scales):
+    what ``_finite`` finds in dequantised weights, found in the bytes."""
+    q, s = packed["qdata"], packed["scale"]
+    bad = int(((q.view(torch.uint8) & 0x7F) == 0x7F).sum()) if q.dtype == torch.float8_e4m3fn else 0
+    bad += int((s == 255).sum()) if s.dtype == torch.uint8 else int((~torch.isfinite(s)).sum())
+    if bad:
+        raise CheckpointError(f"{files.where[src.key]}: tensor '{src.key}' or its scale holds {bad} NaN/Inf code(s); "
+                              "they would make every logit NaN: use an intact checkpoint, or pass "
+                              "--allow-nonfinite-weights (ds4c.compile(..., allow_nonfinite=True)) if they are meant")
 
 
 def check_checkpoint(directory: str | Path, expected: Spec) -> None:
@@ -487,7 +617,7 @@ def check_checkpoint(directory: str | Path, expected: Spec) -> None:
 
 def load_checkpoint(directory: str | Path, expected: Spec, *, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu", progress: Callable[[int, int], None] | None = None,
-                    allow_nonfinite: bool = False, record: RecordCheck | None = None,
+                    allow_nonfinite: bool = False, record: RecordCheck | None = None, partial: bool = False,
                     ) -> dict[str, torch.Tensor]:
     """Every tensor of ``expected`` (transformers name -> (shape, dtype)) from the checkpoint in ``directory``.
 
@@ -498,16 +628,24 @@ def load_checkpoint(directory: str | Path, expected: Spec, *, dtype: torch.dtype
     values are refused as they are read, unless ``allow_nonfinite``. ``record``: a reference-mode
     artifact's record of the checkpoint's files, checked before any header is parsed (every
     recorded file unchanged) and after (every file read is recorded; ``ds4c.frontend.file_record``).
+    ``partial``: ``expected`` names some of the model's parameters (one weight read alone); the
+    checkpoint's other tensors are not read. Weights asked for as packed tensors (``<name>.qdata``
+    and ``<name>.scale`` in the format the checkpoint ships them in) come with its bytes unchanged.
     """
     out: dict[str, torch.Tensor] = {}
     if record is not None:
         record.before_reading(Path(directory))
-    with _planned(directory, expected, record) as (files, plan):
+    weights, packed = _split_packed(expected)
+    with _planned(directory, expected, record, partial) as (files, plan):
         if plan.ignored:
             logger.info("%s: ignoring %d multi-token-prediction tensors (mtp.*): ds4c compiles the main model only",
                         directory, len(plan.ignored))
-        _load_all(files, plan, expected, out, dtype, device, progress, allow_nonfinite)
-    return out
+        _load_all(files, plan, {k: v for k, v in weights.items() if k in expected}, out, dtype, device, progress,
+                  allow_nonfinite)
+        for name, (fmt, parts) in packed.items():
+            for part, t in _read_packed(files, plan, name, fmt, parts, allow_nonfinite).items():
+                out[f"{name}.{part}"] = t.to(device)
+    return {k: out[k] for k in expected}
 
 
 def checkpoint_files(directory: str | Path, expected: Spec) -> list[Path]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ds4c.frontend.formats import quant_fp8_block, quant_mxfp4
+from ds4c.quant.formats import FP8_BLOCK, MX_BLOCK, quant_fp8_block, quant_mxfp4
 
 # (release name inside a block, transformers name inside ``model.layers.N``, release dtype class)
 # dtype class: "fp8" = FP8 linear in the release, "bf16", "fp32", "int" = kept as is.
@@ -149,7 +149,7 @@ def release_config(config: Mapping[str, Any], *, fp8: bool, fp4_experts: bool) -
         out.pop(key, None)
     if fp8:
         out["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                      "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
+                                      "scale_fmt": "ue8m0", "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
     if fp4_experts:
         out["expert_dtype"] = "fp4"
     return out
@@ -157,7 +157,7 @@ def release_config(config: Mapping[str, Any], *, fp8: bool, fp4_experts: bool) -
 
 def _release_tensors(name: str, t: torch.Tensor, cls: str, *, fp8: bool, fp4_experts: bool):
     """(release name, tensor) pairs for one 2-D/1-D weight of dtype class ``cls``."""
-    if cls == "fp4" and fp4_experts and t.shape[-1] % 32 == 0:
+    if cls == "fp4" and fp4_experts and t.shape[-1] % MX_BLOCK == 0:
         q, s = quant_mxfp4(t)
         return [(name, q.view(torch.int8)), (scale_name(name), s)]
     if cls in ("fp8", "fp4") and fp8:

@@ -61,6 +61,19 @@ class ModelSource:
             out["files"] = record_files(self.path.parent, [self.path])
         return out
 
+    def provided_spec(self, spec: WeightSpec, assignment: Mapping[str, str], keep: Any = ()
+                      ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What ``load_weights`` is asked for: ``spec``, except that weights a checkpoint stores in
+        their assigned format (``assignment``: name -> format) come as their packed tensors, the
+        checkpoint's bytes (ds4c.frontend.checkpoint.packable); those in ``keep`` come unpacked too."""
+        from ds4c.quant.packing import provided_spec
+
+        if self.kind != "checkpoint" or self.path is None or not assignment:
+            return dict(spec)
+        from ds4c.frontend.checkpoint import packable
+
+        return provided_spec(spec, packable(self.path, spec, assignment), keep)
+
     def load_weights(self, expected: WeightSpec, *, dtype: torch.dtype, device: str | torch.device = "cpu",
                      progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
         """Materialise the weights named in ``expected`` in HF naming, as ``dtype`` (integer tensors keep theirs)."""

@@ -9,7 +9,6 @@ which format a checkpoint ships each tensor (FP8 / MXFP4), so auto can keep it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -35,7 +34,13 @@ def calibration_for(source: ModelSource, spec: WeightSpec, dtype: torch.dtype, *
             n *= int(d)
         if n > SAMPLE_READ_LIMIT:
             return None
-        t = source.load_weights({name: (full, want)}, dtype=dtype)[name]
+        if source.kind == "checkpoint" and source.path is not None:  # this tensor alone
+            from ds4c.frontend.checkpoint import load_checkpoint
+
+            t = load_checkpoint(source.path, {name: (full, want)}, dtype=dtype, partial=True,
+                                allow_nonfinite=source.allow_nonfinite)[name]
+        else:
+            t = source.load_weights({name: (full, want)}, dtype=dtype)[name]
         return t[tuple(slice(0, s) for s in shape)]
 
     arrival = shipped_formats(source.path, spec) if source.kind == "checkpoint" and source.path else {}
@@ -45,24 +50,15 @@ def calibration_for(source: ModelSource, spec: WeightSpec, dtype: torch.dtype, *
 
 def shipped_formats(directory: Path, spec: WeightSpec) -> dict[str, str]:
     """transformers name -> ``fp8`` / ``fp8-f32scale`` / ``mxfp4`` for tensors the checkpoint stores quantised."""
-    from ds4c.frontend.checkpoint import _planned  # the loader's own reading of the headers
-    from ds4c.frontend.deepseek_format import scale_name
+    from ds4c.frontend.checkpoint import _planned, shipped_format  # the loader's own reading of the headers
 
     with _planned(directory, spec) as (files, plan):
         out: dict[str, str] = {}
-
-        def fmt(src: Any) -> str | None:
-            if src.kind == "fp4":
-                return "mxfp4"
-            if src.kind == "fp8":
-                return "fp8" if files.dtype(scale_name(src.key)) in ("F8_E8M0", "U8") else "fp8-f32scale"
-            return None
-
         for name, src in plan.plain.items():
-            if fmt(src):
-                out[name] = fmt(src)
+            if shipped_format(files, src):
+                out[name] = shipped_format(files, src)
         for name, parts in plan.experts.items():
-            kinds = {fmt(s) for s in parts.values()}
+            kinds = {shipped_format(files, s) for s in parts.values()}
             if len(kinds) == 1 and None not in kinds:
                 out[name] = kinds.pop()
         return out

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import torch
 
-ACT_BLOCK = 128  # input channels per FP8 activation scale (one FP8 weight block wide)
-MX_ACT_BLOCK = 32  # input channels per MXFP4 activation scale (one MXFP4 weight block wide)
-FP8_MAX = 448.0
-FP4_MAX = 6.0
+from ds4c.quant.formats import FP8_BLOCK, FP8_MAX, MX_BLOCK, round_to_e2m1
+
+ACT_BLOCK = FP8_BLOCK  # input channels per FP8 activation scale (one FP8 weight block wide)
+MX_ACT_BLOCK = MX_BLOCK  # input channels per MXFP4 activation scale (one MXFP4 weight block wide)
 AMAX_FLOOR = 1e-4
 ACTIVATION_FORMATS = ("fp8", "mxfp4")
 ACTIVATION_BLOCKS = {"fp8": ACT_BLOCK, "mxfp4": MX_ACT_BLOCK}
@@ -61,15 +61,6 @@ def mxfp4_scale_exponents(amax: torch.Tensor) -> torch.Tensor:
     return (e - 2 + (a > 1.5 * torch.exp2(e)).float()).to(torch.int32)
 
 
-def round_e2m1(v: torch.Tensor) -> torch.Tensor:
-    """fp32 ``v`` rounded to the nearest e2m1 value (0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives),
-    ties to the even code, saturating at 6: the grid's step is 0.5 below 2, 1 below 4 and 2 up to
-    6, so each range is one ``round`` (half to even: the even code) at its step."""
-    a = v.abs().clamp_max(FP4_MAX)
-    q = torch.where(a < 2, torch.round(a * 2) / 2, torch.where(a < 4, torch.round(a), torch.round(a / 2) * 2))
-    return torch.where(v < 0, -q, q)
-
-
 def _blockwise(x: torch.Tensor, block: int, quantize) -> torch.Tensor:
     """``x`` (last dim: the GEMM's input channels) in blocks of ``block`` channels per token (the
     last zero-padded), each block through ``quantize(block values fp32, amax)`` -> values times
@@ -89,7 +80,7 @@ def mxfp4_roundtrip(x: torch.Tensor, block: int = MX_ACT_BLOCK) -> torch.Tensor:
     bf16: an e2m1 value has 2 significant bits)."""
     def quantize(blocks, amax):
         scale = torch.exp2(mxfp4_scale_exponents(amax).float())  # exact powers of two
-        return round_e2m1(blocks / scale) * scale
+        return round_to_e2m1(blocks / scale) * scale  # the weight packer's rounding
     return _blockwise(x, block, quantize)
 
 

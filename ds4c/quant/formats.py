@@ -1,4 +1,4 @@
-"""Weight storage formats: one record per format, with exact packing and its dequantisation reference.
+"""Weight storage formats: the one owner of each format's block layout, quantisation and dequantisation.
 
 A format packs a weight ``w`` ([.., out, in], the input dimension last) into named tensors and
 unpacks them back; ``packed_spec(shape)`` gives those tensors' shapes and dtypes without any data,
@@ -7,19 +7,30 @@ so the bytes of a model are exact from shapes alone. Every format:
 - round-trips exactly on values it can represent (``unpack(pack(w)) == w``);
 - keeps each element's error under ``error_bound(w)`` (tested against random and adversarial data).
 
-Formats (the block layouts DeepSeek ships; the math is the checkpoint loader's, ds4c.frontend.formats):
+Formats (the block layouts DeepSeek ships, DSV4_ARCHITECTURE.md §6):
 
 - ``bf16``: a cast. Bound ``2^-8·|w|`` (round to nearest, 8 significant bits).
-- ``fp8``: e4m3 with one UE8M0 (power-of-two) scale per 128x128 block of each [out, in] matrix;
-  ``fp8-f32scale``: the same with fp32 scales (amax / 448). Bound ``max(2^-4·|w|, 2^-10·scale)``:
-  3 mantissa bits, subnormal step 2^-9 below 2^-6; the scale keeps the block max <= 448.
+- ``fp8``: e4m3 with one UE8M0 (power-of-two) scale per ``FP8_BLOCK`` x ``FP8_BLOCK`` (128x128)
+  block of each [out, in] matrix; ``fp8-f32scale``: the same with fp32 scales (amax / 448).
+  ``w = q.float() * scale`` blockwise. Bound ``max(2^-4·|w|, 2^-10·scale)``: 3 mantissa bits,
+  subnormal step 2^-9 below 2^-6; the scale keeps the block max <= 448.
 - ``int8``: symmetric int8 with one fp32 scale per output channel (amax / 127). Bound ``scale / 2``.
-- ``mxfp4``: OCP MX e2m1, two values per byte along the input dimension (low nibble first), one
-  UE8M0 scale per 32 inputs. Bound ``max(|w|, scale) / 4`` (grid spacing is at most half the value
-  above 1 and 0.5 below it; the scale keeps the block max <= 6).
+- ``mxfp4``: OCP MX e2m1, two values per byte along the input dimension, the element with the
+  lower index in the low nibble, one UE8M0 scale per ``MX_BLOCK`` (32) inputs;
+  ``w = e2m1(q) * scale``. DeepSeek stores these bytes as int8 [out, in/2] with scales
+  float8_e8m0fnu [out, in/32]; the nibble order is the one its ``inference/convert.py``
+  (``cast_e2m1fn_to_e4m3fn``: ``stack([table[x & 0xF], table[x >> 4]], -1)``) decodes, and the
+  OCP / ``torch.float4_e2m1fn_x2`` order. Bound ``max(|w|, scale) / 4`` (grid spacing is at most
+  half the value above 1 and 0.5 below it; the scale keeps the block max <= 6).
 
-UE8M0 scales are stored as their exponent byte (``uint8``; value ``2^(b-127)``): safetensors
-writes ``float8_e8m0fnu`` but cannot read it back.
+Weight scales are the smallest power of two that keeps the block maximum representable (amax /
+448 for e4m3, amax / 6 for e2m1), rounded up, as DeepSeek's converter does. UE8M0 scales are
+stored as their exponent byte (``uint8``; value ``2^(b-127)``): safetensors writes
+``float8_e8m0fnu`` but cannot read it back. A checkpoint's FP8 / MXFP4 tensors already are these
+bytes (``checkpoint_packed``), so the loader hands them over unchanged.
+
+The Triton kernels that read packed weights (ds4c.backends.cuda.kernels) take the block sizes
+from here; activation quantisation (ds4c.quant.activations) uses the same blocks and rounding.
 """
 
 from __future__ import annotations
@@ -30,12 +41,15 @@ from dataclasses import dataclass
 import torch
 
 from ds4c.errors import ConfigError
-from ds4c.frontend.formats import dequant_mxfp4, quant_fp8_block, quant_mxfp4
 
 Shape = tuple[int, ...]
 PackedSpec = dict[str, tuple[Shape, torch.dtype]]
-FP8_BLOCK = 128
-MX_BLOCK = 32
+FP8_BLOCK = 128  # rows and inputs per FP8 scale
+MX_BLOCK = 32  # inputs per MXFP4 scale
+FP8_MAX = 448.0  # largest e4m3 value
+FP4_MAX = 6.0  # largest e2m1 value
+UE8M0_BIAS = 127  # a UE8M0 byte b is 2^(b - 127)
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 _SLACK = 1 + 2**-20  # fp32 rounding of w / scale and q * scale
 
 
@@ -55,6 +69,131 @@ def ue8m0_bits(scale: torch.Tensor) -> torch.Tensor:
 def ue8m0_value(bits: torch.Tensor) -> torch.Tensor:
     """UE8M0 exponent bytes -> fp32 scales."""
     return bits.view(torch.float8_e8m0fnu).float()
+
+
+# -- the formats' math on one matrix (the checkpoint loader and writer use these directly) -------
+def _pow2_scale(amax: torch.Tensor, fmax: float) -> torch.Tensor:
+    """Smallest power of two s with amax / s <= fmax, within UE8M0's range [2^-127, 2^127]
+    (all-zero blocks get 2^-127)."""
+    amax = amax.float().clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.exp2(torch.ceil(torch.log2(amax / fmax)).clamp(-127, 127))
+
+
+def _expand_blocks(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
+    s = scale.float().repeat_interleave(block[0], dim=0)[: shape[0]]
+    return s.repeat_interleave(block[1], dim=1)[:, : shape[1]]
+
+
+def dequant_fp8_block(w: torch.Tensor, scale: torch.Tensor, block: int = FP8_BLOCK, *,
+                      out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """FP8 e4m3 [out, in] with scales [ceil(out/b), ceil(in/b)] (UE8M0 or fp32) -> ``out_dtype``.
+
+    Computed one block row at a time in fp32, so the only full-size tensor is the result."""
+    out_f, in_f = w.shape
+    rows, cols = -(-out_f // block), -(-in_f // block)
+    if tuple(scale.shape) != (rows, cols):
+        raise ValueError(f"FP8 weight {list(w.shape)} needs {block}x{block} block scales of shape {[rows, cols]}, "
+                         f"got {list(scale.shape)}")
+    out = torch.empty((out_f, in_f), dtype=out_dtype, device=w.device)
+    s = scale.float().repeat_interleave(block, dim=1)[:, :in_f]
+    for r in range(rows):
+        sl = slice(r * block, min((r + 1) * block, out_f))
+        out[sl] = w[sl].float() * s[r]
+    return out
+
+
+def quant_fp8_block(w: torch.Tensor, block: int = FP8_BLOCK, scale_fmt: str = "ue8m0"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32/bf16 [out, in] -> (float8_e4m3fn [out, in], scales [ceil(out/b), ceil(in/b)])."""
+    out_f, in_f = w.shape
+    rows, cols = -(-out_f // block), -(-in_f // block)
+    padded = torch.zeros(rows * block, cols * block, dtype=torch.float32, device=w.device)
+    padded[:out_f, :in_f] = w.float()
+    amax = padded.view(rows, block, cols, block).abs().amax(dim=(1, 3))
+    if scale_fmt == "ue8m0":
+        scale = _pow2_scale(amax, FP8_MAX)
+    else:
+        scale = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    q = (w.float() / _expand_blocks(scale, (out_f, in_f), (block, block))).clamp(-FP8_MAX, FP8_MAX)
+    q = q.to(torch.float8_e4m3fn)
+    return q, scale.to(torch.float8_e8m0fnu) if scale_fmt == "ue8m0" else scale
+
+
+def e2m1_codes(packed: torch.Tensor) -> torch.Tensor:
+    """[.., n/2] bytes (uint8, int8 or float4_e2m1fn_x2) -> [.., n] int64 nibble codes, low nibble
+    first (``%`` and ``//``: operations every exporter knows)."""
+    if packed.dtype == getattr(torch, "float4_e2m1fn_x2", None) or packed.dtype == torch.int8:
+        packed = packed.view(torch.uint8)
+    b = packed.to(torch.int64)
+    return torch.stack([b % 16, b // 16], dim=-1).flatten(-2)
+
+
+def unpack_fp4_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    """[.., n/2] bytes -> [.., n] fp32 e2m1 values (low nibble = even index)."""
+    return E2M1_VALUES.to(packed.device)[e2m1_codes(packed)]
+
+
+def pack_fp4_e2m1(values: torch.Tensor) -> torch.Tensor:
+    """fp32 values already on the e2m1 grid [.., n] -> uint8 [.., n/2]."""
+    grid = E2M1_VALUES[:8].to(values.device)
+    mag = values.abs()
+    code = (mag.unsqueeze(-1) - grid).abs().argmin(-1)
+    code = code + 8 * (torch.signbit(values) & (code > 0)).to(code.dtype)
+    code = code.to(torch.uint8).view(*values.shape[:-1], -1, 2)
+    return (code[..., 0] | (code[..., 1] << 4)).contiguous()
+
+
+def round_to_e2m1(v: torch.Tensor) -> torch.Tensor:
+    """fp32 ``v`` rounded to the nearest e2m1 value (0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives),
+    ties to the even code, saturating at 6: the grid's step is 0.5 below 2, 1 below 4 and 2 up to
+    6, so each range is one ``round`` (half to even: the even code) at its step (exportable ops)."""
+    a = v.abs().clamp_max(FP4_MAX)
+    q = torch.where(a < 2, torch.round(a * 2) / 2, torch.where(a < 4, torch.round(a), torch.round(a / 2) * 2))
+    return torch.where(v < 0, -q, q)
+
+
+def ue8m0_scales(scale: torch.Tensor) -> torch.Tensor:
+    """UE8M0 scales as fp32: ``float8_e8m0fnu`` values, or exponent bytes (``uint8``) read as
+    ``2^(b-127)`` with exportable ops (ONNX and torch-mlir have no float8_e8m0)."""
+    if scale.dtype == torch.uint8:
+        return torch.pow(2.0, scale.to(torch.float32) - float(UE8M0_BIAS))
+    return scale.float()
+
+
+def dequant_mxfp4(packed: torch.Tensor, scale: torch.Tensor, block: int = MX_BLOCK, *,
+                  out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """MXFP4 [out, in/2] bytes + UE8M0 scales [out, ceil(in/32)] -> ``out_dtype`` [out, in]."""
+    n = packed.shape[-1] * 2
+    if tuple(scale.shape) != (*packed.shape[:-1], -(-n // block)):
+        raise ValueError(f"MXFP4 weight of {n} inputs per row ({list(packed.shape)} bytes) needs one scale per "
+                         f"{block} values, shape {[*packed.shape[:-1], -(-n // block)]}, got {list(scale.shape)}")
+    rows = max(1, (1 << 22) // max(1, n))  # bounded fp32 temporaries
+    flat_p, flat_s = packed.reshape(-1, packed.shape[-1]), scale.reshape(-1, scale.shape[-1])
+    out = torch.empty((flat_p.shape[0], n), dtype=out_dtype, device=packed.device)
+    for r in range(0, flat_p.shape[0], rows):
+        v = unpack_fp4_e2m1(flat_p[r:r + rows])
+        out[r:r + rows] = v * flat_s[r:r + rows].float().repeat_interleave(block, dim=-1)[:, :n]
+    return out.view(*packed.shape[:-1], n)
+
+
+def dequant_mxfp4_portable(qdata: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...],
+                           dtype: torch.dtype) -> torch.Tensor:
+    """``dequant_mxfp4`` of uint8 bytes and UE8M0 exponent bytes in one traceable expression (no
+    float8_e8m0 view, no loop): the form exporters (ds4c.export) trace."""
+    values = E2M1_VALUES.to(qdata.device)[e2m1_codes(qdata)]
+    scales = ue8m0_scales(scale).repeat_interleave(MX_BLOCK, dim=-1)
+    return (values * scales[..., : values.shape[-1]]).reshape(shape).to(dtype)
+
+
+def quant_mxfp4(w: torch.Tensor, block: int = MX_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 [out, in] (in divisible by 32) -> (uint8 [out, in/2], float8_e8m0fnu [out, in/32])."""
+    out_f, in_f = w.shape
+    if in_f % block:
+        raise ValueError(f"MXFP4 needs the input dimension ({in_f}) divisible by {block}")
+    blocks = w.float().view(out_f, in_f // block, block)
+    scale = _pow2_scale(blocks.abs().amax(-1), FP4_MAX)
+    q = round_to_e2m1(blocks / scale.unsqueeze(-1)).view(out_f, in_f)
+    return pack_fp4_e2m1(q), scale.to(torch.float8_e8m0fnu)
 
 
 _ROW_CHUNK_ELEMS = 1 << 22
@@ -264,6 +403,42 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
 )}
 
 
+def packed_format(parts: dict[str, tuple[Shape, torch.dtype]]) -> tuple[str, Shape] | None:
+    """``(format, weight shape)`` whose packed tensors are exactly ``parts`` (part -> (shape, dtype)),
+    or None: how a loader asked for packed tensors knows what to give."""
+    qdata = parts.get("qdata")
+    if qdata is None or not qdata[0]:
+        return None
+    q = tuple(int(d) for d in qdata[0])
+    want = {k: (tuple(int(d) for d in s), dt) for k, (s, dt) in parts.items()}
+    for shape in (q, (*q[:-1], 2 * q[-1])):
+        for fmt in FORMATS.values():
+            if fmt.name != "bf16" and fmt.holds(shape) and fmt.packed_spec(shape) == want:
+                return fmt.name, shape
+    return None
+
+
+def from_checkpoint(format: str, qdata: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A checkpoint's quantised tensor and its scale as ``format``'s packed tensors, with the same
+    bytes: FP8 values as they are, MXFP4 pairs (int8 / float4_e2m1fn_x2) and UE8M0 scales
+    (float8_e8m0fnu) viewed as ``uint8``. The one conversion: ``fp8-f32scale`` scales stored as
+    bf16 / fp16 become fp32 (exact)."""
+    if format == "fp8":
+        if qdata.dtype != torch.float8_e4m3fn or scale.dtype not in (torch.float8_e8m0fnu, torch.uint8):
+            raise FormatError(f"fp8 takes float8_e4m3fn values and UE8M0 scales, got {qdata.dtype} and {scale.dtype}")
+        return {"qdata": qdata, "scale": scale.view(torch.uint8)}
+    if format == "fp8-f32scale":
+        if qdata.dtype != torch.float8_e4m3fn or not scale.is_floating_point() or scale.element_size() < 2:
+            raise FormatError(f"fp8-f32scale takes float8_e4m3fn values and float scales, got {qdata.dtype} and "
+                              f"{scale.dtype}")
+        return {"qdata": qdata, "scale": scale.float()}
+    if format == "mxfp4":
+        if qdata.element_size() != 1 or scale.dtype not in (torch.float8_e8m0fnu, torch.uint8):
+            raise FormatError(f"mxfp4 takes e2m1 byte pairs and UE8M0 scales, got {qdata.dtype} and {scale.dtype}")
+        return {"qdata": qdata.view(torch.uint8), "scale": scale.view(torch.uint8)}
+    raise FormatError(f"no checkpoint ships weights as '{format}'; fp8, fp8-f32scale and mxfp4 are kept packed")
+
+
 def get_format(name: str) -> Format:
     try:
         return FORMATS[name]
@@ -271,4 +446,7 @@ def get_format(name: str) -> Format:
         raise FormatError(f"unknown weight format '{name}'; known formats: {', '.join(FORMATS)}") from None
 
 
-__all__ = ["FORMATS", "Format", "FormatError", "get_format", "ue8m0_bits", "ue8m0_value"]
+__all__ = ["E2M1_VALUES", "FORMATS", "FP4_MAX", "FP8_BLOCK", "FP8_MAX", "MX_BLOCK", "UE8M0_BIAS", "Format",
+           "FormatError", "dequant_fp8_block", "dequant_mxfp4", "dequant_mxfp4_portable", "e2m1_codes", "get_format",
+           "pack_fp4_e2m1", "quant_fp8_block", "quant_mxfp4", "round_to_e2m1", "ue8m0_bits", "ue8m0_scales",
+           "ue8m0_value", "unpack_fp4_e2m1", "from_checkpoint", "packed_format"]

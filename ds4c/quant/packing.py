@@ -1,7 +1,9 @@
 """Packed weights under their artifact names: ``<param>.qdata`` and ``<param>.scale``.
 
 The same function packs embedded weights at compile time and referenced weights at load time
-(the manifest's ``quantize`` transform), so both paths store identical bytes.
+(the manifest's ``quantize`` transform), so both paths store identical bytes. Weights a source
+hands over packed already (a checkpoint's FP8 / MXFP4 tensors in their assigned format,
+ds4c.frontend.checkpoint.packable) keep those bytes: ``pack_weights`` leaves them as they are.
 """
 
 from __future__ import annotations
@@ -25,17 +27,37 @@ def packed_names(assignment: Mapping[str, str]) -> set[str]:
 def pack_weights(weights: MutableMapping[str, torch.Tensor], assignment: Mapping[str, str], *,
                  keep: Iterable[str] = ()) -> MutableMapping[str, torch.Tensor]:
     """Replace each assigned weight by its packed tensors, in place; weights already packed (or absent)
-    are skipped, so applying it twice changes nothing. Names in ``keep`` keep their unpacked tensor too."""
+    are skipped, so applying it twice changes nothing and packed tensors a source provided keep their
+    bytes. Names in ``keep`` keep their unpacked tensor too."""
     keep = set(keep)
     for param, fmt_name in assignment.items():
         if param not in weights:
             continue
         fmt = get_format(fmt_name)
+        if all(packed_name(param, part) in weights for part in fmt.parts):
+            if param not in keep:
+                del weights[param]
+            continue
         w = weights[param] if param in keep else weights.pop(param)
         for part, t in fmt.pack(w).items():
             weights[packed_name(param, part)] = t.contiguous()
         del w
     return weights
+
+
+def provided_spec(spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]], packed: Mapping[str, str],
+                  keep: Iterable[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What a weight source gives when the weights in ``packed`` (name -> format) come as their
+    packed tensors: those in place of each (which is given too where it is in ``keep``)."""
+    keep = set(keep)
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name, (shape, dtype) in spec.items():
+        if name not in packed or name in keep:
+            out[name] = (tuple(shape), dtype)
+        if name in packed:
+            for part, (s, dt) in get_format(packed[name]).packed_spec(tuple(shape)).items():
+                out[packed_name(name, part)] = (s, dt)
+    return out
 
 
 def stored_spec(spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]], assignment: Mapping[str, str],

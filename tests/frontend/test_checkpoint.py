@@ -17,7 +17,7 @@ from ds4c.frontend.deepseek_format import (
     release_dtype_class,
     write_deepseek_checkpoint,
 )
-from ds4c.frontend.formats import dequant_fp8_block, dequant_mxfp4, quant_fp8_block, quant_mxfp4
+from ds4c.quant.formats import dequant_fp8_block, dequant_mxfp4, quant_fp8_block, quant_mxfp4
 from tests.hf_configs import SMALL_CONFIGS, make_hf_model
 
 

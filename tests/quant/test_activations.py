@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import torch
 
-from ds4c.frontend.formats import dequant_mxfp4, quant_mxfp4, round_to_e2m1
 from ds4c.quant.activations import (
     ACTIVATION_BLOCKS,
     mxfp4_roundtrip,
     mxfp4_scale_exponents,
-    round_e2m1,
     roundtrip,
 )
+from ds4c.quant.formats import E2M1_VALUES, dequant_mxfp4, quant_mxfp4, round_to_e2m1
 
 
-def test_e2m1_rounding_is_the_weight_packers_rounding_ties_included():
+def test_e2m1_rounding_is_nearest_on_the_grid_ties_to_the_even_code():
     ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, 1e9])
     v = torch.cat([torch.linspace(-8, 8, 64001), ties, -ties, torch.tensor([0.0, -0.0, 1e-30])])
-    assert torch.equal(round_e2m1(v), round_to_e2m1(v))
+    grid = E2M1_VALUES[:8]
+    mag = v.abs().clamp(max=6.0)
+    dist = (mag[:, None] - grid).abs()
+    nearest = dist == dist.min(-1, keepdim=True).values
+    code = torch.where(nearest.sum(-1) > 1, (nearest & (torch.arange(8) % 2 == 0)).int().argmax(-1),
+                       nearest.int().argmax(-1))  # a tie: the even code
+    want = torch.where(v < 0, -grid[code], grid[code])
+    assert torch.equal(round_to_e2m1(v), want)
     # ties go to the even code: 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4
-    assert round_e2m1(ties[:7]).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
+    assert round_to_e2m1(ties[:7]).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
 
 
 def test_mxfp4_activations_are_the_weight_format_per_token_block():

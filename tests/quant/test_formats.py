@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds4c.frontend.formats import E2M1_VALUES
 from ds4c.ir import parse_graph, print_graph, verify_graph
 from ds4c.ir.registry import get_op
 from ds4c.quant import FORMATS, get_format, pack_weights, packed_names
-from ds4c.quant.formats import FormatError
+from ds4c.quant.formats import E2M1_VALUES, FormatError
 
 SHAPES = [(256, 384), (130, 96), (3, 160, 64)]  # whole blocks, ragged blocks, an expert stack
 

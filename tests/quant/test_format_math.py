@@ -1,8 +1,8 @@
-"""FP8 block and MXFP4 formats: exact round trips on representable values, errors within bounds."""
+"""The formats' math on one matrix (ds4c.quant.formats): FP8 block and MXFP4 round trips, rounding, bounds."""
 
 import torch
 
-from ds4c.frontend.formats import (
+from ds4c.quant.formats import (
     E2M1_VALUES,
     dequant_fp8_block,
     dequant_mxfp4,
