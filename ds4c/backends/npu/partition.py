@@ -3,14 +3,16 @@
 The decision is per op kind (plus the instance's dtypes and attributes), and every host op gets a
 reason that ``ds4c inspect`` prints:
 
-- NPU: the fused compute ops (attention, MoE with hash routing, RMSNorm, mHC, compress, RoPE,
-  grouped linear, int8 dequantisation) and the ATen arithmetic between them (linear, matmul,
-  elementwise math). Their operands must be tensors in dtypes the target's units compute in
-  (``NpuFacts.dtypes``; integer tensors are accepted as indices).
-- host: top-k selection (``indexer.topk``, MoE ``routing="bias"``): TVM 0.27's ``c`` codegen of
-  topk emits invalid C; layout and indexing ops (views, slices, concatenation, gathers): no
-  arithmetic, the host runtime passes tensors through; integer/boolean mask arithmetic and
-  symbolic sizes: host-side control; anything not listed: not lowered yet.
+- NPU: the ops with the ``npu`` trait (``ds4c.ir.registry``): the fused compute ops (attention,
+  MoE with hash routing, RMSNorm, mHC, compress, RoPE, grouped linear, int8 dequantisation) and
+  the ATen arithmetic between them (linear, matmul, elementwise math). Their operands must be
+  tensors in dtypes the target's units compute in (``NpuFacts.dtypes``; integer tensors are
+  accepted as indices).
+- host: top-k selection (the ``topk`` trait, MoE ``routing="bias"``): TVM 0.27's ``c`` codegen of
+  topk emits invalid C; transfers between memories (``ds4c.prefetch``); layout and indexing ops
+  (views, slices, concatenation, gathers: no arithmetic, the host runtime passes tensors through);
+  integer/boolean mask arithmetic and symbolic sizes: host-side control; anything else: not
+  lowered yet.
 
     >>> place(op, target)
     Placement(npu=False, reason="top-k selection: TVM 0.27's c codegen of topk emits invalid C")
@@ -25,31 +27,16 @@ import torch
 
 from ds4c.errors import TargetError
 from ds4c.ir.graph import Op, Value, iter_values
+from ds4c.ir.registry import get_op
 from ds4c.ir.types import TensorType
 from ds4c.targets import Target, canonical_dtype
 
 ACT_REASON = "activation quantisation to FP8/FP4: the NPU computes in fp16/int8/fp32, so the host runs it"
 TOPK_REASON = "top-k selection: TVM 0.27's c codegen of topk emits invalid C, so it runs on the host"
 
-# Fused ds4c ops the NPU takes (their references are traced into Relax).
-NPU_FUSED = frozenset({"attention.sliding", "attention.csa", "attention.hca", "moe", "rms_norm", "mhc.pre",
-                       "mhc.post", "mhc.head", "compress", "rope", "linear.grouped", "quant.dequant"})
-# ATen arithmetic the NPU takes: matrix-unit ops and vector-unit elementwise math.
-NPU_ATEN = frozenset({
-    "aten.linear.default", "aten.matmul.default", "aten.mm.default", "aten.bmm.default",
-    "aten.mul.Tensor", "aten.add.Tensor", "aten.sub.Tensor", "aten.div.Tensor", "aten.neg.default",
-    "aten.cos.default", "aten.sin.default", "aten.exp.default", "aten.rsqrt.default", "aten.sqrt.default",
-    "aten.silu.default", "aten.sigmoid.default", "aten._softmax.default", "aten.softmax.int",
-})
-# Host ops with a specific reason; the rest of ATen falls into the generic classes below.
-HOST_REASONS = {
-    "indexer.topk": TOPK_REASON,
-    "aten.topk.default": TOPK_REASON,
-    "memory.prefetch": "host-memory prefetch: a transfer the host runtime issues, not a kernel",
-}
-_LAYOUT_WORDS = ("view", "reshape", "unsqueeze", "squeeze", "transpose", "permute", "expand", "slice", "select",
-                 "cat", "stack", "flatten", "contiguous", "clone", "repeat", "index", "gather", "scatter",
-                 "embedding", "to.", "_to_copy", "split", "chunk", "narrow", "alias", "t.default")
+TRANSFER_REASON = "a transfer between host and device memory: the host runtime issues it, not a kernel"
+# traits of ops that move elements without arithmetic
+_LAYOUT_TRAITS = frozenset({"view", "reshape", "broadcast", "cast", "identity", "copy_if_needed", "layout"})
 LAYOUT_REASON = "layout/indexing (no arithmetic): the host runtime passes the tensors through"
 FACTORY_REASON = "tensor factory (arange/full/zeros): host-side constant"
 SYM_REASON = "symbolic size arithmetic: host-side control"
@@ -66,16 +53,17 @@ class Placement:
 
 def place(op: Op, target: Target) -> Placement:
     """Where ``op`` runs on ``target`` (an ``npu`` target record), with the reason for host ops."""
-    name = op.name
-    if name in HOST_REASONS:
-        return Placement(False, HOST_REASONS[name])
+    name, traits = op.name, get_op(op.name).traits
+    if "topk" in traits:
+        return Placement(False, TOPK_REASON)
+    if "transfer" in traits:
+        return Placement(False, TRANSFER_REASON)
     if name.startswith("sym.") or name == "aten.sym_size.int":
         return Placement(False, SYM_REASON)
-    if name not in NPU_FUSED and name not in NPU_ATEN:
-        short = name.removeprefix("aten.")
-        if any(w in short for w in ("arange", "full", "zeros", "ones", "empty", "new_")):
+    if "npu" not in traits:
+        if "factory" in traits:
             return Placement(False, FACTORY_REASON)
-        if any(short.startswith(w) or f".{w}" in short for w in _LAYOUT_WORDS):
+        if traits & _LAYOUT_TRAITS:
             return Placement(False, LAYOUT_REASON)
         return Placement(False, UNLISTED_REASON)
     if name == "moe" and op.kwargs.get("routing") != "hash":
