@@ -27,6 +27,13 @@ from ds4c.backends.cuda.kernels.attention import interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import Launch, active_target
 from ds4c.backends.cuda.kernels.pdl import wait_for_producers
 from ds4c.quant.activations import ACT_BLOCK
+from ds4c.quant.formats import FP8_BLOCK, MX_BLOCK, UE8M0_BIAS
+
+# The weight formats' blocks (ds4c.quant.formats) as Triton constants (jit code reads only constexpr
+# globals): the kernels that read packed weights index scales with these, never with literals.
+FP8_SCALE_BLOCK = tl.constexpr(FP8_BLOCK)  # weight rows and inputs per FP8 scale (= ACT_BLOCK)
+MX_SCALE_BLOCK = tl.constexpr(MX_BLOCK)  # inputs per MXFP4 (UE8M0) scale
+E8M0_BIAS = tl.constexpr(UE8M0_BIAS)  # a UE8M0 byte b is 2^(b - E8M0_BIAS); b = E8M0_BIAS is 1.0
 
 
 @triton.jit
@@ -81,7 +88,7 @@ def e2m1_round(v):
 def mx_fake_quant(x, ROWS: tl.constexpr, COLS: tl.constexpr):
     """fp32 tile [ROWS, COLS] (COLS a multiple of 32, each 32 columns one scale block) quantised to
     MXFP4 and multiplied back (fp32, exact): what the FP4 tensor cores multiply."""
-    xb = tl.reshape(x, [ROWS, COLS // 32, 32])
+    xb = tl.reshape(x, [ROWS, COLS // MX_SCALE_BLOCK, MX_SCALE_BLOCK])
     k = mx_scale_exponent(tl.max(tl.abs(xb), axis=2))
     q = e2m1_round(xb * pow2(-k)[:, :, None]) * pow2(k)[:, :, None]
     return tl.reshape(q, [ROWS, COLS])

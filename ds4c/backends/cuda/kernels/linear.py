@@ -36,6 +36,9 @@ import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel, result_buffer
 from ds4c.backends.cuda.kernels.act_quant import (
+    E8M0_BIAS,
+    FP8_SCALE_BLOCK,
+    MX_SCALE_BLOCK,
     act_quant,
     e4m3_round,
     mx_fake_quant,
@@ -47,13 +50,13 @@ from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, 
 from ds4c.backends.cuda.kernels.configs import Launch, active_target, dot_precision, is_amd, tuned
 from ds4c.backends.cuda.kernels.pdl import pdl_enabled, prefetch_l2, wait_for_producers
 from ds4c.quant.activations import ACT_BLOCK
+from ds4c.quant.formats import FP8_BLOCK, MX_BLOCK
 
 MAX_ROWS = 64
 # One-row FP8 GEMVs use _row_gemv_kernel (CUDA cores) instead of the tensor-core tile; a switch for
 # benchmarks/fp8_gemm_bench.py, which times both.
 ROW_GEMV: contextvars.ContextVar[bool] = contextvars.ContextVar("ds4c_row_gemv", default=True)
-SCALE_BLOCK = 128
-MX_BLOCK = 32  # MXFP4: inputs per UE8M0 scale
+SCALE_BLOCK = FP8_BLOCK  # host side; jit code reads FP8_SCALE_BLOCK / MX_SCALE_BLOCK (act_quant)
 # scale modes (constexpr SCALE)
 NO_SCALE, BLOCK_F32, BLOCK_UE8M0, ROW_F32, MXFP4 = 0, 1, 2, 3, 4
 _MODES = {"bf16": NO_SCALE, "fp8-f32scale": BLOCK_F32, "fp8": BLOCK_UE8M0, "int8": ROW_F32, "mxfp4": MXFP4}
@@ -107,9 +110,9 @@ def gemv_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int, storage_by
 def block_scale(s_ptr, cols, col_ok, s_cols, k0, SCALE: tl.constexpr):
     """Scales of weight rows ``cols`` at input ``k0`` of a matrix with 128x128 block scales
     (``s_cols`` blocks per row of scales): fp32, or UE8M0 exponent bytes when SCALE == 2."""
-    s = tl.load(s_ptr + (cols // 128) * s_cols + k0 // 128, mask=col_ok, other=0)
+    s = tl.load(s_ptr + (cols // FP8_SCALE_BLOCK) * s_cols + k0 // FP8_SCALE_BLOCK, mask=col_ok, other=0)
     if SCALE == 2:
-        s = tl.exp2(s.to(tl.float32) - 127.0)
+        s = tl.exp2(s.to(tl.float32) - E8M0_BIAS)
     return s
 
 
@@ -303,9 +306,9 @@ def row_dot(x_ptr, w_rows, s_rows, n_ok, k_lo, k_hi,
         k_ok = offs_k < k_hi
         x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         w = tl.load(w_rows[:, None] + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        s = tl.load(s_rows + k0 // 128, mask=n_ok, other=0)
+        s = tl.load(s_rows + k0 // FP8_SCALE_BLOCK, mask=n_ok, other=0)
         if SCALE == 2:
-            s = tl.exp2(s.to(tl.float32) - 127.0)
+            s = tl.exp2(s.to(tl.float32) - E8M0_BIAS)
         if ACT_FP8:  # the row's 128-block quantised to e4m3 (values times their scale: exact in fp32)
             e = scale_exponent(tl.max(tl.abs(x), axis=0))
             x = e4m3_round(x * pow2(-e)) * pow2(e)
@@ -343,7 +346,7 @@ def _row_gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, N, K, group_ro
             prefetch_l2(q_ptr + cols.to(tl.int64) * K + k0, n_ok)
     wait_for_producers(PDL)
     x_ptr += ((tl.program_id(0) * BLOCK_N) // group_rows) * K  # linear.grouped: the block's group of inputs
-    part = row_dot(x_ptr, q_ptr + cols.to(tl.int64) * K, s_ptr + (cols // 128) * s_cols, n_ok, k_lo, k_hi,
+    part = row_dot(x_ptr, q_ptr + cols.to(tl.int64) * K, s_ptr + (cols // FP8_SCALE_BLOCK) * s_cols, n_ok, k_lo, k_hi,
                    BLOCK_N, BLOCK_K, SCALE, ACT_FP8, STAGES, ROW_SUMS)
     split_k_store(part, p_ptr, y_ptr, lock_ptr, cols, n_ok, N, split, SPLIT_K, INTERPRETER_BF16)
 
@@ -383,8 +386,9 @@ def mxfp4_tile(q_ptr, s_ptr, rows, k, mask, k_total):
     e = (nib >> 1) & 3
     m = (nib & 1).to(tl.float32)
     mag = tl.where(e == 0, m * 0.5, (1.0 + m * 0.5) * tl.exp2((e - 1).to(tl.float32)))
-    s = tl.load(s_ptr + rows[None, :] * (k_total // 32) + (k // 32)[:, None], mask=mask, other=127)
-    return tl.where((nib & 8) != 0, -mag, mag) * tl.exp2(s.to(tl.float32) - 127.0)
+    s = tl.load(s_ptr + rows[None, :] * (k_total // MX_SCALE_BLOCK) + (k // MX_SCALE_BLOCK)[:, None], mask=mask,
+                other=E8M0_BIAS)
+    return tl.where((nib & 8) != 0, -mag, mag) * tl.exp2(s.to(tl.float32) - E8M0_BIAS)
 
 
 @triton.jit

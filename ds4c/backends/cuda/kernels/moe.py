@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from ds4c.backends.cuda.kernels import register_kernel, result_buffer
-from ds4c.backends.cuda.kernels.act_quant import activation
+from ds4c.backends.cuda.kernels.act_quant import FP8_SCALE_BLOCK, activation
 from ds4c.backends.cuda.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.cuda.kernels.configs import (
     Launch,
@@ -60,7 +60,6 @@ from ds4c.backends.cuda.kernels.linear import (
     _MODES,
     BLOCK_F32,
     BLOCK_UE8M0,
-    MX_BLOCK,
     MXFP4,
     block_scale,
     linear_packed,
@@ -74,6 +73,7 @@ from ds4c.ir.registry import get_op
 from ds4c.ops.moe import _route, _shared
 from ds4c.ops.quant import packed_operand_count
 from ds4c.quant.activations import ACTIVATION_BLOCKS
+from ds4c.quant.formats import FP8_BLOCK, MX_BLOCK
 
 __all__ = ["MoeConfig", "MoeDecodeConfig", "moe", "moe_config", "moe_decode_config"]
 
@@ -101,8 +101,8 @@ def _expert_rows(seg_ptr, n_experts, pid_m, BLOCK_M: tl.constexpr, BLOCK_E: tl.c
 def _block_scale(s_ptr, expert, rows, cols_total, out_rows, k0, row_ok, SCALE: tl.constexpr):
     """The 128x128-block scales of weight rows ``out_rows`` at input ``k0`` of one expert's
     [rows, cols_total] matrix (fp32, or UE8M0 exponent bytes when SCALE == 2)."""
-    s_cols = (cols_total + 127) // 128
-    base = s_ptr + expert.to(tl.int64) * ((rows + 127) // 128) * s_cols
+    s_cols = (cols_total + FP8_SCALE_BLOCK - 1) // FP8_SCALE_BLOCK
+    base = s_ptr + expert.to(tl.int64) * ((rows + FP8_SCALE_BLOCK - 1) // FP8_SCALE_BLOCK) * s_cols
     return block_scale(base, out_rows, row_ok, s_cols, k0, SCALE)
 
 
@@ -391,16 +391,16 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, s_ptr, idx_ptr, sg_ptr, sgs_ptr, su_ptr,
         up = (r % 2) == 1
         rows = tl.where(up, u_off + c, c).to(tl.int64)
         w_rows = tl.where(up, u_base, g_base) + rows * hidden
-        s_rows = tl.where(up, us_base, gs_base) + (rows // 128) * s_cols
+        s_rows = tl.where(up, us_base, gs_base) + (rows // FP8_SCALE_BLOCK) * s_cols
         gu = row_dot(a_ptr, w_rows, s_rows, c < inter, 0, hidden, 2 * BLOCK_N, BLOCK_K, SCALE, ACT_FP8, STAGES,
                      ROW_SUMS)
         g, u = tl.split(tl.reshape(gu, [BLOCK_N, 2]))
     elif ROW:
         rows = cols.to(tl.int64)
-        g = row_dot(a_ptr, g_base + rows * hidden, gs_base + (rows // 128) * s_cols, col_ok, 0, hidden, BLOCK_N,
+        g = row_dot(a_ptr, g_base + rows * hidden, gs_base + (rows // FP8_SCALE_BLOCK) * s_cols, col_ok, 0, hidden, BLOCK_N,
                     BLOCK_K, SCALE, ACT_FP8, STAGES, ROW_SUMS)
         rows = rows + u_off
-        u = row_dot(a_ptr, u_base + rows * hidden, us_base + (rows // 128) * s_cols, col_ok, 0, hidden, BLOCK_N,
+        u = row_dot(a_ptr, u_base + rows * hidden, us_base + (rows // FP8_SCALE_BLOCK) * s_cols, col_ok, 0, hidden, BLOCK_N,
                     BLOCK_K, SCALE, ACT_FP8, STAGES, ROW_SUMS)
     else:
         g = _row_times_rows(a_ptr, g_base, gs_base, 0, cols, col_ok, hidden, s_cols, BLOCK_N, BLOCK_K, SCALE,
@@ -439,7 +439,7 @@ def _down_pairs_kernel(h_ptr, w_ptr, s_ptr, idx_ptr, wt_ptr, sd_ptr, sds_ptr, y_
         weight = 1.0
     if ROW:
         rows = cols.to(tl.int64)
-        y = row_dot(h_ptr + pid.to(tl.int64) * inter, w_base + rows * inter, s_base + (rows // 128) * s_cols, col_ok,
+        y = row_dot(h_ptr + pid.to(tl.int64) * inter, w_base + rows * inter, s_base + (rows // FP8_SCALE_BLOCK) * s_cols, col_ok,
                     0, inter, BLOCK_N, BLOCK_K, SCALE, ACT_FP8, STAGES, ROW_SUMS)
     else:
         y = _row_times_rows(h_ptr + pid.to(tl.int64) * inter, w_base, s_base, 0, cols, col_ok, inter, s_cols,
@@ -518,16 +518,16 @@ def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, 
     rows_kw = dict(STAGES=pipeline_stages(cfg.row_pipeline), ROW_SUMS=bool(cfg.row_sums))
     _gate_up_pairs_kernel[(rows, triton.cdiv(inter, block_up))](
         flat if gu_act else _act_roundtrip(flat, act), gate_up, gu_s, idx, sg.contiguous(), sgs, su.contiguous(), sus, h, pairs, top_k, inter, hidden,
-        triton.cdiv(hidden, 128), gate_up[0].numel(), gu_se, float(swiglu_limit), BLOCK_N=block_up,
-        BLOCK_K=128 if gu_row else cfg.block_k, SCALE=gu_mode, ROW=gu_row, ACT_FP8=gu_act,
+        triton.cdiv(hidden, FP8_BLOCK), gate_up[0].numel(), gu_se, float(swiglu_limit), BLOCK_N=block_up,
+        BLOCK_K=FP8_BLOCK if gu_row else cfg.block_k, SCALE=gu_mode, ROW=gu_row, ACT_FP8=gu_act,
         **(rows_kw if gu_row else {}),
         PAIRED=gu_row and bool(cfg.row_paired), **(cfg.row_launch if gu_row else cfg.launch).kwargs(target), **common)
     y = torch.empty((rows, hidden), dtype=torch.float32, device=x.device)
     block_down = cfg.row_block_n_down if dn_row else cfg.block_n_down
     dn_act = act == "fp8" and dn_row and bool(cfg.act_in_registers)
     _down_pairs_kernel[(rows, triton.cdiv(hidden, block_down))](
-        h if dn_act else _act_roundtrip(h, act), down, dn_s, idx, w, sd.contiguous(), sds, y, pairs, inter, hidden, triton.cdiv(inter, 128),
-        down[0].numel(), dn_se, BLOCK_N=block_down, BLOCK_K=128 if dn_row else cfg.block_k, SCALE=dn_mode, ROW=dn_row,
+        h if dn_act else _act_roundtrip(h, act), down, dn_s, idx, w, sd.contiguous(), sds, y, pairs, inter, hidden, triton.cdiv(inter, FP8_BLOCK),
+        down[0].numel(), dn_se, BLOCK_N=block_down, BLOCK_K=FP8_BLOCK if dn_row else cfg.block_k, SCALE=dn_mode, ROW=dn_row,
         ACT_FP8=dn_act, **(rows_kw if dn_row else {}), **(cfg.row_launch if dn_row else cfg.launch).kwargs(target), **common)
     out = result_buffer(0, (tokens, hidden), x.dtype, x.device)
     _combine_kernel[(tokens, triton.cdiv(hidden, 1024))](
@@ -645,14 +645,14 @@ def _routed(x, ids, router, selector, gate_up, down, shared, *, top_k: int, rout
     pairs = tokens * top_k
     blocked = gu_mode in (BLOCK_F32, BLOCK_UE8M0) or dn_mode in (BLOCK_F32, BLOCK_UE8M0)
     dcfg = moe_decode_config(x.dtype, target)
-    if 0 < pairs <= dcfg.max_pairs and not (blocked and 128 % dcfg.block_k):
+    if 0 < pairs <= dcfg.max_pairs and not (blocked and FP8_BLOCK % dcfg.block_k):
         out, with_shared = _decode_pairs(x, flat.contiguous(), idx.contiguous(), w.contiguous(),
                                          (gate_up.contiguous(), gu_scale, gu_mode),
                                          (down.contiguous(), dn_scale, dn_mode), shared, dcfg, swiglu_limit, act)
         return out.view(x.shape), with_shared
 
     cfg = moe_config(pairs, experts, x.dtype, target)
-    if blocked and 128 % cfg.block_k:
+    if blocked and FP8_BLOCK % cfg.block_k:
         return NotImplemented
     routed = torch.zeros((tokens, hidden), dtype=torch.float32, device=x.device)
     if pairs > 0:
