@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ds4c.quant.formats import FP8_BLOCK
+
 Shape = tuple[int, ...]
 
 
@@ -39,7 +41,7 @@ class Calibration:
 
 
 def sample_shape(shape: Shape, max_elements: int = 1 << 20) -> Shape:
-    """A slice of a weight worth measuring: one expert of a stack, whole 128-row blocks of a matrix."""
+    """A slice of a weight worth measuring: one expert of a stack, whole FP8 block rows (128) of a matrix."""
     shape = tuple(shape)
     if len(shape) == 3:
         return (1, *sample_shape(shape[1:], max_elements))
@@ -47,4 +49,4 @@ def sample_shape(shape: Shape, max_elements: int = 1 << 20) -> Shape:
     per_row = max(1, shape[-1])
     if rows * per_row <= max_elements:
         return shape
-    return (max(128, (max_elements // per_row) // 128 * 128), *shape[1:])
+    return (max(FP8_BLOCK, (max_elements // per_row) // FP8_BLOCK * FP8_BLOCK), *shape[1:])
