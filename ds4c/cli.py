@@ -448,6 +448,9 @@ def debug_numerics(
     model: Annotated[str, typer.Argument(help="preset, checkpoint directory, or a .ds4 artifact")],
     against: Annotated[Path | None, typer.Option(help="a second artifact to compare side by side")] = None,
     pipeline: Annotated[str, typer.Option(help="pipeline name, or comma-separated pass names")] = "default",
+    target: Annotated[str | None, typer.Option("--target", "-t", help="for a model (default cpu): a Triton "
+                                               "target (h100, b200, ...) adds its GPU lowering passes; an "
+                                               "artifact keeps its own")] = None,
     entry: Annotated[str, typer.Option(help="prefill | decode")] = "prefill",
     atol: Annotated[float, typer.Option(help="tolerance (max abs error)")] = 1e-4,
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="prompt tokens to run (default: up to 64)")] = None,
@@ -466,9 +469,9 @@ def debug_numerics(
 
     passes = pipeline if "," not in pipeline else [p for p in pipeline.split(",") if p]
     notes: list[str] = []
-    if is_artifact(model) and (pipeline != "default" or max_context is not None):
-        raise InputError(f"{model} is an artifact: it is debugged with its own pipeline and context; drop "
-                         "--pipeline / --max-context, or give the model it was compiled from")
+    if is_artifact(model) and (pipeline != "default" or max_context is not None or target is not None):
+        raise InputError(f"{model} is an artifact: it is debugged with its own pipeline, target and context; drop "
+                         "--pipeline / --target / --max-context, or give the model it was compiled from")
     if against is not None and not is_artifact(model):
         raise InputError(f"--against compares two artifacts: {model} is not a .ds4 artifact file")
     try:
@@ -477,8 +480,8 @@ def debug_numerics(
         elif is_artifact(model):
             div, notes = numerics_for_artifact(model, entry=entry, atol=atol, seq_len=seq_len)
         else:
-            div, _ = numerics_for_model(model, pipeline=passes, entry=entry, atol=atol, seq_len=seq_len,
-                                        max_context=max_context if max_context is not None else 256)
+            div, _ = numerics_for_model(model, target=target or "cpu", pipeline=passes, entry=entry, atol=atol,
+                                        seq_len=seq_len, max_context=max_context if max_context is not None else 256)
     except Ds4cError as e:
         _fail(e)
     for note in notes:
@@ -495,16 +498,19 @@ def debug_numerics(
 def debug_bisect(
     model: Annotated[str, typer.Argument(help="preset or checkpoint directory (an artifact: bisect its source)")],
     pipeline: Annotated[str, typer.Option(help="pipeline name, or comma-separated pass names")] = "default",
+    target: Annotated[str, typer.Option("--target", "-t", help="a Triton target (h100, b200, ...) adds its GPU "
+                                        "lowering passes")] = "cpu",
     entry: Annotated[str, typer.Option(help="prefill | decode")] = "prefill",
     atol: Annotated[float, typer.Option(help="tolerance (max abs error)")] = 1e-4,
     max_context: Annotated[int | None, typer.Option("--max-context")] = 256,
 ) -> None:
-    """Binary-search the pipeline's rewrites for the first one that breaks the numbers."""
+    """Binary-search the pipeline's rewrites for the first one that breaks the numbers (reproduce it
+    with `ds4c compile --target T --precision fp32 --bisect N`)."""
     from ds4c.debug.session import bisect_model
 
     passes = pipeline if "," not in pipeline else [p for p in pipeline.split(",") if p]
     try:
-        res = bisect_model(model, pipeline=passes, entry=entry, atol=atol, max_context=max_context)
+        res = bisect_model(model, target=target, pipeline=passes, entry=entry, atol=atol, max_context=max_context)
     except Ds4cError as e:
         _fail(e)
     if res["first_bad_rewrite"] is None:
@@ -512,7 +518,9 @@ def debug_bisect(
         return
     console.print(f"first bad rewrite: #{res['first_bad_rewrite']} of {res['total_rewrites']} in pass "
                   f"'{res['pass']}': {res['rewrite']} (found in {res['runs']} runs; "
-                  f"reproduce with --bisect {res['first_bad_rewrite'] + 1})", markup=False)
+                  f"reproduce with `ds4c compile {model} --target {target} --precision fp32 "
+                  f"--bisect {res['first_bad_rewrite'] + 1}`)",
+                  markup=False)
     raise typer.Exit(1)
 
 

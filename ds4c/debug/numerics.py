@@ -4,7 +4,10 @@ Every graph of the pipeline runs on the same inputs through the reference backen
 stage whose outputs differ from the traced graph beyond the tolerance names the pass; then its
 values are compared by name with the stage before it, and the culprit is the earliest op the pass
 introduced upstream of the first mismatching value (or that op itself when the pass introduced
-none).
+none). Ops that only move data (views, transposes, copies) which a pass re-pointed at another
+operand are left out of the by-name comparison: they hold other values under their old names by
+design (``fuse_norm_rope`` moves a key's view before the fused norm), and would be blamed instead
+of the rewrite.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from ds4c.debug.trace import CompileTrace
 from ds4c.errors import InputError
 from ds4c.ir.graph import Graph, Op, Value
 from ds4c.ir.printer import format_op
+from ds4c.ir.registry import get_op, is_registered
+
+# Traits of ops that compute nothing: their result is their operand's elements, moved or viewed.
+_MOVES_DATA = frozenset({"view", "reshape", "identity", "copy_if_needed", "broadcast", "layout"})
 
 
 @dataclass
@@ -70,6 +77,26 @@ def run_capturing(graph: Graph, inputs: Mapping[str, Any], params: Mapping[str, 
     return outputs, values
 
 
+def _moves_data(op: Op) -> bool:
+    return is_registered(op.name) and bool(_MOVES_DATA & set(get_op(op.name).traits))
+
+
+def moved_values(before: Graph, after: Graph) -> set[str]:
+    """Names of the values that ``after`` defines as ``before`` does but over other data: results of
+    ops that only move data whose data operand (the first) a pass changed, and of such ops after
+    them. (A norm moved after its layout ops leaves them holding the un-normalised rows.)"""
+    defined = {r.name: op for op in before.ops for r in op.results}
+    moved: set[str] = set()
+    for op in after.ops:
+        old = defined.get(op.results[0].name) if op.results else None
+        if old is None or not _moves_data(op) or not op.args or not isinstance(op.args[0], Value):
+            continue
+        data, old_data = op.args[0], old.args[0] if old.args else None
+        if not isinstance(old_data, Value) or data.name != old_data.name or data.name in moved:
+            moved.update(r.name for r in op.results)
+    return moved
+
+
 @dataclass(frozen=True)
 class Feed:
     """What one graph runs on: its inputs, weights and (for decode) state."""
@@ -92,6 +119,9 @@ def locate_op(before: Graph, after: Graph, inputs: Mapping[str, Any], params: Ma
     _, vals_a = run_capturing(before, inputs, params, state)
     outs_b, vals_b = run_capturing(after, feed.inputs, feed.params, feed.state)
     names_before = set(vals_a)
+    for name in moved_values(before, after):
+        vals_a.pop(name, None)
+        vals_b.pop(name, None)
     if comparable_only:
         for name in [n for n in vals_a if n in vals_b and not comparable(vals_a[n], vals_b[n])]:
             del vals_a[name], vals_b[name]

@@ -14,7 +14,7 @@ context) are left out and named.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,13 +104,17 @@ def with_concat_parts(weights: dict[str, torch.Tensor], transforms: Sequence[dic
 
 def numerics_for_model(model: Any, *, target: str = "cpu", pipeline: str | Sequence[str] = "default",
                        entry: str = "prefill", atol: float = 1e-4, seq_len: int | None = None,
-                       max_context: int | None = None, seed: int = 0) -> tuple[Divergence | None, CompileTrace]:
+                       max_context: int | None = None, seed: int = 0,
+                       lowering: Mapping[str, bool] | None = None) -> tuple[Divergence | None, CompileTrace]:
+    """The first pass (and op) whose graph diverges when ``model`` compiles for ``target`` (fp32
+    weights): a Triton target's named pipeline includes its GPU lowering stage, with the compile
+    options ``lowering``."""
     import ds4c
 
     check_options(entry=entry, atol=atol, seq_len=seq_len, max_context=max_context)
     trace = CompileTrace()
     art = ds4c.compile(model, target=target, precision="fp32", pipeline=pipeline, instruments=[trace],
-                       weights="embed", max_context=max_context, progress=False, verify=False)
+                       weights="embed", max_context=max_context, progress=False, verify=False, lowering=lowering)
     params = art.weights or {}
     cfg = art.manifest["model"]["config"]
     if not trace.graph_names:
@@ -167,7 +171,8 @@ def numerics_for_artifact(path: str | Path, *, entry: str = "prefill", atol: flo
     art = ds4c.compile(model, target=manifest["target"]["name"], precision=precision["policy"],
                        max_context=manifest["max_context"], pipeline=manifest["pipeline"], instruments=[trace],
                        weights="embed", seed=preset_seed, bisect=(manifest.get("rewrites") or {}).get("bisect_limit"),
-                       activations=precision.get("activation_mode", "native"), progress=False, verify=False)
+                       activations=precision.get("activation_mode", "native"), progress=False, verify=False,
+                       lowering=(manifest.get("lowering") or {}).get("options"))
     notes = [f"{Path(path).name}: {described}, target {manifest['target']['name']}, precision {precision['policy']} "
              f"({precision['compute_dtype']}), max context {manifest['max_context']}; recompiled with a trace "
              f"through its {len(manifest['pipeline'])} passes"]
@@ -245,18 +250,22 @@ def numerics_for_artifacts(a: str | Path, b: str | Path, *, entry: str = "prefil
 
 def bisect_model(model: Any, *, target: str = "cpu", pipeline: str | Sequence[str] = "default",
                  entry: str = "prefill", atol: float = 1e-4, seq_len: int | None = None,
-                 max_context: int | None = None, seed: int = 0) -> dict[str, Any]:
+                 max_context: int | None = None, seed: int = 0,
+                 lowering: Mapping[str, bool] | None = None) -> dict[str, Any]:
     """Find the first rewrite after which the compiled graph no longer matches the traced one.
 
-    The model is traced once; the pipeline then reruns with ``bisect_limit = N`` for O(log n) values of N.
+    The model is traced once; the pipeline then reruns with ``bisect_limit = N`` for O(log n) values of N
+    (for a Triton ``target``, with its GPU lowering stage and the compile options ``lowering``), as
+    ``ds4c compile --bisect N`` would run it.
     """
     import ds4c
     from ds4c.compiler import apply_lowering
-    from ds4c.passes.manager import PassContext, PassManager, check_pipeline_options
+    from ds4c.passes.manager import PassContext, PassManager, check_lowering_options, check_pipeline_options
     from ds4c.targets import get_target
 
     check_options(entry=entry, atol=atol, seq_len=seq_len, max_context=max_context)
-    check_pipeline_options(pipeline)
+    lowering_options = check_lowering_options(lowering)
+    check_pipeline_options(pipeline, target=get_target(target))
     if is_artifact(model):
         raise InputError(f"{model} is an artifact: bisect reruns the passes over a fresh trace of a model; give the "
                          "model it was compiled from (`ds4c inspect` shows its source)")
@@ -272,8 +281,8 @@ def bisect_model(model: Any, *, target: str = "cpu", pipeline: str | Sequence[st
     logs: dict[int | None, list] = {}
 
     def attempt(limit: int | None) -> tuple[int, bool]:
-        ctx = PassContext(target=get_target(target), options={"max_context": base.manifest["max_context"]},
-                          bisect_limit=limit)
+        ctx = PassContext(target=get_target(target), options={"max_context": base.manifest["max_context"],
+                                                              **lowering_options}, bisect_limit=limit)
         prog = PassManager(pipeline, ctx=ctx).run(base.program)
         lowered = dict(params)
         apply_lowering(lowered, prog.attrs.get("weight_transforms") or [])
