@@ -20,12 +20,13 @@ ds4c.quant.packing (at compile time when embedded, at load time otherwise).
 from __future__ import annotations
 
 from ds4c.ir.graph import Graph, GraphInput, Op, Value, replace_uses
+from ds4c.ir.registry import get_op
 from ds4c.ir.types import TensorType
 from ds4c.passes.manager import PassContext, register_pass
 from ds4c.quant.activations import ACTIVATION_BLOCKS
 from ds4c.quant.formats import get_format
 from ds4c.quant.packing import packed_name
-from ds4c.quant.units import MOE_ACT_KWARG, UNIT_OPERANDS
+from ds4c.quant.units import MOE_ACT_KWARG
 
 
 @register_pass("quantize_weights")
@@ -86,7 +87,7 @@ def _moe_activations(op: Op, activations: dict[str, str], ctx: PassContext) -> O
     format: the op quantises x and h itself (the router reads x unquantised, so no
     ``quant.activation`` before it)."""
     kwargs = dict(op.kwargs)
-    for positions, kind in UNIT_OPERANDS["moe"]:
+    for positions, kind in get_op(op.name).unit_operands():
         key = MOE_ACT_KWARG[kind]
         acts = {activations.get(op.args[i].name) for i in positions if isinstance(op.args[i], Value)}
         act = acts.pop() if len(acts) == 1 else None

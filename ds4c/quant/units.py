@@ -1,9 +1,9 @@
 """Precision units: the weights that get one storage format together, found from the ops that read them.
 
 A unit is a linear's weight, a grouped linear's weight, an embedding table, the routed experts of
-one MoE (gate_up and down together: one expert group) or its shared expert. Everything else a
-graph reads (norms, mHC mixing, sinks, biases, the MoE router, whose top-k is discontinuous) stays
-in the compute dtype.
+one MoE (gate_up and down together: one expert group) or its shared expert: the operands each op
+declares with a ``unit`` (``ds4c.ir.registry.Operand``). Everything else a graph reads (norms, mHC
+mixing, sinks, biases, the MoE router, whose top-k is discontinuous) stays in the compute dtype.
 """
 
 from __future__ import annotations
@@ -12,15 +12,9 @@ import re
 from dataclasses import dataclass
 
 from ds4c.ir.graph import Graph, Op, Value
+from ds4c.ir.registry import get_op
 from ds4c.ir.types import TensorType
 
-# op name -> (argument positions that hold the unit's weights, unit kind)
-UNIT_OPERANDS: dict[str, tuple[tuple[tuple[int, ...], str], ...]] = {
-    "aten.linear.default": (((1,), "linear"),),
-    "linear.grouped": (((1,), "grouped_linear"),),
-    "aten.embedding.default": (((0,), "embedding"),),
-    "moe": (((4, 5), "experts"), ((6, 7, 8), "shared_experts")),
-}
 # expert unit kind -> the ``moe`` keyword naming the activation format of its GEMMs
 MOE_ACT_KWARG = {"experts": "act", "shared_experts": "shared_act"}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -66,7 +60,7 @@ def find_units(graph: Graph) -> list[Unit]:
     seen: set[str] = set()
     units: list[Unit] = []
     for i, op in enumerate(graph.ops):
-        for positions, kind in UNIT_OPERANDS.get(op.name, ()):
+        for positions, kind in get_op(op.name).unit_operands():
             vals = [op.args[p] if p < len(op.args) else None for p in positions]
             if not all(isinstance(v, Value) and id(v) in params and isinstance(v.type, TensorType) and v.type.rank >= 2 and v.type.is_static
                        and v.type.dtype.is_floating_point for v in vals):
