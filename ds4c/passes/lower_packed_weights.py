@@ -4,8 +4,9 @@ Needs: ``quantize_weights`` (packed params read through ``quant.dequant``). Guar
 target with Triton kernels (``target.triton_target``): no ``quant.dequant`` of parameters is left.
 Where every use of a dequantised weight is a kernel that reads its format as stored
 (``KERNEL_FORMATS``: the weight of a bias-free ``aten.linear``, of ``linear.grouped``, or an
-expert weight of ``moe``), the dequantisation goes and the uses become ``linear.packed`` /
-``linear.grouped.packed`` / ``moe.packed`` over the packed tensors, so a step reads FP8 / INT8 /
+expert weight of ``moe``), the dequantisation goes and the uses become the op's packed variant
+(``OpDef.packed_variant``: ``linear.packed`` / ``linear.grouped.packed`` / ``moe.packed``) over
+the packed tensors, so a step reads FP8 / INT8 /
 MXFP4 bytes; a ``quant.activation`` feeding such a linear whose weight format multiplies in that
 activation format is folded into it (``act=``: the kernel quantises its input itself) and dropped
 once nothing else reads it. Any other dequantised weight becomes a parameter of its own, made once
@@ -28,11 +29,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ds4c.ir.graph import Graph, GraphInput, Op, Value
+from ds4c.ir.registry import get_op
 from ds4c.passes.manager import PassContext, register_pass
 from ds4c.quant.activations import ACTIVATION_BLOCKS, WEIGHT_FORMATS
 
 KERNEL_FORMATS = frozenset({"fp8", "fp8-f32scale", "int8", "mxfp4"})  # formats the Triton GEMMs read packed
-MOE_WEIGHT_ARGS = range(4, 9)  # gate_up, down, s_gate, s_up, s_down among moe's operands
 TRANSFORMS = "weight_transforms"
 
 
@@ -51,6 +52,12 @@ def record_transform(ctx: PassContext, op: str, name: str, entry: Any) -> None:
         transforms.append({"op": op, "tensors": {name: entry}})
 
 
+def _weight_positions(name: str) -> list[int]:
+    """Positions of the operands of op ``name`` that are the weights of a precision unit (moe:
+    gate_up, down, s_gate, s_up, s_down)."""
+    return [i for positions, _ in get_op(name).unit_operands() for i in positions]
+
+
 def _reads_packed(use: Op, value: Value) -> bool:
     """Whether ``use`` can take ``value`` (a dequantised weight) packed."""
     if use.name == "aten.linear.default":
@@ -59,30 +66,35 @@ def _reads_packed(use: Op, value: Value) -> bool:
     if use.name == "linear.grouped":
         return len(use.args) == 2 and use.args[1] is value and use.args[0] is not value
     if use.name == "moe":
-        return any(use.args[i] is value for i in MOE_WEIGHT_ARGS) and value not in use.args[:4]
+        weights = _weight_positions("moe")
+        return any(use.args[i] is value for i in weights) and \
+            not any(a is value for i, a in enumerate(use.args) if i not in weights)
     return False
 
 
 def _read_packed(op: Op, packed: Mapping[Value, tuple[str, list[int], tuple]], quantized: Mapping[Value, Op]) -> Op:
     """``op`` rewritten to read the packed weights among its operands (unchanged if none)."""
+    packed_op = get_op(op.name).packed_variant
     if op.name == "aten.linear.default" and len(op.args) >= 2 and op.args[1] in packed:
         fmt, shape, tensors = packed[op.args[1]]
         x, kwargs = op.args[0], {"format": fmt, "shape": shape}
         if x in quantized and fmt in WEIGHT_FORMATS.get(quantized[x].kwargs["format"], ()):
             x, kwargs["act"] = quantized[x].args[0], quantized[x].kwargs["format"]
-        return op.replace(name="linear.packed", args=(x, *tensors), kwargs=kwargs)
+        return op.replace(name=packed_op, args=(x, *tensors), kwargs=kwargs)
     if op.name == "linear.grouped" and op.args[1] in packed:
         fmt, shape, tensors = packed[op.args[1]]
-        return op.replace(name="linear.grouped.packed", args=(op.args[0], *tensors),
+        return op.replace(name=packed_op, args=(op.args[0], *tensors),
                           kwargs={"format": fmt, "shape": shape, "groups": op.kwargs["groups"]})
-    if op.name == "moe" and any(op.args[i] in packed for i in MOE_WEIGHT_ARGS):
+    if op.name == "moe" and any(op.args[i] in packed for i in _weight_positions("moe")):
+        # moe.packed: the operands before the weights, then each weight's tensors
+        weights = _weight_positions("moe")
         formats, shapes, tensors = [], [], []
-        for w in op.args[4:9]:
+        for w in (op.args[i] for i in weights):
             fmt, shape, ts = packed.get(w, ("none", None, (w,)))
             formats.append(fmt)
             shapes.append(shape if shape is not None else list(w.type.shape))
             tensors.extend(ts)
-        return op.replace(name="moe.packed", args=(*op.args[:4], *tensors),
+        return op.replace(name=packed_op, args=(*op.args[:weights[0]], *tensors),
                           kwargs={**op.kwargs, "formats": formats, "shapes": shapes})
     return op
 
