@@ -73,6 +73,7 @@ def test_fp8_tensor_has_the_checkpoints_sha256_in_the_artifact_and_the_loaded_mo
     manifest, _, container = read_artifact(artifacts["embed"])
     embedded = st_load(container.read_bytes(WEIGHTS_MEMBER))
     assert sha(embedded[f"{FP8[1]}.qdata"]) == sha(q) and sha(embedded[f"{FP8[1]}.scale"]) == sha(s)
+    logits = {}
     for mode, path in artifacts.items():
         manifest = read_artifact(path)[0]
         assert manifest["weights"]["mode"] == mode
@@ -83,6 +84,8 @@ def test_fp8_tensor_has_the_checkpoints_sha256_in_the_artifact_and_the_loaded_mo
         got = model.weights[f"{FP8[1]}.qdata"]
         assert got.dtype == torch.float8_e4m3fn and sha(got) == sha(q), mode
         assert sha(model.weights[f"{FP8[1]}.scale"]) == sha(s), mode
+        logits[mode] = model(torch.arange(12).view(1, 12) % 150)
+    assert torch.isfinite(logits["embed"]).all() and torch.equal(logits["embed"], logits["reference"])
 
 
 def test_mxfp4_experts_keep_their_bytes_too(release, artifacts):
