@@ -101,6 +101,7 @@ def summarize(manifest: dict[str, Any], program: Program, console: Console) -> N
                        ", ".join(f"{_short(k)}×{v}" for k, v in sorted(unfused.items())) or "none", str(other))
         console.print(tb)
     if t.get("backend") in ("cuda", "rocm"):
+        console.print(lowered_program_table(manifest, program))
         console.print(lowering_line(manifest, program))
         line = runtime_buffer_plan_line(manifest, program.graphs)
         if line:
@@ -133,6 +134,66 @@ def lowering_line(manifest: dict[str, Any], program: Program) -> str:
     return (f"[bold]lowering[/] {' -> '.join(lowering.get('passes', []))} ({options}); kernel ops {ops}; "
             f"weights made at load: {made.get('concat', 0)} concatenations (merged linears), "
             f"{made.get('dequantize', 0)} expanded from packed")
+
+
+PACKED_OPS = ("linear.packed", "linear.grouped.packed", "moe.packed")
+
+
+def packed_formats(graph: Graph) -> Counter:
+    """(op, weight format(s) and the activation format it multiplies in) -> count, for each op of
+    ``graph`` that reads packed weights as stored."""
+    out: Counter = Counter()
+    for op in graph.ops:
+        if op.name in PACKED_OPS:
+            formats = op.kwargs.get("formats") or [op.kwargs.get("format")]
+            fmt = "+".join(sorted({str(f) for f in formats if f not in (None, "none")})) or "none"
+            act = op.kwargs.get("act")
+            out[f"{op.name} {fmt}" + (f" (act {act})" if act else "")] += 1
+    return out
+
+
+def merged_linears(graph: Graph, concats: dict[str, list[str]]) -> tuple[int, int]:
+    """(GEMMs over a concatenated weight, linears they replace) in ``graph``; ``concats``: the
+    manifest's ``concat`` weight transforms (merged name -> part names)."""
+    gemms = parts = 0
+    for op in graph.ops:
+        if op.name in ("aten.linear.default", "linear.packed") and len(op.args) > 1:
+            w = op.args[1]
+            name = getattr(w, "name", None)
+            if name in concats:
+                gemms += 1
+                parts += len(concats[name])
+    return gemms, parts
+
+
+def lowered_program_table(manifest: dict[str, Any], program: Program) -> Table:
+    """Per entry point, the program the kernels run as the artifact stores it (no pass is rerun):
+    ops per kind, packed-weight ops by format, merged linears, the runtime's activation arena and
+    the stream schedule."""
+    concats = {name: list(parts) for tr in manifest["weights"].get("transforms", []) if tr["op"] == "concat"
+               for name, parts in tr["tensors"].items()}
+    plans, scheds = manifest.get("memory_plan") or {}, manifest.get("schedule") or {}
+    t = Table(title="lowered program per entry point (the artifact's IR, as the kernels run it)")
+    for col in ("entry", "ops", "ops per kind", "packed weights", "merged linears", "arena", "streams (ops)"):
+        t.add_column(col, justify="right" if col in ("ops", "arena") else "left")
+    for entry, g in program.graphs.items():
+        counts = Counter(op.name for op in g.ops)
+        kinds = {k: v for k, v in counts.items() if not k.startswith(("aten.", "sym."))}
+        gemms = sum(v for k, v in counts.items() if k in PLAIN_GEMMS)
+        rest = sum(counts.values()) - sum(kinds.values()) - gemms
+        per_kind = [f"{k}×{v}" for k, v in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))]
+        per_kind += [f"GEMM×{gemms}"] * bool(gemms) + [f"ATen other×{rest}"] * bool(rest)
+        packed = packed_formats(g)
+        merged, replaced = merged_linears(g, concats)
+        plan, sched = plans.get(entry) or {}, scheds.get(entry) or {}
+        arena = (plan.get("runtime_arena") or {}).get("bytes", plan.get("arena_bytes"))
+        streams = " ".join(f"{k}={v}" for k, v in (sched.get("ops_per_stream") or {}).items())
+        t.add_row(entry, str(len(g.ops)), ", ".join(per_kind) or "-",
+                  ", ".join(f"{k}×{v}" for k, v in sorted(packed.items())) or "none",
+                  f"{merged} GEMMs for {replaced} linears" if merged else "none",
+                  "-" if arena is None else _size(int(arena)),
+                  (streams + (f", {sched['events']} events" if "events" in sched else "")) or "-")
+    return t
 
 
 def runtime_buffer_plan_line(manifest: dict[str, Any], graphs: dict[str, Graph]) -> str:
