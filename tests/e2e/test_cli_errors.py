@@ -181,6 +181,8 @@ def test_other_commands_refuse_bad_paths_and_numbers(tmp_path, artifact):
     (["debug", "numerics", "tiny", "--against", "x.ds4"], ["--against compares two artifacts"]),
     (["debug", "numerics", "tiny", "--pipeline", "cse,bogus"], ["unknown pass 'bogus'", "fuse_moe"]),
     (["debug", "bisect", "tiny", "--entry", "bogus"], ["choose prefill or decode"]),
+    (["debug", "numerics", "tiny", "--target", "bogus"], ["unknown target 'bogus'", "h100"]),
+    (["debug", "bisect", "tiny", "--target", "bogus"], ["unknown target 'bogus'", "h100"]),
 ])
 def test_debug_options_fail_before_compiling(no_trace, args, fixes):
     one_line_error(runner.invoke(app, args), *fixes)
@@ -188,6 +190,9 @@ def test_debug_options_fail_before_compiling(no_trace, args, fixes):
 
 def test_debug_bisect_of_an_artifact_names_what_to_give(artifact, no_trace):
     one_line_error(runner.invoke(app, ["debug", "bisect", str(artifact)]), "is an artifact", "ds4c inspect")
+    # an artifact is debugged for the target it was compiled for
+    one_line_error(runner.invoke(app, ["debug", "numerics", str(artifact), "--target", "h100"]), "is an artifact",
+                   "--target")
 
 
 def _main(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
