@@ -83,6 +83,14 @@ def compile(
     sign_key: Annotated[Path | None, typer.Option(
         "--sign-key", help="sign the artifact with this Ed25519 private key (PEM) instead of your own key "
                            "(made on first use under $DS4C_HOME, see `ds4c trust`)")] = None,
+    fuse_norm_rope: Annotated[bool, typer.Option(
+        "--fuse-norm-rope/--no-fuse-norm-rope", help="GPU lowering: a query's or key's norm and rotary "
+                                                     "embedding as one op (off: apart, for A/B runs)")] = True,
+    merge_linears: Annotated[bool, typer.Option(
+        "--merge-linears/--no-merge-linears", help="GPU lowering: linears of one input as one GEMM over "
+                                                   "concatenated weights")] = True,
+    merge_packed: Annotated[bool, typer.Option(
+        "--merge-packed/--no-merge-packed", help="GPU lowering: merge packed (FP8/INT8/MXFP4) siblings too")] = True,
 ) -> None:
     """Compile MODEL for TARGET into a .ds4 artifact."""
     import ds4c
@@ -101,7 +109,9 @@ def compile(
                            bisect=bisect, weights=weights, seed=seed, progress=True,
                            hbm_budget=_parse_bytes(hbm_budget) if hbm_budget else None,
                            csa_kv_on_host=csa_kv_on_host, kernel_binaries=kernel_binaries,
-                           activations=activations, allow_nonfinite=allow_nonfinite_weights)
+                           activations=activations, allow_nonfinite=allow_nonfinite_weights,
+                           lowering={"fuse_norm_rope": fuse_norm_rope, "merge_linears": merge_linears,
+                                     "merge_packed": merge_packed})
         if output is None:
             output = Path(f"{Path(model).name}-{target}.ds4")
         art.save(output, sign_key=sign_key if sign_key is not None else True)

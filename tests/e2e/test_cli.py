@@ -96,3 +96,19 @@ def test_flash_slice_compiles_small_with_referenced_weights(tmp_path):
     assert w["bytes"] > 15e9  # ~21 GB of weights once auto packs them for h100 (bf16: ~42 GB)...
     path = art.save(tmp_path / "fs.ds4")
     assert path.stat().st_size < 20e6  # ...that the artifact does not carry
+
+
+def test_compile_lowering_options_reach_the_compiler(monkeypatch, tmp_path):
+    """`--no-fuse-norm-rope`, `--no-merge-linears`, `--no-merge-packed`: the lowering's compile options."""
+    seen = {}
+
+    def fake_compile(model, **kwargs):
+        seen.update(kwargs)
+        raise ds4c.errors.Ds4cError("stop here")
+
+    monkeypatch.setattr(ds4c, "compile", fake_compile)
+    out = str(tmp_path / "t.ds4")
+    runner.invoke(app, ["compile", "tiny", "--target", "h100", "-o", out])
+    assert seen["lowering"] == {"fuse_norm_rope": True, "merge_linears": True, "merge_packed": True}
+    runner.invoke(app, ["compile", "tiny", "--target", "h100", "-o", out, "--no-fuse-norm-rope", "--no-merge-packed"])
+    assert seen["lowering"] == {"fuse_norm_rope": False, "merge_linears": True, "merge_packed": False}
