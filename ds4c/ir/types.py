@@ -6,6 +6,7 @@ A dimension is an ``int`` or a ``str`` holding a sympy-parsable expression over 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -123,6 +124,7 @@ def _split_top(text: str, sep: str = ",") -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=16384)
 def parse_dim(text: str) -> Dim:
     """An integer, or a symbolic expression checked here against the grammar of ``ds4c.ir.shapes``."""
     text = text.strip()
@@ -142,7 +144,9 @@ def parse_dim(text: str) -> Dim:
     return text
 
 
+@functools.lru_cache(maxsize=16384)
 def parse_type(text: str) -> IRType:
+    """The type ``text`` spells (types are immutable: an artifact's many repeats are parsed once)."""
     text = text.strip()
     if text in SCALAR_KINDS:
         return ScalarType(text)
