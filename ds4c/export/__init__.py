@@ -99,31 +99,6 @@ def example_inputs(src: ExportSource, graph: Graph, batch: int, seq: int) -> dic
     return out
 
 
-def portable_reference(name: str, kwargs: dict[str, Any]) -> Callable[..., Any]:
-    """The reference of a fused op in a form every exporter can trace: static shapes, no float8_e8m0.
-
-    ``moe``: the gather formulation (the reference groups tokens by expert with host-side counts);
-    ``quant.dequant`` of ``mxfp4``: nibble codes through the E2M1 table and ``2^(b-127)`` scales
-    (the reference views the scale bytes as float8_e8m0fnu, which ONNX and torch-mlir lack).
-    """
-    from ds4c.ir.registry import get_op
-
-    if name == "moe":
-        from ds4c.ops.moe import moe_gather_formulation
-
-        return moe_gather_formulation
-    if name == "quant.dequant" and kwargs.get("format") == "mxfp4":
-        return _mxfp4_dequant
-    return get_op(name).reference
-
-
-def _mxfp4_dequant(qdata: torch.Tensor, scale: torch.Tensor, *, format: str, shape: list[int],
-                   dtype: torch.dtype) -> torch.Tensor:
-    from ds4c.quant.formats import dequant_mxfp4_portable
-
-    return dequant_mxfp4_portable(qdata, scale, tuple(shape), dtype)
-
-
 def widen(graph: Graph, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[Graph, dict]:
     """The graph computing in ``dtype`` where it computed in a narrower float (bf16, fp16).
 

@@ -8,7 +8,7 @@
 
 Shapes are static (``batch`` x ``seq``): stablehlo and tosa need them (topk's iota, ``aten.size``),
 and the artifact's symbolic sizes would be bound anyway by the target toolchain. Fused ds4c ops are
-traced in through their references (``ds4c.export.portable_reference``: MoE in its gather
+traced in through their portable formulations (``OpDef.portable``: MoE in its gather
 formulation, whose shapes do not depend on the routing, where the reference groups tokens by
 expert with host-side counts that no static graph can hold; MXFP4 dequantisation without
 float8_e8m0).
@@ -41,6 +41,7 @@ import torch
 from ds4c.errors import ConfigError, IRError
 from ds4c.export import ExportSource, capture, entry_graph, write_atomic
 from ds4c.ir.graph import Op
+from ds4c.ir.registry import get_op
 from ds4c.quiet import TORCH_PYTREE_LEAFSPEC
 
 OUTPUT_TYPES = {"mlir-torch": "torch", "mlir-linalg": "linalg-on-tensors", "stablehlo": "stablehlo", "tosa": "tosa"}
@@ -51,9 +52,7 @@ def _as_list(x: Any) -> list[Any]:
 
 
 def _lower_fused(g: torch.fx.Graph, op: Op, args: tuple, kwargs: dict) -> torch.fx.Node:
-    from ds4c.export import portable_reference
-
-    node = g.call_function(portable_reference(op.name, kwargs), args, kwargs)
+    node = g.call_function(get_op(op.name).portable(kwargs), args, kwargs)
     # to_graph_module indexes every lowered fused op's results
     return g.call_function(_as_list, (node,)) if len(op.results) == 1 else node
 

@@ -19,7 +19,7 @@ Quantised weights (``quant.dequant``) become QDQ: ``DequantizeLinear`` on the pa
   the initializers stay the artifact's packed bytes.
 - ``mxfp4`` (packed e2m1 pairs, UE8M0 per 32): FLOAT4E2M1 needs opset 23 and onnxruntime's CPU
   DequantizeLinear does not take it; it stays a ``ds4c.quant_dequant`` node whose function decodes
-  the nibbles through the E2M1 table (``ds4c.export.portable_reference``).
+  the nibbles through the E2M1 table (``quant.dequant``'s portable formulation, ``OpDef.portable``).
 - ``bf16``: a ``ds4c.quant_dequant`` function (a cast).
 Activations are not quantised by any ds4c policy, so there are no QuantizeLinear nodes.
 
@@ -69,11 +69,10 @@ def encode_attr(v: Any) -> Any:
 
 
 def _call(spec: dict[str, Any], tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-    from ds4c.export import portable_reference
-    from ds4c.ir.registry import split_results
+    from ds4c.ir.registry import get_op, split_results
 
     kwargs = {k: decode_attr(v) for k, v in spec["kwargs"].items()}
-    return split_results(portable_reference(spec["op"], kwargs)(*tensors, **kwargs))
+    return split_results(get_op(spec["op"]).portable(kwargs)(*tensors, **kwargs))
 
 
 @torch.library.custom_op("ds4c_export::fused", mutates_args=())

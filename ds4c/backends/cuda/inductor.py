@@ -26,24 +26,12 @@ from ds4c.backends.reference import _retarget_devices
 from ds4c.errors import IRError
 from ds4c.ir.graph import Graph, Op
 from ds4c.ir.registry import get_op, split_results
-from ds4c.ops.moe import moe_gather_formulation
-
-
-def _moe_packed_fake(x, ids, router, selector, *packed, formats, shapes, **kwargs):
-    from ds4c.ops.quant import dequant_operands
-
-    return moe_gather_formulation(x, ids, router, selector, *dequant_operands(packed, formats, shapes, x.dtype), **kwargs)
-
-
-# Shape-only stand-ins where the reference has data-dependent shapes (MoE groups tokens by expert).
-_FAKE_FORMULATIONS = {"moe": moe_gather_formulation, "moe.packed": _moe_packed_fake}
 
 
 def _run_fused(name: str, args: list, kwargs: dict, *, fake: bool) -> list[torch.Tensor]:
     opdef = get_op(name)
-    if fake:
-        fn = _FAKE_FORMULATIONS.get(name, opdef.reference)
-        return split_results(fn(*args, **kwargs))
+    if fake:  # shapes only: the portable formulation's do not depend on the data (MoE's reference's do)
+        return split_results(opdef.portable(kwargs)(*args, **kwargs))
     launcher = get_kernel(name)
     out = launcher(*args, **kwargs) if launcher is not None else NotImplemented
     if out is NotImplemented and name in TORCH_FALLBACKS:

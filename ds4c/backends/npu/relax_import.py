@@ -41,11 +41,8 @@ def signature(op: Op) -> tuple[Any, ...]:
 
 
 def _reference(op: Op):
-    if op.name == "moe":
-        from ds4c.ops.moe import moe_gather_formulation
-
-        return moe_gather_formulation
-    return get_op(op.name).reference
+    """The formulation traced into Relax: the op's portable one (static shapes)."""
+    return get_op(op.name).portable(op.kwargs)
 
 
 class _OpModule(torch.nn.Module):
