@@ -61,6 +61,15 @@ def canonical_dtype(dtype: str) -> str:
     return name
 
 
+def peak_dtype(dtype: str) -> str:
+    """The peak-FLOP/s key (``DTYPES``) that work on tensors of ``dtype`` runs at: ``canonical_dtype``,
+    or ``'fp32'`` for a dtype with no key of its own (float64, integers other than int8, bool)."""
+    try:
+        return canonical_dtype(dtype)
+    except TargetError:
+        return "fp32"
+
+
 class _ReadOnlyDict(dict):
     """A dict that refuses mutation, so a frozen Target stays frozen; pickles and JSON-dumps as a dict."""
 

@@ -9,7 +9,7 @@ import pickle
 import pytest
 
 from ds4c.errors import TargetError
-from ds4c.targets import DTYPES, Target, canonical_dtype, get_target, list_targets, target_names
+from ds4c.targets import DTYPES, Target, canonical_dtype, get_target, list_targets, peak_dtype, target_names
 
 NAMES = ["h100", "h200", "b200", "b300", "gb200", "mi300x", "mi355x", "npu", "cpu"]
 
@@ -124,3 +124,15 @@ def test_every_target_says_what_is_verified_here_and_on_hardware():
         assert here and hardware
     out = CliRunner().invoke(app, ["targets"], env={"COLUMNS": "200"}).output
     assert "verified where" in out and all(t.name in out for t in list_targets())
+
+
+def test_peak_dtype_of_every_ir_dtype():
+    """What a cost model reads for a tensor's dtype: its peak key, fp32 where it has none."""
+    from ds4c.ir.types import DTYPE_NAMES
+
+    expected = {"float32": "fp32", "float64": "fp32", "bfloat16": "bf16", "float16": "fp16",
+                "float8_e4m3fn": "fp8", "float8_e5m2": "fp8", "int8": "int8"}
+    for dtype in DTYPE_NAMES:
+        name = str(dtype).removeprefix("torch.")
+        assert peak_dtype(name) == expected.get(name, "fp32"), name
+        assert peak_dtype(name) in DTYPES
