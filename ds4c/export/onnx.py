@@ -256,10 +256,10 @@ def _function_bodies(sigs: list[tuple[dict[str, Any], list[tuple[int, tuple[int,
 def _example(elem: int, shape: tuple[int, ...]) -> torch.Tensor:
     from onnx import helper
 
+    from ds4c.ir.types import torch_dtype
+
     np_dtype = helper.tensor_dtype_to_np_dtype(elem)
-    dtype = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "int64": torch.int64,
-             "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
-             "bool": torch.bool}.get(str(np_dtype))
+    dtype = torch_dtype(str(np_dtype))
     if dtype is None:
         import onnx
 

@@ -44,6 +44,13 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise IRError(f"dtype {dtype} has no IR name; add it to ds4c.ir.types.DTYPE_NAMES") from None
 
 
+def torch_dtype(name: str) -> torch.dtype | None:
+    """The dtype torch spells ``name`` (``'bfloat16'``, ``'torch.int64'``: how manifests and numpy
+    name dtypes) among those the IR has (``DTYPE_NAMES``); None for any other name."""
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES else None
+
+
 def parse_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES_BY_NAME[name]

@@ -80,3 +80,14 @@ def test_operands_have_names_and_roles():
     assert get_op("moe").unit_operands() == [((4, 5), "experts"), ((6, 7, 8), "shared_experts")]
     assert get_op("moe").packed_variant == "moe.packed"
     assert get_op("aten.linear.default").packed_variant == "linear.packed"
+
+
+def test_torch_dtype_names_the_ir_dtypes_only():
+    import torch
+
+    from ds4c.ir.types import DTYPE_NAMES, torch_dtype
+
+    for dtype in DTYPE_NAMES:
+        assert torch_dtype(str(dtype)) is dtype and torch_dtype(str(dtype).removeprefix("torch.")) is dtype
+    assert torch_dtype("float4_e2m1fn_x2") is None and torch_dtype("Tensor") is None and torch_dtype("nn") is None
+    assert torch_dtype("bfloat16") is torch.bfloat16
