@@ -64,6 +64,7 @@ TRAITS = {
     "factory": "makes a filled tensor from sizes (arange, full, zeros)",
     "transfer": "moves a tensor between memories (host and device): a copy the runtime issues",
     "topk": "selects the k largest entries",
+    "commutative": "its first two operands may be swapped without changing the result",
     "positionwise": "maps each position (dimension 1) of its inputs to the same position of its result, "
                     "so slicing the positions commutes with it",
     "npu": "runs fused on the NPU (ds4c.backends.npu: its reference is traced into Relax)",
@@ -178,6 +179,7 @@ _ATEN_TRAITS: dict[str, tuple[str, ...]] = {
     "transfer": ("aten.to.device",),
     "topk": ("aten.topk.default",),
     "positionwise": ("aten.linear.default", "aten.to.dtype", "aten.mul.Tensor", "aten.add.Tensor"),
+    "commutative": ("aten.add.Tensor", "aten.mul.Tensor", "aten.maximum.default", "aten.minimum.default"),
     # matrix-unit ops and vector-unit elementwise math
     "npu": ("aten.linear.default", "aten.matmul.default", "aten.mm.default", "aten.bmm.default",
             "aten.mul.Tensor", "aten.add.Tensor", "aten.sub.Tensor", "aten.div.Tensor", "aten.neg.default",

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ds4c.ir.graph import Graph, Value, map_values, replace_uses
+from ds4c.ir.registry import has_trait
 from ds4c.ir.types import ScalarType, TensorType
 
 
@@ -414,8 +415,6 @@ def _shared_views(m: Match, root: Any, users: dict[Value, list[Any]], outputs: s
 
 # -- patterns from traced reference code ----------------------------------------------------------
 
-_COMMUTATIVE = {"aten.add.Tensor", "aten.mul.Tensor", "aten.maximum.default", "aten.minimum.default"}
-_CASTS = {"aten._to_copy.default", "aten.to.dtype"}
 
 
 def pattern_from_graph(graph: Graph, *, output: str | None = None, captures: dict[str, Callable[[Any], bool]] | None = None,
@@ -447,12 +446,13 @@ def pattern_from_graph(graph: Graph, *, output: str | None = None, captures: dic
             p = Wild(None, literals=True)
         else:
             op = producers[v]
-            if optional_casts and op.name in _CASTS and set(op.kwargs) <= {"dtype"}:
+            if optional_casts and has_trait(op.name, "cast") and set(op.kwargs) <= {"dtype"}:
                 p = Maybe(op.name, conv(op.args[0]))
             else:
                 args = tuple(conv_arg(a) for a in op.args)
                 kwargs = {k: conv_arg(x) for k, x in op.kwargs.items() if k not in ("device", "pin_memory", "layout")}
-                p = Op(op.name, *args, commutative=op.name in _COMMUTATIVE, result_index=op.results.index(v), **kwargs)
+                p = Op(op.name, *args, commutative=has_trait(op.name, "commutative"), result_index=op.results.index(v),
+                       **kwargs)
         memo[v] = p
         return p
 
