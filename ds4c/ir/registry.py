@@ -65,6 +65,8 @@ TRAITS = {
     "transfer": "moves a tensor between memories (host and device): a copy the runtime issues",
     "topk": "selects the k largest entries",
     "commutative": "its first two operands may be swapped without changing the result",
+    "host_sync": "its reference reads operand values on the host to size tensors (MoE groups tokens by "
+                 "expert): it cannot be traced with fake tensors or captured in a CUDA graph; ``portable`` can",
     "positionwise": "maps each position (dimension 1) of its inputs to the same position of its result, "
                     "so slicing the positions commutes with it",
     "npu": "runs fused on the NPU (ds4c.backends.npu: its reference is traced into Relax)",

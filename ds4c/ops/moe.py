@@ -124,7 +124,7 @@ class Moe(OpDef):
                 Operand("gate_up", "weight", unit="experts"), Operand("down", "weight", unit="experts"),
                 Operand("s_gate", "weight", unit="shared_experts"), Operand("s_up", "weight", unit="shared_experts"),
                 Operand("s_down", "weight", unit="shared_experts"))
-    traits = frozenset({"npu", "positionwise"})
+    traits = frozenset({"npu", "positionwise", "host_sync"})
     packed_variant = "moe.packed"
 
     def reference(self, *args, **kwargs):

@@ -207,7 +207,7 @@ class MoePacked(OpDef):
     name = "moe.packed"
     num_results = 1
     operands = (*Moe.operands[:4], Operand("packed", "weight", variadic=True))
-    traits = frozenset({"positionwise"})
+    traits = frozenset({"positionwise", "host_sync"})
 
     def reference(self, x, ids, router, selector, *packed, formats: list[str], shapes: list[list[int]], **kwargs):
         from ds4c.ops.moe import moe_reference

@@ -25,7 +25,7 @@ from ds4c.backends.fx import to_graph_module
 from ds4c.backends.reference import _retarget_devices
 from ds4c.errors import IRError
 from ds4c.ir.graph import Graph, Op
-from ds4c.ir.registry import get_op, split_results
+from ds4c.ir.registry import get_op, has_trait, split_results
 
 
 def _run_fused(name: str, args: list, kwargs: dict, *, fake: bool) -> list[torch.Tensor]:
@@ -63,12 +63,9 @@ def _fused_fake(args: list[torch.Tensor | None], spec: str) -> list[torch.Tensor
             for o in _run_fused(d["op"], list(args), d["kwargs"], fake=True)]
 
 
-# Fused ops whose reference Inductor must not trace in (host synchronisation, data-dependent shapes).
-_OPAQUE_WITHOUT_KERNEL = ("moe",)
-
-
 def _lower_fused(g: fx.Graph, op: Op, args: tuple, kwargs: dict) -> fx.Node:
-    if get_kernel(op.name) is None and op.name not in _OPAQUE_WITHOUT_KERNEL:
+    # a reference that synchronises with the host (data-dependent shapes) stays opaque
+    if get_kernel(op.name) is None and not has_trait(op.name, "host_sync"):
         # no Triton kernel: trace the reference in, so Inductor fuses it with its neighbours
         # (e.g. mhc.pre's Sinkhorn loop becomes a few kernels instead of a hundred)
         node = g.call_function(get_op(op.name).reference, args, kwargs)
