@@ -20,8 +20,8 @@ view) plus the declarations below (``_ATEN_TRAITS``, ``_ATEN_OPERANDS``, ``_ATEN
 place that names ATen ops for their facts. A declaration naming an op that does not exist or a
 trait nobody defined is an ``IRError`` at import, so such names cannot go stale.
 
-    >>> get_op("aten.view.default").traits
-    frozenset({'view', 'reshape'})
+    >>> sorted(get_op("aten.view.default").traits)
+    ['reshape', 'view']
     >>> [o.name for o in get_op("moe").operands if o.unit]
     ['gate_up', 'down', 's_gate', 's_up', 's_down']
 """
@@ -45,8 +45,6 @@ ROLES = {
     "data": "an activation the op computes on",
     "index": "integer ids or positions that select, not values that are computed on",
     "weight": "a model parameter (for packed ops: the packed tensors of one, scales included)",
-    "scale": "the scale of a quantised operand",
-    "state": "model state the runtime owns and the graph reads",
 }
 
 # What an op may be known to be; passes and backends ask ``has_trait`` / ``ops_with`` instead of
@@ -203,7 +201,7 @@ def _checked_aten_declarations(traits: Mapping[str, tuple[str, ...]], *tables: M
     """``traits`` by op name, after checking that every name the declarations use is an allowed ATen op."""
     by_op: dict[str, set[str]] = {}
     for trait, names in traits.items():
-        _check_facts(f"declared {trait}", frozenset({trait}), ())
+        _check_facts(f"table entry '{trait}' of ds4c.ir.registry", frozenset({trait}), ())
         for name in names:
             by_op.setdefault(name, set()).add(trait)
     for name in [*by_op, *(n for t in tables for n in t)]:
