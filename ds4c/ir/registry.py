@@ -362,6 +362,13 @@ def has_trait(name: str, trait: str) -> bool:
     return trait in get_op(name).traits
 
 
+def packed_variants() -> frozenset[str]:
+    """The ops that read packed weights: every op's declared ``packed_variant``."""
+    import ds4c.ops  # noqa: F401 - registers ds4c's fused ops
+
+    return frozenset({*(o.packed_variant for o in _REGISTRY.values() if o.packed_variant), *_ATEN_PACKED.values()})
+
+
 @functools.cache
 def ops_with(trait: str) -> frozenset[str]:
     """The names of every op (ds4c's own, sym.*, the ATen ops ds4c admits) that has ``trait``."""

@@ -80,6 +80,7 @@ def test_operands_have_names_and_roles():
     assert get_op("moe").unit_operands() == [((4, 5), "experts"), ((6, 7, 8), "shared_experts")]
     assert get_op("moe").packed_variant == "moe.packed"
     assert get_op("aten.linear.default").packed_variant == "linear.packed"
+    assert registry.packed_variants() == {"linear.packed", "linear.grouped.packed", "moe.packed"}
 
 
 def test_torch_dtype_names_the_ir_dtypes_only():
