@@ -181,7 +181,8 @@ def compile(
         read = {v.name for g in program.graphs.values() for v in g.inputs_of_kind("param")}
         transforms = program.attrs.get("weight_transforms") or []
         spec = _used_params(program, full_spec, also=set(assignment) | transform_sources(transforms))
-        stored = lowered_spec(stored_spec(spec, assignment, read | transform_sources(transforms)), transforms, read)
+        packed = stored_spec(spec, assignment, read | transform_sources(transforms))  # as the precision plan says
+        stored = lowered_spec(packed, transforms, read)  # as the lowered program reads them
         # what the source gives: checkpoint tensors shipped in their assigned format come packed (their bytes)
         provided = source.provided_spec(spec, assignment, keep=read | transform_sources(transforms))
         total_bytes = sum(_numel(s) * d.itemsize for s, d in stored.values())
@@ -211,7 +212,9 @@ def compile(
         "target": tgt.to_dict(),
         "model": {"family": "deepseek_v4", "config": config.to_hf_dict(), "source": source.describe()},
         "precision": {**plan, "policy": precision, "compute_dtype": str(dtype).removeprefix("torch."),
-                      "weight_bytes": total_bytes,
+                      # the bytes of the formats chosen (before the lowering's weight transforms: a
+                      # packed weight a non-matmul op reads is expanded at load, see weights.bytes)
+                      "weight_bytes": sum(_numel(s) * d.itemsize for s, d in packed.values()),
                       "bf16_weight_bytes": sum(_numel(s) * (2 if d.is_floating_point else d.itemsize)
                                                for s, d in spec.values())},
         "max_context": max_context,
@@ -272,7 +275,7 @@ def plan_sections(program: Program, members: dict[str, bytes]) -> dict[str, Any]
                 placed = [b for b in plan.get("buffers", []) if b.get("placed_offset") is not None]
                 summary["runtime_arena"] = {"bytes": plan.get("placed_arena_bytes"), "buffers": len(placed),
                                             "bytes_apart": sum(int(b["size"]) for b in placed),
-                                            "order": plan.get("order", "graph")}
+                                            "orders": plan.get("orders", ["graph"])}
             else:
                 streams = [s for s, *_ in plan["ops"]]
                 summary = {"makespan_s": plan["makespan"], "single_stream_makespan_s": plan["single_stream_makespan"],

@@ -209,7 +209,7 @@ def runtime_buffer_plan_line(manifest: dict[str, Any], graphs: dict[str, Graph])
             continue
         binding = ", ".join(f"{k}={v}" for k, v in sorted(section["sizes"].items()))
         parts.append(f"@{name} ({binding}) {_size(arena['bytes'])} for {arena['buffers']} results "
-                     f"({_size(arena['bytes_apart'])} apart; packed for the {arena['order']} order)")
+                     f"({_size(arena['bytes_apart'])} apart; valid in {' and '.join(arena['orders'])} order)")
     if not parts:
         return ""
     return "[bold]GPU activations[/] (the compiled plan, evaluated by the runtime at each call's sizes; here at " \

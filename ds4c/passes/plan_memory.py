@@ -168,27 +168,33 @@ def pack_arena(buffers: list[Buffer], alignment: int = ALIGNMENT, *, effort: int
 
 
 def placement_order(buffers: list[Buffer], outputs: list[bool], alignment: int = ALIGNMENT, *,
-                    effort: int = 20000) -> tuple[list[int | None], list[list[int]], int]:
+                    effort: int = 20000, also: list[tuple[int, int]] | None = None
+                    ) -> tuple[list[int | None], list[list[int]], int]:
     """The arena of the GPU runtime, in a form that holds at any sizes: the buffers that are not
     graph outputs (the runtime hands outputs to the caller; they are not placed) packed on their
     own, and per buffer the buffers it conflicts with (live at the same step) and sits above.
     The runtime evaluates it at the sizes of each call (``evaluate_placement``): a buffer starts
     where the highest of those ends, so buffers live at once never share bytes, whatever B and S
-    are. Returns (offset per buffer at these sizes, None for outputs; ``below`` lists; arena bytes)."""
+    are. ``also``: per buffer a second closed interval (another order the program runs in, e.g.
+    the stream schedule's issue order); buffers overlapping in either conflict. Returns (offset
+    per buffer at these sizes, None for outputs; ``below`` lists; arena bytes)."""
     idx = [k for k in range(len(buffers)) if not outputs[k]]
-    packed, arena = pack_arena([buffers[k] for k in idx], alignment, effort=effort)
+    times = None if also is None else [(float(also[k][0]), float(also[k][1]) + 1.0) for k in idx]
+    packed, arena = pack_arena([buffers[k] for k in idx], alignment, effort=effort, times=times)
     offsets: list[int | None] = [None] * len(buffers)
     for k, off in zip(idx, packed, strict=True):
         offsets[k] = off
-    below: list[list[int]] = [[] for _ in buffers]
-    active: list[int] = []
-    for k in sorted(idx, key=lambda k: buffers[k].start):
-        b = buffers[k]
-        active = [p for p in active if buffers[p].end >= b.start]
-        for p in active:  # live at the same step: the one placed lower is below the other
-            lo, hi = (p, k) if offsets[p] < offsets[k] else (k, p)
-            below[hi].append(lo)
-        active.append(k)
+    below: list[set[int]] = [set() for _ in buffers]
+    for spans in ([(buffers[k].start, buffers[k].end) for k in range(len(buffers))], also):
+        if spans is None:
+            continue
+        active: list[int] = []
+        for k in sorted(idx, key=lambda k: spans[k][0]):
+            active = [p for p in active if spans[p][1] >= spans[k][0]]
+            for p in active:  # live at the same step: the one placed lower is below the other
+                lo, hi = (p, k) if offsets[p] < offsets[k] else (k, p)
+                below[hi].add(lo)
+            active.append(k)
     return offsets, [sorted(x) for x in below], arena
 
 
@@ -246,7 +252,7 @@ def plan_arena(graph: Graph, sizes: dict[str, int], assumed: list[str] | None = 
         "buffers": [{"value": b.root, "values": list(b.values), "op": b.op, "start": b.start, "end": b.end,
                      "size": b.size, "offset": off, "output": out, "placed_offset": po, "below": bl}
                     for b, off, out, po, bl in zip(live.buffers, offsets, outputs, placed, below, strict=True)],
-        "order": "graph",  # the op order the steps and ``below`` refer to (schedule_streams: "issue")
+        "orders": ["graph"],  # the op orders the plan is valid for (schedule_streams adds "issue")
         "views_of_inputs": sorted(v for v, r in live.alias_of.items() if r is None),
     }
 
@@ -570,12 +576,10 @@ def check_plan(graph: Graph, plan: Mapping[str, Any], schedule: Mapping[str, Any
     """Problems of ``plan`` for ``graph`` (empty: valid). Independent of the planner: recomputes live
     ranges from the ops, accepts shared buffers only where torch's schema says the op returns a view,
     and checks that no two buffers live at the same step overlap in the arena and all fit in it.
-    A plan re-packed for a stream schedule (``order: issue``) is checked against ``schedule``: two
-    buffers may share bytes only if every op touching one happens before (stream order, events)
-    the op writing the other."""
+    With ``schedule`` (a plan ``schedule_streams`` re-packed, valid for its issue order too) also:
+    two buffers may share bytes only if every op touching one happens before (stream order,
+    events) the op writing the other."""
     problems: list[str] = []
-    if plan.get("order") == "issue" and schedule is None:
-        return ["the plan is packed for a stream schedule's issue order: check it with that schedule"]
     sizes = dict(plan["sizes"])
     n = len(graph.ops)
     alignment = int(plan.get("alignment", 1))
@@ -661,8 +665,10 @@ def check_plan(graph: Graph, plan: Mapping[str, Any], schedule: Mapping[str, Any
                             f"its uses [{start}, {end}]")
         intervals.append((start, end, off, max(size, need), root))
 
-    if plan.get("order") == "issue":
-        return problems + _check_issue_order(graph, plan, schedule, last)
+    if schedule is not None:
+        if "issue" not in plan.get("orders", []):
+            problems.append("the plan is not packed for a stream schedule (no 'issue' in its orders)")
+        problems += _check_issue_order(graph, plan, schedule, last)
     # sweep over steps: buffers live at the same step must not overlap in the arena
     intervals.sort()
     active: list[tuple[int, int, int, int, str]] = []

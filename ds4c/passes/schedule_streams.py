@@ -322,11 +322,12 @@ def _concurrent_end(touchers: int, start: int, before: list[int], by_stream: lis
 
 def _plan_for_issue_order(graph: Graph, plan: dict[str, Any], issue: list[int], streams: list[str],
                           events: list[dict[str, Any]]) -> None:
-    """Re-pack ``plan_memory``'s arena, in place, for the program as the GPU runtime runs it: ops in
-    ``issue`` order on their streams. A buffer is live from its writer's issue position to the last
-    position not ordered (by stream order and events) after every op that touches it, so bytes are
-    reused only by an op that all earlier users of them happen before: sound on real streams, not
-    only in the modelled timeline. ``placement_order`` is recomputed for these intervals."""
+    """Re-pack ``plan_memory``'s arena, in place, for the program as the GPU runtime runs it too: ops
+    in ``issue`` order on their streams. There a buffer is live from its writer's issue position to
+    the last position not ordered (by stream order and events) after every op that touches it, so
+    bytes are reused only by an op that all earlier users of them happen before: sound on real
+    streams, not only in the modelled timeline. Buffers conflict when they overlap in program order
+    or in that one, so the plan holds for both; ``placement_order`` is recomputed the same way."""
     from ds4c.passes.liveness import Buffer
     from ds4c.passes.plan_memory import pack_arena, placement_order
 
@@ -342,7 +343,7 @@ def _plan_for_issue_order(graph: Graph, plan: dict[str, Any], issue: list[int], 
     for i, op in enumerate(graph.ops):
         for v in op.operands:
             readers[v.name] = readers.get(v.name, 0) | (1 << at[i])
-    buffers, outputs = [], []
+    buffers, outputs, spans = [], [], []
     for b in plan["buffers"]:
         start = at[b["op"]]
         touchers = 1 << start
@@ -351,10 +352,13 @@ def _plan_for_issue_order(graph: Graph, plan: dict[str, Any], issue: list[int], 
         output = bool(b.get("output")) or b["end"] >= n
         end = n if output else _concurrent_end(touchers, max(start, touchers.bit_length() - 1), before,
                                                list(by_stream.values()))
-        buffers.append(Buffer(b["value"], b["values"], start, end, b["size"], b["op"]))
+        # program order's live steps stay conflicts too: the plan holds for both orders
+        buffers.append(Buffer(b["value"], b["values"], b["start"], b["end"], b["size"], b["op"]))
+        spans.append((start, end))
         outputs.append(output)
-    offsets, arena = pack_arena(buffers, int(plan["alignment"]), effort=5000)
-    placed, below, placed_arena = placement_order(buffers, outputs, int(plan["alignment"]), effort=5000)
+    times = [(float(a), float(z) + 1.0) for a, z in spans]
+    offsets, arena = pack_arena(buffers, int(plan["alignment"]), effort=5000, times=times)
+    placed, below, placed_arena = placement_order(buffers, outputs, int(plan["alignment"]), effort=5000, also=spans)
     plan["placed_arena_bytes"] = placed_arena
     plan.setdefault("arena_bytes_sequential", plan["arena_bytes"])
     if "device_bytes" in plan:
@@ -362,9 +366,9 @@ def _plan_for_issue_order(graph: Graph, plan: dict[str, Any], issue: list[int], 
     plan["arena_bytes"] = arena
     if plan.get("target_hbm_bytes"):
         plan["fits"] = plan["device_bytes"] <= plan["target_hbm_bytes"]
-    for b, buf, off, out, po, bl in zip(plan["buffers"], buffers, offsets, outputs, placed, below, strict=True):
-        b.update(offset=off, output=out, placed_offset=po, below=bl, issued=[buf.start, buf.end])
-    plan["order"] = "issue"
+    for b, span, off, out, po, bl in zip(plan["buffers"], spans, offsets, outputs, placed, below, strict=True):
+        b.update(offset=off, output=out, placed_offset=po, below=bl, issued=list(span))
+    plan["orders"] = ["graph", "issue"]
     plan["packed_for"] = "schedule_streams"
 
 

@@ -48,7 +48,7 @@ def test_flash_slice_fuses_every_layer():
         assert not _left_unfused(g), (g.name, _left_unfused(g))
         counts = g.op_counts()
         assert counts["attention.sliding"] == 1 and counts["attention.csa"] == 1 and counts["attention.hca"] == 1
-        assert counts["moe"] == 3
+        assert counts.get("moe", 0) + counts.get("moe.packed", 0) == 3  # b200 lowers quantised MoEs to moe.packed
 
 
 def test_preset_weights_drive_the_same_numbers_as_embedding():

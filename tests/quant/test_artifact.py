@@ -21,7 +21,8 @@ def test_compiled_tiny_runs_packed_and_reports(tmp_path):
             assert [list(t.shape), str(t.dtype)] == [w["tensors"][k]["shape"], "torch." + w["tensors"][k]["dtype"]]
     experts = art.weights["model.layers.1.mlp.experts.gate_up_proj.qdata"]
     assert experts.dtype == torch.uint8 and list(experts.shape) == [8, 64, 32]
-    assert "quant.dequant" in art.ir_text("decode")
+    # the GPU lowering has run (b200): the kernels read the packed bytes (moe.packed, linear.packed)
+    assert "moe.packed(" in art.ir_text("decode") and 'formats=["mxfp4", "mxfp4"' in art.ir_text("decode")
     path = art.save(tmp_path / "t.ds4")
     # embedded (packed at compile time) and referenced (packed at load) weights are the same bytes
     ref = ds4c.compile("tiny", target="b200", precision="mxfp4-experts", max_context=32, progress=False,
@@ -39,7 +40,7 @@ def test_compiled_tiny_runs_packed_and_reports(tmp_path):
 
 
 def test_fp8_activations_follow_the_target_and_the_cli_flag(tmp_path):
-    """FP8 linears multiply FP8 activations on b200 (quant.activation in the IR, "fp8" in the
+    """FP8 linears multiply FP8 activations on b200 (linear.packed's act="fp8" in the lowered IR, "fp8" in the
     report, the sensitivity measured with them), FP8 experts too (the moe op's act / shared_act);
     --activations compute and MI300 (FNUZ) keep weight-only quantisation; a bad value is refused
     by name."""
@@ -49,7 +50,7 @@ def test_fp8_activations_follow_the_target_and_the_cli_flag(tmp_path):
 
     native = ds4c.compile("tiny", target="b200", precision="fp8", max_context=32, progress=False)
     assert activations(native) == {"fp8"} and native.manifest["precision"]["activation_mode"] == "native"
-    assert 'quant.activation(' in native.ir_text("decode") and 'format="fp8", block=128' in native.ir_text("decode")
+    assert 'format="fp8", shape=[32, 64], act="fp8")' in native.ir_text("decode")
     experts = [u for u in native.manifest["precision"]["units"] if u["kind"] in ("experts", "shared_experts")]
     assert experts and {(u["format"], u["activations"]) for u in experts} == {("fp8", "fp8")}
     assert native.ir_text("decode").count('act="fp8", shared_act="fp8"') == len(experts) // 2
@@ -69,8 +70,8 @@ def test_fp8_activations_follow_the_target_and_the_cli_flag(tmp_path):
 
 
 def test_fp4_activations_on_blackwell_only(tmp_path):
-    """MXFP4 linears multiply MXFP4 activations where the tensor cores take FP4 (b200: quant.activation
-    with 32-channel blocks in the IR, "mxfp4" in the report); on h100 (no FP4 tensor cores) they
+    """MXFP4 linears multiply MXFP4 activations where the tensor cores take FP4 (b200: linear.packed
+    with act="mxfp4" in the lowered IR, "mxfp4" in the report); on h100 (no FP4 tensor cores) they
     stay weight-only; MXFP4 experts multiply FP8 activations on b200. (The kernels running them:
     tests/backends/cuda/test_packed_kernels.py.)"""
     table = tmp_path / "table.json"
@@ -81,7 +82,7 @@ def test_fp4_activations_on_blackwell_only(tmp_path):
 
     b200 = ds4c.compile("tiny", target="b200", precision=str(table), max_context=32, progress=False)
     assert acts(b200) == {"mxfp4"}
-    assert 'format="mxfp4", block=32' in b200.ir_text("decode")
+    assert 'format="mxfp4", shape=[128, 32], act="mxfp4")' in b200.ir_text("decode")
     assert "e2m1" in b200.manifest["precision"]["activation_quantization"]["mxfp4"]
     h100 = ds4c.compile("tiny", target="h100", precision=str(table), max_context=32, progress=False)
     assert acts(h100) == {"bf16"} and "quant.activation" not in h100.ir_text("decode")

@@ -263,8 +263,8 @@ def issued(graph: Graph, schedule: Mapping[str, Any]) -> tuple[Graph, list[str],
 class KernelExecutor(ReferenceExecutor):
     """``schedule``: the compiled ``schedule_streams`` plan of ``graph``; the ops then run in its
     issue order, on a CUDA device on its streams with its events (on one stream elsewhere, or with
-    ``streams=False``). ``memory_plan``: the compiled ``plan_memory`` plan of ``graph`` (packed for
-    that issue order when there is a schedule); results are placed at its offsets (module doc)
+    ``streams=False``). ``memory_plan``: the compiled ``plan_memory`` plan of ``graph`` (re-packed
+    for that issue order too when there is a schedule); results are placed at its offsets (module doc)
     unless ``buffer_plan`` is False or there is none.
     """
 
@@ -275,10 +275,9 @@ class KernelExecutor(ReferenceExecutor):
         op_streams, events = None, []
         if schedule is not None:
             graph, op_streams, events = issued(graph, schedule)
-        if memory_plan is not None and (memory_plan.get("order") == "issue") != (schedule is not None):
-            raise IRError(f"graph @{graph.name}: the memory plan is packed for "
-                          f"{'a stream schedule' if schedule is None else 'program order'} but the executor runs "
-                          f"{'program order' if schedule is None else 'the schedule'}; the artifact is inconsistent")
+        if memory_plan is not None and schedule is not None and "issue" not in memory_plan.get("orders", []):
+            raise IRError(f"graph @{graph.name}: the memory plan holds for program order only, the executor runs "
+                          "the stream schedule's issue order; the artifact is inconsistent - recompile it")
         super().__init__(graph, device, on_op)
         self.counts: Counter = Counter()
         if use_kernels:

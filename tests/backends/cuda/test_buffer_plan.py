@@ -123,10 +123,12 @@ def test_off_switch():
     assert KernelExecutor(graph, "cpu", schedule=sched).buffer_stats() is None  # no plan in the artifact
 
 
-def test_a_plan_packed_for_a_schedule_is_not_run_in_program_order():
+def test_a_plan_for_program_order_only_is_not_run_in_a_schedules_order():
     graph, sched, plan = compiled(parse_graph(VIEWS))
-    with pytest.raises(Exception, match="packed for a stream schedule"):
-        KernelExecutor(graph, "cpu", memory_plan=plan)
+    _, _, sequential = compiled(parse_graph(VIEWS), schedule=False)
+    KernelExecutor(graph, "cpu", memory_plan=plan)  # a re-packed plan holds for program order too
+    with pytest.raises(Exception, match="holds for program order only"):
+        KernelExecutor(graph, "cpu", schedule=sched, memory_plan=sequential)
 
 
 def _order_graph(n, streams, events):
