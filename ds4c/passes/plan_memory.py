@@ -173,7 +173,7 @@ def placement_order(buffers: list[Buffer], outputs: list[bool], alignment: int =
     """The arena of the GPU runtime, in a form that holds at any sizes: the buffers that are not
     graph outputs (the runtime hands outputs to the caller; they are not placed) packed on their
     own, and per buffer the buffers it conflicts with (live at the same step) and sits above.
-    The runtime evaluates it at the sizes of each call (``evaluate_placement``): a buffer starts
+    The runtime evaluates it at the sizes of each call (``ds4c.backends.cuda.buffer_plan.evaluate_placement``): a buffer starts
     where the highest of those ends, so buffers live at once never share bytes, whatever B and S
     are. ``also``: per buffer a second closed interval (another order the program runs in, e.g.
     the stream schedule's issue order); buffers overlapping in either conflict. Returns (offset
@@ -196,24 +196,6 @@ def placement_order(buffers: list[Buffer], outputs: list[bool], alignment: int =
                 below[hi].add(lo)
             active.append(k)
     return offsets, [sorted(x) for x in below], arena
-
-
-def evaluate_placement(sizes: list[int | None], below: list[list[int]], order: list[int],
-                       alignment: int = ALIGNMENT) -> tuple[list[int | None], int]:
-    """Offsets and arena bytes of a ``placement_order`` at concrete buffer sizes (None: not placed).
-    ``order`` lists the buffers from the lowest compiled offset up (a topological order of ``below``)."""
-    offsets: list[int | None] = [None] * len(sizes)
-    top = 0
-    for k in order:
-        if sizes[k] is None:
-            continue
-        off = 0
-        for p in below[k]:
-            if offsets[p] is not None:
-                off = max(off, offsets[p] + align_up(max(sizes[p] or 0, 1), alignment))
-        offsets[k] = off
-        top = max(top, off + align_up(max(sizes[k], 1), alignment))
-    return offsets, align_up(top, alignment)
 
 
 def _aligned_live_bytes(live: Liveness, alignment: int) -> list[int]:

@@ -30,9 +30,32 @@ import torch
 
 from ds4c.errors import ArtifactError
 from ds4c.ir.graph import Graph
+from ds4c.ir.registry import has_trait
+from ds4c.ir.shapes import eval_dim
 from ds4c.ir.types import TensorType
-from ds4c.passes.liveness import SizeEvaluator, is_view_op
-from ds4c.passes.plan_memory import ALIGNMENT, evaluate_placement
+
+
+def _align_up(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+def evaluate_placement(sizes: list[int | None], below: list[list[int]], order: list[int],
+                       alignment: int) -> tuple[list[int | None], int]:
+    """Offsets and arena bytes of a ``placement_order`` (``ds4c.passes.plan_memory``) at concrete
+    buffer sizes (None: not placed).
+    ``order`` lists the buffers from the lowest compiled offset up (a topological order of ``below``)."""
+    offsets: list[int | None] = [None] * len(sizes)
+    top = 0
+    for k in order:
+        if sizes[k] is None:
+            continue
+        off = 0
+        for p in below[k]:
+            if offsets[p] is not None:
+                off = max(off, offsets[p] + _align_up(max(sizes[p] or 0, 1), alignment))
+        offsets[k] = off
+        top = max(top, off + _align_up(max(sizes[k], 1), alignment))
+    return offsets, _align_up(top, alignment)
 
 
 @functools.cache
@@ -41,7 +64,7 @@ def out_variant(op_name: str) -> Any | None:
     arguments as the functional overload plus one written ``out`` tensor; None when the op has
     none, returns more than one tensor, or may return a view of an input."""
     parts = op_name.split(".")
-    if len(parts) != 3 or parts[0] != "aten" or is_view_op(op_name):
+    if len(parts) != 3 or parts[0] != "aten" or has_trait(op_name, "view"):
         return None
     packet = getattr(torch.ops.aten, parts[1], None)
     functional = getattr(packet, parts[2], None) if packet is not None else None
@@ -98,9 +121,13 @@ def place(graph: Graph, plan: Mapping[str, Any], sizes: dict[str, int], placeabl
     runs them, the order the plan was packed for): a slot for each result of a ``placeable`` op
     that is not a graph output."""
     t0 = time.perf_counter()
-    evaluator = SizeEvaluator(sizes)
     result_at = {r.name: (i, k) for i, op in enumerate(graph.ops) for k, r in enumerate(op.results)}
     buffers = plan["buffers"]
+
+    @functools.cache
+    def dim(d: str) -> int:  # a symbolic dim at ``sizes`` (many buffers share each)
+        return max(0, eval_dim(d, sizes))
+
     nbytes: list[int | None] = []
     shapes: list[tuple[torch.dtype, tuple[int, ...]] | None] = []
     unplaced: dict[str, int] = {}
@@ -116,7 +143,7 @@ def place(graph: Graph, plan: Mapping[str, Any], sizes: dict[str, int], placeabl
             outputs += 1
         elif placeable[i] and isinstance(ty, TensorType):
             try:
-                shape = tuple(evaluator.dim(d) for d in ty.shape)
+                shape = tuple(d if isinstance(d, int) else dim(d) for d in ty.shape)
             except Exception:  # noqa: BLE001 - a size no bound symbol determines (data-dependent)
                 shape = None
             if shape is not None:
@@ -130,7 +157,7 @@ def place(graph: Graph, plan: Mapping[str, Any], sizes: dict[str, int], placeabl
     order = sorted((j for j in range(len(buffers)) if buffers[j].get("placed_offset") is not None),
                    key=lambda j: (int(buffers[j]["placed_offset"]), j))
     offsets, arena = evaluate_placement(nbytes, [b.get("below", []) for b in buffers], order,
-                                        int(plan.get("alignment", ALIGNMENT)))
+                                        int(plan["alignment"]))
     slots: list[list[Any]] = [[None] * len(op.results) for op in graph.ops]
     live = [0] * (len(graph.ops) + 2)
     for b, off, sh, size in zip(buffers, offsets, shapes, nbytes, strict=True):
