@@ -361,39 +361,39 @@ def _prefetch_to(graph: Any, device: torch.device) -> Any:
                            for op in graph.ops])
 
 
-def _stream_plans(manifest: dict[str, Any], container: Any, graphs: dict[str, Any]) -> dict[str, Any]:
-    """Per entry point, the artifact's ``schedule_streams`` plan (``plans/<entry>.schedule.json``):
-    the issue order, streams and events the kernel executor runs; empty where none was made."""
+def _plan_members(manifest: dict[str, Any], container: Any, graphs: dict[str, Any], key: str) -> Any:
+    """(entry, member, plan) for each entry point of ``graphs`` with a plan in the manifest's ``key``
+    section (``schedule`` / ``memory_plan``: ``plans/<entry>.<kind>.json``)."""
     import json
 
+    for name, section in (manifest.get(key) or {}).items():
+        if container is not None and name in graphs:
+            yield name, section["member"], json.loads(container.read_bytes(section["member"]))
+
+
+def _stream_plans(manifest: dict[str, Any], container: Any, graphs: dict[str, Any]) -> dict[str, Any]:
+    """Per entry point, the artifact's ``schedule_streams`` plan: the issue order, streams and events
+    the kernel executor runs; empty where none was made."""
     out = {}
-    for name, section in (manifest.get("schedule") or {}).items():
-        if container is None or name not in graphs:
-            continue
-        schedule = json.loads(container.read_bytes(section["member"]))
+    for name, member, schedule in _plan_members(manifest, container, graphs, "schedule"):
         if len(schedule.get("ops", [])) != len(graphs[name].ops):
-            raise ArtifactError(f"{section['member']}: the schedule covers {len(schedule.get('ops', []))} ops, graph "
+            raise ArtifactError(f"{member}: the schedule covers {len(schedule.get('ops', []))} ops, graph "
                                 f"@{name} has {len(graphs[name].ops)}; the artifact is inconsistent — recompile it")
         out[name] = schedule
     return out
 
 
 def _memory_plans(manifest: dict[str, Any], container: Any, graphs: dict[str, Any]) -> dict[str, Any]:
-    """Per entry point, the artifact's memory plan (``plans/<entry>.memory.json``), whose offsets the
-    kernel executor evaluates at each call's sizes; empty where none was made."""
-    import json
-
+    """Per entry point, the artifact's memory plan, whose offsets the kernel executor evaluates at
+    each call's sizes; empty where none was made."""
     out = {}
-    for name, section in (manifest.get("memory_plan") or {}).items():
-        if container is None or name not in graphs:
-            continue
-        plan = json.loads(container.read_bytes(section["member"]))
+    for name, member, plan in _plan_members(manifest, container, graphs, "memory_plan"):
         if "below" not in next(iter(plan.get("buffers") or [{"below": []}])):
             continue  # an artifact of an older ds4c: its plan has no placement order; results are allocated
         made = {r.name for op in graphs[name].ops for r in op.results}
         missing = [b["value"] for b in plan.get("buffers", []) if b["value"] not in made]
         if missing:
-            raise ArtifactError(f"{section['member']}: the memory plan places %{missing[0]}, which graph @{name} does "
+            raise ArtifactError(f"{member}: the memory plan places %{missing[0]}, which graph @{name} does "
                                 "not make; the artifact is inconsistent — recompile it")
         out[name] = plan
     return out
