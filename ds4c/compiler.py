@@ -214,7 +214,7 @@ def compile(
         "precision": {**plan, "policy": precision, "compute_dtype": str(dtype).removeprefix("torch."),
                       # the bytes of the formats chosen (before the lowering's weight transforms: a
                       # packed weight a non-matmul op reads is expanded at load, see weights.bytes)
-                      "weight_bytes": sum(_numel(s) * d.itemsize for s, d in packed.values()),
+                      "weight_bytes": sum(_numel(s) * d.itemsize for s, d in stored_spec(spec, assignment, ()).values()),
                       "bf16_weight_bytes": sum(_numel(s) * (2 if d.is_floating_point else d.itemsize)
                                                for s, d in spec.values())},
         "max_context": max_context,

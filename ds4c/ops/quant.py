@@ -99,9 +99,11 @@ def _mxfp4_dequant_portable(qdata: torch.Tensor, scale: torch.Tensor, *, format:
     return dequant_mxfp4_portable(qdata, scale, tuple(shape), dtype)
 
 
-def dequant_operands(args: tuple, formats: list[str], shapes: list[list[int]], dtype: torch.dtype) -> list[torch.Tensor]:
+def dequant_operands(args: tuple, formats: list[str], shapes: list[list[int]], dtype: torch.dtype, *,
+                     portable: bool = False) -> list[torch.Tensor]:
     """Weight operands of a packed op back in ``dtype``: one group of packed tensors per format
-    (the format's ``packed_spec`` order), or one plain tensor where the format is ``none``."""
+    (the format's ``packed_spec`` order), or one plain tensor where the format is ``none``.
+    ``portable``: decoded with exportable ops (``Format.unpack_portable``)."""
     from ds4c.quant.formats import get_format
 
     out, i = [], 0
@@ -112,7 +114,8 @@ def dequant_operands(args: tuple, formats: list[str], shapes: list[list[int]], d
             continue
         fmt = get_format(fmt_name)
         names = list(fmt.packed_spec(tuple(shape)))
-        out.append(fmt.unpack(dict(zip(names, args[i:i + len(names)], strict=True)), tuple(shape), dtype))
+        unpack = fmt.unpack_portable if portable else fmt.unpack
+        out.append(unpack(dict(zip(names, args[i:i + len(names)], strict=True)), tuple(shape), dtype))
         i += len(names)
     if i != len(args):
         raise VerificationError(f"packed operands: {len(args)} tensors for formats {formats}, expected {i}")
@@ -150,6 +153,10 @@ class LinearPacked(OpDef):
             x = roundtrip(x, act)
         return torch.nn.functional.linear(x, w)
 
+    def portable(self, kwargs):
+        """The weight decoded with exportable ops (``Format.unpack_portable``)."""
+        return _linear_packed_portable
+
     def verify(self, op) -> None:
         super().verify(op)
         from ds4c.quant.activations import ACTIVATION_FORMATS
@@ -181,6 +188,16 @@ class LinearGroupedPacked(OpDef):
 
         (w,) = dequant_operands(packed, [format], [shape], x.dtype)
         return get_op("linear.grouped").reference(x, w, groups=groups)
+
+    def portable(self, kwargs):
+        """The weight decoded with exportable ops (``Format.unpack_portable``)."""
+
+        def run(x, *packed, format, shape, groups):
+            from ds4c.ir.registry import get_op
+
+            (w,) = dequant_operands(packed, [format], [shape], x.dtype, portable=True)
+            return get_op("linear.grouped").reference(x, w, groups=groups)
+        return run
 
     def verify(self, op) -> None:
         super().verify(op)
@@ -232,5 +249,15 @@ class MoePacked(OpDef):
 def _moe_packed_portable(x, ids, router, selector, *packed, formats: list[str], shapes: list[list[int]], **kwargs):
     from ds4c.ops.moe import moe_gather_formulation
 
-    return moe_gather_formulation(x, ids, router, selector, *dequant_operands(packed, formats, shapes, x.dtype),
-                                  **kwargs)
+    return moe_gather_formulation(x, ids, router, selector,
+                                  *dequant_operands(packed, formats, shapes, x.dtype, portable=True), **kwargs)
+
+
+def _linear_packed_portable(x: torch.Tensor, *packed: torch.Tensor, format: str, shape: list[int],
+                            act: str | None = None) -> torch.Tensor:
+    (w,) = dequant_operands(packed, [format], [shape], x.dtype, portable=True)
+    if act is not None:
+        from ds4c.quant.activations import roundtrip
+
+        x = roundtrip(x, act)
+    return torch.nn.functional.linear(x, w)

@@ -9,8 +9,10 @@ Graph inputs (``input``, ``param``, ``state``, ``const``) are not activation buf
 owns them. Ops that return a view of an input (the registry's ``view`` trait: view, reshape,
 expand, slice, select, permute, transpose, unsqueeze, split, ...) get no buffer of their own: they
 share the buffer of their source and extend its live range; a view of a graph input is no buffer
-at all. So do ATen ops whose schema lets them return an input (``contiguous``, ``to``:
-``may_return_input``).
+at all. So do ATen ops that return their input itself when there is nothing to do (the
+``copy_if_needed`` trait: ``contiguous``, ``to``) where the IR shows there is nothing to do
+(``returns_operand``): a ``to`` that keeps the dtype; a ``contiguous`` of a value a non-view op
+made. A conversion, or a ``contiguous`` of a view, makes a fresh tensor and gets its own buffer.
 
 Byte sizes of symbolic dims are evaluated at one binding of the symbols (``plan_binding``):
 ``ctx.options['plan_sizes']`` when given (``{'B': 1, 'S': 4096}``); otherwise ``B`` =
@@ -25,8 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ds4c.ir.graph import Graph, Value
-from ds4c.ir.registry import get_op, has_trait
+from ds4c.ir.graph import Graph, Op, Value
+from ds4c.ir.registry import has_trait
 from ds4c.ir.shapes import dim_expr, eval_dim
 from ds4c.ir.types import IRType, ListType, TensorType
 
@@ -37,13 +39,20 @@ def is_view_op(name: str) -> bool:
     return has_trait(name, "view")
 
 
-def may_return_input(name: str) -> bool:
-    """Whether an op's result may share bytes with an operand: a view op, or an ATen op whose
-    schema lets a result alias an input (``contiguous``, ``to``: they return the input itself when
-    there is nothing to do). Liveness treats such a result as a view: if it is a fresh tensor after
-    all, its op allocates it (no ``out=`` form exists for it), and the source stays live as long."""
-    opdef = get_op(name)
-    return "view" in opdef.traits or getattr(opdef, "may_alias", False)
+def returns_operand(op: Op, source: Value | None, source_is_view: bool) -> bool:
+    """Whether ``op``'s results share the bytes of ``source`` (its first tensor operand): a view
+    op's always; a ``copy_if_needed`` op's (``contiguous``, ``to``) where it has nothing to do: the
+    dtype is kept and, for the layout ops, ``source`` was made by a non-view op (contiguous: the IR
+    has no strides, so a view's result is taken to need the copy). Otherwise the op makes a fresh
+    tensor, which is a buffer of its own."""
+    if has_trait(op.name, "view"):
+        return True
+    if source is None or not has_trait(op.name, "copy_if_needed"):
+        return False
+    src, res = source.type, op.results[0].type if op.results else None
+    if not isinstance(src, TensorType) or not isinstance(res, TensorType) or src.dtype != res.dtype:
+        return False
+    return not (source_is_view and op.name.startswith("aten.contiguous"))
 
 
 def plan_binding(graph: Graph, options: dict[str, Any] | None = None,
@@ -143,9 +152,12 @@ def analyze_liveness(graph: Graph, sizes: dict[str, int], assumed: list[str] | N
     inputs = {gi.value for gi in graph.inputs}
     root_of: dict[Value, Value | None] = {}  # every tensor op result -> the value owning its bytes (None: an input)
     buffers: dict[Value, Buffer] = {}
+    made_by_view: set[Value] = set()
     for i, op in enumerate(graph.ops):
-        view = may_return_input(op.name)
-        source = next((v for v in op.operands if isinstance(v.type, TensorType | ListType)), None) if view else None
+        source = next((v for v in op.operands if isinstance(v.type, TensorType | ListType)), None)
+        view = returns_operand(op, source, source in made_by_view)
+        if view and has_trait(op.name, "view"):
+            made_by_view.update(op.results)
         for r in op.results:
             if evaluator.nbytes(r.type) is None:
                 continue

@@ -346,6 +346,18 @@ class Format:
                ) -> torch.Tensor:
         return self.unpack_fn(packed, tuple(shape), dtype)
 
+    def unpack_portable(self, packed: dict[str, torch.Tensor], shape: Shape, dtype: torch.dtype = torch.float32
+                        ) -> torch.Tensor:
+        """``unpack`` as one traceable expression of ops every exporter has (no float8_e8m0 view,
+        no gather or select on FP8 data, no loop): what ds4c.export traces. Same values."""
+        shape = tuple(shape)
+        if self.name == "mxfp4":
+            return dequant_mxfp4_portable(packed["qdata"], packed["scale"], shape, dtype)
+        if self.name in ("fp8", "fp8-f32scale"):
+            scale = _expand_fp8_scale(ue8m0_scales(packed["scale"]), shape)
+            return (packed["qdata"].to(torch.float32) * scale).to(dtype)
+        return self.unpack(packed, shape, dtype)
+
     def packed_spec(self, shape: Shape) -> PackedSpec:
         return self.spec_fn(tuple(int(s) for s in shape))
 

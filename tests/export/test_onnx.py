@@ -121,14 +121,15 @@ def test_import_names_an_unmapped_op(tmp_path):
 
 
 def test_fp8_and_fp4_activations_export_and_run_in_onnxruntime(tmp_path):
-    """b200 multiplies FP8 and FP4 activations (FP8 linears, an MXFP4 q_b): quant.activation exports
-    in both formats (its reference through ops ONNX has: log2/floor/exp2 for the exponent, a Cast
-    to FLOAT8E4M3FN or Round for e2m1) and onnxruntime computes what the reference backend does."""
+    """b200 multiplies FP8 and FP4 activations (FP8 linears, an MXFP4 q_b): the lowered program's
+    linear.packed(act=...) exports in both formats (the activation quantisation's reference through
+    ops ONNX has: log2/floor/exp2 for the exponent, a Cast to FLOAT8E4M3FN or Round for e2m1) and
+    onnxruntime computes what the reference backend does."""
     table = tmp_path / "table.json"
     table.write_text('{"*.q_b_proj": "mxfp4", "lm_head": "bf16", "model.embed_tokens": "bf16", "*": "fp8"}')
     art = ds4c.compile("tiny", target="b200", precision=str(table), max_context=32, progress=False)
     for activation in ("fp8", "mxfp4"):
-        assert 'quant.activation(%' in art.ir_text("prefill") and f'format="{activation}"' in art.ir_text("prefill")
+        assert f'format="{activation}"' in art.ir_text("prefill") and f'act="{activation}")' in art.ir_text("prefill")
     src = open_source(art)
     proto = build_model(src, entry="prefill", batch=1, seq=SEQ, dtype=torch.float32)
     ids = torch.randint(0, 512, (1, SEQ), generator=torch.Generator().manual_seed(4))

@@ -91,4 +91,6 @@ def test_fp4_activations_on_blackwell_only(tmp_path):
     for target, want in (("b200", "fp8"), ("h100", "bf16")):
         art = ds4c.compile("tiny", target=target, precision="mxfp4-experts", max_context=32, progress=False)
         assert {u["activations"] for u in art.manifest["precision"]["units"] if u["kind"] == "experts"} == {want}
-        assert (', act="fp8"' in art.ir_text("decode")) == (want == "fp8")  # routed; shared_act: FP8 shared expert
+        moes = [line for line in art.ir_text("decode").splitlines() if "moe.packed(" in line]
+        assert moes and all((', act="fp8"' in m) == (want == "fp8") for m in moes)  # routed experts
+        assert all('shared_act="fp8"' in m for m in moes)  # the FP8 shared expert multiplies FP8 on both
