@@ -17,7 +17,7 @@ prefill:
 - ``kernels``: the same program and order on one stream (``ds4c.load(streams=False)``);
 - ``compiled``: kernels + TorchInductor between them (one stream);
 - ``compiled-nopdl``: the same without programmatic dependent launch (``DS4C_PDL=0``,
-  ``ds4c/backends/cuda/kernels/pdl.py``), to measure what PDL gives in the same run;
+  ``ds4c/backends/triton/kernels/pdl.py``), to measure what PDL gives in the same run;
 - ``compiled-nomergepacked``: ``compiled`` on a program compiled with packed sibling linears kept
   apart (``compile(lowering={"merge_packed": False})``; the pass ``ds4c/passes/merge_sibling_linears.py``
   merges them by default).

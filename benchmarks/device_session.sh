@@ -36,8 +36,8 @@ case "$1" in
   plan)
     timeout 200 python benchmarks/gpu_smoke.py --out "$out/smoke_plan.json" > "$out/smoke_plan.log" 2>&1
     tail -3 "$out/smoke_plan.log" | cut -c1-700
-    timeout 200 python -m pytest -q -x -p no:cacheprovider tests/backends/cuda/test_buffer_plan.py \
-      tests/backends/cuda/test_executor.py tests/backends/cuda/test_streams.py > "$out/pytest_plan.log" 2>&1
+    timeout 200 python -m pytest -q -x -p no:cacheprovider tests/backends/triton/test_buffer_plan.py \
+      tests/backends/triton/test_executor.py tests/backends/triton/test_streams.py > "$out/pytest_plan.log" 2>&1
     tail -3 "$out/pytest_plan.log" ;;
   planvariants)
     timeout 530 python benchmarks/decode_variants.py --preset flash-slice --target "$target" --precisions bf16,fp8 \
@@ -46,11 +46,11 @@ case "$1" in
     tail -30 "$out/variants_plan.log" ;;
   exactness)
     timeout 200 python benchmarks/gpu_smoke.py --out "$out/smoke.json" > "$out/smoke.log" 2>&1; tail -3 "$out/smoke.log"
-    timeout 120 python -m pytest -q -x -p no:cacheprovider tests/backends/cuda/test_norm_mhc_rope_kernels.py \
-      tests/backends/cuda/test_executor.py -k "rope or fuse or match_reference" > "$out/pytest_rope.log" 2>&1
+    timeout 120 python -m pytest -q -x -p no:cacheprovider tests/backends/triton/test_norm_mhc_rope_kernels.py \
+      tests/backends/triton/test_executor.py -k "rope or fuse or match_reference" > "$out/pytest_rope.log" 2>&1
     tail -2 "$out/pytest_rope.log"
-    timeout 300 python -m pytest -q -x -p no:cacheprovider tests/backends/cuda/test_packed_kernels.py \
-      tests/backends/cuda/test_moe_kernels.py > "$out/pytest.log" 2>&1; tail -3 "$out/pytest.log" ;;
+    timeout 300 python -m pytest -q -x -p no:cacheprovider tests/backends/triton/test_packed_kernels.py \
+      tests/backends/triton/test_moe_kernels.py > "$out/pytest.log" 2>&1; tail -3 "$out/pytest.log" ;;
   profile)
     for p in bf16 fp8 "$head_table"; do
       n=$(basename "$p" .json)

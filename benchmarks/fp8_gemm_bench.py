@@ -39,9 +39,9 @@ def main() -> None:
     import triton
     from triton.testing import do_bench_cudagraph
 
-    from ds4c.backends.cuda.kernels.act_quant import act_quant
-    from ds4c.backends.cuda.kernels.configs import use_target
-    from ds4c.backends.cuda.kernels.linear import ROW_GEMV, fp8_gemm, gemv
+    from ds4c.backends.triton.kernels.act_quant import act_quant
+    from ds4c.backends.triton.kernels.configs import use_target
+    from ds4c.backends.triton.kernels.linear import ROW_GEMV, fp8_gemm, gemv
     from ds4c.ir.registry import get_op
     from ds4c.quant.formats import get_format
 

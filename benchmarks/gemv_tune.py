@@ -44,8 +44,8 @@ def main() -> None:
     import triton
     from triton.testing import do_bench_cudagraph
 
-    from ds4c.backends.cuda.kernels.configs import use_target
-    from ds4c.backends.cuda.kernels.linear import gemv
+    from ds4c.backends.triton.kernels.configs import use_target
+    from ds4c.backends.triton.kernels.linear import gemv
     from ds4c.quant.formats import get_format
     from ds4c.targets import get_target
 

@@ -35,8 +35,8 @@ def main() -> None:
     import triton
     from triton.testing import do_bench_cudagraph
 
-    from ds4c.backends.cuda.kernels.configs import use_target, use_tuning
-    from ds4c.backends.cuda.kernels.moe import moe, moe_packed
+    from ds4c.backends.triton.kernels.configs import use_target, use_tuning
+    from ds4c.backends.triton.kernels.moe import moe, moe_packed
     from ds4c.ir.registry import get_op
     from ds4c.models.deepseek_v4.presets import PRESETS
     from ds4c.quant.formats import get_format

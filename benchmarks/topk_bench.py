@@ -45,8 +45,8 @@ def graph_time(fn, reps: int = 20, trials: int = 10) -> float:
 def main() -> None:
     import triton
 
-    from ds4c.backends.cuda.kernels.compress import top_indices
-    from ds4c.backends.cuda.kernels.configs import topk_config, use_target, use_tuning
+    from ds4c.backends.triton.kernels.compress import top_indices
+    from ds4c.backends.triton.kernels.configs import topk_config, use_target, use_tuning
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", default="h200")

@@ -251,8 +251,8 @@ def tune(
     """Time kernel configurations on this GPU (whole decode steps as CUDA graphs) and write the best
     as ARTIFACT.tune.json, which ds4c.load applies on the same device and Triton."""
     import ds4c
-    from ds4c.backends.cuda.autotune import restrict, tuning_path
-    from ds4c.backends.cuda.autotune import tune as run_tune
+    from ds4c.runtime.autotune import restrict, tuning_path
+    from ds4c.runtime.autotune import tune as run_tune
 
     if batch < 1:
         raise InputError(f"--batch must be 1 or more, got {batch}")

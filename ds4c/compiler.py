@@ -25,8 +25,8 @@ from ds4c.passes.manager import (
     check_lowering_options,
     check_pipeline_options,
 )
+from ds4c.progress import progress_steps
 from ds4c.quant.policy import ACTIVATION_MODES, check_table
-from ds4c.runtime.progress import progress_steps
 from ds4c.targets import get_target
 
 # Policies of ds4c.quant.policy; a path to a per-unit table file (*.json) is accepted too.

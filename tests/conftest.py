@@ -32,5 +32,5 @@ if "DS4C_HOME" not in os.environ:
     os.environ["DS4C_HOME"] = tempfile.mkdtemp(prefix="ds4c-home-")
     atexit.register(shutil.rmtree, os.environ["DS4C_HOME"], ignore_errors=True)
 # Ahead-of-time Triton binaries cost 10-40 s per GPU-target compile on 2 cores; the tests that are
-# about them (tests/backends/cuda/test_aot.py) ask for them explicitly, the rest compile without.
+# about them (tests/backends/triton/test_aot.py) ask for them explicitly, the rest compile without.
 os.environ.setdefault("DS4C_KERNEL_BINARIES", "0")

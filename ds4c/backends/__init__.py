@@ -5,7 +5,7 @@ stores about device code: a manifest section (``manifest["kernels"]``) and the m
 ``kernels/`` (sources and binaries). Each device backend provides a module with
 ``lower(target, program, *, progress) -> (section, members)``:
 
-- ``cuda`` and ``rocm``: ``ds4c.backends.cuda.aot`` (Triton, compiled ahead of time for the
+- ``cuda`` and ``rocm``: ``ds4c.backends.triton.aot`` (Triton, compiled ahead of time for the
   target's arch: cubin for sm_90a / sm_100a, hsaco for gfx942 / gfx950);
 - ``npu``: ``ds4c.backends.npu.lower`` (TVM).
 
@@ -20,7 +20,7 @@ from typing import Any
 from ds4c.ir.graph import Program
 from ds4c.targets import Target
 
-LOWERINGS = {"cuda": "ds4c.backends.cuda.aot", "rocm": "ds4c.backends.cuda.aot", "npu": "ds4c.backends.npu.lower"}
+LOWERINGS = {"cuda": "ds4c.backends.triton.aot", "rocm": "ds4c.backends.triton.aot", "npu": "ds4c.backends.npu.lower"}
 
 
 def lower_kernels(target: Target, program: Program, *, progress: bool | None = None, binaries: bool = True,

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ds4c.backends.reference import ReferenceExecutor
+from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.debug.trace import CompileTrace
 from ds4c.errors import InputError
 from ds4c.ir.graph import Graph, Op, Value

@@ -68,13 +68,13 @@ def enabled() -> bool:
 def _source_digest() -> str:
     """sha256 over ds4c's Python sources: any change to the frontend, the model or the IR may
     change a trace, and telling which cannot is not worth a stale graph ("" without sources)."""
-    import ds4c
+    from ds4c.version import __version__
 
-    root = Path(ds4c.__file__).parent
+    root = Path(__file__).resolve().parents[1]  # the ds4c package
     paths = sorted(root.rglob("*.py"))
     if not paths:
         return ""
-    h = hashlib.sha256(getattr(ds4c, "__version__", "").encode())
+    h = hashlib.sha256(__version__.encode())
     for path in paths:
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())

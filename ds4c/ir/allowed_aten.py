@@ -20,7 +20,7 @@ dtypes, devices, layouts and memory formats (and a mode string: ``rounding_mode`
 Left out on purpose:
 - in-place and ``out=`` overloads: traced graphs are functionalised. The GPU runtime writes results
   through ``out=`` overloads, but resolves them from torch itself
-  (``ds4c.backends.cuda.buffer_plan.out_variant``) for ops whose functional name is listed here;
+  (``ds4c.runtime.buffer_plan.out_variant``) for ops whose functional name is listed here;
   no IR text names them;
 - anything that touches files, storages, the network or processes (``from_file``, ``_save``,
   ``set_``, ``_c10d_functional`` collectives until a sharding pass emits them);

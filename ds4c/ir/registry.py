@@ -310,6 +310,22 @@ for _fn, _name in SYM_OPS.items():
 _TORCH_NAMESPACES = {"aten", "prims", "quantized", "_c10d_functional", "c10d_functional"}
 
 
+# Op sets: the modules whose import registers op definitions (``@register_op``), loaded by name on
+# the first lookup of an op the registry does not hold yet. The IR layer imports no op definitions
+# (the import contract in pyproject.toml puts ds4c.ops above it); ``ds4c.ops`` is ds4c's own set.
+OP_SETS: list[str] = ["ds4c.ops"]
+
+
+def load_op_sets() -> None:
+    """Import every module of ``OP_SETS`` (each registers its ops once; later calls are free)."""
+    import importlib
+    import sys
+
+    for module in OP_SETS:
+        if module not in sys.modules:
+            importlib.import_module(module)
+
+
 def get_op(name: str) -> OpDef:
     """Return the OpDef for ``name``: ds4c's own ops and ``sym.*`` from the registry, ATen ops from
     ``torch.ops`` when ``ds4c.ir.allowed_aten`` lists them. Anything else is an ``IRError``."""
@@ -317,8 +333,7 @@ def get_op(name: str) -> OpDef:
     if opdef is not None:
         return opdef
     if name.split(".")[0] not in _TORCH_NAMESPACES:
-        import ds4c.ops  # noqa: F401 - registers ds4c's fused ops
-
+        load_op_sets()
         opdef = _REGISTRY.get(name)
         if opdef is not None:
             return opdef
@@ -364,7 +379,7 @@ def has_trait(name: str, trait: str) -> bool:
 
 def packed_variants() -> frozenset[str]:
     """The ops that read packed weights: every op's declared ``packed_variant``."""
-    import ds4c.ops  # noqa: F401 - registers ds4c's fused ops
+    load_op_sets()
 
     return frozenset({*(o.packed_variant for o in _REGISTRY.values() if o.packed_variant), *_ATEN_PACKED.values()})
 
@@ -374,8 +389,7 @@ def ops_with(trait: str) -> frozenset[str]:
     """The names of every op (ds4c's own, sym.*, the ATen ops ds4c admits) that has ``trait``."""
     if trait not in TRAITS:
         raise IRError(f"unknown trait '{trait}'; the traits are {', '.join(TRAITS)}")
-    import ds4c.ops  # noqa: F401 - registers ds4c's fused ops
-
+    load_op_sets()
     names = [n for n in (*_REGISTRY, *ALLOWED_ATEN_OPS) if is_registered(n)]  # an ATen op this torch lacks: none
     return frozenset(n for n in names if trait in get_op(n).traits)
 

@@ -8,8 +8,12 @@ import warnings
 
 import sympy
 
+from typing import TYPE_CHECKING
+
 from ds4c.errors import IRError
-from ds4c.ir.types import Dim
+
+if TYPE_CHECKING:  # types parses dims through this module
+    from ds4c.ir.types import Dim
 
 MAX_DIM_TEXT = 400  # a dimension is a short expression over a few symbols
 _DIM_CHARS = re.compile(r"[A-Za-z0-9_+\-*/%(), ]+")

@@ -131,7 +131,7 @@ def packed_operand_count(formats: list[str], shapes: list[list[int]]) -> int:
 @register_op
 class LinearPacked(OpDef):
     """``y = x @ dequant(w)ᵀ`` with ``w`` still packed: what device backends run in place of
-    ``quant.dequant`` + ``aten.linear`` so a GEMM reads the packed bytes (ds4c.backends.cuda.kernels.linear).
+    ``quant.dequant`` + ``aten.linear`` so a GEMM reads the packed bytes (ds4c.backends.triton.kernels.linear).
     ``act`` (optional) names the activation format the GEMM multiplies in (``quant.activation``
     folded in): ``x`` is quantised to it first.
 

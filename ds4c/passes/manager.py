@@ -192,24 +192,16 @@ class PassManager:
         return result
 
 
+# The built-in passes: importing a module registers its passes (``register_pass``). Loaded by
+# name on the first lookup, so the passes may import this module without a cycle.
+BUILTIN_PASS_MODULES = ("assign_precision", "canonicalize_shapes", "cse", "dce", "fold_constants", "fuse_attention",
+                        "fuse_compress", "fuse_moe", "fuse_norm_rope", "fuse_norms_mhc", "fuse_rope", "last_logits",
+                        "lower_packed_weights", "merge_sibling_linears", "plan_memory", "quantize_weights",
+                        "schedule_streams")
+
+
 def _load_builtin_passes() -> None:
-    # Importing the modules registers their passes.
-    from ds4c.passes import (  # noqa: F401
-        assign_precision,
-        canonicalize_shapes,
-        cse,
-        dce,
-        fold_constants,
-        fuse_attention,
-        fuse_compress,
-        fuse_moe,
-        fuse_norm_rope,
-        fuse_norms_mhc,
-        fuse_rope,
-        last_logits,
-        lower_packed_weights,
-        merge_sibling_linears,
-        plan_memory,
-        quantize_weights,
-        schedule_streams,
-    )
+    import importlib
+
+    for name in BUILTIN_PASS_MODULES:
+        importlib.import_module(f"ds4c.passes.{name}")

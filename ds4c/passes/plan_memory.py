@@ -173,7 +173,7 @@ def placement_order(buffers: list[Buffer], outputs: list[bool], alignment: int =
     """The arena of the GPU runtime, in a form that holds at any sizes: the buffers that are not
     graph outputs (the runtime hands outputs to the caller; they are not placed) packed on their
     own, and per buffer the buffers it conflicts with (live at the same step) and sits above.
-    The runtime evaluates it at the sizes of each call (``ds4c.backends.cuda.buffer_plan.evaluate_placement``): a buffer starts
+    The runtime evaluates it at the sizes of each call (``ds4c.runtime.buffer_plan.evaluate_placement``): a buffer starts
     where the highest of those ends, so buffers live at once never share bytes, whatever B and S
     are. ``also``: per buffer a second closed interval (another order the program runs in, e.g.
     the stream schedule's issue order); buffers overlapping in either conflict. Returns (offset

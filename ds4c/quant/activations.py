@@ -13,7 +13,7 @@ the fp32 division rounds ``amax / 448`` onto a power of two, which the exact for
 ``fp8_roundtrip`` returns the quantised values times their scales in the input's dtype (exact in
 bf16 and fp32: an e4m3 value has 4 significant bits): a GEMM over these and the dequantised weight
 equals the native FP8 GEMM up to accumulation order. The CUDA kernels compute the same scales and
-roundings in registers (ds4c.backends.cuda.kernels.linear).
+roundings in registers (ds4c.backends.triton.kernels.linear).
 
 Where the tensor cores also take FP4 (sm_100a) and the weight is MXFP4, the input is quantised to
 MXFP4 the way the weights are (OCP MX, ds4c.quant.formats): e2m1, one UE8M0 (power-of-two) scale

@@ -29,7 +29,7 @@ stored as their exponent byte (``uint8``; value ``2^(b-127)``): safetensors writ
 ``float8_e8m0fnu`` but cannot read it back. A checkpoint's FP8 / MXFP4 tensors already are these
 bytes (``checkpoint_packed``), so the loader hands them over unchanged.
 
-The Triton kernels that read packed weights (ds4c.backends.cuda.kernels) take the block sizes
+The Triton kernels that read packed weights (ds4c.backends.triton.kernels) take the block sizes
 from here; activation quantisation (ds4c.quant.activations) uses the same blocks and rounding.
 """
 

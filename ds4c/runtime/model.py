@@ -11,12 +11,13 @@ from typing import Any
 import torch
 
 from ds4c.artifact.artifact import WEIGHTS_MEMBER, read_artifact
-from ds4c.backends.reference import ReferenceExecutor
+from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.errors import ArtifactError, Ds4cError, InputError
 from ds4c.ir.graph import Program
+from ds4c.ir.types import torch_dtype
 from ds4c.passes.last_logits import LAST_ENTRY
 from ds4c.passes.plan_memory import host_weights
-from ds4c.runtime.progress import progress_steps
+from ds4c.progress import progress_steps
 
 PREFILL_GRAPHS = 4  # prefill shapes kept as CUDA graphs
 # prompts up to this many tokens (batch x length) are captured: short prompts are launch-bound,
@@ -24,15 +25,11 @@ PREFILL_GRAPHS = 4  # prefill shapes kept as CUDA graphs
 # and their graph would hold its activations in a private memory pool
 PREFILL_GRAPH_MAX_TOKENS = 4096
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64,
-           "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8, "float8_e4m3fn": torch.float8_e4m3fn}
-
-
 def _dtype(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ArtifactError(f"manifest names unknown dtype '{name}'") from None
+    dtype = torch_dtype(name)
+    if dtype is None:
+        raise ArtifactError(f"manifest names unknown dtype '{name}'")
+    return dtype
 
 
 class CompiledModel:
@@ -53,12 +50,12 @@ class CompiledModel:
         self.backend = _pick_backend(backend, device, manifest)
         self.tuning: dict[str, dict[str, Any]] | None = None  # measured config overrides (ds4c tune)
         self.tuning_status = "none"
-        # what ds4c.load did with the artifact's stored kernel binaries (ds4c.backends.cuda.binaries)
+        # what ds4c.load did with the artifact's stored kernel binaries (ds4c.runtime.binaries)
         self.kernel_binaries = "unused: the reference backend runs no device kernels"
         self.kernel_target = None  # the target record kernel configurations are chosen for
         stored_graphs = program.graphs  # what the artifact's plans index
         if self.backend in ("kernels", "compiled"):
-            from ds4c.backends.cuda.kernels.configs import kernel_target
+            from ds4c.backends.triton.kernels.configs import kernel_target
 
             self.kernel_target = kernel_target(manifest["target"])
             if manifest["target"].get("backend") in ("cuda", "rocm") and "lowering" not in manifest:
@@ -86,14 +83,14 @@ class CompiledModel:
 
     def _make_executor(self, name: str, g: Any) -> Any:
         if self.backend == "compiled":
-            from ds4c.backends.cuda.inductor import InductorExecutor
+            from ds4c.backends.triton.inductor import InductorExecutor
 
             return InductorExecutor(g, self.weights, self.device)
         if self.backend == "kernels":
-            from ds4c.backends.cuda.executor import KernelExecutor
+            from ds4c.runtime.executor import ScheduledExecutor
 
-            return KernelExecutor(g, self.device, schedule=self._plans.get(name), memory_plan=self._memory_plans.get(name),
-                                  streams=self.streams, buffer_plan=self.buffer_plan)
+            return ScheduledExecutor(g, self.device, schedule=self._plans.get(name), memory_plan=self._memory_plans.get(name),
+                                     streams=self.streams, buffer_plan=self.buffer_plan)
         if self.backend == "npu":  # NPU ops through the TVM host build (ds4c.backends.npu.executor)
             from ds4c.backends.npu.executor import NpuExecutor, load_library
 
@@ -114,7 +111,7 @@ class CompiledModel:
         capture that fails is recorded in ``prefill_graph_errors`` and that shape runs op by op."""
         if not self.cuda_graphs or ids.numel() > PREFILL_GRAPH_MAX_TOKENS:
             return None
-        from ds4c.backends.cuda.executor import GraphedPrefill
+        from ds4c.runtime.executor import GraphedPrefill
 
         key = (logits, tuple(ids.shape))
         if key in self._prefill_graphs:
@@ -203,7 +200,7 @@ class CompiledModel:
         table, when one applies: ``ds4c tune``) while the model runs."""
         if self.kernel_target is None:
             return contextlib.nullcontext()
-        from ds4c.backends.cuda.kernels.configs import use_target, use_tuning
+        from ds4c.backends.triton.kernels.configs import use_target, use_tuning
 
         stack = contextlib.ExitStack()
         stack.enter_context(use_target(self.kernel_target))
@@ -251,7 +248,7 @@ class CompiledModel:
     def _decode_step(self, ids: torch.Tensor, position: int, state: dict[str, torch.Tensor]
                      ) -> tuple[torch.Tensor, dict]:
         if self.cuda_graphs:
-            from ds4c.backends.cuda.executor import GraphedDecode
+            from ds4c.runtime.executor import GraphedDecode
 
             b = ids.shape[0]
             if b not in self._graphed:
@@ -321,7 +318,7 @@ class CompiledModel:
 
     def buffer_plans(self) -> dict[str, Any]:
         """Per entry point run so far, the kernel executor's static buffer plan
-        (``KernelExecutor.buffer_stats``: arena bytes, eager and captured in CUDA graphs; the latest
+        (``ScheduledExecutor.buffer_stats``: arena bytes, eager and captured in CUDA graphs; the latest
         binding's plan; per op, results written into their planned buffer or allocated). Empty for
         backends that plan no buffers (reference; compiled, whose Inductor code plans its own)."""
         out = {}
@@ -526,12 +523,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
     model = CompiledModel(manifest, program, weights, device, backend=backend, cuda_graphs=cuda_graphs,
                           container=container, streams=streams, trust=trust, buffer_plan=buffer_plan)
     if tuning and model.backend in ("kernels", "compiled") and device.type == "cuda":
-        from ds4c.backends.cuda.autotune import load_tuning
+        from ds4c.runtime.autotune import load_tuning
 
         model.tuning, model.tuning_status = load_tuning(path, manifest, device,
                                                         None if tuning is True else tuning, model.backend)
     if manifest.get("kernels") or model.backend != "reference":
-        from ds4c.backends.cuda.binaries import use_stored_binaries
+        from ds4c.runtime.binaries import use_stored_binaries
 
         model.kernel_binaries = use_stored_binaries(manifest, container, device, model.backend, os.fspath(path),
                                                     trust=trust)

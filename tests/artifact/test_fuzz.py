@@ -196,7 +196,7 @@ def _kernels_section(members: dict[str, bytes]) -> dict[str, Any]:
     return {"format": 1, "compiler": "triton", "triton_version": "3.9.0", "target": "mi300x", "arch": "gfx942",
             "triton_target": ["hip", "gfx942", 64], "binary_format": "hsaco",
             "sources": {"k": {"member": "kernels/src/k.py", "sha256": hashlib.sha256(b"# source").hexdigest()}},
-            "binaries": [{"name": "_k", "function": "ds4c.backends.cuda.kernels.k._k", "ops": ["rms_norm"],
+            "binaries": [{"name": "_k", "function": "ds4c.backends.triton.kernels.k._k", "ops": ["rms_norm"],
                           "source": "kernels/src/k.py", "arch": "gfx942", "triton_version": "3.9.0",
                           "cache_key": "ab" * 32, "specialization": "{}", "config": {"num_warps": 4},
                           "binary": files["_k.hsaco"]["member"], "files": files}]}
@@ -209,7 +209,7 @@ def test_hostile_kernels_sections_are_refused_cleanly(data):
     a mutated one is refused with a Ds4cError, or the binaries are not used; nothing else."""
     import torch
 
-    from ds4c.backends.cuda import binaries
+    from ds4c.runtime import binaries
 
     members: dict[str, bytes] = {}
     section = _kernels_section(members)

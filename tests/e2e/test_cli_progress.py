@@ -8,7 +8,7 @@ import re
 from typer.testing import CliRunner
 
 from ds4c.cli import app
-from ds4c.runtime.progress import LINE_EVERY_S, LineSteps, progress_steps
+from ds4c.progress import LINE_EVERY_S, LineSteps, progress_steps
 
 
 class Clock:

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 import ds4c
-from ds4c.backends.reference import ReferenceExecutor
+from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.cli import app
 from ds4c.errors import IRError
 from ds4c.export import open_source, widen

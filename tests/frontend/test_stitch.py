@@ -9,7 +9,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from ds4c.backends.reference import run_graph
+from ds4c.ir.interpreter import run_graph
 from ds4c.errors import IRError
 from ds4c.frontend.stitch import proxy_plan, stitch_graph
 from ds4c.frontend.trace import param_spec, trace_program

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds4c.backends.reference import run_graph
+from ds4c.ir.interpreter import run_graph
 from ds4c.frontend.fx_import import import_exported_program
 from ds4c.ir import Program, parse_graph, print_graph, verify_graph
 from ds4c.passes import PassContext, PassManager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import ds4c
-from ds4c.backends.reference import run_graph
+from ds4c.ir.interpreter import run_graph
 from ds4c.debug.numerics import _err as max_abs_error
 from ds4c.frontend.trace import build_meta_model, param_spec
 from ds4c.models.deepseek_v4 import ModelConfig
@@ -61,7 +61,7 @@ def test_preset_weights_drive_the_same_numbers_as_embedding():
 def test_bf16_fused_ops_return_the_dtypes_their_ir_types_say():
     """In bf16 the mHC collapse sums in fp32 and casts to bf16 after: ``mhc.pre`` (whose reference
     returns H's dtype) takes the cast into its region, so its IR type is bf16, not the sum's fp32."""
-    from ds4c.backends.reference import ReferenceExecutor
+    from ds4c.ir.interpreter import ReferenceExecutor
     from ds4c.ir.types import TensorType
 
     art = ds4c.compile("tiny", target="cpu", precision="bf16", max_context=64, progress=False)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.export import Dim, export
 
-from ds4c.backends.reference import run_graph
+from ds4c.ir.interpreter import run_graph
 from ds4c.errors import PassError, VerificationError
 from ds4c.frontend.fx_import import import_exported_program
 from ds4c.ir import Graph, OpDef, Program, parse_graph, print_graph, register_op

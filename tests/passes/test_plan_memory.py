@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from ds4c.backends.reference import run_graph
+from ds4c.ir.interpreter import run_graph
 from ds4c.errors import PassError
 from ds4c.ir import parse_graph, print_graph
 from ds4c.passes import PassContext, get_pass

@@ -67,7 +67,7 @@ def test_moe_quantises_the_expert_gemm_inputs_like_deepseeks_fp8_experts():
     import torch.nn.functional as F
 
     from ds4c.ops.moe import _route, moe_gather_formulation, moe_reference
-    from tests.backends.cuda.test_moe_kernels import make_inputs
+    from tests.backends.triton.test_moe_kernels import make_inputs
 
     args = [a.cpu() for a in make_inputs(3, 4, 256, 256, torch.float32, "bias", 2, seed=5)]
     x, ids, router, selector, gate_up, down, s_gate, s_up, s_down = args

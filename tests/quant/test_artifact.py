@@ -73,7 +73,7 @@ def test_fp4_activations_on_blackwell_only(tmp_path):
     """MXFP4 linears multiply MXFP4 activations where the tensor cores take FP4 (b200: linear.packed
     with act="mxfp4" in the lowered IR, "mxfp4" in the report); on h100 (no FP4 tensor cores) they
     stay weight-only; MXFP4 experts multiply FP8 activations on b200. (The kernels running them:
-    tests/backends/cuda/test_packed_kernels.py.)"""
+    tests/backends/triton/test_packed_kernels.py.)"""
     table = tmp_path / "table.json"
     table.write_text('{"model.layers.*.self_attn.q_b_proj": "mxfp4", "lm_head": "bf16", "model.embed_tokens": "bf16"}')
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ds4c.backends.reference import ReferenceExecutor
+from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.errors import ArtifactError, Ds4cError, TargetError
 from ds4c.ir.graph import Graph, Op, Value
 from ds4c.ir.registry import OpDef

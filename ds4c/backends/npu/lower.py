@@ -38,8 +38,8 @@ from ds4c.backends.npu.relax_import import import_op, signature
 from ds4c.backends.npu.tiling import KernelTiling, tile_prim_func
 from ds4c.errors import TargetError
 from ds4c.ir.graph import Program
+from ds4c.progress import progress_steps
 from ds4c.quiet import TVM_FAST_TAKE, native_stderr_without
-from ds4c.runtime.progress import progress_steps
 from ds4c.targets import Target
 
 HOST_BUILDS = "npu-host-builds"  # under ds4c's cache: <build key>/host.so + section.json

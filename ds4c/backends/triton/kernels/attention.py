@@ -1,0 +1,350 @@
+"""Flash attention with one shared K=V head and per-head sinks: ``attention.sliding``, ``.csa``, ``.hca``.
+
+All H query heads read the same keys (MQA), so a tile's M axis holds (query, head) pairs,
+``row = s * H + h``: a decode step (S=1, H=64) is one tensor-core GEMM per block of keys, and the
+rows of one tile share their bias row. Softmax is online over blocks of T in fp32, in base 2;
+the sink starts the running max and denominator (``m = sink``, ``l = 1``), so a row whose bias is
+all -inf comes out 0, as in the reference. Keys serve as values: the P·V product reads the same
+rows again, restricted to this program's slice of the output columns.
+
+D=512 (DeepSeek-V4-Flash) is split two ways to fit a Hopper SM (227 KB shared memory per block,
+64K registers): the Q·Kᵀ reduction runs over D in chunks of ``block_d``, and in decode the output
+columns are split over programs in slices of ``block_dv`` (each recomputes Q·Kᵀ for its slice).
+With S > 1 a tile whose bias is -inf for every row is skipped (exact: it would add p = 0).
+
+Decode (S=1) has one tile of rows per sequence, so one program per output slice would leave most
+SMs idle while it walks all T keys (flash-slice: 2 programs, 27 us per call on an H200). There the
+keys are split over programs as well (flash-decoding): each program runs the online softmax over
+its share of T from ``m = -inf, l = 0`` and stores its unnormalised ``acc`` with its ``(m, l)`` in
+fp32; ``_merge_kernel`` then rescales the shares to the common max, adds the sink to the
+denominator once, and divides.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ds4c.backends.triton.kernels import register_kernel, result_buffer
+from ds4c.backends.triton.kernels.configs import (
+    AttentionConfig,
+    Launch,
+    active_target,
+    attention_config,
+    dot_precision,
+)
+from ds4c.backends.triton.kernels.pdl import wait_for_producers
+
+__all__ = ["AttentionConfig", "attention", "attention_config", "dot_operand", "interpreter_bf16", "round_to"]
+
+LOG2E = 1.4426950408889634
+
+
+def interpreter_bf16(dtype: torch.dtype) -> bool:
+    """Whether bf16 needs the interpreter's workarounds: under ``TRITON_INTERPRET=1`` triton 3.9
+    multiplies bf16 dot tiles as their raw uint16 bits (``create_dot``) and truncates fp32 to bf16
+    (``_convert_float``). The kernels then feed dots fp32 copies, which hold bf16 products exactly
+    as a tensor core does, and round to nearest even by hand, as the GPU's ``cvt.rn`` does."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def dot_operand(x, INTERPRETER_BF16: tl.constexpr):
+    if INTERPRETER_BF16:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (nearest even)."""
+    if INTERPRETER_BF16:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _qk_chunked(q_rows, row_ok, k_base, t_idx, t_ok, sq_d, sk_t, sk_d,
+                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """Q·Kᵀ [BLOCK_M, BLOCK_T] in fp32 for one block of keys, reduced over D in chunks of ``BLOCK_D``."""
+    offs_d = tl.arange(0, BLOCK_D)
+    qk = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
+    for d0 in tl.static_range(0, D, BLOCK_D):
+        d_ok = (d0 + offs_d) < D
+        q = tl.load(q_rows[:, None] + (d0 + offs_d)[None, :] * sq_d,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_base + t_idx[:, None] * sk_t + (d0 + offs_d)[None, :] * sk_d,
+                    mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        qk = tl.dot(dot_operand(q, INTERPRETER_BF16), tl.trans(dot_operand(k, INTERPRETER_BF16)), qk,
+                    input_precision=PRECISION)
+    return qk
+
+
+@triton.jit
+def _online_softmax_step(qk, bias, m_i, l_i, acc, k_base, t_idx, t_ok, offs_dv, dv_ok, sk_t, sk_d, qk_scale,
+                         PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """One block of keys into the running max ``m_i``, denominator ``l_i`` and ``acc`` (base 2; the
+    keys' columns ``offs_dv`` serve as values). Returns the updated ``(m_i, l_i, acc)``."""
+    logits = qk * qk_scale + bias * 1.4426950408889634
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet (and sink -inf or absent)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(logits - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(k_base + t_idx[:, None] * sk_t + offs_dv[None, :] * sk_d,
+                mask=t_ok[:, None] & dv_ok[None, :], other=0.0)
+    acc = tl.dot(dot_operand(round_to(p, v.dtype, INTERPRETER_BF16), INTERPRETER_BF16),
+                 dot_operand(v, INTERPRETER_BF16), acc * alpha[:, None], input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _split_kernel(
+    q_ptr, k_ptr, bias_ptr, acc_ptr, ml_ptr,
+    H, S, T, T_SPLIT, N_SPLIT, qk_scale,
+    sq_b, sq_h, sq_s, sq_d,
+    sk_b, sk_t, sk_d,
+    sb_b, sb_s, sb_t,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """One program: rows ``pid_m``, output slice ``pid_dv``, keys ``[split * T_SPLIT, +T_SPLIT)``.
+    Writes ``acc`` (unnormalised, fp32) to ``acc_ptr[b, split, row, :]`` and ``(m, l)`` (base 2)
+    to ``ml_ptr[b, split, row, :]``; the sink is left to the merge."""
+    wait_for_producers(PDL)
+    split = tl.program_id(0)
+    pid_dv = tl.program_id(1)
+    n_m = tl.cdiv(S * H, BLOCK_M)
+    b = tl.program_id(2) // n_m
+    pid_m = tl.program_id(2) % n_m
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < S * H
+    s_idx = rows // H
+    h_idx = rows % H
+    q_rows = q_ptr + b * sq_b + h_idx * sq_h + s_idx * sq_s
+    bias_rows = bias_ptr + b * sb_b + s_idx * sb_s
+    k_base = k_ptr + b * sk_b
+
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < D
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    t_lo = split * T_SPLIT
+    t_hi = tl.minimum(T, t_lo + T_SPLIT)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        t_idx = t0 + offs_t
+        t_ok = t_idx < t_hi
+        bias = tl.load(bias_rows[:, None] + t_idx[None, :] * sb_t,
+                       mask=row_ok[:, None] & t_ok[None, :], other=float("-inf")).to(tl.float32)
+        qk = _qk_chunked(q_rows, row_ok, k_base, t_idx, t_ok, sq_d, sk_t, sk_d,
+                         D, BLOCK_M, BLOCK_T, BLOCK_D, PRECISION, INTERPRETER_BF16)
+        m_i, l_i, acc = _online_softmax_step(qk, bias, m_i, l_i, acc, k_base, t_idx, t_ok, offs_dv, dv_ok,
+                                             sk_t, sk_d, qk_scale, PRECISION, INTERPRETER_BF16)
+
+    part = (b * N_SPLIT + split) * (S * H) + rows  # [BLOCK_M] partial-row index
+    tl.store(acc_ptr + part[:, None] * D + offs_dv[None, :], acc, mask=row_ok[:, None] & dv_ok[None, :])
+    if pid_dv == 0:
+        tl.store(ml_ptr + part * 2, m_i, mask=row_ok)
+        tl.store(ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(
+    acc_ptr, ml_ptr, sinks_ptr, out_ptr,
+    H, S, N_SPLIT,
+    so_b, so_h, so_s, so_d,
+    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """``out = (sum_i 2^(m_i - M) acc_i) / (2^(sink - M) + sum_i 2^(m_i - M) l_i)``, ``M`` the max of
+    the sink and every share's ``m_i``: the single-program result, regrouped."""
+    wait_for_producers(PDL)
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2)
+    R = S * H
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < D
+    sink = tl.load(sinks_ptr + rows % H, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    big = sink
+    for i in range(N_SPLIT):
+        big = tl.maximum(big, tl.load(ml_ptr + ((b * N_SPLIT + i) * R + rows) * 2, mask=row_ok, other=0.0))
+    big = tl.where(big == float("-inf"), 0.0, big)
+    l_all = tl.exp2(sink - big)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for i in range(N_SPLIT):
+        part = (b * N_SPLIT + i) * R + rows
+        w = tl.exp2(tl.load(ml_ptr + part * 2, mask=row_ok, other=float("-inf")) - big)
+        l_all += w * tl.load(ml_ptr + part * 2 + 1, mask=row_ok, other=0.0)
+        a = tl.load(acc_ptr + part[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += w[:, None] * a
+    out = acc / l_all[:, None]
+    s_idx = rows // H
+    h_idx = rows % H
+    out_ptrs = out_ptr + b * so_b + (h_idx * so_h + s_idx * so_s)[:, None] + cols[None, :] * so_d
+    tl.store(out_ptrs, round_to(out, out_ptr.dtype.element_ty, INTERPRETER_BF16), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, bias_ptr, sinks_ptr, out_ptr,
+    H, S, T, qk_scale,
+    sq_b, sq_h, sq_s, sq_d,
+    sk_b, sk_t, sk_d,
+    sb_b, sb_s, sb_t,
+    so_b, so_h, so_s, so_d,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, SKIP_MASKED: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    wait_for_producers(PDL)
+    pid_m = tl.program_id(0)
+    pid_dv = tl.program_id(1)
+    b = tl.program_id(2)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < S * H
+    s_idx = rows // H
+    h_idx = rows % H
+    q_rows = q_ptr + b * sq_b + h_idx * sq_h + s_idx * sq_s  # [BLOCK_M] pointers
+    bias_rows = bias_ptr + b * sb_b + s_idx * sb_s
+    k_base = k_ptr + b * sk_b
+
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < D
+
+    sink = tl.load(sinks_ptr + h_idx, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    m_i = sink
+    l_i = tl.where(sink == float("-inf"), 0.0, 1.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    if D <= BLOCK_D:  # one chunk: Q stays loaded across the T loop
+        q_whole = tl.load(q_rows[:, None] + offs_d[None, :] * sq_d,
+                          mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+
+    for t0 in range(0, T, BLOCK_T):
+        t_idx = t0 + offs_t
+        t_ok = t_idx < T
+        bias = tl.load(bias_rows[:, None] + t_idx[None, :] * sb_t,
+                       mask=row_ok[:, None] & t_ok[None, :], other=float("-inf")).to(tl.float32)
+        live = True
+        if SKIP_MASKED:  # a block masked for every row adds exactly nothing: skip its GEMMs
+            live = tl.max(tl.max(bias, axis=1), axis=0) > float("-inf")
+        if live:
+            if D <= BLOCK_D:
+                k = tl.load(k_base + t_idx[:, None] * sk_t + offs_d[None, :] * sk_d,
+                            mask=t_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                qk = tl.dot(dot_operand(q_whole, INTERPRETER_BF16), tl.trans(dot_operand(k, INTERPRETER_BF16)), input_precision=PRECISION)
+            else:
+                qk = _qk_chunked(q_rows, row_ok, k_base, t_idx, t_ok, sq_d, sk_t, sk_d,
+                                 D, BLOCK_M, BLOCK_T, BLOCK_D, PRECISION, INTERPRETER_BF16)
+            m_i, l_i, acc = _online_softmax_step(qk, bias, m_i, l_i, acc, k_base, t_idx, t_ok, offs_dv, dv_ok,
+                                                 sk_t, sk_d, qk_scale, PRECISION, INTERPRETER_BF16)
+
+    out = acc / l_i[:, None]
+    out_ptrs = out_ptr + b * so_b + (h_idx * so_h + s_idx * so_s)[:, None] + offs_dv[None, :] * so_d
+    tl.store(out_ptrs, round_to(out, out_ptr.dtype.element_ty, INTERPRETER_BF16), mask=row_ok[:, None] & dv_ok[None, :])
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor, *,
+              scale: float) -> torch.Tensor:
+    """Launcher with ``attention_reference``'s signature; declines GQA (keys with more than one
+    head), dtypes other than fp32/bf16/fp16, and q/keys of different dtypes."""
+    if q.dim() != 4 or keys.dim() != 4 or keys.shape[1] != 1 or bias.dim() != 4:
+        return NotImplemented
+    if q.dtype not in _DTYPES or keys.dtype != q.dtype or not q.device == keys.device == bias.device:
+        return NotImplemented
+    b, h, s, d = q.shape
+    t = keys.shape[2]
+    if keys.shape[3] != d or keys.shape[0] not in (1, b) or sinks.numel() != h:
+        return NotImplemented
+    keys = keys.expand(b, 1, t, d)
+    bias = bias.expand(b, 1, s, t)  # stride 0 where the bias broadcasts (batch 1, shared rows)
+    out = result_buffer(0, (b, h, s, d), q.dtype, q.device)
+    if out.numel() == 0:
+        return out
+    skip_masked = s > 1
+    target = active_target()
+    cfg = attention_config(d, q.dtype, skip_masked, target)
+    n_split, t_split = key_splits(b, h, s, t, d, cfg, target)
+    if n_split > 1:
+        _split_launch(q, keys, bias, sinks, out, float(scale) * LOG2E, n_split, t_split, cfg, target)
+        return out
+    grid = (triton.cdiv(s * h, cfg.block_m), triton.cdiv(d, cfg.block_dv), b)
+    _attention_kernel[grid](
+        q, keys, bias, sinks, out,
+        h, s, t, float(scale) * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3),
+        keys.stride(0), keys.stride(2), keys.stride(3),
+        bias.stride(0), bias.stride(2), bias.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        D=d, BLOCK_M=cfg.block_m, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv,
+        SKIP_MASKED=skip_masked, PRECISION=dot_precision(q.dtype, target),
+        INTERPRETER_BF16=interpreter_bf16(q.dtype), **cfg.launch.kwargs(target),
+    )
+    return out
+
+
+def key_splits(b: int, h: int, s: int, t: int, d: int, cfg: AttentionConfig, target) -> tuple[int, int]:
+    """``(programs over T, keys per program)`` for a launch: decode (S=1) splits T into multiples of
+    ``block_t`` until the launch has about one program per SM; prefill keeps T whole (its S*H rows
+    already fill the device)."""
+    if s != 1:
+        return 1, t
+    blocks = triton.cdiv(t, cfg.block_t)
+    tiles = triton.cdiv(s * h, cfg.block_m) * triton.cdiv(d, cfg.block_dv) * b
+    n_split = max(1, min(blocks, target.compute_units // max(1, tiles)))
+    t_split = triton.cdiv(blocks, n_split) * cfg.block_t
+    return triton.cdiv(t, t_split), t_split
+
+
+MERGE_BLOCK = (16, 64)  # (rows, columns) per merge program: 32 programs for H=64, D=512
+
+
+def _split_launch(q, keys, bias, sinks, out, qk_scale: float, n_split: int, t_split: int,
+                  cfg: AttentionConfig, target) -> None:
+    b, h, s, d = q.shape
+    t = keys.shape[2]
+    rows = s * h
+    acc = torch.empty((b, n_split, rows, d), dtype=torch.float32, device=q.device)
+    ml = torch.empty((b, n_split, rows, 2), dtype=torch.float32, device=q.device)
+    grid = (n_split, triton.cdiv(d, cfg.block_dv), b * triton.cdiv(rows, cfg.block_m))
+    _split_kernel[grid](
+        q, keys, bias, acc, ml,
+        h, s, t, t_split, n_split, qk_scale,
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3),
+        keys.stride(0), keys.stride(2), keys.stride(3),
+        bias.stride(0), bias.stride(2), bias.stride(3),
+        D=d, BLOCK_M=cfg.block_m, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv,
+        PRECISION=dot_precision(q.dtype, target), INTERPRETER_BF16=interpreter_bf16(q.dtype),
+        **cfg.launch.kwargs(target),
+    )
+    block_r, block_c = MERGE_BLOCK
+    _merge_kernel[(triton.cdiv(rows, block_r), triton.cdiv(d, block_c), b)](
+        acc, ml, sinks, out, h, s, n_split,
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        D=d, BLOCK_R=block_r, BLOCK_C=block_c, INTERPRETER_BF16=interpreter_bf16(q.dtype),
+        **Launch(4).kwargs(target),
+    )
+
+for _name in ("attention.sliding", "attention.csa", "attention.hca"):
+    register_kernel(_name)(attention)

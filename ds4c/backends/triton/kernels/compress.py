@@ -1,0 +1,296 @@
+"""``compress`` (gated pooling of a window's slots + RMS norm) and ``indexer.topk`` (lightning indexer scores + top-k).
+
+``compress``: the slot softmax is per channel, so a program pools one block of channels of one row
+(a decode step has one row per sequence: a single program per row left 128 slots x 512 channels
+of HCA to one SM, 55 us on an H100). With every slot in one tile it is one pass; otherwise three
+passes (per-channel max, sum of exponentials, weighted sum) compute ``softmax(dim=-2)`` exactly;
+the weights, products and pooled row are rounded to kv's dtype where the reference rounds them.
+The RMS norm of the pooled rows is then the ``rms_norm`` kernel.
+
+``indexer.topk``: the scores ``I[b,t,s] = Σ_h w[b,t,h]·weights_scale·ReLU(q[b,t,h]·keys[b,s])·softmax_scale``
+come from a Triton kernel with the indexer heads on the GEMM's M axis (one query, a block of
+entries per program); ``top_indices`` then picks the k largest (``topk_config``: a bitwise search
+for the k-th largest key + one compaction; a bitonic top-k as the tunable alternative).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ds4c.backends.triton.kernels import register_kernel, result_buffer
+from ds4c.backends.triton.kernels.attention import dot_operand, interpreter_bf16, round_to
+from ds4c.backends.triton.kernels.configs import (
+    active_target,
+    compress_config,
+    dot_precision,
+    index_scores_config,
+    topk_config,
+)
+from ds4c.backends.triton.kernels.norms import rms_norm
+from ds4c.backends.triton.kernels.pdl import wait_for_producers
+from ds4c.ops.norms import rms_norm_reference
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _score_tile(score_row, s0, offs_s, offs_d, d_ok, SLOTS, ssc_s, ssc_d):
+    """(mask, fp32 scores) of slots ``s0 + offs_s`` x channels ``offs_d``; -inf where masked."""
+    ok = ((s0 + offs_s) < SLOTS)[:, None] & d_ok[None, :]
+    sc = tl.load(score_row + (s0 + offs_s)[:, None] * ssc_s + offs_d[None, :] * ssc_d, mask=ok,
+                 other=float("-inf")).to(tl.float32)
+    return ok, sc
+
+
+@triton.jit
+def _pooled_part(kv, e, total, ok, INTERPRETER_BF16: tl.constexpr):
+    """Σ_slots kv · (e / total) of one tile, the weights and products rounded to kv's dtype."""
+    weight = round_to(e / total[None, :], kv.dtype, INTERPRETER_BF16)
+    product = round_to(kv.to(tl.float32) * weight.to(tl.float32), kv.dtype, INTERPRETER_BF16)
+    return tl.sum(tl.where(ok, product.to(tl.float32), 0.0), axis=0)
+
+
+@triton.jit
+def _pool_kernel(
+    kv_ptr, score_ptr, out_ptr,
+    SLOTS, D,
+    skv_n, skv_s, skv_d, ssc_n, ssc_s, ssc_d,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Program (n, c): pooled channels [c * BLOCK_D, +BLOCK_D) of row n, ``(kv * softmax(score,
+    slots)).sum(slots)`` with the weights, products and sum rounded to kv's dtype as the reference
+    rounds them. ONE_TILE: every slot in one tile, a single pass; else three passes over the slots."""
+    wait_for_producers(PDL)
+    n = tl.program_id(0)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kv_row = kv_ptr + n.to(tl.int64) * skv_n
+    score_row = score_ptr + n.to(tl.int64) * ssc_n
+    if ONE_TILE:
+        ok, sc = _score_tile(score_row, 0, offs_s, offs_d, d_ok, SLOTS, ssc_s, ssc_d)
+        m = tl.where(d_ok, tl.max(sc, axis=0), 0.0)  # padding channels: keep their exponentials finite
+        e = tl.where(ok, tl.exp(sc - m[None, :]), 0.0)
+        total = tl.where(d_ok, tl.sum(e, axis=0), 1.0)
+        kv = tl.load(kv_row + offs_s[:, None] * skv_s + offs_d[None, :] * skv_d, mask=ok, other=0.0)
+        pooled = _pooled_part(kv, e, total, ok, INTERPRETER_BF16)
+    else:
+        m = tl.full([BLOCK_D], float("-inf"), dtype=tl.float32)
+        for s0 in range(0, SLOTS, BLOCK_S):
+            ok, sc = _score_tile(score_row, s0, offs_s, offs_d, d_ok, SLOTS, ssc_s, ssc_d)
+            m = tl.maximum(m, tl.max(sc, axis=0))
+        m = tl.where(d_ok, m, 0.0)
+        total = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s0 in range(0, SLOTS, BLOCK_S):
+            ok, sc = _score_tile(score_row, s0, offs_s, offs_d, d_ok, SLOTS, ssc_s, ssc_d)
+            total += tl.sum(tl.where(ok, tl.exp(sc - m[None, :]), 0.0), axis=0)
+        total = tl.where(d_ok, total, 1.0)
+        pooled = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s0 in range(0, SLOTS, BLOCK_S):
+            ok, sc = _score_tile(score_row, s0, offs_s, offs_d, d_ok, SLOTS, ssc_s, ssc_d)
+            kv = tl.load(kv_row + (s0 + offs_s)[:, None] * skv_s + offs_d[None, :] * skv_d, mask=ok, other=0.0)
+            pooled += _pooled_part(kv, tl.exp(sc - m[None, :]), total, ok, INTERPRETER_BF16)
+    tl.store(out_ptr + n.to(tl.int64) * D + offs_d, round_to(pooled, out_ptr.dtype.element_ty, INTERPRETER_BF16),
+             mask=d_ok)
+
+
+@register_kernel("compress")
+def compress(kv: torch.Tensor, score: torch.Tensor, norm_w: torch.Tensor, *, eps: float) -> torch.Tensor:
+    """Launcher with ``compress_reference``'s signature: the pooling kernel, then the ``rms_norm``
+    kernel on the pooled rows (the reference's norm, same roundings). Declines a score shaped
+    unlike kv (its softmax would run over broadcast slots), a missing norm weight, and dtypes
+    other than fp32/bf16/fp16."""
+    if norm_w is None or kv.dim() < 2 or score.shape != kv.shape or kv.dtype not in _DTYPES:
+        return NotImplemented
+    slots, d = kv.shape[-2], kv.shape[-1]
+    if norm_w.shape != (d,) or slots == 0:
+        return NotImplemented
+    kv3 = kv.reshape(-1, slots, d)
+    score3 = score.reshape(-1, slots, d)
+    pooled = torch.empty((kv3.shape[0], d), dtype=kv.dtype, device=kv.device)
+    if pooled.numel() == 0:
+        return pooled.view(*kv.shape[:-2], d)
+    block_s, block_d, launch = compress_config(slots, d)
+    target = active_target()
+    _pool_kernel[(kv3.shape[0], triton.cdiv(d, block_d))](
+        kv3, score3, pooled, slots, d,
+        kv3.stride(0), kv3.stride(1), kv3.stride(2), score3.stride(0), score3.stride(1), score3.stride(2),
+        BLOCK_S=block_s, BLOCK_D=block_d, ONE_TILE=block_s >= slots, INTERPRETER_BF16=interpreter_bf16(kv.dtype),
+        **launch.kwargs(target),
+    )
+    out = rms_norm(pooled, norm_w, eps=eps)
+    if out is NotImplemented:
+        out = rms_norm_reference(pooled, norm_w, eps)
+    return out.view(*kv.shape[:-2], d)
+
+
+@triton.jit
+def _index_scores_kernel(
+    q_ptr, k_ptr, w_ptr, future_ptr, out_ptr,
+    H, C, softmax_scale, weights_scale,
+    sq_b, sq_s, sq_h, sq_d, sk_b, sk_c, sk_d, sw_b, sw_s, sw_h, sf_b, sf_s, sf_c,
+    D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    wait_for_producers(PDL)
+    pid_c = tl.program_id(0)
+    t = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = q_ptr + b * sq_b + t * sq_s
+    k_rows = k_ptr + b * sk_b + offs_c * sk_c
+
+    index = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        h_ok = (h0 + offs_h) < H
+        qk = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+        for d0 in tl.static_range(0, D, BLOCK_D):
+            d_ok = (d0 + offs_d) < D
+            q = tl.load(q_base + (h0 + offs_h)[:, None] * sq_h + (d0 + offs_d)[None, :] * sq_d,
+                        mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+            k = tl.load(k_rows[:, None] + (d0 + offs_d)[None, :] * sk_d, mask=c_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            qk = tl.dot(dot_operand(q, INTERPRETER_BF16), tl.trans(dot_operand(k, INTERPRETER_BF16)), qk, input_precision=PRECISION)
+        w = tl.load(w_ptr + b * sw_b + t * sw_s + (h0 + offs_h) * sw_h, mask=h_ok, other=0.0).to(tl.float32)
+        index += tl.sum((tl.maximum(qk, 0.0) * softmax_scale) * (w * weights_scale)[:, None], axis=0)
+    future = tl.load(future_ptr + b * sf_b + t * sf_s + offs_c * sf_c, mask=c_ok, other=1)
+    index = tl.where(future != 0, float("-inf"), index)
+    tl.store(out_ptr + (b * tl.num_programs(1) + t) * C + offs_c, index, mask=c_ok)
+
+
+def index_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, future: torch.Tensor,
+                 softmax_scale: float, weights_scale: float) -> torch.Tensor:
+    """Masked index scores [B, S, C] in fp32; q [B, S, H, d], keys [B|1, C, d], w [B, S, H],
+    future (bool) broadcastable to [B, S, C]."""
+    b, s, h, d = q.shape
+    c = keys.shape[1]
+    keys = keys.expand(b, c, d)
+    future = future.view(torch.uint8).expand(b, s, c)  # stride 0 where it broadcasts
+    out = torch.empty((b, s, c), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    target = active_target()
+    cfg = index_scores_config(h, d, q.dtype, target)
+    _index_scores_kernel[(triton.cdiv(c, cfg.block_c), s, b)](
+        q, keys, w, future, out, h, c, float(softmax_scale), float(weights_scale),
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3), keys.stride(0), keys.stride(1), keys.stride(2),
+        w.stride(0), w.stride(1), w.stride(2), future.stride(0), future.stride(1), future.stride(2),
+        D=d, BLOCK_H=cfg.block_h, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
+        PRECISION=dot_precision(q.dtype, target), INTERPRETER_BF16=interpreter_bf16(q.dtype),
+        **cfg.launch.kwargs(target),
+    )
+    return out
+
+
+@register_kernel("indexer.topk")
+def indexer_topk(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, future: torch.Tensor, *, k: int,
+                 softmax_scale: float, weights_scale: float) -> torch.Tensor:
+    """Launcher with ``IndexerTopk.reference``'s signature; declines q that is not [B, S, H, d],
+    keys not [B|1, C, d], w not [B, S, H], a non-bool or non-broadcastable future, and q/keys of
+    different dtypes."""
+    if q.dim() != 4 or keys.dim() != 3 or q.dtype not in _DTYPES or keys.dtype != q.dtype:
+        return NotImplemented
+    b, s, h, d = q.shape
+    c = keys.shape[1]
+    if keys.shape[0] not in (1, b) or keys.shape[2] != d or tuple(w.shape) != (b, s, h):
+        return NotImplemented
+    if future.dtype != torch.bool or future.dim() > 3:
+        return NotImplemented
+    try:
+        if torch.broadcast_shapes(future.shape, (b, s, c)) != (b, s, c):
+            return NotImplemented
+    except RuntimeError:
+        return NotImplemented
+    future = future.reshape((1,) * (3 - future.dim()) + tuple(future.shape))
+    scores = index_scores(q, keys, w, future, softmax_scale, weights_scale)
+    return top_indices(scores, k)
+
+
+# -- top-k ----------------------------------------------------------------------------------------
+
+TOPK_MAX_ENTRIES = 16384  # one program holds a row's packed keys in registers: up to ctx 64K at ratio 4
+
+
+@triton.jit
+def _topk_kernel(scores_ptr, out_ptr, C, K,
+                 N: tl.constexpr, K_POW2: tl.constexpr, PDL: tl.constexpr):
+    """The K largest of one row of C fp32 scores, as indices, largest first. Each entry becomes one
+    int64 key: the score's bits made order-preserving as a signed int32 in the high word, and
+    ``2^31 - 1 - index`` in the low word (ties go to the smaller index); padding sorts last.
+    ``tl.topk`` (bitonic top-k over the whole row) then picks the largest keys."""
+    wait_for_producers(PDL)
+    row = tl.program_id(0)
+    offs = tl.arange(0, N)
+    ok = offs < C
+    x = tl.load(scores_ptr + row.to(tl.int64) * C + offs, mask=ok, other=float("-inf"))
+    bits = x.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = (ordered.to(tl.int64) << 32) + (2147483647 - offs).to(tl.int64)
+    key = tl.where(ok, key, -9223372036854775807 - 1)
+    top = tl.topk(key[None, :], K_POW2)  # [1, K_POW2], largest first
+    idx = 2147483647 - (top & 0xFFFFFFFF)
+    offs_k = tl.arange(0, K_POW2)[None, :]
+    tl.store(out_ptr + row.to(tl.int64) * K + offs_k, idx, mask=offs_k < K)
+
+
+@triton.jit
+def _select_kernel(scores_ptr, out_ptr, C, K, N: tl.constexpr, PDL: tl.constexpr):
+    """The K largest of one row of C fp32 scores, as indices in increasing order (a set, not
+    ranked). Each score becomes an order-preserving unsigned 32-bit key (padding: 0, below every
+    score, -inf included); the K-th largest key ``t`` is found bit by bit from the top (keep a bit
+    when at least K keys are >= the prefix with it set), then every key > t is taken, and the
+    first ``K - #(> t)`` keys equal to t in index order (ties go to the smaller index, as in
+    ``_topk_kernel``). A prefix sum over the taken flags gives each its output slot. All tensors
+    are 1-D over the row: a [1, N] form let Triton give the scans a layout with the whole row in
+    every thread (2 ms for 528 entries on an H200)."""
+    wait_for_producers(PDL)
+    row = tl.program_id(0)
+    offs = tl.arange(0, N)
+    ok = offs < C
+    x = tl.load(scores_ptr + row.to(tl.int64) * C + offs, mask=ok, other=float("-inf"))
+    bits = x.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed int32 order = float order
+    key = tl.where(ok, (ordered ^ -2147483648).to(tl.uint32, bitcast=True), 0)  # unsigned order
+    t = tl.full((), 0, tl.uint32)
+    bit = tl.full((), 2147483648, tl.uint32)
+    for _ in range(32):
+        cand = t | bit
+        n_ge = tl.sum((key >= cand).to(tl.int32), axis=0)
+        t = tl.where(n_ge >= K, cand, t)
+        bit = bit >> 1
+    above = key > t
+    tie = key == t
+    need = K - tl.sum(above.to(tl.int32), axis=0)
+    take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
+    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + row.to(tl.int64) * K + slot, offs.to(tl.int64), mask=take)
+
+
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of the k largest of contiguous fp32 scores [..., C] (``scores.topk(k).indices``
+    as a set): one Triton program per row up to ``TOPK_MAX_ENTRIES`` entries (torch.topk sorts a
+    decode row of 528 entries by radix sort in 2 kernels, 22 us on an H200), else torch. The
+    select form (the default, ``topk_config``) writes them in index order, the bitonic form
+    largest first; among equal scores the smaller index is chosen (torch leaves it unspecified).
+    ``indexer.topk``'s consumers only use the set."""
+    c = scores.shape[-1]
+    n = max(16, triton.next_power_of_2(c))
+    if not hasattr(tl, "topk") or n > TOPK_MAX_ENTRIES or not 0 < k <= c or not scores.is_contiguous():
+        return scores.topk(k, dim=-1).indices
+    out = result_buffer(0, scores.shape[:-1] + (k,), torch.int64, scores.device)
+    rows = out.numel() // k
+    if rows:
+        cfg = topk_config(c)
+        launch = cfg.launch.kwargs(active_target())
+        if cfg.select:
+            _select_kernel[(rows,)](scores, out, c, k, N=n, **launch)
+        else:
+            _topk_kernel[(rows,)](scores, out, c, k, N=n, K_POW2=triton.next_power_of_2(k), **launch)
+    return out

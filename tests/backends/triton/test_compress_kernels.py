@@ -1,0 +1,178 @@
+"""The Triton ``compress`` and ``indexer.topk`` launchers against their references (interpreter on CPU, GPU if present)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds4c.backends.triton.kernels import get_kernel
+from ds4c.backends.triton.kernels.compress import compress, index_scores, indexer_topk, top_indices
+from ds4c.backends.triton.kernels.configs import topk_config, use_tuning
+from ds4c.ops.compress import IndexerTopk, compress_reference, index_scores_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NEG_INF = float("-inf")
+
+
+def on_device(*tensors):
+    return [x.to(DEVICE) for x in tensors]
+
+
+# -- compress ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,dtype", [
+    ((2, 3, 8, 64), torch.float32),    # CSA prefill: [B, windows, 2m slots, d]
+    ((2, 3, 8, 64), torch.bfloat16),
+    ((4, 128, 40), torch.float32),     # HCA-like: 128 slots in one tile, 32-channel blocks, d not a power of two
+    ((1, 5, 4, 512), torch.bfloat16),  # DeepSeek-V4-Flash head dim
+    ((1, 128, 512), torch.bfloat16),   # V4-Flash HCA decode: one row, 16 channel-block programs
+    ((2, 300, 24), torch.float32),     # more slots than a tile holds: three passes per channel block
+])
+def test_compress_matches_reference(shape, dtype):
+    gen = torch.Generator().manual_seed(0)
+    kv = torch.randn(shape, generator=gen).to(dtype)
+    score = (3 * torch.randn(shape, generator=gen)).to(dtype)
+    score[..., 0, : shape[-1] // 2] = NEG_INF  # absent tokens' gates, as the compressor pads them
+    norm_w = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(dtype)
+    out = compress(*on_device(kv, score, norm_w), eps=1e-6)
+    ref = compress_reference(kv, score, norm_w, 1e-6)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=1e-5)
+    else:  # the kernel rounds where the reference rounds; a GPU's exp may move a weight by one ulp
+        torch.testing.assert_close(out.cpu().float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_compress_weights_slots_per_channel():
+    # one slot dominates channel 0, the other channel 1: pooling per row instead of per channel fails
+    kv = torch.tensor([[[1.0, -2.0], [3.0, 4.0]]])
+    score = torch.tensor([[[50.0, -50.0], [-50.0, 50.0]]])
+    out = compress(*on_device(kv, score, torch.ones(2)), eps=0.0).cpu()
+    torch.testing.assert_close(out, torch.tensor([[1.0, 4.0]]) / torch.tensor(8.5).sqrt())
+
+
+def test_compress_declines():
+    kv = torch.randn(2, 4, 16)
+    assert compress(kv, torch.randn(2, 1, 16), torch.ones(16), eps=1e-6) is NotImplemented
+    assert compress(kv, torch.randn(2, 4, 16), None, eps=1e-6) is NotImplemented
+
+
+# -- indexer.topk ------------------------------------------------------------------------------------
+
+
+def indexer_inputs(b, s, h, d, c, dtype, keys_batch=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, s, h, d, generator=gen).to(dtype)
+    keys = torch.randn(keys_batch or b, c, d, generator=gen).to(dtype)
+    w = torch.randn(b, s, h, generator=gen).to(dtype)
+    threshold = torch.arange(c - s, c).view(1, -1, 1) // 2  # causal, as (position + 1) // m
+    future = torch.arange(c).view(1, 1, -1) >= threshold  # [1, S, C]
+    return q, keys, w, future
+
+
+CASES = [  # b, s, h, d, c, dtype, keys_batch
+    (2, 3, 4, 32, 50, torch.float32, None),
+    (1, 2, 64, 128, 300, torch.bfloat16, None),  # V4 indexer heads and head dim, C over two blocks
+    (2, 1, 5, 24, 70, torch.float32, 1),         # decode; H, d not powers of two; keys shared by batch
+    (1, 2, 80, 16, 40, torch.float32, None),     # H over one head block
+]
+
+
+@pytest.mark.parametrize("b,s,h,d,c,dtype,keys_batch", CASES)
+def test_index_scores_match_reference(b, s, h, d, c, dtype, keys_batch):
+    q, keys, w, future = indexer_inputs(b, s, h, d, c, dtype, keys_batch)
+    scores = index_scores(*on_device(q, keys, w, future), 0.1, 0.2).cpu()
+    ref = index_scores_reference(q, keys, w, 0.1, 0.2).masked_fill(future, NEG_INF)
+    assert torch.equal(torch.isinf(scores), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    assert finite.any()
+    # both sum exact (bf16) or fp32 products in fp32: only the summation order differs
+    torch.testing.assert_close(scores[finite], ref[finite], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("b,s,h,d,c,dtype,keys_batch", CASES)
+def test_topk_selects_the_reference_set(b, s, h, d, c, dtype, keys_batch):
+    q, keys, w, future = indexer_inputs(b, s, h, d, c, dtype, keys_batch, seed=1)
+    k = 8
+    attrs = {"k": k, "softmax_scale": 0.1, "weights_scale": 0.2}
+    idx = indexer_topk(*on_device(q, keys, w, future), **attrs).cpu()
+    ref_idx = IndexerTopk.reference(None, q, keys, w, future, **attrs)
+    assert idx.shape == ref_idx.shape == (b, s, k) and idx.dtype == torch.int64
+    scores = index_scores_reference(q, keys, w, 0.1, 0.2).masked_fill(future, NEG_INF)
+    # ties (ReLU zeros, -inf) may pick different indices: compare the selected scores
+    picked = scores.gather(-1, idx).sort(dim=-1).values
+    expected = scores.gather(-1, ref_idx).sort(dim=-1).values
+    assert torch.equal(picked, expected)
+    assert all(len(set(row.tolist())) == k for row in idx.view(-1, k))
+
+
+def test_topk_with_full_future_mask_per_batch():
+    q, keys, w, _ = indexer_inputs(2, 2, 4, 16, 30, torch.float32)
+    future = torch.zeros(2, 2, 30, dtype=torch.bool)
+    future[1, :, 10:] = True  # batch 1 sees only its first 10 entries
+    idx = indexer_topk(*on_device(q, keys, w, future), k=10, softmax_scale=0.25, weights_scale=1.0).cpu()
+    assert set(idx[1, 0].tolist()) == set(range(10)) and set(idx[1, 1].tolist()) == set(range(10))
+    scores = index_scores_reference(q, keys, w, 0.25, 1.0)
+    assert torch.equal(scores[0].gather(-1, idx[0]).sort(-1).values, scores[0].topk(10).values.sort(-1).values)
+
+
+def tie_heavy_scores(rows, c):
+    # scores of both signs, -inf (future entries) and exact ties at zero (ReLU), as the indexer gives
+    gen = torch.Generator().manual_seed(c)
+    scores = torch.randn(rows, c, generator=gen) * 100
+    scores[:, ::7] = 0.0
+    scores[:, c // 2:] = torch.where(torch.rand(rows, c - c // 2, generator=gen) < 0.5, NEG_INF, scores[:, c // 2:])
+    return scores
+
+
+@pytest.mark.parametrize("rows,c,k,select", [
+    *[(*case, select) for case in [(3, 528, 512), (2, 37, 6), (1, 5000, 512), (4, 16, 16)] for select in (0, 1)],
+    (2, 8208, 512, 1),  # ctx 32K at ratio 4 (the bitonic form takes a minute in the interpreter here)
+])
+def test_top_indices_match_torch_topk(rows, c, k, select):
+    scores = tie_heavy_scores(rows, c)
+    with use_tuning({"topk": {"select": select}}):
+        idx = top_indices(scores.to(DEVICE), k).cpu()
+    ref = scores.topk(k, dim=-1)
+    assert idx.shape == (rows, k) and idx.dtype == torch.int64
+    assert all(len(set(r.tolist())) == k for r in idx)
+    picked = scores.gather(-1, idx)
+    # the same values as torch: the k largest, ties included
+    assert torch.equal(picked.sort(-1, descending=True).values, ref.values)
+    # among equal scores at the threshold the smaller indices are the ones taken
+    kth = ref.values[:, -1:]
+    below_taken = (scores == kth) & ~torch.zeros_like(scores, dtype=torch.bool).scatter(-1, idx, True)
+    for r in range(rows):
+        tied_taken = idx[r][picked[r] == kth[r]]
+        if below_taken[r].any() and len(tied_taken):
+            assert tied_taken.max() < below_taken[r].nonzero().min()
+    if select:  # a set, written in index order
+        assert (idx[:, 1:] > idx[:, :-1]).all()
+    else:  # largest first, among equal scores the smaller index first
+        assert torch.equal(picked, ref.values)
+        same = picked[:, 1:] == picked[:, :-1]
+        assert (idx[:, 1:] > idx[:, :-1])[same].all()
+
+
+def test_top_indices_select_and_bitonic_pick_one_set():
+    # the select form is the default; the bitonic form (a tunable) picks the same set
+    c = 2048
+    scores = tie_heavy_scores(1, c)
+    assert topk_config(8208).select == 1 and topk_config(528).select == 1
+    with use_tuning({"topk": {"select": 0}}):
+        bitonic = top_indices(scores.to(DEVICE), 512).cpu()
+    chosen = top_indices(scores.to(DEVICE), 512).cpu()
+    assert torch.equal(bitonic.sort(-1).values, chosen)
+
+
+def test_indexer_declines():
+    q, keys, w, future = indexer_inputs(1, 2, 4, 16, 30, torch.float32)
+    attrs = {"k": 4, "softmax_scale": 1.0, "weights_scale": 1.0}
+    assert indexer_topk(q, keys[0], w, future, **attrs) is NotImplemented  # keys without batch
+    assert indexer_topk(q, keys, w, future.float(), **attrs) is NotImplemented
+    assert indexer_topk(q, keys, w, torch.zeros(1, 3, 30, dtype=torch.bool), **attrs) is NotImplemented
+
+
+def test_registered():
+    assert get_kernel("compress") is compress and get_kernel("indexer.topk") is indexer_topk
