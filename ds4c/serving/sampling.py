@@ -163,7 +163,7 @@ class SamplerState:
 
     def __init__(self, vocab_size: int, device: torch.device | str = "cpu", *, seed: int | None = None):
         self.vocab_size = vocab_size
-        self.device = torch.device(device)
+        self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as the logits say
         self.params: list[SamplingParams] = []
         self.seeds: list[int] = []
         self.generated: list[int] = []
@@ -184,20 +184,22 @@ class SamplerState:
         before (a preempted request added again), so penalties and its random stream go on where
         they stopped. The prompt is read only when the request has a penalty."""
         params.validate(self.vocab_size)
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (), generator=self._generator))
-        if params.penalised and self._counts is None:
-            self._counts = torch.zeros(len(self), self.vocab_size, dtype=torch.int32, device=self.device)
-            self._seen = torch.zeros(len(self), self.vocab_size, dtype=torch.bool, device=self.device)
-        if self._counts is not None and self._seen is not None:
+        counts = seen = None
+        if params.penalised:  # checked before the state changes: a refused request leaves no trace
+            prompt, output = self._token_ids("prompt_ids", prompt_ids), self._token_ids("output_ids", output_ids)
             counts = torch.zeros(1, self.vocab_size, dtype=torch.int32, device=self.device)
+            counts[0].index_add_(0, output, torch.ones_like(output, dtype=torch.int32))
             seen = torch.zeros(1, self.vocab_size, dtype=torch.bool, device=self.device)
-            if params.penalised:
-                prompt, output = self._token_ids("prompt_ids", prompt_ids), self._token_ids("output_ids", output_ids)
-                counts[0].index_add_(0, output, torch.ones_like(output, dtype=torch.int32))
-                seen[0, prompt] = True
-                seen[0, output] = True
-            self._counts = torch.cat([self._counts, counts])
-            self._seen = torch.cat([self._seen, seen])
+            seen[0, prompt] = True
+            seen[0, output] = True
+            if self._counts is None:
+                self._counts = torch.zeros(len(self), self.vocab_size, dtype=torch.int32, device=self.device)
+                self._seen = torch.zeros(len(self), self.vocab_size, dtype=torch.bool, device=self.device)
+        if self._counts is not None and self._seen is not None:
+            zeros = torch.zeros(1, self.vocab_size, dtype=torch.int32, device=self.device)
+            self._counts = torch.cat([self._counts, zeros if counts is None else counts])
+            self._seen = torch.cat([self._seen, zeros.bool() if seen is None else seen])
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (), generator=self._generator))
         self.params.append(params)
         self.seeds.append(seed)
         self.generated.append(len(output_ids))
@@ -266,7 +268,7 @@ class SamplerState:
             any_sampled=not all(p.greedy for p in params),
             any_min_p=any(p.min_p > 0 and not p.greedy for p in params),
             any_top_k_or_p=any((0 < p.top_k < v or p.top_p < 1) and not p.greedy for p in params),
-            max_logprobs=max(logprobs) if logprobs else None,
+            max_logprobs=min(max(logprobs), v) if logprobs else None,  # a tiny vocabulary has fewer
         )
 
     def _advance(self, tokens: Tensor) -> None:

@@ -270,7 +270,7 @@ def test_stop_token_ids_are_checked_against_the_vocabulary():
         state.add(SamplingParams(4, stop_token_ids=(5, 100)))
     with pytest.raises(InputError, match="prompt_ids hold token ids outside"):
         state.add(SamplingParams(4, repetition_penalty=1.1), prompt_ids=[3, 100])
-    assert len(state) == 0  # a refused request leaves no row
+    assert len(state) == 0 and state._counts is None  # a refused request leaves no row and no table
 
 
 def test_logits_must_match_the_state():
@@ -299,3 +299,16 @@ def test_state_counts_generated_tokens_for_the_length_limit():
         reasons.append(finish_reasons(tokens, state.params, state.generated))
         state.remove([i for i, reason in enumerate(reasons[-1]) if reason])
     assert reasons == [[None, None], ["length", None], ["length"]]
+
+
+def test_a_penalised_request_joining_and_leaving_a_running_batch():
+    """The penalty tables appear when the first penalised request joins and go when the last leaves."""
+    logits = torch.tensor([[0.0, 0.5, 1.0]] * 3)
+    state = batch(3, SamplingParams(8), SamplingParams(8, temperature=1.0))
+    sample(logits[:2], state)
+    assert state._counts is None
+    state.add(SamplingParams(8, frequency_penalty=1.0))
+    picks = [sample(logits, state).tokens[2].item() for _ in range(3)]
+    assert picks == [2, 1, 0]
+    state.remove([2])
+    assert state._counts is None and len(state) == 2
