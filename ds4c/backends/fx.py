@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.fx as fx
 
-from ds4c.ir.interpreter import _FUNCTIONAL_VIEWS
 from ds4c.errors import IRError
 from ds4c.ir.graph import Graph, Op, Value, map_values
+from ds4c.ir.interpreter import _FUNCTIONAL_VIEWS
 from ds4c.ir.registry import SYM_OPS, TorchOpDef, get_op
 
 _SYM_FNS = {v: k for k, v in SYM_OPS.items()}

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.debug.trace import CompileTrace
 from ds4c.errors import InputError
 from ds4c.ir.graph import Graph, Op, Value
+from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.ir.printer import format_op
 from ds4c.ir.registry import get_op, is_registered
 

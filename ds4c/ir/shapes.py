@@ -5,10 +5,9 @@ from __future__ import annotations
 import functools
 import re
 import warnings
+from typing import TYPE_CHECKING
 
 import sympy
-
-from typing import TYPE_CHECKING
 
 from ds4c.errors import IRError
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from ds4c.errors import PassError
 from ds4c.ir.graph import Graph, Program
+from ds4c.targets import Target
 
 PassFn = Callable[[Graph, "PassContext"], Graph]
 
@@ -125,13 +126,18 @@ class PassContext:
     pipeline happen (like LLVM's -opt-bisect-limit), and ``rewrite_log`` says which they were.
     """
 
-    target: Any = None
+    target: Target | None = None  # None: target-independent passes only (a target pass refuses it)
     options: dict[str, Any] = field(default_factory=dict)
     program_attrs: dict[str, Any] = field(default_factory=dict)
     bisect_limit: int | None = None
     rewrite_log: list[tuple[int, str, str, bool]] = field(default_factory=list)  # (index, pass, what, applied)
     current_pass: str = ""
     current_graph: str = ""
+
+    def __post_init__(self) -> None:
+        if self.target is not None and not isinstance(self.target, Target):
+            raise PassError(f"PassContext.target must be a ds4c.targets.Target record (ds4c.targets.get_target(name)), "
+                            f"got {type(self.target).__name__} {self.target!r}")
 
     def allow_rewrite(self, what: str) -> bool:
         index = len(self.rewrite_log)

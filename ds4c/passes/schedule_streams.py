@@ -35,44 +35,32 @@ from typing import Any
 
 import networkx as nx
 
+from ds4c.errors import PassError
 from ds4c.ir.graph import Graph, Op
 from ds4c.ir.registry import get_op
 from ds4c.ir.types import ListType, TensorType
 from ds4c.ops.memory import PREFETCH
 from ds4c.passes.liveness import SizeEvaluator, is_view_op, plan_binding
 from ds4c.passes.manager import PassContext, register_pass
+from ds4c.targets import Target, peak_dtype
 
 STREAMS = ("main", "aux", "copy")
 DEFAULT_KERNEL_LATENCY_S = 2e-6
-
-# Facts used when the compile has no target (an H100 SXM, see ds4c.targets).
-_FALLBACK = {"name": "default", "hbm_bandwidth": 3.35e12, "host_link_bandwidth": 64e9,
-             "peak_flops": {"fp32": 67e12, "bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12}}
-
-_DTYPE_KEYS = {"float32": "fp32", "float64": "fp32", "bfloat16": "bf16", "float16": "fp16",
-               "float8_e4m3fn": "fp8", "float8_e5m2": "fp8", "int8": "int8"}
 
 
 class CostModel:
     """Roofline seconds of one op on a target: (latency, compute seconds, memory seconds, copy seconds)."""
 
-    def __init__(self, target: Any, evaluator: SizeEvaluator, kernel_latency_s: float = DEFAULT_KERNEL_LATENCY_S):
+    def __init__(self, target: Target, evaluator: SizeEvaluator, kernel_latency_s: float = DEFAULT_KERNEL_LATENCY_S):
         self.target = target
         self.evaluator = evaluator
         self.latency = kernel_latency_s
-        self.hbm_bandwidth = float(getattr(target, "hbm_bandwidth", None) or _FALLBACK["hbm_bandwidth"])
-        self.host_link = float(getattr(target, "host_link_bandwidth", None) or _FALLBACK["host_link_bandwidth"])
+        self.hbm_bandwidth = float(target.hbm_bandwidth)
+        self.host_link = float(target.host_link_bandwidth)
 
     def peak(self, dtype: str) -> float:
-        key = _DTYPE_KEYS.get(dtype, "fp32")
-        peak = getattr(self.target, "peak", None)
-        if callable(peak):
-            try:
-                return float(peak(key))
-            except Exception:  # noqa: BLE001 - an unknown dtype falls back below
-                pass
-        flops = getattr(self.target, "peak_flops", None) or _FALLBACK["peak_flops"]
-        return float(flops.get(key) or flops.get("bf16") or flops.get("fp32"))
+        """The target's dense peak FLOP/s for work on tensors of ``dtype`` (``targets.peak_dtype``)."""
+        return float(self.target.peak(peak_dtype(dtype)))
 
     def numel(self, ty: Any) -> int:
         if isinstance(ty, TensorType):
@@ -389,10 +377,13 @@ def schedule_streams(graph: Graph, ctx: PassContext) -> Graph:
         sizes = dict(plan["sizes"])
     else:
         sizes, _ = plan_binding(graph, ctx.options, ctx.program_attrs)
+    if ctx.target is None:
+        raise PassError("schedule_streams: the cost model needs the target's bandwidths and peak rates; "
+                        "give the PassContext a target (ds4c.targets.get_target(name))")
     latency = float(ctx.options.get("kernel_latency_s", DEFAULT_KERNEL_LATENCY_S))
     model = CostModel(ctx.target, SizeEvaluator(sizes), latency)
     schedule = schedule_graph(graph, model, plan)
-    schedule["cost_model"] = {"target": getattr(ctx.target, "name", _FALLBACK["name"]), "sizes": sizes,
+    schedule["cost_model"] = {"target": ctx.target.name, "sizes": sizes,
                               "kernel_latency_s": latency, "hbm_bandwidth": model.hbm_bandwidth,
                               "host_link_bandwidth": model.host_link}
     ctx.program_attrs.setdefault("schedule", {})[graph.name] = schedule

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.ir.graph import Graph, Value, map_values
+from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.ir.registry import get_op, split_results
 from ds4c.quant.activations import roundtrip as act_roundtrip
 from ds4c.quant.formats import Format

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.errors import InputError, IRError
 from ds4c.ir.graph import Graph, Value, map_values
+from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.ir.registry import split_results
 
 

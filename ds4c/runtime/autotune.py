@@ -2,9 +2,8 @@
 
 The target's facts give every kernel a configuration (``kernels.configs``); on the device itself
 ``tune`` measures alternatives. It times what the user runs, a whole decode step replayed as a
-CUDA graph, not each kernel alone: a GEMV tile that wins in isolation lost over the whole step on
-an H100 (docs/PERFORMANCE.md: 2.26 vs 1.99 ms), because neighbouring kernels share the SMs and the
-caches. The search is coordinate descent over the families of ``configs.TUNABLE`` (one field at
+CUDA graph, not each kernel alone: a GEMV tile that wins in isolation can lose over the whole step
+(measured: docs/PERFORMANCE.md), because neighbouring kernels share the SMs and the caches. The search is coordinate descent over the families of ``configs.TUNABLE`` (one field at
 a time, the others at their best so far), a handful of step timings per candidate.
 
 The result is a tuning file next to the artifact (``<artifact>.tune.json``, written atomically),
@@ -32,8 +31,8 @@ from ds4c.errors import InputError
 
 # A table holds the fields whose best value differed from the defaults of its day; when a default
 # changes, the version changes too, so an older table is ignored (with that reason) rather than
-# read against new defaults. /2: the one-row GEMV's L2 prefetch on by default (2026-12-03); /3: the
-# FP8 row kernels' K loop pipelined, MoE gate/up rows paired (2026-12-03).
+# read against new defaults. /2: the one-row GEMV's L2 prefetch on by default; /3: the FP8 row
+# kernels' K loop pipelined, MoE gate/up rows paired.
 FORMAT = "ds4c-tuning/3"
 
 # candidate values per (family, field); the first of each is the target's default

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from ds4c.artifact.artifact import WEIGHTS_MEMBER, read_artifact
-from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.errors import ArtifactError, Ds4cError, InputError
 from ds4c.ir.graph import Program
+from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.ir.types import torch_dtype
 from ds4c.passes.last_logits import LAST_ENTRY
 from ds4c.passes.plan_memory import host_weights
@@ -21,7 +21,7 @@ from ds4c.progress import progress_steps
 
 PREFILL_GRAPHS = 4  # prefill shapes kept as CUDA graphs
 # prompts up to this many tokens (batch x length) are captured: short prompts are launch-bound,
-# long ones are not (2048 tokens of flash-slice on an H100: 22.35 ms replayed, 22.34 ms op by op)
+# long ones are not (replayed and op by op take the same time at 2048 tokens, docs/PERFORMANCE.md)
 # and their graph would hold its activations in a private memory pool
 PREFILL_GRAPH_MAX_TOKENS = 4096
 

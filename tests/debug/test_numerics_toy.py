@@ -6,6 +6,7 @@ from ds4c.debug import CompileTrace, bisect_rewrites, find_divergence
 from ds4c.ir import Program
 from ds4c.passes import PIPELINES, PassContext, PassManager, register_pass
 from ds4c.passes.patterns import Builder, Match, Op, Rewrite, Wild, rewrite_graph
+from ds4c.targets import get_target
 from tests.passes.test_passes import traced_toy
 
 
@@ -49,7 +50,7 @@ def test_divergence_names_planted_pass_and_op():
 def test_no_divergence_on_the_real_pipeline():
     prog, params, inputs, state = _setup()
     trace = CompileTrace()
-    PassManager("default", [trace]).run(prog)
+    PassManager("default", [trace], PassContext(target=get_target("h100"))).run(prog)
     assert find_divergence(trace, inputs, params, graph="toy", state=state) is None
     html = trace._repr_html_()
     assert "<details>" in html and "fold_constants" in html

@@ -13,11 +13,11 @@ import torch
 from typer.testing import CliRunner
 
 import ds4c
-from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.cli import app
 from ds4c.errors import IRError
 from ds4c.export import open_source, widen
 from ds4c.export.onnx import build_model
+from ds4c.ir.interpreter import ReferenceExecutor
 
 SEQ = 12
 

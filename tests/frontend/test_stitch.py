@@ -9,10 +9,10 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from ds4c.ir.interpreter import run_graph
 from ds4c.errors import IRError
 from ds4c.frontend.stitch import proxy_plan, stitch_graph
 from ds4c.frontend.trace import param_spec, trace_program
+from ds4c.ir.interpreter import run_graph
 from ds4c.ir.printer import print_graph
 from ds4c.models.deepseek_v4 import ModelConfig
 from ds4c.models.deepseek_v4.presets import PRESETS, init_preset_weights

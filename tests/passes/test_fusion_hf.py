@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds4c.ir.interpreter import run_graph
 from ds4c.frontend.fx_import import import_exported_program
 from ds4c.ir import Program, parse_graph, print_graph, verify_graph
+from ds4c.ir.interpreter import run_graph
 from ds4c.passes import PassContext, PassManager
+from ds4c.targets import get_target
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,7 +59,7 @@ def _trace(overrides: dict | None = None, seq: int = 24):
 
 
 def _fuse(g):
-    ctx = PassContext(program_attrs={"dim_names": {"input_ids": ["B", "S"]}})
+    ctx = PassContext(target=get_target("cpu"), program_attrs={"dim_names": {"input_ids": ["B", "S"]}})
     prog = PassManager("default", ctx=ctx).run(Program({"hf": g}, ctx.program_attrs))
     return prog.graphs["hf"], prog.attrs["fusion"]["hf"]
 

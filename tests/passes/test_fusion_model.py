@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 import ds4c
-from ds4c.ir.interpreter import run_graph
 from ds4c.debug.numerics import _err as max_abs_error
 from ds4c.frontend.trace import build_meta_model, param_spec
+from ds4c.ir.interpreter import run_graph
 from ds4c.models.deepseek_v4 import ModelConfig
 from ds4c.models.deepseek_v4.presets import PRESETS, init_preset_weights
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ds4c.ir.interpreter import run_graph
 from ds4c.ir import Program, print_graph, verify_graph
+from ds4c.ir.interpreter import run_graph
 from ds4c.ops.attention import attention_reference
 from ds4c.ops.mhc import mhc_pre_reference
 from ds4c.ops.norms import rms_norm_reference

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds4c.ir.interpreter import run_graph
 from ds4c.compiler import apply_lowering
 from ds4c.ir import Program, parse_graph, print_graph
+from ds4c.ir.interpreter import run_graph
 from ds4c.passes import PassContext, PassManager
 from ds4c.passes.instruments import VerifyAfterEach
 from ds4c.quant import pack_weights

@@ -4,12 +4,13 @@ import pytest
 import torch
 from torch.export import Dim, export
 
-from ds4c.ir.interpreter import run_graph
 from ds4c.errors import PassError, VerificationError
 from ds4c.frontend.fx_import import import_exported_program
 from ds4c.ir import Graph, OpDef, Program, parse_graph, print_graph, register_op
+from ds4c.ir.interpreter import run_graph
 from ds4c.passes import PassContext, PassManager, get_pass, register_pass
 from ds4c.passes.instruments import DumpIR, IRDiff, PassTiming, PrintAfterAll, VerifyAfterEach
+from ds4c.targets import get_target
 
 
 def run_pass(name: str, text: str, constants=None, **attrs) -> Graph:
@@ -189,7 +190,8 @@ def test_pass_manager_instruments(tmp_path):
     import io
 
     buf = io.StringIO()
-    pm = PassManager("default", [VerifyAfterEach(), timing, diff, DumpIR(tmp_path), PrintAfterAll(buf, only={"dce"})])
+    pm = PassManager("default", [VerifyAfterEach(), timing, diff, DumpIR(tmp_path), PrintAfterAll(buf, only={"dce"})],
+                     PassContext(target=get_target("h100")))
     out = pm.run(Program({"toy": g}, {"dim_names": {"x": ["B", "S"], "st": ["B"]}}))
     assert out.attrs["pipeline"] == pm.pass_names
     assert set(timing.seconds) == set(pm.pass_names)

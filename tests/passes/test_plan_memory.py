@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from ds4c.ir.interpreter import run_graph
 from ds4c.errors import PassError
 from ds4c.ir import parse_graph, print_graph
+from ds4c.ir.interpreter import run_graph
 from ds4c.passes import PassContext, get_pass
 from ds4c.passes.plan_memory import ALIGNMENT, check_plan, max_context_per_placement
 from ds4c.passes.timeline import plot_memory_png

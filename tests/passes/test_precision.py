@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import ds4c
-from ds4c.ir.interpreter import run_graph
 from ds4c.ir import parse_graph, print_graph, verify_graph
+from ds4c.ir.interpreter import run_graph
 from ds4c.passes import PassContext, get_pass
 from ds4c.quant import get_format, pack_weights
 from ds4c.quant.calibration import Calibration

@@ -12,11 +12,12 @@ from ds4c.passes import PassContext, get_pass
 from ds4c.passes.plan_memory import check_plan
 from ds4c.passes.schedule_streams import check_schedule
 from ds4c.passes.timeline import chrome_trace, plot_schedule_png, write_chrome_trace
+from ds4c.targets import get_target
 from tests.passes.random_graphs import random_graph
 
 
-def schedule(graph, target=None, **options):
-    ctx = PassContext(target=target, options=options, program_attrs={})
+def schedule(graph, target="h100", **options):
+    ctx = PassContext(target=get_target(target), options=options, program_attrs={})
     planned = get_pass("plan_memory")(graph, ctx)
     out = get_pass("schedule_streams")(planned, ctx)
     assert print_graph(out) == print_graph(planned)
@@ -29,6 +30,17 @@ def test_random_graph_schedule_respects_dependencies(seed):
     assert check_schedule(graph, s, plan) == []
     assert check_plan(graph, plan, s) == []  # the arena re-packed for the issue order and its streams
     assert s["makespan"] <= s["single_stream_makespan"] * (1 + 1e-12)
+
+
+def test_schedule_needs_a_target():
+    """The cost model is the target's (no hand-copied default numbers): no target, a clear error."""
+    from ds4c.errors import PassError
+
+    ctx = PassContext(target=None, options={}, program_attrs={})
+    with pytest.raises(PassError, match="schedule_streams: the cost model needs the target"):
+        get_pass("schedule_streams")(random_graph(0), ctx)
+    with pytest.raises(PassError, match="PassContext.target must be a ds4c.targets.Target"):
+        PassContext(target="h100")
 
 
 BRANCHES = """\

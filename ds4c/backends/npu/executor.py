@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.errors import ArtifactError, Ds4cError, TargetError
 from ds4c.ir.graph import Graph, Op, Value
+from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.ir.registry import OpDef
 
 HOW_TO_TRUST = ("trust its publisher's key with `ds4c trust add KEY.pub`, or pass --trust-binaries "

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.backends.triton.kernels import get_kernel
 from ds4c.ir.graph import Graph, Op
+from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.ir.registry import OpDef, get_op
 
 

@@ -20,11 +20,11 @@ import torch
 import torch.fx as fx
 
 from ds4c.backends.fx import to_graph_module
-from ds4c.ir.interpreter import _retarget_devices
 from ds4c.backends.triton.executor import TORCH_FALLBACKS
 from ds4c.backends.triton.kernels import get_kernel
 from ds4c.errors import IRError
 from ds4c.ir.graph import Graph, Op
+from ds4c.ir.interpreter import _retarget_devices
 from ds4c.ir.registry import get_op, has_trait, split_results
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import ds4c
-from ds4c.ir.interpreter import run_graph
 from ds4c.ir import parse_graph
+from ds4c.ir.interpreter import run_graph
 from ds4c.ir.registry import OpDef
 from ds4c.passes.liveness import analyze_liveness, is_view_op
 from ds4c.passes.manager import PassContext, get_pass

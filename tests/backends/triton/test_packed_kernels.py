@@ -8,10 +8,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.backends.triton.kernels.act_quant import mx_fake_quant
 from ds4c.backends.triton.kernels.linear import MAX_ROWS, linear_packed
 from ds4c.backends.triton.kernels.moe import moe_packed
+from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.ir.registry import get_op
 from ds4c.quant.formats import get_format
 from tests.backends.triton.test_moe_kernels import DEVICE, make_inputs

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 import ds4c
 from ds4c.artifact.artifact import read_artifact
-from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.cli import app
 from ds4c.errors import ArtifactError
+from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.passes.schedule_streams import check_schedule
 from ds4c.runtime.executor import issued
 
