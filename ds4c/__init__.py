@@ -9,7 +9,7 @@
 
 from ds4c.version import __version__
 
-__all__ = ["Artifact", "CompiledModel", "__version__", "compile", "load"]
+__all__ = ["Artifact", "CompiledModel", "SamplingParams", "__version__", "compile", "load"]
 
 
 def __getattr__(name: str):
@@ -26,6 +26,10 @@ def __getattr__(name: str):
         from ds4c.artifact.artifact import Artifact
 
         return Artifact
+    if name == "SamplingParams":
+        from ds4c.serving.sampling import SamplingParams
+
+        return SamplingParams
     if name == "CompiledModel":
         from ds4c.runtime.model import CompiledModel
 

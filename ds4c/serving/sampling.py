@@ -44,7 +44,7 @@ FinishReason = Literal["stop", "length"]
 class SamplingParams:
     """How one request picks its tokens, and when it stops.
 
-    max_tokens: tokens to generate at most (finish reason "length").
+    max_new_tokens: tokens to generate at most (finish reason "length").
     temperature: 0 is greedy (argmax); otherwise logits are divided by it.
     top_k: keep the k most likely tokens; 0 or -1 keeps all.
     top_p: keep the smallest set of most likely tokens whose probability reaches top_p; 1 keeps all.
@@ -59,7 +59,7 @@ class SamplingParams:
         tokens with theirs (logprobs of the distribution the token was drawn from).
     """
 
-    max_tokens: int
+    max_new_tokens: int
     _: KW_ONLY
     temperature: float = 0.0
     top_k: int = 0
@@ -75,7 +75,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop_token_ids, Iterable) and not isinstance(self.stop_token_ids, str | bytes):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        self._check("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1")
+        self._check("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "an integer >= 1")
         self._check("temperature", _is_finite(self.temperature) and self.temperature >= 0,
                     "a finite number >= 0 (0 is greedy)")
         self._check("top_k", _is_int(self.top_k) and self.top_k >= -1, "an integer >= 1, or 0 or -1 for all tokens")
@@ -320,10 +320,10 @@ def sample(logits: Tensor, state: SamplerState) -> SampleResult:
 def finish_reasons(tokens: Sequence[int], params: Sequence[SamplingParams],
                    generated: Sequence[int]) -> list[FinishReason | None]:
     """Per request: "stop" if its new token is one of its stop tokens, else "length" if it has
-    generated ``max_tokens`` (``generated`` counts the new token), else None (it goes on)."""
+    generated ``max_new_tokens`` (``generated`` counts the new token), else None (it goes on)."""
     reasons: list[FinishReason | None] = []
     for token, p, count in zip(tokens, params, generated, strict=True):
-        reasons.append("stop" if token in p.stop_token_ids else "length" if count >= p.max_tokens else None)
+        reasons.append("stop" if token in p.stop_token_ids else "length" if count >= p.max_new_tokens else None)
     return reasons
 
 

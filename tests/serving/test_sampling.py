@@ -248,12 +248,12 @@ def test_no_logprobs_asked_none_returned():
 
 @pytest.mark.parametrize("field, value", [
     ("temperature", -0.5), ("temperature", math.nan), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -5),
-    ("min_p", 1.0), ("min_p", -0.1), ("max_tokens", 0), ("logprobs", MAX_LOGPROBS + 1), ("logprobs", -1),
+    ("min_p", 1.0), ("min_p", -0.1), ("max_new_tokens", 0), ("logprobs", MAX_LOGPROBS + 1), ("logprobs", -1),
     ("repetition_penalty", 0.0), ("frequency_penalty", 2.5), ("presence_penalty", -3.0), ("seed", 1.5),
-    ("stop_token_ids", (3, -1)), ("top_k", 2.0), ("max_tokens", True),
+    ("stop_token_ids", (3, -1)), ("top_k", 2.0), ("max_new_tokens", True),
 ])
 def test_a_bad_value_names_its_field_value_and_range(field, value):
-    kwargs = {"max_tokens": 4, field: value}
+    kwargs = {"max_new_tokens": 4, field: value}
     with pytest.raises(InputError, match=rf"SamplingParams\.{field} = .*: must be") as caught:
         SamplingParams(**kwargs)
     assert repr(value) in str(caught.value) or field == "stop_token_ids"
