@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ds4c.ir.graph import Graph, Program
+from ds4c.ir.registry import packed_variants
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
@@ -125,7 +126,7 @@ def lowering_line(manifest: dict[str, Any], program: Program) -> str:
     counts: dict[str, int] = {}
     for g in program.graphs.values():
         for op in g.ops:
-            if op.name in ("linear.packed", "linear.grouped.packed", "moe.packed", "rms_norm.rope"):
+            if op.name in packed_variants() or op.name == "rms_norm.rope":
                 counts[op.name] = counts.get(op.name, 0) + 1
     made = {tr["op"]: len(tr["tensors"]) for tr in manifest["weights"].get("transforms", [])
             if tr["op"] in ("dequantize", "concat")}
@@ -136,15 +137,13 @@ def lowering_line(manifest: dict[str, Any], program: Program) -> str:
             f"{made.get('dequantize', 0)} expanded from packed")
 
 
-PACKED_OPS = ("linear.packed", "linear.grouped.packed", "moe.packed")
-
-
 def packed_formats(graph: Graph) -> Counter:
     """(op, weight format(s) and the activation format it multiplies in) -> count, for each op of
     ``graph`` that reads packed weights as stored."""
+    reads_packed = packed_variants()
     out: Counter = Counter()
     for op in graph.ops:
-        if op.name in PACKED_OPS:
+        if op.name in reads_packed:
             formats = op.kwargs.get("formats") or [op.kwargs.get("format")]
             fmt = "+".join(sorted({str(f) for f in formats if f not in (None, "none")})) or "none"
             act = op.kwargs.get("act")
