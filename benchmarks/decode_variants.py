@@ -16,8 +16,9 @@ prefill:
 - ``kernels+streams``: Triton kernels op by op, the compiler's stream schedule on CUDA streams;
 - ``kernels``: the same program and order on one stream (``ds4c.load(streams=False)``);
 - ``compiled``: kernels + TorchInductor between them (one stream);
-- ``compiled-nopdl``: the same without programmatic dependent launch (``DS4C_PDL=0``,
-  ``ds4c/backends/triton/kernels/pdl.py``), to measure what PDL gives in the same run;
+- ``compiled-nopdl``: the same on a program compiled without programmatic dependent launch
+  (``compile(lowering={"pdl": False})``, ``ds4c compile --no-pdl``; ``ds4c/backends/triton/kernels/pdl.py``),
+  to measure what PDL gives in the same run;
 - ``compiled-nomergepacked``: ``compiled`` on a program compiled with packed sibling linears kept
   apart (``compile(lowering={"merge_packed": False})``; the pass ``ds4c/passes/merge_sibling_linears.py``
   merges them by default).
@@ -28,8 +29,6 @@ prefill:
 - ``compiled-nonormrope``: ``compiled`` on a program compiled with each query/key norm and its rotary
   embedding as two launches (``compile(lowering={"fuse_norm_rope": False})``; the pass
   ``ds4c/passes/fuse_norm_rope.py`` fuses them by default).
-- ``compiled-combo``: ``compiled`` with Inductor's combo kernels (``DS4C_INDUCTOR_COMBO=1``:
-  independent glue kernels share a launch).
 - ``kernels+streams-noplan`` / ``kernels-noplan``: the kernels backend without its static buffer
   plan (``ds4c.load(buffer_plan=False)``: every result allocated by the caching allocator, inside the CUDA
   graph from its pool), to measure what the plan costs or saves in time and in the bytes the
@@ -48,25 +47,24 @@ import platform
 import re
 import time
 from typing import Any
-from unittest import mock
 
 import torch
 
 from benchmarks.gpu_peers import attempt, build_hf, decode_bytes, gpu_timed, synthetic_state, timed
 
-# name -> (backend, streams, environment while loading and running)
-VARIANTS = {"kernels+streams": ("kernels", True, {}), "kernels": ("kernels", False, {}),
-            "compiled": ("compiled", False, {}), "compiled-nopdl": ("compiled", False, {"DS4C_PDL": "0"}),
-            "compiled-nomergepacked": ("compiled", False, {}),
-            "compiled-rowloop0": ("compiled", False, {}), "compiled-topk0": ("compiled", False, {}),
-            "compiled-nonormrope": ("compiled", False, {}),
-            "compiled-combo": ("compiled", False, {"DS4C_INDUCTOR_COMBO": "1"}),
-            "kernels+streams-noplan": ("kernels", True, {}),
-            "kernels-noplan": ("kernels", False, {})}
+# name -> (backend, streams)
+VARIANTS = {"kernels+streams": ("kernels", True), "kernels": ("kernels", False),
+            "compiled": ("compiled", False), "compiled-nopdl": ("compiled", False),
+            "compiled-nomergepacked": ("compiled", False),
+            "compiled-rowloop0": ("compiled", False), "compiled-topk0": ("compiled", False),
+            "compiled-nonormrope": ("compiled", False),
+            "kernels+streams-noplan": ("kernels", True),
+            "kernels-noplan": ("kernels", False)}
 # name -> ds4c.load options of the variant
 LOAD_OPTIONS = {"kernels+streams-noplan": {"buffer_plan": False}, "kernels-noplan": {"buffer_plan": False}}
 # name -> lowering options the variant's program is compiled with (a program of its own)
-LOWERING = {"compiled-nomergepacked": {"merge_packed": False}, "compiled-nonormrope": {"fuse_norm_rope": False}}
+LOWERING = {"compiled-nomergepacked": {"merge_packed": False}, "compiled-nonormrope": {"fuse_norm_rope": False},
+            "compiled-nopdl": {"pdl": False}}
 # name -> tuning table applied after loading (model.tuning), as ``ds4c tune`` would
 TUNING = {"compiled-rowloop0": {"row_gemv": {"pipeline": 0, "row_sums": 0},
                                 "moe_decode": {"row_pipeline": 0, "row_sums": 0, "row_paired": 0}},
@@ -135,11 +133,10 @@ def main() -> None:
         res[f"{precision}_weight_bytes"] = art.manifest["precision"]["weight_bytes"]
         live: dict[str, tuple[Any, Any]] = {}  # --rounds > 1: name -> (model, step), timed in turn below
         for name in args.variants.split(","):
-            backend, streams, env = VARIANTS[name]
+            backend, streams = VARIANTS[name]
 
-            def run(backend=backend, streams=streams, env=env, name=name) -> dict[str, Any]:
-                with mock.patch.dict(os.environ, env):  # what a variant sets is read at load and capture
-                    return measure(backend, streams, name)
+            def run(backend=backend, streams=streams, name=name) -> dict[str, Any]:
+                return measure(backend, streams, name)
 
             def measure(backend: str, streams: bool, name: str, path: str = path, live: dict = live) -> dict[str, Any]:
                 if name in LOWERING:  # a program of its own, compiled with the variant's lowering options
@@ -149,8 +146,9 @@ def main() -> None:
                 if name in TUNING:
                     base = dict(model.tuning or {})
                     model.tuning = {**base, **{f: {**base.get(f, {}), **v} for f, v in TUNING[name].items()}}
+                context = model.kernel_context
                 out: dict[str, Any] = {"kernel_binaries": getattr(model, "kernel_binaries", None),
-                                       "pdl": os.environ.get("DS4C_PDL", "1") != "0"}
+                                       "pdl": context is not None and context.launches_with_pdl}
                 if args.synthetic_state:
                     state, tok = synthetic_state(model, args.batch, dev), prompt[:, -1:]
                 else:
@@ -241,7 +239,7 @@ def main() -> None:
             for key in ("decode_s", "decode_gpu_s", "capture_allocated_bytes"):
                 if key in a and key in b and b[key]:
                     ratios[f"{p}: {v} without / with the buffer plan ({key})"] = a[key] / b[key]
-        for v in ("compiled-nonormrope", "compiled-combo"):
+        for v in ("compiled-nonormrope",):
             a = res.get(f"{p}/{v}", {})
             if "decode_s" in a and "decode_s" in b:
                 ratios[f"{p}: {v} / compiled"] = a["decode_s"] / b["decode_s"]

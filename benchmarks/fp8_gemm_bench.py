@@ -40,10 +40,11 @@ def main() -> None:
     from triton.testing import do_bench_cudagraph
 
     from ds4c.backends.triton.kernels.act_quant import act_quant
-    from ds4c.backends.triton.kernels.configs import use_target
-    from ds4c.backends.triton.kernels.linear import ROW_GEMV, fp8_gemm, gemv
+    from ds4c.backends.triton.kernels.configs import KernelContext
+    from ds4c.backends.triton.kernels.linear import fp8_gemm, gemv
     from ds4c.ir.registry import get_op
     from ds4c.quant.formats import get_format
+    from ds4c.targets import get_target
 
     dev = torch.device("cuda")
     res = {"preset": args.preset, "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(dev),
@@ -56,61 +57,59 @@ def main() -> None:
 
     from ds4c.quant.activations import fp8_roundtrip
 
+    ctx = KernelContext(get_target(args.target))
     xs = torch.randn(4096, 4096, device=dev) * torch.logspace(-6, 3, 4096, device=dev)
-    res["act_quant_bit_exact"] = bool(torch.equal(act_quant(xs, dequant=True)[0], fp8_roundtrip(xs)))
+    res["act_quant_bit_exact"] = bool(torch.equal(act_quant(ctx, xs, dequant=True)[0], fp8_roundtrip(xs)))
     print("act_quant bit-exact on the device:", res["act_quant_bit_exact"], flush=True)
-    with use_target(args.target):
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else linear_shapes(args.preset)
-        for (n, k), m in itertools.product(shapes, args.rows):
-            g = torch.Generator(device=dev).manual_seed(n + k)
-            w = torch.randn(n, k, device=dev, generator=g) / 32
-            packed = {name: t.to(dev) for name, t in fmt.pack(w.cpu()).items()}
-            q, s = packed["qdata"], packed["scale"]
-            wb = w.bfloat16()
-            x = torch.randn(m, k, device=dev, generator=g).bfloat16()
-            row: dict = {"m": m, "n": n, "k": k, "flop": 2 * m * n * k}
-            row["cublas_bf16_s"] = bench(lambda: x @ wb.T)
-            want = ref(x, q, s, format="fp8", shape=[n, k], act="fp8").float()
-            if m <= 64:
-                row["gemv_weight_only_s"] = bench(lambda: gemv(x, q, s, "fp8"))
-                row["gemv_act_fp8_s"] = bench(lambda: gemv(x, q, s, "fp8", "fp8"))
-                got = gemv(x, q, s, "fp8", "fp8").float()
-                if m == 1:  # the tensor-core tile kernel for comparison, and the row kernel's tiles
-                    token = ROW_GEMV.set(False)
-                    row["tile_gemv_weight_only_s"] = bench(lambda: gemv(x, q, s, "fp8"))
-                    row["tile_gemv_act_fp8_s"] = bench(lambda: gemv(x, q, s, "fp8", "fp8"))
-                    ROW_GEMV.reset(token)
-                    best = None
-                    for cfg in itertools.product(*ROW_GRID.values()):
-                        over = dict(zip(ROW_GRID, cfg, strict=True))
-                        t = bench(lambda over=over: gemv(x, q, s, "fp8", "fp8", **over))
-                        row.setdefault("row_grid", []).append([over, t])
-                        if best is None or t < best[1]:
-                            best = (over, t)
-                    row["row_gemv_best_act"] = best
-                row["weight_gb_per_s"] = (q.numel() + s.numel() * s.element_size()) / row["gemv_weight_only_s"] / 1e9
-            else:
-                row["dequant_cublas_s"] = bench(lambda: ref(x, q, s, format="fp8", shape=[n, k]))
-                row["act_quant_s"] = bench(lambda: act_quant(x))
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else linear_shapes(args.preset)
+    for (n, k), m in itertools.product(shapes, args.rows):
+        g = torch.Generator(device=dev).manual_seed(n + k)
+        w = torch.randn(n, k, device=dev, generator=g) / 32
+        packed = {name: t.to(dev) for name, t in fmt.pack(w.cpu()).items()}
+        q, s = packed["qdata"], packed["scale"]
+        wb = w.bfloat16()
+        x = torch.randn(m, k, device=dev, generator=g).bfloat16()
+        row: dict = {"m": m, "n": n, "k": k, "flop": 2 * m * n * k}
+        row["cublas_bf16_s"] = bench(lambda: x @ wb.T)
+        want = ref(x, q, s, format="fp8", shape=[n, k], act="fp8").float()
+        if m <= 64:
+            row["gemv_weight_only_s"] = bench(lambda: gemv(ctx, x, q, s, "fp8"))
+            row["gemv_act_fp8_s"] = bench(lambda: gemv(ctx, x, q, s, "fp8", "fp8"))
+            got = gemv(ctx, x, q, s, "fp8", "fp8").float()
+            if m == 1:  # the tensor-core tile kernel for comparison, and the row kernel's tiles
+                row["tile_gemv_weight_only_s"] = bench(lambda: gemv(ctx, x, q, s, "fp8", one_row=False))
+                row["tile_gemv_act_fp8_s"] = bench(lambda: gemv(ctx, x, q, s, "fp8", "fp8", one_row=False))
                 best = None
-                for cfg in itertools.product(*GEMM_GRID.values()) if args.gemm_grid else ():
-                    over = dict(zip(GEMM_GRID, cfg, strict=True))
-                    try:
-                        t = bench(lambda over=over: fp8_gemm(x, q, s, "fp8", **over))
-                    except Exception as e:  # out of shared memory and the like
-                        row.setdefault("failed", []).append([over, type(e).__name__])
-                        continue
-                    row.setdefault("grid", []).append([over, t])
+                for cfg in itertools.product(*ROW_GRID.values()):
+                    over = dict(zip(ROW_GRID, cfg, strict=True))
+                    t = bench(lambda over=over: gemv(ctx, x, q, s, "fp8", "fp8", **over))
+                    row.setdefault("row_grid", []).append([over, t])
                     if best is None or t < best[1]:
                         best = (over, t)
-                row["fp8_gemm_default_s"] = bench(lambda: fp8_gemm(x, q, s, "fp8"))
-                row["fp8_gemm_best"] = best
-                got = fp8_gemm(x, q, s, "fp8").float()
-            row["max_rel_err_vs_reference"] = float((got - want).abs().max() / want.abs().max())
-            res["shapes"].append(row)
-            print({k: v for k, v in row.items() if k not in ("grid", "row_grid")}, flush=True)
-            with open(args.out, "w") as f:
-                json.dump(res, f, indent=1)
+                row["row_gemv_best_act"] = best
+            row["weight_gb_per_s"] = (q.numel() + s.numel() * s.element_size()) / row["gemv_weight_only_s"] / 1e9
+        else:
+            row["dequant_cublas_s"] = bench(lambda: ref(x, q, s, format="fp8", shape=[n, k]))
+            row["act_quant_s"] = bench(lambda: act_quant(ctx, x))
+            best = None
+            for cfg in itertools.product(*GEMM_GRID.values()) if args.gemm_grid else ():
+                over = dict(zip(GEMM_GRID, cfg, strict=True))
+                try:
+                    t = bench(lambda over=over: fp8_gemm(ctx, x, q, s, "fp8", **over))
+                except Exception as e:  # out of shared memory and the like
+                    row.setdefault("failed", []).append([over, type(e).__name__])
+                    continue
+                row.setdefault("grid", []).append([over, t])
+                if best is None or t < best[1]:
+                    best = (over, t)
+            row["fp8_gemm_default_s"] = bench(lambda: fp8_gemm(ctx, x, q, s, "fp8"))
+            row["fp8_gemm_best"] = best
+            got = fp8_gemm(ctx, x, q, s, "fp8").float()
+        row["max_rel_err_vs_reference"] = float((got - want).abs().max() / want.abs().max())
+        res["shapes"].append(row)
+        print({k: v for k, v in row.items() if k not in ("grid", "row_grid")}, flush=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -35,11 +35,12 @@ def main() -> None:
     import triton
     from triton.testing import do_bench_cudagraph
 
-    from ds4c.backends.triton.kernels.configs import use_target, use_tuning
+    from ds4c.backends.triton.kernels.configs import KernelContext
     from ds4c.backends.triton.kernels.moe import moe, moe_packed
     from ds4c.ir.registry import get_op
     from ds4c.models.deepseek_v4.presets import PRESETS
     from ds4c.quant.formats import get_format
+    from ds4c.targets import get_target
 
     cfg = PRESETS[args.preset]
     d, inter, top_k, e = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts_per_tok"], args.experts
@@ -70,30 +71,31 @@ def main() -> None:
     def bench(fn) -> float:
         return do_bench_cudagraph(fn, rep=50) * 1e-3
 
-    with use_target(args.target):
-        res["bf16_s"] = bench(lambda: moe(x, ids, router, selector, *weights, **kw))
-        want = get_op("moe.packed").reference(x, ids, router, selector, *packed, **fp8_kw).float()
-        with use_tuning({"moe_decode": {"fp8_rows": 0}}):
-            res["fp8_tile_s"] = bench(lambda: moe_packed(x, ids, router, selector, *packed, **fp8_kw))
-        print({k: v for k, v in res.items() if k != "grid"}, flush=True)
-        best = None
-        for values in itertools.product(*ROW_GRID.values()):
-            over = dict(zip(ROW_GRID, values, strict=True))
-            with use_tuning({"moe_decode": {"fp8_rows": 1, **over}}):
-                t = bench(lambda: moe_packed(x, ids, router, selector, *packed, **fp8_kw))
-                got = moe_packed(x, ids, router, selector, *packed, **fp8_kw).float()
-            err = float((got - want).abs().max() / want.abs().max())
-            res["grid"].append([over, t, err])
-            if best is None or t < best[1]:
-                best = (over, t)
-            print(over, f"{t * 1e6:.1f} us", f"rel err {err:.1e}", flush=True)
-            with open(args.out, "w") as f:  # so far (a run stopped by a time limit keeps its grid)
-                json.dump(res, f, indent=1)
-        res["fp8_rows_default_s"] = bench(lambda: moe_packed(x, ids, router, selector, *packed, **fp8_kw))
-        res["fp8_rows_best"] = best
-        for key in ("bf16_s", "fp8_tile_s", "fp8_rows_default_s"):
-            byts = res["bf16_read_bytes"] if key == "bf16_s" else res["fp8_read_bytes"]
-            res[key.replace("_s", "_gb_per_s")] = byts / res[key] / 1e9
+    target = get_target(args.target)
+    ctx = KernelContext(target)  # the target's configurations, PDL where it has it
+    res["bf16_s"] = bench(lambda: moe(ctx, x, ids, router, selector, *weights, **kw))
+    want = get_op("moe.packed").reference(x, ids, router, selector, *packed, **fp8_kw).float()
+    tile = KernelContext(target, tuning={"moe_decode": {"fp8_rows": 0}})
+    res["fp8_tile_s"] = bench(lambda: moe_packed(tile, x, ids, router, selector, *packed, **fp8_kw))
+    print({k: v for k, v in res.items() if k != "grid"}, flush=True)
+    best = None
+    for values in itertools.product(*ROW_GRID.values()):
+        over = dict(zip(ROW_GRID, values, strict=True))
+        rows = KernelContext(target, tuning={"moe_decode": {"fp8_rows": 1, **over}})
+        t = bench(lambda rows=rows: moe_packed(rows, x, ids, router, selector, *packed, **fp8_kw))
+        got = moe_packed(rows, x, ids, router, selector, *packed, **fp8_kw).float()
+        err = float((got - want).abs().max() / want.abs().max())
+        res["grid"].append([over, t, err])
+        if best is None or t < best[1]:
+            best = (over, t)
+        print(over, f"{t * 1e6:.1f} us", f"rel err {err:.1e}", flush=True)
+        with open(args.out, "w") as f:  # so far (a run stopped by a time limit keeps its grid)
+            json.dump(res, f, indent=1)
+    res["fp8_rows_default_s"] = bench(lambda: moe_packed(ctx, x, ids, router, selector, *packed, **fp8_kw))
+    res["fp8_rows_best"] = best
+    for key in ("bf16_s", "fp8_tile_s", "fp8_rows_default_s"):
+        byts = res["bf16_read_bytes"] if key == "bf16_s" else res["fp8_read_bytes"]
+        res[key.replace("_s", "_gb_per_s")] = byts / res[key] / 1e9
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps({k: v for k, v in res.items() if k != "grid"}, indent=1))

@@ -46,7 +46,8 @@ def main() -> None:
     import triton
 
     from ds4c.backends.triton.kernels.compress import top_indices
-    from ds4c.backends.triton.kernels.configs import topk_config, use_target, use_tuning
+    from ds4c.backends.triton.kernels.configs import KernelContext, topk_config
+    from ds4c.targets import get_target
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", default="h200")
@@ -58,29 +59,27 @@ def main() -> None:
     dev = torch.device("cuda")
     res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "k": args.k, "rows": []}
-    with use_target(args.target):
-        for shape in args.shapes:
-            rows, c = (int(v) for v in shape.split("x"))
-            k = min(args.k, c)
-            scores = torch.randn(rows, c, device=dev)
-            ref = scores.topk(k, dim=-1).values.sort(-1).values
-            row = {"rows": rows, "entries": c, "k": k, "default_select": topk_config(c).select}
-            row["torch_topk_us"] = graph_time(lambda s=scores, k=k: s.topk(k, dim=-1)) * 1e6
-            for name, table in (("bitonic", {"select": 0}), ("select", {"select": 1})):
-                for warps in (4, 8, 16, 32):
-                    with use_tuning({"topk": {**table, "num_warps": warps}}):
-                        idx = top_indices(scores, k)
-                        same = torch.equal(scores.gather(-1, idx).sort(-1).values, ref)
-                        t = graph_time(lambda s=scores, k=k: top_indices(s, k))
-                    row[f"{name}_w{warps}_us"] = t * 1e6
-                    row[f"{name}_w{warps}_same"] = same
-            with use_tuning(None):
-                row["default_us"] = graph_time(lambda s=scores, k=k: top_indices(s, k)) * 1e6
-            res["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            with open(args.out, "w") as f:
-                json.dump(res, f, indent=1)
-
+    ctx = KernelContext(get_target(args.target))
+    for shape in args.shapes:
+        rows, c = (int(v) for v in shape.split("x"))
+        k = min(args.k, c)
+        scores = torch.randn(rows, c, device=dev)
+        ref = scores.topk(k, dim=-1).values.sort(-1).values
+        row = {"rows": rows, "entries": c, "k": k, "default_select": topk_config(c, ctx).select}
+        row["torch_topk_us"] = graph_time(lambda s=scores, k=k: s.topk(k, dim=-1)) * 1e6
+        for name, table in (("bitonic", {"select": 0}), ("select", {"select": 1})):
+            for warps in (4, 8, 16, 32):
+                tuned = KernelContext(ctx.target, tuning={"topk": {**table, "num_warps": warps}})
+                idx = top_indices(tuned, scores, k)
+                same = torch.equal(scores.gather(-1, idx).sort(-1).values, ref)
+                t = graph_time(lambda s=scores, k=k, tuned=tuned: top_indices(tuned, s, k))
+                row[f"{name}_w{warps}_us"] = t * 1e6
+                row[f"{name}_w{warps}_same"] = same
+        row["default_us"] = graph_time(lambda s=scores, k=k: top_indices(ctx, s, k)) * 1e6
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
 
 if __name__ == "__main__":
     main()

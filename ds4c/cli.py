@@ -91,6 +91,9 @@ def compile(
                                                    "concatenated weights")] = True,
     merge_packed: Annotated[bool, typer.Option(
         "--merge-packed/--no-merge-packed", help="GPU lowering: merge packed (FP8/INT8/MXFP4) siblings too")] = True,
+    pdl: Annotated[bool, typer.Option(
+        "--pdl/--no-pdl", help="GPU kernels launch with programmatic dependent launch on sm_90+ (off: after the "
+                               "previous kernel ends, for A/B runs; binaries and runtime follow it)")] = True,
 ) -> None:
     """Compile MODEL for TARGET into a .ds4 artifact."""
     import ds4c
@@ -111,7 +114,7 @@ def compile(
                            csa_kv_on_host=csa_kv_on_host, kernel_binaries=kernel_binaries,
                            activations=activations, allow_nonfinite=allow_nonfinite_weights,
                            lowering={"fuse_norm_rope": fuse_norm_rope, "merge_linears": merge_linears,
-                                     "merge_packed": merge_packed})
+                                     "merge_packed": merge_packed, "pdl": pdl})
         if output is None:
             output = Path(f"{Path(model).name}-{target}.ds4")
         art.save(output, sign_key=sign_key if sign_key is not None else True)

@@ -205,7 +205,8 @@ def compile(
 
         if kernel_binaries is None:
             kernel_binaries = os.environ.get("DS4C_KERNEL_BINARIES", "1") != "0"
-        kernel_section, kernel_members = lower_kernels(tgt, program, progress=progress, binaries=kernel_binaries)
+        kernel_section, kernel_members = lower_kernels(tgt, program, progress=progress, binaries=kernel_binaries,
+                                                       options={**LOWERING_OPTIONS, **lowering_options})
         steps.advance("done")
 
     manifest: dict[str, Any] = {

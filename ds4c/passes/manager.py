@@ -67,8 +67,12 @@ PIPELINES: dict[str, list[str]] = {
 LOWERING: list[str] = ["lower_packed_weights", "fuse_norm_rope", "merge_sibling_linears", "dce"]
 
 
-# Compile options of the lowering passes (all on by default; off for A/B runs), recorded in the manifest.
-LOWERING_OPTIONS: dict[str, bool] = {"fuse_norm_rope": True, "merge_linears": True, "merge_packed": True}
+# Compile options of the GPU lowering (all on by default; off for A/B runs), recorded in the manifest:
+# the lowering passes' (fuse_norm_rope, merge_linears, merge_packed) and the kernels' launch mode
+# (pdl: programmatic dependent launch, ds4c/backends/triton/kernels/pdl.py; the ahead-of-time binaries
+# and the runtime's launches follow it).
+LOWERING_OPTIONS: dict[str, bool] = {"fuse_norm_rope": True, "merge_linears": True, "merge_packed": True,
+                                     "pdl": True}
 
 
 def check_lowering_options(options: Mapping[str, Any] | None) -> dict[str, bool]:

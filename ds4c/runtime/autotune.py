@@ -86,7 +86,7 @@ def device_key(device: torch.device) -> dict[str, str]:
 
 def step_timer(model: Any, batch: int = 1, position: int | None = None, reps: int = 20) -> Callable[[], float]:
     """Seconds per decode step of ``model`` (median of ``reps`` CUDA-graph replays, the graph
-    captured anew so the active configurations apply)."""
+    captured anew so the model's current configurations apply)."""
     dev = model.device
     pos = min(position if position is not None else model.max_context // 2, model.max_context - 1)
 
@@ -156,8 +156,6 @@ def tune(model: Any, *, artifact: str | os.PathLike | None = None, batch: int = 
 def _tune(model: Any, artifact: str | os.PathLike | None, batch: int,
           measure: Callable[[dict[str, dict[str, Any]]], float] | None,
           candidates: Mapping[str, Mapping[str, Sequence[Any]]], log: Callable[[str], None] | None) -> dict[str, Any]:
-    from ds4c.backends.triton.kernels.configs import use_tuning
-
     if measure is None:
         if model.device.type != "cuda" or not model.cuda_graphs:
             raise InputError("autotuning times CUDA-graph decode steps: load the artifact with device='cuda' "
@@ -165,16 +163,14 @@ def _tune(model: Any, artifact: str | os.PathLike | None, batch: int,
         timer = step_timer(model, batch)
 
         def measure(table: dict[str, dict[str, Any]]) -> float:
-            with model._kernel_configs(), use_tuning(table):
-                return timer()
+            model.tuning = table  # the launchers' kernel context with this table
+            return timer()
     table, report = search(measure, candidates, log)
     result = {"format": FORMAT, "program": program_key(model.manifest), **device_key(model.device),
               "backend": model.backend, "batch": batch, "table": table, **report,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    model.tuning = table
+    model.tuning = table  # CUDA graphs captured under the candidates' tiles are dropped
     model.tuning_status = f"tuned here: {report['baseline_s'] * 1e3:.3f} -> {report['best_s'] * 1e3:.3f} ms per step"
-    model._graphed.clear()
-    model._prefill_graphs.clear()  # captured under the previous tiles
     if artifact is not None:
         path = tuning_path(artifact)
         tmp = path.with_name(path.name + ".tmp")

@@ -13,9 +13,9 @@ in this order:
 1. the device is the artifact's arch: Triton's current target ``(backend, arch, warp_size)``
    equals the stored one (sm_90a = ``("cuda", 90, 32)``, gfx942 = ``("hip", "gfx942", 64)``; HIP
    builds of PyTorch expose AMD GPUs as ``cuda`` devices and Triton's driver reports gfx*);
-2. the Triton version equals the one that compiled them, and the binaries' launch mode is the
-   runtime's: binaries built with programmatic dependent launch (``PDL``, every sm_90+ target)
-   are other specialisations than the PDL-free kernels ``DS4C_PDL=0`` asks for;
+2. the Triton version equals the one that compiled them (their launch mode, with or without
+   programmatic dependent launch, is the artifact's compile option ``pdl``, which the runtime
+   launches with too);
 3. for every binary, the cache key Triton computes *here* for its specialisation (kernel source
    and its callees, options, backend and ptxas/LLVM build, cache-relevant ``TRITON_*`` variables)
    equals the stored key; a kernel whose source differs from the artifact's is named.
@@ -138,9 +138,8 @@ def verify_section(section: dict[str, Any], container: Any, where: str) -> None:
                                 "kernels section (corrupted or replaced); recompile the artifact")
 
 
-def select(section: dict[str, Any], live_target: Any, live_triton_version: str, pdl_off: bool = False) -> Selection:
-    """Checks 1 and 2 of the module docstring, from the stored facts and the live ones
-    (``pdl_off``: the environment turns programmatic dependent launch off, ``DS4C_PDL=0``)."""
+def select(section: dict[str, Any], live_target: Any, live_triton_version: str) -> Selection:
+    """Checks 1 and 2 of the module docstring, from the stored facts and the live ones."""
     if not section.get("binaries"):
         return Selection(False, "the artifact stores no kernel binaries")
     stored = tuple(section["triton_target"])
@@ -151,9 +150,6 @@ def select(section: dict[str, Any], live_target: Any, live_triton_version: str, 
     if section["triton_version"] != live_triton_version:
         return Selection(False, f"the binaries were built with triton {section['triton_version']}, this runtime "
                                 f"has triton {live_triton_version}")
-    if pdl_off and any((b.get("config") or {}).get("PDL") for b in section["binaries"]):
-        return Selection(False, "DS4C_PDL=0 launches the kernels without programmatic dependent launch, and the "
-                                "stored binaries were built with it (unset DS4C_PDL to use them)")
     return Selection(True)
 
 
@@ -240,7 +236,6 @@ def use_stored_binaries(manifest: dict[str, Any], container: Any, device: Any, b
         return "unused: on CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1)"
     import triton
 
-    from ds4c.backends.triton.kernels import pdl
     from ds4c.backends.triton.kernels.configs import live_triton_target
 
     live = live_triton_target()
@@ -251,7 +246,7 @@ def use_stored_binaries(manifest: dict[str, Any], container: Any, device: Any, b
         choice = Selection(False, f"the artifact is not trusted: {why}; to use them, trust its publisher's key with "
                                   "`ds4c trust add KEY.pub`, or pass --trust-binaries if you trust this file")
     else:
-        choice = select(section, live, triton.__version__, pdl_off=pdl.turned_off())
+        choice = select(section, live, triton.__version__)
     if choice.use:
         pin_ptxas()  # before any key is computed here (see pin_ptxas)
         choice = install(section, container)

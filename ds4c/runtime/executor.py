@@ -29,6 +29,7 @@ import torch
 
 from ds4c.backends.triton.executor import KernelExecutor
 from ds4c.backends.triton.kernels import planned_results
+from ds4c.backends.triton.kernels.configs import KernelContext
 from ds4c.errors import IRError
 from ds4c.ir.graph import Graph, Op
 from ds4c.ir.registry import OpDef, get_op, split_results
@@ -231,20 +232,21 @@ class ScheduledExecutor(KernelExecutor):
     issue order, on a CUDA device on its streams with its events (on one stream elsewhere, or with
     ``streams=False``). ``memory_plan``: the compiled ``plan_memory`` plan of ``graph`` (re-packed
     for that issue order too when there is a schedule); results are placed at its offsets (module doc)
-    unless ``buffer_plan`` is False or there is none.
+    unless ``buffer_plan`` is False or there is none. ``context``: the launchers' kernel context
+    (``KernelExecutor``).
     """
 
     def __init__(self, graph: Graph, device: torch.device | str = "cuda",
-                 on_op: Callable[[int, Op, list[Any]], None] | None = None, *, use_kernels: bool = True,
-                 schedule: Mapping[str, Any] | None = None, memory_plan: Mapping[str, Any] | None = None,
-                 streams: bool = True, buffer_plan: bool = True):
+                 on_op: Callable[[int, Op, list[Any]], None] | None = None, *, context: KernelContext,
+                 use_kernels: bool = True, schedule: Mapping[str, Any] | None = None,
+                 memory_plan: Mapping[str, Any] | None = None, streams: bool = True, buffer_plan: bool = True):
         op_streams, events = None, []
         if schedule is not None:
             graph, op_streams, events = issued(graph, schedule)
         if memory_plan is not None and schedule is not None and "issue" not in memory_plan.get("orders", []):
             raise IRError(f"graph @{graph.name}: the memory plan holds for program order only, the executor runs "
                           "the stream schedule's issue order; the artifact is inconsistent - recompile it")
-        super().__init__(graph, device, on_op, use_kernels=use_kernels)
+        super().__init__(graph, device, on_op, context=context, use_kernels=use_kernels)
         self._streams: _Streams | None = None
         multi = streams and op_streams is not None and self.device.type == "cuda" and len(set(op_streams)) > 1
         self._arena: _Arena | None = None

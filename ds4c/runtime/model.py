@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import os
 import warnings
 from collections.abc import Sequence
@@ -48,16 +48,19 @@ class CompiledModel:
         self.vocab_size = int(manifest["model"]["config"]["vocab_size"])
         self.state_layout = manifest["state"]
         self.backend = _pick_backend(backend, device, manifest)
-        self.tuning: dict[str, dict[str, Any]] | None = None  # measured config overrides (ds4c tune)
+        self._tuning: dict[str, dict[str, Any]] | None = None  # measured config overrides (ds4c tune)
         self.tuning_status = "none"
         # what ds4c.load did with the artifact's stored kernel binaries (ds4c.runtime.binaries)
         self.kernel_binaries = "unused: the reference backend runs no device kernels"
-        self.kernel_target = None  # the target record kernel configurations are chosen for
+        # what the kernel backends' launchers are given: the kernel target (the artifact's record,
+        # or the device's where it is another arch), the tuning table, the artifact's pdl option
+        self.kernel_context: Any = None
         stored_graphs = program.graphs  # what the artifact's plans index
         if self.backend in ("kernels", "compiled"):
-            from ds4c.backends.triton.kernels.configs import kernel_target
+            from ds4c.backends.triton.kernels.configs import KernelContext, kernel_target
 
-            self.kernel_target = kernel_target(manifest["target"])
+            self.kernel_context = KernelContext(kernel_target(manifest["target"]), tuning=None,
+                                                pdl=compiled_pdl(manifest))
             if manifest["target"].get("backend") in ("cuda", "rocm") and "lowering" not in manifest:
                 warnings.warn("this artifact was compiled without the GPU lowering stage (an older ds4c): its "
                               "kernels expand packed weights at every step; recompile it for the fast path",
@@ -81,16 +84,40 @@ class CompiledModel:
         self._prefill_seen: dict[tuple, int] = {}
         self.prefill_graph_errors: dict[tuple, str] = {}
 
+    @property
+    def kernel_target(self) -> Any:
+        """The target record the kernels' configurations are chosen for (None: no kernel backend)."""
+        return None if self.kernel_context is None else self.kernel_context.target
+
+    @property
+    def tuning(self) -> dict[str, dict[str, Any]] | None:
+        """The tuning table the kernels run with (``ds4c tune``; None: the target's configurations)."""
+        return self._tuning
+
+    @tuning.setter
+    def tuning(self, table: dict[str, dict[str, Any]] | None) -> None:
+        """Give the launchers a kernel context with ``table``; CUDA graphs captured with the previous
+        configurations are dropped (captured again at their next use)."""
+        self._tuning = table
+        if self.kernel_context is None:
+            return
+        self.kernel_context = dataclasses.replace(self.kernel_context, tuning=table)
+        for executor in self._executors.values():
+            executor.context = self.kernel_context
+        self._graphed.clear()
+        self._prefill_graphs.clear()
+
     def _make_executor(self, name: str, g: Any) -> Any:
         if self.backend == "compiled":
             from ds4c.backends.triton.inductor import InductorExecutor
 
-            return InductorExecutor(g, self.weights, self.device)
+            return InductorExecutor(g, self.weights, self.device, context=self.kernel_context)
         if self.backend == "kernels":
             from ds4c.runtime.executor import ScheduledExecutor
 
-            return ScheduledExecutor(g, self.device, schedule=self._plans.get(name), memory_plan=self._memory_plans.get(name),
-                                     streams=self.streams, buffer_plan=self.buffer_plan)
+            return ScheduledExecutor(g, self.device, context=self.kernel_context, schedule=self._plans.get(name),
+                                     memory_plan=self._memory_plans.get(name), streams=self.streams,
+                                     buffer_plan=self.buffer_plan)
         if self.backend == "npu":  # NPU ops through the TVM host build (ds4c.backends.npu.executor)
             from ds4c.backends.npu.executor import NpuExecutor, load_library
 
@@ -195,19 +222,6 @@ class CompiledModel:
         return out
 
     # -- entry points ---------------------------------------------------------------------------
-    def _kernel_configs(self) -> Any:
-        """Launchers choose tiles and options for the kernel target (and the device's tuning
-        table, when one applies: ``ds4c tune``) while the model runs."""
-        if self.kernel_target is None:
-            return contextlib.nullcontext()
-        from ds4c.backends.triton.kernels.configs import use_target, use_tuning
-
-        stack = contextlib.ExitStack()
-        stack.enter_context(use_target(self.kernel_target))
-        if self.tuning:
-            stack.enter_context(use_tuning(self.tuning))
-        return stack
-
     @torch.no_grad()
     def prefill(self, input_ids: Any, logits: str = "all") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Run the prompt from an empty state: (logits, state). ``logits="all"`` gives every
@@ -222,10 +236,9 @@ class CompiledModel:
     def _prefill(self, ids: torch.Tensor, logits: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         entry = self._last_position_entry() if logits == "last" else None
         executor = entry or self._entry("prefill")
-        with self._kernel_configs():
-            # graphs for the generation path only: a full-logits prefill would pin [B, S, vocab]
-            graphed = self._prefill_graph(executor, logits, ids) if entry is not None else None
-            out = graphed(ids) if graphed is not None else executor.run({"input_ids": ids}, self.weights)
+        # graphs for the generation path only: a full-logits prefill would pin [B, S, vocab]
+        graphed = self._prefill_graph(executor, logits, ids) if entry is not None else None
+        out = graphed(ids) if graphed is not None else executor.run({"input_ids": ids}, self.weights)
         result = out.pop("logits")
         if logits == "last" and result.shape[1] != 1:  # no prefill_last, or one the rewrite left whole
             result = result[:, -1:]
@@ -242,11 +255,6 @@ class CompiledModel:
         return self._decode(ids, position, state)
 
     def _decode(self, ids: torch.Tensor, position: int, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        with self._kernel_configs():
-            return self._decode_step(ids, position, state)
-
-    def _decode_step(self, ids: torch.Tensor, position: int, state: dict[str, torch.Tensor]
-                     ) -> tuple[torch.Tensor, dict]:
         if self.cuda_graphs:
             from ds4c.runtime.executor import GraphedDecode
 
@@ -331,6 +339,12 @@ class CompiledModel:
     def __repr__(self) -> str:
         return (f"CompiledModel(target={self.manifest['target']['name']}, device={self.device}, "
                 f"max_context={self.max_context}, weights={len(self.weights)} tensors)")
+
+
+def compiled_pdl(manifest: dict[str, Any]) -> bool:
+    """The artifact's compile option ``pdl`` (``ds4c compile --no-pdl``): whether its kernels launch
+    with programmatic dependent launch where the hardware has it; on for artifacts that predate it."""
+    return bool(((manifest.get("lowering") or {}).get("options") or {}).get("pdl", True))
 
 
 def _host_resident(manifest: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device,

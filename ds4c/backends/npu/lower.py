@@ -30,6 +30,7 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,8 @@ def require_tvm() -> Any:
     return tvm
 
 
-def lower(target: Target, program: Program, *, progress: bool | None = None
-          ) -> tuple[dict[str, Any], dict[str, bytes]]:
+def lower(target: Target, program: Program, *, progress: bool | None = None,
+          options: Mapping[str, bool] | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
     tvm = require_tvm()
     if target.npu is None:
         raise TargetError(f"target '{target.name}' has no npu facts; the npu backend needs an NPU target record")

@@ -33,11 +33,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ds4c.errors import ArtifactError, KernelError
 from ds4c.ir.graph import Program
+from ds4c.passes.manager import LOWERING_OPTIONS
 from ds4c.targets import Target
 
 SECTION_FORMAT = 1
@@ -106,9 +108,11 @@ def kernel_sources() -> dict[str, tuple[str, bytes]]:
     return out
 
 
-def lower(target: Target, program: Program, *, progress: bool | None = None
-          ) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """(manifest ``kernels`` section, ``kernels/`` members) of ``program`` compiled for ``target``."""
+def lower(target: Target, program: Program, *, progress: bool | None = None,
+          options: Mapping[str, bool] | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """(manifest ``kernels`` section, ``kernels/`` members) of ``program`` compiled for ``target``
+    with the compile options the manifest records (``lowering.options``; here ``pdl``: the kernels
+    launch with programmatic dependent launch, as ``ds4c.load`` then launches them)."""
     from safetensors.torch import save
 
     from ds4c.backends.triton.launches import DECODE_BATCH, prefill_lengths
@@ -124,6 +128,7 @@ def lower(target: Target, program: Program, *, progress: bool | None = None
         "ir": {name: print_graph(g) for name, g in program.graphs.items()},
         "state": program.attrs.get("state", []),
         "prefill_lengths": lengths,
+        "pdl": bool({**LOWERING_OPTIONS, **(options or {})}["pdl"]),
     }
     consts = {name: save({k: v.contiguous() for k, v in g.constants.items()}) for name, g in program.graphs.items()}
     key = hashlib.sha256(json.dumps([request, triton_version(), sorted((k, hashlib.sha256(v).hexdigest())
@@ -184,7 +189,8 @@ def lower(target: Target, program: Program, *, progress: bool | None = None
         "triton_target": list(target.triton_target),
         "binary_format": BINARY_SUFFIX[backend].lstrip("."),
         "sources": section_sources,
-        "specialised_for": {"decode_batch": DECODE_BATCH, "prefill_batch": 1, "prefill_lengths": lengths},
+        "specialised_for": {"decode_batch": DECODE_BATCH, "prefill_batch": 1, "prefill_lengths": lengths,
+                            "pdl": request["pdl"]},
         "binaries": binaries,
     }
     _CACHE[cache_key] = (section, members)
@@ -278,7 +284,7 @@ def _worker(tmpdir: Path, index: int, count: int) -> None:
     target = Target.from_dict(request["target"])
     graphs = {name: parse_graph(text, load((tmpdir / f"{name}.safetensors").read_bytes()))
               for name, text in request["ir"].items()}
-    launches = record_launches(graphs, request["state"], target, request["prefill_lengths"])
+    launches = record_launches(graphs, request["state"], target, request["prefill_lengths"], pdl=request["pdl"])
     print(json.dumps({"total": len(launches)}), flush=True)
     gpu_target = GPUTarget(*target.triton_target)
     backend = target.triton_target[0]

@@ -8,6 +8,11 @@ PyTorch, CPU under ``TRITON_INTERPRET=1``, and ``meta``, where ``launches`` reco
 program launches for the ahead-of-time compile). It runs the ops in program order on one stream;
 the runtime's ``ScheduledExecutor`` (``ds4c.runtime.executor``) adds the compiled issue order,
 streams, events and memory plan.
+
+Its ``context`` (``kernels.configs.KernelContext``: kernel target, tuning table, ``pdl`` option) is
+given at construction by whoever builds it (``ds4c.load``, the ahead-of-time launch recording) and
+handed to every launch; its owner may give it another (``executor.context = ...``: a tuning table
+measured later), which the next launch uses.
 """
 
 from __future__ import annotations
@@ -19,22 +24,30 @@ from typing import Any
 import torch
 
 from ds4c.backends.triton.kernels import get_kernel
+from ds4c.backends.triton.kernels.configs import KernelContext
+from ds4c.errors import KernelError
 from ds4c.ir.graph import Graph, Op
 from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.ir.registry import OpDef, get_op
 
 
 class _KernelOp(OpDef):
-    """An op run by its Triton launcher, falling back to the reference when the launcher declines."""
+    """An op run by its Triton launcher, given the executor's kernel context (``owner``; a torch
+    fallback of ``TORCH_FALLBACKS`` takes none), falling back to the reference when the launcher
+    declines."""
 
-    def __init__(self, inner: OpDef, launcher: Callable[..., Any], counts: Counter):
+    def __init__(self, inner: OpDef, launcher: Callable[..., Any], counts: Counter, owner: KernelExecutor | None):
         self.inner = inner
         self.launcher = launcher
         self.counts = counts
+        self.owner = owner
         self.name = inner.name
 
     def reference(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.launcher(*args, **kwargs)
+        if self.owner is not None:
+            out = self.launcher(self.owner.context, *args, **kwargs)
+        else:
+            out = self.launcher(*args, **kwargs)
         if out is NotImplemented:
             self.counts[(self.name, "reference")] += 1
             return self.inner.reference(*args, **kwargs)
@@ -59,18 +72,26 @@ TORCH_FALLBACKS: dict[str, Callable[..., Any]] = {"moe": _moe_without_host_sync}
 
 
 class KernelExecutor(ReferenceExecutor):
-    """Ops with a Triton launcher run it (``use_kernels``), the rest their torch reference."""
+    """Ops with a Triton launcher run it (``use_kernels``), given ``context``; the rest their torch
+    reference."""
 
     def __init__(self, graph: Graph, device: torch.device | str = "cuda",
-                 on_op: Callable[[int, Op, list[Any]], None] | None = None, *, use_kernels: bool = True):
+                 on_op: Callable[[int, Op, list[Any]], None] | None = None, *, context: KernelContext,
+                 use_kernels: bool = True):
         super().__init__(graph, device, on_op)
+        if not isinstance(context, KernelContext):
+            raise KernelError(f"KernelExecutor needs a KernelContext (ds4c.backends.triton.kernels.configs) for its "
+                              f"launchers, got {type(context).__name__}")
+        self.context = context
         self.counts: Counter = Counter()
         if use_kernels:
             steps = []
             for op, opdef, args, kwargs in self._steps:
-                launcher = get_kernel(op.name) or TORCH_FALLBACKS.get(op.name)
+                launcher = get_kernel(op.name)
                 if launcher is not None:
-                    opdef = _KernelOp(opdef, launcher, self.counts)
+                    opdef = _KernelOp(opdef, launcher, self.counts, self)
+                elif op.name in TORCH_FALLBACKS:
+                    opdef = _KernelOp(opdef, TORCH_FALLBACKS[op.name], self.counts, None)
                 steps.append((op, opdef, args, kwargs))
             self._steps = steps
 

@@ -4,15 +4,19 @@ everything else fused and scheduled by TorchInductor.
 ds4c's passes have already made each layer a handful of fused ops (attention, MoE, mHC, ...),
 which run our Triton launchers; what is left between them (projections, casts, small elementwise
 chains, index arithmetic) is ordinary ATen that Inductor fuses into few kernels and sends GEMMs
-to cuBLAS. Every fused op becomes ``ds4c::fused(tensors, spec)``: ``spec`` is JSON naming the op
-and its attributes; the fake (shape) implementation runs the op's reference under fake tensors.
+to cuBLAS. Every fused op becomes ``ds4c::fused(tensors, spec)``: ``spec`` is JSON naming the op,
+its attributes and the ``InductorExecutor`` whose kernel context (``KernelContext``) its launcher
+is given (a custom op takes tensors and strings, not records); the fake (shape) implementation
+runs the op's reference under fake tensors.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
-import os
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,18 +26,31 @@ import torch.fx as fx
 from ds4c.backends.fx import to_graph_module
 from ds4c.backends.triton.executor import TORCH_FALLBACKS
 from ds4c.backends.triton.kernels import get_kernel
-from ds4c.errors import IRError
+from ds4c.backends.triton.kernels.configs import KernelContext
+from ds4c.errors import IRError, KernelError
 from ds4c.ir.graph import Graph, Op
 from ds4c.ir.interpreter import _retarget_devices
 from ds4c.ir.registry import get_op, has_trait, split_results
 
+# The executors whose compiled graphs may run, by the name their fused ops' specs give
+_EXECUTORS: weakref.WeakValueDictionary[str, InductorExecutor] = weakref.WeakValueDictionary()
+_NAMES = itertools.count()
 
-def _run_fused(name: str, args: list, kwargs: dict, *, fake: bool) -> list[torch.Tensor]:
+
+def _context_of(executor: str) -> KernelContext:
+    owner = _EXECUTORS.get(executor)
+    if owner is None:
+        raise KernelError(f"a graph compiled by InductorExecutor '{executor}' ran after that executor was dropped; "
+                          "run compiled graphs through the executor (model) that compiled them")
+    return owner.context
+
+
+def _run_fused(name: str, args: list, kwargs: dict, executor: str, *, fake: bool) -> list[torch.Tensor]:
     opdef = get_op(name)
     if fake:  # shapes only: the portable formulation's do not depend on the data (MoE's reference's do)
         return split_results(opdef.portable(kwargs)(*args, **kwargs))
     launcher = get_kernel(name)
-    out = launcher(*args, **kwargs) if launcher is not None else NotImplemented
+    out = launcher(_context_of(executor), *args, **kwargs) if launcher is not None else NotImplemented
     if out is NotImplemented and name in TORCH_FALLBACKS:
         out = TORCH_FALLBACKS[name](*args, **kwargs)
     if out is NotImplemented:
@@ -53,17 +70,17 @@ def _as_list(x: Any) -> list[Any]:
 @torch.library.custom_op("ds4c::fused", mutates_args=())
 def fused(args: list[torch.Tensor | None], spec: str) -> list[torch.Tensor]:
     d = json.loads(spec)
-    return _run_fused(d["op"], list(args), d["kwargs"], fake=False)
+    return _run_fused(d["op"], list(args), d["kwargs"], d["executor"], fake=False)
 
 
 @fused.register_fake
 def _fused_fake(args: list[torch.Tensor | None], spec: str) -> list[torch.Tensor]:
     d = json.loads(spec)
     return [torch.empty_like(o, memory_format=torch.contiguous_format)
-            for o in _run_fused(d["op"], list(args), d["kwargs"], fake=True)]
+            for o in _run_fused(d["op"], list(args), d["kwargs"], d["executor"], fake=True)]
 
 
-def _lower_fused(g: fx.Graph, op: Op, args: tuple, kwargs: dict) -> fx.Node:
+def _lower_fused(g: fx.Graph, op: Op, args: tuple, kwargs: dict, *, executor: str) -> fx.Node:
     # a reference that synchronises with the host (data-dependent shapes) stays opaque
     if get_kernel(op.name) is None and not has_trait(op.name, "host_sync"):
         # no Triton kernel: trace the reference in, so Inductor fuses it with its neighbours
@@ -76,31 +93,23 @@ def _lower_fused(g: fx.Graph, op: Op, args: tuple, kwargs: dict) -> fx.Node:
             raise IRError(f"{op.name} at {op.loc}: positional operand {a!r} is not a tensor; "
                           "cannot lower it to ds4c::fused")
     try:
-        spec = json.dumps({"op": op.name, "kwargs": kwargs}, sort_keys=True)
+        spec = json.dumps({"op": op.name, "kwargs": kwargs, "executor": executor}, sort_keys=True)
     except TypeError as e:
         raise IRError(f"{op.name} at {op.loc}: attributes are not JSON ({e}); cannot lower to ds4c::fused") from e
     return g.call_function(torch.ops.ds4c.fused.default, (list(args), spec))
 
 
-def inductor_options(device: torch.device) -> dict[str, Any]:
+def inductor_options(device: torch.device, context: KernelContext) -> dict[str, Any]:
     """Inductor settings for ``device``: its kernels launch with programmatic dependent launch
-    where ours do (``kernels/pdl.py``; the setting exists from torch 2.9). ``DS4C_INDUCTOR_COMBO=1``
-    also lets Inductor put independent small kernels into one launch (its experimental
-    ``combo_kernels``: a decode step's glue - rotary tables, masks, slots, all from the position -
-    is ~30 launches; benchmarks/decode_variants.py's ``compiled-combo`` measures it)."""
+    where ours do (``context.launches_with_pdl``, ``kernels/pdl.py``; the setting exists from
+    torch 2.9)."""
     from torch._inductor import config as inductor_config
-
-    from ds4c.backends.triton.kernels.configs import device_target
-    from ds4c.backends.triton.kernels.pdl import pdl_enabled
 
     if device.type != "cuda":
         return {}
     opts: dict[str, Any] = {}
     if hasattr(inductor_config.triton, "enable_pdl"):
-        target = device_target()
-        opts["triton.enable_pdl"] = target is not None and pdl_enabled(target)
-    if os.environ.get("DS4C_INDUCTOR_COMBO", "0") == "1" and hasattr(inductor_config, "combo_kernels"):
-        opts["combo_kernels"] = True
+        opts["triton.enable_pdl"] = context.launches_with_pdl
     return opts
 
 
@@ -115,14 +124,17 @@ class InductorGraph:
     ``fallback_error`` keeps that error.
     """
 
-    def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor], device: torch.device | str):
+    def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor], device: torch.device | str,
+                 owner: InductorExecutor):
         device = torch.device(device)
         # factory ops were traced with the trace device baked in: run them on ours
         ops = [op.replace(args=_retarget_devices(op.args, device), kwargs=_retarget_devices(op.kwargs, device))
                for op in graph.ops]
         g = graph.copy(ops=ops, constants={k: v.to(device) for k, v in graph.constants.items()})
         self.graph = graph
-        self.module, self.arg_names = to_graph_module(g, params, lower_fused=_lower_fused)
+        self.owner = owner  # whose kernel context the fused ops' launchers get
+        self.module, self.arg_names = to_graph_module(
+            g, params, lower_fused=functools.partial(_lower_fused, executor=owner.name))
         self.output_names = [n for n, _ in graph.outputs]
         self.device = device
         self.fn = None  # compiled at the first call, for its sizes
@@ -135,7 +147,7 @@ class InductorGraph:
         from torch._inductor import compile as inductor_compile
         from torch._inductor import config as inductor_config
 
-        with inductor_config.patch(inductor_options(self.device)):
+        with inductor_config.patch(inductor_options(self.device, self.owner.context)):
             return inductor_compile(self.module, args)
 
     def run(self, inputs: Mapping[str, Any], params: Mapping[str, torch.Tensor],
@@ -163,20 +175,41 @@ class InductorGraph:
                       f"{sizes} ({self.fallback_error}); it runs op by op on the Triton kernels instead (backend "
                       "'kernels': same ops, same values; only the glue between kernels is not fused)",
                       RuntimeWarning, stacklevel=3)
-        self.fallback = KernelExecutor(self.graph, self.device)
+        self.fallback = KernelExecutor(self.graph, self.device, context=self.owner.context)
         return self.fallback
 
 
 class InductorExecutor:
-    """An entry point compiled per input shape (a few kept), with the executor interface."""
+    """An entry point compiled per input shape (a few kept), with the executor interface.
 
-    def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor], device: torch.device | str,
-                 max_shapes: int = 4):
+    ``context``: the kernel context its fused ops' launchers are given (``KernelExecutor``); its
+    owner may give it another (``executor.context = ...``), which the next run uses without
+    recompiling (a compiled graph names the executor, not the context)."""
+
+    def __init__(self, graph: Graph, params: Mapping[str, torch.Tensor], device: torch.device | str, *,
+                 context: KernelContext, max_shapes: int = 4):
         self.graph = graph
         self.params = params
         self.device = torch.device(device)
         self.max_shapes = max_shapes
+        self.context = context
+        self.name = f"{graph.name}-{next(_NAMES)}"
+        _EXECUTORS[self.name] = self
         self._compiled: dict[tuple, InductorGraph] = {}
+
+    @property
+    def context(self) -> KernelContext:
+        return self._context
+
+    @context.setter
+    def context(self, context: KernelContext) -> None:
+        if not isinstance(context, KernelContext):
+            raise KernelError(f"InductorExecutor needs a KernelContext (ds4c.backends.triton.kernels.configs) for "
+                              f"its launchers, got {type(context).__name__}")
+        self._context = context
+        for ig in getattr(self, "_compiled", {}).values():  # shapes that run op by op (KernelExecutor)
+            if ig.fallback is not None:
+                ig.fallback.context = context
 
     def run(self, inputs: Mapping[str, Any], params: Mapping[str, torch.Tensor],
             state: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
@@ -185,7 +218,7 @@ class InductorExecutor:
         if ig is None:
             if len(self._compiled) >= self.max_shapes:
                 self._compiled.pop(next(iter(self._compiled)))
-            ig = self._compiled[key] = InductorGraph(self.graph, params, self.device)
+            ig = self._compiled[key] = InductorGraph(self.graph, params, self.device, self)
         return ig.run(inputs, params, state)
 
     def take_captured(self) -> list[torch.Tensor]:

@@ -13,7 +13,8 @@ the ``KernelExecutor`` on the ``meta`` device (shapes and strides, no data, no m
   (``specialization_data``, the format ``JITFunction.preload`` reads) just before it would compile;
   the hook records it and tells the JIT to skip compiling and launching.
 
-Launchers run under ``configs.use_target(target)``, so tiles and options are the target's. Meta
+The executor's kernel context is the target's record with the artifact's ``pdl`` option
+(``configs.KernelContext``), so tiles and options are the ones ``ds4c.load`` launches. Meta
 tensors report a data pointer of 0 plus their storage offset, so alignment attributes match what
 the caching allocator gives on a device. This needs kernels decorated as ``JITFunction`` (not under
 ``TRITON_INTERPRET=1``), which is why ``ds4c.backends.triton.aot`` records in a worker process.
@@ -142,18 +143,20 @@ def meta_params(graphs: Mapping[str, Graph]) -> dict[str, torch.Tensor]:
 
 
 def record_launches(graphs: Mapping[str, Graph], state_layout: Sequence[Mapping[str, Any]], target: Target,
-                    prefill_lengths: Sequence[int] = PREFILL_LENGTHS) -> list[Launch]:
-    """The distinct launches of the kernel backend running ``graphs`` for ``target``: decode at batch
-    1, prefill at batch 1 and each of ``prefill_lengths``; sorted, so every process agrees. The
-    graphs are the artifact's, lowered for the target: what ``ds4c.load`` runs."""
+                    prefill_lengths: Sequence[int] = PREFILL_LENGTHS, *, pdl: bool) -> list[Launch]:
+    """The distinct launches of the kernel backend running ``graphs`` for ``target`` with the
+    artifact's compile option ``pdl``: decode at batch 1, prefill at batch 1 and each of
+    ``prefill_lengths``; sorted, so every process agrees. The graphs are the artifact's, lowered for
+    the target: what ``ds4c.load`` runs."""
     from triton.backends.compiler import GPUTarget
 
     from ds4c.backends.triton.executor import KernelExecutor
-    from ds4c.backends.triton.kernels.configs import use_target
+    from ds4c.backends.triton.kernels.configs import KernelContext
     from ds4c.ir.types import torch_dtype
 
     if target.triton_target is None:
         raise ValueError(f"target '{target.name}' has no Triton target")
+    context = KernelContext(target, tuning=None, pdl=pdl)
     weights = meta_params(graphs)
     state = {s["name"]: torch.empty([DECODE_BATCH if d == "B" else int(d) for d in s["shape"]],
                                     dtype=torch_dtype(s["dtype"]), device="meta") for s in state_layout}
@@ -166,9 +169,9 @@ def record_launches(graphs: Mapping[str, Graph], state_layout: Sequence[Mapping[
     for entry, sizes in runs:
         g = graphs[entry]
         inputs = {gi.value.name: _meta(gi.value.type, sizes) for gi in g.inputs if gi.kind == "input"}
-        executor = KernelExecutor(g, "meta")
+        executor = KernelExecutor(g, "meta", context=context)
         sink: list[tuple[str, str]] = []
-        with use_target(target), _recording(GPUTarget(*target.triton_target), sink):
+        with _recording(GPUTarget(*target.triton_target), sink):
             _run_noting_ops(executor, inputs, weights, state, sink, found)
     return sorted((Launch(fn, spec, tuple(sorted(ops))) for (fn, spec), ops in found.items()),
                   key=lambda la: (la.function, la.specialization))

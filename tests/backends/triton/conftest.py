@@ -10,6 +10,19 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from ds4c.backends.triton.kernels.configs import KernelContext  # noqa: E402
+from ds4c.targets import get_target  # noqa: E402
+
+# What the tests that call launchers directly hand them: the h100 record (Triton's interpreter has
+# no device of its own to choose one), the target's configurations; PDL per the hardware (off in
+# the interpreter).
+CTX = KernelContext(get_target("h100"))
+
+
+def kernel_context(target: str = "h100", **tuning: dict) -> KernelContext:
+    """A kernel context for ``target`` with tuning overrides per family (``topk={"select": 0}``)."""
+    return KernelContext(get_target(target), tuning=tuning or None)
+
 
 @pytest.fixture(scope="session")
 def tiny_fp8_artifact(tmp_path_factory):

@@ -8,6 +8,7 @@ import torch
 from ds4c.backends.triton.kernels import get_kernel
 from ds4c.backends.triton.kernels.attention import attention
 from ds4c.ops.attention import attention_reference
+from tests.backends.triton.conftest import CTX
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NEG_INF = float("-inf")
@@ -35,7 +36,7 @@ def make_inputs(b, h, s, t, d, dtype, seed=0):
 
 
 def check(q, keys, bias, sinks, scale):
-    out = attention(q.to(DEVICE), keys.to(DEVICE), bias.to(DEVICE), sinks.to(DEVICE), scale=scale)
+    out = attention(CTX, q.to(DEVICE), keys.to(DEVICE), bias.to(DEVICE), sinks.to(DEVICE), scale=scale)
     assert out is not NotImplemented
     ref = attention_reference(q, keys, bias.to(q.dtype), sinks.to(q.dtype), scale)
     assert out.shape == ref.shape and out.dtype == q.dtype
@@ -96,7 +97,7 @@ def test_sinks_enter_the_denominator():
     q, keys, sinks, gen = make_inputs(1, 4, 1, 16, 32, torch.float32)
     bias = torch.zeros(1, 1, 1, 16)
     out, _ = check(q, keys, bias, sinks, 0.2)
-    no_sink = attention(q.to(DEVICE), keys.to(DEVICE), bias.to(DEVICE), torch.full((4,), NEG_INF, device=DEVICE),
+    no_sink = attention(CTX, q.to(DEVICE), keys.to(DEVICE), bias.to(DEVICE), torch.full((4,), NEG_INF, device=DEVICE),
                         scale=0.2).cpu()
     assert (out.norm(dim=-1) < no_sink.norm(dim=-1)).all()  # the sink takes probability mass
 
@@ -111,8 +112,8 @@ def test_non_contiguous_q():
 def test_declines_grouped_keys_and_mixed_dtypes():
     q, keys, sinks, _ = make_inputs(1, 4, 1, 8, 16, torch.float32)
     bias = torch.zeros(1, 1, 1, 8)
-    assert attention(q, keys.expand(1, 2, 8, 16), bias, sinks, scale=1.0) is NotImplemented
-    assert attention(q, keys.to(torch.bfloat16), bias, sinks, scale=1.0) is NotImplemented
+    assert attention(CTX, q, keys.expand(1, 2, 8, 16), bias, sinks, scale=1.0) is NotImplemented
+    assert attention(CTX, q, keys.to(torch.bfloat16), bias, sinks, scale=1.0) is NotImplemented
 
 
 def test_registered_for_all_three_ops():

@@ -11,9 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 import ds4c
-from ds4c.backends.triton.kernels.configs import moe_decode_config, tuned, use_tuning
+from ds4c.backends.triton.kernels.configs import moe_decode_config
 from ds4c.backends.triton.kernels.linear import gemv_config
 from ds4c.runtime.autotune import FORMAT, load_tuning, program_key, restrict, search, tune, tuning_path
+from tests.backends.triton.conftest import CTX, kernel_context
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -46,13 +47,14 @@ def test_only_restricts_the_search_to_named_tunables(tiny):
 
 
 def test_tuned_values_reach_the_config_functions():
-    default = gemv_config(1, 4096, 4096, torch.bfloat16, 132)
-    with use_tuning({"gemv": {"block_n": 32, "split": 1, "bogus": 3}, "moe_decode": {"block_n_down": 128}}):
-        assert tuned("gemv") == {"block_n": 32, "split": 1}  # fields outside TUNABLE are dropped
-        cfg = gemv_config(1, 4096, 4096, torch.bfloat16, 132)
-        assert cfg.block_n == 32 and cfg.k_split == 4096
-        assert moe_decode_config(torch.bfloat16).block_n_down == 128
-    assert gemv_config(1, 4096, 4096, torch.bfloat16, 132) == default
+    ctx = kernel_context(gemv={"block_n": 32, "split": 1, "bogus": 3}, moe_decode={"block_n_down": 128})
+    assert ctx.tuned("gemv") == {"block_n": 32, "split": 1}  # fields outside TUNABLE are dropped
+    cfg = gemv_config(1, 4096, 4096, torch.bfloat16, 132, **ctx.tuned("gemv"))
+    assert cfg.block_n == 32 and cfg.k_split == 4096
+    assert moe_decode_config(torch.bfloat16, ctx).block_n_down == 128
+    # near miss: the target's defaults without a table
+    assert CTX.tuned("gemv") == {} and moe_decode_config(torch.bfloat16, CTX).block_n_down == 64
+    assert gemv_config(1, 4096, 4096, torch.bfloat16, 132).block_n == 64
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,9 @@ def test_tune_writes_a_bound_file_and_tuned_kernels_stay_exact(tiny):
     res = tune(model, artifact=tiny, measure=fake_step)
     data = json.loads(tuning_path(tiny).read_text())
     assert data["format"] == FORMAT and data["table"] == res["table"] == model.tuning
+    # the launchers get it: every executor holds the model's kernel context, with the table
+    assert all(ex.context is model.kernel_context for ex in model._executors.values())
+    assert {f: model.kernel_context.tuned(f) for f in res["table"]} == res["table"]
     assert data["program"] == program_key(model.manifest)
     assert not tuning_path(tiny).with_name(tuning_path(tiny).name + ".tmp").exists()
     table, status = load_tuning(tiny, model.manifest, torch.device(DEVICE))

@@ -19,6 +19,7 @@ from ds4c.passes.schedule_streams import _plan_for_issue_order
 from ds4c.runtime.buffer_plan import out_variant, place
 from ds4c.runtime.executor import ScheduledExecutor, _Placed, issued
 from ds4c.targets import get_target
+from tests.backends.triton.conftest import CTX
 from tests.passes.random_graphs import random_feeds, random_graph
 from tests.passes.test_plan_memory import VIEWS
 
@@ -37,7 +38,7 @@ def compiled(graph, schedule=True, **options):
 
 def planned_executor(graph, schedule=True, **options):
     graph, sched, plan = compiled(graph, schedule, **options)
-    return ScheduledExecutor(graph, "cpu", schedule=sched, memory_plan=plan)
+    return ScheduledExecutor(graph, "cpu", context=CTX, schedule=sched, memory_plan=plan)
 
 
 def test_out_variants_of_aten_ops():
@@ -119,16 +120,17 @@ def test_a_captured_run_gets_its_own_arena_which_the_graph_keeps(monkeypatch):
 
 def test_off_switch():
     graph, sched, plan = compiled(parse_graph(VIEWS))
-    assert ScheduledExecutor(graph, "cpu", schedule=sched, memory_plan=plan, buffer_plan=False).buffer_stats() is None
-    assert ScheduledExecutor(graph, "cpu", schedule=sched).buffer_stats() is None  # no plan in the artifact
+    unplanned = ScheduledExecutor(graph, "cpu", context=CTX, schedule=sched, memory_plan=plan, buffer_plan=False)
+    assert unplanned.buffer_stats() is None
+    assert ScheduledExecutor(graph, "cpu", context=CTX, schedule=sched).buffer_stats() is None  # no plan in the artifact
 
 
 def test_a_plan_for_program_order_only_is_not_run_in_a_schedules_order():
     graph, sched, plan = compiled(parse_graph(VIEWS))
     _, _, sequential = compiled(parse_graph(VIEWS), schedule=False)
-    ScheduledExecutor(graph, "cpu", memory_plan=plan)  # a re-packed plan holds for program order too
+    ScheduledExecutor(graph, "cpu", context=CTX, memory_plan=plan)  # a re-packed plan holds for program order too
     with pytest.raises(Exception, match="holds for program order only"):
-        ScheduledExecutor(graph, "cpu", schedule=sched, memory_plan=sequential)
+        ScheduledExecutor(graph, "cpu", context=CTX, schedule=sched, memory_plan=sequential)
 
 
 def _order_graph(n, streams, events):

@@ -7,8 +7,9 @@ import torch
 
 from ds4c.backends.triton.kernels import get_kernel
 from ds4c.backends.triton.kernels.compress import compress, index_scores, indexer_topk, top_indices
-from ds4c.backends.triton.kernels.configs import topk_config, use_tuning
+from ds4c.backends.triton.kernels.configs import topk_config
 from ds4c.ops.compress import IndexerTopk, compress_reference, index_scores_reference
+from tests.backends.triton.conftest import CTX, kernel_context
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NEG_INF = float("-inf")
@@ -35,7 +36,7 @@ def test_compress_matches_reference(shape, dtype):
     score = (3 * torch.randn(shape, generator=gen)).to(dtype)
     score[..., 0, : shape[-1] // 2] = NEG_INF  # absent tokens' gates, as the compressor pads them
     norm_w = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(dtype)
-    out = compress(*on_device(kv, score, norm_w), eps=1e-6)
+    out = compress(CTX, *on_device(kv, score, norm_w), eps=1e-6)
     ref = compress_reference(kv, score, norm_w, 1e-6)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     if dtype == torch.float32:
@@ -48,14 +49,14 @@ def test_compress_weights_slots_per_channel():
     # one slot dominates channel 0, the other channel 1: pooling per row instead of per channel fails
     kv = torch.tensor([[[1.0, -2.0], [3.0, 4.0]]])
     score = torch.tensor([[[50.0, -50.0], [-50.0, 50.0]]])
-    out = compress(*on_device(kv, score, torch.ones(2)), eps=0.0).cpu()
+    out = compress(CTX, *on_device(kv, score, torch.ones(2)), eps=0.0).cpu()
     torch.testing.assert_close(out, torch.tensor([[1.0, 4.0]]) / torch.tensor(8.5).sqrt())
 
 
 def test_compress_declines():
     kv = torch.randn(2, 4, 16)
-    assert compress(kv, torch.randn(2, 1, 16), torch.ones(16), eps=1e-6) is NotImplemented
-    assert compress(kv, torch.randn(2, 4, 16), None, eps=1e-6) is NotImplemented
+    assert compress(CTX, kv, torch.randn(2, 1, 16), torch.ones(16), eps=1e-6) is NotImplemented
+    assert compress(CTX, kv, torch.randn(2, 4, 16), None, eps=1e-6) is NotImplemented
 
 
 # -- indexer.topk ------------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ CASES = [  # b, s, h, d, c, dtype, keys_batch
 @pytest.mark.parametrize("b,s,h,d,c,dtype,keys_batch", CASES)
 def test_index_scores_match_reference(b, s, h, d, c, dtype, keys_batch):
     q, keys, w, future = indexer_inputs(b, s, h, d, c, dtype, keys_batch)
-    scores = index_scores(*on_device(q, keys, w, future), 0.1, 0.2).cpu()
+    scores = index_scores(CTX, *on_device(q, keys, w, future), 0.1, 0.2).cpu()
     ref = index_scores_reference(q, keys, w, 0.1, 0.2).masked_fill(future, NEG_INF)
     assert torch.equal(torch.isinf(scores), torch.isinf(ref))
     finite = torch.isfinite(ref)
@@ -96,7 +97,7 @@ def test_topk_selects_the_reference_set(b, s, h, d, c, dtype, keys_batch):
     q, keys, w, future = indexer_inputs(b, s, h, d, c, dtype, keys_batch, seed=1)
     k = 8
     attrs = {"k": k, "softmax_scale": 0.1, "weights_scale": 0.2}
-    idx = indexer_topk(*on_device(q, keys, w, future), **attrs).cpu()
+    idx = indexer_topk(CTX, *on_device(q, keys, w, future), **attrs).cpu()
     ref_idx = IndexerTopk.reference(None, q, keys, w, future, **attrs)
     assert idx.shape == ref_idx.shape == (b, s, k) and idx.dtype == torch.int64
     scores = index_scores_reference(q, keys, w, 0.1, 0.2).masked_fill(future, NEG_INF)
@@ -111,7 +112,7 @@ def test_topk_with_full_future_mask_per_batch():
     q, keys, w, _ = indexer_inputs(2, 2, 4, 16, 30, torch.float32)
     future = torch.zeros(2, 2, 30, dtype=torch.bool)
     future[1, :, 10:] = True  # batch 1 sees only its first 10 entries
-    idx = indexer_topk(*on_device(q, keys, w, future), k=10, softmax_scale=0.25, weights_scale=1.0).cpu()
+    idx = indexer_topk(CTX, *on_device(q, keys, w, future), k=10, softmax_scale=0.25, weights_scale=1.0).cpu()
     assert set(idx[1, 0].tolist()) == set(range(10)) and set(idx[1, 1].tolist()) == set(range(10))
     scores = index_scores_reference(q, keys, w, 0.25, 1.0)
     assert torch.equal(scores[0].gather(-1, idx[0]).sort(-1).values, scores[0].topk(10).values.sort(-1).values)
@@ -132,8 +133,7 @@ def tie_heavy_scores(rows, c):
 ])
 def test_top_indices_match_torch_topk(rows, c, k, select):
     scores = tie_heavy_scores(rows, c)
-    with use_tuning({"topk": {"select": select}}):
-        idx = top_indices(scores.to(DEVICE), k).cpu()
+    idx = top_indices(kernel_context(topk={"select": select}), scores.to(DEVICE), k).cpu()
     ref = scores.topk(k, dim=-1)
     assert idx.shape == (rows, k) and idx.dtype == torch.int64
     assert all(len(set(r.tolist())) == k for r in idx)
@@ -159,19 +159,18 @@ def test_top_indices_select_and_bitonic_pick_one_set():
     # the select form is the default; the bitonic form (a tunable) picks the same set
     c = 2048
     scores = tie_heavy_scores(1, c)
-    assert topk_config(8208).select == 1 and topk_config(528).select == 1
-    with use_tuning({"topk": {"select": 0}}):
-        bitonic = top_indices(scores.to(DEVICE), 512).cpu()
-    chosen = top_indices(scores.to(DEVICE), 512).cpu()
+    assert topk_config(8208, CTX).select == 1 and topk_config(528, CTX).select == 1
+    bitonic = top_indices(kernel_context(topk={"select": 0}), scores.to(DEVICE), 512).cpu()
+    chosen = top_indices(CTX, scores.to(DEVICE), 512).cpu()
     assert torch.equal(bitonic.sort(-1).values, chosen)
 
 
 def test_indexer_declines():
     q, keys, w, future = indexer_inputs(1, 2, 4, 16, 30, torch.float32)
     attrs = {"k": 4, "softmax_scale": 1.0, "weights_scale": 1.0}
-    assert indexer_topk(q, keys[0], w, future, **attrs) is NotImplemented  # keys without batch
-    assert indexer_topk(q, keys, w, future.float(), **attrs) is NotImplemented
-    assert indexer_topk(q, keys, w, torch.zeros(1, 3, 30, dtype=torch.bool), **attrs) is NotImplemented
+    assert indexer_topk(CTX, q, keys[0], w, future, **attrs) is NotImplemented  # keys without batch
+    assert indexer_topk(CTX, q, keys, w, future.float(), **attrs) is NotImplemented
+    assert indexer_topk(CTX, q, keys, w, torch.zeros(1, 3, 30, dtype=torch.bool), **attrs) is NotImplemented
 
 
 def test_registered():

@@ -10,6 +10,7 @@ import torch
 
 from ds4c.backends.triton.kernels import get_kernel, interpreter
 from ds4c.ops.mhc import mhc_pre_reference
+from tests.backends.triton.conftest import CTX
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter only (CPU)")
 
@@ -28,7 +29,7 @@ def test_one_language_swap_per_launch(monkeypatch):
     fn = 0.1 * torch.randn(n * (n + 2), n * d, generator=g)
     base, scale = torch.randn(n * (n + 2), generator=g), torch.rand(3, generator=g)
     kw = dict(norm_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=20)
-    got = mhc_pre(h, fn, base, scale, **kw)
+    got = mhc_pre(CTX, h, fn, base, scale, **kw)
     # two launches (mix, finish); Triton's own helpers (tl.sum, tl.sigmoid) swap tl.core once per
     # launch; unpatched, every helper call of every program swaps again (hundreds here)
     assert {"_mix_kernel", "_pre_finish_kernel"} <= set(swaps) and len(swaps) <= 6, swaps

@@ -7,6 +7,7 @@ import torch
 
 from ds4c.backends.triton.kernels.moe import moe, moe_config
 from ds4c.ops.moe import _route, moe_reference
+from tests.backends.triton.conftest import CTX
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
@@ -32,7 +33,7 @@ def make_inputs(tokens: int, experts: int, d: int, inter: int, dtype, routing: s
 
 
 def check(args, **kw):
-    got = moe(*args, **kw)
+    got = moe(CTX, *args, **kw)
     assert got is not NotImplemented
     want = moe_reference(*args, **kw)
     assert got.shape == want.shape and got.dtype == want.dtype
@@ -87,7 +88,7 @@ def test_one_expert_over_several_row_blocks_and_empty_experts():
     _, idx, _ = _route(*args[:4], 2, 1.5, "bias", "sqrtsoftplus")
     counts = torch.bincount(idx.reshape(-1).cpu(), minlength=16)
     assert counts[5] == 20 and (counts == 0).sum() >= 4
-    assert moe_config(40, 16, torch.float32).block_m < counts[5]
+    assert moe_config(40, 16, torch.float32, CTX.target).block_m < counts[5]
     check(args, **kw)
 
 
@@ -104,7 +105,7 @@ def test_no_host_synchronisation(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     monkeypatch.setattr(torch, "bincount", forbidden)
     monkeypatch.setattr(torch, "nonzero", forbidden)
-    got = moe(*args, **kw)
+    got = moe(CTX, *args, **kw)
     monkeypatch.undo()
     torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
 
@@ -114,16 +115,16 @@ def test_declines_mixed_dtypes_and_bad_shapes():
     kw = dict(top_k=2, route_scale=1.0, swiglu_limit=10.0, routing="bias", score="sigmoid")
     mixed = list(args)
     mixed[4] = args[4].to(torch.bfloat16)
-    assert moe(*mixed, **kw) is NotImplemented
+    assert moe(CTX, *mixed, **kw) is NotImplemented
     wrong_down = list(args)
     wrong_down[5] = args[5][:, :, :16]
-    assert moe(*wrong_down, **kw) is NotImplemented
+    assert moe(CTX, *wrong_down, **kw) is NotImplemented
 
 
 def test_tile_choice_by_rows_per_expert():
-    assert moe_config(6, 256, torch.bfloat16).block_m == 16  # V4-Flash decode, 1 token
-    assert moe_config(192, 256, torch.bfloat16).block_m == 16  # 32 tokens
-    assert moe_config(2048 * 6, 256, torch.bfloat16).block_m == 64  # prefill
+    assert moe_config(6, 256, torch.bfloat16, CTX.target).block_m == 16  # V4-Flash decode, 1 token
+    assert moe_config(192, 256, torch.bfloat16, CTX.target).block_m == 16  # 32 tokens
+    assert moe_config(2048 * 6, 256, torch.bfloat16, CTX.target).block_m == 64  # prefill
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -140,7 +141,7 @@ def test_routing_kernel_equals_route(dtype, routing, score):
     if routing == "bias":  # an fp32 correction bias (as checkpoints ship it): bf16 keys would tie,
         args[3] = args[3].float()  # and ties break differently in every top-k implementation
     kw = (6, 1.5, routing, score)
-    flat, idx, w = _route_on_device(*args[:4], *kw)
+    flat, idx, w = _route_on_device(CTX, *args[:4], *kw)
     _, want_idx, want_w = _route(*args[:4], *kw)
     got_i, order = idx.sort(dim=-1)
     want_i, want_order = want_idx.sort(dim=-1)
@@ -164,7 +165,7 @@ def test_decode_path_has_no_sort_and_fuses_the_shared_expert(monkeypatch):
 
     monkeypatch.setattr(torch, "sort", forbidden)
     monkeypatch.setattr(moe_mod, "_shared", forbidden)
-    got = moe(*args, **kw)
+    got = moe(CTX, *args, **kw)
     monkeypatch.undo()
     torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
 

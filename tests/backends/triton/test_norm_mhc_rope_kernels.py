@@ -12,6 +12,7 @@ from ds4c.backends.triton.kernels.rope import rms_norm_rope, rope
 from ds4c.ops.mhc import mhc_head_reference, mhc_post_reference, mhc_pre_reference
 from ds4c.ops.norms import rms_norm_reference
 from ds4c.ops.rope import rms_norm_rope_reference, rope_reference
+from tests.backends.triton.conftest import CTX
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
@@ -38,18 +39,18 @@ def close(got, want):
 def test_rms_norm(dtype, shape, weighted):
     x = randn(*shape, dtype=dtype, scale=3.0)
     w = randn(shape[-1], seed=1) if weighted else None
-    close(rms_norm(x, w, eps=1e-6), rms_norm_reference(x, w, 1e-6))
+    close(rms_norm(CTX, x, w, eps=1e-6), rms_norm_reference(x, w, 1e-6))
 
 
 def test_rms_norm_bf16_weight_on_fp32_input_and_strided_rows():
     x = randn(4, 6, 64, seed=2).transpose(0, 1)  # rows not evenly strided in memory
     w = randn(64, seed=3, dtype=torch.bfloat16)
-    close(rms_norm(x, w, eps=1e-5), rms_norm_reference(x, w, 1e-5))
+    close(rms_norm(CTX, x, w, eps=1e-5), rms_norm_reference(x, w, 1e-5))
 
 
 def test_rms_norm_normalises():
     x = randn(3, 128, seed=4, scale=7.0)
-    y = rms_norm(x, None, eps=1e-6)
+    y = rms_norm(CTX, x, None, eps=1e-6)
     torch.testing.assert_close(y.square().mean(-1), torch.ones(3, device=DEVICE), rtol=1e-4, atol=1e-4)
 
 
@@ -66,7 +67,7 @@ def tables(s: int, rope_dim: int, seed: int = 7, lead=()):
 def test_rope(dtype, inverse, shape, rope_dim):
     x = randn(*shape, dtype=dtype)
     cos, sin = tables(shape[-2], rope_dim)
-    out = rope(x, cos, sin, rope_dim=rope_dim, inverse=inverse)
+    out = rope(CTX, x, cos, sin, rope_dim=rope_dim, inverse=inverse)
     close(out, rope_reference(x, cos, sin, rope_dim, inverse))
     torch.testing.assert_close(out[..., :-rope_dim], x[..., :-rope_dim], rtol=0, atol=0)  # pass-through
 
@@ -74,23 +75,23 @@ def test_rope(dtype, inverse, shape, rope_dim):
 def test_rope_inverse_undoes_rope_and_per_batch_tables():
     x = randn(2, 3, 4, 32, seed=1)
     cos, sin = tables(4, 16, lead=(2, 1))  # [B, 1, S, r]: a table per batch
-    y = rope(x, cos, sin, rope_dim=16, inverse=False)
+    y = rope(CTX, x, cos, sin, rope_dim=16, inverse=False)
     close(y, rope_reference(x, cos, sin, 16, False))
-    torch.testing.assert_close(rope(y, cos, sin, rope_dim=16, inverse=True), x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rope(CTX, y, cos, sin, rope_dim=16, inverse=True), x, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(y, rope_reference(x, cos[:1].expand_as(cos), sin[:1].expand_as(sin), 16), atol=1e-3)
 
 
 def test_rope_strided_input():
     x = randn(2, 5, 3, 32, seed=2).transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D]
     cos, sin = tables(5, 32)
-    close(rope(x, cos, sin, rope_dim=32, inverse=False), rope_reference(x, cos, sin, 32, False))
+    close(rope(CTX, x, cos, sin, rope_dim=32, inverse=False), rope_reference(x, cos, sin, 32, False))
 
 
 def test_rope_declines():
     x = randn(2, 3, 16)
     cos, sin = tables(3, 8)
-    assert rope(x, cos, sin, rope_dim=6, inverse=False) is NotImplemented  # tables of another width
-    assert rope(randn(1, 1, 1, 1, 2, 16), cos, sin, rope_dim=8, inverse=False) is NotImplemented  # 5 leading dims
+    assert rope(CTX, x, cos, sin, rope_dim=6, inverse=False) is NotImplemented  # tables of another width
+    assert rope(CTX, randn(1, 1, 1, 1, 2, 16), cos, sin, rope_dim=8, inverse=False) is NotImplemented  # 5 leading dims
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -102,10 +103,10 @@ def test_rms_norm_rope(dtype, weighted, shape, rope_dim):
     x = randn(*shape, dtype=dtype, scale=3.0)
     w = randn(shape[-1], seed=2) if weighted else None
     cos, sin = tables(shape[-2], rope_dim)
-    out = rms_norm_rope(x, w, cos, sin, eps=1e-6, rope_dim=rope_dim)
+    out = rms_norm_rope(CTX, x, w, cos, sin, eps=1e-6, rope_dim=rope_dim)
     close(out, rms_norm_rope_reference(x, w, cos, sin, 1e-6, rope_dim))
     # the same values as the two kernels one after the other (last-bit differences of the scale aside)
-    two = rope(rms_norm(x, w, eps=1e-6), cos, sin, rope_dim=rope_dim, inverse=False)
+    two = rope(CTX, rms_norm(CTX, x, w, eps=1e-6), cos, sin, rope_dim=rope_dim, inverse=False)
     close(out, two)
     if dtype == torch.float32:
         torch.testing.assert_close(out, two, rtol=2e-6, atol=2e-6)
@@ -116,9 +117,9 @@ def test_rms_norm_rope_strided_input_and_declines():
     x = randn(2, 6, 4, 80, scale=2.0).transpose(1, 2)
     cos, sin = tables(6, 16, lead=(2, 1))
     w = randn(80, seed=3)
-    close(rms_norm_rope(x, w, cos, sin, eps=1e-6, rope_dim=16), rms_norm_rope_reference(x, w, cos, sin, 1e-6, 16))
-    assert rms_norm_rope(x, randn(79), cos, sin, eps=1e-6, rope_dim=16) is NotImplemented  # weight of another width
-    assert rms_norm_rope(x, w, cos, sin, eps=1e-6, rope_dim=6) is NotImplemented
+    close(rms_norm_rope(CTX, x, w, cos, sin, eps=1e-6, rope_dim=16), rms_norm_rope_reference(x, w, cos, sin, 1e-6, 16))
+    assert rms_norm_rope(CTX, x, randn(79), cos, sin, eps=1e-6, rope_dim=16) is NotImplemented  # weight of another width
+    assert rms_norm_rope(CTX, x, w, cos, sin, eps=1e-6, rope_dim=6) is NotImplemented
 
 
 # ---- mHC ------------------------------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ def mhc_inputs(lead, n, d, dtype, seed=0, n_mix=None):
 def test_mhc_pre(dtype, lead, n, d, iters):
     h, fn, base, scale = mhc_inputs(lead, n, d, dtype)
     kw = dict(norm_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=iters)
-    got = mhc_pre(h, fn, base, scale, **kw)
+    got = mhc_pre(CTX, h, fn, base, scale, **kw)
     want = mhc_pre_reference(h, fn, base, scale, **kw)
     assert got is not NotImplemented and len(got) == 3
     for a, b in zip(got, want, strict=True):
@@ -154,7 +155,7 @@ def test_mhc_pre(dtype, lead, n, d, iters):
 def test_mhc_pre_bf16_fn():
     h, fn, base, scale = mhc_inputs((2,), 4, 64, torch.bfloat16, seed=3)
     kw = dict(norm_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=20)
-    for a, b in zip(mhc_pre(h, fn.to(torch.bfloat16), base, scale, **kw),
+    for a, b in zip(mhc_pre(CTX, h, fn.to(torch.bfloat16), base, scale, **kw),
                     mhc_pre_reference(h, fn.to(torch.bfloat16), base, scale, **kw), strict=True):
         close(a, b)
 
@@ -166,13 +167,13 @@ def test_mhc_post(dtype, lead, n, d):
     h = randn(*lead, n, d, seed=2, dtype=dtype)
     post = 2 * torch.sigmoid(randn(*lead, n, seed=3))
     comb = torch.softmax(randn(*lead, n, n, seed=4), dim=-1)
-    close(mhc_post(f, h, post, comb), mhc_post_reference(f, h, post, comb))
+    close(mhc_post(CTX, f, h, post, comb), mhc_post_reference(f, h, post, comb))
 
 
 def test_mhc_post_reads_comb_transposed():
     f, h = randn(2, 32, seed=1), randn(2, 4, 32, seed=2)
     post, comb = torch.rand(2, 4, device=DEVICE), torch.rand(2, 4, 4, device=DEVICE)
-    got = mhc_post(f, h, post, comb)
+    got = mhc_post(CTX, f, h, post, comb)
     close(got, mhc_post_reference(f, h, post, comb))
     assert not torch.allclose(got, mhc_post_reference(f, h, post, comb.transpose(-1, -2)), atol=1e-3)
 
@@ -184,13 +185,13 @@ def test_mhc_head(dtype, lead, n, d, scale_n):
     h, fn, base, _ = mhc_inputs(lead, n, d, dtype, n_mix=n)
     scale = randn(scale_n, seed=9).abs() + 0.5
     kw = dict(norm_eps=1e-6, hc_eps=1e-6)
-    close(mhc_head(h, fn, base, scale, **kw), mhc_head_reference(h, fn, base, scale, **kw))
+    close(mhc_head(CTX, h, fn, base, scale, **kw), mhc_head_reference(h, fn, base, scale, **kw))
 
 
 def test_mhc_declines_wrong_fn_shape():
     h, fn, base, scale = mhc_inputs((2,), 4, 32, torch.float32)
-    assert mhc_pre(h, fn[:, :64], base, scale, norm_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=3) is NotImplemented
-    assert mhc_head(h, fn, base, scale, norm_eps=1e-6, hc_eps=1e-6) is NotImplemented  # 24 mix rows, not N
+    assert mhc_pre(CTX, h, fn[:, :64], base, scale, norm_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=3) is NotImplemented
+    assert mhc_head(CTX, h, fn, base, scale, norm_eps=1e-6, hc_eps=1e-6) is NotImplemented  # 24 mix rows, not N
 
 
 def test_registered():

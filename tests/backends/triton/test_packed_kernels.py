@@ -14,6 +14,7 @@ from ds4c.backends.triton.kernels.moe import moe_packed
 from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.ir.registry import get_op
 from ds4c.quant.formats import get_format
+from tests.backends.triton.conftest import CTX, kernel_context
 from tests.backends.triton.test_moe_kernels import DEVICE, make_inputs
 
 # fp32 compute: the kernels multiply the stored values exactly; bf16: the reference rounds the
@@ -40,7 +41,7 @@ def test_linear_packed_matches_reference(fmt, rows, n, k, dtype):
     g = torch.Generator().manual_seed(rows * n + k)
     x = torch.randn(1, rows, k, generator=g).to(dtype).to(DEVICE)
     packed = pack(torch.randn(n, k, generator=g).to(DEVICE) / 8, fmt)
-    got = linear_packed(x, *packed, format=fmt, shape=[n, k])
+    got = linear_packed(CTX, x, *packed, format=fmt, shape=[n, k])
     assert got is not NotImplemented
     want = get_op("linear.packed").reference(x, *packed, format=fmt, shape=[n, k])
     assert got.shape == want.shape == (1, rows, n) and got.dtype == want.dtype
@@ -58,7 +59,7 @@ def test_linear_packed_mxfp4_decodes_in_registers(rows, n, k, dtype):
     w = torch.randn(n, k, generator=g) / 8
     w[:, :32] *= 1e-3  # a block with a small scale
     packed = pack(w.to(DEVICE), "mxfp4")
-    got = linear_packed(x, *packed, format="mxfp4", shape=[n, k])
+    got = linear_packed(CTX, x, *packed, format="mxfp4", shape=[n, k])
     assert got is not NotImplemented
     want = get_op("linear.packed").reference(x, *packed, format="mxfp4", shape=[n, k])
     torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
@@ -80,7 +81,7 @@ def test_linear_packed_fp8_activations_match_reference(fmt, rows, n, k, dtype):
     x = (torch.randn(1, rows, k, generator=g) * torch.logspace(-3, 2, k)).to(dtype).to(DEVICE)
     x[0, 0, :128] = 0  # an all-zero block: the amax floor
     packed = pack(torch.randn(n, k, generator=g).to(DEVICE) / 8, fmt)
-    got = linear_packed(x, *packed, format=fmt, shape=[n, k], act="fp8")
+    got = linear_packed(CTX, x, *packed, format=fmt, shape=[n, k], act="fp8")
     assert got is not NotImplemented
     ref = get_op("linear.packed").reference
     want = ref(x, *packed, format=fmt, shape=[n, k], act="fp8")
@@ -103,17 +104,13 @@ def test_linear_packed_fp8_activations_match_reference(fmt, rows, n, k, dtype):
 def test_one_row_fp8_gemv_kernels_agree(act, rows_kw):
     """The CUDA-core one-row kernel (with each of its loop forms) and the tensor-core tile kernel
     compute the same sums."""
-    from ds4c.backends.triton.kernels.linear import ROW_GEMV, gemv
+    from ds4c.backends.triton.kernels.linear import gemv
 
     g = torch.Generator().manual_seed(11)
     x = torch.randn(1, 2048, generator=g).to(DEVICE)
     packed = pack(torch.randn(320, 2048, generator=g).to(DEVICE) / 8, "fp8")
-    row = gemv(x, *packed, "fp8", act, split=4, **rows_kw)
-    token = ROW_GEMV.set(False)
-    try:
-        tile = gemv(x, *packed, "fp8", act)
-    finally:
-        ROW_GEMV.reset(token)
+    row = gemv(CTX, x, *packed, "fp8", act, split=4, **rows_kw)
+    tile = gemv(CTX, x, *packed, "fp8", act, one_row=False)
     torch.testing.assert_close(row, tile, atol=1e-4, rtol=1e-5)
 
 
@@ -127,9 +124,9 @@ def test_split_k_sums_in_the_kernel_and_rearms_its_counters(rows, act):
     g = torch.Generator().manual_seed(12)
     x = torch.randn(rows, 2048, generator=g).to(DEVICE)
     packed = pack(torch.randn(200, 2048, generator=g).to(DEVICE) / 8, "fp8")
-    whole = gemv(x, *packed, "fp8", act, split=1)
-    first = gemv(x, *packed, "fp8", act, split=8)
-    again = gemv(x, *packed, "fp8", act, split=8)
+    whole = gemv(CTX, x, *packed, "fp8", act, split=1)
+    first = gemv(CTX, x, *packed, "fp8", act, split=8)
+    again = gemv(CTX, x, *packed, "fp8", act, split=8)
     assert torch.equal(first, again)
     torch.testing.assert_close(first, whole, atol=1e-4, rtol=1e-5)
     assert _LOCKS and all(int(locks.abs().sum()) == 0 for locks in _LOCKS.values())
@@ -150,7 +147,7 @@ def test_linear_grouped_packed_matches_reference(fmt, tokens, groups, out, k, dt
     x = torch.randn(1, tokens, groups, k, generator=g).to(dtype).to(DEVICE)
     packed = pack(torch.randn(groups * out, k, generator=g).to(DEVICE) / 8, fmt)
     kw = dict(format=fmt, shape=[groups * out, k], groups=groups)
-    got = linear_grouped_packed(x, *packed, **kw)
+    got = linear_grouped_packed(CTX, x, *packed, **kw)
     assert got is not NotImplemented
     want = get_op("linear.grouped.packed").reference(x, *packed, **kw)
     assert got.shape == want.shape == (1, tokens, groups, out) and got.dtype == want.dtype
@@ -158,7 +155,7 @@ def test_linear_grouped_packed_matches_reference(fmt, tokens, groups, out, k, dt
     # and each group really reads its own inputs: moving one group's input moves only its outputs
     x2 = x.clone()
     x2[..., 1, :] = 0
-    got2 = linear_grouped_packed(x2, *packed, **kw)
+    got2 = linear_grouped_packed(CTX, x2, *packed, **kw)
     assert torch.equal(got2[..., 0, :], got[..., 0, :]) and not torch.equal(got2[..., 1, :], got[..., 1, :])
 
 
@@ -166,13 +163,13 @@ def test_linear_grouped_packed_declines_what_it_cannot_tile():
     from ds4c.backends.triton.kernels.linear import linear_grouped_packed
 
     w = pack(torch.randn(4 * 24, 128, device=DEVICE), "fp8")  # 24 rows per group: no column tile fits
-    assert linear_grouped_packed(torch.randn(1, 1, 4, 128, device=DEVICE), *w, format="fp8", shape=[96, 128],
+    assert linear_grouped_packed(CTX, torch.randn(1, 1, 4, 128, device=DEVICE), *w, format="fp8", shape=[96, 128],
                                  groups=4) is NotImplemented
     w = pack(torch.randn(2 * 16, 128, device=DEVICE), "fp8")  # 16 rows per group: a 16-column tile
-    assert linear_grouped_packed(torch.randn(1, 2, 2, 128, device=DEVICE), *w, format="fp8", shape=[32, 128],
+    assert linear_grouped_packed(CTX, torch.randn(1, 2, 2, 128, device=DEVICE), *w, format="fp8", shape=[32, 128],
                                  groups=2) is not NotImplemented
     w = pack(torch.randn(4 * 64, 128, device=DEVICE), "fp8")  # prefill: the reference
-    assert linear_grouped_packed(torch.randn(1, MAX_ROWS + 1, 4, 128, device=DEVICE), *w, format="fp8",
+    assert linear_grouped_packed(CTX, torch.randn(1, MAX_ROWS + 1, 4, 128, device=DEVICE), *w, format="fp8",
                                  shape=[256, 128], groups=4) is NotImplemented
 
 
@@ -188,7 +185,7 @@ def test_linear_packed_fp4_activations_match_reference(rows, n, k, dtype):
     x = (torch.randn(1, rows, k, generator=g) * torch.logspace(-2, 2, k)).to(dtype).to(DEVICE)
     x[0, 0, :32] = 0  # an all-zero block: the amax floor
     packed = pack(torch.randn(n, k, generator=g).to(DEVICE) / 8, "mxfp4")
-    got = linear_packed(x, *packed, format="mxfp4", shape=[n, k], act="mxfp4")
+    got = linear_packed(CTX, x, *packed, format="mxfp4", shape=[n, k], act="mxfp4")
     assert got is not NotImplemented
     ref = get_op("linear.packed").reference
     want = ref(x, *packed, format="mxfp4", shape=[n, k], act="mxfp4")
@@ -220,7 +217,7 @@ def test_mx_fake_quant_in_registers_equals_the_reference_bit_for_bit():
 
 def test_linear_packed_declines_fp8_activations_on_other_formats():
     x = torch.randn(1, 2, 128, device=DEVICE)
-    assert linear_packed(x, *pack(torch.randn(32, 128, device=DEVICE), "int8"), format="int8", shape=[32, 128],
+    assert linear_packed(CTX, x, *pack(torch.randn(32, 128, device=DEVICE), "int8"), format="int8", shape=[32, 128],
                          act="fp8") is NotImplemented
 
 
@@ -237,8 +234,8 @@ def test_act_quant_kernel_equals_the_reference_bit_for_bit(dtype):
     x[6, :2] = 1e-7             # subnormal e4m3 values
     x[7, 0] = 0.5 * (1 + 1 / 16) * 2 ** 10  # a tie: rounds to even
     x = x.to(dtype).to(DEVICE)
-    assert torch.equal(activation(x.view(1, 37, 300), format="fp8", block=128).view(37, 300), fp8_roundtrip(x))
-    q, s = act_quant(x)
+    assert torch.equal(activation(CTX, x.view(1, 37, 300), format="fp8", block=128).view(37, 300), fp8_roundtrip(x))
+    q, s = act_quant(CTX, x)
     assert q.dtype == torch.float8_e4m3fn and s.shape == (37, 3)
     deq = (q.float().cpu() * torch.repeat_interleave(s.cpu(), 128, dim=1)[:, :300]).to(dtype)
     assert torch.equal(deq, fp8_roundtrip(x).cpu())
@@ -247,7 +244,7 @@ def test_act_quant_kernel_equals_the_reference_bit_for_bit(dtype):
 
 def test_linear_packed_declines_prefill_rows():
     x = torch.randn(1, 65, 64, device=DEVICE)
-    assert linear_packed(x, *pack(torch.randn(32, 64, device=DEVICE), "fp8"), format="fp8", shape=[32, 64]) \
+    assert linear_packed(CTX, x, *pack(torch.randn(32, 64, device=DEVICE), "fp8"), format="fp8", shape=[32, 64]) \
         is NotImplemented
 
 
@@ -265,7 +262,7 @@ def test_moe_packed_matches_reference(fmt, tokens, dtype):
         operands.extend([w] if f == "none" else pack(w, f))
     kw = dict(formats=formats, shapes=shapes, top_k=2, route_scale=1.5, swiglu_limit=10.0, routing="bias",
               score="sqrtsoftplus")
-    got = moe_packed(*operands, **kw)
+    got = moe_packed(CTX, *operands, **kw)
     assert got is not NotImplemented
     want = get_op("moe.packed").reference(*operands, **kw)
     torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
@@ -291,14 +288,12 @@ def packed_moe(args: list, fmt: str) -> tuple[list, dict]:
 def test_moe_packed_decode_fp8_rows_equal_the_tile_path(fmt, rows_kw):
     """FP8 experts in decode: the CUDA-core row kernels (default; each loop form) and the
     tensor-core 16-row tile compute the same exact products, summed in another order."""
-    from ds4c.backends.triton.kernels.configs import moe_decode_config, use_tuning
+    from ds4c.backends.triton.kernels.configs import moe_decode_config
 
     operands, kw = packed_moe(make_inputs(1, 8, 384, 160, torch.float32, "bias", 2, seed=4), fmt)
-    assert moe_decode_config(torch.float32).fp8_rows
-    with use_tuning({"moe_decode": rows_kw}):
-        rows = moe_packed(*operands, **kw)
-    with use_tuning({"moe_decode": {"fp8_rows": 0}}):
-        tile = moe_packed(*operands, **kw)
+    assert moe_decode_config(torch.float32, CTX).fp8_rows
+    rows = moe_packed(kernel_context(moe_decode=rows_kw), *operands, **kw)
+    tile = moe_packed(kernel_context(moe_decode={"fp8_rows": 0}), *operands, **kw)
     torch.testing.assert_close(rows, tile, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rows, get_op("moe.packed").reference(*operands, **kw), **TOLERANCE[torch.float32])
 
@@ -317,13 +312,11 @@ def test_moe_packed_fp8_activations_match_reference(fmt, tokens, dtype, rows, re
     them on FP8 tensor-core targets) equal the reference, which quantises x and h first, and
     differ from weight-only quantisation (the activations really are quantised). On a GPU, where
     the sums run in another order, the quantisation's effect must be reproduced to 90% on average (fp32)."""
-    from ds4c.backends.triton.kernels.configs import use_tuning
-
     operands, kw = packed_moe(make_inputs(tokens, 8, 256, 256, dtype, "bias", 2, seed=11 + tokens), fmt)
     kw.update(act="fp8", shared_act=shared_act)
-    with use_tuning({"moe_decode": {"fp8_rows": rows, "act_in_registers": regs}}):
-        got = moe_packed(*operands, **kw)
-        weight_only = moe_packed(*operands, **{**kw, "act": None, "shared_act": None})
+    ctx = kernel_context(moe_decode={"fp8_rows": rows, "act_in_registers": regs})
+    got = moe_packed(ctx, *operands, **kw)
+    weight_only = moe_packed(ctx, *operands, **{**kw, "act": None, "shared_act": None})
     want = get_op("moe.packed").reference(*operands, **kw)
     err, err_weight_only = ((t.float() - want.float()).abs() for t in (got, weight_only))
     print(f"error max {err.max():.3g} mean {err.mean():.3g}; weight-only quantisation max {err_weight_only.max():.3g} "
@@ -341,7 +334,7 @@ def test_moe_packed_fp8_activations_match_reference(fmt, tokens, dtype, rows, re
 def test_moe_packed_decode_reads_the_shared_expert_packed(fmt):
     # every expert weight in one format: the decode kernels run the shared expert too
     operands, kw = packed_moe(make_inputs(1, 8, 256, 160, torch.float32, "bias", 2, seed=9), fmt)
-    got = moe_packed(*operands, **kw)
+    got = moe_packed(CTX, *operands, **kw)
     want = get_op("moe.packed").reference(*operands, **kw)
     torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
 

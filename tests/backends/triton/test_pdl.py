@@ -1,20 +1,31 @@
-"""Programmatic dependent launch (kernels/pdl.py): which targets launch with it, that every entry
-kernel keeps the contract (``PDL`` constexpr, ``wait_for_producers`` first), and that the launch
-options carry it. The PTX side (``griddepcontrol.wait`` in every sm_90a / sm_100a binary, none on
-AMD) is pinned in test_aot.py."""
+"""Programmatic dependent launch (kernels/pdl.py): which targets launch with it, that it is a
+compile option recorded in the artifact (``ds4c compile --no-pdl``) which the runtime's kernel
+context and the ahead-of-time launch recording both follow, that every entry kernel keeps the
+contract (``PDL`` constexpr, ``wait_for_producers`` first), and that the launch options carry it.
+The PTX side (``griddepcontrol.wait`` in every sm_90a / sm_100a binary, none on AMD) is pinned in
+test_aot.py."""
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from typer.testing import CliRunner
 
-from ds4c.backends.triton import kernels
+import ds4c
+from ds4c.backends.triton import aot, kernels
 from ds4c.backends.triton.kernels import pdl
-from ds4c.backends.triton.kernels.configs import Launch
+from ds4c.backends.triton.kernels.configs import KernelContext, Launch
+from ds4c.cli import app
 from ds4c.targets import get_target
+from tests.backends.triton.conftest import CTX, kernel_context
 
 
 @pytest.fixture
@@ -22,31 +33,102 @@ def compiled_mode(monkeypatch):
     """As on a GPU or in the AOT worker: not interpreted, the device (if any) allows PDL."""
     monkeypatch.setattr(pdl, "_interpreted", lambda: False)
     monkeypatch.setattr(pdl, "_live_device_allows", lambda: True)
-    monkeypatch.delenv("DS4C_PDL", raising=False)
 
 
 @pytest.mark.parametrize("name,on", [("h100", True), ("h200", True), ("b200", True), ("gb200", True),
                                      ("mi300x", False), ("mi355x", False)])
 def test_nvidia_sm90_and_later_launch_with_pdl(compiled_mode, name, on):
     target = get_target(name)
-    assert pdl.pdl_enabled(target) is on
-    kw = Launch(4).kwargs(target)
+    assert pdl.pdl_enabled(target, True) is on
+    ctx = KernelContext(target)
+    assert ctx.pdl and ctx.launches_with_pdl is on
+    kw = Launch(4).kwargs(ctx)
     assert kw["PDL"] is on and kw.get("launch_pdl", False) is on
 
 
-def test_off_under_the_interpreter_and_by_environment(compiled_mode, monkeypatch):
+def test_off_by_the_compile_option_and_under_the_interpreter(compiled_mode, monkeypatch):
     h100 = get_target("h100")
-    monkeypatch.setenv("DS4C_PDL", "0")
-    assert pdl.pdl_kwargs(h100) == {"PDL": False}  # launch_pdl never without the kernel's wait
-    monkeypatch.delenv("DS4C_PDL")
+    off = KernelContext(h100, pdl=False)
+    assert not pdl.pdl_enabled(h100, False) and not off.launches_with_pdl
+    assert Launch(4).kwargs(off) == {"num_warps": 4, "PDL": False}  # launch_pdl never without the kernel's wait
+    assert KernelContext(h100).launches_with_pdl  # near miss: the option on
     monkeypatch.setattr(pdl, "_interpreted", lambda: True)
-    assert pdl.pdl_kwargs(h100) == {"PDL": False}
+    assert not KernelContext(h100).launches_with_pdl and pdl.pdl_kwargs(False) == {"PDL": False}
 
 
 def test_off_on_a_gpu_older_than_sm90(compiled_mode, monkeypatch):
     # an sm_80 device runs the h100 record's kernels; griddepcontrol needs sm_90
     monkeypatch.setattr(pdl, "_live_device_allows", lambda: False)
-    assert not pdl.pdl_enabled(get_target("h100"))
+    assert not pdl.pdl_enabled(get_target("h100"), True)
+
+
+@pytest.fixture(scope="module")
+def with_and_without_pdl(tmp_path_factory):
+    """tiny for h100 compiled as usual and with ``ds4c compile --no-pdl`` (no stored binaries: the
+    launch recording is checked below without compiling them)."""
+    out = tmp_path_factory.mktemp("pdl")
+    default, off = out / "default.ds4", out / "nopdl.ds4"
+    ds4c.compile("tiny", target="h100", precision="fp32", max_context=48, progress=False,
+                 kernel_binaries=False).save(default)
+    res = CliRunner().invoke(app, ["compile", "tiny", "--target", "h100", "--precision", "fp32", "--max-context", "48",
+                                   "--no-kernel-binaries", "--no-pdl", "-o", str(off)])
+    assert res.exit_code == 0, res.output
+    return default, off
+
+
+def test_no_pdl_is_recorded_in_the_artifact_and_reaches_the_launchers(with_and_without_pdl, compiled_mode):
+    default, off = with_and_without_pdl
+    for path, on in ((default, True), (off, False)):
+        model = ds4c.load(path, backend="kernels", cuda_graphs=False)
+        assert model.manifest["lowering"]["options"]["pdl"] is on
+        ctx = model.kernel_context
+        assert ctx.target.name == "h100" and ctx.pdl is on and ctx.launches_with_pdl is on
+        assert all(ex.context is ctx for ex in model._executors.values())  # what every launch is given
+        assert Launch(4).kwargs(ctx)["PDL"] is on and ("launch_pdl" in Launch(4).kwargs(ctx)) is on
+
+
+def test_no_pdl_compiles_its_binaries_without(with_and_without_pdl, monkeypatch):
+    """The compile hands the option to the ahead-of-time backend (its request to the workers, the
+    kernels section), and the launch recording then holds PDL-free specialisations only."""
+    requests = []
+
+    def workers(tmpdir, target, progress):
+        requests.append(json.loads((tmpdir / "request.json").read_text()))
+        return []
+
+    monkeypatch.setattr(aot, "_run_workers", workers)
+    monkeypatch.setattr(aot, "_CACHE", {})
+    for lowering, on in (({"pdl": False}, False), (None, True)):
+        art = ds4c.compile("tiny", target="h100", precision="fp32", max_context=48, progress=False,
+                           kernel_binaries=True, lowering=lowering)
+        assert requests[-1]["pdl"] is on and art.manifest["kernels"]["specialised_for"]["pdl"] is on
+    default, off = with_and_without_pdl
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # JITFunctions, as in the workers
+    out = subprocess.run([sys.executable, "-c", _RECORD, str(default), str(off)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with_pdl, without = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
+    assert with_pdl["count"] == without["count"] > 10
+    assert with_pdl["modes"] == [[True, True]] and without["modes"] == [[False, False]]
+
+
+_RECORD = """
+import json, sys
+from ds4c.artifact.artifact import read_artifact
+from ds4c.backends.triton.launches import record_launches
+from ds4c.runtime.model import compiled_pdl
+from ds4c.targets import get_target
+for path in sys.argv[1:]:
+    manifest, program, _ = read_artifact(path)
+    launches = record_launches(program.graphs, manifest["state"], get_target("h100"), [37], pdl=compiled_pdl(manifest))
+    modes = set()
+    for la in launches:
+        spec = json.loads(la.specialization)
+        names = [k for k in spec["signature"]]
+        consts = {names[k[0]]: v for k, v in zip(spec["constant_keys"], spec["constant_vals"]) if len(k) == 1}
+        modes.add((consts["PDL"], bool(spec["options"].get("launch_pdl", False))))
+    print(json.dumps({"count": len(launches), "modes": sorted(modes)}))
+"""
 
 
 def _entry_kernels():
@@ -99,8 +181,11 @@ def test_weight_prefetch_only_before_the_wait_of_row_gemv():
 
 
 def test_launch_options_of_the_interpreter_run_without_pdl():
-    # CI runs every kernel through the interpreter (conftest): PDL is off there
-    assert pdl.pdl_kwargs(get_target("h100")) == {"PDL": False}
+    # CI runs every kernel through the interpreter (conftest): PDL is off there, whatever the option
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert CTX.pdl and not CTX.launches_with_pdl and Launch(4).kwargs(CTX)["PDL"] is False
+    elif torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+        assert Launch(4).kwargs(CTX)["PDL"] is True
 
 
 _COMPILE_ROW_GEMV = """
@@ -142,13 +227,13 @@ def test_row_gemv_prefetches_its_weights_before_waiting_on_sm90():
 
 
 def test_prefetch_is_on_by_default_and_tunable():
-    from ds4c.backends.triton.kernels.configs import TUNABLE, use_tuning
+    from ds4c.backends.triton.kernels.configs import TUNABLE
     from ds4c.backends.triton.kernels.linear import row_gemv_config
     from ds4c.runtime.autotune import CANDIDATES
 
     assert row_gemv_config(4096, 4096, 132).prefetch == 1  # H200: 1.208 -> 1.117-1.138 ms (ds4c tune)
-    with use_tuning({"row_gemv": {"prefetch": 0}}):
-        assert row_gemv_config(4096, 4096, 132).prefetch == 0
+    tuned = kernel_context(row_gemv={"prefetch": 0}).tuned("row_gemv")
+    assert row_gemv_config(4096, 4096, 132, **tuned).prefetch == 0
     assert "prefetch" in TUNABLE["row_gemv"] and CANDIDATES["row_gemv"]["prefetch"] == (None, 0)
 
 

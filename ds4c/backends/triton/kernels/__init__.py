@@ -1,15 +1,18 @@
 """Registry of Triton kernel launchers, keyed by the IR op name they implement.
 
-A launcher is a Python function with exactly the signature of the op's reference
-(``OpDef.reference``: same positional operands, same keyword attributes) that returns the same
-value(s), computed by Triton kernels. It may decline an instance it does not handle (a shape or
-dtype outside its specialisation) by returning ``NotImplemented``; the executor then runs the
-reference for that call, and ``ds4c inspect`` reports it.
+A launcher is a Python function that takes a ``KernelContext`` (``configs.py``: the kernel target,
+the tuning table, the ``pdl`` compile option), then exactly the signature of the op's reference
+(``OpDef.reference``: same positional operands, same keyword attributes), and returns the same
+value(s), computed by Triton kernels. The context is all it may consult besides its operands: the
+executor running the program hands it its own (``KernelExecutor(..., context=...)``). A launcher
+may decline an instance it does not handle (a shape or dtype outside its specialisation) by
+returning ``NotImplemented``; the executor then runs the reference for that call, and
+``ds4c inspect`` reports it.
 
 Kernel modules register at import::
 
     @register_kernel("rms_norm")
-    def rms_norm(x, weight=None, *, eps): ...
+    def rms_norm(ctx, x, weight=None, *, eps): ...
 
 A launcher allocates the tensors it returns with ``result_buffer`` (result index, shape, dtype,
 device): when the executor has planned a buffer for that result (``ds4c.runtime.buffer_plan``)

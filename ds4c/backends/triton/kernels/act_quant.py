@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ds4c.backends.triton.kernels import register_kernel, result_buffer
 from ds4c.backends.triton.kernels.attention import interpreter_bf16, round_to
-from ds4c.backends.triton.kernels.configs import Launch, active_target
+from ds4c.backends.triton.kernels.configs import KernelContext, Launch
 from ds4c.backends.triton.kernels.pdl import wait_for_producers
 from ds4c.quant.activations import ACT_BLOCK
 from ds4c.quant.formats import FP8_BLOCK, MX_BLOCK, UE8M0_BIAS
@@ -120,7 +120,8 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK: t
         tl.store(s_ptr + rows * tl.cdiv(K, BLOCK) + tl.program_id(1), s, mask=rows < M)
 
 
-def act_quant(x: torch.Tensor, *, dequant: bool = False, result: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def act_quant(ctx: KernelContext, x: torch.Tensor, *, dequant: bool = False, result: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x`` [M, K] as (e4m3 [M, K], fp32 scales [M, ceil(K/128)]), or with ``dequant`` the
     quantised values in x's dtype (and None); ``result``: those are the launched op's result
     (``result_buffer``), not a GEMM's scratch."""
@@ -135,14 +136,14 @@ def act_quant(x: torch.Tensor, *, dequant: bool = False, result: bool = False) -
     block_m = 16
     _act_quant_kernel[(triton.cdiv(m, block_m), blocks)](
         x, q, q if s is None else s, m, k, BLOCK_M=block_m, BLOCK=ACT_BLOCK, DEQUANT=dequant,
-        INTERPRETER_BF16=interpreter_bf16(x.dtype), **Launch(4).kwargs(active_target()))
+        INTERPRETER_BF16=interpreter_bf16(x.dtype), **Launch(4).kwargs(ctx))
     return q, s
 
 
 @register_kernel("quant.activation")
-def activation(x: torch.Tensor, *, format: str, block: int):
+def activation(ctx: KernelContext, x: torch.Tensor, *, format: str, block: int):
     """``quant.activation`` where no GEMM folded it in; declines formats and blocks it does not run."""
     if format != "fp8" or block != ACT_BLOCK or x.dtype not in (torch.float32, torch.bfloat16) or x.numel() == 0:
         return NotImplemented
-    q, _ = act_quant(x.reshape(-1, x.shape[-1]), dequant=True, result=True)
+    q, _ = act_quant(ctx, x.reshape(-1, x.shape[-1]), dequant=True, result=True)
     return q.view(x.shape)

@@ -31,12 +31,13 @@ import triton.language as tl
 from ds4c.backends.triton.kernels import register_kernel, result_buffer
 from ds4c.backends.triton.kernels.configs import (
     AttentionConfig,
+    KernelContext,
     Launch,
-    active_target,
     attention_config,
     dot_precision,
 )
 from ds4c.backends.triton.kernels.pdl import wait_for_producers
+from ds4c.targets import Target
 
 __all__ = ["AttentionConfig", "attention", "attention_config", "dot_operand", "interpreter_bf16", "round_to"]
 
@@ -265,7 +266,7 @@ def _attention_kernel(
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def attention(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor, *,
+def attention(ctx: KernelContext, q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor, *,
               scale: float) -> torch.Tensor:
     """Launcher with ``attention_reference``'s signature; declines GQA (keys with more than one
     head), dtypes other than fp32/bf16/fp16, and q/keys of different dtypes."""
@@ -283,11 +284,11 @@ def attention(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, sinks: to
     if out.numel() == 0:
         return out
     skip_masked = s > 1
-    target = active_target()
+    target = ctx.target
     cfg = attention_config(d, q.dtype, skip_masked, target)
     n_split, t_split = key_splits(b, h, s, t, d, cfg, target)
     if n_split > 1:
-        _split_launch(q, keys, bias, sinks, out, float(scale) * LOG2E, n_split, t_split, cfg, target)
+        _split_launch(ctx, q, keys, bias, sinks, out, float(scale) * LOG2E, n_split, t_split, cfg)
         return out
     grid = (triton.cdiv(s * h, cfg.block_m), triton.cdiv(d, cfg.block_dv), b)
     _attention_kernel[grid](
@@ -299,12 +300,12 @@ def attention(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, sinks: to
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         D=d, BLOCK_M=cfg.block_m, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv,
         SKIP_MASKED=skip_masked, PRECISION=dot_precision(q.dtype, target),
-        INTERPRETER_BF16=interpreter_bf16(q.dtype), **cfg.launch.kwargs(target),
+        INTERPRETER_BF16=interpreter_bf16(q.dtype), **cfg.launch.kwargs(ctx),
     )
     return out
 
 
-def key_splits(b: int, h: int, s: int, t: int, d: int, cfg: AttentionConfig, target) -> tuple[int, int]:
+def key_splits(b: int, h: int, s: int, t: int, d: int, cfg: AttentionConfig, target: Target) -> tuple[int, int]:
     """``(programs over T, keys per program)`` for a launch: decode (S=1) splits T into multiples of
     ``block_t`` until the launch has about one program per SM; prefill keeps T whole (its S*H rows
     already fill the device)."""
@@ -320,8 +321,8 @@ def key_splits(b: int, h: int, s: int, t: int, d: int, cfg: AttentionConfig, tar
 MERGE_BLOCK = (16, 64)  # (rows, columns) per merge program: 32 programs for H=64, D=512
 
 
-def _split_launch(q, keys, bias, sinks, out, qk_scale: float, n_split: int, t_split: int,
-                  cfg: AttentionConfig, target) -> None:
+def _split_launch(ctx: KernelContext, q, keys, bias, sinks, out, qk_scale: float, n_split: int, t_split: int,
+                  cfg: AttentionConfig) -> None:
     b, h, s, d = q.shape
     t = keys.shape[2]
     rows = s * h
@@ -335,15 +336,15 @@ def _split_launch(q, keys, bias, sinks, out, qk_scale: float, n_split: int, t_sp
         keys.stride(0), keys.stride(2), keys.stride(3),
         bias.stride(0), bias.stride(2), bias.stride(3),
         D=d, BLOCK_M=cfg.block_m, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv,
-        PRECISION=dot_precision(q.dtype, target), INTERPRETER_BF16=interpreter_bf16(q.dtype),
-        **cfg.launch.kwargs(target),
+        PRECISION=dot_precision(q.dtype, ctx.target), INTERPRETER_BF16=interpreter_bf16(q.dtype),
+        **cfg.launch.kwargs(ctx),
     )
     block_r, block_c = MERGE_BLOCK
     _merge_kernel[(triton.cdiv(rows, block_r), triton.cdiv(d, block_c), b)](
         acc, ml, sinks, out, h, s, n_split,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         D=d, BLOCK_R=block_r, BLOCK_C=block_c, INTERPRETER_BF16=interpreter_bf16(q.dtype),
-        **Launch(4).kwargs(target),
+        **Launch(4).kwargs(ctx),
     )
 
 for _name in ("attention.sliding", "attention.csa", "attention.hca"):

@@ -22,7 +22,7 @@ import triton.language as tl
 from ds4c.backends.triton.kernels import register_kernel, result_buffer
 from ds4c.backends.triton.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.triton.kernels.configs import (
-    active_target,
+    KernelContext,
     compress_config,
     dot_precision,
     index_scores_config,
@@ -98,7 +98,7 @@ def _pool_kernel(
 
 
 @register_kernel("compress")
-def compress(kv: torch.Tensor, score: torch.Tensor, norm_w: torch.Tensor, *, eps: float) -> torch.Tensor:
+def compress(ctx: KernelContext, kv: torch.Tensor, score: torch.Tensor, norm_w: torch.Tensor, *, eps: float) -> torch.Tensor:
     """Launcher with ``compress_reference``'s signature: the pooling kernel, then the ``rms_norm``
     kernel on the pooled rows (the reference's norm, same roundings). Declines a score shaped
     unlike kv (its softmax would run over broadcast slots), a missing norm weight, and dtypes
@@ -114,14 +114,13 @@ def compress(kv: torch.Tensor, score: torch.Tensor, norm_w: torch.Tensor, *, eps
     if pooled.numel() == 0:
         return pooled.view(*kv.shape[:-2], d)
     block_s, block_d, launch = compress_config(slots, d)
-    target = active_target()
     _pool_kernel[(kv3.shape[0], triton.cdiv(d, block_d))](
         kv3, score3, pooled, slots, d,
         kv3.stride(0), kv3.stride(1), kv3.stride(2), score3.stride(0), score3.stride(1), score3.stride(2),
         BLOCK_S=block_s, BLOCK_D=block_d, ONE_TILE=block_s >= slots, INTERPRETER_BF16=interpreter_bf16(kv.dtype),
-        **launch.kwargs(target),
+        **launch.kwargs(ctx),
     )
-    out = rms_norm(pooled, norm_w, eps=eps)
+    out = rms_norm(ctx, pooled, norm_w, eps=eps)
     if out is NotImplemented:
         out = rms_norm_reference(pooled, norm_w, eps)
     return out.view(*kv.shape[:-2], d)
@@ -165,7 +164,7 @@ def _index_scores_kernel(
     tl.store(out_ptr + (b * tl.num_programs(1) + t) * C + offs_c, index, mask=c_ok)
 
 
-def index_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, future: torch.Tensor,
+def index_scores(ctx: KernelContext, q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, future: torch.Tensor,
                  softmax_scale: float, weights_scale: float) -> torch.Tensor:
     """Masked index scores [B, S, C] in fp32; q [B, S, H, d], keys [B|1, C, d], w [B, S, H],
     future (bool) broadcastable to [B, S, C]."""
@@ -176,7 +175,7 @@ def index_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, future: t
     out = torch.empty((b, s, c), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
-    target = active_target()
+    target = ctx.target
     cfg = index_scores_config(h, d, q.dtype, target)
     _index_scores_kernel[(triton.cdiv(c, cfg.block_c), s, b)](
         q, keys, w, future, out, h, c, float(softmax_scale), float(weights_scale),
@@ -184,13 +183,13 @@ def index_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, future: t
         w.stride(0), w.stride(1), w.stride(2), future.stride(0), future.stride(1), future.stride(2),
         D=d, BLOCK_H=cfg.block_h, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
         PRECISION=dot_precision(q.dtype, target), INTERPRETER_BF16=interpreter_bf16(q.dtype),
-        **cfg.launch.kwargs(target),
+        **cfg.launch.kwargs(ctx),
     )
     return out
 
 
 @register_kernel("indexer.topk")
-def indexer_topk(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, future: torch.Tensor, *, k: int,
+def indexer_topk(ctx: KernelContext, q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, future: torch.Tensor, *, k: int,
                  softmax_scale: float, weights_scale: float) -> torch.Tensor:
     """Launcher with ``IndexerTopk.reference``'s signature; declines q that is not [B, S, H, d],
     keys not [B|1, C, d], w not [B, S, H], a non-bool or non-broadcastable future, and q/keys of
@@ -209,8 +208,8 @@ def indexer_topk(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, future: t
     except RuntimeError:
         return NotImplemented
     future = future.reshape((1,) * (3 - future.dim()) + tuple(future.shape))
-    scores = index_scores(q, keys, w, future, softmax_scale, weights_scale)
-    return top_indices(scores, k)
+    scores = index_scores(ctx, q, keys, w, future, softmax_scale, weights_scale)
+    return top_indices(ctx, scores, k)
 
 
 # -- top-k ----------------------------------------------------------------------------------------
@@ -273,7 +272,7 @@ def _select_kernel(scores_ptr, out_ptr, C, K, N: tl.constexpr, PDL: tl.constexpr
     tl.store(out_ptr + row.to(tl.int64) * K + slot, offs.to(tl.int64), mask=take)
 
 
-def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+def top_indices(ctx: KernelContext, scores: torch.Tensor, k: int) -> torch.Tensor:
     """The indices of the k largest of contiguous fp32 scores [..., C] (``scores.topk(k).indices``
     as a set): one Triton program per row up to ``TOPK_MAX_ENTRIES`` entries (torch.topk sorts a
     decode row of 528 entries by radix sort in 2 kernels, 22 us on an H200), else torch. The
@@ -287,8 +286,8 @@ def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     out = result_buffer(0, scores.shape[:-1] + (k,), torch.int64, scores.device)
     rows = out.numel() // k
     if rows:
-        cfg = topk_config(c)
-        launch = cfg.launch.kwargs(active_target())
+        cfg = topk_config(c, ctx)
+        launch = cfg.launch.kwargs(ctx)
         if cfg.select:
             _select_kernel[(rows,)](scores, out, c, k, N=n, **launch)
         else:

@@ -3,8 +3,9 @@
 Every launcher asks this module for its tile sizes and launch options, given the shapes of the call
 and the *kernel target*: the record whose hardware the kernels are built for. The same functions
 serve ahead-of-time compilation (``ds4c.backends.triton.aot`` records the launches a program makes
-under the artifact's target) and run time (``KernelExecutor`` runs under the artifact's target when
-the device matches it), so a stored binary and a live launch agree on every constexpr.
+for the artifact's target and ``pdl`` option) and run time (``ds4c.load`` gives the executor the
+artifact's target when the device matches it, and the same option), so a stored binary and a live
+launch agree on every constexpr.
 
 Which facts matter:
 
@@ -23,31 +24,28 @@ Which facts matter:
 NVIDIA records get exactly the configurations measured on an H100 (docs/PERFORMANCE.md): every
 NVIDIA target of ds4c has 227 KB of shared memory per block, so the H100 table applies to all.
 
-The active kernel target is a context (``use_target``); without one it is the record of the GPU
-Triton sees (``device_target``), or ``h100`` where there is none (the interpreter on CPU).
+Launchers are given everything that decides their configuration as one record, a ``KernelContext``
+(the kernel target, the device's tuning table, the artifact's ``pdl`` compile option), as their
+first argument: the executor that runs a program holds one and hands it to every launch. Nothing
+here falls back to another record: whoever builds the executor picks the target (``ds4c.load``
+through ``kernel_target``, the ahead-of-time compile the artifact's own).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
 import triton
 
-from ds4c.backends.triton.kernels.pdl import pdl_kwargs
+from ds4c.backends.triton.kernels.pdl import pdl_enabled, pdl_kwargs
+from ds4c.errors import InputError, KernelError
 from ds4c.targets import Target, get_target, list_targets
-
-DEFAULT_TARGET = "h100"  # where the tables were measured; the target of the interpreter on CPU
-
-_ACTIVE: contextvars.ContextVar[Target | None] = contextvars.ContextVar("ds4c_kernel_target", default=None)
-# configuration overrides per kernel family measured on the device (ds4c.runtime.autotune)
-_TUNED: contextvars.ContextVar[dict[str, dict[str, Any]] | None] = contextvars.ContextVar("ds4c_tuning", default=None)
 
 TUNABLE = {  # family -> fields the autotuner may set (see the config functions below)
     "gemv": ("block_n", "split", "num_stages"),
@@ -58,38 +56,53 @@ TUNABLE = {  # family -> fields the autotuner may set (see the config functions 
 }
 
 
-@contextlib.contextmanager
-def use_tuning(table: dict[str, dict[str, Any]] | None) -> Iterator[None]:
-    """Launchers inside use ``table``'s measured overrides (family -> field -> value)."""
-    token = _TUNED.set(table)
-    try:
-        yield
-    finally:
-        _TUNED.reset(token)
+@dataclass(frozen=True)
+class KernelContext:
+    """What a launcher is given besides its operands, and all that chooses its tiles and options.
 
+    ``target``: the record whose hardware the kernels are built for (``kernel_target`` at load; the
+    artifact's target when compiling ahead of time). ``tuning``: configuration overrides measured on
+    the device (``ds4c tune``; family -> field -> value, fields outside ``TUNABLE`` ignored), None
+    for the target's defaults. ``pdl``: the artifact's compile option (``ds4c compile --no-pdl``
+    turns it off); whether kernels then launch with programmatic dependent launch also depends on
+    the hardware (``launches_with_pdl``, ``kernels/pdl.py``).
 
-def tuned(family: str) -> dict[str, Any]:
-    """The active tuning table's overrides for ``family`` (empty: the target's defaults)."""
-    table = _TUNED.get() or {}
-    return {k: v for k, v in (table.get(family) or {}).items() if k in TUNABLE.get(family, ())}
+        ctx = KernelContext(get_target("h100"))
+        rms_norm(ctx, x, w, eps=1e-6)            # a registered launcher: the context first
+        KernelExecutor(graph, "cuda", context=ctx)   # hands it to every launch
+    """
 
+    target: Target
+    tuning: Mapping[str, Mapping[str, Any]] | None = None
+    pdl: bool = True
 
-# -- the kernel target ----------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if not isinstance(self.target, Target):
+            raise KernelError(f"KernelContext.target must be a ds4c.targets.Target record (get_target(name)), "
+                              f"got {type(self.target).__name__} {self.target!r}")
+        if self.target.triton_target is None:
+            raise KernelError(f"target '{self.target.name}' has no Triton target: its programs run no Triton kernels")
+        if not isinstance(self.pdl, bool):
+            raise KernelError(f"KernelContext.pdl must be true or false, got {self.pdl!r}")
+        table = MappingProxyType({str(family): MappingProxyType(dict(fields))
+                                  for family, fields in (self.tuning or {}).items()})
+        object.__setattr__(self, "tuning", table if table else None)
 
-@contextlib.contextmanager
-def use_target(target: Target | str | None) -> Iterator[Target | None]:
-    """Run launchers with configurations for ``target`` (None: the default) inside the block."""
-    tgt = get_target(target) if target is not None else None
-    token = _ACTIVE.set(tgt)
-    try:
-        yield tgt
-    finally:
-        _ACTIVE.reset(token)
+    def tuned(self, family: str) -> dict[str, Any]:
+        """The tuning table's overrides for ``family`` (empty: the target's defaults)."""
+        fields = (self.tuning or {}).get(family) or {}
+        return {k: v for k, v in fields.items() if k in TUNABLE.get(family, ())}
 
+    @property
+    def launches_with_pdl(self) -> bool:
+        """Whether kernels launch with programmatic dependent launch: the ``pdl`` option and the
+        hardware (``pdl.pdl_enabled``)."""
+        return pdl_enabled(self.target, self.pdl)
 
-def active_target() -> Target:
-    """The target launchers build configurations for now (see the module docstring)."""
-    return _ACTIVE.get() or device_target() or get_target(DEFAULT_TARGET)
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: the target's facts, the tuning table, the option."""
+        return {"target": self.target.to_dict(), "pdl": self.pdl,
+                "tuning": {f: dict(v) for f, v in (self.tuning or {}).items()}}
 
 
 def record_for(triton_target: Sequence[Any]) -> Target | None:
@@ -104,14 +117,12 @@ def record_for(triton_target: Sequence[Any]) -> Target | None:
 @functools.cache
 def device_target() -> Target | None:
     """The record of the GPU Triton compiles for in this process (None under the interpreter or
-    without a GPU). An arch without a record of its own (e.g. sm_80) gets its vendor's default
-    record, ``h100`` or ``mi300x``."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
-        return None
+    without a GPU). An arch without a record of its own (e.g. sm_80) gets its vendor's record of
+    the same generation of kernels, ``h100`` or ``mi300x``."""
     live = live_triton_target()
     if live is None:
         return None
-    return record_for(live) or get_target("mi300x" if live[0] == "hip" else DEFAULT_TARGET)
+    return record_for(live) or get_target("mi300x" if live[0] == "hip" else "h100")
 
 
 def live_triton_target() -> tuple[str, Any, int] | None:
@@ -125,14 +136,19 @@ def live_triton_target() -> tuple[str, Any, int] | None:
 
 
 def kernel_target(artifact_target: Target | dict[str, Any] | str) -> Target:
-    """The kernel target for running an artifact compiled for ``artifact_target`` here: the artifact's
-    own record under the interpreter or on a device of its arch, else the live device's record."""
+    """The kernel target for running an artifact compiled for ``artifact_target`` here: the live
+    device's record on a GPU of another arch (or for an artifact without Triton kernels), else the
+    artifact's own record (on a device of its arch, and under the interpreter)."""
     art = artifact_target if isinstance(artifact_target, Target) else (
         Target.from_dict(artifact_target) if isinstance(artifact_target, dict) else get_target(artifact_target))
     live = device_target()
-    if live is None or art.triton_target is None or tuple(live.triton_target or ()) == tuple(art.triton_target):
-        return art if art.triton_target is not None else get_target(DEFAULT_TARGET)
-    return live
+    if live is not None and tuple(live.triton_target or ()) != tuple(art.triton_target or ()):
+        return live
+    if art.triton_target is None:
+        raise InputError(f"this artifact was compiled for target '{art.name}', which has no Triton kernels, and "
+                         "no GPU is here to choose them for: load it with backend='reference', or compile it "
+                         "for a GPU target (h100, b200, mi300x, ...)")
+    return art
 
 
 # -- launch options -------------------------------------------------------------------------------
@@ -152,8 +168,10 @@ class Launch:
     matrix_instr_nonkdim: int = 0  # AMD: MFMA shape, 16 -> 16x16, 32 -> 32x32 (0 = compiler's choice)
     kpack: int = 1  # AMD gfx942: K elements packed per MFMA operand load
 
-    def kwargs(self, target: Target) -> dict[str, Any]:
-        out: dict[str, Any] = {"num_warps": self.num_warps, **pdl_kwargs(target)}
+    def kwargs(self, ctx: KernelContext) -> dict[str, Any]:
+        """The options for ``ctx``'s target, with its PDL decision (``KernelContext.launches_with_pdl``)."""
+        target = ctx.target
+        out: dict[str, Any] = {"num_warps": self.num_warps, **pdl_kwargs(ctx.launches_with_pdl)}
         if self.num_stages is not None:
             out["num_stages"] = self.num_stages
         if is_amd(target):
@@ -222,7 +240,7 @@ def attention_shared_bytes(cfg: AttentionConfig, head_dim: int, dtype: torch.dty
 
 
 def attention_config(head_dim: int, dtype: torch.dtype, skip_masked: bool,
-                     target: Target | None = None) -> AttentionConfig:
+                     target: Target) -> AttentionConfig:
     """Tile sizes from (D, dtype, whether masked blocks are skipped) and the target.
 
     NVIDIA (measured on an H100, triton 3.6): Triton software-pipelines the T loop only without the
@@ -239,7 +257,6 @@ def attention_config(head_dim: int, dtype: torch.dtype, skip_masked: bool,
     Q and K live at a time), then halving the output slice, the D chunk and the key block; 4
     wavefronts of 64 lanes, ``waves_per_eu=2``.
     """
-    target = target or active_target()
     d_pad = max(16, triton.next_power_of_2(head_dim))
     if d_pad <= 128:
         base = AttentionConfig(64, 64, d_pad, d_pad, 4, 2)
@@ -298,7 +315,7 @@ def moe_shared_bytes(cfg: MoeConfig, dtype: torch.dtype) -> int:
     return max(1, cfg.num_stages) * e * max(gate_up, down)
 
 
-def moe_config(pairs: int, experts: int, dtype: torch.dtype, target: Target | None = None) -> MoeConfig:
+def moe_config(pairs: int, experts: int, dtype: torch.dtype, target: Target) -> MoeConfig:
     """Tiles from the mean rows per expert (pairs / experts), the dtype and the target.
 
     NVIDIA (measured on an H100, triton 3.6, V4-Flash shapes: 256 experts, D=4096, I=2048, top-6,
@@ -315,7 +332,6 @@ def moe_config(pairs: int, experts: int, dtype: torch.dtype, target: Target | No
     AMD: 2 pipeline stages (the stream pipeliner's double buffer), N tiles halved and K steps
     shortened until both stages fit the LDS; 16x16 MFMAs.
     """
-    target = target or active_target()
     fp32 = dtype == torch.float32
     if pairs < 8 * experts:
         base = MoeConfig(16, 32, 64, 64 if fp32 else 128, 4, 2 if fp32 else 4)
@@ -363,7 +379,7 @@ class MoeDecodeConfig:
     row_paired: int = 0
 
 
-def moe_decode_config(dtype: torch.dtype, target: Target | None = None) -> MoeDecodeConfig:
+def moe_decode_config(dtype: torch.dtype, ctx: KernelContext) -> MoeDecodeConfig:
     """Decode (a few tokens): one program per (pair, column block), reading its expert's rows once.
 
     Up to ``max_pairs`` pairs the picked experts rarely repeat (V4-Flash: 6 of 256 per token), so
@@ -389,9 +405,9 @@ def moe_decode_config(dtype: torch.dtype, target: Target | None = None) -> MoeDe
     FP8 flash-slice decode step 1.145 -> 1.021 ms with these and the one-row GEMV's pipelining
     (H200, 2026-12-03, same run; docs/PERFORMANCE.md).
     """
-    target = target or active_target()
+    target = ctx.target
     fp32 = dtype == torch.float32
-    t = tuned("moe_decode")
+    t = ctx.tuned("moe_decode")
     return MoeDecodeConfig(24, t.get("block_n_up", 32), t.get("block_n_down", 64), 64 if fp32 else 128,
                            launch=Launch(4, t.get("num_stages", 2 if fp32 or is_amd(target) else 4)),
                            fp8_rows=bool(t.get("fp8_rows", not is_amd(target))),
@@ -413,10 +429,9 @@ class IndexScoresConfig:
 
 
 def index_scores_config(heads: int, head_dim: int, dtype: torch.dtype,
-                        target: Target | None = None) -> IndexScoresConfig:
+                        target: Target) -> IndexScoresConfig:
     """Heads on M (16..64), entries on N (64 fp32 / 128 16-bit), D in chunks of up to 128; 4 warps,
     2 stages. AMD: the entry block halves until both stages of Q and K chunks fit the LDS."""
-    target = target or active_target()
     block_h = max(16, min(64, triton.next_power_of_2(heads)))
     block_d = max(16, min(128, triton.next_power_of_2(head_dim)))
     block_c = 64 if dtype == torch.float32 else 128
@@ -436,7 +451,7 @@ class TopkConfig:
     launch: Launch
 
 
-def topk_config(entries: int) -> TopkConfig:
+def topk_config(entries: int, ctx: KernelContext) -> TopkConfig:
     """How one program picks the k largest of a row of ``entries`` scores (``compress.top_indices``).
 
     The bitonic top-k (``tl.topk``) sorts the whole row in the program: ~log2(n)^2/2 compare-exchange
@@ -449,7 +464,7 @@ def topk_config(entries: int) -> TopkConfig:
     So select everywhere; warps for the padded row n: 4 up to 8192, then n / 2048 (8208 entries pad
     to 16384: 8 warps 26.6 us, 16 warps 30.9 us, 4 warps 44.1 us)."""
     n = triton.next_power_of_2(max(entries, 16))
-    t = tuned("topk")
+    t = ctx.tuned("topk")
     select = int(t.get("select", 1))
     warps = int(t.get("num_warps", min(32, max(4, n // 2048))))
     return TopkConfig(select=select, launch=Launch(warps))
@@ -475,17 +490,15 @@ MHC_BLOCK_K = 64  # K step of the mix GEMM
 MHC_PROGRAMS_PER_UNIT = 8  # mix programs per SM / CU to aim for when choosing the K split
 
 
-def mhc_mix_programs(target: Target | None = None) -> int:
+def mhc_mix_programs(target: Target) -> int:
     """Mix programs to aim for: ~8 per SM/CU, rounded down to a power of two (H100: 132 SMs -> 1024)."""
-    target = target or active_target()
     return _pow2_floor(MHC_PROGRAMS_PER_UNIT * target.compute_units)
 
 
-def mhc_mix_launch(target: Target | None = None) -> tuple[str, Launch]:
+def mhc_mix_launch(target: Target) -> tuple[str, Launch]:
     """(dot precision, launch) of the mix GEMM: fp32-accurate dots, 4 warps. NVIDIA: three tf32
     tensor-core products (hi·hi + hi·lo + lo·hi), the fp32 linear to ~1e-7 relative and 3x faster
     than "ieee" (FMA units) on an H100: mix of 2048 tokens 0.12 ms vs 0.59 ms, 1 token 8 vs 16 us."""
-    target = target or active_target()
     return fp32_gemm_precision(target), gemm_launch(target, 4, None, torch.float32)  # type: ignore[arg-type]
 
 

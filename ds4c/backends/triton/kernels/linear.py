@@ -27,7 +27,6 @@ otherwise the launcher declines and the reference (dequantise, cuBLAS) runs.
 
 from __future__ import annotations
 
-import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -47,15 +46,12 @@ from ds4c.backends.triton.kernels.act_quant import (
     scale_exponent,
 )
 from ds4c.backends.triton.kernels.attention import dot_operand, interpreter_bf16, round_to
-from ds4c.backends.triton.kernels.configs import Launch, active_target, dot_precision, is_amd, tuned
-from ds4c.backends.triton.kernels.pdl import pdl_enabled, prefetch_l2, wait_for_producers
+from ds4c.backends.triton.kernels.configs import KernelContext, Launch, dot_precision, is_amd
+from ds4c.backends.triton.kernels.pdl import prefetch_l2, wait_for_producers
 from ds4c.quant.activations import ACT_BLOCK
 from ds4c.quant.formats import FP8_BLOCK, MX_BLOCK
 
 MAX_ROWS = 64
-# One-row FP8 GEMVs use _row_gemv_kernel (CUDA cores) instead of the tensor-core tile; a switch for
-# benchmarks/fp8_gemm_bench.py, which times both.
-ROW_GEMV: contextvars.ContextVar[bool] = contextvars.ContextVar("ds4c_row_gemv", default=True)
 SCALE_BLOCK = FP8_BLOCK  # host side; jit code reads FP8_SCALE_BLOCK / MX_SCALE_BLOCK (act_quant)
 # scale modes (constexpr SCALE)
 NO_SCALE, BLOCK_F32, BLOCK_UE8M0, ROW_F32, MXFP4 = 0, 1, 2, 3, 4
@@ -91,9 +87,8 @@ def gemv_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int, storage_by
     Measured on an H100 (2026-11-25, flash-slice decode, whole CUDA-graph step): this beats
     narrower column tiles without a K split (16-64 columns, 256 inputs for bf16; one program per
     SM), which benchmarks/gemv_tune.py preferred per shape in isolation (FP8 step 2.26 vs 1.99 ms).
-    ``override`` replaces any field (the sweep uses it); so does the active tuning table
-    (``configs.use_tuning``, family ``gemv``), under ``override``."""
-    override = {**tuned("gemv"), **override}
+    ``override`` replaces any field (the sweep uses it, and ``gemv`` passes the tuning table's
+    fields of family ``gemv`` here)."""
     block_m = max(16, triton.next_power_of_2(m))
     block_k = override.get("block_k", 64 if dtype == torch.float32 else 128)
     if storage_bytes == 1 and block_k > SCALE_BLOCK:
@@ -263,9 +258,8 @@ def row_gemv_config(n: int, k: int, sms: int, l2_bytes: int = 50 << 20, amd: boo
     benchmarks/fp8_gemm_bench.py, FP8 activations): the LM head 173.8 us -> 136.2 us (3.9 TB/s) with
     4 stages and per-step row sums (``row_sums``), 8192x4096 / 4096x8192 12.8 / 13.1 us -> 12.2 / 12.4
     us with 3 stages and the 2D accumulator (row sums cost there); hence row sums and 4 stages only
-    past 64M values. ``override`` and the tuning table (family ``row_gemv``) replace any field;
-    ``split`` fixes the K split."""
-    override = {**tuned("row_gemv"), **override}
+    past 64M values. ``override`` replaces any field (``row_gemv`` passes the tuning table's
+    fields of family ``row_gemv`` here); ``split`` fixes the K split."""
     block_n = override.get("block_n", 32)
     steps = triton.cdiv(k, SCALE_BLOCK)
     per_sm = override.get("programs_per_sm", 8 if n * k <= 1 << 24 else 4)
@@ -351,19 +345,19 @@ def _row_gemv_kernel(x_ptr, q_ptr, s_ptr, p_ptr, y_ptr, lock_ptr, N, K, group_ro
     split_k_store(part, p_ptr, y_ptr, lock_ptr, cols, n_ok, N, split, SPLIT_K, INTERPRETER_BF16)
 
 
-def row_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: int, act: str | None,
-             groups: int = 1, **override: int) -> torch.Tensor | None:
+def row_gemv(ctx: KernelContext, x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: int,
+             act: str | None, groups: int = 1, **override: int) -> torch.Tensor | None:
     """x [1, groups * K] @ dequant(w)ᵀ for an FP8 weight [N, K] (block scales), group by group
     (None when no column tile fits a group); K-split partials summed by the last program of each
     column block."""
     n, k = qdata.shape
-    target = active_target()
+    target = ctx.target
     cfg = grouped_config(lambda **o: row_gemv_config(n, k, target.compute_units, target.l2_bytes, is_amd(target), **o),
-                         n, groups, override)
+                         n, groups, {**ctx.tuned("row_gemv"), **override})
     if cfg is None:
         return None
     if act == "fp8" and cfg.prequant:  # quantised values in x's dtype (exact), then weight-only
-        x, act = act_quant(x, dequant=True)[0], None
+        x, act = act_quant(ctx, x, dequant=True)[0], None
     split = triton.cdiv(k, cfg.k_split)
     blocks = triton.cdiv(n, cfg.block_n)
     y = result_buffer(0, (1, n), x.dtype, x.device)
@@ -371,8 +365,8 @@ def row_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, mode: in
     _row_gemv_kernel[(blocks, split)](
         x, qdata, scale, parts, y, locks, n, k, n // groups, cfg.k_split, split, scale.shape[-1], cfg.prefetch_k,
         BLOCK_N=cfg.block_n, BLOCK_K=SCALE_BLOCK, SCALE=mode, ACT_FP8=act == "fp8", SPLIT_K=split > 1,
-        INTERPRETER_BF16=interpreter_bf16(x.dtype), PREFETCH=cfg.prefetch_k > 0 and pdl_enabled(target),
-        STAGES=pipeline_stages(cfg.pipeline), ROW_SUMS=bool(cfg.row_sums), **Launch(cfg.num_warps, cfg.num_stages).kwargs(target))
+        INTERPRETER_BF16=interpreter_bf16(x.dtype), PREFETCH=cfg.prefetch_k > 0 and ctx.launches_with_pdl,
+        STAGES=pipeline_stages(cfg.pipeline), ROW_SUMS=bool(cfg.row_sums), **Launch(cfg.num_warps, cfg.num_stages).kwargs(ctx))
     return y
 
 
@@ -415,15 +409,17 @@ def grouped_config(make, n: int, groups: int, override: dict):
     return cfg if block_n == cfg.block_n else make(**{**override, "block_n": block_n})
 
 
-def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, format: str, act: str | None = None,
-         groups: int = 1, **override: int) -> torch.Tensor | None:
+def gemv(ctx: KernelContext, x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, format: str,
+         act: str | None = None, groups: int = 1, *, one_row: bool = True, **override: int) -> torch.Tensor | None:
     """``x @ dequant(w)ᵀ`` for x [M, K] (M <= MAX_ROWS), or None when this kernel does not apply.
     ``act="fp8"`` (FP8 weights only): x is quantised per row and 128 inputs first, and e4m3 tiles
     are multiplied on the tensor cores. ``act="mxfp4"`` (MXFP4 weights only): x is quantised per row
     and 32 inputs to MXFP4 in registers (the FP4 tensor cores' operands; multiplied exactly in
     bf16 here, a bandwidth-bound GEMV). ``groups`` > 1 (``linear.grouped``): x is [M, groups * K]
     and output columns ``[g * N / groups, (g + 1) * N / groups)`` read inputs ``[g * K, (g + 1) * K)``
-    (each program's column block inside one group, else None)."""
+    (each program's column block inside one group, else None). ``one_row``: a one-row FP8 GEMV
+    runs ``row_gemv`` on the CUDA cores (False: the tensor-core tile, as benchmarks/fp8_gemm_bench.py
+    compares them)."""
     mode = _MODES.get(format)
     if act is not None and (groups > 1 or (act, mode) not in (("fp8", BLOCK_F32), ("fp8", BLOCK_UE8M0),
                                                                 ("mxfp4", MXFP4))):
@@ -443,14 +439,14 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, forma
         return None
     x, qdata = x.contiguous(), qdata.contiguous()
     scale = qdata if scale is None else scale.contiguous()
-    if m == 1 and mode in (BLOCK_F32, BLOCK_UE8M0) and ROW_GEMV.get():
-        return row_gemv(x, qdata, scale, mode, act, groups, **override)
-    target = active_target()  # the artifact's target (the live device's when loaded elsewhere)
+    if m == 1 and mode in (BLOCK_F32, BLOCK_UE8M0) and one_row:
+        return row_gemv(ctx, x, qdata, scale, mode, act, groups, **override)
+    target = ctx.target  # the artifact's target (the live device's when loaded elsewhere)
     if act == "fp8":
         override = {**override, "block_k": ACT_BLOCK}  # one activation scale per K step
     storage = 1 if mode == MXFP4 else qdata.element_size()
     cfg = grouped_config(lambda **o: gemv_config(m, n, k, x.dtype, target.compute_units, storage, **o), n, groups,
-                         override)
+                         {**ctx.tuned("gemv"), **override})
     if cfg is None:
         return None
     split = triton.cdiv(k, cfg.k_split)
@@ -462,7 +458,7 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None, forma
         scale.shape[-1] if mode in (BLOCK_F32, BLOCK_UE8M0) else 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SCALE=mode, ACT_FP8=act == "fp8",
         SPLIT_K=split > 1, PRECISION=dot_precision(x.dtype, target), INTERPRETER_BF16=interpreter_bf16(x.dtype),
-        ACT_FP4=act == "mxfp4", **Launch(cfg.num_warps, cfg.num_stages).kwargs(target))
+        ACT_FP4=act == "mxfp4", **Launch(cfg.num_warps, cfg.num_stages).kwargs(ctx))
     return y
 
 
@@ -521,7 +517,7 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, q_ptr, s_ptr, y_ptr, M, N, K, s_cols,
     tl.store(y_ptrs, round_to(acc, y_ptr.dtype.element_ty, INTERPRETER_BF16), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def fp8_gemm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, format: str,
+def fp8_gemm(ctx: KernelContext, x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, format: str,
              **override: int) -> torch.Tensor | None:
     """``act_fp8(x) @ dequant(w)ᵀ`` for x [M, K] and an FP8 weight with 128x128 block scales (any M;
     prefill), or None when this kernel does not apply: x is quantised once (``act_quant``), then
@@ -532,7 +528,7 @@ def fp8_gemm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, format: 
     if mode not in (BLOCK_F32, BLOCK_UE8M0) or x.dtype not in _DTYPES or qdata.shape != (n, k) \
             or scale is None or scale.shape != (triton.cdiv(n, SCALE_BLOCK), triton.cdiv(k, SCALE_BLOCK)):
         return None
-    xq, xs = act_quant(x)
+    xq, xs = act_quant(ctx, x)
     qdata, scale = qdata.contiguous(), scale.contiguous()
     cfg = fp8_gemm_config(m, n, **override)
     y = result_buffer(0, (m, n), x.dtype, x.device)
@@ -540,12 +536,12 @@ def fp8_gemm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, format: 
     _fp8_gemm_kernel[grid](xq, xs, qdata, scale, y, m, n, k, scale.shape[-1],
                            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=ACT_BLOCK, GROUP_M=cfg.group_m,
                            SCALE=mode, INTERPRETER_BF16=interpreter_bf16(x.dtype),
-                           **Launch(cfg.num_warps, cfg.num_stages).kwargs(active_target()))
+                           **Launch(cfg.num_warps, cfg.num_stages).kwargs(ctx))
     return y
 
 
 @register_kernel("linear.packed")
-def linear_packed(x, *packed, format: str, shape: list[int], act: str | None = None):
+def linear_packed(ctx: KernelContext, x, *packed, format: str, shape: list[int], act: str | None = None):
     """Launcher with ``linear.packed``'s reference signature: the GEMV up to MAX_ROWS rows; beyond,
     with FP8 activations (``act="fp8"``), the FP8 GEMM. Declines the rest (the reference
     dequantises the weight and runs cuBLAS) and formats without a kernel."""
@@ -554,9 +550,9 @@ def linear_packed(x, *packed, format: str, shape: list[int], act: str | None = N
     flat = x.reshape(-1, x.shape[-1])
     scale = packed[1] if len(packed) > 1 else None
     if flat.shape[0] <= MAX_ROWS:
-        y = gemv(flat, packed[0], scale, format, act)
+        y = gemv(ctx, flat, packed[0], scale, format, act)
     elif act == "fp8":
-        y = fp8_gemm(flat, packed[0], scale, format)
+        y = fp8_gemm(ctx, flat, packed[0], scale, format)
     else:
         y = None
     if y is None:
@@ -565,7 +561,7 @@ def linear_packed(x, *packed, format: str, shape: list[int], act: str | None = N
 
 
 @register_kernel("linear.grouped.packed")
-def linear_grouped_packed(x, *packed, format: str, shape: list[int], groups: int):
+def linear_grouped_packed(ctx: KernelContext, x, *packed, format: str, shape: list[int], groups: int):
     """Launcher with ``linear.grouped.packed``'s reference signature: up to MAX_ROWS tokens, the
     GEMV over the packed weight, each column block reading its group's inputs. Declines the rest
     (prefill: the reference dequantises the weight and runs the grouped matmul)."""
@@ -574,7 +570,7 @@ def linear_grouped_packed(x, *packed, format: str, shape: list[int], groups: int
     flat = x.reshape(-1, groups * x.shape[-1])
     if flat.shape[0] > MAX_ROWS:
         return NotImplemented
-    y = gemv(flat, packed[0], packed[1] if len(packed) > 1 else None, format, groups=groups)
+    y = gemv(ctx, flat, packed[0], packed[1] if len(packed) > 1 else None, format, groups=groups)
     if y is None:
         return NotImplemented
     return y.view(*x.shape[:-1], shape[0] // groups)

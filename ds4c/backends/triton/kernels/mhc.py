@@ -29,8 +29,8 @@ from ds4c.backends.triton.kernels.attention import interpreter_bf16, round_to
 from ds4c.backends.triton.kernels.configs import (
     MHC_BLOCK_K,
     MHC_BLOCK_T,
+    KernelContext,
     Launch,
-    active_target,
     mhc_mix_launch,
     mhc_mix_programs,
 )
@@ -202,12 +202,12 @@ def _rows(h: torch.Tensor) -> torch.Tensor:
     return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
-def _mix_partials(flat: torch.Tensor, fn: torch.Tensor):
+def _mix_partials(ctx: KernelContext, flat: torch.Tensor, fn: torch.Tensor):
     """(partials [splits, T, MIX_PAD], Σx² [splits, T], splits, MIX_PAD) of the mix GEMM."""
     tokens, k_total = flat.shape
     n_mix = fn.shape[0]
     mix_pad = max(16, triton.next_power_of_2(n_mix))
-    target = active_target()
+    target = ctx.target
     precision, launch = mhc_mix_launch(target)
     token_blocks = triton.cdiv(tokens, BLOCK_T)
     wanted = max(1, min(mhc_mix_programs(target) // token_blocks, triton.cdiv(k_total, 2 * BLOCK_K)))
@@ -217,7 +217,7 @@ def _mix_partials(flat: torch.Tensor, fn: torch.Tensor):
     sq = torch.empty((splits, tokens), dtype=torch.float32, device=flat.device)
     _mix_kernel[(token_blocks, splits)](flat, fn, part, sq, tokens, k_total, k_per_split, n_mix, flat.stride(0),
                                        BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, MIX_PAD=mix_pad, PRECISION=precision,
-                                       **launch.kwargs(target))
+                                       **launch.kwargs(ctx))
     return part, sq, splits, mix_pad
 
 
@@ -236,7 +236,7 @@ def _fits(h, fn, base, n_mix: int) -> bool:
 
 
 @register_kernel("mhc.pre")
-def mhc_pre(h, fn, base, scale, *, norm_eps, hc_eps, sinkhorn_iters):
+def mhc_pre(ctx: KernelContext, h, fn, base, scale, *, norm_eps, hc_eps, sinkhorn_iters):
     """Launcher with ``MhcPre.reference``'s signature; declines dtypes other than fp32/bf16/fp16,
     fn not [N(N+2), N·D], base not N(N+2) values, scale not 3, sinkhorn_iters < 1."""
     n, d = h.shape[-2:] if h.dim() >= 2 else (0, 0)
@@ -250,19 +250,19 @@ def mhc_pre(h, fn, base, scale, *, norm_eps, hc_eps, sinkhorn_iters):
     tokens = flat.shape[0]
     if tokens == 0:
         return out, post, comb
-    part, sq, splits, mix_pad = _mix_partials(flat, fn.contiguous())
+    part, sq, splits, mix_pad = _mix_partials(ctx, flat, fn.contiguous())
     grid, block_d = _collapse_grid(tokens, d)
     _pre_finish_kernel[grid](part, sq, base.contiguous(), scale.contiguous(), flat, out, post, comb,
                                   tokens, splits, n * d, d, flat.stride(0), float(norm_eps), float(hc_eps),
                                   int(sinkhorn_iters), N=n, NP=triton.next_power_of_2(n), MIX_PAD=mix_pad,
                                   SPLIT_PAD=triton.next_power_of_2(splits),
                                   BLOCK_D=block_d, INTERPRETER_BF16=interpreter_bf16(h.dtype),
-                                  **Launch(2).kwargs(active_target()))
+                                  **Launch(2).kwargs(ctx))
     return out, post, comb
 
 
 @register_kernel("mhc.head")
-def mhc_head(h, fn, base, scale, *, norm_eps, hc_eps):
+def mhc_head(ctx: KernelContext, h, fn, base, scale, *, norm_eps, hc_eps):
     """Launcher with ``MhcHead.reference``'s signature; declines dtypes other than fp32/bf16/fp16,
     fn not [N, N·D], base not N values, scale not 1 or N values."""
     n, d = h.shape[-2:] if h.dim() >= 2 else (0, 0)
@@ -273,7 +273,7 @@ def mhc_head(h, fn, base, scale, *, norm_eps, hc_eps):
     tokens = flat.shape[0]
     if tokens == 0:
         return out
-    part, sq, splits, mix_pad = _mix_partials(flat, fn.contiguous())
+    part, sq, splits, mix_pad = _mix_partials(ctx, flat, fn.contiguous())
     scale = scale.contiguous()
     grid, block_d = _collapse_grid(tokens, d)
     _head_finish_kernel[grid](part, sq, base.contiguous(), scale, flat, out, tokens, splits, n * d, d,
@@ -281,12 +281,12 @@ def mhc_head(h, fn, base, scale, *, norm_eps, hc_eps):
                                    N=n, NP=triton.next_power_of_2(n), MIX_PAD=mix_pad,
                                   SPLIT_PAD=triton.next_power_of_2(splits),
                                    BLOCK_D=block_d, INTERPRETER_BF16=interpreter_bf16(h.dtype),
-                                   **Launch(2).kwargs(active_target()))
+                                   **Launch(2).kwargs(ctx))
     return out
 
 
 @register_kernel("mhc.post")
-def mhc_post(f, h, post, comb):
+def mhc_post(ctx: KernelContext, f, h, post, comb):
     """Launcher with ``MhcPost.reference``'s signature; declines f of another dtype than H, dtypes
     other than fp32/bf16/fp16, and shapes that are not f [.., D], H [.., N, D], post [.., N],
     comb [.., N, N] with the same leading dims."""
@@ -308,5 +308,5 @@ def mhc_post(f, h, post, comb):
     _post_kernel[(tokens, triton.cdiv(d, block_d))](f.contiguous(), h.contiguous(), post.contiguous(),
                                                     comb.contiguous(), out, d, N=n, NP=triton.next_power_of_2(n),
                                                     BLOCK_D=block_d, INTERPRETER_BF16=interpreter_bf16(h.dtype),
-                                                    **Launch(4).kwargs(active_target()))
+                                                    **Launch(4).kwargs(ctx))
     return out

@@ -48,10 +48,10 @@ from ds4c.backends.triton.kernels import register_kernel, result_buffer
 from ds4c.backends.triton.kernels.act_quant import FP8_SCALE_BLOCK, activation
 from ds4c.backends.triton.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.triton.kernels.configs import (
+    KernelContext,
     Launch,
     MoeConfig,
     MoeDecodeConfig,
-    active_target,
     dot_precision,
     moe_config,
     moe_decode_config,
@@ -292,7 +292,7 @@ def _route_kernel(logits_ptr, sel_ptr, ids_ptr, idx_ptr, w_ptr, n_experts, route
     tl.store(w_ptr + out, w, mask=kk < TOP_K)
 
 
-def _route_on_device(x, ids, router, selector, top_k: int, route_scale: float, routing: str, score: str):
+def _route_on_device(ctx: KernelContext, x, ids, router, selector, top_k: int, route_scale: float, routing: str, score: str):
     """``_route`` as the router GEMM (torch) plus ``_route_kernel``: (flat x, picks int64 [T, k],
     weights fp32 [T, k]), or None where the kernel does not apply."""
     experts = router.shape[0]
@@ -313,7 +313,7 @@ def _route_on_device(x, ids, router, selector, top_k: int, route_scale: float, r
             logits, selector.contiguous(), ids.reshape(-1).contiguous(), idx, w, experts, float(route_scale),
             TOP_K=top_k, BLOCK_E=triton.next_power_of_2(experts), BLOCK_TOPK=triton.next_power_of_2(top_k),
             HASH=routing == "hash", SCORE=SCORE_CODES[score], KEY_ROUND=key_round,
-            INTERPRETER_BF16=interpreter_bf16(x.dtype), **Launch(4).kwargs(active_target()))
+            INTERPRETER_BF16=interpreter_bf16(x.dtype), **Launch(4).kwargs(ctx))
     return flat, idx, w
 
 
@@ -475,18 +475,18 @@ def _scale_arg(weight, scale, mode):
     return scale.contiguous(), scale[0].numel()
 
 
-def _act_roundtrip(t: torch.Tensor, act: str | None) -> torch.Tensor:
+def _act_roundtrip(ctx: KernelContext, t: torch.Tensor, act: str | None) -> torch.Tensor:
     """``t`` as a GEMM multiplying in ``act`` sees it, in t's dtype (exact): ``quant.activation``'s
     kernel (FP8), else its reference. For the GEMMs that do not quantise their input in registers;
     None: ``t``."""
     if act is None:
         return t
     block = ACTIVATION_BLOCKS[act]
-    y = activation(t, format=act, block=block)
+    y = activation(ctx, t, format=act, block=block)
     return get_op("quant.activation").reference(t, format=act, block=block) if y is NotImplemented else y
 
 
-def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, swiglu_limit: float,
+def _decode_pairs(ctx: KernelContext, x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, swiglu_limit: float,
                   act: str | None = None):
     """The decode path: (output in x's dtype [T, D], whether the shared expert is in it). ``act``:
     the experts' activation format (the shared expert's too when it rides along)."""
@@ -505,7 +505,7 @@ def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, 
     sgs = sg if gu_mode == 0 or sgs is None else sgs.contiguous()
     sus = su if gu_mode == 0 or sus is None else sus.contiguous()
     sds = sd if dn_mode == 0 or sds is None else sds.contiguous()
-    target = active_target()
+    target = ctx.target
     rows = pairs + (tokens if with_shared else 0)
     h = torch.empty((rows, inter), dtype=x.dtype, device=x.device)
     common = dict(PRECISION=dot_precision(x.dtype, target), INTERPRETER_BF16=interpreter_bf16(x.dtype))
@@ -517,29 +517,29 @@ def _decode_pairs(x, flat, idx, w, gate_up, down, shared, cfg: MoeDecodeConfig, 
     gu_act = act == "fp8" and gu_row and bool(cfg.act_in_registers)
     rows_kw = dict(STAGES=pipeline_stages(cfg.row_pipeline), ROW_SUMS=bool(cfg.row_sums))
     _gate_up_pairs_kernel[(rows, triton.cdiv(inter, block_up))](
-        flat if gu_act else _act_roundtrip(flat, act), gate_up, gu_s, idx, sg.contiguous(), sgs, su.contiguous(), sus, h, pairs, top_k, inter, hidden,
+        flat if gu_act else _act_roundtrip(ctx, flat, act), gate_up, gu_s, idx, sg.contiguous(), sgs, su.contiguous(), sus, h, pairs, top_k, inter, hidden,
         triton.cdiv(hidden, FP8_BLOCK), gate_up[0].numel(), gu_se, float(swiglu_limit), BLOCK_N=block_up,
         BLOCK_K=FP8_BLOCK if gu_row else cfg.block_k, SCALE=gu_mode, ROW=gu_row, ACT_FP8=gu_act,
         **(rows_kw if gu_row else {}),
-        PAIRED=gu_row and bool(cfg.row_paired), **(cfg.row_launch if gu_row else cfg.launch).kwargs(target), **common)
+        PAIRED=gu_row and bool(cfg.row_paired), **(cfg.row_launch if gu_row else cfg.launch).kwargs(ctx), **common)
     y = torch.empty((rows, hidden), dtype=torch.float32, device=x.device)
     block_down = cfg.row_block_n_down if dn_row else cfg.block_n_down
     dn_act = act == "fp8" and dn_row and bool(cfg.act_in_registers)
     _down_pairs_kernel[(rows, triton.cdiv(hidden, block_down))](
-        h if dn_act else _act_roundtrip(h, act), down, dn_s, idx, w, sd.contiguous(), sds, y, pairs, inter, hidden, triton.cdiv(inter, FP8_BLOCK),
+        h if dn_act else _act_roundtrip(ctx, h, act), down, dn_s, idx, w, sd.contiguous(), sds, y, pairs, inter, hidden, triton.cdiv(inter, FP8_BLOCK),
         down[0].numel(), dn_se, BLOCK_N=block_down, BLOCK_K=FP8_BLOCK if dn_row else cfg.block_k, SCALE=dn_mode, ROW=dn_row,
-        ACT_FP8=dn_act, **(rows_kw if dn_row else {}), **(cfg.row_launch if dn_row else cfg.launch).kwargs(target), **common)
+        ACT_FP8=dn_act, **(rows_kw if dn_row else {}), **(cfg.row_launch if dn_row else cfg.launch).kwargs(ctx), **common)
     out = result_buffer(0, (tokens, hidden), x.dtype, x.device)
     _combine_kernel[(tokens, triton.cdiv(hidden, 1024))](
         y, out, pairs, hidden, TOP_K=top_k, SHARED=with_shared, BLOCK_N=1024,
-        INTERPRETER_BF16=interpreter_bf16(x.dtype), **Launch(4).kwargs(target))
+        INTERPRETER_BF16=interpreter_bf16(x.dtype), **Launch(4).kwargs(ctx))
     return out, with_shared
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @register_kernel("moe")
-def moe(x, ids, router, selector, gate_up, down, s_gate, s_up, s_down, *, top_k: int, route_scale: float,
+def moe(ctx: KernelContext, x, ids, router, selector, gate_up, down, s_gate, s_up, s_down, *, top_k: int, route_scale: float,
         swiglu_limit: float, routing: str, score: str, act: str | None = None, shared_act: str | None = None):
     """Launcher with ``moe_reference``'s signature; declines dtypes other than fp32/bf16/fp16,
     expert weights of another dtype than x, and shapes that do not form [E, 2I, D] / [E, D, I].
@@ -549,7 +549,7 @@ def moe(x, ids, router, selector, gate_up, down, s_gate, s_up, s_down, *, top_k:
     shared = None
     if {s_gate.dtype, s_up.dtype, s_down.dtype} == {x.dtype} and shared_act == act:
         shared = ((s_gate, None), (s_up, None), (s_down, None))
-    routed = _routed(x, ids, router, selector, (gate_up, None, 0), (down, None, 0), shared, top_k=top_k,
+    routed = _routed(ctx, x, ids, router, selector, (gate_up, None, 0), (down, None, 0), shared, top_k=top_k,
                      route_scale=route_scale, swiglu_limit=swiglu_limit, routing=routing, score=score, act=act)
     if routed is NotImplemented:
         return NotImplemented
@@ -558,7 +558,7 @@ def moe(x, ids, router, selector, gate_up, down, s_gate, s_up, s_down, *, top_k:
 
 
 @register_kernel("moe.packed")
-def moe_packed(x, ids, router, selector, *packed, formats: list[str], shapes: list[list[int]], top_k: int,
+def moe_packed(ctx: KernelContext, x, ids, router, selector, *packed, formats: list[str], shapes: list[list[int]], top_k: int,
                route_scale: float, swiglu_limit: float, routing: str, score: str, act: str | None = None,
                shared_act: str | None = None):
     """``moe.packed``: the routed experts' GEMMs read FP8 (128x128 block scales) or INT8 (row
@@ -583,7 +583,7 @@ def moe_packed(x, ids, router, selector, *packed, formats: list[str], shapes: li
     if sg[1] == su[1] == gu_mode and sd[1] == dn_mode and sg[0][0].dtype == su[0][0].dtype == gu[0].dtype \
             and sd[0][0].dtype == dn[0].dtype and shared_act == act:
         shared = tuple((w[0][0], w[0][1] if len(w[0]) > 1 else None) for w in (sg, su, sd))
-    routed = _routed(x, ids, router, selector, (gu[0], gu[1] if len(gu) > 1 else None, gu_mode),
+    routed = _routed(ctx, x, ids, router, selector, (gu[0], gu[1] if len(gu) > 1 else None, gu_mode),
                      (dn[0], dn[1] if len(dn) > 1 else None, dn_mode), shared, top_k=top_k, route_scale=route_scale,
                      swiglu_limit=swiglu_limit, routing=routing, score=score, act=act)
     if routed is NotImplemented:
@@ -595,8 +595,8 @@ def moe_packed(x, ids, router, selector, *packed, formats: list[str], shapes: li
     def linear(h, w, act):  # the shared expert's weights: linear.packed's kernel, else its reference
         tensors, _, fmt, shape = w
         if fmt == "none":
-            return torch.nn.functional.linear(_act_roundtrip(h, act), tensors[0])
-        y = linear_packed(h, *tensors, format=fmt, shape=shape, act=act)
+            return torch.nn.functional.linear(_act_roundtrip(ctx, h, act), tensors[0])
+        y = linear_packed(ctx, h, *tensors, format=fmt, shape=shape, act=act)
         if y is NotImplemented:
             return get_op("linear.packed").reference(h, *tensors, format=fmt, shape=shape, act=act)
         return y
@@ -604,7 +604,7 @@ def moe_packed(x, ids, router, selector, *packed, formats: list[str], shapes: li
     return out + _shared(x, *weights[2:], swiglu_limit, linear=linear, act=shared_act)
 
 
-def _routed(x, ids, router, selector, gate_up, down, shared, *, top_k: int, route_scale: float, swiglu_limit: float,
+def _routed(ctx: KernelContext, x, ids, router, selector, gate_up, down, shared, *, top_k: int, route_scale: float, swiglu_limit: float,
             routing: str, score: str, act: str | None = None):
     """(routed experts' sum [+ the shared expert] in x's dtype and shape, whether the shared
     expert is included). ``gate_up`` / ``down`` are (weight in its storage type, scale or None,
@@ -632,8 +632,8 @@ def _routed(x, ids, router, selector, gate_up, down, shared, *, top_k: int, rout
                                or tuple(shared[2][0].shape) != (hidden, stored_inter)):
         shared = None  # a shared expert of another width than the routed ones: the caller adds it
 
-    target = active_target()
-    routing_out = _route_on_device(x, ids, router, selector, top_k, route_scale, routing, score)
+    target = ctx.target
+    routing_out = _route_on_device(ctx, x, ids, router, selector, top_k, route_scale, routing, score)
     if routing_out is None:
         flat, idx, w = _route(x, ids, router, selector, top_k, route_scale, routing, score)
         w = w.to(torch.float32)
@@ -644,9 +644,9 @@ def _routed(x, ids, router, selector, gate_up, down, shared, *, top_k: int, rout
     tokens = flat.shape[0]
     pairs = tokens * top_k
     blocked = gu_mode in (BLOCK_F32, BLOCK_UE8M0) or dn_mode in (BLOCK_F32, BLOCK_UE8M0)
-    dcfg = moe_decode_config(x.dtype, target)
+    dcfg = moe_decode_config(x.dtype, ctx)
     if 0 < pairs <= dcfg.max_pairs and not (blocked and FP8_BLOCK % dcfg.block_k):
-        out, with_shared = _decode_pairs(x, flat.contiguous(), idx.contiguous(), w.contiguous(),
+        out, with_shared = _decode_pairs(ctx, x, flat.contiguous(), idx.contiguous(), w.contiguous(),
                                          (gate_up.contiguous(), gu_scale, gu_mode),
                                          (down.contiguous(), dn_scale, dn_mode), shared, dcfg, swiglu_limit, act)
         return out.view(x.shape), with_shared
@@ -669,14 +669,14 @@ def _routed(x, ids, router, selector, gate_up, down, shared, *, top_k: int, rout
         m_blocks = (pairs - m) // cfg.block_m + m
         common = dict(BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_E=triton.next_power_of_2(experts),
                       PRECISION=dot_precision(x.dtype, target), INTERPRETER_BF16=interpreter_bf16(x.dtype),
-                      **cfg.launch.kwargs(target))
+                      **cfg.launch.kwargs(ctx))
         h = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
         _gate_up_kernel[(m_blocks, triton.cdiv(inter, cfg.block_n_up))](
-            _act_roundtrip(flat, act), gate_up, gu_scale, order, segments, h, experts, top_k, inter, hidden, float(swiglu_limit),
+            _act_roundtrip(ctx, flat, act), gate_up, gu_scale, order, segments, h, experts, top_k, inter, hidden, float(swiglu_limit),
             gate_up[0].numel(), gu_scale[0].numel() if gu_mode == MXFP4 else 0, BLOCK_N=cfg.block_n_up, EVEN_K=hidden % cfg.block_k == 0, SCALE=gu_mode, **common)
         y = torch.empty((pairs, hidden), dtype=torch.float32, device=x.device)
         _down_kernel[(m_blocks, triton.cdiv(hidden, cfg.block_n_down))](
-            _act_roundtrip(h, act), down, dn_scale, order, segments, weights, y, experts, inter, hidden,
+            _act_roundtrip(ctx, h, act), down, dn_scale, order, segments, weights, y, experts, inter, hidden,
             down[0].numel(), dn_scale[0].numel() if dn_mode == MXFP4 else 0, BLOCK_N=cfg.block_n_down, EVEN_K=inter % cfg.block_k == 0, SCALE=dn_mode, **common)
         routed = y.view(tokens, top_k, hidden).sum(dim=1)
     return routed.to(x.dtype).view(x.shape), False

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ds4c.backends.triton.kernels import register_kernel, result_buffer
 from ds4c.backends.triton.kernels.attention import interpreter_bf16, round_to
-from ds4c.backends.triton.kernels.configs import active_target, rms_norm_config
+from ds4c.backends.triton.kernels.configs import KernelContext, rms_norm_config
 from ds4c.backends.triton.kernels.pdl import wait_for_producers
 
 MAX_BLOCK_D = 8192
@@ -68,7 +68,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @register_kernel("rms_norm")
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, *, eps: float) -> torch.Tensor:
+def rms_norm(ctx: KernelContext, x: torch.Tensor, weight: torch.Tensor | None = None, *, eps: float) -> torch.Tensor:
     """Launcher with ``RmsNorm.reference``'s signature; declines dtypes other than fp32/bf16/fp16
     and a weight that is not a [D] vector of those dtypes on x's device."""
     if x.dtype not in _DTYPES or x.dim() == 0:
@@ -88,5 +88,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, *, eps: float)
     _rms_norm_kernel[(triton.cdiv(rows, block_r),)](
         flat, weight.contiguous() if weight is not None else flat, out, rows, dim, flat.stride(0), float(eps),
         HAS_WEIGHT=weight is not None, ONE_PASS=block_d >= dim, BLOCK_R=block_r, BLOCK_D=block_d,
-        INTERPRETER_BF16=interpreter_bf16(x.dtype), **launch.kwargs(active_target()))
+        INTERPRETER_BF16=interpreter_bf16(x.dtype), **launch.kwargs(ctx))
     return out

@@ -23,12 +23,14 @@ passes its wait, every earlier grid has completed. A kernel whose predecessor is
 way (cuBLAS, a copy) simply starts when that predecessor ends. Only the launch latency of the next
 kernel overlaps the current one; results are bit-identical with and without PDL.
 
-PDL is used on NVIDIA targets of compute capability 9.0 and later (``h100`` ... ``gb200``), not on
-AMD, not under Triton's interpreter (which has no ``griddepcontrol``), and not when the
-environment sets ``DS4C_PDL=0`` (to measure without it; stored binaries are built with it, so the
-JIT then compiles the PDL-free specialisations once, and ``kernel_binaries`` says so: "jit:
-DS4C_PDL=0 ..."). The same decision covers the kernels Inductor
-generates between ours (``torch._inductor.config.triton.enable_pdl``).
+PDL is a compile option, on by default and recorded in the artifact (``lowering.options.pdl``;
+``ds4c compile --no-pdl`` turns it off, to measure without it): the ahead-of-time binaries and the
+runtime's launches follow the same option, through the ``KernelContext`` the launchers are given
+(``configs.KernelContext.launches_with_pdl``). Where it is on, kernels launch with PDL on NVIDIA
+targets of compute capability 9.0 and later (``h100`` ... ``gb200``), not on AMD, not under
+Triton's interpreter (which has no ``griddepcontrol``) and not on an older GPU running the
+``h100`` record's kernels. The same decision covers the kernels Inductor generates between ours
+(``torch._inductor.config.triton.enable_pdl``).
 """
 
 from __future__ import annotations
@@ -74,24 +76,19 @@ def _live_device_allows() -> bool:
     return torch.cuda.get_device_capability()[0] * 10 >= MIN_SM
 
 
-def turned_off() -> bool:
-    """Whether the environment turns PDL off (``DS4C_PDL=0``)."""
-    return os.environ.get("DS4C_PDL", "1") == "0"
-
-
-def pdl_enabled(target: Target) -> bool:
-    """Whether kernels built for ``target`` launch with PDL (see the module docstring)."""
+def pdl_enabled(target: Target, option: bool) -> bool:
+    """Whether kernels built for ``target`` launch with PDL, given the artifact's compile option
+    ``pdl`` (``option``): the option and the hardware facts (see the module docstring)."""
     tt = target.triton_target
-    return (HAVE_GDC and tt is not None and tt[0] == "cuda" and int(tt[1]) >= MIN_SM and not _interpreted()
-            and not turned_off() and _live_device_allows())
+    return (option and HAVE_GDC and tt is not None and tt[0] == "cuda" and int(tt[1]) >= MIN_SM
+            and not _interpreted() and _live_device_allows())
 
 
-def pdl_kwargs(target: Target) -> dict[str, Any]:
-    """Keyword arguments of ``kernel[grid](...)`` for PDL: the kernel's ``PDL`` constexpr and, when
-    on, Triton's ``launch_pdl`` option (a compile option too, so part of the binary's cache key).
-    Launchers get them through ``configs.Launch.kwargs``, never alone: ``launch_pdl`` without the
-    kernel's wait would let it read its inputs early."""
-    on = pdl_enabled(target)
+def pdl_kwargs(on: bool) -> dict[str, Any]:
+    """Keyword arguments of ``kernel[grid](...)`` for PDL ``on`` or off (``pdl_enabled``): the
+    kernel's ``PDL`` constexpr and, when on, Triton's ``launch_pdl`` option (a compile option too,
+    so part of the binary's cache key). Launchers get them through ``configs.Launch.kwargs``, never
+    alone: ``launch_pdl`` without the kernel's wait would let it read its inputs early."""
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 

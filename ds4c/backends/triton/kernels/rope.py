@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ds4c.backends.triton.kernels import register_kernel, result_buffer
 from ds4c.backends.triton.kernels.attention import interpreter_bf16, round_to
-from ds4c.backends.triton.kernels.configs import active_target, rope_config
+from ds4c.backends.triton.kernels.configs import KernelContext, rope_config
 from ds4c.backends.triton.kernels.pdl import wait_for_producers
 
 MAX_LEAD = 4
@@ -127,7 +127,7 @@ def _lead_strides(t: torch.Tensor) -> list[int]:
     return [0] * (MAX_LEAD - len(lead)) + lead
 
 
-def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch.Tensor | None, *,
+def _launch(ctx: KernelContext, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch.Tensor | None, *,
             rope_dim: int, inverse: bool, eps: float | None):
     """Both ops' launcher: ``eps`` None rotates ``x`` (``rope``), else normalises it first
     (``rms_norm.rope``). NotImplemented for what the kernel does not take (see ``rope``)."""
@@ -160,21 +160,21 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch
         sin_b.stride(-1),
         INVERSE=bool(inverse), NORM=norm, HAS_WEIGHT=weight is not None,
         BLOCK_R=block_r, BLOCK_NOPE=block_nope, BLOCK_P=block_p,
-        INTERPRETER_BF16=interpreter_bf16(x.dtype), **launch.kwargs(active_target()))
+        INTERPRETER_BF16=interpreter_bf16(x.dtype), **launch.kwargs(ctx))
     return out
 
 
 @register_kernel("rope")
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, rope_dim: int, inverse: bool = False):
+def rope(ctx: KernelContext, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, rope_dim: int, inverse: bool = False):
     """Launcher with ``Rope.reference``'s signature; declines more than 4 leading dims, dtypes
     other than fp32/bf16/fp16, tables of fp64, an odd or oversized rope_dim, and cos/sin that
     do not broadcast to ``x[..., -rope_dim:]``."""
-    return _launch(x, cos, sin, None, rope_dim=rope_dim, inverse=inverse, eps=None)
+    return _launch(ctx, x, cos, sin, None, rope_dim=rope_dim, inverse=inverse, eps=None)
 
 
 @register_kernel("rms_norm.rope")
-def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, *,
+def rms_norm_rope(ctx: KernelContext, x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, *,
                   eps: float, rope_dim: int):
     """Launcher with ``RmsNormRope.reference``'s signature; declines what ``rope`` declines and a
     weight that is not a [D] vector of fp32/bf16/fp16 on x's device."""
-    return _launch(x, cos, sin, weight, rope_dim=rope_dim, inverse=False, eps=eps)
+    return _launch(ctx, x, cos, sin, weight, rope_dim=rope_dim, inverse=False, eps=eps)
