@@ -11,7 +11,7 @@
 #   bash benchmarks/device_session.sh kernels     # decode MoE tile sweep, LM-head and dense FP8 GEMVs     (~6 min)
 #   bash benchmarks/device_session.sh rowloop     # graphed decode step, FP8 row kernels' K loop new vs old (~5 min)
 #   bash benchmarks/device_session.sh topk        # indexer top-k forms alone; graphed step at ctx 32768 select vs bitonic (~7 min)
-#   bash benchmarks/device_session.sh fusion      # graphed step: norm+rope apart / fused / + Inductor combo kernels, all loaded,
+#   bash benchmarks/device_session.sh fusion      # graphed step: norm+rope apart / fused, both loaded,
 #                                                 # timed in turn (5 rounds); the decode step's Inductor code kept (~7 min)
 #   bash benchmarks/device_session.sh plan        # fp32 smoke vs transformers with the kernels backend's buffer plan (its
 #                                                 # arenas per entry point), buffer plan + executor tests (~5 min)
@@ -97,7 +97,7 @@ case "$1" in
   fusion)
     export TORCHINDUCTOR_CACHE_DIR=/tmp/ds4c_inductor_cache
     timeout 480 python -u benchmarks/decode_variants.py --preset flash-slice --target "$target" \
-      --precisions "bf16,$head_table" --variants compiled-nonormrope,compiled,compiled-combo --rounds 5 \
+      --precisions "bf16,$head_table" --variants compiled-nonormrope,compiled --rounds 5 \
       --out "$out/variants_fusion.json" > "$out/variants_fusion.log" 2>&1
     tail -14 "$out/variants_fusion.log"
     # the generated wrappers + kernels of the decode graphs (the files naming the ds4c::fused calls)

@@ -99,7 +99,7 @@ def test_flash_slice_compiles_small_with_referenced_weights(tmp_path):
 
 
 def test_compile_lowering_options_reach_the_compiler(monkeypatch, tmp_path):
-    """`--no-fuse-norm-rope`, `--no-merge-linears`, `--no-merge-packed`: the lowering's compile options."""
+    """`--no-fuse-norm-rope`, `--no-merge-linears`, `--no-merge-packed`, `--no-pdl`: the lowering's compile options."""
     seen = {}
 
     def fake_compile(model, **kwargs):
@@ -109,6 +109,8 @@ def test_compile_lowering_options_reach_the_compiler(monkeypatch, tmp_path):
     monkeypatch.setattr(ds4c, "compile", fake_compile)
     out = str(tmp_path / "t.ds4")
     runner.invoke(app, ["compile", "tiny", "--target", "h100", "-o", out])
-    assert seen["lowering"] == {"fuse_norm_rope": True, "merge_linears": True, "merge_packed": True}
+    assert seen["lowering"] == {"fuse_norm_rope": True, "merge_linears": True, "merge_packed": True, "pdl": True}
     runner.invoke(app, ["compile", "tiny", "--target", "h100", "-o", out, "--no-fuse-norm-rope", "--no-merge-packed"])
-    assert seen["lowering"] == {"fuse_norm_rope": False, "merge_linears": True, "merge_packed": False}
+    assert seen["lowering"] == {"fuse_norm_rope": False, "merge_linears": True, "merge_packed": False, "pdl": True}
+    runner.invoke(app, ["compile", "tiny", "--target", "h100", "-o", out, "--no-pdl"])
+    assert seen["lowering"] == {"fuse_norm_rope": True, "merge_linears": True, "merge_packed": True, "pdl": False}

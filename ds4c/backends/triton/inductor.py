@@ -192,10 +192,10 @@ class InductorExecutor:
         self.params = params
         self.device = torch.device(device)
         self.max_shapes = max_shapes
+        self._compiled: dict[tuple, InductorGraph] = {}
         self.context = context
         self.name = f"{graph.name}-{next(_NAMES)}"
         _EXECUTORS[self.name] = self
-        self._compiled: dict[tuple, InductorGraph] = {}
 
     @property
     def context(self) -> KernelContext:
@@ -207,7 +207,7 @@ class InductorExecutor:
             raise KernelError(f"InductorExecutor needs a KernelContext (ds4c.backends.triton.kernels.configs) for "
                               f"its launchers, got {type(context).__name__}")
         self._context = context
-        for ig in getattr(self, "_compiled", {}).values():  # shapes that run op by op (KernelExecutor)
+        for ig in self._compiled.values():  # shapes that run op by op (KernelExecutor)
             if ig.fallback is not None:
                 ig.fallback.context = context
 

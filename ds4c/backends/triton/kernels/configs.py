@@ -99,11 +99,6 @@ class KernelContext:
         hardware (``pdl.pdl_enabled``)."""
         return pdl_enabled(self.target, self.pdl)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able: the target's facts, the tuning table, the option."""
-        return {"target": self.target.to_dict(), "pdl": self.pdl,
-                "tuning": {f: dict(v) for f, v in (self.tuning or {}).items()}}
-
 
 def record_for(triton_target: Sequence[Any]) -> Target | None:
     """The first target record whose Triton target is ``(backend, arch, warp_size)``, if any."""
