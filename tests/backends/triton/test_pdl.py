@@ -79,7 +79,8 @@ def with_and_without_pdl(tmp_path_factory):
 def test_no_pdl_is_recorded_in_the_artifact_and_reaches_the_launchers(with_and_without_pdl, compiled_mode):
     default, off = with_and_without_pdl
     for path, on in ((default, True), (off, False)):
-        model = ds4c.load(path, backend="kernels", cuda_graphs=False)
+        model = ds4c.load(path, device="cuda" if torch.cuda.is_available() else "cpu", backend="kernels",
+                          cuda_graphs=False)
         assert model.manifest["lowering"]["options"]["pdl"] is on
         ctx = model.kernel_context
         assert ctx.target.name == "h100" and ctx.pdl is on and ctx.launches_with_pdl is on
