@@ -34,3 +34,17 @@ if "DS4C_HOME" not in os.environ:
 # Ahead-of-time Triton binaries cost 10-40 s per GPU-target compile on 2 cores; the tests that are
 # about them (tests/backends/triton/test_aot.py) ask for them explicitly, the rest compile without.
 os.environ.setdefault("DS4C_KERNEL_BINARIES", "0")
+
+
+import pytest  # noqa: E402 - after the environment above is set
+
+
+@pytest.fixture(scope="session")
+def tiny_cpu_artifact(tmp_path_factory):
+    """tiny compiled for the cpu target in fp32 (max context 32), signed with the run's key
+    (DS4C_HOME, above); shared by the artifact tests and the IR tests that edit its IR."""
+    import ds4c
+
+    path = tmp_path_factory.mktemp("tiny-cpu") / "tiny-cpu.ds4"
+    ds4c.compile("tiny", target="cpu", precision="fp32", max_context=32, progress=False).save(path)
+    return path

@@ -15,6 +15,9 @@ Members of a ``.ds4`` file (see ds4c.artifact.container for the container itself
 ``read_artifact`` refuses an artifact whose signature does not match its manifest, and checks the
 manifest's sections against ``MANIFEST_SCHEMA`` (types and shapes of what the runtime reads), so
 a damaged or hand-edited manifest is an ``ArtifactError`` naming the field, not a crash later.
+The IR of each entry point is verified as the compiler verifies it after every pass
+(``ds4c.ir.verifier.verify_graph``: SSA form, admitted ops, each result's inferred type, the
+constants' data), so IR edited by hand is refused naming the op.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from typing import Any
 import torch
 
 from ds4c.artifact.container import open_container, temp_beside, write_container
-from ds4c.errors import ArtifactError, Ds4cError
+from ds4c.errors import ArtifactError, Ds4cError, VerificationError
 from ds4c.ir.graph import Program
 from ds4c.ir.parser import parse_graph
 from ds4c.ir.printer import print_graph
+from ds4c.ir.verifier import verify_graph
 
 WEIGHTS_MEMBER = "weights.safetensors"
 
@@ -122,6 +126,10 @@ def _read_program(container: Any, manifest: dict[str, Any], path: str | os.PathL
             # the IR parser's own errors are IRError; anything else is a malformed member
             raise ArtifactError(f"{path}: member '{ep['ir']}' is malformed IR ({type(e).__name__}: {e}); "
                                 "recompile the artifact") from None
+        try:  # the text parsed; what it says must hold (SSA, operands, every result's inferred type)
+            verify_graph(graphs[name], require_constants=True)
+        except VerificationError as e:
+            raise ArtifactError(f"{path}: member '{ep['ir']}' does not verify: {e}") from None
     attrs = {"pipeline": manifest.get("pipeline", [])}
     if manifest.get("max_context"):
         attrs["max_context"] = int(manifest["max_context"])

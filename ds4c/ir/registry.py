@@ -12,9 +12,10 @@ Three families live here:
 op outside these families cannot be parsed, loaded, folded or run.
 
 An ``OpDef`` also holds what passes and backends need to know about the op, so that no table of
-op names elsewhere restates it: its operands by name and role (``operands``), its ``traits``
-(``TRAITS`` says what each means), the op that reads its weights packed (``packed_variant``) and
-the formulation exporters trace (``portable``). ds4c's ops declare them where they are defined;
+op names elsewhere restates it: its operands by name and role (``operands``), its result types
+from its operands' types and attributes (``infer_types``: the verifier checks every declared
+result against it), its ``traits`` (``TRAITS`` says what each means), the op that reads its
+weights packed (``packed_variant``) and the formulation exporters trace (``portable``). ds4c's ops declare them where they are defined;
 ATen ops derive them from their torch schema (operand names; a result that aliases an input is a
 view) plus the declarations below (``_ATEN_TRAITS``, ``_ATEN_OPERANDS``, ``_ATEN_PACKED``), the one
 place that names ATen ops for their facts. A declaration naming an op that does not exist or a
@@ -24,6 +25,10 @@ trait nobody defined is an ``IRError`` at import, so such names cannot go stale.
     ['reshape', 'view']
     >>> [o.name for o in get_op("moe").operands if o.unit]
     ['gate_up', 'down', 's_gate', 's_up', 's_down']
+    >>> from ds4c.ir.types import parse_type
+    >>> [str(t) for t in get_op("linear.packed").infer_types(
+    ...     [parse_type("bf16[B,S,64]"), None, None], {"format": "fp8", "shape": [32, 64]})]
+    ['bf16[B,S,32]']
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch
 
 from ds4c.errors import IRError, VerificationError
 from ds4c.ir.allowed_aten import ALLOWED_ATEN_OPS, is_allowed, refusal
+from ds4c.ir.types import IRType, ScalarType, TensorType
 
 # What an operand is to the op.
 ROLES = {
@@ -84,13 +90,15 @@ class Operand:
 
 
 class OpDef:
-    """Declaration of an op: name, reference implementation, optional verifier, and its facts.
+    """Declaration of an op: name, reference implementation, result type inference, optional
+    verifier, and its facts.
 
-    Subclasses override ``reference`` (torch, any device) and may override ``verify`` to check
-    operand/result types. ``pure`` ops may be removed when unused and merged by CSE.
-    ``operands`` (by position), ``traits`` (names from ``TRAITS``), ``packed_variant`` (the op
-    that reads this op's weights packed) and ``portable`` (the formulation exporters trace) are
-    the facts the rest of ds4c asks for by op name.
+    Subclasses override ``reference`` (torch, any device) and ``infer_types`` (result types from
+    operand types and attributes), and may override ``verify`` to check operands and attributes.
+    ``pure`` ops may be removed when unused and merged by CSE. ``operands`` (by position),
+    ``traits`` (names from ``TRAITS``), ``packed_variant`` (the op that reads this op's weights
+    packed) and ``portable`` (the formulation exporters trace) are the facts the rest of ds4c asks
+    for by op name. An op that cannot infer says why in ``no_inference``.
     """
 
     name: str = ""
@@ -99,9 +107,31 @@ class OpDef:
     operands: tuple[Operand, ...] = ()
     traits: frozenset[str] = frozenset()
     packed_variant: str | None = None
+    no_inference: str = ""  # why ``infer_types`` is None for this op (empty: it infers)
 
     def reference(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"op {self.name} has no reference implementation")
+
+    def infer_types(self, operand_types: list[IRType | Any], kwargs: dict[str, Any]) -> list[IRType] | None:
+        """The types of the results of an instance whose positional operands are ``operand_types``
+        (a value's type, a literal as itself: ``None`` for an absent weight, a number) and whose
+        attributes are ``kwargs``; None: this op does not infer (``no_inference`` says why). The
+        verifier checks every declared result type against it (``ds4c.ir.verifier``); operands it
+        cannot type are a ``VerificationError`` naming them (``tensor_operand``)."""
+        return None
+
+    @property
+    def infers(self) -> bool:
+        return type(self).infer_types is not OpDef.infer_types
+
+    def tensor_operand(self, operand_types: list[IRType | Any], index: int, min_rank: int = 0) -> TensorType:
+        """Operand ``index``'s type, which must be a tensor of at least ``min_rank`` dimensions."""
+        name = self.operands[min(index, len(self.operands) - 1)].name if self.operands else f"#{index}"
+        t = operand_types[index] if index < len(operand_types) else None
+        if not isinstance(t, TensorType) or t.rank < min_rank:
+            want = f"a tensor of rank >= {min_rank}" if min_rank else "a tensor"
+            raise VerificationError(f"{self.name}: operand {name} must be {want}, got {t}")
+        return t
 
     def portable(self, kwargs: Mapping[str, Any]) -> Callable[..., Any]:
         """The op's computation (for an instance with attributes ``kwargs``) in a form every
@@ -217,6 +247,9 @@ _ATEN_TRAITS_BY_OP = _checked_aten_declarations(_ATEN_TRAITS, _ATEN_OPERANDS, _A
 class TorchOpDef(OpDef):
     """An op that is a ``torch.ops`` overload (``aten.view.default``); reference = the kernel."""
 
+    no_inference = ("an ATen op: its result types are what its kernel computes, which check_types derives by running "
+                    "it on meta tensors (torch's shape functions), at sizes, not symbolically")
+
     def __init__(self, name: str, overload: torch._ops.OpOverload):
         self.name = name
         self.overload = overload
@@ -269,16 +302,40 @@ def _resolve_torch_op(name: str) -> TorchOpDef | None:
 
 
 class SymOpDef(OpDef):
-    """Host arithmetic on (symbolic) scalars."""
+    """Host arithmetic on (symbolic) scalars. ``result``: the kind of scalar it returns, or
+    ``arithmetic`` (Python's rule: float when an operand is, else int)."""
 
     num_results = 1
 
-    def __init__(self, name: str, fn: Callable[..., Any]):
+    def __init__(self, name: str, fn: Callable[..., Any], result: str):
         self.name = name
         self.fn = fn
+        self.result = result
 
     def reference(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
+
+    def infer_types(self, operand_types: list[IRType | Any], kwargs: dict[str, Any]) -> list[IRType] | None:
+        kinds = [_scalar_kind(self.name, t) for t in [*operand_types, *kwargs.values()]]
+        if self.result != "arithmetic":
+            return [ScalarType(self.result)]
+        if "float" in kinds:
+            return [ScalarType("float")]
+        if self.name in ("sym.max", "sym.min") and kinds and all(k == "bool" for k in kinds):
+            return [ScalarType("bool")]  # max(True, False) is True
+        exponent = operand_types[1] if self.name == "sym.pow" and len(operand_types) == 2 else None
+        if isinstance(exponent, int) and exponent < 0:
+            return [ScalarType("float")]  # 2 ** -1 is 0.5
+        return [ScalarType("int")]
+
+
+def _scalar_kind(op_name: str, t: Any) -> str:
+    """The kind of a host scalar operand: a value's ScalarType, or a literal bool, int or float."""
+    if isinstance(t, ScalarType):
+        return t.kind
+    if isinstance(t, bool | int | float):
+        return "bool" if isinstance(t, bool) else "int" if isinstance(t, int) else "float"
+    raise VerificationError(f"{op_name} computes on host scalars (int, float, bool), got {t}")
 
 
 SYM_OPS: dict[Any, str] = {
@@ -303,8 +360,12 @@ SYM_OPS: dict[Any, str] = {
     math.ceil: "sym.ceil",
     math.floor: "sym.floor",
 }
+# What each sym op returns; the rest follow Python's arithmetic (``SymOpDef.result``).
+_SYM_RESULTS = {"sym.eq": "bool", "sym.ne": "bool", "sym.lt": "bool", "sym.le": "bool", "sym.gt": "bool",
+                "sym.ge": "bool", "sym.truediv": "float", "sym.float": "float", "sym.int": "int", "sym.ceil": "int",
+                "sym.floor": "int"}
 for _fn, _name in SYM_OPS.items():
-    register_op(SymOpDef(_name, _fn))
+    register_op(SymOpDef(_name, _fn, _SYM_RESULTS.get(_name, "arithmetic")))
 
 
 _TORCH_NAMESPACES = {"aten", "prims", "quantized", "_c10d_functional", "c10d_functional"}

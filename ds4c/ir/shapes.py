@@ -97,6 +97,27 @@ def eval_dim(dim: Dim, sizes: dict[str, int]) -> int:
         raise IRError(f"dimension '{dim}' has no integer value at {subs} ({e})") from None
 
 
+def same_dim(a: Dim, b: Dim) -> bool:
+    """Whether two dimensions are equal for every value of their symbols ('S-1' and '-1+S' are)."""
+    if a == b:
+        return True
+    if isinstance(a, int) and isinstance(b, int):
+        return False
+    return sympy.simplify(dim_expr(a) - dim_expr(b)) == 0
+
+
+def floordiv_dim(dim: Dim, divisor: int) -> Dim:
+    """``dim // divisor`` as a dimension: floordiv_dim(32, 2) == 16, floordiv_dim('S', 4) == '(S//4)'."""
+    if isinstance(dim, int):
+        return dim // divisor
+    text = format_dim(sympy.floor(dim_expr(dim) / divisor))
+    try:
+        dim_expr(text)
+    except IRError:  # a form format_dim cannot spell in the grammar (floor(S/4+3/4))
+        return f"(({dim})//{divisor})"
+    return text
+
+
 def format_dim(expr: sympy.Expr) -> Dim:
     """Canonical text of a sympy dimension: ints stay ints; floor(a/b) prints as (a//b)."""
     expr = sympy.simplify(expr) if not expr.is_Integer else expr

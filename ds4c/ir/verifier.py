@@ -1,13 +1,21 @@
-"""Structural verifier for graphs. Errors name the op (index, result, name) and what is wrong."""
+"""Structural verifier for graphs. Errors name the op (index, result, name) and what is wrong.
+
+Besides SSA form and each op's own ``verify``, every result of an op that infers its types
+(``OpDef.infer_types``) must be declared with the type its definition infers: a pass that writes
+a wrong type fails ``VerifyAfterEach``, and an artifact whose IR was edited is refused at load.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from ds4c.errors import Ds4cError, IRError, VerificationError
-from ds4c.ir.graph import INPUT_KINDS, Graph, Op, Value
+from ds4c.ir.graph import INPUT_KINDS, Graph, Op, Value, map_values
 from ds4c.ir.registry import get_op, split_results
-from ds4c.ir.types import ListType, ScalarType, TensorType
+from ds4c.ir.shapes import same_dim
+from ds4c.ir.types import IRType, ListType, ScalarType, TensorType
 
 
 def _describe(index: int, op: Op) -> str:
@@ -15,9 +23,45 @@ def _describe(index: int, op: Op) -> str:
     return f"op #{index} ({lhs + ' = ' if lhs else ''}{op.name})"
 
 
+def infer_result_types(op: Op) -> list[IRType] | None:
+    """The result types ``op``'s definition infers from its operands' types and its attributes
+    (``OpDef.infer_types``); None for an op that does not infer (ATen ops)."""
+    def typed(a: Any) -> Any:
+        return a.type if isinstance(a, Value) else a
+
+    opdef = get_op(op.name)
+    if not opdef.infers:
+        return None
+    return opdef.infer_types([map_values(a, typed) for a in op.args], map_values(op.kwargs, typed))
+
+
+def _same_type(declared: IRType, inferred: IRType) -> bool:
+    if declared == inferred:
+        return True
+    return (isinstance(declared, TensorType) and isinstance(inferred, TensorType) and declared.dtype == inferred.dtype
+            and declared.rank == inferred.rank
+            and all(same_dim(a, b) for a, b in zip(declared.shape, inferred.shape, strict=True)))
+
+
+def _check_inferred(op: Op) -> None:
+    """Every declared result type is the one the op's definition infers."""
+    inferred = infer_result_types(op)
+    if inferred is None:
+        return
+    if len(inferred) != len(op.results):
+        raise VerificationError(f"declares {len(op.results)} results, {op.name} makes {len(inferred)}")
+    for r, want in zip(op.results, inferred, strict=True):
+        if not _same_type(r.type, want):
+            at = f" at {op.loc}" if op.loc else ""
+            raise VerificationError(
+                f"result %{r.name}{at} is declared {r.type}, but {op.name} infers {want} from its operands' types "
+                f"and attributes (ds4c.ops); the pass or edit that wrote this op must give it the inferred type: "
+                "fix that pass, or recompile the artifact")
+
+
 def verify_graph(graph: Graph, *, require_constants: bool = False) -> None:
     """Check SSA form, admitted ops (``get_op``: ds4c's, ``sym.*``, the ATen allow-list), argument
-    binding, types and outputs.
+    binding, types (declared result types against each op's inferred ones) and outputs.
 
     Raises VerificationError naming the first offending op.
     """
@@ -58,6 +102,7 @@ def verify_graph(graph: Graph, *, require_constants: bool = False) -> None:
                 raise VerificationError(f"graph @{graph.name}: {where} redefines %{r.name} (SSA)")
         try:
             opdef.verify(op)
+            _check_inferred(op)
         except VerificationError as e:
             raise VerificationError(f"graph @{graph.name}: {where}: {e}") from None
         except Ds4cError as e:  # an op's declaration refusing an attribute (an unknown weight format ...)
@@ -99,8 +144,6 @@ def check_types(graph: Graph, sizes: dict[str, int]) -> None:
                                         f"not a tensor shape ({str(e).splitlines()[0]})") from None
         else:
             env[inp.value] = sizes.get(inp.value.name, 1)
-    from ds4c.ir.graph import map_values
-
     for index, op in enumerate(graph.ops):
         opdef = get_op(op.name)
         args = map_values(op.args, lambda v: env[v])

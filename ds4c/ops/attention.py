@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ds4c.errors import VerificationError
 from ds4c.ir.registry import OpDef, Operand, register_op
+from ds4c.ir.shapes import floordiv_dim
 from ds4c.ir.types import TensorType
 
 
@@ -41,6 +42,9 @@ class _Attention(OpDef):
     def reference(self, q, keys, bias, sinks, *, scale: float):
         return attention_reference(q, keys, bias, sinks, scale)
 
+    def infer_types(self, operand_types, kwargs):
+        return [self.tensor_operand(operand_types, 0)]  # q's: K = V has q's head size
+
     def verify(self, op) -> None:
         super().verify(op)
         if len(op.args) != 4 or set(op.kwargs) != {"scale"}:
@@ -50,8 +54,6 @@ class _Attention(OpDef):
             raise VerificationError(f"{self.name}: q and keys must be tensors")
         if q.type.rank != 4 or keys.type.rank != 4 or keys.type.shape[1] != 1:
             raise VerificationError(f"{self.name}: q must be [B,H,S,D] and keys [B,1,T,D]; got {q.type}, {keys.type}")
-        if str(op.results[0].type) != str(q.type):
-            raise VerificationError(f"{self.name}: result must have q's type {q.type}")
 
 
 @register_op
@@ -88,3 +90,15 @@ class LinearGrouped(OpDef):
         wt = w.view(groups, -1, hidden).transpose(1, 2)
         xt = x.reshape(-1, groups, hidden).transpose(0, 1)
         return torch.bmm(xt, wt).transpose(0, 1).reshape(*lead, groups, -1)
+
+    def infer_types(self, operand_types, kwargs):
+        x = self.tensor_operand(operand_types, 0, min_rank=2)
+        w = self.tensor_operand(operand_types, 1, min_rank=2)
+        return [grouped_linear_type(self.name, x, w.shape[0], kwargs.get("groups"))]
+
+
+def grouped_linear_type(op_name: str, x: TensorType, rows, groups) -> TensorType:
+    """The result of a grouped linear with ``rows`` weight rows: [.., groups, rows // groups] in x's dtype."""
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise VerificationError(f"{op_name}: groups must be a positive int, got {groups!r}")
+    return TensorType(x.dtype, (*x.shape[:-2], groups, floordiv_dim(rows, groups)))

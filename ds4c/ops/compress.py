@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ds4c.errors import VerificationError
 from ds4c.ir.registry import OpDef, Operand, register_op
+from ds4c.ir.types import TensorType
 from ds4c.ops.norms import rms_norm_reference
 
 
@@ -40,6 +42,10 @@ class Compress(OpDef):
     def reference(self, kv, score, norm_w, *, eps: float):
         return compress_reference(kv, score, norm_w, eps)
 
+    def infer_types(self, operand_types, kwargs):
+        kv = self.tensor_operand(operand_types, 0, min_rank=2)  # [.., slots, d]: the slots are pooled
+        return [TensorType(kv.dtype, (*kv.shape[:-2], kv.shape[-1]))]
+
 
 @register_op
 class IndexerTopk(OpDef):
@@ -51,3 +57,10 @@ class IndexerTopk(OpDef):
     def reference(self, q, keys, w, future, *, k: int, softmax_scale: float, weights_scale: float):
         s = index_scores_reference(q, keys, w, softmax_scale, weights_scale).masked_fill(future, float("-inf"))
         return s.topk(k, dim=-1).indices
+
+    def infer_types(self, operand_types, kwargs):
+        q = self.tensor_operand(operand_types, 0, min_rank=2)  # [.., heads, d]: scores summed over the heads
+        k = kwargs.get("k")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise VerificationError(f"indexer.topk: k must be a positive int, got {k!r}")
+        return [TensorType(torch.int64, (*q.shape[:-2], k))]

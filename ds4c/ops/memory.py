@@ -30,11 +30,11 @@ class Prefetch(OpDef):
     def reference(self, x: torch.Tensor, *, device: Any = None) -> torch.Tensor:
         return x if device is None else x.to(device, non_blocking=True)
 
+    def infer_types(self, operand_types, kwargs):
+        return [self.tensor_operand(operand_types, 0)]
+
     def verify(self, op: Any) -> None:
         super().verify(op)
         operands = op.operands
         if len(operands) != 1 or not isinstance(operands[0].type, TensorType):
             raise VerificationError(f"{PREFETCH} takes exactly one tensor operand")
-        if operands[0].type != op.results[0].type:
-            raise VerificationError(f"{PREFETCH}: result type {op.results[0].type} must equal the operand's "
-                                    f"{operands[0].type}")

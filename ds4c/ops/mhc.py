@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ds4c.errors import VerificationError
 from ds4c.ir.registry import OpDef, Operand, register_op
+from ds4c.ir.types import TensorType
 from ds4c.ops.norms import rms_norm_reference
 
 
@@ -69,6 +70,12 @@ class MhcPre(OpDef):
     def reference(self, h, fn, base, scale, *, norm_eps, hc_eps, sinkhorn_iters):
         return mhc_pre_reference(h, fn, base, scale, norm_eps=norm_eps, hc_eps=hc_eps, sinkhorn_iters=sinkhorn_iters)
 
+    def infer_types(self, operand_types, kwargs):
+        h = self.tensor_operand(operand_types, 0, min_rank=2)
+        *lead, n, d = h.shape  # the mixing weights are fp32 (the math is)
+        return [TensorType(h.dtype, (*lead, d)), TensorType(torch.float32, (*lead, n)),
+                TensorType(torch.float32, (*lead, n, n))]
+
     def verify(self, op) -> None:
         super().verify(op)
         if set(op.kwargs) != {"norm_eps", "hc_eps", "sinkhorn_iters"} or len(op.args) != 4:
@@ -87,6 +94,9 @@ class MhcPost(OpDef):
     def reference(self, f, h, post, comb):
         return mhc_post_reference(f, h, post, comb)
 
+    def infer_types(self, operand_types, kwargs):
+        return [self.tensor_operand(operand_types, 1, min_rank=2)]  # the streams' type
+
 
 @register_op
 class MhcHead(OpDef):
@@ -97,3 +107,7 @@ class MhcHead(OpDef):
 
     def reference(self, h, fn, base, scale, *, norm_eps, hc_eps):
         return mhc_head_reference(h, fn, base, scale, norm_eps=norm_eps, hc_eps=hc_eps)
+
+    def infer_types(self, operand_types, kwargs):
+        h = self.tensor_operand(operand_types, 0, min_rank=2)
+        return [TensorType(h.dtype, (*h.shape[:-2], h.shape[-1]))]

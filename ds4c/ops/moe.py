@@ -133,6 +133,9 @@ class Moe(OpDef):
     def portable(self, kwargs):
         return moe_gather_formulation
 
+    def infer_types(self, operand_types, kwargs):
+        return [self.tensor_operand(operand_types, 0)]
+
     def verify(self, op) -> None:
         super().verify(op)
         if len(op.args) != len(self.operands):

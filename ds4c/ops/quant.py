@@ -14,6 +14,7 @@ import torch
 from ds4c.errors import VerificationError
 from ds4c.ir.registry import OpDef, Operand, register_op
 from ds4c.ir.types import TensorType
+from ds4c.ops.attention import grouped_linear_type
 from ds4c.ops.moe import Moe
 
 
@@ -35,6 +36,12 @@ class Dequant(OpDef):
         views the scale bytes as float8_e8m0fnu, which ONNX and torch-mlir lack)."""
         return _mxfp4_dequant_portable if kwargs.get("format") == "mxfp4" else self.reference
 
+    def infer_types(self, operand_types, kwargs):
+        dtype = kwargs.get("dtype")
+        if not isinstance(dtype, torch.dtype):
+            raise VerificationError(f"quant.dequant: dtype= must be a dtype, got {dtype!r}")
+        return [TensorType(dtype, weight_shape(self.name, kwargs.get("shape")))]
+
     def verify(self, op) -> None:
         super().verify(op)
         from ds4c.quant.formats import FORMATS
@@ -53,9 +60,6 @@ class Dequant(OpDef):
             if isinstance(ty, TensorType) and (ty.dtype != want_dtype or tuple(ty.shape) != want_shape):
                 raise VerificationError(f"quant.dequant: {fmt.name} {part} of a {list(shape)} weight must be "
                                         f"{want_dtype}{list(want_shape)}, got {ty}")
-        res = op.result.type
-        if isinstance(res, TensorType) and (tuple(res.shape) != shape or res.dtype != op.kwargs.get("dtype")):
-            raise VerificationError(f"quant.dequant: result {res} must be {op.kwargs.get('dtype')}{list(shape)}")
 
 
 @register_op
@@ -79,6 +83,9 @@ class Activation(OpDef):
 
         return roundtrip(x, format, block)
 
+    def infer_types(self, operand_types, kwargs):
+        return [self.tensor_operand(operand_types, 0)]
+
     def verify(self, op) -> None:
         super().verify(op)
         from ds4c.quant.activations import ACTIVATION_FORMATS
@@ -87,9 +94,14 @@ class Activation(OpDef):
                 or op.kwargs["block"] <= 0 or len(op.args) != 1:
             raise VerificationError(f"quant.activation: takes x, format= one of {', '.join(ACTIVATION_FORMATS)} "
                                     f"and a positive block=, got {op.kwargs}")
-        x = op.args[0]
-        if isinstance(getattr(x, "type", None), TensorType) and str(op.result.type) != str(x.type):
-            raise VerificationError(f"quant.activation: result {op.result.type} must equal input type {x.type}")
+
+
+def weight_shape(op_name: str, shape) -> tuple[int, ...]:
+    """A packed op's ``shape=`` attribute (the weight's logical shape) as a tuple of sizes."""
+    if not isinstance(shape, list | tuple) or not shape or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise VerificationError(f"{op_name}: shape= must be the weight's sizes (a list of ints), got {shape!r}")
+    return tuple(shape)
 
 
 def _mxfp4_dequant_portable(qdata: torch.Tensor, scale: torch.Tensor, *, format: str, shape: list[int],
@@ -157,6 +169,10 @@ class LinearPacked(OpDef):
         """The weight decoded with exportable ops (``Format.unpack_portable``)."""
         return _linear_packed_portable
 
+    def infer_types(self, operand_types, kwargs):
+        x = self.tensor_operand(operand_types, 0, min_rank=1)
+        return [TensorType(x.dtype, (*x.shape[:-1], weight_shape(self.name, kwargs.get("shape"))[0]))]
+
     def verify(self, op) -> None:
         super().verify(op)
         from ds4c.quant.activations import ACTIVATION_FORMATS
@@ -199,6 +215,11 @@ class LinearGroupedPacked(OpDef):
             return get_op("linear.grouped").reference(x, w, groups=groups)
         return run
 
+    def infer_types(self, operand_types, kwargs):
+        x = self.tensor_operand(operand_types, 0, min_rank=2)
+        rows = weight_shape(self.name, kwargs.get("shape"))[0]
+        return [grouped_linear_type(self.name, x, rows, kwargs.get("groups"))]
+
     def verify(self, op) -> None:
         super().verify(op)
         n = packed_operand_count([op.kwargs.get("format")], [op.kwargs.get("shape")])
@@ -233,6 +254,9 @@ class MoePacked(OpDef):
 
     def portable(self, kwargs):
         return _moe_packed_portable
+
+    def infer_types(self, operand_types, kwargs):
+        return [self.tensor_operand(operand_types, 0)]
 
     def verify(self, op) -> None:
         super().verify(op)

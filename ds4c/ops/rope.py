@@ -46,6 +46,9 @@ class Rope(OpDef):
     def reference(self, x, cos, sin, *, rope_dim: int, inverse: bool = False):
         return rope_reference(x, cos, sin, rope_dim, inverse)
 
+    def infer_types(self, operand_types, kwargs):
+        return [self.tensor_operand(operand_types, 0)]
+
     def verify(self, op) -> None:
         super().verify(op)
         if len(op.args) != 3 or set(op.kwargs) != {"rope_dim", "inverse"}:
@@ -77,6 +80,9 @@ class RmsNormRope(OpDef):
     def reference(self, x, weight, cos, sin, *, eps: float, rope_dim: int):
         return rms_norm_rope_reference(x, weight, cos, sin, eps, rope_dim)
 
+    def infer_types(self, operand_types, kwargs):
+        return [self.tensor_operand(operand_types, 0)]
+
     def verify(self, op) -> None:
         super().verify(op)
         if len(op.args) != 4 or set(op.kwargs) != {"eps", "rope_dim"}:
@@ -86,5 +92,3 @@ class RmsNormRope(OpDef):
             raise VerificationError("rms_norm.rope: x must be a tensor")
         check_norm_weight("rms_norm.rope", x, w)
         check_rope_dim("rms_norm.rope", op.kwargs["rope_dim"], x.type.shape[-1])
-        if str(op.results[0].type) != str(x.type):
-            raise VerificationError(f"rms_norm.rope: result {op.results[0].type} must equal input type {x.type}")

@@ -22,11 +22,9 @@ from ds4c.models.deepseek_v4.presets import PRESETS
 SENTINEL = b"the user's file, never to change"
 
 
-@pytest.fixture(scope="module")
-def tiny_artifact(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny") / "tiny.ds4"
-    ds4c.compile("tiny", target="cpu", precision="fp32", max_context=32, progress=False).save(path)
-    return path
+@pytest.fixture
+def tiny_artifact(tiny_cpu_artifact) -> Path:
+    return tiny_cpu_artifact  # tests/conftest.py: compiled once per run
 
 
 @pytest.fixture

@@ -111,6 +111,7 @@ def test_release_layer_order_fuses_every_moe_layer(order):
     g, params, ids, want = _trace(dict(num_hidden_layers=len(layers), layer_types=layers,
                                        mlp_layer_types=["hash_moe"] * 3 + ["moe"] * (len(layers) - 3)), seq=20)
     fused, fusion = _fuse(g)
+    verify_graph(fused)  # among its checks: every fused op declares the result types its definition infers
     assert fusion["moe"] == len(layers)
     counts = fused.op_counts()
     assert "aten.bmm.default" not in counts and "aten.index.Tensor" not in counts
