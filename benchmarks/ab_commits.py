@@ -116,9 +116,11 @@ def main() -> None:
                    "--precisions", args.precisions, "--batch", *map(str, args.batch)]
     for _ in range(args.rounds):
         for name, tree in (("a", args.a), ("b", args.b)):
+            # The side runs in its tree: worker processes it starts (`python -m ds4c...`) put the working
+            # directory first on sys.path and must find that tree's ds4c, not this one's.
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(tree).resolve()), str(HERE)]))
             proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--side", tree, *passthrough],
-                                  env=env, capture_output=True, text=True, cwd=str(HERE))
+                                  env=env, capture_output=True, text=True, cwd=str(Path(tree).resolve()))
             sys.stderr.write(proc.stderr[-4000:])
             try:
                 res["rounds"][name].append(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -87,24 +87,11 @@ class _RecordingDriver:
 
 
 def jit_functions() -> list[Any]:
-    """Every ``JITFunction`` defined in the registered kernel modules."""
-    from triton.runtime.jit import JITFunction
-
+    """Every ``JITFunction`` of the kernel modules (``kernels.jit_functions``), the modules imported."""
     from ds4c.backends.triton import kernels
 
     kernels.kernels()  # import the kernel modules
-    out, seen = [], set()
-    for mod in list(kernels.KERNEL_MODULES) + ["configs"]:
-        module = importlib.import_module(f"{kernels.__name__}.{mod}") if _exists(f"{kernels.__name__}.{mod}") else None
-        for value in vars(module).values() if module else ():
-            if isinstance(value, JITFunction) and id(value) not in seen:
-                seen.add(id(value))
-                out.append(value)
-    return out
-
-
-def _exists(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    return kernels.jit_functions()
 
 
 @contextlib.contextmanager
@@ -205,6 +192,9 @@ def triton_source(function: str, specialization: str) -> tuple[Any, Any, dict[st
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
+    from ds4c.backends.triton import kernels
+
+    kernels.kernels()  # the kernel modules imported and their cache keys settled (kernels.settle_cache_keys)
     module, _, qualname = function.rpartition(".")
     fn = getattr(importlib.import_module(module), qualname, None)
     if not isinstance(fn, JITFunction):

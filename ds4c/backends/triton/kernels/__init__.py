@@ -38,6 +38,7 @@ KERNEL_MODULES = ("norms", "rope", "mhc", "attention", "compress", "moe", "act_q
 
 _KERNELS: dict[str, Callable[..., Any]] = {}
 _loaded = False
+_keys_settled = False
 # per thread, the current launch's planned result buffers (``buffers``; absent or None: nothing
 # planned); each is handed out once (a launcher calling another launcher may take it)
 _PLANNED = threading.local()
@@ -66,6 +67,61 @@ def _load() -> None:
         except ModuleNotFoundError as e:
             if e.name != f"{__name__}.{mod}":
                 raise
+    settle_cache_keys()
+
+
+def jit_functions() -> list[Any]:
+    """Every Triton ``JITFunction`` defined in or imported into the kernel modules (and ``configs``,
+    ``pdl``), in a stable order (module, name)."""
+    from triton.runtime.jit import JITFunction
+
+    out, seen = [], set()
+    for mod in (*KERNEL_MODULES, "configs", "pdl"):
+        try:
+            module = importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{mod}":
+                raise
+            continue
+        for name in sorted(vars(module)):
+            value = vars(module)[name]
+            if isinstance(value, JITFunction) and id(value) not in seen:
+                seen.add(id(value))
+                out.append(value)
+    return out
+
+
+def settle_cache_keys() -> None:
+    """Give every kernel its order-independent Triton cache key, once per process, before any is
+    launched or any stored binary's key is checked.
+
+    Triton 3.6 merges a callee's constexpr globals (``used_global_vals``, part of the caller's key)
+    into the caller *before* computing the callee's key (triton/runtime/jit.py,
+    ``DependenciesFinder._update_hash``; 3.9 computes the callee first). So a kernel's key depended
+    on which other kernel was hashed first in the process: ``moe._down_pairs_kernel`` hashed after
+    ``moe._down_kernel`` (both call helpers that read ``FP8_SCALE_BLOCK``) got another key than
+    hashed alone, and an artifact's stored binaries, keyed in the ahead-of-time workers, were not
+    found at load (measured on the H100, triton 3.6: 2 of 62 binaries of a tiny h100 artifact).
+    Recomputing every key until the merged globals stop changing gives each kernel the key with all
+    its callees' globals, whatever the order: the key triton 3.9 computes. A no-op under the
+    interpreter (no ``JITFunction``) and once keys are settled."""
+    global _keys_settled
+    if _keys_settled:
+        return
+    _keys_settled = True
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover - no triton, no kernels to key
+        return
+    fns = [f for f in jit_functions() if hasattr(f, "hash") and hasattr(f, "used_global_vals")]
+    for _ in range(16):  # callee chains are a few deep; each round settles one more level
+        before = [sorted(f.used_global_vals) for f in fns]
+        for f in fns:
+            f.hash = None
+        for f in fns:
+            f.cache_key  # noqa: B018 - computes and memoises the key
+        if [sorted(f.used_global_vals) for f in fns] == before:
+            return
 
 
 def get_kernel(op_name: str) -> Callable[..., Any] | None:

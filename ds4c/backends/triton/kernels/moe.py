@@ -354,6 +354,18 @@ def _row_times_rows(a_ptr, w_base, s_base, row_off, cols, col_ok, k_total, s_col
 
 
 @triton.jit
+def _pair_operands(routed, idx_ptr, pid, w_ptr, w_expert, s_ptr, s_expert, shared_w_ptr, shared_s_ptr):
+    """(weight, scale) base pointers of program ``pid``'s matrix: its expert's (``routed``: the
+    pair's expert id read from ``idx_ptr``) or the shared expert's. Selected with ``tl.where``, not
+    an if/else: triton 3.6's ROCm pointer canonicalisation (TritonAMDGPUCanonicalizePointers) fails
+    on an ``scf.if`` that yields pointers of different bases (measured: gfx942, both pairs kernels)."""
+    expert = tl.load(idx_ptr + pid, mask=routed, other=0).to(tl.int64)
+    w_base = tl.where(routed, w_ptr + expert * w_expert, shared_w_ptr)
+    s_base = tl.where(routed, s_ptr + expert * s_expert, shared_s_ptr)
+    return w_base, s_base
+
+
+@triton.jit
 def _gate_up_pairs_kernel(x_ptr, w_ptr, s_ptr, idx_ptr, sg_ptr, sgs_ptr, su_ptr, sus_ptr, h_ptr,
                           pairs, top_k, inter, hidden, s_cols, w_expert, s_expert, limit,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
@@ -369,21 +381,14 @@ def _gate_up_pairs_kernel(x_ptr, w_ptr, s_ptr, idx_ptr, sg_ptr, sgs_ptr, su_ptr,
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < inter
-    if pid < pairs:
-        token = pid // top_k
-        expert = tl.load(idx_ptr + pid).to(tl.int64)
-        g_base = w_ptr + expert * w_expert
-        u_base = g_base
-        gs_base = s_ptr + expert * s_expert
-        us_base = gs_base
-        u_off = inter
-    else:
-        token = pid - pairs
-        g_base = sg_ptr
-        u_base = su_ptr
-        gs_base = sgs_ptr
-        us_base = sus_ptr
-        u_off = 0
+    # Selected without branches: ROCm's pointer canonicalisation (triton 3.6) fails on an if/else
+    # that yields pointers (see _pair_operands).
+    routed = pid < pairs
+    token = tl.where(routed, pid // top_k, pid - pairs)
+    g_base, gs_base = _pair_operands(routed, idx_ptr, pid, w_ptr, w_expert, s_ptr, s_expert, sg_ptr, sgs_ptr)
+    u_base = tl.where(routed, g_base, su_ptr)
+    us_base = tl.where(routed, gs_base, sus_ptr)
+    u_off = tl.where(routed, inter, 0)
     a_ptr = x_ptr + token.to(tl.int64) * hidden
     if ROW and PAIRED:  # gate and up rows interleaved in one [2 * BLOCK_N, 128] tile per step
         r = tl.arange(0, 2 * BLOCK_N)
@@ -428,15 +433,9 @@ def _down_pairs_kernel(h_ptr, w_ptr, s_ptr, idx_ptr, wt_ptr, sd_ptr, sds_ptr, y_
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
-    if pid < pairs:
-        expert = tl.load(idx_ptr + pid).to(tl.int64)
-        w_base = w_ptr + expert * w_expert
-        s_base = s_ptr + expert * s_expert
-        weight = tl.load(wt_ptr + pid)
-    else:
-        w_base = sd_ptr
-        s_base = sds_ptr
-        weight = 1.0
+    routed = pid < pairs  # selected without branches, as in _gate_up_pairs_kernel
+    w_base, s_base = _pair_operands(routed, idx_ptr, pid, w_ptr, w_expert, s_ptr, s_expert, sd_ptr, sds_ptr)
+    weight = tl.load(wt_ptr + pid, mask=routed, other=1.0)
     if ROW:
         rows = cols.to(tl.int64)
         y = row_dot(h_ptr + pid.to(tl.int64) * inter, w_base + rows * inter, s_base + (rows // FP8_SCALE_BLOCK) * s_cols, col_ok,
