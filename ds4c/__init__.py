@@ -27,7 +27,7 @@ def __getattr__(name: str):
 
         return Artifact
     if name == "SamplingParams":
-        from ds4c.serving.sampling import SamplingParams
+        from ds4c.runtime.sampling import SamplingParams
 
         return SamplingParams
     if name == "CompiledModel":

@@ -1,5 +1,5 @@
 """The import contract (pyproject.toml ``[tool.importlinter]``): ds4c's packages import one way,
-drivers -> serving -> runtime -> backends -> passes -> frontend -> models/artifact -> ops -> quant -> ir ->
+drivers -> runtime -> backends -> passes -> frontend -> models/artifact -> ops -> quant -> ir ->
 targets -> errors, and the subpackages of a package import each other without cycles."""
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ds4c.errors import InputError
-from ds4c.serving.sampling import (
+from ds4c.runtime.sampling import (
     MAX_LOGPROBS,
     SamplerState,
     SamplingParams,

@@ -1,4 +1,4 @@
-"""Sampling for serving: a request's parameters, the batched sampler and the stop conditions.
+"""Sampling for serving: a request's parameters, the batched sampler and the stop conditions (the engine's, under ds4c.runtime).
 
 ``SamplingParams`` is one request's choice, checked when it is made: a bad value raises
 ``InputError`` naming the field, the value and the allowed range, for that request only.
