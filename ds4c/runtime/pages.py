@@ -1,0 +1,212 @@
+"""Paged per-request state: pools of fixed-size pages and each request's page tables (#26).
+
+A serving engine keeps the state of every running request in pools allocated once: ``window``
+pages (``window_page`` tokens of sliding-window rows), ``compressed`` pages (``comp_page`` tokens'
+worth of CSA/HCA entries and indexer keys) and ``slots`` (one per running request: the
+compressor rings). One page id names the same page in every layer's pool of that kind, so a
+request holds three small tables (docs/design/serving_engine.md, section 2):
+
+- a window row: a ring of ``window_slots`` entries; the logical window page ``lp`` (positions
+  ``lp*window_page ..``) sits at ring index ``lp % window_slots``;
+- a compressed row: ``comp_entries`` entries, logical page ``j`` (positions ``j*comp_page ..``)
+  at index ``j``;
+- a slot.
+
+Id 0 of every pool is trash: never handed out, the value of every unused table entry (padding
+rows write there; nothing reads it unmasked). Allocation is all or nothing: a request grows to a
+new end only if every page it needs is free (``grow`` returns False and takes nothing
+otherwise), so the scheduler can preempt and retry. Window pages whose positions no query can
+see any more (all before ``end - (window - 1)``) go back to the pool as the request grows.
+
+This module holds the bookkeeping only (host integers); the pools' tensors, their sizes
+(``plan_memory``) and the kernels that read through the tables are elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["PageLayout", "PagePool", "Pools", "RequestPages"]
+
+
+class PagePool:
+    """Ids ``1 .. pages - 1`` of one pool, handed out and taken back; id 0 is trash. Freed ids are
+    reused first (last in, first out). Freeing an id that is not out raises: a double free is a
+    bookkeeping bug, not something to absorb."""
+
+    def __init__(self, name: str, pages: int):
+        if pages < 2:
+            raise ValueError(f"pool '{name}' needs at least 2 pages (page 0 is trash), got {pages}")
+        self.name = name
+        self.pages = pages
+        self._free = list(range(pages - 1, 0, -1))  # pop() hands out 1, 2, ... first
+        self._out: set[int] = set()
+
+    @property
+    def capacity(self) -> int:
+        """Pages that can be handed out (all but the trash page)."""
+        return self.pages - 1
+
+    @property
+    def free_count(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_count(self) -> int:
+        return len(self._out)
+
+    def alloc(self, n: int = 1) -> list[int] | None:
+        """``n`` free ids, or None (and nothing taken) when fewer are free."""
+        if n < 0:
+            raise ValueError(f"pool '{self.name}': cannot allocate {n} pages")
+        if n > len(self._free):
+            return None
+        ids = [self._free.pop() for _ in range(n)]
+        self._out.update(ids)
+        return ids
+
+    def free(self, ids: list[int] | tuple[int, ...]) -> None:
+        bad = [i for i in ids if i not in self._out]
+        if bad or len(set(ids)) != len(ids):
+            raise ValueError(f"pool '{self.name}': freeing pages that are not allocated (or twice): "
+                             f"{sorted(bad) or sorted(ids)}")
+        self._out.difference_update(ids)
+        self._free.extend(ids)
+
+    def __repr__(self) -> str:
+        return f"PagePool({self.name!r}, used {self.used_count} of {self.capacity})"
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """Page sizes and table widths, as the compiler decides them.
+
+    ``window``: the sliding window W in tokens (a query at p sees p-W+1 .. p). ``window_page``: Pw,
+    tokens per window page. ``max_chunk``: the most tokens one request adds in one step.
+    ``comp_page``: Pt, tokens per compressed page. ``max_context``: positions per request."""
+
+    window: int
+    window_page: int
+    comp_page: int
+    max_context: int
+    max_chunk: int
+
+    def __post_init__(self) -> None:
+        for name in ("window", "window_page", "comp_page", "max_context", "max_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PageLayout.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def window_slots(self) -> int:
+        """Wp: ring entries for the window pages one step can touch: W-1 tokens back plus a chunk,
+        plus one for the page boundary."""
+        return math.ceil((self.window - 1 + self.max_chunk) / self.window_page) + 1
+
+    @property
+    def comp_entries(self) -> int:
+        """Compressed pages of a request at ``max_context``."""
+        return math.ceil(self.max_context / self.comp_page)
+
+
+class Pools:
+    """The three pools of an engine: ``window``, ``compressed`` and ``slots``."""
+
+    def __init__(self, window_pages: int, comp_pages: int, slots: int):
+        self.window = PagePool("window", window_pages)
+        self.compressed = PagePool("compressed", comp_pages)
+        self.slots = PagePool("slots", slots)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Pages used and free per pool (``Engine.stats``)."""
+        return {p.name: {"used": p.used_count, "free": p.free_count, "capacity": p.capacity}
+                for p in (self.window, self.compressed, self.slots)}
+
+
+class RequestPages:
+    """One request's tables into ``pools``: the pages for positions ``0 .. end - 1``.
+
+    ``window_row`` (``layout.window_slots`` ids), ``comp_row`` (``layout.comp_entries`` ids) and
+    ``slot`` are what the step's metadata copies; 0 means no page."""
+
+    def __init__(self, layout: PageLayout, pools: Pools):
+        self.layout = layout
+        self.pools = pools
+        self.end = 0
+        self.slot = 0
+        self.window_row = [0] * layout.window_slots
+        self.comp_row = [0] * layout.comp_entries
+        self._window_pages: dict[int, int] = {}  # logical window page -> page id (live ones)
+
+    def _first_live_window_page(self, end: int) -> int:
+        """The first logical window page a query at a position >= ``end`` can still read."""
+        return max(0, end - (self.layout.window - 1)) // self.layout.window_page
+
+    def pages_needed(self, end: int) -> tuple[int, int, int]:
+        """(window, compressed, slot) pages ``grow(end)`` would take (none are taken here)."""
+        lay = self.layout
+        if end <= self.end:
+            return 0, 0, 0
+        window = sum(1 for lp in range(self.end // lay.window_page, (end - 1) // lay.window_page + 1)
+                     if lp not in self._window_pages)
+        comp = math.ceil(end / lay.comp_page) - math.ceil(self.end / lay.comp_page)
+        return window, comp, int(self.slot == 0)
+
+    def grow(self, end: int) -> bool:
+        """Take the pages for positions ``self.end .. end - 1`` (all or none); False when a pool
+        has too few free pages. Window pages no query from ``self.end`` on can see are freed first."""
+        lay = self.layout
+        if end > lay.max_context:
+            raise ValueError(f"request grows to {end} positions, beyond max_context {lay.max_context}")
+        if end - self.end > lay.max_chunk:
+            raise ValueError(f"request grows by {end - self.end} positions in one step, beyond max_chunk {lay.max_chunk}")
+        self.release_window_before(self._first_live_window_page(self.end) * lay.window_page)
+        if end <= self.end:
+            return True
+        n_window, n_comp, n_slot = self.pages_needed(end)
+        if (n_window > self.pools.window.free_count or n_comp > self.pools.compressed.free_count
+                or n_slot > self.pools.slots.free_count):
+            return False
+        if n_slot:
+            self.slot = self.pools.slots.alloc(1)[0]
+        comp_ids = self.pools.compressed.alloc(n_comp)
+        for j, page in zip(range(math.ceil(self.end / lay.comp_page), math.ceil(end / lay.comp_page)), comp_ids,
+                           strict=True):
+            self.comp_row[j] = page
+        window_ids = iter(self.pools.window.alloc(n_window))
+        for lp in range(self.end // lay.window_page, (end - 1) // lay.window_page + 1):
+            if lp in self._window_pages:
+                continue
+            ring = lp % lay.window_slots
+            if self.window_row[ring]:  # the ring holds more pages than the window and a chunk need
+                raise AssertionError(f"window ring slot {ring} still holds a live page (logical page {lp})")
+            page = next(window_ids)
+            self._window_pages[lp] = page
+            self.window_row[ring] = page
+        self.end = end
+        return True
+
+    def release_window_before(self, position: int) -> None:
+        """Free the window pages whose positions all lie before ``position``."""
+        dead = [lp for lp in self._window_pages if (lp + 1) * self.layout.window_page <= position]
+        if dead:
+            self.pools.window.free([self._window_pages[lp] for lp in dead])
+            for lp in dead:
+                del self._window_pages[lp]
+                self.window_row[lp % self.layout.window_slots] = 0
+
+    def release(self) -> None:
+        """Free every page and the slot (the request finished, was cancelled or is preempted)."""
+        self.release_window_before((max(self._window_pages, default=0) + 1) * self.layout.window_page)
+        used = [p for p in self.comp_row if p]
+        if used:
+            self.pools.compressed.free(used)
+        if self.slot:
+            self.pools.slots.free([self.slot])
+        self.comp_row = [0] * self.layout.comp_entries
+        self.slot = 0
+        self.end = 0
+
+    def window_pages(self) -> dict[int, int]:
+        """Live window pages: logical page -> page id."""
+        return dict(self._window_pages)
