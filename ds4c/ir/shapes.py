@@ -110,16 +110,12 @@ def floordiv_dim(dim: Dim, divisor: int) -> Dim:
     """``dim // divisor`` as a dimension: floordiv_dim(32, 2) == 16, floordiv_dim('S', 4) == '(S//4)'."""
     if isinstance(dim, int):
         return dim // divisor
-    text = format_dim(sympy.floor(dim_expr(dim) / divisor))
-    try:
-        dim_expr(text)
-    except IRError:  # a form format_dim cannot spell in the grammar (floor(S/4+3/4))
-        return f"(({dim})//{divisor})"
-    return text
+    return format_dim(sympy.floor(dim_expr(dim) / divisor))
 
 
 def format_dim(expr: sympy.Expr) -> Dim:
-    """Canonical text of a sympy dimension: ints stay ints; floor(a/b) prints as (a//b)."""
+    """Canonical text of a sympy dimension, in the grammar ``dim_expr`` reads back: ints stay ints;
+    floor(a/b) prints as (a//b), ceiling(a/b) as CeilDiv(a,b)."""
     expr = sympy.simplify(expr) if not expr.is_Integer else expr
     if expr.is_Integer:
         return int(expr)
@@ -127,10 +123,12 @@ def format_dim(expr: sympy.Expr) -> Dim:
 
 
 def _to_text(e: sympy.Expr) -> str:
-    if isinstance(e, sympy.floor) and isinstance(e.args[0], sympy.Mul):
-        num, den = sympy.fraction(e.args[0])
+    if isinstance(e, sympy.floor | sympy.ceiling):  # floor(S/4 + 3/4) is ((S+3)//4): one fraction
+        num, den = sympy.fraction(sympy.together(e.args[0]))
         if den != 1:
-            return f"({_to_text(num)}//{_to_text(den)})"
+            if isinstance(e, sympy.floor):
+                return f"({_paren(num)}//{_paren(den)})"
+            return f"CeilDiv({_to_text(num)},{_to_text(den)})"
     if isinstance(e, sympy.Add):
         terms = sorted(e.args, key=lambda t: (t.is_Number, str(t)))
         out = _to_text(terms[0])
