@@ -67,8 +67,8 @@ def main() -> None:
         if rows:  # the workers record launches before compiling: does recording change the keys?
             from ds4c.backends.triton.launches import prefill_lengths, record_launches
             from ds4c.targets import get_target
-            record_launches(program.graphs, program.attrs.get("state", []), get_target(args.target),
-                            prefill_lengths(program.attrs.get("max_context")),
+            record_launches(program.graphs, manifest["state"], get_target(args.target),
+                            prefill_lengths(manifest.get("max_context", program.attrs.get("max_context"))),
                             pdl=bool(manifest.get("lowering", {}).get("options", {}).get("pdl", False)))
             for r in rows:
                 b = next(dict(x, triton_target=section["triton_target"]) for x in section["binaries"]

@@ -17,14 +17,18 @@
 #                                                 # arenas per entry point), buffer plan + executor tests (~5 min)
 #   bash benchmarks/device_session.sh planvariants  # graphed step, kernels backend with / without the buffer plan, one
 #                                                 # stream and the stream schedule, + compiled; 3 rounds (~9 min)
+#   bash benchmarks/device_session.sh keys        # stored vs live Triton keys per binary (tiny, fp32/bf16), fp32 smoke vs
+#                                                 # transformers, then the whole GPU test suite (~9 min)
+#   bash benchmarks/device_session.sh ab          # flash-slice compile/load/TTFT/decode, tree ./ab_old vs this tree, same
+#                                                 # run (A: a commit, archived into ./ab_old first; ~6 min)
 #
 # TARGET (default h200) names the target record the artifacts are compiled for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -33,6 +37,20 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv > "$out/gpu.txt" 2>&1
 head_table=benchmarks/tables/fp8_with_head.json
 case "$1" in
+  keys)
+    timeout 150 python benchmarks/aot_keys.py --target "$target" --precisions fp32,bf16 --out "$out/keys.json" \
+      > "$out/keys.log" 2>&1; grep -E "binaries," "$out/keys.log"
+    timeout 150 python benchmarks/gpu_smoke.py --out "$out/smoke.json" > "$out/smoke.log" 2>&1; tail -1 "$out/smoke.log" | cut -c1-300
+    par=$(python -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadscope")  # the image may lack pytest-xdist
+    timeout 280 python -m pytest -q -p no:cacheprovider $par tests/backends/triton \
+      --deselect tests/backends/triton/test_pdl.py::test_launch_options_of_the_interpreter_run_without_pdl \
+      > "$out/pytest_triton.log" 2>&1; tail -3 "$out/pytest_triton.log" ;;
+  ab)
+    # ab_old must already hold tree A (git archive "$A" ds4c pyproject.toml | tar -x -C ab_old, on the
+    # machine that has the repository: the device copy has no .git)
+    test -d ab_old/ds4c || { echo "ab_old/ds4c missing: run git archive \$A ds4c pyproject.toml | tar -x -C ab_old first" >&2; exit 2; }
+    timeout 580 python benchmarks/ab_commits.py --a ab_old --b . --target "$target" --rounds 1 --out "$out/ab.json" \
+      > "$out/ab.log" 2>&1; tail -80 "$out/ab.log" | grep -E "b_over_a|next_token|error" ;;
   plan)
     timeout 200 python benchmarks/gpu_smoke.py --out "$out/smoke_plan.json" > "$out/smoke_plan.log" 2>&1
     tail -3 "$out/smoke_plan.log" | cut -c1-700
