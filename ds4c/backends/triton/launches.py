@@ -86,25 +86,20 @@ class _RecordingDriver:
         return 0
 
 
-def jit_functions() -> list[Any]:
-    """Every ``JITFunction`` of the kernel modules (``kernels.jit_functions``), the modules imported."""
-    from ds4c.backends.triton import kernels
-
-    kernels.kernels()  # import the kernel modules
-    return kernels.jit_functions()
-
-
 @contextlib.contextmanager
 def _recording(triton_target: Any, sink: list[tuple[str, str]]) -> Iterator[None]:
     from triton import knobs
     from triton.runtime.driver import driver
+
+    from ds4c.backends.triton import kernels
 
     def hook(*, key: Any, repr: str, fn: Any, compile: dict[str, Any], is_manual_warmup: bool,
              already_compiled: bool) -> bool:
         sink.append((f"{fn.module}.{fn.name}", compile["specialization_data"]))
         return True  # skip compiling and launching
 
-    functions = jit_functions()
+    kernels.kernels()  # the kernel modules imported (and their keys settled) before their binders are swapped
+    functions = kernels.jit_functions()
     saved_caches = [f.device_caches for f in functions]
     saved_driver, saved_hook = driver._active, knobs.runtime.jit_cache_hook
     for f in functions:  # a fresh binder per kernel: built for the recording target, then dropped
@@ -194,7 +189,7 @@ def triton_source(function: str, specialization: str) -> tuple[Any, Any, dict[st
 
     from ds4c.backends.triton import kernels
 
-    kernels.kernels()  # the kernel modules imported and their cache keys settled (kernels.settle_cache_keys)
+    kernels.kernels()  # the kernel modules imported and their cache keys settled (kernels._settle_cache_keys)
     module, _, qualname = function.rpartition(".")
     fn = getattr(importlib.import_module(module), qualname, None)
     if not isinstance(fn, JITFunction):

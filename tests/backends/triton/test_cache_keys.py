@@ -1,5 +1,5 @@
 """A kernel's Triton cache key does not depend on which kernels were hashed before it in the
-process (``kernels.settle_cache_keys``): the ahead-of-time workers key the artifact's binaries in
+process (``kernels._settle_cache_keys``): the ahead-of-time workers key the artifact's binaries in
 one order, ``ds4c.load`` checks and the JIT looks them up in another. On triton 3.6 the keys of
 ``moe._down_pairs_kernel`` / ``_gate_up_pairs_kernel`` changed when ``moe._down_kernel`` was hashed
 first, and 2 of 62 stored binaries of a tiny h100 artifact were not found at load (H100, 2026-12-05).

@@ -38,7 +38,6 @@ KERNEL_MODULES = ("norms", "rope", "mhc", "attention", "compress", "moe", "act_q
 
 _KERNELS: dict[str, Callable[..., Any]] = {}
 _loaded = False
-_keys_settled = False
 # per thread, the current launch's planned result buffers (``buffers``; absent or None: nothing
 # planned); each is handed out once (a launcher calling another launcher may take it)
 _PLANNED = threading.local()
@@ -67,7 +66,7 @@ def _load() -> None:
         except ModuleNotFoundError as e:
             if e.name != f"{__name__}.{mod}":
                 raise
-    settle_cache_keys()
+    _settle_cache_keys()
 
 
 def jit_functions() -> list[Any]:
@@ -91,9 +90,9 @@ def jit_functions() -> list[Any]:
     return out
 
 
-def settle_cache_keys() -> None:
-    """Give every kernel its order-independent Triton cache key, once per process, before any is
-    launched or any stored binary's key is checked.
+def _settle_cache_keys() -> None:
+    """Give every kernel its order-independent Triton cache key (once per process, from ``_load``,
+    before any kernel is launched or any stored binary's key is checked).
 
     Triton 3.6 merges a callee's constexpr globals (``used_global_vals``, part of the caller's key)
     into the caller *before* computing the callee's key (triton/runtime/jit.py,
@@ -104,15 +103,7 @@ def settle_cache_keys() -> None:
     found at load (measured on the H100, triton 3.6: 2 of 62 binaries of a tiny h100 artifact).
     Recomputing every key until the merged globals stop changing gives each kernel the key with all
     its callees' globals, whatever the order: the key triton 3.9 computes. A no-op under the
-    interpreter (no ``JITFunction``) and once keys are settled."""
-    global _keys_settled
-    if _keys_settled:
-        return
-    _keys_settled = True
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # pragma: no cover - no triton, no kernels to key
-        return
+    interpreter (no ``JITFunction``)."""
     fns = [f for f in jit_functions() if hasattr(f, "hash") and hasattr(f, "used_global_vals")]
     for _ in range(16):  # callee chains are a few deep; each round settles one more level
         before = [sorted(f.used_global_vals) for f in fns]
