@@ -25,9 +25,10 @@ This module holds the bookkeeping only (host integers); the pools' tensors, thei
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-__all__ = ["PageLayout", "PagePool", "Pools", "RequestPages"]
+from ds4c.models.deepseek_v4.paged import PageLayout
+
+__all__ = ["PagePool", "Pools", "RequestPages"]
 
 
 class PagePool:
@@ -76,37 +77,6 @@ class PagePool:
 
     def __repr__(self) -> str:
         return f"PagePool({self.name!r}, used {self.used_count} of {self.capacity})"
-
-
-@dataclass(frozen=True)
-class PageLayout:
-    """Page sizes and table widths, as the compiler decides them.
-
-    ``window``: the sliding window W in tokens (a query at p sees p-W+1 .. p). ``window_page``: Pw,
-    tokens per window page. ``max_chunk``: the most tokens one request adds in one step.
-    ``comp_page``: Pt, tokens per compressed page. ``max_context``: positions per request."""
-
-    window: int
-    window_page: int
-    comp_page: int
-    max_context: int
-    max_chunk: int
-
-    def __post_init__(self) -> None:
-        for name in ("window", "window_page", "comp_page", "max_context", "max_chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PageLayout.{name} must be >= 1, got {getattr(self, name)}")
-
-    @property
-    def window_slots(self) -> int:
-        """Wp: ring entries for the window pages one step can touch: W-1 tokens back plus a chunk,
-        plus one for the page boundary."""
-        return math.ceil((self.window - 1 + self.max_chunk) / self.window_page) + 1
-
-    @property
-    def comp_entries(self) -> int:
-        """Compressed pages of a request at ``max_context``."""
-        return math.ceil(self.max_context / self.comp_page)
 
 
 class Pools:

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ds4c.runtime.pages import PageLayout, PagePool, Pools, RequestPages
+from ds4c.models.deepseek_v4.paged import PageLayout
+from ds4c.runtime.pages import PagePool, Pools, RequestPages
 
 TINY = PageLayout(window=8, window_page=4, comp_page=16, max_context=96, max_chunk=7)
 

@@ -42,6 +42,7 @@ from torch import nn
 
 from ds4c.errors import InputError
 from ds4c.models.deepseek_v4.config import ModelConfig
+from ds4c.models.deepseek_v4.paged import PageLayout, StepIndex, gather_rows
 
 # Exported parameter names are transformers' names: the entry wrappers add no prefix (see _Entry).
 ENTRY_PARAM_PREFIX = ""
@@ -198,9 +199,10 @@ class Compressor(nn.Module):
         self.kv_norm = RMSNorm(head_dim, config.rms_norm_eps)
 
     def forward(self, mode: str, *args):
-        if mode == "select":
-            return self.select(*args)
-        return self.prefill(*args) if mode == "prefill" else self.decode(*args)
+        # Entry through __call__ so traced ops carry this module's path (ds4c inspect groups by it).
+        if mode not in ("prefill", "decode", "step", "select", "select_rows"):
+            raise ValueError(f"unknown mode {mode!r}")
+        return getattr(self, mode)(*args)
 
     def _pool(self, kv: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """kv/gate [.., slots, d] -> normalised entry [.., d] (softmax over slots in fp32)."""
@@ -284,6 +286,43 @@ class Compressor(nn.Module):
             new_state += [torch.where(emit, kv_state[..., :d], prev_kv), torch.where(emit, score_state[..., :d], prev_gate)]
         return comp, new_state
 
+    def ring_width(self) -> tuple[int, int]:
+        """(rows, width) of this compressor's ring per slot: c*m positions of kv ++ gate (c*d each)."""
+        c = 2 if self.overlap else 1
+        return c * self.ratio, 2 * c * self.head_dim
+
+    def step(self, x: torch.Tensor, index: StepIndex, emit: torch.Tensor, comp: torch.Tensor, ring: torch.Tensor,
+             rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paged form over packed tokens ``x`` [1, N, hidden]: the entries of the windows closed by the
+        candidate rows ``emit`` [E] go into ``comp`` [pages, Pt/m, d], then the tokens' kv ++ gate rows
+        into ``ring`` [slots, c*m, 2*c*d] (paged.py). Returns the new ``comp`` and ``ring``.
+
+        A window's ``c*m`` rows are read from this step's tokens where its sequence's chunk holds
+        them and from the ring (written by earlier steps) before that; rows before position 0 are
+        kv 0, gate -inf, as the dense model's empty state."""
+        m, d = self.ratio, self.head_dim
+        span, width = self.ring_width()
+        positions = index.positions
+        kv = self.kv_proj(x)[0]
+        gate = self.gate_proj(x)[0] + self.position_bias.index_select(0, positions % m)
+        rows = torch.cat([kv, gate], dim=-1)  # [N, 2*c*d]
+        flat_ring = ring.reshape(-1, width)
+        packed, ringed, valid, w, seq = index.window_sources(emit, m, span, span)
+        got = torch.where((packed >= 0).unsqueeze(-1), gather_rows(rows, packed), gather_rows(flat_ring, ringed))
+        win_kv, win_gate = got.split(width // 2, dim=-1)
+        win_gate = win_gate.masked_fill(((packed < 0) & (ringed < 0)).unsqueeze(-1), NEG_INF)
+        if self.overlap:  # the previous window's first halves, then this window's second halves
+            win_kv = torch.cat([win_kv[:, :m, :d], win_kv[:, m:, d:]], dim=1)
+            win_gate = torch.cat([win_gate[:, :m, :d], win_gate[:, m:, d:]], dim=1)
+        entries = self._pool(win_kv, win_gate)  # [E, d]
+        cos, sin = rotary((w * m).unsqueeze(0), "compress", entries.dtype)
+        entries = apply_rope(entries.view(1, 1, -1, d), cos, sin).view(-1, d)
+        per_page = comp.shape[1]
+        at = torch.where(valid, index.comp_rows(w, seq, per_page), torch.zeros_like(w))
+        comp = torch.index_put(comp.reshape(-1, d), (at,), entries).view(comp.shape)
+        ring = torch.index_put(flat_ring, (index.ring_writes(span),), rows).view(ring.shape)
+        return comp, ring
+
 
 class _Scorer(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -302,6 +341,17 @@ class Indexer(Compressor):
         self.softmax_scale = self.head_dim ** -0.5
         self.weights_scaling = self.heads ** -0.5
 
+    def _index_scores(self, x: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> torch.Tensor:
+        """Index scores [B, S, C] of queries ``x``/``qr`` [B, S, ..] against ``keys`` [B, C, Di]."""
+        b, s, _ = x.shape
+        q = self.q_b_proj(qr).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos, sin).transpose(1, 2)
+        scores = torch.matmul(q.float(), keys.transpose(-1, -2).float().unsqueeze(1))  # [B, S, H, C]
+        scores = F.relu(scores) * self.softmax_scale
+        weights = self.scorer.weights_proj(x).float() * self.weights_scaling
+        return (scores * weights.unsqueeze(-1)).sum(dim=2)
+
     def select(self, x: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Additive bias [B, 1, S, C] over compressed entries: 0 for the selected, -inf elsewhere.
@@ -312,12 +362,7 @@ class Indexer(Compressor):
         """
         b, s, _ = x.shape
         cap = keys.shape[1]
-        q = self.q_b_proj(qr).view(b, s, -1, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos, sin).transpose(1, 2)
-        scores = torch.matmul(q.float(), keys.transpose(-1, -2).float().unsqueeze(1))  # [B, S, H, C]
-        scores = F.relu(scores) * self.softmax_scale
-        weights = self.scorer.weights_proj(x).float() * self.weights_scaling
-        index_scores = (scores * weights.unsqueeze(-1)).sum(dim=2)  # [B, S, C]
+        index_scores = self._index_scores(x, qr, keys, cos, sin)
         threshold = torch.div(positions + 1, self.ratio, rounding_mode="floor")  # [S]
         entries = torch.arange(cap, device=x.device)
         future = entries.view(1, 1, -1) >= threshold.view(1, -1, 1)
@@ -328,6 +373,20 @@ class Indexer(Compressor):
         bias = keys.new_full((b, 1, s, cap + 1), NEG_INF)
         bias = bias.scatter(-1, safe.unsqueeze(1), 0.0)
         return bias[..., :cap]
+
+    def select_rows(self, x: torch.Tensor, qr: torch.Tensor, key_pool: torch.Tensor, rows: torch.Tensor,
+                    visible: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Paged form of ``select``, one query per packed token: ``x``/``qr`` [N, 1, ..], ``rows``
+        [N, C] the pool rows of every entry each token may see (-1 for the others), ``visible`` [N]
+        their count. Returns the rows of the selected entries [N, k], -1 for invalid picks."""
+        cap = rows.shape[1]
+        keys = gather_rows(key_pool.reshape(-1, key_pool.shape[-1]), rows)  # [N, C, Di]
+        index_scores = self._index_scores(x, qr, keys, cos, sin)[:, 0]  # [N, C]
+        future = torch.arange(cap, device=x.device).view(1, -1) >= visible.view(-1, 1)
+        index_scores = index_scores.masked_fill(future, NEG_INF)
+        top = index_scores.topk(min(self.topk, cap), dim=-1).indices  # [N, k]
+        picked = torch.gather(rows, 1, top)
+        return torch.where(top < visible.view(-1, 1), picked, torch.full_like(picked, -1))
 
 
 # -- attention ---------------------------------------------------------------------------------------
@@ -398,9 +457,31 @@ class Attention(nn.Module):
         grouped = out.transpose(1, 2).reshape(b, s, self.groups, -1)
         return self.o_b_proj(self.o_a_proj(grouped).flatten(2))
 
+    def paged_state_specs(self, prefix: str, layout: PageLayout, window_pages: int, comp_pages: int, slots: int,
+                          dtype: torch.dtype) -> list[StateSpec]:
+        """Pools of the paged step (paged.py): window, then (if compressed) entries and the compressor's
+        ring, then (CSA) indexer keys and the indexer compressor's ring. Every fill is 0: rows are
+        read only after they are written, and the trash rows are masked."""
+        d = self.head_dim
+        specs = [StateSpec(f"{prefix}window_kv", (window_pages, layout.window_page, d), dtype, 0.0)]
+        if self.compressor is not None:
+            per_page = layout.comp_page // self.ratio
+            specs.append(StateSpec(f"{prefix}compressed_kv", (comp_pages, per_page, d), dtype, 0.0))
+            specs.append(StateSpec(f"{prefix}compressor_ring", (slots, *self.compressor.ring_width()), dtype, 0.0))
+            if self.layer_type == "compressed_sparse_attention":
+                idx = self.compressor.indexer
+                specs.append(StateSpec(f"{prefix}indexer_keys", (comp_pages, per_page, idx.head_dim), dtype, 0.0))
+                specs.append(StateSpec(f"{prefix}indexer_compressor_ring", (slots, *idx.ring_width()), dtype, 0.0))
+        return specs
+
+    @property
+    def paged_state_count(self) -> int:
+        """How many pools ``paged_state_specs`` lists for this layer (1 sliding, 3 HCA, 5 CSA)."""
+        return 1 + 2 * (self.compressor is not None) + 2 * (self.layer_type == "compressed_sparse_attention")
+
     def forward(self, mode: str, *args):
         # Entry through __call__ so traced ops carry this module's path (ds4c inspect groups by it).
-        return self.prefill(*args) if mode == "prefill" else self.decode(*args)
+        return {"prefill": self.prefill, "decode": self.decode, "step": self.step}[mode](*args)
 
     def prefill(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, list]:
         b, s, _ = x.shape
@@ -459,6 +540,43 @@ class Attention(nn.Module):
             keys = torch.cat([keys, comp.unsqueeze(1)], dim=2)
             bias = torch.cat([bias, comp_bias], dim=-1)
         return self._attend(q, keys, bias, cos, sin), new_state
+
+    def step(self, x: torch.Tensor, index: StepIndex, emits: dict[str, torch.Tensor], state: list[torch.Tensor],
+             rotary: Rotary) -> tuple[torch.Tensor, list]:
+        """Packed tokens ``x`` [1, N, hidden] against paged ``state`` (``paged_state_specs``).
+
+        Store, then attend: the tokens' window rows, the entries of the windows they close and
+        their compressor rows are written first; then each token attends over its own key list
+        (its W window positions, oldest first, then its compressed entries: the indexer's top-k
+        for CSA, every visible entry for HCA), one query per token (B := N, S := 1)."""
+        n, d = x.shape[1], self.head_dim
+        cos, sin = rotary(index.positions.unsqueeze(0), self.rope_kind, x.dtype)  # [1, N, r/2]
+        qr, q, kv = self._project(x, cos, sin)
+        pool = state[0]
+        page = pool.shape[1]
+        at = index.window_rows(index.positions, index.token_seq, page)
+        pool = torch.index_put(pool.reshape(-1, d), (at,), kv[0, 0]).view(pool.shape)
+        new_state = [pool]
+        rows = index.window_keys(self.window, page)
+        keys = gather_rows(pool.reshape(-1, d), rows)  # [N, W, D]
+        valid = rows >= 0
+        tok_cos, tok_sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [N, 1, r/2]
+        if self.compressor is not None:
+            emit = emits[self.layer_type]
+            comp, ring = self.compressor("step", x, index, emit, state[1], state[2], rotary)
+            new_state += [comp, ring]
+            crows = index.comp_keys(self.ratio, self.capacity, comp.shape[1])
+            if self.layer_type == "compressed_sparse_attention":
+                idx = self.compressor.indexer
+                ikeys, iring = idx("step", x, index, emit, state[3], state[4], rotary)
+                new_state += [ikeys, iring]
+                crows = idx("select_rows", x.transpose(0, 1), qr.transpose(0, 1), ikeys, crows,
+                            index.visible(self.ratio), tok_cos, tok_sin)
+            keys = torch.cat([keys, gather_rows(comp.reshape(-1, d), crows)], dim=1)
+            valid = torch.cat([valid, crows >= 0], dim=1)
+        bias = torch.where(valid, 0.0, NEG_INF).to(q.dtype).view(n, 1, 1, -1)
+        out = self._attend(q[0].transpose(0, 1).unsqueeze(2), keys.unsqueeze(1), bias, tok_cos, tok_sin)
+        return out.view(1, n, -1), new_state
 
 
 # -- MoE ---------------------------------------------------------------------------------------------
@@ -566,7 +684,7 @@ class DecoderLayer(nn.Module):
         return hc_post(out, h, post, comb)
 
     def forward(self, mode: str, *args):
-        return self.prefill(*args) if mode == "prefill" else self.decode(*args)
+        return {"prefill": self.prefill, "decode": self.decode, "step": self.step}[mode](*args)
 
     def prefill(self, h, input_ids, positions, rotary):
         post, comb, collapsed = self.attn_hc(h)
@@ -577,6 +695,12 @@ class DecoderLayer(nn.Module):
     def decode(self, h, input_ids, position, state, rotary):
         post, comb, collapsed = self.attn_hc(h)
         out, state = self.self_attn("decode", self.input_layernorm(collapsed), position, state, rotary)
+        h = hc_post(out, h, post, comb)
+        return self._ffn(h, input_ids), state
+
+    def step(self, h, input_ids, index, emits, state, rotary):
+        post, comb, collapsed = self.attn_hc(h)
+        out, state = self.self_attn("step", self.input_layernorm(collapsed), index, emits, state, rotary)
         h = hc_post(out, h, post, comb)
         return self._ffn(h, input_ids), state
 
@@ -611,6 +735,26 @@ class DeepseekV4Model(nn.Module):
 
     def _layer_state_counts(self) -> list[int]:
         return [len(layer.self_attn.state_specs("", 1, torch.float32)) for layer in self.model.layers]
+
+    def compression_rates(self) -> dict[str, int]:
+        """Compression rate per compressed layer type present in this model."""
+        return {layer.self_attn.layer_type: layer.self_attn.ratio for layer in self.model.layers
+                if layer.self_attn.ratio}
+
+    def paged_state_specs(self, layout: PageLayout, window_pages: int, comp_pages: int,
+                          slots: int) -> list[StateSpec]:
+        """The pools of ``step``, every layer's in layer order (paged.py; page 0 and slot 0 are trash)."""
+        if layout.window != self.config.sliding_window:
+            raise ValueError(f"PageLayout.window={layout.window} but the model's sliding window is "
+                             f"{self.config.sliding_window}")
+        layout.check_rates(self.compression_rates())
+        if layout.max_context > self.max_context:
+            raise ValueError(f"PageLayout.max_context={layout.max_context} exceeds the model's {self.max_context}")
+        dtype = self.lm_head.weight.dtype
+        specs: list[StateSpec] = []
+        for i, layer in enumerate(self.model.layers):
+            specs += layer.self_attn.paged_state_specs(f"layers.{i}.", layout, window_pages, comp_pages, slots, dtype)
+        return specs
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         e = self.model.embed_tokens(input_ids)
@@ -647,6 +791,40 @@ class DeepseekV4Model(nn.Module):
             out += st
             offset += n
         return (self._head(h), *out)
+
+    def step(self, input_ids: torch.Tensor, positions: torch.Tensor, token_seq: torch.Tensor,
+             seq_first: torch.Tensor, seq_last: torch.Tensor, logit_rows: torch.Tensor, window_table: torch.Tensor,
+             comp_table: torch.Tensor, slot: torch.Tensor, emit_csa: torch.Tensor, emit_hca: torch.Tensor,
+             *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One serving step over packed sequences: (logits [L, vocab] of the packed rows ``logit_rows``,
+        *new_state) with ``state`` the pools of ``paged_state_specs``.
+
+        Tokens [N] (``input_ids``, ``positions``, ``token_seq``: their sequence) are the chunks of
+        R sequences, consecutive rows at consecutive positions; ``seq_first``/``seq_last`` [R] are
+        each chunk's first and last row; ``window_table`` [R, Wp], ``comp_table`` [R, Pc] and
+        ``slot`` [R] its pages (paged.py). A chunk continues its sequence from the state written by
+        earlier steps (chunked prefill; decode is a chunk of one). ``emit_csa``/``emit_hca`` [E]
+        are the rows that may close a CSA/HCA window (-1 and rows that close none write to trash)."""
+        index = StepIndex(positions, token_seq, seq_first, seq_last, window_table, comp_table, slot)
+        emits = {"compressed_sparse_attention": emit_csa, "heavily_compressed_attention": emit_hca}
+        ids = input_ids.view(1, -1)
+        h = self._embed(ids)
+        out: list[torch.Tensor] = []
+        offset = 0
+        for layer in self.model.layers:
+            n = layer.self_attn.paged_state_count
+            h, st = layer("step", h, ids, index, emits, list(state[offset:offset + n]), self.model.rotary)
+            out += st
+            offset += n
+        return (self._head(h.index_select(1, logit_rows))[0], *out)
+
+    def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, window_table: torch.Tensor,
+                    comp_table: torch.Tensor, slot: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``step`` with one token per sequence (row r is sequence r, every row a candidate emitter):
+        (logits [R, vocab], *new_state)."""
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return self.step(input_ids, positions, rows, rows, rows, rows, window_table, comp_table, slot, rows, rows,
+                         *state)
 
 
 class _Entry(nn.Module):

@@ -1,0 +1,181 @@
+"""Paged serving state of DeepSeek-V4: the page layout, the pools' shapes and one step's addresses.
+
+A serving step (``DeepseekV4Model.step``) runs N tokens of R sequences packed one after another
+(no padding), each token at its own position, against state kept in pools of fixed-size pages
+(docs/design/serving_engine.md, sections 2-4):
+
+- ``window_kv`` [window pages, Pw, D], every layer: the row of position ``q`` of sequence ``r``
+  is row ``q % Pw`` of page ``window_table[r, (q // Pw) % Wp]``;
+- ``compressed_kv`` [compressed pages, Pt/m, D] (CSA and HCA) and ``indexer_keys``
+  [compressed pages, Pt/m, Di] (CSA): entry ``j`` of sequence ``r`` is row ``j % (Pt/m)`` of page
+  ``comp_table[r, j // (Pt/m)]``;
+- ``compressor_ring`` [slots, Rk, 2cD] (and ``indexer_compressor_ring`` for the indexer's own
+  compressor): position ``q``'s projected kv and gate (position bias added), concatenated, at
+  row ``q % Rk`` of the sequence's slot, ``Rk = c*m`` (c = 2 with CSA's overlap). It replaces the
+  dense model's compressor tails: a window's entry is computed from its ``c*m`` rows whether
+  they come from the ring (earlier steps) or from the step's own tokens.
+
+Every address is a function of (sequence, position) alone, so the state after positions
+``0 .. p`` is the same whatever the chunking. Id 0 of every pool is trash: table entries that are
+0, padding rows and compress rows that close no window write there, and every read through an
+address list masks its ``-1`` entries (their keys are zero rows with a ``-inf`` bias), so nothing
+written there is ever used.
+
+This module is addressing only (integer tensor arithmetic, traceable by torch.export); the layer
+math that uses it is in ``model.py``; the host bookkeeping of pages (which ids a request holds)
+is ``ds4c/runtime/pages.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PageLayout", "StepIndex", "gather_rows"]
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """Page sizes and table widths, as the compiler decides them.
+
+    ``window``: the sliding window W in tokens (a query at p sees p-W+1 .. p). ``window_page``: Pw,
+    tokens per window page. ``max_chunk``: the most tokens one request adds in one step.
+    ``comp_page``: Pt, tokens per compressed page (a multiple of every compression rate).
+    ``max_context``: positions per request."""
+
+    window: int
+    window_page: int
+    comp_page: int
+    max_context: int
+    max_chunk: int
+
+    def __post_init__(self) -> None:
+        for name in ("window", "window_page", "comp_page", "max_context", "max_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PageLayout.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def window_slots(self) -> int:
+        """Wp: ring entries for the window pages one step can touch: W-1 tokens back plus a chunk,
+        plus one for the page boundary."""
+        return math.ceil((self.window - 1 + self.max_chunk) / self.window_page) + 1
+
+    @property
+    def comp_entries(self) -> int:
+        """Compressed pages of a request at ``max_context``."""
+        return math.ceil(self.max_context / self.comp_page)
+
+    def check_rates(self, rates: dict[str, int]) -> None:
+        """Refuse a compressed page that does not hold a whole number of entries of every rate."""
+        bad = {kind: m for kind, m in rates.items() if m and self.comp_page % m}
+        if bad:
+            raise ValueError(f"PageLayout.comp_page={self.comp_page} is not a multiple of the compression rates "
+                             f"{bad}; choose a multiple of {math.lcm(*rates.values())}")
+
+
+def _masked(idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return torch.where(idx >= 0, rows, torch.full_like(rows, -1))
+
+
+@dataclass(frozen=True)
+class StepIndex:
+    """The addresses of one step, derived from its metadata with tensor ops only.
+
+    ``input_ids``/``positions``/``token_seq`` are per packed token [N]; ``seq_first``/``seq_last``
+    are each sequence's first and last packed row [R]; ``window_table`` [R, Wp], ``comp_table``
+    [R, Pc] and ``slot`` [R] are the sequences' pages. A sequence's tokens are consecutive rows
+    at consecutive positions (a chunk): ``start``/``end`` are its first position and one past
+    its last."""
+
+    positions: torch.Tensor
+    token_seq: torch.Tensor
+    seq_first: torch.Tensor
+    seq_last: torch.Tensor
+    window_table: torch.Tensor
+    comp_table: torch.Tensor
+    slot: torch.Tensor
+
+    @property
+    def start(self) -> torch.Tensor:
+        """[R] first position of each sequence's chunk."""
+        return self.positions.index_select(0, self.seq_first)
+
+    @property
+    def end(self) -> torch.Tensor:
+        """[R] one past the last position of each sequence's chunk."""
+        return self.positions.index_select(0, self.seq_last) + 1
+
+    # -- sliding window --------------------------------------------------------------------------
+
+    def window_rows(self, q: torch.Tensor, seq: torch.Tensor, page: int) -> torch.Tensor:
+        """Row of position ``q`` of sequence ``seq`` in the flattened window pool (q >= 0)."""
+        slots = self.window_table.shape[1]
+        table = self.window_table.long().index_select(0, seq.reshape(-1)).view(*seq.shape, slots)
+        ids = torch.gather(table, -1, (torch.div(q, page, rounding_mode="floor") % slots).unsqueeze(-1)).squeeze(-1)
+        return ids * page + q % page
+
+    def window_keys(self, window: int, page: int) -> torch.Tensor:
+        """[N, W] window rows each token attends, oldest first; -1 before position 0."""
+        q = self.positions.unsqueeze(1) - (window - 1) + torch.arange(window, device=self.positions.device)
+        seq = self.token_seq.unsqueeze(1).expand_as(q)
+        return _masked(q, self.window_rows(q.clamp(min=0), seq, page))
+
+    # -- compressed entries ----------------------------------------------------------------------
+
+    def comp_rows(self, j: torch.Tensor, seq: torch.Tensor, per_page: int) -> torch.Tensor:
+        """Row of compressed entry ``j`` of sequence ``seq`` in a flattened compressed pool."""
+        table = self.comp_table.long().index_select(0, seq.reshape(-1)).view(*seq.shape, self.comp_table.shape[1])
+        ids = torch.gather(table, -1, torch.div(j, per_page, rounding_mode="floor").unsqueeze(-1)).squeeze(-1)
+        return ids * per_page + j % per_page
+
+    def visible(self, ratio: int) -> torch.Tensor:
+        """[N] compressed entries each token may see: those of windows closed at or before it."""
+        return torch.div(self.positions + 1, ratio, rounding_mode="floor")
+
+    def comp_keys(self, ratio: int, capacity: int, per_page: int) -> torch.Tensor:
+        """[N, capacity] rows of every entry each token may see, by index; -1 for the others."""
+        j = torch.arange(capacity, device=self.positions.device).unsqueeze(0).expand(self.positions.shape[0], -1)
+        seq = self.token_seq.unsqueeze(1).expand_as(j)
+        rows = self.comp_rows(j, seq, per_page)
+        return torch.where(j < self.visible(ratio).unsqueeze(1), rows, torch.full_like(rows, -1))
+
+    # -- compressor rings ------------------------------------------------------------------------
+
+    def ring_writes(self, ring: int) -> torch.Tensor:
+        """[N] ring row each token writes: its slot's row ``p % Rk`` if a later step may read it
+        (one of its sequence's last ``Rk`` positions), else the trash slot's."""
+        end = self.end.index_select(0, self.token_seq)
+        slot = self.slot.long().index_select(0, self.token_seq)
+        keep = self.positions >= end - ring
+        return torch.where(keep, slot, torch.zeros_like(slot)) * ring + self.positions % ring
+
+    def emitted(self, emit: torch.Tensor, ratio: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For candidate rows ``emit`` [E] (-1: padding): (valid [E], window index w [E], sequence [E]).
+
+        A row is valid when it is a token whose position closes a window of ``ratio`` tokens."""
+        row = emit.clamp(min=0)
+        p = self.positions.index_select(0, row)
+        valid = (emit >= 0) & ((p + 1) % ratio == 0)
+        return valid, torch.div(p, ratio, rounding_mode="floor"), self.token_seq.index_select(0, row)
+
+    def window_sources(self, emit: torch.Tensor, ratio: int, span: int, ring: int) -> tuple[torch.Tensor, ...]:
+        """Where the ``span`` (= c*m) rows of each emitted window come from: (packed row [E, span],
+        ring row [E, span], valid [E], w [E], seq [E]); -1 where the other source (or neither:
+        positions before 0, invalid rows) holds it."""
+        valid, w, seq = self.emitted(emit, ratio)
+        q = (w * ratio + ratio - span).unsqueeze(1) + torch.arange(span, device=emit.device)
+        start = self.start.index_select(0, seq).unsqueeze(1)
+        first = self.seq_first.index_select(0, seq).unsqueeze(1)
+        slot = self.slot.long().index_select(0, seq).unsqueeze(1)
+        ok = valid.unsqueeze(1) & (q >= 0)
+        packed = torch.where(ok & (q >= start), first + q - start, torch.full_like(q, -1))
+        ringed = torch.where(ok & (q < start), slot * ring + q % ring, torch.full_like(q, -1))
+        return packed, ringed, valid, w, seq
+
+
+def gather_rows(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``pool`` [rows, d] at ``rows`` (any shape); -1 gives a zero row (whatever the trash holds)."""
+    picked = pool.index_select(0, rows.clamp(min=0).reshape(-1)).view(*rows.shape, pool.shape[-1])
+    return torch.where((rows >= 0).unsqueeze(-1), picked, torch.zeros_like(picked))
