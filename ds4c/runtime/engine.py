@@ -1,0 +1,339 @@
+"""The serving engine: continuous batching of requests over paged state (#26; design in
+docs/design/serving_engine.md, section 8).
+
+Requests are submitted at any time and join the running batch at the next ``step``. Each step
+packs one chunk per running request under a token budget (``max_step_tokens``): first the next
+token of every request that is decoding (oldest first, so a long prompt never stalls them), then
+prompt chunks of requests still prefilling (oldest first), then new requests from the waiting
+queue (first come, first served; no skipping ahead of a request that does not fit). A request
+whose chunk ends its known tokens samples its next token in the same step; finished requests
+leave at once and give their pages back.
+
+Pages (``ds4c.runtime.pages``) are taken as requests grow. When a running request cannot grow,
+the youngest running request is preempted: its pages are freed and it goes back to the front of
+the queue with its prompt and the tokens it has generated, which it recomputes later (the tokens
+already emitted are inputs, never sampled again). A request therefore finishes with the tokens it
+would have produced without preemption (docs/design/serving_engine.md, section 8.3).
+
+The engine drives a *step runner*: something that owns the pools' tensors and runs one
+``StepBatch``, returning the logits of its logit rows. ``EagerStepRunner`` runs the model's eager
+``step`` (the oracle of the compiled serving entry points).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+from ds4c.errors import InputError
+from ds4c.models.deepseek_v4.paged import PageLayout
+from ds4c.runtime.pages import Pools, RequestPages
+from ds4c.runtime.sampling import SamplerState, SamplingParams, finish_reasons, sample
+from ds4c.runtime.step_batch import Chunk, StepBatch, build_step
+
+__all__ = ["EagerStepRunner", "Engine", "Request", "StepRunner"]
+
+RequestStatus = Literal["waiting", "running", "finished"]
+
+
+class StepRunner(Protocol):
+    """What the engine needs from a model: its facts, the pools, and one step."""
+
+    layout: PageLayout
+    pools: Pools
+    rates: dict[str, int]
+    vocab_size: int
+
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        """Run one step (updating the pools in place or by replacement); logits [L, vocab]."""
+        ...
+
+
+class EagerStepRunner:
+    """``DeepseekV4Model.step`` in eager PyTorch over pools allocated here (``window_pages``,
+    ``comp_pages``, ``slots``; id 0 of each is trash)."""
+
+    def __init__(self, model, layout: PageLayout, *, window_pages: int, comp_pages: int, slots: int,
+                 device: torch.device | str = "cpu"):
+        self.model = model
+        self.layout = layout
+        self.pools = Pools(window_pages, comp_pages, slots)
+        self.rates = model.compression_rates()
+        self.vocab_size = model.config.vocab_size
+        self.device = torch.device(device)
+        specs = model.paged_state_specs(layout, window_pages, comp_pages, slots)
+        self.state = tuple(torch.zeros(s.shape, dtype=s.dtype, device=self.device) for s in specs)
+
+    @torch.no_grad()
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        out = self.model.step(*batch.args(), *self.state)
+        self.state = out[1:]
+        return out[0]
+
+
+@dataclass(eq=False)
+class Request:
+    """One request: what was asked, what it has produced, where it stands.
+
+    ``output_ids`` grows as the engine steps; ``finish_reason`` is "stop", "length" or
+    "cancelled" once it is done. ``logprobs`` (when ``params.logprobs`` is not None) holds per
+    generated token (its logprob, [(token id, logprob), ...] of the ``params.logprobs`` most
+    likely)."""
+
+    id: int
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    status: RequestStatus = "waiting"
+    preemptions: int = 0
+    # engine bookkeeping
+    _pages: RequestPages | None = field(default=None, repr=False)
+    _computed: int = 0  # positions whose state is in the pools
+    _cancel: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt and output so far: what the model has seen or will see next."""
+        return [*self.prompt_ids, *self.output_ids]
+
+
+class Engine:
+    """Continuous batching over a ``StepRunner`` (see the module docstring).
+
+    ``max_running``: requests in the batch at once (at most the slots). ``max_step_tokens``: tokens
+    per step (at least ``max_running``, so every decode fits). ``max_chunk``: tokens one request adds
+    in one step (at most the layout's ``max_chunk``)."""
+
+    def __init__(self, runner: StepRunner, *, max_running: int | None = None, max_step_tokens: int | None = None,
+                 max_chunk: int | None = None, seed: int | None = None):
+        self.runner = runner
+        self.layout = runner.layout
+        self.pools = runner.pools
+        slots = self.pools.slots.capacity
+        self.max_running = slots if max_running is None else max_running
+        self.max_chunk = self.layout.max_chunk if max_chunk is None else max_chunk
+        self.max_step_tokens = (max(self.max_running, self.max_chunk) if max_step_tokens is None
+                                else max_step_tokens)
+        if not 1 <= self.max_running <= slots:
+            raise InputError(f"Engine(max_running={self.max_running}): must be in [1, {slots}] (the slots of the pools)")
+        if not 1 <= self.max_chunk <= self.layout.max_chunk:
+            raise InputError(f"Engine(max_chunk={self.max_chunk}): must be in [1, {self.layout.max_chunk}] "
+                             "(the layout's max_chunk, which sizes the window tables)")
+        if self.pools.window.capacity < self.layout.window_slots:
+            raise InputError(f"Engine: the window pool has {self.pools.window.capacity} pages, one request needs up to "
+                             f"{self.layout.window_slots}; allocate more window pages")
+        if self.max_step_tokens < self.max_running:
+            raise InputError(f"Engine(max_step_tokens={self.max_step_tokens}) is below max_running="
+                             f"{self.max_running}: every running request must be able to decode in each step")
+        self.vocab_size = runner.vocab_size
+        self._sampler = SamplerState(self.vocab_size, seed=seed)
+        self._sampling: list[Request] = []  # the sampler's rows: the running requests that decode
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # in age order (oldest first)
+        self._ids = itertools.count()
+        self._stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0}
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Request:
+        """Queue a request; it joins the batch at the next step. Bad input raises InputError for
+        this request only (nothing is queued)."""
+        params = SamplingParams(max_new_tokens=16) if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise InputError(f"Engine.submit: params must be a SamplingParams, got {type(params).__name__}")
+        try:
+            prompt = tuple(int(t) for t in prompt_ids)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"Engine.submit: prompt_ids must be a sequence of token ids ({e})") from None
+        if not prompt:
+            raise InputError("Engine.submit: the prompt is empty; pass at least one token id")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InputError(f"Engine.submit: prompt token ids {bad[:5]} are outside [0, {self.vocab_size})")
+        params.validate(self.vocab_size)
+        total = len(prompt) + params.max_new_tokens
+        if total > self.layout.max_context:
+            raise InputError(f"Engine.submit: prompt of {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} "
+                             f"= {total} exceeds max_context={self.layout.max_context}; shorten one of them")
+        need = math.ceil(total / self.layout.comp_page)
+        if need > self.pools.compressed.capacity:
+            raise InputError(f"Engine.submit: {total} positions need {need} compressed pages, the pool has "
+                             f"{self.pools.compressed.capacity}; give the engine more memory or shorten the request")
+        req = Request(next(self._ids), prompt, params)
+        self._waiting.append(req)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop ``req`` at the next step boundary (its pages are freed then); a finished request is left as is."""
+        if req.finished:
+            return
+        if req.status == "waiting":
+            self._waiting.remove(req)
+            self._finish(req, "cancelled")
+        else:
+            req._cancel = True
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and not self._running
+
+    def run_until_idle(self, max_steps: int | None = None) -> None:
+        steps = 0
+        while not self.idle:
+            self.step()
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                raise RuntimeError(f"Engine.run_until_idle: not idle after {max_steps} steps")
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+                 ) -> list[list[int]]:
+        """Submit every prompt, run until idle, return each request's output ids."""
+        many = params if isinstance(params, Sequence) else [params] * len(prompts)
+        reqs = [self.submit(p, sp) for p, sp in zip(prompts, many, strict=True)]
+        self.run_until_idle()
+        return [r.output_ids for r in reqs]
+
+    def stats(self) -> dict:
+        return {"running": len(self._running), "waiting": len(self._waiting), "pages": self.pools.stats(),
+                **self._stats}
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[Request]:
+        """Plan, run and sample one step; returns the requests that got a token in it."""
+        for req in [r for r in self._running if r._cancel]:
+            self._retire(req, "cancelled")
+        plan: dict[Request, Chunk] = {}
+        budget = [self.max_step_tokens]
+        preemptions_before = self._stats["preemptions"]
+
+        def take(req: Request, n: int, room_by_preempting: str) -> bool:
+            end = req._computed + n
+            while not req._pages.grow(end):
+                if room_by_preempting == "none":
+                    return False
+                victim = self._running[-1]
+                if victim is req and room_by_preempting != "self":
+                    return False
+                if victim in plan:
+                    budget[0] += len(plan.pop(victim).token_ids)
+                self._preempt(victim)
+                if victim is req:
+                    return False
+            tokens = req.tokens
+            last = end == len(tokens)
+            plan[req] = Chunk(req._pages, tokens[req._computed:end], req._computed, "last" if last else "none")
+            budget[0] -= n
+            return True
+
+        for req in [r for r in self._running if len(r.tokens) - r._computed == 1]:  # decodes, oldest first
+            if req.status == "running":
+                take(req, 1, "self")
+        for req in [r for r in self._running if len(r.tokens) - r._computed > 1]:  # prompts being prefilled
+            n = min(len(req.tokens) - req._computed, budget[0], self.max_chunk)
+            if req.status == "running" and n > 0 and not take(req, n, "younger"):
+                break
+        preempted = self._stats["preemptions"] > preemptions_before
+        while self._waiting and len(self._running) < self.max_running and not preempted:
+            req = self._waiting[0]
+            n = min(len(req.tokens), budget[0], self.max_chunk)
+            if n <= 0:
+                break
+            req._pages = RequestPages(self.layout, self.pools)
+            if not self._admissible(req, n) or not take(req, n, "none"):
+                req._pages.release()
+                req._pages = None
+                break
+            self._waiting.popleft()
+            req.status = "running"
+            self._running.append(req)
+            self._running.sort(key=lambda r: r.id)
+        if not plan:
+            return []
+        return self._run(plan)
+
+    def _admissible(self, req: Request, n: int) -> bool:
+        """Admit a new request only while the running ones keep a page each to grow into."""
+        window, comp, slot = req._pages.pages_needed(n)
+        keep = len(self._running)
+        return (self.pools.compressed.free_count - comp >= keep and self.pools.window.free_count - window >= keep
+                and self.pools.slots.free_count >= slot)
+
+    def _run(self, plan: dict[Request, Chunk]) -> list[Request]:
+        reqs = list(plan)
+        # The sampler's rows follow the logits' rows: the plan's order of the chunks that end their
+        # request's known tokens (requests joining the sampler, e.g. at the end of a recompute, may
+        # sit anywhere in it).
+        rows = [r for r in reqs if plan[r].logits == "last"]
+        for r in rows:
+            if r not in self._sampling:
+                self._sampler.add(r.params, r.prompt_ids, r.output_ids)
+                self._sampling.append(r)
+        self._sampler.select([self._sampling.index(r) for r in rows])
+        self._sampling = rows
+        batch = build_step([plan[r] for r in reqs], self.runner.rates)
+        logits = self.runner.run(batch)
+        for r in reqs:
+            n = len(plan[r].token_ids)
+            r._computed += n
+            self._stats["decode_tokens" if n == 1 and r.output_ids else "prefill_tokens"] += n
+        self._stats["steps"] += 1
+        if not self._sampling:
+            return []
+        result = sample(logits, self._sampler)
+        tokens = result.tokens.tolist()
+        reasons = finish_reasons(tokens, self._sampler.params, self._sampler.generated)
+        top = None
+        if result.logprobs is not None:
+            top = (result.logprobs.tolist(), result.top_token_ids.tolist(), result.top_logprobs.tolist())
+        sampled = list(self._sampling)
+        for i, (r, tok, why) in enumerate(zip(sampled, tokens, reasons, strict=True)):
+            r.output_ids.append(tok)
+            if top is not None and r.params.logprobs is not None:
+                k = r.params.logprobs
+                r.logprobs.append((top[0][i], list(zip(top[1][i][:k], top[2][i][:k], strict=True))))
+            if why is not None:
+                self._retire(r, why)
+        return sampled
+
+    # -- leaving the batch ------------------------------------------------------------------------
+
+    def _release(self, req: Request) -> None:
+        if req in self._sampling:
+            self._sampler.remove([self._sampling.index(req)])
+            self._sampling.remove(req)
+        if req._pages is not None:
+            req._pages.release()
+            req._pages = None
+        req._computed = 0
+        self._running.remove(req)
+
+    def _retire(self, req: Request, reason: str) -> None:
+        self._release(req)
+        self._finish(req, reason)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.status = "finished"
+        req.finish_reason = reason
+        self._stats["finished"] += 1
+
+    def _preempt(self, req: Request) -> None:
+        """Free all of ``req``'s state; it waits at the front of the queue and recomputes its
+        prompt and output later."""
+        self._release(req)
+        req.status = "waiting"
+        req.preemptions += 1
+        self._stats["preemptions"] += 1
+        self._waiting.appendleft(req)
