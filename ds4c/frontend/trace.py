@@ -52,6 +52,24 @@ TRACE_CACHE_SIZE = 8
 _TRACES: OrderedDict[tuple, tuple[dict[str, Any], dict[str, Any]]] = OrderedDict()
 
 
+def _cached(key: tuple, disk_key: str, build) -> Program:
+    """The program of ``key``: from this process's cache, else the disk cache, else ``build()``."""
+    from ds4c.frontend import trace_cache
+
+    if key in _TRACES:
+        _TRACES.move_to_end(key)
+        graphs, attrs = _TRACES[key]
+        return Program({n: g.copy() for n, g in graphs.items()}, copy.deepcopy(attrs))
+    program = trace_cache.load(disk_key)
+    if program is None:
+        program = build()
+        trace_cache.store(disk_key, program)
+    _TRACES[key] = ({n: g.copy() for n, g in program.graphs.items()}, copy.deepcopy(program.attrs))
+    while len(_TRACES) > TRACE_CACHE_SIZE:
+        _TRACES.popitem(last=False)
+    return program
+
+
 def trace_program(config: Any, max_context: int, dtype: torch.dtype = torch.float32, *,
                   per_kind: bool = True) -> tuple[Program, torch.nn.Module]:
     """Trace prefill and decode into a Program; returns it with the (meta) model it describes.
@@ -66,19 +84,76 @@ def trace_program(config: Any, max_context: int, dtype: torch.dtype = torch.floa
 
     model = build_meta_model(config, max_context, dtype)
     key = (repr(config), int(max_context), str(dtype), per_kind)
-    if key in _TRACES:
-        _TRACES.move_to_end(key)
-        graphs, attrs = _TRACES[key]
-        return Program({n: g.copy() for n, g in graphs.items()}, copy.deepcopy(attrs)), model
     disk_key = trace_cache.trace_key(config, max_context, dtype, per_kind)
-    program = trace_cache.load(disk_key)
-    if program is None:
-        program = _trace_program(config, model, max_context, dtype, per_kind)
-        trace_cache.store(disk_key, program)
-    _TRACES[key] = ({n: g.copy() for n, g in program.graphs.items()}, copy.deepcopy(program.attrs))
-    while len(_TRACES) > TRACE_CACHE_SIZE:
-        _TRACES.popitem(last=False)
-    return program, model
+    return _cached(key, disk_key, lambda: _trace_program(config, model, max_context, dtype, per_kind)), model
+
+
+def trace_serving(config: Any, max_context: int, layout: Any, dtype: torch.dtype = torch.float32, *,
+                  per_kind: bool = True) -> Program:
+    """Trace the serving entry points ``ragged_step`` and ``ragged_decode`` (``DeepseekV4Model.step``
+    and ``decode_step`` over the paged pools of ``layout``, a ``PageLayout``) into a Program of their
+    own, with ``attrs["serving"]`` (layout, compression rates, inputs, pools) and per-graph dim
+    names; per-kind tracing, stitching and caching as ``trace_program``."""
+    from ds4c.frontend import trace_cache
+
+    model = build_meta_model(config, max_context, dtype)
+    model.paged_state_specs(layout, 2, 2, 2)  # refuses a layout the model cannot use, before tracing
+    extra = f"serving:{layout!r}"
+    key = (repr(config), int(max_context), str(dtype), per_kind, extra)
+    disk_key = trace_cache.trace_key(config, max_context, dtype, per_kind, extra)
+    return _cached(key, disk_key, lambda: _trace_serving(config, model, max_context, dtype, layout, per_kind))
+
+
+def _trace_serving(config: Any, model: torch.nn.Module, max_context: int, dtype: torch.dtype, layout: Any,
+                   per_kind: bool) -> Program:
+    from ds4c.frontend.stitch import proxy_plan, stitch_graph
+    from ds4c.models.deepseek_v4.model import DECODE_STEP_INPUTS, STEP_DIMS, STEP_INPUTS, pool_dim
+
+    plan = proxy_plan(config) if per_kind else None
+    if plan is None:
+        graphs = _trace_serving_graphs(model, layout)
+    else:
+        proxy_config, kind_of_layer = plan
+        proxy = _trace_serving_graphs(build_meta_model(proxy_config, max_context, dtype), layout)
+        graphs = {name: stitch_graph(g, kind_of_layer, proxy_config.num_hidden_layers) for name, g in proxy.items()}
+    specs = model.paged_state_specs(layout, 2, 2, 2)
+    pool_names = [s.name for s in specs]
+    for name, g in graphs.items():
+        got = [n for n, _ in g.outputs]
+        if got != ["logits", *pool_names]:
+            raise IRError(f"traced graph @{name} returns {got[:4]}..., expected logits and the pools in order")
+    pools = {s.name: [pool_dim(s.name)] for s in specs}
+    kinds = {"PW": "window", "PC": "compressed", "SLOTS": "slots"}
+    attrs = {
+        "graph_dim_names": {
+            "ragged_step": {**{n: [STEP_DIMS[n]] for n in STEP_INPUTS}, **pools},
+            "ragged_decode": {**{n: ["R"] for n in DECODE_STEP_INPUTS}, **pools},
+        },
+        "serving": {
+            "layout": {"window": layout.window, "window_page": layout.window_page, "comp_page": layout.comp_page,
+                       "max_context": layout.max_context, "max_chunk": layout.max_chunk,
+                       "window_slots": layout.window_slots, "comp_entries": layout.comp_entries},
+            "rates": model.compression_rates(),
+            "inputs": {"ragged_step": list(STEP_INPUTS), "ragged_decode": list(DECODE_STEP_INPUTS)},
+            "pools": [{"name": s.name, "pool": kinds[pool_dim(s.name)], "shape": [pool_dim(s.name), *s.shape[1:]],
+                       "dtype": str(s.dtype).removeprefix("torch.")} for s in specs],
+        },
+        "max_context": max_context,
+        "model_config": {"hc_sinkhorn_iters": config.hc_sinkhorn_iters, "hc_mult": config.hc_mult,
+                         "swiglu_limit": config.swiglu_limit},
+    }
+    return Program(graphs, attrs)
+
+
+def _trace_serving_graphs(model: torch.nn.Module, layout: Any) -> dict[str, Any]:
+    from ds4c.models.deepseek_v4.model import DECODE_STEP_INPUTS, STEP_INPUTS, export_serving_entry_points
+
+    eps = export_serving_entry_points(model, layout)
+    pools = [s.name for s in model.paged_state_specs(layout, 2, 2, 2)]
+    return {name: import_exported_program(eps[name], name, input_names=list(inputs), state_names=pools,
+                                          decompose=False, output_names=["logits", *pools],
+                                          param_prefix=_prefix(eps[name]))
+            for name, inputs in (("ragged_step", STEP_INPUTS), ("ragged_decode", DECODE_STEP_INPUTS))}
 
 
 def _trace_program(config: Any, model: torch.nn.Module, max_context: int, dtype: torch.dtype,

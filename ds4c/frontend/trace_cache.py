@@ -81,13 +81,14 @@ def _source_digest() -> str:
     return h.hexdigest()
 
 
-def key_inputs(config: Any, max_context: int, dtype: torch.dtype, per_kind: bool) -> str:
-    """Everything a trace depends on, as the JSON text its key hashes (stored in the entry)."""
+def key_inputs(config: Any, max_context: int, dtype: torch.dtype, per_kind: bool, extra: str | None = None) -> str:
+    """Everything a trace depends on, as the JSON text its key hashes (stored in the entry);
+    ``extra``: what else the traced entry points depend on (the serving page layout)."""
     import sympy
 
     parts = [FORMAT, repr(config), int(max_context), str(dtype), bool(per_kind), torch.__version__,
              sympy.__version__, f"{sys.version_info.major}.{sys.version_info.minor}", _source_digest()]
-    return json.dumps(parts)
+    return json.dumps(parts + ([extra] if extra is not None else []))
 
 
 _MAX_CONTEXT_AT = 2  # where key_inputs puts the context length
@@ -97,8 +98,8 @@ _MAX_CONTEXT_AT = 2  # where key_inputs puts the context length
 _KEY_INPUTS: dict[str, str] = {}
 
 
-def trace_key(config: Any, max_context: int, dtype: torch.dtype, per_kind: bool) -> str:
-    inputs = key_inputs(config, max_context, dtype, per_kind)
+def trace_key(config: Any, max_context: int, dtype: torch.dtype, per_kind: bool, extra: str | None = None) -> str:
+    inputs = key_inputs(config, max_context, dtype, per_kind, extra)
     key = hashlib.sha256(inputs.encode()).hexdigest()
     _KEY_INPUTS[key] = inputs
     while len(_KEY_INPUTS) > 4 * MAX_ENTRIES:

@@ -60,7 +60,8 @@ def _map_dims(ty: IRType, fn) -> IRType:
 
 def _symbol_names(graph: Graph, ctx: PassContext) -> dict[str, str]:
     """Names for the exporter's symbols (s0, s17...): from ``dim_names`` hints, else d0, d1, ..."""
-    hints: dict[str, list[str | None]] = ctx.program_attrs.get("dim_names", {})
+    per_graph = ctx.program_attrs.get("graph_dim_names", {})
+    hints: dict[str, list[str | None]] = per_graph.get(graph.name) or ctx.program_attrs.get("dim_names", {})
     rename: dict[str, str] = {}
     used: set[str] = set()
     for inp in graph.inputs:

@@ -161,7 +161,7 @@ def test_pools_hold_the_dense_state(model):
     lay, s = paged.layout, len(ids)
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
-        pool = paged.pool(f"layers.{i}.window_kv")
+        pool = paged.pool(f"layers.{i}.window_kv_pool")
         for p in range(s - attn.window, s):
             page = req.window_row[(p // lay.window_page) % lay.window_slots]
             assert _err(pool[page, p % lay.window_page], dense[f"layers.{i}.window_kv"][p % attn.window]) <= TOL
@@ -169,7 +169,7 @@ def test_pools_hold_the_dense_state(model):
             per_page = lay.comp_page // attn.ratio
             names = ["compressed_kv"] + (["indexer_keys"] if attn.compressor.overlap else [])
             for name in names:
-                pool = paged.pool(f"layers.{i}.{name}")
+                pool = paged.pool(f"layers.{i}.{name}_pool")
                 for j in range(s // attn.ratio):
                     got = pool[req.comp_row[j // per_page], j % per_page]
                     assert _err(got, dense[f"layers.{i}.{name}"][j]) <= TOL, (name, j)

@@ -177,7 +177,10 @@ class HyperHead(nn.Module):
         self.hc_base = nn.Parameter(torch.empty(n))
         self.hc_scale = nn.Parameter(torch.empty(1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Collapse the streams of ``x`` [B, S, n, D]; ``rows``: only those positions (axis 1)."""
+        if rows is not None:  # here, not before the call: the head's ops, row pick included, are model.hc_head's
+            x = x.index_select(1, rows)
         flat = unweighted_rms(x.flatten(2).float(), self.norm_eps)
         mixes = F.linear(flat, self.hc_fn.float())
         pre = torch.sigmoid(mixes * self.hc_scale.float() + self.hc_base.float()) + self.eps
@@ -463,14 +466,14 @@ class Attention(nn.Module):
         ring, then (CSA) indexer keys and the indexer compressor's ring. Every fill is 0: rows are
         read only after they are written, and the trash rows are masked."""
         d = self.head_dim
-        specs = [StateSpec(f"{prefix}window_kv", (window_pages, layout.window_page, d), dtype, 0.0)]
+        specs = [StateSpec(f"{prefix}window_kv_pool", (window_pages, layout.window_page, d), dtype, 0.0)]
         if self.compressor is not None:
             per_page = layout.comp_page // self.ratio
-            specs.append(StateSpec(f"{prefix}compressed_kv", (comp_pages, per_page, d), dtype, 0.0))
+            specs.append(StateSpec(f"{prefix}compressed_kv_pool", (comp_pages, per_page, d), dtype, 0.0))
             specs.append(StateSpec(f"{prefix}compressor_ring", (slots, *self.compressor.ring_width()), dtype, 0.0))
             if self.layer_type == "compressed_sparse_attention":
                 idx = self.compressor.indexer
-                specs.append(StateSpec(f"{prefix}indexer_keys", (comp_pages, per_page, idx.head_dim), dtype, 0.0))
+                specs.append(StateSpec(f"{prefix}indexer_keys_pool", (comp_pages, per_page, idx.head_dim), dtype, 0.0))
                 specs.append(StateSpec(f"{prefix}indexer_compressor_ring", (slots, *idx.ring_width()), dtype, 0.0))
         return specs
 
@@ -760,8 +763,8 @@ class DeepseekV4Model(nn.Module):
         e = self.model.embed_tokens(input_ids)
         return e.unsqueeze(2).expand(-1, -1, self.hc_mult, -1).contiguous()
 
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model.norm(self.model.hc_head(h)))
+    def _head(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.model.norm(self.model.hc_head(h, rows)))
 
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Positions 0..S-1 from an empty state: (logits [B, S, vocab], *state).
@@ -816,7 +819,7 @@ class DeepseekV4Model(nn.Module):
             h, st = layer("step", h, ids, index, emits, list(state[offset:offset + n]), self.model.rotary)
             out += st
             offset += n
-        return (self._head(h.index_select(1, logit_rows))[0], *out)
+        return (self._head(h, logit_rows)[0], *out)
 
     def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, window_table: torch.Tensor,
                     comp_table: torch.Tensor, slot: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -852,6 +855,72 @@ class PrefillEntry(_Entry):
 class DecodeEntry(_Entry):
     def forward(self, input_ids: torch.Tensor, position: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self._impl.decode(input_ids, position, *state)
+
+
+class RaggedStepEntry(_Entry):
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._impl.step(*args)
+
+
+class RaggedDecodeEntry(_Entry):
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._impl.decode_step(*args)
+
+
+STEP_INPUTS = ("input_ids", "positions", "token_seq", "seq_first", "seq_last", "logit_rows", "window_table",
+               "comp_table", "slot", "emit_csa", "emit_hca")
+DECODE_STEP_INPUTS = ("input_ids", "positions", "window_table", "comp_table", "slot")
+# The symbolic dims of the serving entry points, per input (first axis) and per pool kind.
+STEP_DIMS = {"input_ids": "N", "positions": "N", "token_seq": "N", "seq_first": "R", "seq_last": "R",
+             "logit_rows": "L", "window_table": "R", "comp_table": "R", "slot": "R", "emit_csa": "Ec",
+             "emit_hca": "Eh"}
+POOL_DIMS = {"window_kv_pool": "PW", "compressed_kv_pool": "PC", "indexer_keys_pool": "PC",
+             "compressor_ring": "SLOTS", "indexer_compressor_ring": "SLOTS"}
+
+
+def pool_dim(state_name: str) -> str:
+    """The pool dimension (PW, PC or SLOTS) of a paged state tensor, from its name."""
+    return POOL_DIMS[state_name.rsplit(".", 1)[-1]]
+
+
+def export_serving_entry_points(model: DeepseekV4Model, layout: PageLayout) -> dict[str, torch.export.ExportedProgram]:
+    """torch.export of ``step`` (dynamic N, R, L, Ec, Eh and pool sizes) and ``decode_step``
+    (dynamic R and pool sizes) for the page layout ``layout``.
+
+    The example step packs two sequences (chunks of 5 and 4 tokens at different starts); the
+    example sizes are distinct so that no two dims are unified by accident."""
+    from torch.export import Dim
+
+    device = _example_device(model)
+    n_dim, r_dim, l_dim = Dim("N", min=1, max=1 << 20), Dim("R", min=1, max=1 << 16), Dim("L", min=1, max=1 << 20)
+    ec, eh = Dim("Ec", min=1, max=1 << 20), Dim("Eh", min=1, max=1 << 20)
+    pools = {"PW": Dim("PW", min=2, max=1 << 30), "PC": Dim("PC", min=2, max=1 << 30),
+             "SLOTS": Dim("SLOTS", min=2, max=1 << 20)}
+    sizes = {"PW": 13, "PC": 11, "SLOTS": 7}
+    specs = model.paged_state_specs(layout, sizes["PW"], sizes["PC"], sizes["SLOTS"])
+    state = tuple(torch.zeros(s.shape, dtype=s.dtype, device=device) for s in specs)
+    state_dims = tuple({0: pools[pool_dim(s.name)]} for s in specs)
+
+    def ints(values, dtype=torch.long):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    wp, pc = layout.window_slots, layout.comp_entries
+    window_table = ints([[1 + (i % 3) for i in range(wp)], [4 + (i % 3) for i in range(wp)]], torch.int32)
+    comp_table = ints([[1 + (i % 2) for i in range(pc)], [3 + (i % 2) for i in range(pc)]], torch.int32)
+    slot = ints([1, 2])
+    positions = ints([3, 4, 5, 6, 7, 0, 1, 2, 3])
+    step_args = (ints([1, 2, 3, 4, 5, 6, 7, 8, 9]), positions, ints([0] * 5 + [1] * 4), ints([0, 5]), ints([4, 8]),
+                 ints([4, 8, 2]), window_table, comp_table, slot, ints([0, 8, 2]), ints([4, -1]))
+    step_dims = (tuple({0: {"N": n_dim, "R": r_dim, "L": l_dim, "Ec": ec, "Eh": eh}[STEP_DIMS[n]]} for n in STEP_INPUTS)
+                 + state_dims)
+    step = torch.export.export(RaggedStepEntry(model), (*step_args, *state), dynamic_shapes=(step_dims,),
+                               strict=False)
+    decode_args = (ints([1, 2, 3]), ints([5, 9, 2]), ints([[1 + (i % 3) for i in range(wp)]] * 3, torch.int32),
+                   ints([[1 + (i % 2) for i in range(pc)]] * 3, torch.int32), ints([1, 2, 3]))
+    decode_dims = tuple({0: r_dim} for _ in DECODE_STEP_INPUTS) + state_dims
+    decode = torch.export.export(RaggedDecodeEntry(model), (*decode_args, *state), dynamic_shapes=(decode_dims,),
+                                 strict=False)
+    return {"ragged_step": step, "ragged_decode": decode}
 
 
 def _example_device(model: nn.Module) -> torch.device:

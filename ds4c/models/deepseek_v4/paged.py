@@ -85,7 +85,7 @@ class StepIndex:
 
     ``input_ids``/``positions``/``token_seq`` are per packed token [N]; ``seq_first``/``seq_last``
     are each sequence's first and last packed row [R]; ``window_table`` [R, Wp], ``comp_table``
-    [R, Pc] and ``slot`` [R] are the sequences' pages. A sequence's tokens are consecutive rows
+    [R, Pc] (int32) and ``slot`` [R] are the sequences' pages. Every other tensor is int64. A sequence's tokens are consecutive rows
     at consecutive positions (a chunk): ``start``/``end`` are its first position and one past
     its last."""
 
@@ -119,7 +119,7 @@ class StepIndex:
     def window_keys(self, window: int, page: int) -> torch.Tensor:
         """[N, W] window rows each token attends, oldest first; -1 before position 0."""
         q = self.positions.unsqueeze(1) - (window - 1) + torch.arange(window, device=self.positions.device)
-        seq = self.token_seq.unsqueeze(1).expand_as(q)
+        seq = self.token_seq.unsqueeze(1).expand(q.shape)
         return _masked(q, self.window_rows(q.clamp(min=0), seq, page))
 
     # -- compressed entries ----------------------------------------------------------------------
@@ -137,7 +137,7 @@ class StepIndex:
     def comp_keys(self, ratio: int, capacity: int, per_page: int) -> torch.Tensor:
         """[N, capacity] rows of every entry each token may see, by index; -1 for the others."""
         j = torch.arange(capacity, device=self.positions.device).unsqueeze(0).expand(self.positions.shape[0], -1)
-        seq = self.token_seq.unsqueeze(1).expand_as(j)
+        seq = self.token_seq.unsqueeze(1).expand(j.shape)
         rows = self.comp_rows(j, seq, per_page)
         return torch.where(j < self.visible(ratio).unsqueeze(1), rows, torch.full_like(rows, -1))
 
@@ -147,7 +147,7 @@ class StepIndex:
         """[N] ring row each token writes: its slot's row ``p % Rk`` if a later step may read it
         (one of its sequence's last ``Rk`` positions), else the trash slot's."""
         end = self.end.index_select(0, self.token_seq)
-        slot = self.slot.long().index_select(0, self.token_seq)
+        slot = self.slot.index_select(0, self.token_seq)
         keep = self.positions >= end - ring
         return torch.where(keep, slot, torch.zeros_like(slot)) * ring + self.positions % ring
 
@@ -168,7 +168,7 @@ class StepIndex:
         q = (w * ratio + ratio - span).unsqueeze(1) + torch.arange(span, device=emit.device)
         start = self.start.index_select(0, seq).unsqueeze(1)
         first = self.seq_first.index_select(0, seq).unsqueeze(1)
-        slot = self.slot.long().index_select(0, seq).unsqueeze(1)
+        slot = self.slot.index_select(0, seq).unsqueeze(1)
         ok = valid.unsqueeze(1) & (q >= 0)
         packed = torch.where(ok & (q >= start), first + q - start, torch.full_like(q, -1))
         ringed = torch.where(ok & (q < start), slot * ring + q % ring, torch.full_like(q, -1))
