@@ -9,7 +9,7 @@
 
 from ds4c.version import __version__
 
-__all__ = ["Artifact", "CompiledModel", "SamplingParams", "__version__", "compile", "load"]
+__all__ = ["Artifact", "CompiledModel", "Engine", "SamplingParams", "__version__", "compile", "load"]
 
 
 def __getattr__(name: str):
@@ -30,6 +30,10 @@ def __getattr__(name: str):
         from ds4c.runtime.sampling import SamplingParams
 
         return SamplingParams
+    if name == "Engine":
+        from ds4c.runtime.engine import Engine
+
+        return Engine
     if name == "CompiledModel":
         from ds4c.runtime.model import CompiledModel
 

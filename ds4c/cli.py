@@ -91,6 +91,12 @@ def compile(
                                                    "concatenated weights")] = True,
     merge_packed: Annotated[bool, typer.Option(
         "--merge-packed/--no-merge-packed", help="GPU lowering: merge packed (FP8/INT8/MXFP4) siblings too")] = True,
+    serving: Annotated[bool, typer.Option(
+        "--serving", help="also compile the serving entry points (ragged_step, ragged_decode) that ds4c.Engine "
+                          "runs: packed requests of any lengths over paged state")] = False,
+    serving_opt: Annotated[list[str] | None, typer.Option(
+        "--serving-opt", help="serving page layout / batch, KEY=VALUE (repeatable): window_page, comp_page, "
+                              "max_chunk, max_running, max_step_tokens")] = None,
     pdl: Annotated[bool, typer.Option(
         "--pdl/--no-pdl", help="GPU kernels launch with programmatic dependent launch on sm_90+ (off: after the "
                                "previous kernel ends, for A/B runs; binaries and runtime follow it)")] = True,
@@ -114,7 +120,8 @@ def compile(
                            csa_kv_on_host=csa_kv_on_host, kernel_binaries=kernel_binaries,
                            activations=activations, allow_nonfinite=allow_nonfinite_weights,
                            lowering={"fuse_norm_rope": fuse_norm_rope, "merge_linears": merge_linears,
-                                     "merge_packed": merge_packed, "pdl": pdl})
+                                     "merge_packed": merge_packed, "pdl": pdl},
+                           serving=_serving_options(serving_opt) if serving or serving_opt else None)
         if output is None:
             output = Path(f"{Path(model).name}-{target}.ds4")
         art.save(output, sign_key=sign_key if sign_key is not None else True)
@@ -160,6 +167,20 @@ def _parse_bytes(text: str) -> int:
     return int(value)
 
 
+def _serving_options(items: list[str] | None) -> dict[str, int]:
+    """``--serving-opt KEY=VALUE`` pairs as a dict of integers."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = int(value)
+        except ValueError:
+            raise ConfigError(f"--serving-opt {item!r}: give KEY=INTEGER, e.g. --serving-opt max_running=32") from None
+        if not sep:
+            raise ConfigError(f"--serving-opt {item!r}: give KEY=INTEGER, e.g. --serving-opt max_running=32")
+    return out
+
+
 def _parse_ids(text: str) -> list[list[int]]:
     """``--prompt-ids``: comma-separated token ids; ``;`` separates the rows of a batch."""
     rows = []
@@ -194,7 +215,7 @@ def run(
 ) -> None:
     """Load ARTIFACT and greedily generate tokens."""
     import ds4c
-    from ds4c.runtime.model import as_token_ids
+    from ds4c.runtime.model import as_token_ids, is_ragged
     from ds4c.runtime.tokenizer import tokenizer_for
 
     if (prompt_ids is None) == (prompt is None):
@@ -202,7 +223,9 @@ def run(
     if prompt is not None and not prompt:
         _fail(InputError("--prompt is empty: give some text, e.g. --prompt 'Hello', or token ids, e.g. --prompt-ids 1,2,3"))
     rows = _parse_ids(prompt_ids) if prompt_ids is not None else []
-    as_token_ids(rows)  # a ragged batch is refused before the (possibly long) load
+    ragged = is_ragged(rows)
+    if not ragged:
+        as_token_ids(rows)  # refused before the (possibly long) load
     try:
         model = ds4c.load(artifact, device=device, backend=backend, weights_from=weights_from,
                           trust_binaries=trust_binaries)
@@ -211,12 +234,14 @@ def run(
             rows = [tok.encode(prompt)]
             if not rows[0]:
                 raise InputError(f"--prompt {prompt!r} encodes to no tokens; give other text, or --prompt-ids")
+        if ragged and not model.manifest.get("serving"):
+            as_token_ids(rows)  # refuses the ragged batch with how to serve it
         out = model.generate(rows, max_new_tokens=max_new_tokens)
     except Ds4cError as e:
         _fail(e)
     for i, ids in enumerate(rows):
         row = f" (row {i})" if len(rows) > 1 else ""
-        new = out[i, len(ids):].tolist()
+        new = list(out[i][len(ids):]) if isinstance(out, list) else out[i, len(ids):].tolist()
         console.print(f"prompt ids{row}: {ids}")
         console.print(f"generated ids{row}: {new}")
         if prompt is not None or tok.kind != "none":

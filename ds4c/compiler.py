@@ -73,6 +73,7 @@ def compile(
     activations: str = "native",
     allow_nonfinite: bool = False,
     lowering: Mapping[str, bool] | None = None,
+    serving: bool | Mapping[str, int] | None = None,
 ) -> Artifact:
     """Compile ``model`` (preset name, checkpoint directory, ONNX file or transformers DeepseekV4ForCausalLM) for ``target``.
 
@@ -95,6 +96,11 @@ def compile(
     host memory, fetching only the selected entries each step. ``kernel_binaries``: store Triton
     binaries compiled ahead of time for cuda / rocm targets (default: yes, unless the environment
     sets ``DS4C_KERNEL_BINARIES=0``); without them the runtime JIT-compiles its kernels.
+    ``serving``: also compile the serving entry points ``ragged_step`` / ``ragged_decode`` (packed
+    requests over paged state, what ``ds4c.Engine`` runs); a mapping sets the page layout and the
+    batch they are planned for (ds4c.models.deepseek_v4.paged.SERVING_OPTIONS: ``window_page``,
+    ``comp_page``, ``max_chunk``, ``max_running``, ``max_step_tokens``). ``plan_memory`` sizes the
+    pools for the target; the manifest's ``serving`` section records layout, pools and pages.
     ``allow_nonfinite``: accept NaN/Inf weights (refused by default, naming the tensor; recorded
     in the weight source so the artifact loads them too). With ``weights="reference"`` the
     artifact records the size and sha256 of every checkpoint file it reads (one read of the
@@ -123,6 +129,18 @@ def compile(
         raise ConfigError(f"--max-context {max_context} exceeds the model's 'max_position_embeddings' "
                           f"({config.max_position_embeddings}, {_config_where(source)}); give at most that")
     lowering_options = check_lowering_options(lowering)
+    serving_plan = None
+    if serving:
+        from ds4c.models.deepseek_v4.paged import serving_layout
+
+        if source.kind == "onnx":
+            raise ConfigError("serving entry points are traced from the model; an ONNX file has only its own graphs")
+        rates = {t: config.compress_rate(i) for i, t in enumerate(config.layer_types) if config.compress_rate(i)}
+        try:
+            serving_plan = serving_layout(config.sliding_window, rates, max_context,
+                                          dict(serving) if isinstance(serving, Mapping) else None)
+        except ValueError as e:
+            raise ConfigError(f"--serving: {e}") from None
     # the rest of what the options name is checked before tracing, which takes seconds to minutes
     check_pipeline_options(pipeline, print_after=print_after, stop_after=stop_after, bisect=bisect, target=tgt)
     if dump_ir is not None and Path(dump_ir).exists() and not Path(dump_ir).is_dir():
@@ -155,6 +173,12 @@ def compile(
             steps.advance("tracing (torch.export)", 0)
             program, meta_model = trace_program(config, max_context, dtype)
             full_spec = param_spec(meta_model)
+            if serving_plan is not None:
+                from ds4c.frontend.trace import trace_serving
+
+                steps.advance("tracing the serving entry points", 0)
+                program = add_serving_entries(program, trace_serving(config, max_context, serving_plan[0], dtype),
+                                              serving_plan[1])
             if tgt.backend != "npu":  # generation's prefill: the pass last_position_logits makes it
                 program = add_last_position_entry(program)
         steps.advance("running passes")
@@ -227,6 +251,7 @@ def compile(
         "rewrites": {"attempted": len(ctx.rewrite_log), "applied": ctx.rewrites_applied, "bisect_limit": bisect},
         "entry_points": _entry_points(program),
         "state": program.attrs["state"],
+        **({"serving": serving_section(program)} if "serving" in program.attrs else {}),
         "weights": {
             "mode": mode,
             "source": weights_source,
@@ -344,6 +369,19 @@ def apply_lowering(weights: dict[str, torch.Tensor], transforms: Sequence[dict[s
 
     for tr in transforms:
         (dequantize_weights if tr["op"] == "dequantize" else concat_weights)(weights, tr["tensors"])
+
+
+def add_serving_entries(program: Program, serving: Program, batch: Mapping[str, int]) -> Program:
+    """``program`` with the serving graphs of ``serving`` (trace_serving) and their attrs; ``batch``:
+    the max_running / max_step_tokens the pools are planned for."""
+    attrs = {**program.attrs, "serving": {**serving.attrs["serving"], "batch": dict(batch)},
+             "graph_dim_names": {**program.attrs.get("graph_dim_names", {}), **serving.attrs["graph_dim_names"]}}
+    return Program({**program.graphs, **serving.graphs}, attrs)
+
+
+def serving_section(program: Program) -> dict[str, Any]:
+    """The manifest's ``serving``: layout, rates, entry inputs, pools, batch and the planned pages."""
+    return {**program.attrs["serving"], "pages": program.attrs.get("serving_pages")}
 
 
 def _entry_points(program: Program) -> dict[str, Any]:

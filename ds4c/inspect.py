@@ -75,6 +75,8 @@ def summarize(manifest: dict[str, Any], program: Program, console: Console) -> N
         st.add_row(s["name"], str(s["shape"]), s["dtype"], f"{nbytes / 1024:.1f}")
     console.print(st)
     console.print(f"state total per sequence: {total / 2**20:.2f} MiB")
+    if manifest.get("serving"):
+        console.print(serving_table(manifest["serving"]))
     if manifest.get("memory_plan") or manifest.get("schedule"):
         console.print(plan_table(manifest))
     layer_types = cfg.get("layer_types") or []
@@ -213,6 +215,28 @@ def runtime_buffer_plan_line(manifest: dict[str, Any], graphs: dict[str, Graph])
         return ""
     return "[bold]GPU activations[/] (the compiled plan, evaluated by the runtime at each call's sizes; here at " \
         "the plan's): " + "; ".join(parts)
+
+
+def serving_table(serving: dict[str, Any]) -> Table:
+    """The serving pools (ds4c compile --serving): page size, bytes per page id over every layer,
+    pages planned, and what they hold."""
+    lay, plan = serving["layout"], serving.get("pages") or {}
+    pages, per_page, cap = plan.get("pages") or {}, plan.get("page_bytes") or {}, plan.get("capacity") or {}
+    batch = serving.get("batch") or {}
+    tb = Table(title=f"serving pools (max_running {batch.get('max_running')}, {batch.get('max_step_tokens')} tokens "
+                     f"per step, chunks up to {lay['max_chunk']})")
+    for col in ("pool", "page", "bytes per page", "pages", "total"):
+        tb.add_column(col, justify="left" if col in ("pool", "page") else "right")
+    what = {"window": f"{lay['window_page']} tokens of window rows", "compressed": f"{lay['comp_page']} tokens of "
+            "CSA/HCA entries + indexer keys", "slots": "one running request's compressor rings"}
+    for pool in ("window", "compressed", "slots"):
+        n, b = pages.get(pool), per_page.get(pool)
+        tb.add_row(pool, what[pool], "-" if b is None else _size(b), str(n),
+                   "-" if n is None or b is None else _size(n * b))
+    if cap:
+        tb.caption = (f"compressed state for {cap['tokens']} token positions: requests at 4K {cap['requests_at_4k']}, "
+                      f"at 32K {cap['requests_at_32k']}, at max_context {cap['requests_at_max_context']}")
+    return tb
 
 
 def _size(n: int) -> str:

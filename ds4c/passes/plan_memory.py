@@ -292,14 +292,15 @@ STATE_KINDS = ("sliding_ring", "csa_compressed_kv", "csa_indexer_keys", "hca_com
 def classify_state(names: list[str]) -> dict[str, str]:
     """State tensor name -> kind (``STATE_KINDS``), from the model's naming: ``<layer>.window_kv``,
     ``<layer>.compressed_kv`` (CSA when the layer also has ``indexer_keys``, else HCA),
-    ``<layer>.indexer_keys``, ``<layer>.[indexer_]compressor_*``."""
+    ``<layer>.indexer_keys``, ``<layer>.[indexer_]compressor_*``; the serving pools
+    (``<layer>.window_kv_pool``, ..., ``<layer>.[indexer_]compressor_ring``) as the state they page."""
     def layer(n: str) -> str:
         return n.rsplit(".", 1)[0] if "." in n else ""
 
-    csa_layers = {layer(n) for n in names if n.endswith("indexer_keys")}
+    csa_layers = {layer(n) for n in names if n.endswith(("indexer_keys", "indexer_keys_pool"))}
     kinds = {}
     for n in names:
-        leaf = n.rsplit(".", 1)[-1]
+        leaf = n.rsplit(".", 1)[-1].removesuffix("_pool")  # a serving pool holds its kind's rows in pages
         if leaf == "window_kv":
             kinds[n] = "sliding_ring"
         elif leaf == "indexer_keys":
@@ -394,6 +395,9 @@ def plan_memory(graph: Graph, ctx: PassContext) -> Graph:
     """
     options = ctx.options
     attrs = ctx.program_attrs
+    if graph.name in (attrs.get("serving") or {}).get("inputs", {}):
+        options = {**options, "plan_sizes": {**serving_sizes(graph, options, attrs, ctx.target),
+                                             **(options.get("plan_sizes") or {})}}
     alignment = int(options.get("alignment", ALIGNMENT))
     lookahead = int(options.get("prefetch_lookahead", DEFAULT_LOOKAHEAD))
     sizes, assumed = plan_binding(graph, options, attrs)
@@ -447,6 +451,38 @@ def plan_memory(graph: Graph, ctx: PassContext) -> Graph:
     plan["fits"] = None if hbm_capacity is None else plan["device_bytes"] <= hbm_capacity
     attrs.setdefault("memory_plan", {})[graph.name] = plan
     return planned
+
+
+def serving_sizes(graph: Graph, options: Mapping[str, Any], attrs: dict[str, Any], target: Any) -> dict[str, int]:
+    """The binding of a serving graph: N = L = max_step_tokens tokens, R = max_running sequences,
+    E = N emitters, and the pool pages of ``attrs['serving_pages']`` (sized here, once per
+    program, by ``size_pools``: the state budget is ``hbm_budget`` or 92% of the target's HBM, less
+    this graph's weights; the host CPU target, without a budget, gets pools for ``max_running``
+    requests of max_context: filling 92% of a server's RAM is no default)."""
+    from ds4c.models.deepseek_v4.paged import PageLayout, page_bytes, pool_capacity, size_pools
+
+    serving = attrs["serving"]
+    batch = serving["batch"]
+    lay = serving["layout"]
+    layout = PageLayout(**{k: lay[k] for k in ("window", "window_page", "comp_page", "max_context", "max_chunk")})
+    if "serving_pages" not in attrs:
+        per_page = page_bytes(serving["pools"])
+        weights = sum(_param_bytes(graph, SizeEvaluator({})).values())
+        hbm = getattr(target, "hbm_bytes", None) if getattr(target, "backend", "reference") != "reference" else None
+        budget = options.get("hbm_budget") or (int(0.92 * hbm) if hbm else None)
+        if budget is not None:
+            budget = int(budget) - weights
+        try:
+            pages = size_pools(layout, per_page, budget, max_running=batch["max_running"],
+                               max_step_tokens=batch["max_step_tokens"])
+        except ValueError as e:
+            raise PassError(f"plan_memory @{graph.name}: {e} (--hbm-budget, --serving max_running=...)") from None
+        attrs["serving_pages"] = {"pages": pages, "page_bytes": per_page, "state_budget": budget, "weights": weights,
+                          "capacity": pool_capacity(layout, pages)}
+    pages = attrs["serving_pages"]["pages"]
+    n = batch["max_step_tokens"]
+    return {"N": n, "L": n, "R": batch["max_running"], "Ec": n, "Eh": n,
+            "PW": pages["window"], "PC": pages["compressed"], "SLOTS": pages["slots"]}
 
 
 def host_weights(plans: Mapping[str, Any] | None) -> set[str]:

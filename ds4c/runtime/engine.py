@@ -16,14 +16,17 @@ already emitted are inputs, never sampled again). A request therefore finishes w
 would have produced without preemption (docs/design/serving_engine.md, section 8.3).
 
 The engine drives a *step runner*: something that owns the pools' tensors and runs one
-``StepBatch``, returning the logits of its logit rows. ``EagerStepRunner`` runs the model's eager
-``step`` (the oracle of the compiled serving entry points).
+``StepBatch``, returning the logits of its logit rows. ``CompiledStepRunner`` runs an artifact's
+serving entry points (``ds4c compile --serving``: ``ragged_step``, and ``ragged_decode`` for steps
+that only decode); ``EagerStepRunner`` runs the model's eager ``step`` (their oracle in tests).
+``Engine(path_or_model)`` builds the compiled one.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,12 +35,12 @@ from typing import Literal, Protocol
 import torch
 
 from ds4c.errors import InputError
-from ds4c.models.deepseek_v4.paged import PageLayout
+from ds4c.models.deepseek_v4.paged import PageLayout, page_bytes, size_pools
 from ds4c.runtime.pages import Pools, RequestPages
 from ds4c.runtime.sampling import SamplerState, SamplingParams, finish_reasons, sample
 from ds4c.runtime.step_batch import Chunk, StepBatch, build_step
 
-__all__ = ["EagerStepRunner", "Engine", "Request", "StepRunner"]
+__all__ = ["CompiledStepRunner", "EagerStepRunner", "Engine", "Request", "StepRunner"]
 
 RequestStatus = Literal["waiting", "running", "finished"]
 
@@ -77,6 +80,53 @@ class EagerStepRunner:
         return out[0]
 
 
+class CompiledStepRunner:
+    """An artifact's serving entry points over pools allocated here, on the artifact's device.
+
+    ``pages``: pages per pool (``{"window", "compressed", "slots"}``); default: the compiled plan's
+    (``manifest["serving"]["pages"]``). ``state_budget`` (bytes) sizes them again with the same
+    formula instead (``size_pools``), for another device or memory share."""
+
+    def __init__(self, model, *, pages: dict[str, int] | None = None, state_budget: int | None = None,
+                 max_running: int | None = None, max_step_tokens: int | None = None):
+        serving = model.manifest.get("serving")
+        if not serving:
+            raise InputError("this artifact has no serving entry points (ragged_step / ragged_decode): recompile it "
+                             "with `ds4c compile ... --serving` (Python: ds4c.compile(..., serving=True))")
+        lay = serving["layout"]
+        self.model = model
+        self.layout = PageLayout(**{k: lay[k] for k in ("window", "window_page", "comp_page", "max_context",
+                                                       "max_chunk")})
+        batch = serving["batch"]
+        if pages is None and state_budget is not None:
+            try:
+                pages = size_pools(self.layout, page_bytes(serving["pools"]), int(state_budget),
+                                   max_running=max_running or batch["max_running"],
+                                   max_step_tokens=max_step_tokens or batch["max_step_tokens"])
+            except ValueError as e:
+                raise InputError(f"Engine(state_budget={state_budget}): {e}") from None
+        pages = dict(pages or serving["pages"]["pages"])
+        self.pools = Pools(pages["window"], pages["compressed"], pages["slots"])
+        self.rates = dict(serving["rates"])
+        self.vocab_size = model.vocab_size
+        self.max_running = batch["max_running"]
+        self.inputs = serving["inputs"]
+        self.state = {p["name"]: torch.zeros([pages[p["pool"]], *p["shape"][1:]], dtype=getattr(torch, p["dtype"]),
+                                             device=model.device) for p in serving["pools"]}
+
+    @torch.no_grad()
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        device = self.model.device
+        decode_only = batch.tokens == batch.seq_first.shape[0] == batch.logit_rows.shape[0]
+        name = "ragged_decode" if decode_only else "ragged_step"
+        args = dict(zip(self.inputs["ragged_step"], batch.args(), strict=True))
+        inputs = {k: args[k].to(device) for k in self.inputs[name]}
+        out = self.model._entry(name).run(inputs, self.model.weights, self.state)
+        logits = out.pop("logits")
+        self.state = out
+        return logits
+
+
 @dataclass(eq=False)
 class Request:
     """One request: what was asked, what it has produced, where it stands.
@@ -110,14 +160,29 @@ class Request:
 
 
 class Engine:
-    """Continuous batching over a ``StepRunner`` (see the module docstring).
+    """Continuous batching (see the module docstring) over ``source``: an artifact path (loaded on
+    ``device``), a ``CompiledModel`` or a ``StepRunner``. ``pages`` / ``state_budget``: the pools'
+    sizes (``CompiledStepRunner``).
 
     ``max_running``: requests in the batch at once (at most the slots). ``max_step_tokens``: tokens
     per step (at least ``max_running``, so every decode fits). ``max_chunk``: tokens one request adds
     in one step (at most the layout's ``max_chunk``)."""
 
-    def __init__(self, runner: StepRunner, *, max_running: int | None = None, max_step_tokens: int | None = None,
-                 max_chunk: int | None = None, seed: int | None = None):
+    def __init__(self, source, *, device: str | torch.device = "cpu", max_running: int | None = None,
+                 max_step_tokens: int | None = None, max_chunk: int | None = None, seed: int | None = None,
+                 pages: dict[str, int] | None = None, state_budget: int | None = None):
+        runner = source
+        if isinstance(source, str | os.PathLike):
+            from ds4c.runtime.model import load  # at call time: model's generate builds on this module
+
+            source = load(source, device=device)
+        if hasattr(source, "manifest"):  # a CompiledModel
+            runner = CompiledStepRunner(source, pages=pages, state_budget=state_budget, max_running=max_running,
+                                        max_step_tokens=max_step_tokens)
+            max_running = max_running or min(runner.max_running, runner.pools.slots.capacity)
+        elif not all(hasattr(source, a) for a in ("run", "pools", "layout", "rates", "vocab_size")):
+            raise InputError(f"Engine({type(source).__name__}): give an artifact path, a CompiledModel (ds4c.load) "
+                             "or a step runner")
         self.runner = runner
         self.layout = runner.layout
         self.pools = runner.pools

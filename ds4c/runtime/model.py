@@ -284,9 +284,16 @@ class CompiledModel:
     def generate(self, input_ids: Any, max_new_tokens: int = 32, do_sample: bool = False, *,
                  temperature: float = 1.0, top_k: int | None = None, eos_token_id: int | None = None,
                  seed: int | None = None) -> torch.Tensor:
-        """Prefill the prompt, then decode ``max_new_tokens`` tokens; returns prompt + new ids [B, S+N]."""
+        """Prefill the prompt, then decode ``max_new_tokens`` tokens; returns prompt + new ids [B, S+N].
+
+        Prompts of different lengths (a list of lists) run on ``ds4c.Engine`` when the artifact has
+        serving entry points (``ds4c compile --serving``): then a list of lists (each prompt + its
+        new ids, shorter where ``eos_token_id`` stopped it) comes back."""
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if self.manifest.get("serving") and is_ragged(input_ids):
+            return self._generate_on_engine(input_ids, max_new_tokens, do_sample, temperature, top_k, eos_token_id,
+                                            seed)
         ids = self._check_ids(input_ids, extra=max_new_tokens)
         if max_new_tokens == 0:
             return ids
@@ -309,6 +316,24 @@ class CompiledModel:
             logits, state = self._decode(nxt[:, None], pos, state)  # model-picked ids: in range
             pos += 1
         return torch.cat(tokens, dim=1)
+
+    def _generate_on_engine(self, prompts: Any, max_new_tokens: int, do_sample: bool, temperature: float,
+                            top_k: int | None, eos_token_id: int | None, seed: int | None) -> list[list[int]]:
+        from ds4c.runtime.engine import Engine
+        from ds4c.runtime.sampling import SamplingParams
+
+        rows = [[int(t) for t in r] for r in prompts]
+        if max_new_tokens == 0:
+            return rows
+        if do_sample and temperature <= 0:
+            raise InputError(f"temperature must be > 0 when sampling, got {temperature}")
+        stop = () if eos_token_id is None else (eos_token_id,)
+        params = [SamplingParams(max_new_tokens, temperature=temperature if do_sample else 0.0, top_k=top_k or 0,
+                                 stop_token_ids=stop, seed=None if seed is None else seed + i)
+                  for i in range(len(rows))]
+        engine = Engine(self)
+        outs = engine.generate(rows, params)
+        return [r + o for r, o in zip(rows, outs, strict=True)]
 
     @staticmethod
     def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
@@ -430,6 +455,12 @@ def parse_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def is_ragged(input_ids: Any) -> bool:
+    """Whether ``input_ids`` is a list of prompts of different lengths."""
+    return (isinstance(input_ids, list | tuple) and len(input_ids) > 1
+            and all(isinstance(r, list | tuple) for r in input_ids) and len({len(r) for r in input_ids}) > 1)
+
+
 def as_token_ids(input_ids: Any) -> torch.Tensor:
     """``input_ids`` as a tensor: prompts of different lengths in one list, and values that are
     not token ids, are refused by name rather than by torch's conversion error."""
@@ -438,7 +469,8 @@ def as_token_ids(input_ids: Any) -> torch.Tensor:
         if len(set(lengths)) > 1:
             raise InputError(f"prompts of different lengths in one batch ({', '.join(map(str, lengths))} tokens): "
                              "a batch runs as one [batch, seq] tensor, so padded batches must have equal length; "
-                             "run the prompts one at a time (ragged batches are not served yet)")
+                             "run the prompts one at a time, or compile with --serving (ds4c.Engine serves "
+                             "prompts of any lengths)")
     try:
         return torch.as_tensor(input_ids)
     except (TypeError, ValueError, OverflowError, RuntimeError) as e:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PageLayout", "StepIndex", "gather_rows"]
+__all__ = ["PageLayout", "StepIndex", "gather_rows", "page_bytes", "pool_capacity", "serving_layout", "size_pools"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,34 @@ class PageLayout:
         if bad:
             raise ValueError(f"PageLayout.comp_page={self.comp_page} is not a multiple of the compression rates "
                              f"{bad}; choose a multiple of {math.lcm(*rates.values())}")
+
+
+SERVING_OPTIONS = ("window_page", "comp_page", "max_chunk", "max_running", "max_step_tokens")
+
+
+def serving_layout(window: int, rates: dict[str, int], max_context: int, options: dict | None = None
+                   ) -> tuple[PageLayout, dict[str, int]]:
+    """The page layout of a serving compile, and the batch it is planned for (``max_running``,
+    ``max_step_tokens``), from the model's window and compression rates and the user's ``options``
+    (``SERVING_OPTIONS``; defaults: window pages of W/4 tokens, compressed pages of 256 tokens
+    rounded up to a multiple of every rate, chunks up to min(2048, max_context), 64 running
+    requests, steps of max(max_chunk, max_running) tokens). An unknown option or a value below 1
+    raises ValueError."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(SERVING_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown serving option(s) {unknown}; the options are {', '.join(SERVING_OPTIONS)}")
+    for k, v in options.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"serving option {k}={v!r}: must be an integer >= 1")
+    step = math.lcm(*[m for m in rates.values() if m] or [1])
+    layout = PageLayout(window=window, window_page=options.get("window_page", max(1, window // 4)),
+                        comp_page=options.get("comp_page", step * math.ceil(256 / step)), max_context=max_context,
+                        max_chunk=min(options.get("max_chunk", 2048), max_context))
+    max_running = options.get("max_running", 64)
+    batch = {"max_running": max_running,
+             "max_step_tokens": options.get("max_step_tokens", max(layout.max_chunk, max_running))}
+    return layout, batch
 
 
 def _masked(idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -179,3 +207,57 @@ def gather_rows(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``pool`` [rows, d] at ``rows`` (any shape); -1 gives a zero row (whatever the trash holds)."""
     picked = pool.index_select(0, rows.clamp(min=0).reshape(-1)).view(*rows.shape, pool.shape[-1])
     return torch.where((rows >= 0).unsqueeze(-1), picked, torch.zeros_like(picked))
+
+
+# -- pool sizes ------------------------------------------------------------------------------------
+
+POOL_KINDS = ("window", "compressed", "slots")
+
+
+def page_bytes(pools: list[dict]) -> dict[str, int]:
+    """Bytes of one page id of each pool kind over every layer, from the serving pools' records
+    (``{"name", "pool", "shape": [dim, *page], "dtype"}``, ``attrs["serving"]["pools"]``)."""
+    out = dict.fromkeys(POOL_KINDS, 0)
+    for p in pools:
+        itemsize = torch.empty((), dtype=getattr(torch, p["dtype"])).element_size()
+        out[p["pool"]] += math.prod(int(d) for d in p["shape"][1:]) * itemsize
+    return out
+
+
+def size_pools(layout: PageLayout, per_page: dict[str, int], budget: int | None, *, max_running: int,
+               max_step_tokens: int) -> dict[str, int]:
+    """Pages of each pool (trash page included) for ``budget`` bytes of state: a slot per running
+    request, the window pages every running request and one step's new tokens can hold at once, and
+    the rest in compressed pages (docs/design/serving_engine.md, section 5); ``budget`` None: as
+    many compressed pages as ``max_running`` requests of max_context take. Raises ValueError when
+    not even one request of ``layout.max_context`` fits, naming the numbers."""
+    if max_running < 1 or max_step_tokens < 1:
+        raise ValueError(f"max_running ({max_running}) and max_step_tokens ({max_step_tokens}) must be >= 1")
+    slots = max_running + 1
+    per_request = math.ceil((layout.window - 1) / layout.window_page) + 1
+    window = (max_running * per_request + math.ceil(max_step_tokens / layout.window_page) + max_running + 1)
+    window = max(window, layout.window_slots + 1)
+    fixed = slots * per_page["slots"] + window * per_page["window"]
+    if budget is None or not per_page["compressed"]:
+        return {"window": window, "compressed": max_running * layout.comp_entries + 1, "slots": slots}
+    comp = (budget - fixed) // per_page["compressed"]
+    if comp - 1 < layout.comp_entries:
+        need = fixed + (layout.comp_entries + 1) * per_page["compressed"]
+        raise ValueError(f"a state budget of {budget} bytes holds {max(comp - 1, 0)} compressed pages of "
+                         f"{per_page['compressed']} bytes after {slots} slots and {window} window pages "
+                         f"({fixed} bytes); one request of max_context {layout.max_context} needs "
+                         f"{layout.comp_entries}: give at least {need} bytes, or lower max_running / max_context")
+    return {"window": window, "compressed": comp, "slots": slots}
+
+
+def pool_capacity(layout: PageLayout, pages: dict[str, int]) -> dict[str, int]:
+    """What pools of ``pages`` hold: token positions of compressed state, and requests at 4K / 32K /
+    max_context (also bounded by the slots)."""
+    tokens = (pages["compressed"] - 1) * layout.comp_page
+
+    def requests(length: int) -> int:
+        return min(pages["slots"] - 1, (pages["compressed"] - 1) // math.ceil(length / layout.comp_page))
+
+    return {"tokens": tokens, "requests_at_4k": requests(min(4096, layout.max_context)),
+            "requests_at_32k": requests(min(32768, layout.max_context)),
+            "requests_at_max_context": requests(layout.max_context)}

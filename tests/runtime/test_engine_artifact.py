@@ -1,0 +1,107 @@
+"""ds4c.Engine on a compiled artifact (``ds4c compile --serving``), CPU, reference backend.
+
+The artifact's ``ragged_step`` / ``ragged_decode`` serve prompts of any lengths in one batch; each
+request gets the tokens the artifact's dense path (prefill + decode, held to transformers by the
+oracle tests) gives it alone. The manifest records the page layout and the pools plan_memory sized.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import ds4c
+from ds4c.cli import app
+from ds4c.errors import ConfigError, InputError
+from ds4c.runtime.engine import Engine
+
+runner = CliRunner()
+PROMPTS = [[1, 2, 3], list(range(10, 50)), [7] * 70, [5, 9], list(range(100, 133))]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    art = ds4c.compile("tiny", target="cpu", max_context=256, serving={"max_running": 4, "max_chunk": 32},
+                       progress=False)
+    path = tmp_path_factory.mktemp("serving") / "tiny.ds4"
+    art.save(path)
+    return path, art.manifest
+
+
+def test_engine_on_an_artifact_gives_each_prompt_its_dense_tokens(artifact):
+    path, _ = artifact
+    model = ds4c.load(path)
+    alone = [model.generate([p], max_new_tokens=9)[0, len(p):].tolist() for p in PROMPTS]
+    engine = ds4c.Engine(path)
+    reqs = [engine.submit(p, ds4c.SamplingParams(max_new_tokens=9)) for p in PROMPTS]
+    engine.run_until_idle()
+    assert [r.output_ids for r in reqs] == alone
+    stats = engine.stats()
+    assert stats["finished"] == len(PROMPTS) and stats["steps"] > 1
+    assert all(p["used"] == 0 for p in stats["pages"].values())
+    # a ragged list through generate runs on the engine and gives lists back
+    out = model.generate(PROMPTS, max_new_tokens=9)
+    assert [o[len(p):] for o, p in zip(out, PROMPTS, strict=True)] == alone
+
+
+def test_manifest_records_layout_and_pools(artifact):
+    _, manifest = artifact
+    serving = manifest["serving"]
+    assert set(manifest["entry_points"]) >= {"ragged_step", "ragged_decode", "prefill", "decode"}
+    lay = serving["layout"]
+    assert lay["max_context"] == 256 and lay["max_chunk"] == 32 and lay["comp_page"] % 16 == 0
+    pages = serving["pages"]
+    cfg = manifest["model"]["config"]
+    # window page bytes: every layer's [Pw, head_dim] rows (fp32 on the cpu target)
+    assert pages["page_bytes"]["window"] == cfg["num_hidden_layers"] * lay["window_page"] * cfg["head_dim"] * 4
+    # no HBM to fill on the host CPU: room for max_running requests of max_context
+    assert pages["pages"]["slots"] == 5
+    assert pages["pages"]["compressed"] == 4 * math.ceil(256 / lay["comp_page"]) + 1
+    assert pages["capacity"]["requests_at_max_context"] == 4
+    plans = manifest["memory_plan"]
+    assert plans["ragged_step"]["sizes"]["N"] == serving["batch"]["max_step_tokens"]
+    assert plans["ragged_step"]["sizes"]["PC"] == pages["pages"]["compressed"]
+
+
+def test_cli_runs_a_ragged_batch_and_inspect_shows_pools(artifact):
+    path, _ = artifact
+    res = runner.invoke(app, ["run", str(path), "--prompt-ids", "1,2,3;4,5", "-n", "4"])
+    assert res.exit_code == 0, res.output
+    assert "generated ids (row 0)" in res.output and "generated ids (row 1)" in res.output
+    res = runner.invoke(app, ["inspect", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "serving" in res.output and "compressed" in res.output and "requests" in res.output
+
+
+def test_state_budget_resizes_pools_and_a_too_small_one_is_refused(artifact):
+    path, manifest = artifact
+    model = ds4c.load(path)
+    per_page = manifest["serving"]["pages"]["page_bytes"]
+    engine = Engine(model, state_budget=100 * per_page["compressed"] + 10 * per_page["slots"] + 60 * per_page["window"])
+    assert engine.pools.compressed.capacity > manifest["serving"]["pages"]["pages"]["compressed"]
+    with pytest.raises(InputError, match="state_budget.*needs"):
+        Engine(model, state_budget=per_page["compressed"])
+
+
+def test_engine_refuses_what_it_cannot_serve():
+    with pytest.raises(InputError, match="--serving"):
+        Engine(SimpleNamespace(manifest={"model": {}}))
+    with pytest.raises(InputError, match="artifact path"):
+        Engine(object())
+    with pytest.raises(ConfigError, match="unknown serving option"):
+        ds4c.compile("tiny", target="cpu", serving={"pages": 3}, progress=False)
+    with pytest.raises(ConfigError, match="max_running"):
+        ds4c.compile("tiny", target="cpu", serving={"max_running": 0}, progress=False)
+    res = runner.invoke(app, ["compile", "tiny", "--target", "cpu", "--serving-opt", "max_running"])
+    assert res.exit_code != 0 and "KEY=INTEGER" in res.output
+
+
+def test_a_ragged_batch_without_serving_entry_points_says_how(tmp_path):
+    art = ds4c.compile("tiny", target="cpu", max_context=32, progress=False)
+    model = ds4c.CompiledModel(art.manifest, art.program, art.weights or {}, torch.device("cpu"))
+    with pytest.raises(InputError, match="--serving"):
+        model.generate([[1, 2], [3]], max_new_tokens=2)
