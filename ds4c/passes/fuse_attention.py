@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 from ds4c.ir.graph import Graph, Value
 from ds4c.ir.types import TensorType
 from ds4c.passes.manager import PassContext, register_pass
@@ -29,11 +31,20 @@ GROUPED = Op(VIEWS, Op("aten.transpose.int", Op("aten.bmm.default",
                                                 Op("aten.transpose.int", Op(VIEWS, Wild("w"), Lit(capture="wshape")),
                                                    1, 2)), 0, 1), _ANY)
 
-_SELECTION_OPS = {"aten.scatter.value", "aten.scatter.src", "aten.scatter_.value", "aten.topk.default"}
+_SELECTION_OPS = {"aten.scatter.value", "aten.scatter.src", "aten.scatter_.value", "aten.topk.default",
+                  "indexer.topk"}
+_POOLS = ("window_kv_pool", "compressed_kv_pool")  # the serving pools attention reads keys from
 
 
 def _kind(m: Match) -> str:
-    """sliding: keys are this call's window only; csa: an indexer selection feeds the bias; hca otherwise."""
+    """sliding: keys are this call's window only; csa: an indexer selection feeds the bias; hca otherwise.
+
+    In a serving graph the keys are gathered from paged pools: the kind is that of the pool
+    (``<layer>.compressed_kv_pool`` among the keys' sources: csa when a top-k picks the rows,
+    else hca; no compressed pool: sliding)."""
+    paged = _paged_kind(m)
+    if paged is not None:
+        return paged
     keys_op = m.producers.get(m["keys"])
     compressed = keys_op is not None and keys_op.name == "aten.cat.default"
     if not compressed:
@@ -51,6 +62,34 @@ def _kind(m: Match) -> str:
             return "csa"
         stack.extend(op.operands)
     return "hca"
+
+
+_PAGED_WALK = 512  # values visited back from the keys: the gathers' index arithmetic included
+
+
+def _paged_kind(m: Match) -> str | None:
+    """The kind of the pools the keys are gathered from, or None when no pool feeds them (a dense graph)."""
+    queue, seen = deque([m["keys"]]), set()
+    pools, selected = set(), False
+    while queue and len(seen) < _PAGED_WALK:
+        v = queue.popleft()
+        if v in seen:
+            continue
+        seen.add(v)
+        op = m.producers.get(v)
+        if op is None:
+            if v.name.endswith(_POOLS):
+                pools.add(v.name.rsplit(".", 1)[-1])
+            continue
+        selected = selected or op.name in _SELECTION_OPS
+        # a pool written in this step: follow the pool, not the rows written (they lead back through
+        # the hidden state into earlier layers and their selections)
+        queue.extend(op.operands[:1] if op.name == "aten.index_put.default" else op.operands)
+    if not pools:
+        return None
+    if "compressed_kv_pool" not in pools:
+        return "sliding"
+    return "csa" if selected else "hca"
 
 
 def _check_attention(m: Match) -> bool:

@@ -105,3 +105,21 @@ def test_a_ragged_batch_without_serving_entry_points_says_how(tmp_path):
     model = ds4c.CompiledModel(art.manifest, art.program, art.weights or {}, torch.device("cpu"))
     with pytest.raises(InputError, match="--serving"):
         model.generate([[1, 2], [3]], max_new_tokens=2)
+
+
+def test_serving_graphs_fuse_like_decode(artifact):
+    """Per layer, the serving graphs hold the fused ops @decode holds (attention of the layer's own
+    kind, decided from the pool its keys are gathered from; compress, indexer.topk, moe, mhc)."""
+    from ds4c.inspect import ops_by_layer
+
+    path, _ = artifact
+    graphs = ds4c.load(path).program.graphs
+
+    def fused(name):
+        return {layer: {k: v for k, v in c.items() if not k.startswith(("aten.", "sym."))}
+                for layer, c in ops_by_layer(graphs[name]).items()}
+
+    want = fused("decode")
+    assert want[1].get("attention.csa") == 1 and want[2].get("attention.hca") == 1
+    assert fused("ragged_step") == want
+    assert fused("ragged_decode") == want

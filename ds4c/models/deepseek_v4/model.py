@@ -384,10 +384,10 @@ class Indexer(Compressor):
         their count. Returns the rows of the selected entries [N, k], -1 for invalid picks."""
         cap = rows.shape[1]
         keys = gather_rows(key_pool.reshape(-1, key_pool.shape[-1]), rows)  # [N, C, Di]
-        index_scores = self._index_scores(x, qr, keys, cos, sin)[:, 0]  # [N, C]
-        future = torch.arange(cap, device=x.device).view(1, -1) >= visible.view(-1, 1)
+        index_scores = self._index_scores(x, qr, keys, cos, sin)  # [N, 1, C]: the dense select's form, fused alike
+        future = torch.arange(cap, device=x.device).view(1, 1, -1) >= visible.view(-1, 1, 1)
         index_scores = index_scores.masked_fill(future, NEG_INF)
-        top = index_scores.topk(min(self.topk, cap), dim=-1).indices  # [N, k]
+        top = index_scores.topk(min(self.topk, cap), dim=-1).indices[:, 0]  # [N, k]
         picked = torch.gather(rows, 1, top)
         return torch.where(top < visible.view(-1, 1), picked, torch.full_like(picked, -1))
 
