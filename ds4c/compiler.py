@@ -135,6 +135,9 @@ def compile(
 
         if source.kind == "onnx":
             raise ConfigError("serving entry points are traced from the model; an ONNX file has only its own graphs")
+        if tgt.backend == "npu":
+            raise ConfigError("--serving: the NPU target runs the dense entry points only; compile serving "
+                              "artifacts for cpu or a GPU target")
         rates = {t: config.compress_rate(i) for i, t in enumerate(config.layer_types) if config.compress_rate(i)}
         try:
             serving_plan = serving_layout(config.sliding_window, rates, max_context,

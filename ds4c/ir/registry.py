@@ -67,6 +67,8 @@ TRAITS = {
     "layout": "moves, selects or joins elements without arithmetic (concatenation, gathers, scatters)",
     "factory": "makes a filled tensor from sizes (arange, full, zeros)",
     "transfer": "moves a tensor between memories (host and device): a copy the runtime issues",
+    "writes_in_place": "writes its first operand in place and returns it: every other reader of that operand "
+                       "(or of a view of it) is among its operands, so that it runs after them (the verifier checks)",
     "topk": "selects the k largest entries",
     "commutative": "its first two operands may be swapped without changing the result",
     "host_sync": "its reference reads operand values on the host to size tensors (MoE groups tokens by "

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ds4c.errors import Ds4cError, IRError, VerificationError
-from ds4c.ir.graph import INPUT_KINDS, Graph, Op, Value, map_values
+from ds4c.ir.graph import INPUT_KINDS, Graph, Op, Value, iter_values, map_values
 from ds4c.ir.registry import get_op, split_results
 from ds4c.ir.shapes import same_dim
 from ds4c.ir.types import IRType, ListType, ScalarType, TensorType
@@ -116,6 +116,7 @@ def verify_graph(graph: Graph, *, require_constants: bool = False) -> None:
         for r in op.results:
             defined.add(r)
             names.add(r.name)
+    _check_in_place_writes(graph)
     seen_out: set[str] = set()
     for name, v in graph.outputs:
         if name in seen_out:
@@ -123,6 +124,41 @@ def verify_graph(graph: Graph, *, require_constants: bool = False) -> None:
         seen_out.add(name)
         if v not in defined:
             raise VerificationError(f"graph @{graph.name}: output '{name}' returns undefined %{v.name}")
+
+
+def _check_in_place_writes(graph: Graph) -> None:
+    """An op that writes its first operand in place (``writes_in_place``) must be the last to touch
+    it: every other reader of that tensor (or of a view of it) reads before it and is among its
+    operands, and no op reads the tensor or its views after it (they would see the new rows)."""
+    from ds4c.ir.registry import has_trait
+
+    writers = [(i, op) for i, op in enumerate(graph.ops) if has_trait(op.name, "writes_in_place")]
+    if not writers:
+        return
+    producer = {r: i for i, op in enumerate(graph.ops) for r in op.results}
+    for index, op in writers:
+        target = op.args[0]
+        aliases = {target}
+        root = target
+        while root in producer and has_trait(graph.ops[producer[root]].name, "view"):
+            root = graph.ops[producer[root]].args[0]
+            aliases.add(root)
+        for j, other in enumerate(graph.ops):  # views of the written tensor, wherever they are made
+            if j != index and has_trait(other.name, "view") and other.args and other.args[0] in aliases:
+                aliases.update(other.results)
+        listed = set(iter_values(op.args[3])) if len(op.args) > 3 else set()
+        for j, other in enumerate(graph.ops):
+            if j == index or has_trait(other.name, "view") or not any(v in aliases for v in other.operands):
+                continue
+            reads = [r for r in other.results if isinstance(r.type, TensorType)]
+            if j < index and not reads:
+                continue  # a size query, not a read of the data
+            if j > index or not any(r in listed for r in reads):
+                raise VerificationError(
+                    f"graph @{graph.name}: {_describe(index, op)} writes %{target.name} in place, but "
+                    f"{_describe(j, other)} reads it {'after' if j > index else 'and is not among its operands'}: "
+                    "list every earlier reader in the write's last operand, and read the written result, not "
+                    "the old tensor, after it")
 
 
 def check_types(graph: Graph, sizes: dict[str, int]) -> None:

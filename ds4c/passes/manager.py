@@ -58,7 +58,8 @@ def list_passes() -> list[Pass]:
 # Named pipelines. Later stages (fusion, precision, memory, streams, lowering) append here.
 PIPELINES: dict[str, list[str]] = {
     "default": ["canonicalize_shapes", "fold_constants", "cse", "dce", "fuse_norms_mhc", "fuse_rope", "fuse_attention", "fuse_moe", "fuse_compress",
-                "cse", "dce", "last_position_logits", "canonicalize_shapes", "assign_precision", "quantize_weights", "plan_memory",
+                "cse", "dce", "last_position_logits", "canonicalize_shapes", "assign_precision", "quantize_weights",
+                "lower_paged_state", "plan_memory",
                 "schedule_streams"],
     "none": [],
 }
@@ -206,7 +207,7 @@ class PassManager:
 # name on the first lookup, so the passes may import this module without a cycle.
 BUILTIN_PASS_MODULES = ("assign_precision", "canonicalize_shapes", "cse", "dce", "fold_constants", "fuse_attention",
                         "fuse_compress", "fuse_moe", "fuse_norm_rope", "fuse_norms_mhc", "fuse_rope", "last_logits",
-                        "lower_packed_weights", "merge_sibling_linears", "plan_memory", "quantize_weights",
+                        "lower_packed_weights", "lower_paged_state", "merge_sibling_linears", "plan_memory", "quantize_weights",
                         "schedule_streams")
 
 

@@ -115,11 +115,16 @@ def test_serving_graphs_fuse_like_decode(artifact):
     path, _ = artifact
     graphs = ds4c.load(path).program.graphs
 
-    def fused(name):
-        return {layer: {k: v for k, v in c.items() if not k.startswith(("aten.", "sym."))}
+    def fused(name, skip=("aten.", "sym.", "state.")):
+        return {layer: {k: v for k, v in c.items() if not k.startswith(skip)}
                 for layer, c in ops_by_layer(graphs[name]).items()}
 
     want = fused("decode")
     assert want[1].get("attention.csa") == 1 and want[2].get("attention.hca") == 1
     assert fused("ragged_step") == want
     assert fused("ragged_decode") == want
+    # every pool is written in place (lower_paged_state): window 1, HCA 3, CSA 5 per layer
+    writes = {layer: c.get("state.write", 0) for layer, c in ops_by_layer(graphs["ragged_step"]).items()
+              if layer is not None}
+    assert writes == {0: 1, 1: 5, 2: 3, 3: 5}
+    assert not any(op.name == "aten.index_put.default" for op in graphs["ragged_step"].ops)
