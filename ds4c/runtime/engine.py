@@ -24,11 +24,14 @@ that only decode); ``EagerStepRunner`` runs the model's eager ``step`` (their or
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import os
+import threading
+import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -131,8 +134,9 @@ class CompiledStepRunner:
 class Request:
     """One request: what was asked, what it has produced, where it stands.
 
-    ``output_ids`` grows as the engine steps; ``finish_reason`` is "stop", "length" or
-    "cancelled" once it is done. ``logprobs`` (when ``params.logprobs`` is not None) holds per
+    ``output_ids`` grows as the engine steps (iterate the request, or ``async for`` over
+    ``stream()``, to get tokens as they come); ``finish_reason`` is "stop", "length",
+    "cancelled" or "error" (``error`` says why) once it is done. ``logprobs`` (when ``params.logprobs`` is not None) holds per
     generated token (its logprob, [(token id, logprob), ...] of the ``params.logprobs`` most
     likely)."""
 
@@ -144,14 +148,46 @@ class Request:
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     status: RequestStatus = "waiting"
     preemptions: int = 0
+    error: str | None = None  # why the engine failed it (finish reason "error")
     # engine bookkeeping
     _pages: RequestPages | None = field(default=None, repr=False)
     _computed: int = 0  # positions whose state is in the pools
     _cancel: bool = False
+    _engine: weakref.ref | None = field(default=None, repr=False)
 
     @property
     def finished(self) -> bool:
         return self.status == "finished"
+
+    def __iter__(self) -> Iterator[int]:
+        """The generated tokens as they come: steps the engine when no background loop
+        (``Engine.start``) does, waits for it otherwise."""
+        seen = 0
+        while True:
+            while seen < len(self.output_ids):
+                seen += 1
+                yield self.output_ids[seen - 1]
+            if self.finished:
+                return
+            engine = self._engine() if self._engine is not None else None
+            if engine is None:
+                return
+            engine._advance(wait=True)
+
+    async def stream(self) -> AsyncIterator[int]:
+        """``__iter__`` for asyncio: the engine steps in a worker thread (or its background loop
+        does), so the event loop is never blocked."""
+        seen = 0
+        while True:
+            while seen < len(self.output_ids):
+                seen += 1
+                yield self.output_ids[seen - 1]
+            if self.finished:
+                return
+            engine = self._engine() if self._engine is not None else None
+            if engine is None:
+                return
+            await asyncio.to_thread(engine._advance, wait=True)
 
     @property
     def tokens(self) -> list[int]:
@@ -208,6 +244,10 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # in age order (oldest first)
         self._ids = itertools.count()
+        self._lock = threading.RLock()  # one step at a time; submit/cancel between steps
+        self._progress = threading.Condition(self._lock)  # notified after every step and submit
+        self._loop: threading.Thread | None = None
+        self._stopping = False
         self._stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0}
 
     # -- requests ---------------------------------------------------------------------------------
@@ -236,19 +276,23 @@ class Engine:
         if need > self.pools.compressed.capacity:
             raise InputError(f"Engine.submit: {total} positions need {need} compressed pages, the pool has "
                              f"{self.pools.compressed.capacity}; give the engine more memory or shorten the request")
-        req = Request(next(self._ids), prompt, params)
-        self._waiting.append(req)
+        with self._lock:
+            req = Request(next(self._ids), prompt, params, _engine=weakref.ref(self))
+            self._waiting.append(req)
+            self._progress.notify_all()
         return req
 
     def cancel(self, req: Request) -> None:
         """Stop ``req`` at the next step boundary (its pages are freed then); a finished request is left as is."""
-        if req.finished:
-            return
-        if req.status == "waiting":
-            self._waiting.remove(req)
-            self._finish(req, "cancelled")
-        else:
-            req._cancel = True
+        with self._lock:
+            if req.finished:
+                return
+            if req.status == "waiting":
+                self._waiting.remove(req)
+                self._finish(req, "cancelled")
+                self._progress.notify_all()
+            else:
+                req._cancel = True
 
     @property
     def idle(self) -> bool:
@@ -276,8 +320,62 @@ class Engine:
 
     # -- one step ---------------------------------------------------------------------------------
 
+    # -- background loop -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Step in a background thread whenever there is work (``stop`` ends it). Submitting,
+        cancelling and iterating requests stay safe from other threads."""
+        with self._lock:
+            if self._loop is not None:
+                return
+            self._stopping = False
+            self._loop = threading.Thread(target=self._run_loop, name="ds4c-engine", daemon=True)
+            self._loop.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End the background loop after its current step (requests stay where they are)."""
+        with self._lock:
+            loop, self._stopping = self._loop, True
+            self._progress.notify_all()
+        if loop is not None:
+            loop.join(timeout)
+        with self._lock:
+            self._loop = None
+
+    def _run_loop(self) -> None:
+        while True:
+            with self._lock:
+                while self.idle and not self._stopping:
+                    self._progress.wait()
+                if self._stopping:
+                    return
+                try:
+                    self.step()
+                except Exception:  # noqa: BLE001 - the step's requests carry the error; the others go on
+                    continue
+
+    def _advance(self, wait: bool = False) -> None:
+        """Make progress for a waiting consumer: one step here, or (with a background loop) wait
+        for the loop's next step."""
+        with self._lock:
+            if self._loop is not None:
+                if wait:
+                    self._progress.wait(timeout=1.0)
+            elif not self.idle:
+                self.step()
+
     def step(self) -> list[Request]:
-        """Plan, run and sample one step; returns the requests that got a token in it."""
+        """Plan, run and sample one step; returns the requests that got a token in it. A failure
+        of the model itself (not of a request: those are refused at ``submit``) finishes every
+        request of the step with finish reason "error" and the message in ``request.error``, frees
+        their pages and is raised; the engine goes on with the others."""
+        with self._lock:
+            try:
+                return self._step()
+            finally:
+                self._progress.notify_all()
+
+    def _step(self) -> list[Request]:
         for req in [r for r in self._running if r._cancel]:
             self._retire(req, "cancelled")
         plan: dict[Request, Chunk] = {}
@@ -327,7 +425,14 @@ class Engine:
             self._running.sort(key=lambda r: r.id)
         if not plan:
             return []
-        return self._run(plan)
+        try:
+            return self._run(plan)
+        except Exception as e:
+            for req in list(plan):
+                if req.status == "running":
+                    req.error = f"{type(e).__name__}: {e}"
+                    self._retire(req, "error")
+            raise
 
     def _admissible(self, req: Request, n: int) -> bool:
         """Admit a new request only while the running ones keep a page each to grow into."""

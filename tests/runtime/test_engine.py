@@ -213,3 +213,56 @@ def test_ten_thousand_requests_leave_pools_and_memory_flat(trained):
         assert engine.pools.stats() == start, wave
     assert engine.stats()["finished"] == 10_000
     assert max(counts[1:]) <= counts[1] + 5, counts
+
+
+def test_requests_stream_tokens_inline_in_a_background_loop_and_async(trained):
+    import asyncio
+
+    model, successor = trained
+    prompts = [bigram_batch(successor, 1, n, torch.Generator().manual_seed(n))[0].tolist() for n in (5, 17, 40)]
+    want = _engine(model).generate(prompts, SamplingParams(max_new_tokens=6))
+    # inline: iterating a request steps the engine
+    engine = _engine(model)
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=6)) for p in prompts]
+    assert list(reqs[1]) == want[1] and [r.output_ids for r in reqs if r.finished]
+    engine.run_until_idle()
+    # a background loop: submitted from this thread, consumed as they come
+    engine.start()
+    try:
+        reqs = [engine.submit(p, SamplingParams(max_new_tokens=6)) for p in prompts]
+        assert [list(r) for r in reqs] == want
+
+        async def consume():
+            rs = [engine.submit(p, SamplingParams(max_new_tokens=6)) for p in prompts]
+            return await asyncio.gather(*[_collect(r) for r in rs])
+
+        async def _collect(r):
+            return [t async for t in r.stream()]
+
+        assert asyncio.run(consume()) == want
+    finally:
+        engine.stop(timeout=30)
+    assert engine.idle and engine.pools.stats() == _engine(model).pools.stats()
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(trained):
+    model, _ = trained
+    engine = _engine(model)
+    real_run = engine.runner.run
+    calls = []
+
+    def flaky(batch):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return real_run(batch)
+
+    engine.runner.run = flaky
+    bad = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=3))
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.step()
+    assert bad.finish_reason == "error" and "device lost" in bad.error
+    good = engine.submit([4, 5], SamplingParams(max_new_tokens=3))
+    engine.run_until_idle()
+    assert good.finish_reason == "length" and len(good.output_ids) == 3
+    assert engine.pools.stats() == _engine(model).pools.stats()
