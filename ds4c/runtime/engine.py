@@ -87,8 +87,9 @@ class CompiledStepRunner:
     """An artifact's serving entry points over pools allocated here, on the artifact's device.
 
     ``pages``: pages per pool (``{"window", "compressed", "slots"}``); default: the compiled plan's
-    (``manifest["serving"]["pages"]``). ``state_budget`` (bytes) sizes them again with the same
-    formula instead (``size_pools``), for another device or memory share."""
+    (``manifest["serving"]["pages"]``; a GPU artifact loaded on the CPU gets room for max_running
+    requests of max_context instead). ``state_budget`` (bytes) sizes them again with the same
+    formula (``size_pools``), for another device or memory share."""
 
     def __init__(self, model, *, pages: dict[str, int] | None = None, state_budget: int | None = None,
                  max_running: int | None = None, max_step_tokens: int | None = None):
@@ -108,6 +109,12 @@ class CompiledStepRunner:
                                    max_step_tokens=max_step_tokens or batch["max_step_tokens"])
             except ValueError as e:
                 raise InputError(f"Engine(state_budget={state_budget}): {e}") from None
+        if pages is None and model.device.type == "cpu" and model.manifest["target"].get("backend") != "reference":
+            # a GPU artifact on the host: its pools were sized for the GPU's memory; here, room for
+            # max_running requests of max_context (as a cpu-target compile plans them)
+            pages = size_pools(self.layout, page_bytes(serving["pools"]), None,
+                               max_running=max_running or batch["max_running"],
+                               max_step_tokens=max_step_tokens or batch["max_step_tokens"])
         pages = dict(pages or serving["pages"]["pages"])
         self.pools = Pools(pages["window"], pages["compressed"], pages["slots"])
         self.rates = dict(serving["rates"])

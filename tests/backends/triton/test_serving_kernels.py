@@ -1,0 +1,39 @@
+"""The serving entry points on the kernels backend (Triton; the interpreter on CPU, the GPU on the
+device): the Engine gives the reference backend's tokens for a ragged batch, pools written in
+place (state.write), attention / indexer / compress kernels over per-token key lists."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import ds4c  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PROMPTS = [[1, 2, 3], list(range(10, 47)), [5] * 20]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    art = ds4c.compile("tiny", target="h100", precision="fp32", max_context=128, progress=False,
+                       kernel_binaries=False, serving={"max_running": 4, "max_chunk": 32, "max_step_tokens": 48})
+    path = tmp_path_factory.mktemp("serving_kernels") / "tiny.ds4"
+    art.save(path)
+    return path
+
+
+@pytest.mark.slow
+def test_engine_on_the_kernels_backend_gives_the_reference_tokens(artifact):
+    params = ds4c.SamplingParams(max_new_tokens=5)
+    ref = ds4c.Engine(ds4c.load(artifact, backend="reference")).generate(PROMPTS, params)
+    model = ds4c.load(artifact, device=DEVICE, backend="kernels", cuda_graphs=False)
+    engine = ds4c.Engine(model)
+    before = {k: v.data_ptr() for k, v in engine.runner.state.items()}
+    assert engine.generate(PROMPTS, params) == ref
+    assert all(p["used"] == 0 for p in engine.stats()["pages"].values())
+    # the pools were written in place: after every step the state is the memory allocated at the start
+    assert {k: v.data_ptr() for k, v in engine.runner.state.items()} == before
