@@ -21,14 +21,16 @@
 #                                                 # transformers, then the whole GPU test suite (~9 min)
 #   bash benchmarks/device_session.sh ab          # flash-slice compile/load/TTFT/decode, tree ./ab_old vs this tree, same
 #                                                 # run (A: a commit, archived into ./ab_old first; ~6 min)
+#   bash benchmarks/device_session.sh serving     # the Engine on the GPU (tiny --serving, fp32 / bf16): tokens vs CPU,
+#                                                 # step times, memory over 200 requests; the serving kernels test (~5 min)
 #
 # TARGET (default h200) names the target record the artifacts are compiled for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -45,6 +47,11 @@ case "$1" in
     timeout 280 python -m pytest -q -p no:cacheprovider $par tests/backends/triton \
       --deselect tests/backends/triton/test_pdl.py::test_launch_options_of_the_interpreter_run_without_pdl \
       > "$out/pytest_triton.log" 2>&1; tail -3 "$out/pytest_triton.log" ;;
+  serving)
+    timeout 300 python benchmarks/serving_smoke.py --target "$target" --out "$out/serving.json" > "$out/serving.log" 2>&1
+    grep -E "^(fp32|bf16) " "$out/serving.log" | cut -c1-600; tail -2 "$out/serving.log" | cut -c1-300
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/backends/triton/test_serving_kernels.py \
+      > "$out/pytest_serving.log" 2>&1; tail -2 "$out/pytest_serving.log" ;;
   ab)
     # ab_old must already hold tree A (git archive "$A" ds4c pyproject.toml | tar -x -C ab_old, on the
     # machine that has the repository: the device copy has no .git)
