@@ -37,11 +37,36 @@ def trained():
     return model, successor
 
 
+@pytest.fixture(scope="module")
+def compiled(trained, tmp_path_factory):
+    """The trained model compiled with its serving entry points (cpu, fp32): what ds4c.Engine runs."""
+    import ds4c
+
+    hf, _, _ = trained_model("mixed")
+    art = ds4c.compile(hf, target="cpu", max_context=MAX_CONTEXT, progress=False,
+                       serving={"window_page": 4, "comp_page": 16, "max_chunk": 32, "max_running": 24})
+    path = tmp_path_factory.mktemp("engine") / "mixed.ds4"
+    art.save(path)
+    return ds4c.load(path)
+
+
 def _engine(model, *, window_pages=400, comp_pages=200, slots=25, max_chunk=32, **kw) -> Engine:
+    """An engine over ``model``: the eager step of a DeepseekV4Model, or a compiled artifact's serving
+    entry points (a CompiledModel), with pools of these sizes."""
+    if hasattr(model, "manifest"):
+        return Engine(model, pages={"window": window_pages, "compressed": comp_pages, "slots": slots},
+                      max_chunk=max_chunk, **kw)
     layout = PageLayout(window=model.config.sliding_window, window_page=4, comp_page=16, max_context=MAX_CONTEXT,
                         max_chunk=max_chunk)
     runner = EagerStepRunner(model, layout, window_pages=window_pages, comp_pages=comp_pages, slots=slots)
     return Engine(runner, **kw)
+
+
+@pytest.fixture(params=["eager", "artifact"])
+def served(request, trained):
+    """(model to serve, successor table): the eager step, and the compiled artifact (the acceptance's)."""
+    model, successor = trained
+    return (request.getfixturevalue("compiled") if request.param == "artifact" else model), successor
 
 
 def _workload(successor, n=24, seed=0):
@@ -95,8 +120,8 @@ def _greedy(i, n):
     return SamplingParams(max_new_tokens=n, logprobs=2)
 
 
-def test_continuous_batching_gives_each_request_its_tokens_alone(trained):
-    model, successor = trained
+def test_continuous_batching_gives_each_request_its_tokens_alone(served):
+    model, successor = served
     work = _workload(successor)
     engine = _engine(model, max_running=12, max_step_tokens=48)
     batched = _run_batched(engine, work, _greedy)
@@ -107,8 +132,8 @@ def test_continuous_batching_gives_each_request_its_tokens_alone(trained):
     assert engine.pools.stats() == _engine(model).pools.stats()  # every page back
 
 
-def test_preempted_requests_finish_with_the_same_tokens(trained):
-    model, successor = trained
+def test_preempted_requests_finish_with_the_same_tokens(served):
+    model, successor = served
     work = _workload(successor, seed=1)
     # 24 compressed pages of 16 tokens: a few long requests at once, the rest wait or are preempted
     engine = _engine(model, comp_pages=25, max_chunk=7, max_running=12, max_step_tokens=24)
@@ -119,8 +144,8 @@ def test_preempted_requests_finish_with_the_same_tokens(trained):
     assert engine.pools.stats() == _engine(model, comp_pages=25).pools.stats()
 
 
-def test_seeded_sampling_is_the_same_alone_and_batched(trained):
-    model, successor = trained
+def test_seeded_sampling_is_the_same_alone_and_batched(served):
+    model, successor = served
     work = _workload(successor, n=10, seed=2)
 
     def sampled(i, n):
