@@ -476,6 +476,86 @@ def sign(
     console.print(f"signed {artifact} with key {kid}")
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Measure an artifact under a workload.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("serve")
+@one_line_errors
+def bench_serve(
+    artifact: Annotated[Path, typer.Argument(help="a .ds4 artifact compiled with --serving")],
+    requests: Annotated[int, typer.Option("--requests", help="requests in the trace")] = 64,
+    rate: Annotated[float | None, typer.Option("--rate", help="Poisson arrivals, requests per second")] = None,
+    concurrency: Annotated[int | None, typer.Option("--concurrency", help="closed loop: requests in flight")] = None,
+    prompt_len: Annotated[str, typer.Option("--prompt-len", help="LOW:HIGH prompt tokens")] = "16:128",
+    output_len: Annotated[str, typer.Option("--output-len", help="LOW:HIGH output tokens")] = "8:64",
+    dist: Annotated[str, typer.Option("--dist", help="uniform | lognormal")] = "uniform",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    compare: Annotated[str, typer.Option("--compare", help="baselines, comma-separated: static (padded batches), "
+                                                          "or none")] = "static",
+    static_batch: Annotated[int, typer.Option("--static-batch", help="the static baseline's batch size")] = 8,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+) -> None:
+    """Serve a synthetic trace on ds4c.Engine and report throughput, TTFT and TPOT (p50/p90/p99),
+    pages and preemptions, against static batching of the same requests."""
+    import json
+
+    import ds4c
+    from ds4c.bench.serve import make_workload, run_engine, run_static, summarize
+    from ds4c.progress import progress_steps
+
+    if concurrency is None and rate is None:
+        concurrency = 8
+    try:
+        model = ds4c.load(artifact, device=device)
+        sync = torch_sync(model.device)
+        work = make_workload(requests, prompt_len, output_len, model.vocab_size, max_context=model.max_context,
+                             rate=rate, concurrency=concurrency, dist=dist, seed=seed)
+        report: dict = {"artifact": str(artifact), "device": str(model.device),
+                        "workload": {"requests": requests, "rate": rate, "concurrency": concurrency,
+                                     "prompt_len": prompt_len, "output_len": output_len, "dist": dist, "seed": seed}}
+        with progress_steps("ds4c.Engine", total=requests, enabled=True) as steps:
+            report["engine"] = summarize(run_engine(ds4c.Engine(model), work, sync=sync, on_finish=steps.advance))
+        for base in [b for b in compare.split(",") if b and b != "none"]:
+            if base != "static":
+                raise InputError(f"--compare {base!r}: the baselines are static (or none)")
+            with progress_steps(f"static batches of {static_batch}", total=requests, enabled=True) as steps:
+                report["static"] = summarize(run_static(model, work, static_batch, sync=sync, on_finish=steps.advance))
+    except Ds4cError as e:
+        _fail(e)
+    table = Table(title=f"bench serve: {requests} requests on {model.device}")
+    for col in ("", "out tok/s", "req/s", "TTFT p50 / p99 (ms)", "TPOT p50 / p99 (ms)", "preemptions"):
+        table.add_column(col, justify="left" if not col else "right")
+    for name in ("engine", "static"):
+        r = report.get(name)
+        if r is None:
+            continue
+
+        def ms(d: dict) -> str:
+            return "-" if d["p50"] is None else f"{1e3 * d['p50']:.1f} / {1e3 * d['p99']:.1f}"
+
+        table.add_row(name, f"{r['output_tokens_per_s']:.1f}", f"{r['requests_per_s']:.2f}", ms(r["ttft_s"]),
+                      ms(r["tpot_s"]), str(r.get("preemptions", "-")))
+    console.print(table)
+    if "static" in report:
+        console.print(f"engine / static output tokens/s: "
+                      f"{report['engine']['output_tokens_per_s'] / report['static']['output_tokens_per_s']:.2f}x")
+    console.print(f"pages in use at most: {report['engine']['pages_peak']}")
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=1))
+        console.print(f"report: {json_out}")
+
+
+def torch_sync(device):
+    """A function that waits for ``device``'s queued work (a no-op on the CPU)."""
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
 debug_app = typer.Typer(no_args_is_help=True, help="Find what a pass did to the numbers.")
 app.add_typer(debug_app, name="debug")
 

@@ -441,11 +441,17 @@ class Engine:
                     self._retire(req, "error")
             raise
 
+    WATERMARK = 0.01  # share of a pool kept free when admitting (vLLM's default): room for the running to grow
+
     def _admissible(self, req: Request, n: int) -> bool:
-        """Admit a new request only while the running ones keep a page each to grow into."""
+        """Admit a new request only if its first chunk leaves ``WATERMARK`` of each pool free."""
         window, comp, slot = req._pages.pages_needed(n)
-        keep = len(self._running)
-        return (self.pools.compressed.free_count - comp >= keep and self.pools.window.free_count - window >= keep
+
+        def keep(pool) -> int:
+            return math.ceil(self.WATERMARK * pool.capacity) if self._running else 0
+
+        return (self.pools.compressed.free_count - comp >= keep(self.pools.compressed)
+                and self.pools.window.free_count - window >= keep(self.pools.window)
                 and self.pools.slots.free_count >= slot)
 
     def _run(self, plan: dict[Request, Chunk]) -> list[Request]:

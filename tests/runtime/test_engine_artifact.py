@@ -128,3 +128,30 @@ def test_serving_graphs_fuse_like_decode(artifact):
               if layer is not None}
     assert writes == {0: 1, 1: 5, 2: 3, 3: 5}
     assert not any(op.name == "aten.index_put.default" for op in graphs["ragged_step"].ops)
+
+
+def test_bench_serve_reports_the_engine_against_static_batches(artifact, tmp_path):
+    import json
+
+    from ds4c.bench.serve import make_workload
+
+    path, _ = artifact
+    out = tmp_path / "bench.json"
+    res = runner.invoke(app, ["bench", "serve", str(path), "--requests", "6", "--concurrency", "3",
+                              "--prompt-len", "4:40", "--output-len", "2:6", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "engine / static output tokens/s" in res.output
+    report = json.loads(out.read_text())
+    want = make_workload(6, "4:40", "2:6", 512, max_context=256, concurrency=3).output_tokens
+    for name in ("engine", "static"):
+        r = report[name]
+        assert r["requests"] == 6 and r["output_tokens"] == want, name
+        assert r["ttft_s"]["p50"] > 0 and r["tpot_s"]["p99"] >= r["tpot_s"]["p50"] > 0
+    assert report["engine"]["preemptions"] == 0 and report["engine"]["pages_peak"]["slots"] >= 1
+    res = runner.invoke(app, ["bench", "serve", str(path), "--requests", "3", "--rate", "500", "--compare", "none",
+                              "--prompt-len", "4:8", "--output-len", "2:3"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["bench", "serve", str(path), "--prompt-len", "200:250", "--output-len", "64:64"])
+    assert res.exit_code != 0 and "max_context" in res.output
+    res = runner.invoke(app, ["bench", "serve", str(path), "--prompt-len", "x"])
+    assert res.exit_code != 0 and "LOW:HIGH" in res.output
