@@ -4,14 +4,10 @@ place (state.write), attention / indexer / compress kernels over per-token key l
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import ds4c  # noqa: E402
+import ds4c  # the interpreter on CPU: tests/backends/triton/conftest.py sets it where no GPU is
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROMPTS = [[1, 2, 3], list(range(10, 47)), [5] * 20]

@@ -388,10 +388,16 @@ def mxfp4_tile(q_ptr, s_ptr, rows, k, mask, k_total):
 @triton.jit
 def storage_to_dot(w, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
     """A weight tile in its storage type (fp8, int8, bf16, ...) as a dot operand of ``dtype``
-    (exact: every e4m3 and int8 value is a bf16 value); fp32 under the interpreter's bf16 bugs."""
+    (exact: every e4m3 and int8 value is a bf16 value); fp32 under the interpreter's bf16 bugs.
+
+    One return, after the constexpr ``if``: triton 3.6 also visits the return after a static branch
+    that returned, and refuses two result types ("Inconsistent return types") when the flag is set
+    in a compiled kernel (reproduced: sm_90 cross-compile, triton 3.6)."""
     if INTERPRETER_BF16:
-        return w.to(tl.float32)
-    return w.to(dtype)
+        out = w.to(tl.float32)
+    else:
+        out = w.to(dtype)
+    return out
 
 
 def grouped_config(make, n: int, groups: int, override: dict):
