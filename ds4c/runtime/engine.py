@@ -166,18 +166,23 @@ class Request:
     def finished(self) -> bool:
         return self.status == "finished"
 
+    def _waited_on(self):
+        """The engine that will produce more of this request's tokens, or None when none will come."""
+        if self.finished or self._engine is None:
+            return None
+        return self._engine()
+
     def __iter__(self) -> Iterator[int]:
         """The generated tokens as they come: steps the engine when no background loop
         (``Engine.start``) does, waits for it otherwise."""
         seen = 0
         while True:
-            while seen < len(self.output_ids):
-                seen += 1
-                yield self.output_ids[seen - 1]
-            if self.finished:
-                return
-            engine = self._engine() if self._engine is not None else None
+            new = self.output_ids[seen:]  # a copy: a background loop may append meanwhile
+            seen += len(new)
+            yield from new
+            engine = self._waited_on()
             if engine is None:
+                yield from self.output_ids[seen:]
                 return
             engine._advance(wait=True)
 
@@ -186,13 +191,14 @@ class Request:
         does), so the event loop is never blocked."""
         seen = 0
         while True:
-            while seen < len(self.output_ids):
-                seen += 1
-                yield self.output_ids[seen - 1]
-            if self.finished:
-                return
-            engine = self._engine() if self._engine is not None else None
+            new = self.output_ids[seen:]
+            seen += len(new)
+            for tok in new:
+                yield tok
+            engine = self._waited_on()
             if engine is None:
+                for tok in self.output_ids[seen:]:
+                    yield tok
                 return
             await asyncio.to_thread(engine._advance, wait=True)
 
