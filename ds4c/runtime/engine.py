@@ -29,6 +29,7 @@ import itertools
 import math
 import os
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -262,6 +263,7 @@ class Engine:
         self._loop: threading.Thread | None = None
         self._stopping = False
         self._stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0}
+        self._busy = {"mixed": 0.0, "decode": 0.0}  # seconds in steps with prompt chunks / decodes only
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -328,8 +330,18 @@ class Engine:
         return [r.output_ids for r in reqs]
 
     def stats(self) -> dict:
+        """Requests running and waiting, pages per pool, counters, and tokens per second of the
+        engine's busy time: prompt tokens over steps that held prompt chunks, decode tokens over
+        decode-only steps (each step timed up to its tokens on the host)."""
+        busy = self._busy
+
+        def rate(tokens: int, seconds: float) -> float | None:
+            return tokens / seconds if seconds > 0 else None
+
         return {"running": len(self._running), "waiting": len(self._waiting), "pages": self.pools.stats(),
-                **self._stats}
+                **self._stats, "busy_s": busy["mixed"] + busy["decode"],
+                "prefill_tokens_per_s": rate(self._stats["prefill_tokens"], busy["mixed"]),
+                "decode_tokens_per_s": rate(self._stats["decode_tokens"], busy["decode"])}
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -461,6 +473,14 @@ class Engine:
                 and self.pools.slots.free_count >= slot)
 
     def _run(self, plan: dict[Request, Chunk]) -> list[Request]:
+        started = time.perf_counter()
+        try:
+            return self._run_timed(plan)
+        finally:
+            decode_only = all(len(c.token_ids) == 1 and r.output_ids for r, c in plan.items())
+            self._busy["decode" if decode_only else "mixed"] += time.perf_counter() - started
+
+    def _run_timed(self, plan: dict[Request, Chunk]) -> list[Request]:
         reqs = list(plan)
         # The sampler's rows follow the logits' rows: the plan's order of the chunks that end their
         # request's known tokens (requests joining the sampler, e.g. at the end of a recompute, may

@@ -127,6 +127,9 @@ def test_continuous_batching_gives_each_request_its_tokens_alone(served):
     batched = _run_batched(engine, work, _greedy)
     stats = engine.stats()
     assert stats["preemptions"] == 0 and stats["finished"] == len(work)
+    assert stats["prefill_tokens"] == sum(len(p) for _, p, _ in work)
+    assert stats["decode_tokens"] == sum(n - 1 for _, _, n in work)  # each request's first token ends its prompt
+    assert stats["prefill_tokens_per_s"] > 0 and stats["decode_tokens_per_s"] > 0 and stats["busy_s"] > 0
     assert all(len(r.output_ids) == n for r, (_, _, n) in zip(batched, work, strict=True))
     _compare(batched, _alone(model, work, _greedy))
     assert engine.pools.stats() == _engine(model).pools.stats()  # every page back
