@@ -130,9 +130,7 @@ def _trace_serving(config: Any, model: torch.nn.Module, max_context: int, dtype:
             "ragged_decode": {**{n: ["R"] for n in DECODE_STEP_INPUTS}, **pools},
         },
         "serving": {
-            "layout": {"window": layout.window, "window_page": layout.window_page, "comp_page": layout.comp_page,
-                       "max_context": layout.max_context, "max_chunk": layout.max_chunk,
-                       "window_slots": layout.window_slots, "comp_entries": layout.comp_entries},
+            "layout": layout.record(),
             "rates": model.compression_rates(),
             "inputs": {"ragged_step": list(STEP_INPUTS), "ragged_decode": list(DECODE_STEP_INPUTS)},
             "pools": [{"name": s.name, "pool": kinds[pool_dim(s.name)], "shape": [pool_dim(s.name), *s.shape[1:]],

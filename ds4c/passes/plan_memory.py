@@ -463,8 +463,7 @@ def serving_sizes(graph: Graph, options: Mapping[str, Any], attrs: dict[str, Any
 
     serving = attrs["serving"]
     batch = serving["batch"]
-    lay = serving["layout"]
-    layout = PageLayout(**{k: lay[k] for k in ("window", "window_page", "comp_page", "max_context", "max_chunk")})
+    layout = PageLayout.from_record(serving["layout"], f"plan_memory @{graph.name}")
     if "serving_pages" not in attrs:
         per_page = page_bytes(serving["pools"])
         weights = sum(_param_bytes(graph, SizeEvaluator({})).values())

@@ -98,10 +98,11 @@ class CompiledStepRunner:
         if not serving:
             raise InputError("this artifact has no serving entry points (ragged_step / ragged_decode): recompile it "
                              "with `ds4c compile ... --serving` (Python: ds4c.compile(..., serving=True))")
-        lay = serving["layout"]
         self.model = model
-        self.layout = PageLayout(**{k: lay[k] for k in ("window", "window_page", "comp_page", "max_context",
-                                                       "max_chunk")})
+        try:
+            self.layout = PageLayout.from_record(serving.get("layout") or {}, "the artifact's manifest")
+        except ValueError as e:
+            raise InputError(str(e)) from None
         batch = serving["batch"]
         if pages is None and state_budget is not None:
             try:

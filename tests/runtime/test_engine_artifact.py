@@ -92,6 +92,9 @@ def test_engine_refuses_what_it_cannot_serve():
         Engine(SimpleNamespace(manifest={"model": {}}))
     with pytest.raises(InputError, match="artifact path"):
         Engine(object())
+    broken = {"model": {}, "serving": {"layout": {"window": 8, "window_page": "4"}}}
+    with pytest.raises(InputError, match="layout fields.*comp_page"):
+        Engine(SimpleNamespace(manifest=broken))
     with pytest.raises(ConfigError, match="unknown serving option"):
         ds4c.compile("tiny", target="cpu", serving={"pages": 3}, progress=False)
     with pytest.raises(ConfigError, match="max_running"):

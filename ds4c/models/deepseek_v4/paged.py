@@ -67,6 +67,23 @@ class PageLayout:
         """Compressed pages of a request at ``max_context``."""
         return math.ceil(self.max_context / self.comp_page)
 
+    FIELDS = ("window", "window_page", "comp_page", "max_context", "max_chunk")
+
+    def record(self) -> dict[str, int]:
+        """The layout as the manifest's ``serving.layout`` records it (with the derived widths)."""
+        return {**{k: getattr(self, k) for k in self.FIELDS}, "window_slots": self.window_slots,
+                "comp_entries": self.comp_entries}
+
+    @classmethod
+    def from_record(cls, record: dict, where: str) -> PageLayout:
+        """The layout of a ``record()`` read back from ``where`` (an artifact's manifest: untrusted);
+        a missing or non-integer field raises ValueError naming it."""
+        bad = [k for k in cls.FIELDS if not isinstance(record.get(k), int) or isinstance(record.get(k), bool)]
+        if bad:
+            raise ValueError(f"{where}: serving layout fields {bad} are missing or not integers; recompile the "
+                             "artifact with --serving")
+        return cls(**{k: record[k] for k in cls.FIELDS})
+
     def check_rates(self, rates: dict[str, int]) -> None:
         """Refuse a compressed page that does not hold a whole number of entries of every rate."""
         bad = {kind: m for kind, m in rates.items() if m and self.comp_page % m}
