@@ -56,6 +56,7 @@ class StepRunner(Protocol):
     pools: Pools
     rates: dict[str, int]
     vocab_size: int
+    device: torch.device  # where run() returns the logits (and where sampling runs); the host if absent
 
     def run(self, batch: StepBatch) -> torch.Tensor:
         """Run one step (updating the pools in place or by replacement); logits [L, vocab]."""
@@ -99,6 +100,7 @@ class CompiledStepRunner:
             raise InputError("this artifact has no serving entry points (ragged_step / ragged_decode): recompile it "
                              "with `ds4c compile ... --serving` (Python: ds4c.compile(..., serving=True))")
         self.model = model
+        self.device = model.device
         try:
             self.layout = PageLayout.from_record(serving.get("layout") or {}, "the artifact's manifest")
         except ValueError as e:
@@ -254,7 +256,8 @@ class Engine:
             raise InputError(f"Engine(max_step_tokens={self.max_step_tokens}) is below max_running="
                              f"{self.max_running}: every running request must be able to decode in each step")
         self.vocab_size = runner.vocab_size
-        self._sampler = SamplerState(self.vocab_size, seed=seed)
+        # sampling runs where the logits are: the runner's device (a step runner without one is on the host)
+        self._sampler = SamplerState(self.vocab_size, getattr(runner, "device", "cpu"), seed=seed)
         self._sampling: list[Request] = []  # the sampler's rows: the running requests that decode
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # in age order (oldest first)

@@ -185,8 +185,9 @@ def test_launch_options_of_the_interpreter_run_without_pdl():
     # CI runs every kernel through the interpreter (conftest): PDL is off there, whatever the option
     if os.environ.get("TRITON_INTERPRET") == "1":
         assert CTX.pdl and not CTX.launches_with_pdl and Launch(4).kwargs(CTX)["PDL"] is False
-    elif torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
-        assert Launch(4).kwargs(CTX)["PDL"] is True
+    else:  # on a GPU the hardware decides too (pdl_enabled): the kernel's wait and Triton's option go together
+        kw = Launch(4).kwargs(CTX)
+        assert kw["PDL"] is CTX.launches_with_pdl and kw.get("launch_pdl", False) is kw["PDL"]
 
 
 _COMPILE_ROW_GEMV = """
