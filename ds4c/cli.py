@@ -121,7 +121,7 @@ def compile(
                            activations=activations, allow_nonfinite=allow_nonfinite_weights,
                            lowering={"fuse_norm_rope": fuse_norm_rope, "merge_linears": merge_linears,
                                      "merge_packed": merge_packed, "pdl": pdl},
-                           serving=_serving_options(serving_opt) if serving or serving_opt else None)
+                           serving=(_serving_options(serving_opt) or True) if serving or serving_opt else None)
         if output is None:
             output = Path(f"{Path(model).name}-{target}.ds4")
         art.save(output, sign_key=sign_key if sign_key is not None else True)
@@ -474,6 +474,56 @@ def sign(
     except Ds4cError as e:
         _fail(e)
     console.print(f"signed {artifact} with key {kid}")
+
+
+@app.command()
+@one_line_errors
+def serve(
+    artifact: Annotated[Path, typer.Argument(help="a .ds4 artifact compiled with --serving")],
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on (0: a free one, printed)")] = 8000,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    backend: Annotated[str, typer.Option(help="auto | kernels | compiled | reference")] = "auto",
+    model_name: Annotated[str | None, typer.Option("--model-name", help="the model id clients name "
+                                                                       "(default: the artifact's file name)")] = None,
+    max_waiting: Annotated[int, typer.Option("--max-waiting", help="queued requests beyond which new ones get "
+                                                                    "429 Retry-After")] = 256,
+    max_running: Annotated[int | None, typer.Option("--max-running", help="requests in the running batch "
+                                                                          "(default: the artifact's)")] = None,
+    grace: Annotated[float, typer.Option(help="seconds in-flight requests get to finish after SIGTERM")] = 30.0,
+    trust_binaries: Annotated[bool, typer.Option(
+        "--trust-binaries", help="use the native code stored in ARTIFACT even if no trusted key signed it")] = False,
+) -> None:
+    """Serve ARTIFACT with the OpenAI API over HTTP: /v1/completions, /v1/chat/completions (when the
+    checkpoint shipped a chat template), /v1/models, /health, /metrics (Prometheus)."""
+    try:
+        from ds4c.server import serve as run_server
+    except ImportError as e:
+        _fail(InputError(f"ds4c serve needs the server packages ({e.name} is missing): pip install 'ds4c[serve]'"))
+    import ds4c
+    from ds4c.runtime.tokenizer import tokenizer_for
+
+    if max_waiting < 1:
+        _fail(InputError(f"--max-waiting {max_waiting}: must be >= 1"))
+    if not 0 <= port <= 65535:
+        _fail(InputError(f"--port {port}: must be in [0, 65535]"))
+    if grace < 0:
+        _fail(InputError(f"--grace {grace}: must be >= 0 seconds"))
+    try:
+        model = ds4c.load(artifact, device=device, backend=backend, trust_binaries=trust_binaries)
+        engine = ds4c.Engine(model, max_running=max_running)
+        tokenizer = tokenizer_for(model)
+    except Ds4cError as e:
+        _fail(e)
+    name = model_name or artifact.stem
+    chat = "with chat" if tokenizer.chat_template else "no chat template: completions only"
+
+    def ready(bound: int) -> None:
+        console.print(f"serving {name} ({chat}) on http://{host}:{bound}/v1 - {engine.max_running} running at "
+                      f"most, {max_waiting} waiting; SIGTERM drains ({grace:g} s)", highlight=False, soft_wrap=True)
+
+    run_server(engine, tokenizer, model_name=name, host=host, port=port, max_waiting=max_waiting, grace=grace,
+               log_level="warning", on_ready=ready)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Measure an artifact under a workload.")

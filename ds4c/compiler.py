@@ -27,6 +27,7 @@ from ds4c.passes.manager import (
 )
 from ds4c.progress import progress_steps
 from ds4c.quant.policy import ACTIVATION_MODES, check_table
+from ds4c.runtime.tokenizer import checkpoint_tokenizer
 from ds4c.targets import get_target
 
 # Policies of ds4c.quant.policy; a path to a per-unit table file (*.json) is accepted too.
@@ -275,9 +276,10 @@ def compile(
         manifest["lowering"] = {"passes": lowered, "options": {**LOWERING_OPTIONS, **lowering_options}}
     extras = {}
     manifest.update(plan_sections(program, extras))
-    if source.kind == "checkpoint" and source.path is not None and (source.path / "tokenizer.json").is_file():
-        extras["tokenizer/tokenizer.json"] = (source.path / "tokenizer.json").read_bytes()
-        manifest["tokenizer"] = {"kind": "hf", "member": "tokenizer/tokenizer.json"}
+    tokenizer = checkpoint_tokenizer(source.path) if source.kind == "checkpoint" and source.path is not None else None
+    if tokenizer is not None:
+        manifest["tokenizer"], members = tokenizer
+        extras.update(members)
     elif config.vocab_size >= 256:
         manifest["tokenizer"] = {"kind": "bytes"}
     else:

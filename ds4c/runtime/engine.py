@@ -32,7 +32,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -165,6 +165,16 @@ class Request:
     _computed: int = 0  # positions whose state is in the pools
     _cancel: bool = False
     _engine: weakref.ref | None = field(default=None, repr=False)
+    _on_progress: Callable[[Request], None] | None = field(default=None, repr=False)
+
+    def _notify(self) -> None:
+        """Tell the submitter's ``on_progress`` that a token came or the request finished (from the
+        engine's thread, under its lock); a failing callback is the submitter's problem, not the batch's."""
+        if self._on_progress is not None:
+            try:
+                self._on_progress(self)
+            except Exception:  # noqa: BLE001 - e.g. the server's event loop already closed
+                pass
 
     @property
     def finished(self) -> bool:
@@ -271,9 +281,12 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Request:
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
+               on_progress: Callable[[Request], None] | None = None) -> Request:
         """Queue a request; it joins the batch at the next step. Bad input raises InputError for
-        this request only (nothing is queued)."""
+        this request only (nothing is queued). ``on_progress(request)`` is called from the stepping
+        thread whenever the request gets a token or finishes (e.g. to wake an asyncio consumer with
+        ``loop.call_soon_threadsafe``); it must be quick and must not call back into the engine."""
         params = SamplingParams(max_new_tokens=16) if params is None else params
         if not isinstance(params, SamplingParams):
             raise InputError(f"Engine.submit: params must be a SamplingParams, got {type(params).__name__}")
@@ -296,7 +309,7 @@ class Engine:
             raise InputError(f"Engine.submit: {total} positions need {need} compressed pages, the pool has "
                              f"{self.pools.compressed.capacity}; give the engine more memory or shorten the request")
         with self._lock:
-            req = Request(next(self._ids), prompt, params, _engine=weakref.ref(self))
+            req = Request(next(self._ids), prompt, params, _engine=weakref.ref(self), _on_progress=on_progress)
             self._waiting.append(req)
             self._progress.notify_all()
         return req
@@ -519,6 +532,8 @@ class Engine:
                 r.logprobs.append((top[0][i], list(zip(top[1][i][:k], top[2][i][:k], strict=True))))
             if why is not None:
                 self._retire(r, why)
+            else:
+                r._notify()
         return sampled
 
     # -- leaving the batch ------------------------------------------------------------------------
@@ -541,6 +556,7 @@ class Engine:
         req.status = "finished"
         req.finish_reason = reason
         self._stats["finished"] += 1
+        req._notify()
 
     def _preempt(self, req: Request) -> None:
         """Free all of ``req``'s state; it waits at the front of the queue and recomputes its
