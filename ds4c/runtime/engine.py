@@ -41,6 +41,7 @@ import torch
 from ds4c.errors import InputError
 from ds4c.models.deepseek_v4.paged import PageLayout, page_bytes, size_pools
 from ds4c.runtime.pages import Pools, RequestPages
+from ds4c.runtime.prefix_cache import PrefixCache
 from ds4c.runtime.sampling import SamplerState, SamplingParams, finish_reasons, sample
 from ds4c.runtime.step_batch import Chunk, StepBatch, build_step
 
@@ -57,10 +58,29 @@ class StepRunner(Protocol):
     rates: dict[str, int]
     vocab_size: int
     device: torch.device  # where run() returns the logits (and where sampling runs); the host if absent
+    # copy_pages(pool, src_ids, dst_ids): copy page contents within a pool (needed by the prefix cache)
 
     def run(self, batch: StepBatch) -> torch.Tensor:
         """Run one step (updating the pools in place or by replacement); logits [L, vocab]."""
         ...
+
+
+def _pool_kind(name: str) -> str:
+    """The pool a paged state tensor belongs to, from its name (``paged_state_specs``)."""
+    if name.endswith("window_kv_pool"):
+        return "window"
+    if name.endswith("_ring"):
+        return "slots"
+    return "compressed"
+
+
+def _copy_pages(tensors: list[torch.Tensor], src: list[int], dst: list[int]) -> None:
+    if not src:
+        return
+    for t in tensors:
+        s = torch.tensor(src, dtype=torch.long, device=t.device)
+        d = torch.tensor(dst, dtype=torch.long, device=t.device)
+        t.index_copy_(0, d, t.index_select(0, s))
 
 
 class EagerStepRunner:
@@ -77,12 +97,18 @@ class EagerStepRunner:
         self.device = torch.device(device)
         specs = model.paged_state_specs(layout, window_pages, comp_pages, slots)
         self.state = tuple(torch.zeros(s.shape, dtype=s.dtype, device=self.device) for s in specs)
+        self._pool_kinds = [_pool_kind(s.name) for s in specs]
 
     @torch.no_grad()
     def run(self, batch: StepBatch) -> torch.Tensor:
         out = self.model.step(*batch.args(), *self.state)
         self.state = out[1:]
         return out[0]
+
+    @torch.no_grad()
+    def copy_pages(self, pool: str, src: list[int], dst: list[int]) -> None:
+        """Page ``src[i]``'s contents into page ``dst[i]``, in every tensor of ``pool``."""
+        _copy_pages([t for t, kind in zip(self.state, self._pool_kinds, strict=True) if kind == pool], src, dst)
 
 
 class CompiledStepRunner:
@@ -100,7 +126,6 @@ class CompiledStepRunner:
             raise InputError("this artifact has no serving entry points (ragged_step / ragged_decode): recompile it "
                              "with `ds4c compile ... --serving` (Python: ds4c.compile(..., serving=True))")
         self.model = model
-        self.device = model.device
         try:
             self.layout = PageLayout.from_record(serving.get("layout") or {}, "the artifact's manifest")
         except ValueError as e:
@@ -125,8 +150,15 @@ class CompiledStepRunner:
         self.vocab_size = model.vocab_size
         self.max_running = batch["max_running"]
         self.inputs = serving["inputs"]
+        self._pools = serving["pools"]
+        self.device = model.device
         self.state = {p["name"]: torch.zeros([pages[p["pool"]], *p["shape"][1:]], dtype=getattr(torch, p["dtype"]),
                                              device=model.device) for p in serving["pools"]}
+
+    @torch.no_grad()
+    def copy_pages(self, pool: str, src: list[int], dst: list[int]) -> None:
+        """Page ``src[i]``'s contents into page ``dst[i]``, in every tensor of ``pool``."""
+        _copy_pages([self.state[p["name"]] for p in self._pools if p["pool"] == pool], src, dst)
 
     @torch.no_grad()
     def run(self, batch: StepBatch) -> torch.Tensor:
@@ -163,6 +195,8 @@ class Request:
     # engine bookkeeping
     _pages: RequestPages | None = field(default=None, repr=False)
     _computed: int = 0  # positions whose state is in the pools
+    _emit_from: int = 0  # positions before it are recomputed from a prefix-cache hit: they close no window
+    cached_tokens: int = 0  # prompt positions a prefix-cache hit saved computing (last admission)
     _cancel: bool = False
     _engine: weakref.ref | None = field(default=None, repr=False)
     _on_progress: Callable[[Request], None] | None = field(default=None, repr=False)
@@ -229,11 +263,14 @@ class Engine:
 
     ``max_running``: requests in the batch at once (at most the slots). ``max_step_tokens``: tokens
     per step (at least ``max_running``, so every decode fits). ``max_chunk``: tokens one request adds
-    in one step (at most the layout's ``max_chunk``)."""
+    in one step (at most the layout's ``max_chunk``, less the prefix cache's window history).
+    ``prefix_cache``: reuse the state of earlier requests' shared prefixes (``ds4c.runtime.prefix_cache``;
+    the runner must be able to copy pages); ``prefix_granule``: tokens between its nodes."""
 
     def __init__(self, source, *, device: str | torch.device = "cpu", max_running: int | None = None,
                  max_step_tokens: int | None = None, max_chunk: int | None = None, seed: int | None = None,
-                 pages: dict[str, int] | None = None, state_budget: int | None = None):
+                 pages: dict[str, int] | None = None, state_budget: int | None = None, prefix_cache: bool = False,
+                 prefix_granule: int | None = None):
         runner = source
         if isinstance(source, str | os.PathLike):
             from ds4c.runtime.model import load  # at call time: model's generate builds on this module
@@ -251,14 +288,29 @@ class Engine:
         self.pools = runner.pools
         slots = self.pools.slots.capacity
         self.max_running = slots if max_running is None else max_running
-        self.max_chunk = self.layout.max_chunk if max_chunk is None else max_chunk
+        self._cache = None
+        if prefix_cache:
+            if not hasattr(runner, "copy_pages"):
+                raise InputError(f"Engine(prefix_cache=True): the step runner {type(runner).__name__} cannot copy "
+                                 "pages (copy_pages)")
+            try:
+                self._cache = PrefixCache(self.layout, self.pools, runner.rates, prefix_granule)
+            except ValueError as e:
+                raise InputError(f"Engine(prefix_granule={prefix_granule}): {e}") from None
+        history = self._cache.history if self._cache else 0
+        chunk_room = self.layout.max_chunk - history  # a chunk and the kept history share the window ring
+        if chunk_room < 1:
+            raise InputError(f"Engine(prefix_cache=True): the layout's max_chunk {self.layout.max_chunk} leaves no room "
+                             f"next to the cache's {history} positions of window history; compile with a larger "
+                             "--serving-opt max_chunk")
+        self.max_chunk = chunk_room if max_chunk is None else max_chunk
         self.max_step_tokens = (max(self.max_running, self.max_chunk) if max_step_tokens is None
                                 else max_step_tokens)
         if not 1 <= self.max_running <= slots:
             raise InputError(f"Engine(max_running={self.max_running}): must be in [1, {slots}] (the slots of the pools)")
-        if not 1 <= self.max_chunk <= self.layout.max_chunk:
-            raise InputError(f"Engine(max_chunk={self.max_chunk}): must be in [1, {self.layout.max_chunk}] "
-                             "(the layout's max_chunk, which sizes the window tables)")
+        if not 1 <= self.max_chunk <= chunk_room:
+            raise InputError(f"Engine(max_chunk={self.max_chunk}): must be in [1, {chunk_room}] (the layout's "
+                             f"max_chunk, which sizes the window tables{', less the prefix cache history' * bool(history)})")
         if self.pools.window.capacity < self.layout.window_slots:
             raise InputError(f"Engine: the window pool has {self.pools.window.capacity} pages, one request needs up to "
                              f"{self.layout.window_slots}; allocate more window pages")
@@ -276,7 +328,8 @@ class Engine:
         self._progress = threading.Condition(self._lock)  # notified after every step and submit
         self._loop: threading.Thread | None = None
         self._stopping = False
-        self._stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0}
+        self._stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0,
+                       "prefix_query_tokens": 0, "prefix_hit_tokens": 0}
         self._busy = {"mixed": 0.0, "decode": 0.0}  # seconds in steps with prompt chunks / decodes only
 
     # -- requests ---------------------------------------------------------------------------------
@@ -355,7 +408,13 @@ class Engine:
         def rate(tokens: int, seconds: float) -> float | None:
             return tokens / seconds if seconds > 0 else None
 
+        cache = None
+        if self._cache is not None:
+            query, hit = self._stats["prefix_query_tokens"], self._stats["prefix_hit_tokens"]
+            cache = {**self._cache.stats(), "query_tokens": query, "hit_tokens": hit,
+                     "hit_rate": hit / query if query else None}
         return {"running": len(self._running), "waiting": len(self._waiting), "pages": self.pools.stats(),
+                "prefix_cache": cache,
                 **self._stats, "busy_s": busy["mixed"] + busy["decode"],
                 "prefill_tokens_per_s": rate(self._stats["prefill_tokens"], busy["mixed"]),
                 "decode_tokens_per_s": rate(self._stats["decode_tokens"], busy["decode"])}
@@ -427,6 +486,8 @@ class Engine:
         def take(req: Request, n: int, room_by_preempting: str) -> bool:
             end = req._computed + n
             while not req._pages.grow(end):
+                if self._cache is not None and self._cache.evict():
+                    continue
                 if room_by_preempting == "none":
                     return False
                 victim = self._running[-1]
@@ -439,7 +500,8 @@ class Engine:
                     return False
             tokens = req.tokens
             last = end == len(tokens)
-            plan[req] = Chunk(req._pages, tokens[req._computed:end], req._computed, "last" if last else "none")
+            plan[req] = Chunk(req._pages, tokens[req._computed:end], req._computed, "last" if last else "none",
+                              emit_from=req._emit_from)
             budget[0] -= n
             return True
 
@@ -453,14 +515,28 @@ class Engine:
         preempted = self._stats["preemptions"] > preemptions_before
         while self._waiting and len(self._running) < self.max_running and not preempted:
             req = self._waiting[0]
-            n = min(len(req.tokens), budget[0], self.max_chunk)
-            if n <= 0:
+            if budget[0] <= 0:
                 break
-            req._pages = RequestPages(self.layout, self.pools)
-            if not self._admissible(req, n) or not take(req, n, "none"):
+            req._pages = RequestPages(self.layout, self.pools, self._cache.history if self._cache else 0)
+            if self._cache is not None:
+                while (hit := self._cache.match(req.tokens)) is not None:
+                    if self._cache.seed(hit, req._pages, self.runner.copy_pages):
+                        req._computed, req._emit_from = hit.start, hit.position
+                        break
+                    if not self._cache.evict():  # no room for the pages a hit copies: make some, look again
+                        break
+            n = min(len(req.tokens) - req._computed, budget[0], self.max_chunk)
+            while (not self._admissible(req, req._computed + n) and self._cache is not None
+                   and self._cache.evict()):
+                pass
+            if not self._admissible(req, req._computed + n) or not take(req, n, "none"):
                 req._pages.release()
                 req._pages = None
+                req._computed = req._emit_from = 0
                 break
+            req.cached_tokens = req._computed
+            self._stats["prefix_query_tokens"] += len(req.tokens)
+            self._stats["prefix_hit_tokens"] += req._computed
             self._waiting.popleft()
             req.status = "running"
             self._running.append(req)
@@ -478,9 +554,10 @@ class Engine:
 
     WATERMARK = 0.01  # share of a pool kept free when admitting (vLLM's default): room for the running to grow
 
-    def _admissible(self, req: Request, n: int) -> bool:
-        """Admit a new request only if its first chunk leaves ``WATERMARK`` of each pool free."""
-        window, comp, slot = req._pages.pages_needed(n)
+    def _admissible(self, req: Request, end: int) -> bool:
+        """Admit a new request only if its first chunk (to position ``end``) leaves ``WATERMARK`` of
+        each pool free."""
+        window, comp, slot = req._pages.pages_needed(end)
 
         def keep(pool) -> int:
             return math.ceil(self.WATERMARK * pool.capacity) if self._running else 0
@@ -513,7 +590,10 @@ class Engine:
         logits = self.runner.run(batch)
         for r in reqs:
             n = len(plan[r].token_ids)
+            before = r._computed
             r._computed += n
+            if self._cache is not None:  # the boundaries it crossed, while their pages are live
+                self._cache.insert(r.tokens, r._pages, before, r._computed)
             self._stats["decode_tokens" if n == 1 and r.output_ids else "prefill_tokens"] += n
         self._stats["steps"] += 1
         if not self._sampling:
@@ -545,7 +625,7 @@ class Engine:
         if req._pages is not None:
             req._pages.release()
             req._pages = None
-        req._computed = 0
+        req._computed = req._emit_from = 0
         self._running.remove(req)
 
     def _retire(self, req: Request, reason: str) -> None:

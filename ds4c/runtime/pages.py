@@ -33,8 +33,10 @@ __all__ = ["PagePool", "Pools", "RequestPages"]
 
 class PagePool:
     """Ids ``1 .. pages - 1`` of one pool, handed out and taken back; id 0 is trash. Freed ids are
-    reused first (last in, first out). Freeing an id that is not out raises: a double free is a
-    bookkeeping bug, not something to absorb."""
+    reused first (last in, first out). A page may have several holders (requests and the prefix
+    cache share pages that no longer change): ``share`` adds one, ``free`` drops one, and the page
+    goes back to the pool when its last holder frees it. Freeing an id that is not out raises: a
+    double free is a bookkeeping bug, not something to absorb."""
 
     def __init__(self, name: str, pages: int):
         if pages < 2:
@@ -42,7 +44,7 @@ class PagePool:
         self.name = name
         self.pages = pages
         self._free = list(range(pages - 1, 0, -1))  # pop() hands out 1, 2, ... first
-        self._out: set[int] = set()
+        self._out: dict[int, int] = {}  # id -> holders
 
     @property
     def capacity(self) -> int:
@@ -64,16 +66,31 @@ class PagePool:
         if n > len(self._free):
             return None
         ids = [self._free.pop() for _ in range(n)]
-        self._out.update(ids)
+        self._out.update(dict.fromkeys(ids, 1))
         return ids
 
+    def share(self, ids: list[int] | tuple[int, ...]) -> None:
+        """One more holder for each of ``ids`` (allocated pages)."""
+        bad = [i for i in ids if i not in self._out]
+        if bad:
+            raise ValueError(f"pool '{self.name}': sharing pages that are not allocated: {sorted(bad)}")
+        for i in ids:
+            self._out[i] += 1
+
+    def holders(self, page: int) -> int:
+        return self._out.get(page, 0)
+
     def free(self, ids: list[int] | tuple[int, ...]) -> None:
+        """One holder fewer for each of ``ids``; a page without holders is free again."""
         bad = [i for i in ids if i not in self._out]
         if bad or len(set(ids)) != len(ids):
             raise ValueError(f"pool '{self.name}': freeing pages that are not allocated (or twice): "
                              f"{sorted(bad) or sorted(ids)}")
-        self._out.difference_update(ids)
-        self._free.extend(ids)
+        for i in ids:
+            self._out[i] -= 1
+            if not self._out[i]:
+                del self._out[i]
+                self._free.append(i)
 
     def __repr__(self) -> str:
         return f"PagePool({self.name!r}, used {self.used_count} of {self.capacity})"
@@ -99,9 +116,10 @@ class RequestPages:
     ``window_row`` (``layout.window_slots`` ids), ``comp_row`` (``layout.comp_entries`` ids) and
     ``slot`` are what the step's metadata copies; 0 means no page."""
 
-    def __init__(self, layout: PageLayout, pools: Pools):
+    def __init__(self, layout: PageLayout, pools: Pools, history: int = 0):
         self.layout = layout
         self.pools = pools
+        self.history = history  # window positions kept beyond the window (the prefix cache's need)
         self.end = 0
         self.slot = 0
         self.window_row = [0] * layout.window_slots
@@ -109,8 +127,25 @@ class RequestPages:
         self._window_pages: dict[int, int] = {}  # logical window page -> page id (live ones)
 
     def _first_live_window_page(self, end: int) -> int:
-        """The first logical window page a query at a position >= ``end`` can still read."""
-        return max(0, end - (self.layout.window - 1)) // self.layout.window_page
+        """The first logical window page a query at a position >= ``end`` can still read (and
+        ``history`` positions before that)."""
+        return max(0, end - (self.layout.window - 1) - self.history) // self.layout.window_page
+
+    def seed(self, end: int, comp: dict[int, int], window: dict[int, int]) -> None:
+        """Start from a cached prefix: positions ``0 .. end - 1`` are in the pools already.
+        ``comp``: compressed row index -> page id, ``window``: logical window page -> page id; the
+        caller has taken this request's hold on every one of them (``PagePool.share`` or ``alloc``)."""
+        if self.end or self.slot or self._window_pages or any(self.comp_row):
+            raise AssertionError("RequestPages.seed: the request already holds pages")
+        for j, page in comp.items():
+            self.comp_row[j] = page
+        for lp, page in window.items():
+            self._window_pages[lp] = page
+            self.window_row[lp % self.layout.window_slots] = page
+        self.end = end
+
+    def _comp_missing(self, end: int) -> list[int]:
+        return [j for j in range(math.ceil(end / self.layout.comp_page)) if not self.comp_row[j]]
 
     def pages_needed(self, end: int) -> tuple[int, int, int]:
         """(window, compressed, slot) pages ``grow(end)`` would take (none are taken here)."""
@@ -119,8 +154,7 @@ class RequestPages:
             return 0, 0, 0
         window = sum(1 for lp in range(self.end // lay.window_page, (end - 1) // lay.window_page + 1)
                      if lp not in self._window_pages)
-        comp = math.ceil(end / lay.comp_page) - math.ceil(self.end / lay.comp_page)
-        return window, comp, int(self.slot == 0)
+        return window, len(self._comp_missing(end)), int(self.slot == 0)
 
     def grow(self, end: int) -> bool:
         """Take the pages for positions ``self.end .. end - 1`` (all or none); False when a pool
@@ -140,8 +174,7 @@ class RequestPages:
         if n_slot:
             self.slot = self.pools.slots.alloc(1)[0]
         comp_ids = self.pools.compressed.alloc(n_comp)
-        for j, page in zip(range(math.ceil(self.end / lay.comp_page), math.ceil(end / lay.comp_page)), comp_ids,
-                           strict=True):
+        for j, page in zip(self._comp_missing(end), comp_ids, strict=True):
             self.comp_row[j] = page
         window_ids = iter(self.pools.window.alloc(n_window))
         for lp in range(self.end // lay.window_page, (end - 1) // lay.window_page + 1):
@@ -166,7 +199,8 @@ class RequestPages:
                 self.window_row[lp % self.layout.window_slots] = 0
 
     def release(self) -> None:
-        """Free every page and the slot (the request finished, was cancelled or is preempted)."""
+        """Free every page and the slot (the request finished, was cancelled or is preempted); pages
+        another holder shares stay allocated to it."""
         self.release_window_before((max(self._window_pages, default=0) + 1) * self.layout.window_page)
         used = [p for p in self.comp_row if p]
         if used:

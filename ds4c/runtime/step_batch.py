@@ -31,12 +31,15 @@ _EMIT_KINDS = {"emit_csa": "compressed_sparse_attention", "emit_hca": "heavily_c
 @dataclass(frozen=True)
 class Chunk:
     """The next ``token_ids`` of one sequence, at positions ``start ..``; ``logits``: "last" (the
-    chunk's last row), "all" (every row) or "none"."""
+    chunk's last row), "all" (every row) or "none". ``emit_from``: positions before it close no
+    compressed window in this step (their entries are in the pools already: a request resuming
+    from the prefix cache recomputes a few positions for their window and compressor rows only)."""
 
     pages: RequestPages
     token_ids: Sequence[int]
     start: int
     logits: str = "last"
+    emit_from: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ def build_step(chunks: Sequence[Chunk], rates: dict[str, int], device: torch.dev
     last: list[int] = []
     logit_rows: list[int] = []
     owners: list[tuple[int, int]] = []
+    emit_from: list[int] = []
     seen: set[int] = set()
     for r, chunk in enumerate(chunks):
         n = len(chunk.token_ids)
@@ -101,13 +105,14 @@ def build_step(chunks: Sequence[Chunk], rates: dict[str, int], device: torch.dev
         ids.extend(int(t) for t in chunk.token_ids)
         positions.extend(range(chunk.start, chunk.start + n))
         token_seq.extend([r] * n)
+        emit_from.extend([chunk.emit_from] * n)
         picked = range(n) if chunk.logits == "all" else [n - 1] if chunk.logits == "last" else []
         logit_rows.extend(row + i for i in picked)
         owners.extend((r, chunk.start + i) for i in picked)
     emits = {}
     for name, kind in _EMIT_KINDS.items():
         m = rates.get(kind, 0)
-        emits[name] = [t for t, p in enumerate(positions) if m and (p + 1) % m == 0]
+        emits[name] = [t for t, p in enumerate(positions) if m and (p + 1) % m == 0 and p >= emit_from[t]]
 
     def ints(values, dtype=torch.long):
         return torch.tensor(values, dtype=dtype, device=device)
