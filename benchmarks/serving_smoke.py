@@ -12,6 +12,7 @@ step times of mixed (prefill) and decode-only steps.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import tempfile
@@ -70,6 +71,10 @@ def main() -> None:
             run["pools_after"] = engine.stats()["pages"]
             res["runs"][precision] = run
             print(precision, json.dumps(run), flush=True)
+            # the pools take the plan's share of HBM: give them back before the next precision's engine
+            del engine, reqs
+            gc.collect()
+            torch.cuda.empty_cache()
     Path(args.out).write_text(json.dumps(res, indent=1))
 
 
