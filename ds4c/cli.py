@@ -491,6 +491,8 @@ def serve(
     max_running: Annotated[int | None, typer.Option("--max-running", help="requests in the running batch "
                                                                           "(default: the artifact's)")] = None,
     grace: Annotated[float, typer.Option(help="seconds in-flight requests get to finish after SIGTERM")] = 30.0,
+    prefix_cache: Annotated[bool, typer.Option("--prefix-cache/--no-prefix-cache",
+                                               help="reuse the state of shared prompt prefixes")] = True,
     trust_binaries: Annotated[bool, typer.Option(
         "--trust-binaries", help="use the native code stored in ARTIFACT even if no trusted key signed it")] = False,
 ) -> None:
@@ -511,12 +513,14 @@ def serve(
         _fail(InputError(f"--grace {grace}: must be >= 0 seconds"))
     try:
         model = ds4c.load(artifact, device=device, backend=backend, trust_binaries=trust_binaries)
-        engine = ds4c.Engine(model, max_running=max_running)
+        engine = ds4c.Engine(model, max_running=max_running, prefix_cache=prefix_cache)
         tokenizer = tokenizer_for(model)
     except Ds4cError as e:
         _fail(e)
     name = model_name or artifact.stem
     chat = "with chat" if tokenizer.chat_template else "no chat template: completions only"
+    if prefix_cache:
+        chat += ", prefix cache"
 
     def ready(bound: int) -> None:
         console.print(f"serving {name} ({chat}) on http://{host}:{bound}/v1 - {engine.max_running} running at "
@@ -533,7 +537,9 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("serve")
 @one_line_errors
 def bench_serve(
-    artifact: Annotated[Path, typer.Argument(help="a .ds4 artifact compiled with --serving")],
+    artifact: Annotated[Path | None, typer.Argument(help="a .ds4 artifact compiled with --serving (or --url)")] = None,
+    url: Annotated[str | None, typer.Option("--url", help="drive a running `ds4c serve` at this address instead, "
+                                                          "e.g. http://127.0.0.1:8000")] = None,
     requests: Annotated[int, typer.Option("--requests", help="requests in the trace")] = 64,
     rate: Annotated[float | None, typer.Option("--rate", help="Poisson arrivals, requests per second")] = None,
     concurrency: Annotated[int | None, typer.Option("--concurrency", help="closed loop: requests in flight")] = None,
@@ -541,43 +547,85 @@ def bench_serve(
     output_len: Annotated[str, typer.Option("--output-len", help="LOW:HIGH output tokens")] = "8:64",
     dist: Annotated[str, typer.Option("--dist", help="uniform | lognormal")] = "uniform",
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    shared_prefix: Annotated[str | None, typer.Option(
+        "--shared-prefix", help="LEN[:FRACTION]: that fraction of requests starts with one LEN-token system prompt")] = None,
+    turns: Annotated[int, typer.Option("--turns", help="multi-turn sessions: each of --requests sessions sends this "
+                                                       "many turns, each with the whole history")] = 1,
+    prefix_cache: Annotated[bool, typer.Option("--prefix-cache/--no-prefix-cache",
+                                               help="the engine reuses shared prefixes")] = True,
     compare: Annotated[str, typer.Option("--compare", help="baselines, comma-separated: static (padded batches), "
-                                                          "or none")] = "static",
+                                                          "nocache (the engine without the prefix cache), or none")
+                       ] = "static",
     static_batch: Annotated[int, typer.Option("--static-batch", help="the static baseline's batch size")] = 8,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
 ) -> None:
-    """Serve a synthetic trace on ds4c.Engine and report throughput, TTFT and TPOT (p50/p90/p99),
-    pages and preemptions, against static batching of the same requests."""
+    """Serve a synthetic trace on ds4c.Engine (or a running `ds4c serve`, --url) and report
+    throughput, TTFT and TPOT (p50/p90/p99), pages, preemptions, prompt tokens computed and prefix
+    hits, against static batching of the same requests and/or the engine without the prefix cache."""
     import json
 
     import ds4c
-    from ds4c.bench.serve import make_workload, run_engine, run_static, summarize
+    from ds4c.bench.serve import make_workload, run_engine, run_http, run_static, summarize
     from ds4c.progress import progress_steps
 
     if concurrency is None and rate is None:
         concurrency = 8
+    if (artifact is None) == (url is None):
+        _fail(InputError("give an artifact to serve here, or --url of a running `ds4c serve` (not both)"))
+    bases = [b for b in compare.split(",") if b and b != "none"]
+    bad = [b for b in bases if b not in ("static", "nocache")]
+    if bad:
+        _fail(InputError(f"--compare {','.join(bad)}: the baselines are static, nocache (or none)"))
+    if url is not None:
+        bases = []  # a running server is measured as it is
+    elif turns > 1 and "static" in bases:
+        bases.remove("static")  # padded batches cannot continue sessions
     try:
-        model = ds4c.load(artifact, device=device)
-        sync = torch_sync(model.device)
-        work = make_workload(requests, prompt_len, output_len, model.vocab_size, max_context=model.max_context,
-                             rate=rate, concurrency=concurrency, dist=dist, seed=seed)
-        report: dict = {"artifact": str(artifact), "device": str(model.device),
+        if url is not None:
+            import httpx
+
+            try:
+                info = httpx.get(url.rstrip("/") + "/v1/models", timeout=30).json()["data"][0]
+            except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+                raise InputError(f"--url {url}: no ds4c serve answering /v1/models there ({e})") from None
+            vocab, max_context, where = info.get("vocab_size", 100), info["max_model_len"], url
+            model = None
+        else:
+            model = ds4c.load(artifact, device=device)
+            vocab, max_context, where = model.vocab_size, model.max_context, str(model.device)
+        work = make_workload(requests, prompt_len, output_len, vocab, max_context=max_context, rate=rate,
+                             concurrency=concurrency, dist=dist, seed=seed, shared_prefix=shared_prefix, turns=turns)
+        report: dict = {"artifact": str(artifact) if artifact else None, "url": url, "device": where,
                         "workload": {"requests": requests, "rate": rate, "concurrency": concurrency,
-                                     "prompt_len": prompt_len, "output_len": output_len, "dist": dist, "seed": seed}}
-        with progress_steps("ds4c.Engine", total=requests, enabled=True) as steps:
-            report["engine"] = summarize(run_engine(ds4c.Engine(model), work, sync=sync, on_finish=steps.advance))
-        for base in [b for b in compare.split(",") if b and b != "none"]:
-            if base != "static":
-                raise InputError(f"--compare {base!r}: the baselines are static (or none)")
-            with progress_steps(f"static batches of {static_batch}", total=requests, enabled=True) as steps:
-                report["static"] = summarize(run_static(model, work, static_batch, sync=sync, on_finish=steps.advance))
+                                     "prompt_len": prompt_len, "output_len": output_len, "dist": dist, "seed": seed,
+                                     "shared_prefix": shared_prefix, "turns": turns,
+                                     "shareable_tokens": work.shareable()}}
+        total = work.total_requests
+        if url is not None:
+            with progress_steps(f"ds4c serve at {url}", total=total, enabled=True) as steps:
+                report["server"] = summarize(run_http(url, work, on_finish=steps.advance))
+        else:
+            sync = torch_sync(model.device)
+            name = "engine" + (" (prefix cache)" if prefix_cache else "")
+            with progress_steps(name, total=total, enabled=True) as steps:
+                report["engine"] = summarize(run_engine(ds4c.Engine(model, prefix_cache=prefix_cache), work,
+                                                        sync=sync, on_finish=steps.advance))
+            if "nocache" in bases and prefix_cache:
+                with progress_steps("engine without the prefix cache", total=total, enabled=True) as steps:
+                    report["nocache"] = summarize(run_engine(ds4c.Engine(model), work, sync=sync,
+                                                             on_finish=steps.advance))
+            if "static" in bases:
+                with progress_steps(f"static batches of {static_batch}", total=total, enabled=True) as steps:
+                    report["static"] = summarize(run_static(model, work, static_batch, sync=sync,
+                                                            on_finish=steps.advance))
     except Ds4cError as e:
         _fail(e)
-    table = Table(title=f"bench serve: {requests} requests on {model.device}")
-    for col in ("", "out tok/s", "req/s", "TTFT p50 / p99 (ms)", "TPOT p50 / p99 (ms)", "preemptions"):
+    table = Table(title=f"bench serve: {work.total_requests} requests on {where}")
+    for col in ("", "out tok/s", "req/s", "TTFT p50 / p99 (ms)", "TPOT p50 / p99 (ms)", "prompt tok computed",
+                "prefix hits", "preemptions"):
         table.add_column(col, justify="left" if not col else "right")
-    for name in ("engine", "static"):
+    for name in ("server", "engine", "nocache", "static"):
         r = report.get(name)
         if r is None:
             continue
@@ -585,13 +633,23 @@ def bench_serve(
         def ms(d: dict) -> str:
             return "-" if d["p50"] is None else f"{1e3 * d['p50']:.1f} / {1e3 * d['p99']:.1f}"
 
+        hits = "-" if "prefix_hit_tokens" not in r else str(r["prefix_hit_tokens"])
         table.add_row(name, f"{r['output_tokens_per_s']:.1f}", f"{r['requests_per_s']:.2f}", ms(r["ttft_s"]),
-                      ms(r["tpot_s"]), str(r.get("preemptions", "-")))
+                      ms(r["tpot_s"]), str(r.get("prompt_tokens_computed", "-")), hits, str(r.get("preemptions", "-")))
     console.print(table)
-    if "static" in report:
-        console.print(f"engine / static output tokens/s: "
-                      f"{report['engine']['output_tokens_per_s'] / report['static']['output_tokens_per_s']:.2f}x")
-    console.print(f"pages in use at most: {report['engine']['pages_peak']}")
+    main = report.get("engine") or report.get("server")
+    for base in ("static", "nocache"):
+        if base in report:
+            console.print(f"{'engine' if 'engine' in report else 'server'} / {base} output tokens/s: "
+                          f"{main['output_tokens_per_s'] / report[base]['output_tokens_per_s']:.2f}x")
+    if "nocache" in report and main["ttft_s"]["p50"]:
+        console.print(f"TTFT p50 without / with the prefix cache: "
+                      f"{report['nocache']['ttft_s']['p50'] / main['ttft_s']['p50']:.2f}x")
+    if main.get("shareable_tokens"):
+        console.print(f"prefix hits {main.get('prefix_hit_tokens', 0)} of {main['shareable_tokens']} tokens shareable "
+                      f"by construction ({main.get('hit_vs_ideal', 0):.0%})")
+    if "pages_peak" in main:
+        console.print(f"pages in use at most: {main['pages_peak']}")
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=1))
         console.print(f"report: {json_out}")

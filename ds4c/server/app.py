@@ -262,7 +262,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, max_wai
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": server.created,
-                                            "owned_by": "ds4c", "max_model_len": engine.layout.max_context}]}
+                                            "owned_by": "ds4c", "max_model_len": engine.layout.max_context,
+                                            "vocab_size": engine.vocab_size}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request):

@@ -33,6 +33,15 @@ class _EngineCollector:
         yield CounterMetricFamily("ds4c_engine_steps", "engine steps run", value=stats["steps"])
         yield CounterMetricFamily("ds4c_computed_prefill_tokens", "prompt tokens computed by the engine",
                                   value=stats["prefill_tokens"])
+        cache = stats.get("prefix_cache")
+        if cache is not None:
+            yield CounterMetricFamily("ds4c_prefix_query_tokens", "prompt tokens of admitted requests, looked up in "
+                                      "the prefix cache", value=cache["query_tokens"])
+            yield CounterMetricFamily("ds4c_prefix_hit_tokens", "prompt tokens the prefix cache saved computing",
+                                      value=cache["hit_tokens"])
+            yield GaugeMetricFamily("ds4c_prefix_cache_hit_rate", "hit tokens over looked-up tokens, since start",
+                                    value=cache["hit_rate"] or 0.0)
+            yield GaugeMetricFamily("ds4c_prefix_cache_nodes", "nodes of the prefix cache's tree", value=cache["nodes"])
 
 
 class Metrics:

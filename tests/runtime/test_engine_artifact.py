@@ -158,3 +158,27 @@ def test_bench_serve_reports_the_engine_against_static_batches(artifact, tmp_pat
     assert res.exit_code != 0 and "max_context" in res.output
     res = runner.invoke(app, ["bench", "serve", str(path), "--prompt-len", "x"])
     assert res.exit_code != 0 and "LOW:HIGH" in res.output
+
+
+def test_bench_serve_shared_prefix_and_sessions_with_and_without_the_prefix_cache(artifact, tmp_path):
+    import json
+
+    from ds4c.bench.serve import make_workload
+
+    path, _ = artifact
+    out = tmp_path / "bench.json"
+    res = runner.invoke(app, ["bench", "serve", str(path), "--requests", "4", "--concurrency", "4", "--turns", "3",
+                              "--shared-prefix", "60", "--prompt-len", "4:12", "--output-len", "3:5",
+                              "--compare", "nocache,static", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    work = make_workload(4, "4:12", "3:5", 512, max_context=256, concurrency=4, shared_prefix="60", turns=3)
+    assert work.total_requests == 12 and report["workload"]["shareable_tokens"] == work.shareable() > 3 * 60
+    assert "static" not in report  # padded batches cannot continue sessions
+    cached, plain = report["engine"], report["nocache"]
+    assert cached["requests"] == plain["requests"] == 12 and cached["output_tokens"] == work.output_tokens
+    assert cached["prompt_tokens"] == plain["prompt_tokens"]
+    assert plain["prompt_tokens_computed"] == plain["prompt_tokens"] and plain["prefix_hit_tokens"] == 0
+    saved = plain["prompt_tokens_computed"] - cached["prompt_tokens_computed"]
+    assert saved == cached["prefix_hit_tokens"] > 0.5 * work.shareable()
+    assert "TTFT p50 without / with the prefix cache" in res.output and "shareable by construction" in res.output

@@ -276,3 +276,19 @@ def test_sigterm_drains_in_flight_streams_then_exits(artifact):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_bench_serve_drives_a_running_server(live, tmp_path):
+    from ds4c.bench.serve import make_workload
+
+    server, engine = live
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(cli, ["bench", "serve", "--url", server.url, "--requests", "3", "--concurrency", "2",
+                                   "--turns", "2", "--prompt-len", "4:10", "--output-len", "2:4", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())["server"]
+    work = make_workload(3, "4:10", "2:4", 160, max_context=256, concurrency=2, turns=2)
+    assert report["requests"] == 6 and report["output_tokens"] == work.output_tokens
+    assert report["ttft_s"]["p50"] > 0 and report["steps"] > 0
+    assert report["prompt_tokens_computed"] == report["prompt_tokens"]  # this engine has no prefix cache
+    _wait_idle(engine)
