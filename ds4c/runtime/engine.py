@@ -38,8 +38,8 @@ from typing import Literal, Protocol
 
 import torch
 
-from ds4c.errors import InputError
-from ds4c.models.deepseek_v4.paged import PageLayout, page_bytes, size_pools
+from ds4c.errors import ArtifactError, InputError
+from ds4c.models.deepseek_v4.paged import POOL_KINDS, PageLayout, page_bytes, size_pools
 from ds4c.runtime.pages import Pools, RequestPages
 from ds4c.runtime.prefix_cache import PrefixCache
 from ds4c.runtime.sampling import SamplerState, SamplingParams, finish_reasons, sample
@@ -63,6 +63,45 @@ class StepRunner(Protocol):
     def run(self, batch: StepBatch) -> torch.Tensor:
         """Run one step (updating the pools in place or by replacement); logits [L, vocab]."""
         ...
+
+
+SERVING_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2", "int8", "uint8")
+
+
+def check_serving_record(serving: dict) -> None:
+    """Refuse an artifact whose manifest ``serving`` section (untrusted) is not what a ``--serving``
+    compile writes, naming the field: the engine sizes and allocates the pools from it."""
+    def bad(field: str, want: str):
+        return ArtifactError(f"the artifact's manifest field serving.{field} must be {want}; recompile the artifact "
+                             "with `ds4c compile ... --serving`")
+
+    def positive(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    batch = serving.get("batch")
+    if not isinstance(batch, dict) or not all(positive(batch.get(k)) for k in ("max_running", "max_step_tokens")):
+        raise bad("batch", "{max_running, max_step_tokens} as integers >= 1")
+    rates = serving.get("rates")
+    if not isinstance(rates, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                              and v >= 0 for k, v in rates.items()):
+        raise bad("rates", "a map of layer type to a compression rate >= 0")
+    pools = serving.get("pools")
+    if not isinstance(pools, list) or not pools:
+        raise bad("pools", "a non-empty list of pool records")
+    for i, p in enumerate(pools):
+        if (not isinstance(p, dict) or not isinstance(p.get("name"), str) or p.get("pool") not in POOL_KINDS
+                or p.get("dtype") not in SERVING_DTYPES or not isinstance(p.get("shape"), list)
+                or len(p["shape"]) < 2 or not all(positive(d) for d in p["shape"][1:])):
+            raise bad(f"pools[{i}]", f"{{name, pool in {POOL_KINDS}, shape [pages, integers >= 1...], dtype in "
+                                     f"{SERVING_DTYPES}}}")
+    pages = (serving.get("pages") or {}).get("pages") if isinstance(serving.get("pages"), dict) else None
+    if not isinstance(pages, dict) or not all(positive(pages.get(k)) and pages[k] >= 2 for k in POOL_KINDS):
+        raise bad("pages.pages", f"pages per pool ({', '.join(POOL_KINDS)}) as integers >= 2")
+    inputs = serving.get("inputs")
+    if (not isinstance(inputs, dict) or any(not isinstance(inputs.get(k), list)
+                                            or not all(isinstance(x, str) for x in inputs[k])
+                                            for k in ("ragged_step", "ragged_decode"))):
+        raise bad("inputs", "the input names of ragged_step and ragged_decode")
 
 
 def _pool_kind(name: str) -> str:
@@ -130,6 +169,7 @@ class CompiledStepRunner:
             self.layout = PageLayout.from_record(serving.get("layout") or {}, "the artifact's manifest")
         except ValueError as e:
             raise InputError(str(e)) from None
+        check_serving_record(serving)
         batch = serving["batch"]
         if pages is None and state_budget is not None:
             try:

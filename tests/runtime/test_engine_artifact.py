@@ -182,3 +182,26 @@ def test_bench_serve_shared_prefix_and_sessions_with_and_without_the_prefix_cach
     saved = plain["prompt_tokens_computed"] - cached["prompt_tokens_computed"]
     assert saved == cached["prefix_hit_tokens"] > 0.5 * work.shareable()
     assert "TTFT p50 without / with the prefix cache" in res.output and "shareable by construction" in res.output
+
+
+def test_a_tampered_serving_record_is_refused_by_field(artifact):
+    import copy
+
+    from ds4c.errors import ArtifactError
+
+    path, manifest = artifact
+    model = ds4c.load(path)
+    cases = {
+        "serving.batch": lambda s: s["batch"].pop("max_running"),
+        "serving.rates": lambda s: s["rates"].update(x=-1),
+        "serving.pools[0]": lambda s: s["pools"][0].update(dtype="load"),  # not a torch attribute to call
+        "serving.pools[1]": lambda s: s["pools"][1].update(shape=[4, -2]),
+        "serving.pages.pages": lambda s: s["pages"]["pages"].update(window=1),
+        "serving.inputs": lambda s: s["inputs"].pop("ragged_decode"),
+    }
+    for field, tamper in cases.items():
+        bad = copy.deepcopy(manifest)
+        tamper(bad["serving"])
+        fake = SimpleNamespace(manifest=bad, device=model.device, vocab_size=model.vocab_size)
+        with pytest.raises(ArtifactError, match=field.replace("[", r"\[").replace("]", r"\]")):
+            Engine(fake)
