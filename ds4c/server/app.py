@@ -91,7 +91,10 @@ class Server:
         if self.draining:
             raise HTTPError(503, "the server is shutting down and takes no new requests", kind="unavailable",
                             headers={"Retry-After": "5"})
-        if self.engine.stats()["waiting"] + self.pending >= self.max_waiting:
+        # ours that wait: being submitted, or queued in the engine (counted here, on the event loop,
+        # so a request is never counted twice while its submit returns)
+        waiting = self.pending + sum(1 for req in self.active if req.status == "waiting")
+        if waiting >= self.max_waiting:
             self.metrics.rejected.labels("429").inc()
             raise HTTPError(429, f"the server is at capacity ({self.max_waiting} requests waiting); retry later",
                             kind="rate_limit_error", code="overloaded", headers={"Retry-After": "1"})
