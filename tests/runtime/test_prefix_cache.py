@@ -140,3 +140,28 @@ def test_prefix_cache_needs_a_runner_that_copies_pages(trained):  # noqa: F811
         Engine(NoCopy(), prefix_cache=True)
     with pytest.raises(InputError, match="prefix_granule"):
         Engine(runner, prefix_cache=True, prefix_granule=6)
+
+
+def test_a_batched_workload_with_shared_prefixes_preemption_and_eviction(trained):  # noqa: F811
+    """24 requests arriving at random steps, most starting with one of three system prompts, through
+    small pools (preemption and eviction happen): each gets its tokens alone without the cache."""
+    from tests.runtime.test_engine import _alone, _compare, _greedy, _run_batched
+
+    model, successor = trained
+    rng = random.Random(7)
+    systems = [_prompt(successor, n, seed=60 + n) for n in (40, 90, 150)]
+    work = []
+    for i in range(24):
+        head = systems[rng.randrange(3)] if rng.random() < 0.8 else []
+        work.append((rng.randint(0, 30), head + _prompt(successor, rng.randint(1, 60), seed=700 + i),
+                     rng.randint(1, 24)))
+    engine = _engine(model, prefix_cache=True, comp_pages=40, window_pages=200, max_chunk=7, max_running=12,
+                     max_step_tokens=24)
+    batched = _run_batched(engine, work, _greedy)
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and stats["prefix_cache"]["evictions"] > 0
+    assert stats["prefix_cache"]["hit_tokens"] > 0
+    assert sum(r.cached_tokens for r in batched) > 0
+    _compare(batched, _alone(model, work, _greedy))
+    engine._cache.clear()
+    assert all(p["used"] == 0 for p in engine.stats()["pages"].values())
