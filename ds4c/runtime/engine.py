@@ -200,6 +200,17 @@ class CompiledStepRunner:
         """Page ``src[i]``'s contents into page ``dst[i]``, in every tensor of ``pool``."""
         _copy_pages([self.state[p["name"]] for p in self._pools if p["pool"] == pool], src, dst)
 
+    def add_window_pages(self, n: int) -> None:
+        """``n`` more window pages, before any request holds one (the prefix cache's window history)."""
+        if self.pools.window.used_count or self.pools.compressed.used_count:
+            raise AssertionError("add_window_pages: the pools are in use")
+        pages = self.pools.window.pages + n
+        self.pools = Pools(pages, self.pools.compressed.pages, self.pools.slots.pages)
+        for p in self._pools:
+            if p["pool"] == "window":
+                self.state[p["name"]] = torch.zeros([pages, *p["shape"][1:]], dtype=getattr(torch, p["dtype"]),
+                                                    device=self.device)
+
     @torch.no_grad()
     def run(self, batch: StepBatch) -> torch.Tensor:
         device = self.model.device
@@ -316,10 +327,12 @@ class Engine:
             from ds4c.runtime.model import load  # at call time: model's generate builds on this module
 
             source = load(source, device=device)
+        planned = False
         if hasattr(source, "manifest"):  # a CompiledModel
             runner = CompiledStepRunner(source, pages=pages, state_budget=state_budget, max_running=max_running,
                                         max_step_tokens=max_step_tokens)
             max_running = max_running or min(runner.max_running, runner.pools.slots.capacity)
+            planned = pages is None  # pool sizes from the plan (or a budget): this engine may add to them
         elif not all(hasattr(source, a) for a in ("run", "pools", "layout", "rates", "vocab_size")):
             raise InputError(f"Engine({type(source).__name__}): give an artifact path, a CompiledModel (ds4c.load) "
                              "or a step runner")
@@ -337,6 +350,12 @@ class Engine:
                 self._cache = PrefixCache(self.layout, self.pools, runner.rates, prefix_granule)
             except ValueError as e:
                 raise InputError(f"Engine(prefix_granule={prefix_granule}): {e}") from None
+            if planned and self._cache.history:
+                # each running request keeps `history` window positions more than the plan counted
+                extra = math.ceil(self._cache.history / self.layout.window_page) + 1
+                runner.add_window_pages(self.max_running * extra)
+                self.pools = runner.pools
+                self._cache = PrefixCache(self.layout, self.pools, runner.rates, prefix_granule)
         history = self._cache.history if self._cache else 0
         chunk_room = self.layout.max_chunk - history  # a chunk and the kept history share the window ring
         if chunk_room < 1:

@@ -205,3 +205,21 @@ def test_a_tampered_serving_record_is_refused_by_field(artifact):
         fake = SimpleNamespace(manifest=bad, device=model.device, vocab_size=model.vocab_size)
         with pytest.raises(ArtifactError, match=field.replace("[", r"\[").replace("]", r"\]")):
             Engine(fake)
+
+
+def test_the_prefix_cache_adds_its_window_history_to_the_planned_pools(artifact):
+    import math
+
+    path, _ = artifact
+    model = ds4c.load(path)
+    plain = Engine(model)
+    cached = Engine(model, prefix_cache=True)
+    history = cached.stats()["prefix_cache"]["history"]
+    extra = cached.max_running * (math.ceil(history / cached.layout.window_page) + 1)
+    assert cached.pools.window.capacity == plain.pools.window.capacity + extra
+    prompt = list(range(20, 90))
+    want = plain.generate([prompt], ds4c.SamplingParams(max_new_tokens=5))
+    assert cached.generate([prompt], ds4c.SamplingParams(max_new_tokens=5)) == want
+    assert cached.generate([prompt[:60] + [3, 4]], ds4c.SamplingParams(max_new_tokens=5)) == \
+        plain.generate([prompt[:60] + [3, 4]], ds4c.SamplingParams(max_new_tokens=5))
+    assert cached.stats()["prefix_cache"]["hit_tokens"] > 0
