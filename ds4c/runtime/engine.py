@@ -40,7 +40,7 @@ import torch
 
 from ds4c.errors import ArtifactError, InputError
 from ds4c.models.deepseek_v4.paged import POOL_KINDS, PageLayout, page_bytes, size_pools
-from ds4c.runtime.pages import Pools, RequestPages
+from ds4c.runtime.pages import PagePool, Pools, RequestPages
 from ds4c.runtime.prefix_cache import PrefixCache
 from ds4c.runtime.sampling import SamplerState, SamplingParams, finish_reasons, sample
 from ds4c.runtime.step_batch import Chunk, StepBatch, build_step
@@ -192,8 +192,10 @@ class CompiledStepRunner:
         self.inputs = serving["inputs"]
         self._pools = serving["pools"]
         self.device = model.device
-        self.state = {p["name"]: torch.zeros([pages[p["pool"]], *p["shape"][1:]], dtype=getattr(torch, p["dtype"]),
-                                             device=model.device) for p in serving["pools"]}
+        self.state = {p["name"]: self._pool_tensor(p, pages[p["pool"]]) for p in serving["pools"]}
+
+    def _pool_tensor(self, record: dict, pages: int) -> torch.Tensor:
+        return torch.zeros([pages, *record["shape"][1:]], dtype=getattr(torch, record["dtype"]), device=self.device)
 
     @torch.no_grad()
     def copy_pages(self, pool: str, src: list[int], dst: list[int]) -> None:
@@ -201,15 +203,15 @@ class CompiledStepRunner:
         _copy_pages([self.state[p["name"]] for p in self._pools if p["pool"] == pool], src, dst)
 
     def add_window_pages(self, n: int) -> None:
-        """``n`` more window pages, before any request holds one (the prefix cache's window history)."""
-        if self.pools.window.used_count or self.pools.compressed.used_count:
-            raise AssertionError("add_window_pages: the pools are in use")
+        """``n`` more window pages, before any request holds one (the prefix cache's window history).
+        The window pool grows in place: whoever holds ``self.pools`` sees it."""
+        if self.pools.window.used_count:
+            raise AssertionError("add_window_pages: the window pool is in use")
         pages = self.pools.window.pages + n
-        self.pools = Pools(pages, self.pools.compressed.pages, self.pools.slots.pages)
+        self.pools.window = PagePool("window", pages)
         for p in self._pools:
             if p["pool"] == "window":
-                self.state[p["name"]] = torch.zeros([pages, *p["shape"][1:]], dtype=getattr(torch, p["dtype"]),
-                                                    device=self.device)
+                self.state[p["name"]] = self._pool_tensor(p, pages)
 
     @torch.no_grad()
     def run(self, batch: StepBatch) -> torch.Tensor:
@@ -354,8 +356,6 @@ class Engine:
                 # each running request keeps `history` window positions more than the plan counted
                 extra = math.ceil(self._cache.history / self.layout.window_page) + 1
                 runner.add_window_pages(self.max_running * extra)
-                self.pools = runner.pools
-                self._cache = PrefixCache(self.layout, self.pools, runner.rates, prefix_granule)
         history = self._cache.history if self._cache else 0
         chunk_room = self.layout.max_chunk - history  # a chunk and the kept history share the window ring
         if chunk_room < 1:

@@ -77,9 +77,6 @@ class PagePool:
         for i in ids:
             self._out[i] += 1
 
-    def holders(self, page: int) -> int:
-        return self._out.get(page, 0)
-
     def free(self, ids: list[int] | tuple[int, ...]) -> None:
         """One holder fewer for each of ``ids``; a page without holders is free again."""
         bad = [i for i in ids if i not in self._out]

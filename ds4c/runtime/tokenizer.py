@@ -15,8 +15,6 @@ from typing import Any
 
 from ds4c.errors import ArtifactError, InputError
 
-CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
-
 
 @dataclass
 class Tokenizer:
@@ -82,7 +80,14 @@ def tokenizer_for(model: Any) -> Tokenizer:
             raise InputError("artifact tokenizer is not available")
         template = None
         if info.get("chat_template"):
-            template = container.read_bytes(info["chat_template"]).decode("utf-8")
+            raw = container.read_bytes(info["chat_template"]) if isinstance(info["chat_template"], str) else None
+            try:
+                template = raw.decode("utf-8") if raw is not None else None
+            except UnicodeDecodeError:
+                template = None
+            if template is None:
+                raise ArtifactError(f"the artifact's manifest names a chat template member "
+                                    f"{info['chat_template']!r} that is missing or not UTF-8 text; recompile the artifact")
         special = info.get("special_tokens") or {}
         if not isinstance(special, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                     for k, v in special.items()):

@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -62,7 +62,6 @@ class Generation:
     seen: int = 0  # output tokens handed to the response so far
     text: TextStream | None = None
     finish_reason: str | None = None
-    logprobs: list = field(default_factory=list)
 
 
 class Server:
@@ -199,8 +198,7 @@ class Server:
 def _finish_reason(gen: Generation) -> str | None:
     if gen.text is not None and gen.text.stopped:
         return "stop"
-    reason = gen.req.finish_reason
-    return reason if reason in ("stop", "length") else reason
+    return gen.req.finish_reason
 
 
 def create_app(engine: Engine, tokenizer: Tokenizer, *, model_name: str, max_waiting: int = 256,

@@ -53,3 +53,22 @@ def test_chat_template_is_sandboxed():
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
     with pytest.raises(InputError, match="no chat template"):
         Tokenizer("hf", impl, 2).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_a_missing_chat_template_member_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import WordLevel
+
+    from ds4c.errors import ArtifactError
+    from ds4c.runtime.tokenizer import tokenizer_for
+
+    blob = HFTokenizer(WordLevel({"<unk>": 0, "hi": 1}, unk_token="<unk>")).to_str().encode()
+    members = {"tokenizer/tokenizer.json": blob, "tokenizer/bad.jinja": b"\xff\xfe"}
+    container = SimpleNamespace(read_bytes=members.get)
+    for member in ("tokenizer/absent.jinja", "tokenizer/bad.jinja"):
+        info = {"kind": "hf", "member": "tokenizer/tokenizer.json", "chat_template": member}
+        model = SimpleNamespace(manifest={"tokenizer": info}, container=container, vocab_size=2)
+        with pytest.raises(ArtifactError, match=member):
+            tokenizer_for(model)
