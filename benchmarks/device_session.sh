@@ -23,14 +23,16 @@
 #                                                 # run (A: a commit, archived into ./ab_old first; ~6 min)
 #   bash benchmarks/device_session.sh serving     # the Engine on the GPU (tiny --serving, fp32 / bf16): tokens vs CPU,
 #                                                 # step times, memory over 200 requests; the serving kernels test (~5 min)
+#   bash benchmarks/device_session.sh prefix      # decode-bucket graphs test; flash-slice --serving (bf16), then #27's
+#                                                 # multi-turn workload with and without the prefix cache (~9 min)
 #
 # TARGET (default h200) names the target record the artifacts are compiled for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -47,6 +49,16 @@ case "$1" in
     timeout 280 python -m pytest -q -p no:cacheprovider $par tests/backends/triton \
       --deselect tests/backends/triton/test_pdl.py::test_launch_options_of_the_interpreter_run_without_pdl \
       > "$out/pytest_triton.log" 2>&1; tail -3 "$out/pytest_triton.log" ;;
+  prefix)
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/backends/triton/test_serving_kernels.py \
+      -k "graphs or reference_tokens" > "$out/pytest_graphs.log" 2>&1; tail -3 "$out/pytest_graphs.log"
+    art=device_out/flash_slice_serving_$target.ds4
+    mkdir -p device_out
+    [ -f "$art" ] || timeout 240 python -m ds4c.cli compile flash-slice --target "$target" --precision bf16 --serving \
+      --max-context 8192 -o "$art" > "$out/compile.log" 2>&1; tail -2 "$out/compile.log" | cut -c1-300
+    timeout 400 python -m ds4c.cli bench serve "$art" --device cuda --requests 64 --turns 8 --shared-prefix 2048 \
+      --prompt-len 64:256 --output-len 32:128 --concurrency 64 --compare nocache --json "$out/prefix_cache.json" \
+      > "$out/prefix_cache.log" 2>&1; tail -14 "$out/prefix_cache.log" | cut -c1-200 ;;
   serving)
     timeout 300 python benchmarks/serving_smoke.py --target "$target" --out "$out/serving.json" > "$out/serving.log" 2>&1
     grep -E "^(fp32|bf16) " "$out/serving.log" | cut -c1-600; tail -2 "$out/serving.log" | cut -c1-300

@@ -612,10 +612,12 @@ def bench_serve(
                 report["engine"] = summarize(run_engine(ds4c.Engine(model, prefix_cache=prefix_cache), work,
                                                         sync=sync, on_finish=steps.advance))
             if "nocache" in bases and prefix_cache:
+                release_device_memory(model.device)  # the first engine's pools, before the second takes its own
                 with progress_steps("engine without the prefix cache", total=total, enabled=True) as steps:
                     report["nocache"] = summarize(run_engine(ds4c.Engine(model), work, sync=sync,
                                                              on_finish=steps.advance))
             if "static" in bases:
+                release_device_memory(model.device)
                 with progress_steps(f"static batches of {static_batch}", total=total, enabled=True) as steps:
                     report["static"] = summarize(run_static(model, work, static_batch, sync=sync,
                                                             on_finish=steps.advance))
@@ -653,6 +655,18 @@ def bench_serve(
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=1))
         console.print(f"report: {json_out}")
+
+
+def release_device_memory(device) -> None:
+    """Give the memory of dropped engines (their pools and CUDA graphs) back to the device, so the
+    next engine of a benchmark can take its planned pools."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.empty_cache()
 
 
 def torch_sync(device):

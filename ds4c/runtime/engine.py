@@ -38,7 +38,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from ds4c.errors import ArtifactError, InputError
+from ds4c.errors import ArtifactError, Ds4cError, InputError
 from ds4c.models.deepseek_v4.paged import POOL_KINDS, PageLayout, page_bytes, size_pools
 from ds4c.runtime.pages import PagePool, Pools, RequestPages
 from ds4c.runtime.prefix_cache import PrefixCache
@@ -156,10 +156,18 @@ class CompiledStepRunner:
     ``pages``: pages per pool (``{"window", "compressed", "slots"}``); default: the compiled plan's
     (``manifest["serving"]["pages"]``; a GPU artifact loaded on the CPU gets room for max_running
     requests of max_context instead). ``state_budget`` (bytes) sizes them again with the same
-    formula (``size_pools``), for another device or memory share."""
+    formula (``size_pools``), for another device or memory share.
+
+    Decode-only steps run in *buckets*: a step of r sequences runs ``ragged_decode`` for the
+    smallest bucket >= r, the other rows padding (``executor.decode_buffers``). On CUDA (with the
+    model's ``cuda_graphs``) ``warm_up`` captures each bucket as a CUDA graph over the pools
+    (``GraphedRaggedDecode``), so a decode step is one graph replay and no request pays a
+    capture; ``decode_buckets`` chooses them (default on CUDA: powers of two up to max_running,
+    and max_running; elsewhere none: every step runs at its own size)."""
 
     def __init__(self, model, *, pages: dict[str, int] | None = None, state_budget: int | None = None,
-                 max_running: int | None = None, max_step_tokens: int | None = None):
+                 max_running: int | None = None, max_step_tokens: int | None = None,
+                 decode_buckets: Sequence[int] | None = None):
         serving = model.manifest.get("serving")
         if not serving:
             raise InputError("this artifact has no serving entry points (ragged_step / ragged_decode): recompile it "
@@ -193,6 +201,16 @@ class CompiledStepRunner:
         self._pools = serving["pools"]
         self.device = model.device
         self.state = {p["name"]: self._pool_tensor(p, pages[p["pool"]]) for p in serving["pools"]}
+        self._graphing = (model.device.type == "cuda" and getattr(model, "cuda_graphs", False)
+                          and getattr(model, "backend", "reference") != "reference")
+        if decode_buckets is None and self._graphing:
+            top = max_running or batch["max_running"]
+            decode_buckets = sorted({*(1 << i for i in range(top.bit_length()) if 1 << i <= top), top})
+        if decode_buckets is not None and (not all(isinstance(b, int) and b >= 1 for b in decode_buckets)):
+            raise InputError(f"CompiledStepRunner(decode_buckets={decode_buckets!r}): give batch sizes >= 1")
+        self.decode_buckets = sorted(set(decode_buckets or ()))
+        self.decode_graphs: dict[int, object] = {}  # bucket -> GraphedRaggedDecode (warm_up)
+        self.graph_errors: dict[int, str] = {}  # bucket -> why its capture failed (it runs op by op)
 
     def _pool_tensor(self, record: dict, pages: int) -> torch.Tensor:
         return torch.zeros([pages, *record["shape"][1:]], dtype=getattr(torch, record["dtype"]), device=self.device)
@@ -209,9 +227,31 @@ class CompiledStepRunner:
             raise AssertionError("add_window_pages: the window pool is in use")
         pages = self.pools.window.pages + n
         self.pools.window = PagePool("window", pages)
+        self.decode_graphs.clear()  # they address the old window tensors
         for p in self._pools:
             if p["pool"] == "window":
                 self.state[p["name"]] = self._pool_tensor(p, pages)
+
+    @torch.no_grad()
+    def warm_up(self, max_rows: int | None = None) -> None:
+        """Capture the decode buckets up to ``max_rows`` as CUDA graphs (largest first, one shared
+        memory pool), before any request runs: Triton compiles and autotunes here, not in the first
+        request. A bucket whose capture fails keeps running op by op (``graph_errors`` says why)."""
+        if not self._graphing:
+            return
+        from ds4c.runtime.executor import GraphedRaggedDecode
+
+        executor = self.model._entry("ragged_decode")
+        pool = torch.cuda.graph_pool_handle()
+        for rows in sorted((b for b in self.decode_buckets if max_rows is None or b <= max_rows), reverse=True):
+            if rows in self.decode_graphs or rows in self.graph_errors:
+                continue
+            try:
+                self.decode_graphs[rows] = GraphedRaggedDecode(executor, self.model.weights, self.state, self.layout,
+                                                               rows, pool=pool)
+            except (RuntimeError, Ds4cError) as e:
+                self.graph_errors[rows] = str(e).splitlines()[0] if str(e) else type(e).__name__
+                torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
     def run(self, batch: StepBatch) -> torch.Tensor:
@@ -220,10 +260,21 @@ class CompiledStepRunner:
         name = "ragged_decode" if decode_only else "ragged_step"
         args = dict(zip(self.inputs["ragged_step"], batch.args(), strict=True))
         inputs = {k: args[k].to(device) for k in self.inputs[name]}
+        if decode_only:
+            rows = inputs["input_ids"].shape[0]
+            bucket = next((b for b in self.decode_buckets if b >= rows), None)
+            if bucket in self.decode_graphs:
+                return self.decode_graphs[bucket](inputs)
+            if bucket is not None and bucket != rows:  # padded to the bucket, op by op
+                from ds4c.runtime.executor import decode_buffers, fill_decode_buffers
+
+                buffers = decode_buffers(self.layout, bucket, device)
+                fill_decode_buffers(buffers, inputs)
+                inputs = buffers
         out = self.model._entry(name).run(inputs, self.model.weights, self.state)
         logits = out.pop("logits")
         self.state = out
-        return logits
+        return logits[:batch.logit_rows.shape[0]]
 
 
 @dataclass(eq=False)
@@ -390,6 +441,8 @@ class Engine:
         self._stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0,
                        "prefix_query_tokens": 0, "prefix_hit_tokens": 0}
         self._busy = {"mixed": 0.0, "decode": 0.0}  # seconds in steps with prompt chunks / decodes only
+        if hasattr(runner, "warm_up"):  # decode graphs captured now, not by the first request
+            runner.warm_up(self.max_running)
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -473,7 +526,7 @@ class Engine:
             cache = {**self._cache.stats(), "query_tokens": query, "hit_tokens": hit,
                      "hit_rate": hit / query if query else None}
         return {"running": len(self._running), "waiting": len(self._waiting), "pages": self.pools.stats(),
-                "prefix_cache": cache,
+                "prefix_cache": cache, "decode_graphs": sorted(getattr(self.runner, "decode_graphs", ())),
                 **self._stats, "busy_s": busy["mixed"] + busy["decode"],
                 "prefill_tokens_per_s": rate(self._stats["prefill_tokens"], busy["mixed"]),
                 "decode_tokens_per_s": rate(self._stats["decode_tokens"], busy["decode"])}

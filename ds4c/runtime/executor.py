@@ -402,3 +402,73 @@ class GraphedPrefill:
         return {k: v.clone() for k, v in self.out.items()}
 
 
+
+
+def decode_buffers(layout: Any, rows: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Zeroed inputs of ``ragged_decode`` for ``rows`` sequences (``DECODE_STEP_INPUTS``): a row of
+    zeros is a padding row, token 0 at position 0 over page 0 and slot 0, the pools' trash, so what
+    it writes lands where no real row reads."""
+    def zeros(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    return {"input_ids": zeros(rows), "positions": zeros(rows), "window_table": zeros(rows, layout.window_slots,
+                                                                                      dtype=torch.int32),
+            "comp_table": zeros(rows, layout.comp_entries, dtype=torch.int32), "slot": zeros(rows)}
+
+
+def fill_decode_buffers(buffers: dict[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> None:
+    """The first rows of ``buffers`` from ``inputs`` (r <= rows sequences), the rest padding rows."""
+    for name, buf in buffers.items():
+        src = inputs[name]
+        r = src.shape[0]
+        buf[:r].copy_(src)
+        buf[r:].zero_()
+
+
+class GraphedRaggedDecode:
+    """``ragged_decode`` over ``rows`` sequences as a replayable CUDA graph, its pools (``state``,
+    the engine's own tensors) written in place: the graph addresses them, so nothing is copied per
+    step. A step of r <= rows sequences fills the first r rows of the static inputs and pads the
+    rest (``decode_buffers``); the logits of the r rows come back as a copy (the next replay of any
+    bucket reuses the graph pool). Warm-up and capture run padding rows only, which touch nothing
+    but the trash page and slot.
+
+    Raises ``RuntimeError`` when the executor does not update every pool in place (a graph would
+    then copy whole pools each step: the artifact needs ``lower_paged_state``)."""
+
+    def __init__(self, executor: Any, params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                 layout: Any, rows: int, *, pool: Any = None, warmup: int = 2):
+        device = executor.device
+        self.rows = rows
+        self.state = state
+        self.replays = 0
+        self.buffers = decode_buffers(layout, rows, device)
+
+        def step() -> torch.Tensor:
+            out = executor.run(self.buffers, params, state)
+            copied = [k for k, v in out.items() if k != "logits" and v is not state[k]]
+            if copied:
+                raise RuntimeError(f"ragged_decode returns new tensors for {len(copied)} pools (e.g. {copied[0]}) "
+                                   "instead of writing them in place; recompile the artifact with this ds4c "
+                                   "(lower_paged_state)")
+            return out["logits"]
+
+        def warm() -> None:
+            for _ in range(warmup):
+                step()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            warm()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = step()
+        self.arenas = executor.take_captured() if hasattr(executor, "take_captured") else []
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        r = inputs["input_ids"].shape[0]
+        fill_decode_buffers(self.buffers, inputs)
+        self.graph.replay()
+        self.replays += 1
+        return self.logits[:r].clone()

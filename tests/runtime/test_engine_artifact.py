@@ -223,3 +223,26 @@ def test_the_prefix_cache_adds_its_window_history_to_the_planned_pools(artifact)
     assert cached.generate([prompt[:60] + [3, 4]], ds4c.SamplingParams(max_new_tokens=5)) == \
         plain.generate([prompt[:60] + [3, 4]], ds4c.SamplingParams(max_new_tokens=5))
     assert cached.stats()["prefix_cache"]["hit_tokens"] > 0
+
+
+def test_decode_buckets_pad_steps_without_changing_tokens(artifact):
+    """Decode steps padded to a bucket (what a CUDA graph of that bucket runs: padding rows over
+    the trash page and slot) give every request its tokens; trash full of NaN reaches no real row."""
+    from ds4c.runtime.engine import CompiledStepRunner
+
+    path, _ = artifact
+    model = ds4c.load(path)
+    want = Engine(model).generate(PROMPTS, ds4c.SamplingParams(max_new_tokens=9))
+    runner = CompiledStepRunner(model, decode_buckets=[3, 8])
+    for t in runner.state.values():
+        if t.is_floating_point():
+            t[0] = float("nan")
+    seen = []
+    run = runner.run
+    runner.run = lambda batch: seen.append(batch.tokens) or run(batch)
+    engine = Engine(runner, max_running=4)
+    assert engine.generate(PROMPTS, ds4c.SamplingParams(max_new_tokens=9)) == want
+    assert {1, 2, 4} & set(seen), "no decode step of a size the buckets pad"
+    assert engine.stats()["decode_graphs"] == []  # graphs are captured on CUDA only
+    with pytest.raises(InputError, match="decode_buckets"):
+        CompiledStepRunner(model, decode_buckets=[0])

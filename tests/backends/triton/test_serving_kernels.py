@@ -33,3 +33,15 @@ def test_engine_on_the_kernels_backend_gives_the_reference_tokens(artifact):
     assert all(p["used"] == 0 for p in engine.stats()["pages"].values())
     # the pools were written in place: after every step the state is the memory allocated at the start
     assert {k: v.data_ptr() for k, v in engine.runner.state.items()} == before
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_decode_buckets_are_captured_at_engine_start_and_give_the_reference_tokens(artifact):
+    params = ds4c.SamplingParams(max_new_tokens=7)
+    ref = ds4c.Engine(ds4c.load(artifact, backend="reference")).generate(PROMPTS, params)
+    engine = ds4c.Engine(ds4c.load(artifact, device=DEVICE, backend="kernels"))
+    runner = engine.runner
+    assert runner.graph_errors == {} and engine.stats()["decode_graphs"] == [1, 2, 4]
+    assert engine.generate(PROMPTS, params) == ref
+    assert sum(g.replays for g in runner.decode_graphs.values()) > 0  # decode steps ran as graph replays
+    assert all(p["used"] == 0 for p in engine.stats()["pages"].values())
