@@ -198,7 +198,10 @@ def run_engine(engine: Any, workload: Workload, *, sync: Callable[[], None] = la
     stats = engine.stats()
     cache = stats.get("prefix_cache") or {}
     return {"requests": sorted(done, key=lambda r: (r["index"], r["turn"])), "seconds": time.perf_counter() - start,
-            "pages_peak": peak, "preemptions": stats["preemptions"] - before["preemptions"],
+            "pages_peak": peak, "pages_capacity": {k: p["capacity"] for k, p in stats["pages"].items()},
+            "prefix_cache": {k: cache[k] for k in ("nodes", "granule", "history", "holds", "evictions") if k in cache},
+            "decode_graphs": stats.get("decode_graphs", []),
+            "preemptions": stats["preemptions"] - before["preemptions"],
             "steps": stats["steps"] - before["steps"],
             "prompt_tokens_computed": stats["prefill_tokens"] - before["prefill_tokens"],
             "prefix_hit_tokens": cache.get("hit_tokens", 0) - ((before.get("prefix_cache") or {}).get("hit_tokens", 0)),
@@ -257,8 +260,8 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
            "output_tokens_per_s": tokens / run["seconds"] if run["seconds"] else None,
            "requests_per_s": len(reqs) / run["seconds"] if run["seconds"] else None,
            "ttft_s": _percentiles(ttft), "tpot_s": _percentiles(tpot)}
-    for key in ("pages_peak", "preemptions", "steps", "batch", "prompt_tokens_computed", "prefix_hit_tokens",
-                "shareable_tokens"):
+    for key in ("pages_peak", "pages_capacity", "prefix_cache", "decode_graphs", "preemptions", "steps", "batch",
+                "prompt_tokens_computed", "prefix_hit_tokens", "shareable_tokens"):
         if key in run:
             out[key] = run[key]
     out["prompt_tokens"] = sum(r["prompt"] for r in reqs)

@@ -446,7 +446,8 @@ class GraphedRaggedDecode:
 
         def step() -> torch.Tensor:
             out = executor.run(self.buffers, params, state)
-            copied = [k for k, v in out.items() if k != "logits" and v is not state[k]]
+            copied = [k for k, v in out.items() if k != "logits"
+                      and (v.data_ptr() != state[k].data_ptr() or v.shape != state[k].shape)]
             if copied:
                 raise RuntimeError(f"ragged_decode returns new tensors for {len(copied)} pools (e.g. {copied[0]}) "
                                    "instead of writing them in place; recompile the artifact with this ds4c "

@@ -26,9 +26,11 @@ after every step for the boundaries its requests crossed (their pages are live t
 ``history`` window positions more than the window for this), and matches a new request's tokens
 against the tree when it is admitted.
 
-Eviction is least-recently-used, only under page pressure (the engine asks before it preempts):
-first what is cheapest to lose - the window pages of a node that has children (a longer match goes
-through it) or of any node - and whole leaves. Pages held by running requests stay allocated
+Eviction runs only under page pressure (the engine asks before it preempts): first the window
+pages of nodes on plain paths (one child: a resume there needs a prompt that leaves the path at
+exactly that node; a session's next turn resumes at its path's end, new sessions at the branch
+point of their shared system prompt), then least-recently-used window pages of any node and whole
+leaves. Pages held by running requests stay allocated
 until they finish; the cache drops its hold only.
 """
 
@@ -204,29 +206,37 @@ class PrefixCache:
     # -- eviction ----------------------------------------------------------------------------------
 
     def evict(self) -> bool:
-        """Drop the least recently used thing the cache holds: a node's window pages, or a whole
-        leaf. False when the cache holds nothing."""
-        victim, best = None, None
+        """Drop holds until a page comes free (or the cache holds nothing): least useful first, then
+        least recently used. Least useful are the window pages of a node on a plain path (one child):
+        a resume there needs a prompt that leaves the path exactly at it, while the path's end
+        (a session's history) and branch points (a shared system prompt) are where the next
+        requests resume. Then, least recently used first, window pages of any node (inner ones
+        before leaves of the same age) and whole leaves. One walk of the tree per call. False
+        when the cache held nothing."""
+        order = []
         stack = list(self.root.children.values())
         while stack:
             node = stack.pop()
             stack.extend(node.children.values())
             if node.window is None and node.children:
                 continue
-            # among equally old, windows of inner nodes go first (their node stays a path)
-            key = (node.used, 0 if node.children else 1)
-            if best is None or key < best:
-                victim, best = node, key
-        if victim is None:
+            plain = node.window is not None and len(node.children) == 1
+            order.append(((0 if plain else 1, node.used, 0 if node.children else 1), node))
+        if not order:
             return False
-        self.evictions += 1
-        if victim.window is not None:
-            self.pools.window.free(list(victim.window.values()))
-            victim.window = None
-        if not victim.children:
-            self.pools.compressed.free([victim.comp[1]])
-            del victim.parent.children[victim.block]
-            self.nodes -= 1
+        order.sort(key=lambda item: item[0])
+        free = self.pools.window.free_count + self.pools.compressed.free_count
+        for _, victim in order:
+            self.evictions += 1
+            if victim.window is not None:
+                self.pools.window.free(list(victim.window.values()))
+                victim.window = None
+            elif not victim.children:
+                self.pools.compressed.free([victim.comp[1]])
+                del victim.parent.children[victim.block]
+                self.nodes -= 1
+            if self.pools.window.free_count + self.pools.compressed.free_count > free:
+                break
         return True
 
     def clear(self) -> None:

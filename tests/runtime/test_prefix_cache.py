@@ -165,3 +165,22 @@ def test_a_batched_workload_with_shared_prefixes_preemption_and_eviction(trained
     _compare(batched, _alone(model, work, _greedy))
     engine._cache.clear()
     assert all(p["used"] == 0 for p in engine.stats()["pages"].values())
+
+
+def test_sessions_keep_their_history_when_window_pages_run_short(trained):  # noqa: F811
+    """Eight chat sessions (one system prompt, three turns each, interleaved) through a window pool
+    too small to keep every cached node's window pages: eviction drops the windows of plain path
+    nodes first, so each later turn still resumes at the end of its own history (all but the
+    newest tokens, the granule and one window from the cache)."""
+    model, successor = trained
+    engine = _engine(model, prefix_cache=True, max_chunk=28, window_pages=50)
+    system = _prompt(successor, 48, seed=3)
+    histories = [system + _prompt(successor, 9, seed=400 + s) for s in range(8)]
+    for turn in range(3):
+        reqs = [engine.submit(h, SamplingParams(max_new_tokens=5)) for h in histories]
+        engine.run_until_idle()
+        for s, req in enumerate(reqs):
+            if turn:
+                assert req.cached_tokens >= len(histories[s]) - 9 - WINDOW - engine._cache.granule, (turn, s)
+            histories[s] = histories[s] + req.output_ids + _prompt(successor, 4, seed=500 + 10 * turn + s)
+    assert engine.stats()["prefix_cache"]["evictions"] > 0
