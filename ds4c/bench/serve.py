@@ -200,7 +200,8 @@ def run_engine(engine: Any, workload: Workload, *, sync: Callable[[], None] = la
     return {"requests": sorted(done, key=lambda r: (r["index"], r["turn"])), "seconds": time.perf_counter() - start,
             "pages_peak": peak, "pages_capacity": {k: p["capacity"] for k, p in stats["pages"].items()},
             "prefix_cache": {k: cache[k] for k in ("nodes", "granule", "history", "holds", "evictions") if k in cache},
-            "decode_graphs": stats.get("decode_graphs", []),
+            "decode_graphs": stats.get("decode_graphs", []), "step_graphs": stats.get("step_graphs", []),
+            "graph_errors": stats.get("graph_errors", {}),
             "preemptions": stats["preemptions"] - before["preemptions"],
             "steps": stats["steps"] - before["steps"],
             "prompt_tokens_computed": stats["prefill_tokens"] - before["prefill_tokens"],
@@ -260,7 +261,8 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
            "output_tokens_per_s": tokens / run["seconds"] if run["seconds"] else None,
            "requests_per_s": len(reqs) / run["seconds"] if run["seconds"] else None,
            "ttft_s": _percentiles(ttft), "tpot_s": _percentiles(tpot)}
-    for key in ("pages_peak", "pages_capacity", "prefix_cache", "decode_graphs", "preemptions", "steps", "batch",
+    for key in ("pages_peak", "pages_capacity", "prefix_cache", "decode_graphs", "step_graphs", "graph_errors",
+                "preemptions", "steps", "batch",
                 "prompt_tokens_computed", "prefix_hit_tokens", "shareable_tokens"):
         if key in run:
             out[key] = run[key]

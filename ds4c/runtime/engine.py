@@ -158,16 +158,21 @@ class CompiledStepRunner:
     requests of max_context instead). ``state_budget`` (bytes) sizes them again with the same
     formula (``size_pools``), for another device or memory share.
 
-    Decode-only steps run in *buckets*: a step of r sequences runs ``ragged_decode`` for the
-    smallest bucket >= r, the other rows padding (``executor.decode_buffers``). On CUDA (with the
-    model's ``cuda_graphs``) ``warm_up`` captures each bucket as a CUDA graph over the pools
-    (``GraphedRaggedDecode``), so a decode step is one graph replay and no request pays a
-    capture; ``decode_buckets`` chooses them (default on CUDA: powers of two up to max_running,
-    and max_running; elsewhere none: every step runs at its own size)."""
+    Steps run in *buckets* of input sizes, padded (padding rows and sequences sit on the pools'
+    trash page and slot): a decode-only step of r sequences runs ``ragged_decode`` for the smallest
+    decode bucket >= r (``executor.decode_buffers``); a step with prompt chunks runs ``ragged_step``
+    for the smallest token bucket that holds its rows and one padding row per missing sequence,
+    with max_running + 1 sequences (``step_batch.pad_step``). On CUDA (with the model's
+    ``cuda_graphs``) ``warm_up`` captures every bucket as a CUDA graph over the pools
+    (``GraphedServingStep``, largest first, one memory pool and one arena per entry point), so a
+    step is one graph replay and no request pays a capture. ``decode_buckets`` / ``step_buckets``
+    choose them (default on CUDA: powers of two up to max_running, and max_running; token buckets
+    from 64 by powers of two up to max_step_tokens + max_running + 1; elsewhere none: every step
+    runs at its own size, unpadded)."""
 
     def __init__(self, model, *, pages: dict[str, int] | None = None, state_budget: int | None = None,
                  max_running: int | None = None, max_step_tokens: int | None = None,
-                 decode_buckets: Sequence[int] | None = None):
+                 decode_buckets: Sequence[int] | None = None, step_buckets: Sequence[int] | None = None):
         serving = model.manifest.get("serving")
         if not serving:
             raise InputError("this artifact has no serving entry points (ragged_step / ragged_decode): recompile it "
@@ -203,14 +208,22 @@ class CompiledStepRunner:
         self.state = {p["name"]: self._pool_tensor(p, pages[p["pool"]]) for p in serving["pools"]}
         self._graphing = (model.device.type == "cuda" and getattr(model, "cuda_graphs", False)
                           and getattr(model, "backend", "reference") != "reference")
-        if decode_buckets is None and self._graphing:
-            top = max_running or batch["max_running"]
-            decode_buckets = sorted({*(1 << i for i in range(top.bit_length()) if 1 << i <= top), top})
-        if decode_buckets is not None and (not all(isinstance(b, int) and b >= 1 for b in decode_buckets)):
-            raise InputError(f"CompiledStepRunner(decode_buckets={decode_buckets!r}): give batch sizes >= 1")
+        top = max_running or batch["max_running"]
+        self.step_seqs = top + 1  # sequences of a padded ragged_step: one more than can run, for the padding
+        if self._graphing:
+            if decode_buckets is None:
+                decode_buckets = sorted({*(1 << i for i in range(top.bit_length()) if 1 << i <= top), top})
+            if step_buckets is None:
+                most = (max_step_tokens or batch["max_step_tokens"]) + self.step_seqs
+                step_buckets = sorted({*(1 << i for i in range(6, most.bit_length()) if 1 << i < most), most})
+        for name, given in (("decode_buckets", decode_buckets), ("step_buckets", step_buckets)):
+            if given is not None and not all(isinstance(b, int) and b >= 1 for b in given):
+                raise InputError(f"CompiledStepRunner({name}={given!r}): give sizes >= 1")
         self.decode_buckets = sorted(set(decode_buckets or ()))
-        self.decode_graphs: dict[int, object] = {}  # bucket -> GraphedRaggedDecode (warm_up)
-        self.graph_errors: dict[int, str] = {}  # bucket -> why its capture failed (it runs op by op)
+        self.step_buckets = sorted(b for b in set(step_buckets or ()) if b >= self.step_seqs)
+        self.decode_graphs: dict[int, object] = {}  # bucket -> GraphedServingStep (warm_up)
+        self.step_graphs: dict[int, object] = {}
+        self.graph_errors: dict[str, str] = {}  # "ragged_decode/4" -> why its capture failed (it runs op by op)
 
     def _pool_tensor(self, record: dict, pages: int) -> torch.Tensor:
         return torch.zeros([pages, *record["shape"][1:]], dtype=getattr(torch, record["dtype"]), device=self.device)
@@ -228,53 +241,87 @@ class CompiledStepRunner:
         pages = self.pools.window.pages + n
         self.pools.window = PagePool("window", pages)
         self.decode_graphs.clear()  # they address the old window tensors
+        self.step_graphs.clear()
         for p in self._pools:
             if p["pool"] == "window":
                 self.state[p["name"]] = self._pool_tensor(p, pages)
 
     @torch.no_grad()
-    def warm_up(self, max_rows: int | None = None) -> None:
-        """Capture the decode buckets up to ``max_rows`` as CUDA graphs (largest first, one shared
-        memory pool), before any request runs: Triton compiles and autotunes here, not in the first
-        request. A bucket whose capture fails keeps running op by op (``graph_errors`` says why)."""
+    def warm_up(self, max_rows: int | None = None, max_tokens: int | None = None) -> None:
+        """Capture the buckets (decode buckets up to ``max_rows`` sequences, step buckets up to
+        ``max_tokens`` + max_running + 1 rows) as CUDA graphs before any request runs: Triton
+        compiles and autotunes here, not in the first request. A bucket whose capture fails keeps
+        running op by op (``graph_errors`` says why)."""
         if not self._graphing:
             return
-        from ds4c.runtime.executor import GraphedRaggedDecode
+        from ds4c.runtime.executor import GraphedServingStep, decode_buffers
+        from ds4c.runtime.step_batch import padding_step
 
-        executor = self.model._entry("ragged_decode")
         pool = torch.cuda.graph_pool_handle()
-        for rows in sorted((b for b in self.decode_buckets if max_rows is None or b <= max_rows), reverse=True):
-            if rows in self.decode_graphs or rows in self.graph_errors:
-                continue
-            try:
-                self.decode_graphs[rows] = GraphedRaggedDecode(executor, self.model.weights, self.state, self.layout,
-                                                               rows, pool=pool)
-            except (RuntimeError, Ds4cError) as e:
-                self.graph_errors[rows] = str(e).splitlines()[0] if str(e) else type(e).__name__
-                torch.cuda.synchronize(self.device)
+        lay = self.layout
+
+        def capture(name: str, graphs: dict, buckets: list[int], buffers) -> None:
+            executor = self.model._entry(name)
+            if hasattr(executor, "share_captured_arenas"):
+                executor.share_captured_arenas()
+            for size in sorted(buckets, reverse=True):
+                key = f"{name}/{size}"
+                if size in graphs or key in self.graph_errors:
+                    continue
+                try:
+                    graphs[size] = GraphedServingStep(executor, self.model.weights, self.state, buffers(size), pool=pool)
+                except (RuntimeError, Ds4cError) as e:
+                    self.graph_errors[key] = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    torch.cuda.synchronize(self.device)
+            if hasattr(executor, "drop_eager_arena"):
+                executor.drop_eager_arena()
+
+        def step_buffers(tokens: int) -> dict[str, torch.Tensor]:
+            pad = padding_step(tokens, self.step_seqs, self.rates, lay.window_slots, lay.comp_entries)
+            return {k: v.to(self.device) for k, v in zip(self.inputs["ragged_step"], pad.args(), strict=True)}
+
+        # the token buckets a step of up to max_tokens rows can need: those below its largest
+        # padded size, and the first that holds it
+        room = None if max_tokens is None else max_tokens + self.step_seqs
+        top = next((b for b in self.step_buckets if room is not None and b >= room), None)
+        capture("ragged_step", self.step_graphs,
+                [b for b in self.step_buckets if room is None or b < room or b == top], step_buffers)
+        capture("ragged_decode", self.decode_graphs,
+                [b for b in self.decode_buckets if max_rows is None or b <= max_rows],
+                lambda rows: decode_buffers(lay, rows, self.device))
 
     @torch.no_grad()
     def run(self, batch: StepBatch) -> torch.Tensor:
-        device = self.model.device
-        decode_only = batch.tokens == batch.seq_first.shape[0] == batch.logit_rows.shape[0]
-        name = "ragged_decode" if decode_only else "ragged_step"
-        args = dict(zip(self.inputs["ragged_step"], batch.args(), strict=True))
-        inputs = {k: args[k].to(device) for k in self.inputs[name]}
-        if decode_only:
-            rows = inputs["input_ids"].shape[0]
-            bucket = next((b for b in self.decode_buckets if b >= rows), None)
-            if bucket in self.decode_graphs:
-                return self.decode_graphs[bucket](inputs)
-            if bucket is not None and bucket != rows:  # padded to the bucket, op by op
-                from ds4c.runtime.executor import decode_buffers, fill_decode_buffers
+        from ds4c.runtime.executor import decode_buffers, fill_buffers
+        from ds4c.runtime.step_batch import pad_step
 
-                buffers = decode_buffers(self.layout, bucket, device)
-                fill_decode_buffers(buffers, inputs)
-                inputs = buffers
+        device = self.model.device
+        n_logits = batch.logit_rows.shape[0]
+        decode_only = batch.tokens == batch.seq_first.shape[0] == n_logits
+        name = "ragged_decode" if decode_only else "ragged_step"
+        if decode_only:
+            rows = batch.tokens
+            bucket = next((b for b in self.decode_buckets if b >= rows), None)
+            padded, graphs = batch, self.decode_graphs
+        else:
+            need = batch.tokens + self.step_seqs - batch.seq_first.shape[0]
+            bucket = next((b for b in self.step_buckets if b >= need), None)
+            padded = None if bucket is None else pad_step(batch, bucket, self.step_seqs, self.rates)
+            bucket = None if padded is None else bucket
+            graphs = self.step_graphs
+        args = dict(zip(self.inputs["ragged_step"], (padded or batch).args(), strict=True))
+        inputs = {k: args[k] for k in self.inputs[name]}
+        if bucket in graphs:
+            return graphs[bucket](inputs, n_logits)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        if decode_only and bucket is not None and bucket != rows:  # padded to the bucket, op by op
+            buffers = decode_buffers(self.layout, bucket, device)
+            fill_buffers(buffers, inputs)
+            inputs = buffers
         out = self.model._entry(name).run(inputs, self.model.weights, self.state)
         logits = out.pop("logits")
         self.state = out
-        return logits[:batch.logit_rows.shape[0]]
+        return logits[:n_logits]
 
 
 @dataclass(eq=False)
@@ -441,8 +488,8 @@ class Engine:
         self._stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0,
                        "prefix_query_tokens": 0, "prefix_hit_tokens": 0}
         self._busy = {"mixed": 0.0, "decode": 0.0}  # seconds in steps with prompt chunks / decodes only
-        if hasattr(runner, "warm_up"):  # decode graphs captured now, not by the first request
-            runner.warm_up(self.max_running)
+        if hasattr(runner, "warm_up"):  # step graphs captured now, not by the first request
+            runner.warm_up(self.max_running, self.max_step_tokens)
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -527,6 +574,8 @@ class Engine:
                      "hit_rate": hit / query if query else None}
         return {"running": len(self._running), "waiting": len(self._waiting), "pages": self.pools.stats(),
                 "prefix_cache": cache, "decode_graphs": sorted(getattr(self.runner, "decode_graphs", ())),
+                "step_graphs": sorted(getattr(self.runner, "step_graphs", ())),
+                "graph_errors": dict(getattr(self.runner, "graph_errors", {})),
                 **self._stats, "busy_s": busy["mixed"] + busy["decode"],
                 "prefill_tokens_per_s": rate(self._stats["prefill_tokens"], busy["mixed"]),
                 "decode_tokens_per_s": rate(self._stats["decode_tokens"], busy["decode"])}

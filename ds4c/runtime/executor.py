@@ -77,6 +77,7 @@ class _Arena:
         self.current: list[list[torch.Tensor | None] | None] | None = None
         self.expected: list[list[int | None]] = []  # the current plan's ``numels``
         self.counts: Counter = Counter()  # (op name, "placed" | "allocated")
+        self.share_captured = False  # captures reuse a live captured arena that is large enough
 
     def plan(self, sizes: Mapping[str, int]) -> BufferPlan:
         key = _key(sizes)
@@ -96,9 +97,14 @@ class _Arena:
     def begin(self, sizes: Mapping[str, int]) -> None:
         plan, key = self.plan(sizes), _key(sizes)
         if self.capturing():
-            arena = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
+            arena = None
+            if self.share_captured:  # graphs replayed one at a time: the largest captured arena serves them all
+                live = [a for a in (r() for r in self.captured) if a is not None and a.numel() >= plan.arena_bytes]
+                arena = max(live, key=lambda a: a.numel()) if live else None
+            if arena is None:
+                arena = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
+                self.captured.append(weakref.ref(arena))
             self.pending.append(arena)
-            self.captured.append(weakref.ref(arena))
             self.current = plan.views(arena)
         else:
             if self.eager is None or self.eager.numel() < plan.arena_bytes:
@@ -276,6 +282,19 @@ class ScheduledExecutor(KernelExecutor):
         them to keep (the executor itself keeps none)."""
         return [] if self._arena is None else self._arena.take()
 
+    def share_captured_arenas(self) -> None:
+        """From now on a captured run takes the largest arena an earlier capture took, when it is
+        large enough, instead of its own: for graphs that are never replayed concurrently (an
+        engine's step buckets, captured largest first)."""
+        if self._arena is not None:
+            self._arena.share_captured = True
+
+    def drop_eager_arena(self) -> None:
+        """Free the arena of runs outside a graph (e.g. the warm-up of graphs that replay every shape)."""
+        if self._arena is not None:
+            self._arena.eager = None
+            self._arena._eager_views.clear()
+
     def buffer_plan(self, sizes: Mapping[str, int]) -> BufferPlan | None:
         """The compiled plan evaluated at ``sizes``, as this executor runs it (None when off)."""
         return None if self._arena is None else self._arena.plan(sizes)
@@ -416,60 +435,61 @@ def decode_buffers(layout: Any, rows: int, device: torch.device) -> dict[str, to
             "comp_table": zeros(rows, layout.comp_entries, dtype=torch.int32), "slot": zeros(rows)}
 
 
-def fill_decode_buffers(buffers: dict[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> None:
-    """The first rows of ``buffers`` from ``inputs`` (r <= rows sequences), the rest padding rows."""
+def fill_buffers(buffers: dict[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> None:
+    """The first rows of ``buffers`` from ``inputs`` (as many rows as they have), the rest zeros
+    (padding rows of ``decode_buffers``)."""
     for name, buf in buffers.items():
         src = inputs[name]
         r = src.shape[0]
-        buf[:r].copy_(src)
-        buf[r:].zero_()
+        buf[:r].copy_(src, non_blocking=True)
+        if r < buf.shape[0]:
+            buf[r:].zero_()
 
 
-class GraphedRaggedDecode:
-    """``ragged_decode`` over ``rows`` sequences as a replayable CUDA graph, its pools (``state``,
-    the engine's own tensors) written in place: the graph addresses them, so nothing is copied per
-    step. A step of r <= rows sequences fills the first r rows of the static inputs and pads the
-    rest (``decode_buffers``); the logits of the r rows come back as a copy (the next replay of any
-    bucket reuses the graph pool). Warm-up and capture run padding rows only, which touch nothing
-    but the trash page and slot.
+class GraphedServingStep:
+    """A serving entry point (``ragged_decode`` or ``ragged_step``) for one bucket of input sizes as a
+    replayable CUDA graph over static input ``buffers``, its pools (``state``, the engine's own
+    tensors) written in place: the graph addresses them, so nothing is copied per step. A call
+    copies a step's inputs, padded to the bucket (``decode_buffers`` / ``step_batch.pad_step``),
+    into the buffers, replays, and returns a copy of the first ``rows`` logits (the next replay of
+    any bucket may reuse the memory). Warm-up and capture run the buffers as they are given:
+    padding rows only, which touch nothing but the trash page and slot. Graphs captured with one
+    ``pool`` and an executor sharing its captured arenas (``share_captured_arenas``) take the memory
+    of the largest bucket once, not per bucket: they are replayed one at a time.
 
     Raises ``RuntimeError`` when the executor does not update every pool in place (a graph would
     then copy whole pools each step: the artifact needs ``lower_paged_state``)."""
 
     def __init__(self, executor: Any, params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
-                 layout: Any, rows: int, *, pool: Any = None, warmup: int = 2):
+                 buffers: dict[str, torch.Tensor], *, pool: Any = None, warmup: int = 2):
         device = executor.device
-        self.rows = rows
         self.state = state
         self.replays = 0
-        self.buffers = decode_buffers(layout, rows, device)
+        self.buffers = buffers
 
         def step() -> torch.Tensor:
             out = executor.run(self.buffers, params, state)
             copied = [k for k, v in out.items() if k != "logits"
                       and (v.data_ptr() != state[k].data_ptr() or v.shape != state[k].shape)]
             if copied:
-                raise RuntimeError(f"ragged_decode returns new tensors for {len(copied)} pools (e.g. {copied[0]}) "
-                                   "instead of writing them in place; recompile the artifact with this ds4c "
-                                   "(lower_paged_state)")
+                raise RuntimeError(f"{getattr(executor, 'name', 'the serving step')} returns new tensors for "
+                                   f"{len(copied)} pools (e.g. {copied[0]}) instead of writing them in place; "
+                                   "recompile the artifact with this ds4c (lower_paged_state)")
             return out["logits"]
 
-        def warm() -> None:
-            for _ in range(warmup):
-                step()
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            warm()
+            for _ in range(warmup):
+                step()
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.logits = step()
         self.arenas = executor.take_captured() if hasattr(executor, "take_captured") else []
 
-    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        r = inputs["input_ids"].shape[0]
-        fill_decode_buffers(self.buffers, inputs)
+    def __call__(self, inputs: Mapping[str, torch.Tensor], rows: int) -> torch.Tensor:
+        fill_buffers(self.buffers, inputs)
         self.graph.replay()
         self.replays += 1
-        return self.logits[:r].clone()
+        return self.logits[:rows].clone()

@@ -225,15 +225,16 @@ def test_the_prefix_cache_adds_its_window_history_to_the_planned_pools(artifact)
     assert cached.stats()["prefix_cache"]["hit_tokens"] > 0
 
 
-def test_decode_buckets_pad_steps_without_changing_tokens(artifact):
-    """Decode steps padded to a bucket (what a CUDA graph of that bucket runs: padding rows over
-    the trash page and slot) give every request its tokens; trash full of NaN reaches no real row."""
+def test_buckets_pad_steps_without_changing_tokens(artifact):
+    """Steps padded to a bucket (what a CUDA graph of that bucket runs: padding rows and sequences
+    over the trash page and slot), decode-only and with prompt chunks, give every request its
+    tokens; trash full of NaN reaches no real row."""
     from ds4c.runtime.engine import CompiledStepRunner
 
     path, _ = artifact
     model = ds4c.load(path)
     want = Engine(model).generate(PROMPTS, ds4c.SamplingParams(max_new_tokens=9))
-    runner = CompiledStepRunner(model, decode_buckets=[3, 8])
+    runner = CompiledStepRunner(model, decode_buckets=[3, 8], step_buckets=[40, 64, 200])
     for t in runner.state.values():
         if t.is_floating_point():
             t[0] = float("nan")
@@ -243,6 +244,45 @@ def test_decode_buckets_pad_steps_without_changing_tokens(artifact):
     engine = Engine(runner, max_running=4)
     assert engine.generate(PROMPTS, ds4c.SamplingParams(max_new_tokens=9)) == want
     assert {1, 2, 4} & set(seen), "no decode step of a size the buckets pad"
-    assert engine.stats()["decode_graphs"] == []  # graphs are captured on CUDA only
+    assert any(n > 4 for n in seen), "no step with prompt chunks"
+    assert runner.step_seqs == 5 and runner.step_buckets == [40, 64, 200]
+    stats = engine.stats()
+    assert stats["decode_graphs"] == stats["step_graphs"] == []  # graphs are captured on CUDA only
     with pytest.raises(InputError, match="decode_buckets"):
         CompiledStepRunner(model, decode_buckets=[0])
+
+
+def test_a_padded_step_writes_what_the_step_writes_and_only_trash_besides(artifact):
+    """``pad_step``: the artifact's ragged_step over a batch padded to a bucket gives the batch's
+    logits and pools; the padding rows and sequences changed nothing but the trash page and slot."""
+    from ds4c.runtime.engine import CompiledStepRunner
+    from ds4c.runtime.pages import RequestPages
+    from ds4c.runtime.step_batch import Chunk, build_step, pad_step, padded_sizes
+
+    path, _ = artifact
+    model = ds4c.load(path)
+    runner = CompiledStepRunner(model)
+    chunks = []
+    for n in (7, 1, 12):
+        pages = RequestPages(runner.layout, runner.pools)
+        assert pages.grow(n)
+        chunks.append(Chunk(pages, list(range(3, 3 + n)), 0))
+    batch = build_step(chunks, runner.rates)
+    padded = pad_step(batch, 40, 6, runner.rates)
+    assert padded.tokens == 40 and padded.seq_first.shape[0] == 6
+    assert padded.emit_csa.shape[0] == padded_sizes(40, 6, runner.rates)["Ec"]
+    assert pad_step(batch, 22, 6, runner.rates) is None  # 20 rows + 3 padding sequences need 23
+    entry = model._entry("ragged_step")
+    torch.manual_seed(0)
+    pools = {k: torch.randn_like(v) if v.is_floating_point() else v.clone() for k, v in runner.state.items()}
+
+    def run(b):
+        out = entry.run(dict(zip(runner.inputs["ragged_step"], b.args(), strict=True)), model.weights,
+                        {k: v.clone() for k, v in pools.items()})
+        return out.pop("logits"), out
+
+    want_logits, want = run(batch)
+    got_logits, got = run(padded)
+    assert torch.allclose(got_logits[:batch.logit_rows.shape[0]], want_logits, atol=1e-5)
+    for k, v in want.items():  # page / slot 0 is trash
+        assert torch.allclose(got[k][1:], v[1:], atol=1e-6), k

@@ -36,12 +36,14 @@ def test_engine_on_the_kernels_backend_gives_the_reference_tokens(artifact):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
-def test_decode_buckets_are_captured_at_engine_start_and_give_the_reference_tokens(artifact):
+def test_step_buckets_are_captured_at_engine_start_and_give_the_reference_tokens(artifact):
     params = ds4c.SamplingParams(max_new_tokens=7)
     ref = ds4c.Engine(ds4c.load(artifact, backend="reference")).generate(PROMPTS, params)
     engine = ds4c.Engine(ds4c.load(artifact, device=DEVICE, backend="kernels"))
     runner = engine.runner
-    assert runner.graph_errors == {} and engine.stats()["decode_graphs"] == [1, 2, 4]
+    stats = engine.stats()
+    assert runner.graph_errors == {} and stats["decode_graphs"] == [1, 2, 4] and stats["step_graphs"] == [53]
     assert engine.generate(PROMPTS, params) == ref
-    assert sum(g.replays for g in runner.decode_graphs.values()) > 0  # decode steps ran as graph replays
+    # decode steps and steps with prompt chunks (48 tokens + 5 sequences: bucket 53) ran as graph replays
+    assert sum(g.replays for g in runner.decode_graphs.values()) > 0 and runner.step_graphs[53].replays > 0
     assert all(p["used"] == 0 for p in engine.stats()["pages"].values())
