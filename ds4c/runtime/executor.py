@@ -446,6 +446,28 @@ def fill_buffers(buffers: dict[str, torch.Tensor], inputs: Mapping[str, torch.Te
             buf[r:].zero_()
 
 
+def _packed(buffers: dict[str, torch.Tensor], device: torch.device
+            ) -> tuple[dict[str, torch.Tensor], dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, dict]]]:
+    """``buffers`` re-laid as views of one device blob per dtype, with a pinned host blob of the same
+    layout: (the new buffers, {dtype: (host blob, device blob, {name: host view})})."""
+    out: dict[str, torch.Tensor] = {}
+    blobs = {}
+    for dtype in dict.fromkeys(b.dtype for b in buffers.values()):
+        names = [k for k, b in buffers.items() if b.dtype == dtype]
+        total = sum(buffers[k].numel() for k in names)
+        dev = torch.empty(total, dtype=dtype, device=device)
+        host = torch.empty(total, dtype=dtype, pin_memory=True)
+        views, at = {}, 0
+        for k in names:
+            b = buffers[k]
+            out[k] = dev[at:at + b.numel()].view(b.shape)
+            out[k].copy_(b)
+            views[k] = host[at:at + b.numel()].view(b.shape)
+            at += b.numel()
+        blobs[dtype] = (host, dev, views)
+    return {k: out[k] for k in buffers}, blobs
+
+
 class GraphedServingStep:
     """A serving entry point (``ragged_decode`` or ``ragged_step``) for one bucket of input sizes as a
     replayable CUDA graph over static input ``buffers``, its pools (``state``, the engine's own
@@ -465,7 +487,8 @@ class GraphedServingStep:
         device = executor.device
         self.state = state
         self.replays = 0
-        self.buffers = buffers
+        self.buffers, self._blobs = _packed(buffers, device)
+        self._copied: torch.cuda.Event | None = None
 
         def step() -> torch.Tensor:
             out = executor.run(self.buffers, params, state)
@@ -489,7 +512,22 @@ class GraphedServingStep:
         self.arenas = executor.take_captured() if hasattr(executor, "take_captured") else []
 
     def __call__(self, inputs: Mapping[str, torch.Tensor], rows: int) -> torch.Tensor:
-        fill_buffers(self.buffers, inputs)
+        """Inputs on the host go through one pinned staging blob per dtype and one copy each; inputs
+        already on the device are copied buffer by buffer."""
+        if all(t.device.type == "cpu" for t in inputs.values()):
+            if self._copied is not None:
+                self._copied.synchronize()  # the staging blobs' last copy has left
+            for _host, _dev, views in self._blobs.values():
+                for name, view in views.items():
+                    src = inputs[name]
+                    view[:src.shape[0]].copy_(src)
+                    view[src.shape[0]:].zero_()
+            for host, dev, _ in self._blobs.values():
+                dev.copy_(host, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            fill_buffers(self.buffers, inputs)
         self.graph.replay()
         self.replays += 1
         return self.logits[:rows].clone()
