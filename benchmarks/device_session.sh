@@ -65,6 +65,10 @@ case "$1" in
     timeout 200 python -m ds4c.cli bench serve "$art" --device cuda --requests 64 --rate 100 --prompt-len 128:4096 \
       --output-len 64:512 --compare static --static-batch 16 --json "$out/serve_rate.json" > "$out/serve_rate.log" 2>&1
     tail -8 "$out/serve_rate.log" | cut -c1-200
+    # the same shape, 16 requests, against transformers generate (grouped_mm) in one padded batch
+    timeout 200 python -m ds4c.cli bench serve "$art" --device cuda --requests 16 --rate 100 --prompt-len 128:4096 \
+      --output-len 64:512 --compare static,transformers --static-batch 16 --json "$out/serve_tf.json" \
+      > "$out/serve_tf.log" 2>&1; tail -9 "$out/serve_tf.log" | cut -c1-200
     # #27: 64 sessions x 8 turns with and without the prefix cache
     timeout 400 python -m ds4c.cli bench serve "$art" --device cuda --requests 64 --turns 8 --shared-prefix 2048 \
       --prompt-len 64:256 --output-len 32:128 --concurrency 64 --compare nocache --json "$out/prefix_cache.json" \

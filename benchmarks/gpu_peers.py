@@ -145,36 +145,13 @@ def prefill_flops(params: dict[str, torch.Tensor], cfg: dict, tokens: int, logit
 # -- models ----------------------------------------------------------------------------------------
 
 def build_hf(cfg: dict, dev: torch.device, dtype: torch.dtype, seed: int):
-    import transformers
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:
-        from transformers.modeling_utils import no_init_weights
+    """transformers' model of preset config ``cfg`` with the preset's weights of ``seed`` (as
+    ``ds4c bench serve --compare transformers`` builds it)."""
+    from ds4c.bench.peers import transformers_model
 
-    from ds4c.models.deepseek_v4.presets import preset_weight
-
-    hcfg = transformers.DeepseekV4Config(**cfg)
-    hcfg._experts_implementation = "grouped_mm" if dev.type == "cuda" else "eager"
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in bf16 directly: an fp32 flash-slice would not fit
-    try:
-        with no_init_weights(), torch.device(dev):
-            model = transformers.DeepseekV4ForCausalLM(hcfg)
-    finally:
-        torch.set_default_dtype(default)
-    model = model.eval()
-    sd = model.state_dict()
-    experts = next((t.shape[0] for n, t in sd.items() if n.endswith("experts.gate_up_proj")), None)
-    with torch.no_grad():
-        for name, t in sd.items():
-            if name.endswith("inv_freq") or "rotary" in name:
-                continue
-            w = preset_weight(name, tuple(t.shape), t.dtype if not t.is_floating_point() else dtype, seed, dev,
-                              vocab_experts=(0, experts) if experts else None)
-            t.copy_(w)
-            del w
-    model.generation_config.eos_token_id = None
-    return model
+    manifest = {"model": {"config": cfg, "source": {"kind": "preset", "seed": seed}},
+                "precision": {"compute_dtype": "float32" if dtype == torch.float32 else "bfloat16"}}
+    return transformers_model(manifest, dev)
 
 
 def main() -> None:

@@ -554,9 +554,10 @@ def bench_serve(
     prefix_cache: Annotated[bool, typer.Option("--prefix-cache/--no-prefix-cache",
                                                help="the engine reuses shared prefixes")] = True,
     compare: Annotated[str, typer.Option("--compare", help="baselines, comma-separated: static (padded batches), "
-                                                          "nocache (the engine without the prefix cache), or none")
+                                                          "nocache (the engine without the prefix cache), "
+                                                          "transformers (its generate, padded batches), or none")
                        ] = "static",
-    static_batch: Annotated[int, typer.Option("--static-batch", help="the static baseline's batch size")] = 8,
+    static_batch: Annotated[int, typer.Option("--static-batch", help="the padded baselines' batch size")] = 8,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
 ) -> None:
@@ -574,13 +575,13 @@ def bench_serve(
     if (artifact is None) == (url is None):
         _fail(InputError("give an artifact to serve here, or --url of a running `ds4c serve` (not both)"))
     bases = [b for b in compare.split(",") if b and b != "none"]
-    bad = [b for b in bases if b not in ("static", "nocache")]
+    bad = [b for b in bases if b not in ("static", "nocache", "transformers")]
     if bad:
-        _fail(InputError(f"--compare {','.join(bad)}: the baselines are static, nocache (or none)"))
+        _fail(InputError(f"--compare {','.join(bad)}: the baselines are static, nocache, transformers (or none)"))
     if url is not None:
         bases = []  # a running server is measured as it is
-    elif turns > 1 and "static" in bases:
-        bases.remove("static")  # padded batches cannot continue sessions
+    elif turns > 1:
+        bases = [b for b in bases if b not in ("static", "transformers")]  # padded batches cannot continue sessions
     try:
         if url is not None:
             import httpx
@@ -621,13 +622,29 @@ def bench_serve(
                 with progress_steps(f"static batches of {static_batch}", total=total, enabled=True) as steps:
                     report["static"] = summarize(run_static(model, work, static_batch, sync=sync,
                                                             on_finish=steps.advance))
+            if "transformers" in bases:
+                from ds4c.bench.peers import transformers_generate, transformers_model
+
+                manifest, dev = model.manifest, model.device
+                model = None  # its weights leave the device before transformers' copy comes
+                release_device_memory(dev)
+                with progress_steps("transformers: loading the artifact's weights", total=1, enabled=True) as steps:
+                    hf = transformers_model(manifest, dev)
+                    steps.advance()
+                with progress_steps(f"transformers generate, batches of {static_batch}", total=total,
+                                    enabled=True) as steps:
+                    report["transformers"] = summarize(run_static(
+                        hf, work, static_batch, sync=sync, on_finish=steps.advance,
+                        generate=transformers_generate(hf, sync), name="transformers"))
+                hf = None
+                release_device_memory(dev)
     except Ds4cError as e:
         _fail(e)
     table = Table(title=f"bench serve: {work.total_requests} requests on {where}")
     for col in ("", "out tok/s", "req/s", "TTFT p50 / p99 (ms)", "TPOT p50 / p99 (ms)", "prompt tok computed",
                 "prefix hits", "preemptions"):
         table.add_column(col, justify="left" if not col else "right")
-    for name in ("server", "engine", "nocache", "static"):
+    for name in ("server", "engine", "nocache", "static", "transformers"):
         r = report.get(name)
         if r is None:
             continue
@@ -640,7 +657,7 @@ def bench_serve(
                       ms(r["tpot_s"]), str(r.get("prompt_tokens_computed", "-")), hits, str(r.get("preemptions", "-")))
     console.print(table)
     main = report.get("engine") or report.get("server")
-    for base in ("static", "nocache"):
+    for base in ("static", "nocache", "transformers"):
         if base in report:
             console.print(f"{'engine' if 'engine' in report else 'server'} / {base} output tokens/s: "
                           f"{main['output_tokens_per_s'] / report[base]['output_tokens_per_s']:.2f}x")

@@ -216,12 +216,31 @@ def _next_turn(workload: Workload, rec: dict[str, Any], history: list[int]) -> t
     return tuple(history) + new, n
 
 
+def ds4c_padded(model: Any, sync: Callable[[], None]) -> Callable[[list[list[int]], int], float]:
+    """``generate`` of a padded batch on a ``CompiledModel`` (dense prefill, graphed decode): runs
+    ``steps`` tokens for every row and returns the time its first tokens were on the host."""
+    def run(ids: list[list[int]], steps: int) -> float:
+        logits, state = model.prefill(ids, logits="last")  # the batch's first tokens
+        token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        sync()
+        first = time.perf_counter()
+        for k in range(steps - 1):  # every row decodes to the batch's longest output
+            logits, state = model.decode(token, len(ids[0]) + k, state)
+            token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        return first
+    return run
+
+
 def run_static(model: Any, workload: Workload, batch: int, *, sync: Callable[[], None] = lambda: None,
-               on_finish: Callable[[], None] = lambda: None) -> dict[str, Any]:
-    """The same requests in arrival order, ``batch`` at a time, padded (timing only; see the module doc)."""
+               on_finish: Callable[[], None] = lambda: None,
+               generate: Callable[[list[list[int]], int], float] | None = None, name: str = "static") -> dict[str, Any]:
+    """The same requests in arrival order, ``batch`` at a time, prompts right-padded to the batch's
+    longest and every row decoded to its longest output (timing only; see the module doc), by
+    ``generate(ids, steps) -> time of the first tokens`` (default: ``ds4c_padded(model)``)."""
     if workload.turns > 1:
-        raise InputError("--compare static: a padded batch cannot continue sessions (--turns > 1); compare with "
+        raise InputError(f"--compare {name}: a padded batch cannot continue sessions (--turns > 1); compare with "
                          "nocache instead")
+    generate = generate or ds4c_padded(model, sync)
     start = time.perf_counter()
     done = []
     reqs = list(enumerate(workload.requests))
@@ -235,13 +254,7 @@ def run_static(model: Any, workload: Workload, batch: int, *, sync: Callable[[],
         steps = max(n for _, (_, _, n) in group)
         ids = [list(p) + [0] * (longest - len(p)) for _, (_, p, _) in group]
         t0 = time.perf_counter() - start
-        logits, state = model.prefill(ids, logits="last")  # the batch's first tokens
-        token = logits[:, -1].argmax(dim=-1, keepdim=True)
-        sync()
-        first = time.perf_counter() - start
-        for k in range(steps - 1):  # every row decodes to the batch's longest output
-            logits, state = model.decode(token, longest + k, state)
-            token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        first = generate(ids, steps) - start
         sync()
         last = time.perf_counter() - start
         for i, (a, p, n) in group:

@@ -141,12 +141,13 @@ def test_bench_serve_reports_the_engine_against_static_batches(artifact, tmp_pat
     path, _ = artifact
     out = tmp_path / "bench.json"
     res = runner.invoke(app, ["bench", "serve", str(path), "--requests", "6", "--concurrency", "3",
-                              "--prompt-len", "4:40", "--output-len", "2:6", "--json", str(out)])
+                              "--prompt-len", "4:40", "--output-len", "2:6", "--compare", "static,transformers",
+                              "--json", str(out)])
     assert res.exit_code == 0, res.output
-    assert "engine / static output tokens/s" in res.output
+    assert "engine / static output tokens/s" in res.output and "engine / transformers output tokens/s" in res.output
     report = json.loads(out.read_text())
     want = make_workload(6, "4:40", "2:6", 512, max_context=256, concurrency=3).output_tokens
-    for name in ("engine", "static"):
+    for name in ("engine", "static", "transformers"):
         r = report[name]
         assert r["requests"] == 6 and r["output_tokens"] == want, name
         assert r["ttft_s"]["p50"] > 0 and r["tpot_s"]["p99"] >= r["tpot_s"]["p50"] > 0
@@ -286,3 +287,20 @@ def test_a_padded_step_writes_what_the_step_writes_and_only_trash_besides(artifa
     assert torch.allclose(got_logits[:batch.logit_rows.shape[0]], want_logits, atol=1e-5)
     for k, v in want.items():  # page / slot 0 is trash
         assert torch.allclose(got[k][1:], v[1:], atol=1e-6), k
+
+
+def test_the_transformers_peer_holds_the_artifacts_weights(artifact):
+    """``bench serve --compare transformers`` runs transformers' DeepseekV4ForCausalLM with the
+    artifact's weights (streamed from its preset seed): same logits as the artifact."""
+    from ds4c.bench.peers import transformers_model
+
+    path, manifest = artifact
+    hf = transformers_model(manifest, torch.device("cpu"))
+    ids = [[5, 9, 33, 2, 17, 100, 7, 64, 3, 11]]
+    with torch.no_grad():
+        want = hf(torch.tensor(ids)).logits
+    got = ds4c.load(path)(ids)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    bad = {**manifest, "model": {**manifest["model"], "source": {"kind": "module", "name": "x"}}}
+    with pytest.raises(InputError, match="cannot be rebuilt in transformers"):
+        transformers_model(bad, torch.device("cpu"))
