@@ -286,7 +286,8 @@ def test_a_padded_step_writes_what_the_step_writes_and_only_trash_besides(artifa
     got_logits, got = run(padded)
     assert torch.allclose(got_logits[:batch.logit_rows.shape[0]], want_logits, atol=1e-5)
     for k, v in want.items():  # page / slot 0 is trash
-        assert torch.allclose(got[k][1:], v[1:], atol=1e-6), k
+        # GEMMs over 40 rows round differently from 20 (~1e-6); a padding write would be O(1)
+        assert torch.allclose(got[k][1:], v[1:], atol=1e-5), (k, (got[k][1:] - v[1:]).abs().max())
 
 
 def test_the_transformers_peer_holds_the_artifacts_weights(artifact):
