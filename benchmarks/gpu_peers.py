@@ -99,21 +99,7 @@ def attempt(res: dict, key: str, fn: Callable[[], Any]) -> Any:
 
 # -- roofline --------------------------------------------------------------------------------------
 
-def decode_bytes(params: dict[str, torch.Tensor], cfg: dict, batch: int, state_bytes: int) -> float:
-    """Bytes one decode step must read: every non-expert weight, the experts the batch can pick
-    (expected distinct experts for ``batch`` x top-k uniform picks), ``batch`` embedding rows, the state."""
-    e, k = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
-    picked = e * (1 - (1 - k / e) ** batch)
-    total = 0.0
-    for name, t in params.items():
-        nbytes = t.numel() * t.element_size()
-        if "experts." in name and "shared" not in name:
-            total += nbytes * picked / e
-        elif name.endswith("embed_tokens.weight"):
-            total += nbytes * batch / t.shape[0]
-        else:
-            total += nbytes
-    return total + state_bytes
+from ds4c.bench.roofline import decode_bytes  # noqa: E402 - re-exported for the other benchmarks
 
 
 def prefill_flops(params: dict[str, torch.Tensor], cfg: dict, tokens: int, logits_positions: int | None = None) -> float:

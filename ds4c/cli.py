@@ -612,6 +612,13 @@ def bench_serve(
             with progress_steps(name, total=total, enabled=True) as steps:
                 report["engine"] = summarize(run_engine(ds4c.Engine(model, prefix_cache=prefix_cache), work,
                                                         sync=sync, on_finish=steps.advance))
+            main = report["engine"]
+            if main.get("decode_batch") and main.get("decode_tokens_per_s"):
+                from ds4c.bench.serve import decode_bound
+
+                bound = decode_bound(model, main["decode_batch"], main["mean_context"])
+                main["decode_hbm_bound"] = bound
+                main["decode_vs_bound"] = main["decode_tokens_per_s"] / bound["tokens_per_s"]
             if "nocache" in bases and prefix_cache:
                 release_device_memory(model.device)  # the first engine's pools, before the second takes its own
                 with progress_steps("engine without the prefix cache", total=total, enabled=True) as steps:
@@ -667,6 +674,11 @@ def bench_serve(
     if main.get("shareable_tokens"):
         console.print(f"prefix hits {main.get('prefix_hit_tokens', 0)} of {main['shareable_tokens']} tokens shareable "
                       f"by construction ({main.get('hit_vs_ideal', 0):.0%})")
+    if "decode_vs_bound" in main:
+        b = main["decode_hbm_bound"]
+        console.print(f"decode-only steps: batch {main['decode_batch']:.1f}, {main['decode_tokens_per_s']:.0f} tok/s = "
+                      f"{main['decode_vs_bound']:.2f} of the HBM bound ({b['tokens_per_s']:.0f} tok/s: "
+                      f"{b['step_bytes'] / 1e9:.3f} GB per step at {b['hbm_bandwidth'] / 1e12:.2f} TB/s, {b['target']})")
     if "pages_peak" in main:
         console.print(f"pages in use at most: {main['pages_peak']}")
     if json_out is not None:

@@ -37,7 +37,7 @@ from typing import Any
 
 from ds4c.errors import InputError
 
-__all__ = ["Workload", "make_workload", "run_engine", "run_http", "run_static", "summarize"]
+__all__ = ["Workload", "decode_bound", "make_workload", "run_engine", "run_http", "run_static", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -204,6 +204,9 @@ def run_engine(engine: Any, workload: Workload, *, sync: Callable[[], None] = la
             "graph_errors": stats.get("graph_errors", {}),
             "preemptions": stats["preemptions"] - before["preemptions"],
             "steps": stats["steps"] - before["steps"],
+            "decode_steps": stats["decode_steps"] - before["decode_steps"],
+            "decode_tokens": stats["decode_tokens"] - before["decode_tokens"],
+            "decode_busy_s": stats["decode_busy_s"] - before["decode_busy_s"],
             "prompt_tokens_computed": stats["prefill_tokens"] - before["prefill_tokens"],
             "prefix_hit_tokens": cache.get("hit_tokens", 0) - ((before.get("prefix_cache") or {}).get("hit_tokens", 0)),
             "shareable_tokens": workload.shareable()}
@@ -264,6 +267,30 @@ def run_static(model: Any, workload: Workload, batch: int, *, sync: Callable[[],
     return {"requests": done, "seconds": time.perf_counter() - start, "batch": batch}
 
 
+def decode_bound(model: Any, batch: float, context: float) -> dict[str, float]:
+    """The HBM limit of the engine's decode steps (``ds4c.bench.roofline``): tokens/s of ``batch``
+    sequences at ``context`` positions on the artifact's target, reading the artifact's weights
+    as stored and its state in the pools' dtype."""
+    from ds4c.bench.roofline import decode_bytes, decode_state_bytes
+    from ds4c.targets import get_target
+
+    cfg = model.manifest["model"]["config"]
+    pools = (model.manifest.get("serving") or {}).get("pools") or [{"dtype": "bfloat16"}]
+    itemsize = torch_itemsize(pools[0]["dtype"])
+    target = get_target(model.manifest["target"]["name"])
+    step_bytes = decode_bytes(model.weights, cfg, max(1, round(batch)), batch * decode_state_bytes(cfg, context,
+                                                                                                    itemsize))
+    seconds = step_bytes / target.hbm_bandwidth
+    return {"step_bytes": step_bytes, "step_s": seconds, "tokens_per_s": batch / seconds,
+            "hbm_bandwidth": target.hbm_bandwidth, "target": target.name}
+
+
+def torch_itemsize(dtype: str) -> int:
+    import torch
+
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
 def summarize(run: dict[str, Any]) -> dict[str, Any]:
     """Throughput and latency percentiles of a run (``run_engine`` / ``run_static``)."""
     reqs = run["requests"]
@@ -279,7 +306,11 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
                 "prompt_tokens_computed", "prefix_hit_tokens", "shareable_tokens"):
         if key in run:
             out[key] = run[key]
+    if run.get("decode_steps"):  # decode-only steps: the batch they ran and their tokens/s
+        out["decode_batch"] = run["decode_tokens"] / run["decode_steps"]
+        out["decode_tokens_per_s"] = run["decode_tokens"] / run["decode_busy_s"] if run["decode_busy_s"] else None
     out["prompt_tokens"] = sum(r["prompt"] for r in reqs)
+    out["mean_context"] = (sum(r["prompt"] + r["tokens"] / 2 for r in reqs) / len(reqs)) if reqs else 0.0
     if run.get("shareable_tokens"):
         out["hit_vs_ideal"] = run.get("prefix_hit_tokens", 0) / run["shareable_tokens"]
     return out

@@ -486,7 +486,7 @@ class Engine:
         self._loop: threading.Thread | None = None
         self._stopping = False
         self._stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0,
-                       "prefix_query_tokens": 0, "prefix_hit_tokens": 0}
+                       "prefix_query_tokens": 0, "prefix_hit_tokens": 0, "decode_steps": 0}
         self._busy = {"mixed": 0.0, "decode": 0.0}  # seconds in steps with prompt chunks / decodes only
         if hasattr(runner, "warm_up"):  # step graphs captured now, not by the first request
             runner.warm_up(self.max_running, self.max_step_tokens)
@@ -576,7 +576,7 @@ class Engine:
                 "prefix_cache": cache, "decode_graphs": sorted(getattr(self.runner, "decode_graphs", ())),
                 "step_graphs": sorted(getattr(self.runner, "step_graphs", ())),
                 "graph_errors": dict(getattr(self.runner, "graph_errors", {})),
-                **self._stats, "busy_s": busy["mixed"] + busy["decode"],
+                **self._stats, "busy_s": busy["mixed"] + busy["decode"], "decode_busy_s": busy["decode"],
                 "prefill_tokens_per_s": rate(self._stats["prefill_tokens"], busy["mixed"]),
                 "decode_tokens_per_s": rate(self._stats["decode_tokens"], busy["decode"])}
 
@@ -734,6 +734,7 @@ class Engine:
         finally:
             decode_only = all(len(c.token_ids) == 1 and r.output_ids for r, c in plan.items())
             self._busy["decode" if decode_only else "mixed"] += time.perf_counter() - started
+            self._stats["decode_steps"] += decode_only
 
     def _run_timed(self, plan: dict[Request, Chunk]) -> list[Request]:
         reqs = list(plan)

@@ -152,6 +152,10 @@ def test_bench_serve_reports_the_engine_against_static_batches(artifact, tmp_pat
         assert r["requests"] == 6 and r["output_tokens"] == want, name
         assert r["ttft_s"]["p50"] > 0 and r["tpot_s"]["p99"] >= r["tpot_s"]["p50"] > 0
     assert report["engine"]["preemptions"] == 0 and report["engine"]["pages_peak"]["slots"] >= 1
+    # decode-only steps against the HBM bound of the batch they ran
+    eng = report["engine"]
+    assert 1 <= eng["decode_batch"] <= 3 and eng["decode_vs_bound"] > 0 and "of the HBM bound" in res.output
+    assert eng["decode_hbm_bound"]["step_bytes"] > sum(t.numel() for t in ds4c.load(path).weights.values())
     res = runner.invoke(app, ["bench", "serve", str(path), "--requests", "3", "--rate", "500", "--compare", "none",
                               "--prompt-len", "4:8", "--output-len", "2:3"])
     assert res.exit_code == 0, res.output
