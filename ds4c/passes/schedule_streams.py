@@ -153,12 +153,20 @@ class CostModel:
 
 
 def op_dag(graph: Graph) -> nx.DiGraph:
-    """Nodes: op indices. Edges: data (operand) and order (between consecutive impure ops)."""
+    """Nodes: op indices. Edges: data (operand), order (between consecutive impure ops) and window
+    (from the op before a ``ds4c.prefetch`` in program order to the prefetch).
+
+    A prefetch reads only a weight, so without its window edge it would be ready at the start and
+    issued first (its bottom level is long): every host weight staged at once, the arena holding
+    all of them (36 GB for `flash` at a 120 GB budget). ``plan_memory`` placed each prefetch
+    ``prefetch_lookahead`` ops before its first reader; the window edge keeps it there, so the
+    copy still overlaps the ops in between and at most a lookahead's worth of weights is staged."""
     dag = nx.DiGraph()
     dag.add_nodes_from(range(len(graph.ops)))
     made: dict[Any, int] = {}
     readers: dict[str, set[int]] = {}
     last_impure = None
+    last_compute = None  # the latest op before this one that is not a prefetch
     for i, op in enumerate(graph.ops):
         for v in op.operands:
             if v in made and made[v] != i:
@@ -166,6 +174,11 @@ def op_dag(graph: Graph) -> nx.DiGraph:
             readers.setdefault(v.name, set()).add(i)
         for r in op.results:
             made[r] = i
+        if op.name == PREFETCH:
+            if last_compute is not None and not dag.has_edge(last_compute, i):
+                dag.add_edge(last_compute, i, kind="window")
+        else:
+            last_compute = i
         if not get_op(op.name).pure:
             if last_impure is not None:
                 dag.add_edge(last_impure, i, kind="order")

@@ -207,3 +207,24 @@ def test_memory_png_is_written(tmp_path):
     planned, p = plan(graph)
     path = plot_memory_png(tmp_path / "memory.png", planned, p)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_full_size_flash_fits_an_h200_budget_with_weights_streamed_from_the_host():
+    """#30: `flash` (43 layers, three hash-MoE layers first, MXFP4 routed experts) compiled on
+    meta tensors for an H200 with a 120 GB budget: every entry point's plan fits it, the weights
+    beyond it streamed from host memory. The stream schedule keeps each prefetch where
+    plan_memory put it, so its arena stays the sequential one (it was 36 GB of staged weights
+    when prefetches were issued first), and every MoE layer is fused (hash layers included)."""
+    import collections
+
+    import ds4c
+
+    budget = 120e9
+    art = ds4c.compile("flash", target="h200", precision="mxfp4-experts", weights="reference", hbm_budget=budget,
+                       progress=False)
+    for name, plan in art.manifest["memory_plan"].items():
+        assert plan["fits"] and plan["device_bytes"] <= budget, name
+        assert plan["arena_bytes"] <= 1.25 * plan["arena_bytes_sequential"] < 5e9, name
+    decode = collections.Counter(op.name for op in art.program.graphs["decode"].ops)
+    assert decode["moe.packed"] == 43 and decode["ds4c.prefetch"] > 0 and decode["aten.index.Tensor"] == 0

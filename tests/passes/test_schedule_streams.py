@@ -107,6 +107,11 @@ def test_prefetch_runs_on_the_copy_stream_before_its_reader():
     for rec in plan["weights"]["prefetch"]:
         assert s["ops"][rec["op"]][0] == "copy"
         assert s["ops"][rec["op"]][2] <= s["ops"][rec["first_use"]][1]
+        # not issued before the op plan_memory put it after (else every weight is staged at once)
+        before = max((i for i in range(rec["op"]) if graph.ops[i].name != "ds4c.prefetch"), default=None)
+        if before is not None:
+            assert s["ops"][rec["op"]][1] >= s["ops"][before][2]
+            assert s["issue"].index(rec["op"]) > s["issue"].index(before)
 
 
 def test_chrome_trace_and_png(tmp_path):
