@@ -16,6 +16,10 @@ every FP8 linear: the hidden row ``x`` before gate/up and the SwiGLU output ``h`
 before down, one scale per token and block (ds4c.quant.activations). Absent: the compute dtype.
 
     %y = moe(%x, ..., top_k=6, ..., act="fp8", shared_act="fp8") : bf16[B,S,D]
+
+Expert parallelism (``shard_experts``): ``expert_offset=o`` with ``gate_up``/``down`` holding
+experts ``o ..`` only computes the picks of those; ``shared=False`` leaves out the shared expert.
+The ranks' results summed (``dist.all_reduce``) are the whole op's.
 """
 
 from __future__ import annotations
@@ -73,7 +77,10 @@ def _shared(x, s_gate, s_up, s_down, limit: float, linear=_linear, act: str | No
 
 def moe_reference(x, ids, router, selector, gate_up, down, s_gate, s_up, s_down, *, top_k: int, route_scale: float,
                   swiglu_limit: float, routing: str, score: str, act: str | None = None,
-                  shared_act: str | None = None) -> torch.Tensor:
+                  shared_act: str | None = None, expert_offset: int = 0, shared: bool = True) -> torch.Tensor:
+    """Routing over all of ``router``'s experts; ``gate_up``/``down`` hold experts ``expert_offset
+    ..`` of them (all by default; a slice on a rank of an expert-parallel program, whose partial
+    sums the ranks then add), and ``shared`` says whether the shared expert is added here."""
     d = x.shape[-1]
     flat, idx, w = _route(x, ids, router, selector, top_k, route_scale, routing, score)
     flat_q = _quantized(flat, act)  # per token: the same for every expert the token picks
@@ -83,36 +90,48 @@ def moe_reference(x, ids, router, selector, gate_up, down, s_gate, s_up, s_down,
     token_of = torch.arange(flat.shape[0], device=x.device).repeat_interleave(top_k)
     out = flat.new_zeros((sel.shape[0], d))
     order = torch.argsort(sel, stable=True)
-    counts = torch.bincount(sel, minlength=gate_up.shape[0]).tolist()
+    counts = torch.bincount(sel, minlength=max(router.shape[0], expert_offset + gate_up.shape[0])).tolist()
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         pairs = order[start:start + n]
         start += n
+        local = e - expert_offset
+        if not 0 <= local < gate_up.shape[0]:  # another rank's expert: its rows stay 0 here
+            continue
         xe = flat_q[token_of[pairs]]
-        gu = xe @ gate_up[e].t()
+        gu = xe @ gate_up[local].t()
         g, u = gu.chunk(2, dim=-1)
         h = F.silu(g.clamp(max=swiglu_limit)) * u.clamp(min=-swiglu_limit, max=swiglu_limit)
-        out[pairs] = _quantized(h, act) @ down[e].t()
+        out[pairs] = _quantized(h, act) @ down[local].t()
     out = out * w.reshape(-1).unsqueeze(-1)
     routed = out.view(-1, top_k, d).sum(dim=1).to(x.dtype).view(x.shape)
+    if not shared:
+        return routed
     return routed + _shared(x, s_gate, s_up, s_down, swiglu_limit, act=shared_act)
 
 
 def moe_gather_formulation(x, ids, router, selector, gate_up, down, s_gate, s_up, s_down, *, top_k: int,
                            route_scale: float, swiglu_limit: float, routing: str, score: str, act: str | None = None,
-                           shared_act: str | None = None) -> torch.Tensor:
+                           shared_act: str | None = None, expert_offset: int = 0, shared: bool = True) -> torch.Tensor:
     """The export-friendly (static-shape) formulation the model traces: one weight gather per (token, pick)."""
     d = x.shape[-1]
     flat, idx, w = _route(x, ids, router, selector, top_k, route_scale, routing, score)
     picked = _quantized(flat, act).repeat_interleave(top_k, dim=0)
     sel = idx.reshape(-1)
+    weight = w.reshape(-1)
+    if expert_offset or gate_up.shape[0] != router.shape[0]:  # a rank's experts (the traced form has all)
+        sel = sel - expert_offset
+        weight = weight * ((sel >= 0) & (sel < gate_up.shape[0]))  # picks of the experts held here
+        sel = sel.clamp(0, gate_up.shape[0] - 1)
     gu = torch.bmm(gate_up[sel], picked.unsqueeze(-1)).squeeze(-1)
     g, u = gu.chunk(2, dim=-1)
     h = _quantized(F.silu(g.clamp(max=swiglu_limit)) * u.clamp(min=-swiglu_limit, max=swiglu_limit), act)
-    out = torch.bmm(down[sel], h.unsqueeze(-1)).squeeze(-1) * w.reshape(-1).unsqueeze(-1)
+    out = torch.bmm(down[sel], h.unsqueeze(-1)).squeeze(-1) * weight.unsqueeze(-1)
     routed = out.view(-1, top_k, d).sum(dim=1).to(x.dtype).view(x.shape)
+    if not shared:
+        return routed
     return routed + _shared(x, s_gate, s_up, s_down, swiglu_limit, act=shared_act)
 
 
@@ -143,6 +162,9 @@ class Moe(OpDef):
                                     f"({', '.join(o.name for o in self.operands)})")
         if op.kwargs.get("routing") not in ROUTINGS or op.kwargs.get("score") not in SCORES:
             raise VerificationError(f"moe: routing must be one of {ROUTINGS}, score one of {SCORES}")
+        offset = op.kwargs.get("expert_offset", 0)
+        if not isinstance(offset, int) or offset < 0 or not isinstance(op.kwargs.get("shared", True), bool):
+            raise VerificationError("moe: expert_offset must be an integer >= 0 and shared a boolean")
         verify_activations(op)
 
 

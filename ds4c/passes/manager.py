@@ -208,7 +208,7 @@ class PassManager:
 BUILTIN_PASS_MODULES = ("assign_precision", "canonicalize_shapes", "cse", "dce", "fold_constants", "fuse_attention",
                         "fuse_compress", "fuse_moe", "fuse_norm_rope", "fuse_norms_mhc", "fuse_rope", "last_logits",
                         "lower_packed_weights", "lower_paged_state", "merge_sibling_linears", "plan_memory", "quantize_weights",
-                        "schedule_streams")
+                        "schedule_streams", "shard_experts")
 
 
 def _load_builtin_passes() -> None:
