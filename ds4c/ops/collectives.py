@@ -77,6 +77,15 @@ def _wait(t: torch.Tensor) -> torch.Tensor:
     return fc.wait_tensor(t) if hasattr(fc, "wait_tensor") else t
 
 
+def _along_dim(x: torch.Tensor, axis: str, world: int, dim: int, collective) -> torch.Tensor:
+    """``collective(t, group)`` (which works along dimension 0) applied along ``dim`` of ``x``."""
+    group = mesh_group(axis, world)
+    if group is None:
+        return x
+    d = dim % x.dim()
+    return _wait(collective(x.movedim(d, 0).contiguous(), group)).movedim(0, d).contiguous()
+
+
 class _Collective(OpDef):
     num_results = 1
     operands = (Operand("x"),)
@@ -123,13 +132,7 @@ class AllGather(_Collective):
     keys = frozenset({"axis", "world", "dim"})
 
     def reference(self, x: torch.Tensor, *, axis: str, world: int, dim: int) -> torch.Tensor:
-        group = mesh_group(axis, world)
-        if group is None:
-            return x
-        d = dim % x.dim()
-        moved = x.movedim(d, 0).contiguous()  # the collective gathers along dimension 0
-        out = _wait(_funcol("all_gather_single", "all_gather_tensor")(moved, 0, group))
-        return out.movedim(0, d).contiguous()
+        return _along_dim(x, axis, world, dim, lambda t, g: _funcol("all_gather_single", "all_gather_tensor")(t, 0, g))
 
     def infer_types(self, operand_types, kwargs):
         x = self.tensor_operand(operand_types, 0)
@@ -145,13 +148,8 @@ class ReduceScatter(_Collective):
     keys = frozenset({"axis", "world", "dim"})
 
     def reference(self, x: torch.Tensor, *, axis: str, world: int, dim: int) -> torch.Tensor:
-        group = mesh_group(axis, world)
-        if group is None:
-            return x
-        d = dim % x.dim()
-        moved = x.movedim(d, 0).contiguous()
-        out = _wait(_funcol("reduce_scatter_single", "reduce_scatter_tensor")(moved, "sum", 0, group))
-        return out.movedim(0, d).contiguous()
+        return _along_dim(x, axis, world, dim,
+                          lambda t, g: _funcol("reduce_scatter_single", "reduce_scatter_tensor")(t, "sum", 0, g))
 
     def infer_types(self, operand_types, kwargs):
         x = self.tensor_operand(operand_types, 0)
