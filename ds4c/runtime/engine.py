@@ -309,6 +309,8 @@ class CompiledStepRunner:
             padded = None if bucket is None else pad_step(batch, bucket, self.step_seqs, self.rates)
             bucket = None if padded is None else bucket
             graphs = self.step_graphs
+        if bucket not in graphs and self._graphing:  # its capture failed: op by op at the step's own size
+            padded, bucket = batch, None
         args = dict(zip(self.inputs["ragged_step"], (padded or batch).args(), strict=True))
         inputs = {k: args[k] for k in self.inputs[name]}
         if bucket in graphs:
