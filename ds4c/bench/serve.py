@@ -271,24 +271,20 @@ def decode_bound(model: Any, batch: float, context: float) -> dict[str, float]:
     """The HBM limit of the engine's decode steps (``ds4c.bench.roofline``): tokens/s of ``batch``
     sequences at ``context`` positions on the artifact's target, reading the artifact's weights
     as stored and its state in the pools' dtype."""
+    import torch
+
     from ds4c.bench.roofline import decode_bytes, decode_state_bytes
     from ds4c.targets import get_target
 
     cfg = model.manifest["model"]["config"]
     pools = (model.manifest.get("serving") or {}).get("pools") or [{"dtype": "bfloat16"}]
-    itemsize = torch_itemsize(pools[0]["dtype"])
+    itemsize = getattr(torch, pools[0]["dtype"]).itemsize
     target = get_target(model.manifest["target"]["name"])
     step_bytes = decode_bytes(model.weights, cfg, max(1, round(batch)), batch * decode_state_bytes(cfg, context,
                                                                                                     itemsize))
     seconds = step_bytes / target.hbm_bandwidth
     return {"step_bytes": step_bytes, "step_s": seconds, "tokens_per_s": batch / seconds,
             "hbm_bandwidth": target.hbm_bandwidth, "target": target.name}
-
-
-def torch_itemsize(dtype: str) -> int:
-    import torch
-
-    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
 def summarize(run: dict[str, Any]) -> dict[str, Any]:

@@ -332,17 +332,18 @@ class ScheduledExecutor(KernelExecutor):
             self._streams.end()
 
 
-def capture_after_warmup(device: torch.device, warm: Callable[[], None], step: Callable[[], Any]
-                         ) -> tuple[torch.cuda.CUDAGraph, Any]:
+def capture_after_warmup(device: torch.device, warm: Callable[[], None], step: Callable[[], Any], *,
+                         pool: Any = None) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Run ``warm`` on a side stream (Triton compiles and autotunes, the caching allocator fills,
-    outside the capture), then capture one ``step`` as a CUDA graph: (graph, step's result)."""
+    outside the capture), then capture one ``step`` as a CUDA graph (in memory ``pool`` when given,
+    shared with other graphs): (graph, step's result)."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         warm()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = step()
     return graph, out
 
@@ -421,8 +422,6 @@ class GraphedPrefill:
         return {k: v.clone() for k, v in self.out.items()}
 
 
-
-
 def decode_buffers(layout: Any, rows: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Zeroed inputs of ``ragged_decode`` for ``rows`` sequences (``DECODE_STEP_INPUTS``): a row of
     zeros is a padding row, token 0 at position 0 over page 0 and slot 0, the pools' trash, so what
@@ -485,7 +484,6 @@ class GraphedServingStep:
     def __init__(self, executor: Any, params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
                  buffers: dict[str, torch.Tensor], *, pool: Any = None, warmup: int = 2):
         device = executor.device
-        self.state = state
         self.replays = 0
         self.buffers, self._blobs = _packed(buffers, device)
         self._copied: torch.cuda.Event | None = None
@@ -500,15 +498,10 @@ class GraphedServingStep:
                                    "recompile the artifact with this ds4c (lower_paged_state)")
             return out["logits"]
 
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
+        def warm() -> None:
             for _ in range(warmup):
                 step()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = step()
+        self.graph, self.logits = capture_after_warmup(device, warm, step, pool=pool)
         self.arenas = executor.take_captured() if hasattr(executor, "take_captured") else []
 
     def __call__(self, inputs: Mapping[str, torch.Tensor], rows: int) -> torch.Tensor:
@@ -518,10 +511,7 @@ class GraphedServingStep:
             if self._copied is not None:
                 self._copied.synchronize()  # the staging blobs' last copy has left
             for _host, _dev, views in self._blobs.values():
-                for name, view in views.items():
-                    src = inputs[name]
-                    view[:src.shape[0]].copy_(src)
-                    view[src.shape[0]:].zero_()
+                fill_buffers(views, inputs)
             for host, dev, _ in self._blobs.values():
                 dev.copy_(host, non_blocking=True)
             self._copied = torch.cuda.Event()
