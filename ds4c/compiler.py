@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from ds4c.passes.manager import (
     PassManager,
     check_lowering_options,
     check_pipeline_options,
+    get_pipeline,
 )
 from ds4c.progress import progress_steps
 from ds4c.quant.policy import ACTIVATION_MODES, check_table
@@ -75,6 +78,8 @@ def compile(
     allow_nonfinite: bool = False,
     lowering: Mapping[str, bool] | None = None,
     serving: bool | Mapping[str, int] | None = None,
+    mesh: str | Any | None = None,
+    gpus: int | None = None,
 ) -> Artifact:
     """Compile ``model`` (preset name, checkpoint directory, ONNX file or transformers DeepseekV4ForCausalLM) for ``target``.
 
@@ -102,6 +107,10 @@ def compile(
     batch they are planned for (ds4c.models.deepseek_v4.paged.SERVING_OPTIONS: ``window_page``,
     ``comp_page``, ``max_chunk``, ``max_running``, ``max_step_tokens``). ``plan_memory`` sizes the
     pools for the target; the manifest's ``serving`` section records layout, pools and pages.
+    ``mesh`` (``"ep=E,tp=T"`` or a ds4c.distributed.Mesh) or ``gpus`` (N: the mesh chosen for N
+    GPUs, ``Mesh.for_gpus``): compile one program per rank (``shard_experts`` after the precision
+    plan; memory and streams planned per rank); the artifact holds every rank's program and the
+    whole weights once, each rank reading its slices (ds4c.artifact.sharded).
     ``allow_nonfinite``: accept NaN/Inf weights (refused by default, naming the tensor; recorded
     in the weight source so the artifact loads them too). With ``weights="reference"`` the
     artifact records the size and sha256 of every checkpoint file it reads (one read of the
@@ -130,6 +139,7 @@ def compile(
         raise ConfigError(f"--max-context {max_context} exceeds the model's 'max_position_embeddings' "
                           f"({config.max_position_embeddings}, {_config_where(source)}); give at most that")
     lowering_options = check_lowering_options(lowering)
+    mesh = _mesh_of(mesh, gpus, config, tgt, source, stop_after=stop_after, bisect=bisect)
     serving_plan = None
     if serving:
         from ds4c.models.deepseek_v4.paged import serving_layout
@@ -206,76 +216,71 @@ def compile(
                                                "csa_kv_on_host": csa_kv_on_host, **lowering_options,
                                                **({"hbm_budget": int(hbm_budget)} if hbm_budget else {})},
                           bisect_limit=bisect)
-        program = PassManager(pipeline, ins, ctx, stop_after=stop_after).run(program)
+        if mesh is None:
+            programs = [PassManager(pipeline, ins, ctx, stop_after=stop_after).run(program)]
+            programs[0].attrs["rewrite_log"] = (len(ctx.rewrite_log), ctx.rewrites_applied)
+        else:
+            programs = sharded_pipeline(program, get_pipeline(pipeline, tgt), ins, ctx, mesh)
         steps.advance("collecting weights")
-        plan = program.attrs.get("precision") or {}
-        assignment = plan.get("assignment") or {}
-        read = {v.name for g in program.graphs.values() for v in g.inputs_of_kind("param")}
-        transforms = program.attrs.get("weight_transforms") or []
-        spec = _used_params(program, full_spec, also=set(assignment) | transform_sources(transforms))
-        packed = stored_spec(spec, assignment, read | transform_sources(transforms))  # as the precision plan says
-        stored = lowered_spec(packed, transforms, read)  # as the lowered program reads them
-        # what the source gives: checkpoint tensors shipped in their assigned format come packed (their bytes)
-        provided = source.provided_spec(spec, assignment, keep=read | transform_sources(transforms))
-        total_bytes = sum(_numel(s) * d.itemsize for s, d in stored.values())
+        if kernel_binaries is None:
+            kernel_binaries = os.environ.get("DS4C_KERNEL_BINARIES", "1") != "0"
+        lowered = [_weights_of(p, full_spec, source) for p in programs]
+        total_bytes = sum(_bytes(low.stored) for low in lowered)
         mode = weights
         if mode == "auto":
             mode = "embed" if total_bytes <= EMBED_LIMIT_BYTES else "reference"
         if mode == "reference" and source.kind == "module":
             mode = "embed"  # an in-memory module has nothing to point at
         embedded = None
-        if mode == "embed":
-            loaded = (calibration.weights() if provided == spec else None) or source.load_weights(provided, dtype=dtype)
-            embedded = {k: loaded[k] for k in provided}
-            pack_weights(embedded, assignment, keep=read)
-            apply_lowering(embedded, transforms)
-            embedded = {k: embedded[k] for k in stored}
-        # a referenced checkpoint is recorded (size + sha256 per file) so a changed one is refused at load
-        weights_source = source.reference(spec) if mode == "reference" else source.describe()
+        if mesh is not None:
+            # every rank's slices of one set of whole tensors (what the source provides, in the compute
+            # dtype): stored once, or read from the source at load; each rank packs its own
+            whole = whole_provided(lowered)
+            if mode == "embed":
+                loaded = source.load_weights(whole, dtype=dtype)
+                embedded = {k: loaded[k] for k in whole}
+            weights_source = source.reference(whole) if mode == "reference" else source.describe()
+        else:
+            low = lowered[0]
+            if mode == "embed":
+                loaded = (calibration.weights() if low.provided == low.spec else None) \
+                    or source.load_weights(low.provided, dtype=dtype)
+                embedded = {k: loaded[k] for k in low.provided}
+                pack_weights(embedded, low.assignment, keep=low.read)
+                apply_lowering(embedded, low.transforms)
+                embedded = {k: embedded[k] for k in low.stored}
+            # a referenced checkpoint is recorded (size + sha256 per file) so a changed one is refused at load
+            weights_source = source.reference(low.spec) if mode == "reference" else source.describe()
         steps.advance(f"device code ({tgt.backend})")
         from ds4c.backends import lower_kernels
 
-        if kernel_binaries is None:
-            kernel_binaries = os.environ.get("DS4C_KERNEL_BINARIES", "1") != "0"
-        kernel_section, kernel_members = lower_kernels(tgt, program, progress=progress, binaries=kernel_binaries,
-                                                       options={**LOWERING_OPTIONS, **lowering_options})
+        for low in lowered:
+            low.kernel_section, low.kernel_members = lower_kernels(
+                tgt, low.program, progress=progress, binaries=kernel_binaries,
+                options={**LOWERING_OPTIONS, **lowering_options})
         steps.advance("done")
 
-    manifest: dict[str, Any] = {
+    common: dict[str, Any] = {
         "target": tgt.to_dict(),
         "model": {"family": "deepseek_v4", "config": config.to_hf_dict(), "source": source.describe()},
-        "precision": {**plan, "policy": precision, "compute_dtype": str(dtype).removeprefix("torch."),
-                      # the bytes of the formats chosen (before the lowering's weight transforms: a
-                      # packed weight a non-matmul op reads is expanded at load, see weights.bytes)
-                      "weight_bytes": sum(_numel(s) * d.itemsize for s, d in stored_spec(spec, assignment, ()).values()),
-                      "bf16_weight_bytes": sum(_numel(s) * (2 if d.is_floating_point else d.itemsize)
-                                               for s, d in spec.values())},
         "max_context": max_context,
-        "pipeline": program.attrs.get("pipeline", []),
-        "rewrites": {"attempted": len(ctx.rewrite_log), "applied": ctx.rewrites_applied, "bisect_limit": bisect},
-        "entry_points": _entry_points(program),
-        "state": program.attrs["state"],
-        **({"serving": serving_section(program)} if "serving" in program.attrs else {}),
-        "weights": {
-            "mode": mode,
-            "source": weights_source,
-            "dtype": str(dtype).removeprefix("torch."),
-            "bytes": total_bytes,
-            "tensors": {k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")} for k, (s, d) in stored.items()},
-            # What the source provides, when it differs from what the program reads (packed weights).
-            **({"source_tensors": {k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")}
-                                   for k, (s, d) in provided.items()}} if assignment or transforms else {}),
-            # Transforms the runtime applies to referenced weights at load, in order.
-            "transforms": [{"op": "cast", "dtype": str(dtype).removeprefix("torch."), "tensors": "floating"}]
-            + ([{"op": "quantize", "tensors": assignment}] if assignment else []) + list(transforms),
-        },
-        "kernels": kernel_section,
     }
-    lowered = [p for p in program.attrs.get("pipeline", []) if p in LOWERING and p != "dce"]
-    if lowered:  # the GPU lowering stage ran: the IR is the program the kernels run, with these options
-        manifest["lowering"] = {"passes": lowered, "options": {**LOWERING_OPTIONS, **lowering_options}}
-    extras = {}
-    manifest.update(plan_sections(program, extras))
+    extras: dict[str, bytes] = {}
+    rank_manifests = []
+    for r, low in enumerate(lowered):
+        prefix = "" if mesh is None else f"ranks/{r}/"
+        section = _program_manifest(low, precision=precision, dtype=dtype, bisect=bisect, mode=mode,
+                                    weights_source=weights_source, lowering_options=lowering_options, prefix=prefix)
+        section.update(plan_sections(low.program, extras, prefix=prefix))
+        rank_manifests.append(section)
+    kernel_members = merge_kernel_members([low.kernel_members for low in lowered])
+    if mesh is None:
+        manifest = {**common, **rank_manifests[0]}
+    else:
+        from ds4c.artifact.sharded import sharded_manifest
+
+        manifest = {**common, **sharded_manifest(rank_manifests, mesh, whole, mode=mode, source=weights_source,
+                                                 dtype=dtype)}
     tokenizer = checkpoint_tokenizer(source.path) if source.kind == "checkpoint" and source.path is not None else None
     if tokenizer is not None:
         manifest["tokenizer"], members = tokenizer
@@ -284,10 +289,146 @@ def compile(
         manifest["tokenizer"] = {"kind": "bytes"}
     else:
         manifest["tokenizer"] = {"kind": "none"}
-    return Artifact(manifest=manifest, program=program, weights=embedded, kernels=kernel_members, extras=extras)
+    return Artifact(manifest=manifest, program=lowered[0].program, weights=embedded, kernels=kernel_members,
+                    extras=extras, ranks=None if mesh is None else [low.program for low in lowered])
 
 
-def plan_sections(program: Program, members: dict[str, bytes]) -> dict[str, Any]:
+@dataclass
+class _Weights:
+    """One program's weights as the pipeline left them: what it reads, in which formats, from what."""
+
+    program: Program
+    plan: dict[str, Any]
+    assignment: dict[str, str]
+    read: set[str]
+    transforms: list[dict[str, Any]]
+    spec: dict[str, tuple[tuple[int, ...], torch.dtype]]  # the weights it uses, as the model has them
+    stored: dict[str, tuple[tuple[int, ...], torch.dtype]]  # as the lowered program reads them
+    provided: dict[str, tuple[tuple[int, ...], torch.dtype]]  # as the source gives them
+    shard: dict[str, list[dict[str, int]]]  # name -> slices of the whole tensor (sharded programs)
+    kernel_section: Any = None
+    kernel_members: dict[str, bytes] = field(default_factory=dict)
+
+
+def _weights_of(program: Program, full_spec: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                source: ModelSource) -> _Weights:
+    from ds4c.passes.shard_experts import slice_tensor
+    from ds4c.quant.packing import stored_spec
+
+    plan = program.attrs.get("precision") or {}
+    assignment = plan.get("assignment") or {}
+    read = {v.name for g in program.graphs.values() for v in g.inputs_of_kind("param")}
+    transforms = program.attrs.get("weight_transforms") or []
+    shard = (program.attrs.get("shard") or {}).get("weights", {})
+    if shard:  # this rank's shapes of the tensors it holds slices of
+        full_spec = dict(full_spec)
+        for name, slices in shard.items():
+            shape, dt = full_spec[name]
+            full_spec[name] = (tuple(slice_tensor(torch.empty(shape, device="meta"), slices, name).shape), dt)
+    spec = _used_params(program, full_spec, also=set(assignment) | transform_sources(transforms))
+    packed = stored_spec(spec, assignment, read | transform_sources(transforms))  # as the precision plan says
+    stored = lowered_spec(packed, transforms, read)  # as the lowered program reads them
+    # what the source gives: checkpoint tensors shipped in their assigned format come packed (their bytes)
+    provided = source.provided_spec(spec, assignment, keep=read | transform_sources(transforms))
+    if shard:
+        shipped = sorted(k for k in provided if k not in spec)
+        if shipped:
+            raise ConfigError(f"--mesh: the checkpoint ships '{shipped[0]}' packed (a part of a quantised weight); "
+                              "sharding a checkpoint's packed tensors is not supported yet: compile it without "
+                              "--mesh, or from a bf16 checkpoint")
+    return _Weights(program, plan, assignment, read, transforms, spec, stored, provided, shard)
+
+
+def _program_manifest(low: _Weights, *, precision: str, dtype: torch.dtype, bisect: int | None, mode: str,
+                      weights_source: dict[str, Any], lowering_options: Mapping[str, bool],
+                      prefix: str = "") -> dict[str, Any]:
+    """The manifest sections of one program (the whole model's, or one rank's of a sharded one)."""
+    from ds4c.quant.packing import stored_spec
+
+    program, spec, assignment = low.program, low.spec, low.assignment
+    log = program.attrs.get("rewrite_log") or (0, 0)
+    out: dict[str, Any] = {
+        "precision": {**low.plan, "policy": precision, "compute_dtype": str(dtype).removeprefix("torch."),
+                      # the bytes of the formats chosen (before the lowering's weight transforms: a
+                      # packed weight a non-matmul op reads is expanded at load, see weights.bytes)
+                      "weight_bytes": _bytes(stored_spec(spec, assignment, ())),
+                      "bf16_weight_bytes": sum(_numel(s) * (2 if d.is_floating_point else d.itemsize)
+                                               for s, d in spec.values())},
+        "pipeline": program.attrs.get("pipeline", []),
+        "rewrites": {"attempted": log[0], "applied": log[1], "bisect_limit": bisect},
+        "entry_points": _entry_points(program, prefix),
+        "state": program.attrs["state"],
+        **({"serving": serving_section(program)} if "serving" in program.attrs else {}),
+        "weights": {
+            "mode": mode,
+            "source": weights_source,
+            "dtype": str(dtype).removeprefix("torch."),
+            "bytes": _bytes(low.stored),
+            "tensors": _describe(low.stored),
+            # What the source provides, when it differs from what the program reads (packed weights).
+            **({"source_tensors": _describe(low.provided)} if assignment or low.transforms or low.shard else {}),
+            # Transforms the runtime applies to referenced weights at load, in order.
+            "transforms": [{"op": "cast", "dtype": str(dtype).removeprefix("torch."), "tensors": "floating"}]
+            + ([{"op": "quantize", "tensors": assignment}] if assignment else []) + list(low.transforms),
+            **({"shard": low.shard} if low.shard else {}),
+        },
+        "kernels": low.kernel_section,
+    }
+    lowered = [p for p in program.attrs.get("pipeline", []) if p in LOWERING and p != "dce"]
+    if lowered:  # the GPU lowering stage ran: the IR is the program the kernels run, with these options
+        out["lowering"] = {"passes": lowered, "options": {**LOWERING_OPTIONS, **lowering_options}}
+    return out
+
+
+def sharded_pipeline(program: Program, names: Sequence[str], instruments: Sequence[Instrument], ctx: PassContext,
+                     mesh: Any) -> list[Program]:
+    """Every rank's program: the pipeline up to ``quantize_weights`` once (tracing, fusion and the
+    precision plan are the whole model's), then ``shard_experts`` and the rest per rank (weights
+    packed, memory planned and streams scheduled for the rank's slices)."""
+    at = names.index("quantize_weights") if "quantize_weights" in names else len(names)
+    shared = PassManager(list(names[:at]), instruments, ctx).run(program)
+    out = []
+    for rank in range(mesh.world):
+        rank_ctx = PassContext(target=ctx.target, options={**ctx.options, "ep": mesh.ep, "tp": mesh.tp, "rank": rank})
+        own = Program(dict(shared.graphs), copy.deepcopy(shared.attrs))  # the passes record into the attrs
+        rest = PassManager(["shard_experts", *names[at:]], instruments if rank == 0 else (), rank_ctx).run(own)
+        rest.attrs["pipeline"] = [*names[:at], "shard_experts", *names[at:]]
+        rest.attrs["rewrite_log"] = (len(ctx.rewrite_log) + len(rank_ctx.rewrite_log),
+                                     ctx.rewrites_applied + rank_ctx.rewrites_applied)
+        out.append(rest)
+    return out
+
+
+def whole_provided(lowered: Sequence[_Weights]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The whole tensors the ranks of a sharded program read slices of (and the replicated ones), once."""
+    from ds4c.passes.shard_experts import whole_shape
+
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for low in lowered:
+        for name, (shape, dt) in low.provided.items():
+            out[name] = (whole_shape(shape, low.shard[name]) if name in low.shard else tuple(shape), dt)
+    return out
+
+
+def merge_kernel_members(parts: Sequence[Mapping[str, bytes]]) -> dict[str, bytes]:
+    """The ranks' kernel members, each stored once (a kernel of the same shapes has the same name)."""
+    out: dict[str, bytes] = {}
+    for members in parts:
+        for name, blob in members.items():
+            if out.setdefault(name, blob) != blob:
+                raise ConfigError(f"kernel member '{name}' differs between ranks; compile with --no-kernel-binaries")
+    return out
+
+
+def _bytes(spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+    return sum(_numel(s) * d.itemsize for s, d in spec.values())
+
+
+def _describe(spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, dict[str, Any]]:
+    return {k: {"shape": list(s), "dtype": str(d).removeprefix("torch.")} for k, (s, d) in spec.items()}
+
+
+def plan_sections(program: Program, members: dict[str, bytes], prefix: str = "") -> dict[str, Any]:
     """Manifest summaries of ``plan_memory`` and ``schedule_streams`` per entry point; the whole
     plans go into ``members`` as ``plans/<entry>.memory.json`` / ``plans/<entry>.schedule.json``
     (the GPU runtime runs the schedule and places activations by the memory plan; ``ds4c inspect``
@@ -299,7 +440,7 @@ def plan_sections(program: Program, members: dict[str, bytes]) -> dict[str, Any]
         plans = program.attrs.get(key) or {}
         section = {}
         for entry, plan in plans.items():
-            member = f"plans/{entry}.{kind}.json"
+            member = f"{prefix}plans/{entry}.{kind}.json"
             members[member] = json.dumps(plan, default=str, separators=(",", ":")).encode()
             if kind == "memory":
                 summary = {k: plan.get(k) for k in ("sizes", "arena_bytes", "arena_bytes_sequential", "peak_live_bytes",
@@ -320,6 +461,33 @@ def plan_sections(program: Program, members: dict[str, bytes]) -> dict[str, Any]
         if section:
             out[key] = section
     return out
+
+
+def _mesh_of(mesh: Any, gpus: int | None, config: Any, tgt: Any, source: ModelSource, *, stop_after: str | None,
+             bisect: int | None) -> Any:
+    """The Mesh the options ask for (None: one rank), checked against what sharding supports."""
+    from ds4c.distributed.mesh import Mesh
+
+    if mesh is not None and gpus is not None:
+        raise ConfigError("give --mesh or --gpus, not both")
+    if gpus is not None:
+        mesh = Mesh.for_gpus(gpus, experts=config.n_routed_experts)
+    elif isinstance(mesh, str):
+        mesh = Mesh.parse(mesh)
+    elif mesh is not None and not isinstance(mesh, Mesh):
+        raise ConfigError(f"mesh={mesh!r}: give a string like 'ep=2,tp=2' or a ds4c.distributed.Mesh")
+    if mesh is None or mesh.world == 1:
+        return None
+    if source.kind == "onnx":
+        raise ConfigError("--mesh / --gpus: an ONNX file's graphs are not sharded; compile the checkpoint or preset")
+    if tgt.backend == "npu":
+        raise ConfigError("--mesh / --gpus: the NPU target runs one device; compile sharded programs for cpu or a GPU")
+    if stop_after is not None or bisect is not None:
+        raise ConfigError("--stop-after / --bisect debug one program; drop --mesh / --gpus to use them")
+    if config.n_routed_experts % mesh.ep:
+        raise ConfigError(f"--mesh {mesh}: the model's {config.n_routed_experts} routed experts do not split over "
+                          f"ep={mesh.ep} ranks; give an ep that divides {config.n_routed_experts}")
+    return mesh
 
 
 def _config_where(source: ModelSource) -> str:
@@ -389,12 +557,12 @@ def serving_section(program: Program) -> dict[str, Any]:
     return {**program.attrs["serving"], "pages": program.attrs.get("serving_pages")}
 
 
-def _entry_points(program: Program) -> dict[str, Any]:
+def _entry_points(program: Program, prefix: str = "") -> dict[str, Any]:
     out = {}
     for name, g in program.graphs.items():
         out[name] = {
-            "ir": f"ir/{name}.ds4ir",
-            "consts": f"consts/{name}.safetensors",
+            "ir": f"{prefix}ir/{name}.ds4ir",
+            "consts": f"{prefix}consts/{name}.safetensors",
             "inputs": [{"name": i.value.name, "type": str(i.value.type)} for i in g.inputs if i.kind == "input"],
             "outputs": [n for n, _ in g.outputs],
             "ops": len(g.ops),

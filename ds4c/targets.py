@@ -135,6 +135,10 @@ class Target:
     native_fp8: bool = False  # matrix unit takes FP8 operands
     native_fp4: bool = False  # matrix unit takes FP4 (MXFP4/NVFP4) operands
     npu: NpuFacts | None = None  # scratchpad facts, only for vendor "npu"
+    # what connects this device to its peers in one machine (sharded programs' collectives), and
+    # its bandwidth per GPU, one direction, all links together; None: not planned for
+    peer_link: str = "none"
+    peer_link_bandwidth: float | None = None
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -221,6 +225,8 @@ H100 = Target(
     hbm_bandwidth=3.35 * TB,  # H100 datasheet (SXM): 3.35 TB/s
     host_link="PCIe Gen5 x16",  # H100 datasheet: PCIe Gen5 128 GB/s (both directions)
     host_link_bandwidth=64 * GB,  # 128 GB/s bidirectional -> 64 GB/s per direction
+    peer_link="NVLink 4 (18 links)",  # H100 datasheet (SXM): NVLink 900 GB/s (bidirectional, per GPU)
+    peer_link_bandwidth=450 * GB,  # 900 / 2 per direction
     # H100 datasheet (SXM), dense = half of the "with sparsity" figures: TF32 989 -> 494.7 TF,
     # BF16/FP16 1,979 -> 989.4 TF, FP8 3,958 -> 1,978.9 TF, INT8 3,958 -> 1,978.9 TOPS; FP32 67 TF.
     peak_flops={"fp32": 67e12, "tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12,
@@ -234,7 +240,8 @@ H200 = dataclasses.replace(
     name="h200",
     hbm_bytes=141 * GB,  # H200 datasheet (SXM): 141 GB HBM3e
     hbm_bandwidth=4.8 * TB,  # H200 datasheet (SXM): 4.8 TB/s
-    # host link: H200 datasheet, PCIe Gen5 128 GB/s (as H100)
+    # host link: H200 datasheet, PCIe Gen5 128 GB/s (as H100); peer link: H200 datasheet (SXM),
+    # NVLink 900 GB/s (as H100)
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +265,8 @@ B200 = Target(
     hbm_bandwidth=8 * TB,  # DGX B200 datasheet: 64 TB/s for 8 GPUs -> 8 TB/s per GPU
     host_link="PCIe Gen5 x16",  # HGX B200 datasheet / Tom's Hardware (Hot Chips 2025): PCIe 5 at 64 GB/s
     host_link_bandwidth=64 * GB,
+    peer_link="NVLink 5 (18 links)",  # HGX B200 datasheet: NVLink 1.8 TB/s per GPU (bidirectional)
+    peer_link_bandwidth=900 * GB,  # 1.8 TB/s / 2 per direction
     # HGX B200 datasheet, 8 GPUs, sparse -> per GPU dense: FP4 144 PF -> 9 PF, FP8 72 PF -> 4.5 PF,
     # INT8 72 POPS -> 4.5 POPS, BF16/FP16 36 PF -> 2.25 PF, TF32 18 PF -> 1.1 PF (rounded by NVIDIA).
     # FP32 600 TF / 8 = 75 TF (NVIDIA's Blackwell datasheet lists 80 TF: uncertain, we take the lower).
@@ -279,6 +288,8 @@ B300 = dataclasses.replace(
     hbm_bandwidth=8 * TB,  # same sources: 8 TB/s
     host_link="PCIe Gen6 x16",  # Tom's Hardware (Hot Chips 2025): PCIe 6 at 128 GB/s
     host_link_bandwidth=128 * GB,  # taken per direction; uncertain whether 128 GB/s is per direction
+    peer_link="NVLink 5 (18 links)",  # HGX B300 datasheet: NVLink 1.8 TB/s per GPU (bidirectional)
+    peer_link_bandwidth=900 * GB,
     # HGX B300 datasheet, 8 GPUs: FP4 108 PF dense -> 13.5 PF per GPU (NVIDIA quotes 15 PF dense NVFP4
     # for the GB300 version); FP8 72 PF sparse -> 4.5 PF; BF16/FP16 36 PF sparse -> 2.25 PF; TF32
     # 18 PF sparse -> 1.1 PF; FP32 75 TF as B200. INT8 is cut to ~0.32 POPS per GPU (Tom's Hardware,
@@ -296,6 +307,8 @@ GB200 = dataclasses.replace(
     hbm_bandwidth=8 * TB,  # GB200 NVL72 datasheet: 576 TB/s for 72 GPUs -> 8 TB/s per GPU
     host_link="NVLink-C2C to Grace",  # GB200 datasheet: NVLink-C2C, 900 GB/s bidirectional
     host_link_bandwidth=450 * GB,  # 900 / 2 per direction; uncertain: the superchip's two GPUs share one
+    peer_link="NVLink 5 (NVL72 switch)",  # GB200 NVL72 datasheet: 130 TB/s for 72 GPUs = 1.8 TB/s per GPU
+    peer_link_bandwidth=900 * GB,  # bidirectional -> per direction
     #                                Grace, so both streaming at once may see less
     # GB200 NVL72 datasheet, per superchip (2 GPUs), sparse -> per GPU dense: FP4 40 PF -> 10 PF,
     # FP8 20 PF -> 5 PF, INT8 20 POPS -> 5 POPS, BF16/FP16 10 PF -> 2.5 PF, TF32 5 PF -> 1.25 PF;
@@ -324,6 +337,9 @@ MI300X = Target(
     hbm_bandwidth=5.3 * TB,  # MI300X datasheet: 5.3 TB/s peak
     host_link="PCIe Gen5 x16",  # MI300X datasheet: PCIe Gen5 x16, 128 GB/s
     host_link_bandwidth=64 * GB,  # per direction
+    peer_link="Infinity Fabric (7 links to peers)",  # MI300X datasheet: 128 GB/s peak per Infinity Fabric
+    #   link (bidirectional); an 8-GPU platform connects each GPU to the 7 others: 7 x 64 GB/s per direction
+    peer_link_bandwidth=448 * GB,  # uncertain: assumes every peer is used at once (all-to-all / ring of 8)
     # MI300X datasheet, dense ("without sparsity") peaks: FP32 matrix 163.4 TF, TF32 653.7 TF,
     # FP16/BF16 1,307.4 TF, FP8 2,614.9 TF, INT8 2,614.9 TOPS.
     peak_flops={"fp32": 163.4e12, "tf32": 653.7e12, "bf16": 1307.4e12, "fp16": 1307.4e12, "fp8": 2614.9e12,
@@ -350,6 +366,8 @@ MI355X = Target(
     hbm_bandwidth=8 * TB,  # MI355X datasheet: 8 TB/s
     host_link="PCIe Gen5 x16",  # MI355X datasheet: PCIe Gen5 x16
     host_link_bandwidth=64 * GB,
+    peer_link="Infinity Fabric (7 links to peers)",  # MI355X datasheet: 153.6 GB/s peak per link (bidir.)
+    peer_link_bandwidth=537.6 * GB,  # 7 x 76.8 GB/s per direction; uncertain as for MI300X
     # MI355X datasheet, dense: FP32 157.3 TF, FP16/BF16 2.5 PF (2,516.6 TF), FP8 5.0 PF, INT8 5.0 POPS,
     # MXFP6/MXFP4 10 PF. No TF32 entry: CDNA 4 dropped TF32 hardware in favour of BF16 (AMD's Alan
     # Smith, Chips and Cheese interview on MI350); TF32 falls back to the FP32 rate.

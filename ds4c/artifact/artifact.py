@@ -42,9 +42,11 @@ class Artifact:
     """An in-memory compiled model. ``save`` writes it atomically; ``ds4c.load`` runs it."""
 
     def __init__(self, manifest: dict[str, Any], program: Program, weights: dict[str, torch.Tensor] | None,
-                 kernels: dict[str, bytes] | None = None, extras: dict[str, bytes] | None = None):
+                 kernels: dict[str, bytes] | None = None, extras: dict[str, bytes] | None = None,
+                 ranks: list[Program] | None = None):
         self.manifest = manifest
-        self.program = program
+        self.program = program  # rank 0's of a sharded artifact
+        self.ranks = ranks  # every rank's program (ds4c.artifact.sharded), or None
         self.weights = weights
         self.kernels = dict(kernels or {})
         self.extras = dict(extras or {})  # e.g. tokenizer/tokenizer.json
@@ -66,9 +68,11 @@ class Artifact:
         path = Path(path)
         sign = signer(sign_key)
         members: dict[str, Any] = {}
-        for name, g in self.program.graphs.items():
-            members[f"ir/{name}.ds4ir"] = print_graph(g).encode()
-            members[f"consts/{name}.safetensors"] = save({k: v.contiguous() for k, v in g.constants.items()})
+        for rank, program in enumerate(self.ranks or [self.program]):
+            prefix = "" if self.ranks is None else f"ranks/{rank}/"
+            for name, g in program.graphs.items():
+                members[f"{prefix}ir/{name}.ds4ir"] = print_graph(g).encode()
+                members[f"{prefix}consts/{name}.safetensors"] = save({k: v.contiguous() for k, v in g.constants.items()})
         for name, blob in self.kernels.items():
             members[f"kernels/{name}"] = blob
         members.update(self.extras)
@@ -86,16 +90,25 @@ class Artifact:
         return f"Artifact(target={self.target}, weights={self.manifest['weights']['mode']}, ops={ops})"
 
 
-def read_artifact(path: str | os.PathLike) -> tuple[dict[str, Any], Program, Any]:
-    """Open and verify an artifact; return (manifest, program, container)."""
+def read_artifact(path: str | os.PathLike, rank: int | None = None) -> tuple[dict[str, Any], Program, Any]:
+    """Open and verify an artifact; return (manifest, program, container). For a sharded artifact
+    (ds4c.artifact.sharded): ``rank``'s manifest and program (None: the whole manifest, rank 0's program)."""
     from ds4c.artifact import signing
+    from ds4c.artifact.sharded import rank_manifest
 
     container = open_container(path)
     try:
         signing.check(container)  # a manifest changed after signing is refused here
         manifest = container.manifest
         check_manifest(manifest, path)
-        program = _read_program(container, manifest, path)
+        if rank is not None or "mesh" in manifest:
+            own = rank_manifest(manifest, 0 if rank is None else rank, path)
+            check_manifest(own, path)
+            if rank is not None:
+                manifest = own
+        else:
+            own = manifest
+        program = _read_program(container, own, path)
     except BaseException:
         container.close()
         raise
@@ -158,6 +171,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
     "schedule": ("opt", ("map", {"member": str})),
     "tokenizer": ("opt", dict),
     "precision": ("opt", dict),
+    "mesh": ("opt", {"axes": ("map", ("int>=", 1)), "world": ("int>=", 1)}),
+    "ranks": ("opt", ("list", {"entry_points": dict, "weights": dict})),
 }
 
 

@@ -84,12 +84,31 @@ class ModelSource:
 def load_weights(ref: Mapping[str, Any], expected: WeightSpec, *, dtype: torch.dtype,
                  device: str | torch.device = "cpu", progress: Callable[[int, int], None] | None = None,
                  module_state: Mapping[str, torch.Tensor] | None = None, weights_from: str | Path | None = None,
-                 artifact: str | None = None) -> dict[str, torch.Tensor]:
+                 artifact: str | None = None, shard: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Weights from a source reference (as stored in an artifact manifest).
 
     A checkpoint or ONNX reference with a ``files`` record is checked against it before any data
     is read. ``weights_from``: where a referenced checkpoint directory (or ONNX file, or the
-    folder holding it) is now; ``artifact`` names the artifact in messages."""
+    folder holding it) is now; ``artifact`` names the artifact in messages. ``shard``: name -> slices
+    (a rank of a sharded artifact): ``expected`` gives those tensors' slice shapes; each is read
+    whole (a preset's generated, one at a time) and cut to the rank's slice."""
+    if shard:
+        from ds4c.passes.shard_experts import slice_tensor, whole_shape
+
+        whole = {k: (whole_shape(s, shard[k]) if k in shard else s, d) for k, (s, d) in expected.items()}
+        if ref["kind"] == "preset":  # generated one at a time: only the slice stays
+            from ds4c.models.deepseek_v4.presets import init_preset_weights
+
+            out = {}
+            for i, (name, t) in enumerate(init_preset_weights(whole, ref["seed"], device, dtype)):
+                out[name] = slice_tensor(t, shard[name], name).clone() if name in shard else t
+                if progress:
+                    progress(i + 1, len(whole))
+            return out
+        # a checkpoint's tensors are read whole, then cut (reading slices only: a next step)
+        out = load_weights(ref, whole, dtype=dtype, device=device, progress=progress, module_state=module_state,
+                           weights_from=weights_from, artifact=artifact)
+        return {k: slice_tensor(t, shard[k], k).clone() if k in shard else t for k, t in out.items()}
     kind = ref["kind"]
     allow_nonfinite = bool(ref.get("allow_nonfinite", False))
     origin = f"the artifact {artifact}" if artifact else "the artifact"

@@ -28,7 +28,8 @@ from ds4c.ir.registry import OpDef, Operand, register_op
 from ds4c.ir.shapes import dim_expr, floordiv_dim, format_dim
 from ds4c.ir.types import TensorType
 
-__all__ = ["ALL_GATHER", "ALL_REDUCE", "ALL_TO_ALL", "COLLECTIVES", "REDUCE_SCATTER", "bind_mesh", "mesh_group"]
+__all__ = ["ALL_GATHER", "ALL_REDUCE", "ALL_TO_ALL", "COLLECTIVES", "REDUCE_SCATTER", "RankFailure", "bind_mesh",
+           "mesh_group", "use_mesh"]
 
 ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, ALL_TO_ALL = ("dist.all_reduce", "dist.all_gather", "dist.reduce_scatter",
                                                       "dist.all_to_all")
@@ -47,6 +48,26 @@ def bind_mesh(groups: Mapping[str, Any]) -> Iterator[None]:
     finally:
         _groups.clear()
         _groups.update(saved)
+
+
+def use_mesh(groups: Mapping[str, Any]) -> None:
+    """Bind these groups for the rest of the process (what a rank of a loaded sharded artifact runs on)."""
+    _groups.update(groups)
+
+
+class RankFailure(Ds4cError):
+    """A collective failed: another rank exited or stopped answering (see its log)."""
+
+
+def _collective(axis: str, world: int, run: Any) -> torch.Tensor:
+    """``run()``'s collective, a failure of which names this rank and the axis."""
+    try:
+        return _wait(run())
+    except RuntimeError as e:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else "?"
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise RankFailure(f"rank {rank}: a collective over mesh axis '{axis}' ({world} ranks) failed: {first[:300]}; "
+                          "another rank has exited or stopped answering (see its log): this rank stops too") from None
 
 
 def mesh_group(axis: str, world: int) -> Any:
@@ -83,7 +104,7 @@ def _along_dim(x: torch.Tensor, axis: str, world: int, dim: int, collective) -> 
     if group is None:
         return x
     d = dim % x.dim()
-    return _wait(collective(x.movedim(d, 0).contiguous(), group)).movedim(0, d).contiguous()
+    return _collective(axis, world, lambda: collective(x.movedim(d, 0).contiguous(), group)).movedim(0, d).contiguous()
 
 
 class _Collective(OpDef):
@@ -120,7 +141,7 @@ class AllReduce(_Collective):
         group = mesh_group(axis, world)
         if group is None:
             return x
-        return _wait(_funcol("all_reduce", "all_reduce")(x.contiguous(), "sum", group))
+        return _collective(axis, world, lambda: _funcol("all_reduce", "all_reduce")(x.contiguous(), "sum", group))
 
     def infer_types(self, operand_types, kwargs):
         return [self.tensor_operand(operand_types, 0)]
@@ -173,7 +194,8 @@ class AllToAll(_Collective):
         if x.shape[0] % world:
             raise Ds4cError(f"{self.name}: {x.shape[0]} rows do not split into {world} equal parts")
         split = [x.shape[0] // world] * world
-        return _wait(_funcol("all_to_all_single", "all_to_all_single")(x.contiguous(), split, split, group))
+        return _collective(axis, world,
+                           lambda: _funcol("all_to_all_single", "all_to_all_single")(x.contiguous(), split, split, group))
 
     def infer_types(self, operand_types, kwargs):
         x = self.tensor_operand(operand_types, 0, min_rank=1)

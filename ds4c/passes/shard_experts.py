@@ -1,24 +1,33 @@
-"""Expert parallelism: one rank's program of a model whose routed experts are split over ranks.
+"""Expert and tensor parallelism of the MoE layers: one rank's program of a model whose routed
+and shared experts are split over a mesh (ds4c.distributed.mesh: ``ep`` x ``tp`` ranks).
 
-On a mesh axis ``ep`` of ``W`` ranks, rank ``r`` holds experts ``r*E/W .. (r+1)*E/W - 1`` of
-every MoE layer (its ``gate_up`` / ``down`` params become those slices: same names, first
-dimension ``E/W``; ``attrs["shard"]`` records the slice so a loader reads only them). Every rank
-routes each token over all ``E`` experts (the router and the activations are whole on every
-rank), computes the picks of its own experts, rank 0 also adds the shared expert, and a
-``dist.all_reduce`` over ``ep`` sums the partial results: the layer's output on every rank, the
-whole program's output on every rank. Computation moved, none duplicated but the attention
-(replicated: every rank runs it for the whole batch).
+Rank ``r`` at mesh coordinates ``(e, t)`` holds
 
-Options: ``ep`` (ranks, default 1: no change) and ``rank``.
+- along ``ep`` (``W`` ranks): routed experts ``e*E/W .. (e+1)*E/W - 1`` of every MoE layer;
+- along ``tp`` (``T`` ranks): of each expert it holds, the slice ``t*I/T .. (t+1)*I/T - 1`` of the
+  intermediate dimension (gate and up rows, down columns); likewise of the shared expert, which
+  the ranks of ``e = 0`` hold.
+
+Every rank routes each token over all ``E`` experts (router and activations are whole on every
+rank) and computes its part; the parts add up to the layer's output (the SwiGLU is elementwise
+in the intermediate dimension, the down projection a sum over it), so one ``dist.all_reduce``
+(over ``ep``, ``tp``, or ``world`` when both are > 1) gives every rank the whole output. Weight
+names stay; their shapes become the slices, and ``attrs["shard"]["weights"]`` records each
+tensor's slices so a loader reads only them (``shard_weights``). Attention and the rest are
+replicated: every rank runs them for the whole batch.
+
+Options: ``ep``, ``tp`` (ranks along each axis, default 1: no change) and ``rank``.
 
     %y = moe(%x, %ids, %router, %sel, %gate_up, %down, %sg, %su, %sd, top_k=2, ...) : f32[1,S,64]
   ->
     %p = moe(%x, %ids, %router, %sel, %gate_up, %down, %sg, %su, %sd, top_k=2, ..., expert_offset=4,
-             shared=False) : f32[1,S,64]            (rank 1 of 2; %gate_up: f32[4,64,64])
+             shared=False) : f32[1,S,64]            (rank 1 of ep=2; %gate_up: f32[4,64,64])
     %y = dist.all_reduce(%p, axis="ep", world=2) : f32[1,S,64]
 """
 
 from __future__ import annotations
+
+import torch
 
 from ds4c.errors import PassError
 from ds4c.ir.graph import Graph, GraphInput, Op, Value
@@ -26,9 +35,13 @@ from ds4c.ir.types import TensorType
 from ds4c.ops.collectives import ALL_REDUCE
 from ds4c.passes.manager import PassContext, register_pass
 
-__all__ = ["expert_slice", "shard_experts", "shard_weights"]
+__all__ = ["expert_slice", "reduce_axis", "shard_experts", "shard_weights", "slice_tensor", "whole_shape"]
 
 SHARDED_OPS = {"moe": (4, 5)}  # op -> operand positions of the routed experts' weights
+# per sharded operand position: (dimension of the intermediate size, chunks along it): gate_up
+# [E, 2I, D] holds gate and up rows one after the other, down [E, D, I], the shared expert's
+# gate / up [I, D] and down [D, I]
+INNER = {4: (1, 2), 5: (2, 1), 6: (0, 1), 7: (0, 1), 8: (1, 1)}
 
 
 def expert_slice(experts: int, world: int, rank: int) -> tuple[int, int]:
@@ -37,21 +50,30 @@ def expert_slice(experts: int, world: int, rank: int) -> tuple[int, int]:
     return rank * per, (rank + 1) * per
 
 
+def reduce_axis(ep: int, tp: int) -> tuple[str, int]:
+    """The mesh axis (and its size) over which the ranks' partial MoE outputs are summed."""
+    if ep > 1 and tp > 1:
+        return "world", ep * tp
+    return ("ep", ep) if ep > 1 else ("tp", tp)
+
+
 @register_pass("shard_experts")
 def shard_experts(graph: Graph, ctx: PassContext) -> Graph:
-    """Rank ``rank``'s program of expert parallelism over ``ep`` ranks (see the module doc)."""
-    world, rank = int(ctx.options.get("ep", 1)), int(ctx.options.get("rank", 0))
-    if world == 1:
+    """Rank ``rank``'s program of expert (``ep``) and tensor (``tp``) parallelism of the MoE layers (see the module doc)."""
+    ep, tp, rank = int(ctx.options.get("ep", 1)), int(ctx.options.get("tp", 1)), int(ctx.options.get("rank", 0))
+    if ep * tp == 1:
         return graph
-    if not 0 <= rank < world:
-        raise PassError(f"shard_experts: rank {rank} is outside the {world} ranks of the ep axis")
+    if not 0 <= rank < ep * tp:
+        raise PassError(f"shard_experts: rank {rank} is outside the {ep * tp} ranks of mesh ep={ep},tp={tp}")
+    e_index, t_index = divmod(rank, tp)
     packed = sorted({op.name for op in graph.ops if op.name == "moe.packed"})
     if packed:
-        raise PassError(f"shard_experts @{graph.name}: {packed[0]} (packed expert weights) is not sharded yet; "
-                        "compile the sharded program for the reference backend (--target cpu)")
+        raise PassError(f"shard_experts @{graph.name}: {packed[0]} (packed expert weights) is not sharded; shard "
+                        "before assign_precision (ds4c.compile(mesh=...) runs the pass there)")
     params = {i.value: i for i in graph.inputs if i.kind == "param"}
     sliced: dict[Value, Value] = {}
-    records = ctx.program_attrs.setdefault("shard", {"ep": world, "rank": rank, "weights": {}})
+    records = ctx.program_attrs.setdefault("shard", {"ep": ep, "tp": tp, "rank": rank, "weights": {}})
+    axis, world = reduce_axis(ep, tp)
     ops: list[Op] = []
     taken = graph.value_names()
     for op in graph.ops:
@@ -59,38 +81,72 @@ def shard_experts(graph: Graph, ctx: PassContext) -> Graph:
             ops.append(op.map_operands(lambda v: sliced.get(v, v)))
             continue
         args = list(op.args)
-        experts = None
-        for pos in SHARDED_OPS[op.name]:
+        start = 0
+        for pos in (4, 5, 6, 7, 8):
             w = args[pos]
-            if w not in params or not isinstance(w.type, TensorType) or not isinstance(w.type.shape[0], int):
+            if w not in params or not isinstance(w.type, TensorType) \
+                    or not all(isinstance(d, int) for d in w.type.shape):
                 raise PassError(f"shard_experts @{graph.name}: {op.name} operand {pos} (%{w.name}) must be a param "
-                                "with a static expert dimension")
-            experts = w.type.shape[0]
-            if experts % world:
-                raise PassError(f"shard_experts: {experts} experts of %{w.name} do not split over {world} ranks")
-            start, stop = expert_slice(experts, world, rank)
+                                "with a static shape")
+            slices = []
+            if pos in SHARDED_OPS[op.name]:
+                experts = w.type.shape[0]
+                if experts % ep:
+                    raise PassError(f"shard_experts: {experts} experts of %{w.name} do not split over {ep} ranks")
+                start, stop = expert_slice(experts, ep, e_index)
+                slices.append({"dim": 0, "start": start, "stop": stop, "of": experts})
+            dim, chunks = INNER[pos]
+            inner = w.type.shape[dim] // chunks
+            if tp > 1:
+                if inner % tp:
+                    raise PassError(f"shard_experts: the intermediate size {inner} of %{w.name} does not split "
+                                    f"over {tp} ranks")
+                lo, hi = expert_slice(inner, tp, t_index)
+                slices.append({"dim": dim, "start": lo, "stop": hi, "of": inner, **({"chunks": chunks}
+                                                                                   if chunks > 1 else {})})
+            if not slices:
+                continue
             if w not in sliced:
-                sliced[w] = Value(w.name, TensorType(w.type.dtype, (stop - start, *w.type.shape[1:])))
-                records["weights"][w.name] = {"dim": 0, "start": start, "stop": stop, "of": experts}
+                shape = list(w.type.shape)
+                for sl in slices:
+                    shape[sl["dim"]] = (sl["stop"] - sl["start"]) * sl.get("chunks", 1)
+                sliced[w] = Value(w.name, TensorType(w.type.dtype, tuple(shape)))
+                records["weights"][w.name] = slices
             args[pos] = sliced[w]
-        start, _ = expert_slice(experts, world, rank)
-        partial_value = Value(graph.fresh_name(f"{op.results[0].name}_ep", taken), op.results[0].type)
+        partial_value = Value(graph.fresh_name(f"{op.results[0].name}_part", taken), op.results[0].type)
         taken.add(partial_value.name)
-        ops.append(op.replace(args=tuple(args), kwargs={**op.kwargs, "expert_offset": start, "shared": rank == 0},
+        ops.append(op.replace(args=tuple(args), kwargs={**op.kwargs, "expert_offset": start, "shared": e_index == 0},
                               results=(partial_value,)))
-        ops.append(Op(ALL_REDUCE, (partial_value,), {"axis": "ep", "world": world}, op.results, loc=op.loc))
+        ops.append(Op(ALL_REDUCE, (partial_value,), {"axis": axis, "world": world}, op.results, loc=op.loc))
     inputs = [GraphInput(i.kind, sliced.get(i.value, i.value)) for i in graph.inputs]
     outputs = [(n, sliced.get(v, v)) for n, v in graph.outputs]
     return graph.copy(ops=ops, inputs=inputs, outputs=outputs)
 
 
+def slice_tensor(t, slices: list[dict], name: str = "tensor"):
+    """``t`` cut as ``slices`` says (a shard record's list: dim, start, stop, of, chunks)."""
+    for sl in slices:
+        dim, chunks = sl["dim"], sl.get("chunks", 1)
+        if t.shape[dim] != sl["of"] * chunks:
+            raise PassError(f"shard_weights: {name} has {t.shape[dim]} rows along dim {dim}, the sharded program "
+                            f"expects {sl['of'] * chunks}")
+        parts = t.chunk(chunks, dim) if chunks > 1 else (t,)
+        cut = [p.narrow(dim, sl["start"], sl["stop"] - sl["start"]) for p in parts]
+        t = cut[0] if chunks == 1 else torch.cat(cut, dim)
+    return t
+
+
+def whole_shape(shape, slices: list[dict]) -> tuple[int, ...]:
+    """The shape of the whole tensor a rank holds ``shape`` of."""
+    out = list(shape)
+    for sl in slices:
+        out[sl["dim"]] = sl["of"] * sl.get("chunks", 1)
+    return tuple(out)
+
+
 def shard_weights(weights: dict, shard: dict) -> dict:
     """``weights`` (name -> tensor, the whole model's) as rank ``shard['rank']`` holds them."""
     out = dict(weights)
-    for name, rec in shard.get("weights", {}).items():
-        t = weights[name]
-        if t.shape[rec["dim"]] != rec["of"]:
-            raise PassError(f"shard_weights: {name} has {t.shape[rec['dim']]} rows along dim {rec['dim']}, "
-                            f"the sharded program expects {rec['of']}")
-        out[name] = t.narrow(rec["dim"], rec["start"], rec["stop"] - rec["start"])
+    for name, slices in shard.get("weights", {}).items():
+        out[name] = slice_tensor(weights[name], slices, name)
     return out

@@ -495,7 +495,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
          backend: str = "auto", cuda_graphs: bool = True, streams: bool = True, buffer_plan: bool = True,
          weights: dict[str, torch.Tensor] | None = None,
          tuning: bool | str | os.PathLike = True, trust_binaries: bool = False,
-         weights_from: str | os.PathLike | None = None) -> CompiledModel:
+         weights_from: str | os.PathLike | None = None, rank: int | None = None) -> CompiledModel:
     """Load an artifact written by ``Artifact.save`` / ``ds4c compile``, ready to run on ``device``.
 
     ``backend``: ``kernels`` (Triton kernels for fused ops, the rest op by op; default on CUDA),
@@ -517,6 +517,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
     ``weights_from``: where the checkpoint directory (or ONNX file) of an artifact compiled with
     weights by reference is now, when it moved; its files are checked against the artifact's record
     of them either way (ds4c.frontend.file_record).
+
+    A sharded artifact (compiled with ``--mesh`` / ``--gpus``, ds4c.artifact.sharded) loads in a
+    worker that torchrun or ``ds4c run --ranks N`` started: the process joins the mesh's process
+    group (ds4c.distributed.runtime.join: NCCL on CUDA, on the GPU of its LOCAL_RANK; gloo on CPU)
+    and loads its rank's program and only its slices of the weights. ``rank``: load that rank's
+    program and slices without joining (the caller binds the mesh's groups: bind_mesh).
     """
     from safetensors.torch import load as st_load
 
@@ -524,6 +530,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
 
     device = parse_device(device)
     manifest, program, container = read_artifact(path)
+    if "mesh" in manifest or rank is not None:
+        manifest, program, device = _rank_program(manifest, container, path, device, rank)
     trust = artifact_trust(container, trust_binaries)
     wman = manifest["weights"]
     dtype = _dtype(wman["dtype"])
@@ -531,7 +539,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
     # what the source provides (differs from ``expected`` when weights are packed at load)
     provided = {k: (tuple(v["shape"]), _dtype(v["dtype"])) for k, v in wman.get("source_tensors", {}).items()} \
         or expected
+    shard = wman.get("shard") or {}
     with progress_steps(f"loading {os.fspath(path)}", total=max(len(expected), 1), enabled=progress) as steps:
+        if weights is not None and shard:  # the whole model's tensors: this rank's slices of them
+            from ds4c.passes.shard_experts import slice_tensor
+
+            weights = {k: slice_tensor(v, shard[k], k) if k in shard else v for k, v in weights.items()}
         if weights is not None:
             # the program's own tensors (another loaded model's ``weights``), or what the source provides
             wanted = expected if set(expected) <= set(weights) else provided
@@ -539,6 +552,19 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
             if missing:
                 raise InputError(f"weights= lacks {len(missing)} tensors the program reads, e.g. '{missing[0]}'")
             weights = {k: weights[k] for k in wanted}
+        elif wman["mode"] == "embed" and shard:  # the whole tensors, once: this rank's slices, then its transforms
+            from ds4c.passes.shard_experts import slice_tensor
+
+            if WEIGHTS_MEMBER not in container.member_names():
+                raise ArtifactError(f"{path}: manifest says weights are embedded but '{WEIGHTS_MEMBER}' is missing")
+            raw = st_load(container.read_bytes(WEIGHTS_MEMBER))
+            weights = {}
+            for k in provided:
+                if k not in raw:
+                    raise ArtifactError(f"{path}: embedded weights lack tensor '{k}'; recompile the artifact")
+                t = raw.pop(k)
+                weights[k] = (slice_tensor(t, shard[k], k).clone() if k in shard else t).to(device)
+                steps.advance()
         elif wman["mode"] == "embed":
             if weights_from is not None:
                 raise InputError(f"{path}: weights_from / --weights-from given, but this artifact embeds its weights; "
@@ -559,7 +585,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
                 steps.advance()
 
             weights = load_weights(wman["source"], provided, dtype=dtype, device=device, progress=tick,
-                                   weights_from=weights_from, artifact=os.fspath(path))
+                                   weights_from=weights_from, artifact=os.fspath(path), shard=shard)
         weights = apply_transforms(weights, wman.get("transforms", []), keep=expected)
         weights = {k: weights[k] for k in expected}
     for k, (shape, _) in expected.items():
@@ -579,6 +605,27 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
         model.kernel_binaries = use_stored_binaries(manifest, container, device, model.backend, os.fspath(path),
                                                     trust=trust)
     return model
+
+
+def _rank_program(manifest: dict[str, Any], container: Any, path: Any, device: torch.device,
+                  rank: int | None) -> tuple[dict[str, Any], Program, torch.device]:
+    """(manifest, program, device) of this process's rank of a sharded artifact; joins the mesh's
+    process group unless ``rank`` is given."""
+    from ds4c.artifact.artifact import _read_program, check_manifest
+    from ds4c.artifact.sharded import rank_manifest
+
+    where = os.fspath(path)
+    if "mesh" not in manifest:
+        raise InputError(f"rank={rank}: {where} is not sharded (compiled without --mesh / --gpus); drop rank")
+    if rank is None:
+        from ds4c.distributed.mesh import Mesh
+        from ds4c.distributed.runtime import join
+
+        mesh = Mesh.from_dict(manifest["mesh"], where)
+        rank, device = join(mesh, device, where=where)
+    own = rank_manifest(manifest, rank, where)
+    check_manifest(own, where)
+    return own, (_read_program(container, own, where)), device
 
 
 def apply_transforms(weights: dict[str, torch.Tensor], transforms: Sequence[dict[str, Any]],

@@ -42,7 +42,7 @@ def test_each_rank_holds_its_experts_and_sums_its_partial_moe(artifact):
     assert len(moes) == len(reduces) == model.manifest["model"]["config"]["num_hidden_layers"]
     assert all(op.kwargs["expert_offset"] == 4 and op.kwargs["shared"] is False for op in moes)
     assert all(op.args[4].type.shape[0] == 4 for op in moes)
-    assert shard["weights"]["model.layers.0.mlp.experts.gate_up_proj"] == {"dim": 0, "start": 4, "stop": 8, "of": 8}
+    assert shard["weights"]["model.layers.0.mlp.experts.gate_up_proj"] == [{"dim": 0, "start": 4, "stop": 8, "of": 8}]
     weights = shard_weights(model.weights, shard)
     assert weights["model.layers.0.mlp.experts.down_proj"].shape[0] == 4
     with pytest.raises(PassError, match="do not split over 3 ranks"):
