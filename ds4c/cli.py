@@ -100,6 +100,12 @@ def compile(
     pdl: Annotated[bool, typer.Option(
         "--pdl/--no-pdl", help="GPU kernels launch with programmatic dependent launch on sm_90+ (off: after the "
                                "previous kernel ends, for A/B runs; binaries and runtime follow it)")] = True,
+    mesh: Annotated[str | None, typer.Option(
+        "--mesh", help="shard over a device mesh, e.g. ep=4 or ep=2,tp=2: expert parallelism (ep) and tensor "
+                       "parallelism of the experts (tp); one program per rank in the artifact")] = None,
+    gpus: Annotated[int | None, typer.Option(
+        "--gpus", help="shard over N GPUs (the mesh chosen for the model: expert parallelism where the "
+                       "experts split evenly)")] = None,
 ) -> None:
     """Compile MODEL for TARGET into a .ds4 artifact."""
     import ds4c
@@ -121,7 +127,8 @@ def compile(
                            activations=activations, allow_nonfinite=allow_nonfinite_weights,
                            lowering={"fuse_norm_rope": fuse_norm_rope, "merge_linears": merge_linears,
                                      "merge_packed": merge_packed, "pdl": pdl},
-                           serving=(_serving_options(serving_opt) or True) if serving or serving_opt else None)
+                           serving=(_serving_options(serving_opt) or True) if serving or serving_opt else None,
+                           mesh=mesh, gpus=gpus)
         if output is None:
             output = Path(f"{Path(model).name}-{target}.ds4")
         art.save(output, sign_key=sign_key if sign_key is not None else True)
@@ -135,6 +142,11 @@ def compile(
     console.print(f"[green]compiled[/] {model} for {m['target']['name']} -> {output} "
                   f"({ops}; weights {m['weights']['mode']}, {m['weights']['bytes'] / 2**20:.1f} MiB "
                   f"{m['weights']['dtype']})")
+    if "mesh" in m:
+        per = ", ".join(f"{b / 2**20:.1f}" for b in m["weights"]["rank_bytes"])
+        console.print(f"sharded over {m['mesh']['world']} ranks (mesh ep={m['mesh']['axes']['ep']},"
+                      f"tp={m['mesh']['axes']['tp']}): weights per rank {per} MiB; run it with "
+                      f"`ds4c run {output} --ranks {m['mesh']['world']}` (or --gpus on GPUs)")
 
 
 def _check_output(path: Path, option: str, example: str) -> None:
@@ -212,6 +224,11 @@ def run(
     trust_binaries: Annotated[bool, typer.Option(
         "--trust-binaries", help="use the native code stored in ARTIFACT (kernel binaries, NPU host build) even "
                                  "if no trusted key signed it")] = False,
+    ranks: Annotated[int | None, typer.Option(
+        "--ranks", help="run a sharded ARTIFACT as N processes on this machine (gloo on --device cpu); "
+                        "torchrun ... -m ds4c run ARTIFACT starts them too")] = None,
+    gpus: Annotated[int | None, typer.Option(
+        "--gpus", help="run a sharded ARTIFACT on N GPUs of this machine, one process each (NCCL)")] = None,
 ) -> None:
     """Load ARTIFACT and greedily generate tokens."""
     import ds4c
@@ -222,6 +239,10 @@ def run(
         _fail(Ds4cError("give exactly one of --prompt-ids 1,2,3 or --prompt TEXT"))
     if prompt is not None and not prompt:
         _fail(InputError("--prompt is empty: give some text, e.g. --prompt 'Hello', or token ids, e.g. --prompt-ids 1,2,3"))
+    if ranks is not None or gpus is not None:  # the workers run this same command, one per rank
+        from ds4c.distributed.launch import launch_workers
+
+        raise typer.Exit(launch_workers(artifact, ranks=ranks, gpus=gpus, device=device, argv=sys.argv[1:]))
     rows = _parse_ids(prompt_ids) if prompt_ids is not None else []
     ragged = is_ragged(rows)
     if not ragged:
@@ -239,6 +260,8 @@ def run(
         out = model.generate(rows, max_new_tokens=max_new_tokens)
     except Ds4cError as e:
         _fail(e)
+    if model.manifest.get("rank", 0):  # a sharded artifact's other ranks: rank 0 prints
+        return
     for i, ids in enumerate(rows):
         row = f" (row {i})" if len(rows) > 1 else ""
         new = list(out[i][len(ids):]) if isinstance(out, list) else out[i, len(ids):].tolist()

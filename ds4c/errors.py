@@ -41,3 +41,8 @@ class InputError(Ds4cError):
 
 class KernelError(Ds4cError):
     """A device kernel failed to compile ahead of time, or an artifact's stored binaries are unusable."""
+
+
+class RankFailure(Ds4cError):
+    """A collective of a sharded program failed: another rank exited or stopped answering. Passed
+    through the executors unwrapped, so every rank's last line says so."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ds4c.errors import InputError, IRError
+from ds4c.errors import InputError, IRError, RankFailure
 from ds4c.ir.graph import Graph, Op, Value, map_values
 from ds4c.ir.registry import OpDef, get_op, split_results
 from ds4c.ir.shapes import eval_dim
@@ -127,6 +127,8 @@ class ReferenceExecutor:
             k = map_values(kwargs, lookup)
             try:
                 out = opdef.reference(*a, **k)
+            except RankFailure:  # another rank's failure, as it is
+                raise
             except Exception as e:
                 raise IRError(f"graph @{self.graph.name}: op #{i} {op.name} -> "
                               f"{', '.join('%' + r.name for r in op.results)} failed: {e}") from e

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ds4c.errors import Ds4cError, VerificationError
+from ds4c.errors import Ds4cError, RankFailure, VerificationError
 from ds4c.ir.registry import OpDef, Operand, register_op
 from ds4c.ir.shapes import dim_expr, floordiv_dim, format_dim
 from ds4c.ir.types import TensorType
@@ -53,10 +53,6 @@ def bind_mesh(groups: Mapping[str, Any]) -> Iterator[None]:
 def use_mesh(groups: Mapping[str, Any]) -> None:
     """Bind these groups for the rest of the process (what a rank of a loaded sharded artifact runs on)."""
     _groups.update(groups)
-
-
-class RankFailure(Ds4cError):
-    """A collective failed: another rank exited or stopped answering (see its log)."""
 
 
 def _collective(axis: str, world: int, run: Any) -> torch.Tensor:

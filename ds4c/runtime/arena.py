@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ds4c.errors import InputError, IRError
+from ds4c.errors import InputError, IRError, RankFailure
 from ds4c.ir.graph import Graph, Value, map_values
 from ds4c.ir.interpreter import ReferenceExecutor
 from ds4c.ir.registry import split_results
@@ -92,6 +92,8 @@ class ArenaExecutor(ReferenceExecutor):
         for i, (op, opdef, args, kwargs) in enumerate(self._steps):
             try:
                 out = opdef.reference(*map_values(args, lookup), **map_values(kwargs, lookup))
+            except RankFailure:  # another rank's failure, as it is
+                raise
             except Exception as e:
                 raise IRError(f"graph @{self.graph.name}: op #{i} {op.name} failed: {e}") from e
             outs = split_results(out)

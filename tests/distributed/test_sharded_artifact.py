@@ -113,3 +113,80 @@ def test_loading_a_sharded_artifact_outside_a_launcher_says_how_to_run_it(tmp_pa
 def test_a_mesh_that_does_not_fit_the_model_is_refused(mesh, message):
     with pytest.raises(ConfigError, match=message):
         ds4c.compile("tiny", target="cpu", precision="fp32", max_context=64, progress=False, mesh=mesh)
+
+
+def _dying_worker(rank: int, world: int, port: int, path: str, results) -> None:
+    import time
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS4C_DIST_TIMEOUT": "30"})
+    model = ds4c.load(path)
+    if rank == 1:
+        os._exit(3)  # killed: no goodbye to the others
+    time.sleep(1.0)
+    t0 = time.perf_counter()
+    try:
+        model(torch.tensor(IDS))
+        results[rank] = ("finished", time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001 - the test reads what it was
+        results[rank] = (f"{type(e).__name__}: {e}", time.perf_counter() - t0)
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_makes_the_others_stop_with_an_error_naming_it(tmp_path):
+    art = ds4c.compile("tiny", target="cpu", precision="fp32", max_context=64, progress=False, mesh="ep=2")
+    path = art.save(tmp_path / "tiny.ds4")
+    with mp.Manager() as manager:
+        results = manager.dict()
+        ctx = mp.start_processes(_dying_worker, args=(2, free_port(), str(path), results), nprocs=2, join=False,
+                                 start_method="spawn")
+        for p in ctx.processes:
+            p.join(timeout=90)
+        alive = [p.is_alive() for p in ctx.processes]
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+        got = dict(results)
+    assert alive == [False, False]
+    message, seconds = got[0]
+    assert message.startswith("RankFailure: rank 0: a collective over mesh axis 'ep' (2 ranks) failed"), message
+    assert "another rank has exited" in message and seconds < 30
+
+
+def _generated(text: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith("generated ids"))
+
+
+@pytest.mark.slow
+def test_ds4c_run_starts_one_process_per_rank_and_two_nodes_rendezvous_over_loopback(tmp_path):
+    """``ds4c run ART --ranks 2`` (torchrun's agent on this machine) and the same artifact as two
+    'nodes' of one process each, joined by torchrun's c10d rendezvous on 127.0.0.1: rank 0 prints
+    the tokens one process prints for the unsharded artifact."""
+    import subprocess
+    import sys
+
+    def ds4c_cli(*args, **kw):
+        return subprocess.run([sys.executable, "-m", "ds4c", *args], capture_output=True, text=True, timeout=240, **kw)
+
+    one, two = tmp_path / "one.ds4", tmp_path / "ep2.ds4"
+    assert ds4c_cli("compile", "tiny", "--target", "cpu", "--precision", "fp32", "--max-context", "64",
+                    "-o", str(one)).returncode == 0
+    assert ds4c_cli("compile", "tiny", "--target", "cpu", "--precision", "fp32", "--max-context", "64",
+                    "--mesh", "ep=2", "-o", str(two)).returncode == 0
+    prompt = ["--prompt-ids", "3,17,99,4,250,8", "-n", "6"]
+    want = ds4c_cli("run", str(one), *prompt)
+    assert want.returncode == 0, want.stderr
+    local = ds4c_cli("run", str(two), *prompt, "--ranks", "2")
+    assert local.returncode == 0, local.stderr[-2000:]
+    assert _generated(local.stdout) == _generated(want.stdout)
+    assert local.stdout.count("generated ids") == 1  # rank 0 prints
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                               "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=ds4c-test",
+                               "--max-restarts=0", "-m", "ds4c", "run", str(two), *prompt],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    outs = [node.communicate(timeout=240) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outs]
+    printed = [out for out, _ in outs if "generated ids" in out]
+    assert len(printed) == 1 and _generated(printed[0]) == _generated(want.stdout)
