@@ -335,6 +335,11 @@ def inspect(
     except Ds4cError as e:
         _fail(e)
     summarize(manifest, program, console)
+    if "mesh" in manifest:
+        from ds4c.inspect import mesh_table
+
+        ranks = [program] + [read_artifact(artifact, rank=r)[1] for r in range(1, manifest["mesh"]["world"])]
+        console.print(mesh_table(manifest, ranks))
     if plots is not None:
         for path in write_plan_plots(manifest, program, container, plots):
             console.print(f"wrote {path}")

@@ -6,6 +6,7 @@ import re
 from collections import Counter
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -245,6 +246,56 @@ def _size(n: int) -> str:
 
 def _mib(n: Any) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f}"
+
+
+def collective_bytes(graph: Graph) -> dict[str, tuple[int, int]]:
+    """Collective op -> (count, bytes of their operands per token: symbolic sizes taken as 1)."""
+    from ds4c.ir.types import TensorType
+
+    out: dict[str, tuple[int, int]] = {}
+    for op in graph.ops:
+        if not op.name.startswith("dist.") or not isinstance(op.args[0].type, TensorType):
+            continue
+        t = op.args[0].type
+        n = 1
+        for d in t.shape:
+            n *= d if isinstance(d, int) else 1
+        count, nbytes = out.get(op.name, (0, 0))
+        out[op.name] = (count + 1, nbytes + n * t.dtype.itemsize)
+    return out
+
+
+def mesh_table(manifest: dict[str, Any], ranks: list[Program]) -> Table:
+    """Per rank of a sharded artifact: its weights, state, decode plan and communication per step.
+    Communication: operand bytes per token of the decode step's collectives, and what a ring
+    all-reduce moves per rank (2 (W-1)/W of it) at the target's peer link."""
+    mesh = manifest["mesh"]
+    target = manifest["target"]
+    link = target.get("peer_link_bandwidth")
+    t = Table(title=f"mesh ep={mesh['axes'].get('ep', 1)},tp={mesh['axes'].get('tp', 1)}: {mesh['world']} ranks "
+                    f"(peer link: {target.get('peer_link', 'none')})")
+    for col in ("rank", "weights MiB", "state KiB/seq", "decode device MiB / target", "collectives / decode step",
+                "KiB per token", "link us per token"):
+        t.add_column(col, justify="left" if col in ("rank", "collectives / decode step") else "right")
+    from ds4c.artifact.sharded import rank_manifest
+
+    for r, program in enumerate(ranks):
+        own = rank_manifest(manifest, r)
+        state = 0
+        for s in own["state"]:
+            n = 1
+            for d in s["shape"][1:]:
+                n *= int(d)
+            state += n * getattr(torch, s["dtype"]).itemsize
+        plan = (own.get("memory_plan") or {}).get("decode") or {}
+        device = f"{_mib(plan.get('device_bytes'))} / {_mib(plan.get('target_hbm_bytes'))}" if plan else "-"
+        comm = collective_bytes(program.graphs["decode"]) if "decode" in program.graphs else {}
+        nbytes = sum(b for _, b in comm.values())
+        moved = nbytes * 2 * (mesh["world"] - 1) / mesh["world"]
+        t.add_row(str(r), _mib(own["weights"]["bytes"]), f"{state / 1024:.1f}", device,
+                  ", ".join(f"{k.removeprefix('dist.')} ×{c}" for k, (c, _) in comm.items()) or "-",
+                  f"{nbytes / 1024:.1f}", f"{moved / link * 1e6:.2f}" if link else "-")
+    return t
 
 
 def plan_table(manifest: dict[str, Any]) -> Table:

@@ -92,15 +92,10 @@ class Mesh:
     def for_gpus(cls, gpus: int, *, experts: int) -> Mesh:
         """The mesh ``--gpus N`` compiles for: expert parallelism over all N where the routed experts
         split evenly (they are >90% of a V4 model's bytes, and EP's per-layer all-reduce moves what
-        TP's does), else tensor parallelism over the factor that does not divide them."""
+        TP's does); else over the largest divisor of N that divides them, and tensor parallelism over the rest."""
         if not isinstance(gpus, int) or gpus < 1:
             raise ConfigError(f"--gpus {gpus!r}: give the number of GPUs, 1 or more")
-        ep = gpus
-        while experts % ep:
-            ep -= 1
-        if gpus % ep:
-            raise ConfigError(f"--gpus {gpus}: the model's {experts} experts do not split over {gpus} GPUs or a "
-                              f"divisor of it; give --mesh ep=E,tp=T with E dividing {experts}")
+        ep = max(e for e in range(1, gpus + 1) if gpus % e == 0 and experts % e == 0)
         return cls(ep=ep, tp=gpus // ep)
 
     def __str__(self) -> str:

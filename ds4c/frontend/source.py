@@ -96,12 +96,12 @@ def load_weights(ref: Mapping[str, Any], expected: WeightSpec, *, dtype: torch.d
         from ds4c.passes.shard_experts import slice_tensor, whole_shape
 
         whole = {k: (whole_shape(s, shard[k]) if k in shard else s, d) for k, (s, d) in expected.items()}
-        if ref["kind"] == "preset":  # generated one at a time: only the slice stays
+        if ref["kind"] == "preset":  # a rank's experts alone (drawn per expert), the rest one tensor at a time
             from ds4c.models.deepseek_v4.presets import init_preset_weights
 
             out = {}
-            for i, (name, t) in enumerate(init_preset_weights(whole, ref["seed"], device, dtype)):
-                out[name] = slice_tensor(t, shard[name], name).clone() if name in shard else t
+            for i, (name, t) in enumerate(init_preset_weights(whole, ref["seed"], device, dtype, shard=shard)):
+                out[name] = t
                 if progress:
                     progress(i + 1, len(whole))
             return out

@@ -63,9 +63,12 @@ def run_ranks(path, world: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", ["ep=2", "tp=2", "ep=2,tp=2", "ep=4"])
-def test_every_rank_of_a_sharded_artifact_gives_one_ranks_logits_and_tokens(one_rank, mesh, tmp_path):
-    art = ds4c.compile("tiny", target="cpu", precision="fp32", max_context=64, progress=False, mesh=mesh)
+@pytest.mark.parametrize("mesh, weights", [("ep=2", "embed"), ("tp=2", "embed"), ("ep=2,tp=2", "embed"),
+                                           ("ep=4", "embed"), ("ep=2,tp=2", "reference")])
+def test_every_rank_of_a_sharded_artifact_gives_one_ranks_logits_and_tokens(one_rank, mesh, weights, tmp_path):
+    """(``reference``: each rank generates its slices of the preset's weights from the seed.)"""
+    art = ds4c.compile("tiny", target="cpu", precision="fp32", max_context=64, progress=False, mesh=mesh,
+                       weights=weights)
     path = art.save(tmp_path / "tiny.ds4")
     want_logits, want_tokens = one_rank
     got = run_ranks(path, art.manifest["mesh"]["world"])

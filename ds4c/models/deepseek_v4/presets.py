@@ -80,24 +80,40 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 def preset_weight(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int,
-                  device: str | torch.device = "cpu", *, vocab_experts: tuple[int, int] | None = None) -> torch.Tensor:
-    """One weight, deterministic in (seed, name), scaled by its role so activations stay O(1)."""
+                  device: str | torch.device = "cpu", *, vocab_experts: tuple[int, int] | None = None,
+                  rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One weight, deterministic in (seed, name), scaled by its role so activations stay O(1).
+
+    A routed-expert stack ([E, ...], ``experts.`` in the name) is drawn one expert at a time, each
+    from its own seed: ``rows = (start, stop)`` gives experts ``start .. stop - 1`` alone (a rank's
+    shard), equal to those rows of the whole stack, without drawing the others."""
     device = torch.device(device)
     g = torch.Generator(device=device)
     g.manual_seed(tensor_seed(seed, name))
     leaf = name.rsplit(".", 1)[-1]
+    per_expert = is_expert_stack(name, shape)
+    if rows is not None and not per_expert:
+        raise ValueError(f"preset_weight: rows= is for routed-expert stacks, not {name} {list(shape)}")
+    first, last = rows if rows is not None else (0, shape[0] if per_expert else 0)
+
+    def fill(flat: torch.Tensor, std: float, mean: float) -> None:
+        step = max(1, _CHUNK_ELEMS // max(1, flat.shape[1]))
+        for i in range(0, flat.shape[0], step):
+            part = flat[i:i + step]
+            part.copy_(torch.randn(part.shape, generator=g, device=device, dtype=torch.float32) * std + mean)
 
     def normal(std: float, mean: float = 0.0) -> torch.Tensor:
         # Large tensors are drawn a slab at a time straight into the target dtype, so generating
         # a 16 GiB expert stack needs no 32 GiB fp32 temporary on the device.
-        out = torch.empty(shape, dtype=dtype, device=device)
+        out = torch.empty((last - first, *shape[1:]) if per_expert else shape, dtype=dtype, device=device)
         if out.numel() == 0:
             return out
-        flat = out.view(shape[0], -1) if len(shape) > 1 else out.view(1, -1)
-        rows = max(1, _CHUNK_ELEMS // max(1, flat.shape[1]))
-        for i in range(0, flat.shape[0], rows):
-            part = flat[i:i + rows]
-            part.copy_(torch.randn(part.shape, generator=g, device=device, dtype=torch.float32) * std + mean)
+        if per_expert:
+            for e in range(first, last):
+                g.manual_seed(tensor_seed(seed, f"{name}[{e}]"))
+                fill(out[e - first].view(shape[1], -1), std, mean)
+            return out
+        fill(out.view(shape[0], -1) if len(shape) > 1 else out.view(1, -1), std, mean)
         return out
 
     if leaf == "tid2eid":
@@ -122,10 +138,21 @@ def preset_weight(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: i
     return normal(1.0 / math.sqrt(fan_in))
 
 
+def is_expert_stack(name: str, shape: tuple[int, ...]) -> bool:
+    """A routed experts' weight stack [E, rows, cols] (drawn per expert: ``preset_weight``)."""
+    return len(shape) == 3 and ".experts." in f".{name}"
+
+
 def init_preset_weights(expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]], seed: int,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        shard: Mapping[str, list[dict[str, int]]] | None = None,
                         ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Generate every expected weight (floating ones in ``dtype``), one at a time."""
+    """Generate every expected weight (floating ones in ``dtype``), one at a time. ``shard``:
+    name -> slices (ds4c.passes.shard_experts) of a rank: those tensors come as the rank's slices,
+    an expert stack's experts drawn alone (the whole stack is never made)."""
+    from ds4c.passes.shard_experts import slice_tensor
+
+    shard = shard or {}
     experts = None
     for name, (shape, _) in expected.items():
         if name.endswith("experts.gate_up_proj"):
@@ -133,4 +160,10 @@ def init_preset_weights(expected: Mapping[str, tuple[tuple[int, ...], torch.dtyp
             break
     for name, (shape, want) in expected.items():
         dt = want if not want.is_floating_point else dtype
-        yield name, preset_weight(name, tuple(shape), dt, seed, device, vocab_experts=experts)
+        slices = list(shard.get(name, ()))
+        rows = None
+        if slices and slices[0]["dim"] == 0 and is_expert_stack(name, tuple(shape)):
+            rows = (slices[0]["start"], slices[0]["stop"])
+            slices = slices[1:]
+        t = preset_weight(name, tuple(shape), dt, seed, device, vocab_experts=experts, rows=rows)
+        yield name, slice_tensor(t, slices, name).clone() if slices else t

@@ -539,11 +539,13 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @register_kernel("moe")
 def moe(ctx: KernelContext, x, ids, router, selector, gate_up, down, s_gate, s_up, s_down, *, top_k: int, route_scale: float,
-        swiglu_limit: float, routing: str, score: str, act: str | None = None, shared_act: str | None = None):
+        swiglu_limit: float, routing: str, score: str, act: str | None = None, shared_act: str | None = None,
+        expert_offset: int = 0, shared: bool = True):
     """Launcher with ``moe_reference``'s signature; declines dtypes other than fp32/bf16/fp16,
     expert weights of another dtype than x, and shapes that do not form [E, 2I, D] / [E, D, I].
-    Activation formats (expert weights expanded at load) quantise the GEMMs' inputs first."""
-    if gate_up.dtype != x.dtype or down.dtype != x.dtype:
+    Activation formats (expert weights expanded at load) quantise the GEMMs' inputs first.
+    Declines one rank's slice of the experts (``shard_experts``: its reference runs it)."""
+    if gate_up.dtype != x.dtype or down.dtype != x.dtype or _sharded(router, gate_up, expert_offset, shared):
         return NotImplemented
     shared = None
     if {s_gate.dtype, s_up.dtype, s_down.dtype} == {x.dtype} and shared_act == act:
@@ -559,15 +561,15 @@ def moe(ctx: KernelContext, x, ids, router, selector, gate_up, down, s_gate, s_u
 @register_kernel("moe.packed")
 def moe_packed(ctx: KernelContext, x, ids, router, selector, *packed, formats: list[str], shapes: list[list[int]], top_k: int,
                route_scale: float, swiglu_limit: float, routing: str, score: str, act: str | None = None,
-               shared_act: str | None = None):
+               shared_act: str | None = None, expert_offset: int = 0, shared: bool = True):
     """``moe.packed``: the routed experts' GEMMs read FP8 (128x128 block scales) or INT8 (row
     scales) expert weights as stored; the shared expert joins the decode kernels when its weights
     have the routed experts' format (and activation format), else goes through
     ``linear.packed``'s GEMV (its reference, dequantise + cuBLAS, for many tokens). FP8
     activations (``act``): each GEMM's input is quantised once by the FP8 quantiser kernel first
     (the decode row kernels can quantise in registers instead: ``moe_decode.act_in_registers``).
-    Declines other formats."""
-    if any(f not in _MODES and f != "none" for f in formats):
+    Declines other formats, and one rank's slice of the experts (``shard_experts``: its reference runs it)."""
+    if any(f not in _MODES and f != "none" for f in formats) or _sharded(router, None, expert_offset, shared, shapes):
         return NotImplemented
     weights, i = [], 0
     for fmt, shape in zip(formats, shapes, strict=True):  # (tensors, scale mode, format, shape) per weight
@@ -601,6 +603,12 @@ def moe_packed(ctx: KernelContext, x, ids, router, selector, *packed, formats: l
         return y
 
     return out + _shared(x, *weights[2:], swiglu_limit, linear=linear, act=shared_act)
+
+
+def _sharded(router, gate_up, expert_offset: int, shared: bool, shapes=None) -> bool:
+    """Whether ``moe`` holds one rank's slice of the experts (an offset, part of them, no shared expert)."""
+    experts = gate_up.shape[0] if gate_up is not None else int(shapes[0][0])
+    return bool(expert_offset) or not shared or experts != router.shape[0]
 
 
 def _routed(ctx: KernelContext, x, ids, router, selector, gate_up, down, shared, *, top_k: int, route_scale: float, swiglu_limit: float,
