@@ -425,6 +425,7 @@ class Engine:
                  pages: dict[str, int] | None = None, state_budget: int | None = None, prefix_cache: bool = False,
                  prefix_granule: int | None = None):
         runner = source
+        self.rank = 0  # of a sharded artifact: rank 0 schedules, the others follow (``follow``)
         if isinstance(source, str | os.PathLike):
             from ds4c.runtime.model import load  # at call time: model's generate builds on this module
 
@@ -435,6 +436,15 @@ class Engine:
                                         max_step_tokens=max_step_tokens)
             max_running = max_running or min(runner.max_running, runner.pools.slots.capacity)
             planned = pages is None  # pool sizes from the plan (or a budget): this engine may add to them
+            if "mesh" in source.manifest:  # every rank runs rank 0's steps (ds4c.runtime.ranks)
+                from ds4c.runtime.ranks import LeaderStepRunner, control_group
+
+                self.rank = int(source.manifest.get("rank", 0))
+                self._group = control_group()
+                if self.rank:
+                    self.runner = runner  # driven by rank 0's calls in follow(); nothing scheduled here
+                    return
+                runner = LeaderStepRunner(runner, self._group)
         elif not all(hasattr(source, a) for a in ("run", "pools", "layout", "rates", "vocab_size")):
             raise InputError(f"Engine({type(source).__name__}): give an artifact path, a CompiledModel (ds4c.load) "
                              "or a step runner")
@@ -501,6 +511,9 @@ class Engine:
         this request only (nothing is queued). ``on_progress(request)`` is called from the stepping
         thread whenever the request gets a token or finishes (e.g. to wake an asyncio consumer with
         ``loop.call_soon_threadsafe``); it must be quick and must not call back into the engine."""
+        if self.rank:
+            raise InputError(f"Engine.submit on rank {self.rank}: rank 0 of a sharded artifact takes the requests; "
+                             "this rank runs its steps in engine.follow()")
         params = SamplingParams(max_new_tokens=16) if params is None else params
         if not isinstance(params, SamplingParams):
             raise InputError(f"Engine.submit: params must be a SamplingParams, got {type(params).__name__}")
@@ -595,6 +608,24 @@ class Engine:
             self._stopping = False
             self._loop = threading.Thread(target=self._run_loop, name="ds4c-engine", daemon=True)
             self._loop.start()
+
+    def follow(self) -> int:
+        """Ranks 1.. of a sharded artifact: run rank 0's steps until rank 0's engine ``close``s (or its
+        process ends); the number of steps run. A rank 0 that dies ends this with RankFailure."""
+        if not self.rank:
+            raise InputError("Engine.follow: this engine schedules (rank 0, or an unsharded artifact): submit requests")
+        from ds4c.runtime.ranks import follow
+
+        return follow(self.runner, self._group)
+
+    def close(self) -> None:
+        """Stop the background loop; on rank 0 of a sharded artifact, release the other ranks from
+        ``follow`` (also done at exit). The engine takes no more steps after this."""
+        if self.rank:
+            return
+        self.stop()
+        if hasattr(self.runner, "stop"):
+            self.runner.stop()
 
     def stop(self, timeout: float | None = None) -> None:
         """End the background loop after its current step (requests stay where they are)."""

@@ -1,0 +1,153 @@
+"""The Engine over a sharded artifact: rank 0 schedules, every rank runs the same steps.
+
+Each rank of a sharded artifact holds its slice of the model and its own pools (the state of
+every request, replicated: attention is replicated). Rank 0's Engine does all the scheduling
+(admission, pages, prefix cache, sampling); what touches the device goes through its step
+runner, so ``LeaderStepRunner`` sends each such call to the other ranks before making it, and
+``follow`` (``Engine.follow()`` on ranks 1..) makes the same call on their runner: a step's
+inputs (``StepBatch``: integer tensors), page copies (prefix cache), window pages added,
+warm-up (CUDA graph capture), stop. The collectives inside the steps then meet, rank for rank.
+
+Messages go over a gloo group (CPU tensors, also when the steps run on NCCL): a header of
+``HEADER`` int64 (command, integer arguments, each tensor's dtype and shape) and one int64
+payload with the tensors' values. No pickle: a follower rebuilds tensors from numbers.
+"""
+
+from __future__ import annotations
+
+import atexit
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ds4c.errors import RankFailure
+from ds4c.runtime.step_batch import StepBatch
+
+__all__ = ["LeaderStepRunner", "control_group", "follow"]
+
+HEADER = 128
+RUN, COPY_PAGES, ADD_WINDOW_PAGES, WARM_UP, STOP = 1, 2, 3, 4, 5
+_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+_POOLS = ("window", "compressed", "slots")
+_MAX_RANK = 4  # tensor ranks a message carries (StepBatch's are 1-D and 2-D)
+
+_group: Any = None
+
+
+def control_group() -> Any:
+    """The gloo group of all ranks that carries these messages (made once; every rank calls this)."""
+    global _group
+    import torch.distributed as dist
+
+    if _group is None:
+        _group = dist.new_group(backend="gloo")
+    return _group
+
+
+def _send(group: Any, cmd: int, ints: Sequence[int] = (), tensors: Sequence[torch.Tensor] = ()) -> None:
+    import torch.distributed as dist
+
+    header = torch.zeros(HEADER, dtype=torch.int64)
+    meta = [cmd, len(ints), len(tensors), sum(t.numel() for t in tensors), *ints]
+    for t in tensors:
+        if t.dtype not in _DTYPES or t.dim() > _MAX_RANK:
+            raise AssertionError(f"step message: a {t.dtype} tensor of rank {t.dim()} cannot be sent")
+        meta += [_DTYPES.index(t.dtype), t.dim(), *t.shape, *[0] * (_MAX_RANK - t.dim())]
+    if len(meta) > HEADER:
+        raise AssertionError(f"step message: {len(meta)} header numbers, room for {HEADER}")
+    header[:len(meta)] = torch.tensor(meta, dtype=torch.int64)
+    try:
+        dist.broadcast(header, 0, group=group)
+        if meta[3]:
+            payload = torch.cat([t.detach().to("cpu", torch.int64).reshape(-1) for t in tensors])
+            dist.broadcast(payload, 0, group=group)
+    except RuntimeError as e:
+        raise RankFailure(f"rank 0: sending a step to the other ranks failed ({str(e).splitlines()[0][:200]}); "
+                          "another rank has exited (see its log)") from None
+
+
+def _receive(group: Any) -> tuple[int, list[int], list[torch.Tensor]]:
+    import torch.distributed as dist
+
+    header = torch.zeros(HEADER, dtype=torch.int64)
+    try:
+        dist.broadcast(header, 0, group=group)
+        cmd, n_ints, n_tensors, total = (int(v) for v in header[:4])
+        payload = torch.zeros(total, dtype=torch.int64)
+        if total:
+            dist.broadcast(payload, 0, group=group)
+    except RuntimeError as e:
+        raise RankFailure(f"rank {dist.get_rank()}: waiting for rank 0's next step failed "
+                          f"({str(e).splitlines()[0][:200]}); rank 0 has exited (see its log)") from None
+    values = header.tolist()
+    ints = values[4:4 + n_ints]
+    at, offset, tensors = 4 + n_ints, 0, []
+    for _ in range(n_tensors):
+        dtype, ndim = _DTYPES[values[at]], values[at + 1]
+        shape = values[at + 2:at + 2 + ndim]
+        at += 2 + _MAX_RANK
+        n = 1
+        for d in shape:
+            n *= d
+        tensors.append(payload[offset:offset + n].reshape(shape).to(dtype))
+        offset += n
+    return cmd, ints, tensors
+
+
+class LeaderStepRunner:
+    """Rank 0's step runner: ``runner``'s calls, each sent to the other ranks first (``follow``)."""
+
+    def __init__(self, runner: Any, group: Any):
+        self._runner, self._group = runner, group
+        self._stopped = False
+        atexit.register(self.stop)
+
+    def __getattr__(self, name: str) -> Any:  # pools, layout, rates, graphs, ...: the local runner's
+        return getattr(self._runner, name)
+
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        _send(self._group, RUN, (), batch.args())
+        return self._runner.run(batch)
+
+    def copy_pages(self, pool: str, src: list[int], dst: list[int]) -> None:
+        _send(self._group, COPY_PAGES, (_POOLS.index(pool),),
+              (torch.tensor(src, dtype=torch.int64), torch.tensor(dst, dtype=torch.int64)))
+        self._runner.copy_pages(pool, src, dst)
+
+    def add_window_pages(self, n: int) -> None:
+        _send(self._group, ADD_WINDOW_PAGES, (n,))
+        self._runner.add_window_pages(n)
+
+    def warm_up(self, max_rows: int | None = None, max_tokens: int | None = None) -> None:
+        _send(self._group, WARM_UP, (-1 if max_rows is None else max_rows, -1 if max_tokens is None else max_tokens))
+        self._runner.warm_up(max_rows, max_tokens)
+
+    def stop(self) -> None:
+        """Tell the other ranks to leave ``follow`` (once; also at exit)."""
+        if not self._stopped:
+            self._stopped = True
+            try:
+                _send(self._group, STOP)
+            except RankFailure:
+                pass  # they are gone already
+
+
+def follow(runner: Any, group: Any) -> int:
+    """Make rank 0's runner calls on ``runner`` until rank 0 stops; the number of steps run."""
+    steps = 0
+    while True:
+        cmd, ints, tensors = _receive(group)
+        if cmd == RUN:
+            runner.run(StepBatch(*tensors, logit_owners=()))
+            steps += 1
+        elif cmd == COPY_PAGES:
+            runner.copy_pages(_POOLS[ints[0]], tensors[0].tolist(), tensors[1].tolist())
+        elif cmd == ADD_WINDOW_PAGES:
+            runner.add_window_pages(ints[0])
+        elif cmd == WARM_UP:
+            runner.warm_up(None if ints[0] < 0 else ints[0], None if ints[1] < 0 else ints[1])
+        elif cmd == STOP:
+            return steps
+        else:
+            raise RankFailure(f"rank 0 sent an unknown step command {cmd}: the ranks run different ds4c versions?")
