@@ -523,6 +523,9 @@ def serve(
                                                help="reuse the state of shared prompt prefixes")] = True,
     trust_binaries: Annotated[bool, typer.Option(
         "--trust-binaries", help="use the native code stored in ARTIFACT even if no trusted key signed it")] = False,
+    ranks: Annotated[int | None, typer.Option("--ranks", help="a sharded ARTIFACT as N CPU processes (rank 0 "
+                                                              "serves, the others run its steps)")] = None,
+    gpus: Annotated[int | None, typer.Option("--gpus", help="a sharded ARTIFACT on N GPUs, one process each")] = None,
 ) -> None:
     """Serve ARTIFACT with the OpenAI API over HTTP: /v1/completions, /v1/chat/completions (when the
     checkpoint shipped a chat template), /v1/models, /health, /metrics (Prometheus)."""
@@ -539,9 +542,16 @@ def serve(
         _fail(InputError(f"--port {port}: must be in [0, 65535]"))
     if grace < 0:
         _fail(InputError(f"--grace {grace}: must be >= 0 seconds"))
+    if ranks is not None or gpus is not None:
+        from ds4c.distributed.launch import launch_workers
+
+        raise typer.Exit(launch_workers(artifact, ranks=ranks, gpus=gpus, device=device, argv=sys.argv[1:]))
     try:
         model = ds4c.load(artifact, device=device, backend=backend, trust_binaries=trust_binaries)
         engine = ds4c.Engine(model, max_running=max_running, prefix_cache=prefix_cache)
+        if engine.rank:  # a sharded artifact's other ranks run rank 0's steps
+            engine.follow()
+            return
         tokenizer = tokenizer_for(model)
     except Ds4cError as e:
         _fail(e)
@@ -588,6 +598,8 @@ def bench_serve(
     static_batch: Annotated[int, typer.Option("--static-batch", help="the padded baselines' batch size")] = 8,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+    ranks: Annotated[int | None, typer.Option("--ranks", help="a sharded ARTIFACT as N CPU processes")] = None,
+    gpus: Annotated[int | None, typer.Option("--gpus", help="a sharded ARTIFACT on N GPUs, one process each")] = None,
 ) -> None:
     """Serve a synthetic trace on ds4c.Engine (or a running `ds4c serve`, --url) and report
     throughput, TTFT and TPOT (p50/p90/p99), pages, preemptions, prompt tokens computed and prefix
@@ -598,6 +610,12 @@ def bench_serve(
     from ds4c.bench.serve import make_workload, run_engine, run_http, run_static, summarize
     from ds4c.progress import progress_steps
 
+    if ranks is not None or gpus is not None:
+        from ds4c.distributed.launch import launch_workers
+
+        if artifact is None:
+            _fail(InputError("--ranks / --gpus start the ranks of a sharded artifact; give the artifact"))
+        raise typer.Exit(launch_workers(artifact, ranks=ranks, gpus=gpus, device=device, argv=sys.argv[1:]))
     if concurrency is None and rate is None:
         concurrency = 8
     if (artifact is None) == (url is None):
@@ -623,6 +641,13 @@ def bench_serve(
         else:
             model = ds4c.load(artifact, device=device)
             vocab, max_context, where = model.vocab_size, model.max_context, str(model.device)
+            if "mesh" in model.manifest:  # sharded: the engine alone (baselines would need every rank too)
+                if model.manifest["rank"]:
+                    ds4c.Engine(model, prefix_cache=prefix_cache).follow()
+                    return
+                if bases:
+                    console.print(f"a sharded artifact: --compare {','.join(bases)} skipped (the engine alone)")
+                bases = []
         work = make_workload(requests, prompt_len, output_len, vocab, max_context=max_context, rate=rate,
                              concurrency=concurrency, dist=dist, seed=seed, shared_prefix=shared_prefix, turns=turns)
         report: dict = {"artifact": str(artifact) if artifact else None, "url": url, "device": where,
@@ -638,8 +663,9 @@ def bench_serve(
             sync = torch_sync(model.device)
             name = "engine" + (" (prefix cache)" if prefix_cache else "")
             with progress_steps(name, total=total, enabled=True) as steps:
-                report["engine"] = summarize(run_engine(ds4c.Engine(model, prefix_cache=prefix_cache), work,
-                                                        sync=sync, on_finish=steps.advance))
+                engine = ds4c.Engine(model, prefix_cache=prefix_cache)
+                report["engine"] = summarize(run_engine(engine, work, sync=sync, on_finish=steps.advance))
+                engine.close()
             main = report["engine"]
             if main.get("decode_batch") and main.get("decode_tokens_per_s"):
                 from ds4c.bench.serve import decode_bound

@@ -332,7 +332,17 @@ class CompiledModel:
                                  stop_token_ids=stop, seed=None if seed is None else seed + i)
                   for i in range(len(rows))]
         engine = Engine(self)
+        if engine.rank:  # a sharded artifact's other ranks: rank 0's steps, then its tokens
+            from ds4c.runtime.ranks import receive_tokens
+
+            engine.follow()
+            return receive_tokens(engine._group)
         outs = engine.generate(rows, params)
+        engine.close()
+        if "mesh" in self.manifest:
+            from ds4c.runtime.ranks import send_tokens
+
+            send_tokens(engine._group, [r + o for r, o in zip(rows, outs, strict=True)])
         return [r + o for r, o in zip(rows, outs, strict=True)]
 
     @staticmethod

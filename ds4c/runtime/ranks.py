@@ -24,10 +24,10 @@ import torch
 from ds4c.errors import RankFailure
 from ds4c.runtime.step_batch import StepBatch
 
-__all__ = ["LeaderStepRunner", "control_group", "follow"]
+__all__ = ["LeaderStepRunner", "control_group", "follow", "receive_tokens", "send_tokens"]
 
 HEADER = 128
-RUN, COPY_PAGES, ADD_WINDOW_PAGES, WARM_UP, STOP = 1, 2, 3, 4, 5
+RUN, COPY_PAGES, ADD_WINDOW_PAGES, WARM_UP, STOP, TOKENS = 1, 2, 3, 4, 5, 6
 _DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
 _POOLS = ("window", "compressed", "slots")
 _MAX_RANK = 4  # tensor ranks a message carries (StepBatch's are 1-D and 2-D)
@@ -151,3 +151,22 @@ def follow(runner: Any, group: Any) -> int:
             return steps
         else:
             raise RankFailure(f"rank 0 sent an unknown step command {cmd}: the ranks run different ds4c versions?")
+
+
+def send_tokens(group: Any, rows: Sequence[Sequence[int]]) -> None:
+    """Rank 0: the token rows a generate call produced, to the other ranks (``receive_tokens``)."""
+    flat = [t for row in rows for t in row]
+    _send(group, TOKENS, (), (torch.tensor([len(r) for r in rows], dtype=torch.int64),
+                              torch.tensor(flat, dtype=torch.int64)))
+
+
+def receive_tokens(group: Any) -> list[list[int]]:
+    cmd, _, tensors = _receive(group)
+    if cmd != TOKENS:
+        raise RankFailure(f"expected rank 0's tokens, got step command {cmd}: the ranks fell out of step")
+    lengths, flat = tensors[0].tolist(), tensors[1].tolist()
+    out, at = [], 0
+    for n in lengths:
+        out.append(flat[at:at + n])
+        at += n
+    return out
