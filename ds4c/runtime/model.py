@@ -588,6 +588,20 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
                     raise ArtifactError(f"{path}: embedded weights lack tensor '{k}'; recompile the artifact")
                 weights[k] = raw.pop(k).to(device)
                 steps.advance()
+        elif wman["source"].get("kind") == "preset":  # drawn, packed and placed one tensor at a time
+            from ds4c.models.deepseek_v4.presets import init_preset_weights
+            from ds4c.passes.plan_memory import host_weights
+            from ds4c.passes.shard_experts import whole_shape
+
+            whole = {k: (whole_shape(s, shard[k]) if k in shard else s, d) for k, (s, d) in provided.items()}
+            host = host_weights(manifest.get("memory_plan")) if device.type == "cuda" else set()
+
+            def place(name: str, t: torch.Tensor) -> torch.Tensor:
+                steps.advance()
+                return t.to("cpu").pin_memory() if name in host else t.to(device)
+
+            weights = stream_transforms(init_preset_weights(whole, wman["source"]["seed"], device, dtype, shard=shard),
+                                        wman.get("transforms", []), keep=expected, place=place)
         else:
             from ds4c.frontend.source import load_weights
 
@@ -636,6 +650,27 @@ def _rank_program(manifest: dict[str, Any], container: Any, path: Any, device: t
     own = rank_manifest(manifest, rank, where)
     check_manifest(own, where)
     return own, (_read_program(container, own, where)), device
+
+
+def stream_transforms(items: Any, transforms: Sequence[dict[str, Any]], *, keep: Any = (),
+                      place: Any = None) -> dict[str, torch.Tensor]:
+    """``apply_transforms`` on weights arriving one at a time (``items``: (name, tensor) pairs): each
+    is cast and packed as the leading ``cast`` / ``quantize`` transforms say and ``place``d (name,
+    tensor -> where it lives: the device, or pinned host memory for weights the plan keeps there)
+    before the next comes, so the source's form of the whole model (bf16 for a preset: 568 GB for
+    V4-Flash) is never held at once. The lowering's transforms run at the end on what was kept
+    (``apply_transforms`` again, which leaves what is done as it is)."""
+    head = 0
+    while head < len(transforms) and transforms[head]["op"] in ("cast", "quantize"):
+        head += 1
+    first = list(transforms[:head])
+    out: dict[str, torch.Tensor] = {}
+    for name, t in items:
+        one = apply_transforms({name: t}, first, keep=keep)
+        del t
+        for k, v in one.items():
+            out[k] = place(k, v) if place is not None else v
+    return out
 
 
 def apply_transforms(weights: dict[str, torch.Tensor], transforms: Sequence[dict[str, Any]],
