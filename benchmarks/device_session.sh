@@ -23,6 +23,8 @@
 #                                                 # run (A: a commit, archived into ./ab_old first; ~6 min)
 #   bash benchmarks/device_session.sh serving     # the Engine on the GPU (tiny --serving, fp32 / bf16): tokens vs CPU,
 #                                                 # step times, memory over 200 requests; the serving kernels test (~5 min)
+#   bash benchmarks/device_session.sh flash1      # the whole flash (MXFP4 experts, FP8 elsewhere) on one GPU with
+#                                                 # --hbm-budget 120GB: compile, load, TTFT, 16 tokens vs host link (~9 min)
 #   bash benchmarks/device_session.sh prefix      # decode-bucket graphs test; flash-slice --serving (bf16), then #27's
 #                                                 # multi-turn workload with and without the prefix cache, TPOT at
 #                                                 # concurrency 1, a saturating trace vs static batches (~9 min)
@@ -32,8 +34,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -42,6 +44,9 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv > "$out/gpu.txt" 2>&1
 head_table=benchmarks/tables/fp8_with_head.json
 case "$1" in
+  flash1)
+    timeout 570 python benchmarks/flash_one_gpu.py --target "$target" --budget 120GB --out "$out/flash_one_gpu.json" \
+      > "$out/flash_one_gpu.log" 2>&1; echo "rc=$?"; grep -v Warn "$out/flash_one_gpu.log" | tail -6 | cut -c1-600 ;;
   keys)
     timeout 150 python benchmarks/aot_keys.py --target "$target" --precisions fp32,bf16 --out "$out/keys.json" \
       > "$out/keys.log" 2>&1; grep -E "binaries," "$out/keys.log"
