@@ -177,3 +177,25 @@ def test_decode_path_with_a_shared_expert_of_another_width():
     args[8] = torch.randn(64, 48, generator=g) * 0.1
     args[6:] = [a.to(DEVICE) for a in args[6:]]
     check(args, top_k=2, route_scale=1.0, swiglu_limit=10.0, routing="bias", score="sigmoid")
+
+
+@pytest.mark.parametrize("tokens,routing", [(1, "bias"), (3, "hash"), (40, "bias"), (48, "hash")])
+def test_one_ranks_experts_run_on_the_kernels_and_the_ranks_sum_to_the_whole(tokens, routing):
+    """``shard_experts``' ``moe`` (``expert_offset``, ``shared=False`` off rank 0): the launcher runs
+    each rank's picks on its slice of the experts (decode pairs and grouped GEMMs) and the parts add
+    up to the whole layer, as its reference's do."""
+    experts, world, top_k = 8, 4, 2
+    args = make_inputs(tokens, experts, 64, 32, torch.float32, routing, top_k, seed=5)
+    kw = dict(top_k=top_k, route_scale=1.5, swiglu_limit=10.0, routing=routing, score="sqrtsoftplus")
+    whole = moe_reference(*args, **kw)
+    per = experts // world
+    parts = []
+    for r in range(world):
+        sliced = list(args)
+        sliced[4], sliced[5] = args[4][r * per:(r + 1) * per], args[5][r * per:(r + 1) * per]
+        got = moe(CTX, *sliced, expert_offset=r * per, shared=r == 0, **kw)
+        assert got is not NotImplemented
+        want = moe_reference(*sliced, expert_offset=r * per, shared=r == 0, **kw)
+        torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+        parts.append(got)
+    torch.testing.assert_close(sum(parts), whole, **TOLERANCE[torch.float32])

@@ -428,3 +428,17 @@ def test_fp4_activation_linears_run_on_the_kernels_backend(tmp_path):
     assert ker._executors["decode"].stats()["linear.packed"] == {"kernel": len(packed)}
     for a, b in ((want, got), (da, db)):
         assert float((a.float() - b.float().cpu()).norm() / a.float().norm()) < 0.25
+
+
+@pytest.mark.parametrize("fmt,tokens", [("fp8", 1), ("mxfp4", 2), ("fp8", 40)])
+def test_moe_packed_runs_one_ranks_experts(fmt, tokens):
+    """``shard_experts``' ``moe.packed`` (rank 1 of 2: experts 4.., no shared expert) on the kernels
+    equals its reference (decode pairs and grouped GEMMs read the rank's packed experts)."""
+    args = make_inputs(tokens, 8, 256, 160, torch.float32, "bias", 2, seed=tokens)
+    args[4], args[5] = args[4][4:], args[5][4:]
+    operands, kw = packed_moe(args, fmt)
+    kw.update(expert_offset=4, shared=False)
+    got = moe_packed(CTX, *operands, **kw)
+    assert got is not NotImplemented
+    want = get_op("moe.packed").reference(*operands, **kw)
+    torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[torch.float32])

@@ -544,18 +544,20 @@ def moe(ctx: KernelContext, x, ids, router, selector, gate_up, down, s_gate, s_u
     """Launcher with ``moe_reference``'s signature; declines dtypes other than fp32/bf16/fp16,
     expert weights of another dtype than x, and shapes that do not form [E, 2I, D] / [E, D, I].
     Activation formats (expert weights expanded at load) quantise the GEMMs' inputs first.
-    Declines one rank's slice of the experts (``shard_experts``: its reference runs it)."""
-    if gate_up.dtype != x.dtype or down.dtype != x.dtype or _sharded(router, gate_up, expert_offset, shared):
+    One rank's slice of the experts (``shard_experts``: ``expert_offset``, ``shared=False``) runs
+    the same kernels on its experts' picks."""
+    if gate_up.dtype != x.dtype or down.dtype != x.dtype:
         return NotImplemented
-    shared = None
-    if {s_gate.dtype, s_up.dtype, s_down.dtype} == {x.dtype} and shared_act == act:
-        shared = ((s_gate, None), (s_up, None), (s_down, None))
-    routed = _routed(ctx, x, ids, router, selector, (gate_up, None, 0), (down, None, 0), shared, top_k=top_k,
-                     route_scale=route_scale, swiglu_limit=swiglu_limit, routing=routing, score=score, act=act)
+    with_shared = None
+    if shared and {s_gate.dtype, s_up.dtype, s_down.dtype} == {x.dtype} and shared_act == act:
+        with_shared = ((s_gate, None), (s_up, None), (s_down, None))
+    routed = _routed(ctx, x, ids, router, selector, (gate_up, None, 0), (down, None, 0), with_shared, top_k=top_k,
+                     route_scale=route_scale, swiglu_limit=swiglu_limit, routing=routing, score=score, act=act,
+                     expert_offset=expert_offset)
     if routed is NotImplemented:
         return NotImplemented
-    out, with_shared = routed
-    return out if with_shared else out + _shared(x, s_gate, s_up, s_down, swiglu_limit, act=shared_act)
+    out, added = routed
+    return out if added or not shared else out + _shared(x, s_gate, s_up, s_down, swiglu_limit, act=shared_act)
 
 
 @register_kernel("moe.packed")
@@ -568,8 +570,9 @@ def moe_packed(ctx: KernelContext, x, ids, router, selector, *packed, formats: l
     ``linear.packed``'s GEMV (its reference, dequantise + cuBLAS, for many tokens). FP8
     activations (``act``): each GEMM's input is quantised once by the FP8 quantiser kernel first
     (the decode row kernels can quantise in registers instead: ``moe_decode.act_in_registers``).
-    Declines other formats, and one rank's slice of the experts (``shard_experts``: its reference runs it)."""
-    if any(f not in _MODES and f != "none" for f in formats) or _sharded(router, None, expert_offset, shared, shapes):
+    Declines other formats. One rank's slice of the experts (``expert_offset``, ``shared=False``)
+    runs the same kernels on its experts' picks."""
+    if any(f not in _MODES and f != "none" for f in formats):
         return NotImplemented
     weights, i = [], 0
     for fmt, shape in zip(formats, shapes, strict=True):  # (tensors, scale mode, format, shape) per weight
@@ -579,18 +582,19 @@ def moe_packed(ctx: KernelContext, x, ids, router, selector, *packed, formats: l
     (gu, gu_mode, _, _), (dn, dn_mode, _, _) = weights[:2]
     if gu_mode == 0 and gu[0].dtype != x.dtype or dn_mode == 0 and dn[0].dtype != x.dtype:
         return NotImplemented
-    shared = None
+    with_shared = None
     sg, su, sd = weights[2:]
-    if sg[1] == su[1] == gu_mode and sd[1] == dn_mode and sg[0][0].dtype == su[0][0].dtype == gu[0].dtype \
+    if shared and sg[1] == su[1] == gu_mode and sd[1] == dn_mode and sg[0][0].dtype == su[0][0].dtype == gu[0].dtype \
             and sd[0][0].dtype == dn[0].dtype and shared_act == act:
-        shared = tuple((w[0][0], w[0][1] if len(w[0]) > 1 else None) for w in (sg, su, sd))
+        with_shared = tuple((w[0][0], w[0][1] if len(w[0]) > 1 else None) for w in (sg, su, sd))
     routed = _routed(ctx, x, ids, router, selector, (gu[0], gu[1] if len(gu) > 1 else None, gu_mode),
-                     (dn[0], dn[1] if len(dn) > 1 else None, dn_mode), shared, top_k=top_k, route_scale=route_scale,
-                     swiglu_limit=swiglu_limit, routing=routing, score=score, act=act)
+                     (dn[0], dn[1] if len(dn) > 1 else None, dn_mode), with_shared, top_k=top_k,
+                     route_scale=route_scale, swiglu_limit=swiglu_limit, routing=routing, score=score, act=act,
+                     expert_offset=expert_offset)
     if routed is NotImplemented:
         return NotImplemented
-    out, with_shared = routed
-    if with_shared:
+    out, added = routed
+    if added or not shared:
         return out
 
     def linear(h, w, act):  # the shared expert's weights: linear.packed's kernel, else its reference
@@ -605,16 +609,12 @@ def moe_packed(ctx: KernelContext, x, ids, router, selector, *packed, formats: l
     return out + _shared(x, *weights[2:], swiglu_limit, linear=linear, act=shared_act)
 
 
-def _sharded(router, gate_up, expert_offset: int, shared: bool, shapes=None) -> bool:
-    """Whether ``moe`` holds one rank's slice of the experts (an offset, part of them, no shared expert)."""
-    experts = gate_up.shape[0] if gate_up is not None else int(shapes[0][0])
-    return bool(expert_offset) or not shared or experts != router.shape[0]
-
-
 def _routed(ctx: KernelContext, x, ids, router, selector, gate_up, down, shared, *, top_k: int, route_scale: float, swiglu_limit: float,
-            routing: str, score: str, act: str | None = None):
+            routing: str, score: str, act: str | None = None, expert_offset: int = 0):
     """(routed experts' sum [+ the shared expert] in x's dtype and shape, whether the shared
-    expert is included). ``gate_up`` / ``down`` are (weight in its storage type, scale or None,
+    expert is included). ``gate_up`` / ``down`` may hold one rank's experts (``expert_offset``
+    ..): the others' picks get weight 0 (decode: computed against a held expert, so every index
+    is in range; grouped GEMMs: sorted past the last segment, never computed). ``gate_up`` / ``down`` are (weight in its storage type, scale or None,
     scale mode of ``linear.SCALE``); ``shared``: ((weight, scale or None),) x 3 in those modes,
     or None to leave the shared expert to the caller; ``act``: the activation format of the
     experts' GEMMs (x before gate/up, h before down)."""
@@ -627,7 +627,8 @@ def _routed(ctx: KernelContext, x, ids, router, selector, gate_up, down, shared,
     hidden *= 2 if gu_mode == MXFP4 else 1  # MXFP4 stores two inputs per byte
     inter = two_inter // 2
     stored_inter = inter // 2 if dn_mode == MXFP4 else inter
-    if hidden != x.shape[-1] or tuple(down.shape) != (experts, hidden, stored_inter) or not 0 < top_k <= experts:
+    if hidden != x.shape[-1] or tuple(down.shape) != (experts, hidden, stored_inter) \
+            or not 0 < top_k <= router.shape[0] or expert_offset + experts > router.shape[0]:
         return NotImplemented
     if (gu_mode == MXFP4 and (hidden % MX_BLOCK or gu_scale is None)) or \
             (dn_mode == MXFP4 and (inter % MX_BLOCK or dn_scale is None)):
@@ -648,6 +649,13 @@ def _routed(ctx: KernelContext, x, ids, router, selector, gate_up, down, shared,
         flat, idx, w = routing_out
     if idx.shape[-1] != top_k:  # a hash table of another width than top_k
         return NotImplemented
+    sharded = expert_offset or experts != router.shape[0]
+    if sharded:  # one rank's experts: the other ranks' picks weigh 0 here
+        local = idx - expert_offset
+        mine = (local >= 0) & (local < experts)
+        w = w * mine
+        idx = local.clamp(0, experts - 1)
+        beyond = torch.where(mine, local, experts)  # grouped GEMMs: past the last expert's segment
     tokens = flat.shape[0]
     pairs = tokens * top_k
     blocked = gu_mode in (BLOCK_F32, BLOCK_UE8M0) or dn_mode in (BLOCK_F32, BLOCK_UE8M0)
@@ -667,7 +675,7 @@ def _routed(ctx: KernelContext, x, ids, router, selector, gate_up, down, shared,
         gate_up, down = gate_up.contiguous(), down.contiguous()
         gu_scale = gate_up if gu_scale is None else gu_scale.contiguous()
         dn_scale = down if dn_scale is None else dn_scale.contiguous()
-        sorted_experts, order = torch.sort(idx.reshape(-1), stable=True)
+        sorted_experts, order = torch.sort((beyond if sharded else idx).reshape(-1), stable=True)
         segments = torch.searchsorted(sorted_experts, torch.arange(experts + 1, device=x.device,
                                                                    dtype=sorted_experts.dtype))
         weights = w.reshape(-1).contiguous()
@@ -681,7 +689,8 @@ def _routed(ctx: KernelContext, x, ids, router, selector, gate_up, down, shared,
         _gate_up_kernel[(m_blocks, triton.cdiv(inter, cfg.block_n_up))](
             _act_roundtrip(ctx, flat, act), gate_up, gu_scale, order, segments, h, experts, top_k, inter, hidden, float(swiglu_limit),
             gate_up[0].numel(), gu_scale[0].numel() if gu_mode == MXFP4 else 0, BLOCK_N=cfg.block_n_up, EVEN_K=hidden % cfg.block_k == 0, SCALE=gu_mode, **common)
-        y = torch.empty((pairs, hidden), dtype=torch.float32, device=x.device)
+        # (pairs no segment holds, other ranks' picks, are never written: zeros)
+        y = (torch.zeros if sharded else torch.empty)((pairs, hidden), dtype=torch.float32, device=x.device)
         _down_kernel[(m_blocks, triton.cdiv(hidden, cfg.block_n_down))](
             _act_roundtrip(ctx, h, act), down, dn_scale, order, segments, weights, y, experts, inter, hidden,
             down[0].numel(), dn_scale[0].numel() if dn_mode == MXFP4 else 0, BLOCK_N=cfg.block_n_down, EVEN_K=inter % cfg.block_k == 0, SCALE=dn_mode, **common)
