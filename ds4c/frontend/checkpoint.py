@@ -618,7 +618,7 @@ def check_checkpoint(directory: str | Path, expected: Spec) -> None:
 def load_checkpoint(directory: str | Path, expected: Spec, *, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu", progress: Callable[[int, int], None] | None = None,
                     allow_nonfinite: bool = False, record: RecordCheck | None = None, partial: bool = False,
-                    ) -> dict[str, torch.Tensor]:
+                    shard: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of ``expected`` (transformers name -> (shape, dtype)) from the checkpoint in ``directory``.
 
     Floating tensors come back in ``dtype``, others (tid2eid) in their expected dtype, all on
@@ -631,6 +631,9 @@ def load_checkpoint(directory: str | Path, expected: Spec, *, dtype: torch.dtype
     ``partial``: ``expected`` names some of the model's parameters (one weight read alone); the
     checkpoint's other tensors are not read. Weights asked for as packed tensors (``<name>.qdata``
     and ``<name>.scale`` in the format the checkpoint ships them in) come with its bytes unchanged.
+    ``shard``: name -> slices of a rank of a sharded artifact (ds4c.passes.shard_experts; ``expected``
+    has the whole shapes): those tensors come as the rank's slices; of routed experts stored one
+    per tensor (DeepSeek's release naming) only the rank's experts are read.
     """
     out: dict[str, torch.Tensor] = {}
     if record is not None:
@@ -641,7 +644,7 @@ def load_checkpoint(directory: str | Path, expected: Spec, *, dtype: torch.dtype
             logger.info("%s: ignoring %d multi-token-prediction tensors (mtp.*): ds4c compiles the main model only",
                         directory, len(plan.ignored))
         _load_all(files, plan, {k: v for k, v in weights.items() if k in expected}, out, dtype, device, progress,
-                  allow_nonfinite)
+                  allow_nonfinite, shard or {})
         for name, (fmt, parts) in packed.items():
             for part, t in _read_packed(files, plan, name, fmt, parts, allow_nonfinite).items():
                 out[f"{name}.{part}"] = t.to(device)
@@ -656,18 +659,28 @@ def checkpoint_files(directory: str | Path, expected: Spec) -> list[Path]:
 
 def _load_all(files: _Files, plan: _Plan, expected: Spec, out: dict[str, torch.Tensor], dtype: torch.dtype,
               device: str | torch.device, progress: Callable[[int, int], None] | None,
-              allow_nonfinite: bool) -> None:
+              allow_nonfinite: bool, shard: Mapping[str, Any]) -> None:
+    from ds4c.passes.shard_experts import slice_tensor
+
     total = len(expected)
     for name in expected:
         shape, want = expected[name]
+        slices = list(shard.get(name, ()))
+        first, last = 0, shape[0] if shape else 0
+        if name not in plan.plain and slices and slices[0]["dim"] == 0:  # only this rank's experts are read
+            first, last = slices[0]["start"], slices[0]["stop"]
+            slices = slices[1:]
+            shape = (last - first, *shape[1:])
         dst = torch.empty(tuple(shape), dtype=dtype if want.is_floating_point else want, device=device)
         if name in plan.plain:
             _fill(files, plan.plain[name], dst, allow_nonfinite)
         else:
             half = dst.shape[1] // 2
             for (e, w), src in plan.experts[name].items():
-                part = dst[e] if w == "w2" else (dst[e, :half] if w == "w1" else dst[e, half:])
+                if not first <= e < last:
+                    continue
+                part = dst[e - first] if w == "w2" else (dst[e - first, :half] if w == "w1" else dst[e - first, half:])
                 _fill(files, src, part, allow_nonfinite)
-        out[name] = dst
+        out[name] = slice_tensor(dst, slices, name).clone() if slices else dst
         if progress:
             progress(len(out), total)

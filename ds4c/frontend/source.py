@@ -105,7 +105,14 @@ def load_weights(ref: Mapping[str, Any], expected: WeightSpec, *, dtype: torch.d
                 if progress:
                     progress(i + 1, len(whole))
             return out
-        # a checkpoint's tensors are read whole, then cut (reading slices only: a next step)
+        if ref["kind"] == "checkpoint":  # routed experts stored one per tensor: only the rank's are read
+            from ds4c.frontend.checkpoint import load_checkpoint
+
+            origin = f"the artifact {artifact}" if artifact else "the artifact"
+            path = _referenced(ref, weights_from, origin, artifact, want_dir=True)
+            return load_checkpoint(path, whole, dtype=dtype, device=device, progress=progress,
+                                   allow_nonfinite=bool(ref.get("allow_nonfinite", False)),
+                                   record=_record(ref, origin, artifact), shard=shard)
         out = load_weights(ref, whole, dtype=dtype, device=device, progress=progress, module_state=module_state,
                            weights_from=weights_from, artifact=artifact)
         return {k: slice_tensor(t, shard[k], k).clone() if k in shard else t for k, t in out.items()}

@@ -231,3 +231,31 @@ def test_the_engine_on_rank_0_drives_every_rank_of_a_sharded_serving_artifact(tm
     assert out == want and again == want[:2]
     assert cache["hit_tokens"] > 0  # the second round resumed from cached pages (copied on every rank)
     assert got[1] > len(PROMPTS)  # rank 1 ran every step (prefill chunks and decodes)
+
+
+@pytest.mark.slow
+def test_ranks_read_their_experts_from_a_release_checkpoint(tmp_path):
+    """A checkpoint in DeepSeek's release naming (one tensor per expert), compiled ep=2 by
+    reference: each rank reads only its experts, and its logits equal the unsharded artifact's."""
+    from ds4c.frontend.checkpoint import load_checkpoint
+    from ds4c.frontend.deepseek_format import write_deepseek_checkpoint
+    from ds4c.models.deepseek_v4.presets import PRESETS
+
+    tiny = ds4c.load(ds4c.compile("tiny", target="cpu", precision="fp32", max_context=64, progress=False)
+                     .save(tmp_path / "preset.ds4"))
+    ckpt = write_deepseek_checkpoint(tiny.weights, dict(PRESETS["tiny"]), tmp_path / "ckpt", fp8=False,
+                                     fp4_experts=False)
+    name = "model.layers.1.mlp.experts.down_proj"
+    whole = tiny.weights[name]
+    part = load_checkpoint(ckpt, {name: (tuple(whole.shape), whole.dtype)}, partial=True,
+                           shard={name: [{"dim": 0, "start": 4, "stop": 8, "of": 8}]})[name]
+    assert torch.equal(part, whole[4:])
+    one = ds4c.compile(str(ckpt), target="cpu", precision="fp32", max_context=64, progress=False,
+                       weights="reference").save(tmp_path / "one.ds4")
+    want = ds4c.load(one)(torch.tensor(IDS))
+    path = ds4c.compile(str(ckpt), target="cpu", precision="fp32", max_context=64, progress=False,
+                        weights="reference", mesh="ep=2").save(tmp_path / "ep2.ds4")
+    got = run_ranks(path, 2)
+    for rank, (logits, _, _, shapes) in got.items():
+        assert (logits - want).abs().max() <= 1e-5, rank
+        assert shapes[name][0] == 4
