@@ -1,4 +1,4 @@
-"""Stream scheduling: ops onto ``main`` / ``aux`` compute streams and a ``copy`` stream, with events.
+"""Stream scheduling: ops onto ``main`` / ``aux`` compute streams, a ``copy`` and a ``comm`` stream, with events.
 
 The op DAG (a networkx DiGraph: an edge per operand, plus an edge between consecutive impure ops,
 plus, when ``plan_memory`` ran, an edge from every reader of an arena buffer to the op that next
@@ -11,7 +11,11 @@ writes over its bytes) is list-scheduled with a roofline cost model of the targe
 - ops that run concurrently share the compute units and memory bandwidth (each is a resource whose
   busy time serialises); only latency and the other resource overlap. So overlap pays for small,
   latency-bound ops (decode) and for pairing compute-bound with memory-bound work;
-- ``ds4c.prefetch`` ops run on ``copy`` at ``host_link_bandwidth``; views and scalar arithmetic cost 0.
+- ``ds4c.prefetch`` ops run on ``copy`` at ``host_link_bandwidth``; collectives (``dist.*``, sharded
+  programs) on ``comm`` at the target's ``peer_link_bandwidth``, moving what a ring moves per rank
+  (all-reduce 2 (W-1)/W of its operand, all-gather (W-1) x, reduce-scatter and all-to-all
+  (W-1)/W), so communication overlaps whatever compute does not wait for it; views and scalar
+  arithmetic cost 0.
 
 Ops on the critical path (by cost) go to ``main``; other compute ops go to ``aux`` (indexer,
 compressor, shared expert, ... whatever can overlap); zero-cost ops follow their operand's stream.
@@ -44,7 +48,10 @@ from ds4c.passes.liveness import SizeEvaluator, is_view_op, plan_binding
 from ds4c.passes.manager import PassContext, register_pass
 from ds4c.targets import Target, peak_dtype
 
-STREAMS = ("main", "aux", "copy")
+STREAMS = ("main", "aux", "copy", "comm")
+# bytes a rank sends per byte of a collective's operand, over ``world`` ranks (ring algorithms)
+LINK_FACTOR = {"dist.all_reduce": lambda w: 2 * (w - 1) / w, "dist.all_gather": lambda w: w - 1,
+               "dist.reduce_scatter": lambda w: (w - 1) / w, "dist.all_to_all": lambda w: (w - 1) / w}
 DEFAULT_KERNEL_LATENCY_S = 2e-6
 
 
@@ -57,6 +64,8 @@ class CostModel:
         self.latency = kernel_latency_s
         self.hbm_bandwidth = float(target.hbm_bandwidth)
         self.host_link = float(target.host_link_bandwidth)
+        # a target without peer-link facts (cpu): collectives at its memory bandwidth
+        self.peer_link = float(target.peer_link_bandwidth or target.hbm_bandwidth)
 
     def peak(self, dtype: str) -> float:
         """The target's dense peak FLOP/s for work on tensors of ``dtype`` (``targets.peak_dtype``)."""
@@ -145,6 +154,11 @@ class CostModel:
             nbytes = float(sum(self.evaluator.nbytes(r.type) or 0 for r in op.results))
             return {"kind": "copy", "flops": 0.0, "bytes": nbytes, "latency": self.latency, "compute": 0.0,
                     "memory": nbytes / self.host_link}
+        if op.name in LINK_FACTOR:
+            nbytes = float(sum(self.evaluator.nbytes(v.type) or 0 for v in op.operands))
+            sent = nbytes * LINK_FACTOR[op.name](int(op.kwargs.get("world", 1)))
+            return {"kind": "comm", "flops": 0.0, "bytes": sent, "latency": self.latency, "compute": 0.0,
+                    "memory": sent / self.peer_link}
         dtype = str(tensor_results[0].type.dtype if isinstance(tensor_results[0].type, TensorType)
                     else "torch.float32").removeprefix("torch.")
         flops, nbytes = self.flops(op, params), self.bytes_moved(op)
@@ -198,11 +212,11 @@ def _assign_streams(graph: Graph, dag: nx.DiGraph, costs: list[dict[str, Any]], 
     streams = [""] * len(duration)
     for u in order:
         kind = costs[u]["kind"]
-        if kind == "copy":
-            streams[u] = "copy"
+        if kind in ("copy", "comm"):
+            streams[u] = kind
         elif kind == "free":
             preds = [p for p in dag.predecessors(u) if dag.edges[p, u].get("kind") == "data"]
-            streams[u] = streams[preds[0]] if preds and streams[preds[0]] != "copy" else "main"
+            streams[u] = streams[preds[0]] if preds and streams[preds[0]] not in ("copy", "comm") else "main"
         else:
             on_path = top[u] + bottom[u] >= critical * (1 - 1e-9)
             streams[u] = "main" if on_path else "aux"
@@ -224,7 +238,7 @@ def schedule_graph(graph: Graph, cost_model: CostModel, memory_plan: Mapping[str
     ready = [(-bottom[u], u) for u in dag.nodes if indegree[u] == 0]
     heapq.heapify(ready)
     stream_free = dict.fromkeys(STREAMS, 0.0)
-    compute_free = memory_free = link_free = 0.0
+    compute_free = memory_free = link_free = peer_free = 0.0
     start = [0.0] * len(costs)
     end = [0.0] * len(costs)
     order: dict[str, list[int]] = {s: [] for s in STREAMS}
@@ -237,6 +251,9 @@ def schedule_graph(graph: Graph, cost_model: CostModel, memory_plan: Mapping[str
         if c["kind"] == "copy":
             t1 = max(t0 + duration[u], link_free + c["memory"])
             link_free = max(link_free, t0) + c["memory"]
+        elif c["kind"] == "comm":
+            t1 = max(t0 + duration[u], peer_free + c["memory"])
+            peer_free = max(peer_free, t0) + c["memory"]
         else:
             # concurrent ops share the compute units and the memory bandwidth
             t1 = max(t0 + duration[u], compute_free + c["compute"], memory_free + c["memory"])
@@ -264,8 +281,10 @@ def schedule_graph(graph: Graph, cost_model: CostModel, memory_plan: Mapping[str
     makespan = max(end, default=0.0)
     if memory_plan is not None:
         _plan_for_issue_order(graph, memory_plan, issue, streams, events)
+    if not order["comm"]:  # the comm stream only where collectives are (sharded programs)
+        del order["comm"]
     return {
-        "streams": list(STREAMS),
+        "streams": [n for n in STREAMS if n in order],
         "ops": [[streams[i], start[i], end[i]] for i in range(len(costs))],
         "order": order,
         "issue": issue,

@@ -14,7 +14,7 @@ from typing import Any
 
 from ds4c.ir.graph import Graph
 
-_COLORS = {"main": "tab:blue", "aux": "tab:orange", "copy": "tab:green"}
+_COLORS = {"main": "tab:blue", "aux": "tab:orange", "copy": "tab:green", "comm": "tab:red"}
 
 
 def _entries(schedule: Mapping[str, Any]) -> dict[int, list]:

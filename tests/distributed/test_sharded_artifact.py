@@ -259,3 +259,26 @@ def test_ranks_read_their_experts_from_a_release_checkpoint(tmp_path):
     for rank, (logits, _, _, shapes) in got.items():
         assert (logits - want).abs().max() <= 1e-5, rank
         assert shapes[name][0] == 4
+
+
+def test_collectives_are_scheduled_on_a_comm_stream_at_the_peer_link():
+    """schedule_streams puts a sharded program's collectives on ``comm``, timed at the target's
+    peer link (a ring all-reduce sends 2 (W-1)/W of its operand per rank); check_schedule holds."""
+    from ds4c.passes.schedule_streams import check_schedule
+    from ds4c.targets import get_target
+
+    art = ds4c.compile("tiny", target="h200", precision="bf16", max_context=64, progress=False, mesh="ep=4",
+                       kernel_binaries=False)
+    graph = art.ranks[2].graphs["decode"]
+    schedule = art.ranks[2].attrs["schedule"]["decode"]
+    assert "comm" in schedule["streams"]
+    reduces = [i for i, op in enumerate(graph.ops) if op.name == "dist.all_reduce"]
+    assert reduces and all(schedule["ops"][i][0] == "comm" for i in reduces)
+    i = reduces[0]
+    operand = graph.ops[i].args[0].type
+    sent = schedule["costs"][i]["bytes"]
+    assert sent == pytest.approx(2 * 3 / 4 * operand.dtype.itemsize * 64)  # B=1, one token, hidden 64
+    assert schedule["costs"][i]["seconds"] >= sent / get_target("h200").peer_link_bandwidth
+    check_schedule(graph, schedule, art.ranks[2].attrs["memory_plan"]["decode"])
+    assert "comm" not in ds4c.compile("tiny", target="h200", precision="bf16", max_context=64, progress=False,
+                                      kernel_binaries=False).program.attrs["schedule"]["decode"]["streams"]
