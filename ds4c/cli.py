@@ -102,7 +102,8 @@ def compile(
                                "previous kernel ends, for A/B runs; binaries and runtime follow it)")] = True,
     mesh: Annotated[str | None, typer.Option(
         "--mesh", help="shard over a device mesh, e.g. ep=4 or ep=2,tp=2: expert parallelism (ep) and tensor "
-                       "parallelism of the experts (tp); one program per rank in the artifact")] = None,
+                       "parallelism of the experts (tp); add attention=dp for data-parallel attention (each "
+                       "rank its rows of a batch); one program per rank in the artifact")] = None,
     gpus: Annotated[int | None, typer.Option(
         "--gpus", help="shard over N GPUs (the mesh chosen for the model: expert parallelism where the "
                        "experts split evenly)")] = None,

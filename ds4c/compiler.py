@@ -389,7 +389,8 @@ def sharded_pipeline(program: Program, names: Sequence[str], instruments: Sequen
     shared = PassManager(list(names[:at]), instruments, ctx).run(program)
     out = []
     for rank in range(mesh.world):
-        rank_ctx = PassContext(target=ctx.target, options={**ctx.options, "ep": mesh.ep, "tp": mesh.tp, "rank": rank})
+        rank_ctx = PassContext(target=ctx.target, options={**ctx.options, "ep": mesh.ep, "tp": mesh.tp, "rank": rank,
+                                                           "attention": mesh.attention})
         own = Program(dict(shared.graphs), copy.deepcopy(shared.attrs))  # the passes record into the attrs
         rest = PassManager(["shard_experts", *names[at:]], instruments if rank == 0 else (), rank_ctx).run(own)
         rest.attrs["pipeline"] = [*names[:at], "shard_experts", *names[at:]]

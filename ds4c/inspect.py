@@ -272,8 +272,8 @@ def mesh_table(manifest: dict[str, Any], ranks: list[Program]) -> Table:
     mesh = manifest["mesh"]
     target = manifest["target"]
     link = target.get("peer_link_bandwidth")
-    t = Table(title=f"mesh ep={mesh['axes'].get('ep', 1)},tp={mesh['axes'].get('tp', 1)}: {mesh['world']} ranks "
-                    f"(peer link: {target.get('peer_link', 'none')})")
+    t = Table(title=f"mesh ep={mesh['axes'].get('ep', 1)},tp={mesh['axes'].get('tp', 1)}: {mesh['world']} ranks, "
+                    f"attention {mesh.get('attention', 'replicated')} (peer link: {target.get('peer_link', 'none')})")
     for col in ("rank", "weights MiB", "state KiB/seq", "decode device MiB / target", "collectives / decode step",
                 "KiB per token", "link us per token"):
         t.add_column(col, justify="left" if col in ("rank", "collectives / decode step") else "right")

@@ -7,7 +7,14 @@ axis (ds4c.ops.collectives): ``ep`` (the ranks that share a ``tp`` index), ``tp`
 share an ``ep`` index) or ``world`` (all ranks).
 
     Mesh.parse("ep=2,tp=2")   -> Mesh(ep=2, tp=2): 4 ranks; rank 3 is (ep 1, tp 1)
+    Mesh.parse("ep=4,attention=dp") -> attention data-parallel: each rank its own rows of the batch
     Mesh.for_gpus(4, experts=256) -> Mesh(ep=4, tp=1)
+
+``attention``: ``replicated`` (every rank runs attention for the whole batch and holds its state)
+or ``dp`` (data-parallel attention: rank r runs attention, and holds the state, of rows
+``r*B/W .. (r+1)*B/W - 1`` of a batch of B; the MoE layers gather every rank's tokens and scatter
+the sums back, ds4c.passes.shard_experts). ``dp`` divides attention's weight reads and state by
+the ranks for batches of W rows or more; ``replicated`` serves a single sequence as fast.
 """
 
 from __future__ import annotations
@@ -20,14 +27,18 @@ from ds4c.errors import ConfigError
 __all__ = ["AXES", "Mesh"]
 
 AXES = ("ep", "tp")
+ATTENTION = ("replicated", "dp")
 
 
 @dataclass(frozen=True)
 class Mesh:
     ep: int = 1
     tp: int = 1
+    attention: str = "replicated"
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"mesh attention={self.attention!r}: choose {' or '.join(ATTENTION)}")
         for axis in AXES:
             size = getattr(self, axis)
             if not isinstance(size, int) or isinstance(size, bool) or size < 1:
@@ -54,7 +65,7 @@ class Mesh:
         raise ConfigError(f"mesh axis '{axis}' does not exist; the axes are {', '.join((*AXES, 'world'))}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"axes": {"ep": self.ep, "tp": self.tp}, "world": self.world}
+        return {"axes": {"ep": self.ep, "tp": self.tp}, "world": self.world, "attention": self.attention}
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "artifact") -> Mesh:
@@ -62,7 +73,7 @@ class Mesh:
         if not isinstance(axes, dict) or set(axes) - set(AXES):
             raise ConfigError(f"{where}: manifest field 'mesh' should name the axes {', '.join(AXES)}, got {d!r}; "
                               "recompile the artifact")
-        mesh = cls(**axes)
+        mesh = cls(**axes, attention=d.get("attention", "replicated"))
         if d.get("world") != mesh.world:
             raise ConfigError(f"{where}: manifest field 'mesh.world' is {d.get('world')!r}, its axes make "
                               f"{mesh.world}; recompile the artifact")
@@ -70,11 +81,15 @@ class Mesh:
 
     @classmethod
     def parse(cls, text: str) -> Mesh:
-        """``"ep=2,tp=2"`` (axes not named are 1)."""
+        """``"ep=2,tp=2"`` (axes not named are 1), optionally ``attention=dp``."""
         sizes: dict[str, int] = {}
+        attention = "replicated"
         for part in (p.strip() for p in str(text).split(",") if p.strip()):
             name, eq, value = part.partition("=")
             name = name.strip()
+            if name == "attention" and eq:
+                attention = value.strip()
+                continue
             if not eq or name not in AXES:
                 raise ConfigError(f"--mesh '{text}': write axis=size pairs with the axes {', '.join(AXES)}, "
                                   "e.g. --mesh ep=4 or --mesh ep=2,tp=2")
@@ -86,7 +101,7 @@ class Mesh:
                 raise ConfigError(f"--mesh '{text}': {name}={value.strip()} is not a whole number of ranks") from None
         if not sizes:
             raise ConfigError("--mesh is empty; give e.g. --mesh ep=4")
-        return cls(**sizes)
+        return cls(**sizes, attention=attention)
 
     @classmethod
     def for_gpus(cls, gpus: int, *, experts: int) -> Mesh:
@@ -99,4 +114,4 @@ class Mesh:
         return cls(ep=ep, tp=gpus // ep)
 
     def __str__(self) -> str:
-        return f"ep={self.ep},tp={self.tp}"
+        return f"ep={self.ep},tp={self.tp}" + (",attention=dp" if self.attention == "dp" else "")

@@ -16,7 +16,14 @@ names stay; their shapes become the slices, and ``attrs["shard"]["weights"]`` re
 tensor's slices so a loader reads only them (``shard_weights``). Attention and the rest are
 replicated: every rank runs them for the whole batch.
 
-Options: ``ep``, ``tp`` (ranks along each axis, default 1: no change) and ``rank``.
+With ``attention="dp"`` (data-parallel attention, ds4c.distributed.mesh) every rank holds its
+own rows of the batch in the batch-major entry points (``prefill``, ``decode``, ...): each MoE
+layer ``dist.all_gather``s every rank's tokens (and token ids, for hash routing) along the
+batch, computes its part for all of them, and ``dist.reduce_scatter`` sums the parts and hands
+each rank its rows back; the rest of the program is the one-rank program on fewer rows. The
+serving entry points (packed tokens of different counts per rank) keep replicated attention.
+
+Options: ``ep``, ``tp`` (ranks along each axis, default 1: no change), ``rank`` and ``attention``.
 
     %y = moe(%x, %ids, %router, %sel, %gate_up, %down, %sg, %su, %sd, top_k=2, ...) : f32[1,S,64]
   ->
@@ -31,8 +38,9 @@ import torch
 
 from ds4c.errors import PassError
 from ds4c.ir.graph import Graph, GraphInput, Op, Value
+from ds4c.ir.registry import get_op
 from ds4c.ir.types import TensorType
-from ds4c.ops.collectives import ALL_REDUCE
+from ds4c.ops.collectives import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER
 from ds4c.passes.manager import PassContext, register_pass
 
 __all__ = ["expert_slice", "reduce_axis", "shard_experts", "shard_weights", "slice_tensor", "whole_shape"]
@@ -74,6 +82,7 @@ def shard_experts(graph: Graph, ctx: PassContext) -> Graph:
     sliced: dict[Value, Value] = {}
     records = ctx.program_attrs.setdefault("shard", {"ep": ep, "tp": tp, "rank": rank, "weights": {}})
     axis, world = reduce_axis(ep, tp)
+    dp = ctx.options.get("attention", "replicated") == "dp" and not graph.name.startswith("ragged")
     ops: list[Op] = []
     taken = graph.value_names()
     for op in graph.ops:
@@ -113,10 +122,28 @@ def shard_experts(graph: Graph, ctx: PassContext) -> Graph:
                 sliced[w] = Value(w.name, TensorType(w.type.dtype, tuple(shape)))
                 records["weights"][w.name] = slices
             args[pos] = sliced[w]
-        partial_value = Value(graph.fresh_name(f"{op.results[0].name}_part", taken), op.results[0].type)
-        taken.add(partial_value.name)
-        ops.append(op.replace(args=tuple(args), kwargs={**op.kwargs, "expert_offset": start, "shared": e_index == 0},
-                              results=(partial_value,)))
+        def fresh(base: str, ty) -> Value:
+            v = Value(graph.fresh_name(base, taken), ty)
+            taken.add(v.name)
+            return v
+
+        kwargs = {**op.kwargs, "expert_offset": start, "shared": e_index == 0}
+        if dp:  # every rank's rows in, the sums of this rank's rows out
+            gather = {"axis": "world", "world": ep * tp, "dim": 0}
+            x = args[0]
+            x_all = fresh(f"{x.name}_all", get_op(ALL_GATHER).infer_types([x.type], gather)[0])
+            ops.append(Op(ALL_GATHER, (x,), gather, (x_all,), loc=op.loc))
+            ids_all = x_all
+            if args[1] is not x:
+                ids_all = fresh(f"{args[1].name}_all", get_op(ALL_GATHER).infer_types([args[1].type], gather)[0])
+                ops.append(Op(ALL_GATHER, (args[1],), gather, (ids_all,), loc=op.loc))
+            args[0], args[1] = x_all, ids_all
+            partial_value = fresh(f"{op.results[0].name}_part", x_all.type)
+            ops.append(op.replace(args=tuple(args), kwargs=kwargs, results=(partial_value,)))
+            ops.append(Op(REDUCE_SCATTER, (partial_value,), gather, op.results, loc=op.loc))
+            continue
+        partial_value = fresh(f"{op.results[0].name}_part", op.results[0].type)
+        ops.append(op.replace(args=tuple(args), kwargs=kwargs, results=(partial_value,)))
         ops.append(Op(ALL_REDUCE, (partial_value,), {"axis": axis, "world": world}, op.results, loc=op.loc))
     inputs = [GraphInput(i.kind, sliced.get(i.value, i.value)) for i in graph.inputs]
     outputs = [(n, sliced.get(v, v)) for n, v in graph.outputs]

@@ -233,7 +233,42 @@ class CompiledModel:
         self._check_prompt(ids)
         return self._prefill(ids, logits)
 
+    @property
+    def data_parallel(self) -> tuple[int, int] | None:
+        """(rank, ranks) of a sharded artifact with data-parallel attention (each rank runs its own
+        rows of a batch; ds4c.distributed.mesh), else None."""
+        mesh = self.manifest.get("mesh")
+        if mesh and mesh.get("attention") == "dp":
+            return int(self.manifest["rank"]), int(mesh["world"])
+        return None
+
+    def _own_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a batch (data-parallel attention); the whole batch otherwise."""
+        if self.data_parallel is None:
+            return ids
+        rank, world = self.data_parallel
+        if ids.shape[0] % world:
+            raise InputError(f"a batch of {ids.shape[0]} sequences does not split over the {world} ranks of this "
+                             f"artifact's data-parallel attention; give a multiple of {world} (or compile with "
+                             "--mesh ...,attention=replicated)")
+        per = ids.shape[0] // world
+        return ids[rank * per:(rank + 1) * per]
+
+    def _all_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of ``t`` (this rank's), in rank order (data-parallel attention)."""
+        if self.data_parallel is None:
+            return t
+        from ds4c.ir.registry import get_op
+
+        return get_op("dist.all_gather").reference(t.contiguous(), axis="world", world=self.data_parallel[1], dim=0)
+
     def _prefill(self, ids: torch.Tensor, logits: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.data_parallel is not None:  # this rank's rows; every rank's logits back, the state stays here
+            result, state = self._prefill_rows(self._own_rows(ids), logits)
+            return self._all_rows(result), state
+        return self._prefill_rows(ids, logits)
+
+    def _prefill_rows(self, ids: torch.Tensor, logits: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         entry = self._last_position_entry() if logits == "last" else None
         executor = entry or self._entry("prefill")
         # graphs for the generation path only: a full-logits prefill would pin [B, S, vocab]
@@ -255,6 +290,12 @@ class CompiledModel:
         return self._decode(ids, position, state)
 
     def _decode(self, ids: torch.Tensor, position: int, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        if self.data_parallel is not None:
+            logits, state = self._decode_rows(self._own_rows(ids), position, state)
+            return self._all_rows(logits), state
+        return self._decode_rows(ids, position, state)
+
+    def _decode_rows(self, ids: torch.Tensor, position: int, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         if self.cuda_graphs:
             from ds4c.runtime.executor import GraphedDecode
 

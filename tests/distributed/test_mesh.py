@@ -22,6 +22,10 @@ def test_ranks_of_one_expert_group_are_neighbours_and_every_axis_partitions_the_
 
 def test_mesh_text_and_gpus():
     assert Mesh.parse("ep=4") == Mesh(ep=4) and Mesh.parse(" tp=2 , ep=2 ") == Mesh(ep=2, tp=2)
+    dp = Mesh.parse("ep=4,attention=dp")
+    assert dp == Mesh(ep=4, attention="dp") and Mesh.from_dict(dp.to_dict()) == dp and str(dp) == "ep=4,tp=1,attention=dp"
+    with pytest.raises(ConfigError, match="replicated or dp"):
+        Mesh.parse("ep=2,attention=tp")
     assert Mesh.for_gpus(4, experts=256) == Mesh(ep=4)
     assert Mesh.for_gpus(8, experts=384) == Mesh(ep=8)
     assert Mesh.for_gpus(6, experts=8) == Mesh(ep=2, tp=3)

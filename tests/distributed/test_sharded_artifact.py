@@ -39,15 +39,15 @@ def _tmp():
     return Path(tempfile.mkdtemp(prefix="ds4c-mesh-"))
 
 
-def _worker(rank: int, world: int, port: int, path: str, results) -> None:
+def _worker(rank: int, world: int, port: int, path: str, results, ids=IDS) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     import torch.distributed as dist
 
     try:
         model = ds4c.load(path)
-        logits = model(torch.tensor(IDS))
-        tokens = model.generate(torch.tensor(IDS), max_new_tokens=8)
+        logits = model(torch.tensor(ids))
+        tokens = model.generate(torch.tensor(ids), max_new_tokens=8)
         results[rank] = (logits, tokens, model.manifest["rank"],
                          {k: tuple(v.shape) for k, v in model.weights.items() if "experts" in k})
     finally:
@@ -55,11 +55,32 @@ def _worker(rank: int, world: int, port: int, path: str, results) -> None:
             dist.destroy_process_group()
 
 
-def run_ranks(path, world: int) -> dict:
+def run_ranks(path, world: int, ids=IDS) -> dict:
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(world, free_port(), str(path), results), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), str(path), results, ids), nprocs=world, join=True)
         return dict(results)
+
+
+BATCH = [[(7 * i + 3 * j) % 500 + 2 for j in range(20)] for i in range(4)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["ep=2,attention=dp", "ep=2,tp=2,attention=dp"])
+def test_data_parallel_attention_gives_one_ranks_logits_and_tokens(mesh, tmp_path):
+    """attention=dp: each rank runs attention (and keeps the state) of its rows of the batch, the
+    MoE layers gather every rank's tokens and scatter the sums back; every rank returns the whole
+    batch's logits and tokens, equal to one rank's."""
+    one = ds4c.load(ds4c.compile("tiny", target="cpu", precision="fp32", max_context=64, progress=False)
+                    .save(tmp_path / "one.ds4"))
+    want_logits, want_tokens = one(torch.tensor(BATCH)), one.generate(torch.tensor(BATCH), max_new_tokens=8)
+    art = ds4c.compile("tiny", target="cpu", precision="fp32", max_context=64, progress=False, mesh=mesh)
+    ops = {op.name for op in art.ranks[1].graphs["decode"].ops}
+    assert {"dist.all_gather", "dist.reduce_scatter"} <= ops and "dist.all_reduce" not in ops
+    got = run_ranks(art.save(tmp_path / "dp.ds4"), art.manifest["mesh"]["world"], BATCH)
+    for rank, (logits, tokens, _, _) in got.items():
+        assert (logits - want_logits).abs().max() <= 1e-5, (mesh, rank)
+        assert torch.equal(tokens, want_tokens), (mesh, rank)
 
 
 @pytest.mark.slow
