@@ -303,3 +303,21 @@ def test_collectives_are_scheduled_on_a_comm_stream_at_the_peer_link():
     check_schedule(graph, schedule, art.ranks[2].attrs["memory_plan"]["decode"])
     assert "comm" not in ds4c.compile("tiny", target="h200", precision="bf16", max_context=64, progress=False,
                                       kernel_binaries=False).program.attrs["schedule"]["decode"]["streams"]
+
+
+@pytest.mark.slow
+def test_full_size_flash_over_4_gpus_fits_each_rank():
+    """`ds4c compile flash --target h200 --gpus 4` (meta tensors, the release's formats): one program
+    per rank, each holding a quarter of every layer's experts (the three hash layers too), one
+    all-reduce per MoE layer, and every rank's decode plan fits its H200."""
+    art = ds4c.compile("flash", target="h200", precision="mxfp4-experts", weights="reference", gpus=4,
+                       kernel_binaries=False, progress=False)
+    m = art.manifest
+    assert m["mesh"] == {"axes": {"ep": 4, "tp": 1}, "world": 4, "attention": "replicated"}
+    for r, program in enumerate(art.ranks):
+        ops = [op for op in program.graphs["decode"].ops]
+        moes = [op for op in ops if op.name in ("moe", "moe.packed")]
+        assert len(moes) == 43 and sum(op.name == "dist.all_reduce" for op in ops) == 43
+        assert {op.kwargs["expert_offset"] for op in moes} == {64 * r}
+        plan = m["ranks"][r]["memory_plan"]["decode"]
+        assert plan["fits"] and plan["device_bytes"] < 0.5 * plan["target_hbm_bytes"]
