@@ -218,14 +218,15 @@ def compile(
                           bisect_limit=bisect)
         if mesh is None:
             programs = [PassManager(pipeline, ins, ctx, stop_after=stop_after).run(program)]
-            programs[0].attrs["rewrite_log"] = (len(ctx.rewrite_log), ctx.rewrites_applied)
+            rewrites = [(len(ctx.rewrite_log), ctx.rewrites_applied)]
         else:
-            programs = sharded_pipeline(program, get_pipeline(pipeline, tgt), ins, ctx, mesh)
+            programs, rewrites = sharded_pipeline(program, get_pipeline(pipeline, tgt), ins, ctx, mesh)
         steps.advance("collecting weights")
         if kernel_binaries is None:
             kernel_binaries = os.environ.get("DS4C_KERNEL_BINARIES", "1") != "0"
         lowered = [_weights_of(p, full_spec, source) for p in programs]
-        total_bytes = sum(_bytes(low.stored) for low in lowered)
+        whole = whole_provided(lowered) if mesh is not None else {}
+        total_bytes = _bytes(whole) if mesh is not None else _bytes(lowered[0].stored)
         mode = weights
         if mode == "auto":
             mode = "embed" if total_bytes <= EMBED_LIMIT_BYTES else "reference"
@@ -235,7 +236,6 @@ def compile(
         if mesh is not None:
             # every rank's slices of one set of whole tensors (what the source provides, in the compute
             # dtype): stored once, or read from the source at load; each rank packs its own
-            whole = whole_provided(lowered)
             if mode == "embed":
                 loaded = source.load_weights(whole, dtype=dtype)
                 embedded = {k: loaded[k] for k in whole}
@@ -270,7 +270,8 @@ def compile(
     for r, low in enumerate(lowered):
         prefix = "" if mesh is None else f"ranks/{r}/"
         section = _program_manifest(low, precision=precision, dtype=dtype, bisect=bisect, mode=mode,
-                                    weights_source=weights_source, lowering_options=lowering_options, prefix=prefix)
+                                    weights_source=weights_source, lowering_options=lowering_options, prefix=prefix,
+                                    rewrites=rewrites[r])
         section.update(plan_sections(low.program, extras, prefix=prefix))
         rank_manifests.append(section)
     kernel_members = merge_kernel_members([low.kernel_members for low in lowered])
@@ -341,12 +342,13 @@ def _weights_of(program: Program, full_spec: dict[str, tuple[tuple[int, ...], to
 
 def _program_manifest(low: _Weights, *, precision: str, dtype: torch.dtype, bisect: int | None, mode: str,
                       weights_source: dict[str, Any], lowering_options: Mapping[str, bool],
-                      prefix: str = "") -> dict[str, Any]:
-    """The manifest sections of one program (the whole model's, or one rank's of a sharded one)."""
+                      prefix: str = "", rewrites: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """The manifest sections of one program (the whole model's, or one rank's of a sharded one);
+    ``rewrites``: (attempted, applied) by the pipeline that made it."""
     from ds4c.quant.packing import stored_spec
 
     program, spec, assignment = low.program, low.spec, low.assignment
-    log = program.attrs.get("rewrite_log") or (0, 0)
+    log = rewrites
     out: dict[str, Any] = {
         "precision": {**low.plan, "policy": precision, "compute_dtype": str(dtype).removeprefix("torch."),
                       # the bytes of the formats chosen (before the lowering's weight transforms: a
@@ -381,23 +383,24 @@ def _program_manifest(low: _Weights, *, precision: str, dtype: torch.dtype, bise
 
 
 def sharded_pipeline(program: Program, names: Sequence[str], instruments: Sequence[Instrument], ctx: PassContext,
-                     mesh: Any) -> list[Program]:
-    """Every rank's program: the pipeline up to ``quantize_weights`` once (tracing, fusion and the
-    precision plan are the whole model's), then ``shard_experts`` and the rest per rank (weights
-    packed, memory planned and streams scheduled for the rank's slices)."""
+                     mesh: Any) -> tuple[list[Program], list[tuple[int, int]]]:
+    """Every rank's program and its rewrites (attempted, applied): the pipeline up to
+    ``quantize_weights`` once (tracing, fusion and the precision plan are the whole model's), then
+    ``shard_experts`` and the rest per rank (weights packed, memory planned and streams scheduled
+    for the rank's slices)."""
     at = names.index("quantize_weights") if "quantize_weights" in names else len(names)
     shared = PassManager(list(names[:at]), instruments, ctx).run(program)
-    out = []
+    out, rewrites = [], []
     for rank in range(mesh.world):
         rank_ctx = PassContext(target=ctx.target, options={**ctx.options, "ep": mesh.ep, "tp": mesh.tp, "rank": rank,
                                                            "attention": mesh.attention})
         own = Program(dict(shared.graphs), copy.deepcopy(shared.attrs))  # the passes record into the attrs
         rest = PassManager(["shard_experts", *names[at:]], instruments if rank == 0 else (), rank_ctx).run(own)
         rest.attrs["pipeline"] = [*names[:at], "shard_experts", *names[at:]]
-        rest.attrs["rewrite_log"] = (len(ctx.rewrite_log) + len(rank_ctx.rewrite_log),
-                                     ctx.rewrites_applied + rank_ctx.rewrites_applied)
+        rewrites.append((len(ctx.rewrite_log) + len(rank_ctx.rewrite_log),
+                         ctx.rewrites_applied + rank_ctx.rewrites_applied))
         out.append(rest)
-    return out
+    return out, rewrites
 
 
 def whole_provided(lowered: Sequence[_Weights]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
