@@ -182,16 +182,19 @@ def compile(
                 check_table(precision, full_spec)
             max_context = program.attrs.get("max_context") or max_context
         else:
-            from ds4c.frontend.trace import param_spec
+            from ds4c.frontend.trace import build_meta_model, param_spec
 
             steps.advance("tracing (torch.export)", 0)
-            program, meta_model = trace_program(config, max_context, dtype)
-            full_spec = param_spec(meta_model)
+            # tensor parallelism of attention: every rank's program is the model with its share of
+            # the heads (and output groups); shard_experts gives each rank its slices of them
+            traced = rank_heads(config, mesh)
+            program, meta_model = trace_program(traced, max_context, dtype)
+            full_spec = param_spec(meta_model if traced is config else build_meta_model(config, max_context, dtype))
             if serving_plan is not None:
                 from ds4c.frontend.trace import trace_serving
 
                 steps.advance("tracing the serving entry points", 0)
-                program = add_serving_entries(program, trace_serving(config, max_context, serving_plan[0], dtype),
+                program = add_serving_entries(program, trace_serving(traced, max_context, serving_plan[0], dtype),
                                               serving_plan[1])
             if tgt.backend != "npu":  # generation's prefill: the pass last_position_logits makes it
                 program = add_last_position_entry(program)
@@ -488,10 +491,25 @@ def _mesh_of(mesh: Any, gpus: int | None, config: Any, tgt: Any, source: ModelSo
         raise ConfigError("--mesh / --gpus: the NPU target runs one device; compile sharded programs for cpu or a GPU")
     if stop_after is not None or bisect is not None:
         raise ConfigError("--stop-after / --bisect debug one program; drop --mesh / --gpus to use them")
+    if mesh.tp > 1 and mesh.attention != "dp" and (config.num_attention_heads % mesh.tp or config.o_groups % mesh.tp):
+        raise ConfigError(f"--mesh {mesh}: tensor parallelism splits attention's {config.num_attention_heads} heads "
+                          f"in {config.o_groups} output groups over tp={mesh.tp} ranks; give a tp that divides "
+                          f"both (or attention=dp)")
     if config.n_routed_experts % mesh.ep:
         raise ConfigError(f"--mesh {mesh}: the model's {config.n_routed_experts} routed experts do not split over "
                           f"ep={mesh.ep} ranks; give an ep that divides {config.n_routed_experts}")
     return mesh
+
+
+def rank_heads(config: Any, mesh: Any) -> Any:
+    """The config each rank's program is traced from: with ``tp`` > 1 (and attention not data
+    parallel), ``num_attention_heads`` / tp heads and ``o_groups`` / tp output groups."""
+    import dataclasses
+
+    if mesh is None or mesh.tp == 1 or mesh.attention == "dp":
+        return config
+    return dataclasses.replace(config, num_attention_heads=config.num_attention_heads // mesh.tp,
+                               o_groups=config.o_groups // mesh.tp)
 
 
 def _config_where(source: ModelSource) -> str:

@@ -1,5 +1,8 @@
 """The device mesh a sharded program is compiled for: named axes, and which ranks form each group.
 
+``ep`` splits every MoE layer's routed experts; ``tp`` splits, within each expert group, the
+experts' intermediate dimension and attention's heads (ds4c.passes.shard_experts).
+
 A mesh has an expert-parallel axis ``ep`` and a tensor-parallel axis ``tp``; rank ``r`` sits at
 ``ep = r // tp``, ``tp = r % tp`` (the ``tp`` ranks of one expert group are neighbours, so on a
 machine tensor parallelism, which talks most, stays between adjacent GPUs). Collectives name an

@@ -23,6 +23,13 @@ batch, computes its part for all of them, and ``dist.reduce_scatter`` sums the p
 each rank its rows back; the rest of the program is the one-rank program on fewer rows. The
 serving entry points (packed tokens of different counts per rank) keep replicated attention.
 
+Tensor parallelism of attention (``tp`` > 1, attention not ``dp``): the program comes traced
+with ``1/tp`` of the heads and output groups (``ds4c.compiler.rank_heads``); rank t holds heads
+``t*H/T ..`` of every attention layer (its rows of the query up-projection, its sinks, its output
+groups' rows of the grouped output projection and their columns of the output projection: the
+``ATTENTION_SLICES``), and a ``dist.all_reduce`` over ``tp`` sums the output projection's parts.
+The key/value path, compressors and indexers stay whole on every rank (one shared K=V head).
+
 Options: ``ep``, ``tp`` (ranks along each axis, default 1: no change), ``rank`` and ``attention``.
 
     %y = moe(%x, %ids, %router, %sel, %gate_up, %down, %sg, %su, %sd, top_k=2, ...) : f32[1,S,64]
@@ -50,6 +57,11 @@ SHARDED_OPS = {"moe": (4, 5)}  # op -> operand positions of the routed experts' 
 # [E, 2I, D] holds gate and up rows one after the other, down [E, D, I], the shared expert's
 # gate / up [I, D] and down [D, I]
 INNER = {4: (1, 2), 5: (2, 1), 6: (0, 1), 7: (0, 1), 8: (1, 1)}
+# attention weights a tensor-parallel rank holds a slice of (name suffix -> dimension), and the
+# one whose partial products the ranks sum
+ATTENTION_SLICES = {".self_attn.q_b_proj.weight": 0, ".self_attn.sinks": 0, ".self_attn.o_a_proj.weight": 0,
+                    ".self_attn.o_b_proj.weight": 1}
+ATTENTION_OUTPUT = ".self_attn.o_b_proj.weight"
 
 
 def expert_slice(experts: int, world: int, rank: int) -> tuple[int, int]:
@@ -85,7 +97,22 @@ def shard_experts(graph: Graph, ctx: PassContext) -> Graph:
     dp = ctx.options.get("attention", "replicated") == "dp" and not graph.name.startswith("ragged")
     ops: list[Op] = []
     taken = graph.value_names()
+    heads_tp = tp > 1 and ctx.options.get("attention", "replicated") != "dp"
+    if heads_tp:  # this rank's heads: the traced shapes are its slices (rank_heads)
+        for value in params:
+            dim = next((d for suffix, d in ATTENTION_SLICES.items() if value.name.endswith(suffix)), None)
+            if dim is not None and isinstance(value.type, TensorType):
+                size = value.type.shape[dim]
+                records["weights"][value.name] = [{"dim": dim, "start": t_index * size, "stop": (t_index + 1) * size,
+                                                   "of": size * tp}]
     for op in graph.ops:
+        if heads_tp and op.name == "aten.linear.default" and len(op.args) > 1 \
+                and op.args[1].name.endswith(ATTENTION_OUTPUT):  # this rank's heads' share of the output
+            part = Value(graph.fresh_name(f"{op.results[0].name}_part", taken), op.results[0].type)
+            taken.add(part.name)
+            ops.append(op.replace(results=(part,)))
+            ops.append(Op(ALL_REDUCE, (part,), {"axis": "tp", "world": tp}, op.results, loc=op.loc))
+            continue
         if op.name not in SHARDED_OPS:
             ops.append(op.map_operands(lambda v: sliced.get(v, v)))
             continue

@@ -119,8 +119,14 @@ def test_a_sharded_artifact_stores_each_ranks_program_and_the_weights_once(tmp_p
         [whole[0] // 2, whole[1] // 2, whole[2]]
     assert own["weights"]["shard"]["model.layers.0.mlp.experts.gate_up_proj"][0] == \
         {"dim": 0, "start": whole[0] // 2, "stop": whole[0], "of": whole[0]}
-    reduces = [op for op in prog3.graphs["decode"].ops if op.name == "dist.all_reduce"]
-    assert reduces and all(op.kwargs == {"axis": "world", "world": 4} for op in reduces)
+    # tensor parallelism of attention: rank 3 (tp index 1) holds the second half of every layer's heads
+    assert own["weights"]["shard"]["model.layers.0.self_attn.q_b_proj.weight"] == \
+        [{"dim": 0, "start": 64, "stop": 128, "of": 128}]
+    assert own["weights"]["shard"]["model.layers.0.self_attn.o_b_proj.weight"][0]["dim"] == 1
+    reduces = [op.kwargs for op in prog3.graphs["decode"].ops if op.name == "dist.all_reduce"]
+    layers = manifest["model"]["config"]["num_hidden_layers"]
+    assert reduces.count({"axis": "world", "world": 4}) == layers  # the MoE layers' parts
+    assert reduces.count({"axis": "tp", "world": 2}) == layers  # the attention output's parts
     assert sum(manifest["weights"]["rank_bytes"]) < 4 * manifest["weights"]["bytes"]
 
 
