@@ -107,7 +107,7 @@ def test_a_sharded_artifact_stores_each_ranks_program_and_the_weights_once(tmp_p
     art = ds4c.compile("tiny", target="cpu", precision="fp32", max_context=64, progress=False, mesh="ep=2,tp=2")
     path = art.save(tmp_path / "tiny.ds4")
     manifest, program, container = read_artifact(path)
-    assert manifest["mesh"] == {"axes": {"ep": 2, "tp": 2}, "world": 4}
+    assert manifest["mesh"] == {"axes": {"ep": 2, "tp": 2}, "world": 4, "attention": "replicated"}
     members = container.member_names()
     for r in range(4):
         assert f"ranks/{r}/ir/prefill.ds4ir" in members
