@@ -241,7 +241,7 @@ def run(
     if prompt is not None and not prompt:
         _fail(InputError("--prompt is empty: give some text, e.g. --prompt 'Hello', or token ids, e.g. --prompt-ids 1,2,3"))
     if ranks is not None or gpus is not None:  # the workers run this same command, one per rank
-        from ds4c.distributed.launch import launch_workers
+        from ds4c.runtime.launch import launch_workers
 
         raise typer.Exit(launch_workers(artifact, ranks=ranks, gpus=gpus, device=device, argv=sys.argv[1:]))
     rows = _parse_ids(prompt_ids) if prompt_ids is not None else []
@@ -544,7 +544,7 @@ def serve(
     if grace < 0:
         _fail(InputError(f"--grace {grace}: must be >= 0 seconds"))
     if ranks is not None or gpus is not None:
-        from ds4c.distributed.launch import launch_workers
+        from ds4c.runtime.launch import launch_workers
 
         raise typer.Exit(launch_workers(artifact, ranks=ranks, gpus=gpus, device=device, argv=sys.argv[1:]))
     try:
@@ -612,7 +612,7 @@ def bench_serve(
     from ds4c.progress import progress_steps
 
     if ranks is not None or gpus is not None:
-        from ds4c.distributed.launch import launch_workers
+        from ds4c.runtime.launch import launch_workers
 
         if artifact is None:
             _fail(InputError("--ranks / --gpus start the ranks of a sharded artifact; give the artifact"))

@@ -316,7 +316,7 @@ class _Weights:
 
 def _weights_of(program: Program, full_spec: dict[str, tuple[tuple[int, ...], torch.dtype]],
                 source: ModelSource) -> _Weights:
-    from ds4c.passes.shard_experts import slice_tensor
+    from ds4c.distributed.shards import slice_tensor
     from ds4c.quant.packing import stored_spec
 
     plan = program.attrs.get("precision") or {}
@@ -408,7 +408,7 @@ def sharded_pipeline(program: Program, names: Sequence[str], instruments: Sequen
 
 def whole_provided(lowered: Sequence[_Weights]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The whole tensors the ranks of a sharded program read slices of (and the replicated ones), once."""
-    from ds4c.passes.shard_experts import whole_shape
+    from ds4c.distributed.shards import whole_shape
 
     out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for low in lowered:

@@ -660,7 +660,7 @@ def checkpoint_files(directory: str | Path, expected: Spec) -> list[Path]:
 def _load_all(files: _Files, plan: _Plan, expected: Spec, out: dict[str, torch.Tensor], dtype: torch.dtype,
               device: str | torch.device, progress: Callable[[int, int], None] | None,
               allow_nonfinite: bool, shard: Mapping[str, Any]) -> None:
-    from ds4c.passes.shard_experts import slice_tensor
+    from ds4c.distributed.shards import slice_tensor
 
     total = len(expected)
     for name in expected:

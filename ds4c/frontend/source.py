@@ -93,7 +93,7 @@ def load_weights(ref: Mapping[str, Any], expected: WeightSpec, *, dtype: torch.d
     (a rank of a sharded artifact): ``expected`` gives those tensors' slice shapes; each is read
     whole (a preset's generated, one at a time) and cut to the rank's slice."""
     if shard:
-        from ds4c.passes.shard_experts import slice_tensor, whole_shape
+        from ds4c.distributed.shards import slice_tensor, whole_shape
 
         whole = {k: (whole_shape(s, shard[k]) if k in shard else s, d) for k, (s, d) in expected.items()}
         if ref["kind"] == "preset":  # a rank's experts alone (drawn per expert), the rest one tensor at a time

@@ -41,8 +41,7 @@ Options: ``ep``, ``tp`` (ranks along each axis, default 1: no change), ``rank`` 
 
 from __future__ import annotations
 
-import torch
-
+from ds4c.distributed.shards import slice_tensor
 from ds4c.errors import PassError
 from ds4c.ir.graph import Graph, GraphInput, Op, Value
 from ds4c.ir.registry import get_op
@@ -50,7 +49,7 @@ from ds4c.ir.types import TensorType
 from ds4c.ops.collectives import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER
 from ds4c.passes.manager import PassContext, register_pass
 
-__all__ = ["expert_slice", "reduce_axis", "shard_experts", "shard_weights", "slice_tensor", "whole_shape"]
+__all__ = ["expert_slice", "reduce_axis", "shard_experts", "shard_weights"]
 
 SHARDED_OPS = {"moe": (4, 5)}  # op -> operand positions of the routed experts' weights
 # per sharded operand position: (dimension of the intermediate size, chunks along it): gate_up
@@ -175,27 +174,6 @@ def shard_experts(graph: Graph, ctx: PassContext) -> Graph:
     inputs = [GraphInput(i.kind, sliced.get(i.value, i.value)) for i in graph.inputs]
     outputs = [(n, sliced.get(v, v)) for n, v in graph.outputs]
     return graph.copy(ops=ops, inputs=inputs, outputs=outputs)
-
-
-def slice_tensor(t, slices: list[dict], name: str = "tensor"):
-    """``t`` cut as ``slices`` says (a shard record's list: dim, start, stop, of, chunks)."""
-    for sl in slices:
-        dim, chunks = sl["dim"], sl.get("chunks", 1)
-        if t.shape[dim] != sl["of"] * chunks:
-            raise PassError(f"shard_weights: {name} has {t.shape[dim]} rows along dim {dim}, the sharded program "
-                            f"expects {sl['of'] * chunks}")
-        parts = t.chunk(chunks, dim) if chunks > 1 else (t,)
-        cut = [p.narrow(dim, sl["start"], sl["stop"] - sl["start"]) for p in parts]
-        t = cut[0] if chunks == 1 else torch.cat(cut, dim)
-    return t
-
-
-def whole_shape(shape, slices: list[dict]) -> tuple[int, ...]:
-    """The shape of the whole tensor a rank holds ``shape`` of."""
-    out = list(shape)
-    for sl in slices:
-        out[sl["dim"]] = sl["of"] * sl.get("chunks", 1)
-    return tuple(out)
 
 
 def shard_weights(weights: dict, shard: dict) -> dict:

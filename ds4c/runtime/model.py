@@ -593,7 +593,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
     shard = wman.get("shard") or {}
     with progress_steps(f"loading {os.fspath(path)}", total=max(len(expected), 1), enabled=progress) as steps:
         if weights is not None and shard:  # the whole model's tensors: this rank's slices of them
-            from ds4c.passes.shard_experts import slice_tensor
+            from ds4c.distributed.shards import slice_tensor
 
             weights = {k: slice_tensor(v, shard[k], k) if k in shard else v for k, v in weights.items()}
         if weights is not None:
@@ -604,7 +604,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
                 raise InputError(f"weights= lacks {len(missing)} tensors the program reads, e.g. '{missing[0]}'")
             weights = {k: weights[k] for k in wanted}
         elif wman["mode"] == "embed" and shard:  # the whole tensors, once: this rank's slices, then its transforms
-            from ds4c.passes.shard_experts import slice_tensor
+            from ds4c.distributed.shards import slice_tensor
 
             if WEIGHTS_MEMBER not in container.member_names():
                 raise ArtifactError(f"{path}: manifest says weights are embedded but '{WEIGHTS_MEMBER}' is missing")
@@ -629,10 +629,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
                     raise ArtifactError(f"{path}: embedded weights lack tensor '{k}'; recompile the artifact")
                 weights[k] = raw.pop(k).to(device)
                 steps.advance()
-        elif wman["source"].get("kind") == "preset":  # drawn, packed and placed one tensor at a time
+        elif wman["source"].get("kind") == "preset" and weights_from is None:  # drawn, packed, placed one at a time
             from ds4c.models.deepseek_v4.presets import init_preset_weights
             from ds4c.passes.plan_memory import host_weights
-            from ds4c.passes.shard_experts import whole_shape
+            from ds4c.distributed.shards import whole_shape
 
             whole = {k: (whole_shape(s, shard[k]) if k in shard else s, d) for k, (s, d) in provided.items()}
             host = host_weights(manifest.get("memory_plan")) if device.type == "cuda" else set()

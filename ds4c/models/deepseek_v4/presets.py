@@ -150,7 +150,7 @@ def init_preset_weights(expected: Mapping[str, tuple[tuple[int, ...], torch.dtyp
     """Generate every expected weight (floating ones in ``dtype``), one at a time. ``shard``:
     name -> slices (ds4c.passes.shard_experts) of a rank: those tensors come as the rank's slices,
     an expert stack's experts drawn alone (the whole stack is never made)."""
-    from ds4c.passes.shard_experts import slice_tensor
+    from ds4c.distributed.shards import slice_tensor
 
     shard = shard or {}
     experts = None

@@ -392,9 +392,10 @@ def test_mxfp4_experts_stay_packed_end_to_end(tmp_path):
     # bf16 compute: the kernels accumulate in fp32 and round once, the reference rounds per op. In
     # this random tiny model such last-bit differences can flip a router's top-k choice (and FP8
     # activations, b200 running the FP8 linears natively, round them 16x coarser): the logits then
-    # move by ~15% of their norm (a wrong kernel moves them ~100%)
+    # move by ~15-26% of their norm (0.258 since presets draw each expert from its own seed; a wrong
+    # kernel moves them ~100%)
     err = float((got.float().cpu() - want.float()).norm() / want.float().norm())
-    assert err < 0.25, err
+    assert err < 0.35, err
     assert (got.float().cpu().argmax(-1) == want.float().argmax(-1)).float().mean() >= 0.85
     tok = want[:, -1:].argmax(-1)
     dw, _ = ref.decode(tok, 8, state)
