@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -676,12 +677,14 @@ def bench_serve(
                 main["decode_vs_bound"] = main["decode_tokens_per_s"] / bound["tokens_per_s"]
             if "nocache" in bases and prefix_cache:
                 release_device_memory(model.device)  # the first engine's pools, before the second takes its own
-                with progress_steps("engine without the prefix cache", total=total, enabled=True) as steps:
+                with baseline(report, "nocache", model.device), \
+                        progress_steps("engine without the prefix cache", total=total, enabled=True) as steps:
                     report["nocache"] = summarize(run_engine(ds4c.Engine(model), work, sync=sync,
                                                              on_finish=steps.advance))
             if "static" in bases:
                 release_device_memory(model.device)
-                with progress_steps(f"static batches of {static_batch}", total=total, enabled=True) as steps:
+                with baseline(report, "static", model.device), \
+                        progress_steps(f"static batches of {static_batch}", total=total, enabled=True) as steps:
                     report["static"] = summarize(run_static(model, work, static_batch, sync=sync,
                                                             on_finish=steps.advance))
             if "transformers" in bases:
@@ -690,14 +693,17 @@ def bench_serve(
                 manifest, dev = model.manifest, model.device
                 model = None  # its weights leave the device before transformers' copy comes
                 release_device_memory(dev)
-                with progress_steps("transformers: loading the artifact's weights", total=1, enabled=True) as steps:
-                    hf = transformers_model(manifest, dev)
-                    steps.advance()
-                with progress_steps(f"transformers generate, batches of {static_batch}", total=total,
-                                    enabled=True) as steps:
-                    report["transformers"] = summarize(run_static(
-                        hf, work, static_batch, sync=sync, on_finish=steps.advance,
-                        generate=transformers_generate(hf, sync), name="transformers"))
+                hf = None
+                with baseline(report, "transformers", dev):
+                    with progress_steps("transformers: loading the artifact's weights", total=1,
+                                        enabled=True) as steps:
+                        hf = transformers_model(manifest, dev)
+                        steps.advance()
+                    with progress_steps(f"transformers generate, batches of {static_batch}", total=total,
+                                        enabled=True) as steps:
+                        report["transformers"] = summarize(run_static(
+                            hf, work, static_batch, sync=sync, on_finish=steps.advance,
+                            generate=transformers_generate(hf, sync), name="transformers"))
                 hf = None
                 release_device_memory(dev)
     except Ds4cError as e:
@@ -736,9 +742,26 @@ def bench_serve(
                       f"{b['step_bytes'] / 1e9:.3f} GB per step at {b['hbm_bandwidth'] / 1e12:.2f} TB/s, {b['target']})")
     if "pages_peak" in main:
         console.print(f"pages in use at most: {main['pages_peak']}")
+    for name, why in (report.get("baseline_errors") or {}).items():
+        console.print(f"[yellow]{name}: not measured[/] ({why})")
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=1))
         console.print(f"report: {json_out}")
+
+
+@contextlib.contextmanager
+def baseline(report: dict, name: str, device) -> Iterator[None]:
+    """Run a bench serve baseline; one that runs out of device memory is reported as not measured
+    (``report["baseline_errors"]``), and the measurements before it are kept."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "out of memory")
+        report.setdefault("baseline_errors", {})[name] = f"out of device memory: {first[:200]}"
+        report.pop(name, None)
+        release_device_memory(device)
 
 
 def release_device_memory(device) -> None:

@@ -165,6 +165,28 @@ def test_bench_serve_reports_the_engine_against_static_batches(artifact, tmp_pat
     assert res.exit_code != 0 and "LOW:HIGH" in res.output
 
 
+def test_a_baseline_that_runs_out_of_device_memory_is_reported_and_the_engine_kept(artifact, tmp_path, monkeypatch):
+    """(On an H100 the static baseline of a 64-request trace ran out of memory after the engine's
+    run, and the whole report was lost.)"""
+    import json
+
+    import ds4c.bench.serve as bench
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 29.91 GiB.")
+
+    monkeypatch.setattr(bench, "run_static", no_memory)
+    path, _ = artifact
+    out = tmp_path / "bench.json"
+    res = runner.invoke(app, ["bench", "serve", str(path), "--requests", "3", "--concurrency", "3",
+                              "--prompt-len", "4:8", "--output-len", "2:3", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["engine"]["requests"] == 3 and "static" not in report
+    assert report["baseline_errors"]["static"].startswith("out of device memory: CUDA out of memory")
+    assert "static: not measured" in res.output
+
+
 def test_bench_serve_shared_prefix_and_sessions_with_and_without_the_prefix_cache(artifact, tmp_path):
     import json
 
