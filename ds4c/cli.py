@@ -664,9 +664,12 @@ def bench_serve(
         else:
             sync = torch_sync(model.device)
             name = "engine" + (" (prefix cache)" if prefix_cache else "")
+            memory = report["device_memory"] = {"after_load": device_memory(model.device)}
             with progress_steps(name, total=total, enabled=True) as steps:
                 engine = ds4c.Engine(model, prefix_cache=prefix_cache)
+                memory["engine_started"] = device_memory(model.device)
                 report["engine"] = summarize(run_engine(engine, work, sync=sync, on_finish=steps.advance))
+                memory["engine_peak"] = device_memory(model.device, peak=True)
                 engine.close()
             main = report["engine"]
             if main.get("decode_batch") and main.get("decode_tokens_per_s"):
@@ -762,6 +765,17 @@ def baseline(report: dict, name: str, device) -> Iterator[None]:
         report.setdefault("baseline_errors", {})[name] = f"out of device memory: {first[:200]}"
         report.pop(name, None)
         release_device_memory(device)
+
+
+def device_memory(device, peak: bool = False) -> dict | None:
+    """Bytes allocated (or the peak so far) and reserved by PyTorch on a CUDA device; None elsewhere."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return None
+    allocated = torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)
+    return {"allocated": allocated, "reserved": torch.cuda.memory_reserved(device),
+            "total": torch.cuda.get_device_properties(device).total_memory}
 
 
 def release_device_memory(device) -> None:
