@@ -523,6 +523,9 @@ def serve(
     grace: Annotated[float, typer.Option(help="seconds in-flight requests get to finish after SIGTERM")] = 30.0,
     prefix_cache: Annotated[bool, typer.Option("--prefix-cache/--no-prefix-cache",
                                                help="reuse the state of shared prompt prefixes")] = True,
+    state_budget: Annotated[str | None, typer.Option(
+        "--state-budget", help="device memory for the requests' state pools, e.g. 20GB (default: the "
+                               "compiled plan's)")] = None,
     trust_binaries: Annotated[bool, typer.Option(
         "--trust-binaries", help="use the native code stored in ARTIFACT even if no trusted key signed it")] = False,
     ranks: Annotated[int | None, typer.Option("--ranks", help="a sharded ARTIFACT as N CPU processes (rank 0 "
@@ -550,7 +553,8 @@ def serve(
         raise typer.Exit(launch_workers(artifact, ranks=ranks, gpus=gpus, device=device, argv=sys.argv[1:]))
     try:
         model = ds4c.load(artifact, device=device, backend=backend, trust_binaries=trust_binaries)
-        engine = ds4c.Engine(model, max_running=max_running, prefix_cache=prefix_cache)
+        engine = ds4c.Engine(model, max_running=max_running, prefix_cache=prefix_cache,
+                             state_budget=_parse_bytes(state_budget) if state_budget else None)
         if engine.rank:  # a sharded artifact's other ranks run rank 0's steps
             engine.follow()
             return
@@ -598,6 +602,9 @@ def bench_serve(
                                                           "transformers (its generate, padded batches), or none")
                        ] = "static",
     static_batch: Annotated[int, typer.Option("--static-batch", help="the padded baselines' batch size")] = 8,
+    state_budget: Annotated[str | None, typer.Option(
+        "--state-budget", help="device memory for the engine's state pools, e.g. 20GB (default: the compiled "
+                               "plan's)")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
     ranks: Annotated[int | None, typer.Option("--ranks", help="a sharded ARTIFACT as N CPU processes")] = None,
@@ -643,9 +650,10 @@ def bench_serve(
         else:
             model = ds4c.load(artifact, device=device)
             vocab, max_context, where = model.vocab_size, model.max_context, str(model.device)
+            budget = _parse_bytes(state_budget) if state_budget else None
             if "mesh" in model.manifest:  # sharded: the engine alone (baselines would need every rank too)
                 if model.manifest["rank"]:
-                    ds4c.Engine(model, prefix_cache=prefix_cache).follow()
+                    ds4c.Engine(model, prefix_cache=prefix_cache, state_budget=budget).follow()
                     return
                 if bases:
                     console.print(f"a sharded artifact: --compare {','.join(bases)} skipped (the engine alone)")
@@ -666,7 +674,7 @@ def bench_serve(
             name = "engine" + (" (prefix cache)" if prefix_cache else "")
             memory = report["device_memory"] = {"after_load": device_memory(model.device)}
             with progress_steps(name, total=total, enabled=True) as steps:
-                engine = ds4c.Engine(model, prefix_cache=prefix_cache)
+                engine = ds4c.Engine(model, prefix_cache=prefix_cache, state_budget=budget)
                 memory["engine_started"] = device_memory(model.device)
                 report["engine"] = summarize(run_engine(engine, work, sync=sync, on_finish=steps.advance))
                 memory["engine_peak"] = device_memory(model.device, peak=True)
@@ -682,7 +690,7 @@ def bench_serve(
                 release_device_memory(model.device)  # the first engine's pools, before the second takes its own
                 with baseline(report, "nocache", model.device), \
                         progress_steps("engine without the prefix cache", total=total, enabled=True) as steps:
-                    report["nocache"] = summarize(run_engine(ds4c.Engine(model), work, sync=sync,
+                    report["nocache"] = summarize(run_engine(ds4c.Engine(model, state_budget=budget), work, sync=sync,
                                                              on_finish=steps.advance))
             if "static" in bases:
                 release_device_memory(model.device)

@@ -205,7 +205,17 @@ class CompiledStepRunner:
         self.inputs = serving["inputs"]
         self._pools = serving["pools"]
         self.device = model.device
-        self.state = {p["name"]: self._pool_tensor(p, pages[p["pool"]]) for p in serving["pools"]}
+        try:
+            self.state = {p["name"]: self._pool_tensor(p, pages[p["pool"]]) for p in serving["pools"]}
+        except torch.OutOfMemoryError:
+            self.state = {}
+            need = sum(page_bytes(serving["pools"])[k] * n for k, n in pages.items())
+            free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+            raise InputError(f"the serving pools ({need / 1e9:.1f} GB: {pages['window']} window, {pages['compressed']} "
+                             f"compressed pages, {pages['slots']} slots) do not fit in the device memory left beside "
+                             f"the loaded model{f' ({free / 1e9:.1f} GB free)' if free is not None else ''}; give them "
+                             "less: Engine(..., state_budget=BYTES) / --state-budget, or recompile with a smaller "
+                             "--hbm-budget") from None
         self._graphing = (model.device.type == "cuda" and getattr(model, "cuda_graphs", False)
                           and getattr(model, "backend", "reference") != "reference")
         top = max_running or batch["max_running"]

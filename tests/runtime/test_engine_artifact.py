@@ -331,3 +331,18 @@ def test_the_transformers_peer_holds_the_artifacts_weights(artifact):
     bad = {**manifest, "model": {**manifest["model"], "source": {"kind": "module", "name": "x"}}}
     with pytest.raises(InputError, match="cannot be rebuilt in transformers"):
         transformers_model(bad, torch.device("cpu"))
+
+
+def test_pools_that_do_not_fit_the_device_are_a_clear_error(artifact, monkeypatch):
+    """(On an H100 the planned pools did not fit beside the loaded flash-slice: a CUDA OOM
+    traceback.) The error says how big they are and how to give them less."""
+    from ds4c.runtime.engine import CompiledStepRunner
+
+    def no_memory(self, record, pages):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 23.19 GiB.")
+
+    monkeypatch.setattr(CompiledStepRunner, "_pool_tensor", no_memory)
+    path, _ = artifact
+    with pytest.raises(InputError, match=r"the serving pools \(.* GB: .* window, .* compressed pages, .* slots\) do "
+                                         r"not fit .* state_budget=BYTES\) / --state-budget"):
+        ds4c.Engine(str(path))
