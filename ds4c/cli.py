@@ -678,7 +678,8 @@ def bench_serve(
                 memory["engine_started"] = device_memory(model.device)
                 report["engine"] = summarize(run_engine(engine, work, sync=sync, on_finish=steps.advance))
                 memory["engine_peak"] = device_memory(model.device, peak=True)
-                engine.close()
+                engine.close()  # its pools and graphs back to the allocator before a baseline takes memory
+                engine = None
             main = report["engine"]
             if main.get("decode_batch") and main.get("decode_tokens_per_s"):
                 from ds4c.bench.serve import decode_bound
@@ -690,8 +691,10 @@ def bench_serve(
                 release_device_memory(model.device)  # the first engine's pools, before the second takes its own
                 with baseline(report, "nocache", model.device), \
                         progress_steps("engine without the prefix cache", total=total, enabled=True) as steps:
-                    report["nocache"] = summarize(run_engine(ds4c.Engine(model, state_budget=budget), work, sync=sync,
-                                                             on_finish=steps.advance))
+                    engine = ds4c.Engine(model, state_budget=budget)
+                    report["nocache"] = summarize(run_engine(engine, work, sync=sync, on_finish=steps.advance))
+                    engine.close()
+                    engine = None
             if "static" in bases:
                 release_device_memory(model.device)
                 with baseline(report, "static", model.device), \

@@ -235,6 +235,18 @@ class CompiledStepRunner:
         self.step_graphs: dict[int, object] = {}
         self.graph_errors: dict[str, str] = {}  # "ragged_decode/4" -> why its capture failed (it runs op by op)
 
+    def release(self) -> None:
+        """Drop the pools and the captured graphs (their memory goes back to the allocator, even
+        if something still holds this runner or a graph): the runner runs no more steps."""
+        for graphs in (self.decode_graphs, self.step_graphs):
+            for g in graphs.values():
+                if hasattr(g, "release"):
+                    g.release()
+            graphs.clear()
+        for state in (getattr(self, "_captured_state", None), self.state):
+            if state is not None:
+                state.clear()  # in place: a graph's step closure holds this very dict
+
     def _pool_tensor(self, record: dict, pages: int) -> torch.Tensor:
         return torch.zeros([pages, *record["shape"][1:]], dtype=getattr(torch, record["dtype"]), device=self.device)
 
@@ -269,6 +281,7 @@ class CompiledStepRunner:
 
         pool = torch.cuda.graph_pool_handle()
         lay = self.layout
+        self._captured_state = self.state  # what the graphs' steps read and write (release clears it)
 
         def capture(name: str, graphs: dict, buckets: list[int], buffers) -> None:
             executor = self.model._entry(name)
@@ -524,6 +537,8 @@ class Engine:
         if self.rank:
             raise InputError(f"Engine.submit on rank {self.rank}: rank 0 of a sharded artifact takes the requests; "
                              "this rank runs its steps in engine.follow()")
+        if getattr(self, "_closed", False):
+            raise InputError("Engine.submit: this engine is closed (Engine.close); make a new one")
         params = SamplingParams(max_new_tokens=16) if params is None else params
         if not isinstance(params, SamplingParams):
             raise InputError(f"Engine.submit: params must be a SamplingParams, got {type(params).__name__}")
@@ -629,13 +644,24 @@ class Engine:
         return follow(self.runner, self._group)
 
     def close(self) -> None:
-        """Stop the background loop; on rank 0 of a sharded artifact, release the other ranks from
-        ``follow`` (also done at exit). The engine takes no more steps after this."""
+        """Stop the background loop, give the pools and CUDA graphs back to the device allocator
+        (a benchmark's next engine can take its own), and on rank 0 of a sharded artifact release
+        the other ranks from ``follow`` (also done at exit). The engine takes no more steps."""
         if self.rank:
             return
         self.stop()
         if hasattr(self.runner, "stop"):
             self.runner.stop()
+        for req in list(self._running) + list(self._waiting):
+            req.error = "the engine was closed"
+            if req in self._running:
+                self._retire(req, "error")
+            else:
+                self._finish(req, "error")
+        self._waiting.clear()
+        if hasattr(self.runner, "release"):
+            self.runner.release()
+        self._closed = True
 
     def stop(self, timeout: float | None = None) -> None:
         """End the background loop after its current step (requests stay where they are)."""

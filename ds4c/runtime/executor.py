@@ -504,6 +504,11 @@ class GraphedServingStep:
         self.graph, self.logits = capture_after_warmup(device, warm, step, pool=pool)
         self.arenas = executor.take_captured() if hasattr(executor, "take_captured") else []
 
+    def release(self) -> None:
+        """Drop the graph, its arenas and buffers (the engine that captured it is closing)."""
+        self.graph = self.logits = None
+        self.arenas, self.buffers, self._blobs = [], {}, {}
+
     def __call__(self, inputs: Mapping[str, torch.Tensor], rows: int) -> torch.Tensor:
         """Inputs on the host go through one pinned staging blob per dtype and one copy each; inputs
         already on the device are copied buffer by buffer."""

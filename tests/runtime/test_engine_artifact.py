@@ -346,3 +346,23 @@ def test_pools_that_do_not_fit_the_device_are_a_clear_error(artifact, monkeypatc
     with pytest.raises(InputError, match=r"the serving pools \(.* GB: .* window, .* compressed pages, .* slots\) do "
                                          r"not fit .* state_budget=BYTES\) / --state-budget"):
         ds4c.Engine(str(path))
+
+
+def test_a_closed_engine_gives_its_pools_back_even_if_something_holds_it(artifact):
+    """(On an H100 the first engine of `bench serve --compare nocache` kept its 32 GB of pools while
+    the second asked for its own.) close() frees the pools in place and refuses new requests."""
+    import gc
+    import weakref
+
+    from ds4c.runtime.sampling import SamplingParams
+
+    path, _ = artifact
+    engine = ds4c.Engine(str(path), prefix_cache=True)
+    pool = weakref.ref(next(iter(engine.runner.state.values())))
+    engine.generate([[5, 6, 7, 8]], SamplingParams(max_new_tokens=3))
+    waiting = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=3))
+    engine.close()
+    gc.collect()
+    assert pool() is None and waiting.finished and waiting.error == "the engine was closed"
+    with pytest.raises(InputError, match="closed"):
+        engine.submit([1, 2, 3])
