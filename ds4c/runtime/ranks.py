@@ -16,6 +16,7 @@ payload with the tensors' values. No pickle: a follower rebuilds tensors from nu
 from __future__ import annotations
 
 import atexit
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -101,7 +102,15 @@ class LeaderStepRunner:
     def __init__(self, runner: Any, group: Any):
         self._runner, self._group = runner, group
         self._stopped = False
-        atexit.register(self.stop)
+        me = weakref.ref(self)  # the exit hook must not keep this runner (and its pools) alive
+
+        def at_exit() -> None:
+            runner = me()
+            if runner is not None:
+                runner.stop()
+
+        self._at_exit = at_exit
+        atexit.register(at_exit)
 
     def __getattr__(self, name: str) -> Any:  # pools, layout, rates, graphs, ...: the local runner's
         return getattr(self._runner, name)
@@ -127,6 +136,7 @@ class LeaderStepRunner:
         """Tell the other ranks to leave ``follow`` (once; also at exit)."""
         if not self._stopped:
             self._stopped = True
+            atexit.unregister(self._at_exit)
             try:
                 _send(self._group, STOP)
             except RankFailure:
