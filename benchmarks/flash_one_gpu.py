@@ -31,6 +31,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import ds4c
+    from benchmarks.multi_gpu import greedy_steps
     from ds4c.cli import _parse_bytes
     from ds4c.targets import get_target
 
@@ -67,22 +68,8 @@ def main() -> None:
     save()
     prompt = torch.randint(0, model.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to("cuda")
-    t0 = time.perf_counter()
-    logits, state = model.prefill(prompt, logits="last")
-    torch.cuda.synchronize()
-    res["ttft_s"] = time.perf_counter() - t0
-    nxt = logits[:, -1].argmax(-1, keepdim=True)
-    tokens, steps = [int(nxt)], []
-    pos = args.prompt
-    for _ in range(args.new_tokens - 1):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        logits, state = model.decode(nxt, pos, state)
-        torch.cuda.synchronize()
-        steps.append(time.perf_counter() - t0)
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        tokens.append(int(nxt))
-        pos += 1
+    ttft, steps, rows, _ = greedy_steps(model, prompt, args.new_tokens)
+    res["ttft_s"], tokens = ttft, rows[0]
     steady = sorted(steps[2:]) if len(steps) > 4 else sorted(steps)
     step = steady[len(steady) // 2]
     res.update(tokens=tokens, decode_steps_s=steps, decode_step_s=step,

@@ -23,6 +23,29 @@ import time
 import torch
 
 
+def greedy_steps(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float], list[list[int]], dict]:
+    """Greedy generation timed on the GPU: (TTFT of the last-position prefill, seconds of each
+    decode step, the tokens per row, the final state)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    logits, state = model.prefill(ids, logits="last")
+    torch.cuda.synchronize()
+    ttft = time.perf_counter() - t0
+    nxt = logits[:, -1].argmax(-1, keepdim=True)
+    tokens, steps = [nxt], []
+    pos = ids.shape[1]
+    for _ in range(new_tokens - 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        logits, state = model.decode(nxt, pos, state)
+        torch.cuda.synchronize()
+        steps.append(time.perf_counter() - t0)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(nxt)
+        pos += 1
+    return ttft, steps, torch.cat(tokens, dim=1).tolist(), state
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--artifact", required=True)
@@ -51,34 +74,18 @@ def main() -> None:
     for b in (int(x) for x in args.batch.split(",")):
         ids = torch.randint(0, model.vocab_size, (b, args.prompt), generator=gen).to("cuda")
         model.prefill(ids[:, :16], logits="last")  # warm: kernels and graphs of this batch
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        logits, state = model.prefill(ids, logits="last")
-        torch.cuda.synchronize()
-        ttft = time.perf_counter() - t0
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        tokens, steps = [nxt], []
-        pos = args.prompt
-        for _ in range(args.new_tokens - 1):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            logits, state = model.decode(nxt, pos, state)
-            torch.cuda.synchronize()
-            steps.append(time.perf_counter() - t0)
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(nxt)
-            pos += 1
+        ttft, steps, tokens, state = greedy_steps(model, ids, args.new_tokens)
         steady = sorted(steps[3:] or steps)
         step = steady[len(steady) // 2]
         state_bytes = sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
         bound = (weight_bytes + state_bytes) / target.hbm_bandwidth  # each rank reads its own, in parallel
         res["runs"][str(b)] = {"ttft_s": ttft, "decode_step_s": step, "tokens_per_s": b / step,
                                "hbm_bound_step_s": bound, "vs_bound": bound / step,
-                               "tokens": torch.cat(tokens, dim=1).tolist()}
+                               "tokens": tokens}
         if rank == 0:
             print(json.dumps({"batch": b, "ttft_ms": ttft * 1e3, "step_ms": step * 1e3, "vs_bound": bound / step}),
                   flush=True)
-        del state, logits
+        del state
         torch.cuda.empty_cache()
     if rank == 0:
         with open(args.out, "w") as f:

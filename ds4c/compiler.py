@@ -122,7 +122,7 @@ def compile(
         raise ConfigError(f"--hbm-budget must be a positive number of bytes, got {hbm_budget}")
     from ds4c.frontend.weight_samples import calibration_for
     from ds4c.models.deepseek_v4 import ModelConfig
-    from ds4c.quant.packing import pack_weights, stored_spec
+    from ds4c.quant.packing import pack_weights
 
     tgt = get_target(target)
     source: ModelSource = resolve_model(model, seed=seed, allow_nonfinite=allow_nonfinite)

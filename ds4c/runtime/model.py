@@ -603,20 +603,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
             if missing:
                 raise InputError(f"weights= lacks {len(missing)} tensors the program reads, e.g. '{missing[0]}'")
             weights = {k: weights[k] for k in wanted}
-        elif wman["mode"] == "embed" and shard:  # the whole tensors, once: this rank's slices, then its transforms
+        elif wman["mode"] == "embed":  # (a sharded artifact: the whole tensors, once; this rank cuts its slices)
             from ds4c.distributed.shards import slice_tensor
 
-            if WEIGHTS_MEMBER not in container.member_names():
-                raise ArtifactError(f"{path}: manifest says weights are embedded but '{WEIGHTS_MEMBER}' is missing")
-            raw = st_load(container.read_bytes(WEIGHTS_MEMBER))
-            weights = {}
-            for k in provided:
-                if k not in raw:
-                    raise ArtifactError(f"{path}: embedded weights lack tensor '{k}'; recompile the artifact")
-                t = raw.pop(k)
-                weights[k] = (slice_tensor(t, shard[k], k).clone() if k in shard else t).to(device)
-                steps.advance()
-        elif wman["mode"] == "embed":
             if weights_from is not None:
                 raise InputError(f"{path}: weights_from / --weights-from given, but this artifact embeds its weights; "
                                  "drop it")
@@ -624,15 +613,16 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
                 raise ArtifactError(f"{path}: manifest says weights are embedded but '{WEIGHTS_MEMBER}' is missing")
             raw = st_load(container.read_bytes(WEIGHTS_MEMBER))
             weights = {}
-            for k in expected:
+            for k in provided if shard else expected:  # sharded: the source's form, transformed below
                 if k not in raw:
                     raise ArtifactError(f"{path}: embedded weights lack tensor '{k}'; recompile the artifact")
-                weights[k] = raw.pop(k).to(device)
+                t = raw.pop(k)
+                weights[k] = (slice_tensor(t, shard[k], k).clone() if k in shard else t).to(device)
                 steps.advance()
         elif wman["source"].get("kind") == "preset" and weights_from is None:  # drawn, packed, placed one at a time
+            from ds4c.distributed.shards import whole_shape
             from ds4c.models.deepseek_v4.presets import init_preset_weights
             from ds4c.passes.plan_memory import host_weights
-            from ds4c.distributed.shards import whole_shape
 
             whole = {k: (whole_shape(s, shard[k]) if k in shard else s, d) for k, (s, d) in provided.items()}
             host = host_weights(manifest.get("memory_plan")) if device.type == "cuda" else set()
