@@ -379,14 +379,16 @@ def targets() -> None:
     from ds4c.targets import list_targets
 
     t = Table(title="ds4c targets")
-    for col in ("name", "backend", "arch", "units", "HBM GB", "HBM TB/s", "bf16 TFLOP/s", "fp8", "fp4"):
+    for col in ("name", "backend", "arch", "units", "HBM GB", "HBM TB/s", "bf16 TFLOP/s", "fp8", "fp4",
+                "peer link GB/s"):
         t.add_column(col)
     for tg in list_targets():
         d = tg.to_dict()
         t.add_row(tg.name, str(d.get("backend")), str(d.get("arch")), str(d.get("compute_units")),
                   f"{(d.get('hbm_bytes') or 0) / 1e9:.0f}", f"{(d.get('hbm_bandwidth') or 0) / 1e12:.2f}",
                   f"{tg.peak('bf16') / 1e12:.0f}", "yes" if d.get("native_fp8") else "no",
-                  "yes" if d.get("native_fp4") else "no")
+                  "yes" if d.get("native_fp4") else "no",
+                  f"{tg.peer_link_bandwidth / 1e9:.0f} ({tg.peer_link})" if tg.peer_link_bandwidth else "-")
     console.print(t)
     from ds4c.verification import verification
 
