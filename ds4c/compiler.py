@@ -223,6 +223,7 @@ def compile(
             programs = [PassManager(pipeline, ins, ctx, stop_after=stop_after).run(program)]
             rewrites = [(len(ctx.rewrite_log), ctx.rewrites_applied)]
         else:
+            ctx.options["o_groups"] = config.o_groups  # the whole model's, for tensor parallelism of attention
             programs, rewrites = sharded_pipeline(program, get_pipeline(pipeline, tgt), ins, ctx, mesh)
         steps.advance("collecting weights")
         if kernel_binaries is None:
@@ -491,10 +492,11 @@ def _mesh_of(mesh: Any, gpus: int | None, config: Any, tgt: Any, source: ModelSo
         raise ConfigError("--mesh / --gpus: the NPU target runs one device; compile sharded programs for cpu or a GPU")
     if stop_after is not None or bisect is not None:
         raise ConfigError("--stop-after / --bisect debug one program; drop --mesh / --gpus to use them")
-    if mesh.tp > 1 and mesh.attention != "dp" and (config.num_attention_heads % mesh.tp or config.o_groups % mesh.tp):
-        raise ConfigError(f"--mesh {mesh}: tensor parallelism splits attention's {config.num_attention_heads} heads "
-                          f"in {config.o_groups} output groups over tp={mesh.tp} ranks; give a tp that divides "
-                          f"both (or attention=dp)")
+    heads, groups = config.num_attention_heads, config.o_groups
+    if mesh.tp > 1 and mesh.attention != "dp" and (heads % mesh.tp or (groups % mesh.tp and mesh.tp % groups)):
+        raise ConfigError(f"--mesh {mesh}: tensor parallelism splits attention's {heads} heads in {groups} output "
+                          f"groups over tp={mesh.tp} ranks; give a tp that divides the heads and divides or is a "
+                          "multiple of the groups (or attention=dp)")
     if config.n_routed_experts % mesh.ep:
         raise ConfigError(f"--mesh {mesh}: the model's {config.n_routed_experts} routed experts do not split over "
                           f"ep={mesh.ep} ranks; give an ep that divides {config.n_routed_experts}")
@@ -503,13 +505,14 @@ def _mesh_of(mesh: Any, gpus: int | None, config: Any, tgt: Any, source: ModelSo
 
 def rank_heads(config: Any, mesh: Any) -> Any:
     """The config each rank's program is traced from: with ``tp`` > 1 (and attention not data
-    parallel), ``num_attention_heads`` / tp heads and ``o_groups`` / tp output groups."""
+    parallel), ``num_attention_heads`` / tp heads and ``o_groups`` / tp output groups (one, a part
+    of a group's heads, where tp exceeds the groups)."""
     import dataclasses
 
     if mesh is None or mesh.tp == 1 or mesh.attention == "dp":
         return config
     return dataclasses.replace(config, num_attention_heads=config.num_attention_heads // mesh.tp,
-                               o_groups=config.o_groups // mesh.tp)
+                               o_groups=max(1, config.o_groups // mesh.tp))
 
 
 def _config_where(source: ModelSource) -> str:

@@ -30,7 +30,8 @@ groups' rows of the grouped output projection and their columns of the output pr
 ``ATTENTION_SLICES``), and a ``dist.all_reduce`` over ``tp`` sums the output projection's parts.
 The key/value path, compressors and indexers stay whole on every rank (one shared K=V head).
 
-Options: ``ep``, ``tp`` (ranks along each axis, default 1: no change), ``rank`` and ``attention``.
+Options: ``ep``, ``tp`` (ranks along each axis, default 1: no change), ``rank``, ``attention`` and
+``o_groups`` (the whole model's output groups, for tensor parallelism of attention).
 
     %y = moe(%x, %ids, %router, %sel, %gate_up, %down, %sg, %su, %sd, top_k=2, ...) : f32[1,S,64]
   ->
@@ -98,12 +99,11 @@ def shard_experts(graph: Graph, ctx: PassContext) -> Graph:
     taken = graph.value_names()
     heads_tp = tp > 1 and ctx.options.get("attention", "replicated") != "dp"
     if heads_tp:  # this rank's heads: the traced shapes are its slices (rank_heads)
+        groups = int(ctx.options.get("o_groups") or tp)
         for value in params:
             dim = next((d for suffix, d in ATTENTION_SLICES.items() if value.name.endswith(suffix)), None)
             if dim is not None and isinstance(value.type, TensorType):
-                size = value.type.shape[dim]
-                records["weights"][value.name] = [{"dim": dim, "start": t_index * size, "stop": (t_index + 1) * size,
-                                                   "of": size * tp}]
+                records["weights"][value.name] = _head_slices(value.name, value.type.shape, dim, t_index, tp, groups)
     for op in graph.ops:
         if heads_tp and op.name == "aten.linear.default" and len(op.args) > 1 \
                 and op.args[1].name.endswith(ATTENTION_OUTPUT):  # this rank's heads' share of the output
@@ -174,6 +174,25 @@ def shard_experts(graph: Graph, ctx: PassContext) -> Graph:
     inputs = [GraphInput(i.kind, sliced.get(i.value, i.value)) for i in graph.inputs]
     outputs = [(n, sliced.get(v, v)) for n, v in graph.outputs]
     return graph.copy(ops=ops, inputs=inputs, outputs=outputs)
+
+
+def _head_slices(name: str, shape: tuple[int, ...], dim: int, t: int, tp: int, groups: int) -> list[dict]:
+    """Rank t's slices of an attention weight (``ATTENTION_SLICES``), its traced ``shape`` being the
+    slice. With at least as many output groups as ranks a rank holds whole groups; with fewer
+    (``tp`` a multiple of ``groups``), ``tp / groups`` ranks share a group: each holds its heads'
+    columns of that group's rows of the grouped output projection, and that group's columns of the
+    output projection (the ranks' partial products still add up, the projections being linear)."""
+    if tp <= groups or not name.endswith((".o_a_proj.weight", ".o_b_proj.weight")):
+        size = shape[dim]
+        return [{"dim": dim, "start": t * size, "stop": (t + 1) * size, "of": size * tp}]
+    per_group = tp // groups
+    g, sub = divmod(t, per_group)
+    if name.endswith(".o_b_proj.weight"):
+        cols = shape[1]
+        return [{"dim": 1, "start": g * cols, "stop": (g + 1) * cols, "of": cols * groups}]
+    rows, cols = shape
+    return [{"dim": 0, "start": g * rows, "stop": (g + 1) * rows, "of": rows * groups},
+            {"dim": 1, "start": sub * cols, "stop": (sub + 1) * cols, "of": cols * per_group}]
 
 
 def shard_weights(weights: dict, shard: dict) -> dict:

@@ -85,7 +85,7 @@ def test_data_parallel_attention_gives_one_ranks_logits_and_tokens(mesh, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh, weights", [("ep=2", "embed"), ("tp=2", "embed"), ("ep=2,tp=2", "embed"),
-                                           ("ep=4", "embed"), ("ep=2,tp=2", "reference")])
+                                           ("ep=4", "embed"), ("tp=4", "embed"), ("ep=2,tp=2", "reference")])
 def test_every_rank_of_a_sharded_artifact_gives_one_ranks_logits_and_tokens(one_rank, mesh, weights, tmp_path):
     """(``reference``: each rank generates its slices of the preset's weights from the seed.)"""
     art = ds4c.compile("tiny", target="cpu", precision="fp32", max_context=64, progress=False, mesh=mesh,
@@ -139,6 +139,7 @@ def test_loading_a_sharded_artifact_outside_a_launcher_says_how_to_run_it(tmp_pa
 
 
 @pytest.mark.parametrize("mesh, message", [("ep=3", "do not split over ep=3"), ("dp=2", "axes ep, tp"),
+                                           ("tp=3", "splits attention's 4 heads in 2 output groups"),
                                            ("ep=two", "not a whole number")])
 def test_a_mesh_that_does_not_fit_the_model_is_refused(mesh, message):
     with pytest.raises(ConfigError, match=message):
