@@ -242,15 +242,16 @@ def _engine_worker(rank: int, world: int, port: int, path: str, results) -> None
 
 
 @pytest.mark.slow
-def test_the_engine_on_rank_0_drives_every_rank_of_a_sharded_serving_artifact(tmp_path):
+@pytest.mark.parametrize("mesh", ["ep=2", "tp=2"])
+def test_the_engine_on_rank_0_drives_every_rank_of_a_sharded_serving_artifact(tmp_path, mesh):
     from ds4c.runtime.sampling import SamplingParams
 
     kw = dict(target="cpu", precision="fp32", max_context=256, progress=False,
               serving={"max_running": 4, "max_chunk": 32})
     one = ds4c.compile("tiny", **kw).save(tmp_path / "one.ds4")
     want = ds4c.Engine(str(one), state_budget=64 << 20).generate(PROMPTS, SamplingParams(max_new_tokens=12))
-    art = ds4c.compile("tiny", mesh="ep=2", **kw)
-    path = art.save(tmp_path / "ep2.ds4")
+    art = ds4c.compile("tiny", mesh=mesh, **kw)
+    path = art.save(tmp_path / "sharded.ds4")
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_engine_worker, args=(2, free_port(), str(path), results), nprocs=2, join=True)
