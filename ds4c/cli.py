@@ -241,10 +241,7 @@ def run(
         _fail(Ds4cError("give exactly one of --prompt-ids 1,2,3 or --prompt TEXT"))
     if prompt is not None and not prompt:
         _fail(InputError("--prompt is empty: give some text, e.g. --prompt 'Hello', or token ids, e.g. --prompt-ids 1,2,3"))
-    if ranks is not None or gpus is not None:  # the workers run this same command, one per rank
-        from ds4c.runtime.launch import launch_workers
-
-        raise typer.Exit(launch_workers(artifact, ranks=ranks, gpus=gpus, device=device, argv=sys.argv[1:]))
+    start_ranks(artifact, ranks, gpus, device)  # a sharded artifact's workers run this same command
     rows = _parse_ids(prompt_ids) if prompt_ids is not None else []
     ragged = is_ragged(rows)
     if not ragged:
@@ -549,10 +546,7 @@ def serve(
         _fail(InputError(f"--port {port}: must be in [0, 65535]"))
     if grace < 0:
         _fail(InputError(f"--grace {grace}: must be >= 0 seconds"))
-    if ranks is not None or gpus is not None:
-        from ds4c.runtime.launch import launch_workers
-
-        raise typer.Exit(launch_workers(artifact, ranks=ranks, gpus=gpus, device=device, argv=sys.argv[1:]))
+    start_ranks(artifact, ranks, gpus, device)
     try:
         model = ds4c.load(artifact, device=device, backend=backend, trust_binaries=trust_binaries)
         engine = ds4c.Engine(model, max_running=max_running, prefix_cache=prefix_cache,
@@ -621,12 +615,7 @@ def bench_serve(
     from ds4c.bench.serve import make_workload, run_engine, run_http, run_static, summarize
     from ds4c.progress import progress_steps
 
-    if ranks is not None or gpus is not None:
-        from ds4c.runtime.launch import launch_workers
-
-        if artifact is None:
-            _fail(InputError("--ranks / --gpus start the ranks of a sharded artifact; give the artifact"))
-        raise typer.Exit(launch_workers(artifact, ranks=ranks, gpus=gpus, device=device, argv=sys.argv[1:]))
+    start_ranks(artifact, ranks, gpus, device)
     if concurrency is None and rate is None:
         concurrency = 8
     if (artifact is None) == (url is None):
@@ -763,6 +752,18 @@ def bench_serve(
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=1))
         console.print(f"report: {json_out}")
+
+
+def start_ranks(artifact: Path | None, ranks: int | None, gpus: int | None, device: str) -> None:
+    """With ``--ranks N`` / ``--gpus N``: run this command as one worker process per rank of the
+    sharded ``artifact`` and exit with their status (ds4c.runtime.launch); otherwise nothing."""
+    if ranks is None and gpus is None:
+        return
+    from ds4c.runtime.launch import launch_workers
+
+    if artifact is None:
+        raise InputError("--ranks / --gpus start the ranks of a sharded artifact; give the artifact")
+    raise typer.Exit(launch_workers(artifact, ranks=ranks, gpus=gpus, device=device, argv=sys.argv[1:]))
 
 
 @contextlib.contextmanager

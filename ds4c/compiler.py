@@ -317,7 +317,7 @@ class _Weights:
 
 def _weights_of(program: Program, full_spec: dict[str, tuple[tuple[int, ...], torch.dtype]],
                 source: ModelSource) -> _Weights:
-    from ds4c.distributed.shards import slice_tensor
+    from ds4c.distributed.shards import slice_shape
     from ds4c.quant.packing import stored_spec
 
     plan = program.attrs.get("precision") or {}
@@ -329,7 +329,7 @@ def _weights_of(program: Program, full_spec: dict[str, tuple[tuple[int, ...], to
         full_spec = dict(full_spec)
         for name, slices in shard.items():
             shape, dt = full_spec[name]
-            full_spec[name] = (tuple(slice_tensor(torch.empty(shape, device="meta"), slices, name).shape), dt)
+            full_spec[name] = (slice_shape(shape, slices), dt)
     spec = _used_params(program, full_spec, also=set(assignment) | transform_sources(transforms))
     packed = stored_spec(spec, assignment, read | transform_sources(transforms))  # as the precision plan says
     stored = lowered_spec(packed, transforms, read)  # as the lowered program reads them
@@ -352,7 +352,6 @@ def _program_manifest(low: _Weights, *, precision: str, dtype: torch.dtype, bise
     from ds4c.quant.packing import stored_spec
 
     program, spec, assignment = low.program, low.spec, low.assignment
-    log = rewrites
     out: dict[str, Any] = {
         "precision": {**low.plan, "policy": precision, "compute_dtype": str(dtype).removeprefix("torch."),
                       # the bytes of the formats chosen (before the lowering's weight transforms: a
@@ -361,7 +360,7 @@ def _program_manifest(low: _Weights, *, precision: str, dtype: torch.dtype, bise
                       "bf16_weight_bytes": sum(_numel(s) * (2 if d.is_floating_point else d.itemsize)
                                                for s, d in spec.values())},
         "pipeline": program.attrs.get("pipeline", []),
-        "rewrites": {"attempted": log[0], "applied": log[1], "bisect_limit": bisect},
+        "rewrites": {"attempted": rewrites[0], "applied": rewrites[1], "bisect_limit": bisect},
         "entry_points": _entry_points(program, prefix),
         "state": program.attrs["state"],
         **({"serving": serving_section(program)} if "serving" in program.attrs else {}),
@@ -409,12 +408,11 @@ def sharded_pipeline(program: Program, names: Sequence[str], instruments: Sequen
 
 def whole_provided(lowered: Sequence[_Weights]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The whole tensors the ranks of a sharded program read slices of (and the replicated ones), once."""
-    from ds4c.distributed.shards import whole_shape
+    from ds4c.distributed.shards import whole_spec
 
     out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for low in lowered:
-        for name, (shape, dt) in low.provided.items():
-            out[name] = (whole_shape(shape, low.shard[name]) if name in low.shard else tuple(shape), dt)
+        out.update(whole_spec(low.provided, low.shard))
     return out
 
 

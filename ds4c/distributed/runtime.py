@@ -23,23 +23,13 @@ import torch
 from ds4c.distributed.mesh import Mesh
 from ds4c.errors import ConfigError
 
-__all__ = ["DEFAULT_TIMEOUT_S", "MULTICAST_OFF", "join", "launched_rank"]
+__all__ = ["DEFAULT_TIMEOUT_S", "MULTICAST_OFF", "join"]
 
 DEFAULT_TIMEOUT_S = 120.0
 # NVLink multicast stays off in every worker (it can take a shared host's GPUs out of service)
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 _joined: dict[tuple[int, int], dict[str, Any]] = {}
-
-
-def launched_rank() -> int | None:
-    """This process's rank when a launcher (torchrun, ``ds4c run --ranks``) started it, else None."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    rank = os.environ.get("RANK")
-    return int(rank) if rank is not None and rank.strip().isdigit() else None
 
 
 def join(mesh: Mesh, device: torch.device, *, timeout_s: float | None = None,

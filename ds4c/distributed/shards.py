@@ -5,11 +5,14 @@ stop - 1``), as ``shard_experts`` records them and loaders read them."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from ds4c.errors import ArtifactError
 
-__all__ = ["slice_tensor", "whole_shape"]
+__all__ = ["leading_rows", "slice_shape", "slice_tensor", "whole_shape", "whole_spec"]
 
 
 def slice_tensor(t: torch.Tensor, slices: list[dict], name: str = "tensor") -> torch.Tensor:
@@ -31,3 +34,25 @@ def whole_shape(shape: tuple[int, ...] | list[int], slices: list[dict]) -> tuple
     for sl in slices:
         out[sl["dim"]] = sl["of"] * sl.get("chunks", 1)
     return tuple(out)
+
+
+def slice_shape(shape: tuple[int, ...] | list[int], slices: list[dict]) -> tuple[int, ...]:
+    """The shape of a rank's slice of a whole tensor of ``shape`` (``whole_shape`` undoes it)."""
+    out = list(shape)
+    for sl in slices:
+        out[sl["dim"]] = (sl["stop"] - sl["start"]) * sl.get("chunks", 1)
+    return tuple(out)
+
+
+def whole_spec(spec: Mapping[str, tuple[Any, torch.dtype]], shard: Mapping[str, list[dict]]
+               ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``spec`` (name -> (shape, dtype)) with the whole shapes of the tensors ``shard`` slices."""
+    return {k: (whole_shape(s, shard[k]) if k in shard else tuple(s), d) for k, (s, d) in spec.items()}
+
+
+def leading_rows(slices: list[dict]) -> tuple[tuple[int, int] | None, list[dict]]:
+    """((start, stop) of a leading slice along dimension 0, or None; the slices after it): a loader
+    that can read rows alone (experts stored or drawn one at a time) reads those, then cuts the rest."""
+    if slices and slices[0]["dim"] == 0 and slices[0].get("chunks", 1) == 1:
+        return (slices[0]["start"], slices[0]["stop"]), list(slices[1:])
+    return None, list(slices)

@@ -660,16 +660,17 @@ def checkpoint_files(directory: str | Path, expected: Spec) -> list[Path]:
 def _load_all(files: _Files, plan: _Plan, expected: Spec, out: dict[str, torch.Tensor], dtype: torch.dtype,
               device: str | torch.device, progress: Callable[[int, int], None] | None,
               allow_nonfinite: bool, shard: Mapping[str, Any]) -> None:
-    from ds4c.distributed.shards import slice_tensor
+    from ds4c.distributed.shards import leading_rows, slice_tensor
 
     total = len(expected)
     for name in expected:
         shape, want = expected[name]
-        slices = list(shard.get(name, ()))
+        rows, slices = leading_rows(shard.get(name, []))
         first, last = 0, shape[0] if shape else 0
-        if name not in plan.plain and slices and slices[0]["dim"] == 0:  # only this rank's experts are read
-            first, last = slices[0]["start"], slices[0]["stop"]
-            slices = slices[1:]
+        if name in plan.plain or rows is None:  # read whole, then cut
+            slices = list(shard.get(name, []))
+        else:  # only this rank's experts are read
+            first, last = rows
             shape = (last - first, *shape[1:])
         dst = torch.empty(tuple(shape), dtype=dtype if want.is_floating_point else want, device=device)
         if name in plan.plain:

@@ -91,20 +91,12 @@ def load_weights(ref: Mapping[str, Any], expected: WeightSpec, *, dtype: torch.d
     is read. ``weights_from``: where a referenced checkpoint directory (or ONNX file, or the
     folder holding it) is now; ``artifact`` names the artifact in messages. ``shard``: name -> slices
     (a rank of a sharded artifact): ``expected`` gives those tensors' slice shapes; each is read
-    whole (a preset's generated, one at a time) and cut to the rank's slice."""
+    whole and cut to the rank's slice (a checkpoint's experts stored one per tensor: the rank's
+    alone). A preset's are drawn by the runtime's streamed load (``init_preset_weights(shard=)``)."""
     if shard:
-        from ds4c.distributed.shards import slice_tensor, whole_shape
+        from ds4c.distributed.shards import slice_tensor, whole_spec
 
-        whole = {k: (whole_shape(s, shard[k]) if k in shard else s, d) for k, (s, d) in expected.items()}
-        if ref["kind"] == "preset":  # a rank's experts alone (drawn per expert), the rest one tensor at a time
-            from ds4c.models.deepseek_v4.presets import init_preset_weights
-
-            out = {}
-            for i, (name, t) in enumerate(init_preset_weights(whole, ref["seed"], device, dtype, shard=shard)):
-                out[name] = t
-                if progress:
-                    progress(i + 1, len(whole))
-            return out
+        whole = whole_spec(expected, shard)
         if ref["kind"] == "checkpoint":  # routed experts stored one per tensor: only the rank's are read
             from ds4c.frontend.checkpoint import load_checkpoint
 

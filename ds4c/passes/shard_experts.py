@@ -42,7 +42,7 @@ Options: ``ep``, ``tp`` (ranks along each axis, default 1: no change), ``rank``,
 
 from __future__ import annotations
 
-from ds4c.distributed.shards import slice_tensor
+from ds4c.distributed.shards import slice_shape, slice_tensor
 from ds4c.errors import PassError
 from ds4c.ir.graph import Graph, GraphInput, Op, Value
 from ds4c.ir.registry import get_op
@@ -86,9 +86,8 @@ def shard_experts(graph: Graph, ctx: PassContext) -> Graph:
     if not 0 <= rank < ep * tp:
         raise PassError(f"shard_experts: rank {rank} is outside the {ep * tp} ranks of mesh ep={ep},tp={tp}")
     e_index, t_index = divmod(rank, tp)
-    packed = sorted({op.name for op in graph.ops if op.name == "moe.packed"})
-    if packed:
-        raise PassError(f"shard_experts @{graph.name}: {packed[0]} (packed expert weights) is not sharded; shard "
+    if any(op.name == "moe.packed" for op in graph.ops):
+        raise PassError(f"shard_experts @{graph.name}: moe.packed (packed expert weights) is not sharded; shard "
                         "before assign_precision (ds4c.compile(mesh=...) runs the pass there)")
     params = {i.value: i for i in graph.inputs if i.kind == "param"}
     sliced: dict[Value, Value] = {}
@@ -97,6 +96,12 @@ def shard_experts(graph: Graph, ctx: PassContext) -> Graph:
     dp = ctx.options.get("attention", "replicated") == "dp" and not graph.name.startswith("ragged")
     ops: list[Op] = []
     taken = graph.value_names()
+
+    def fresh(base: str, ty) -> Value:
+        v = Value(graph.fresh_name(base, taken), ty)
+        taken.add(v.name)
+        return v
+
     heads_tp = tp > 1 and ctx.options.get("attention", "replicated") != "dp"
     if heads_tp:  # this rank's heads: the traced shapes are its slices (rank_heads)
         groups = int(ctx.options.get("o_groups") or tp)
@@ -107,8 +112,7 @@ def shard_experts(graph: Graph, ctx: PassContext) -> Graph:
     for op in graph.ops:
         if heads_tp and op.name == "aten.linear.default" and len(op.args) > 1 \
                 and op.args[1].name.endswith(ATTENTION_OUTPUT):  # this rank's heads' share of the output
-            part = Value(graph.fresh_name(f"{op.results[0].name}_part", taken), op.results[0].type)
-            taken.add(part.name)
+            part = fresh(f"{op.results[0].name}_part", op.results[0].type)
             ops.append(op.replace(results=(part,)))
             ops.append(Op(ALL_REDUCE, (part,), {"axis": "tp", "world": tp}, op.results, loc=op.loc))
             continue
@@ -142,17 +146,9 @@ def shard_experts(graph: Graph, ctx: PassContext) -> Graph:
             if not slices:
                 continue
             if w not in sliced:
-                shape = list(w.type.shape)
-                for sl in slices:
-                    shape[sl["dim"]] = (sl["stop"] - sl["start"]) * sl.get("chunks", 1)
-                sliced[w] = Value(w.name, TensorType(w.type.dtype, tuple(shape)))
+                sliced[w] = Value(w.name, TensorType(w.type.dtype, slice_shape(w.type.shape, slices)))
                 records["weights"][w.name] = slices
             args[pos] = sliced[w]
-        def fresh(base: str, ty) -> Value:
-            v = Value(graph.fresh_name(base, taken), ty)
-            taken.add(v.name)
-            return v
-
         kwargs = {**op.kwargs, "expert_offset": start, "shared": e_index == 0}
         if dp:  # every rank's rows in, the sums of this rank's rows out
             gather = {"axis": "world", "world": ep * tp, "dim": 0}

@@ -209,7 +209,8 @@ class CompiledStepRunner:
             self.state = {p["name"]: self._pool_tensor(p, pages[p["pool"]]) for p in serving["pools"]}
         except torch.OutOfMemoryError:
             self.state = {}
-            need = sum(page_bytes(serving["pools"])[k] * n for k, n in pages.items())
+            sizes = page_bytes(serving["pools"])
+            need = sum(sizes[k] * n for k, n in pages.items())
             free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
             raise InputError(f"the serving pools ({need / 1e9:.1f} GB: {pages['window']} window, {pages['compressed']} "
                              f"compressed pages, {pages['slots']} slots) do not fit in the device memory left beside "
@@ -234,18 +235,17 @@ class CompiledStepRunner:
         self.decode_graphs: dict[int, object] = {}  # bucket -> GraphedServingStep (warm_up)
         self.step_graphs: dict[int, object] = {}
         self.graph_errors: dict[str, str] = {}  # "ragged_decode/4" -> why its capture failed (it runs op by op)
+        self._captured_state: dict[str, torch.Tensor] = {}  # the pools the graphs were captured over (warm_up)
 
     def release(self) -> None:
         """Drop the pools and the captured graphs (their memory goes back to the allocator, even
         if something still holds this runner or a graph): the runner runs no more steps."""
         for graphs in (self.decode_graphs, self.step_graphs):
             for g in graphs.values():
-                if hasattr(g, "release"):
-                    g.release()
+                g.release()
             graphs.clear()
-        for state in (getattr(self, "_captured_state", None), self.state):
-            if state is not None:
-                state.clear()  # in place: a graph's step closure holds this very dict
+        self._captured_state.clear()  # in place: the graphs' step closures hold this very dict
+        self.state.clear()
 
     def _pool_tensor(self, record: dict, pages: int) -> torch.Tensor:
         return torch.zeros([pages, *record["shape"][1:]], dtype=getattr(torch, record["dtype"]), device=self.device)
@@ -449,6 +449,7 @@ class Engine:
                  prefix_granule: int | None = None):
         runner = source
         self.rank = 0  # of a sharded artifact: rank 0 schedules, the others follow (``follow``)
+        self._closed = False
         if isinstance(source, str | os.PathLike):
             from ds4c.runtime.model import load  # at call time: model's generate builds on this module
 
@@ -537,7 +538,7 @@ class Engine:
         if self.rank:
             raise InputError(f"Engine.submit on rank {self.rank}: rank 0 of a sharded artifact takes the requests; "
                              "this rank runs its steps in engine.follow()")
-        if getattr(self, "_closed", False):
+        if self._closed:
             raise InputError("Engine.submit: this engine is closed (Engine.close); make a new one")
         params = SamplingParams(max_new_tokens=16) if params is None else params
         if not isinstance(params, SamplingParams):

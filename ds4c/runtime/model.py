@@ -620,11 +620,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
                 weights[k] = (slice_tensor(t, shard[k], k).clone() if k in shard else t).to(device)
                 steps.advance()
         elif wman["source"].get("kind") == "preset" and weights_from is None:  # drawn, packed, placed one at a time
-            from ds4c.distributed.shards import whole_shape
+            from ds4c.distributed.shards import whole_spec
             from ds4c.models.deepseek_v4.presets import init_preset_weights
             from ds4c.passes.plan_memory import host_weights
 
-            whole = {k: (whole_shape(s, shard[k]) if k in shard else s, d) for k, (s, d) in provided.items()}
+            whole = whole_spec(provided, shard)
             host = host_weights(manifest.get("memory_plan")) if device.type == "cuda" else set()
 
             def place(name: str, t: torch.Tensor) -> torch.Tensor:

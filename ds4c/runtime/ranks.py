@@ -16,6 +16,7 @@ payload with the tensors' values. No pickle: a follower rebuilds tensors from nu
 from __future__ import annotations
 
 import atexit
+import math
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -88,9 +89,7 @@ def _receive(group: Any) -> tuple[int, list[int], list[torch.Tensor]]:
         dtype, ndim = _DTYPES[values[at]], values[at + 1]
         shape = values[at + 2:at + 2 + ndim]
         at += 2 + _MAX_RANK
-        n = 1
-        for d in shape:
-            n *= d
+        n = math.prod(shape)
         tensors.append(payload[offset:offset + n].reshape(shape).to(dtype))
         offset += n
     return cmd, ints, tensors

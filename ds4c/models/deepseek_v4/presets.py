@@ -150,7 +150,7 @@ def init_preset_weights(expected: Mapping[str, tuple[tuple[int, ...], torch.dtyp
     """Generate every expected weight (floating ones in ``dtype``), one at a time. ``shard``:
     name -> slices (ds4c.passes.shard_experts) of a rank: those tensors come as the rank's slices,
     an expert stack's experts drawn alone (the whole stack is never made)."""
-    from ds4c.distributed.shards import slice_tensor
+    from ds4c.distributed.shards import leading_rows, slice_tensor
 
     shard = shard or {}
     experts = None
@@ -160,10 +160,8 @@ def init_preset_weights(expected: Mapping[str, tuple[tuple[int, ...], torch.dtyp
             break
     for name, (shape, want) in expected.items():
         dt = want if not want.is_floating_point else dtype
-        slices = list(shard.get(name, ()))
-        rows = None
-        if slices and slices[0]["dim"] == 0 and is_expert_stack(name, tuple(shape)):
-            rows = (slices[0]["start"], slices[0]["stop"])
-            slices = slices[1:]
+        rows, slices = leading_rows(shard.get(name, []))
+        if rows is not None and not is_expert_stack(name, tuple(shape)):  # drawn whole, then cut
+            rows, slices = None, list(shard[name])
         t = preset_weight(name, tuple(shape), dt, seed, device, vocab_experts=experts, rows=rows)
         yield name, slice_tensor(t, slices, name).clone() if slices else t
