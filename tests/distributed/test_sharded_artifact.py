@@ -329,3 +329,11 @@ def test_full_size_flash_over_4_gpus_fits_each_rank():
         assert {op.kwargs["expert_offset"] for op in moes} == {64 * r}
         plan = m["ranks"][r]["memory_plan"]["decode"]
         assert plan["fits"] and plan["device_bytes"] < 0.5 * plan["target_hbm_bytes"]
+
+
+def test_a_sharded_preset_artifact_refuses_weights_from(tmp_path):
+    """As an unsharded one does: its weights come from the preset's seed, not from a checkpoint."""
+    path = ds4c.compile("tiny", target="cpu", precision="fp32", max_context=64, progress=False, mesh="ep=2",
+                        weights="reference").save(tmp_path / "ep2.ds4")
+    with pytest.raises(ConfigError, match=r"takes its weights from a preset \('tiny'\), not from a checkpoint"):
+        ds4c.load(path, rank=1, weights_from=tmp_path)
