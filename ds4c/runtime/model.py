@@ -622,7 +622,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
         elif wman["source"].get("kind") == "preset" and weights_from is None:  # drawn, packed, placed one at a time
             from ds4c.distributed.shards import whole_spec
             from ds4c.models.deepseek_v4.presets import init_preset_weights
-            from ds4c.passes.plan_memory import host_weights
 
             whole = whole_spec(provided, shard)
             host = host_weights(manifest.get("memory_plan")) if device.type == "cuda" else set()
