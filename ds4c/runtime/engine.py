@@ -43,6 +43,7 @@ from ds4c.models.deepseek_v4.paged import POOL_KINDS, PageLayout, page_bytes, si
 from ds4c.runtime.pages import PagePool, Pools, RequestPages
 from ds4c.runtime.prefix_cache import PrefixCache
 from ds4c.runtime.sampling import SamplerState, SamplingParams, finish_reasons, sample
+from ds4c.runtime.speculative import accept, draft_token, generator_for, speculates
 from ds4c.runtime.step_batch import Chunk, StepBatch, build_step
 
 __all__ = ["CompiledStepRunner", "EagerStepRunner", "Engine", "Request", "StepRunner"]
@@ -137,17 +138,42 @@ class EagerStepRunner:
         specs = model.paged_state_specs(layout, window_pages, comp_pages, slots)
         self.state = tuple(torch.zeros(s.shape, dtype=s.dtype, device=self.device) for s in specs)
         self._pool_kinds = [_pool_kind(s.name) for s in specs]
+        self.mtp = model.has_mtp
+        if self.mtp:
+            self.mtp_state = tuple(torch.zeros(s.shape, dtype=s.dtype, device=self.device)
+                                   for s in model.mtp_state_specs(layout, window_pages))
+            self._pool_kinds += ["window"] * len(self.mtp_state)
+        self.hidden: torch.Tensor | None = None  # the last step's final streams [N, n, D] (MTP models)
 
     @torch.no_grad()
     def run(self, batch: StepBatch) -> torch.Tensor:
         out = self.model.step(*batch.args(), *self.state)
+        if self.mtp:
+            self.hidden, out = out[1], (out[0], *out[2:])
         self.state = out[1:]
         return out[0]
 
     @torch.no_grad()
+    def run_mtp(self, batch: StepBatch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP block over ``batch``'s rows (``DeepseekV4Model.mtp_step``): (logits, streams) of
+        its logit rows."""
+        out = self.model.mtp_step(hidden, *mtp_args(batch), *self.mtp_state)
+        self.mtp_state = out[2:]
+        return out[0], out[1]
+
+    @torch.no_grad()
     def copy_pages(self, pool: str, src: list[int], dst: list[int]) -> None:
         """Page ``src[i]``'s contents into page ``dst[i]``, in every tensor of ``pool``."""
-        _copy_pages([t for t, kind in zip(self.state, self._pool_kinds, strict=True) if kind == pool], src, dst)
+        tensors = (*self.state, *(self.mtp_state if self.mtp else ()))
+        _copy_pages([t for t, kind in zip(tensors, self._pool_kinds, strict=True) if kind == pool], src, dst)
+
+
+MTP_STEP_INPUTS = ("input_ids", "positions", "token_seq", "seq_first", "seq_last", "logit_rows", "window_table")
+
+
+def mtp_args(batch: StepBatch) -> tuple[torch.Tensor, ...]:
+    """A ``StepBatch``'s tensors that ``mtp_step`` reads (after the streams), in its argument order."""
+    return tuple(getattr(batch, name) for name in MTP_STEP_INPUTS)
 
 
 class CompiledStepRunner:
@@ -373,6 +399,11 @@ class Request:
     _computed: int = 0  # positions whose state is in the pools
     _emit_from: int = 0  # positions before it are recomputed from a prefix-cache hit: they close no window
     cached_tokens: int = 0  # prompt positions a prefix-cache hit saved computing (last admission)
+    verifies: int = 0  # speculative verify steps this request took (Engine(speculative=k))
+    accepted_drafts: int = 0  # MTP drafts they accepted
+    _drafts: list[int] = field(default_factory=list, repr=False)  # proposed tokens after the next one
+    _draft_q: list = field(default_factory=list, repr=False)  # their draft distributions (sampled requests)
+    _seed: int | None = None  # the random stream of its speculative draws
     _cancel: bool = False
     _engine: weakref.ref | None = field(default=None, repr=False)
     _on_progress: Callable[[Request], None] | None = field(default=None, repr=False)
@@ -431,6 +462,11 @@ class Request:
         """Prompt and output so far: what the model has seen or will see next."""
         return [*self.prompt_ids, *self.output_ids]
 
+    @property
+    def acceptance_length(self) -> float | None:
+        """Tokens emitted per speculative verify step (accepted drafts + 1), None before the first."""
+        return (self.accepted_drafts + self.verifies) / self.verifies if self.verifies else None
+
 
 class Engine:
     """Continuous batching (see the module docstring) over ``source``: an artifact path (loaded on
@@ -446,7 +482,7 @@ class Engine:
     def __init__(self, source, *, device: str | torch.device = "cpu", max_running: int | None = None,
                  max_step_tokens: int | None = None, max_chunk: int | None = None, seed: int | None = None,
                  pages: dict[str, int] | None = None, state_budget: int | None = None, prefix_cache: bool = False,
-                 prefix_granule: int | None = None):
+                 prefix_granule: int | None = None, speculative: int = 0):
         runner = source
         self.rank = 0  # of a sharded artifact: rank 0 schedules, the others follow (``follow``)
         self._closed = False
@@ -511,6 +547,7 @@ class Engine:
             raise InputError(f"Engine(max_step_tokens={self.max_step_tokens}) is below max_running="
                              f"{self.max_running}: every running request must be able to decode in each step")
         self.vocab_size = runner.vocab_size
+        self.speculative = self._check_speculative(speculative, runner, prefix_cache)
         # sampling runs where the logits are: the runner's device (a step runner without one is on the host)
         self._sampler = SamplerState(self.vocab_size, getattr(runner, "device", "cpu"), seed=seed)
         self._sampling: list[Request] = []  # the sampler's rows: the running requests that decode
@@ -522,10 +559,30 @@ class Engine:
         self._loop: threading.Thread | None = None
         self._stopping = False
         self._stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0,
-                       "prefix_query_tokens": 0, "prefix_hit_tokens": 0, "decode_steps": 0}
+                       "prefix_query_tokens": 0, "prefix_hit_tokens": 0, "decode_steps": 0, "verifies": 0,
+                       "accepted_drafts": 0}
         self._busy = {"mixed": 0.0, "decode": 0.0}  # seconds in steps with prompt chunks / decodes only
         if hasattr(runner, "warm_up"):  # step graphs captured now, not by the first request
             runner.warm_up(self.max_running, self.max_step_tokens)
+
+    def _check_speculative(self, k: int, runner, prefix_cache: bool) -> int:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise InputError(f"Engine(speculative={k!r}): give the number of MTP drafts per step, an integer >= 0")
+        if not k:
+            return 0
+        if not (getattr(runner, "mtp", False) and hasattr(runner, "run_mtp")):
+            raise InputError(f"Engine(speculative={k}): this model has no compiled MTP block; compile it with "
+                             f"`ds4c compile ... --serving --speculative {k}` (its config needs num_nextn_predict_layers=1)")
+        if k > self.layout.draft_tokens:
+            raise InputError(f"Engine(speculative={k}): the artifact was compiled for at most {self.layout.draft_tokens} "
+                             f"drafts per step (its compressor rings hold that many rows more); recompile with "
+                             f"--speculative {k}")
+        if k + 1 > self.max_chunk:
+            raise InputError(f"Engine(speculative={k}): a verify of {k + 1} tokens exceeds max_chunk={self.max_chunk}")
+        if prefix_cache:
+            raise InputError(f"Engine(speculative={k}, prefix_cache=True): the prefix cache keeps no MTP state yet; "
+                             "use one or the other")
+        return k
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -617,7 +674,10 @@ class Engine:
                 "prefix_cache": cache, "decode_graphs": sorted(getattr(self.runner, "decode_graphs", ())),
                 "step_graphs": sorted(getattr(self.runner, "step_graphs", ())),
                 "graph_errors": dict(getattr(self.runner, "graph_errors", {})),
-                **self._stats, "busy_s": busy["mixed"] + busy["decode"], "decode_busy_s": busy["decode"],
+                **self._stats, "speculative": self.speculative,
+                "acceptance_length": ((self._stats["accepted_drafts"] + self._stats["verifies"]) / self._stats["verifies"]
+                                      if self._stats["verifies"] else None),
+                "busy_s": busy["mixed"] + busy["decode"], "decode_busy_s": busy["decode"],
                 "prefill_tokens_per_s": rate(self._stats["prefill_tokens"], busy["mixed"]),
                 "decode_tokens_per_s": rate(self._stats["decode_tokens"], busy["decode"])}
 
@@ -714,8 +774,10 @@ class Engine:
         budget = [self.max_step_tokens]
         preemptions_before = self._stats["preemptions"]
 
-        def take(req: Request, n: int, room_by_preempting: str) -> bool:
+        def take(req: Request, n: int, room_by_preempting: str, drafts: Sequence[int] = ()) -> bool:
             end = req._computed + n
+            if drafts and not req._pages.grow(end + len(drafts)):  # drafts never take pages from others
+                drafts = ()
             while not req._pages.grow(end):
                 if self._cache is not None and self._cache.evict():
                     continue
@@ -731,14 +793,16 @@ class Engine:
                     return False
             tokens = req.tokens
             last = end == len(tokens)
-            plan[req] = Chunk(req._pages, tokens[req._computed:end], req._computed, "last" if last else "none",
-                              emit_from=req._emit_from)
-            budget[0] -= n
+            plan[req] = Chunk(req._pages, [*tokens[req._computed:end], *drafts], req._computed,
+                              "all" if drafts else "last" if last else "none", emit_from=req._emit_from)
+            budget[0] -= n + len(drafts)
             return True
 
-        for req in [r for r in self._running if len(r.tokens) - r._computed == 1]:  # decodes, oldest first
+        decoding = [r for r in self._running if len(r.tokens) - r._computed == 1]
+        for i, req in enumerate(decoding):  # decodes (a speculative one verifies its drafts), oldest first
             if req.status == "running":
-                take(req, 1, "self")
+                room = budget[0] - (len(decoding) - i)  # every later decode keeps its one token
+                take(req, 1, "self", req._drafts[:max(0, room)])
         for req in [r for r in self._running if len(r.tokens) - r._computed > 1]:  # prompts being prefilled
             n = min(len(req.tokens) - req._computed, budget[0], self.max_chunk)
             if req.status == "running" and n > 0 and not take(req, n, "younger"):
@@ -802,16 +866,18 @@ class Engine:
         try:
             return self._run_timed(plan)
         finally:
-            decode_only = all(len(c.token_ids) == 1 and r.output_ids for r, c in plan.items())
+            decode_only = all((len(c.token_ids) == 1 or c.logits == "all") and r.output_ids for r, c in plan.items())
             self._busy["decode" if decode_only else "mixed"] += time.perf_counter() - started
             self._stats["decode_steps"] += decode_only
 
     def _run_timed(self, plan: dict[Request, Chunk]) -> list[Request]:
         reqs = list(plan)
-        # The sampler's rows follow the logits' rows: the plan's order of the chunks that end their
-        # request's known tokens (requests joining the sampler, e.g. at the end of a recompute, may
-        # sit anywhere in it).
-        rows = [r for r in reqs if plan[r].logits == "last"]
+        # Requests that speculate take their tokens from the verify rules (ds4c.runtime.speculative),
+        # the others from the sampler, whose rows follow the logits' rows: the plan's order of the
+        # chunks that end their request's known tokens (requests joining the sampler, e.g. at the end
+        # of a recompute, may sit anywhere in it).
+        spec = [r for r in reqs if self._speculates(r) and plan[r].logits != "none"]
+        rows = [r for r in reqs if plan[r].logits == "last" and r not in spec]
         for r in rows:
             if r not in self._sampling:
                 self._sampler.add(r.params, r.prompt_ids, r.output_ids)
@@ -820,7 +886,17 @@ class Engine:
         self._sampling = rows
         batch = build_step([plan[r] for r in reqs], self.runner.rates)
         logits = self.runner.run(batch)
+        logit_at: dict[Request, tuple[int, int]] = {}  # a chunk's first logits row and their count
+        row_at: dict[Request, int] = {}  # a chunk's first packed row
+        at = row = 0
         for r in reqs:
+            c = plan[r]
+            n_logits = len(c.token_ids) if c.logits == "all" else int(c.logits == "last")
+            logit_at[r], row_at[r] = (at, n_logits), row
+            at, row = at + n_logits, row + len(c.token_ids)
+        for r in reqs:
+            if r in spec:
+                continue  # advanced by what it accepts (_verify)
             n = len(plan[r].token_ids)
             before = r._computed
             r._computed += n
@@ -828,8 +904,24 @@ class Engine:
                 self._cache.insert(r.tokens, r._pages, before, r._computed)
             self._stats["decode_tokens" if n == 1 and r.output_ids else "prefill_tokens"] += n
         self._stats["steps"] += 1
-        if not self._sampling:
-            return []
+        sampled: list[Request] = []
+        if self._sampling:
+            picked = logits
+            if spec:
+                index = torch.tensor([logit_at[r][0] for r in self._sampling], device=logits.device)
+                picked = logits.index_select(0, index)
+            sampled = self._sample(picked)
+        for r in spec:
+            self._verify(r, plan[r], logits[logit_at[r][0]:logit_at[r][0] + logit_at[r][1]])
+        sampled += spec
+        if self.speculative:
+            drafting = [r for r in reqs if self._speculates(r) and r.status == "running"]
+            if drafting:
+                self._draft(drafting, plan, row_at)
+        return sampled
+
+    def _sample(self, logits: torch.Tensor) -> list[Request]:
+        """Sample the sampler's rows from ``logits`` (one row each); append, retire, notify."""
         result = sample(logits, self._sampler)
         tokens = result.tokens.tolist()
         reasons = finish_reasons(tokens, self._sampler.params, self._sampler.generated)
@@ -848,6 +940,89 @@ class Engine:
                 r._notify()
         return sampled
 
+    # -- speculative decoding (docs/design/mtp.md) --------------------------------------------------
+
+    def _speculates(self, req: Request) -> bool:
+        return bool(self.speculative) and speculates(req.params)
+
+    def _random(self, req: Request, salt: int) -> torch.Generator | None:
+        """The request's random stream for this step's draws (None for greedy: nothing is drawn)."""
+        if req.params.greedy:
+            return None
+        if req._seed is None:
+            req._seed = (req.params.seed if req.params.seed is not None
+                         else int(torch.randint(0, 2**62, (), generator=self._sampler._generator)))
+        device = getattr(self.runner, "device", torch.device("cpu"))
+        return generator_for(req._seed * 2 + salt, len(req.output_ids), torch.device(device))
+
+    def _verify(self, req: Request, chunk: Chunk, target: torch.Tensor) -> None:
+        """Accept ``req``'s drafts against the main model's ``target`` logits (a chunk ending its
+        known tokens: a verify of drafts, or a prompt's last chunk with none), emit the tokens,
+        and keep the state of the accepted positions only."""
+        drafts = list(chunk.token_ids[1:]) if chunk.logits == "all" else []
+        tokens, accepted = accept(target, drafts, req._draft_q[:len(drafts)], req.params, self._random(req, 0))
+        kept = len(chunk.token_ids) - len(drafts) + accepted  # positions whose state stays
+        req._computed = chunk.start + kept
+        req._pages.rewind(req._computed)
+        req._drafts, req._draft_q = [], []
+        self._stats["decode_tokens" if req.output_ids else "prefill_tokens"] += kept
+        if drafts:
+            req.verifies += 1
+            req.accepted_drafts += accepted
+            self._stats["verifies"] += 1
+            self._stats["accepted_drafts"] += accepted
+        p = req.params
+        for tok in tokens:
+            req.output_ids.append(tok)
+            if tok in p.stop_token_ids or len(req.output_ids) >= p.max_new_tokens:
+                self._retire(req, "stop" if tok in p.stop_token_ids else "length")
+                return
+        req._notify()
+
+    def _draft(self, reqs: list[Request], plan: dict[Request, Chunk], row_at: dict[Request, int]) -> None:
+        """Run the MTP block over the positions this step kept (the main model's final streams there,
+        and the tokens after them), then chain it for the drafts of the requests that decode next."""
+        hidden = self.runner.hidden
+        chunks, index, drafting = [], [], []
+        for r in reqs:
+            c = plan[r]
+            kept = r._computed - c.start
+            if kept < 1:
+                continue
+            wants = len(r.tokens) - r._computed == 1
+            chunks.append(Chunk(r._pages, r.tokens[c.start + 1:r._computed + 1], c.start, "last" if wants else "none"))
+            index.extend(range(row_at[r], row_at[r] + kept))
+            if wants:
+                drafting.append(r)
+        if not chunks:
+            return
+        rows = torch.tensor(index, dtype=torch.long, device=hidden.device)
+        logits, streams = self.runner.run_mtp(build_step(chunks, self.runner.rates), hidden.index_select(0, rows))
+        # drafts per request: k, fewer near max_new_tokens, none where no page is free for them
+        depth = {}
+        for r in drafting:
+            want = min(self.speculative, r.params.max_new_tokens - len(r.output_ids) - 1)
+            while want > 0 and not r._pages.grow(r._computed + want + 1):
+                want -= 1
+            depth[r] = want
+        for j in range(self.speculative):
+            live = [i for i, r in enumerate(drafting) if depth[r] > j]
+            if not live:
+                return
+            pick = torch.tensor(live, dtype=torch.long, device=streams.device)
+            if j:  # one more MTP row each: at the previous draft's position, reading it
+                chunks = [Chunk(drafting[i]._pages, [drafting[i]._drafts[-1]], drafting[i]._computed + j - 1, "last")
+                          for i in live]
+                logits, streams = self.runner.run_mtp(build_step(chunks, self.runner.rates),
+                                                      streams.index_select(0, pick))
+            else:
+                logits, streams = logits.index_select(0, pick.to(logits.device)), streams.index_select(0, pick)
+            drafting = [drafting[i] for i in live]
+            for i, r in enumerate(drafting):
+                tok, q = draft_token(logits[i], r.params, self._random(r, 1))
+                r._drafts.append(tok)
+                r._draft_q.append(q)
+
     # -- leaving the batch ------------------------------------------------------------------------
 
     def _release(self, req: Request) -> None:
@@ -858,6 +1033,7 @@ class Engine:
             req._pages.release()
             req._pages = None
         req._computed = req._emit_from = 0
+        req._drafts, req._draft_q = [], []
         self._running.remove(req)
 
     def _retire(self, req: Request, reason: str) -> None:

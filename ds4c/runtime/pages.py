@@ -186,6 +186,14 @@ class RequestPages:
         self.end = end
         return True
 
+    def rewind(self, end: int) -> None:
+        """Positions ``end ..`` are no longer the request's (a verify step's rejected drafts): the
+        next ``grow`` counts from ``end``. The pages stay held (what was written there is rewritten
+        before it is read: every address is a function of the position, paged.py)."""
+        if not 0 <= end <= self.end:
+            raise ValueError(f"RequestPages.rewind({end}): the request holds positions 0..{self.end - 1}")
+        self.end = end
+
     def release_window_before(self, position: int) -> None:
         """Free the window pages whose positions all lie before ``position``."""
         dead = [lp for lp in self._window_pages if (lp + 1) * self.layout.window_page <= position]

@@ -289,10 +289,12 @@ class Compressor(nn.Module):
             new_state += [torch.where(emit, kv_state[..., :d], prev_kv), torch.where(emit, score_state[..., :d], prev_gate)]
         return comp, new_state
 
-    def ring_width(self) -> tuple[int, int]:
-        """(rows, width) of this compressor's ring per slot: c*m positions of kv ++ gate (c*d each)."""
+    def ring_width(self, extra: int = 0) -> tuple[int, int]:
+        """(rows, width) of this compressor's ring per slot: c*m positions of kv ++ gate (c*d each),
+        and ``extra`` rows more (``PageLayout.draft_tokens``: a rejected draft's rows then never
+        overwrite rows a later step reads)."""
         c = 2 if self.overlap else 1
-        return c * self.ratio, 2 * c * self.head_dim
+        return c * self.ratio + extra, 2 * c * self.head_dim
 
     def step(self, x: torch.Tensor, index: StepIndex, emit: torch.Tensor, comp: torch.Tensor, ring: torch.Tensor,
              rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,12 +307,13 @@ class Compressor(nn.Module):
         kv 0, gate -inf, as the dense model's empty state."""
         m, d = self.ratio, self.head_dim
         span, width = self.ring_width()
+        rows_per_slot = ring.shape[1]  # span, plus the layout's draft_tokens
         positions = index.positions
         kv = self.kv_proj(x)[0]
         gate = self.gate_proj(x)[0] + self.position_bias.index_select(0, positions % m)
         rows = torch.cat([kv, gate], dim=-1)  # [N, 2*c*d]
         flat_ring = ring.reshape(-1, width)
-        packed, ringed, valid, w, seq = index.window_sources(emit, m, span, span)
+        packed, ringed, valid, w, seq = index.window_sources(emit, m, span, rows_per_slot)
         got = torch.where((packed >= 0).unsqueeze(-1), gather_rows(rows, packed), gather_rows(flat_ring, ringed))
         win_kv, win_gate = got.split(width // 2, dim=-1)
         win_gate = win_gate.masked_fill(((packed < 0) & (ringed < 0)).unsqueeze(-1), NEG_INF)
@@ -323,7 +326,7 @@ class Compressor(nn.Module):
         per_page = comp.shape[1]
         at = torch.where(valid, index.comp_rows(w, seq, per_page), torch.zeros_like(w))
         comp = torch.index_put(comp.reshape(-1, d), (at,), entries).view(comp.shape)
-        ring = torch.index_put(flat_ring, (index.ring_writes(span),), rows).view(ring.shape)
+        ring = torch.index_put(flat_ring, (index.ring_writes(rows_per_slot),), rows).view(ring.shape)
         return comp, ring
 
 
@@ -395,9 +398,9 @@ class Indexer(Compressor):
 # -- attention ---------------------------------------------------------------------------------------
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, max_context: int):
+    def __init__(self, config: ModelConfig, layer: int, max_context: int, layer_type: str | None = None):
         super().__init__()
-        self.layer_type = config.layer_types[layer]
+        self.layer_type = layer_type or config.layer_types[layer]
         self.rope_kind = "main" if self.layer_type == "sliding_attention" else "compress"
         self.heads, self.head_dim, self.window = config.num_attention_heads, config.head_dim, config.sliding_window
         self.groups = config.o_groups
@@ -412,7 +415,7 @@ class Attention(nn.Module):
                                       self.groups)
         self.o_b_proj = nn.Linear(self.groups * config.o_lora_rank, config.hidden_size, bias=False)
         self.sinks = nn.Parameter(torch.empty(self.heads))
-        self.ratio = config.compress_rate(layer)
+        self.ratio = 0 if self.layer_type == "sliding_attention" else int(config.compress_rates[self.layer_type])
         self.capacity = math.ceil(max_context / self.ratio) if self.ratio else 0
         if self.layer_type == "compressed_sparse_attention":
             self.compressor = Compressor(config, self.ratio, self.head_dim, overlap=True)
@@ -470,11 +473,12 @@ class Attention(nn.Module):
         if self.compressor is not None:
             per_page = layout.comp_page // self.ratio
             specs.append(StateSpec(f"{prefix}compressed_kv_pool", (comp_pages, per_page, d), dtype, 0.0))
-            specs.append(StateSpec(f"{prefix}compressor_ring", (slots, *self.compressor.ring_width()), dtype, 0.0))
+            extra = layout.draft_tokens
+            specs.append(StateSpec(f"{prefix}compressor_ring", (slots, *self.compressor.ring_width(extra)), dtype, 0.0))
             if self.layer_type == "compressed_sparse_attention":
                 idx = self.compressor.indexer
                 specs.append(StateSpec(f"{prefix}indexer_keys_pool", (comp_pages, per_page, idx.head_dim), dtype, 0.0))
-                specs.append(StateSpec(f"{prefix}indexer_compressor_ring", (slots, *idx.ring_width()), dtype, 0.0))
+                specs.append(StateSpec(f"{prefix}indexer_compressor_ring", (slots, *idx.ring_width(extra)), dtype, 0.0))
         return specs
 
     @property
@@ -656,9 +660,9 @@ class SharedExpert(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, mlp_type: str | None = None):
         super().__init__()
-        self.gate = Router(config, hashed=config.mlp_layer_types[layer] == "hash_moe")
+        self.gate = Router(config, hashed=(mlp_type or config.mlp_layer_types[layer]) == "hash_moe")
         self.experts = Experts(config)
         self.shared_experts = SharedExpert(config)
 
@@ -672,10 +676,14 @@ class MoE(nn.Module):
 # -- blocks and model ---------------------------------------------------------------------------------
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, max_context: int):
+    """Block ``layer`` of the model; ``layer_type`` / ``mlp_type`` override the config's entries for
+    it (the MTP block, layer id ``num_hidden_layers``, has none)."""
+
+    def __init__(self, config: ModelConfig, layer: int, max_context: int, layer_type: str | None = None,
+                 mlp_type: str | None = None):
         super().__init__()
-        self.self_attn = Attention(config, layer, max_context)
-        self.mlp = MoE(config, layer)
+        self.self_attn = Attention(config, layer, max_context, layer_type)
+        self.mlp = MoE(config, layer, mlp_type)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn_hc = HyperConnection(config)
@@ -708,6 +716,41 @@ class DecoderLayer(nn.Module):
         return self._ffn(h, input_ids), state
 
 
+class MTPBlock(DecoderLayer):
+    """DeepSeek-V4's multi-token-prediction block (release ``mtp.0.*``; shared/DSV4_ARCHITECTURE.md
+    section 7): a decoder block at layer id ``num_hidden_layers`` (sliding-window attention only,
+    learned top-k MoE, its own mHC) fed with ``e_proj(enorm(embed(next token)))`` added to every
+    stream of ``h_proj(hnorm(h))``, ``h`` being the streams to continue (the main model's final
+    hyper-connection streams at the same position, or this block's own output when drafts are
+    chained), then its own HC head and norm before the shared LM head.
+
+    At position ``p`` it reads ``h_p`` and token ``t_{p+1}`` and predicts ``t_{p+2}``; its window
+    state is keyed by ``p`` like the main model's. transformers has no MTP (it drops ``mtp.*``), so
+    this module is its own reference."""
+
+    def __init__(self, config: ModelConfig, max_context: int):
+        super().__init__(config, config.num_hidden_layers, max_context, layer_type="sliding_attention", mlp_type="moe")
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.enorm = RMSNorm(d, eps)
+        self.hnorm = RMSNorm(d, eps)
+        self.e_proj = nn.Linear(d, d, bias=False)
+        self.h_proj = nn.Linear(d, d, bias=False)
+        self.norm = RMSNorm(d, eps)
+        self.hc_head = HyperHead(config)
+
+    def forward(self, mode: str, *args):
+        return {"prefill": self.prefill, "decode": self.decode, "step": self.step, "draft": self.draft}[mode](*args)
+
+    def mix(self, hidden: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """The block's input streams [B, S, n, D] from ``hidden`` [B, S, n, D] and the next tokens'
+        embeddings [B, S, D]."""
+        return self.e_proj(self.enorm(embedded)).unsqueeze(2) + self.h_proj(self.hnorm(hidden))
+
+    def draft(self, hidden, embedded, input_ids, index, state, rotary):
+        """Paged form over packed rows: the block's output streams and its new window pool."""
+        return self.step(self.mix(hidden, embedded), input_ids, index, {}, state, rotary)
+
+
 class _Backbone(nn.Module):
     def __init__(self, config: ModelConfig, max_context: int):
         super().__init__()
@@ -721,13 +764,22 @@ class _Backbone(nn.Module):
 class DeepseekV4Model(nn.Module):
     """DeepSeek-V4 with explicit state. ``state_dict()`` names equal transformers' DeepseekV4ForCausalLM."""
 
-    def __init__(self, config: ModelConfig, max_context: int):
+    def __init__(self, config: ModelConfig, max_context: int, *, mtp: bool = False):
         super().__init__()
         self.config = config
         self.max_context = max_context
         self.hc_mult = config.hc_mult
         self.model = _Backbone(config, max_context)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if mtp:  # the draft block (``mtp.0.*``); only where speculative decoding is compiled
+            if config.num_nextn_predict_layers < 1:
+                raise InputError("DeepseekV4Model(mtp=True): the config has num_nextn_predict_layers=0 (no MTP "
+                                 "block); set it to 1 or compile without speculative decoding")
+            self.mtp = nn.ModuleList([MTPBlock(config, max_context)])
+
+    @property
+    def has_mtp(self) -> bool:
+        return hasattr(self, "mtp")
 
     def state_specs(self, batch: int) -> list[StateSpec]:
         dtype = self.lm_head.weight.dtype
@@ -776,13 +828,32 @@ class DeepseekV4Model(nn.Module):
         if isinstance(s, int) and s > self.max_context:
             raise InputError(f"prefill of {s} tokens exceeds max_context={self.max_context} of this model; "
                              "build DeepseekV4Model with a larger max_context")
-        positions = torch.arange(s, device=input_ids.device)
+        h, states = self._prefill_streams(input_ids)
+        return (self._head(h), *states)
+
+    def _prefill_streams(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         h = self._embed(input_ids)
         states: list[torch.Tensor] = []
         for layer in self.model.layers:
             h, st = layer("prefill", h, input_ids, positions, self.model.rotary)
             states += st
-        return (self._head(h), *states)
+        return h, states
+
+    def final_streams(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final hyper-connection streams [B, S, n, D] of a whole sequence (before the HC head):
+        what the MTP block reads."""
+        return self._prefill_streams(input_ids)[0]
+
+    def mtp_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """The MTP block over whole sequences from an empty state (its reference, and its training
+        form): position ``p`` reads ``hidden[:, p]`` and ``next_ids[:, p]`` (token ``p + 1``);
+        logits [B, S, vocab] predict token ``p + 2``."""
+        block = self.mtp[0]
+        positions = torch.arange(next_ids.shape[1], device=next_ids.device)
+        h, _ = block("prefill", block.mix(hidden, self.model.embed_tokens(next_ids)), next_ids, positions,
+                     self.model.rotary)
+        return self.lm_head(block.norm(block.hc_head(h)))
 
     def decode(self, input_ids: torch.Tensor, position: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One token per sequence at ``position`` (0-dim int64): (logits [B, 1, vocab], *new_state)."""
@@ -819,7 +890,31 @@ class DeepseekV4Model(nn.Module):
             h, st = layer("step", h, ids, index, emits, list(state[offset:offset + n]), self.model.rotary)
             out += st
             offset += n
+        if self.has_mtp:  # the final streams of every row: what the MTP block continues
+            return (self._head(h, logit_rows)[0], h[0], *out)
         return (self._head(h, logit_rows)[0], *out)
+
+    def mtp_state_specs(self, layout: PageLayout, window_pages: int) -> list[StateSpec]:
+        """The MTP block's pools (its sliding window, in window pages addressed by the same tables as
+        the main model's)."""
+        return self.mtp[0].self_attn.paged_state_specs("mtp.0.", layout, window_pages, 1, 1,
+                                                        self.lm_head.weight.dtype)
+
+    def mtp_step(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
+                 token_seq: torch.Tensor, seq_first: torch.Tensor, seq_last: torch.Tensor, logit_rows: torch.Tensor,
+                 window_table: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The MTP block over packed rows (``step``'s packing; its pools: ``mtp_state_specs``): row
+        at position ``p`` reads ``hidden`` [N, n, D] (the streams at ``p``) and ``input_ids`` [N]
+        (token ``p + 1``). Returns (logits [L, vocab] of ``logit_rows``: the drafts for ``p + 2``,
+        the block's output streams [L, n, D] at those rows: what the next draft continues, *new pool)."""
+        index = StepIndex(positions, token_seq, seq_first, seq_last, window_table, window_table, seq_first)
+        ids = input_ids.view(1, -1)
+        block = self.mtp[0]
+        h, st = block("draft", hidden.unsqueeze(0), self.model.embed_tokens(ids), ids, index, list(state),
+                      self.model.rotary)
+        h = h.index_select(1, logit_rows)
+        logits = self.lm_head(block.norm(block.hc_head(h)))[0]
+        return (logits, h[0], *st)
 
     def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, window_table: torch.Tensor,
                     comp_table: torch.Tensor, slot: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -865,6 +960,18 @@ class RaggedStepEntry(_Entry):
 class RaggedDecodeEntry(_Entry):
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self._impl.decode_step(*args)
+
+
+class MtpStepEntry(_Entry):
+    """The MTP block's entry point; its parameters keep their names (``mtp.0.*``) next to the
+    shared embedding and LM head."""
+
+    def __init__(self, model: DeepseekV4Model):
+        super().__init__(model)
+        self.mtp = model.mtp
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._impl.mtp_step(*args)
 
 
 STEP_INPUTS = ("input_ids", "positions", "token_seq", "seq_first", "seq_last", "logit_rows", "window_table",

@@ -43,18 +43,24 @@ class PageLayout:
     ``window``: the sliding window W in tokens (a query at p sees p-W+1 .. p). ``window_page``: Pw,
     tokens per window page. ``max_chunk``: the most tokens one request adds in one step.
     ``comp_page``: Pt, tokens per compressed page (a multiple of every compression rate).
-    ``max_context``: positions per request."""
+    ``max_context``: positions per request. ``draft_tokens``: how many positions a speculative
+    verify step may write past what it keeps (MTP drafts, docs/design/mtp.md): the compressor rings
+    hold that many rows more, so that a rejected token's row never overwrites one a later step reads."""
 
     window: int
     window_page: int
     comp_page: int
     max_context: int
     max_chunk: int
+    draft_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("window", "window_page", "comp_page", "max_context", "max_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PageLayout.{name} must be >= 1, got {getattr(self, name)}")
+        if self.draft_tokens < 0 or self.draft_tokens >= self.max_chunk:
+            raise ValueError(f"PageLayout.draft_tokens must be in [0, max_chunk={self.max_chunk}), "
+                             f"got {self.draft_tokens}")
 
     @property
     def window_slots(self) -> int:
@@ -67,7 +73,8 @@ class PageLayout:
         """Compressed pages of a request at ``max_context``."""
         return math.ceil(self.max_context / self.comp_page)
 
-    FIELDS = ("window", "window_page", "comp_page", "max_context", "max_chunk")
+    FIELDS = ("window", "window_page", "comp_page", "max_context", "max_chunk", "draft_tokens")
+    OPTIONAL = {"draft_tokens": 0}  # fields an artifact of an older ds4c may lack
 
     def record(self) -> dict[str, int]:
         """The layout as the manifest's ``serving.layout`` records it (with the derived widths)."""
@@ -78,11 +85,15 @@ class PageLayout:
     def from_record(cls, record: dict, where: str) -> PageLayout:
         """The layout of a ``record()`` read back from ``where`` (an artifact's manifest: untrusted);
         a missing or non-integer field raises ValueError naming it."""
+        record = {**cls.OPTIONAL, **record}
         bad = [k for k in cls.FIELDS if not isinstance(record.get(k), int) or isinstance(record.get(k), bool)]
         if bad:
             raise ValueError(f"{where}: serving layout fields {bad} are missing or not integers; recompile the "
                              "artifact with --serving")
-        return cls(**{k: record[k] for k in cls.FIELDS})
+        try:
+            return cls(**{k: record[k] for k in cls.FIELDS})
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}; recompile the artifact with --serving") from None
 
     def check_rates(self, rates: dict[str, int]) -> None:
         """Refuse a compressed page that does not hold a whole number of entries of every rate."""
@@ -92,7 +103,7 @@ class PageLayout:
                              f"{bad}; choose a multiple of {math.lcm(*rates.values())}")
 
 
-SERVING_OPTIONS = ("window_page", "comp_page", "max_chunk", "max_running", "max_step_tokens")
+SERVING_OPTIONS = ("window_page", "comp_page", "max_chunk", "max_running", "max_step_tokens", "draft_tokens")
 
 
 def serving_layout(window: int, rates: dict[str, int], max_context: int, options: dict | None = None
@@ -113,7 +124,8 @@ def serving_layout(window: int, rates: dict[str, int], max_context: int, options
     step = math.lcm(*[m for m in rates.values() if m] or [1])
     layout = PageLayout(window=window, window_page=options.get("window_page", max(1, window // 4)),
                         comp_page=options.get("comp_page", step * math.ceil(256 / step)), max_context=max_context,
-                        max_chunk=min(options.get("max_chunk", 2048), max_context))
+                        max_chunk=min(options.get("max_chunk", 2048), max_context),
+                        draft_tokens=options.get("draft_tokens", 0))
     max_running = options.get("max_running", 64)
     batch = {"max_running": max_running,
              "max_step_tokens": options.get("max_step_tokens", max(layout.max_chunk, max_running))}
