@@ -776,9 +776,11 @@ class Engine:
 
         def take(req: Request, n: int, room_by_preempting: str, drafts: Sequence[int] = ()) -> bool:
             end = req._computed + n
+            # pages taken for last step's drafts: the window pages to keep count from where this chunk starts
+            req._pages.rewind(min(req._pages.end, req._computed))
             if drafts and not req._pages.grow(end + len(drafts)):  # drafts never take pages from others
                 drafts = ()
-            while not req._pages.grow(end):
+            while not drafts and not req._pages.grow(end):
                 if self._cache is not None and self._cache.evict():
                     continue
                 if room_by_preempting == "none":

@@ -161,9 +161,9 @@ class RequestPages:
             raise ValueError(f"request grows to {end} positions, beyond max_context {lay.max_context}")
         if end - self.end > lay.max_chunk:
             raise ValueError(f"request grows by {end - self.end} positions in one step, beyond max_chunk {lay.max_chunk}")
-        self.release_window_before(self._first_live_window_page(self.end) * lay.window_page)
-        if end <= self.end:
+        if end <= self.end:  # nothing to take (pages kept beyond a rewind stay)
             return True
+        self.release_window_before(self._first_live_window_page(self.end) * lay.window_page)
         n_window, n_comp, n_slot = self.pages_needed(end)
         if (n_window > self.pools.window.free_count or n_comp > self.pools.compressed.free_count
                 or n_slot > self.pools.slots.free_count):
