@@ -80,6 +80,7 @@ def compile(
     serving: bool | Mapping[str, int] | None = None,
     mesh: str | Any | None = None,
     gpus: int | None = None,
+    speculative: int = 0,
 ) -> Artifact:
     """Compile ``model`` (preset name, checkpoint directory, ONNX file or transformers DeepseekV4ForCausalLM) for ``target``.
 
@@ -111,6 +112,10 @@ def compile(
     GPUs, ``Mesh.for_gpus``): compile one program per rank (``shard_experts`` after the precision
     plan; memory and streams planned per rank); the artifact holds every rank's program and the
     whole weights once, each rank reading its slices (ds4c.artifact.sharded).
+    ``speculative`` (k >= 1, with ``serving``): also compile the model's MTP block (``mtp_step``; the
+    serving steps then return the final streams it reads) for ``ds4c.Engine(..., speculative=k)``,
+    with compressor rings sized for k drafts (docs/design/mtp.md); the config needs
+    ``num_nextn_predict_layers`` >= 1 and the weights ``mtp.0.*``.
     ``allow_nonfinite``: accept NaN/Inf weights (refused by default, naming the tensor; recorded
     in the weight source so the artifact loads them too). With ``weights="reference"`` the
     artifact records the size and sha256 of every checkpoint file it reads (one read of the
@@ -141,6 +146,15 @@ def compile(
     lowering_options = check_lowering_options(lowering)
     mesh = _mesh_of(mesh, gpus, config, tgt, source, stop_after=stop_after, bisect=bisect)
     serving_plan = None
+    if not isinstance(speculative, int) or isinstance(speculative, bool) or speculative < 0:
+        raise ConfigError(f"--speculative must be a number of drafts >= 0, got {speculative!r}")
+    if speculative and not serving:
+        raise ConfigError(f"--speculative {speculative}: speculative decoding runs in the serving engine; add --serving")
+    if speculative and config.num_nextn_predict_layers < 1:
+        raise ConfigError(f"--speculative {speculative}: the model has no MTP block ('num_nextn_predict_layers' is 0 in "
+                          f"{_config_where(source)}); compile without --speculative")
+    if speculative:
+        serving = {**(dict(serving) if isinstance(serving, Mapping) else {}), "draft_tokens": speculative}
     if serving:
         from ds4c.models.deepseek_v4.paged import serving_layout
 
@@ -189,13 +203,14 @@ def compile(
             # the heads (and output groups); shard_experts gives each rank its slices of them
             traced = rank_heads(config, mesh)
             program, meta_model = trace_program(traced, max_context, dtype)
-            full_spec = param_spec(meta_model if traced is config else build_meta_model(config, max_context, dtype))
+            full_spec = param_spec(meta_model if traced is config and not speculative
+                                   else build_meta_model(config, max_context, dtype, mtp=bool(speculative)))
             if serving_plan is not None:
                 from ds4c.frontend.trace import trace_serving
 
                 steps.advance("tracing the serving entry points", 0)
-                program = add_serving_entries(program, trace_serving(traced, max_context, serving_plan[0], dtype),
-                                              serving_plan[1])
+                program = add_serving_entries(program, trace_serving(traced, max_context, serving_plan[0], dtype,
+                                                                     mtp=bool(speculative)), serving_plan[1])
             if tgt.backend != "npu":  # generation's prefill: the pass last_position_logits makes it
                 program = add_last_position_entry(program)
         steps.advance("running passes")

@@ -26,11 +26,11 @@ class EntryPointInfo:
     state: list[dict[str, Any]]
 
 
-def build_meta_model(config: Any, max_context: int, dtype: torch.dtype) -> torch.nn.Module:
+def build_meta_model(config: Any, max_context: int, dtype: torch.dtype, *, mtp: bool = False) -> torch.nn.Module:
     from ds4c.models.deepseek_v4 import DeepseekV4Model
 
     with torch.device("meta"):
-        model = DeepseekV4Model(config, max_context)
+        model = DeepseekV4Model(config, max_context, mtp=mtp)
     # Parameters (not buffers) take the compute dtype; RoPE buffers keep their own.
     for p in model.parameters():
         if p.is_floating_point():
@@ -89,16 +89,16 @@ def trace_program(config: Any, max_context: int, dtype: torch.dtype = torch.floa
 
 
 def trace_serving(config: Any, max_context: int, layout: Any, dtype: torch.dtype = torch.float32, *,
-                  per_kind: bool = True) -> Program:
+                  per_kind: bool = True, mtp: bool = False) -> Program:
     """Trace the serving entry points ``ragged_step`` and ``ragged_decode`` (``DeepseekV4Model.step``
     and ``decode_step`` over the paged pools of ``layout``, a ``PageLayout``) into a Program of their
     own, with ``attrs["serving"]`` (layout, compression rates, inputs, pools) and per-graph dim
     names; per-kind tracing, stitching and caching as ``trace_program``."""
     from ds4c.frontend import trace_cache
 
-    model = build_meta_model(config, max_context, dtype)
+    model = build_meta_model(config, max_context, dtype, mtp=mtp)
     model.paged_state_specs(layout, 2, 2, 2)  # refuses a layout the model cannot use, before tracing
-    extra = f"serving:{layout!r}"
+    extra = f"serving:{layout!r}" + (":mtp" if mtp else "")
     key = (repr(config), int(max_context), str(dtype), per_kind, extra)
     disk_key = trace_cache.trace_key(config, max_context, dtype, per_kind, extra)
     return _cached(key, disk_key, lambda: _trace_serving(config, model, max_context, dtype, layout, per_kind))
@@ -107,23 +107,40 @@ def trace_serving(config: Any, max_context: int, layout: Any, dtype: torch.dtype
 def _trace_serving(config: Any, model: torch.nn.Module, max_context: int, dtype: torch.dtype, layout: Any,
                    per_kind: bool) -> Program:
     from ds4c.frontend.stitch import proxy_plan, stitch_graph
-    from ds4c.models.deepseek_v4.model import DECODE_STEP_INPUTS, STEP_DIMS, STEP_INPUTS, pool_dim
+    from ds4c.models.deepseek_v4.model import (
+        DECODE_STEP_INPUTS,
+        MTP_STEP_INPUTS,
+        STEP_DIMS,
+        STEP_INPUTS,
+        pool_dim,
+    )
 
+    mtp = model.has_mtp
     plan = proxy_plan(config) if per_kind else None
     if plan is None:
         graphs = _trace_serving_graphs(model, layout)
     else:
         proxy_config, kind_of_layer = plan
-        proxy = _trace_serving_graphs(build_meta_model(proxy_config, max_context, dtype), layout)
-        graphs = {name: stitch_graph(g, kind_of_layer, proxy_config.num_hidden_layers) for name, g in proxy.items()}
+        proxy = _trace_serving_graphs(build_meta_model(proxy_config, max_context, dtype, mtp=mtp), layout)
+        # the MTP block's graph holds no main-model layer: nothing to stitch
+        graphs = {name: g if name == "mtp_step" else stitch_graph(g, kind_of_layer, proxy_config.num_hidden_layers)
+                  for name, g in proxy.items()}
     specs = model.paged_state_specs(layout, 2, 2, 2)
     pool_names = [s.name for s in specs]
+    heads = ["logits", "hidden"] if mtp else ["logits"]
     for name, g in graphs.items():
+        if name == "mtp_step":
+            continue
         got = [n for n, _ in g.outputs]
-        if got != ["logits", *pool_names]:
-            raise IRError(f"traced graph @{name} returns {got[:4]}..., expected logits and the pools in order")
+        if got != [*heads, *pool_names]:
+            raise IRError(f"traced graph @{name} returns {got[:4]}..., expected {', '.join(heads)} and the pools in order")
     pools = {s.name: [pool_dim(s.name)] for s in specs}
     kinds = {"PW": "window", "PC": "compressed", "SLOTS": "slots"}
+
+    def records(state_specs) -> list[dict[str, Any]]:
+        return [{"name": s.name, "pool": kinds[pool_dim(s.name)], "shape": [pool_dim(s.name), *s.shape[1:]],
+                 "dtype": str(s.dtype).removeprefix("torch.")} for s in state_specs]
+
     attrs = {
         "graph_dim_names": {
             "ragged_step": {**{n: [STEP_DIMS[n]] for n in STEP_INPUTS}, **pools},
@@ -133,25 +150,42 @@ def _trace_serving(config: Any, model: torch.nn.Module, max_context: int, dtype:
             "layout": layout.record(),
             "rates": model.compression_rates(),
             "inputs": {"ragged_step": list(STEP_INPUTS), "ragged_decode": list(DECODE_STEP_INPUTS)},
-            "pools": [{"name": s.name, "pool": kinds[pool_dim(s.name)], "shape": [pool_dim(s.name), *s.shape[1:]],
-                       "dtype": str(s.dtype).removeprefix("torch.")} for s in specs],
+            "pools": records(specs),
         },
         "max_context": max_context,
         "model_config": {"hc_sinkhorn_iters": config.hc_sinkhorn_iters, "hc_mult": config.hc_mult,
                          "swiglu_limit": config.swiglu_limit},
     }
+    if mtp:
+        mtp_specs = model.mtp_state_specs(layout, 2)
+        attrs["graph_dim_names"]["mtp_step"] = {"hidden": ["N"], **{n: [STEP_DIMS[n]] for n in MTP_STEP_INPUTS},
+                                                **{s.name: [pool_dim(s.name)] for s in mtp_specs}}
+        attrs["serving"]["mtp"] = {"inputs": ["hidden", *MTP_STEP_INPUTS], "pools": records(mtp_specs)}
     return Program(graphs, attrs)
 
 
 def _trace_serving_graphs(model: torch.nn.Module, layout: Any) -> dict[str, Any]:
-    from ds4c.models.deepseek_v4.model import DECODE_STEP_INPUTS, STEP_INPUTS, export_serving_entry_points
+    from ds4c.models.deepseek_v4.model import (
+        DECODE_STEP_INPUTS,
+        MTP_STEP_INPUTS,
+        STEP_INPUTS,
+        export_serving_entry_points,
+    )
 
     eps = export_serving_entry_points(model, layout)
     pools = [s.name for s in model.paged_state_specs(layout, 2, 2, 2)]
-    return {name: import_exported_program(eps[name], name, input_names=list(inputs), state_names=pools,
-                                          decompose=False, output_names=["logits", *pools],
-                                          param_prefix=_prefix(eps[name]))
-            for name, inputs in (("ragged_step", STEP_INPUTS), ("ragged_decode", DECODE_STEP_INPUTS))}
+    heads = ["logits", "hidden"] if model.has_mtp else ["logits"]
+    graphs = {name: import_exported_program(eps[name], name, input_names=list(inputs), state_names=pools,
+                                            decompose=False, output_names=[*heads, *pools],
+                                            param_prefix=_prefix(eps[name]))
+              for name, inputs in (("ragged_step", STEP_INPUTS), ("ragged_decode", DECODE_STEP_INPUTS))}
+    if model.has_mtp:
+        mtp_pools = [s.name for s in model.mtp_state_specs(layout, 2)]
+        graphs["mtp_step"] = import_exported_program(eps["mtp_step"], "mtp_step",
+                                                     input_names=["hidden", *MTP_STEP_INPUTS], state_names=mtp_pools,
+                                                     decompose=False, output_names=["logits", "hidden", *mtp_pools],
+                                                     param_prefix=_prefix(eps["mtp_step"]))
+    return graphs
 
 
 def _trace_program(config: Any, model: torch.nn.Module, max_context: int, dtype: torch.dtype,

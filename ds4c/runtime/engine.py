@@ -39,6 +39,7 @@ from typing import Literal, Protocol
 import torch
 
 from ds4c.errors import ArtifactError, Ds4cError, InputError
+from ds4c.models.deepseek_v4.model import MTP_STEP_INPUTS
 from ds4c.models.deepseek_v4.paged import POOL_KINDS, PageLayout, page_bytes, size_pools
 from ds4c.runtime.pages import PagePool, Pools, RequestPages
 from ds4c.runtime.prefix_cache import PrefixCache
@@ -98,6 +99,13 @@ def check_serving_record(serving: dict) -> None:
     pages = (serving.get("pages") or {}).get("pages") if isinstance(serving.get("pages"), dict) else None
     if not isinstance(pages, dict) or not all(positive(pages.get(k)) and pages[k] >= 2 for k in POOL_KINDS):
         raise bad("pages.pages", f"pages per pool ({', '.join(POOL_KINDS)}) as integers >= 2")
+    mtp = serving.get("mtp")
+    if mtp is not None and (not isinstance(mtp, dict) or not isinstance(mtp.get("pools"), list)
+                            or not all(isinstance(p, dict) and p.get("pool") == "window" and isinstance(p.get("name"), str)
+                                       and p.get("dtype") in SERVING_DTYPES and isinstance(p.get("shape"), list)
+                                       and len(p["shape"]) >= 2 and all(positive(d) for d in p["shape"][1:])
+                                       for p in mtp["pools"])):
+        raise bad("mtp", "{inputs, pools: [window pool records]}")
     inputs = serving.get("inputs")
     if (not isinstance(inputs, dict) or any(not isinstance(inputs.get(k), list)
                                             or not all(isinstance(x, str) for x in inputs[k])
@@ -168,7 +176,6 @@ class EagerStepRunner:
         _copy_pages([t for t, kind in zip(tensors, self._pool_kinds, strict=True) if kind == pool], src, dst)
 
 
-MTP_STEP_INPUTS = ("input_ids", "positions", "token_seq", "seq_first", "seq_last", "logit_rows", "window_table")
 
 
 def mtp_args(batch: StepBatch) -> tuple[torch.Tensor, ...]:
@@ -243,6 +250,13 @@ class CompiledStepRunner:
                              f"the loaded model{f' ({free / 1e9:.1f} GB free)' if free is not None else ''}; give them "
                              "less: Engine(..., state_budget=BYTES) / --state-budget, or recompile with a smaller "
                              "--hbm-budget") from None
+        # the MTP block (artifacts compiled with --speculative): its pools, in window pages
+        self.mtp = "mtp" in serving
+        self.mtp_state: dict[str, torch.Tensor] = {}
+        if self.mtp:
+            self._mtp_pools = serving["mtp"]["pools"]
+            self.mtp_state = {p["name"]: self._pool_tensor(p, pages["window"]) for p in self._mtp_pools}
+        self.hidden: torch.Tensor | None = None  # the last step's final streams [N, n, D] (MTP artifacts)
         self._graphing = (model.device.type == "cuda" and getattr(model, "cuda_graphs", False)
                           and getattr(model, "backend", "reference") != "reference")
         top = max_running or batch["max_running"]
@@ -272,6 +286,8 @@ class CompiledStepRunner:
             graphs.clear()
         self._captured_state.clear()  # in place: the graphs' step closures hold this very dict
         self.state.clear()
+        self.mtp_state.clear()
+        self.hidden = None
 
     def _pool_tensor(self, record: dict, pages: int) -> torch.Tensor:
         return torch.zeros([pages, *record["shape"][1:]], dtype=getattr(torch, record["dtype"]), device=self.device)
@@ -293,6 +309,8 @@ class CompiledStepRunner:
         for p in self._pools:
             if p["pool"] == "window":
                 self.state[p["name"]] = self._pool_tensor(p, pages)
+        for p in self._mtp_pools if self.mtp else ():
+            self.mtp_state[p["name"]] = self._pool_tensor(p, pages)
 
     @torch.no_grad()
     def warm_up(self, max_rows: int | None = None, max_tokens: int | None = None) -> None:
@@ -363,7 +381,11 @@ class CompiledStepRunner:
         args = dict(zip(self.inputs["ragged_step"], (padded or batch).args(), strict=True))
         inputs = {k: args[k] for k in self.inputs[name]}
         if bucket in graphs:
-            return graphs[bucket](inputs, n_logits)
+            graph = graphs[bucket]
+            logits = graph(inputs, n_logits)
+            if self.mtp:
+                self.hidden = graph.hidden[:batch.tokens].clone()
+            return logits
         inputs = {k: v.to(device) for k, v in inputs.items()}
         if decode_only and bucket is not None and bucket != rows:  # padded to the bucket, op by op
             buffers = decode_buffers(self.layout, bucket, device)
@@ -371,8 +393,23 @@ class CompiledStepRunner:
             inputs = buffers
         out = self.model._entry(name).run(inputs, self.model.weights, self.state)
         logits = out.pop("logits")
+        hidden = out.pop("hidden", None)
+        if hidden is not None:
+            self.hidden = hidden[:batch.tokens]
         self.state = out
         return logits[:n_logits]
+
+    @torch.no_grad()
+    def run_mtp(self, batch: StepBatch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The artifact's ``mtp_step`` over ``batch``'s rows with the main model's streams ``hidden``:
+        (logits, the block's streams) of its logit rows (op by op: no CUDA graph yet)."""
+        device = self.model.device
+        inputs = {"hidden": hidden.to(device), **{k: v.to(device) for k, v in zip(MTP_STEP_INPUTS, mtp_args(batch),
+                                                                                  strict=True)}}
+        out = self.model._entry("mtp_step").run(inputs, self.model.weights, self.mtp_state)
+        logits, streams = out.pop("logits"), out.pop("hidden")
+        self.mtp_state = out
+        return logits, streams
 
 
 @dataclass(eq=False)

@@ -467,6 +467,9 @@ def _packed(buffers: dict[str, torch.Tensor], device: torch.device
     return {k: out[k] for k in buffers}, blobs
 
 
+OUTPUTS_BESIDE_STATE = ("logits", "hidden")  # a serving step's outputs that are not pools
+
+
 class GraphedServingStep:
     """A serving entry point (``ragged_decode`` or ``ragged_step``) for one bucket of input sizes as a
     replayable CUDA graph over static input ``buffers``, its pools (``state``, the engine's own
@@ -488,25 +491,26 @@ class GraphedServingStep:
         self.buffers, self._blobs = _packed(buffers, device)
         self._copied: torch.cuda.Event | None = None
 
-        def step() -> torch.Tensor:
+        def step() -> tuple[torch.Tensor, torch.Tensor | None]:
             out = executor.run(self.buffers, params, state)
-            copied = [k for k, v in out.items() if k != "logits"
+            copied = [k for k, v in out.items() if k not in OUTPUTS_BESIDE_STATE
                       and (v.data_ptr() != state[k].data_ptr() or v.shape != state[k].shape)]
             if copied:
                 raise RuntimeError(f"{getattr(executor, 'name', 'the serving step')} returns new tensors for "
                                    f"{len(copied)} pools (e.g. {copied[0]}) instead of writing them in place; "
                                    "recompile the artifact with this ds4c (lower_paged_state)")
-            return out["logits"]
+            return out["logits"], out.get("hidden")
 
         def warm() -> None:
             for _ in range(warmup):
                 step()
-        self.graph, self.logits = capture_after_warmup(device, warm, step, pool=pool)
+        # hidden: the final streams of every row (artifacts with an MTP block), read after a replay
+        self.graph, (self.logits, self.hidden) = capture_after_warmup(device, warm, step, pool=pool)
         self.arenas = executor.take_captured() if hasattr(executor, "take_captured") else []
 
     def release(self) -> None:
         """Drop the graph, its arenas and buffers (the engine that captured it is closing)."""
-        self.graph = self.logits = None
+        self.graph = self.logits = self.hidden = None
         self.arenas, self.buffers, self._blobs = [], {}, {}
 
     def __call__(self, inputs: Mapping[str, torch.Tensor], rows: int) -> torch.Tensor:

@@ -977,6 +977,7 @@ class MtpStepEntry(_Entry):
 STEP_INPUTS = ("input_ids", "positions", "token_seq", "seq_first", "seq_last", "logit_rows", "window_table",
                "comp_table", "slot", "emit_csa", "emit_hca")
 DECODE_STEP_INPUTS = ("input_ids", "positions", "window_table", "comp_table", "slot")
+MTP_STEP_INPUTS = ("input_ids", "positions", "token_seq", "seq_first", "seq_last", "logit_rows", "window_table")
 # The symbolic dims of the serving entry points, per input (first axis) and per pool kind.
 STEP_DIMS = {"input_ids": "N", "positions": "N", "token_seq": "N", "seq_first": "R", "seq_last": "R",
              "logit_rows": "L", "window_table": "R", "comp_table": "R", "slot": "R", "emit_csa": "Ec",
@@ -1027,7 +1028,19 @@ def export_serving_entry_points(model: DeepseekV4Model, layout: PageLayout) -> d
     decode_dims = tuple({0: r_dim} for _ in DECODE_STEP_INPUTS) + state_dims
     decode = torch.export.export(RaggedDecodeEntry(model), (*decode_args, *state), dynamic_shapes=(decode_dims,),
                                  strict=False)
-    return {"ragged_step": step, "ragged_decode": decode}
+    out = {"ragged_step": step, "ragged_decode": decode}
+    if model.has_mtp:  # the MTP block over the step's packing (its own window pool, the same tables)
+        mtp_specs = model.mtp_state_specs(layout, sizes["PW"])
+        mtp_state = tuple(torch.zeros(s.shape, dtype=s.dtype, device=device) for s in mtp_specs)
+        cfg = model.config
+        hidden = torch.zeros(9, cfg.hc_mult, cfg.hidden_size, dtype=model.lm_head.weight.dtype, device=device)
+        by_name = dict(zip(STEP_INPUTS, step_args, strict=True))
+        mtp_args = tuple(by_name[n] for n in MTP_STEP_INPUTS)
+        mtp_dims = (({0: n_dim},) + tuple({0: {"N": n_dim, "R": r_dim, "L": l_dim}[STEP_DIMS[n]]} for n in MTP_STEP_INPUTS)
+                    + tuple({0: pools[pool_dim(s.name)]} for s in mtp_specs))
+        out["mtp_step"] = torch.export.export(MtpStepEntry(model), (hidden, *mtp_args, *mtp_state),
+                                              dynamic_shapes=(mtp_dims,), strict=False)
+    return out
 
 
 def _example_device(model: nn.Module) -> torch.device:

@@ -64,7 +64,7 @@ _TINY = dict(
     compress_rope_theta=160000.0, compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
     layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
                  "compressed_sparse_attention"],
-    mlp_layer_types=["hash_moe", "moe", "moe", "moe"], num_nextn_predict_layers=0, bos_token_id=0, eos_token_id=1,
+    mlp_layer_types=["hash_moe", "moe", "moe", "moe"], num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1,
     tie_word_embeddings=False,
 )
 
