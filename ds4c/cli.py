@@ -108,6 +108,9 @@ def compile(
     gpus: Annotated[int | None, typer.Option(
         "--gpus", help="shard over N GPUs (the mesh chosen for the model: expert parallelism where the "
                        "experts split evenly)")] = None,
+    speculative: Annotated[int, typer.Option(
+        "--speculative", help="with --serving: also compile the MTP block for speculative decoding with up to K "
+                              "drafts per step (ds4c serve / bench serve --speculative K)")] = 0,
 ) -> None:
     """Compile MODEL for TARGET into a .ds4 artifact."""
     import ds4c
@@ -130,7 +133,7 @@ def compile(
                            lowering={"fuse_norm_rope": fuse_norm_rope, "merge_linears": merge_linears,
                                      "merge_packed": merge_packed, "pdl": pdl},
                            serving=(_serving_options(serving_opt) or True) if serving or serving_opt else None,
-                           mesh=mesh, gpus=gpus)
+                           mesh=mesh, gpus=gpus, speculative=speculative)
         if output is None:
             output = Path(f"{Path(model).name}-{target}.ds4")
         art.save(output, sign_key=sign_key if sign_key is not None else True)
@@ -530,6 +533,9 @@ def serve(
     ranks: Annotated[int | None, typer.Option("--ranks", help="a sharded ARTIFACT as N CPU processes (rank 0 "
                                                               "serves, the others run its steps)")] = None,
     gpus: Annotated[int | None, typer.Option("--gpus", help="a sharded ARTIFACT on N GPUs, one process each")] = None,
+    speculative: Annotated[int, typer.Option(
+        "--speculative", help="draft K tokens per step with the MTP block (an artifact compiled with --speculative; "
+                              "turns the prefix cache off)")] = 0,
 ) -> None:
     """Serve ARTIFACT with the OpenAI API over HTTP: /v1/completions, /v1/chat/completions (when the
     checkpoint shipped a chat template), /v1/models, /health, /metrics (Prometheus)."""
@@ -549,8 +555,8 @@ def serve(
     start_ranks(artifact, ranks, gpus, device)
     try:
         model = ds4c.load(artifact, device=device, backend=backend, trust_binaries=trust_binaries)
-        engine = ds4c.Engine(model, max_running=max_running, prefix_cache=prefix_cache,
-                             state_budget=_parse_bytes(state_budget) if state_budget else None)
+        engine = ds4c.Engine(model, max_running=max_running, prefix_cache=prefix_cache and not speculative,
+                             state_budget=_parse_bytes(state_budget) if state_budget else None, speculative=speculative)
         if engine.rank:  # a sharded artifact's other ranks run rank 0's steps
             engine.follow()
             return
@@ -605,6 +611,9 @@ def bench_serve(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
     ranks: Annotated[int | None, typer.Option("--ranks", help="a sharded ARTIFACT as N CPU processes")] = None,
     gpus: Annotated[int | None, typer.Option("--gpus", help="a sharded ARTIFACT on N GPUs, one process each")] = None,
+    speculative: Annotated[int, typer.Option(
+        "--speculative", help="the engine drafts K tokens per step with the MTP block (turns the prefix cache "
+                              "off); the report gives the acceptance length")] = 0,
 ) -> None:
     """Serve a synthetic trace on ds4c.Engine (or a running `ds4c serve`, --url) and report
     throughput, TTFT and TPOT (p50/p90/p99), pages, preemptions, prompt tokens computed and prefix
@@ -616,6 +625,8 @@ def bench_serve(
     from ds4c.progress import progress_steps
 
     start_ranks(artifact, ranks, gpus, device)
+    if speculative:
+        prefix_cache = False  # the prefix cache keeps no MTP state (Engine refuses both)
     if concurrency is None and rate is None:
         concurrency = 8
     if (artifact is None) == (url is None):
@@ -662,12 +673,16 @@ def bench_serve(
                 report["server"] = summarize(run_http(url, work, on_finish=steps.advance))
         else:
             sync = torch_sync(model.device)
-            name = "engine" + (" (prefix cache)" if prefix_cache else "")
+            name = ("engine" + (" (prefix cache)" if prefix_cache else "")
+                    + (f" (speculative, {speculative} drafts)" if speculative else ""))
             memory = report["device_memory"] = {"after_load": device_memory(model.device)}
             with progress_steps(name, total=total, enabled=True) as steps:
-                engine = ds4c.Engine(model, prefix_cache=prefix_cache, state_budget=budget)
+                engine = ds4c.Engine(model, prefix_cache=prefix_cache, state_budget=budget, speculative=speculative)
                 memory["engine_started"] = device_memory(model.device)
                 report["engine"] = summarize(run_engine(engine, work, sync=sync, on_finish=steps.advance))
+                if speculative:
+                    report["engine"]["speculative"] = {"drafts": speculative,
+                                                       "acceptance_length": engine.stats()["acceptance_length"]}
                 memory["engine_peak"] = device_memory(model.device, peak=True)
                 engine.close()  # its pools and graphs back to the allocator before a baseline takes memory
                 engine = None

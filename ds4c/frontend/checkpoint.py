@@ -357,8 +357,8 @@ def _plan(files: _Files, expected: Spec, partial: bool = False) -> _Plan:
     directory = files.dir
     for key in files.where:
         bare = key.removeprefix("model.")
-        if bare.startswith("mtp."):
-            plan.ignored.append(key)  # multi-token-prediction block: the compiled model has none
+        if bare.startswith("mtp.") and key not in expected:
+            plan.ignored.append(key)  # multi-token-prediction block: compiled only with --speculative
             continue
         if key.endswith(".scale") and (key.removesuffix(".scale") + ".weight") in files.where:
             continue  # block scales are read with their weight
@@ -641,7 +641,7 @@ def load_checkpoint(directory: str | Path, expected: Spec, *, dtype: torch.dtype
     weights, packed = _split_packed(expected)
     with _planned(directory, expected, record, partial) as (files, plan):
         if plan.ignored:
-            logger.info("%s: ignoring %d multi-token-prediction tensors (mtp.*): ds4c compiles the main model only",
+            logger.info("%s: ignoring %d multi-token-prediction tensors (mtp.*): compile with --speculative to use them",
                         directory, len(plan.ignored))
         _load_all(files, plan, {k: v for k, v in weights.items() if k in expected}, out, dtype, device, progress,
                   allow_nonfinite, shard or {})
