@@ -357,7 +357,7 @@ def _plan(files: _Files, expected: Spec, partial: bool = False) -> _Plan:
     directory = files.dir
     for key in files.where:
         bare = key.removeprefix("model.")
-        if bare.startswith("mtp.") and key not in expected:
+        if bare.startswith("mtp.") and _hf_name(key, expected) not in expected:
             plan.ignored.append(key)  # multi-token-prediction block: compiled only with --speculative
             continue
         if key.endswith(".scale") and (key.removesuffix(".scale") + ".weight") in files.where:

@@ -72,6 +72,18 @@ MODEL_NAMES: list[tuple[str, str, str]] = [
     ("hc_head_base", "model.hc_head.hc_base", "fp32"),
     ("hc_head_scale", "model.hc_head.hc_scale", "fp32"),
 ]
+# The MTP block's own tensors (release ``mtp.N.<name>``, ds4c ``mtp.N.<name>``; shared/DSV4_ARCHITECTURE.md
+# section 7); its attention, MoE, norms and mHC are named as a layer's (LAYER_NAMES).
+MTP_NAMES: list[tuple[str, str, str]] = [
+    ("e_proj.weight", "e_proj.weight", "fp8"),
+    ("h_proj.weight", "h_proj.weight", "fp8"),
+    ("enorm.weight", "enorm.weight", "bf16"),
+    ("hnorm.weight", "hnorm.weight", "bf16"),
+    ("norm.weight", "norm.weight", "bf16"),
+    ("hc_head_fn", "hc_head.hc_fn", "fp32"),
+    ("hc_head_base", "hc_head.hc_base", "fp32"),
+    ("hc_head_scale", "hc_head.hc_scale", "fp32"),
+]
 # Other spellings accepted when loading: transformers' save_pretrained reverses its own mapping
 # and writes the attention's kv_norm as ``attn.norm`` (its regex ``.norm.`` -> ``.kv_norm.``
 # also covers the compressors' norms); DeepSeek's release spells it ``attn.kv_norm``.
@@ -81,38 +93,56 @@ EXPERT_PARTS = ("w1", "w3", "w2")
 
 _LAYER_TO_HF = {ds: hf for ds, hf, _ in LAYER_NAMES}
 _LAYER_TO_DS = {hf: ds for ds, hf, _ in LAYER_NAMES}
+_MTP_TO_HF = {**_LAYER_TO_HF, **{ds: hf for ds, hf, _ in MTP_NAMES}}
+_MTP_TO_DS = {**_LAYER_TO_DS, **{hf: ds for ds, hf, _ in MTP_NAMES}}
 _MODEL_TO_HF = {ds: hf for ds, hf, _ in MODEL_NAMES}
 _MODEL_TO_DS = {hf: ds for ds, hf, _ in MODEL_NAMES}
 _RELEASE_CLASS = {ds: c for ds, _, c in LAYER_NAMES + MODEL_NAMES}
+_MTP_CLASS = {**{ds: c for ds, _, c in LAYER_NAMES}, **{ds: c for ds, _, c in MTP_NAMES}}
+# a block: ``layers.N`` (ds4c: ``model.layers.N``) or the MTP block ``mtp.N`` (ds4c: ``mtp.N``)
 _DS_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_DS_MTP = re.compile(r"^mtp\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-DS_EXPERT = re.compile(r"^layers\.(?P<layer>\d+)\.ffn\.experts\.(?P<expert>\d+)\.(?P<part>w[123])\.weight$")
-_HF_EXPERTS = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_HF_MTP = re.compile(r"^mtp\.(\d+)\.(.+)$")
+DS_EXPERT = re.compile(r"^(?P<block>layers\.(?P<layer>\d+)|mtp\.\d+)\.ffn\.experts\.(?P<expert>\d+)\."
+                       r"(?P<part>w[123])\.weight$")
+_HF_EXPERTS = re.compile(r"^(model\.layers\.\d+|mtp\.\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+
+
+def _hf_block(ds_block: str) -> str:
+    """``layers.3`` -> ``model.layers.3``; ``mtp.0`` stays."""
+    return ds_block if ds_block.startswith("mtp.") else f"model.{ds_block}"
 
 
 def deepseek_to_hf_name(name: str) -> str | None:
-    """Release name (``layers.3.attn.wq_a.weight``) -> transformers name, None if it is not one.
-    Routed experts map to their stacked tensor (``...mlp.experts.gate_up_proj``)."""
+    """Release name (``layers.3.attn.wq_a.weight``, ``mtp.0.e_proj.weight``) -> ds4c's (transformers')
+    name, None if it is not one. Routed experts map to their stacked tensor (``...mlp.experts.gate_up_proj``)."""
     if name in _MODEL_TO_HF:
         return _MODEL_TO_HF[name]
     m = DS_EXPERT.match(name)
     if m:
         which = "down_proj" if m["part"] == "w2" else "gate_up_proj"
-        return f"model.layers.{m['layer']}.mlp.experts.{which}"
+        return f"{_hf_block(m['block'])}.mlp.experts.{which}"
     m = _DS_LAYER.match(name)
     if m and LAYER_ALIASES.get(m[2], m[2]) in _LAYER_TO_HF:
         return f"model.layers.{m[1]}.{_LAYER_TO_HF[LAYER_ALIASES.get(m[2], m[2])]}"
+    m = _DS_MTP.match(name)
+    if m and LAYER_ALIASES.get(m[2], m[2]) in _MTP_TO_HF:
+        return f"mtp.{m[1]}.{_MTP_TO_HF[LAYER_ALIASES.get(m[2], m[2])]}"
     return None
 
 
 def hf_to_deepseek_name(name: str) -> str | None:
-    """transformers name -> release name, None if it is not one (or is a stacked expert tensor:
-    those are one release tensor per expert, see ``expert_release_names``)."""
+    """ds4c (transformers) name -> release name, None if it is not one (or is a stacked expert
+    tensor: those are one release tensor per expert, see ``expert_release_names``)."""
     if name in _MODEL_TO_DS:
         return _MODEL_TO_DS[name]
     m = _HF_LAYER.match(name)
     if m and m[2] in _LAYER_TO_DS:
         return f"layers.{m[1]}.{_LAYER_TO_DS[m[2]]}"
+    m = _HF_MTP.match(name)
+    if m and m[2] in _MTP_TO_DS:
+        return f"mtp.{m[1]}.{_MTP_TO_DS[m[2]]}"
     return None
 
 
@@ -126,13 +156,17 @@ def expert_release_names(hf_name: str, n_experts: int) -> dict[str, list[str]]:
     if not m:
         raise ValueError(f"'{hf_name}' is not a stacked routed-expert tensor")
     parts = ("w2",) if m[2] == "down_proj" else ("w1", "w3")
-    return {p: [f"layers.{m[1]}.ffn.experts.{e}.{p}.weight" for e in range(n_experts)] for p in parts}
+    block = m[1].removeprefix("model.")
+    return {p: [f"{block}.ffn.experts.{e}.{p}.weight" for e in range(n_experts)] for p in parts}
 
 
 def release_dtype_class(release_name: str) -> str:
     """"fp8", "fp4" (routed experts), "bf16", "fp32" or "int": how DeepSeek ships this tensor."""
     if DS_EXPERT.match(release_name):
         return "fp4"
+    m = _DS_MTP.match(release_name)
+    if m:
+        return _MTP_CLASS.get(m[2], "fp32")
     m = _DS_LAYER.match(release_name)
     return _RELEASE_CLASS.get(m[2] if m else release_name, "fp32")
 

@@ -302,3 +302,30 @@ def test_loading_streams_without_doubling_memory(tmp_path):
     growth = int(res.stdout.strip().splitlines()[-1])
     ckpt = 6 * 4096 * 2048 * 4
     assert growth < 1.5 * ckpt, f"peak RSS grew by {growth / 2**20:.0f} MiB for a {ckpt / 2**20:.0f} MiB checkpoint"
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_the_mtp_block_loads_from_the_release_naming_when_asked_for(tmp_path, fp8):
+    """``mtp.0.*`` in DeepSeek's naming and precision (FP8 projections, MXFP4 experts) loads into ds4c's
+    MTP block (``DeepseekV4Model(mtp=True)``) when the expected weights name it, and is ignored otherwise."""
+    from ds4c.frontend.trace import build_meta_model, param_spec
+    from ds4c.models.deepseek_v4 import ModelConfig
+    from tests.mtp_model import mtp_model
+
+    model, _ = mtp_model(0)
+    sd = model.state_dict()
+    cfg = dict(SMALL_CONFIGS["mixed"], num_nextn_predict_layers=1)
+    write_deepseek_checkpoint(sd, cfg, tmp_path, fp8=fp8, fp4_experts=fp8)
+    keys = _keys(tmp_path)
+    assert {"mtp.0.e_proj.weight", "mtp.0.attn.wq_a.weight", "mtp.0.ffn.experts.3.w2.weight", "mtp.0.hc_head_fn",
+            "mtp.0.hc_attn_fn", "mtp.0.enorm.weight"} <= set(keys)
+    assert ("mtp.0.e_proj.scale" in keys) == fp8 and ("mtp.0.ffn.experts.3.w2.scale" in keys) == fp8
+    config = ModelConfig.from_hf_dict(cfg)
+    with_mtp = param_spec(build_meta_model(config, 64, torch.float32, mtp=True))
+    got = load_checkpoint(tmp_path, with_mtp)
+    want = _reference(sd, fp8, fp8)
+    assert sorted(got) == sorted(want) and any(k.startswith("mtp.0.") for k in got)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v.to(got[k].dtype), rtol=0, atol=0, msg=k)
+    without = param_spec(build_meta_model(config, 64, torch.float32))
+    assert not any(k.startswith("mtp.") for k in load_checkpoint(tmp_path, without))
