@@ -25,6 +25,8 @@
 #                                                 # step times, memory over 200 requests; the serving kernels test (~5 min)
 #   bash benchmarks/device_session.sh flash1      # the whole flash (MXFP4 experts, FP8 elsewhere) on one GPU with
 #                                                 # --hbm-budget 120GB: compile, load, TTFT, 16 tokens vs host link (~9 min)
+#   bash benchmarks/device_session.sh spec        # MTP speculation: verify k=1..3 vs decode at B=1/32 (flash-slice,
+#                                                 # bf16), then the trained tiny's acceptance and tokens/s (~8 min)
 #   bash benchmarks/device_session.sh prefix      # decode-bucket graphs test; flash-slice --serving (bf16), then #27's
 #                                                 # multi-turn workload with and without the prefix cache, TPOT at
 #                                                 # concurrency 1, a saturating trace vs static batches (~9 min)
@@ -34,8 +36,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -44,6 +46,9 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv > "$out/gpu.txt" 2>&1
 head_table=benchmarks/tables/fp8_with_head.json
 case "$1" in
+  spec)
+    timeout 560 python benchmarks/speculative.py --target "$target" --out "$out/speculative.json" \
+      > "$out/speculative.log" 2>&1; echo "rc=$?"; grep -v Warn "$out/speculative.log" | tail -8 | cut -c1-700 ;;
   flash1)
     timeout 570 python benchmarks/flash_one_gpu.py --target "$target" --budget 120GB --out "$out/flash_one_gpu.json" \
       > "$out/flash_one_gpu.log" 2>&1; echo "rc=$?"; grep -v Warn "$out/flash_one_gpu.log" | tail -6 | cut -c1-600 ;;

@@ -234,6 +234,9 @@ def run(
                         "torchrun ... -m ds4c run ARTIFACT starts them too")] = None,
     gpus: Annotated[int | None, typer.Option(
         "--gpus", help="run a sharded ARTIFACT on N GPUs of this machine, one process each (NCCL)")] = None,
+    speculative: Annotated[int, typer.Option(
+        "--speculative", help="draft K tokens per step with the MTP block (an artifact compiled with --serving "
+                              "--speculative K; same tokens, fewer steps)")] = 0,
 ) -> None:
     """Load ARTIFACT and greedily generate tokens."""
     import ds4c
@@ -259,7 +262,17 @@ def run(
                 raise InputError(f"--prompt {prompt!r} encodes to no tokens; give other text, or --prompt-ids")
         if ragged and not model.manifest.get("serving"):
             as_token_ids(rows)  # refuses the ragged batch with how to serve it
-        out = model.generate(rows, max_new_tokens=max_new_tokens)
+        accepted = None
+        if speculative:
+            if max_new_tokens < 1:
+                raise InputError(f"--max-new-tokens {max_new_tokens}: give at least 1 with --speculative")
+            engine = ds4c.Engine(model, speculative=speculative)
+            new_ids = engine.generate(rows, ds4c.SamplingParams(max_new_tokens=max_new_tokens))
+            accepted = engine.stats()["acceptance_length"]
+            engine.close()
+            out = [list(ids) + new for ids, new in zip(rows, new_ids, strict=True)]
+        else:
+            out = model.generate(rows, max_new_tokens=max_new_tokens)
     except Ds4cError as e:
         _fail(e)
     if model.manifest.get("rank", 0):  # a sharded artifact's other ranks: rank 0 prints
@@ -271,6 +284,9 @@ def run(
         console.print(f"generated ids{row}: {new}")
         if prompt is not None or tok.kind != "none":
             console.print(f"text{row}: {tok.decode(new)!r}")
+    if speculative:
+        console.print(f"speculative decoding, {speculative} drafts per step: "
+                      + (f"{accepted:.2f} tokens per verify step" if accepted else "no verify step ran"))
     line = buffer_plan_line(model.buffer_plans())
     if line:
         console.print(line)

@@ -64,3 +64,19 @@ def mtp_model(mtp_steps: int = 150, seed: int = 7) -> tuple[DeepseekV4Model, tor
     its own copy."""
     model, successor = _mtp_model(mtp_steps, seed)
     return copy.deepcopy(model), successor.clone()
+
+
+def save_checkpoint(model: DeepseekV4Model, directory) -> str:
+    """``model`` (with its MTP block) as a checkpoint directory in ds4c's (transformers') naming:
+    ``model.safetensors`` and the ``mixed`` config.json with ``num_nextn_predict_layers=1``."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    config = dict(SMALL_CONFIGS["mixed"], num_nextn_predict_layers=1, architectures=["DeepseekV4ForCausalLM"])
+    (out / "config.json").write_text(json.dumps(config))
+    return str(out)

@@ -10,9 +10,12 @@ linears on FP4 ones) and ``units`` (per unit: format, bytes, measured errors, wh
 quantize_weights applies it.
 
 Each unit's error per candidate format is measured alone (ds4c.quant.sensitivity), with its
-input quantised too where the format's GEMM would multiply quantised activations: on activations
-of calibration tokens (given, or generated from the model) when the weights fit in memory, else
-on samples of the weights (a few experts, a slab of rows) drawn from the source.
+input quantised too where the format's GEMM would multiply quantised activations. When the weights
+fit in memory: by its effect on the model's output, the KL divergence of the next-token
+distributions on calibration tokens (given, or generated from the model), one forward per
+(unit, format) up to MAX_EFFECT_TRIALS, else by the NSR of the unit's own output on their
+activations; otherwise on samples of the weights (a few experts, a slab of rows) drawn from the
+source. ``error_bound`` bounds the sum over units (KL in nats, or NSR).
 
     before/after (IR unchanged), program.attrs["precision"]["units"][k]:
     {"unit": "model.layers.1.mlp.experts", "format": "mxfp4", "bytes": 17408, "error": 0.013, ...}
@@ -33,17 +36,22 @@ from ds4c.quant.policy import (
     ACTIVATION_FORMATS,
     AUTO_MENU,
     DEFAULT_ERROR_BOUND,
+    DEFAULT_KL_BOUND,
     POLICIES,
     activation_format,
     choose,
     load_table,
 )
-from ds4c.quant.sensitivity import activation_errors, model_tokens, weight_errors
+from ds4c.quant.sensitivity import activation_errors, model_tokens, output_effects, weight_errors
 from ds4c.quant.units import Unit, find_units
 
 _LAYER = re.compile(r"layers\.\d+\.")  # a unit's role: its parameter names without the layer index
 CALIBRATION_SEQUENCES = 2
 CALIBRATION_LENGTH = 64
+# (unit, format) trials measured by their effect on the model's output (a forward each); beyond
+# it, by the NSR of each unit's own output (one forward in all)
+MAX_EFFECT_TRIALS = 512
+OUTPUT_KL = "output KL"
 
 
 def _compute_name(graph: Graph) -> str:
@@ -64,6 +72,8 @@ def _measure(graph: Graph, units: list[Unit], cal: Calibration, formats: list[st
             vocab = int(dict(graph.outputs)["logits"].type.shape[-1])
             tokens = model_tokens(graph, weights, vocab, sequences=CALIBRATION_SEQUENCES,
                                   length=max(2, min(CALIBRATION_LENGTH, max_context)))
+        if len(units) * len(fmts) <= MAX_EFFECT_TRIALS:  # one forward each: the effect on the output
+            return output_effects(graph, units, weights, tokens, fmts, act_of), OUTPUT_KL
         return activation_errors(graph, units, weights, tokens, fmts, act_of), "activations"
     errors, how = {}, set()
     gen = torch.Generator().manual_seed(0)
@@ -108,7 +118,10 @@ def assign_precision(graph: Graph, ctx: PassContext) -> Graph:
             return None if act == compute else act
 
         errors, measured = _measure(graph, units, cal, formats, int(ctx.options.get("max_context") or 64), act_of)
-    bound = float(ctx.options.get("error_bound") or DEFAULT_ERROR_BOUND)
+    # the bound is on the sum of the chosen units' errors: KL in nats where the effect on the output
+    # was measured, NSR otherwise
+    bound = float(ctx.options.get("error_bound") or (DEFAULT_KL_BOUND if measured == OUTPUT_KL
+                                                    else DEFAULT_ERROR_BOUND))
     choices = choose(units, errors, policy, target, compute, arrival=cal.arrival if cal else {}, bound=bound,
                      measured=measured, activations=mode)
     assignment = {p: c.format for c in choices if c.format != compute for p in c.params}

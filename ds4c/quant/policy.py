@@ -35,6 +35,9 @@ AUTO_MENU = ("bf16", "int8", "fp8", "mxfp4")
 # on Gaussian weights; 0.1 keeps greedy agreement with the fp32 oracle >= 97% on the small
 # configs (tests/passes/test_precision.py) while putting every routed expert of V4 in MXFP4.
 DEFAULT_ERROR_BOUND = 0.1
+# auto's bound where each unit's effect on the output was measured: the sum of the chosen units'
+# KL divergences of the next-token distributions, nats per token
+DEFAULT_KL_BOUND = 0.02
 SAME_SIZE = 1.05
 ACTIVATION_FORMATS = {
     "fp8": "e4m3, one power-of-two scale per token and 128 channels, computed at run time (DeepSeek's act_quant)",

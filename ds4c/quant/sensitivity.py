@@ -1,4 +1,10 @@
-"""Sensitivity: the error one unit's format causes alone, as a noise-to-signal ratio (NSR).
+"""Sensitivity: the error one unit's format causes alone, as its effect on the model's output or as a
+noise-to-signal ratio (NSR) of the unit's own output.
+
+Where the model's weights are materialised and the trials are few enough, ``output_effects``
+measures what matters: the KL divergence of the model's next-token distributions with only this
+unit in the format (the embedding and LM head, whose NSR looks like any linear's, then show how
+much more they move the output). Otherwise the NSR below.
 
 ``NSR = ||y' - y||² / ||y||²`` where ``y`` is the unit's op output on calibration activations
 with exact weights and ``y'`` the same op with only this unit's weights round-tripped through the
@@ -100,6 +106,54 @@ def activation_errors(graph: Graph, units: Iterable[Unit], weights: Mapping[str,
                     raise NotImplementedError(f"{u.name}: activation quantisation of a {u.kind} unit")
             got = split_results(opdef.reference(*trial, **trial_kwargs))[0]
             out[u.name][fmt.name] = _nsr(got, want)
+    return out
+
+
+class _WithActivations:
+    """An op whose GEMM multiplies activations quantised to ``act`` (what the target will compute)."""
+
+    def __init__(self, opdef, kind: str, act: str):
+        self.opdef, self.kind, self.act = opdef, kind, act
+
+    def reference(self, *args, **kwargs):
+        if self.kind == "linear":
+            args = (act_roundtrip(args[0], self.act), *args[1:])
+        elif self.kind in MOE_ACT_KWARG:  # the moe op quantises its GEMMs' inputs itself
+            kwargs = {**kwargs, MOE_ACT_KWARG[self.kind]: self.act}
+        else:
+            raise NotImplementedError(f"activation quantisation of a {self.kind} unit")
+        return self.opdef.reference(*args, **kwargs)
+
+
+def output_effects(graph: Graph, units: Iterable[Unit], weights: Mapping[str, torch.Tensor],
+                   tokens: torch.Tensor, formats: Iterable[Format],
+                   act_of: Callable[[Unit, str], str | None] | None = None) -> dict[str, dict[str, float]]:
+    """The effect of each unit's format on the model's output: KL(p || p') of the next-token
+    distributions, in nats, averaged over every position of a prefill of ``tokens``, where ``p`` is
+    the exact model's and ``p'`` the model's with only this unit's weights round-tripped through the
+    format (and its GEMM's input quantised to ``act_of(unit, format)``, as in ``activation_errors``).
+    One forward per (unit, format): for models whose weights are materialised."""
+    units, formats = list(units), list(formats)
+    run = ReferenceExecutor(graph)
+    feeds = {"input_ids": tokens}
+    exact = run.run(feeds, weights)["logits"].double().log_softmax(-1)
+    p = exact.exp()
+    out: dict[str, dict[str, float]] = {}
+    for u in units:
+        out[u.name] = {}
+        step = run._steps[u.op_index]
+        for fmt in formats:
+            if not all(fmt.holds(s) for s in u.shapes):
+                continue
+            trial = {**weights, **{n: fmt.roundtrip(weights[n], weights[n].dtype) for n in u.params}}
+            act = act_of(u, fmt.name) if act_of is not None else None
+            if act is not None:
+                run._steps[u.op_index] = (step[0], _WithActivations(step[1], u.kind, act), step[2], step[3])
+            try:
+                got = run.run(feeds, trial)["logits"].double().log_softmax(-1)
+            finally:
+                run._steps[u.op_index] = step
+            out[u.name][fmt.name] = max(0.0, float((p * (exact - got)).sum(-1).mean()))
     return out
 
 

@@ -104,8 +104,10 @@ def check_serving_record(serving: dict) -> None:
                             or not all(isinstance(p, dict) and p.get("pool") == "window" and isinstance(p.get("name"), str)
                                        and p.get("dtype") in SERVING_DTYPES and isinstance(p.get("shape"), list)
                                        and len(p["shape"]) >= 2 and all(positive(d) for d in p["shape"][1:])
-                                       for p in mtp["pools"])):
-        raise bad("mtp", "{inputs, pools: [window pool records]}")
+                                       for p in mtp["pools"])
+                            or not isinstance(mtp.get("hidden"), list) or len(mtp["hidden"]) != 2
+                            or not all(positive(d) for d in mtp["hidden"])):
+        raise bad("mtp", "{inputs, hidden: [streams, width], pools: [window pool records]}")
     inputs = serving.get("inputs")
     if (not isinstance(inputs, dict) or any(not isinstance(inputs.get(k), list)
                                             or not all(isinstance(x, str) for x in inputs[k])
@@ -274,13 +276,14 @@ class CompiledStepRunner:
         self.step_buckets = sorted(b for b in set(step_buckets or ()) if b >= self.step_seqs)
         self.decode_graphs: dict[int, object] = {}  # bucket -> GraphedServingStep (warm_up)
         self.step_graphs: dict[int, object] = {}
+        self.mtp_graphs: dict[int, object] = {}  # mtp_step in the token buckets of ragged_step
         self.graph_errors: dict[str, str] = {}  # "ragged_decode/4" -> why its capture failed (it runs op by op)
         self._captured_state: dict[str, torch.Tensor] = {}  # the pools the graphs were captured over (warm_up)
 
     def release(self) -> None:
         """Drop the pools and the captured graphs (their memory goes back to the allocator, even
         if something still holds this runner or a graph): the runner runs no more steps."""
-        for graphs in (self.decode_graphs, self.step_graphs):
+        for graphs in (self.decode_graphs, self.step_graphs, self.mtp_graphs):
             for g in graphs.values():
                 g.release()
             graphs.clear()
@@ -306,6 +309,7 @@ class CompiledStepRunner:
         self.pools.window = PagePool("window", pages)
         self.decode_graphs.clear()  # they address the old window tensors
         self.step_graphs.clear()
+        self.mtp_graphs.clear()
         for p in self._pools:
             if p["pool"] == "window":
                 self.state[p["name"]] = self._pool_tensor(p, pages)
@@ -327,7 +331,7 @@ class CompiledStepRunner:
         lay = self.layout
         self._captured_state = self.state  # what the graphs' steps read and write (release clears it)
 
-        def capture(name: str, graphs: dict, buckets: list[int], buffers) -> None:
+        def capture(name: str, graphs: dict, buckets: list[int], buffers, state=None) -> None:
             executor = self.model._entry(name)
             if hasattr(executor, "share_captured_arenas"):
                 executor.share_captured_arenas()
@@ -336,7 +340,8 @@ class CompiledStepRunner:
                 if size in graphs or key in self.graph_errors:
                     continue
                 try:
-                    graphs[size] = GraphedServingStep(executor, self.model.weights, self.state, buffers(size), pool=pool)
+                    graphs[size] = GraphedServingStep(executor, self.model.weights, self.state if state is None
+                                                      else state, buffers(size), pool=pool)
                 except (RuntimeError, Ds4cError) as e:
                     self.graph_errors[key] = str(e).splitlines()[0] if str(e) else type(e).__name__
                     torch.cuda.synchronize(self.device)
@@ -356,6 +361,12 @@ class CompiledStepRunner:
         capture("ragged_decode", self.decode_graphs,
                 [b for b in self.decode_buckets if max_rows is None or b <= max_rows],
                 lambda rows: decode_buffers(lay, rows, self.device))
+        if self.mtp:  # the MTP block in the same token buckets (its catch-up and chained drafts)
+            capture("mtp_step", self.mtp_graphs,
+                    [b for b in self.step_buckets if room is None or b < room or b == top],
+                    lambda tokens: self._mtp_inputs(padding_step(tokens, self.step_seqs, self.rates, lay.window_slots,
+                                                                 lay.comp_entries), None, tokens),
+                    self.mtp_state)
 
     @torch.no_grad()
     def run(self, batch: StepBatch) -> torch.Tensor:
@@ -399,13 +410,33 @@ class CompiledStepRunner:
         self.state = out
         return logits[:n_logits]
 
+    def _mtp_inputs(self, batch: StepBatch, hidden: torch.Tensor | None, rows: int) -> dict[str, torch.Tensor]:
+        """``mtp_step``'s inputs on the device: ``batch``'s tensors and ``hidden`` padded with zero rows
+        to ``rows`` (None: all zeros, a capture's padding step)."""
+        mtp = self.model.manifest["serving"]["mtp"]
+        streams = torch.zeros([rows, *mtp["hidden"]], dtype=getattr(torch, self._pools[0]["dtype"]),
+                              device=self.device)
+        if hidden is not None:
+            streams[:hidden.shape[0]] = hidden
+        tensors = dict(zip(MTP_STEP_INPUTS, mtp_args(batch), strict=True))
+        return {"hidden": streams, **{k: tensors[k].to(self.device) for k in mtp["inputs"] if k != "hidden"}}
+
     @torch.no_grad()
     def run_mtp(self, batch: StepBatch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The artifact's ``mtp_step`` over ``batch``'s rows with the main model's streams ``hidden``:
-        (logits, the block's streams) of its logit rows (op by op: no CUDA graph yet)."""
-        device = self.model.device
-        inputs = {"hidden": hidden.to(device), **{k: v.to(device) for k, v in zip(MTP_STEP_INPUTS, mtp_args(batch),
-                                                                                  strict=True)}}
+        (logits, the block's streams) of its logit rows; a CUDA graph of the smallest token bucket
+        that holds it where one was captured (``warm_up``), else op by op at its own size."""
+        from ds4c.runtime.step_batch import pad_step
+
+        n_logits = int(batch.logit_rows.shape[0])
+        need = batch.tokens + self.step_seqs - batch.seq_first.shape[0]
+        bucket = next((b for b in self.step_buckets if b >= need and b in self.mtp_graphs), None)
+        padded = None if bucket is None else pad_step(batch, bucket, self.step_seqs, self.rates)
+        if padded is not None:
+            graph = self.mtp_graphs[bucket]
+            logits = graph(self._mtp_inputs(padded, hidden, bucket), n_logits)
+            return logits, graph.hidden[:n_logits].clone()
+        inputs = self._mtp_inputs(batch, hidden, batch.tokens)
         out = self.model._entry("mtp_step").run(inputs, self.model.weights, self.mtp_state)
         logits, streams = out.pop("logits"), out.pop("hidden")
         self.mtp_state = out

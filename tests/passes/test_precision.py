@@ -119,18 +119,26 @@ def test_fixed_policies(policy, target, want):
     assert rec["assignment"] == {k: v for k, v in want.items() if v not in ("bf16", "fp32")}
 
 
-def test_auto_measures_on_activations_and_stays_under_the_bound():
+@pytest.mark.parametrize("effects", [True, False])
+def test_auto_measures_and_stays_under_the_bound(effects, monkeypatch):
+    """By each unit's effect on the output (KL of the next-token distributions), or, beyond
+    MAX_EFFECT_TRIALS forwards, by the NSR of its own output on calibration activations."""
+    import ds4c.passes.assign_precision as ap
+
+    if not effects:
+        monkeypatch.setattr(ap, "MAX_EFFECT_TRIALS", 0)
     g = parse_graph(BEFORE)
-    for bound, target in ((1.0, "b200"), (0.01, "b200"), (1e-4, "b200"), (1.0, "h100")):
+    tight = 2e-6 if effects else 1e-4  # below every unit's FP8 cost (KL is second order in the noise)
+    for bound, target in ((1.0, "b200"), (0.01, "b200"), (tight, "b200"), (1.0, "h100")):
         ctx = _ctx("auto", target, _weights(), error_bound=bound)
         get_pass("assign_precision")(g, ctx)
         rec = ctx.program_attrs["precision"]
-        assert rec["measured"] == "activations" and rec["total_error"] <= bound
+        assert rec["measured"] == ("output KL" if effects else "activations") and rec["total_error"] <= bound
         fmts = {u["unit"]: u["format"] for u in rec["units"]}
         if bound == 1.0:  # room for everything: the smallest format the target runs (int8's per-row
             # scales make it 6% larger than fp8 on 64x64)
             assert set(fmts.values()) == ({"mxfp4"} if target == "b200" else {"fp8"})
-        if bound == 1e-4:
+        if bound == tight:
             assert "mxfp4" not in fmts.values() and "fp8" not in fmts.values()
         for u in rec["units"]:
             assert set(u["errors"]) == {"bf16", "int8", "fp8", "mxfp4"} and u["why"]

@@ -8,26 +8,22 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import ds4c
 from ds4c.cli import app
 from ds4c.runtime.sampling import SamplingParams
 from tests.hf_configs import SMALL_CONFIGS
-from tests.mtp_model import MAX_CONTEXT, mtp_model
+from tests.mtp_model import MAX_CONTEXT, mtp_model, save_checkpoint
 from tests.quant.synthetic_language import bigram_batch
 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     model, successor = mtp_model(150)
-    ckpt = tmp_path_factory.mktemp("mtp_ckpt")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
-    config = dict(SMALL_CONFIGS["mixed"], num_nextn_predict_layers=1, architectures=["DeepseekV4ForCausalLM"])
-    (ckpt / "config.json").write_text(json.dumps(config))
+    ckpt = save_checkpoint(model, tmp_path_factory.mktemp("mtp_ckpt"))
     out = tmp_path_factory.mktemp("art") / "mixed_mtp.ds4"
-    result = CliRunner().invoke(app, ["compile", str(ckpt), "--target", "cpu", "--precision", "fp32", "--max-context",
+    result = CliRunner().invoke(app, ["compile", ckpt, "--target", "cpu", "--precision", "fp32", "--max-context",
                                       str(MAX_CONTEXT), "--serving", "--serving-opt", "window_page=4", "--serving-opt",
                                       "comp_page=16", "--serving-opt", "max_chunk=32", "--serving-opt",
                                       "max_running=12", "--speculative", "3", "-o", str(out)])
@@ -72,3 +68,57 @@ def test_compile_refuses_speculative_without_serving_or_mtp():
 
     with pytest.raises(ConfigError, match="no MTP block"):
         ds4c.compile(make_hf_model(SMALL_CONFIGS["mixed"]), target="cpu", serving=True, speculative=2, progress=False)
+
+
+def test_a_padded_mtp_step_gives_the_unpadded_logits(artifact):
+    """What a CUDA graph of mtp_step runs (the step padded to a token bucket: padding sequences on the
+    trash page, zero streams) gives the real rows' logits and streams unchanged, and writes no pool
+    row but the trash page's."""
+    from ds4c.runtime.engine import CompiledStepRunner
+    from ds4c.runtime.pages import RequestPages
+    from ds4c.runtime.step_batch import Chunk, build_step, pad_step
+
+    path, model, successor = artifact
+    compiled = ds4c.load(path)
+    runner = CompiledStepRunner(compiled, pages={"window": 60, "compressed": 20, "slots": 13})
+    lay = runner.layout
+    x = bigram_batch(successor, 2, 30, torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        h = model.final_streams(x)
+    pages = [RequestPages(lay, runner.pools) for _ in range(2)]
+    for p in pages:
+        assert p.grow(29)
+    # logits of each sequence's last row, as the engine asks (a padded step has one logits row per sequence)
+    chunks = [Chunk(pages[0], x[0, 1:30].tolist(), 0, "last"), Chunk(pages[1], x[1, 1:12].tolist(), 0, "last")]
+    batch = build_step(chunks, runner.rates)
+    hidden = torch.cat([h[0, :29], h[1, :11]])
+    before = {k: v.clone() for k, v in runner.mtp_state.items()}
+    want_logits, want_streams = runner.run_mtp(batch, hidden)
+    plain_state = {k: v.clone() for k, v in runner.mtp_state.items()}
+    runner.mtp_state = {k: v.clone() for k, v in before.items()}
+    bucket = 64
+    padded = pad_step(batch, bucket, runner.step_seqs, runner.rates)
+    out = compiled._entry("mtp_step").run(runner._mtp_inputs(padded, hidden, bucket), compiled.weights, runner.mtp_state)
+    n = int(batch.logit_rows.shape[0])
+    torch.testing.assert_close(out["logits"][:n], want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["hidden"][:n], want_streams, rtol=1e-5, atol=1e-5)
+    for name, t in plain_state.items():
+        torch.testing.assert_close(out[name][1:], t[1:], rtol=1e-5, atol=1e-5)  # page 0 is the trash
+    dense = model.mtp_logits(h[:1, :29], x[:1, 1:30])[0, -1]
+    torch.testing.assert_close(want_logits[0], dense, rtol=1e-4, atol=1e-4)
+
+
+def test_ds4c_run_with_speculation_prints_plain_greedy_tokens(artifact):
+    path, _, successor = artifact
+    prompt = ",".join(map(str, bigram_batch(successor, 1, 12, torch.Generator().manual_seed(9))[0].tolist()))
+    plain = CliRunner().invoke(app, ["run", str(path), "--prompt-ids", prompt, "-n", "20"])
+    spec = CliRunner().invoke(app, ["run", str(path), "--prompt-ids", prompt, "-n", "20", "--speculative", "3"])
+    assert plain.exit_code == 0 and spec.exit_code == 0, (plain.output, spec.output)
+
+    def generated(out: str) -> str:
+        return next(line for line in out.splitlines() if line.startswith("generated ids"))
+
+    assert generated(spec.output) == generated(plain.output)
+    assert "tokens per verify step" in spec.output
+    bad = CliRunner().invoke(app, ["run", str(path), "--prompt-ids", prompt, "--speculative", "5"])
+    assert bad.exit_code != 0 and "at most 3 drafts" in bad.output
