@@ -111,6 +111,10 @@ def compile(
     speculative: Annotated[int, typer.Option(
         "--speculative", help="with --serving: also compile the MTP block for speculative decoding with up to K "
                               "drafts per step (ds4c serve / bench serve --speculative K)")] = 0,
+    error_bound: Annotated[float | None, typer.Option(
+        "--error-bound", help="--precision auto: the most error the chosen formats may add up to (KL of the "
+                              "next-token distributions in nats where measured on the output, default 0.02; "
+                              "NSR otherwise, default 0.1)")] = None,
 ) -> None:
     """Compile MODEL for TARGET into a .ds4 artifact."""
     import ds4c
@@ -133,7 +137,7 @@ def compile(
                            lowering={"fuse_norm_rope": fuse_norm_rope, "merge_linears": merge_linears,
                                      "merge_packed": merge_packed, "pdl": pdl},
                            serving=(_serving_options(serving_opt) or True) if serving or serving_opt else None,
-                           mesh=mesh, gpus=gpus, speculative=speculative)
+                           mesh=mesh, gpus=gpus, speculative=speculative, error_bound=error_bound)
         if output is None:
             output = Path(f"{Path(model).name}-{target}.ds4")
         art.save(output, sign_key=sign_key if sign_key is not None else True)

@@ -123,6 +123,8 @@ def compile(
     """
     if activations not in ACTIVATION_MODES:
         raise ConfigError(f"--activations must be one of {', '.join(ACTIVATION_MODES)}, got '{activations}'")
+    if error_bound is not None and not (isinstance(error_bound, int | float) and 0 < error_bound < float("inf")):
+        raise ConfigError(f"--error-bound must be a positive number, got {error_bound!r}")
     if hbm_budget is not None and hbm_budget <= 0:
         raise ConfigError(f"--hbm-budget must be a positive number of bytes, got {hbm_budget}")
     from ds4c.frontend.weight_samples import calibration_for

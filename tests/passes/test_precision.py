@@ -184,3 +184,12 @@ def test_flash_slice_weight_bytes_b200_and_h100():
     assert {c.format for c in h100} <= {"bf16", "int8", "fp8"}
     ratios["h100"] = (others + sum(c.bytes for c in h100)) / prec["bf16_weight_bytes"]
     assert ratios["b200"] <= 0.30 and ratios["h100"] <= 0.55, ratios
+
+
+def test_error_bound_from_the_cli_is_checked():
+    from typer.testing import CliRunner
+
+    from ds4c.cli import app
+
+    out = CliRunner().invoke(app, ["compile", "tiny", "--target", "b200", "--error-bound", "-1", "-o", "x.ds4"])
+    assert out.exit_code != 0 and "--error-bound must be a positive number" in out.output
