@@ -53,8 +53,12 @@ def flash_slice(args, res: dict) -> None:
                        serving={"max_running": 32, "max_chunk": 2048}, speculative=3, progress=False)
     art.save(args.artifact)
     res["compile_s"] = time.perf_counter() - t0
+    del art
     model = ds4c.load(args.artifact, device="cuda")
-    runner = CompiledStepRunner(model)
+    free = torch.cuda.mem_get_info()[0]
+    res["free_after_load_gb"] = free / 1e9
+    # pools for 32 requests of the context, not the plan's (sized for the whole HBM beside the weights)
+    runner = CompiledStepRunner(model, state_budget=int(min(args.state_budget, free * 0.5)))
     t0 = time.perf_counter()
     runner.warm_up(32, 32 * 4)
     res["warm_up_s"] = time.perf_counter() - t0
@@ -151,6 +155,7 @@ def main() -> None:
     ap.add_argument("--target", default="h200")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--state-budget", type=float, default=8e9)
     ap.add_argument("--artifact", default="/tmp/flash_slice_spec.ds4")
     ap.add_argument("--out", default="speculative.json")
     ap.add_argument("--skip-flash-slice", action="store_true")
