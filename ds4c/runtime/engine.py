@@ -277,13 +277,18 @@ class CompiledStepRunner:
         self.decode_graphs: dict[int, object] = {}  # bucket -> GraphedServingStep (warm_up)
         self.step_graphs: dict[int, object] = {}
         self.mtp_graphs: dict[int, object] = {}  # mtp_step in the token buckets of ragged_step
+        # speculative artifacts: small steps of r requests of up to draft_tokens + 1 rows each (a
+        # verify; the MTP block's catch-up and chained drafts), keyed by the decode bucket r
+        self.verify_graphs: dict[int, object] = {}
+        self.mtp_small_graphs: dict[int, object] = {}
         self.graph_errors: dict[str, str] = {}  # "ragged_decode/4" -> why its capture failed (it runs op by op)
         self._captured_state: dict[str, torch.Tensor] = {}  # the pools the graphs were captured over (warm_up)
 
     def release(self) -> None:
         """Drop the pools and the captured graphs (their memory goes back to the allocator, even
         if something still holds this runner or a graph): the runner runs no more steps."""
-        for graphs in (self.decode_graphs, self.step_graphs, self.mtp_graphs):
+        for graphs in (self.decode_graphs, self.step_graphs, self.mtp_graphs, self.verify_graphs,
+                       self.mtp_small_graphs):
             for g in graphs.values():
                 g.release()
             graphs.clear()
@@ -310,6 +315,8 @@ class CompiledStepRunner:
         self.decode_graphs.clear()  # they address the old window tensors
         self.step_graphs.clear()
         self.mtp_graphs.clear()
+        self.verify_graphs.clear()
+        self.mtp_small_graphs.clear()
         for p in self._pools:
             if p["pool"] == "window":
                 self.state[p["name"]] = self._pool_tensor(p, pages)
@@ -331,12 +338,12 @@ class CompiledStepRunner:
         lay = self.layout
         self._captured_state = self.state  # what the graphs' steps read and write (release clears it)
 
-        def capture(name: str, graphs: dict, buckets: list[int], buffers, state=None) -> None:
+        def capture(name: str, graphs: dict, buckets: list[int], buffers, state=None, label: str = "") -> None:
             executor = self.model._entry(name)
             if hasattr(executor, "share_captured_arenas"):
                 executor.share_captured_arenas()
             for size in sorted(buckets, reverse=True):
-                key = f"{name}/{size}"
+                key = f"{name}{label}/{size}"
                 if size in graphs or key in self.graph_errors:
                     continue
                 try:
@@ -367,6 +374,19 @@ class CompiledStepRunner:
                     lambda tokens: self._mtp_inputs(padding_step(tokens, self.step_seqs, self.rates, lay.window_slots,
                                                                  lay.comp_entries), None, tokens),
                     self.mtp_state)
+            small = [b for b in self.decode_buckets if max_rows is None or b <= max_rows]
+
+            def small_step(r: int, mtp: bool):
+                tokens, seqs = self._small_shape(r)
+                pad = padding_step(tokens, seqs, self.rates, lay.window_slots, lay.comp_entries,
+                                   logits=seqs if mtp else tokens)
+                if mtp:
+                    return self._mtp_inputs(pad, None, tokens)
+                return {k: v.to(self.device) for k, v in zip(self.inputs["ragged_step"], pad.args(), strict=True)}
+
+            capture("ragged_step", self.verify_graphs, small, lambda r: small_step(r, False), label=":verify")
+            capture("mtp_step", self.mtp_small_graphs, small, lambda r: small_step(r, True), self.mtp_state,
+                    label=":small")
 
     @torch.no_grad()
     def run(self, batch: StepBatch) -> torch.Tensor:
@@ -387,6 +407,14 @@ class CompiledStepRunner:
             padded = None if bucket is None else pad_step(batch, bucket, self.step_seqs, self.rates)
             bucket = None if padded is None else bucket
             graphs = self.step_graphs
+        if not decode_only:  # a small step (a verify) fits a small bucket better than the token buckets
+            small = self._small_bucket(self.verify_graphs, batch, logits_all=True)
+            if small is not None:
+                graph, inputs = small
+                logits = graph(inputs, n_logits)
+                if self.mtp:
+                    self.hidden = graph.hidden[:batch.tokens].clone()
+                return logits
         if bucket not in graphs and self._graphing:  # its capture failed: op by op at the step's own size
             padded, bucket = batch, None
         args = dict(zip(self.inputs["ragged_step"], (padded or batch).args(), strict=True))
@@ -410,6 +438,29 @@ class CompiledStepRunner:
         self.state = out
         return logits[:n_logits]
 
+    def _small_shape(self, r: int) -> tuple[int, int]:
+        """(rows, sequences) of the small bucket of ``r`` requests: up to draft_tokens + 1 rows each,
+        and one padding sequence (which holds the padding rows)."""
+        return (r + 1) * (self.layout.draft_tokens + 1), r + 1
+
+    def _small_bucket(self, graphs: dict, batch: StepBatch, logits_all: bool):
+        """(graph, padded inputs) of the smallest small bucket ``batch`` fits, or None."""
+        from ds4c.runtime.step_batch import pad_step
+
+        r = int(batch.seq_first.shape[0])
+        for size in sorted(graphs):
+            if size < r:
+                continue
+            tokens, seqs = self._small_shape(size)
+            padded = pad_step(batch, tokens, seqs, self.rates, logits=tokens if logits_all else seqs)
+            if padded is None:
+                continue
+            if graphs is self.mtp_small_graphs:
+                return graphs[size], padded
+            args = dict(zip(self.inputs["ragged_step"], padded.args(), strict=True))
+            return graphs[size], {k: args[k] for k in self.inputs["ragged_step"]}
+        return None
+
     def _mtp_inputs(self, batch: StepBatch, hidden: torch.Tensor | None, rows: int) -> dict[str, torch.Tensor]:
         """``mtp_step``'s inputs on the device: ``batch``'s tensors and ``hidden`` padded with zero rows
         to ``rows`` (None: all zeros, a capture's padding step)."""
@@ -429,6 +480,11 @@ class CompiledStepRunner:
         from ds4c.runtime.step_batch import pad_step
 
         n_logits = int(batch.logit_rows.shape[0])
+        small = self._small_bucket(self.mtp_small_graphs, batch, logits_all=False)
+        if small is not None:
+            graph, padded = small
+            logits = graph(self._mtp_inputs(padded, hidden, padded.tokens), n_logits)
+            return logits, graph.hidden[:n_logits].clone()
         need = batch.tokens + self.step_seqs - batch.seq_first.shape[0]
         bucket = next((b for b in self.step_buckets if b >= need and b in self.mtp_graphs), None)
         padded = None if bucket is None else pad_step(batch, bucket, self.step_seqs, self.rates)

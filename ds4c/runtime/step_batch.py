@@ -126,21 +126,24 @@ def build_step(chunks: Sequence[Chunk], rates: dict[str, int], device: torch.dev
         logit_owners=tuple(owners))
 
 
-def padded_sizes(tokens: int, seqs: int, rates: dict[str, int]) -> dict[str, int]:
-    """The first-axis sizes of a step padded to ``tokens`` rows and ``seqs`` sequences: what
-    ``pad_step`` makes and a graph of that bucket is captured for. A chunk of n rows closes at most
-    ``n // m + 1`` windows of rate m, so ``tokens // m + seqs`` emit entries cover any step."""
+def padded_sizes(tokens: int, seqs: int, rates: dict[str, int], logits: int | None = None) -> dict[str, int]:
+    """The first-axis sizes of a step padded to ``tokens`` rows, ``seqs`` sequences and ``logits``
+    logits rows (default ``seqs``): what ``pad_step`` makes and a graph of that bucket is captured
+    for. A chunk of n rows closes at most ``n // m + 1`` windows of rate m, so ``tokens // m + seqs``
+    emit entries cover any step."""
     def emits(kind: str) -> int:
         m = rates.get(kind, 0)
         return tokens // m + seqs if m else 1
 
-    return {"N": tokens, "R": seqs, "L": seqs, "Ec": emits(_EMIT_KINDS["emit_csa"]),
+    return {"N": tokens, "R": seqs, "L": seqs if logits is None else logits, "Ec": emits(_EMIT_KINDS["emit_csa"]),
             "Eh": emits(_EMIT_KINDS["emit_hca"])}
 
 
-def pad_step(batch: StepBatch, tokens: int, seqs: int, rates: dict[str, int]) -> StepBatch | None:
-    """``batch`` padded to ``tokens`` rows and ``seqs`` sequences (``padded_sizes``), or None when it
-    does not fit (more rows than ``tokens - (seqs - R)``, more sequences or logits rows than ``seqs``).
+def pad_step(batch: StepBatch, tokens: int, seqs: int, rates: dict[str, int],
+             logits: int | None = None) -> StepBatch | None:
+    """``batch`` padded to ``tokens`` rows, ``seqs`` sequences and ``logits`` logits rows (default
+    ``seqs``; ``padded_sizes``), or None when it does not fit (more rows than ``tokens - (seqs - R)``,
+    more sequences than ``seqs``, more logits rows than ``logits``).
 
     The real rows and sequences come first, unchanged. Each padding sequence holds one row (the last
     the rest), at positions 0, 1, .. over page 0 and slot 0: the pools' trash, so whatever they
@@ -150,9 +153,9 @@ def pad_step(batch: StepBatch, tokens: int, seqs: int, rates: dict[str, int]) ->
     n, r, n_logits = batch.tokens, int(batch.seq_first.shape[0]), int(batch.logit_rows.shape[0])
     pad_seqs = seqs - r
     pad_rows = tokens - n
-    if pad_seqs < 0 or n_logits > seqs or (pad_seqs == 0 and pad_rows) or pad_rows < pad_seqs:
+    sizes = padded_sizes(tokens, seqs, rates, logits)
+    if pad_seqs < 0 or n_logits > sizes["L"] or (pad_seqs == 0 and pad_rows) or pad_rows < pad_seqs:
         return None
-    sizes = padded_sizes(tokens, seqs, rates)
     if batch.emit_csa.shape[0] > sizes["Ec"] or batch.emit_hca.shape[0] > sizes["Eh"]:
         return None
     lengths = [1] * pad_seqs
@@ -177,13 +180,14 @@ def pad_step(batch: StepBatch, tokens: int, seqs: int, rates: dict[str, int]) ->
         input_ids=cat(batch.input_ids, torch.zeros(pad_rows, dtype=torch.long)),
         positions=cat(batch.positions, rows - first_of_row), token_seq=cat(batch.token_seq, seq_of_row),
         seq_first=cat(batch.seq_first, firsts), seq_last=cat(batch.seq_last, firsts + lens - 1),
-        logit_rows=fill(batch.logit_rows, seqs, 0), window_table=table(batch.window_table),
+        logit_rows=fill(batch.logit_rows, sizes["L"], 0), window_table=table(batch.window_table),
         comp_table=table(batch.comp_table), slot=cat(batch.slot, torch.zeros(pad_seqs, dtype=torch.long)),
         emit_csa=fill(batch.emit_csa, sizes["Ec"], -1), emit_hca=fill(batch.emit_hca, sizes["Eh"], -1),
         logit_owners=batch.logit_owners)
 
 
-def padding_step(tokens: int, seqs: int, rates: dict[str, int], window_slots: int, comp_entries: int) -> StepBatch:
+def padding_step(tokens: int, seqs: int, rates: dict[str, int], window_slots: int, comp_entries: int,
+                 logits: int | None = None) -> StepBatch:
     """A step of padding rows only, in the shapes ``pad_step`` gives (a graph's warm-up and capture)."""
     def empty(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype)
@@ -191,6 +195,6 @@ def padding_step(tokens: int, seqs: int, rates: dict[str, int], window_slots: in
     none = StepBatch(empty(0), empty(0), empty(0), empty(0), empty(0), empty(0),
                      empty(0, window_slots, dtype=torch.int32), empty(0, comp_entries, dtype=torch.int32), empty(0),
                      empty(0), empty(0), ())
-    out = pad_step(none, tokens, seqs, rates)
+    out = pad_step(none, tokens, seqs, rates, logits)
     assert out is not None
     return out

@@ -122,3 +122,36 @@ def test_ds4c_run_with_speculation_prints_plain_greedy_tokens(artifact):
     assert "tokens per verify step" in spec.output
     bad = CliRunner().invoke(app, ["run", str(path), "--prompt-ids", prompt, "--speculative", "5"])
     assert bad.exit_code != 0 and "at most 3 drafts" in bad.output
+
+
+def test_small_buckets_of_a_verify_give_the_unpadded_step(artifact):
+    """The small buckets a speculative engine's graphs run (r requests of up to k + 1 rows, one
+    padding sequence, logits of every row for a verify): padded, the step gives the real rows'
+    logits and final streams unchanged (run op by op here, as a captured graph runs them)."""
+    from ds4c.runtime.engine import CompiledStepRunner
+    from ds4c.runtime.pages import RequestPages
+    from ds4c.runtime.step_batch import Chunk, build_step, pad_step
+
+    path, _, successor = artifact
+    compiled = ds4c.load(path)
+    runner = CompiledStepRunner(compiled, pages={"window": 60, "compressed": 20, "slots": 13})
+    x = bigram_batch(successor, 3, 24, torch.Generator().manual_seed(12))
+    pages = [RequestPages(runner.layout, runner.pools) for _ in range(3)]
+    for p, row in zip(pages, x, strict=True):  # 20 positions of state each
+        assert p.grow(20)
+        runner.run(build_step([Chunk(p, row[:20].tolist(), 0, "last")], runner.rates))
+        assert p.grow(24)
+    verify = build_step([Chunk(p, row[20:20 + n].tolist(), 20, "all") for p, row, n in zip(pages, x, (4, 2, 3),
+                                                                                          strict=True)], runner.rates)
+    state = {k: v.clone() for k, v in runner.state.items()}
+    want = runner.run(verify)
+    want_hidden = runner.hidden.clone()
+    tokens, seqs = runner._small_shape(4)
+    assert (tokens, seqs) == (20, 5)
+    padded = pad_step(verify, tokens, seqs, runner.rates, logits=tokens)
+    args = dict(zip(runner.inputs["ragged_step"], padded.args(), strict=True))
+    out = compiled._entry("ragged_step").run(args, compiled.weights, state)
+    n = verify.logit_rows.shape[0]
+    torch.testing.assert_close(out["logits"][:n], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["hidden"][:verify.tokens], want_hidden, rtol=1e-5, atol=1e-5)
+    assert pad_step(verify, tokens, seqs, runner.rates) is None  # logits of every row need logits=tokens
