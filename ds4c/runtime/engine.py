@@ -9,6 +9,13 @@ queue (first come, first served; no skipping ahead of a request that does not fi
 whose chunk ends its known tokens samples its next token in the same step; finished requests
 leave at once and give their pages back.
 
+With ``overlap`` (default on CUDA) a step of decodes only leaves its sampled tokens on the device:
+the next step, if it is again every running request's next decode (none waiting, cancelled or at
+its last token by length), is planned and launched with those tokens as its input ids before the
+host reads them, so the GPU runs step n + 1 while the host appends step n's tokens, checks stop
+tokens and notifies streams. A request that stopped at step n has one wasted row in step n + 1
+(discarded). Every other step runs as before.
+
 Pages (``ds4c.runtime.pages``) are taken as requests grow. When a running request cannot grow,
 the youngest running request is preempted: its pages are freed and it goes back to the front of
 the queue with its prompt and the tokens it has generated, which it recomputes later (the tokens
@@ -25,6 +32,7 @@ that only decode); ``EagerStepRunner`` runs the model's eager ``step`` (their or
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import math
 import os
@@ -155,8 +163,12 @@ class EagerStepRunner:
             self._pool_kinds += ["window"] * len(self.mtp_state)
         self.hidden: torch.Tensor | None = None  # the last step's final streams [N, n, D] (MTP models)
 
+    accepts_device_tokens = True  # run(batch, input_ids=tensor on the device): Engine(overlap=...)
+
     @torch.no_grad()
-    def run(self, batch: StepBatch) -> torch.Tensor:
+    def run(self, batch: StepBatch, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if input_ids is not None:  # the previous step's tokens, where they are
+            batch = dataclasses.replace(batch, input_ids=input_ids.to(batch.input_ids.device))
         out = self.model.step(*batch.args(), *self.state)
         if self.mtp:
             self.hidden, out = out[1], (out[0], *out[2:])
@@ -388,8 +400,12 @@ class CompiledStepRunner:
             capture("mtp_step", self.mtp_small_graphs, small, lambda r: small_step(r, True), self.mtp_state,
                     label=":small")
 
+    accepts_device_tokens = True  # run(batch, input_ids=tensor on the device): Engine(overlap=...)
+
     @torch.no_grad()
-    def run(self, batch: StepBatch) -> torch.Tensor:
+    def run(self, batch: StepBatch, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One step; ``input_ids``: the rows' token ids as a tensor on the device (the previous
+        step's sampled tokens, not yet read by the host), instead of ``batch.input_ids``."""
         from ds4c.runtime.executor import decode_buffers, fill_buffers
         from ds4c.runtime.step_batch import pad_step
 
@@ -419,13 +435,16 @@ class CompiledStepRunner:
             padded, bucket = batch, None
         args = dict(zip(self.inputs["ragged_step"], (padded or batch).args(), strict=True))
         inputs = {k: args[k] for k in self.inputs[name]}
+        device_inputs = None if input_ids is None else {"input_ids": input_ids}
         if bucket in graphs:
             graph = graphs[bucket]
-            logits = graph(inputs, n_logits)
+            logits = graph(inputs, n_logits, device_inputs)
             if self.mtp:
                 self.hidden = graph.hidden[:batch.tokens].clone()
             return logits
         inputs = {k: v.to(device) for k, v in inputs.items()}
+        if input_ids is not None:
+            inputs["input_ids"] = torch.cat([input_ids.to(device), inputs["input_ids"][input_ids.shape[0]:]])
         if decode_only and bucket is not None and bucket != rows:  # padded to the bucket, op by op
             buffers = decode_buffers(self.layout, bucket, device)
             fill_buffers(buffers, inputs)
@@ -592,6 +611,37 @@ class Request:
         return (self.accepted_drafts + self.verifies) / self.verifies if self.verifies else None
 
 
+@dataclass
+class _Inflight:
+    """A decode step whose sampled tokens are still on the device (``Engine(overlap=...)``): its
+    requests in sampler-row order, the sample, the sampler's parameters and generated counts
+    (after this token) as they were, and the tokens' copy to pinned host memory with its event."""
+
+    reqs: list[Request]
+    result: object  # SampleResult
+    params: list[SamplingParams]
+    generated: list[int]
+    host: torch.Tensor | None = None
+    event: object = None
+
+    @classmethod
+    def start(cls, reqs, result, params, generated) -> _Inflight:
+        out = cls(reqs, result, params, generated)
+        tokens = result.tokens
+        if tokens.device.type == "cuda":  # copied as soon as sampled; read without waiting for later steps
+            out.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            out.host.copy_(tokens, non_blocking=True)
+            out.event = torch.cuda.Event()
+            out.event.record()
+        return out
+
+    def tokens(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+            return self.host.tolist()
+        return self.result.tokens.tolist()
+
+
 class Engine:
     """Continuous batching (see the module docstring) over ``source``: an artifact path (loaded on
     ``device``), a ``CompiledModel`` or a ``StepRunner``. ``pages`` / ``state_budget``: the pools'
@@ -606,10 +656,11 @@ class Engine:
     def __init__(self, source, *, device: str | torch.device = "cpu", max_running: int | None = None,
                  max_step_tokens: int | None = None, max_chunk: int | None = None, seed: int | None = None,
                  pages: dict[str, int] | None = None, state_budget: int | None = None, prefix_cache: bool = False,
-                 prefix_granule: int | None = None, speculative: int = 0):
+                 prefix_granule: int | None = None, speculative: int = 0, overlap: bool | None = None):
         runner = source
         self.rank = 0  # of a sharded artifact: rank 0 schedules, the others follow (``follow``)
         self._closed = False
+        self._inflight = None
         if isinstance(source, str | os.PathLike):
             from ds4c.runtime.model import load  # at call time: model's generate builds on this module
 
@@ -672,6 +723,14 @@ class Engine:
                              f"{self.max_running}: every running request must be able to decode in each step")
         self.vocab_size = runner.vocab_size
         self.speculative = self._check_speculative(speculative, runner, prefix_cache)
+        # plan and launch the next decode step before reading this one's tokens (module docstring);
+        # default: where the runner's device runs ahead of the host (CUDA)
+        can_overlap = getattr(runner, "accepts_device_tokens", False)
+        if overlap and not can_overlap:
+            raise InputError(f"Engine(overlap=True): the step runner {type(runner).__name__} cannot take the "
+                             "previous step's tokens on the device")
+        self.overlap = can_overlap and (overlap if overlap is not None
+                                        else torch.device(getattr(runner, "device", "cpu")).type == "cuda")
         # sampling runs where the logits are: the runner's device (a step runner without one is on the host)
         self._sampler = SamplerState(self.vocab_size, getattr(runner, "device", "cpu"), seed=seed)
         self._sampling: list[Request] = []  # the sampler's rows: the running requests that decode
@@ -684,7 +743,7 @@ class Engine:
         self._stopping = False
         self._stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0,
                        "prefix_query_tokens": 0, "prefix_hit_tokens": 0, "decode_steps": 0, "verifies": 0,
-                       "accepted_drafts": 0}
+                       "accepted_drafts": 0, "overlapped_steps": 0}
         self._busy = {"mixed": 0.0, "decode": 0.0}  # seconds in steps with prompt chunks / decodes only
         if hasattr(runner, "warm_up"):  # step graphs captured now, not by the first request
             runner.warm_up(self.max_running, self.max_step_tokens)
@@ -835,6 +894,10 @@ class Engine:
         if self.rank:
             return
         self.stop()
+        with self._lock:
+            if self._inflight is not None:
+                inflight, self._inflight = self._inflight, None
+                self._finalize(inflight)
         if hasattr(self.runner, "stop"):
             self.runner.stop()
         for req in list(self._running) + list(self._waiting):
@@ -892,6 +955,18 @@ class Engine:
                 self._progress.notify_all()
 
     def _step(self) -> list[Request]:
+        if self._inflight is not None:
+            inflight = self._inflight
+            chained = self._chain(inflight)  # the next decode step is queued behind this one, or None
+            self._inflight = None
+            done = self._finalize(inflight)
+            if chained is not None:
+                self._inflight = chained
+                return done
+            return done + self._plan_and_run()
+        return self._plan_and_run()
+
+    def _plan_and_run(self) -> list[Request]:
         for req in [r for r in self._running if r._cancel]:
             self._retire(req, "cancelled")
         plan: dict[Request, Chunk] = {}
@@ -1036,7 +1111,12 @@ class Engine:
             if spec:
                 index = torch.tensor([logit_at[r][0] for r in self._sampling], device=logits.device)
                 picked = logits.index_select(0, index)
-            sampled = self._sample(picked)
+            # a step of decodes only (every request of the batch, none asking for logprobs) leaves its
+            # tokens on the device: the next step may be launched before they are read
+            defer = (self.overlap and not spec and len(self._sampling) == len(reqs)
+                     and all(len(plan[r].token_ids) == 1 and r.output_ids for r in reqs)
+                     and all(r.params.logprobs is None for r in reqs))
+            sampled = self._sample(picked, defer=defer)
         for r in spec:
             self._verify(r, plan[r], logits[logit_at[r][0]:logit_at[r][0] + logit_at[r][1]])
         sampled += spec
@@ -1046,9 +1126,15 @@ class Engine:
                 self._draft(drafting, plan, row_at)
         return sampled
 
-    def _sample(self, logits: torch.Tensor) -> list[Request]:
-        """Sample the sampler's rows from ``logits`` (one row each); append, retire, notify."""
+    def _sample(self, logits: torch.Tensor, defer: bool = False) -> list[Request]:
+        """Sample the sampler's rows from ``logits`` (one row each); append, retire, notify. With
+        ``defer`` the tokens stay on the device (``_inflight``): the next step reads them."""
+        params, generated = list(self._sampler.params), list(self._sampler.generated)
         result = sample(logits, self._sampler)
+        if defer:
+            self._inflight = _Inflight.start(list(self._sampling), result, params,
+                                             [g + 1 for g in generated])
+            return []
         tokens = result.tokens.tolist()
         reasons = finish_reasons(tokens, self._sampler.params, self._sampler.generated)
         top = None
@@ -1065,6 +1151,65 @@ class Engine:
             else:
                 r._notify()
         return sampled
+
+    # -- overlap: the next decode step launched before this one's tokens are read ----------------
+
+    def _chain(self, inflight: _Inflight) -> _Inflight | None:
+        """Launch the decode step after ``inflight`` with its tokens as they are on the device, when
+        nothing needs the host to decide first: every running request decodes in it, none is
+        waiting, cancelled or at its last token by length, and each can grow a page-free position.
+        The new step's sampler rows are ``inflight``'s (same requests, same order). None when it
+        cannot; the caller then finalizes and plans as usual."""
+        reqs = inflight.reqs
+        if (self._waiting or len(reqs) != len(self._running) or set(reqs) != set(self._running)
+                or any(r._cancel or r.status != "running" for r in reqs)
+                or any(g >= r.params.max_new_tokens for r, g in zip(reqs, inflight.generated, strict=True))
+                or self._sampling != reqs):
+            return None
+        if not all(r._pages.grow(r._computed + 1) for r in reqs):  # pages taken stay for the next step
+            return None
+        started = time.perf_counter()
+        chunks = [Chunk(r._pages, [0], r._computed, "last", emit_from=r._emit_from) for r in reqs]
+        batch = build_step(chunks, self.runner.rates)
+        try:
+            logits = self.runner.run(batch, input_ids=inflight.result.tokens)
+        except Exception:  # the tokens of inflight are still to be read: finalize, then fail as a step fails
+            self._finalize(inflight)
+            raise
+        for r in reqs:
+            r._computed += 1
+            if self._cache is not None:
+                # the chunk's token is the one in flight: insert once it is known (_finalize)
+                r._pending_insert = True
+        self._stats["decode_tokens"] += len(reqs)
+        self._stats["steps"] += 1
+        self._stats["decode_steps"] += 1
+        self._stats["overlapped_steps"] += 1
+        params, generated = list(self._sampler.params), list(self._sampler.generated)
+        result = sample(logits, self._sampler)
+        self._busy["decode"] += time.perf_counter() - started
+        return _Inflight.start(list(reqs), result, params, [g + 1 for g in generated])
+
+    def _finalize(self, inflight: _Inflight) -> list[Request]:
+        """Read ``inflight``'s tokens (waiting for that step only) and give them to their requests:
+        append, finish by stop token or length, notify. Requests that left since (cancelled,
+        finished, preempted) are skipped."""
+        tokens = inflight.tokens()
+        reasons = finish_reasons(tokens, inflight.params, inflight.generated)
+        out = []
+        for r, tok, why in zip(inflight.reqs, tokens, reasons, strict=True):
+            if r.status != "running" or r.finished:
+                continue
+            r.output_ids.append(tok)
+            if self._cache is not None and getattr(r, "_pending_insert", False):
+                r._pending_insert = False
+                self._cache.insert(r.tokens, r._pages, r._computed - 1, r._computed)
+            out.append(r)
+            if why is not None:
+                self._retire(r, why)
+            else:
+                r._notify()
+        return out
 
     # -- speculative decoding (docs/design/mtp.md) --------------------------------------------------
 

@@ -513,9 +513,12 @@ class GraphedServingStep:
         self.graph = self.logits = self.hidden = None
         self.arenas, self.buffers, self._blobs = [], {}, {}
 
-    def __call__(self, inputs: Mapping[str, torch.Tensor], rows: int) -> torch.Tensor:
+    def __call__(self, inputs: Mapping[str, torch.Tensor], rows: int,
+                 device_inputs: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Inputs on the host go through one pinned staging blob per dtype and one copy each; inputs
-        already on the device are copied buffer by buffer."""
+        already on the device are copied buffer by buffer. ``device_inputs``: tensors on the device
+        that overwrite the first rows of those buffers after the staging copy (the previous step's
+        tokens, which the host has not read: nothing here waits for them)."""
         if all(t.device.type == "cpu" for t in inputs.values()):
             if self._copied is not None:
                 self._copied.synchronize()  # the staging blobs' last copy has left
@@ -527,6 +530,8 @@ class GraphedServingStep:
             self._copied.record()
         else:
             fill_buffers(self.buffers, inputs)
+        for name, t in (device_inputs or {}).items():
+            self.buffers[name][:t.shape[0]].copy_(t, non_blocking=True)
         self.graph.replay()
         self.replays += 1
         return self.logits[:rows].clone()

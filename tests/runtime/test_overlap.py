@@ -1,0 +1,106 @@
+"""The engine's overlap of a decode step's launch with the host's reading of the previous one
+(``Engine(overlap=True)``, the default on CUDA; ds4c/runtime/engine.py): on CPU over the eager step
+and the compiled artifact, every request gets exactly the tokens it gets without overlap, with
+arrivals, preemption, stop tokens, cancellation, seeded sampling with penalties and the prefix cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds4c.errors import InputError
+from ds4c.runtime.sampling import SamplingParams
+from tests.quant.synthetic_language import bigram_batch
+from tests.runtime.test_engine import _engine, _greedy, _run_batched, _workload, compiled  # noqa: F401 - a fixture
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from ds4c.models.deepseek_v4 import DeepseekV4Model, ModelConfig
+    from tests.hf_configs import SMALL_CONFIGS
+    from tests.quant.synthetic_language import trained_model
+    from tests.runtime.test_engine import MAX_CONTEXT
+
+    hf, successor, _ = trained_model("mixed")
+    model = DeepseekV4Model(ModelConfig.from_hf_dict(SMALL_CONFIGS["mixed"], source="mixed"), MAX_CONTEXT).eval()
+    model.load_state_dict(hf.state_dict(), strict=True)
+    return model, successor
+
+
+def _both(model, work, params_of, **kw):
+    plain = _run_batched(_engine(model, overlap=False, **kw), work, params_of)
+    engine = _engine(model, overlap=True, **kw)
+    over = _run_batched(engine, work, params_of)
+    return plain, over, engine
+
+
+def test_overlapped_decode_steps_give_the_same_tokens(trained):
+    model, successor = trained
+    work = _workload(successor, n=16, seed=4)
+    plain, over, engine = _both(model, work, lambda i, n: SamplingParams(max_new_tokens=n), max_running=12,
+                                max_step_tokens=48)
+    assert [r.output_ids for r in over] == [r.output_ids for r in plain]
+    assert [r.finish_reason for r in over] == [r.finish_reason for r in plain]
+    assert engine.stats()["decode_tokens"] == sum(n - 1 for _, _, n in work)
+    assert engine.stats()["overlapped_steps"] > 0
+    # a steady batch (nothing waiting): every decode step but the first and the last few is overlapped
+    steady = [(0, p, 30) for _, p, _ in work[2:6]]
+    plain, over, engine = _both(model, steady, lambda i, n: SamplingParams(max_new_tokens=n))
+    assert [r.output_ids for r in over] == [r.output_ids for r in plain]
+    assert engine.stats()["overlapped_steps"] >= 25, engine.stats()  # of 29 decode steps
+    assert engine.pools.stats() == _engine(model).pools.stats()
+
+
+def test_overlap_with_preemption_stops_cancel_sampling_and_the_prefix_cache(trained):
+    model, successor = trained
+    work = _workload(successor, n=12, seed=5)
+    g = torch.Generator().manual_seed(6)
+    free = _run_batched(_engine(model, overlap=False), work[:1], _greedy)[0].output_ids
+    stop = free[min(3, len(free) - 1)]
+
+    def params(i, n):
+        if i % 3 == 0:
+            return SamplingParams(max_new_tokens=n, stop_token_ids=[stop])
+        if i % 3 == 1:
+            return SamplingParams(max_new_tokens=n, temperature=0.8, top_k=20, seed=i, repetition_penalty=1.1)
+        return SamplingParams(max_new_tokens=n)
+
+    for kw in ({"comp_pages": 25, "max_chunk": 7, "max_running": 8, "max_step_tokens": 16},
+               {"prefix_cache": True, "max_running": 8, "max_step_tokens": 32}):
+        plain, over, engine = _both(model, work, params, **kw)
+        assert [r.output_ids for r in over] == [r.output_ids for r in plain], kw
+        assert [r.finish_reason for r in over] == [r.finish_reason for r in plain], kw
+        assert engine.stats()["overlapped_steps"] > 0, kw
+    # cancellation mid-decode: the cancelled request stops, the others are unaffected
+    prompt = bigram_batch(successor, 1, 30, g)[0].tolist()
+    engine = _engine(model, overlap=True)
+    a = engine.submit(prompt, SamplingParams(max_new_tokens=40))
+    b = engine.submit(prompt, SamplingParams(max_new_tokens=40))
+    for _ in range(6):
+        engine.step()
+    engine.cancel(a)
+    engine.run_until_idle()
+    assert a.finish_reason == "cancelled" and len(a.output_ids) < 40
+    assert b.output_ids == _run_batched(_engine(model, overlap=False), [(0, prompt, 40)], _greedy)[0].output_ids
+    assert engine.pools.stats() == _engine(model).pools.stats()
+
+
+def test_overlap_needs_a_runner_that_takes_device_tokens(trained):
+    model, _ = trained
+    runner = _engine(model).runner
+    runner.accepts_device_tokens = False
+    from ds4c.runtime.engine import Engine
+
+    with pytest.raises(InputError, match="overlap"):
+        Engine(runner, overlap=True)
+    assert Engine(runner).overlap is False
+
+
+def test_overlap_on_the_compiled_artifact(trained, compiled):  # noqa: F811 - the imported fixture
+    """The artifact's runner takes the in-flight tokens as its input ids (op by op here; on CUDA the
+    decode graphs copy them on the device)."""
+    _, successor = trained
+    steady = [(0, p, 20) for _, p, _ in _workload(successor, n=5, seed=7)[1:]]
+    plain, over, engine = _both(compiled, steady, lambda i, n: SamplingParams(max_new_tokens=n))
+    assert [r.output_ids for r in over] == [r.output_ids for r in plain]
+    assert engine.stats()["overlapped_steps"] >= 15
