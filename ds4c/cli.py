@@ -554,8 +554,8 @@ def serve(
                                                               "serves, the others run its steps)")] = None,
     gpus: Annotated[int | None, typer.Option("--gpus", help="a sharded ARTIFACT on N GPUs, one process each")] = None,
     speculative: Annotated[int, typer.Option(
-        "--speculative", help="draft K tokens per step with the MTP block (an artifact compiled with --speculative; "
-                              "turns the prefix cache off)")] = 0,
+        "--speculative", help="draft K tokens per step with the MTP block (an artifact compiled with "
+                              "--speculative)")] = 0,
 ) -> None:
     """Serve ARTIFACT with the OpenAI API over HTTP: /v1/completions, /v1/chat/completions (when the
     checkpoint shipped a chat template), /v1/models, /health, /metrics (Prometheus)."""
@@ -575,7 +575,7 @@ def serve(
     start_ranks(artifact, ranks, gpus, device)
     try:
         model = ds4c.load(artifact, device=device, backend=backend, trust_binaries=trust_binaries)
-        engine = ds4c.Engine(model, max_running=max_running, prefix_cache=prefix_cache and not speculative,
+        engine = ds4c.Engine(model, max_running=max_running, prefix_cache=prefix_cache,
                              state_budget=_parse_bytes(state_budget) if state_budget else None, speculative=speculative)
         if engine.rank:  # a sharded artifact's other ranks run rank 0's steps
             engine.follow()
@@ -632,8 +632,8 @@ def bench_serve(
     ranks: Annotated[int | None, typer.Option("--ranks", help="a sharded ARTIFACT as N CPU processes")] = None,
     gpus: Annotated[int | None, typer.Option("--gpus", help="a sharded ARTIFACT on N GPUs, one process each")] = None,
     speculative: Annotated[int, typer.Option(
-        "--speculative", help="the engine drafts K tokens per step with the MTP block (turns the prefix cache "
-                              "off); the report gives the acceptance length")] = 0,
+        "--speculative", help="the engine drafts K tokens per step with the MTP block; the report gives the "
+                              "acceptance length")] = 0,
 ) -> None:
     """Serve a synthetic trace on ds4c.Engine (or a running `ds4c serve`, --url) and report
     throughput, TTFT and TPOT (p50/p90/p99), pages, preemptions, prompt tokens computed and prefix
@@ -645,8 +645,6 @@ def bench_serve(
     from ds4c.progress import progress_steps
 
     start_ranks(artifact, ranks, gpus, device)
-    if speculative:
-        prefix_cache = False  # the prefix cache keeps no MTP state (Engine refuses both)
     if concurrency is None and rate is None:
         concurrency = 8
     if (artifact is None) == (url is None):

@@ -314,8 +314,12 @@ class CompiledStepRunner:
 
     @torch.no_grad()
     def copy_pages(self, pool: str, src: list[int], dst: list[int]) -> None:
-        """Page ``src[i]``'s contents into page ``dst[i]``, in every tensor of ``pool``."""
-        _copy_pages([self.state[p["name"]] for p in self._pools if p["pool"] == pool], src, dst)
+        """Page ``src[i]``'s contents into page ``dst[i]``, in every tensor of ``pool`` (the MTP
+        block's window pool with the window pages)."""
+        tensors = [self.state[p["name"]] for p in self._pools if p["pool"] == pool]
+        if pool == "window":
+            tensors += list(self.mtp_state.values())
+        _copy_pages(tensors, src, dst)
 
     def add_window_pages(self, n: int) -> None:
         """``n`` more window pages, before any request holds one (the prefix cache's window history).
@@ -722,7 +726,7 @@ class Engine:
             raise InputError(f"Engine(max_step_tokens={self.max_step_tokens}) is below max_running="
                              f"{self.max_running}: every running request must be able to decode in each step")
         self.vocab_size = runner.vocab_size
-        self.speculative = self._check_speculative(speculative, runner, prefix_cache)
+        self.speculative = self._check_speculative(speculative, runner)
         # plan and launch the next decode step before reading this one's tokens (module docstring);
         # default: where the runner's device runs ahead of the host (CUDA)
         can_overlap = getattr(runner, "accepts_device_tokens", False)
@@ -748,7 +752,7 @@ class Engine:
         if hasattr(runner, "warm_up"):  # step graphs captured now, not by the first request
             runner.warm_up(self.max_running, self.max_step_tokens)
 
-    def _check_speculative(self, k: int, runner, prefix_cache: bool) -> int:
+    def _check_speculative(self, k: int, runner) -> int:
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
             raise InputError(f"Engine(speculative={k!r}): give the number of MTP drafts per step, an integer >= 0")
         if not k:
@@ -762,9 +766,6 @@ class Engine:
                              f"--speculative {k}")
         if k + 1 > self.max_chunk:
             raise InputError(f"Engine(speculative={k}): a verify of {k + 1} tokens exceeds max_chunk={self.max_chunk}")
-        if prefix_cache:
-            raise InputError(f"Engine(speculative={k}, prefix_cache=True): the prefix cache keeps no MTP state yet; "
-                             "use one or the other")
         return k
 
     # -- requests ---------------------------------------------------------------------------------
