@@ -52,7 +52,7 @@ from ds4c.models.deepseek_v4.paged import POOL_KINDS, PageLayout, page_bytes, si
 from ds4c.runtime.pages import PagePool, Pools, RequestPages
 from ds4c.runtime.prefix_cache import PrefixCache
 from ds4c.runtime.sampling import SamplerState, SamplingParams, finish_reasons, sample
-from ds4c.runtime.speculative import accept, draft_token, generator_for, speculates
+from ds4c.runtime.speculative import accept, accept_greedy, draft_token, generator_for, speculates
 from ds4c.runtime.step_batch import Chunk, StepBatch, build_step
 
 __all__ = ["CompiledStepRunner", "EagerStepRunner", "Engine", "Request", "StepRunner"]
@@ -1118,8 +1118,12 @@ class Engine:
                      and all(len(plan[r].token_ids) == 1 and r.output_ids for r in reqs)
                      and all(r.params.logprobs is None for r in reqs))
             sampled = self._sample(picked, defer=defer)
+        # greedy requests' picks: one argmax and one read for the whole step, not one per request
+        greedy = [r for r in spec if r.params.greedy]
+        picks = logits.argmax(dim=-1).tolist() if greedy else []
         for r in spec:
-            self._verify(r, plan[r], logits[logit_at[r][0]:logit_at[r][0] + logit_at[r][1]])
+            at, n = logit_at[r]
+            self._verify(r, plan[r], logits[at:at + n], picks[at:at + n] if r.params.greedy else None)
         sampled += spec
         if self.speculative:
             drafting = [r for r in reqs if self._speculates(r) and r.status == "running"]
@@ -1227,12 +1231,16 @@ class Engine:
         device = getattr(self.runner, "device", torch.device("cpu"))
         return generator_for(req._seed * 2 + salt, len(req.output_ids), torch.device(device))
 
-    def _verify(self, req: Request, chunk: Chunk, target: torch.Tensor) -> None:
+    def _verify(self, req: Request, chunk: Chunk, target: torch.Tensor, picks: list[int] | None = None) -> None:
         """Accept ``req``'s drafts against the main model's ``target`` logits (a chunk ending its
         known tokens: a verify of drafts, or a prompt's last chunk with none), emit the tokens,
-        and keep the state of the accepted positions only."""
+        and keep the state of the accepted positions only. ``picks``: the target's argmax per row,
+        read already (greedy requests)."""
         drafts = list(chunk.token_ids[1:]) if chunk.logits == "all" else []
-        tokens, accepted = accept(target, drafts, req._draft_q[:len(drafts)], req.params, self._random(req, 0))
+        if picks is not None:
+            tokens, accepted = accept_greedy(drafts, picks)
+        else:
+            tokens, accepted = accept(target, drafts, req._draft_q[:len(drafts)], req.params, self._random(req, 0))
         kept = len(chunk.token_ids) - len(drafts) + accepted  # positions whose state stays
         req._computed = chunk.start + kept
         req._pages.rewind(req._computed)
@@ -1290,8 +1298,12 @@ class Engine:
             else:
                 logits, streams = logits.index_select(0, pick.to(logits.device)), streams.index_select(0, pick)
             drafting = [drafting[i] for i in live]
+            argmax = logits.argmax(dim=-1).tolist() if any(r.params.greedy for r in drafting) else []
             for i, r in enumerate(drafting):
-                tok, q = draft_token(logits[i], r.params, self._random(r, 1))
+                if r.params.greedy:  # one read for the whole call
+                    tok, q = argmax[i], None
+                else:
+                    tok, q = draft_token(logits[i], r.params, self._random(r, 1))
                 r._drafts.append(tok)
                 r._draft_q.append(q)
 

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ds4c.runtime.sampling import SamplingParams, _apply_top_k_top_p
 
-__all__ = ["accept", "draft_token", "generator_for", "processed_logits", "speculates"]
+__all__ = ["accept", "accept_greedy", "draft_token", "generator_for", "processed_logits", "speculates"]
 
 
 def speculates(params: SamplingParams) -> bool:
@@ -74,6 +74,15 @@ def draft_token(logits: Tensor, params: SamplingParams, generator: torch.Generat
     return int(torch.multinomial(q, 1, generator=generator)), q
 
 
+def accept_greedy(drafts: list[int], picks: list[int]) -> tuple[list[int], int]:
+    """Greedy acceptance from the target's argmax ``picks`` of the k + 1 verify rows: the longest
+    prefix of ``drafts`` equal to them, then the pick at the first mismatch (or after the last)."""
+    a = 0
+    while a < len(drafts) and drafts[a] == picks[a]:
+        a += 1
+    return [*drafts[:a], picks[a]], a
+
+
 def accept(target: Tensor, drafts: list[int], draft_probs: list[Tensor | None], params: SamplingParams,
            generator: torch.Generator | None) -> tuple[list[int], int]:
     """The tokens a verify emits: (tokens, drafts accepted). ``target`` [k+1, vocab]: the main
@@ -83,11 +92,7 @@ def accept(target: Tensor, drafts: list[int], draft_probs: list[Tensor | None], 
         raise ValueError(f"accept: {target.shape[0]} target rows for {k} drafts; a verify has one row more")
     processed = processed_logits(target, params)
     if params.greedy:
-        picks = processed.argmax(dim=-1).tolist()
-        a = 0
-        while a < k and drafts[a] == picks[a]:
-            a += 1
-        return [*drafts[:a], picks[a]], a
+        return accept_greedy(drafts, processed.argmax(dim=-1).tolist())
     p = processed.softmax(dim=-1)
     out: list[int] = []
     for i, (d, q) in enumerate(zip(drafts, draft_probs, strict=True)):
