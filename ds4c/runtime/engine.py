@@ -430,8 +430,9 @@ class CompiledStepRunner:
         if not decode_only:  # a small step (a verify) fits a small bucket better than the token buckets
             small = self._small_bucket(self.verify_graphs, batch, logits_all=True)
             if small is not None:
-                graph, inputs = small
-                logits = graph(inputs, n_logits)
+                graph, padded = small
+                args = dict(zip(self.inputs["ragged_step"], padded.args(), strict=True))
+                logits = graph({k: args[k] for k in self.inputs["ragged_step"]}, n_logits)
                 if self.mtp:
                     self.hidden = graph.hidden[:batch.tokens].clone()
                 return logits
@@ -467,7 +468,8 @@ class CompiledStepRunner:
         return (r + 1) * (self.layout.draft_tokens + 1), r + 1
 
     def _small_bucket(self, graphs: dict, batch: StepBatch, logits_all: bool):
-        """(graph, padded inputs) of the smallest small bucket ``batch`` fits, or None."""
+        """(graph, ``batch`` padded to it) of the smallest small bucket ``batch`` fits, or None;
+        ``logits_all``: the bucket has a logits row per row (a verify), else one per sequence."""
         from ds4c.runtime.step_batch import pad_step
 
         r = int(batch.seq_first.shape[0])
@@ -476,12 +478,8 @@ class CompiledStepRunner:
                 continue
             tokens, seqs = self._small_shape(size)
             padded = pad_step(batch, tokens, seqs, self.rates, logits=tokens if logits_all else seqs)
-            if padded is None:
-                continue
-            if graphs is self.mtp_small_graphs:
+            if padded is not None:
                 return graphs[size], padded
-            args = dict(zip(self.inputs["ragged_step"], padded.args(), strict=True))
-            return graphs[size], {k: args[k] for k in self.inputs["ragged_step"]}
         return None
 
     def _mtp_inputs(self, batch: StepBatch, hidden: torch.Tensor | None, rows: int) -> dict[str, torch.Tensor]:

@@ -47,3 +47,35 @@ def test_step_buckets_are_captured_at_engine_start_and_give_the_reference_tokens
     # decode steps and steps with prompt chunks (48 tokens + 5 sequences: bucket 53) ran as graph replays
     assert sum(g.replays for g in runner.decode_graphs.values()) > 0 and runner.step_graphs[53].replays > 0
     assert all(p["used"] == 0 for p in engine.stats()["pages"].values())
+
+
+@pytest.fixture(scope="module")
+def speculative_artifact(tmp_path_factory):
+    art = ds4c.compile("tiny", target="h100", precision="fp32", max_context=128, progress=False,
+                       kernel_binaries=False, serving={"max_running": 4, "max_chunk": 32, "max_step_tokens": 48},
+                       speculative=3)
+    path = tmp_path_factory.mktemp("serving_kernels") / "tiny_spec.ds4"
+    art.save(path)
+    return path
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_speculation_and_overlap_in_graphs_give_the_reference_tokens(speculative_artifact):
+    """On the GPU: the verify and MTP small buckets captured at start (r + 1 sequences, (r + 1) * 4
+    rows) and overlapped decode steps (tokens handed over on the device) give the reference tokens."""
+    params = ds4c.SamplingParams(max_new_tokens=12)
+    ref = ds4c.Engine(ds4c.load(speculative_artifact, backend="reference")).generate(PROMPTS, params)
+    model = ds4c.load(speculative_artifact, device=DEVICE, backend="kernels")
+    spec = ds4c.Engine(model, speculative=3)
+    runner = spec.runner
+    assert runner.graph_errors == {}, runner.graph_errors
+    assert sorted(runner.verify_graphs) == sorted(runner.mtp_small_graphs) == [1, 2, 4]
+    assert spec.generate(PROMPTS, params) == ref
+    assert spec.stats()["verifies"] > 0
+    assert sum(g.replays for g in runner.verify_graphs.values()) > 0
+    assert sum(g.replays for g in runner.mtp_small_graphs.values()) > 0
+    spec.close()
+    over = ds4c.Engine(model, overlap=True)
+    assert over.overlap and over.generate(PROMPTS, params) == ref
+    assert over.stats()["overlapped_steps"] > 0
+    assert all(p["used"] == 0 for p in over.stats()["pages"].values())
