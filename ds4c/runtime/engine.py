@@ -52,7 +52,15 @@ from ds4c.models.deepseek_v4.paged import POOL_KINDS, PageLayout, page_bytes, si
 from ds4c.runtime.pages import PagePool, Pools, RequestPages
 from ds4c.runtime.prefix_cache import PrefixCache
 from ds4c.runtime.sampling import SamplerState, SamplingParams, finish_reasons, sample
-from ds4c.runtime.speculative import accept, accept_greedy, draft_token, generator_for, speculates
+from ds4c.runtime.speculative import (
+    accept,
+    accept_greedy,
+    draft_token,
+    generator_for,
+    penalty_context,
+    processed_logits,
+    speculates,
+)
 from ds4c.runtime.step_batch import Chunk, StepBatch, build_step
 
 __all__ = ["CompiledStepRunner", "EagerStepRunner", "Engine", "Request", "StepRunner"]
@@ -1117,11 +1125,11 @@ class Engine:
                      and all(r.params.logprobs is None for r in reqs))
             sampled = self._sample(picked, defer=defer)
         # greedy requests' picks: one argmax and one read for the whole step, not one per request
-        greedy = [r for r in spec if r.params.greedy]
-        picks = logits.argmax(dim=-1).tolist() if greedy else []
+        plain_greedy = [r for r in spec if r.params.greedy and not r.params.penalised]
+        picks = logits.argmax(dim=-1).tolist() if plain_greedy else []
         for r in spec:
             at, n = logit_at[r]
-            self._verify(r, plan[r], logits[at:at + n], picks[at:at + n] if r.params.greedy else None)
+            self._verify(r, plan[r], logits[at:at + n], picks[at:at + n] if r in plain_greedy else None)
         sampled += spec
         if self.speculative:
             drafting = [r for r in reqs if self._speculates(r) and r.status == "running"]
@@ -1235,10 +1243,21 @@ class Engine:
         and keep the state of the accepted positions only. ``picks``: the target's argmax per row,
         read already (greedy requests)."""
         drafts = list(chunk.token_ids[1:]) if chunk.logits == "all" else []
+        penalties = penalty_context(req.params, list(req.prompt_ids), req.output_ids, drafts, self.vocab_size,
+                                    target.device)
         if picks is not None:
             tokens, accepted = accept_greedy(drafts, picks)
         else:
-            tokens, accepted = accept(target, drafts, req._draft_q[:len(drafts)], req.params, self._random(req, 0))
+            tokens, accepted = accept(target, drafts, req._draft_q[:len(drafts)], req.params, self._random(req, 0),
+                                      penalties)
+        if req.params.logprobs is not None:  # each emitted token's, from its row's distribution
+            table = processed_logits(target[:len(tokens)], req.params,
+                                     None if penalties is None else tuple(t[:len(tokens)] for t in penalties))
+            table = table.log_softmax(dim=-1)
+            n = min(req.params.logprobs, self.vocab_size)
+            chosen = table.gather(1, torch.tensor(tokens, device=table.device)[:, None])[:, 0].tolist()
+            top_lp, top_ids = table.topk(n, dim=-1) if n else (table[:, :0], table[:, :0].long())
+            top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
         kept = len(chunk.token_ids) - len(drafts) + accepted  # positions whose state stays
         req._computed = chunk.start + kept
         req._pages.rewind(req._computed)
@@ -1250,8 +1269,10 @@ class Engine:
             self._stats["verifies"] += 1
             self._stats["accepted_drafts"] += accepted
         p = req.params
-        for tok in tokens:
+        for i, tok in enumerate(tokens):
             req.output_ids.append(tok)
+            if p.logprobs is not None:
+                req.logprobs.append((chosen[i], list(zip(top_ids[i], top_lp[i], strict=True))))
             if tok in p.stop_token_ids or len(req.output_ids) >= p.max_new_tokens:
                 self._retire(req, "stop" if tok in p.stop_token_ids else "length")
                 return

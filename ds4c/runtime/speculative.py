@@ -15,10 +15,10 @@ request's next token, d: the drafts), which gives the target logits for position
   are the request's processed distributions (temperature, min-p, top-k, top-p: as ``sample``
   processes them), so speculation samples the same distribution as the sampler.
 
-Requests with repetition / frequency / presence penalties or logprobs decode without drafts (a
-verify row's penalties would depend on the drafts before it); the engine decides that
-(``speculates``). Random numbers come from a generator per (request seed, tokens generated), so a
-request's tokens do not depend on what else is in the batch.
+Penalties (repetition, frequency, presence) apply to each verify row as the sampler would apply
+them at that position: over the prompt, the output so far and the drafts before the row
+(``penalty_context``). Random numbers come from a generator per (request seed, tokens generated),
+so a request's tokens do not depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -30,18 +30,44 @@ from torch import Tensor
 
 from ds4c.runtime.sampling import SamplingParams, _apply_top_k_top_p
 
-__all__ = ["accept", "accept_greedy", "draft_token", "generator_for", "processed_logits", "speculates"]
+__all__ = ["accept", "accept_greedy", "draft_token", "generator_for", "penalty_context", "processed_logits",
+           "speculates"]
 
 
 def speculates(params: SamplingParams) -> bool:
-    """Whether a request with ``params`` drafts: not with penalties or logprobs (see the module doc)."""
-    return not params.penalised and params.logprobs is None
+    """Whether a request with ``params`` drafts (every request does; kept as the engine's one place
+    to decide it)."""
+    return True
 
 
-def processed_logits(logits: Tensor, params: SamplingParams) -> Tensor:
+def penalty_context(params: SamplingParams, prompt: list[int], output: list[int], drafts: list[int],
+                    vocab: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
+    """(output-token counts [k+1, vocab], tokens seen [k+1, vocab]) at each of a verify's k + 1 rows
+    (row i follows drafts[:i]), as the sampler keeps them; None without penalties."""
+    if not params.penalised:
+        return None
+    base = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab).to(device)
+    seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+    seen[torch.tensor(prompt + output, dtype=torch.long, device=device)] = True
+    steps = torch.zeros(len(drafts) + 1, vocab, dtype=base.dtype, device=device)
+    if drafts:
+        ahead = torch.nn.functional.one_hot(torch.tensor(drafts, device=device), vocab).to(base.dtype)
+        steps[1:] = ahead.cumsum(0)
+    counts = base + steps
+    return counts, seen | (steps > 0)
+
+
+def processed_logits(logits: Tensor, params: SamplingParams,
+                     penalties: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``logits`` [M, vocab] as ``sample`` turns them into a distribution for ``params`` (fp32):
-    raw for greedy, else divided by the temperature, min-p, top-k and top-p applied."""
+    ``penalties`` (``penalty_context``) applied first; then raw for greedy, else divided by the
+    temperature, min-p, top-k and top-p applied."""
     logits = logits.float()
+    if penalties is not None:
+        counts, seen = penalties
+        rep = params.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
     if params.greedy:
         return logits
     scaled = logits / params.temperature
@@ -84,13 +110,15 @@ def accept_greedy(drafts: list[int], picks: list[int]) -> tuple[list[int], int]:
 
 
 def accept(target: Tensor, drafts: list[int], draft_probs: list[Tensor | None], params: SamplingParams,
-           generator: torch.Generator | None) -> tuple[list[int], int]:
+           generator: torch.Generator | None,
+           penalties: tuple[Tensor, Tensor] | None = None) -> tuple[list[int], int]:
     """The tokens a verify emits: (tokens, drafts accepted). ``target`` [k+1, vocab]: the main
-    model's logits of the verify rows; ``drafts`` [k] and ``draft_probs`` (their q, None for greedy)."""
+    model's logits of the verify rows; ``drafts`` [k] and ``draft_probs`` (their q, None for greedy);
+    ``penalties``: ``penalty_context`` of the rows."""
     k = len(drafts)
     if target.shape[0] != k + 1:
         raise ValueError(f"accept: {target.shape[0]} target rows for {k} drafts; a verify has one row more")
-    processed = processed_logits(target, params)
+    processed = processed_logits(target, params, penalties)
     if params.greedy:
         return accept_greedy(drafts, processed.argmax(dim=-1).tolist())
     p = processed.softmax(dim=-1)

@@ -244,14 +244,6 @@ def test_speculative_engines_refuse_what_they_cannot_do(good):
     no_mtp.__dict__.update(runner.__dict__, mtp=False)
     with pytest.raises(InputError, match="no compiled MTP block"):
         Engine(no_mtp, speculative=1)
-    # requests with penalties or logprobs decode without drafts, in the same engine
-    engine = Engine(runner, speculative=2)
-    a = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=6, repetition_penalty=1.2))
-    b = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=6, logprobs=1))
-    c = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=6))
-    engine.run_until_idle()
-    assert a.verifies == b.verifies == 0 and c.verifies > 0
-    assert len(a.output_ids) == len(b.output_ids) == len(c.output_ids) == 6 and len(b.logprobs) == 6
 
 
 def test_speculation_with_the_prefix_cache(good):
@@ -268,3 +260,29 @@ def test_speculation_with_the_prefix_cache(good):
     stats = engine.stats()
     assert got == want
     assert stats["prefix_hit_tokens"] > 4 * 80 and stats["acceptance_length"] >= 2.0, stats
+
+
+def test_penalties_and_logprobs_with_speculation(good):
+    """Greedy requests with repetition / frequency / presence penalties and requests asking for
+    logprobs draft too: each verify row is penalised over the drafts before it, and every emitted
+    token gets its logprob and top-n from its row: the same tokens and logprobs as plain decoding."""
+    model, successor = good
+    g = torch.Generator().manual_seed(31)
+    prompts = [bigram_batch(successor, 1, n, g)[0].tolist() for n in (7, 30, 61)]
+    cases = [SamplingParams(max_new_tokens=40, repetition_penalty=1.3),
+             SamplingParams(max_new_tokens=40, frequency_penalty=0.7, presence_penalty=0.4),
+             SamplingParams(max_new_tokens=40, logprobs=3)]
+    for params in cases:
+        plain = _engine(model)
+        want = [plain.submit(p, params) for p in prompts]
+        plain.run_until_idle()
+        engine = _engine(model, speculative=DRAFTS)
+        got = [engine.submit(p, params) for p in prompts]
+        engine.run_until_idle()
+        assert [r.output_ids for r in got] == [r.output_ids for r in want], params
+        assert engine.stats()["verifies"] > 0 and engine.stats()["accepted_drafts"] > 0, params
+        if params.logprobs:
+            for a, b in zip(got, want, strict=True):
+                assert len(a.logprobs) == len(b.logprobs) == 40
+                for (lp_a, top_a), (lp_b, top_b) in zip(a.logprobs, b.logprobs, strict=True):
+                    assert abs(lp_a - lp_b) < 1e-4 and [t for t, _ in top_a] == [t for t, _ in top_b]
