@@ -150,7 +150,8 @@ def _committed_state(runner: EagerStepRunner, pages: RequestPages, end: int) -> 
 
 def test_rejected_drafts_leave_no_trace_in_the_state(poor):
     """After a verify that rejected drafts, the state a later step can read equals that of a run
-    without speculation at the same length, tensor for tensor."""
+    without speculation at the same length, tensor for tensor, and the MTP block's window equals a
+    fresh run of the block over the kept positions."""
     model, successor = poor
     prompt = bigram_batch(successor, 1, 37, torch.Generator().manual_seed(11))[0].tolist()
     spec = _engine(model, speculative=DRAFTS)
@@ -172,8 +173,34 @@ def test_rejected_drafts_leave_no_trace_in_the_state(poor):
         got = _committed_state(spec.runner, req._pages, end)
         for name, t in want.items():
             torch.testing.assert_close(got[name], t, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        # the MTP block's window: as a fresh run of the block over the kept positions writes it
+        torch.testing.assert_close(_mtp_window(spec.runner, req._pages, end), _mtp_reference(model, req.tokens, end),
+                                   rtol=1e-4, atol=1e-4)
         checked += 1
     assert checked == 4, "the poor drafter never had a draft rejected"
+
+
+def _mtp_window(runner: EagerStepRunner, pages: RequestPages, end: int) -> torch.Tensor:
+    """The MTP block's window rows of positions end - W + 1 .. end - 1 (what a later step reads)."""
+    lay, pool = runner.layout, runner.mtp_state[0]
+    return torch.stack([pool[pages.window_row[(q // lay.window_page) % lay.window_slots], q % lay.window_page]
+                        for q in range(max(0, end - lay.window + 1), end)])
+
+
+def _mtp_reference(model, tokens: list[int], end: int) -> torch.Tensor:
+    """The MTP window after running the block alone over positions 0 .. end - 1 (the dense model's
+    final streams, the tokens after them), in a fresh pool."""
+    runner = EagerStepRunner(model, _layout(model), window_pages=200, comp_pages=8, slots=3)
+    pages = RequestPages(runner.layout, runner.pools)
+    with torch.no_grad():
+        h = model.final_streams(torch.tensor([tokens[:end]]))[0]
+    at = 0
+    while at < end:
+        n = min(32, end - at)
+        assert pages.grow(at + n)
+        runner.run_mtp(build_step([Chunk(pages, tokens[at + 1:at + n + 1], at, "none")], runner.rates), h[at:at + n])
+        at += n
+    return _mtp_window(runner, pages, end)
 
 
 def _chi_square_p(a: torch.Tensor, b: torch.Tensor) -> float:
