@@ -268,6 +268,9 @@ def run(
             as_token_ids(rows)  # refuses the ragged batch with how to serve it
         accepted = None
         if speculative:
+            if "mesh" in model.manifest:
+                raise InputError(f"--speculative {speculative}: {artifact} is sharded; speculative decoding runs on "
+                                 "one GPU's artifacts (compiled with --speculative, without --mesh / --gpus)")
             if max_new_tokens < 1:
                 raise InputError(f"--max-new-tokens {max_new_tokens}: give at least 1 with --speculative")
             engine = ds4c.Engine(model, speculative=speculative)

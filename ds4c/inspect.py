@@ -346,8 +346,9 @@ def precision_table(prec: dict[str, Any]) -> Table:
     tb = Table(title=f"precision: {prec.get('policy')}, weights {prec.get('weight_bytes', 0) / 2**20:.1f} MiB = "
                      f"{prec.get('weight_bytes', 0) / bf16:.3f}x bf16; total error {prec.get('total_error', 0):.3g} "
                      f"(bound {prec.get('error_bound', 0):.3g}, measured on {prec.get('measured')})")
-    for col in ("layer", "unit", "format", "activations", "KiB", "vs bf16", "error (NSR)", "why"):
-        tb.add_column(col, justify="right" if col in ("KiB", "vs bf16", "error (NSR)") else "left")
+    metric = "error (KL, nats)" if prec.get("measured") == "output KL" else "error (NSR)"
+    for col in ("layer", "unit", "format", "activations", "KiB", "vs bf16", metric, "why"):
+        tb.add_column(col, justify="right" if col in ("KiB", "vs bf16", metric) else "left")
     for u in prec["units"]:
         err = "-" if u.get("error") is None else f"{u['error']:.2e}"
         tb.add_row("model" if u.get("layer") is None else str(u["layer"]), u["unit"], u["format"], u["activations"],

@@ -357,11 +357,11 @@ def _plan(files: _Files, expected: Spec, partial: bool = False) -> _Plan:
     directory = files.dir
     for key in files.where:
         bare = key.removeprefix("model.")
+        if key.endswith(".scale") and (key.removesuffix(".scale") + ".weight") in files.where:
+            continue  # block scales are read with their weight
         if bare.startswith("mtp.") and _hf_name(key, expected) not in expected:
             plan.ignored.append(key)  # multi-token-prediction block: compiled only with --speculative
             continue
-        if key.endswith(".scale") and (key.removesuffix(".scale") + ".weight") in files.where:
-            continue  # block scales are read with their weight
         name = _hf_name(key, expected)
         if partial and name is not None and name not in expected:
             continue  # a parameter not asked for this time (one weight read alone)

@@ -161,7 +161,8 @@ def _trace_serving(config: Any, model: torch.nn.Module, max_context: int, dtype:
         attrs["graph_dim_names"]["mtp_step"] = {"hidden": ["N"], **{n: [STEP_DIMS[n]] for n in MTP_STEP_INPUTS},
                                                 **{s.name: [pool_dim(s.name)] for s in mtp_specs}}
         attrs["serving"]["mtp"] = {"inputs": ["hidden", *MTP_STEP_INPUTS], "pools": records(mtp_specs),
-                                   "hidden": [config.hc_mult, config.hidden_size]}
+                                   "hidden": [config.hc_mult, config.hidden_size],
+                                   "dtype": str(dtype).removeprefix("torch.")}
     return Program(graphs, attrs)
 
 

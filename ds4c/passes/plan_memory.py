@@ -459,13 +459,13 @@ def serving_sizes(graph: Graph, options: Mapping[str, Any], attrs: dict[str, Any
     program, by ``size_pools``: the state budget is ``hbm_budget`` or 92% of the target's HBM, less
     this graph's weights; the host CPU target, without a budget, gets pools for ``max_running``
     requests of max_context: filling 92% of a server's RAM is no default)."""
-    from ds4c.models.deepseek_v4.paged import PageLayout, page_bytes, pool_capacity, size_pools
+    from ds4c.models.deepseek_v4.paged import PageLayout, all_pools, page_bytes, pool_capacity, size_pools
 
     serving = attrs["serving"]
     batch = serving["batch"]
     layout = PageLayout.from_record(serving["layout"], f"plan_memory @{graph.name}")
     if "serving_pages" not in attrs:
-        per_page = page_bytes(serving["pools"])
+        per_page = page_bytes(all_pools(serving))
         weights = sum(_param_bytes(graph, SizeEvaluator({})).values())
         hbm = getattr(target, "hbm_bytes", None) if getattr(target, "backend", "reference") != "reference" else None
         budget = options.get("hbm_budget") or (int(0.92 * hbm) if hbm else None)

@@ -57,9 +57,9 @@ class Choice:
     format: str
     bytes: int
     bf16_bytes: int
-    error: float | None  # NSR of the chosen format (None: not measured)
-    errors: dict[str, float]  # NSR of every candidate measured
-    measured: str  # activations | weight samples | estimated | not measured
+    error: float | None  # the chosen format's error (None: not measured): KL in nats or NSR, as ``measured`` says
+    errors: dict[str, float]  # the error of every candidate measured
+    measured: str  # output KL | activations | weight samples | estimated | not measured
     activations: str  # format the activations enter the GEMM in on this target
     why: str
 

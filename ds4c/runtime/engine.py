@@ -48,7 +48,7 @@ import torch
 
 from ds4c.errors import ArtifactError, Ds4cError, InputError
 from ds4c.models.deepseek_v4.model import MTP_STEP_INPUTS
-from ds4c.models.deepseek_v4.paged import POOL_KINDS, PageLayout, page_bytes, size_pools
+from ds4c.models.deepseek_v4.paged import POOL_KINDS, PageLayout, all_pools, page_bytes, size_pools
 from ds4c.runtime.pages import PagePool, Pools, RequestPages
 from ds4c.runtime.prefix_cache import PrefixCache
 from ds4c.runtime.sampling import SamplerState, SamplingParams, finish_reasons, sample
@@ -241,7 +241,7 @@ class CompiledStepRunner:
         batch = serving["batch"]
         if pages is None and state_budget is not None:
             try:
-                pages = size_pools(self.layout, page_bytes(serving["pools"]), int(state_budget),
+                pages = size_pools(self.layout, page_bytes(all_pools(serving)), int(state_budget),
                                    max_running=max_running or batch["max_running"],
                                    max_step_tokens=max_step_tokens or batch["max_step_tokens"])
             except ValueError as e:
@@ -249,7 +249,7 @@ class CompiledStepRunner:
         if pages is None and model.device.type == "cpu" and model.manifest["target"].get("backend") != "reference":
             # a GPU artifact on the host: its pools were sized for the GPU's memory; here, room for
             # max_running requests of max_context (as a cpu-target compile plans them)
-            pages = size_pools(self.layout, page_bytes(serving["pools"]), None,
+            pages = size_pools(self.layout, page_bytes(all_pools(serving)), None,
                                max_running=max_running or batch["max_running"],
                                max_step_tokens=max_step_tokens or batch["max_step_tokens"])
         pages = dict(pages or serving["pages"]["pages"])
@@ -260,11 +260,16 @@ class CompiledStepRunner:
         self.inputs = serving["inputs"]
         self._pools = serving["pools"]
         self.device = model.device
+        # the MTP block (artifacts compiled with --speculative): its pools, in window pages
+        self.mtp = "mtp" in serving
+        self._mtp_pools = serving["mtp"]["pools"] if self.mtp else []
         try:
             self.state = {p["name"]: self._pool_tensor(p, pages[p["pool"]]) for p in serving["pools"]}
+            self.mtp_state: dict[str, torch.Tensor] = {p["name"]: self._pool_tensor(p, pages["window"])
+                                                       for p in self._mtp_pools}
         except torch.OutOfMemoryError:
-            self.state = {}
-            sizes = page_bytes(serving["pools"])
+            self.state = self.mtp_state = {}
+            sizes = page_bytes(all_pools(serving))
             need = sum(sizes[k] * n for k, n in pages.items())
             free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
             raise InputError(f"the serving pools ({need / 1e9:.1f} GB: {pages['window']} window, {pages['compressed']} "
@@ -272,12 +277,6 @@ class CompiledStepRunner:
                              f"the loaded model{f' ({free / 1e9:.1f} GB free)' if free is not None else ''}; give them "
                              "less: Engine(..., state_budget=BYTES) / --state-budget, or recompile with a smaller "
                              "--hbm-budget") from None
-        # the MTP block (artifacts compiled with --speculative): its pools, in window pages
-        self.mtp = "mtp" in serving
-        self.mtp_state: dict[str, torch.Tensor] = {}
-        if self.mtp:
-            self._mtp_pools = serving["mtp"]["pools"]
-            self.mtp_state = {p["name"]: self._pool_tensor(p, pages["window"]) for p in self._mtp_pools}
         self.hidden: torch.Tensor | None = None  # the last step's final streams [N, n, D] (MTP artifacts)
         self._graphing = (model.device.type == "cuda" and getattr(model, "cuda_graphs", False)
                           and getattr(model, "backend", "reference") != "reference")
@@ -344,7 +343,7 @@ class CompiledStepRunner:
         for p in self._pools:
             if p["pool"] == "window":
                 self.state[p["name"]] = self._pool_tensor(p, pages)
-        for p in self._mtp_pools if self.mtp else ():
+        for p in self._mtp_pools:
             self.mtp_state[p["name"]] = self._pool_tensor(p, pages)
 
     @torch.no_grad()
@@ -494,7 +493,7 @@ class CompiledStepRunner:
         """``mtp_step``'s inputs on the device: ``batch``'s tensors and ``hidden`` padded with zero rows
         to ``rows`` (None: all zeros, a capture's padding step)."""
         mtp = self.model.manifest["serving"]["mtp"]
-        streams = torch.zeros([rows, *mtp["hidden"]], dtype=getattr(torch, self._pools[0]["dtype"]),
+        streams = torch.zeros([rows, *mtp["hidden"]], dtype=getattr(torch, mtp.get("dtype", self._pools[0]["dtype"])),
                               device=self.device)
         if hidden is not None:
             streams[:hidden.shape[0]] = hidden
@@ -631,18 +630,21 @@ class _Inflight:
     result: object  # SampleResult
     params: list[SamplingParams]
     generated: list[int]
+    chained: bool = False  # launched by _chain (with the previous step's tokens)
     host: torch.Tensor | None = None
     event: object = None
 
     @classmethod
-    def start(cls, reqs, result, params, generated) -> _Inflight:
-        out = cls(reqs, result, params, generated)
+    def start(cls, reqs, result, params, generated, chained: bool = False) -> _Inflight:
+        out = cls(reqs, result, params, generated, chained)
         tokens = result.tokens
         if tokens.device.type == "cuda":  # copied as soon as sampled; read without waiting for later steps
+            stream = torch.cuda.current_stream(tokens.device)
             out.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            out.host.copy_(tokens, non_blocking=True)
+            with torch.cuda.stream(stream):
+                out.host.copy_(tokens, non_blocking=True)
             out.event = torch.cuda.Event()
-            out.event.record()
+            out.event.record(stream)
         return out
 
     def tokens(self) -> list[int]:
@@ -963,9 +965,16 @@ class Engine:
 
     def _step(self) -> list[Request]:
         if self._inflight is not None:
-            inflight = self._inflight
-            chained = self._chain(inflight)  # the next decode step is queued behind this one, or None
-            self._inflight = None
+            inflight, self._inflight = self._inflight, None
+            try:
+                chained = self._chain(inflight)  # the next decode step is queued behind this one, or None
+            except Exception as e:  # its tokens still count; then the step failed as any step fails
+                self._finalize(inflight)
+                for req in inflight.reqs:
+                    if req.status == "running":
+                        req.error = f"{type(e).__name__}: {e}"
+                        self._retire(req, "error")
+                raise
             done = self._finalize(inflight)
             if chained is not None:
                 self._inflight = chained
@@ -1182,11 +1191,7 @@ class Engine:
         started = time.perf_counter()
         chunks = [Chunk(r._pages, [0], r._computed, "last", emit_from=r._emit_from) for r in reqs]
         batch = build_step(chunks, self.runner.rates)
-        try:
-            logits = self.runner.run(batch, input_ids=inflight.result.tokens)
-        except Exception:  # the tokens of inflight are still to be read: finalize, then fail as a step fails
-            self._finalize(inflight)
-            raise
+        logits = self.runner.run(batch, input_ids=inflight.result.tokens)
         for r in reqs:
             r._computed += 1
             if self._cache is not None:
@@ -1199,7 +1204,7 @@ class Engine:
         params, generated = list(self._sampler.params), list(self._sampler.generated)
         result = sample(logits, self._sampler)
         self._busy["decode"] += time.perf_counter() - started
-        return _Inflight.start(list(reqs), result, params, [g + 1 for g in generated])
+        return _Inflight.start(list(reqs), result, params, [g + 1 for g in generated], chained=True)
 
     def _finalize(self, inflight: _Inflight) -> list[Request]:
         """Read ``inflight``'s tokens (waiting for that step only) and give them to their requests:
@@ -1210,6 +1215,8 @@ class Engine:
         out = []
         for r, tok, why in zip(inflight.reqs, tokens, reasons, strict=True):
             if r.status != "running" or r.finished:
+                if inflight.chained:  # its row was computed for nothing: not a decoded token
+                    self._stats["decode_tokens"] -= 1
                 continue
             r.output_ids.append(tok)
             if self._cache is not None and getattr(r, "_pending_insert", False):
@@ -1261,6 +1268,8 @@ class Engine:
         kept = len(chunk.token_ids) - len(drafts) + accepted  # positions whose state stays
         req._computed = chunk.start + kept
         req._pages.rewind(req._computed)
+        if self._cache is not None:  # the boundaries the kept positions crossed, while their pages are live
+            self._cache.insert(req.tokens + tokens[:accepted], req._pages, chunk.start, req._computed)
         req._drafts, req._draft_q = [], []
         self._stats["decode_tokens" if req.output_ids else "prefill_tokens"] += kept
         if drafts:
@@ -1297,6 +1306,8 @@ class Engine:
             return
         rows = torch.tensor(index, dtype=torch.long, device=hidden.device)
         logits, streams = self.runner.run_mtp(build_step(chunks, self.runner.rates), hidden.index_select(0, rows))
+        # one random stream per request for this call's k draws (a fresh one per draw would repeat them)
+        draws = {r: self._random(r, 1) for r in drafting}
         # drafts per request: k, fewer near max_new_tokens, none where no page is free for them
         depth = {}
         for r in drafting:
@@ -1322,7 +1333,7 @@ class Engine:
                 if r.params.greedy:  # one read for the whole call
                     tok, q = argmax[i], None
                 else:
-                    tok, q = draft_token(logits[i], r.params, self._random(r, 1))
+                    tok, q = draft_token(logits[i], r.params, draws[r])
                 r._drafts.append(tok)
                 r._draft_q.append(q)
 

@@ -111,6 +111,12 @@ class LeaderStepRunner:
         self._at_exit = at_exit
         atexit.register(at_exit)
 
+    # Not across ranks (yet): steps fed with the previous step's tokens on the device (the others
+    # would get placeholder ids) and the MTP block (its entry point is not sharded). The engine
+    # then runs without overlap and refuses speculation.
+    accepts_device_tokens = False
+    mtp = False
+
     def __getattr__(self, name: str) -> Any:  # pools, layout, rates, graphs, ...: the local runner's
         return getattr(self._runner, name)
 

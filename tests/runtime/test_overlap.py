@@ -104,3 +104,34 @@ def test_overlap_on_the_compiled_artifact(trained, compiled):  # noqa: F811 - th
     plain, over, engine = _both(compiled, steady, lambda i, n: SamplingParams(max_new_tokens=n))
     assert [r.output_ids for r in over] == [r.output_ids for r in plain]
     assert engine.stats()["overlapped_steps"] >= 15
+
+
+def test_a_failing_overlapped_step_fails_its_requests_once(trained):
+    """A chained step that raises: the tokens of the step before it are kept (once), the step's
+    requests finish with "error", and the engine goes on with new requests."""
+    model, successor = trained
+    prompt = bigram_batch(successor, 1, 20, torch.Generator().manual_seed(9))[0].tolist()
+    want = _run_batched(_engine(model, overlap=False), [(0, prompt, 12)], _greedy)[0].output_ids
+    engine = _engine(model, overlap=True)
+    req = engine.submit(prompt, SamplingParams(max_new_tokens=12))
+    real = engine.runner.run
+    chained = []
+
+    def run(batch, input_ids=None):
+        if input_ids is not None:
+            chained.append(1)
+            if len(chained) == 3:
+                raise RuntimeError("device lost")
+        return real(batch, input_ids=input_ids)
+
+    engine.runner.run = run
+    with pytest.raises(RuntimeError, match="device lost"):
+        while not req.finished:
+            engine.step()
+    assert req.finish_reason == "error" and "device lost" in req.error
+    assert req.output_ids == want[:len(req.output_ids)] and 3 <= len(req.output_ids) < 12
+    engine.runner.run = real
+    again = engine.submit(prompt, SamplingParams(max_new_tokens=12))
+    engine.run_until_idle()
+    assert again.output_ids == want and req.finish_reason == "error"
+    assert engine.pools.stats() == _engine(model).pools.stats()

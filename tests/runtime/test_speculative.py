@@ -280,9 +280,10 @@ def test_speculation_with_the_prefix_cache(good):
     g = torch.Generator().manual_seed(21)
     system = bigram_batch(successor, 1, 90, g)[0].tolist()
     prompts = [system + bigram_batch(successor, 1, n, g)[0].tolist() for n in (5, 17, 1, 40, 33, 8)]
-    plain = _engine(model)
+    # chunks longer than the prompts: the cache learns from the verify steps' insertions alone
+    plain = _engine(model, max_chunk=160)
     want = [plain.generate([p], SamplingParams(max_new_tokens=30))[0] for p in prompts]
-    engine = _engine(model, speculative=DRAFTS, prefix_cache=True, prefix_granule=16)
+    engine = _engine(model, speculative=DRAFTS, prefix_cache=True, prefix_granule=16, max_chunk=160)
     got = [engine.generate([p], SamplingParams(max_new_tokens=30))[0] for p in prompts]
     stats = engine.stats()
     assert got == want
@@ -313,3 +314,30 @@ def test_penalties_and_logprobs_with_speculation(good):
                 assert len(a.logprobs) == len(b.logprobs) == 40
                 for (lp_a, top_a), (lp_b, top_b) in zip(a.logprobs, b.logprobs, strict=True):
                     assert abs(lp_a - lp_b) < 1e-4 and [t for t, _ in top_a] == [t for t, _ in top_b]
+
+
+def test_a_requests_drafts_in_one_step_come_from_one_random_stream(poor, monkeypatch):
+    """Sampled drafts d_1..d_k of one step are successive draws of one stream: a fresh generator per
+    draft would give each the same noise (drafts correlated, the rejection rule's premise broken)."""
+    import ds4c.runtime.engine as engine_mod
+
+    model, successor = poor
+    calls: list[tuple[int, int, bytes]] = []
+    real = engine_mod.draft_token
+
+    def spy(logits, params, generator):
+        calls.append((engine.stats()["steps"], id(generator), bytes(generator.get_state().numpy())))
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_mod, "draft_token", spy)
+    engine = _engine(model, speculative=DRAFTS)
+    prompt = bigram_batch(successor, 1, 12, torch.Generator().manual_seed(3))[0].tolist()
+    engine.generate([prompt], SamplingParams(max_new_tokens=20, temperature=1.0, seed=5))
+    by_step: dict[int, list] = {}
+    for step, gen, state in calls:
+        by_step.setdefault(step, []).append((gen, state))
+    full = [v for v in by_step.values() if len(v) == DRAFTS]
+    assert full
+    for draws in full:
+        assert len({g for g, _ in draws}) == 1  # one generator per request and step
+        assert len({s for _, s in draws}) == DRAFTS  # advanced between draws

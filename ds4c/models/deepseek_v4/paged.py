@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PageLayout", "StepIndex", "gather_rows", "page_bytes", "pool_capacity", "serving_layout", "size_pools"]
+__all__ = ["PageLayout", "StepIndex", "all_pools", "gather_rows", "page_bytes", "pool_capacity", "serving_layout",
+           "size_pools"]
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,12 @@ def gather_rows(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 # -- pool sizes ------------------------------------------------------------------------------------
 
 POOL_KINDS = ("window", "compressed", "slots")
+
+
+def all_pools(serving: dict) -> list[dict]:
+    """Every pool record of a manifest's ``serving`` section: the model's, then the MTP block's
+    (window pools addressed by the same tables: they count towards the window page's bytes)."""
+    return [*serving["pools"], *((serving.get("mtp") or {}).get("pools") or [])]
 
 
 def page_bytes(pools: list[dict]) -> dict[str, int]:
