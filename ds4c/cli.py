@@ -637,6 +637,9 @@ def bench_serve(
     speculative: Annotated[int, typer.Option(
         "--speculative", help="the engine drafts K tokens per step with the MTP block; the report gives the "
                               "acceptance length")] = 0,
+    overlap: Annotated[bool | None, typer.Option(
+        "--overlap/--no-overlap", help="launch each decode step before the previous one's tokens are read "
+                                       "(default: on CUDA)")] = None,
 ) -> None:
     """Serve a synthetic trace on ds4c.Engine (or a running `ds4c serve`, --url) and report
     throughput, TTFT and TPOT (p50/p90/p99), pages, preemptions, prompt tokens computed and prefix
@@ -698,9 +701,12 @@ def bench_serve(
                     + (f" (speculative, {speculative} drafts)" if speculative else ""))
             memory = report["device_memory"] = {"after_load": device_memory(model.device)}
             with progress_steps(name, total=total, enabled=True) as steps:
-                engine = ds4c.Engine(model, prefix_cache=prefix_cache, state_budget=budget, speculative=speculative)
+                engine = ds4c.Engine(model, prefix_cache=prefix_cache, state_budget=budget, speculative=speculative,
+                                     overlap=overlap)
                 memory["engine_started"] = device_memory(model.device)
                 report["engine"] = summarize(run_engine(engine, work, sync=sync, on_finish=steps.advance))
+                report["engine"]["overlap"] = {"on": engine.overlap,
+                                               "overlapped_steps": engine.stats()["overlapped_steps"]}
                 if speculative:
                     report["engine"]["speculative"] = {"drafts": speculative,
                                                        "acceptance_length": engine.stats()["acceptance_length"]}
