@@ -222,8 +222,8 @@ class CompiledStepRunner:
     (``GraphedServingStep``, largest first, one memory pool and one arena per entry point), so a
     step is one graph replay and no request pays a capture. ``decode_buckets`` / ``step_buckets``
     choose them (default on CUDA: powers of two up to max_running, and max_running; token buckets
-    from 64 by powers of two up to max_step_tokens + max_running + 1; elsewhere none: every step
-    runs at its own size, unpadded)."""
+    from 64 by powers of two and the halfway points between them up to max_step_tokens +
+    max_running + 1; elsewhere none: every step runs at its own size, unpadded)."""
 
     def __init__(self, model, *, pages: dict[str, int] | None = None, state_budget: int | None = None,
                  max_running: int | None = None, max_step_tokens: int | None = None,
@@ -287,7 +287,11 @@ class CompiledStepRunner:
                 decode_buckets = sorted({*(1 << i for i in range(top.bit_length()) if 1 << i <= top), top})
             if step_buckets is None:
                 most = (max_step_tokens or batch["max_step_tokens"]) + self.step_seqs
-                step_buckets = sorted({*(1 << i for i in range(6, most.bit_length()) if 1 << i < most), most})
+                # powers of two from 64 and the halfway points between them (96, 192, 384, ...): a
+                # step pads to at most 1.5x its rows (a 512-token prompt with 32 padding sequences
+                # runs in 768, not 1024)
+                sizes = [b for i in range(6, most.bit_length()) for b in (1 << i, 3 << (i - 1))]
+                step_buckets = sorted({*(b for b in sizes if b < most), most})
         for name, given in (("decode_buckets", decode_buckets), ("step_buckets", step_buckets)):
             if given is not None and not all(isinstance(b, int) and b >= 1 for b in given):
                 raise InputError(f"CompiledStepRunner({name}={given!r}): give sizes >= 1")
