@@ -129,3 +129,14 @@ def test_ten_thousand_requests_leave_the_pools_as_they_started():
     for r in running:
         r.release()
     assert pools.stats() == start
+
+
+def test_token_buckets_pad_a_step_by_at_most_half():
+    from ds4c.runtime.engine import token_buckets
+
+    assert token_buckets(53) == [53]
+    assert token_buckets(2048 + 65) == [64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 2113]
+    buckets = token_buckets(4096 + 65)
+    for rows in range(33, 4096 + 65):
+        fit = next(b for b in buckets if b >= rows)
+        assert fit <= max(64, 1.5 * rows), rows
