@@ -228,15 +228,23 @@ def serving_table(serving: dict[str, Any]) -> Table:
                      f"per step, chunks up to {lay['max_chunk']})")
     for col in ("pool", "page", "bytes per page", "pages", "total"):
         tb.add_column(col, justify="left" if col in ("pool", "page") else "right")
-    what = {"window": f"{lay['window_page']} tokens of window rows", "compressed": f"{lay['comp_page']} tokens of "
-            "CSA/HCA entries + indexer keys", "slots": "one running request's compressor rings"}
+    mtp = serving.get("mtp")
+    what = {"window": f"{lay['window_page']} tokens of window rows" + (" (MTP block's included)" if mtp else ""),
+            "compressed": f"{lay['comp_page']} tokens of CSA/HCA entries + indexer keys",
+            "slots": "one running request's compressor rings"
+                     + (f" ({lay.get('draft_tokens')} rows more for drafts)" if lay.get("draft_tokens") else "")}
     for pool in ("window", "compressed", "slots"):
         n, b = pages.get(pool), per_page.get(pool)
         tb.add_row(pool, what[pool], "-" if b is None else _size(b), str(n),
                    "-" if n is None or b is None else _size(n * b))
+    notes = []
     if cap:
-        tb.caption = (f"compressed state for {cap['tokens']} token positions: requests at 4K {cap['requests_at_4k']}, "
-                      f"at 32K {cap['requests_at_32k']}, at max_context {cap['requests_at_max_context']}")
+        notes.append(f"compressed state for {cap['tokens']} token positions: requests at 4K {cap['requests_at_4k']}, "
+                     f"at 32K {cap['requests_at_32k']}, at max_context {cap['requests_at_max_context']}")
+    if mtp:
+        notes.append(f"speculative decoding: the MTP block (entry point mtp_step) drafts up to "
+                     f"{lay.get('draft_tokens')} tokens per step (Engine(speculative=k), --speculative K)")
+    tb.caption = "; ".join(notes) or None
     return tb
 
 

@@ -48,6 +48,13 @@ def test_compiled_speculation_gives_plain_greedy_tokens_and_accepts(artifact):
     assert lengths[3] >= 2.0
 
 
+def test_inspect_shows_the_mtp_block(artifact):
+    path, _, _ = artifact
+    out = CliRunner().invoke(app, ["inspect", str(path)], terminal_width=240)
+    assert out.exit_code == 0, out.output
+    assert "MTP block" in out.output and "mtp_step" in out.output and "3 rows more for drafts" in out.output
+
+
 def test_bench_serve_reports_the_acceptance_length(artifact, tmp_path):
     path, _, _ = artifact
     report = tmp_path / "spec.json"
