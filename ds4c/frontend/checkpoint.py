@@ -418,12 +418,26 @@ def _plan(files: _Files, expected: Spec, partial: bool = False) -> _Plan:
     return plan
 
 
-def _fill(files: _Files, src: _Source, dst: torch.Tensor, allow_nonfinite: bool = False) -> None:
-    """Read ``src`` a slab of rows at a time, dequantising, straight into ``dst`` (its dtype/device).
+def _rows_alone(src: _Source, rows: tuple[int, int], shape: tuple[int, ...]) -> bool:
+    """Whether rows [start, stop) of a stored tensor can be read without the others: a matrix,
+    stored plain or FP8 with the slice on block boundaries (MXFP4 and vectors are read whole)."""
+    start, stop = rows
+    if len(shape) < 2 or src.kind == "fp4":
+        return False
+    return src.kind == "plain" or (start % FP8_BLOCK == 0 and (stop % FP8_BLOCK == 0 or stop == shape[0]))
+
+
+def _fill(files: _Files, src: _Source, dst: torch.Tensor, allow_nonfinite: bool = False, first: int = 0) -> None:
+    """Read ``src`` a slab of rows at a time, dequantising, straight into ``dst`` (its dtype/device);
+    ``first``: ``dst`` holds rows ``first ..`` of the tensor (a rank's slice; a multiple of the FP8
+    block for FP8 tensors), which alone are read.
 
     Each slab is checked for NaN/Inf on its way (``_finite``) unless ``allow_nonfinite``: a
     non-finite weight makes every logit NaN, and greedy decoding then emits token 0 forever."""
-    if dst.dim() <= 1 or src.shape[0] == 0:
+    if first:
+        if dst.dim() <= 1 or src.kind == "fp4" or (src.kind == "fp8" and first % FP8_BLOCK):
+            raise AssertionError(f"_fill: rows from {first} of {src.key} cannot be read alone")
+    elif dst.dim() <= 1 or src.shape[0] == 0:
         t = files.rows(src.key).reshape(dst.shape)
         if not allow_nonfinite:
             _finite(files, src, t, 0)
@@ -437,15 +451,16 @@ def _fill(files: _Files, src: _Source, dst: torch.Tensor, allow_nonfinite: bool 
         scale = files.rows(s)
         if files.dtype(s) == "U8":  # UE8M0 exponents stored as bytes: the same bits as F8_E8M0
             scale = scale.view(torch.float8_e8m0fnu)
-    for r in range(0, src.shape[0], step):
-        r1 = min(r + step, src.shape[0])
-        t = files.rows(src.key, r, r1)
+    for r in range(0, dst.shape[0], step):
+        r1 = min(r + step, dst.shape[0])
+        a, b = first + r, first + r1  # rows of the stored tensor
+        t = files.rows(src.key, a, b)
         if src.kind == "fp8":
-            t = dequant_fp8_block(t, scale[r // FP8_BLOCK: -(-r1 // FP8_BLOCK)], FP8_BLOCK, out_dtype=dst.dtype)
+            t = dequant_fp8_block(t, scale[a // FP8_BLOCK: -(-b // FP8_BLOCK)], FP8_BLOCK, out_dtype=dst.dtype)
         elif src.kind == "fp4":
-            t = dequant_mxfp4(t, scale[r:r1], MX_BLOCK, out_dtype=dst.dtype)
+            t = dequant_mxfp4(t, scale[a:b], MX_BLOCK, out_dtype=dst.dtype)
         if not allow_nonfinite:
-            _finite(files, src, t, r)
+            _finite(files, src, t, a)
         dst[r:r1].copy_(t)
 
 
@@ -667,14 +682,16 @@ def _load_all(files: _Files, plan: _Plan, expected: Spec, out: dict[str, torch.T
         shape, want = expected[name]
         rows, slices = leading_rows(shard.get(name, []))
         first, last = 0, shape[0] if shape else 0
-        if name in plan.plain or rows is None:  # read whole, then cut
+        if rows is not None and name in plan.plain and not _rows_alone(plan.plain[name], rows, shape):
+            rows = None
+        if rows is None:  # read whole, then cut
             slices = list(shard.get(name, []))
-        else:  # only this rank's experts are read
+        else:  # only this rank's rows (its experts, its heads' rows) are read
             first, last = rows
             shape = (last - first, *shape[1:])
         dst = torch.empty(tuple(shape), dtype=dtype if want.is_floating_point else want, device=device)
         if name in plan.plain:
-            _fill(files, plan.plain[name], dst, allow_nonfinite)
+            _fill(files, plan.plain[name], dst, allow_nonfinite, first)
         else:
             half = dst.shape[1] // 2
             for (e, w), src in plan.experts[name].items():

@@ -329,3 +329,33 @@ def test_the_mtp_block_loads_from_the_release_naming_when_asked_for(tmp_path, fp
         torch.testing.assert_close(got[k], v.to(got[k].dtype), rtol=0, atol=0, msg=k)
     without = param_spec(build_meta_model(config, 64, torch.float32))
     assert not any(k.startswith("mtp.") for k in load_checkpoint(tmp_path, without))
+
+
+def test_a_ranks_rows_of_a_plain_or_block_aligned_tensor_are_read_alone(hf_model, spec, tmp_path, monkeypatch):
+    """A rank's leading-row slice of a non-expert tensor (its heads' rows of q_b_proj) is read alone
+    where the storage allows (plain, or FP8 on block boundaries), and equals the whole tensor's rows."""
+    from ds4c.frontend import checkpoint as ck
+
+    name = "model.layers.1.self_attn.q_b_proj.weight"
+    rows = spec[name][0][0]
+    for fp8, start, alone in ((False, rows // 2, True), (True, rows // 2, rows // 2 % 128 == 0)):
+        out = tmp_path / f"fp8_{fp8}"
+        write_deepseek_checkpoint(hf_model.state_dict(), hf_model.config.to_dict(), out, fp8=fp8, fp4_experts=False)
+        whole = load_checkpoint(out, spec)[name]
+        seen: list[tuple] = []
+        real = ck._Files.rows
+
+        def spy(self, key, a=None, b=None, real=real):
+            if key == "layers.1.attn.wq_b.weight":
+                seen.append((a, b))
+            return real(self, key, a, b)
+
+        monkeypatch.setattr(ck._Files, "rows", spy)
+        shard = {name: [{"dim": 0, "start": start, "stop": rows, "of": rows}]}
+        part = load_checkpoint(out, spec, shard=shard)[name]
+        monkeypatch.setattr(ck._Files, "rows", real)
+        assert torch.equal(part, whole[start:])
+        if alone:
+            assert seen and all(a is not None and a >= start for a, _ in seen), seen
+        else:
+            assert (None, None) in seen or any(a == 0 for a, _ in seen)
