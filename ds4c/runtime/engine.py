@@ -564,6 +564,7 @@ class Request:
     _drafts: list[int] = field(default_factory=list, repr=False)  # proposed tokens after the next one
     _draft_q: list = field(default_factory=list, repr=False)  # their draft distributions (sampled requests)
     _seed: int | None = None  # the random stream of its speculative draws
+    _pending_insert: bool = False  # an overlapped step computed a position whose token is still in flight
     _cancel: bool = False
     _engine: weakref.ref | None = field(default=None, repr=False)
     _on_progress: Callable[[Request], None] | None = field(default=None, repr=False)
@@ -1227,7 +1228,7 @@ class Engine:
                     self._stats["decode_tokens"] -= 1
                 continue
             r.output_ids.append(tok)
-            if self._cache is not None and getattr(r, "_pending_insert", False):
+            if self._cache is not None and r._pending_insert:
                 r._pending_insert = False
                 self._cache.insert(r.tokens, r._pages, r._computed - 1, r._computed)
             out.append(r)
