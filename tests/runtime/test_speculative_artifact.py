@@ -162,3 +162,37 @@ def test_small_buckets_of_a_verify_give_the_unpadded_step(artifact):
     torch.testing.assert_close(out["logits"][:n], want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["hidden"][:verify.tokens], want_hidden, rtol=1e-5, atol=1e-5)
     assert pad_step(verify, tokens, seqs, runner.rates) is None  # logits of every row need logits=tokens
+
+
+def test_the_server_streams_speculative_tokens(artifact):
+    """`ds4c serve --speculative 3`'s engine behind the OpenAI API: concurrent completions get plain
+    greedy's tokens; the pages come back."""
+    import asyncio
+
+    import httpx
+
+    from ds4c.runtime.tokenizer import tokenizer_for
+    from ds4c.server import create_app
+    from tests.server.test_server import LiveServer, _wait_idle
+
+    path, _, successor = artifact
+    g = torch.Generator().manual_seed(14)
+    prompts = [bigram_batch(successor, 1, n, g)[0].tolist() for n in (3, 25, 70)]
+    want = ds4c.Engine(path).generate(prompts, SamplingParams(max_new_tokens=24))
+    model = ds4c.load(path)
+    engine = ds4c.Engine(model, speculative=3)
+    server = LiveServer(create_app(engine, tokenizer_for(model), model_name="mtp"))
+    try:
+        async def main():
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+                bodies = [{"model": "mtp", "prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+                          for p in prompts]
+                return await asyncio.gather(*[client.post("/v1/completions", json=b) for b in bodies])
+
+        responses = asyncio.run(main())
+        assert [r.status_code for r in responses] == [200] * 3
+        assert [r.json()["choices"][0]["token_ids"] for r in responses] == want
+        stats = _wait_idle(engine)
+        assert stats["verifies"] > 0 and stats["acceptance_length"] >= 2.0
+    finally:
+        server.stop()
