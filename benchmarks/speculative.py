@@ -42,12 +42,39 @@ def _time(fn, reps: int) -> float:
     return statistics.median(out)
 
 
+def weight_read_limit(config: dict, layers: int) -> dict:
+    """Weight bytes per emitted token at B = 1 in bf16 (docs/PERFORMANCE.md): decode, verify of k + 1
+    tokens (the union of their experts, picks taken as independent), an MTP step, and the speedup
+    a round of verify + k MTP steps allows at acceptance lengths 1.5 / 2.0 / 2.5."""
+    d, i, e, k = config["hidden_size"], config["moe_intermediate_size"], config["n_routed_experts"], \
+        config["num_experts_per_tok"]
+    h, hd, q, g, ol = (config["num_attention_heads"], config["head_dim"], config["q_lora_rank"], config["o_groups"],
+                       config["o_lora_rank"])
+    expert, head = 3 * d * i * 2, config["vocab_size"] * d * 2
+    attn = (d * q + q * h * hd + d * hd + h * hd * ol + g * ol * d) * 2
+
+    def layer(tokens: int) -> float:
+        return (e * (1 - (1 - k / e) ** tokens) + 1) * expert + attn
+
+    decode, mtp = layers * layer(1) + head, layer(1) + head + 2 * d * d * 2
+    out = {"decode_bytes": decode, "mtp_step_bytes": mtp}
+    for drafts in (1, 2, 3):
+        verify = layers * layer(drafts + 1) + head
+        out[f"verify_k{drafts}_bytes"] = verify
+        for alpha in (1.5, 2.0, 2.5):
+            if alpha <= drafts + 1:
+                out[f"limit_speedup_k{drafts}_alpha{alpha}"] = alpha * decode / (verify + drafts * mtp)
+    return out
+
+
 def flash_slice(args, res: dict) -> None:
     import ds4c
+    from ds4c.models.deepseek_v4.presets import PRESETS
     from ds4c.runtime.engine import CompiledStepRunner
     from ds4c.runtime.pages import RequestPages
     from ds4c.runtime.step_batch import Chunk, build_step
 
+    res["weight_read_limit"] = weight_read_limit(PRESETS["flash-slice"], PRESETS["flash-slice"]["num_hidden_layers"])
     t0 = time.perf_counter()
     art = ds4c.compile("flash-slice", target=args.target, precision="bf16", max_context=args.context + 64,
                        serving={"max_running": 32, "max_chunk": 2048}, speculative=3, progress=False)
