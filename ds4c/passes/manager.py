@@ -138,6 +138,8 @@ class PassContext:
     rewrite_log: list[tuple[int, str, str, bool]] = field(default_factory=list)  # (index, pass, what, applied)
     current_pass: str = ""
     current_graph: str = ""
+    # the program's graphs as the pipeline has them (every graph has run the passes before this one)
+    graphs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.target is not None and not isinstance(self.target, Target):
@@ -180,6 +182,7 @@ class PassManager:
     def run(self, program: Program) -> Program:
         graphs = dict(program.graphs)
         self.ctx.program_attrs = program.attrs
+        self.ctx.graphs = graphs
         for p in self.passes:
             for name, graph in graphs.items():
                 self.ctx.current_pass, self.ctx.current_graph = p.name, name

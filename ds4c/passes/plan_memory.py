@@ -395,8 +395,9 @@ def plan_memory(graph: Graph, ctx: PassContext) -> Graph:
     """
     options = ctx.options
     attrs = ctx.program_attrs
-    if graph.name in (attrs.get("serving") or {}).get("inputs", {}):
-        options = {**options, "plan_sizes": {**serving_sizes(graph, options, attrs, ctx.target),
+    serving = attrs.get("serving") or {}
+    if graph.name in serving.get("inputs", {}) or (graph.name == "mtp_step" and serving.get("mtp")):
+        options = {**options, "plan_sizes": {**serving_sizes(graph, options, attrs, ctx.target, ctx.graphs),
                                              **(options.get("plan_sizes") or {})}}
     alignment = int(options.get("alignment", ALIGNMENT))
     lookahead = int(options.get("prefetch_lookahead", DEFAULT_LOOKAHEAD))
@@ -453,12 +454,14 @@ def plan_memory(graph: Graph, ctx: PassContext) -> Graph:
     return planned
 
 
-def serving_sizes(graph: Graph, options: Mapping[str, Any], attrs: dict[str, Any], target: Any) -> dict[str, int]:
+def serving_sizes(graph: Graph, options: Mapping[str, Any], attrs: dict[str, Any], target: Any,
+                  graphs: Mapping[str, Graph] | None = None) -> dict[str, int]:
     """The binding of a serving graph: N = L = max_step_tokens tokens, R = max_running sequences,
     E = N emitters, and the pool pages of ``attrs['serving_pages']`` (sized here, once per
     program, by ``size_pools``: the state budget is ``hbm_budget`` or 92% of the target's HBM, less
-    this graph's weights; the host CPU target, without a budget, gets pools for ``max_running``
-    requests of max_context: filling 92% of a server's RAM is no default)."""
+    the weights of this graph and of the MTP block's ``mtp_step`` in ``graphs`` where the program
+    has one; the host CPU target, without a budget, gets pools for ``max_running`` requests of
+    max_context: filling 92% of a server's RAM is no default)."""
     from ds4c.models.deepseek_v4.paged import PageLayout, all_pools, page_bytes, pool_capacity, size_pools
 
     serving = attrs["serving"]
@@ -466,7 +469,11 @@ def serving_sizes(graph: Graph, options: Mapping[str, Any], attrs: dict[str, Any
     layout = PageLayout.from_record(serving["layout"], f"plan_memory @{graph.name}")
     if "serving_pages" not in attrs:
         per_page = page_bytes(all_pools(serving))
-        weights = sum(_param_bytes(graph, SizeEvaluator({})).values())
+        held = dict(_param_bytes(graph, SizeEvaluator({})))
+        mtp = (graphs or {}).get("mtp_step") if serving.get("mtp") else None
+        if mtp is not None and mtp is not graph:  # the MTP block's weights live beside the model's
+            held = {**_param_bytes(mtp, SizeEvaluator({})), **held}
+        weights = sum(held.values())
         hbm = getattr(target, "hbm_bytes", None) if getattr(target, "backend", "reference") != "reference" else None
         budget = options.get("hbm_budget") or (int(0.92 * hbm) if hbm else None)
         if budget is not None:

@@ -35,6 +35,10 @@ def test_compiled_speculation_gives_plain_greedy_tokens_and_accepts(artifact):
     path, model, successor = artifact
     compiled = ds4c.load(path)
     assert compiled.manifest["serving"]["mtp"]["pools"][0]["name"] == "mtp.0.window_kv_pool"
+    # the pools were planned beside every weight the steps read, the MTP block's included
+    mtp_bytes = sum(t.nbytes for k, t in compiled.weights.items() if k.startswith("mtp."))
+    assert mtp_bytes > 0
+    assert compiled.manifest["serving"]["pages"]["weights"] == sum(t.nbytes for t in compiled.weights.values())
     g = torch.Generator().manual_seed(4)
     prompts = [bigram_batch(successor, 1, n, g)[0].tolist() for n in (1, 9, 33, 70, 130)]
     outs, lengths = {}, {}
