@@ -11,20 +11,14 @@ import torch
 from ds4c.errors import InputError
 from ds4c.runtime.sampling import SamplingParams
 from tests.quant.synthetic_language import bigram_batch
-from tests.runtime.test_engine import _engine, _greedy, _run_batched, _workload, compiled  # noqa: F401 - a fixture
-
-
-@pytest.fixture(scope="module")
-def trained():
-    from ds4c.models.deepseek_v4 import DeepseekV4Model, ModelConfig
-    from tests.hf_configs import SMALL_CONFIGS
-    from tests.quant.synthetic_language import trained_model
-    from tests.runtime.test_engine import MAX_CONTEXT
-
-    hf, successor, _ = trained_model("mixed")
-    model = DeepseekV4Model(ModelConfig.from_hf_dict(SMALL_CONFIGS["mixed"], source="mixed"), MAX_CONTEXT).eval()
-    model.load_state_dict(hf.state_dict(), strict=True)
-    return model, successor
+from tests.runtime.test_engine import (  # noqa: F401 - the fixtures compiled and trained
+    _engine,
+    _greedy,
+    _run_batched,
+    _workload,
+    compiled,
+    trained,
+)
 
 
 def _both(model, work, params_of, **kw):
@@ -34,7 +28,7 @@ def _both(model, work, params_of, **kw):
     return plain, over, engine
 
 
-def test_overlapped_decode_steps_give_the_same_tokens(trained):
+def test_overlapped_decode_steps_give_the_same_tokens(trained):  # noqa: F811 - the imported fixture
     model, successor = trained
     work = _workload(successor, n=16, seed=4)
     plain, over, engine = _both(model, work, lambda i, n: SamplingParams(max_new_tokens=n), max_running=12,
@@ -51,7 +45,7 @@ def test_overlapped_decode_steps_give_the_same_tokens(trained):
     assert engine.pools.stats() == _engine(model).pools.stats()
 
 
-def test_overlap_with_preemption_stops_cancel_sampling_and_the_prefix_cache(trained):
+def test_overlap_with_preemption_stops_cancel_sampling_and_the_prefix_cache(trained):  # noqa: F811
     model, successor = trained
     work = _workload(successor, n=12, seed=5)
     g = torch.Generator().manual_seed(6)
@@ -85,7 +79,7 @@ def test_overlap_with_preemption_stops_cancel_sampling_and_the_prefix_cache(trai
     assert engine.pools.stats() == _engine(model).pools.stats()
 
 
-def test_overlap_needs_a_runner_that_takes_device_tokens(trained):
+def test_overlap_needs_a_runner_that_takes_device_tokens(trained):  # noqa: F811
     model, _ = trained
     runner = _engine(model).runner
     runner.accepts_device_tokens = False
@@ -96,7 +90,7 @@ def test_overlap_needs_a_runner_that_takes_device_tokens(trained):
     assert Engine(runner).overlap is False
 
 
-def test_overlap_on_the_compiled_artifact(trained, compiled):  # noqa: F811 - the imported fixture
+def test_overlap_on_the_compiled_artifact(trained, compiled):  # noqa: F811 - the imported fixtures
     """The artifact's runner takes the in-flight tokens as its input ids (op by op here; on CUDA the
     decode graphs copy them on the device)."""
     _, successor = trained
@@ -106,7 +100,7 @@ def test_overlap_on_the_compiled_artifact(trained, compiled):  # noqa: F811 - th
     assert engine.stats()["overlapped_steps"] >= 15
 
 
-def test_a_failing_overlapped_step_fails_its_requests_once(trained):
+def test_a_failing_overlapped_step_fails_its_requests_once(trained):  # noqa: F811
     """A chained step that raises: the tokens of the step before it are kept (once), the step's
     requests finish with "error", and the engine goes on with new requests."""
     model, successor = trained

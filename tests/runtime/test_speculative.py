@@ -21,6 +21,7 @@ from ds4c.runtime.sampling import SamplingParams
 from ds4c.runtime.step_batch import Chunk, build_step
 from tests.mtp_model import MAX_CONTEXT, mtp_model
 from tests.quant.synthetic_language import bigram_batch
+from tests.runtime.test_engine import _run_batched as _run
 
 DRAFTS = 3
 
@@ -55,17 +56,6 @@ def _workload(successor, n=24, seed=0, longest=300):
         length = 1 if i == 0 else longest if i == 1 else rng.randint(1, longest)
         out.append((rng.randint(0, 30), bigram_batch(successor, 1, length, g)[0].tolist(), rng.randint(1, 64)))
     return out
-
-
-def _run(engine, workload, params_of):
-    reqs, step = {}, 0
-    while len(reqs) < len(workload) or not engine.idle:
-        for i, (arrive, prompt, n) in enumerate(workload):
-            if arrive == step:
-                reqs[i] = engine.submit(prompt, params_of(i, n))
-        engine.step()
-        step += 1
-    return [reqs[i] for i in range(len(workload))]
 
 
 def _greedy(i, n):
