@@ -435,7 +435,7 @@ def _fill(files: _Files, src: _Source, dst: torch.Tensor, allow_nonfinite: bool 
     Each slab is checked for NaN/Inf on its way (``_finite``) unless ``allow_nonfinite``: a
     non-finite weight makes every logit NaN, and greedy decoding then emits token 0 forever."""
     if first:
-        if dst.dim() <= 1 or src.kind == "fp4" or (src.kind == "fp8" and first % FP8_BLOCK):
+        if not _rows_alone(src, (first, first + dst.shape[0]), src.shape):
             raise AssertionError(f"_fill: rows from {first} of {src.key} cannot be read alone")
     elif dst.dim() <= 1 or src.shape[0] == 0:
         t = files.rows(src.key).reshape(dst.shape)

@@ -59,7 +59,6 @@ from ds4c.runtime.speculative import (
     generator_for,
     penalty_context,
     processed_logits,
-    speculates,
 )
 from ds4c.runtime.step_batch import Chunk, StepBatch, build_step
 
@@ -196,8 +195,6 @@ class EagerStepRunner:
         """Page ``src[i]``'s contents into page ``dst[i]``, in every tensor of ``pool``."""
         tensors = (*self.state, *(self.mtp_state if self.mtp else ()))
         _copy_pages([t for t, kind in zip(tensors, self._pool_kinds, strict=True) if kind == pool], src, dst)
-
-
 
 
 def mtp_args(batch: StepBatch) -> tuple[torch.Tensor, ...]:
@@ -517,16 +514,14 @@ class CompiledStepRunner:
 
         n_logits = int(batch.logit_rows.shape[0])
         small = self._small_bucket(self.mtp_small_graphs, batch, logits_all=False)
+        if small is None:
+            need = batch.tokens + self.step_seqs - batch.seq_first.shape[0]
+            bucket = next((b for b in self.step_buckets if b >= need and b in self.mtp_graphs), None)
+            padded = None if bucket is None else pad_step(batch, bucket, self.step_seqs, self.rates)
+            small = None if padded is None else (self.mtp_graphs[bucket], padded)
         if small is not None:
             graph, padded = small
             logits = graph(self._mtp_inputs(padded, hidden, padded.tokens), n_logits)
-            return logits, graph.hidden[:n_logits].clone()
-        need = batch.tokens + self.step_seqs - batch.seq_first.shape[0]
-        bucket = next((b for b in self.step_buckets if b >= need and b in self.mtp_graphs), None)
-        padded = None if bucket is None else pad_step(batch, bucket, self.step_seqs, self.rates)
-        if padded is not None:
-            graph = self.mtp_graphs[bucket]
-            logits = graph(self._mtp_inputs(padded, hidden, bucket), n_logits)
             return logits, graph.hidden[:n_logits].clone()
         inputs = self._mtp_inputs(batch, hidden, batch.tokens)
         out = self.model._entry("mtp_step").run(inputs, self.model.weights, self.mtp_state)
@@ -626,7 +621,12 @@ class Request:
     @property
     def acceptance_length(self) -> float | None:
         """Tokens emitted per speculative verify step (accepted drafts + 1), None before the first."""
-        return (self.accepted_drafts + self.verifies) / self.verifies if self.verifies else None
+        return acceptance_length(self.accepted_drafts, self.verifies)
+
+
+def acceptance_length(accepted_drafts: int, verifies: int) -> float | None:
+    """Tokens emitted per verify step: the accepted drafts and one more each; None without one."""
+    return (accepted_drafts + verifies) / verifies if verifies else None
 
 
 @dataclass
@@ -876,8 +876,7 @@ class Engine:
                 "step_graphs": sorted(getattr(self.runner, "step_graphs", ())),
                 "graph_errors": dict(getattr(self.runner, "graph_errors", {})),
                 **self._stats, "speculative": self.speculative,
-                "acceptance_length": ((self._stats["accepted_drafts"] + self._stats["verifies"]) / self._stats["verifies"]
-                                      if self._stats["verifies"] else None),
+                "acceptance_length": acceptance_length(self._stats["accepted_drafts"], self._stats["verifies"]),
                 "busy_s": busy["mixed"] + busy["decode"], "decode_busy_s": busy["decode"],
                 "prefill_tokens_per_s": rate(self._stats["prefill_tokens"], busy["mixed"]),
                 "decode_tokens_per_s": rate(self._stats["decode_tokens"], busy["decode"])}
@@ -1098,11 +1097,11 @@ class Engine:
 
     def _run_timed(self, plan: dict[Request, Chunk]) -> list[Request]:
         reqs = list(plan)
-        # Requests that speculate take their tokens from the verify rules (ds4c.runtime.speculative),
-        # the others from the sampler, whose rows follow the logits' rows: the plan's order of the
+        # With speculation every request takes its tokens from the verify rules (ds4c.runtime.speculative);
+        # without, from the sampler, whose rows follow the logits' rows: the plan's order of the
         # chunks that end their request's known tokens (requests joining the sampler, e.g. at the end
         # of a recompute, may sit anywhere in it).
-        spec = [r for r in reqs if self._speculates(r) and plan[r].logits != "none"]
+        spec = [r for r in reqs if self.speculative and plan[r].logits != "none"]
         rows = [r for r in reqs if plan[r].logits == "last" and r not in spec]
         for r in rows:
             if r not in self._sampling:
@@ -1150,7 +1149,7 @@ class Engine:
             self._verify(r, plan[r], logits[at:at + n], picks[at:at + n] if r in plain_greedy else None)
         sampled += spec
         if self.speculative:
-            drafting = [r for r in reqs if self._speculates(r) and r.status == "running"]
+            drafting = [r for r in reqs if r.status == "running"]
             if drafting:
                 self._draft(drafting, plan, row_at)
         return sampled
@@ -1158,12 +1157,10 @@ class Engine:
     def _sample(self, logits: torch.Tensor, defer: bool = False) -> list[Request]:
         """Sample the sampler's rows from ``logits`` (one row each); append, retire, notify. With
         ``defer`` the tokens stay on the device (``_inflight``): the next step reads them."""
-        params, generated = list(self._sampler.params), list(self._sampler.generated)
-        result = sample(logits, self._sampler)
         if defer:
-            self._inflight = _Inflight.start(list(self._sampling), result, params,
-                                             [g + 1 for g in generated])
+            self._inflight = self._sample_in_flight(logits)
             return []
+        result = sample(logits, self._sampler)
         tokens = result.tokens.tolist()
         reasons = finish_reasons(tokens, self._sampler.params, self._sampler.generated)
         top = None
@@ -1210,10 +1207,15 @@ class Engine:
         self._stats["steps"] += 1
         self._stats["decode_steps"] += 1
         self._stats["overlapped_steps"] += 1
-        params, generated = list(self._sampler.params), list(self._sampler.generated)
-        result = sample(logits, self._sampler)
+        inflight = self._sample_in_flight(logits, chained=True)
         self._busy["decode"] += time.perf_counter() - started
-        return _Inflight.start(list(reqs), result, params, [g + 1 for g in generated], chained=True)
+        return inflight
+
+    def _sample_in_flight(self, logits: torch.Tensor, chained: bool = False) -> _Inflight:
+        """Sample the sampler's rows, leaving the tokens on the device (``_Inflight``), with the
+        parameters and counts (this token included) that ``_finalize`` checks them against."""
+        params, generated = list(self._sampler.params), [g + 1 for g in self._sampler.generated]
+        return _Inflight.start(list(self._sampling), sample(logits, self._sampler), params, generated, chained)
 
     def _finalize(self, inflight: _Inflight) -> list[Request]:
         """Read ``inflight``'s tokens (waiting for that step only) and give them to their requests:
@@ -1239,9 +1241,6 @@ class Engine:
         return out
 
     # -- speculative decoding (docs/design/mtp.md) --------------------------------------------------
-
-    def _speculates(self, req: Request) -> bool:
-        return bool(self.speculative) and speculates(req.params)
 
     def _random(self, req: Request, salt: int) -> torch.Generator | None:
         """The request's random stream for this step's draws (None for greedy: nothing is drawn)."""
@@ -1291,8 +1290,9 @@ class Engine:
             req.output_ids.append(tok)
             if p.logprobs is not None:
                 req.logprobs.append((chosen[i], list(zip(top_ids[i], top_lp[i], strict=True))))
-            if tok in p.stop_token_ids or len(req.output_ids) >= p.max_new_tokens:
-                self._retire(req, "stop" if tok in p.stop_token_ids else "length")
+            why = finish_reasons([tok], [p], [len(req.output_ids)])[0]
+            if why is not None:
+                self._retire(req, why)
                 return
         req._notify()
 

@@ -30,14 +30,7 @@ from torch import Tensor
 
 from ds4c.runtime.sampling import SamplingParams, _apply_top_k_top_p
 
-__all__ = ["accept", "accept_greedy", "draft_token", "generator_for", "penalty_context", "processed_logits",
-           "speculates"]
-
-
-def speculates(params: SamplingParams) -> bool:
-    """Whether a request with ``params`` drafts (every request does; kept as the engine's one place
-    to decide it)."""
-    return True
+__all__ = ["accept", "accept_greedy", "draft_token", "generator_for", "penalty_context", "processed_logits"]
 
 
 def penalty_context(params: SamplingParams, prompt: list[int], output: list[int], drafts: list[int],

@@ -104,8 +104,11 @@ class ModelConfig:
 
     def compress_rate(self, layer: int) -> int:
         """Tokens per compressed entry of ``layer`` (0: a sliding-window-only layer)."""
-        kind = self.layer_types[layer]
-        return 0 if kind == "sliding_attention" else int(self.compress_rates[kind])
+        return self.rate_of(self.layer_types[layer])
+
+    def rate_of(self, layer_type: str) -> int:
+        """Tokens per compressed entry of a layer of ``layer_type`` (0: sliding-window only)."""
+        return 0 if layer_type == "sliding_attention" else int(self.compress_rates[layer_type])
 
     @cached_property
     def hf(self) -> Any:

@@ -415,7 +415,7 @@ class Attention(nn.Module):
                                       self.groups)
         self.o_b_proj = nn.Linear(self.groups * config.o_lora_rank, config.hidden_size, bias=False)
         self.sinks = nn.Parameter(torch.empty(self.heads))
-        self.ratio = 0 if self.layer_type == "sliding_attention" else int(config.compress_rates[self.layer_type])
+        self.ratio = config.rate_of(self.layer_type)
         self.capacity = math.ceil(max_context / self.ratio) if self.ratio else 0
         if self.layer_type == "compressed_sparse_attention":
             self.compressor = Compressor(config, self.ratio, self.head_dim, overlap=True)
@@ -853,6 +853,11 @@ class DeepseekV4Model(nn.Module):
         positions = torch.arange(next_ids.shape[1], device=next_ids.device)
         h, _ = block("prefill", block.mix(hidden, self.model.embed_tokens(next_ids)), next_ids, positions,
                      self.model.rotary)
+        return self._mtp_head(h)
+
+    def _mtp_head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of the MTP block's streams ``h`` [B, S, n, D]: its own HC head and norm, the shared LM head."""
+        block = self.mtp[0]
         return self.lm_head(block.norm(block.hc_head(h)))
 
     def decode(self, input_ids: torch.Tensor, position: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -913,8 +918,7 @@ class DeepseekV4Model(nn.Module):
         h, st = block("draft", hidden.unsqueeze(0), self.model.embed_tokens(ids), ids, index, list(state),
                       self.model.rotary)
         h = h.index_select(1, logit_rows)
-        logits = self.lm_head(block.norm(block.hc_head(h)))[0]
-        return (logits, h[0], *st)
+        return (self._mtp_head(h)[0], h[0], *st)
 
     def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, window_table: torch.Tensor,
                     comp_table: torch.Tensor, slot: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
