@@ -268,12 +268,12 @@ def run(
             as_token_ids(rows)  # refuses the ragged batch with how to serve it
         accepted = None
         if speculative:
-            if "mesh" in model.manifest:
-                raise InputError(f"--speculative {speculative}: {artifact} is sharded; speculative decoding runs on "
-                                 "one GPU's artifacts (compiled with --speculative, without --mesh / --gpus)")
             if max_new_tokens < 1:
                 raise InputError(f"--max-new-tokens {max_new_tokens}: give at least 1 with --speculative")
             engine = ds4c.Engine(model, speculative=speculative)
+            if engine.rank:  # a sharded artifact's other ranks run rank 0's steps; rank 0 prints
+                engine.follow()
+                return
             new_ids = engine.generate(rows, ds4c.SamplingParams(max_new_tokens=max_new_tokens))
             accepted = engine.stats()["acceptance_length"]
             engine.close()

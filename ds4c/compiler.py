@@ -152,9 +152,6 @@ def compile(
         raise ConfigError(f"--speculative must be a number of drafts >= 0, got {speculative!r}")
     if speculative and not serving:
         raise ConfigError(f"--speculative {speculative}: speculative decoding runs in the serving engine; add --serving")
-    if speculative and (mesh is not None or gpus):
-        raise ConfigError(f"--speculative {speculative}: the MTP block is not sharded yet; compile speculative "
-                          "artifacts for one GPU (without --mesh / --gpus)")
     if speculative and config.num_nextn_predict_layers < 1:
         raise ConfigError(f"--speculative {speculative}: the model has no MTP block ('num_nextn_predict_layers' is 0 in "
                           f"{_config_where(source)}); compile without --speculative")

@@ -148,7 +148,31 @@ def _copy_pages(tensors: list[torch.Tensor], src: list[int], dst: list[int]) -> 
         t.index_copy_(0, d, t.index_select(0, s))
 
 
-class EagerStepRunner:
+class MTPRows:
+    """The MTP steps by rows of streams a step runner holds (base of the step runners).
+
+    ``hidden`` holds the last main-model step's final streams, ``mtp_hidden`` the last MTP step's
+    output streams (one row per logits row). ``run_mtp_rows`` runs the MTP block on some rows of
+    one of them, so the engine names rows, never tensors: the ranks of a sharded artifact, which
+    all hold the same streams, then make the same call from a few integers (``ds4c.runtime.ranks``)."""
+
+    hidden: torch.Tensor | None = None
+    mtp_hidden: torch.Tensor | None = None
+
+    def run_mtp(self, batch: StepBatch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def run_mtp_rows(self, batch: StepBatch, rows: torch.Tensor, chained: bool = False) -> torch.Tensor:
+        """The MTP block over ``batch`` with rows ``rows`` of the main model's streams (``chained``:
+        of the last MTP step's); its logits. Its output streams become ``mtp_hidden``."""
+        source = self.mtp_hidden if chained else self.hidden
+        if source is None:
+            raise AssertionError(f"run_mtp_rows: no {'MTP' if chained else 'main-model'} streams yet")
+        logits, self.mtp_hidden = self.run_mtp(batch, source.index_select(0, rows.to(source.device)))
+        return logits
+
+
+class EagerStepRunner(MTPRows):
     """``DeepseekV4Model.step`` in eager PyTorch over pools allocated here (``window_pages``,
     ``comp_pages``, ``slots``; id 0 of each is trash)."""
 
@@ -210,7 +234,7 @@ def token_buckets(most: int) -> list[int]:
     return sorted({*(b for b in sizes if b < most), most})
 
 
-class CompiledStepRunner:
+class CompiledStepRunner(MTPRows):
     """An artifact's serving entry points over pools allocated here, on the artifact's device.
 
     ``pages``: pages per pool (``{"window", "compressed", "slots"}``); default: the compiled plan's
@@ -774,7 +798,7 @@ class Engine:
             raise InputError(f"Engine(speculative={k!r}): give the number of MTP drafts per step, an integer >= 0")
         if not k:
             return 0
-        if not (getattr(runner, "mtp", False) and hasattr(runner, "run_mtp")):
+        if not (getattr(runner, "mtp", False) and hasattr(runner, "run_mtp_rows")):
             raise InputError(f"Engine(speculative={k}): this model has no compiled MTP block; compile it with "
                              f"`ds4c compile ... --serving --speculative {k}` (its config needs num_nextn_predict_layers=1)")
         if k > self.layout.draft_tokens:
@@ -1299,7 +1323,6 @@ class Engine:
     def _draft(self, reqs: list[Request], plan: dict[Request, Chunk], row_at: dict[Request, int]) -> None:
         """Run the MTP block over the positions this step kept (the main model's final streams there,
         and the tokens after them), then chain it for the drafts of the requests that decode next."""
-        hidden = self.runner.hidden
         chunks, index, drafting = [], [], []
         for r in reqs:
             c = plan[r]
@@ -1313,8 +1336,7 @@ class Engine:
                 drafting.append(r)
         if not chunks:
             return
-        rows = torch.tensor(index, dtype=torch.long, device=hidden.device)
-        logits, streams = self.runner.run_mtp(build_step(chunks, self.runner.rates), hidden.index_select(0, rows))
+        logits = self.runner.run_mtp_rows(build_step(chunks, self.runner.rates), torch.tensor(index, dtype=torch.long))
         # one random stream per request for this call's k draws (a fresh one per draw would repeat them)
         draws = {r: self._random(r, 1) for r in drafting}
         # drafts per request: k, fewer near max_new_tokens, none where no page is free for them
@@ -1324,18 +1346,19 @@ class Engine:
             while want > 0 and not r._pages.grow(r._computed + want + 1):
                 want -= 1
             depth[r] = want
+        at = torch.arange(len(drafting))  # each drafting request's row of the runner's MTP streams
         for j in range(self.speculative):
             live = [i for i, r in enumerate(drafting) if depth[r] > j]
             if not live:
                 return
-            pick = torch.tensor(live, dtype=torch.long, device=streams.device)
+            pick = torch.tensor(live, dtype=torch.long)
             if j:  # one more MTP row each: at the previous draft's position, reading it
                 chunks = [Chunk(drafting[i]._pages, [drafting[i]._drafts[-1]], drafting[i]._computed + j - 1, "last")
                           for i in live]
-                logits, streams = self.runner.run_mtp(build_step(chunks, self.runner.rates),
-                                                      streams.index_select(0, pick))
+                logits = self.runner.run_mtp_rows(build_step(chunks, self.runner.rates), at[pick], chained=True)
+                at = torch.arange(len(live))
             else:
-                logits, streams = logits.index_select(0, pick.to(logits.device)), streams.index_select(0, pick)
+                logits, at = logits.index_select(0, pick.to(logits.device)), at[pick]
             drafting = [drafting[i] for i in live]
             argmax = logits.argmax(dim=-1).tolist() if any(r.params.greedy for r in drafting) else []
             for i, r in enumerate(drafting):

@@ -5,7 +5,8 @@ every request, replicated: attention is replicated). Rank 0's Engine does all th
 (admission, pages, prefix cache, sampling); what touches the device goes through its step
 runner, so ``LeaderStepRunner`` sends each such call to the other ranks before making it, and
 ``follow`` (``Engine.follow()`` on ranks 1..) makes the same call on their runner: a step's
-inputs (``StepBatch``: integer tensors), page copies (prefix cache), window pages added,
+inputs (``StepBatch``: integer tensors), MTP steps (a step's inputs and the rows of the streams
+they read, which every rank holds alike), page copies (prefix cache), window pages added,
 warm-up (CUDA graph capture), stop. The collectives inside the steps then meet, rank for rank.
 
 Messages go over a gloo group (CPU tensors, also when the steps run on NCCL): a header of
@@ -29,7 +30,7 @@ from ds4c.runtime.step_batch import StepBatch
 __all__ = ["LeaderStepRunner", "control_group", "follow", "receive_tokens", "send_tokens"]
 
 HEADER = 128
-RUN, COPY_PAGES, ADD_WINDOW_PAGES, WARM_UP, STOP, TOKENS = 1, 2, 3, 4, 5, 6
+RUN, COPY_PAGES, ADD_WINDOW_PAGES, WARM_UP, STOP, TOKENS, RUN_MTP = 1, 2, 3, 4, 5, 6, 7
 _DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
 _POOLS = ("window", "compressed", "slots")
 _MAX_RANK = 4  # tensor ranks a message carries (StepBatch's are 1-D and 2-D)
@@ -112,10 +113,8 @@ class LeaderStepRunner:
         atexit.register(at_exit)
 
     # Not across ranks (yet): steps fed with the previous step's tokens on the device (the others
-    # would get placeholder ids) and the MTP block (its entry point is not sharded). The engine
-    # then runs without overlap and refuses speculation.
+    # would get placeholder ids). The engine then runs without overlapped steps.
     accepts_device_tokens = False
-    mtp = False
 
     def __getattr__(self, name: str) -> Any:  # pools, layout, rates, graphs, ...: the local runner's
         return getattr(self._runner, name)
@@ -123,6 +122,15 @@ class LeaderStepRunner:
     def run(self, batch: StepBatch) -> torch.Tensor:
         _send(self._group, RUN, (), batch.args())
         return self._runner.run(batch)
+
+    def run_mtp_rows(self, batch: StepBatch, rows: torch.Tensor, chained: bool = False) -> torch.Tensor:
+        # every rank holds the same streams (the steps end in all-reduces): the rows name them
+        _send(self._group, RUN_MTP, (int(chained),), (*batch.args(), rows.to("cpu", torch.int64)))
+        return self._runner.run_mtp_rows(batch, rows, chained)
+
+    def run_mtp(self, batch: StepBatch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise AssertionError("a sharded engine runs the MTP block by rows (run_mtp_rows): the other ranks hold "
+                             "the streams, not this tensor")
 
     def copy_pages(self, pool: str, src: list[int], dst: list[int]) -> None:
         _send(self._group, COPY_PAGES, (_POOLS.index(pool),),
@@ -156,6 +164,8 @@ def follow(runner: Any, group: Any) -> int:
         if cmd == RUN:
             runner.run(StepBatch(*tensors, logit_owners=()))
             steps += 1
+        elif cmd == RUN_MTP:
+            runner.run_mtp_rows(StepBatch(*tensors[:-1], logit_owners=()), tensors[-1], bool(ints[0]))
         elif cmd == COPY_PAGES:
             runner.copy_pages(_POOLS[ints[0]], tensors[0].tolist(), tensors[1].tolist())
         elif cmd == ADD_WINDOW_PAGES:

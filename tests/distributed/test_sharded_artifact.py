@@ -262,6 +262,62 @@ def test_the_engine_on_rank_0_drives_every_rank_of_a_sharded_serving_artifact(tm
     assert got[1] > len(PROMPTS)  # rank 1 ran every step (prefill chunks and decodes)
 
 
+def _speculative_worker(rank: int, world: int, port: int, path: str, prompts, results) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    results[rank] = _speculate(path, prompts)
+
+
+def _speculate(path: str, prompts) -> object:
+    """Rank 0 (or one process): (tokens, accepted drafts, verifies, steps) of 3-draft speculation over
+    ``prompts``; another rank: the steps it followed."""
+    from ds4c.runtime.sampling import SamplingParams
+
+    engine = ds4c.Engine(path, pages={"window": 300, "compressed": 120, "slots": 13}, speculative=3)
+    if engine.rank:
+        return engine.follow()
+    out = engine.generate(prompts, SamplingParams(max_new_tokens=24))
+    stats = engine.stats()
+    engine.close()
+    return out, stats["accepted_drafts"], stats["verifies"], stats["steps"]
+
+
+@pytest.fixture(scope="module")
+def mtp_checkpoint(tmp_path_factory):
+    """The ``mixed`` config with an MTP block trained for a few steps (some drafts rejected), as a
+    checkpoint, and prompts of its synthetic language."""
+    from tests.mtp_model import mtp_model, save_checkpoint
+    from tests.quant.synthetic_language import bigram_batch
+
+    model, successor = mtp_model(15)
+    g = torch.Generator().manual_seed(4)
+    prompts = [bigram_batch(successor, 1, n, g)[0].tolist() for n in (1, 9, 33, 70)]
+    return save_checkpoint(model, tmp_path_factory.mktemp("mtp_ckpt")), prompts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["ep=2", "tp=2"])
+def test_speculative_decoding_over_the_ranks_of_a_sharded_artifact_equals_one_rank(tmp_path, mesh, mtp_checkpoint):
+    """The MTP block sharded like the main model (its experts over ep, its heads over tp): rank 0's
+    speculative engine drives every rank's verify and MTP steps (the MTP steps by rows of the
+    streams every rank holds). Same tokens and the same drafts accepted as one rank: the drafts
+    themselves are the unsharded block's."""
+    from tests.mtp_model import MAX_CONTEXT
+
+    ckpt, prompts = mtp_checkpoint
+    kw = dict(target="cpu", precision="fp32", max_context=MAX_CONTEXT, progress=False, speculative=3,
+              serving={"max_running": 12, "max_chunk": 32, "window_page": 4, "comp_page": 16})
+    want = _speculate(str(ds4c.compile(ckpt, **kw).save(tmp_path / "one.ds4")), prompts)
+    path = ds4c.compile(ckpt, mesh=mesh, **kw).save(tmp_path / "sharded.ds4")
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_speculative_worker, args=(2, free_port(), str(path), prompts, results), nprocs=2, join=True)
+        got = dict(results)
+    assert got[0] == want
+    assert 0 < want[1] < 3 * want[2]  # drafts accepted, and some rejected
+    assert got[1] == want[3]  # rank 1 ran every step (prefill chunks and verifies)
+
+
 @pytest.mark.slow
 def test_ranks_read_their_experts_from_a_release_checkpoint(tmp_path):
     """A checkpoint in DeepSeek's release naming (one tensor per expert), compiled ep=2 by
