@@ -25,6 +25,9 @@
 #                                                 # step times, memory over 200 requests; the serving kernels test (~5 min)
 #   bash benchmarks/device_session.sh flash1      # the whole flash (MXFP4 experts, FP8 elsewhere) on one GPU with
 #                                                 # --hbm-budget 120GB: compile, load, TTFT, 16 tokens vs host link (~9 min)
+#   bash benchmarks/device_session.sh serve26     # #26 in one call: flash-slice --serving (bf16); TPOT at concurrency 1
+#                                                 # with / without overlapped steps vs generate; 64 requests at
+#                                                 # saturation vs static batches; 16 vs transformers (~9.5 min)
 #   bash benchmarks/device_session.sh spec        # MTP speculation: verify k=1..3 vs decode at B=1/32 (flash-slice,
 #                                                 # bf16), then the trained tiny's acceptance and tokens/s (~8 min)
 #   bash benchmarks/device_session.sh prefix      # decode-bucket graphs test; flash-slice --serving (bf16), then #27's
@@ -36,8 +39,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -45,7 +48,26 @@ target="${TARGET:-h200}"
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv > "$out/gpu.txt" 2>&1
 head_table=benchmarks/tables/fp8_with_head.json
+deadline=$((SECONDS + ${BUDGET_S:-570}))
+left() { local t=$((deadline - SECONDS - 5)); [ "$t" -lt "$1" ] && echo "$t" || echo "$1"; }  # a timeout within the call
 case "$1" in
+  serve26)
+    art=/tmp/fs_serving_$target.ds4
+    timeout "$(left 200)" python -m ds4c.cli compile flash-slice --target "$target" --precision bf16 --serving \
+      --max-context 8192 -o "$art" > "$out/compile.log" 2>&1; tail -1 "$out/compile.log" | cut -c1-200
+    bs=(--device cuda --state-budget 24GB)
+    timeout "$(left 90)" python -m ds4c.cli bench serve "$art" "${bs[@]}" --requests 4 --concurrency 1 --prompt-len 512:512 \
+      --output-len 128:128 --compare static --static-batch 1 --overlap --json "$out/serve_c1_overlap.json" \
+      > "$out/serve_c1_overlap.log" 2>&1; grep -iE "tpot|ttft|overlap" "$out/serve_c1_overlap.log" | head -6 | cut -c1-180
+    timeout "$(left 60)" python -m ds4c.cli bench serve "$art" "${bs[@]}" --requests 4 --concurrency 1 --prompt-len 512:512 \
+      --output-len 128:128 --no-overlap --json "$out/serve_c1_no_overlap.json" > "$out/serve_c1_no_overlap.log" 2>&1
+    grep -iE "tpot" "$out/serve_c1_no_overlap.log" | head -2 | cut -c1-180
+    timeout "$(left 220)" python -m ds4c.cli bench serve "$art" --device cuda --requests 64 --rate 100 --prompt-len 128:4096 \
+      --output-len 64:512 --compare static --static-batch 16 --json "$out/serve_rate.json" > "$out/serve_rate.log" 2>&1
+    tail -12 "$out/serve_rate.log" | cut -c1-200
+    timeout "$(left 300)" python -m ds4c.cli bench serve "$art" --device cuda --requests 16 --rate 100 --prompt-len 128:4096 \
+      --output-len 64:512 --compare transformers --static-batch 16 --json "$out/serve_tf.json" > "$out/serve_tf.log" 2>&1
+    tail -10 "$out/serve_tf.log" | cut -c1-200 ;;
   spec)
     timeout 560 python benchmarks/speculative.py --target "$target" --out "$out/speculative.json" \
       > "$out/speculative.log" 2>&1; echo "rc=$?"; grep -v Warn "$out/speculative.log" | tail -8 | cut -c1-700 ;;
