@@ -28,6 +28,8 @@
 #   bash benchmarks/device_session.sh serve26     # #26 in one call: flash-slice --serving (bf16); TPOT at concurrency 1
 #                                                 # with / without overlapped steps vs generate; 64 requests at
 #                                                 # saturation vs static batches; 16 vs transformers (~9.5 min)
+#   bash benchmarks/device_session.sh paged       # paged.rows / paged.gather kernels + the engine's tokens on the GPU
+#                                                 # vs the reference; TPOT at concurrency 1 vs generate (~4 min)
 #   bash benchmarks/device_session.sh spec        # MTP speculation: verify k=1..3 vs decode at B=1/32 (flash-slice,
 #                                                 # bf16), then the trained tiny's acceptance and tokens/s (~8 min)
 #   bash benchmarks/device_session.sh prefix      # decode-bucket graphs test; flash-slice --serving (bf16), then #27's
@@ -39,8 +41,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|paged) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|paged" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -51,6 +53,15 @@ head_table=benchmarks/tables/fp8_with_head.json
 deadline=$((SECONDS + ${BUDGET_S:-570}))
 left() { local t=$((deadline - SECONDS - 5)); [ "$t" -lt "$1" ] && echo "$t" || echo "$1"; }  # a timeout within the call
 case "$1" in
+  paged)
+    timeout "$(left 150)" python -m pytest -q -p no:cacheprovider tests/backends/triton/test_paged_kernels.py \
+      tests/backends/triton/test_serving_kernels.py > "$out/pytest_paged.log" 2>&1; tail -2 "$out/pytest_paged.log" | cut -c1-200
+    art=/tmp/fs_serving_$target.ds4
+    timeout "$(left 200)" python -m ds4c.cli compile flash-slice --target "$target" --precision bf16 --serving \
+      --max-context 8192 -o "$art" > "$out/compile.log" 2>&1; tail -1 "$out/compile.log" | cut -c1-200
+    timeout "$(left 90)" python -m ds4c.cli bench serve "$art" --device cuda --state-budget 24GB --requests 4 \
+      --concurrency 1 --prompt-len 512:512 --output-len 128:128 --compare static --static-batch 1 \
+      --json "$out/serve_c1.json" > "$out/serve_c1.log" 2>&1; grep -iE "tpot|decode-only|│" "$out/serve_c1.log" | cut -c1-180 ;;
   serve26)
     art=/tmp/fs_serving_$target.ds4
     timeout "$(left 200)" python -m ds4c.cli compile flash-slice --target "$target" --precision bf16 --serving \

@@ -816,7 +816,11 @@ def baseline(report: dict, name: str, device) -> Iterator[None]:
 
     try:
         yield
-    except torch.OutOfMemoryError as e:
+    except (torch.OutOfMemoryError, Ds4cError) as e:
+        # the executors name the op that failed (an IRError whose cause is the out-of-memory error)
+        if not isinstance(e, torch.OutOfMemoryError) and not isinstance(e.__cause__, torch.OutOfMemoryError):
+            raise
+        e = e if isinstance(e, torch.OutOfMemoryError) else e.__cause__
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), "out of memory")
         report.setdefault("baseline_errors", {})[name] = f"out of device memory: {first[:200]}"
         report.pop(name, None)

@@ -22,6 +22,7 @@ from ds4c.ir.graph import Graph, GraphInput, Op, Value
 from ds4c.ir.registry import SYM_OPS
 from ds4c.ir.shapes import dim_expr, format_dim
 from ds4c.ir.types import IRType, ScalarType, TensorType
+from ds4c.ops.paged import TORCH_OPS
 
 _DROPPED = {
     "aten._assert_scalar.default",
@@ -97,6 +98,8 @@ def _type_of(val: Any, where: str) -> IRType:
 def _op_name(target: Any, where: str) -> str:
     if isinstance(target, torch._ops.OpOverload):
         ns = target.namespace
+        if ns == "ds4c" and target._schema.name in TORCH_OPS:  # ds4c's custom ops: the IR ops they are
+            return TORCH_OPS[target._schema.name]
         return f"{ns}.{target._schema.name.split('::')[-1]}.{target._overloadname}"
     if target in SYM_OPS:
         return SYM_OPS[target]

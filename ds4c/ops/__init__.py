@@ -4,6 +4,6 @@ Importing this package registers the ops (``ds4c.ir.registry.get_op`` imports it
 """
 
 from ds4c.ir.registry import check_declarations
-from ds4c.ops import attention, collectives, compress, memory, mhc, moe, norms, quant, rope, state  # noqa: F401
+from ds4c.ops import attention, collectives, compress, memory, mhc, moe, norms, paged, quant, rope, state  # noqa: F401
 
 check_declarations()

@@ -664,12 +664,13 @@ class _Inflight:
     params: list[SamplingParams]
     generated: list[int]
     chained: bool = False  # launched by _chain (with the previous step's tokens)
+    launched: float = 0.0  # time.perf_counter() when its step was launched
     host: torch.Tensor | None = None
     event: object = None
 
     @classmethod
-    def start(cls, reqs, result, params, generated, chained: bool = False) -> _Inflight:
-        out = cls(reqs, result, params, generated, chained)
+    def start(cls, reqs, result, params, generated, chained: bool = False, launched: float | None = None) -> _Inflight:
+        out = cls(reqs, result, params, generated, chained, time.perf_counter() if launched is None else launched)
         tokens = result.tokens
         if tokens.device.type == "cuda":  # copied as soon as sampled; read without waiting for later steps
             stream = torch.cuda.current_stream(tokens.device)
@@ -790,6 +791,7 @@ class Engine:
                        "prefix_query_tokens": 0, "prefix_hit_tokens": 0, "decode_steps": 0, "verifies": 0,
                        "accepted_drafts": 0, "overlapped_steps": 0}
         self._busy = {"mixed": 0.0, "decode": 0.0}  # seconds in steps with prompt chunks / decodes only
+        self._busy_mark = 0.0  # when the time counted in _busy last ended
         if hasattr(runner, "warm_up"):  # step graphs captured now, not by the first request
             runner.warm_up(self.max_running, self.max_step_tokens)
 
@@ -1116,7 +1118,8 @@ class Engine:
             return self._run_timed(plan)
         finally:
             decode_only = all((len(c.token_ids) == 1 or c.logits == "all") and r.output_ids for r, c in plan.items())
-            self._busy["decode" if decode_only else "mixed"] += time.perf_counter() - started
+            self._busy_mark = time.perf_counter()
+            self._busy["decode" if decode_only else "mixed"] += self._busy_mark - started
             self._stats["decode_steps"] += decode_only
 
     def _run_timed(self, plan: dict[Request, Chunk]) -> list[Request]:
@@ -1231,21 +1234,24 @@ class Engine:
         self._stats["steps"] += 1
         self._stats["decode_steps"] += 1
         self._stats["overlapped_steps"] += 1
-        inflight = self._sample_in_flight(logits, chained=True)
-        self._busy["decode"] += time.perf_counter() - started
-        return inflight
+        return self._sample_in_flight(logits, chained=True, launched=started)
 
-    def _sample_in_flight(self, logits: torch.Tensor, chained: bool = False) -> _Inflight:
+    def _sample_in_flight(self, logits: torch.Tensor, chained: bool = False, launched: float | None = None) -> _Inflight:
         """Sample the sampler's rows, leaving the tokens on the device (``_Inflight``), with the
         parameters and counts (this token included) that ``_finalize`` checks them against."""
         params, generated = list(self._sampler.params), [g + 1 for g in self._sampler.generated]
-        return _Inflight.start(list(self._sampling), sample(logits, self._sampler), params, generated, chained)
+        return _Inflight.start(list(self._sampling), sample(logits, self._sampler), params, generated, chained, launched)
 
     def _finalize(self, inflight: _Inflight) -> list[Request]:
         """Read ``inflight``'s tokens (waiting for that step only) and give them to their requests:
         append, finish by stop token or length, notify. Requests that left since (cancelled,
         finished, preempted) are skipped."""
         tokens = inflight.tokens()
+        # decode time: the wall time until its tokens were read, less what was counted already (steps
+        # overlap: a chained step runs while the host finalizes the one before)
+        now = time.perf_counter()
+        self._busy["decode"] += max(0.0, now - max(inflight.launched, self._busy_mark))
+        self._busy_mark = now
         reasons = finish_reasons(tokens, inflight.params, inflight.generated)
         out = []
         for r, tok, why in zip(inflight.reqs, tokens, reasons, strict=True):

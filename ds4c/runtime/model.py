@@ -646,6 +646,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, progres
         t = weights[k]
         if tuple(t.shape) != shape:
             raise ArtifactError(f"{path}: weight '{k}' has shape {list(t.shape)}, the program expects {list(shape)}")
+    if device.type == "cuda":
+        # what drawing, casting and packing the weights left cached goes back to the device: the
+        # caching allocator keeps freed blocks per stream, and the host weights' prefetches (on a
+        # copy stream) and the CUDA graphs' pools cannot take them (the full flash at a 60 GB
+        # budget on an H100 ran out of memory with 23 GB cached and unused)
+        torch.cuda.empty_cache()
     model = CompiledModel(manifest, program, weights, device, backend=backend, cuda_graphs=cuda_graphs,
                           container=container, streams=streams, trust=trust, buffer_plan=buffer_plan)
     if tuning and model.backend in ("kernels", "compiled") and device.type == "cuda":

@@ -345,7 +345,7 @@ def test_a_ranks_rows_of_a_plain_or_block_aligned_tensor_are_read_alone(hf_model
         seen: list[tuple] = []
         real = ck._Files.rows
 
-        def spy(self, key, a=None, b=None, real=real):
+        def spy(self, key, a=None, b=None, real=real, seen=seen):
             if key == "layers.1.attn.wq_b.weight":
                 seen.append((a, b))
             return real(self, key, a, b)

@@ -129,3 +129,31 @@ def test_a_failing_overlapped_step_fails_its_requests_once(trained):  # noqa: F8
     engine.run_until_idle()
     assert again.output_ids == want and req.finish_reason == "error"
     assert engine.pools.stats() == _engine(model).pools.stats()
+
+
+def test_decode_time_under_overlap_counts_the_wait_for_the_tokens(trained, monkeypatch):  # noqa: F811
+    """With overlapped steps the host returns from a launch at once and waits when it reads the
+    tokens: the engine's decode time (what bench serve's tokens/s and its HBM-bound ratio divide by)
+    is the wall time until each step's tokens are read, counted once where steps overlap. Here a
+    device that takes 20 ms per step is mimicked by reading the tokens 20 ms late."""
+    import time
+
+    from ds4c.runtime import engine as engine_module
+
+    model, successor = trained
+    read = engine_module._Inflight.tokens
+
+    def late(self):
+        time.sleep(0.02)
+        return read(self)
+
+    monkeypatch.setattr(engine_module._Inflight, "tokens", late)
+    engine = _engine(model, overlap=True)
+    work = [(0, bigram_batch(successor, 1, 12, torch.Generator().manual_seed(i))[0].tolist(), 20) for i in range(3)]
+    started = time.perf_counter()
+    _run_batched(engine, work, lambda i, n: SamplingParams(max_new_tokens=n))
+    wall = time.perf_counter() - started
+    stats = engine.stats()
+    assert stats["overlapped_steps"] >= 15
+    assert stats["decode_busy_s"] >= 0.02 * stats["decode_steps"] * 0.9, stats  # each step's wait counted
+    assert stats["busy_s"] <= wall * 1.01, (stats, wall)  # and never twice

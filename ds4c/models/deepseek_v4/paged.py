@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+import ds4c.ops.paged  # noqa: F401 - registers torch.ops.ds4c.paged_rows / paged_gather
+
 __all__ = ["PageLayout", "StepIndex", "all_pools", "gather_rows", "page_bytes", "pool_capacity", "serving_layout",
            "size_pools"]
 
@@ -133,10 +135,6 @@ def serving_layout(window: int, rates: dict[str, int], max_context: int, options
     return layout, batch
 
 
-def _masked(idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return torch.where(idx >= 0, rows, torch.full_like(rows, -1))
-
-
 @dataclass(frozen=True)
 class StepIndex:
     """The addresses of one step, derived from its metadata with tensor ops only.
@@ -168,25 +166,18 @@ class StepIndex:
     # -- sliding window --------------------------------------------------------------------------
 
     def window_rows(self, q: torch.Tensor, seq: torch.Tensor, page: int) -> torch.Tensor:
-        """Row of position ``q`` of sequence ``seq`` in the flattened window pool (q >= 0)."""
-        slots = self.window_table.shape[1]
-        table = self.window_table.long().index_select(0, seq.reshape(-1)).view(*seq.shape, slots)
-        ids = torch.gather(table, -1, (torch.div(q, page, rounding_mode="floor") % slots).unsqueeze(-1)).squeeze(-1)
-        return ids * page + q % page
+        """[n] row of position ``q`` [n] of sequence ``seq`` [n] in the flattened window pool (q >= 0)."""
+        return paged_rows(self.window_table, seq, q, None, 1, page)[:, 0]
 
     def window_keys(self, window: int, page: int) -> torch.Tensor:
         """[N, W] window rows each token attends, oldest first; -1 before position 0."""
-        q = self.positions.unsqueeze(1) - (window - 1) + torch.arange(window, device=self.positions.device)
-        seq = self.token_seq.unsqueeze(1).expand(q.shape)
-        return _masked(q, self.window_rows(q.clamp(min=0), seq, page))
+        return paged_rows(self.window_table, self.token_seq, self.positions - (window - 1), None, window, page)
 
     # -- compressed entries ----------------------------------------------------------------------
 
     def comp_rows(self, j: torch.Tensor, seq: torch.Tensor, per_page: int) -> torch.Tensor:
-        """Row of compressed entry ``j`` of sequence ``seq`` in a flattened compressed pool."""
-        table = self.comp_table.long().index_select(0, seq.reshape(-1)).view(*seq.shape, self.comp_table.shape[1])
-        ids = torch.gather(table, -1, torch.div(j, per_page, rounding_mode="floor").unsqueeze(-1)).squeeze(-1)
-        return ids * per_page + j % per_page
+        """[n] row of compressed entry ``j`` [n] (>= 0) of sequence ``seq`` [n] in a flattened compressed pool."""
+        return paged_rows(self.comp_table, seq, j, None, 1, per_page)[:, 0]
 
     def visible(self, ratio: int) -> torch.Tensor:
         """[N] compressed entries each token may see: those of windows closed at or before it."""
@@ -194,10 +185,7 @@ class StepIndex:
 
     def comp_keys(self, ratio: int, capacity: int, per_page: int) -> torch.Tensor:
         """[N, capacity] rows of every entry each token may see, by index; -1 for the others."""
-        j = torch.arange(capacity, device=self.positions.device).unsqueeze(0).expand(self.positions.shape[0], -1)
-        seq = self.token_seq.unsqueeze(1).expand(j.shape)
-        rows = self.comp_rows(j, seq, per_page)
-        return torch.where(j < self.visible(ratio).unsqueeze(1), rows, torch.full_like(rows, -1))
+        return paged_rows(self.comp_table, self.token_seq, None, self.visible(ratio), capacity, per_page)
 
     # -- compressor rings ------------------------------------------------------------------------
 
@@ -235,8 +223,14 @@ class StepIndex:
 
 def gather_rows(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``pool`` [rows, d] at ``rows`` (any shape); -1 gives a zero row (whatever the trash holds)."""
-    picked = pool.index_select(0, rows.clamp(min=0).reshape(-1)).view(*rows.shape, pool.shape[-1])
-    return torch.where((rows >= 0).unsqueeze(-1), picked, torch.zeros_like(picked))
+    return torch.ops.ds4c.paged_gather(pool, rows)
+
+
+def paged_rows(table: torch.Tensor, seq: torch.Tensor, first: torch.Tensor | None, limit: torch.Tensor | None,
+               count: int, page: int) -> torch.Tensor:
+    """[N, count] pool rows of positions ``first[n] + i`` of sequence ``seq[n]`` through ``table``;
+    -1 outside [0, ``limit[n]``) (``ds4c.ops.paged``: one op, not twenty small ones)."""
+    return torch.ops.ds4c.paged_rows(table, seq, first, limit, count=count, page=page)
 
 
 # -- pool sizes ------------------------------------------------------------------------------------

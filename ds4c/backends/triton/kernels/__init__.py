@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-KERNEL_MODULES = ("norms", "rope", "mhc", "attention", "compress", "moe", "act_quant", "linear")
+KERNEL_MODULES = ("norms", "rope", "mhc", "attention", "compress", "moe", "act_quant", "linear", "paged")
 
 _KERNELS: dict[str, Callable[..., Any]] = {}
 _loaded = False
