@@ -6,6 +6,16 @@
 pair's angle repeated twice). Pairs (0,1), (2,3)... rotate as complex numbers; the leading
 ``D - rope_dim`` channels pass through. ``inverse=true`` rotates by the negative angle (the
 conjugate rotation V4 applies to the attention output). Math in fp32, cast back to x's dtype.
+
+``rope.table`` computes those tables from positions, in one op rather than seven ATen kernels:
+
+    %cos, %sin = rope.table(%positions, %inv_freq, scaling=1.0, dtype="bf16") : bf16[1,N,64], bf16[1,N,64]
+
+``cos = (cos(p * inv_freq) * scaling).to(dtype)`` (angles in fp32), each pair's value repeated
+twice (``[.., r/2]`` angles -> ``[.., r]`` channels), the same for ``sin``; ``dtype`` is the IR's
+name of the tables' dtype (an attribute that is plain JSON, as every fused op's): transformers'
+``DeepseekV4RotaryEmbedding`` and ``repeat_interleave`` as the model writes them. The model calls it
+as ``torch.ops.ds4c.rope_table``; the importer names it ``rope.table`` (``TORCH_OPS``).
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ import torch
 
 from ds4c.errors import VerificationError
 from ds4c.ir.registry import OpDef, Operand, register_op
-from ds4c.ir.types import TensorType
+from ds4c.ir.types import DTYPES_BY_NAME, TensorType, parse_dtype
 from ds4c.ops.norms import check_norm_weight, rms_norm_reference
 
 
@@ -28,6 +38,33 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_d
     s = -sin if inverse else sin
     rotated = ((rot.float() * cos) + (rotate_pairs(rot).float() * s)).to(x.dtype)
     return torch.cat([nope, rotated], dim=-1)
+
+
+ROPE_TABLE = "rope.table"
+TORCH_OPS = {"ds4c::rope_table": ROPE_TABLE}
+
+
+def rope_table_reference(positions: torch.Tensor, inv_freq: torch.Tensor, *, scaling: float,
+                         dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [*positions.shape, 2 * len(inv_freq)] in ``dtype`` (an IR dtype name): see the
+    module docstring."""
+    dtype = parse_dtype(dtype)
+    freqs = positions[..., None].float() * inv_freq.to(device=positions.device, dtype=torch.float)
+    cos = (freqs.cos() * scaling).to(dtype).repeat_interleave(2, dim=-1)
+    sin = (freqs.sin() * scaling).to(dtype).repeat_interleave(2, dim=-1)
+    return cos, sin
+
+
+@torch.library.custom_op("ds4c::rope_table", mutates_args=())
+def _rope_table(positions: torch.Tensor, inv_freq: torch.Tensor, *, scaling: float,
+                dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return rope_table_reference(positions, inv_freq, scaling=scaling, dtype=dtype)
+
+
+@_rope_table.register_fake
+def _(positions, inv_freq, *, scaling, dtype):
+    shape, dtype = (*positions.shape, 2 * inv_freq.shape[0]), parse_dtype(dtype)
+    return positions.new_empty(shape, dtype=dtype), positions.new_empty(shape, dtype=dtype)
 
 
 def check_rope_dim(op_name: str, r, d) -> None:
@@ -57,6 +94,30 @@ class Rope(OpDef):
         if not isinstance(x.type, TensorType):
             raise VerificationError("rope: x must be a tensor")
         check_rope_dim("rope", op.kwargs["rope_dim"], x.type.shape[-1])
+
+
+@register_op
+class RopeTable(OpDef):
+    name = ROPE_TABLE
+    num_results = 2
+    operands = (Operand("positions", "index"), Operand("inv_freq"))
+    traits = frozenset({"npu"})
+
+    def reference(self, positions, inv_freq, *, scaling: float, dtype: str):
+        return rope_table_reference(positions, inv_freq, scaling=scaling, dtype=dtype)
+
+    def infer_types(self, operand_types, kwargs):
+        positions = self.tensor_operand(operand_types, 0, min_rank=1)
+        inv_freq = self.tensor_operand(operand_types, 1, min_rank=1)
+        name, scaling = kwargs.get("dtype"), kwargs.get("scaling")
+        dtype = DTYPES_BY_NAME.get(name) if isinstance(name, str) else None
+        if inv_freq.rank != 1 or not isinstance(inv_freq.shape[0], int) or dtype is None \
+                or not dtype.is_floating_point or not isinstance(scaling, int | float) or isinstance(scaling, bool):
+            raise VerificationError(f"{ROPE_TABLE}: takes positions, inv_freq [r/2] and scaling=<float>, "
+                                    f"dtype=<float dtype name: f32, bf16, ...>; got {positions}, {inv_freq}, "
+                                    f"scaling={scaling!r}, dtype={name!r}")
+        table = TensorType(dtype, (*positions.shape, 2 * inv_freq.shape[0]))
+        return [table, table]
 
 
 def rms_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,

@@ -187,8 +187,8 @@ def test_a_hand_edited_entry_is_traced_anew_and_the_artifact_equals_a_fresh_comp
     if edit == "ir":
         def edit_meta(meta, tensors):
             graphs = json.loads(meta["graphs"])
-            assert ", 1.0) :" in graphs["prefill"]  # a scalar operand (RoPE's attention scaling)
-            graphs["prefill"] = graphs["prefill"].replace(", 1.0) :", ", 2.0) :", 1)
+            assert "scaling=1.0" in graphs["prefill"]  # an attribute (RoPE's attention scaling)
+            graphs["prefill"] = graphs["prefill"].replace("scaling=1.0", "scaling=2.0", 1)
             meta["graphs"] = json.dumps(graphs)
         _rewrite(path, edit_meta=edit_meta)
     else:

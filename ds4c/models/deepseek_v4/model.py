@@ -40,7 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ds4c.ops.rope  # noqa: F401 - registers torch.ops.ds4c.rope_table
 from ds4c.errors import InputError
+from ds4c.ir.types import dtype_name
 from ds4c.models.deepseek_v4.config import ModelConfig
 from ds4c.models.deepseek_v4.paged import PageLayout, StepIndex, gather_rows
 
@@ -81,9 +83,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> torch.Tensor:
-    """Interleaved RoPE on the trailing rope slice; ``cos``/``sin`` are half-size ([.., S, r/2])."""
-    cos = cos.repeat_interleave(2, dim=-1).unsqueeze(unsqueeze_dim)
-    sin = sin.repeat_interleave(2, dim=-1).unsqueeze(unsqueeze_dim)
+    """Interleaved RoPE on the trailing rope slice; ``cos``/``sin`` [.., S, r] repeat each pair's value
+    (``Rotary``)."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
     r = cos.shape[-1]
     nope, rope = x[..., :-r], x[..., -r:]
     rotated = ((rope.float() * cos) + (rotate_half(rope).float() * sin)).to(x.dtype)
@@ -107,11 +110,9 @@ class Rotary(nn.Module):
             self.scaling[kind] = float(getattr(ref, f"{kind}_attention_scaling"))
 
     def forward(self, positions: torch.Tensor, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = getattr(self, f"{kind}_inv_freq")
-        freqs = positions[..., None].float() * inv_freq.to(device=positions.device, dtype=torch.float)
-        cos = freqs.cos() * self.scaling[kind]
-        sin = freqs.sin() * self.scaling[kind]
-        return cos.to(dtype), sin.to(dtype)
+        """(cos, sin) [*positions.shape, r] in ``dtype``, each pair's value twice (``rope.table``)."""
+        inv_freq = getattr(self, f"{kind}_inv_freq").to(device=positions.device, dtype=torch.float)
+        return torch.ops.ds4c.rope_table(positions, inv_freq, scaling=self.scaling[kind], dtype=dtype_name(dtype))
 
 
 class GroupedLinear(nn.Module):
@@ -313,10 +314,8 @@ class Compressor(nn.Module):
         gate = self.gate_proj(x)[0] + self.position_bias.index_select(0, positions % m)
         rows = torch.cat([kv, gate], dim=-1)  # [N, 2*c*d]
         flat_ring = ring.reshape(-1, width)
-        packed, ringed, valid, w, seq = index.window_sources(emit, m, span, rows_per_slot)
-        got = torch.where((packed >= 0).unsqueeze(-1), gather_rows(rows, packed), gather_rows(flat_ring, ringed))
+        got, w, seq, valid = index.compress_windows(rows, flat_ring, emit, m, span, rows_per_slot)
         win_kv, win_gate = got.split(width // 2, dim=-1)
-        win_gate = win_gate.masked_fill(((packed < 0) & (ringed < 0)).unsqueeze(-1), NEG_INF)
         if self.overlap:  # the previous window's first halves, then this window's second halves
             win_kv = torch.cat([win_kv[:, :m, :d], win_kv[:, m:, d:]], dim=1)
             win_gate = torch.cat([win_gate[:, :m, :d], win_gate[:, m:, d:]], dim=1)
@@ -557,7 +556,7 @@ class Attention(nn.Module):
         (its W window positions, oldest first, then its compressed entries: the indexer's top-k
         for CSA, every visible entry for HCA), one query per token (B := N, S := 1)."""
         n, d = x.shape[1], self.head_dim
-        cos, sin = rotary(index.positions.unsqueeze(0), self.rope_kind, x.dtype)  # [1, N, r/2]
+        cos, sin = rotary(index.positions.unsqueeze(0), self.rope_kind, x.dtype)  # [1, N, r]
         qr, q, kv = self._project(x, cos, sin)
         pool = state[0]
         page = pool.shape[1]
@@ -567,7 +566,7 @@ class Attention(nn.Module):
         rows = index.window_keys(self.window, page)
         keys = gather_rows(pool.reshape(-1, d), rows)  # [N, W, D]
         valid = rows >= 0
-        tok_cos, tok_sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [N, 1, r/2]
+        tok_cos, tok_sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [N, 1, r]
         if self.compressor is not None:
             emit = emits[self.layer_type]
             comp, ring = self.compressor("step", x, index, emit, state[1], state[2], rotary)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-import ds4c.ops.paged  # noqa: F401 - registers torch.ops.ds4c.paged_rows / paged_gather
+import ds4c.ops.paged  # noqa: F401 - registers torch.ops.ds4c.paged_* (rows, gather, compress_window, ring_rows)
 
 __all__ = ["PageLayout", "StepIndex", "all_pools", "gather_rows", "page_bytes", "pool_capacity", "serving_layout",
            "size_pools"]
@@ -191,34 +191,18 @@ class StepIndex:
 
     def ring_writes(self, ring: int) -> torch.Tensor:
         """[N] ring row each token writes: its slot's row ``p % Rk`` if a later step may read it
-        (one of its sequence's last ``Rk`` positions), else the trash slot's."""
-        end = self.end.index_select(0, self.token_seq)
-        slot = self.slot.index_select(0, self.token_seq)
-        keep = self.positions >= end - ring
-        return torch.where(keep, slot, torch.zeros_like(slot)) * ring + self.positions % ring
+        (one of its sequence's last ``Rk`` positions), else the trash slot's (``paged.ring_rows``)."""
+        return torch.ops.ds4c.ring_rows(self.positions, self.token_seq, self.seq_last, self.slot, ring_rows=ring)
 
-    def emitted(self, emit: torch.Tensor, ratio: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For candidate rows ``emit`` [E] (-1: padding): (valid [E], window index w [E], sequence [E]).
-
-        A row is valid when it is a token whose position closes a window of ``ratio`` tokens."""
-        row = emit.clamp(min=0)
-        p = self.positions.index_select(0, row)
-        valid = (emit >= 0) & ((p + 1) % ratio == 0)
-        return valid, torch.div(p, ratio, rounding_mode="floor"), self.token_seq.index_select(0, row)
-
-    def window_sources(self, emit: torch.Tensor, ratio: int, span: int, ring: int) -> tuple[torch.Tensor, ...]:
-        """Where the ``span`` (= c*m) rows of each emitted window come from: (packed row [E, span],
-        ring row [E, span], valid [E], w [E], seq [E]); -1 where the other source (or neither:
-        positions before 0, invalid rows) holds it."""
-        valid, w, seq = self.emitted(emit, ratio)
-        q = (w * ratio + ratio - span).unsqueeze(1) + torch.arange(span, device=emit.device)
-        start = self.start.index_select(0, seq).unsqueeze(1)
-        first = self.seq_first.index_select(0, seq).unsqueeze(1)
-        slot = self.slot.index_select(0, seq).unsqueeze(1)
-        ok = valid.unsqueeze(1) & (q >= 0)
-        packed = torch.where(ok & (q >= start), first + q - start, torch.full_like(q, -1))
-        ringed = torch.where(ok & (q < start), slot * ring + q % ring, torch.full_like(q, -1))
-        return packed, ringed, valid, w, seq
+    def compress_windows(self, rows: torch.Tensor, ring: torch.Tensor, emit: torch.Tensor, ratio: int, span: int,
+                         ring_rows: int) -> tuple[torch.Tensor, ...]:
+        """The ``span`` (= c*m) kv ++ gate rows of the window each candidate row ``emit`` [E] (-1:
+        padding) closes, from this step's ``rows`` [N, W] where its chunk holds them, from its ring
+        slot's ``ring_rows`` rows of ``ring`` [slots * ring_rows, W] before; kv 0, gate -inf where neither (positions before 0,
+        candidates that close no window). Returns (windows [E, span, W], w [E], seq [E], valid [E])
+        (``paged.compress_window``)."""
+        return torch.ops.ds4c.compress_window(rows, ring, emit, self.positions, self.token_seq, self.seq_first,
+                                              self.slot, ratio=ratio, span=span, ring_rows=ring_rows)
 
 
 def gather_rows(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

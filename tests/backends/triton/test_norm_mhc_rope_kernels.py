@@ -8,10 +8,11 @@ import torch
 from ds4c.backends.triton.kernels import _KERNELS
 from ds4c.backends.triton.kernels.mhc import mhc_head, mhc_post, mhc_pre
 from ds4c.backends.triton.kernels.norms import rms_norm
-from ds4c.backends.triton.kernels.rope import rms_norm_rope, rope
+from ds4c.backends.triton.kernels.rope import rms_norm_rope, rope, rope_table
+from ds4c.ir.types import dtype_name
 from ds4c.ops.mhc import mhc_head_reference, mhc_post_reference, mhc_pre_reference
 from ds4c.ops.norms import rms_norm_reference
-from ds4c.ops.rope import rms_norm_rope_reference, rope_reference
+from ds4c.ops.rope import rms_norm_rope_reference, rope_reference, rope_table_reference
 from tests.backends.triton.conftest import CTX
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,6 +86,27 @@ def test_rope_strided_input():
     x = randn(2, 5, 3, 32, seed=2).transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D]
     cos, sin = tables(5, 32)
     close(rope(CTX, x, cos, sin, rope_dim=32, inverse=False), rope_reference(x, cos, sin, 32, False))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,scaling", [((1, 37), 1.0), ((2, 5), 0.75), ((3,), 1.0)])
+def test_rope_table(dtype, shape, scaling):
+    """The tables from positions up to YaRN-long contexts: within one rounding of the reference (cos
+    and sin of fp32 angles may differ by an ulp between libraries), each pair's value repeated."""
+    g = torch.Generator().manual_seed(5)
+    positions = torch.randint(0, 70000, shape, generator=g).to(DEVICE)
+    inv_freq = (10000.0 ** (-torch.arange(0, 32, 2).float() / 32)).to(DEVICE)
+    name = dtype_name(dtype)
+    cos, sin = rope_table(CTX, positions, inv_freq, scaling=scaling, dtype=name)
+    want_cos, want_sin = rope_table_reference(positions, inv_freq, scaling=scaling, dtype=name)
+    close(cos, want_cos)
+    close(sin, want_sin)
+    assert torch.equal(cos[..., 0::2], cos[..., 1::2]) and torch.equal(sin[..., 0::2], sin[..., 1::2])
+    assert rope_table(CTX, positions.float(), inv_freq, scaling=1.0, dtype=name) is NotImplemented
+    row = (torch.arange(7) * 9973).to(DEVICE)
+    for strided in (row.view(1, 7).expand(3, 7), row[::2], row.view(7, 1).expand(7, 2)):  # a batch's broadcast row
+        close(rope_table(CTX, strided, inv_freq, scaling=scaling, dtype=name)[0],
+              rope_table_reference(strided, inv_freq, scaling=scaling, dtype=name)[0])
 
 
 def test_rope_declines():

@@ -1,7 +1,9 @@
-"""The Triton ``paged.rows`` and ``paged.gather`` launchers against their references (interpreter on
-CPU, GPU if present): window keys (positions before 0), compressed keys (a limit per token), one
-row per token (the writes), int32 and strided tables; gathers with -1 rows, bf16 and fp32, a pool
-with padded rows."""
+"""The Triton ``paged.*`` launchers against their references (interpreter on CPU, GPU if present):
+``paged.rows`` for window keys (positions before 0), compressed keys (a limit per token), one row
+per token (the writes), int32 and strided tables; ``paged.gather`` with -1 rows, bf16 and fp32, a
+pool with padded rows; ``paged.compress_window`` for a CSA-like (overlapping, ratio 4) and an
+HCA-like (ratio 16) compressor over a step of chunks that start mid-window, padding candidates and
+candidates that close no window; ``paged.ring_rows`` for chunks near and far from their end."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from ds4c.backends.triton.kernels import get_kernel
-from ds4c.ops.paged import gather_reference, rows_reference
+from ds4c.ops.paged import compress_window_reference, gather_reference, ring_rows_reference, rows_reference
 from tests.backends.triton.conftest import CTX
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,3 +55,49 @@ def test_paged_gather_matches_reference(dtype, d):
     got = get_kernel("paged.gather")(CTX, pool.to(DEVICE), rows.to(DEVICE))
     assert torch.equal(got.cpu(), want)
     assert (got[0, 0, :3] == 0).all()
+
+
+def _step(gen, chunks: list[tuple[int, int]]):
+    """positions, token_seq, seq_first, seq_last of a step whose sequence i is a chunk of
+    ``chunks[i] = (start, length)``."""
+    positions = torch.cat([torch.arange(a, a + n) for a, n in chunks])
+    token_seq = torch.cat([torch.full((n,), i) for i, (_, n) in enumerate(chunks)])
+    lengths = torch.tensor([n for _, n in chunks])
+    seq_last = lengths.cumsum(0) - 1
+    return positions, token_seq, seq_last - lengths + 1, seq_last
+
+
+@pytest.mark.parametrize("dtype,ratio,span,width", [(torch.float32, 4, 8, 24), (torch.bfloat16, 16, 16, 40)])
+def test_paged_compress_window_matches_reference(dtype, ratio, span, width):
+    gen = torch.Generator().manual_seed(3)
+    # decodes at window ends and mid-window, a chunk starting mid-window, a prompt from 0
+    chunks = [(3, 1), (ratio * 5 - 1, 1), (ratio * 2 + 1, 2 * ratio + 3), (0, ratio + 2), (ratio * 7, 1)]
+    positions, token_seq, seq_first, _ = _step(gen, chunks)
+    n = positions.shape[0]
+    ring_rows = span + 3
+    slot = torch.tensor([2, 5, 1, 4, 3], dtype=torch.int32)
+    rows = torch.randn(n, width, generator=gen).to(dtype)
+    ring = torch.randn(6 * ring_rows + 5, width + 4, generator=gen).to(dtype)[:, :width]  # strided rows
+    emit = torch.cat([torch.arange(n), torch.tensor([-1, -1])])
+    want = compress_window_reference(rows, ring, emit, positions, token_seq, seq_first, slot, ratio=ratio,
+                                     span=span, ring_rows=ring_rows)
+    got = get_kernel("paged.compress_window")(
+        CTX, *(t.to(DEVICE) for t in (rows, ring, emit, positions, token_seq, seq_first, slot)), ratio=ratio,
+        span=span, ring_rows=ring_rows)
+    for g, wnt in zip(got, want, strict=True):
+        assert g.dtype == wnt.dtype and g.shape == wnt.shape
+        assert torch.equal(g.cpu(), wnt)
+    win, _, _, valid = want
+    assert valid.any() and not valid.all()
+    assert torch.isneginf(win[..., width // 2:]).any() and (win[..., :width // 2] != 0).any()
+
+
+def test_paged_ring_rows_matches_reference():
+    gen = torch.Generator().manual_seed(4)
+    positions, token_seq, _, seq_last = _step(gen, [(0, 30), (7, 1), (100, 12), (5, 3)])
+    slot = torch.tensor([3, 1, 4, 2])
+    want = ring_rows_reference(positions, token_seq, seq_last, slot, ring_rows=9)
+    got = get_kernel("paged.ring_rows")(CTX, *(t.to(DEVICE) for t in (positions, token_seq, seq_last, slot)),
+                                         ring_rows=9)
+    assert torch.equal(got.cpu(), want)
+    assert (want < 9).any() and (want >= 9).any()  # trash rows and kept rows

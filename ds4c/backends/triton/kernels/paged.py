@@ -1,5 +1,6 @@
-"""``paged.rows`` and ``paged.gather`` (``ds4c.ops.paged``): a serving step's page-table addressing
-in two launches instead of some twenty small ATen kernels per attention layer.
+"""``paged.rows``, ``paged.gather``, ``paged.compress_window`` and ``paged.ring_rows``
+(``ds4c.ops.paged``): a serving step's page-table addressing in a few launches instead of some
+twenty small ATen kernels per attention layer and fifty per compressor.
 
 ``paged.rows``: a program owns ``BLOCK_N`` tokens x ``BLOCK_C`` of their ``count`` positions
 ``q = first[n] + i``, reads the page of each from its sequence's row of the table
@@ -8,6 +9,13 @@ in two launches instead of some twenty small ATen kernels per attention layer.
 
 ``paged.gather``: a program owns ``BLOCK_K`` rows x ``BLOCK_D`` channels of the output and copies
 them from the pool (rows of any stride, unit channel stride), zeros where the row is -1.
+
+``paged.compress_window``: a program owns one candidate row x ``BLOCK_S`` of its window's rows x
+``BLOCK_D`` channels: it derives the window (position, validity, sequence, chunk start, ring
+slot) from scalars, reads each row from the step's rows or the ring (masked loads), fills the
+rows of neither source (kv 0, gate -inf) and, in its first block, writes w / sequence / validity.
+
+``paged.ring_rows``: one program per ``BLOCK_N`` tokens.
 """
 
 from __future__ import annotations
@@ -56,6 +64,109 @@ def _gather_kernel(pool_ptr, rows_ptr, out_ptr, k, d, sp0,
     keep = (r >= 0)[:, None] & c_ok[None, :]
     vals = tl.load(pool_ptr + tl.maximum(r, 0)[:, None] * sp0 + c[None, :], mask=keep & j_ok[:, None], other=0.0)
     tl.store(out_ptr + j.to(tl.int64)[:, None] * d + c[None, :], vals, mask=j_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _window_kernel(rows_ptr, ring_ptr, emit_ptr, pos_ptr, tseq_ptr, first_ptr, slot_ptr, out_ptr, w_ptr, seq_ptr,
+                   valid_ptr, width, half, sr0, sg0, ratio, span, ring_rows,
+                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
+    e = tl.program_id(0)
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    c = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cand = tl.load(emit_ptr + e).to(tl.int64)
+    row = tl.maximum(cand, 0)
+    p = tl.load(pos_ptr + row).to(tl.int64)
+    valid = (cand >= 0) & ((p + 1) % ratio == 0)
+    w = p // ratio
+    seq = tl.load(tseq_ptr + row).to(tl.int64)
+    first = tl.load(first_ptr + seq).to(tl.int64)
+    start = tl.load(pos_ptr + first).to(tl.int64)
+    slot = tl.load(slot_ptr + seq).to(tl.int64)
+    q = w * ratio + ratio - span + s.to(tl.int64)
+    s_ok = s < span
+    c_ok = c < width
+    ok = ((q >= 0) & s_ok & valid) != 0  # (a 0-d validity broadcast: the interpreter makes it an integer)
+    from_rows = ok & (q >= start)
+    from_ring = ok & (q < start)
+    packed = tl.where(from_rows, first + q - start, 0)
+    ringed = tl.where(from_ring, slot * ring_rows + tl.maximum(q, 0) % ring_rows, 0)
+    a = tl.load(rows_ptr + packed[:, None] * sr0 + c[None, :], mask=from_rows[:, None] & c_ok[None, :], other=0.0)
+    b = tl.load(ring_ptr + ringed[:, None] * sg0 + c[None, :], mask=from_ring[:, None] & c_ok[None, :], other=0.0)
+    v = tl.where(from_rows[:, None], a, b)
+    missing = (from_rows | from_ring) == 0
+    v = tl.where(missing[:, None] & (c >= half)[None, :], float("-inf"), v)
+    base = e.to(tl.int64) * span * width
+    tl.store(out_ptr + base + s[:, None] * width + c[None, :], v, mask=s_ok[:, None] & c_ok[None, :])
+    if (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+        tl.store(w_ptr + e, w)
+        tl.store(seq_ptr + e, seq)
+        tl.store(valid_ptr + e, valid)
+
+
+@triton.jit
+def _ring_rows_kernel(pos_ptr, tseq_ptr, last_ptr, slot_ptr, out_ptr, n, ring_rows, BLOCK_N: tl.constexpr,
+                      PDL: tl.constexpr):
+    wait_for_producers(PDL)
+    t = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_ok = t < n
+    p = tl.load(pos_ptr + t, mask=t_ok, other=0).to(tl.int64)
+    seq = tl.load(tseq_ptr + t, mask=t_ok, other=0).to(tl.int64)
+    last = tl.load(last_ptr + seq, mask=t_ok, other=0).to(tl.int64)
+    end = tl.load(pos_ptr + last, mask=t_ok, other=0).to(tl.int64) + 1
+    slot = tl.load(slot_ptr + seq, mask=t_ok, other=0).to(tl.int64)
+    keep = p >= end - ring_rows
+    tl.store(out_ptr + t, tl.where(keep, slot, 0) * ring_rows + p % ring_rows, mask=t_ok)
+
+
+def _vectors(*ts: torch.Tensor) -> bool:
+    """Integer vectors, contiguous, on one device."""
+    return all(t.dim() == 1 and t.stride(0) == 1 and t.dtype in (torch.int32, torch.int64) and t.device == ts[0].device
+               for t in ts)
+
+
+@register_kernel("paged.compress_window")
+def paged_compress_window(ctx: KernelContext, rows: torch.Tensor, ring: torch.Tensor, emit: torch.Tensor,
+                          positions: torch.Tensor, token_seq: torch.Tensor, seq_first: torch.Tensor,
+                          slot: torch.Tensor, *, ratio: int, span: int, ring_rows: int):
+    """Launcher with ``CompressWindow.reference``'s signature; declines rows / ring that are not
+    [M, W] of one dtype with unit channel stride, and index vectors that are not contiguous on
+    the rows' device."""
+    if rows.dim() != 2 or ring.dim() != 2 or rows.dtype != ring.dtype or rows.shape[1] != ring.shape[1] \
+            or rows.stride(1) != 1 or ring.stride(1) != 1 or ring.device != rows.device \
+            or not _vectors(emit, positions, token_seq, seq_first, slot) or emit.device != rows.device:
+        return NotImplemented
+    e, width = emit.shape[0], rows.shape[1]
+    out = result_buffer(0, (e, span, width), rows.dtype, rows.device)
+    w = result_buffer(1, (e,), torch.int64, rows.device)
+    seq = result_buffer(2, (e,), torch.int64, rows.device)
+    valid = result_buffer(3, (e,), torch.bool, rows.device)
+    if e == 0:
+        return out, w, seq, valid
+    block_d = min(triton.next_power_of_2(width), 512)
+    block_s = max(1, min(triton.next_power_of_2(span), 4096 // block_d))
+    _window_kernel[(e, triton.cdiv(span, block_s), triton.cdiv(width, block_d))](
+        rows, ring, emit, positions, token_seq, seq_first, slot, out, w, seq, valid, width, width // 2,
+        rows.stride(0), ring.stride(0), ratio, span, ring_rows, BLOCK_S=block_s, BLOCK_D=block_d,
+        **elementwise_launch(4).kwargs(ctx))
+    return out, w, seq, valid
+
+
+@register_kernel("paged.ring_rows")
+def paged_ring_rows(ctx: KernelContext, positions: torch.Tensor, token_seq: torch.Tensor, seq_last: torch.Tensor,
+                    slot: torch.Tensor, *, ring_rows: int):
+    """Launcher with ``RingRows.reference``'s signature; declines index vectors that are not
+    contiguous on one device."""
+    if not _vectors(positions, token_seq, seq_last, slot) or token_seq.shape != positions.shape:
+        return NotImplemented
+    n = positions.shape[0]
+    out = result_buffer(0, (n,), torch.int64, positions.device)
+    if n == 0:
+        return out
+    block_n = min(triton.next_power_of_2(n), 1024)
+    _ring_rows_kernel[(triton.cdiv(n, block_n),)](positions, token_seq, seq_last, slot, out, n, ring_rows,
+                                                  BLOCK_N=block_n, **elementwise_launch(4).kwargs(ctx))
+    return out
 
 
 @register_kernel("paged.rows")

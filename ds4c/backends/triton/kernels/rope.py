@@ -12,6 +12,10 @@ With ``NORM`` the program first sums the squares of each of its rows (the rotary
 the other channels in ``BLOCK_NOPE`` chunks), then writes ``rms_norm``'s values rounded to x's
 dtype (weighted: ``w * (x * r)`` in fp32; unweighted: ``x * r`` with r rounded first), and rotates
 the rounded pairs: exactly ``rope(rms_norm(x))``, one launch and one write instead of two.
+
+``rope.table``: a program owns ``BLOCK_R`` positions x ``BLOCK_F`` frequencies and writes each
+``cos(p * f) * scaling`` / ``sin(..)`` (fp32, rounded once to the table's dtype) to both channels
+of its pair: the seven ATen kernels of the tables (mul, cos, sin, scale, casts, repeats) in one.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import triton.language as tl
 
 from ds4c.backends.triton.kernels import register_kernel, result_buffer
 from ds4c.backends.triton.kernels.attention import interpreter_bf16, round_to
-from ds4c.backends.triton.kernels.configs import KernelContext, rope_config
+from ds4c.backends.triton.kernels.configs import KernelContext, elementwise_launch, rope_config
 from ds4c.backends.triton.kernels.pdl import wait_for_producers
+from ds4c.ir.types import parse_dtype
 
 MAX_LEAD = 4
 
@@ -178,3 +183,52 @@ def rms_norm_rope(ctx: KernelContext, x: torch.Tensor, weight: torch.Tensor | No
     """Launcher with ``RmsNormRope.reference``'s signature; declines what ``rope`` declines and a
     weight that is not a [D] vector of fp32/bf16/fp16 on x's device."""
     return _launch(ctx, x, cos, sin, weight, rope_dim=rope_dim, inverse=False, eps=eps)
+
+
+@triton.jit
+def _table_kernel(pos_ptr, freq_ptr, cos_ptr, sin_ptr, n, n1, sp0, sp1, half, scaling, BLOCK_R: tl.constexpr,
+                  BLOCK_F: tl.constexpr, INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producers(PDL)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    f = tl.arange(0, BLOCK_F)
+    r_ok, f_ok = r < n, f < half
+    p = tl.load(pos_ptr + (r // n1) * sp0 + (r % n1) * sp1, mask=r_ok, other=0).to(tl.float32)
+    angle = p[:, None] * tl.load(freq_ptr + f, mask=f_ok, other=0.0)[None, :]
+    dtype = cos_ptr.dtype.element_ty
+    c = round_to(tl.cos(angle) * scaling, dtype, INTERPRETER_BF16)
+    s = round_to(tl.sin(angle) * scaling, dtype, INTERPRETER_BF16)
+    mask = r_ok[:, None] & f_ok[None, :]
+    at = r.to(tl.int64)[:, None] * (2 * half) + 2 * f[None, :]
+    for pair in tl.static_range(2):
+        tl.store(cos_ptr + at + pair, c, mask=mask)
+        tl.store(sin_ptr + at + pair, s, mask=mask)
+
+
+@register_kernel("rope.table")
+def rope_table(ctx: KernelContext, positions: torch.Tensor, inv_freq: torch.Tensor, *, scaling: float, dtype: str):
+    """Launcher with ``RopeTable.reference``'s signature; positions of up to 2 dims with any strides
+    (a batch's positions are one row broadcast), more dims contiguous. Declines non-integer
+    positions (the model's are int64), frequencies that are not a contiguous fp32 vector on their
+    device, and table dtypes other than fp32/bf16/fp16."""
+    dtype = parse_dtype(dtype)
+    if positions.dtype not in (torch.int32, torch.int64) or (positions.dim() > 2 and not positions.is_contiguous()) \
+            or inv_freq.dim() != 1 or inv_freq.dtype != torch.float32 or inv_freq.stride(0) != 1 \
+            or inv_freq.device != positions.device or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return NotImplemented
+    half = inv_freq.shape[0]
+    shape = (*positions.shape, 2 * half)
+    cos = result_buffer(0, shape, dtype, positions.device)
+    sin = result_buffer(1, shape, dtype, positions.device)
+    n = positions.numel()
+    if n == 0 or half == 0:
+        return cos, sin
+    if positions.dim() == 2:
+        n1, sp0, sp1 = positions.shape[1], positions.stride(0), positions.stride(1)
+    else:  # one row: 1-D (any stride), 0-D, or contiguous
+        n1, sp0, sp1 = n, 0, positions.stride(0) if positions.dim() == 1 else 1
+    block_f = triton.next_power_of_2(half)
+    block_r = max(1, min(64, 2048 // block_f, triton.next_power_of_2(n)))
+    _table_kernel[(triton.cdiv(n, block_r),)](
+        positions, inv_freq, cos, sin, n, max(n1, 1), sp0, sp1, half, float(scaling), BLOCK_R=block_r, BLOCK_F=block_f,
+        INTERPRETER_BF16=interpreter_bf16(dtype), **elementwise_launch(4).kwargs(ctx))
+    return cos, sin
