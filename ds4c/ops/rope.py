@@ -9,11 +9,10 @@ conjugate rotation V4 applies to the attention output). Math in fp32, cast back 
 
 ``rope.table`` computes those tables from positions, in one op rather than seven ATen kernels:
 
-    %cos, %sin = rope.table(%positions, %inv_freq, scaling=1.0, dtype="bf16") : bf16[1,N,64], bf16[1,N,64]
+    %cos, %sin = rope.table(%positions, %inv_freq, scaling=1.0, dtype=dtype(bf16)) : bf16[1,N,64], bf16[1,N,64]
 
 ``cos = (cos(p * inv_freq) * scaling).to(dtype)`` (angles in fp32), each pair's value repeated
-twice (``[.., r/2]`` angles -> ``[.., r]`` channels), the same for ``sin``; ``dtype`` is the IR's
-name of the tables' dtype (an attribute that is plain JSON, as every fused op's): transformers'
+twice (``[.., r/2]`` angles -> ``[.., r]`` channels), the same for ``sin``: transformers'
 ``DeepseekV4RotaryEmbedding`` and ``repeat_interleave`` as the model writes them. The model calls it
 as ``torch.ops.ds4c.rope_table``; the importer names it ``rope.table`` (``TORCH_OPS``).
 """
@@ -24,7 +23,7 @@ import torch
 
 from ds4c.errors import VerificationError
 from ds4c.ir.registry import OpDef, Operand, register_op
-from ds4c.ir.types import DTYPES_BY_NAME, TensorType, parse_dtype
+from ds4c.ir.types import TensorType
 from ds4c.ops.norms import check_norm_weight, rms_norm_reference
 
 
@@ -45,10 +44,8 @@ TORCH_OPS = {"ds4c::rope_table": ROPE_TABLE}
 
 
 def rope_table_reference(positions: torch.Tensor, inv_freq: torch.Tensor, *, scaling: float,
-                         dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) [*positions.shape, 2 * len(inv_freq)] in ``dtype`` (an IR dtype name): see the
-    module docstring."""
-    dtype = parse_dtype(dtype)
+                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [*positions.shape, 2 * len(inv_freq)] in ``dtype``: see the module docstring."""
     freqs = positions[..., None].float() * inv_freq.to(device=positions.device, dtype=torch.float)
     cos = (freqs.cos() * scaling).to(dtype).repeat_interleave(2, dim=-1)
     sin = (freqs.sin() * scaling).to(dtype).repeat_interleave(2, dim=-1)
@@ -57,13 +54,13 @@ def rope_table_reference(positions: torch.Tensor, inv_freq: torch.Tensor, *, sca
 
 @torch.library.custom_op("ds4c::rope_table", mutates_args=())
 def _rope_table(positions: torch.Tensor, inv_freq: torch.Tensor, *, scaling: float,
-                dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return rope_table_reference(positions, inv_freq, scaling=scaling, dtype=dtype)
 
 
 @_rope_table.register_fake
 def _(positions, inv_freq, *, scaling, dtype):
-    shape, dtype = (*positions.shape, 2 * inv_freq.shape[0]), parse_dtype(dtype)
+    shape = (*positions.shape, 2 * inv_freq.shape[0])
     return positions.new_empty(shape, dtype=dtype), positions.new_empty(shape, dtype=dtype)
 
 
@@ -103,19 +100,18 @@ class RopeTable(OpDef):
     operands = (Operand("positions", "index"), Operand("inv_freq"))
     traits = frozenset({"npu"})
 
-    def reference(self, positions, inv_freq, *, scaling: float, dtype: str):
+    def reference(self, positions, inv_freq, *, scaling: float, dtype: torch.dtype):
         return rope_table_reference(positions, inv_freq, scaling=scaling, dtype=dtype)
 
     def infer_types(self, operand_types, kwargs):
         positions = self.tensor_operand(operand_types, 0, min_rank=1)
         inv_freq = self.tensor_operand(operand_types, 1, min_rank=1)
-        name, scaling = kwargs.get("dtype"), kwargs.get("scaling")
-        dtype = DTYPES_BY_NAME.get(name) if isinstance(name, str) else None
-        if inv_freq.rank != 1 or not isinstance(inv_freq.shape[0], int) or dtype is None \
+        dtype, scaling = kwargs.get("dtype"), kwargs.get("scaling")
+        if inv_freq.rank != 1 or not isinstance(inv_freq.shape[0], int) or not isinstance(dtype, torch.dtype) \
                 or not dtype.is_floating_point or not isinstance(scaling, int | float) or isinstance(scaling, bool):
             raise VerificationError(f"{ROPE_TABLE}: takes positions, inv_freq [r/2] and scaling=<float>, "
-                                    f"dtype=<float dtype name: f32, bf16, ...>; got {positions}, {inv_freq}, "
-                                    f"scaling={scaling!r}, dtype={name!r}")
+                                    f"dtype=<float dtype>; got {positions}, {inv_freq}, scaling={scaling!r}, "
+                                    f"dtype={dtype!r}")
         table = TensorType(dtype, (*positions.shape, 2 * inv_freq.shape[0]))
         return [table, table]
 

@@ -31,6 +31,7 @@ from ds4c.errors import IRError, KernelError
 from ds4c.ir.graph import Graph, Op
 from ds4c.ir.interpreter import _retarget_devices
 from ds4c.ir.registry import get_op, has_trait, split_results
+from ds4c.ir.types import dtype_name, parse_dtype
 
 # The executors whose compiled graphs may run, by the name their fused ops' specs give
 _EXECUTORS: weakref.WeakValueDictionary[str, InductorExecutor] = weakref.WeakValueDictionary()
@@ -67,15 +68,37 @@ def _as_list(x: Any) -> list[Any]:
     return [x]
 
 
+def _spec(op: str, kwargs: dict, executor: str) -> str:
+    """The JSON a ``ds4c::fused`` node carries: op, attributes (a dtype as ``{"dtype": "bf16"}``) and executor."""
+    def encode(x: Any) -> Any:
+        if isinstance(x, torch.dtype):
+            return {"dtype": dtype_name(x)}
+        if isinstance(x, list | tuple):
+            return [encode(v) for v in x]
+        return x
+    return json.dumps({"op": op, "kwargs": {k: encode(v) for k, v in kwargs.items()}, "executor": executor},
+                      sort_keys=True)
+
+
+def _read_spec(spec: str) -> dict[str, Any]:
+    def decode(x: Any) -> Any:
+        if isinstance(x, dict) and set(x) == {"dtype"}:
+            return parse_dtype(x["dtype"])
+        return [decode(v) for v in x] if isinstance(x, list) else x
+    d = json.loads(spec)
+    d["kwargs"] = {k: decode(v) for k, v in d["kwargs"].items()}
+    return d
+
+
 @torch.library.custom_op("ds4c::fused", mutates_args=())
 def fused(args: list[torch.Tensor | None], spec: str) -> list[torch.Tensor]:
-    d = json.loads(spec)
+    d = _read_spec(spec)
     return _run_fused(d["op"], list(args), d["kwargs"], d["executor"], fake=False)
 
 
 @fused.register_fake
 def _fused_fake(args: list[torch.Tensor | None], spec: str) -> list[torch.Tensor]:
-    d = json.loads(spec)
+    d = _read_spec(spec)
     return [torch.empty_like(o, memory_format=torch.contiguous_format)
             for o in _run_fused(d["op"], list(args), d["kwargs"], d["executor"], fake=True)]
 
@@ -93,7 +116,7 @@ def _lower_fused(g: fx.Graph, op: Op, args: tuple, kwargs: dict, *, executor: st
             raise IRError(f"{op.name} at {op.loc}: positional operand {a!r} is not a tensor; "
                           "cannot lower it to ds4c::fused")
     try:
-        spec = json.dumps({"op": op.name, "kwargs": kwargs, "executor": executor}, sort_keys=True)
+        spec = _spec(op.name, kwargs, executor)
     except TypeError as e:
         raise IRError(f"{op.name} at {op.loc}: attributes are not JSON ({e}); cannot lower to ds4c::fused") from e
     return g.call_function(torch.ops.ds4c.fused.default, (list(args), spec))

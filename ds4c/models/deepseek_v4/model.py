@@ -42,7 +42,6 @@ from torch import nn
 
 import ds4c.ops.rope  # noqa: F401 - registers torch.ops.ds4c.rope_table
 from ds4c.errors import InputError
-from ds4c.ir.types import dtype_name
 from ds4c.models.deepseek_v4.config import ModelConfig
 from ds4c.models.deepseek_v4.paged import PageLayout, StepIndex, gather_rows
 
@@ -112,7 +111,7 @@ class Rotary(nn.Module):
     def forward(self, positions: torch.Tensor, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) [*positions.shape, r] in ``dtype``, each pair's value twice (``rope.table``)."""
         inv_freq = getattr(self, f"{kind}_inv_freq").to(device=positions.device, dtype=torch.float)
-        return torch.ops.ds4c.rope_table(positions, inv_freq, scaling=self.scaling[kind], dtype=dtype_name(dtype))
+        return torch.ops.ds4c.rope_table(positions, inv_freq, scaling=self.scaling[kind], dtype=dtype)
 
 
 class GroupedLinear(nn.Module):

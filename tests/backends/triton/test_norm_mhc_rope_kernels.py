@@ -9,7 +9,6 @@ from ds4c.backends.triton.kernels import _KERNELS
 from ds4c.backends.triton.kernels.mhc import mhc_head, mhc_post, mhc_pre
 from ds4c.backends.triton.kernels.norms import rms_norm
 from ds4c.backends.triton.kernels.rope import rms_norm_rope, rope, rope_table
-from ds4c.ir.types import dtype_name
 from ds4c.ops.mhc import mhc_head_reference, mhc_post_reference, mhc_pre_reference
 from ds4c.ops.norms import rms_norm_reference
 from ds4c.ops.rope import rms_norm_rope_reference, rope_reference, rope_table_reference
@@ -96,7 +95,7 @@ def test_rope_table(dtype, shape, scaling):
     g = torch.Generator().manual_seed(5)
     positions = torch.randint(0, 70000, shape, generator=g).to(DEVICE)
     inv_freq = (10000.0 ** (-torch.arange(0, 32, 2).float() / 32)).to(DEVICE)
-    name = dtype_name(dtype)
+    name = dtype  # the attribute: a torch dtype, as aten.to.dtype takes
     cos, sin = rope_table(CTX, positions, inv_freq, scaling=scaling, dtype=name)
     want_cos, want_sin = rope_table_reference(positions, inv_freq, scaling=scaling, dtype=name)
     close(cos, want_cos)

@@ -28,7 +28,6 @@ from ds4c.backends.triton.kernels import register_kernel, result_buffer
 from ds4c.backends.triton.kernels.attention import interpreter_bf16, round_to
 from ds4c.backends.triton.kernels.configs import KernelContext, elementwise_launch, rope_config
 from ds4c.backends.triton.kernels.pdl import wait_for_producers
-from ds4c.ir.types import parse_dtype
 
 MAX_LEAD = 4
 
@@ -205,12 +204,12 @@ def _table_kernel(pos_ptr, freq_ptr, cos_ptr, sin_ptr, n, n1, sp0, sp1, half, sc
 
 
 @register_kernel("rope.table")
-def rope_table(ctx: KernelContext, positions: torch.Tensor, inv_freq: torch.Tensor, *, scaling: float, dtype: str):
+def rope_table(ctx: KernelContext, positions: torch.Tensor, inv_freq: torch.Tensor, *, scaling: float,
+               dtype: torch.dtype):
     """Launcher with ``RopeTable.reference``'s signature; positions of up to 2 dims with any strides
     (a batch's positions are one row broadcast), more dims contiguous. Declines non-integer
     positions (the model's are int64), frequencies that are not a contiguous fp32 vector on their
     device, and table dtypes other than fp32/bf16/fp16."""
-    dtype = parse_dtype(dtype)
     if positions.dtype not in (torch.int32, torch.int64) or (positions.dim() > 2 and not positions.is_contiguous()) \
             or inv_freq.dim() != 1 or inv_freq.dtype != torch.float32 or inv_freq.stride(0) != 1 \
             or inv_freq.device != positions.device or dtype not in (torch.float32, torch.bfloat16, torch.float16):
