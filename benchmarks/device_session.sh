@@ -35,14 +35,16 @@
 #   bash benchmarks/device_session.sh prefix      # decode-bucket graphs test; flash-slice --serving (bf16), then #27's
 #                                                 # multi-turn workload with and without the prefix cache, TPOT at
 #                                                 # concurrency 1, a saturating trace vs static batches (~9 min)
+#   bash benchmarks/device_session.sh first       # #29: flash-slice's first token after load vs steady (2048-token
+#                                                 # prompt), Triton / Inductor compilations counted (~4 min)
 #
 # TARGET (default h200) names the target record the artifacts are compiled for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|paged) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|paged" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|paged|first) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|paged|first" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -80,6 +82,9 @@ case "$1" in
     timeout "$(left 300)" python -m ds4c.cli bench serve "$art" --device cuda --requests 16 --rate 100 --prompt-len 128:4096 \
       --output-len 64:512 --compare transformers --static-batch 16 --json "$out/serve_tf.json" > "$out/serve_tf.log" 2>&1
     tail -10 "$out/serve_tf.log" | cut -c1-200 ;;
+  first)
+    timeout "$(left 560)" python benchmarks/first_call.py --target "$target" --out "$out/first_call.json" \
+      > "$out/first_call.log" 2>&1; echo "rc=$?"; grep -v Warn "$out/first_call.log" | tail -30 | cut -c1-300 ;;
   spec)
     timeout 560 python benchmarks/speculative.py --target "$target" --out "$out/speculative.json" \
       > "$out/speculative.log" 2>&1; echo "rc=$?"; grep -v Warn "$out/speculative.log" | tail -8 | cut -c1-700 ;;
