@@ -1,10 +1,11 @@
 """Paged addressing of the serving pools, as ops: ``paged.rows``, ``paged.gather``, and the
-compressors' two: ``paged.compress_window`` and ``paged.ring_rows``.
+compressors' three: ``paged.window_index``, ``paged.window_gather`` and ``paged.ring_rows``.
 
     %rows = paged.rows(%window_table, %token_seq, %first, none, count=128, page=32) : i64[N,128]
     %keys = paged.gather(%pool_rows, %rows) : bf16[N,128,512]
-    %win, %w, %seq, %valid = paged.compress_window(%kv_gate, %ring, %emit, %positions, %token_seq,
-        %seq_first, %slot, ratio=4, span=8, ring_rows=11) : bf16[E,8,2048], i64[E], i64[E], i1[E]
+    %src, %pos, %at = paged.window_index(%emit, %positions, %token_seq, %seq_first, %slot, %comp_table,
+        ratio=4, span=8, ring_rows=11, page=64) : i64[E,8], i64[E], i64[E]
+    %win = paged.window_gather(%kv_gate, %ring, %src) : bf16[E,8,2048]
     %at = paged.ring_rows(%positions, %token_seq, %seq_last, %slot, ring_rows=11) : i64[N]
 
 A serving step finds each token's state through its sequence's page table
@@ -20,10 +21,13 @@ launches (``ds4c.backends.triton.kernels.paged``).
 
 A compressor (``Compressor.step``) reads, for every window a step closes, the window's ``span``
 kv ++ gate rows from this step's packed tokens where its sequence's chunk holds them and from the
-sequence's ring slot (rows written by earlier steps) before that, and writes each token's row
-into its ring slot. ``paged.compress_window`` is the read (emitted rows -> window index,
-sequence, validity, sources, both gathers and the empty rows' fill: kv 0, gate -inf) and
-``paged.ring_rows`` the rows written; in ATen ops they were some fifty launches per compressor.
+sequence's ring slot (rows written by earlier steps) before that, writes the window's entry into
+the compressed pages, and writes each token's row into its ring slot. ``paged.window_index`` is
+the addressing (candidate rows -> each window row's source, the entry's position for its RoPE
+and its row in the compressed pool), ``paged.window_gather`` the read (with the empty rows'
+fill: kv 0, gate -inf) and ``paged.ring_rows`` the rows written: in ATen ops some fifty launches
+per compressor, as ops four. A CSA layer's compressor and its indexer's close the same windows
+through the same pages: their ``paged.window_index`` is one op after ``cse``.
 
 The model calls them through ``torch.ops.ds4c.paged_rows`` / ``paged_gather`` (custom ops with
 these references, so eager runs and tracing agree); the importer names them ``paged.rows`` and
@@ -38,14 +42,14 @@ from ds4c.errors import VerificationError
 from ds4c.ir.registry import OpDef, Operand, register_op
 from ds4c.ir.types import TensorType
 
-__all__ = ["COMPRESS_WINDOW", "PAGED_GATHER", "PAGED_ROWS", "RING_ROWS", "TORCH_OPS", "compress_window_reference",
-           "gather_reference", "ring_rows_reference", "rows_reference"]
+__all__ = ["PAGED_GATHER", "PAGED_ROWS", "RING_ROWS", "TORCH_OPS", "WINDOW_GATHER", "WINDOW_INDEX", "gather_reference",
+           "ring_rows_reference", "rows_reference", "window_gather_reference", "window_index_reference"]
 
 PAGED_ROWS, PAGED_GATHER = "paged.rows", "paged.gather"
-COMPRESS_WINDOW, RING_ROWS = "paged.compress_window", "paged.ring_rows"
+WINDOW_INDEX, WINDOW_GATHER, RING_ROWS = "paged.window_index", "paged.window_gather", "paged.ring_rows"
 # the custom torch ops the model calls -> the IR ops they import as
 TORCH_OPS = {"ds4c::paged_rows": PAGED_ROWS, "ds4c::paged_gather": PAGED_GATHER,
-             "ds4c::compress_window": COMPRESS_WINDOW, "ds4c::ring_rows": RING_ROWS}
+             "ds4c::window_index": WINDOW_INDEX, "ds4c::window_gather": WINDOW_GATHER, "ds4c::ring_rows": RING_ROWS}
 
 
 def rows_reference(table: torch.Tensor, seq: torch.Tensor, first: torch.Tensor | None, limit: torch.Tensor | None,
@@ -71,17 +75,19 @@ def gather_reference(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.where((rows >= 0).unsqueeze(-1), picked, torch.zeros_like(picked))
 
 
-def compress_window_reference(rows: torch.Tensor, ring: torch.Tensor, emit: torch.Tensor, positions: torch.Tensor,
-                              token_seq: torch.Tensor, seq_first: torch.Tensor, slot: torch.Tensor, *, ratio: int,
-                              span: int, ring_rows: int) -> tuple[torch.Tensor, ...]:
-    """The ``span`` kv ++ gate rows of the window each candidate row ``emit`` [E] closes.
+def window_index_reference(emit: torch.Tensor, positions: torch.Tensor, token_seq: torch.Tensor,
+                           seq_first: torch.Tensor, slot: torch.Tensor, comp_table: torch.Tensor, *, ratio: int,
+                           span: int, ring_rows: int, page: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the ``span`` rows of the window each candidate row ``emit`` [E] closes come from.
 
-    ``rows`` [N, W]: this step's rows per packed token; ``ring`` [slots * ring_rows, W]: the ring
-    slots. A candidate is valid when it is a token (>= 0) whose position ``p`` closes a window
+    A candidate is valid when it is a token (>= 0) whose position ``p`` closes a window
     (``(p + 1) % ratio == 0``); its window ``w = p // ratio`` spans positions ``q = w * ratio +
-    ratio - span ..``, read from ``rows`` at or after its chunk's start, from its slot's ring row
-    ``q % ring_rows`` before. Rows of no source (q < 0, invalid candidates) are kv 0, gate -inf.
-    Returns (windows [E, span, W], w [E], sequence [E], valid [E])."""
+    ratio - span ..``: this step's packed row ``first + q - start`` at or after its chunk's start,
+    its ring slot's row ``slot * ring_rows + q % ring_rows`` before. Returns (sources [E, span]:
+    the packed row (>= 0), ``-2 - ring row`` (<= -2), or -1 for no row (q < 0, invalid
+    candidates); the window's entry position ``w * ratio`` [E] (its RoPE position); the entry's
+    row in the compressed pool [E], through ``comp_table`` pages of ``page`` entries, 0 (the
+    trash page) for invalid candidates)."""
     row = emit.clamp(min=0)
     p = positions.index_select(0, row)
     valid = (emit >= 0) & ((p + 1) % ratio == 0)
@@ -92,13 +98,20 @@ def compress_window_reference(rows: torch.Tensor, ring: torch.Tensor, emit: torc
     start = positions.index_select(0, seq_first).index_select(0, seq).unsqueeze(1)
     sl = slot.long().index_select(0, seq).unsqueeze(1)
     ok = valid.unsqueeze(1) & (q >= 0)
-    packed = torch.where(ok & (q >= start), first + q - start, torch.full_like(q, -1))
-    ringed = torch.where(ok & (q < start), sl * ring_rows + q % ring_rows, torch.full_like(q, -1))
-    got = torch.where((packed >= 0).unsqueeze(-1), gather_reference(rows, packed), gather_reference(ring, ringed))
+    sources = torch.where(ok & (q >= start), first + q - start,
+                          torch.where(ok, -2 - (sl * ring_rows + q % ring_rows), torch.full_like(q, -1)))
+    at = rows_reference(comp_table, seq, w, None, count=1, page=page)[:, 0]
+    return sources, w * ratio, torch.where(valid, at, torch.zeros_like(at))
+
+
+def window_gather_reference(rows: torch.Tensor, ring: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """[E, span, W]: ``rows`` [N, W] at sources >= 0, ``ring`` [M, W] at ``-2 - source`` for sources
+    <= -2; rows of no source (-1) are a compressor's empty state: kv (first half) 0, gate -inf."""
+    got = torch.where((sources >= 0).unsqueeze(-1), gather_reference(rows, sources),
+                      gather_reference(ring, torch.where(sources <= -2, -2 - sources, torch.full_like(sources, -1))))
     half = rows.shape[-1] // 2
-    missing = ((packed < 0) & (ringed < 0)).unsqueeze(-1)
-    gate = got[..., half:].masked_fill(missing, float("-inf"))
-    return torch.cat([got[..., :half], gate], dim=-1), w, seq, valid
+    gate = got[..., half:].masked_fill((sources == -1).unsqueeze(-1), float("-inf"))
+    return torch.cat([got[..., :half], gate], dim=-1)
 
 
 def ring_rows_reference(positions: torch.Tensor, token_seq: torch.Tensor, seq_last: torch.Tensor, slot: torch.Tensor,
@@ -112,19 +125,29 @@ def ring_rows_reference(positions: torch.Tensor, token_seq: torch.Tensor, seq_la
     return torch.where(keep, sl, torch.zeros_like(sl)) * ring_rows + positions % ring_rows
 
 
-@torch.library.custom_op("ds4c::compress_window", mutates_args=())
-def _compress_window(rows: torch.Tensor, ring: torch.Tensor, emit: torch.Tensor, positions: torch.Tensor,
-                     token_seq: torch.Tensor, seq_first: torch.Tensor, slot: torch.Tensor, *, ratio: int, span: int,
-                     ring_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return compress_window_reference(rows, ring, emit, positions, token_seq, seq_first, slot, ratio=ratio, span=span,
-                                     ring_rows=ring_rows)
+@torch.library.custom_op("ds4c::window_index", mutates_args=())
+def _window_index(emit: torch.Tensor, positions: torch.Tensor, token_seq: torch.Tensor, seq_first: torch.Tensor,
+                  slot: torch.Tensor, comp_table: torch.Tensor, *, ratio: int, span: int, ring_rows: int,
+                  page: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return window_index_reference(emit, positions, token_seq, seq_first, slot, comp_table, ratio=ratio, span=span,
+                                  ring_rows=ring_rows, page=page)
 
 
-@_compress_window.register_fake
-def _(rows, ring, emit, positions, token_seq, seq_first, slot, *, ratio, span, ring_rows):
+@_window_index.register_fake
+def _(emit, positions, token_seq, seq_first, slot, comp_table, *, ratio, span, ring_rows, page):
     e = emit.shape[0]
-    return (rows.new_empty((e, span, rows.shape[-1])), emit.new_empty((e,), dtype=torch.int64),
-            emit.new_empty((e,), dtype=torch.int64), emit.new_empty((e,), dtype=torch.bool))
+    return (emit.new_empty((e, span), dtype=torch.int64), emit.new_empty((e,), dtype=torch.int64),
+            emit.new_empty((e,), dtype=torch.int64))
+
+
+@torch.library.custom_op("ds4c::window_gather", mutates_args=())
+def _window_gather(rows: torch.Tensor, ring: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    return window_gather_reference(rows, ring, sources)
+
+
+@_window_gather.register_fake
+def _(rows, ring, sources):
+    return rows.new_empty((*sources.shape, rows.shape[-1]))
 
 
 @torch.library.custom_op("ds4c::ring_rows", mutates_args=())
@@ -211,35 +234,53 @@ def _index_vector(op: str, name: str, t, like: TensorType | None = None) -> Tens
 
 
 @register_op
-class CompressWindow(OpDef):
-    name = COMPRESS_WINDOW
-    operands = (Operand("rows"), Operand("ring"), Operand("emit", "index"), Operand("positions", "index"),
-                Operand("token_seq", "index"), Operand("seq_first", "index"), Operand("slot", "index"))
+class WindowIndex(OpDef):
+    name = WINDOW_INDEX
+    num_results = 3
+    operands = (Operand("emit", "index"), Operand("positions", "index"), Operand("token_seq", "index"),
+                Operand("seq_first", "index"), Operand("slot", "index"), Operand("comp_table", "index"))
 
-    def reference(self, rows, ring, emit, positions, token_seq, seq_first, slot, *, ratio: int, span: int,
-                  ring_rows: int) -> tuple[torch.Tensor, ...]:
-        return compress_window_reference(rows, ring, emit, positions, token_seq, seq_first, slot, ratio=ratio,
-                                         span=span, ring_rows=ring_rows)
+    def reference(self, emit, positions, token_seq, seq_first, slot, comp_table, *, ratio: int, span: int,
+                  ring_rows: int, page: int) -> tuple[torch.Tensor, ...]:
+        return window_index_reference(emit, positions, token_seq, seq_first, slot, comp_table, ratio=ratio,
+                                      span=span, ring_rows=ring_rows, page=page)
+
+    def infer_types(self, operand_types, kwargs):
+        emit = _index_vector(WINDOW_INDEX, "emit", self.tensor_operand(operand_types, 0, min_rank=1))
+        positions = _index_vector(WINDOW_INDEX, "positions", operand_types[1])
+        _index_vector(WINDOW_INDEX, "token_seq", operand_types[2], positions)
+        _index_vector(WINDOW_INDEX, "seq_first", operand_types[3])
+        _index_vector(WINDOW_INDEX, "slot", operand_types[4])
+        table = self.tensor_operand(operand_types, 5, min_rank=2)
+        if table.rank != 2 or table.dtype not in (torch.int32, torch.int64):
+            raise VerificationError(f"{WINDOW_INDEX}: comp_table must be int32/int64 [R, S], got {table}")
+        ratio, span, ring_rows, page = (kwargs.get(k) for k in ("ratio", "span", "ring_rows", "page"))
+        if not all(isinstance(v, int) and v >= 1 for v in (ratio, span, ring_rows, page)) or ring_rows < span:
+            raise VerificationError(f"{WINDOW_INDEX}: ratio, span, ring_rows and page must be positive integers "
+                                    f"with ring_rows >= span, got {ratio}, {span}, {ring_rows}, {page}")
+        e = emit.shape[0]
+        return [TensorType(torch.int64, (e, span)), TensorType(torch.int64, (e,)), TensorType(torch.int64, (e,))]
+
+
+@register_op
+class WindowGather(OpDef):
+    name = WINDOW_GATHER
+    operands = (Operand("rows"), Operand("ring"), Operand("sources", "index"))
+
+    def reference(self, rows, ring, sources) -> torch.Tensor:
+        return window_gather_reference(rows, ring, sources)
 
     def infer_types(self, operand_types, kwargs):
         rows = self.tensor_operand(operand_types, 0, min_rank=2)
         ring = self.tensor_operand(operand_types, 1, min_rank=2)
+        sources = self.tensor_operand(operand_types, 2, min_rank=2)
         if rows.rank != 2 or ring.rank != 2 or ring.dtype != rows.dtype or ring.shape[1] != rows.shape[1] \
                 or not isinstance(rows.shape[1], int) or rows.shape[1] % 2:
-            raise VerificationError(f"{COMPRESS_WINDOW}: rows [N, W] and ring [M, W] of one dtype (W even) expected, "
+            raise VerificationError(f"{WINDOW_GATHER}: rows [N, W] and ring [M, W] of one dtype (W even) expected, "
                                     f"got {rows} and {ring}")
-        emit = _index_vector(COMPRESS_WINDOW, "emit", operand_types[2])
-        positions = _index_vector(COMPRESS_WINDOW, "positions", operand_types[3])
-        _index_vector(COMPRESS_WINDOW, "token_seq", operand_types[4], positions)
-        _index_vector(COMPRESS_WINDOW, "seq_first", operand_types[5])
-        _index_vector(COMPRESS_WINDOW, "slot", operand_types[6])
-        ratio, span, ring_rows = (kwargs.get(k) for k in ("ratio", "span", "ring_rows"))
-        if not all(isinstance(v, int) and v >= 1 for v in (ratio, span, ring_rows)) or ring_rows < span:
-            raise VerificationError(f"{COMPRESS_WINDOW}: ratio, span and ring_rows must be positive integers with "
-                                    f"ring_rows >= span, got {ratio}, {span}, {ring_rows}")
-        e = emit.shape[0]
-        return [TensorType(rows.dtype, (e, span, rows.shape[1])), TensorType(torch.int64, (e,)),
-                TensorType(torch.int64, (e,)), TensorType(torch.bool, (e,))]
+        if sources.rank != 2 or sources.dtype != torch.int64:
+            raise VerificationError(f"{WINDOW_GATHER}: sources must be int64 [E, span], got {sources}")
+        return [TensorType(rows.dtype, (*sources.shape, rows.shape[1]))]
 
 
 @register_op

@@ -43,7 +43,7 @@ from torch import nn
 import ds4c.ops.rope  # noqa: F401 - registers torch.ops.ds4c.rope_table
 from ds4c.errors import InputError
 from ds4c.models.deepseek_v4.config import ModelConfig
-from ds4c.models.deepseek_v4.paged import PageLayout, StepIndex, gather_rows
+from ds4c.models.deepseek_v4.paged import PageLayout, StepIndex, gather_rows, gather_window
 
 # Exported parameter names are transformers' names: the entry wrappers add no prefix (see _Entry).
 ENTRY_PARAM_PREFIX = ""
@@ -313,16 +313,15 @@ class Compressor(nn.Module):
         gate = self.gate_proj(x)[0] + self.position_bias.index_select(0, positions % m)
         rows = torch.cat([kv, gate], dim=-1)  # [N, 2*c*d]
         flat_ring = ring.reshape(-1, width)
-        got, w, seq, valid = index.compress_windows(rows, flat_ring, emit, m, span, rows_per_slot)
-        win_kv, win_gate = got.split(width // 2, dim=-1)
+        per_page = comp.shape[1]
+        sources, entry_pos, at = index.window_index(emit, m, span, rows_per_slot, per_page)
+        win_kv, win_gate = gather_window(rows, flat_ring, sources).split(width // 2, dim=-1)
         if self.overlap:  # the previous window's first halves, then this window's second halves
             win_kv = torch.cat([win_kv[:, :m, :d], win_kv[:, m:, d:]], dim=1)
             win_gate = torch.cat([win_gate[:, :m, :d], win_gate[:, m:, d:]], dim=1)
         entries = self._pool(win_kv, win_gate)  # [E, d]
-        cos, sin = rotary((w * m).unsqueeze(0), "compress", entries.dtype)
+        cos, sin = rotary(entry_pos.unsqueeze(0), "compress", entries.dtype)
         entries = apply_rope(entries.view(1, 1, -1, d), cos, sin).view(-1, d)
-        per_page = comp.shape[1]
-        at = torch.where(valid, index.comp_rows(w, seq, per_page), torch.zeros_like(w))
         comp = torch.index_put(comp.reshape(-1, d), (at,), entries).view(comp.shape)
         ring = torch.index_put(flat_ring, (index.ring_writes(rows_per_slot),), rows).view(ring.shape)
         return comp, ring

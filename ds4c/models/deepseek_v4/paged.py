@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-import ds4c.ops.paged  # noqa: F401 - registers torch.ops.ds4c.paged_* (rows, gather, compress_window, ring_rows)
+import ds4c.ops.paged  # noqa: F401 - registers the paged addressing ops (torch.ops.ds4c.paged_rows, ...)
 
 __all__ = ["PageLayout", "StepIndex", "all_pools", "gather_rows", "page_bytes", "pool_capacity", "serving_layout",
            "size_pools"]
@@ -175,10 +175,6 @@ class StepIndex:
 
     # -- compressed entries ----------------------------------------------------------------------
 
-    def comp_rows(self, j: torch.Tensor, seq: torch.Tensor, per_page: int) -> torch.Tensor:
-        """[n] row of compressed entry ``j`` [n] (>= 0) of sequence ``seq`` [n] in a flattened compressed pool."""
-        return paged_rows(self.comp_table, seq, j, None, 1, per_page)[:, 0]
-
     def visible(self, ratio: int) -> torch.Tensor:
         """[N] compressed entries each token may see: those of windows closed at or before it."""
         return torch.div(self.positions + 1, ratio, rounding_mode="floor")
@@ -194,15 +190,22 @@ class StepIndex:
         (one of its sequence's last ``Rk`` positions), else the trash slot's (``paged.ring_rows``)."""
         return torch.ops.ds4c.ring_rows(self.positions, self.token_seq, self.seq_last, self.slot, ring_rows=ring)
 
-    def compress_windows(self, rows: torch.Tensor, ring: torch.Tensor, emit: torch.Tensor, ratio: int, span: int,
-                         ring_rows: int) -> tuple[torch.Tensor, ...]:
-        """The ``span`` (= c*m) kv ++ gate rows of the window each candidate row ``emit`` [E] (-1:
-        padding) closes, from this step's ``rows`` [N, W] where its chunk holds them, from its ring
-        slot's ``ring_rows`` rows of ``ring`` [slots * ring_rows, W] before; kv 0, gate -inf where neither (positions before 0,
-        candidates that close no window). Returns (windows [E, span, W], w [E], seq [E], valid [E])
-        (``paged.compress_window``)."""
-        return torch.ops.ds4c.compress_window(rows, ring, emit, self.positions, self.token_seq, self.seq_first,
-                                              self.slot, ratio=ratio, span=span, ring_rows=ring_rows)
+    def window_index(self, emit: torch.Tensor, ratio: int, span: int, ring_rows: int, per_page: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the window each candidate row ``emit`` [E] (-1: padding) closes: where its ``span``
+        (= c*m) rows come from (this step's packed row, >= 0; ``-2 - row`` of its ring slot's
+        ``ring_rows`` rows; -1: none), the entry's position (for its RoPE) and the entry's row in
+        a compressed pool of ``per_page`` entries per page (0, the trash, for candidates that
+        close no window). ``paged.window_index``."""
+        return torch.ops.ds4c.window_index(emit, self.positions, self.token_seq, self.seq_first, self.slot,
+                                           self.comp_table, ratio=ratio, span=span, ring_rows=ring_rows,
+                                           page=per_page)
+
+
+def gather_window(rows: torch.Tensor, ring: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """[E, span, W] window rows from this step's ``rows`` [N, W] and the flattened ``ring`` [M, W]
+    at ``sources`` (``StepIndex.window_index``); kv 0, gate -inf where no row (``paged.window_gather``)."""
+    return torch.ops.ds4c.window_gather(rows, ring, sources)
 
 
 def gather_rows(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """The Triton ``paged.*`` launchers against their references (interpreter on CPU, GPU if present):
 ``paged.rows`` for window keys (positions before 0), compressed keys (a limit per token), one row
 per token (the writes), int32 and strided tables; ``paged.gather`` with -1 rows, bf16 and fp32, a
-pool with padded rows; ``paged.compress_window`` for a CSA-like (overlapping, ratio 4) and an
-HCA-like (ratio 16) compressor over a step of chunks that start mid-window, padding candidates and
-candidates that close no window; ``paged.ring_rows`` for chunks near and far from their end."""
+pool with padded rows; ``paged.window_index`` / ``paged.window_gather`` for a CSA-like
+(overlapping, ratio 4) and an HCA-like (ratio 16) compressor over a step of chunks that start
+mid-window, padding candidates and candidates that close no window; ``paged.ring_rows`` for chunks near and far from their end."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from ds4c.backends.triton.kernels import get_kernel
-from ds4c.ops.paged import compress_window_reference, gather_reference, ring_rows_reference, rows_reference
+from ds4c.ops.paged import (
+    gather_reference,
+    ring_rows_reference,
+    rows_reference,
+    window_gather_reference,
+    window_index_reference,
+)
 from tests.backends.triton.conftest import CTX
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,28 +74,32 @@ def _step(gen, chunks: list[tuple[int, int]]):
 
 
 @pytest.mark.parametrize("dtype,ratio,span,width", [(torch.float32, 4, 8, 24), (torch.bfloat16, 16, 16, 40)])
-def test_paged_compress_window_matches_reference(dtype, ratio, span, width):
+def test_paged_window_index_and_gather_match_reference(dtype, ratio, span, width):
     gen = torch.Generator().manual_seed(3)
     # decodes at window ends and mid-window, a chunk starting mid-window, a prompt from 0
     chunks = [(3, 1), (ratio * 5 - 1, 1), (ratio * 2 + 1, 2 * ratio + 3), (0, ratio + 2), (ratio * 7, 1)]
     positions, token_seq, seq_first, _ = _step(gen, chunks)
     n = positions.shape[0]
-    ring_rows = span + 3
+    ring_rows, page = span + 3, 2
     slot = torch.tensor([2, 5, 1, 4, 3], dtype=torch.int32)
-    rows = torch.randn(n, width, generator=gen).to(dtype)
-    ring = torch.randn(6 * ring_rows + 5, width + 4, generator=gen).to(dtype)[:, :width]  # strided rows
+    comp_table = torch.randint(1, 50, (5, 12), generator=gen, dtype=torch.int32)
     emit = torch.cat([torch.arange(n), torch.tensor([-1, -1])])
-    want = compress_window_reference(rows, ring, emit, positions, token_seq, seq_first, slot, ratio=ratio,
-                                     span=span, ring_rows=ring_rows)
-    got = get_kernel("paged.compress_window")(
-        CTX, *(t.to(DEVICE) for t in (rows, ring, emit, positions, token_seq, seq_first, slot)), ratio=ratio,
-        span=span, ring_rows=ring_rows)
+    args = (emit, positions, token_seq, seq_first, slot, comp_table)
+    kw = {"ratio": ratio, "span": span, "ring_rows": ring_rows, "page": page}
+    want = window_index_reference(*args, **kw)
+    got = get_kernel("paged.window_index")(CTX, *(t.to(DEVICE) for t in args), **kw)
     for g, wnt in zip(got, want, strict=True):
         assert g.dtype == wnt.dtype and g.shape == wnt.shape
         assert torch.equal(g.cpu(), wnt)
-    win, _, _, valid = want
-    assert valid.any() and not valid.all()
-    assert torch.isneginf(win[..., width // 2:]).any() and (win[..., :width // 2] != 0).any()
+    sources, _, at = want
+    assert (sources >= 0).any() and (sources <= -2).any() and (sources == -1).any() and (at == 0).any()
+
+    rows = torch.randn(n, width, generator=gen).to(dtype)
+    ring = torch.randn(6 * ring_rows + 5, width + 4, generator=gen).to(dtype)[:, :width]  # strided rows
+    want = window_gather_reference(rows, ring, sources)
+    got = get_kernel("paged.window_gather")(CTX, rows.to(DEVICE), ring.to(DEVICE), sources.to(DEVICE))
+    assert got.dtype == want.dtype and torch.equal(got.cpu(), want)
+    assert torch.isneginf(want[..., width // 2:]).any() and (want[..., :width // 2] != 0).any()
 
 
 def test_paged_ring_rows_matches_reference():

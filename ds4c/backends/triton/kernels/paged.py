@@ -1,6 +1,6 @@
-"""``paged.rows``, ``paged.gather``, ``paged.compress_window`` and ``paged.ring_rows``
-(``ds4c.ops.paged``): a serving step's page-table addressing in a few launches instead of some
-twenty small ATen kernels per attention layer and fifty per compressor.
+"""``paged.rows``, ``paged.gather``, ``paged.window_index``, ``paged.window_gather`` and
+``paged.ring_rows`` (``ds4c.ops.paged``): a serving step's page-table addressing in a few
+launches instead of some twenty small ATen kernels per attention layer and fifty per compressor.
 
 ``paged.rows``: a program owns ``BLOCK_N`` tokens x ``BLOCK_C`` of their ``count`` positions
 ``q = first[n] + i``, reads the page of each from its sequence's row of the table
@@ -10,10 +10,11 @@ twenty small ATen kernels per attention layer and fifty per compressor.
 ``paged.gather``: a program owns ``BLOCK_K`` rows x ``BLOCK_D`` channels of the output and copies
 them from the pool (rows of any stride, unit channel stride), zeros where the row is -1.
 
-``paged.compress_window``: a program owns one candidate row x ``BLOCK_S`` of its window's rows x
-``BLOCK_D`` channels: it derives the window (position, validity, sequence, chunk start, ring
-slot) from scalars, reads each row from the step's rows or the ring (masked loads), fills the
-rows of neither source (kv 0, gate -inf) and, in its first block, writes w / sequence / validity.
+``paged.window_index``: a program owns ``BLOCK_E`` candidate rows x their window's ``span`` rows
+and derives each row's source (chunk start, ring slot, validity) and the entry's pool row.
+``paged.window_gather``: a program owns one candidate x ``BLOCK_S`` window rows x ``BLOCK_D``
+channels and reads each row from the step's rows or the ring (masked loads), the rows of no
+source filled (kv 0, gate -inf).
 
 ``paged.ring_rows``: one program per ``BLOCK_N`` tokens.
 """
@@ -67,41 +68,51 @@ def _gather_kernel(pool_ptr, rows_ptr, out_ptr, k, d, sp0,
 
 
 @triton.jit
-def _window_kernel(rows_ptr, ring_ptr, emit_ptr, pos_ptr, tseq_ptr, first_ptr, slot_ptr, out_ptr, w_ptr, seq_ptr,
-                   valid_ptr, width, half, sr0, sg0, ratio, span, ring_rows,
-                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+def _window_index_kernel(emit_ptr, pos_ptr, tseq_ptr, first_ptr, slot_ptr, table_ptr, src_ptr, epos_ptr, at_ptr, e_n,
+                         ratio, span, ring_rows, page, slots, st0, st1, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
+                         PDL: tl.constexpr):
+    wait_for_producers(PDL)
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    s = tl.arange(0, BLOCK_S)
+    e_ok = e < e_n
+    cand = tl.load(emit_ptr + e, mask=e_ok, other=-1).to(tl.int64)
+    row = tl.maximum(cand, 0)
+    p = tl.load(pos_ptr + row, mask=e_ok, other=0).to(tl.int64)
+    valid = (cand >= 0) & ((p + 1) % ratio == 0)
+    w = p // ratio
+    seq = tl.load(tseq_ptr + row, mask=e_ok, other=0).to(tl.int64)
+    first = tl.load(first_ptr + seq, mask=e_ok, other=0).to(tl.int64)
+    start = tl.load(pos_ptr + first, mask=e_ok, other=0).to(tl.int64)
+    slot = tl.load(slot_ptr + seq, mask=e_ok, other=0).to(tl.int64)
+    q = (w * ratio + ratio - span)[:, None] + s[None, :].to(tl.int64)
+    ok = (valid[:, None] & (q >= 0)) != 0
+    ringed = -2 - (slot[:, None] * ring_rows + tl.maximum(q, 0) % ring_rows)
+    src = tl.where(ok & (q >= start[:, None]), first[:, None] + q - start[:, None], tl.where(ok, ringed, -1))
+    tl.store(src_ptr + e.to(tl.int64)[:, None] * span + s[None, :], src, mask=e_ok[:, None] & (s < span)[None, :])
+    page_id = tl.load(table_ptr + seq * st0 + ((w // page) % slots) * st1, mask=e_ok & valid, other=0).to(tl.int64)
+    tl.store(epos_ptr + e, w * ratio, mask=e_ok)
+    tl.store(at_ptr + e, tl.where(valid, page_id * page + w % page, 0), mask=e_ok)
+
+
+@triton.jit
+def _window_gather_kernel(rows_ptr, ring_ptr, src_ptr, out_ptr, width, half, sr0, sg0, span,
+                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     wait_for_producers(PDL)
     e = tl.program_id(0)
     s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     c = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cand = tl.load(emit_ptr + e).to(tl.int64)
-    row = tl.maximum(cand, 0)
-    p = tl.load(pos_ptr + row).to(tl.int64)
-    valid = (cand >= 0) & ((p + 1) % ratio == 0)
-    w = p // ratio
-    seq = tl.load(tseq_ptr + row).to(tl.int64)
-    first = tl.load(first_ptr + seq).to(tl.int64)
-    start = tl.load(pos_ptr + first).to(tl.int64)
-    slot = tl.load(slot_ptr + seq).to(tl.int64)
-    q = w * ratio + ratio - span + s.to(tl.int64)
-    s_ok = s < span
-    c_ok = c < width
-    ok = ((q >= 0) & s_ok & valid) != 0  # (a 0-d validity broadcast: the interpreter makes it an integer)
-    from_rows = ok & (q >= start)
-    from_ring = ok & (q < start)
-    packed = tl.where(from_rows, first + q - start, 0)
-    ringed = tl.where(from_ring, slot * ring_rows + tl.maximum(q, 0) % ring_rows, 0)
-    a = tl.load(rows_ptr + packed[:, None] * sr0 + c[None, :], mask=from_rows[:, None] & c_ok[None, :], other=0.0)
-    b = tl.load(ring_ptr + ringed[:, None] * sg0 + c[None, :], mask=from_ring[:, None] & c_ok[None, :], other=0.0)
+    s_ok, c_ok = s < span, c < width
+    src = tl.load(src_ptr + e.to(tl.int64) * span + s, mask=s_ok, other=-1).to(tl.int64)
+    from_rows = src >= 0
+    from_ring = src <= -2
+    a = tl.load(rows_ptr + tl.maximum(src, 0)[:, None] * sr0 + c[None, :], mask=from_rows[:, None] & c_ok[None, :],
+                other=0.0)
+    b = tl.load(ring_ptr + tl.maximum(-2 - src, 0)[:, None] * sg0 + c[None, :],
+                mask=from_ring[:, None] & c_ok[None, :], other=0.0)
     v = tl.where(from_rows[:, None], a, b)
-    missing = (from_rows | from_ring) == 0
-    v = tl.where(missing[:, None] & (c >= half)[None, :], float("-inf"), v)
-    base = e.to(tl.int64) * span * width
-    tl.store(out_ptr + base + s[:, None] * width + c[None, :], v, mask=s_ok[:, None] & c_ok[None, :])
-    if (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
-        tl.store(w_ptr + e, w)
-        tl.store(seq_ptr + e, seq)
-        tl.store(valid_ptr + e, valid)
+    v = tl.where((src == -1)[:, None] & (c >= half)[None, :], float("-inf"), v)
+    tl.store(out_ptr + e.to(tl.int64) * span * width + s[:, None] * width + c[None, :], v,
+             mask=s_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -125,31 +136,48 @@ def _vectors(*ts: torch.Tensor) -> bool:
                for t in ts)
 
 
-@register_kernel("paged.compress_window")
-def paged_compress_window(ctx: KernelContext, rows: torch.Tensor, ring: torch.Tensor, emit: torch.Tensor,
-                          positions: torch.Tensor, token_seq: torch.Tensor, seq_first: torch.Tensor,
-                          slot: torch.Tensor, *, ratio: int, span: int, ring_rows: int):
-    """Launcher with ``CompressWindow.reference``'s signature; declines rows / ring that are not
-    [M, W] of one dtype with unit channel stride, and index vectors that are not contiguous on
-    the rows' device."""
-    if rows.dim() != 2 or ring.dim() != 2 or rows.dtype != ring.dtype or rows.shape[1] != ring.shape[1] \
-            or rows.stride(1) != 1 or ring.stride(1) != 1 or ring.device != rows.device \
-            or not _vectors(emit, positions, token_seq, seq_first, slot) or emit.device != rows.device:
+@register_kernel("paged.window_index")
+def paged_window_index(ctx: KernelContext, emit: torch.Tensor, positions: torch.Tensor, token_seq: torch.Tensor,
+                       seq_first: torch.Tensor, slot: torch.Tensor, comp_table: torch.Tensor, *, ratio: int,
+                       span: int, ring_rows: int, page: int):
+    """Launcher with ``WindowIndex.reference``'s signature; declines index vectors that are not
+    contiguous on one device and a table that is not int32/int64 [R, S] there."""
+    if not _vectors(emit, positions, token_seq, seq_first, slot) or comp_table.dim() != 2 \
+            or comp_table.dtype not in (torch.int32, torch.int64) or comp_table.device != emit.device:
         return NotImplemented
-    e, width = emit.shape[0], rows.shape[1]
-    out = result_buffer(0, (e, span, width), rows.dtype, rows.device)
-    w = result_buffer(1, (e,), torch.int64, rows.device)
-    seq = result_buffer(2, (e,), torch.int64, rows.device)
-    valid = result_buffer(3, (e,), torch.bool, rows.device)
+    e, dev = emit.shape[0], emit.device
+    src = result_buffer(0, (e, span), torch.int64, dev)
+    epos = result_buffer(1, (e,), torch.int64, dev)
+    at = result_buffer(2, (e,), torch.int64, dev)
     if e == 0:
-        return out, w, seq, valid
+        return src, epos, at
+    block_s = triton.next_power_of_2(span)
+    block_e = max(1, min(64, 4096 // block_s))
+    _window_index_kernel[(triton.cdiv(e, block_e),)](
+        emit, positions, token_seq, seq_first, slot, comp_table, src, epos, at, e, ratio, span, ring_rows, page,
+        comp_table.shape[1], comp_table.stride(0), comp_table.stride(1), BLOCK_E=block_e, BLOCK_S=block_s,
+        **elementwise_launch(4).kwargs(ctx))
+    return src, epos, at
+
+
+@register_kernel("paged.window_gather")
+def paged_window_gather(ctx: KernelContext, rows: torch.Tensor, ring: torch.Tensor, sources: torch.Tensor):
+    """Launcher with ``WindowGather.reference``'s signature; declines rows / ring that are not
+    [M, W] of one dtype with unit channel stride, and sources that are not contiguous int64 there."""
+    if rows.dim() != 2 or ring.dim() != 2 or rows.dtype != ring.dtype or rows.shape[1] != ring.shape[1] \
+            or rows.stride(1) != 1 or ring.stride(1) != 1 or ring.device != rows.device or sources.dim() != 2 \
+            or sources.dtype != torch.int64 or not sources.is_contiguous() or sources.device != rows.device:
+        return NotImplemented
+    (e, span), width = sources.shape, rows.shape[1]
+    out = result_buffer(0, (e, span, width), rows.dtype, rows.device)
+    if e == 0 or span == 0:
+        return out
     block_d = min(triton.next_power_of_2(width), 512)
     block_s = max(1, min(triton.next_power_of_2(span), 4096 // block_d))
-    _window_kernel[(e, triton.cdiv(span, block_s), triton.cdiv(width, block_d))](
-        rows, ring, emit, positions, token_seq, seq_first, slot, out, w, seq, valid, width, width // 2,
-        rows.stride(0), ring.stride(0), ratio, span, ring_rows, BLOCK_S=block_s, BLOCK_D=block_d,
-        **elementwise_launch(4).kwargs(ctx))
-    return out, w, seq, valid
+    _window_gather_kernel[(e, triton.cdiv(span, block_s), triton.cdiv(width, block_d))](
+        rows, ring, sources, out, width, width // 2, rows.stride(0), ring.stride(0), span, BLOCK_S=block_s,
+        BLOCK_D=block_d, **elementwise_launch(4).kwargs(ctx))
+    return out
 
 
 @register_kernel("paged.ring_rows")
