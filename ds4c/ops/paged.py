@@ -5,7 +5,7 @@ compressors' three: ``paged.window_index``, ``paged.window_gather`` and ``paged.
     %keys = paged.gather(%pool_rows, %rows) : bf16[N,128,512]
     %src, %pos, %at = paged.window_index(%emit, %positions, %token_seq, %seq_first, %slot, %comp_table,
         ratio=4, span=8, ring_rows=11, page=64) : i64[E,8], i64[E], i64[E]
-    %win = paged.window_gather(%kv_gate, %ring, %src) : bf16[E,8,2048]
+    %win = paged.window_gather(%kv_gate, %ring, %src, overlap=4) : bf16[E,8,1024]
     %at = paged.ring_rows(%positions, %token_seq, %seq_last, %slot, ring_rows=11) : i64[N]
 
 A serving step finds each token's state through its sequence's page table
@@ -25,7 +25,7 @@ sequence's ring slot (rows written by earlier steps) before that, writes the win
 the compressed pages, and writes each token's row into its ring slot. ``paged.window_index`` is
 the addressing (candidate rows -> each window row's source, the entry's position for its RoPE
 and its row in the compressed pool), ``paged.window_gather`` the read (with the empty rows'
-fill: kv 0, gate -inf) and ``paged.ring_rows`` the rows written: in ATen ops some fifty launches
+fill: kv 0, gate -inf, and an overlapping compressor's choice of halves) and ``paged.ring_rows`` the rows written: in ATen ops some fifty launches
 per compressor, as ops four. A CSA layer's compressor and its indexer's close the same windows
 through the same pages: their ``paged.window_index`` is one op after ``cse``.
 
@@ -104,14 +104,24 @@ def window_index_reference(emit: torch.Tensor, positions: torch.Tensor, token_se
     return sources, w * ratio, torch.where(valid, at, torch.zeros_like(at))
 
 
-def window_gather_reference(rows: torch.Tensor, ring: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
-    """[E, span, W]: ``rows`` [N, W] at sources >= 0, ``ring`` [M, W] at ``-2 - source`` for sources
-    <= -2; rows of no source (-1) are a compressor's empty state: kv (first half) 0, gate -inf."""
+def window_gather_reference(rows: torch.Tensor, ring: torch.Tensor, sources: torch.Tensor, *,
+                            overlap: int = 0) -> torch.Tensor:
+    """The window rows [E, span, W]: ``rows`` [N, W] at sources >= 0, ``ring`` [M, W] at ``-2 -
+    source`` for sources <= -2; rows of no source (-1) are a compressor's empty state: kv (first
+    half of W) 0, gate (second half) -inf.
+
+    ``overlap = m`` (an overlapping compressor, span 2m, rows kv_a ++ kv_b ++ gate_a ++ gate_b):
+    [E, span, W/2], the first m rows' a halves then the last m rows' b halves of kv and of gate
+    (the previous window's first halves, this window's second halves)."""
     got = torch.where((sources >= 0).unsqueeze(-1), gather_reference(rows, sources),
                       gather_reference(ring, torch.where(sources <= -2, -2 - sources, torch.full_like(sources, -1))))
     half = rows.shape[-1] // 2
-    gate = got[..., half:].masked_fill((sources == -1).unsqueeze(-1), float("-inf"))
-    return torch.cat([got[..., :half], gate], dim=-1)
+    kv, gate = got[..., :half], got[..., half:].masked_fill((sources == -1).unsqueeze(-1), float("-inf"))
+    if overlap:
+        d = half // 2
+        kv = torch.cat([kv[:, :overlap, :d], kv[:, overlap:, d:]], dim=1)
+        gate = torch.cat([gate[:, :overlap, :d], gate[:, overlap:, d:]], dim=1)
+    return torch.cat([kv, gate], dim=-1)
 
 
 def ring_rows_reference(positions: torch.Tensor, token_seq: torch.Tensor, seq_last: torch.Tensor, slot: torch.Tensor,
@@ -141,13 +151,13 @@ def _(emit, positions, token_seq, seq_first, slot, comp_table, *, ratio, span, r
 
 
 @torch.library.custom_op("ds4c::window_gather", mutates_args=())
-def _window_gather(rows: torch.Tensor, ring: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
-    return window_gather_reference(rows, ring, sources)
+def _window_gather(rows: torch.Tensor, ring: torch.Tensor, sources: torch.Tensor, *, overlap: int) -> torch.Tensor:
+    return window_gather_reference(rows, ring, sources, overlap=overlap)
 
 
 @_window_gather.register_fake
-def _(rows, ring, sources):
-    return rows.new_empty((*sources.shape, rows.shape[-1]))
+def _(rows, ring, sources, *, overlap):
+    return rows.new_empty((*sources.shape, rows.shape[-1] // (2 if overlap else 1)))
 
 
 @torch.library.custom_op("ds4c::ring_rows", mutates_args=())
@@ -267,8 +277,8 @@ class WindowGather(OpDef):
     name = WINDOW_GATHER
     operands = (Operand("rows"), Operand("ring"), Operand("sources", "index"))
 
-    def reference(self, rows, ring, sources) -> torch.Tensor:
-        return window_gather_reference(rows, ring, sources)
+    def reference(self, rows, ring, sources, *, overlap: int = 0) -> torch.Tensor:
+        return window_gather_reference(rows, ring, sources, overlap=overlap)
 
     def infer_types(self, operand_types, kwargs):
         rows = self.tensor_operand(operand_types, 0, min_rank=2)
@@ -280,7 +290,12 @@ class WindowGather(OpDef):
                                     f"got {rows} and {ring}")
         if sources.rank != 2 or sources.dtype != torch.int64:
             raise VerificationError(f"{WINDOW_GATHER}: sources must be int64 [E, span], got {sources}")
-        return [TensorType(rows.dtype, (*sources.shape, rows.shape[1]))]
+        overlap = kwargs.get("overlap", 0)
+        if not isinstance(overlap, int) or isinstance(overlap, bool) or overlap < 0 or (overlap and (
+                rows.shape[1] % 4 or sources.shape[1] != 2 * overlap)):
+            raise VerificationError(f"{WINDOW_GATHER}: overlap must be 0 or m with span 2m and W a multiple of 4, "
+                                    f"got overlap={overlap!r}, sources {sources}, rows {rows}")
+        return [TensorType(rows.dtype, (*sources.shape, rows.shape[1] // (2 if overlap else 1)))]
 
 
 @register_op

@@ -315,10 +315,8 @@ class Compressor(nn.Module):
         flat_ring = ring.reshape(-1, width)
         per_page = comp.shape[1]
         sources, entry_pos, at = index.window_index(emit, m, span, rows_per_slot, per_page)
-        win_kv, win_gate = gather_window(rows, flat_ring, sources).split(width // 2, dim=-1)
-        if self.overlap:  # the previous window's first halves, then this window's second halves
-            win_kv = torch.cat([win_kv[:, :m, :d], win_kv[:, m:, d:]], dim=1)
-            win_gate = torch.cat([win_gate[:, :m, :d], win_gate[:, m:, d:]], dim=1)
+        # overlapping: the previous window's first halves, then this window's second halves
+        win_kv, win_gate = gather_window(rows, flat_ring, sources, m if self.overlap else 0).split(d, dim=-1)
         entries = self._pool(win_kv, win_gate)  # [E, d]
         cos, sin = rotary(entry_pos.unsqueeze(0), "compress", entries.dtype)
         entries = apply_rope(entries.view(1, 1, -1, d), cos, sin).view(-1, d)

@@ -202,10 +202,11 @@ class StepIndex:
                                            page=per_page)
 
 
-def gather_window(rows: torch.Tensor, ring: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+def gather_window(rows: torch.Tensor, ring: torch.Tensor, sources: torch.Tensor, overlap: int = 0) -> torch.Tensor:
     """[E, span, W] window rows from this step's ``rows`` [N, W] and the flattened ``ring`` [M, W]
-    at ``sources`` (``StepIndex.window_index``); kv 0, gate -inf where no row (``paged.window_gather``)."""
-    return torch.ops.ds4c.window_gather(rows, ring, sources)
+    at ``sources`` (``StepIndex.window_index``); kv 0, gate -inf where no row. ``overlap = m``: an
+    overlapping compressor's rows, [E, 2m, W/2] (``paged.window_gather``)."""
+    return torch.ops.ds4c.window_gather(rows, ring, sources, overlap=overlap)
 
 
 def gather_rows(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

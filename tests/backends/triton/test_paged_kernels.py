@@ -96,10 +96,13 @@ def test_paged_window_index_and_gather_match_reference(dtype, ratio, span, width
 
     rows = torch.randn(n, width, generator=gen).to(dtype)
     ring = torch.randn(6 * ring_rows + 5, width + 4, generator=gen).to(dtype)[:, :width]  # strided rows
-    want = window_gather_reference(rows, ring, sources)
-    got = get_kernel("paged.window_gather")(CTX, rows.to(DEVICE), ring.to(DEVICE), sources.to(DEVICE))
-    assert got.dtype == want.dtype and torch.equal(got.cpu(), want)
-    assert torch.isneginf(want[..., width // 2:]).any() and (want[..., :width // 2] != 0).any()
+    for overlap in (0, span // 2) if width % 4 == 0 else (0,):  # kv_a ++ kv_b ++ gate_a ++ gate_b rows
+        want = window_gather_reference(rows, ring, sources, overlap=overlap)
+        got = get_kernel("paged.window_gather")(CTX, rows.to(DEVICE), ring.to(DEVICE), sources.to(DEVICE),
+                                                overlap=overlap)
+        assert got.dtype == want.dtype and torch.equal(got.cpu(), want)
+        half = want.shape[-1] // 2
+        assert torch.isneginf(want[..., half:]).any() and (want[..., :half] != 0).any()
 
 
 def test_paged_ring_rows_matches_reference():

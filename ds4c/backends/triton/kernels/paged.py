@@ -13,8 +13,10 @@ them from the pool (rows of any stride, unit channel stride), zeros where the ro
 ``paged.window_index``: a program owns ``BLOCK_E`` candidate rows x their window's ``span`` rows
 and derives each row's source (chunk start, ring slot, validity) and the entry's pool row.
 ``paged.window_gather``: a program owns one candidate x ``BLOCK_S`` window rows x ``BLOCK_D``
-channels and reads each row from the step's rows or the ring (masked loads), the rows of no
-source filled (kv 0, gate -inf).
+output channels and reads each row from the step's rows or the ring (masked loads), the rows of no
+source filled (kv 0, gate -inf); for an overlapping compressor (``OVERLAP``) output channel ``c``
+of row ``s`` reads source channel ``(c // d) * 2d + (s >= m) * d + c % d`` (``d`` a quarter of
+the source row).
 
 ``paged.ring_rows``: one program per ``BLOCK_N`` tokens.
 """
@@ -95,23 +97,28 @@ def _window_index_kernel(emit_ptr, pos_ptr, tseq_ptr, first_ptr, slot_ptr, table
 
 
 @triton.jit
-def _window_gather_kernel(rows_ptr, ring_ptr, src_ptr, out_ptr, width, half, sr0, sg0, span,
-                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+def _window_gather_kernel(rows_ptr, ring_ptr, src_ptr, out_ptr, out_width, out_half, sr0, sg0, span, m,
+                          OVERLAP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     wait_for_producers(PDL)
     e = tl.program_id(0)
     s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     c = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    s_ok, c_ok = s < span, c < width
+    s_ok, c_ok = s < span, c < out_width
     src = tl.load(src_ptr + e.to(tl.int64) * span + s, mask=s_ok, other=-1).to(tl.int64)
     from_rows = src >= 0
     from_ring = src <= -2
-    a = tl.load(rows_ptr + tl.maximum(src, 0)[:, None] * sr0 + c[None, :], mask=from_rows[:, None] & c_ok[None, :],
+    if OVERLAP:  # out_half = d: kv_a ++ kv_b ++ gate_a ++ gate_b, the a halves for s < m
+        col = (c // out_half)[None, :] * (2 * out_half) + (s >= m).to(tl.int32)[:, None] * out_half \
+            + (c % out_half)[None, :]
+    else:
+        col = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.int32) + c[None, :]
+    a = tl.load(rows_ptr + tl.maximum(src, 0)[:, None] * sr0 + col, mask=from_rows[:, None] & c_ok[None, :],
                 other=0.0)
-    b = tl.load(ring_ptr + tl.maximum(-2 - src, 0)[:, None] * sg0 + c[None, :],
-                mask=from_ring[:, None] & c_ok[None, :], other=0.0)
+    b = tl.load(ring_ptr + tl.maximum(-2 - src, 0)[:, None] * sg0 + col, mask=from_ring[:, None] & c_ok[None, :],
+                other=0.0)
     v = tl.where(from_rows[:, None], a, b)
-    v = tl.where((src == -1)[:, None] & (c >= half)[None, :], float("-inf"), v)
-    tl.store(out_ptr + e.to(tl.int64) * span * width + s[:, None] * width + c[None, :], v,
+    v = tl.where((src == -1)[:, None] & (c >= out_half)[None, :], float("-inf"), v)
+    tl.store(out_ptr + e.to(tl.int64) * span * out_width + s[:, None] * out_width + c[None, :], v,
              mask=s_ok[:, None] & c_ok[None, :])
 
 
@@ -161,22 +168,23 @@ def paged_window_index(ctx: KernelContext, emit: torch.Tensor, positions: torch.
 
 
 @register_kernel("paged.window_gather")
-def paged_window_gather(ctx: KernelContext, rows: torch.Tensor, ring: torch.Tensor, sources: torch.Tensor):
+def paged_window_gather(ctx: KernelContext, rows: torch.Tensor, ring: torch.Tensor, sources: torch.Tensor, *,
+                        overlap: int = 0):
     """Launcher with ``WindowGather.reference``'s signature; declines rows / ring that are not
     [M, W] of one dtype with unit channel stride, and sources that are not contiguous int64 there."""
     if rows.dim() != 2 or ring.dim() != 2 or rows.dtype != ring.dtype or rows.shape[1] != ring.shape[1] \
             or rows.stride(1) != 1 or ring.stride(1) != 1 or ring.device != rows.device or sources.dim() != 2 \
             or sources.dtype != torch.int64 or not sources.is_contiguous() or sources.device != rows.device:
         return NotImplemented
-    (e, span), width = sources.shape, rows.shape[1]
+    (e, span), width = sources.shape, rows.shape[1] // (2 if overlap else 1)
     out = result_buffer(0, (e, span, width), rows.dtype, rows.device)
     if e == 0 or span == 0:
         return out
     block_d = min(triton.next_power_of_2(width), 512)
     block_s = max(1, min(triton.next_power_of_2(span), 4096 // block_d))
     _window_gather_kernel[(e, triton.cdiv(span, block_s), triton.cdiv(width, block_d))](
-        rows, ring, sources, out, width, width // 2, rows.stride(0), ring.stride(0), span, BLOCK_S=block_s,
-        BLOCK_D=block_d, **elementwise_launch(4).kwargs(ctx))
+        rows, ring, sources, out, width, width // 2, rows.stride(0), ring.stride(0), span, overlap,
+        OVERLAP=bool(overlap), BLOCK_S=block_s, BLOCK_D=block_d, **elementwise_launch(4).kwargs(ctx))
     return out
 
 
