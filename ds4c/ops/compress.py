@@ -7,6 +7,10 @@
     %i = indexer.topk(%q, %keys, %w, %future, k=512, softmax_scale=0.088, weights_scale=0.125) : i64[B,S,k]
         I[t,s] = Σ_h w[t,h]·weights_scale · ReLU(q[t,h]·keys[s])·softmax_scale; entries where
         ``future`` is true are -inf; the indices of the k largest.
+    %r = compress.rows(%kv, %gate, %position_bias, %positions) : bf16[N,2048]
+        a serving step's compressor rows: kv ++ (gate + position_bias[positions % m]) per token, as
+        its ring stores them (one launch instead of remainder, index_select, add and cat). The model
+        calls it as ``torch.ops.ds4c.compressor_rows``; the importer names it (``TORCH_OPS``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,51 @@ from ds4c.errors import VerificationError
 from ds4c.ir.registry import OpDef, Operand, register_op
 from ds4c.ir.types import TensorType
 from ds4c.ops.norms import rms_norm_reference
+
+COMPRESS_ROWS = "compress.rows"
+TORCH_OPS = {"ds4c::compressor_rows": COMPRESS_ROWS}
+
+
+def compressor_rows_reference(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.Tensor,
+                              positions: torch.Tensor) -> torch.Tensor:
+    """[N, 2w]: ``kv`` [N, w] ++ (``gate`` [N, w] + ``position_bias[positions % m]``), m its rows."""
+    m = position_bias.shape[0]
+    return torch.cat([kv, gate + position_bias.index_select(0, positions % m)], dim=-1)
+
+
+@torch.library.custom_op("ds4c::compressor_rows", mutates_args=())
+def _compressor_rows(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+    return compressor_rows_reference(kv, gate, position_bias, positions)
+
+
+@_compressor_rows.register_fake
+def _(kv, gate, position_bias, positions):
+    dtype = torch.promote_types(kv.dtype, torch.promote_types(gate.dtype, position_bias.dtype))
+    return kv.new_empty((kv.shape[0], kv.shape[1] + gate.shape[1]), dtype=dtype)
+
+
+@register_op
+class CompressorRows(OpDef):
+    name = COMPRESS_ROWS
+    num_results = 1
+    operands = (Operand("kv"), Operand("gate"), Operand("position_bias", "weight"), Operand("positions", "index"))
+
+    def reference(self, kv, gate, position_bias, positions):
+        return compressor_rows_reference(kv, gate, position_bias, positions)
+
+    def infer_types(self, operand_types, kwargs):
+        kv = self.tensor_operand(operand_types, 0, min_rank=2)
+        gate = self.tensor_operand(operand_types, 1, min_rank=2)
+        bias = self.tensor_operand(operand_types, 2, min_rank=2)
+        positions = self.tensor_operand(operand_types, 3, min_rank=1)
+        if kv.rank != 2 or gate.rank != 2 or bias.rank != 2 or positions.rank != 1 or kv.shape != gate.shape \
+                or bias.shape[1] != gate.shape[1] or kv.shape[0] != positions.shape[0] \
+                or positions.dtype not in (torch.int32, torch.int64) or not isinstance(kv.shape[1], int):
+            raise VerificationError(f"{COMPRESS_ROWS}: takes kv [N, w], gate [N, w], position_bias [m, w] and "
+                                    f"positions [N] (integers); got {kv}, {gate}, {bias}, {positions}")
+        dtype = torch.promote_types(kv.dtype, torch.promote_types(gate.dtype, bias.dtype))
+        return [TensorType(dtype, (kv.shape[0], 2 * kv.shape[1]))]
 
 
 def compress_reference(kv: torch.Tensor, score: torch.Tensor, norm_w: torch.Tensor, eps: float) -> torch.Tensor:

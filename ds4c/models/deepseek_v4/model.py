@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ds4c.ops.compress  # noqa: F401 - registers torch.ops.ds4c.compressor_rows
 import ds4c.ops.rope  # noqa: F401 - registers torch.ops.ds4c.rope_table
 from ds4c.errors import InputError
 from ds4c.models.deepseek_v4.config import ModelConfig
@@ -309,9 +310,8 @@ class Compressor(nn.Module):
         span, width = self.ring_width()
         rows_per_slot = ring.shape[1]  # span, plus the layout's draft_tokens
         positions = index.positions
-        kv = self.kv_proj(x)[0]
-        gate = self.gate_proj(x)[0] + self.position_bias.index_select(0, positions % m)
-        rows = torch.cat([kv, gate], dim=-1)  # [N, 2*c*d]
+        # [N, 2*c*d]: kv ++ gate + its position bias (compress.rows)
+        rows = torch.ops.ds4c.compressor_rows(self.kv_proj(x)[0], self.gate_proj(x)[0], self.position_bias, positions)
         flat_ring = ring.reshape(-1, width)
         per_page = comp.shape[1]
         sources, entry_pos, at = index.window_index(emit, m, span, rows_per_slot, per_page)

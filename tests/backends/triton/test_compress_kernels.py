@@ -6,9 +6,20 @@ import pytest
 import torch
 
 from ds4c.backends.triton.kernels import get_kernel
-from ds4c.backends.triton.kernels.compress import compress, index_scores, indexer_topk, top_indices
+from ds4c.backends.triton.kernels.compress import (
+    compress,
+    compressor_rows,
+    index_scores,
+    indexer_topk,
+    top_indices,
+)
 from ds4c.backends.triton.kernels.configs import topk_config
-from ds4c.ops.compress import IndexerTopk, compress_reference, index_scores_reference
+from ds4c.ops.compress import (
+    IndexerTopk,
+    compress_reference,
+    compressor_rows_reference,
+    index_scores_reference,
+)
 from tests.backends.triton.conftest import CTX, kernel_context
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,6 +62,20 @@ def test_compress_weights_slots_per_channel():
     score = torch.tensor([[[50.0, -50.0], [-50.0, 50.0]]])
     out = compress(CTX, *on_device(kv, score, torch.ones(2)), eps=0.0).cpu()
     torch.testing.assert_close(out, torch.tensor([[1.0, 4.0]]) / torch.tensor(8.5).sqrt())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compressor_rows_match_reference(dtype):
+    """kv ++ gate + position bias, from column slices of one merged projection (row stride 3000),
+    exactly as torch adds bf16; other dtypes of the bias are declined (the reference promotes)."""
+    g = torch.Generator().manual_seed(0)
+    merged = torch.randn(37, 3000, generator=g).to(dtype).to(DEVICE)
+    kv, gate = merged[:, 100:1124], merged[:, 1500:2524]
+    bias = torch.randn(4, 1024, generator=g).to(dtype).to(DEVICE)
+    positions = torch.randint(0, 70000, (37,), generator=g).to(DEVICE)
+    got = compressor_rows(CTX, kv, gate, bias, positions)
+    assert torch.equal(got, compressor_rows_reference(kv, gate, bias, positions))
+    assert compressor_rows(CTX, kv, gate, bias.double(), positions) is NotImplemented
 
 
 def test_compress_declines():

@@ -1,4 +1,6 @@
-"""``compress`` (gated pooling of a window's slots + RMS norm) and ``indexer.topk`` (lightning indexer scores + top-k).
+"""``compress`` (gated pooling of a window's slots + RMS norm), ``indexer.topk`` (lightning indexer scores + top-k)
+and ``compress.rows`` (a serving step's compressor rows: kv ++ gate + position bias, one program per
+``BLOCK_N`` tokens x ``BLOCK_D`` channels, the sum in fp32 rounded once as torch's bf16 add).
 
 ``compress``: the slot softmax is per channel, so a program pools one block of channels of one row
 (a decode step has one row per sequence: a single program per row left 128 slots x 512 channels
@@ -25,6 +27,7 @@ from ds4c.backends.triton.kernels.configs import (
     KernelContext,
     compress_config,
     dot_precision,
+    elementwise_launch,
     index_scores_config,
     topk_config,
 )
@@ -292,4 +295,49 @@ def top_indices(ctx: KernelContext, scores: torch.Tensor, k: int) -> torch.Tenso
             _select_kernel[(rows,)](scores, out, c, k, N=n, **launch)
         else:
             _topk_kernel[(rows,)](scores, out, c, k, N=n, K_POW2=triton.next_power_of_2(k), **launch)
+    return out
+
+
+@triton.jit
+def _compressor_rows_kernel(kv_ptr, gate_ptr, bias_ptr, pos_ptr, out_ptr, n, w, m, skv, sg, sb,
+                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+                            PDL: tl.constexpr):
+    wait_for_producers(PDL)
+    t = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t_ok, c_ok = t < n, c < 2 * w
+    is_gate = c >= w
+    cc = tl.where(is_gate, c - w, c)
+    t64 = t.to(tl.int64)
+    ok = t_ok[:, None] & c_ok[None, :]
+    kv = tl.load(kv_ptr + t64[:, None] * skv + cc[None, :], mask=ok & (~is_gate)[None, :], other=0.0)
+    g = tl.load(gate_ptr + t64[:, None] * sg + cc[None, :], mask=ok & is_gate[None, :], other=0.0)
+    slot = tl.load(pos_ptr + t, mask=t_ok, other=0).to(tl.int64) % m
+    b = tl.load(bias_ptr + slot[:, None] * sb + cc[None, :], mask=ok & is_gate[None, :], other=0.0)
+    dtype = out_ptr.dtype.element_ty
+    gb = round_to(g.to(tl.float32) + b.to(tl.float32), dtype, INTERPRETER_BF16)
+    tl.store(out_ptr + t64[:, None] * (2 * w) + c[None, :], tl.where(is_gate[None, :], gb, kv.to(dtype)), mask=ok)
+
+
+@register_kernel("compress.rows")
+def compressor_rows(ctx: KernelContext, kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.Tensor,
+                    positions: torch.Tensor):
+    """Launcher with ``CompressorRows.reference``'s signature; declines operands of different
+    dtypes or devices, channels that are not unit-stride, and non-contiguous positions."""
+    if kv.dim() != 2 or gate.shape != kv.shape or position_bias.dim() != 2 or position_bias.shape[1] != kv.shape[1] \
+            or not (kv.dtype == gate.dtype == position_bias.dtype) or kv.dtype not in _DTYPES \
+            or not (kv.device == gate.device == position_bias.device == positions.device) \
+            or kv.stride(1) != 1 or gate.stride(1) != 1 or position_bias.stride(1) != 1 \
+            or positions.dim() != 1 or positions.stride(0) != 1 or positions.dtype not in (torch.int32, torch.int64):
+        return NotImplemented
+    n, w = kv.shape
+    out = result_buffer(0, (n, 2 * w), kv.dtype, kv.device)
+    if n == 0 or w == 0:
+        return out
+    block_d = min(triton.next_power_of_2(2 * w), 1024)
+    block_n = max(1, min(16, 4096 // block_d))
+    _compressor_rows_kernel[(triton.cdiv(n, block_n), triton.cdiv(2 * w, block_d))](
+        kv, gate, position_bias, positions, out, n, w, position_bias.shape[0], kv.stride(0), gate.stride(0),
+        position_bias.stride(0), BLOCK_N=block_n, BLOCK_D=block_d, INTERPRETER_BF16=interpreter_bf16(kv.dtype),
+        **elementwise_launch(4).kwargs(ctx))
     return out
