@@ -28,7 +28,7 @@
 #   bash benchmarks/device_session.sh serve26     # #26 in one call: flash-slice --serving (bf16); TPOT at concurrency 1
 #                                                 # with / without overlapped steps vs generate; 64 requests at
 #                                                 # saturation vs static batches; 16 vs transformers (~9.5 min)
-#   bash benchmarks/device_session.sh paged       # paged.* and rope.table kernels + the engine's tokens on the GPU
+#   bash benchmarks/device_session.sh paged       # paged.*, rope.table, compress.rows kernels + the engine's tokens on the GPU
 #                                                 # vs the reference; TPOT at concurrency 1 vs generate (~4 min)
 #   bash benchmarks/device_session.sh spec        # MTP speculation: verify k=1..3 vs decode at B=1/32 (flash-slice,
 #                                                 # bf16), then the trained tiny's acceptance and tokens/s (~8 min)
@@ -58,6 +58,7 @@ case "$1" in
   paged)
     timeout "$(left 150)" python -m pytest -q -p no:cacheprovider tests/backends/triton/test_paged_kernels.py \
       tests/backends/triton/test_serving_kernels.py tests/backends/triton/test_norm_mhc_rope_kernels.py::test_rope_table \
+      tests/backends/triton/test_compress_kernels.py::test_compressor_rows_match_reference \
       > "$out/pytest_paged.log" 2>&1; tail -2 "$out/pytest_paged.log" | cut -c1-200
     art=/tmp/fs_serving_$target.ds4
     timeout "$(left 200)" python -m ds4c.cli compile flash-slice --target "$target" --precision bf16 --serving \
