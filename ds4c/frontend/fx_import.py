@@ -22,11 +22,7 @@ from ds4c.ir.graph import Graph, GraphInput, Op, Value
 from ds4c.ir.registry import SYM_OPS
 from ds4c.ir.shapes import dim_expr, format_dim
 from ds4c.ir.types import IRType, ScalarType, TensorType
-from ds4c.ops.compress import TORCH_OPS as COMPRESS_TORCH_OPS
-from ds4c.ops.paged import TORCH_OPS as PAGED_TORCH_OPS
-from ds4c.ops.rope import TORCH_OPS as ROPE_TORCH_OPS
-
-TORCH_OPS = {**COMPRESS_TORCH_OPS, **PAGED_TORCH_OPS, **ROPE_TORCH_OPS}  # ds4c's custom torch ops -> the IR ops they import as
+from ds4c.ops import TORCH_OPS
 
 _DROPPED = {
     "aten._assert_scalar.default",

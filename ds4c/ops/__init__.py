@@ -7,3 +7,7 @@ from ds4c.ir.registry import check_declarations
 from ds4c.ops import attention, collectives, compress, memory, mhc, moe, norms, paged, quant, rope, state  # noqa: F401
 
 check_declarations()
+
+# ds4c's custom torch ops (what the model calls where an ATen formulation would cost many
+# launches) -> the IR ops the importer names them
+TORCH_OPS = {**compress.TORCH_OPS, **paged.TORCH_OPS, **rope.TORCH_OPS}
