@@ -141,9 +141,8 @@ class StepIndex:
 
     ``input_ids``/``positions``/``token_seq`` are per packed token [N]; ``seq_first``/``seq_last``
     are each sequence's first and last packed row [R]; ``window_table`` [R, Wp], ``comp_table``
-    [R, Pc] (int32) and ``slot`` [R] are the sequences' pages. Every other tensor is int64. A sequence's tokens are consecutive rows
-    at consecutive positions (a chunk): ``start``/``end`` are its first position and one past
-    its last."""
+    [R, Pc] (int32) and ``slot`` [R] are the sequences' pages. Every other tensor is int64. A
+    sequence's tokens are consecutive rows at consecutive positions (a chunk)."""
 
     positions: torch.Tensor
     token_seq: torch.Tensor
@@ -152,16 +151,6 @@ class StepIndex:
     window_table: torch.Tensor
     comp_table: torch.Tensor
     slot: torch.Tensor
-
-    @property
-    def start(self) -> torch.Tensor:
-        """[R] first position of each sequence's chunk."""
-        return self.positions.index_select(0, self.seq_first)
-
-    @property
-    def end(self) -> torch.Tensor:
-        """[R] one past the last position of each sequence's chunk."""
-        return self.positions.index_select(0, self.seq_last) + 1
 
     # -- sliding window --------------------------------------------------------------------------
 

@@ -63,7 +63,7 @@ def test_paged_gather_matches_reference(dtype, d):
     assert (got[0, 0, :3] == 0).all()
 
 
-def _step(gen, chunks: list[tuple[int, int]]):
+def _step(chunks: list[tuple[int, int]]):
     """positions, token_seq, seq_first, seq_last of a step whose sequence i is a chunk of
     ``chunks[i] = (start, length)``."""
     positions = torch.cat([torch.arange(a, a + n) for a, n in chunks])
@@ -78,7 +78,7 @@ def test_paged_window_index_and_gather_match_reference(dtype, ratio, span, width
     gen = torch.Generator().manual_seed(3)
     # decodes at window ends and mid-window, a chunk starting mid-window, a prompt from 0
     chunks = [(3, 1), (ratio * 5 - 1, 1), (ratio * 2 + 1, 2 * ratio + 3), (0, ratio + 2), (ratio * 7, 1)]
-    positions, token_seq, seq_first, _ = _step(gen, chunks)
+    positions, token_seq, seq_first, _ = _step(chunks)
     n = positions.shape[0]
     ring_rows, page = span + 3, 2
     slot = torch.tensor([2, 5, 1, 4, 3], dtype=torch.int32)
@@ -106,8 +106,7 @@ def test_paged_window_index_and_gather_match_reference(dtype, ratio, span, width
 
 
 def test_paged_ring_rows_matches_reference():
-    gen = torch.Generator().manual_seed(4)
-    positions, token_seq, _, seq_last = _step(gen, [(0, 30), (7, 1), (100, 12), (5, 3)])
+    positions, token_seq, _, seq_last = _step([(0, 30), (7, 1), (100, 12), (5, 3)])
     slot = torch.tensor([3, 1, 4, 2])
     want = ring_rows_reference(positions, token_seq, seq_last, slot, ring_rows=9)
     got = get_kernel("paged.ring_rows")(CTX, *(t.to(DEVICE) for t in (positions, token_seq, seq_last, slot)),

@@ -210,10 +210,9 @@ def paged_rows(ctx: KernelContext, table: torch.Tensor, seq: torch.Tensor, first
                limit: torch.Tensor | None = None, *, count: int, page: int):
     """Launcher with ``PagedRows.reference``'s signature; declines tensors on different devices,
     a table that is not int32/int64 [R, S] and 1-D operands that are not contiguous."""
-    if table.dim() != 2 or table.dtype not in (torch.int32, torch.int64) or seq.dim() != 1:
-        return NotImplemented
     operands = [t for t in (seq, first, limit) if t is not None]
-    if any(t.device != table.device or t.dim() != 1 or t.stride(0) != 1 or t.shape != seq.shape for t in operands):
+    if table.dim() != 2 or table.dtype not in (torch.int32, torch.int64) or not _vectors(*operands) \
+            or seq.device != table.device or any(t.shape != seq.shape for t in operands):
         return NotImplemented
     n = seq.shape[0]
     out = result_buffer(0, (n, count), torch.int64, seq.device)
