@@ -25,13 +25,13 @@ sequence's ring slot (rows written by earlier steps) before that, writes the win
 the compressed pages, and writes each token's row into its ring slot. ``paged.window_index`` is
 the addressing (candidate rows -> each window row's source, the entry's position for its RoPE
 and its row in the compressed pool), ``paged.window_gather`` the read (with the empty rows'
-fill: kv 0, gate -inf, and an overlapping compressor's choice of halves) and ``paged.ring_rows`` the rows written: in ATen ops some fifty launches
-per compressor, as ops four. A CSA layer's compressor and its indexer's close the same windows
-through the same pages: their ``paged.window_index`` is one op after ``cse``.
+fill: kv 0, gate -inf, and an overlapping compressor's choice of halves) and ``paged.ring_rows``
+the rows written: in ATen ops some fifty launches per compressor, as ops four. A CSA layer's
+compressor and its indexer's close the same windows through the same pages: their
+``paged.window_index`` is one op after ``cse``.
 
-The model calls them through ``torch.ops.ds4c.paged_rows`` / ``paged_gather`` (custom ops with
-these references, so eager runs and tracing agree); the importer names them ``paged.rows`` and
-``paged.gather`` (``TORCH_OPS``).
+The model calls them as custom torch ops (``torch.ops.ds4c.paged_rows``, ``window_index``, ...,
+with these references, so eager runs and tracing agree); the importer names them by ``TORCH_OPS``.
 """
 
 from __future__ import annotations
