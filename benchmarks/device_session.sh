@@ -28,8 +28,8 @@
 #   bash benchmarks/device_session.sh serve26     # #26 in one call: flash-slice --serving (bf16); TPOT at concurrency 1
 #                                                 # with / without overlapped steps vs generate; 64 requests at
 #                                                 # saturation vs static batches; 16 vs transformers (~9.5 min)
-#   bash benchmarks/device_session.sh paged       # paged.*, rope.table, compress.rows kernels + the engine's tokens on the GPU
-#                                                 # vs the reference; TPOT at concurrency 1 vs generate (~4 min)
+#   bash benchmarks/device_session.sh paged       # paged.*, rope.table, compress.rows, top-k kernels + the engine's tokens on the
+#                                                 # GPU vs the reference; TPOT at concurrency 1 vs generate; long-row top-k (~5 min)
 #   bash benchmarks/device_session.sh spec        # MTP speculation: verify k=1..3 vs decode at B=1/32 (flash-slice,
 #                                                 # bf16), then the trained tiny's acceptance and tokens/s (~8 min)
 #   bash benchmarks/device_session.sh prefix      # decode-bucket graphs test; flash-slice --serving (bf16), then #27's
@@ -59,13 +59,18 @@ case "$1" in
     timeout "$(left 150)" python -m pytest -q -p no:cacheprovider tests/backends/triton/test_paged_kernels.py \
       tests/backends/triton/test_serving_kernels.py tests/backends/triton/test_norm_mhc_rope_kernels.py::test_rope_table \
       tests/backends/triton/test_compress_kernels.py::test_compressor_rows_match_reference \
+      tests/backends/triton/test_compress_kernels.py::test_top_indices_match_torch_topk \
+      tests/backends/triton/test_compress_kernels.py::test_long_rows_take_the_radix_select_and_agree_with_the_select \
       > "$out/pytest_paged.log" 2>&1; tail -2 "$out/pytest_paged.log" | cut -c1-200
     art=/tmp/fs_serving_$target.ds4
     timeout "$(left 200)" python -m ds4c.cli compile flash-slice --target "$target" --precision bf16 --serving \
       --max-context 8192 -o "$art" > "$out/compile.log" 2>&1; tail -1 "$out/compile.log" | cut -c1-200
     timeout "$(left 90)" python -m ds4c.cli bench serve "$art" --device cuda --state-budget 24GB --requests 4 \
       --concurrency 1 --prompt-len 512:512 --output-len 128:128 --compare static --static-batch 1 \
-      --json "$out/serve_c1.json" > "$out/serve_c1.log" 2>&1; grep -iE "tpot|decode-only|│" "$out/serve_c1.log" | cut -c1-180 ;;
+      --json "$out/serve_c1.json" > "$out/serve_c1.log" 2>&1; grep -iE "tpot|decode-only|│" "$out/serve_c1.log" | cut -c1-180
+    timeout "$(left 60)" python benchmarks/topk_bench.py --target "$target" --shapes 1x528 1x8208 1x16400 1x65552 \
+      32x16400 --out "$out/topk_long.json" > "$out/topk_long.log" 2>&1
+    grep -v Warn "$out/topk_long.log" | cut -c1-400 ;;
   serve26)
     art=/tmp/fs_serving_$target.ds4
     timeout "$(left 200)" python -m ds4c.cli compile flash-slice --target "$target" --precision bf16 --serving \

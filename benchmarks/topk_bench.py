@@ -1,4 +1,4 @@
-"""The indexer's top-k on the GPU: bitonic top-k vs threshold select vs torch.topk, per row shape.
+"""The indexer's top-k on the GPU: bitonic top-k vs threshold select vs radix select vs torch.topk, per row shape.
 
     PYTHONPATH=. python benchmarks/topk_bench.py --out topk.json
 
@@ -46,14 +46,14 @@ def main() -> None:
     import triton
 
     from ds4c.backends.triton.kernels.compress import top_indices
-    from ds4c.backends.triton.kernels.configs import KernelContext, topk_config
+    from ds4c.backends.triton.kernels.configs import TOPK_MAX_ENTRIES, KernelContext, topk_config
     from ds4c.targets import get_target
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", default="h200")
     ap.add_argument("--k", type=int, default=512)
-    ap.add_argument("--shapes", nargs="*", default=["1x528", "1x2064", "1x8208", "1x16400", "32x528", "32x8208",
-                                                    "2048x528"])
+    ap.add_argument("--shapes", nargs="*", default=["1x528", "1x2064", "1x8208", "1x16400", "1x65552", "32x528",
+                                                    "32x8208", "32x16400", "2048x528"])
     ap.add_argument("--out", default="topk.json")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -67,7 +67,9 @@ def main() -> None:
         ref = scores.topk(k, dim=-1).values.sort(-1).values
         row = {"rows": rows, "entries": c, "k": k, "default_select": topk_config(c, ctx).select}
         row["torch_topk_us"] = graph_time(lambda s=scores, k=k: s.topk(k, dim=-1)) * 1e6
-        for name, table in (("bitonic", {"select": 0}), ("select", {"select": 1})):
+        n = triton.next_power_of_2(max(c, 16))
+        forms = (("bitonic", {"select": 0}), ("select", {"select": 1})) if n <= TOPK_MAX_ENTRIES else ()
+        for name, table in (*forms, ("radix", {"select": 2})):
             for warps in (4, 8, 16, 32):
                 tuned = KernelContext(ctx.target, tuning={"topk": {**table, "num_warps": warps}})
                 idx = top_indices(tuned, scores, k)

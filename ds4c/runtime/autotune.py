@@ -43,7 +43,7 @@ CANDIDATES: dict[str, dict[str, Sequence[Any]]] = {
     "moe_decode": {"act_in_registers": (None, 1), "block_n_up": (None, 16, 32, 64), "block_n_down": (None, 32, 64, 128),
                    "num_stages": (None, 3, 4, 5), "row_pipeline": (None, 0, 4), "row_sums": (None, 1),
                    "row_paired": (None, 0)},
-    "topk": {"select": (None, 0), "num_warps": (None, 4, 8, 16)},
+    "topk": {"select": (None, 0, 2), "num_warps": (None, 4, 8, 16)},
 }
 
 

@@ -24,6 +24,7 @@ import triton.language as tl
 from ds4c.backends.triton.kernels import register_kernel, result_buffer
 from ds4c.backends.triton.kernels.attention import dot_operand, interpreter_bf16, round_to
 from ds4c.backends.triton.kernels.configs import (
+    TOPK_MAX_ENTRIES,
     KernelContext,
     compress_config,
     dot_precision,
@@ -217,7 +218,6 @@ def indexer_topk(ctx: KernelContext, q: torch.Tensor, keys: torch.Tensor, w: tor
 
 # -- top-k ----------------------------------------------------------------------------------------
 
-TOPK_MAX_ENTRIES = 16384  # one program holds a row's packed keys in registers: up to ctx 64K at ratio 4
 
 
 @triton.jit
@@ -275,23 +275,82 @@ def _select_kernel(scores_ptr, out_ptr, C, K, N: tl.constexpr, PDL: tl.constexpr
     tl.store(out_ptr + row.to(tl.int64) * K + slot, offs.to(tl.int64), mask=take)
 
 
+@triton.jit
+def _radix_select_kernel(scores_ptr, out_ptr, C, K, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """``_select_kernel``'s result (the K largest as indices in increasing order, ties to the
+    smaller index) for rows of any length: the row streams through in tiles of BLOCK instead of
+    living in registers. The K-th largest key ``t`` is found a byte at a time from the top (four
+    passes; each histograms the next byte of the keys whose higher bytes equal ``t``'s so far and
+    keeps the byte where the count of larger keys reaches K), then a fifth pass writes the taken
+    entries, tile by tile in index order. Keys as in ``_select_kernel``; entries past C are not
+    counted. Unmatched keys are counted in bin 0 and taken out again (no ``histogram`` mask: Triton
+    3.6 has none)."""
+    wait_for_producers(PDL)
+    row = tl.program_id(0)
+    base_ptr = scores_ptr + row.to(tl.int64) * C
+    offs = tl.arange(0, BLOCK)
+    bins = tl.arange(0, 256)
+    prefix = tl.full((), 0, tl.uint32)  # t's bytes found so far, in place
+    need = K  # how many of the keys matching ``prefix`` are still to take
+    for p in tl.static_range(4):
+        shift: tl.constexpr = 24 - 8 * p
+        hist = tl.zeros([256], dtype=tl.int32)
+        for c0 in range(0, C, BLOCK):
+            ok = (c0 + offs) < C
+            x = tl.load(base_ptr + c0 + offs, mask=ok, other=float("-inf"))
+            bits = x.to(tl.int32, bitcast=True)
+            ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+            key = (ordered ^ -2147483648).to(tl.uint32, bitcast=True)
+            if p == 0:
+                match = ok
+            else:
+                match = ok & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+            digit = tl.where(match, ((key >> shift) & 255).to(tl.int32), 0)
+            hist += tl.histogram(digit, 256)
+            hist -= tl.where(bins == 0, tl.sum((~match).to(tl.int32), axis=0), 0)
+        at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # keys with this byte or a larger one
+        byte = tl.max(tl.where(at_or_above >= need, bins, 0), axis=0)
+        need -= tl.sum(tl.where(bins > byte, hist, 0), axis=0)
+        prefix = prefix | (byte.to(tl.uint32) << shift)
+    written = 0
+    ties = 0
+    for c0 in range(0, C, BLOCK):
+        ok = (c0 + offs) < C
+        x = tl.load(base_ptr + c0 + offs, mask=ok, other=float("-inf"))
+        bits = x.to(tl.int32, bitcast=True)
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        key = tl.where(ok, (ordered ^ -2147483648).to(tl.uint32, bitcast=True), 0)
+        tie = (key == prefix) & ok
+        take = (key > prefix) | (tie & (ties + tl.cumsum(tie.to(tl.int32), axis=0) <= need))
+        slot = written + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(out_ptr + row.to(tl.int64) * K + slot, (c0 + offs).to(tl.int64), mask=take)
+        written += tl.sum(take.to(tl.int32), axis=0)
+        ties += tl.sum(tie.to(tl.int32), axis=0)
+
+
 def top_indices(ctx: KernelContext, scores: torch.Tensor, k: int) -> torch.Tensor:
     """The indices of the k largest of contiguous fp32 scores [..., C] (``scores.topk(k).indices``
-    as a set): one Triton program per row up to ``TOPK_MAX_ENTRIES`` entries (torch.topk sorts a
-    decode row of 528 entries by radix sort in 2 kernels, 22 us on an H200), else torch. The
-    select form (the default, ``topk_config``) writes them in index order, the bitonic form
-    largest first; among equal scores the smaller index is chosen (torch leaves it unspecified).
-    ``indexer.topk``'s consumers only use the set."""
+    as a set), one Triton program per row (torch.topk sorts a decode row of 528 entries by radix
+    sort in 2 kernels, 22 us on an H200). ``topk_config`` picks the form: the select (rows up to
+    ``TOPK_MAX_ENTRIES`` entries, held in registers) and the radix select (longer rows, streamed in
+    tiles) write the indices in index order, the bitonic form (a tunable) largest first; among
+    equal scores the smaller index is chosen (torch leaves it unspecified). ``indexer.topk``'s
+    consumers only use the set."""
     c = scores.shape[-1]
+    if not 0 < k <= c or not scores.is_contiguous():
+        return scores.topk(k, dim=-1).indices
+    cfg = topk_config(c, ctx)
     n = max(16, triton.next_power_of_2(c))
-    if not hasattr(tl, "topk") or n > TOPK_MAX_ENTRIES or not 0 < k <= c or not scores.is_contiguous():
+    select = 2 if n > TOPK_MAX_ENTRIES else cfg.select  # a row too long for registers streams through
+    if select == 0 and not hasattr(tl, "topk"):
         return scores.topk(k, dim=-1).indices
     out = result_buffer(0, scores.shape[:-1] + (k,), torch.int64, scores.device)
     rows = out.numel() // k
     if rows:
-        cfg = topk_config(c, ctx)
         launch = cfg.launch.kwargs(ctx)
-        if cfg.select:
+        if select == 2:
+            _radix_select_kernel[(rows,)](scores, out, c, k, BLOCK=min(n, cfg.block), **launch)
+        elif select == 1:
             _select_kernel[(rows,)](scores, out, c, k, N=n, **launch)
         else:
             _topk_kernel[(rows,)](scores, out, c, k, N=n, K_POW2=triton.next_power_of_2(k), **launch)

@@ -440,10 +440,16 @@ def index_scores_config(heads: int, head_dim: int, dtype: torch.dtype,
 
 # -- top-k of the indexer scores --------------------------------------------------------------------
 
+TOPK_MAX_ENTRIES = 16384  # the select and bitonic forms hold a row's keys in registers: up to ctx 64K at ratio 4
+TOPK_RADIX_BLOCK = 4096  # entries per tile of the radix select
+
+
 @dataclass(frozen=True)
 class TopkConfig:
-    select: int  # 1: threshold by a bitwise search of the k-th largest key, then one compaction; 0: bitonic top-k
+    select: int  # 1: bitwise search of the k-th largest key in registers, then one compaction;
+    #              2: the same threshold found a byte per pass over tiles (rows of any length); 0: bitonic top-k
     launch: Launch
+    block: int = TOPK_RADIX_BLOCK  # the radix select's tile
 
 
 def topk_config(entries: int, ctx: KernelContext) -> TopkConfig:
@@ -456,12 +462,18 @@ def topk_config(entries: int, ctx: KernelContext) -> TopkConfig:
     do not use. Measured on an H200 (``benchmarks/topk_bench.py``, k=512, one launch in a CUDA
     graph): 528 entries (ctx 2K decode) 6.3 us vs bitonic 13.3 us; 2064: 10.8 vs 62 us; 8208 (ctx
     32K): 26.6 vs 267 us; 2048 rows x 528 (prefill) 25 vs 169 us; torch.topk 22 / 31 / 56 / 117 us.
-    So select everywhere; warps for the padded row n: 4 up to 8192, then n / 2048 (8208 entries pad
-    to 16384: 8 warps 26.6 us, 16 warps 30.9 us, 4 warps 44.1 us)."""
+    So select up to ``TOPK_MAX_ENTRIES`` entries (both in-register forms hold the padded row);
+    warps for the padded row n: 4 up to 8192, then n / 2048 (8208 entries pad to 16384: 8 warps
+    26.6 us, 16 warps 30.9 us, 4 warps 44.1 us). Longer rows (ctx 64K and up at ratio 4; torch.topk
+    took 84 us for 16400 entries) take the radix select: four histogram passes and one compaction
+    over ``TOPK_RADIX_BLOCK``-entry tiles, 16 warps (not yet measured on a GPU)."""
     n = triton.next_power_of_2(max(entries, 16))
     t = ctx.tuned("topk")
-    select = int(t.get("select", 1))
-    warps = int(t.get("num_warps", min(32, max(4, n // 2048))))
+    select = int(t.get("select", 1 if n <= TOPK_MAX_ENTRIES else 2))
+    if select == 2:
+        warps = int(t.get("num_warps", 16))
+    else:
+        warps = int(t.get("num_warps", min(32, max(4, n // 2048))))
     return TopkConfig(select=select, launch=Launch(warps))
 
 
