@@ -37,14 +37,16 @@
 #                                                 # concurrency 1, a saturating trace vs static batches (~9 min)
 #   bash benchmarks/device_session.sh first       # #29: flash-slice's first token after load vs steady (2048-token
 #                                                 # prompt), Triton / Inductor compilations counted (~4 min)
+#   bash benchmarks/device_session.sh long        # #29's long context: per-kernel decode profiles (compiled, bf16, B=1) at ctx
+#                                                 # 2048 and 65536 from a synthetic state, graphed step device time (~5 min)
 #
 # TARGET (default h200) names the target record the artifacts are compiled for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|paged|first) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|paged|first" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|paged|first|long) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|paged|first|long" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -71,6 +73,12 @@ case "$1" in
     timeout "$(left 60)" python benchmarks/topk_bench.py --target "$target" --shapes 1x528 1x8208 1x16400 1x65552 \
       32x16400 --out "$out/topk_long.json" > "$out/topk_long.log" 2>&1
     grep -v Warn "$out/topk_long.log" | cut -c1-400 ;;
+  long)
+    for ctx in 2048 65536; do
+      timeout "$(left 240)" python benchmarks/profile_step.py --backends compiled --target "$target" --prompt "$ctx" \
+        --synthetic-state --out "$out/prof_ctx$ctx.json" > "$out/prof_ctx$ctx.log" 2>&1
+      grep -v Warn "$out/prof_ctx$ctx.log" | head -40 | cut -c1-160
+    done ;;
   serve26)
     art=/tmp/fs_serving_$target.ds4
     timeout "$(left 200)" python -m ds4c.cli compile flash-slice --target "$target" --precision bf16 --serving \

@@ -2,6 +2,7 @@
 and grouped by what they do.
 
     PYTHONPATH=. python benchmarks/profile_step.py --preset flash-slice --backends compiled,kernels --out prof.json
+    PYTHONPATH=. python benchmarks/profile_step.py --backends compiled --prompt 65536 --synthetic-state  # long context
 
 Profiles without CUDA graphs so every kernel is visible (and reports the CUDA-graph step time of
 the same load next to it); also writes a Chrome trace per backend next to ``--out``.
@@ -78,8 +79,12 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--target", default="h100", help="target record the artifact is compiled for")
     ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--synthetic-state", action="store_true",
+                    help="decode from a random full state at position --prompt instead of prefilling the prompt "
+                         "(a step's work depends on the static capacity: a ctx-65536 profile without a 64K prefill)")
     ap.add_argument("--out", default="prof.json")
     args = ap.parse_args()
+    from benchmarks.gpu_peers import synthetic_state
     art = ds4c.compile(args.preset, target=args.target, max_context=args.prompt + 64, progress=False, weights="reference",
                        precision=args.precision)
     art.save("/tmp/prof.ds4")
@@ -93,8 +98,11 @@ def main() -> None:
         # packed (FP8/MXFP4) weights are stored under other names than the program's parameters:
         # a later load regenerates those rather than being handed the packed set
         weights = model.weights if args.precision in ("bf16", "fp32") else None
-        logits, state = model.prefill(ids)
-        tok = logits[:, -1].argmax(-1, keepdim=True)
+        if args.synthetic_state:
+            state, tok = synthetic_state(model, args.batch, dev), ids[:, -1:]
+        else:
+            logits, state = model.prefill(ids)
+            tok = logits[:, -1].argmax(-1, keepdim=True)
         for _ in range(2):
             model._decode(tok, args.prompt, dict(state))
         torch.cuda.synchronize()
@@ -106,7 +114,7 @@ def main() -> None:
         rows = kernel_rows(prof)
         r = res[backend] = {"decode_groups": grouped(rows, steps), "decode_top": rows[:40]}
         prof.export_chrome_trace(args.out.replace(".json", f"_{backend}_decode_trace.json"))
-        if not args.no_prefill:
+        if not (args.no_prefill or args.synthetic_state):
             model.prefill(ids)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
