@@ -77,3 +77,18 @@ def test_bf16_fused_ops_return_the_dtypes_their_ir_types_say():
     assert wrong == []
     pre = [op for op in art.program.graphs["decode"].ops if op.name == "mhc.pre"]
     assert pre and all(op.results[0].type.dtype == op.args[0].type.dtype == torch.bfloat16 for op in pre)
+
+
+def test_decode_csa_attends_the_selected_entries_whatever_the_context():
+    """The dense decode step's CSA attention reads the window and the indexer's k picks (gathered),
+    not every compressed entry under a mask: its keys do not grow with the compiled context (#29's
+    long-context line), while HCA's do (it attends every visible entry)."""
+    keys = {}
+    for ctx in (64, 512):
+        art = ds4c.compile("tiny", target="cpu", max_context=ctx, weights="embed", progress=False)
+        g = art.program.graphs["decode"]
+        keys[ctx] = {op.name: tuple(op.args[1].type.shape)[2] for op in g.ops
+                     if op.name in ("attention.csa", "attention.hca")}
+    window, topk = PRESETS["tiny"]["sliding_window"], PRESETS["tiny"]["index_topk"]
+    assert keys[64]["attention.csa"] == keys[512]["attention.csa"] == window + topk
+    assert keys[512]["attention.hca"] > keys[64]["attention.hca"]

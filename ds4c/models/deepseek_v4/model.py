@@ -204,7 +204,7 @@ class Compressor(nn.Module):
 
     def forward(self, mode: str, *args):
         # Entry through __call__ so traced ops carry this module's path (ds4c inspect groups by it).
-        if mode not in ("prefill", "decode", "step", "select", "select_rows"):
+        if mode not in ("prefill", "decode", "step", "select", "select_entries", "select_rows"):
             raise ValueError(f"unknown mode {mode!r}")
         return getattr(self, mode)(*args)
 
@@ -375,6 +375,21 @@ class Indexer(Compressor):
         bias = bias.scatter(-1, safe.unsqueeze(1), 0.0)
         return bias[..., :cap]
 
+    def select_entries(self, x: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, position: torch.Tensor,
+                       cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Decode form of ``select`` (one query per sequence, ``x`` [B, 1, ..]): the selected
+        entries' rows of the flattened keys [B * C] (``b * C + entry``), -1 for invalid picks, [B, k].
+        The step then reads k entries instead of attending over the whole capacity under a mask:
+        its cost does not grow with the context (the same set; an invalid pick weighs 0 either way)."""
+        b, cap = x.shape[0], keys.shape[1]
+        index_scores = self._index_scores(x, qr, keys, cos, sin)  # [B, 1, C]
+        threshold = torch.div(position + 1, self.ratio, rounding_mode="floor")
+        future = torch.arange(cap, device=x.device).view(1, 1, -1) >= threshold
+        index_scores = index_scores.masked_fill(future, NEG_INF)
+        top = index_scores.topk(min(self.topk, cap), dim=-1).indices[:, 0]  # [B, k]
+        rows = top + torch.arange(b, device=x.device).view(-1, 1) * cap
+        return torch.where(top < threshold, rows, torch.full_like(rows, -1))
+
     def select_rows(self, x: torch.Tensor, qr: torch.Tensor, key_pool: torch.Tensor, rows: torch.Tensor,
                     visible: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Paged form of ``select``, one query per packed token: ``x``/``qr`` [N, 1, ..], ``rows``
@@ -530,16 +545,20 @@ class Attention(nn.Module):
             n_comp = len(self.compressor.state_specs("", 1, x.dtype))
             comp, comp_state = self.compressor("decode", x, position, comp, state[2:2 + n_comp], rotary)
             new_state += [comp, *comp_state]
-            threshold = torch.div(position + 1, self.ratio, rounding_mode="floor")
-            visible = torch.arange(self.capacity, device=x.device) < threshold
-            comp_bias = torch.where(visible, 0.0, NEG_INF).to(q.dtype).view(1, 1, 1, -1).expand(b, 1, 1, -1)
             if self.layer_type == "compressed_sparse_attention":
                 idx = self.compressor.indexer
                 rest = state[2 + n_comp:]
                 ikeys, istate = idx("decode", x, position, rest[0], rest[1:], rotary)
-                comp_bias = idx("select", x, qr, ikeys, position.view(1), cos, sin)
+                rows = idx("select_entries", x, qr, ikeys, position, cos, sin)  # [B, k]
                 new_state += [ikeys, *istate]
-            keys = torch.cat([keys, comp.unsqueeze(1)], dim=2)
+                comp_keys = gather_rows(comp.reshape(-1, self.head_dim), rows)  # [B, k, D]: the picks only
+                comp_bias = torch.where(rows >= 0, 0.0, NEG_INF).to(q.dtype).view(b, 1, 1, -1)
+            else:
+                threshold = torch.div(position + 1, self.ratio, rounding_mode="floor")
+                visible = torch.arange(self.capacity, device=x.device) < threshold
+                comp_bias = torch.where(visible, 0.0, NEG_INF).to(q.dtype).view(1, 1, 1, -1).expand(b, 1, 1, -1)
+                comp_keys = comp
+            keys = torch.cat([keys, comp_keys.unsqueeze(1)], dim=2)
             bias = torch.cat([bias, comp_bias], dim=-1)
         return self._attend(q, keys, bias, cos, sin), new_state
 

@@ -293,7 +293,7 @@ def _radix_select_kernel(scores_ptr, out_ptr, C, K, BLOCK: tl.constexpr, PDL: tl
     prefix = tl.full((), 0, tl.uint32)  # t's bytes found so far, in place
     need = K  # how many of the keys matching ``prefix`` are still to take
     for p in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * p
+        shift = 24 - 8 * p
         hist = tl.zeros([256], dtype=tl.int32)
         for c0 in range(0, C, BLOCK):
             ok = (c0 + offs) < C
