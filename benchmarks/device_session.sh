@@ -62,7 +62,7 @@ case "$1" in
       tests/backends/triton/test_serving_kernels.py tests/backends/triton/test_norm_mhc_rope_kernels.py::test_rope_table \
       tests/backends/triton/test_compress_kernels.py::test_compressor_rows_match_reference \
       tests/backends/triton/test_compress_kernels.py::test_top_indices_match_torch_topk \
-      tests/backends/triton/test_compress_kernels.py::test_long_rows_take_the_radix_select_and_agree_with_the_select \
+      tests/backends/triton/test_compress_kernels.py::test_long_rows_take_the_chunked_select_and_agree_with_the_select \
       > "$out/pytest_paged.log" 2>&1; tail -2 "$out/pytest_paged.log" | cut -c1-200
     art=/tmp/fs_serving_$target.ds4
     timeout "$(left 200)" python -m ds4c.cli compile flash-slice --target "$target" --precision bf16 --serving \

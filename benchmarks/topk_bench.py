@@ -1,4 +1,4 @@
-"""The indexer's top-k on the GPU: bitonic top-k vs threshold select vs radix select vs torch.topk, per row shape.
+"""The indexer's top-k on the GPU: bitonic top-k vs threshold select vs chunked select vs torch.topk, per row shape.
 
     PYTHONPATH=. python benchmarks/topk_bench.py --out topk.json
 
@@ -69,7 +69,7 @@ def main() -> None:
         row["torch_topk_us"] = graph_time(lambda s=scores, k=k: s.topk(k, dim=-1)) * 1e6
         n = triton.next_power_of_2(max(c, 16))
         forms = (("bitonic", {"select": 0}), ("select", {"select": 1})) if n <= TOPK_MAX_ENTRIES else ()
-        for name, table in (*forms, ("radix", {"select": 2})):
+        for name, table in (*forms, ("chunked", {"select": 2})):
             for warps in (4, 8, 16, 32):
                 tuned = KernelContext(ctx.target, tuning={"topk": {**table, "num_warps": warps}})
                 idx = top_indices(tuned, scores, k)

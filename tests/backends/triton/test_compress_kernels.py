@@ -156,7 +156,7 @@ def tie_heavy_scores(rows, c):
     *[(*case, select) for case in [(3, 528, 512), (2, 37, 6), (1, 5000, 512), (4, 16, 16)] for select in (0, 1, 2)],
     (2, 8208, 512, 1),  # ctx 32K at ratio 4 (the bitonic form takes a minute in the interpreter here)
     (2, 8208, 512, 2),
-    (1, 16400, 512, 1),  # ctx 64K: too long for registers, streamed by the radix select whatever the table says
+    (1, 16400, 512, 1),  # ctx 64K: too long for registers, chunked whatever the table says
     (2, 41000, 1024, 2),  # several tiles, a partial last one; Pro's k
 ])
 def test_top_indices_match_torch_topk(rows, c, k, select):
@@ -193,14 +193,15 @@ def test_top_indices_select_and_bitonic_pick_one_set():
     assert torch.equal(bitonic.sort(-1).values, chosen)
 
 
-def test_long_rows_take_the_radix_select_and_agree_with_the_select():
-    # rows past what registers hold stream through the radix select (torch.topk before); on rows
-    # both forms take they write the same indices in the same order
+def test_long_rows_take_the_chunked_select_and_agree_with_the_select():
+    # rows past what registers hold are picked in chunks, then among the chunks' picks (torch.topk
+    # before); on rows both forms take they write the same indices in the same order, whatever the chunk
     assert topk_config(16400, CTX).select == 2 and topk_config(16384, CTX).select == 1
     scores = tie_heavy_scores(3, 3000)
-    radix = top_indices(kernel_context(topk={"select": 2}), scores.to(DEVICE), 700).cpu()
     chosen = top_indices(CTX, scores.to(DEVICE), 700).cpu()
-    assert torch.equal(radix, chosen)
+    for chunk in (256, 1024, 4096):  # 256 < k: a chunk keeps all it has
+        chunked = top_indices(kernel_context(topk={"select": 2, "chunk": chunk}), scores.to(DEVICE), 700).cpu()
+        assert torch.equal(chunked, chosen), chunk
     # every score equal: the k smallest indices; NaN-free -inf rows: the first k
     flat = torch.full((2, 20000), 0.5)
     flat[1] = NEG_INF

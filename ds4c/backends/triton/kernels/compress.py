@@ -26,6 +26,8 @@ from ds4c.backends.triton.kernels.attention import dot_operand, interpreter_bf16
 from ds4c.backends.triton.kernels.configs import (
     TOPK_MAX_ENTRIES,
     KernelContext,
+    Launch,
+    TopkConfig,
     compress_config,
     dot_precision,
     elementwise_launch,
@@ -243,23 +245,21 @@ def _topk_kernel(scores_ptr, out_ptr, C, K,
 
 
 @triton.jit
-def _select_kernel(scores_ptr, out_ptr, C, K, N: tl.constexpr, PDL: tl.constexpr):
-    """The K largest of one row of C fp32 scores, as indices in increasing order (a set, not
-    ranked). Each score becomes an order-preserving unsigned 32-bit key (padding: 0, below every
-    score, -inf included); the K-th largest key ``t`` is found bit by bit from the top (keep a bit
-    when at least K keys are >= the prefix with it set), then every key > t is taken, and the
-    first ``K - #(> t)`` keys equal to t in index order (ties go to the smaller index, as in
-    ``_topk_kernel``). A prefix sum over the taken flags gives each its output slot. All tensors
-    are 1-D over the row: a [1, N] form let Triton give the scans a layout with the whole row in
-    every thread (2 ms for 528 entries on an H200)."""
-    wait_for_producers(PDL)
-    row = tl.program_id(0)
-    offs = tl.arange(0, N)
-    ok = offs < C
-    x = tl.load(scores_ptr + row.to(tl.int64) * C + offs, mask=ok, other=float("-inf"))
+def _order_key(x, ok):
+    """fp32 scores as order-preserving unsigned 32-bit keys; entries not ``ok`` get 0, below every
+    score (-inf included)."""
     bits = x.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed int32 order = float order
-    key = tl.where(ok, (ordered ^ -2147483648).to(tl.uint32, bitcast=True), 0)  # unsigned order
+    return tl.where(ok, (ordered ^ -2147483648).to(tl.uint32, bitcast=True), 0)
+
+
+@triton.jit
+def _take_k_largest(key, K):
+    """Which of the 1-D ``key`` are its K largest (ties to the smaller position), and each taken
+    one's output slot in position order. The K-th largest key ``t`` is found bit by bit from the
+    top (keep a bit when at least K keys are >= the prefix with it set); then every key > t is
+    taken, and the first ``K - #(> t)`` keys equal to t; a prefix sum over the taken flags gives
+    the slots."""
     t = tl.full((), 0, tl.uint32)
     bit = tl.full((), 2147483648, tl.uint32)
     for _ in range(32):
@@ -272,68 +272,82 @@ def _select_kernel(scores_ptr, out_ptr, C, K, N: tl.constexpr, PDL: tl.constexpr
     need = K - tl.sum(above.to(tl.int32), axis=0)
     take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
     slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    return take, slot
+
+
+@triton.jit
+def _select_kernel(scores_ptr, out_ptr, C, K, N: tl.constexpr, PDL: tl.constexpr):
+    """The K largest of one row of C fp32 scores, as indices in increasing order (a set, not
+    ranked; ties go to the smaller index, as in ``_topk_kernel``), the row's keys held in
+    registers (``_take_k_largest``). All tensors are 1-D over the row: a [1, N] form let Triton
+    give the scans a layout with the whole row in every thread (2 ms for 528 entries on an H200)."""
+    wait_for_producers(PDL)
+    row = tl.program_id(0)
+    offs = tl.arange(0, N)
+    ok = offs < C
+    x = tl.load(scores_ptr + row.to(tl.int64) * C + offs, mask=ok, other=float("-inf"))
+    take, slot = _take_k_largest(_order_key(x, ok), K)
     tl.store(out_ptr + row.to(tl.int64) * K + slot, offs.to(tl.int64), mask=take)
 
 
 @triton.jit
-def _radix_select_kernel(scores_ptr, out_ptr, C, K, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """``_select_kernel``'s result (the K largest as indices in increasing order, ties to the
-    smaller index) for rows of any length: the row streams through in tiles of BLOCK instead of
-    living in registers. The K-th largest key ``t`` is found a byte at a time from the top (four
-    passes; each histograms the next byte of the keys whose higher bytes equal ``t``'s so far and
-    keeps the byte where the count of larger keys reaches K), then a fifth pass writes the taken
-    entries, tile by tile in index order. Keys as in ``_select_kernel``; entries past C are not
-    counted. Unmatched keys are counted in bin 0 and taken out again (no ``histogram`` mask: Triton
-    3.6 has none)."""
+def _select_chunk_kernel(scores_ptr, key_ptr, idx_ptr, C, K, CHUNK: tl.constexpr, K_POW2: tl.constexpr,
+                         PDL: tl.constexpr):
+    """First stage of a long row's top-k: chunk ``pid`` of CHUNK entries of row ``row`` keeps its
+    own min(K, entries) largest (keys and row indices, in index order) at candidates
+    ``[row, pid, :K]``; the unused slots get key 0 (never taken). The row's K largest are among
+    the chunks' (each chunk's share of them is its largest under the same order)."""
     wait_for_producers(PDL)
     row = tl.program_id(0)
-    base_ptr = scores_ptr + row.to(tl.int64) * C
-    offs = tl.arange(0, BLOCK)
-    bins = tl.arange(0, 256)
-    prefix = tl.full((), 0, tl.uint32)  # t's bytes found so far, in place
-    need = K  # how many of the keys matching ``prefix`` are still to take
-    for p in tl.static_range(4):
-        shift = 24 - 8 * p
-        hist = tl.zeros([256], dtype=tl.int32)
-        for c0 in range(0, C, BLOCK):
-            ok = (c0 + offs) < C
-            x = tl.load(base_ptr + c0 + offs, mask=ok, other=float("-inf"))
-            bits = x.to(tl.int32, bitcast=True)
-            ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-            key = (ordered ^ -2147483648).to(tl.uint32, bitcast=True)
-            if p == 0:
-                match = ok
-            else:
-                match = ok & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-            digit = tl.where(match, ((key >> shift) & 255).to(tl.int32), 0)
-            hist += tl.histogram(digit, 256)
-            hist -= tl.where(bins == 0, tl.sum((~match).to(tl.int32), axis=0), 0)
-        at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # keys with this byte or a larger one
-        byte = tl.max(tl.where(at_or_above >= need, bins, 0), axis=0)
-        need -= tl.sum(tl.where(bins > byte, hist, 0), axis=0)
-        prefix = prefix | (byte.to(tl.uint32) << shift)
-    written = 0
-    ties = 0
-    for c0 in range(0, C, BLOCK):
-        ok = (c0 + offs) < C
-        x = tl.load(base_ptr + c0 + offs, mask=ok, other=float("-inf"))
-        bits = x.to(tl.int32, bitcast=True)
-        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        key = tl.where(ok, (ordered ^ -2147483648).to(tl.uint32, bitcast=True), 0)
-        tie = (key == prefix) & ok
-        take = (key > prefix) | (tie & (ties + tl.cumsum(tie.to(tl.int32), axis=0) <= need))
-        slot = written + tl.cumsum(take.to(tl.int32), axis=0) - 1
-        tl.store(out_ptr + row.to(tl.int64) * K + slot, (c0 + offs).to(tl.int64), mask=take)
-        written += tl.sum(take.to(tl.int32), axis=0)
-        ties += tl.sum(tie.to(tl.int32), axis=0)
+    chunk = tl.program_id(1)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    ok = offs < C
+    x = tl.load(scores_ptr + row.to(tl.int64) * C + offs, mask=ok, other=float("-inf"))
+    kept = tl.minimum(K, tl.sum(ok.to(tl.int32), axis=0))
+    take, slot = _take_k_largest(_order_key(x, ok), kept)
+    base = (row.to(tl.int64) * tl.num_programs(1) + chunk) * K
+    tl.store(key_ptr + base + slot, _order_key(x, ok).to(tl.int32, bitcast=True), mask=take)
+    tl.store(idx_ptr + base + slot, offs, mask=take)
+    rest = tl.arange(0, K_POW2)
+    tl.store(key_ptr + base + rest, tl.zeros([K_POW2], dtype=tl.int32), mask=(rest >= kept) & (rest < K))
+
+
+@triton.jit
+def _select_candidates_kernel(key_ptr, idx_ptr, out_ptr, M, K, N: tl.constexpr, PDL: tl.constexpr):
+    """Second stage: the K largest of a row's M candidate keys (chunk after chunk, each in index
+    order: position order is index order), their row indices written in increasing order."""
+    wait_for_producers(PDL)
+    row = tl.program_id(0)
+    offs = tl.arange(0, N)
+    ok = offs < M
+    key = tl.load(key_ptr + row.to(tl.int64) * M + offs, mask=ok, other=0).to(tl.uint32, bitcast=True)
+    take, slot = _take_k_largest(key, K)
+    idx = tl.load(idx_ptr + row.to(tl.int64) * M + offs, mask=take, other=0)
+    tl.store(out_ptr + row.to(tl.int64) * K + slot, idx.to(tl.int64), mask=take)
+
+
+def _chunked_select(ctx: KernelContext, scores: torch.Tensor, out: torch.Tensor, rows: int, k: int,
+                    cfg: TopkConfig) -> None:
+    """A row too long for one program's registers: chunks of ``cfg.chunk`` entries keep their k
+    largest each (one program per chunk), then one program per row picks the k largest of those."""
+    c = scores.shape[-1]
+    chunks = triton.cdiv(c, cfg.chunk)
+    keys = torch.empty((rows, chunks * k), dtype=torch.int32, device=scores.device)
+    idx = torch.empty((rows, chunks * k), dtype=torch.int32, device=scores.device)
+    _select_chunk_kernel[(rows, chunks)](scores, keys, idx, c, k, CHUNK=cfg.chunk, K_POW2=triton.next_power_of_2(k),
+                                          **cfg.launch.kwargs(ctx))
+    n = triton.next_power_of_2(chunks * k)
+    _select_candidates_kernel[(rows,)](keys, idx, out, chunks * k, k, N=n,
+                                       **Launch(min(32, max(4, n // 2048))).kwargs(ctx))
 
 
 def top_indices(ctx: KernelContext, scores: torch.Tensor, k: int) -> torch.Tensor:
     """The indices of the k largest of contiguous fp32 scores [..., C] (``scores.topk(k).indices``
     as a set), one Triton program per row (torch.topk sorts a decode row of 528 entries by radix
     sort in 2 kernels, 22 us on an H200). ``topk_config`` picks the form: the select (rows up to
-    ``TOPK_MAX_ENTRIES`` entries, held in registers) and the radix select (longer rows, streamed in
-    tiles) write the indices in index order, the bitonic form (a tunable) largest first; among
+    ``TOPK_MAX_ENTRIES`` entries, held in registers) and the chunked select (longer rows: a program
+    per chunk, then one per row over the chunks' picks) write the indices in index order, the
+    bitonic form (a tunable) largest first; among
     equal scores the smaller index is chosen (torch leaves it unspecified). ``indexer.topk``'s
     consumers only use the set."""
     c = scores.shape[-1]
@@ -341,7 +355,7 @@ def top_indices(ctx: KernelContext, scores: torch.Tensor, k: int) -> torch.Tenso
         return scores.topk(k, dim=-1).indices
     cfg = topk_config(c, ctx)
     n = max(16, triton.next_power_of_2(c))
-    select = 2 if n > TOPK_MAX_ENTRIES else cfg.select  # a row too long for registers streams through
+    select = 2 if n > TOPK_MAX_ENTRIES else cfg.select  # a row too long for registers: chunked
     if select == 0 and not hasattr(tl, "topk"):
         return scores.topk(k, dim=-1).indices
     out = result_buffer(0, scores.shape[:-1] + (k,), torch.int64, scores.device)
@@ -349,7 +363,7 @@ def top_indices(ctx: KernelContext, scores: torch.Tensor, k: int) -> torch.Tenso
     if rows:
         launch = cfg.launch.kwargs(ctx)
         if select == 2:
-            _radix_select_kernel[(rows,)](scores, out, c, k, BLOCK=min(n, cfg.block), **launch)
+            _chunked_select(ctx, scores, out, rows, k, cfg)
         elif select == 1:
             _select_kernel[(rows,)](scores, out, c, k, N=n, **launch)
         else:

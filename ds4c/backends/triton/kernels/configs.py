@@ -52,7 +52,7 @@ TUNABLE = {  # family -> fields the autotuner may set (see the config functions 
     "row_gemv": ("block_n", "programs_per_sm", "num_warps", "prequant", "prefetch", "pipeline", "row_sums"),
     "moe_decode": ("block_n_up", "block_n_down", "num_stages", "fp8_rows", "row_block_n_up", "row_block_n_down",
                    "row_warps", "act_in_registers", "row_pipeline", "row_sums", "row_paired"),
-    "topk": ("select", "num_warps"),
+    "topk": ("select", "num_warps", "chunk"),
 }
 
 
@@ -441,19 +441,19 @@ def index_scores_config(heads: int, head_dim: int, dtype: torch.dtype,
 # -- top-k of the indexer scores --------------------------------------------------------------------
 
 TOPK_MAX_ENTRIES = 16384  # the select and bitonic forms hold a row's keys in registers: up to ctx 64K at ratio 4
-TOPK_RADIX_BLOCK = 4096  # entries per tile of the radix select
+TOPK_CHUNK = 4096  # entries per first-stage program of the chunked select
 
 
 @dataclass(frozen=True)
 class TopkConfig:
     select: int  # 1: bitwise search of the k-th largest key in registers, then one compaction;
-    #              2: the same threshold found a byte per pass over tiles (rows of any length); 0: bitonic top-k
+    #              2: chunked (each chunk's k largest, then the k largest of those; rows of any length); 0: bitonic top-k
     launch: Launch
-    block: int = TOPK_RADIX_BLOCK  # the radix select's tile
+    chunk: int = TOPK_CHUNK  # the chunked select's first-stage chunk
 
 
 def topk_config(entries: int, ctx: KernelContext) -> TopkConfig:
-    """How one program picks the k largest of a row of ``entries`` scores (``compress.top_indices``).
+    """How the k largest of a row of ``entries`` scores are picked (``compress.top_indices``).
 
     The bitonic top-k (``tl.topk``) sorts the whole row in the program: ~log2(n)^2/2 compare-exchange
     steps over n keys. The select form finds the k-th largest key with 32 counting passes (one per
@@ -464,17 +464,18 @@ def topk_config(entries: int, ctx: KernelContext) -> TopkConfig:
     32K): 26.6 vs 267 us; 2048 rows x 528 (prefill) 25 vs 169 us; torch.topk 22 / 31 / 56 / 117 us.
     So select up to ``TOPK_MAX_ENTRIES`` entries (both in-register forms hold the padded row);
     warps for the padded row n: 4 up to 8192, then n / 2048 (8208 entries pad to 16384: 8 warps
-    26.6 us, 16 warps 30.9 us, 4 warps 44.1 us). Longer rows (ctx 64K and up at ratio 4; torch.topk
-    took 84 us for 16400 entries) take the radix select: four histogram passes and one compaction
-    over ``TOPK_RADIX_BLOCK``-entry tiles, 16 warps (not yet measured on a GPU)."""
+    26.6 us, 16 warps 30.9 us, 4 warps 44.1 us). Longer rows (ctx 64K and up at ratio 4) take the
+    chunked select: chunks of ``TOPK_CHUNK`` entries side by side, 8 warps each, then the same
+    select over their candidates. (A one-program radix select streaming the row in tiles took 74 us
+    for 16400 entries and 251 us for 65552 on an H100, torch.topk 90 / 64 us.)"""
     n = triton.next_power_of_2(max(entries, 16))
     t = ctx.tuned("topk")
     select = int(t.get("select", 1 if n <= TOPK_MAX_ENTRIES else 2))
     if select == 2:
-        warps = int(t.get("num_warps", 16))
+        warps = int(t.get("num_warps", 8))
     else:
         warps = int(t.get("num_warps", min(32, max(4, n // 2048))))
-    return TopkConfig(select=select, launch=Launch(warps))
+    return TopkConfig(select=select, launch=Launch(warps), chunk=int(t.get("chunk", TOPK_CHUNK)))
 
 
 # -- compress, mHC, RMSNorm, RoPE (memory-bound: the same tiles on every target) ------------------
