@@ -53,6 +53,7 @@ TUNABLE = {  # family -> fields the autotuner may set (see the config functions 
     "moe_decode": ("block_n_up", "block_n_down", "num_stages", "fp8_rows", "row_block_n_up", "row_block_n_down",
                    "row_warps", "act_in_registers", "row_pipeline", "row_sums", "row_paired"),
     "topk": ("select", "num_warps", "chunk"),
+    "moe_prefill": ("block_m", "block_n_up", "block_n_down", "block_k", "num_warps", "num_stages"),
 }
 
 
@@ -310,7 +311,8 @@ def moe_shared_bytes(cfg: MoeConfig, dtype: torch.dtype) -> int:
     return max(1, cfg.num_stages) * e * max(gate_up, down)
 
 
-def moe_config(pairs: int, experts: int, dtype: torch.dtype, target: Target) -> MoeConfig:
+def moe_config(pairs: int, experts: int, dtype: torch.dtype, target: Target,
+               tuned: dict[str, Any] | None = None) -> MoeConfig:
     """Tiles from the mean rows per expert (pairs / experts), the dtype and the target.
 
     NVIDIA (measured on an H100, triton 3.6, V4-Flash shapes: 256 experts, D=4096, I=2048, top-6,
@@ -326,6 +328,9 @@ def moe_config(pairs: int, experts: int, dtype: torch.dtype, target: Target) -> 
 
     AMD: 2 pipeline stages (the stream pipeliner's double buffer), N tiles halved and K steps
     shortened until both stages fit the LDS; 16x16 MFMAs.
+
+    ``tuned`` (the ``moe_prefill`` family of a tuning table) overrides the prefill tiles (8+ rows
+    per expert on average); ``benchmarks/moe_prefill_bench.py`` sweeps them.
     """
     fp32 = dtype == torch.float32
     if pairs < 8 * experts:
@@ -334,6 +339,8 @@ def moe_config(pairs: int, experts: int, dtype: torch.dtype, target: Target) -> 
         base = MoeConfig(64, 64, 128, 32, 4, 2)
     else:
         base = MoeConfig(64, 128, 256, 64, 8, 3)
+    if tuned and pairs >= 8 * experts:
+        base = _replace(base, **{k: int(v) for k, v in tuned.items()})
     if not is_amd(target):
         return MoeConfig(*_fields(base), launch=gemm_launch(target, base.num_warps, base.num_stages, dtype))
     cfg = _replace(base, num_stages=min(base.num_stages, 2))

@@ -666,7 +666,7 @@ def _routed(ctx: KernelContext, x, ids, router, selector, gate_up, down, shared,
                                          (down.contiguous(), dn_scale, dn_mode), shared, dcfg, swiglu_limit, act)
         return out.view(x.shape), with_shared
 
-    cfg = moe_config(pairs, experts, x.dtype, target)
+    cfg = moe_config(pairs, experts, x.dtype, target, ctx.tuned("moe_prefill"))
     if blocked and FP8_BLOCK % cfg.block_k:
         return NotImplemented
     routed = torch.zeros((tokens, hidden), dtype=torch.float32, device=x.device)
