@@ -39,14 +39,16 @@
 #                                                 # prompt), Triton / Inductor compilations counted (~4 min)
 #   bash benchmarks/device_session.sh long        # #29: per-kernel profiles (compiled, bf16, B=1): prefill + decode at ctx 2048,
 #                                                 # decode at ctx 65536 from a random state; graphed step device time (~6 min)
+#   bash benchmarks/device_session.sh moetopk     # #29: top-k kernel tests; chunked top-k vs torch on long rows; the prefill
+#                                                 # MoE's tile sweep vs its weight-read floor (~5 min)
 #
 # TARGET (default h200) names the target record the artifacts are compiled for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|paged|first|long) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|paged|first|long" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|paged|first|long|moetopk) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|paged|first|long|moetopk" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -73,6 +75,15 @@ case "$1" in
     timeout "$(left 60)" python benchmarks/topk_bench.py --target "$target" --shapes 1x528 1x8208 1x16400 1x65552 \
       32x16400 --out "$out/topk_long.json" > "$out/topk_long.log" 2>&1
     grep -v Warn "$out/topk_long.log" | cut -c1-400 ;;
+  moetopk)
+    timeout "$(left 100)" python -m pytest -q -p no:cacheprovider tests/backends/triton/test_compress_kernels.py \
+      -k "top or chunked" > "$out/pytest_topk.log" 2>&1; tail -1 "$out/pytest_topk.log" | cut -c1-200
+    timeout "$(left 100)" python benchmarks/topk_bench.py --target "$target" --shapes 1x528 1x16400 1x65552 32x16400 \
+      --out "$out/topk_chunked.json" > "$out/topk_chunked.log" 2>&1
+    grep -v Warn "$out/topk_chunked.log" | cut -c1-400
+    timeout "$(left 300)" python benchmarks/moe_prefill_bench.py --target "$target" --out "$out/moe_prefill.json" \
+      > "$out/moe_prefill.log" 2>&1
+    grep -v Warn "$out/moe_prefill.log" | cut -c1-260 ;;
   long)
     for ctx in 2048 65536; do  # ctx 2048 prefills the prompt (the prefill's profile too); 65536 starts from a random state
       synth=$([ "$ctx" = 2048 ] || echo --synthetic-state)
