@@ -157,7 +157,8 @@ def tie_heavy_scores(rows, c):
     (2, 8208, 512, 1),  # ctx 32K at ratio 4 (the bitonic form takes a minute in the interpreter here)
     (2, 8208, 512, 2),
     (1, 16400, 512, 1),  # ctx 64K: too long for registers, chunked whatever the table says
-    (2, 41000, 1024, 2),  # several tiles, a partial last one; Pro's k
+    (2, 41000, 1024, 2),  # several chunks, a partial last one; Pro's k
+    (1, 262160, 512, 2),  # ctx 1M at ratio 4: 64 chunks' candidates are chunked again before the last select
 ])
 def test_top_indices_match_torch_topk(rows, c, k, select):
     scores = tie_heavy_scores(rows, c)

@@ -291,23 +291,31 @@ def _select_kernel(scores_ptr, out_ptr, C, K, N: tl.constexpr, PDL: tl.constexpr
 
 
 @triton.jit
-def _select_chunk_kernel(scores_ptr, key_ptr, idx_ptr, C, K, CHUNK: tl.constexpr, K_POW2: tl.constexpr,
-                         PDL: tl.constexpr):
-    """First stage of a long row's top-k: chunk ``pid`` of CHUNK entries of row ``row`` keeps its
-    own min(K, entries) largest (keys and row indices, in index order) at candidates
-    ``[row, pid, :K]``; the unused slots get key 0 (never taken). The row's K largest are among
-    the chunks' (each chunk's share of them is its largest under the same order)."""
+def _select_chunk_kernel(src_ptr, src_idx_ptr, key_ptr, idx_ptr, C, K, CHUNK: tl.constexpr, K_POW2: tl.constexpr,
+                         FROM_KEYS: tl.constexpr, PDL: tl.constexpr):
+    """A stage of a long row's top-k: chunk ``pid`` of CHUNK entries of row ``row`` keeps its own
+    min(K, entries) largest (keys and row indices, in index order) at candidates ``[row, pid,
+    :K]``; the unused slots get key 0 (never taken). The row's K largest are among the chunks'
+    (each chunk's share of them is its largest under the same order). The entries are fp32 scores
+    (their index is their position) or, ``FROM_KEYS``, an earlier stage's candidates (int32 keys
+    and the row indices they carry)."""
     wait_for_producers(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     ok = offs < C
-    x = tl.load(scores_ptr + row.to(tl.int64) * C + offs, mask=ok, other=float("-inf"))
+    if FROM_KEYS:
+        key = tl.load(src_ptr + row.to(tl.int64) * C + offs, mask=ok, other=0).to(tl.uint32, bitcast=True)
+        index = tl.load(src_idx_ptr + row.to(tl.int64) * C + offs, mask=ok, other=0)
+    else:
+        x = tl.load(src_ptr + row.to(tl.int64) * C + offs, mask=ok, other=float("-inf"))
+        key = _order_key(x, ok)
+        index = offs
     kept = tl.minimum(K, tl.sum(ok.to(tl.int32), axis=0))
-    take, slot = _take_k_largest(_order_key(x, ok), kept)
+    take, slot = _take_k_largest(key, kept)
     base = (row.to(tl.int64) * tl.num_programs(1) + chunk) * K
-    tl.store(key_ptr + base + slot, _order_key(x, ok).to(tl.int32, bitcast=True), mask=take)
-    tl.store(idx_ptr + base + slot, offs, mask=take)
+    tl.store(key_ptr + base + slot, key.to(tl.int32, bitcast=True), mask=take)
+    tl.store(idx_ptr + base + slot, index, mask=take)
     rest = tl.arange(0, K_POW2)
     tl.store(key_ptr + base + rest, tl.zeros([K_POW2], dtype=tl.int32), mask=(rest >= kept) & (rest < K))
 
@@ -329,16 +337,23 @@ def _select_candidates_kernel(key_ptr, idx_ptr, out_ptr, M, K, N: tl.constexpr, 
 def _chunked_select(ctx: KernelContext, scores: torch.Tensor, out: torch.Tensor, rows: int, k: int,
                     cfg: TopkConfig) -> None:
     """A row too long for one program's registers: chunks of ``cfg.chunk`` entries keep their k
-    largest each (one program per chunk), then one program per row picks the k largest of those."""
-    c = scores.shape[-1]
-    chunks = triton.cdiv(c, cfg.chunk)
-    keys = torch.empty((rows, chunks * k), dtype=torch.int32, device=scores.device)
-    idx = torch.empty((rows, chunks * k), dtype=torch.int32, device=scores.device)
-    _select_chunk_kernel[(rows, chunks)](scores, keys, idx, c, k, CHUNK=cfg.chunk, K_POW2=triton.next_power_of_2(k),
-                                          **cfg.launch.kwargs(ctx))
-    n = triton.next_power_of_2(chunks * k)
-    _select_candidates_kernel[(rows,)](keys, idx, out, chunks * k, k, N=n,
-                                       **Launch(min(32, max(4, n // 2048))).kwargs(ctx))
+    largest each (one program per chunk); while the candidates are still too many for one
+    program (ctx 1M at ratio 4: 64 chunks x 512), chunks of at least 4k of them do it again;
+    then one program per row picks the k largest of the last candidates."""
+    src, src_idx, c, chunk = scores, scores, scores.shape[-1], cfg.chunk
+    k_pow2 = triton.next_power_of_2(k)
+    while True:
+        chunks = triton.cdiv(c, chunk)
+        keys = torch.empty((rows, chunks * k), dtype=torch.int32, device=scores.device)
+        idx = torch.empty((rows, chunks * k), dtype=torch.int32, device=scores.device)
+        _select_chunk_kernel[(rows, chunks)](src, src_idx, keys, idx, c, k, CHUNK=chunk, K_POW2=k_pow2,
+                                              FROM_KEYS=src is not scores, **cfg.launch.kwargs(ctx))
+        src, src_idx, c = keys, idx, chunks * k
+        if triton.next_power_of_2(c) <= TOPK_MAX_ENTRIES:
+            break
+        chunk = max(chunk, triton.next_power_of_2(4 * k))  # each further stage keeps at most about a quarter
+    n = triton.next_power_of_2(c)
+    _select_candidates_kernel[(rows,)](src, src_idx, out, c, k, N=n, **Launch(min(32, max(4, n // 2048))).kwargs(ctx))
 
 
 def top_indices(ctx: KernelContext, scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -356,8 +371,8 @@ def top_indices(ctx: KernelContext, scores: torch.Tensor, k: int) -> torch.Tenso
     cfg = topk_config(c, ctx)
     n = max(16, triton.next_power_of_2(c))
     select = 2 if n > TOPK_MAX_ENTRIES else cfg.select  # a row too long for registers: chunked
-    if select == 0 and not hasattr(tl, "topk"):
-        return scores.topk(k, dim=-1).indices
+    if (select == 0 and not hasattr(tl, "topk")) or (select == 2 and 8 * k > TOPK_MAX_ENTRIES):
+        return scores.topk(k, dim=-1).indices  # (chunks of 4k candidates would not fit registers)
     out = result_buffer(0, scores.shape[:-1] + (k,), torch.int64, scores.device)
     rows = out.numel() // k
     if rows:
