@@ -12,6 +12,8 @@ is the shape of the computation:
   a static ``k`` and picks that violate causality are dropped, as transformers does;
 - decode writes state with ``torch.where`` on one-hot slot masks: no data-dependent shapes, no
   ``.item()``, no ``nonzero``; a compressed entry is written only when its window closes;
+- decode's CSA attention reads the window and the indexer's k picks, gathered (a static
+  ``k = min(index_topk, capacity)``, invalid picks at -inf); prefill keeps the mask over every entry;
 - routed experts use the gather ("batched_mm") formulation, which exports cleanly.
 
 Formulas follow shared/DSV4_ARCHITECTURE.md; where transformers' code is the judge it is mirrored
