@@ -88,7 +88,10 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
-    best = min((c for c in res["configs"] if "ms" in c), key=lambda c: c["ms"])
+    timed = [c for c in res["configs"] if "ms" in c]
+    if not timed or "ms" not in res["configs"][0]:
+        raise SystemExit("the default tiles did not run: nothing to compare with (see the errors above)")
+    best = min(timed, key=lambda c: c["ms"])
     print(f"floor {floor_s * 1e3:.3f} ms; default {res['configs'][0].get('ms', float('nan')):.3f} ms; "
           f"best {best['ms']:.3f} ms ({best['of_floor']:.2f} of the floor): {json.dumps({k: best[k] for k in FIELDS})}")
 

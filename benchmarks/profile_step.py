@@ -69,7 +69,7 @@ def grouped(rows: list[dict], steps: int) -> list[dict]:
 
 def main() -> None:
     import ds4c
-    from benchmarks.gpu_peers import gpu_timed, timed
+    from benchmarks.gpu_peers import gpu_timed, synthetic_state, timed
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="flash-slice")
@@ -84,7 +84,6 @@ def main() -> None:
                          "(a step's work depends on the static capacity: a ctx-65536 profile without a 64K prefill)")
     ap.add_argument("--out", default="prof.json")
     args = ap.parse_args()
-    from benchmarks.gpu_peers import synthetic_state
     art = ds4c.compile(args.preset, target=args.target, max_context=args.prompt + 64, progress=False, weights="reference",
                        precision=args.precision)
     art.save("/tmp/prof.ds4")

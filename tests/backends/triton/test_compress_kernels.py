@@ -200,7 +200,7 @@ def test_long_rows_take_the_chunked_select_and_agree_with_the_select():
     assert topk_config(16400, CTX).select == 2 and topk_config(16384, CTX).select == 1
     scores = tie_heavy_scores(3, 3000)
     chosen = top_indices(CTX, scores.to(DEVICE), 700).cpu()
-    for chunk in (256, 1024, 4096):  # 256 < k: a chunk keeps all it has
+    for chunk in (256, 1024, 4096):  # 256 < k: taken as k's power of two (a full chunk fills its k picks)
         chunked = top_indices(kernel_context(topk={"select": 2, "chunk": chunk}), scores.to(DEVICE), 700).cpu()
         assert torch.equal(chunked, chosen), chunk
     # every score equal: the k smallest indices; NaN-free -inf rows: the first k

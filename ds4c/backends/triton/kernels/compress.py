@@ -220,8 +220,6 @@ def indexer_topk(ctx: KernelContext, q: torch.Tensor, keys: torch.Tensor, w: tor
 
 # -- top-k ----------------------------------------------------------------------------------------
 
-
-
 @triton.jit
 def _topk_kernel(scores_ptr, out_ptr, C, K,
                  N: tl.constexpr, K_POW2: tl.constexpr, PDL: tl.constexpr):
@@ -293,12 +291,13 @@ def _select_kernel(scores_ptr, out_ptr, C, K, N: tl.constexpr, PDL: tl.constexpr
 @triton.jit
 def _select_chunk_kernel(src_ptr, src_idx_ptr, key_ptr, idx_ptr, C, K, CHUNK: tl.constexpr, K_POW2: tl.constexpr,
                          FROM_KEYS: tl.constexpr, PDL: tl.constexpr):
-    """A stage of a long row's top-k: chunk ``pid`` of CHUNK entries of row ``row`` keeps its own
-    min(K, entries) largest (keys and row indices, in index order) at candidates ``[row, pid,
-    :K]``; the unused slots get key 0 (never taken). The row's K largest are among the chunks'
-    (each chunk's share of them is its largest under the same order). The entries are fp32 scores
-    (their index is their position) or, ``FROM_KEYS``, an earlier stage's candidates (int32 keys
-    and the row indices they carry)."""
+    """A stage of a long row's top-k: chunk ``chunk`` of CHUNK entries of row ``row`` keeps its own
+    min(K, entries) largest (keys and row indices, in index order) at candidates ``[row, chunk,
+    :K]``; the unused slots (only in a partial last chunk, as CHUNK >= K) get key 0 and index 0,
+    after every real candidate, so ties never reach them. The row's K largest are among the
+    chunks' (each chunk's share of them is its largest under the same order). The entries are
+    fp32 scores (their index is their position) or, ``FROM_KEYS``, an earlier stage's candidates
+    (int32 keys and the row indices they carry)."""
     wait_for_producers(PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -317,12 +316,14 @@ def _select_chunk_kernel(src_ptr, src_idx_ptr, key_ptr, idx_ptr, C, K, CHUNK: tl
     tl.store(key_ptr + base + slot, key.to(tl.int32, bitcast=True), mask=take)
     tl.store(idx_ptr + base + slot, index, mask=take)
     rest = tl.arange(0, K_POW2)
-    tl.store(key_ptr + base + rest, tl.zeros([K_POW2], dtype=tl.int32), mask=(rest >= kept) & (rest < K))
+    unused = (rest >= kept) & (rest < K)
+    tl.store(key_ptr + base + rest, tl.zeros([K_POW2], dtype=tl.int32), mask=unused)
+    tl.store(idx_ptr + base + rest, tl.zeros([K_POW2], dtype=tl.int32), mask=unused)
 
 
 @triton.jit
 def _select_candidates_kernel(key_ptr, idx_ptr, out_ptr, M, K, N: tl.constexpr, PDL: tl.constexpr):
-    """Second stage: the K largest of a row's M candidate keys (chunk after chunk, each in index
+    """Last stage: the K largest of a row's M candidate keys (chunk after chunk, each in index
     order: position order is index order), their row indices written in increasing order."""
     wait_for_producers(PDL)
     row = tl.program_id(0)
@@ -340,8 +341,8 @@ def _chunked_select(ctx: KernelContext, scores: torch.Tensor, out: torch.Tensor,
     largest each (one program per chunk); while the candidates are still too many for one
     program (ctx 1M at ratio 4: 64 chunks x 512), chunks of at least 4k of them do it again;
     then one program per row picks the k largest of the last candidates."""
-    src, src_idx, c, chunk = scores, scores, scores.shape[-1], cfg.chunk
     k_pow2 = triton.next_power_of_2(k)
+    src, src_idx, c, chunk = scores, scores, scores.shape[-1], max(cfg.chunk, k_pow2)  # a full chunk fills its k
     while True:
         chunks = triton.cdiv(c, chunk)
         keys = torch.empty((rows, chunks * k), dtype=torch.int32, device=scores.device)
@@ -352,25 +353,27 @@ def _chunked_select(ctx: KernelContext, scores: torch.Tensor, out: torch.Tensor,
         if triton.next_power_of_2(c) <= TOPK_MAX_ENTRIES:
             break
         chunk = max(chunk, triton.next_power_of_2(4 * k))  # each further stage keeps at most about a quarter
-    n = triton.next_power_of_2(c)
+    n = max(16, triton.next_power_of_2(c))
     _select_candidates_kernel[(rows,)](src, src_idx, out, c, k, N=n, **Launch(min(32, max(4, n // 2048))).kwargs(ctx))
 
 
 def top_indices(ctx: KernelContext, scores: torch.Tensor, k: int) -> torch.Tensor:
     """The indices of the k largest of contiguous fp32 scores [..., C] (``scores.topk(k).indices``
-    as a set), one Triton program per row (torch.topk sorts a decode row of 528 entries by radix
-    sort in 2 kernels, 22 us on an H200). ``topk_config`` picks the form: the select (rows up to
-    ``TOPK_MAX_ENTRIES`` entries, held in registers) and the chunked select (longer rows: a program
-    per chunk, then one per row over the chunks' picks) write the indices in index order, the
-    bitonic form (a tunable) largest first; among
-    equal scores the smaller index is chosen (torch leaves it unspecified). ``indexer.topk``'s
-    consumers only use the set."""
+    as a set; torch.topk sorts a decode row of 528 entries by radix sort in 2 kernels, 22 us on an
+    H200). ``topk_config`` picks the form: the select (one program per row, rows up to
+    ``TOPK_MAX_ENTRIES`` entries held in registers) and the chunked select (longer rows: a program
+    per chunk, then per row over the chunks' picks) write the indices in index order, the bitonic
+    form (a tunable) largest first; among equal scores the smaller index is chosen (torch leaves it
+    unspecified). torch.topk itself (largest first) takes rows with k too large to chunk (8k past
+    ``TOPK_MAX_ENTRIES``). ``indexer.topk``'s consumers only use the set."""
     c = scores.shape[-1]
     if not 0 < k <= c or not scores.is_contiguous():
         return scores.topk(k, dim=-1).indices
     cfg = topk_config(c, ctx)
     n = max(16, triton.next_power_of_2(c))
-    select = 2 if n > TOPK_MAX_ENTRIES else cfg.select  # a row too long for registers: chunked
+    if n > TOPK_MAX_ENTRIES and cfg.select != 2:  # a row too long for registers: chunked, whatever the table says
+        cfg = TopkConfig(select=2, launch=Launch(8), chunk=cfg.chunk)
+    select = cfg.select
     if (select == 0 and not hasattr(tl, "topk")) or (select == 2 and 8 * k > TOPK_MAX_ENTRIES):
         return scores.topk(k, dim=-1).indices  # (chunks of 4k candidates would not fit registers)
     out = result_buffer(0, scores.shape[:-1] + (k,), torch.int64, scores.device)
