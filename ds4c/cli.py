@@ -787,6 +787,9 @@ def bench_serve(
         console.print(f"decode-only steps: batch {main['decode_batch']:.1f}, {main['decode_tokens_per_s']:.0f} tok/s = "
                       f"{main['decode_vs_bound']:.2f} of the HBM bound ({b['tokens_per_s']:.0f} tok/s: "
                       f"{b['step_bytes'] / 1e9:.3f} GB per step at {b['hbm_bandwidth'] / 1e12:.2f} TB/s, {b['target']})")
+    if main.get("prompt_step_s"):
+        console.print(f"steps with prompt chunks: {main['prompt_steps']}, {main['prompt_step_s'] * 1e3:.1f} ms each on "
+                      f"average (against TTFT p50 {main['ttft_s']['p50'] * 1e3:.1f} ms)")
     if "pages_peak" in main:
         console.print(f"pages in use at most: {main['pages_peak']}")
     for name, why in (report.get("baseline_errors") or {}).items():

@@ -207,6 +207,7 @@ def run_engine(engine: Any, workload: Workload, *, sync: Callable[[], None] = la
             "decode_steps": stats["decode_steps"] - before["decode_steps"],
             "decode_tokens": stats["decode_tokens"] - before["decode_tokens"],
             "decode_busy_s": stats["decode_busy_s"] - before["decode_busy_s"],
+            "busy_s": stats["busy_s"] - before["busy_s"],
             "prompt_tokens_computed": stats["prefill_tokens"] - before["prefill_tokens"],
             "prefix_hit_tokens": cache.get("hit_tokens", 0) - ((before.get("prefix_cache") or {}).get("hit_tokens", 0)),
             "shareable_tokens": workload.shareable()}
@@ -305,6 +306,10 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
     if run.get("decode_steps"):  # decode-only steps: the batch they ran and their tokens/s
         out["decode_batch"] = run["decode_tokens"] / run["decode_steps"]
         out["decode_tokens_per_s"] = run["decode_tokens"] / run["decode_busy_s"] if run["decode_busy_s"] else None
+    if run.get("steps") is not None and run.get("busy_s") is not None:  # steps that held prompt chunks
+        mixed = run["steps"] - run.get("decode_steps", 0)
+        out["prompt_steps"] = mixed
+        out["prompt_step_s"] = (run["busy_s"] - run.get("decode_busy_s", 0.0)) / mixed if mixed else None
     out["prompt_tokens"] = sum(r["prompt"] for r in reqs)
     out["mean_context"] = (sum(r["prompt"] + r["tokens"] / 2 for r in reqs) / len(reqs)) if reqs else 0.0
     if run.get("shareable_tokens"):

@@ -159,6 +159,9 @@ def test_bench_serve_reports_the_engine_against_static_batches(artifact, tmp_pat
     eng = report["engine"]
     assert 1 <= eng["decode_batch"] <= 3 and eng["decode_vs_bound"] > 0 and "of the HBM bound" in res.output
     assert eng["decode_hbm_bound"]["step_bytes"] > sum(t.numel() for t in ds4c.load(path).weights.values())
+    # steps that held prompt chunks: at least one per request (chunks mixed with decodes), timed
+    assert 1 <= eng["prompt_steps"] <= eng["steps"] and eng["prompt_step_s"] > 0
+    assert "steps with prompt chunks" in res.output and "prompt_steps" not in report["static"]
     assert eng["overlap"] == {"on": False, "overlapped_steps": 0}  # off by default on the CPU
     res = runner.invoke(app, ["bench", "serve", str(path), "--requests", "3", "--concurrency", "3", "--compare", "none",
                               "--prompt-len", "4:8", "--output-len", "8:8", "--overlap", "--json", str(out)])
