@@ -146,8 +146,11 @@ def pad_step(batch: StepBatch, tokens: int, seqs: int, rates: dict[str, int],
     more sequences than ``seqs``, more logits rows than ``logits``).
 
     The real rows and sequences come first, unchanged. Each padding sequence holds one row (the last
-    the rest), at positions 0, 1, .. over page 0 and slot 0: the pools' trash, so whatever they
-    write lands where no real row reads. Extra logits rows repeat row 0; extra emit entries are -1
+    the rest), all at position 0 over page 0 and slot 0: the pools' trash, so whatever they write
+    lands where no real row reads. Every padding row is token 0 at position 0 and reads only that
+    position, so all compute the same numbers and pick the same experts: a learned-routing MoE
+    reads one padding row's experts, not six more per padding row (a speculative small bucket of
+    one request pads 1 real row to 8). Extra logits rows repeat row 0; extra emit entries are -1
     (they write to trash). ``tokens == seqs`` with no real rows gives an all-padding step (a
     graph's warm-up and capture)."""
     n, r, n_logits = batch.tokens, int(batch.seq_first.shape[0]), int(batch.logit_rows.shape[0])
@@ -164,8 +167,6 @@ def pad_step(batch: StepBatch, tokens: int, seqs: int, rates: dict[str, int],
     firsts = torch.tensor([n + sum(lengths[:i]) for i in range(pad_seqs)], dtype=torch.long)
     lens = torch.tensor(lengths, dtype=torch.long)
     seq_of_row = torch.repeat_interleave(torch.arange(r, seqs, dtype=torch.long), lens)
-    first_of_row = torch.repeat_interleave(firsts, lens)
-    rows = torch.arange(n, tokens, dtype=torch.long)
 
     def cat(t: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
         return torch.cat([t, tail.to(t.dtype)])
@@ -178,7 +179,7 @@ def pad_step(batch: StepBatch, tokens: int, seqs: int, rates: dict[str, int],
 
     return StepBatch(
         input_ids=cat(batch.input_ids, torch.zeros(pad_rows, dtype=torch.long)),
-        positions=cat(batch.positions, rows - first_of_row), token_seq=cat(batch.token_seq, seq_of_row),
+        positions=cat(batch.positions, torch.zeros(pad_rows, dtype=torch.long)), token_seq=cat(batch.token_seq, seq_of_row),
         seq_first=cat(batch.seq_first, firsts), seq_last=cat(batch.seq_last, firsts + lens - 1),
         logit_rows=fill(batch.logit_rows, sizes["L"], 0), window_table=table(batch.window_table),
         comp_table=table(batch.comp_table), slot=cat(batch.slot, torch.zeros(pad_seqs, dtype=torch.long)),

@@ -336,6 +336,41 @@ def test_a_padded_step_writes_what_the_step_writes_and_only_trash_besides(artifa
         assert torch.allclose(got[k][1:], v[1:], atol=1e-5), (k, (got[k][1:] - v[1:]).abs().max())
 
 
+def test_padding_rows_route_alike(artifact):
+    """The padding rows of a padded step (token 0, all at position 0 of a trash sequence) reach
+    every MoE with the same input, so a learned-routing MoE reads one padding row's experts, not
+    top-k more per padding row (a speculative small bucket of one request pads 1 real row to 8)."""
+    from ds4c.ir.interpreter import ReferenceExecutor
+    from ds4c.runtime.engine import CompiledStepRunner
+    from ds4c.runtime.pages import RequestPages
+    from ds4c.runtime.step_batch import Chunk, build_step, pad_step
+
+    path, _ = artifact
+    model = ds4c.load(path)
+    runner = CompiledStepRunner(model)
+    pages = RequestPages(runner.layout, runner.pools)
+    assert pages.grow(9)
+    batch = build_step([Chunk(pages, list(range(3, 12)), 0)], runner.rates)
+    padded = pad_step(batch, 16, 2, runner.rates)  # 9 real rows, 7 padding rows in one padding sequence
+    graph = model.program.graphs["ragged_step"]
+    values = {}
+
+    def keep(i, op, outs):
+        for r, o in zip(op.results, outs, strict=False):
+            values[r.name] = o
+
+    ReferenceExecutor(graph, "cpu", on_op=keep).run(dict(zip(runner.inputs["ragged_step"], padded.args(), strict=True)),
+                                                     model.weights, {k: v.clone() for k, v in runner.state.items()})
+    moes = [op for op in graph.ops if op.name == "moe"]
+    assert moes
+    for op in moes:
+        x = values[op.args[0].name].reshape(16, -1)
+        # every padding row alike (to CPU GEMM rounding, which differs by row placement: ~1e-6;
+        # at positions 0, 1, .. as before they differed by O(1)), and unlike the real rows
+        assert torch.allclose(x[9:], x[9:10].expand(7, -1), atol=1e-5), op.args[0].name
+        assert not torch.allclose(x[8], x[9], atol=1e-2)
+
+
 def test_the_transformers_peer_holds_the_artifacts_weights(artifact):
     """``bench serve --compare transformers`` runs transformers' DeepseekV4ForCausalLM with the
     artifact's weights (streamed from its preset seed): same logits as the artifact."""
