@@ -179,7 +179,8 @@ def pad_step(batch: StepBatch, tokens: int, seqs: int, rates: dict[str, int],
 
     return StepBatch(
         input_ids=cat(batch.input_ids, torch.zeros(pad_rows, dtype=torch.long)),
-        positions=cat(batch.positions, torch.zeros(pad_rows, dtype=torch.long)), token_seq=cat(batch.token_seq, seq_of_row),
+        positions=cat(batch.positions, torch.zeros(pad_rows, dtype=torch.long)),
+        token_seq=cat(batch.token_seq, seq_of_row),
         seq_first=cat(batch.seq_first, firsts), seq_last=cat(batch.seq_last, firsts + lens - 1),
         logit_rows=fill(batch.logit_rows, sizes["L"], 0), window_table=table(batch.window_table),
         comp_table=table(batch.comp_table), slot=cat(batch.slot, torch.zeros(pad_seqs, dtype=torch.long)),

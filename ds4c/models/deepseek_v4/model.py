@@ -365,17 +365,24 @@ class Indexer(Compressor):
         """
         b, s, _ = x.shape
         cap = keys.shape[1]
-        index_scores = self._index_scores(x, qr, keys, cos, sin)
-        threshold = torch.div(positions + 1, self.ratio, rounding_mode="floor")  # [S]
-        entries = torch.arange(cap, device=x.device)
-        future = entries.view(1, 1, -1) >= threshold.view(1, -1, 1)
-        index_scores = index_scores.masked_fill(future, NEG_INF)
-        top = index_scores.topk(min(self.topk, cap), dim=-1).indices  # [B, S, k]
+        top, threshold = self._top_entries(x, qr, keys, positions, cos, sin)
         valid = top < threshold.view(1, -1, 1)
         safe = torch.where(valid, top, torch.full_like(top, cap))
         bias = keys.new_full((b, 1, s, cap + 1), NEG_INF)
         bias = bias.scatter(-1, safe.unsqueeze(1), 0.0)
         return bias[..., :cap]
+
+    def _top_entries(self, x: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the k highest-scoring entries of each query [B, S, k], over the static capacity with
+        not-yet-visible entries at -inf; each query's visible count [S]) for queries at ``positions``
+        [S] (or one position, 0-d: S = 1)."""
+        cap = keys.shape[1]
+        index_scores = self._index_scores(x, qr, keys, cos, sin)
+        threshold = torch.div(positions + 1, self.ratio, rounding_mode="floor")  # [S]
+        future = torch.arange(cap, device=x.device).view(1, 1, -1) >= threshold.view(1, -1, 1)
+        index_scores = index_scores.masked_fill(future, NEG_INF)
+        return index_scores.topk(min(self.topk, cap), dim=-1).indices, threshold
 
     def select_entries(self, x: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, position: torch.Tensor,
                        cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -384,11 +391,8 @@ class Indexer(Compressor):
         The step then reads k entries instead of attending over the whole capacity under a mask:
         its cost does not grow with the context (the same set; an invalid pick weighs 0 either way)."""
         b, cap = x.shape[0], keys.shape[1]
-        index_scores = self._index_scores(x, qr, keys, cos, sin)  # [B, 1, C]
-        threshold = torch.div(position + 1, self.ratio, rounding_mode="floor")
-        future = torch.arange(cap, device=x.device).view(1, 1, -1) >= threshold
-        index_scores = index_scores.masked_fill(future, NEG_INF)
-        top = index_scores.topk(min(self.topk, cap), dim=-1).indices[:, 0]  # [B, k]
+        top, threshold = self._top_entries(x, qr, keys, position, cos, sin)
+        top = top[:, 0]  # [B, k]
         rows = top + torch.arange(b, device=x.device).view(-1, 1) * cap
         return torch.where(top < threshold, rows, torch.full_like(rows, -1))
 

@@ -142,7 +142,8 @@ class StepIndex:
     ``input_ids``/``positions``/``token_seq`` are per packed token [N]; ``seq_first``/``seq_last``
     are each sequence's first and last packed row [R]; ``window_table`` [R, Wp], ``comp_table``
     [R, Pc] (int32) and ``slot`` [R] are the sequences' pages. Every other tensor is int64. A
-    sequence's tokens are consecutive rows at consecutive positions (a chunk)."""
+    sequence's tokens are consecutive rows at consecutive positions (a chunk); a padding sequence
+    (``step_batch.pad_step``: the trash page and slot) holds rows all at position 0."""
 
     positions: torch.Tensor
     token_seq: torch.Tensor

@@ -371,8 +371,6 @@ def top_indices(ctx: KernelContext, scores: torch.Tensor, k: int) -> torch.Tenso
         return scores.topk(k, dim=-1).indices
     cfg = topk_config(c, ctx)
     n = max(16, triton.next_power_of_2(c))
-    if n > TOPK_MAX_ENTRIES and cfg.select != 2:  # a row too long for registers: chunked, whatever the table says
-        cfg = TopkConfig(select=2, launch=Launch(8), chunk=cfg.chunk)
     select = cfg.select
     if (select == 0 and not hasattr(tl, "topk")) or (select == 2 and 8 * k > TOPK_MAX_ENTRIES):
         return scores.topk(k, dim=-1).indices  # (chunks of 4k candidates would not fit registers)

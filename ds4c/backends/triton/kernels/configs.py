@@ -482,6 +482,9 @@ def topk_config(entries: int, ctx: KernelContext) -> TopkConfig:
     n = triton.next_power_of_2(max(entries, 16))
     t = ctx.tuned("topk")
     select = int(t.get("select", 1 if n <= TOPK_MAX_ENTRIES else 2))
+    if n > TOPK_MAX_ENTRIES and select != 2:
+        # too long for registers: chunked whatever the table says (its warps were for another form)
+        return TopkConfig(select=2, launch=Launch(8), chunk=int(t.get("chunk", TOPK_CHUNK)))
     if select == 2:
         warps = int(t.get("num_warps", 8))
     else:
