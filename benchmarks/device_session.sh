@@ -25,9 +25,11 @@
 #                                                 # step times, memory over 200 requests; the serving kernels test (~5 min)
 #   bash benchmarks/device_session.sh flash1      # the whole flash (MXFP4 experts, FP8 elsewhere) on one GPU with
 #                                                 # --hbm-budget 120GB: compile, load, TTFT, 16 tokens vs host link (~9 min)
-#   bash benchmarks/device_session.sh serve26     # #26 in one call: flash-slice --serving (bf16); TPOT at concurrency 1
-#                                                 # with / without overlapped steps vs generate; 64 requests at
-#                                                 # saturation vs static batches; 16 vs transformers (~9.5 min)
+#   bash benchmarks/device_session.sh serve26     # #26: flash-slice --serving (bf16); TPOT at concurrency 1 vs generate;
+#                                                 # 256 requests at saturation vs static batches; device memory over
+#                                                 # 10,000 short requests (~9.5 min)
+#   bash benchmarks/device_session.sh serve26b    # #26, after serve26 on the same machine: 16 requests vs transformers
+#                                                 # generate; the auto policy's artifact on the 256-request trace
 #   bash benchmarks/device_session.sh paged       # paged.*, rope.table, compress.rows, top-k kernels + the engine's tokens on the
 #                                                 # GPU vs the reference; TPOT at concurrency 1 vs generate; long-row top-k (~5 min)
 #   bash benchmarks/device_session.sh spec        # MTP speculation: verify k=1..3 vs decode at B=1/32 (flash-slice,
@@ -47,8 +49,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|paged|first|long|moetopk) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|paged|first|long|moetopk" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|serve26b|paged|first|long|moetopk) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|serve26b|paged|first|long|moetopk" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -98,16 +100,26 @@ case "$1" in
     bs=(--device cuda --state-budget 24GB)
     timeout "$(left 90)" python -m ds4c.cli bench serve "$art" "${bs[@]}" --requests 4 --concurrency 1 --prompt-len 512:512 \
       --output-len 128:128 --compare static --static-batch 1 --overlap --json "$out/serve_c1_overlap.json" \
-      > "$out/serve_c1_overlap.log" 2>&1; grep -iE "tpot|ttft|overlap" "$out/serve_c1_overlap.log" | head -6 | cut -c1-180
-    timeout "$(left 60)" python -m ds4c.cli bench serve "$art" "${bs[@]}" --requests 4 --concurrency 1 --prompt-len 512:512 \
-      --output-len 128:128 --no-overlap --json "$out/serve_c1_no_overlap.json" > "$out/serve_c1_no_overlap.log" 2>&1
-    grep -iE "tpot" "$out/serve_c1_no_overlap.log" | head -2 | cut -c1-180
-    timeout "$(left 220)" python -m ds4c.cli bench serve "$art" --device cuda --requests 64 --rate 100 --prompt-len 128:4096 \
+      > "$out/serve_c1_overlap.log" 2>&1; grep -iE "tpot|ttft|overlap|prompt chunks" "$out/serve_c1_overlap.log" | head -8 | cut -c1-180
+    timeout "$(left 260)" python -m ds4c.cli bench serve "$art" --device cuda --requests 256 --rate 100 --prompt-len 128:4096 \
       --output-len 64:512 --compare static --static-batch 16 --json "$out/serve_rate.json" > "$out/serve_rate.log" 2>&1
-    tail -12 "$out/serve_rate.log" | cut -c1-200
+    tail -14 "$out/serve_rate.log" | cut -c1-200
+    timeout "$(left 150)" python -m ds4c.cli bench serve "$art" --device cuda --requests 10000 --concurrency 64 \
+      --prompt-len 16:64 --output-len 4:16 --compare none --json "$out/serve_10k.json" > "$out/serve_10k.log" 2>&1
+    tail -6 "$out/serve_10k.log" | cut -c1-240 ;;
+  serve26b)  # after serve26 on the same machine (its artifact in /tmp): transformers, then the auto policy
+    art=/tmp/fs_serving_$target.ds4
+    test -f "$art" || timeout "$(left 200)" python -m ds4c.cli compile flash-slice --target "$target" --precision bf16 \
+      --serving --max-context 8192 -o "$art" > "$out/compile.log" 2>&1
     timeout "$(left 300)" python -m ds4c.cli bench serve "$art" --device cuda --requests 16 --rate 100 --prompt-len 128:4096 \
       --output-len 64:512 --compare transformers --static-batch 16 --json "$out/serve_tf.json" > "$out/serve_tf.log" 2>&1
-    tail -10 "$out/serve_tf.log" | cut -c1-200 ;;
+    tail -10 "$out/serve_tf.log" | cut -c1-200
+    auto=/tmp/fs_serving_auto_$target.ds4
+    timeout "$(left 150)" python -m ds4c.cli compile flash-slice --target "$target" --precision auto --serving \
+      --max-context 8192 -o "$auto" > "$out/compile_auto.log" 2>&1; tail -1 "$out/compile_auto.log" | cut -c1-200
+    timeout "$(left 200)" python -m ds4c.cli bench serve "$auto" --device cuda --requests 256 --rate 100 --prompt-len 128:4096 \
+      --output-len 64:512 --compare none --json "$out/serve_rate_auto.json" > "$out/serve_rate_auto.log" 2>&1
+    tail -8 "$out/serve_rate_auto.log" | cut -c1-200 ;;
   first)
     timeout "$(left 560)" python benchmarks/first_call.py --target "$target" --out "$out/first_call.json" \
       > "$out/first_call.log" 2>&1; echo "rc=$?"; grep -v Warn "$out/first_call.log" | tail -30 | cut -c1-300 ;;

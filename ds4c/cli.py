@@ -704,7 +704,16 @@ def bench_serve(
                 engine = ds4c.Engine(model, prefix_cache=prefix_cache, state_budget=budget, speculative=speculative,
                                      overlap=overlap)
                 memory["engine_started"] = device_memory(model.device)
-                report["engine"] = summarize(run_engine(engine, work, sync=sync, on_finish=steps.advance))
+                samples = memory["during"] = []  # allocated bytes after every tenth of the requests finished
+                every, count = max(1, total // 10), [0]
+
+                def finished() -> None:
+                    steps.advance()
+                    count[0] += 1
+                    if model.device.type == "cuda" and count[0] % every == 0:
+                        samples.append([count[0], device_memory(model.device)["allocated"]])
+
+                report["engine"] = summarize(run_engine(engine, work, sync=sync, on_finish=finished))
                 report["engine"]["overlap"] = {"on": engine.overlap,
                                                "overlapped_steps": engine.stats()["overlapped_steps"]}
                 if speculative:
@@ -792,6 +801,12 @@ def bench_serve(
                       f"average (against TTFT p50 {main['ttft_s']['p50'] * 1e3:.1f} ms)")
     if "pages_peak" in main:
         console.print(f"pages in use at most: {main['pages_peak']}")
+    during = (report.get("device_memory") or {}).get("during") or []
+    if len(during) >= 3:  # the first tenth warms up (graphs, allocator); growth after it is a leak
+        after = [b for _, b in during[1:]]
+        console.print(f"device memory allocated over the run: {during[0][1] / 2**30:.3f} GiB after {during[0][0]} "
+                      f"requests, then {min(after) / 2**30:.3f} .. {max(after) / 2**30:.3f} GiB up to {during[-1][0]} "
+                      f"(growth after warm-up {(after[-1] - after[0]) / 2**20:+.1f} MiB)")
     for name, why in (report.get("baseline_errors") or {}).items():
         console.print(f"[yellow]{name}: not measured[/] ({why})")
     if json_out is not None:
