@@ -95,6 +95,7 @@ case "$1" in
     done ;;
   serve26)
     art=/tmp/fs_serving_$target.ds4
+    static=$([ "$target" = h100 ] && echo 8 || echo 16)  # 16 padded prompts of up to 4096 tokens do not fit beside an H100's weights
     timeout "$(left 200)" python -m ds4c.cli compile flash-slice --target "$target" --precision bf16 --serving \
       --max-context 8192 -o "$art" > "$out/compile.log" 2>&1; tail -1 "$out/compile.log" | cut -c1-200
     bs=(--device cuda --state-budget 24GB)
@@ -102,7 +103,7 @@ case "$1" in
       --output-len 128:128 --compare static --static-batch 1 --overlap --json "$out/serve_c1_overlap.json" \
       > "$out/serve_c1_overlap.log" 2>&1; grep -iE "tpot|ttft|overlap|prompt chunks" "$out/serve_c1_overlap.log" | head -8 | cut -c1-180
     timeout "$(left 260)" python -m ds4c.cli bench serve "$art" --device cuda --requests 256 --rate 100 --prompt-len 128:4096 \
-      --output-len 64:512 --compare static --static-batch 16 --json "$out/serve_rate.json" > "$out/serve_rate.log" 2>&1
+      --output-len 64:512 --compare static --static-batch "$static" --json "$out/serve_rate.json" > "$out/serve_rate.log" 2>&1
     tail -14 "$out/serve_rate.log" | cut -c1-200
     timeout "$(left 150)" python -m ds4c.cli bench serve "$art" --device cuda --requests 10000 --concurrency 64 \
       --prompt-len 16:64 --output-len 4:16 --compare none --json "$out/serve_10k.json" > "$out/serve_10k.log" 2>&1
@@ -150,7 +151,7 @@ case "$1" in
     tail -8 "$out/serve_c1.log" | cut -c1-200
     # a saturating trace against static batches (#26's shape, 64 requests)
     timeout 200 python -m ds4c.cli bench serve "$art" --device cuda --requests 64 --rate 100 --prompt-len 128:4096 \
-      --output-len 64:512 --compare static --static-batch 16 --json "$out/serve_rate.json" > "$out/serve_rate.log" 2>&1
+      --output-len 64:512 --compare static --static-batch "$static" --json "$out/serve_rate.json" > "$out/serve_rate.log" 2>&1
     tail -8 "$out/serve_rate.log" | cut -c1-200
     # the same shape, 16 requests, against transformers generate (grouped_mm) in one padded batch
     timeout 200 python -m ds4c.cli bench serve "$art" --device cuda --requests 16 --rate 100 --prompt-len 128:4096 \
