@@ -29,7 +29,8 @@
 #                                                 # 256 requests at saturation vs static batches; device memory over
 #                                                 # 10,000 short requests (~9.5 min)
 #   bash benchmarks/device_session.sh serve26b    # #26, after serve26 on the same machine: 16 requests vs transformers
-#                                                 # generate; the auto policy's artifact on the 256-request trace
+#                                                 # generate; the auto policy's artifact, then steps of 8192 tokens
+#                                                 # (bf16), on the 256-request trace (~9 min)
 #   bash benchmarks/device_session.sh paged       # paged.*, rope.table, compress.rows, top-k kernels + the engine's tokens on the
 #                                                 # GPU vs the reference; TPOT at concurrency 1 vs generate; long-row top-k (~5 min)
 #   bash benchmarks/device_session.sh spec        # MTP speculation: verify k=1..3 vs decode at B=1/32 (flash-slice,
@@ -120,7 +121,14 @@ case "$1" in
       --max-context 8192 -o "$auto" > "$out/compile_auto.log" 2>&1; tail -1 "$out/compile_auto.log" | cut -c1-200
     timeout "$(left 200)" python -m ds4c.cli bench serve "$auto" --device cuda --requests 256 --rate 100 --prompt-len 128:4096 \
       --output-len 64:512 --compare none --json "$out/serve_rate_auto.json" > "$out/serve_rate_auto.log" 2>&1
-    tail -8 "$out/serve_rate_auto.log" | cut -c1-200 ;;
+    tail -8 "$out/serve_rate_auto.log" | cut -c1-200
+    big=/tmp/fs_serving_8k_$target.ds4  # steps of 8192 tokens: a prefill chunk reads every expert once per 8192 tokens
+    timeout "$(left 120)" python -m ds4c.cli compile flash-slice --target "$target" --precision bf16 --serving \
+      --serving-opt max_step_tokens=8192 --serving-opt max_chunk=8192 --max-context 8192 -o "$big" \
+      > "$out/compile_8k.log" 2>&1; tail -1 "$out/compile_8k.log" | cut -c1-200
+    timeout "$(left 200)" python -m ds4c.cli bench serve "$big" --device cuda --requests 256 --rate 100 --prompt-len 128:4096 \
+      --output-len 64:512 --compare none --json "$out/serve_rate_8k.json" > "$out/serve_rate_8k.log" 2>&1
+    tail -8 "$out/serve_rate_8k.log" | cut -c1-200 ;;
   first)
     timeout "$(left 560)" python benchmarks/first_call.py --target "$target" --out "$out/first_call.json" \
       > "$out/first_call.log" 2>&1; echo "rc=$?"; grep -v Warn "$out/first_call.log" | tail -30 | cut -c1-300 ;;

@@ -60,7 +60,7 @@ PIPELINES: dict[str, list[str]] = {
     "default": ["canonicalize_shapes", "fold_constants", "cse", "dce", "fuse_norms_mhc", "fuse_rope", "fuse_attention", "fuse_moe", "fuse_compress",
                 "cse", "dce", "last_position_logits", "canonicalize_shapes", "assign_precision", "quantize_weights",
                 "lower_paged_state", "plan_memory",
-                "schedule_streams"],
+                "schedule_streams", "fit_serving_pools"],
     "none": [],
 }
 # The lowering stage for targets with Triton kernels (h100 ... mi355x): the ops their kernels run,
@@ -208,7 +208,8 @@ class PassManager:
 
 # The built-in passes: importing a module registers its passes (``register_pass``). Loaded by
 # name on the first lookup, so the passes may import this module without a cycle.
-BUILTIN_PASS_MODULES = ("assign_precision", "canonicalize_shapes", "cse", "dce", "fold_constants", "fuse_attention",
+BUILTIN_PASS_MODULES = ("assign_precision", "canonicalize_shapes", "cse", "dce", "fit_serving_pools", "fold_constants",
+                        "fuse_attention",
                         "fuse_compress", "fuse_moe", "fuse_norm_rope", "fuse_norms_mhc", "fuse_rope", "last_logits",
                         "lower_packed_weights", "lower_paged_state", "merge_sibling_linears", "plan_memory", "quantize_weights",
                         "schedule_streams", "shard_experts")

@@ -478,17 +478,43 @@ def serving_sizes(graph: Graph, options: Mapping[str, Any], attrs: dict[str, Any
         budget = options.get("hbm_budget") or (int(0.92 * hbm) if hbm else None)
         if budget is not None:
             budget = int(budget) - weights
-        try:
-            pages = size_pools(layout, per_page, budget, max_running=batch["max_running"],
-                               max_step_tokens=batch["max_step_tokens"])
-        except ValueError as e:
-            raise PassError(f"plan_memory @{graph.name}: {e} (--hbm-budget, --serving max_running=...)") from None
+
+        def pools(state_budget: int | None) -> dict[str, int]:
+            try:
+                return size_pools(layout, per_page, state_budget, max_running=batch["max_running"],
+                                  max_step_tokens=batch["max_step_tokens"])
+            except ValueError as e:
+                raise PassError(f"plan_memory @{graph.name}: {e} (--hbm-budget, --serving max_running=...)") from None
+
+        pages, activations = pools(budget), 0
+        if budget is not None:  # the steps' activations live beside the pools (fit_serving_pools: final arenas)
+            activations = _serving_arena_estimate(graphs or {graph.name: graph}, serving, batch, pages, options, attrs)
+            pages = pools(budget - activations)
         attrs["serving_pages"] = {"pages": pages, "page_bytes": per_page, "state_budget": budget, "weights": weights,
-                          "capacity": pool_capacity(layout, pages)}
+                                  "activations": activations, "capacity": pool_capacity(layout, pages)}
     pages = attrs["serving_pages"]["pages"]
     n = batch["max_step_tokens"]
     return {"N": n, "L": n, "R": batch["max_running"], "Ec": n, "Eh": n,
             "PW": pages["window"], "PC": pages["compressed"], "SLOTS": pages["slots"]}
+
+
+def _serving_arena_estimate(graphs: Mapping[str, Graph], serving: Mapping[str, Any], batch: Mapping[str, int],
+                            pages: Mapping[str, int], options: Mapping[str, Any], attrs: dict[str, Any]) -> int:
+    """The largest activation arena of the engine's entry points (the serving graphs and the MTP
+    block's ``mtp_step``) in program order, packed with little effort, at the serving binding with
+    ``pages`` (an arena does not grow when the pools shrink). ``schedule_streams`` may grow the
+    arenas afterwards; ``fit_serving_pools`` then sizes the pools from the final ones."""
+    n = batch["max_step_tokens"]
+    sizes = {"N": n, "L": n, "R": batch["max_running"], "Ec": n, "Eh": n,
+             "PW": pages["window"], "PC": pages["compressed"], "SLOTS": pages["slots"]}
+    names = [g for g in graphs if g in serving.get("inputs", {}) or (g == "mtp_step" and serving.get("mtp"))]
+    alignment = int(options.get("alignment", ALIGNMENT))
+    most = 0
+    for name in names:
+        binding, assumed = plan_binding(graphs[name], {**options, "plan_sizes": sizes}, attrs)
+        live = analyze_liveness(graphs[name], binding, assumed)
+        most = max(most, pack_arena(live.buffers, alignment, effort=500)[1])
+    return most
 
 
 def host_weights(plans: Mapping[str, Any] | None) -> set[str]:

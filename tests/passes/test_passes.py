@@ -197,7 +197,7 @@ def test_pass_manager_instruments(tmp_path):
     assert set(timing.seconds) == set(pm.pass_names)
     assert any(p == "fold_constants" for p, _, _ in diff.diffs)
     files = sorted(p.name for p in (tmp_path / "toy").iterdir())
-    assert files[0] == "00_input.ds4ir" and files[-1].endswith("_schedule_streams.ds4ir")
+    assert files[0] == "00_input.ds4ir" and files[-1].endswith("_fit_serving_pools.ds4ir")
     assert len(files) == len(pm.pass_names) + 1
     assert "IR after dce" in buf.getvalue()
     assert "aten.cos" not in print_graph(out.graphs["toy"])

@@ -421,3 +421,21 @@ def test_a_closed_engine_gives_its_pools_back_even_if_something_holds_it(artifac
     assert pool() is None and waiting.finished and waiting.error == "the engine was closed"
     with pytest.raises(InputError, match="closed"):
         engine.submit([1, 2, 3])
+
+
+def test_serving_pools_leave_room_for_the_largest_step_arena():
+    """The pools take the budget left after the weights and the largest activation arena of the
+    engine's steps, so weights + pools + any step's arena fit the device (a big token budget per
+    step made the plan overcommit the target before)."""
+    budget = 64 << 20
+    art = ds4c.compile("tiny", target="h100", precision="fp32", max_context=128, progress=False,
+                       kernel_binaries=False, hbm_budget=budget,
+                       serving={"max_running": 4, "max_chunk": 128, "max_step_tokens": 2048})
+    pages = art.manifest["serving"]["pages"]
+    plans = art.manifest["memory_plan"]
+    arenas = {name: plans[name]["arena_bytes"] for name in ("ragged_step", "ragged_decode")}
+    assert pages["activations"] == max(arenas.values()) > 4 << 20  # a step of 2048 tokens: MBs of activations
+    for name in arenas:
+        assert plans[name]["device_bytes"] <= budget, name
+    # the pools fill what is left: less than one compressed page of the budget goes unused
+    assert budget - plans["ragged_step"]["device_bytes"] < pages["page_bytes"]["compressed"]

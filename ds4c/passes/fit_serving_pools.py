@@ -1,0 +1,82 @@
+"""``fit_serving_pools``: the engine's state pools take what the weights and the steps leave.
+
+``plan_memory`` sizes a serving program's pools (``Program.attrs['serving_pages']``) from the
+state budget (``hbm_budget``, or 92% of the target's HBM) less the weights, before any step's
+activations are known for certain: ``schedule_streams`` re-packs each arena for the streams' issue
+order afterwards, which can grow it (a step of 8192 tokens on flash-slice: 15 GB). The 8% left
+over covered the arena of 2048-token steps, but not a bigger token budget, and the plan then
+overcommitted the device (pools + weights + arena above its HBM, ``fits: false``) and the engine
+would have run out of memory in its first long step.
+
+This pass runs last, when every arena is final: it takes the largest arena of the engine's entry
+points (the serving graphs and the MTP block's ``mtp_step``) off the state budget and sizes the
+pools again (``size_pools``: slots and window pages as before, fewer compressed pages), then
+restates each serving plan's state bytes, device bytes and fit. Nothing else changes: the arenas
+do not depend on the pools' page counts, and the graphs are returned as they came.
+
+    serving_pages: pages {compressed: 1048107}, state_budget 89.3 GB, activations -
+    ->             pages {compressed: 910095},  state_budget 89.3 GB, activations 15.2 GB (ragged_step)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ds4c.errors import PassError
+from ds4c.ir import Graph
+from ds4c.passes.liveness import SizeEvaluator
+from ds4c.passes.manager import PassContext, register_pass
+from ds4c.passes.plan_memory import plan_state
+
+__all__ = ["fit_serving_pools", "serving_graphs"]
+
+
+def serving_graphs(attrs: dict[str, Any], names: list[str]) -> list[str]:
+    """The entry points the engine runs over the pools: the serving graphs and ``mtp_step``."""
+    serving = attrs.get("serving") or {}
+    return [n for n in names if n in serving.get("inputs", {}) or (n == "mtp_step" and serving.get("mtp"))]
+
+
+@register_pass("fit_serving_pools")
+def fit_serving_pools(graph: Graph, ctx: PassContext) -> Graph:
+    """Size the serving pools from the state budget less the largest final activation arena of the
+    engine's steps, so weights + pools + any step's arena fit; restate the serving plans' bytes.
+
+    Needs: ``plan_memory`` (and ``schedule_streams``, if in the pipeline) ran on every graph.
+    Guarantees: the graph is unchanged; ``serving_pages['activations']`` is that arena, and each
+    serving plan's ``device_bytes`` stays within the budget. Works once per program (on the first
+    graph it sees); a program without serving pools, or without a budget (host targets), is left as
+    it is."""
+    from ds4c.models.deepseek_v4.paged import PageLayout, pool_capacity, size_pools
+
+    attrs = ctx.program_attrs
+    pages = attrs.get("serving_pages")
+    if not pages or pages.get("fitted") or pages.get("state_budget") is None:
+        return graph
+    plans = attrs.get("memory_plan") or {}
+    names = [n for n in serving_graphs(attrs, list(ctx.graphs)) if n in plans]
+    if not names:
+        return graph
+    activations = max(plans[n]["arena_bytes"] for n in names)
+    serving = attrs["serving"]
+    layout = PageLayout.from_record(serving["layout"], "fit_serving_pools")
+    batch = serving["batch"]
+    try:
+        new = size_pools(layout, pages["page_bytes"], pages["state_budget"] - activations,
+                         max_running=batch["max_running"], max_step_tokens=batch["max_step_tokens"])
+    except ValueError as e:
+        raise PassError(f"fit_serving_pools: {e}, after the largest step's activations ({activations} bytes, "
+                        f"{max(names, key=lambda n: plans[n]['arena_bytes'])}); raise --hbm-budget or lower "
+                        "--serving max_step_tokens / max_running") from None
+    pages.update(pages=new, activations=activations, capacity=pool_capacity(layout, new), fitted=True)
+    for name in names:
+        plan = plans[name]
+        sizes = {**plan["sizes"], "PW": new["window"], "PC": new["compressed"], "SLOTS": new["slots"]}
+        state = plan_state(ctx.graphs[name], SizeEvaluator(sizes), ctx.options, attrs, ctx.target)
+        plan.update(sizes=sizes, state=state)
+        counts_state = bool(ctx.graphs[name].inputs_of_kind("state"))
+        plan["device_bytes"] = (plan["arena_bytes"] + plan["weights"]["hbm_bytes"]
+                                + (state["hbm_bytes"] if counts_state else 0))
+        if plan.get("target_hbm_bytes"):
+            plan["fits"] = plan["device_bytes"] <= plan["target_hbm_bytes"]
+    return graph
