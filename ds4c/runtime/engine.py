@@ -226,11 +226,13 @@ def mtp_args(batch: StepBatch) -> tuple[torch.Tensor, ...]:
     return tuple(getattr(batch, name) for name in MTP_STEP_INPUTS)
 
 
-def token_buckets(most: int) -> list[int]:
-    """The default token buckets of steps with prompt chunks, up to ``most`` rows: powers of two
-    from 64 and the halfway points between them (96, 192, 384, ...), then ``most``; a step pads to
-    at most 1.5x its rows (a 512-token prompt with 32 padding sequences runs in 768, not 1024)."""
-    sizes = [b for i in range(6, most.bit_length()) for b in (1 << i, 3 << (i - 1))]
+def token_buckets(most: int, base: int = 0) -> list[int]:
+    """The default token buckets of steps with prompt chunks, up to ``most`` rows: ``base`` (the
+    rows every step has anyway: one per padding sequence when few requests run) plus powers of two
+    from 64 and the halfway points between them (96, 192, 384, ...), then ``most``; a step pads its
+    rows beyond ``base`` to at most 1.5x (one prompt of 512 tokens with 64 padding sequences runs in
+    576 rows, not 768)."""
+    sizes = [base + b for i in range(6, most.bit_length()) for b in (1 << i, 3 << (i - 1))]
     return sorted({*(b for b in sizes if b < most), most})
 
 
@@ -316,7 +318,7 @@ class CompiledStepRunner(MTPRows):
                 decode_buckets = sorted({*(1 << i for i in range(top.bit_length()) if 1 << i <= top), top})
             if step_buckets is None:
                 most = (max_step_tokens or batch["max_step_tokens"]) + self.step_seqs
-                step_buckets = token_buckets(most)
+                step_buckets = token_buckets(most, base=self.step_seqs - 1)  # a step holds >= 1 sequence
         for name, given in (("decode_buckets", decode_buckets), ("step_buckets", step_buckets)):
             if given is not None and not all(isinstance(b, int) and b >= 1 for b in given):
                 raise InputError(f"CompiledStepRunner({name}={given!r}): give sizes >= 1")

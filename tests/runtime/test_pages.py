@@ -140,3 +140,9 @@ def test_token_buckets_pad_a_step_by_at_most_half():
     for rows in range(33, 4096 + 65):
         fit = next(b for b in buckets if b >= rows)
         assert fit <= max(64, 1.5 * rows), rows
+    # rows every step has (one per padding sequence) come on top: only the rest is padded
+    assert token_buckets(2048 + 65, base=64)[:8] == [128, 160, 192, 256, 320, 448, 576, 832]
+    buckets = token_buckets(2048 + 65, base=64)
+    for rows in range(65, 2048 + 65):
+        fit = next(b for b in buckets if b >= rows)
+        assert fit - 64 <= max(64, 1.5 * (rows - 64)), rows
