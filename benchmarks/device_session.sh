@@ -25,6 +25,7 @@
 #                                                 # step times, memory over 200 requests; the serving kernels test (~5 min)
 #   bash benchmarks/device_session.sh flash1      # the whole flash (MXFP4 experts, FP8 elsewhere) on one GPU with
 #                                                 # --hbm-budget 120GB: compile, load, TTFT, 16 tokens vs host link (~9 min)
+#   bash benchmarks/device_session.sh c1          # #26: concurrency 1 alone, TPOT / TTFT vs generate (~2.5 min)
 #   bash benchmarks/device_session.sh serve26     # #26: flash-slice --serving (bf16); TPOT at concurrency 1 vs generate;
 #                                                 # 256 requests at saturation vs static batches; device memory over
 #                                                 # 10,000 short requests (~9.5 min)
@@ -50,8 +51,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|serve26b|paged|first|long|moetopk) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|serve26|serve26b|paged|first|long|moetopk" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|c1|serve26|serve26b|paged|first|long|moetopk) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|c1|serve26|serve26b|paged|first|long|moetopk" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -94,6 +95,14 @@ case "$1" in
         $synth --out "$out/prof_ctx$ctx.json" > "$out/prof_ctx$ctx.log" 2>&1
       grep -v Warn "$out/prof_ctx$ctx.log" | head -60 | cut -c1-160
     done ;;
+  c1)  # #26's concurrency 1 alone (~2.5 min): TPOT and TTFT (steps with prompt chunks) vs generate
+    art=/tmp/fs_serving_$target.ds4
+    timeout "$(left 110)" python -m ds4c.cli compile flash-slice --target "$target" --precision bf16 --serving \
+      --max-context 8192 -o "$art" > "$out/compile.log" 2>&1; tail -1 "$out/compile.log" | cut -c1-200
+    timeout "$(left 120)" python -m ds4c.cli bench serve "$art" --device cuda --state-budget 24GB --requests 4 \
+      --concurrency 1 --prompt-len 512:512 --output-len 128:128 --compare static --static-batch 1 --overlap \
+      --json "$out/serve_c1_overlap.json" > "$out/serve_c1_overlap.log" 2>&1
+    grep -iE "tpot|ttft|overlap|prompt chunks|│" "$out/serve_c1_overlap.log" | head -12 | cut -c1-180 ;;
   serve26)
     art=/tmp/fs_serving_$target.ds4
     static=$([ "$target" = h100 ] && echo 8 || echo 16)  # 16 padded prompts of up to 4096 tokens do not fit beside an H100's weights
