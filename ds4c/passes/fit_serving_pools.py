@@ -14,8 +14,9 @@ pools again (``size_pools``: slots and window pages as before, fewer compressed 
 restates each serving plan's state bytes, device bytes and fit. Nothing else changes: the arenas
 do not depend on the pools' page counts, and the graphs are returned as they came.
 
-    serving_pages: pages {compressed: 1048107}, state_budget 89.3 GB, activations -
-    ->             pages {compressed: 910095},  state_budget 89.3 GB, activations 15.2 GB (ragged_step)
+    flash-slice --serving-opt max_step_tokens=8192, h200 (state budget 88.1 GB: 92% of HBM less weights)
+    serving_pages before:  compressed pages 1,048,107, activations not counted (plan: 138.9 GB of 134.5 GB)
+    after:                 compressed pages   857,778, activations 16.0 GB (ragged_step's final arena)
 """
 
 from __future__ import annotations
