@@ -21,21 +21,13 @@ do not depend on the pools' page counts, and the graphs are returned as they cam
 
 from __future__ import annotations
 
-from typing import Any
-
 from ds4c.errors import PassError
 from ds4c.ir import Graph
 from ds4c.passes.liveness import SizeEvaluator
 from ds4c.passes.manager import PassContext, register_pass
-from ds4c.passes.plan_memory import plan_state
+from ds4c.passes.plan_memory import plan_state, serving_entry_points
 
-__all__ = ["fit_serving_pools", "serving_graphs"]
-
-
-def serving_graphs(attrs: dict[str, Any], names: list[str]) -> list[str]:
-    """The entry points the engine runs over the pools: the serving graphs and ``mtp_step``."""
-    serving = attrs.get("serving") or {}
-    return [n for n in names if n in serving.get("inputs", {}) or (n == "mtp_step" and serving.get("mtp"))]
+__all__ = ["fit_serving_pools"]
 
 
 @register_pass("fit_serving_pools")
@@ -55,7 +47,7 @@ def fit_serving_pools(graph: Graph, ctx: PassContext) -> Graph:
     if not pages or pages.get("fitted") or pages.get("state_budget") is None:
         return graph
     plans = attrs.get("memory_plan") or {}
-    names = [n for n in serving_graphs(attrs, list(ctx.graphs)) if n in plans]
+    names = [n for n in serving_entry_points(attrs, list(ctx.graphs)) if n in plans]
     if not names:
         return graph
     activations = max(plans[n]["arena_bytes"] for n in names)

@@ -395,8 +395,7 @@ def plan_memory(graph: Graph, ctx: PassContext) -> Graph:
     """
     options = ctx.options
     attrs = ctx.program_attrs
-    serving = attrs.get("serving") or {}
-    if graph.name in serving.get("inputs", {}) or (graph.name == "mtp_step" and serving.get("mtp")):
+    if serving_entry_points(attrs, [graph.name]):
         options = {**options, "plan_sizes": {**serving_sizes(graph, options, attrs, ctx.target, ctx.graphs),
                                              **(options.get("plan_sizes") or {})}}
     alignment = int(options.get("alignment", ALIGNMENT))
@@ -454,13 +453,21 @@ def plan_memory(graph: Graph, ctx: PassContext) -> Graph:
     return planned
 
 
+def serving_entry_points(attrs: Mapping[str, Any], names: list[str]) -> list[str]:
+    """Those of ``names`` the engine runs over the state pools: the serving graphs
+    (``attrs['serving']['inputs']``) and the MTP block's ``mtp_step``."""
+    serving = attrs.get("serving") or {}
+    return [n for n in names if n in serving.get("inputs", {}) or (n == "mtp_step" and serving.get("mtp"))]
+
+
 def serving_sizes(graph: Graph, options: Mapping[str, Any], attrs: dict[str, Any], target: Any,
                   graphs: Mapping[str, Graph] | None = None) -> dict[str, int]:
     """The binding of a serving graph: N = L = max_step_tokens tokens, R = max_running sequences,
     E = N emitters, and the pool pages of ``attrs['serving_pages']`` (sized here, once per
     program, by ``size_pools``: the state budget is ``hbm_budget`` or 92% of the target's HBM, less
     the weights of this graph and of the MTP block's ``mtp_step`` in ``graphs`` where the program
-    has one; the host CPU target, without a budget, gets pools for ``max_running`` requests of
+    has one, and less the largest serving arena, estimated here and taken again from the final
+    arenas by ``fit_serving_pools``; the host CPU target, without a budget, gets pools for ``max_running`` requests of
     max_context: filling 92% of a server's RAM is no default)."""
     from ds4c.models.deepseek_v4.paged import PageLayout, all_pools, page_bytes, pool_capacity, size_pools
 
@@ -488,26 +495,27 @@ def serving_sizes(graph: Graph, options: Mapping[str, Any], attrs: dict[str, Any
 
         pages, activations = pools(budget), 0
         if budget is not None:  # the steps' activations live beside the pools (fit_serving_pools: final arenas)
-            activations = _serving_arena_estimate(graphs or {graph.name: graph}, serving, batch, pages, options, attrs)
+            activations = _serving_arena_estimate(graphs or {graph.name: graph}, batch, pages, options, attrs)
             pages = pools(budget - activations)
         attrs["serving_pages"] = {"pages": pages, "page_bytes": per_page, "state_budget": budget, "weights": weights,
                                   "activations": activations, "capacity": pool_capacity(layout, pages)}
-    pages = attrs["serving_pages"]["pages"]
+    return _serving_binding(batch, attrs["serving_pages"]["pages"])
+
+
+def _serving_binding(batch: Mapping[str, int], pages: Mapping[str, int]) -> dict[str, int]:
     n = batch["max_step_tokens"]
     return {"N": n, "L": n, "R": batch["max_running"], "Ec": n, "Eh": n,
             "PW": pages["window"], "PC": pages["compressed"], "SLOTS": pages["slots"]}
 
 
-def _serving_arena_estimate(graphs: Mapping[str, Graph], serving: Mapping[str, Any], batch: Mapping[str, int],
-                            pages: Mapping[str, int], options: Mapping[str, Any], attrs: dict[str, Any]) -> int:
+def _serving_arena_estimate(graphs: Mapping[str, Graph], batch: Mapping[str, int], pages: Mapping[str, int],
+                            options: Mapping[str, Any], attrs: dict[str, Any]) -> int:
     """The largest activation arena of the engine's entry points (the serving graphs and the MTP
     block's ``mtp_step``) in program order, packed with little effort, at the serving binding with
     ``pages`` (an arena does not grow when the pools shrink). ``schedule_streams`` may grow the
     arenas afterwards; ``fit_serving_pools`` then sizes the pools from the final ones."""
-    n = batch["max_step_tokens"]
-    sizes = {"N": n, "L": n, "R": batch["max_running"], "Ec": n, "Eh": n,
-             "PW": pages["window"], "PC": pages["compressed"], "SLOTS": pages["slots"]}
-    names = [g for g in graphs if g in serving.get("inputs", {}) or (g == "mtp_step" and serving.get("mtp"))]
+    sizes = _serving_binding(batch, pages)
+    names = serving_entry_points(attrs, list(graphs))
     alignment = int(options.get("alignment", ALIGNMENT))
     most = 0
     for name in names:
