@@ -26,6 +26,8 @@
 #   bash benchmarks/device_session.sh flash1      # the whole flash (MXFP4 experts, FP8 elsewhere) on one GPU with
 #                                                 # --hbm-budget 120GB: compile, load, TTFT, 16 tokens vs host link (~9 min)
 #   bash benchmarks/device_session.sh c1          # #26: concurrency 1 alone, TPOT / TTFT vs generate (~2.5 min)
+#   bash benchmarks/device_session.sh stepprof    # #26: the engine's step with a 512-token prompt vs the dense prefill,
+#                                                 # kernels grouped side by side (~3 min)
 #   bash benchmarks/device_session.sh serve26     # #26: flash-slice --serving (bf16); TPOT at concurrency 1 vs generate;
 #                                                 # 256 requests at saturation vs static batches; device memory over
 #                                                 # 10,000 short requests (~9.5 min)
@@ -51,8 +53,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|c1|serve26|serve26b|paged|first|long|moetopk) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|c1|serve26|serve26b|paged|first|long|moetopk" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|c1|stepprof|serve26|serve26b|paged|first|long|moetopk) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|c1|stepprof|serve26|serve26b|paged|first|long|moetopk" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -103,6 +105,10 @@ case "$1" in
       --concurrency 1 --prompt-len 512:512 --output-len 128:128 --compare static --static-batch 1 --overlap \
       --json "$out/serve_c1_overlap.json" > "$out/serve_c1_overlap.log" 2>&1
     grep -iE "tpot|ttft|overlap|prompt chunks|│" "$out/serve_c1_overlap.log" | head -12 | cut -c1-180 ;;
+  stepprof)  # #26's TTFT at concurrency 1: the engine's step with a 512-token prompt vs the dense prefill, profiled
+    timeout "$(left 300)" python benchmarks/profile_serving_step.py --target "$target" --prompt 512 \
+      --out "$out/prof_serving_step.json" > "$out/prof_serving_step.log" 2>&1; echo "rc=$?"
+    grep -vE "Warn|USDT" "$out/prof_serving_step.log" | tail -70 | cut -c1-160 ;;
   serve26)
     art=/tmp/fs_serving_$target.ds4
     static=$([ "$target" = h100 ] && echo 8 || echo 16)  # 16 padded prompts of up to 4096 tokens do not fit beside an H100's weights
