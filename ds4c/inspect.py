@@ -241,6 +241,9 @@ def serving_table(serving: dict[str, Any]) -> Table:
     if cap:
         notes.append(f"compressed state for {cap['tokens']} token positions: requests at 4K {cap['requests_at_4k']}, "
                      f"at 32K {cap['requests_at_32k']}, at max_context {cap['requests_at_max_context']}")
+    if plan.get("state_budget") is not None:
+        notes.append(f"sized from a state budget of {_size(plan['state_budget'])} (HBM budget less the weights), "
+                     f"less the largest step's activations ({_size(plan.get('activations') or 0)})")
     if mtp:
         notes.append(f"speculative decoding: the MTP block (entry point mtp_step) drafts up to "
                      f"{lay.get('draft_tokens')} tokens per step (Engine(speculative=k), --speculative K)")

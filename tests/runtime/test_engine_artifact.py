@@ -423,7 +423,7 @@ def test_a_closed_engine_gives_its_pools_back_even_if_something_holds_it(artifac
         engine.submit([1, 2, 3])
 
 
-def test_serving_pools_leave_room_for_the_largest_step_arena():
+def test_serving_pools_leave_room_for_the_largest_step_arena(tmp_path):
     """The pools take the budget left after the weights and the largest activation arena of the
     engine's steps, so weights + pools + any step's arena fit the device (a big token budget per
     step made the plan overcommit the target before)."""
@@ -439,3 +439,6 @@ def test_serving_pools_leave_room_for_the_largest_step_arena():
         assert plans[name]["device_bytes"] <= budget, name
     # the pools fill what is left: less than one compressed page of the budget goes unused
     assert budget - plans["ragged_step"]["device_bytes"] < pages["page_bytes"]["compressed"]
+    art.save(tmp_path / "a.ds4")
+    res = runner.invoke(app, ["inspect", str(tmp_path / "a.ds4")], terminal_width=400)
+    assert res.exit_code == 0 and "less the largest step's activations" in " ".join(res.output.split())
