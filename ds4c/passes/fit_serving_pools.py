@@ -21,11 +21,10 @@ do not depend on the pools' page counts, and the graphs are returned as they cam
 
 from __future__ import annotations
 
-from ds4c.errors import PassError
 from ds4c.ir import Graph
 from ds4c.passes.liveness import SizeEvaluator
 from ds4c.passes.manager import PassContext, register_pass
-from ds4c.passes.plan_memory import plan_state, serving_entry_points
+from ds4c.passes.plan_memory import plan_device_bytes, plan_state, serving_entry_points, serving_pools
 
 __all__ = ["fit_serving_pools"]
 
@@ -40,7 +39,7 @@ def fit_serving_pools(graph: Graph, ctx: PassContext) -> Graph:
     serving plan's ``device_bytes`` stays within the budget. Works once per program (on the first
     graph it sees); a program without serving pools, or without a budget (host targets), is left as
     it is."""
-    from ds4c.models.deepseek_v4.paged import PageLayout, pool_capacity, size_pools
+    from ds4c.models.deepseek_v4.paged import PageLayout, pool_capacity
 
     attrs = ctx.program_attrs
     pages = attrs.get("serving_pages")
@@ -50,26 +49,22 @@ def fit_serving_pools(graph: Graph, ctx: PassContext) -> Graph:
     names = [n for n in serving_entry_points(attrs, list(ctx.graphs)) if n in plans]
     if not names:
         return graph
-    activations = max(plans[n]["arena_bytes"] for n in names)
+    largest = max(names, key=lambda n: plans[n]["arena_bytes"])
+    activations = plans[largest]["arena_bytes"]
     serving = attrs["serving"]
     layout = PageLayout.from_record(serving["layout"], "fit_serving_pools")
     batch = serving["batch"]
-    try:
-        new = size_pools(layout, pages["page_bytes"], pages["state_budget"] - activations,
-                         max_running=batch["max_running"], max_step_tokens=batch["max_step_tokens"])
-    except ValueError as e:
-        raise PassError(f"fit_serving_pools: {e}, after the largest step's activations ({activations} bytes, "
-                        f"{max(names, key=lambda n: plans[n]['arena_bytes'])}); raise --hbm-budget or lower "
-                        "--serving max_step_tokens / max_running") from None
+    new = serving_pools(layout, pages["page_bytes"], pages["state_budget"] - activations, batch, "fit_serving_pools",
+                        f", after the largest step's activations ({activations} bytes, {largest}); raise "
+                        "--hbm-budget or lower --serving max_step_tokens / max_running")
     pages.update(pages=new, activations=activations, capacity=pool_capacity(layout, new), fitted=True)
     for name in names:
         plan = plans[name]
         sizes = {**plan["sizes"], "PW": new["window"], "PC": new["compressed"], "SLOTS": new["slots"]}
         state = plan_state(ctx.graphs[name], SizeEvaluator(sizes), ctx.options, attrs, ctx.target)
         plan.update(sizes=sizes, state=state)
-        counts_state = bool(ctx.graphs[name].inputs_of_kind("state"))
-        plan["device_bytes"] = (plan["arena_bytes"] + plan["weights"]["hbm_bytes"]
-                                + (state["hbm_bytes"] if counts_state else 0))
+        plan["device_bytes"] = plan_device_bytes(plan, plan["weights"]["hbm_bytes"], state,
+                                             bool(ctx.graphs[name].inputs_of_kind("state")))
         if plan.get("target_hbm_bytes"):
             plan["fits"] = plan["device_bytes"] <= plan["target_hbm_bytes"]
     return graph

@@ -376,7 +376,10 @@ def plan_state(graph: Graph, evaluator: SizeEvaluator, options: Mapping[str, Any
 
 # -- the pass -------------------------------------------------------------------------------------
 
-def _device_bytes(arena: dict[str, Any], resident_weights: int, state: dict[str, Any], counts_state: bool) -> int:
+def plan_device_bytes(arena: dict[str, Any], resident_weights: int, state: dict[str, Any],
+                      counts_state: bool) -> int:
+    """Device bytes of a plan: its arena, the weights resident in HBM and (where the graph takes
+    state inputs) the state's HBM bytes."""
     return arena["arena_bytes"] + resident_weights + (state["hbm_bytes"] if counts_state else 0)
 
 
@@ -415,7 +418,7 @@ def plan_memory(graph: Graph, ctx: PassContext) -> Graph:
         by_size = sorted(weights, key=lambda n: (-weights[n], n))
         while True:
             resident = sum(b for n, b in weights.items() if n not in host)
-            need = _device_bytes(arena, resident, state, counts_state)
+            need = plan_device_bytes(arena, resident, state, counts_state)
             if need <= budget:
                 break
             remaining = [n for n in by_size if n not in host]
@@ -446,7 +449,7 @@ def plan_memory(graph: Graph, ctx: PassContext) -> Graph:
         "lookahead": lookahead,
     }
     plan["state"] = state
-    plan["device_bytes"] = _device_bytes(arena, resident, state, counts_state)
+    plan["device_bytes"] = plan_device_bytes(arena, resident, state, counts_state)
     plan["target_hbm_bytes"] = hbm_capacity
     plan["fits"] = None if hbm_capacity is None else plan["device_bytes"] <= hbm_capacity
     attrs.setdefault("memory_plan", {})[graph.name] = plan
@@ -467,9 +470,9 @@ def serving_sizes(graph: Graph, options: Mapping[str, Any], attrs: dict[str, Any
     program, by ``size_pools``: the state budget is ``hbm_budget`` or 92% of the target's HBM, less
     the weights of this graph and of the MTP block's ``mtp_step`` in ``graphs`` where the program
     has one, and less the largest serving arena, estimated here and taken again from the final
-    arenas by ``fit_serving_pools``; the host CPU target, without a budget, gets pools for ``max_running`` requests of
-    max_context: filling 92% of a server's RAM is no default)."""
-    from ds4c.models.deepseek_v4.paged import PageLayout, all_pools, page_bytes, pool_capacity, size_pools
+    arenas by ``fit_serving_pools``; the host CPU target, without a budget, gets pools for
+    ``max_running`` requests of max_context: filling 92% of a server's RAM is no default)."""
+    from ds4c.models.deepseek_v4.paged import PageLayout, all_pools, page_bytes, pool_capacity
 
     serving = attrs["serving"]
     batch = serving["batch"]
@@ -485,21 +488,27 @@ def serving_sizes(graph: Graph, options: Mapping[str, Any], attrs: dict[str, Any
         budget = options.get("hbm_budget") or (int(0.92 * hbm) if hbm else None)
         if budget is not None:
             budget = int(budget) - weights
-
-        def pools(state_budget: int | None) -> dict[str, int]:
-            try:
-                return size_pools(layout, per_page, state_budget, max_running=batch["max_running"],
-                                  max_step_tokens=batch["max_step_tokens"])
-            except ValueError as e:
-                raise PassError(f"plan_memory @{graph.name}: {e} (--hbm-budget, --serving max_running=...)") from None
-
-        pages, activations = pools(budget), 0
+        hint = " (--hbm-budget, --serving max_running=...)"
+        pages, activations = serving_pools(layout, per_page, budget, batch, f"plan_memory @{graph.name}", hint), 0
         if budget is not None:  # the steps' activations live beside the pools (fit_serving_pools: final arenas)
             activations = _serving_arena_estimate(graphs or {graph.name: graph}, batch, pages, options, attrs)
-            pages = pools(budget - activations)
+            pages = serving_pools(layout, per_page, budget - activations, batch, f"plan_memory @{graph.name}", hint)
         attrs["serving_pages"] = {"pages": pages, "page_bytes": per_page, "state_budget": budget, "weights": weights,
                                   "activations": activations, "capacity": pool_capacity(layout, pages)}
     return _serving_binding(batch, attrs["serving_pages"]["pages"])
+
+
+def serving_pools(layout: Any, per_page: Mapping[str, int], budget: int | None, batch: Mapping[str, int],
+                  where: str, hint: str) -> dict[str, int]:
+    """``size_pools`` for the serving ``batch``; one that does not fit raises a PassError naming
+    ``where``, the numbers and ``hint`` (what to change)."""
+    from ds4c.models.deepseek_v4.paged import size_pools
+
+    try:
+        return size_pools(layout, per_page, budget, max_running=batch["max_running"],
+                          max_step_tokens=batch["max_step_tokens"])
+    except ValueError as e:
+        raise PassError(f"{where}: {e}{hint}") from None
 
 
 def _serving_binding(batch: Mapping[str, int], pages: Mapping[str, int]) -> dict[str, int]:
