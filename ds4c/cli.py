@@ -87,6 +87,10 @@ def compile(
     fuse_norm_rope: Annotated[bool, typer.Option(
         "--fuse-norm-rope/--no-fuse-norm-rope", help="GPU lowering: a query's or key's norm and rotary "
                                                      "embedding as one op (off: apart, for A/B runs)")] = True,
+    fuse_paged_reads: Annotated[bool, typer.Option(
+        "--fuse-paged-reads/--no-fuse-paged-reads", help="GPU lowering: a serving step's indexer reads its keys "
+                                                         "through the page tables (off: a gathered copy per token, "
+                                                         "for A/B runs)")] = True,
     merge_linears: Annotated[bool, typer.Option(
         "--merge-linears/--no-merge-linears", help="GPU lowering: linears of one input as one GEMM over "
                                                    "concatenated weights")] = True,
@@ -134,7 +138,8 @@ def compile(
                            hbm_budget=_parse_bytes(hbm_budget) if hbm_budget else None,
                            csa_kv_on_host=csa_kv_on_host, kernel_binaries=kernel_binaries,
                            activations=activations, allow_nonfinite=allow_nonfinite_weights,
-                           lowering={"fuse_norm_rope": fuse_norm_rope, "merge_linears": merge_linears,
+                           lowering={"fuse_norm_rope": fuse_norm_rope, "fuse_paged_reads": fuse_paged_reads,
+                                     "merge_linears": merge_linears,
                                      "merge_packed": merge_packed, "pdl": pdl},
                            serving=(_serving_options(serving_opt) or True) if serving or serving_opt else None,
                            mesh=mesh, gpus=gpus, speculative=speculative, error_bound=error_bound)

@@ -87,7 +87,7 @@ def compile(
     ``weights``: ``embed`` (weights inside the artifact), ``reference`` (the artifact points at the
     checkpoint directory, or at the preset's seed), or ``auto`` (embed up to 2 GiB).
     ``lowering``: compile options of the GPU lowering stage (ds4c.passes.manager.LOWERING_OPTIONS:
-    ``fuse_norm_rope``, ``merge_linears``, ``merge_packed``, ``pdl``; each on by default), e.g.
+    ``fuse_norm_rope``, ``fuse_paged_reads``, ``merge_linears``, ``merge_packed``, ``pdl``; each on by default), e.g.
     ``{"pdl": False}`` as ``ds4c compile --no-pdl`` does; an unknown name or a non-boolean value is
     refused. The manifest records the options the program was lowered with.
     ``instruments`` observe every pass (see ds4c.debug.CompileTrace); ``print_after`` names passes

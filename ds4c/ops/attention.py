@@ -8,6 +8,16 @@
 additive (0 or -inf: sliding window, causality, indexer selection); ``sinks`` [H] enter only the
 softmax denominator. The three ops share one reference; the name records which entries the
 keys hold, so backends can choose structured kernels (and read the selection from the bias).
+
+    %o = attention.csa.rows(%q, %window_pool, %window_rows, %comp_pool, %comp_rows, %bias, %sinks, scale=..)
+
+The ``.rows`` forms (``attention.sliding.rows``, ``.csa.rows``, ``.hca.rows``) take the keys as
+rows of pools [M, D] instead: key ``t`` of query ``b`` is ``pool_a[rows_a[b, t]]`` for ``t < Ta``,
+then ``pool_b[rows_b[b, t - Ta]]`` (no second pool: none, none); a row of -1 is a zero key. A
+serving step's keys are its tokens' page-table rows: the lowering pass ``fuse_paged_reads`` makes
+these of ``attention.*(q, unsqueeze(cat(paged.gather(..), ..)))`` so that the kernels read each
+key where it lives, without a per-token copy of every key (a 2048-token HCA step at a 262144-token
+context: 4.3 GB gathered and 4.6 GB concatenated, per layer).
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from ds4c.errors import VerificationError
 from ds4c.ir.registry import OpDef, Operand, register_op
 from ds4c.ir.shapes import floordiv_dim
 from ds4c.ir.types import TensorType
+from ds4c.ops.paged import gather_reference
 
 
 def attention_reference(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, sinks: torch.Tensor,
@@ -69,6 +80,51 @@ class AttentionCsa(_Attention):
 @register_op
 class AttentionHca(_Attention):
     name = "attention.hca"
+
+
+class _AttentionRows(OpDef):
+    num_results = 1
+    operands = (Operand("q"), Operand("pool_a"), Operand("rows_a", "index"), Operand("pool_b"),
+                Operand("rows_b", "index"), Operand("bias"), Operand("sinks", "weight"))
+
+    def reference(self, q, pool_a, rows_a, pool_b, rows_b, bias, sinks, *, scale: float):
+        keys = gather_reference(pool_a, rows_a)
+        if pool_b is not None:
+            keys = torch.cat([keys, gather_reference(pool_b, rows_b)], dim=1)
+        return attention_reference(q, keys.unsqueeze(1), bias, sinks, scale)
+
+    def infer_types(self, operand_types, kwargs):
+        return [self.tensor_operand(operand_types, 0)]
+
+    def verify(self, op) -> None:
+        super().verify(op)
+        if len(op.args) != 7 or set(op.kwargs) != {"scale"}:
+            raise VerificationError(f"{self.name} takes (q, pool_a, rows_a, pool_b, rows_b, bias, sinks) and scale=")
+        q, pool_a, rows_a, pool_b, rows_b = op.args[:5]
+        pairs = [(pool_a, rows_a)] + ([(pool_b, rows_b)] if pool_b is not None or rows_b is not None else [])
+        ok = isinstance(q.type, TensorType) and q.type.rank == 4
+        for pool, rows in pairs:
+            ok = ok and pool is not None and rows is not None and isinstance(pool.type, TensorType) \
+                and isinstance(rows.type, TensorType) and pool.type.rank == 2 and rows.type.rank == 2 \
+                and pool.type.shape[1] == q.type.shape[3] and rows.type.shape[0] == q.type.shape[0]
+        if not ok:
+            raise VerificationError(f"{self.name}: q must be [B,H,S,D], pools [M,D] and rows [B,T] (a second pool "
+                                    f"and rows both or neither); got {[getattr(a, 'type', a) for a in op.args[:5]]}")
+
+
+@register_op
+class AttentionSlidingRows(_AttentionRows):
+    name = "attention.sliding.rows"
+
+
+@register_op
+class AttentionCsaRows(_AttentionRows):
+    name = "attention.csa.rows"
+
+
+@register_op
+class AttentionHcaRows(_AttentionRows):
+    name = "attention.hca.rows"
 
 
 @register_op

@@ -7,6 +7,10 @@
     %i = indexer.topk(%q, %keys, %w, %future, k=512, softmax_scale=0.088, weights_scale=0.125) : i64[B,S,k]
         I[t,s] = Σ_h w[t,h]·weights_scale · ReLU(q[t,h]·keys[s])·softmax_scale; entries where
         ``future`` is true are -inf; the indices of the k largest.
+    %i = indexer.topk.rows(%q, %pool, %rows, %w, %future, k=512, ...) : i64[N,1,k]
+        ``indexer.topk`` whose keys are rows of a pool [M, d], keys[b, c] = pool[rows[b, c]] (a zero
+        row where rows is -1): a serving step's keys read through its page tables, as the lowering
+        pass ``fuse_paged_reads`` makes it of ``indexer.topk(q, paged.gather(pool, rows), ..)``.
     %r = compress.rows(%kv, %gate, %position_bias, %positions) : bf16[N,2048]
         a serving step's compressor rows: kv ++ (gate + position_bias[positions % m]) per token, as
         its ring stores them (one launch instead of remainder, index_select, add and cat). The model
@@ -22,6 +26,7 @@ from ds4c.errors import VerificationError
 from ds4c.ir.registry import OpDef, Operand, register_op
 from ds4c.ir.types import TensorType
 from ds4c.ops.norms import rms_norm_reference
+from ds4c.ops.paged import gather_reference
 
 COMPRESS_ROWS = "compress.rows"
 TORCH_OPS = {"ds4c::compressor_rows": COMPRESS_ROWS}
@@ -113,3 +118,34 @@ class IndexerTopk(OpDef):
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise VerificationError(f"indexer.topk: k must be a positive int, got {k!r}")
         return [TensorType(torch.int64, (*q.shape[:-2], k))]
+
+
+INDEXER_TOPK_ROWS = "indexer.topk.rows"
+
+
+@register_op
+class IndexerTopkRows(OpDef):
+    """``indexer.topk`` over keys gathered from ``pool`` [M, d] at ``rows`` [B, C] (-1: a zero row):
+    the same scores and selection, without the [B, C, d] copy of the keys (a serving step's indexer
+    reads every entry each token may see: at a 2048-token step and a 65536-token context, 8.6 GB
+    gathered per CSA layer)."""
+
+    name = INDEXER_TOPK_ROWS
+    num_results = 1
+    operands = (Operand("q"), Operand("pool"), Operand("rows", "index"), Operand("w"), Operand("future", "index"))
+    traits = frozenset({"topk"})
+
+    def reference(self, q, pool, rows, w, future, *, k: int, softmax_scale: float, weights_scale: float):
+        keys = gather_reference(pool, rows)
+        s = index_scores_reference(q, keys, w, softmax_scale, weights_scale).masked_fill(future, float("-inf"))
+        return s.topk(k, dim=-1).indices
+
+    def infer_types(self, operand_types, kwargs):
+        q = self.tensor_operand(operand_types, 0, min_rank=2)
+        pool = self.tensor_operand(operand_types, 1, min_rank=2)
+        rows = self.tensor_operand(operand_types, 2, min_rank=1)
+        if pool.rank != 2 or rows.rank != 2 or rows.dtype not in (torch.int32, torch.int64) \
+                or pool.shape[1] != q.shape[-1]:
+            raise VerificationError(f"{INDEXER_TOPK_ROWS}: takes q [.., heads, d], a pool [M, d] and rows [B, C] "
+                                    f"(integers); got {q}, {pool}, {rows}")
+        return IndexerTopk.infer_types(self, operand_types, kwargs)

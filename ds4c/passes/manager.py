@@ -65,15 +65,15 @@ PIPELINES: dict[str, list[str]] = {
 }
 # The lowering stage for targets with Triton kernels (h100 ... mi355x): the ops their kernels run,
 # inserted into a named pipeline before memory planning, so the artifact holds the program that runs.
-LOWERING: list[str] = ["lower_packed_weights", "fuse_norm_rope", "merge_sibling_linears", "dce"]
+LOWERING: list[str] = ["lower_packed_weights", "fuse_norm_rope", "fuse_paged_reads", "merge_sibling_linears", "dce"]
 
 
 # Compile options of the GPU lowering (all on by default; off for A/B runs), recorded in the manifest:
-# the lowering passes' (fuse_norm_rope, merge_linears, merge_packed) and the kernels' launch mode
+# the lowering passes' (fuse_norm_rope, fuse_paged_reads, merge_linears, merge_packed) and the kernels' launch mode
 # (pdl: programmatic dependent launch, ds4c/backends/triton/kernels/pdl.py; the ahead-of-time binaries
 # and the runtime's launches follow it).
-LOWERING_OPTIONS: dict[str, bool] = {"fuse_norm_rope": True, "merge_linears": True, "merge_packed": True,
-                                     "pdl": True}
+LOWERING_OPTIONS: dict[str, bool] = {"fuse_norm_rope": True, "fuse_paged_reads": True, "merge_linears": True,
+                                     "merge_packed": True, "pdl": True}
 
 
 def check_lowering_options(options: Mapping[str, Any] | None) -> dict[str, bool]:
@@ -210,7 +210,8 @@ class PassManager:
 # name on the first lookup, so the passes may import this module without a cycle.
 BUILTIN_PASS_MODULES = ("assign_precision", "canonicalize_shapes", "cse", "dce", "fit_serving_pools", "fold_constants",
                         "fuse_attention",
-                        "fuse_compress", "fuse_moe", "fuse_norm_rope", "fuse_norms_mhc", "fuse_rope", "last_logits",
+                        "fuse_compress", "fuse_moe", "fuse_norm_rope", "fuse_norms_mhc", "fuse_paged_reads", "fuse_rope",
+                        "last_logits",
                         "lower_packed_weights", "lower_paged_state", "merge_sibling_linears", "plan_memory", "quantize_weights",
                         "schedule_streams", "shard_experts")
 

@@ -40,7 +40,7 @@ from typing import Any
 import networkx as nx
 
 from ds4c.errors import PassError
-from ds4c.ir.graph import Graph, Op
+from ds4c.ir.graph import Graph, Op, Value
 from ds4c.ir.registry import get_op
 from ds4c.ir.types import ListType, TensorType
 from ds4c.ops.memory import PREFETCH
@@ -99,10 +99,16 @@ class CostModel:
         if base in ("convolution", "conv1d", "conv2d") and len(tensors) > 1:
             w = self.shape(tensors[1].type)
             return 2.0 * out * (math.prod(w) // max(w[0], 1))
+        if op.name.startswith("attention.") and op.name.endswith(".rows") and len(op.args) == 7:
+            b, h, s, d = (self.shape(op.args[0].type) + [1, 1, 1, 1])[:4]
+            t = sum((self.shape(r.type) + [1, 1])[1] for r in (op.args[2], op.args[4]) if isinstance(r, Value))
+            return 4.0 * b * h * s * t * d
         if op.name.startswith("attention.") and len(tensors) >= 2:
             b, h, s, d = (self.shape(tensors[0].type) + [1, 1, 1, 1])[:4]
             t = (self.shape(tensors[1].type) + [1, 1, 1])[2]
             return 4.0 * b * h * s * t * d
+        if op.name == "indexer.topk.rows" and len(tensors) >= 3:
+            return 2.0 * self.numel(tensors[0].type) * (self.shape(tensors[2].type) or [1])[-1]
         if op.name == "indexer.topk" and len(tensors) >= 2:
             keys = self.shape(tensors[1].type)
             return 2.0 * self.numel(tensors[0].type) * (keys[-2] if len(keys) >= 2 else 1)

@@ -1,5 +1,5 @@
 """The GPU lowering stage, pass by pass: IR text before -> IR text after (golden), a near miss that
-must stay as it is, and the reference result kept (lower_packed_weights, fuse_norm_rope,
+must stay as it is, and the reference result kept (lower_packed_weights, fuse_norm_rope, fuse_paged_reads,
 merge_sibling_linears; run through the PassManager with a Triton target)."""
 
 from __future__ import annotations
@@ -262,3 +262,93 @@ param %bias: bf16[64], input %x: bf16[B,1,64], input %y: bf16[B,1,64]) {{
 }}
 """
     assert only_graph(lower("merge_sibling_linears", before)) == before, why
+
+
+# -- fuse_paged_reads ------------------------------------------------------------------------------
+
+PAGED_BEFORE = """\
+graph @ragged_step(param %sinks: f32[4], input %q: f32[N,4,1,8], input %iq: f32[N,1,2,8], input %w: f32[N,1,2], \
+input %win: f32[12,8], input %comp: f32[9,8], input %ikeys: f32[9,8], input %wrows: i64[N,3], \
+input %crows: i64[N,5], input %bias: f32[N,1,1,8], input %wbias: f32[N,1,1,3], input %future: i1[N,1,5]) {
+  %ik = paged.gather(%ikeys, %crows) : f32[N,5,8]
+  %top = indexer.topk(%iq, %ik, %w, %future, k=2, softmax_scale=0.5, weights_scale=0.7) : i64[N,1,2]
+  %wk = paged.gather(%win, %wrows) : f32[N,3,8]
+  %ck = paged.gather(%comp, %crows) : f32[N,5,8]
+  %cat = aten.cat.default([%wk, %ck], 1) : f32[N,8,8]
+  %keys = aten.unsqueeze.default(%cat, 1) : f32[N,1,8,8]
+  %o = attention.hca(%q, %keys, %bias, %sinks, scale=0.35) : f32[N,4,1,8]
+  %sk = paged.gather(%win, %wrows) : f32[N,3,8]
+  %skeys = aten.unsqueeze.default(%sk, 1) : f32[N,1,3,8]
+  %so = attention.sliding(%q, %skeys, %wbias, %sinks, scale=0.35) : f32[N,4,1,8]
+  return top=%top, o=%o, so=%so
+}
+"""
+
+
+def _paged_feed(gen: torch.Generator) -> tuple[dict, dict]:
+    n = 3
+    crows = torch.randint(0, 9, (n, 5), generator=gen)
+    crows[0, 2:] = -1  # a short sequence's entries past its end
+    wrows = torch.randint(0, 12, (n, 3), generator=gen)
+    wrows[0, 0] = -1
+    rows = torch.cat([wrows, crows], dim=1)
+    inputs = {"q": torch.randn(n, 4, 1, 8, generator=gen), "iq": torch.randn(n, 1, 2, 8, generator=gen),
+              "w": torch.randn(n, 1, 2, generator=gen), "win": torch.randn(12, 8, generator=gen),
+              "comp": torch.randn(9, 8, generator=gen), "ikeys": torch.randn(9, 8, generator=gen),
+              "wrows": wrows, "crows": crows, "bias": torch.where(rows >= 0, 0.0, float("-inf")).view(n, 1, 1, 8),
+              "wbias": torch.where(wrows >= 0, 0.0, float("-inf")).view(n, 1, 1, 3),
+              "future": (crows < 0).view(n, 1, 5)}
+    return inputs, {"sinks": torch.randn(4, generator=gen)}
+
+
+def test_fuse_paged_reads_golden():
+    """A serving step's indexer and attention read their keys at the pools' rows: the gathers (and
+    the concatenation, and the unsqueeze) go, the consumers become their ``.rows`` forms with the
+    same results; off by the compile option and on targets without Triton kernels."""
+    out = lower("fuse_paged_reads", PAGED_BEFORE)
+    assert only_graph(out) == """\
+graph @ragged_step(param %sinks: f32[4], input %q: f32[N,4,1,8], input %iq: f32[N,1,2,8], input %w: f32[N,1,2], \
+input %win: f32[12,8], input %comp: f32[9,8], input %ikeys: f32[9,8], input %wrows: i64[N,3], \
+input %crows: i64[N,5], input %bias: f32[N,1,1,8], input %wbias: f32[N,1,1,3], input %future: i1[N,1,5]) {
+  %top = indexer.topk.rows(%iq, %ikeys, %crows, %w, %future, k=2, softmax_scale=0.5, weights_scale=0.7) : i64[N,1,2]
+  %o = attention.hca.rows(%q, %win, %wrows, %comp, %crows, %bias, %sinks, scale=0.35) : f32[N,4,1,8]
+  %so = attention.sliding.rows(%q, %win, %wrows, none, none, %wbias, %sinks, scale=0.35) : f32[N,4,1,8]
+  return top=%top, o=%o, so=%so
+}
+"""
+    inputs, params = _paged_feed(torch.Generator().manual_seed(2))
+    want = run_graph(parse_graph(PAGED_BEFORE), inputs, params)
+    got = run_graph(out.graphs["ragged_step"], inputs, params)
+    for name in ("o", "so"):
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    assert torch.equal(got["top"].sort(-1).values, want["top"].sort(-1).values)
+    assert only_graph(lower("fuse_paged_reads", PAGED_BEFORE, fuse_paged_reads=False)) == PAGED_BEFORE
+    assert only_graph(lower("fuse_paged_reads", PAGED_BEFORE, target="cpu")) == PAGED_BEFORE
+
+
+def test_fuse_paged_reads_near_misses_keep_the_copies():
+    """Kept: a gather that is also a graph output, a gather read twice, a concatenation of three
+    copies, one along the channels, and keys unsqueezed on another axis."""
+    before = """\
+graph @ragged_step(param %sinks: f32[4], input %q: f32[N,4,1,8], input %iq: f32[N,1,2,8], input %w: f32[N,1,2], \
+input %win: f32[12,8], input %rows: i64[N,3], input %bias: f32[N,1,1,3], input %future: i1[N,1,3], \
+input %b9: f32[N,1,1,9]) {
+  %ik = paged.gather(%win, %rows) : f32[N,3,8]
+  %top = indexer.topk(%iq, %ik, %w, %future, k=2, softmax_scale=0.5, weights_scale=0.7) : i64[N,1,2]
+  %a = paged.gather(%win, %rows) : f32[N,3,8]
+  %ka = aten.unsqueeze.default(%a, 1) : f32[N,1,3,8]
+  %oa = attention.sliding(%q, %ka, %bias, %sinks, scale=0.35) : f32[N,4,1,8]
+  %ob = attention.sliding(%q, %ka, %bias, %sinks, scale=0.35) : f32[N,4,1,8]
+  %c = paged.gather(%win, %rows) : f32[N,3,8]
+  %cat3 = aten.cat.default([%c, %c, %c], 1) : f32[N,9,8]
+  %k3 = aten.unsqueeze.default(%cat3, 1) : f32[N,1,9,8]
+  %o3 = attention.hca(%q, %k3, %b9, %sinks, scale=0.35) : f32[N,4,1,8]
+  %d = paged.gather(%win, %rows) : f32[N,3,8]
+  %e = paged.gather(%win, %rows) : f32[N,3,8]
+  %wide = aten.cat.default([%d, %e], 2) : f32[N,3,16]
+  %f = paged.gather(%win, %rows) : f32[N,3,8]
+  %kf = aten.unsqueeze.default(%f, 0) : f32[1,N,3,8]
+  return top=%top, ik=%ik, oa=%oa, ob=%ob, o3=%o3, wide=%wide, kf=%kf
+}
+"""
+    assert only_graph(lower("fuse_paged_reads", before)) == before

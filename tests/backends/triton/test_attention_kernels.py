@@ -144,3 +144,42 @@ def test_decode_split_with_a_fully_masked_share(dtype):
     bias[1] = NEG_INF
     out, ref = check(q, keys, bias, sinks, 0.125)
     assert torch.all(out[1] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,h,ta,tb,d", [
+    (5, 8, 6, 0, 64),       # sliding: the window's rows alone
+    (3, 16, 8, 40, 512),    # csa / hca: window rows, then compressed rows of another pool; V4 head dim
+    (40, 4, 8, 20, 48),     # many tokens: one program per token block (no key split)
+])
+def test_rows_form_reads_the_pools_as_the_gathered_keys(n, h, ta, tb, d, dtype):
+    """``attention.*.rows`` (a serving step's keys at their page-table rows, -1 for none) equals
+    the dense launcher over the gathered copy, rows repeated and missing included (a token's
+    missing rows are zero keys: under a -inf bias here, and one under bias 0 to pin the zeros)."""
+    from ds4c.backends.triton.kernels.attention import attention_rows
+    from ds4c.ops.attention import AttentionCsaRows
+
+    gen = torch.Generator().manual_seed(7)
+    pool_a, pool_b = torch.randn(23, d, generator=gen).to(dtype), torch.randn(61, d, generator=gen).to(dtype)
+    rows_a = torch.randint(0, 23, (n, ta), generator=gen)
+    rows_a[0, : ta // 2] = -1  # the first token's window starts at position 0
+    rows_b = torch.randint(0, 61, (n, tb), generator=gen)
+    rows_b[:, tb // 2:] = -1  # entries not visible yet
+    rows = torch.cat([rows_a, rows_b], dim=1)
+    bias = torch.where(rows >= 0, 0.0, NEG_INF).view(n, 1, 1, -1)
+    bias[1, 0, 0, -1] = 0.0  # a missing row under bias 0: a zero key with logit 0
+    q = torch.randn(n, h, 1, d, generator=gen).to(dtype)
+    sinks = torch.randn(h, generator=gen)
+    keys = torch.cat([pool_a[rows_a.clamp(min=0)] * (rows_a >= 0).unsqueeze(-1),
+                      pool_b[rows_b.clamp(min=0)] * (rows_b >= 0).unsqueeze(-1)], dim=1).unsqueeze(1)
+    two = tb > 0
+    args = [q, pool_a, rows_a, pool_b if two else None, rows_b if two else None, bias.to(dtype), sinks.to(dtype)]
+    out = attention_rows(CTX, *[a.to(DEVICE) if a is not None else None for a in args], scale=d ** -0.5)
+    assert out is not NotImplemented
+    dense = attention(CTX, q.to(DEVICE), keys.to(DEVICE), bias.to(dtype).to(DEVICE), sinks.to(dtype).to(DEVICE),
+                      scale=d ** -0.5)
+    assert torch.equal(out.cpu(), dense.cpu())  # same kernel arithmetic, keys read in place
+    ref = AttentionCsaRows.reference(None, *args, scale=d ** -0.5)
+    torch.testing.assert_close(out.cpu().float(), ref.float(), **TOLERANCE[dtype])
+    assert get_kernel("attention.hca.rows") is attention_rows
+    assert attention_rows(CTX, q, pool_a, rows_a.int(), None, None, bias, sinks, scale=1.0) is NotImplemented

@@ -11,11 +11,13 @@ from ds4c.backends.triton.kernels.compress import (
     compressor_rows,
     index_scores,
     indexer_topk,
+    indexer_topk_rows,
     top_indices,
 )
 from ds4c.backends.triton.kernels.configs import topk_config
 from ds4c.ops.compress import (
     IndexerTopk,
+    IndexerTopkRows,
     compress_reference,
     compressor_rows_reference,
     index_scores_reference,
@@ -131,6 +133,36 @@ def test_topk_selects_the_reference_set(b, s, h, d, c, dtype, keys_batch):
     expected = scores.gather(-1, ref_idx).sort(dim=-1).values
     assert torch.equal(picked, expected)
     assert all(len(set(row.tolist())) == k for row in idx.view(-1, k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_rows_reads_keys_from_the_pool_as_the_gathered_copy(dtype):
+    """``indexer.topk.rows`` (a serving step's indexer, keys at pool rows, -1 for none) gives the
+    scores and the selection of ``indexer.topk`` over the gathered keys: a block of entries past
+    every token's rows (a short sequence in a long capacity) scores 0 before its future mask, as
+    the zero keys of the copy do; rows may repeat (pages shared by a prefix)."""
+    n, h, d, c, k = 5, 64, 128, 300, 16
+    gen = torch.Generator().manual_seed(3)
+    pool = torch.randn(97, d, generator=gen).to(dtype)
+    visible = torch.tensor([0, 3, 40, 160, 300])  # tokens of sequences of different lengths
+    rows = torch.randint(1, 97, (n, c), generator=gen)
+    rows = torch.where(torch.arange(c).view(1, -1) < visible.view(-1, 1), rows, torch.full_like(rows, -1))
+    q = torch.randn(n, 1, h, d, generator=gen).to(dtype)
+    w = torch.randn(n, 1, h, generator=gen).to(dtype)
+    future = torch.arange(c).view(1, 1, -1) >= visible.view(-1, 1, 1)
+    future[1, 0, 250:] = False  # an entry without a row, not masked: its zero key scores 0
+    attrs = {"k": k, "softmax_scale": 0.1, "weights_scale": 0.2}
+    scores = index_scores(CTX, *on_device(q, pool, w, future.view(n, 1, c)), 0.1, 0.2, rows=rows.to(DEVICE)).cpu()
+    keys = pool[rows.clamp(min=0)] * (rows >= 0).unsqueeze(-1)
+    ref = index_scores_reference(q, keys, w, 0.1, 0.2).masked_fill(future, NEG_INF)
+    assert torch.equal(torch.isinf(scores), torch.isinf(ref)) and torch.isfinite(ref).sum() > 400
+    torch.testing.assert_close(scores, ref, atol=1e-5, rtol=1e-5)
+    idx = indexer_topk_rows(CTX, *on_device(q, pool, rows, w, future), **attrs).cpu()
+    ref_idx = IndexerTopkRows.reference(None, q, pool, rows, w, future, **attrs)
+    assert idx.shape == ref_idx.shape == (n, 1, k)
+    assert torch.equal(ref.gather(-1, idx).sort(-1).values, ref.gather(-1, ref_idx).sort(-1).values)
+    assert get_kernel("indexer.topk.rows") is indexer_topk_rows
+    assert indexer_topk_rows(CTX, q, pool, rows[:, None], w, future, **attrs) is NotImplemented  # rows not [B, C]
 
 
 def test_topk_with_full_future_mask_per_batch():

@@ -1,6 +1,7 @@
 """The serving entry points on the kernels backend (Triton; the interpreter on CPU, the GPU on the
 device): the Engine gives the reference backend's tokens for a ragged batch, pools written in
-place (state.write), attention / indexer / compress kernels over per-token key lists."""
+place (state.write), attention / indexer kernels reading keys at their page-table rows, compress
+kernels."""
 
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ def artifact(tmp_path_factory):
 
 @pytest.mark.slow
 def test_engine_on_the_kernels_backend_gives_the_reference_tokens(artifact):
+    from ds4c.artifact.artifact import read_artifact
+
+    _, program, _ = read_artifact(artifact)
+    for entry in ("ragged_step", "ragged_decode"):  # the kernels read keys at their rows (fuse_paged_reads)
+        names = {op.name for op in program.graphs[entry].ops}
+        assert {"attention.sliding.rows", "attention.csa.rows", "attention.hca.rows", "indexer.topk.rows"} <= names
+        assert "paged.gather" not in names
     params = ds4c.SamplingParams(max_new_tokens=5)
     ref = ds4c.Engine(ds4c.load(artifact, backend="reference")).generate(PROMPTS, params)
     model = ds4c.load(artifact, device=DEVICE, backend="kernels", cuda_graphs=False)

@@ -71,25 +71,41 @@ def round_to(x, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
 
 
 @triton.jit
-def _qk_chunked(q_rows, row_ok, k_base, t_idx, t_ok, sq_d, sk_t, sk_d,
+def _key_rows(k_base, t_idx, t_ok, sk_t, rows_a, rows_b, pool_b, TA, spb, ROWS: tl.constexpr):
+    """(pointers to the block's keys [BLOCK_T], which of them to load). ``ROWS``: key ``t`` is row
+    ``rows_a[t]`` of the pool at ``k_base`` for ``t < TA``, else row ``rows_b[t - TA]`` of ``pool_b``;
+    a row of -1 is a zero key (not loaded). Otherwise key ``t`` is at ``k_base + t * sk_t``."""
+    if ROWS:
+        in_a = t_idx < TA
+        ra = tl.load(rows_a + t_idx, mask=t_ok & in_a, other=-1).to(tl.int64)
+        rb = tl.load(rows_b + (t_idx - TA), mask=t_ok & (t_idx >= TA), other=-1).to(tl.int64)
+        ptrs = tl.where(in_a, k_base + tl.maximum(ra, 0) * sk_t, pool_b + tl.maximum(rb, 0) * spb)
+        return ptrs, t_ok & (tl.where(in_a, ra, rb) >= 0)
+    else:
+        return k_base + t_idx * sk_t, t_ok
+
+
+@triton.jit
+def _qk_chunked(q_rows, row_ok, k_ptrs, k_ok, sq_d, sk_d,
                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                 PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
-    """Q·Kᵀ [BLOCK_M, BLOCK_T] in fp32 for one block of keys, reduced over D in chunks of ``BLOCK_D``."""
+    """Q·Kᵀ [BLOCK_M, BLOCK_T] in fp32 for one block of keys (``k_ptrs``, ``_key_rows``), reduced
+    over D in chunks of ``BLOCK_D``."""
     offs_d = tl.arange(0, BLOCK_D)
     qk = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
     for d0 in tl.static_range(0, D, BLOCK_D):
         d_ok = (d0 + offs_d) < D
         q = tl.load(q_rows[:, None] + (d0 + offs_d)[None, :] * sq_d,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        k = tl.load(k_base + t_idx[:, None] * sk_t + (d0 + offs_d)[None, :] * sk_d,
-                    mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_ptrs[:, None] + (d0 + offs_d)[None, :] * sk_d,
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(dot_operand(q, INTERPRETER_BF16), tl.trans(dot_operand(k, INTERPRETER_BF16)), qk,
                     input_precision=PRECISION)
     return qk
 
 
 @triton.jit
-def _online_softmax_step(qk, bias, m_i, l_i, acc, k_base, t_idx, t_ok, offs_dv, dv_ok, sk_t, sk_d, qk_scale,
+def _online_softmax_step(qk, bias, m_i, l_i, acc, k_ptrs, k_ok, offs_dv, dv_ok, sk_d, qk_scale,
                          PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
     """One block of keys into the running max ``m_i``, denominator ``l_i`` and ``acc`` (base 2; the
     keys' columns ``offs_dv`` serve as values). Returns the updated ``(m_i, l_i, acc)``."""
@@ -99,8 +115,7 @@ def _online_softmax_step(qk, bias, m_i, l_i, acc, k_base, t_idx, t_ok, offs_dv, 
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(logits - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(k_base + t_idx[:, None] * sk_t + offs_dv[None, :] * sk_d,
-                mask=t_ok[:, None] & dv_ok[None, :], other=0.0)
+    v = tl.load(k_ptrs[:, None] + offs_dv[None, :] * sk_d, mask=k_ok[:, None] & dv_ok[None, :], other=0.0)
     acc = tl.dot(dot_operand(round_to(p, v.dtype, INTERPRETER_BF16), INTERPRETER_BF16),
                  dot_operand(v, INTERPRETER_BF16), acc * alpha[:, None], input_precision=PRECISION)
     return m_new, l_i, acc
@@ -109,12 +124,13 @@ def _online_softmax_step(qk, bias, m_i, l_i, acc, k_base, t_idx, t_ok, offs_dv, 
 @triton.jit
 def _split_kernel(
     q_ptr, k_ptr, bias_ptr, acc_ptr, ml_ptr,
+    rows_a_ptr, pool_b_ptr, rows_b_ptr, TA, sr_a, sr_b, spb,
     H, S, T, T_SPLIT, N_SPLIT, qk_scale,
     sq_b, sq_h, sq_s, sq_d,
     sk_b, sk_t, sk_d,
     sb_b, sb_s, sb_t,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    BLOCK_DV: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """One program: rows ``pid_m``, output slice ``pid_dv``, keys ``[split * T_SPLIT, +T_SPLIT)``.
@@ -134,6 +150,8 @@ def _split_kernel(
     q_rows = q_ptr + b * sq_b + h_idx * sq_h + s_idx * sq_s
     bias_rows = bias_ptr + b * sb_b + s_idx * sb_s
     k_base = k_ptr + b * sk_b
+    rows_a = rows_a_ptr + b * sr_a
+    rows_b = rows_b_ptr + b * sr_b
 
     offs_t = tl.arange(0, BLOCK_T)
     offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -149,10 +167,11 @@ def _split_kernel(
         t_ok = t_idx < t_hi
         bias = tl.load(bias_rows[:, None] + t_idx[None, :] * sb_t,
                        mask=row_ok[:, None] & t_ok[None, :], other=float("-inf")).to(tl.float32)
-        qk = _qk_chunked(q_rows, row_ok, k_base, t_idx, t_ok, sq_d, sk_t, sk_d,
+        k_ptrs, k_ok = _key_rows(k_base, t_idx, t_ok, sk_t, rows_a, rows_b, pool_b_ptr, TA, spb, ROWS)
+        qk = _qk_chunked(q_rows, row_ok, k_ptrs, k_ok, sq_d, sk_d,
                          D, BLOCK_M, BLOCK_T, BLOCK_D, PRECISION, INTERPRETER_BF16)
-        m_i, l_i, acc = _online_softmax_step(qk, bias, m_i, l_i, acc, k_base, t_idx, t_ok, offs_dv, dv_ok,
-                                             sk_t, sk_d, qk_scale, PRECISION, INTERPRETER_BF16)
+        m_i, l_i, acc = _online_softmax_step(qk, bias, m_i, l_i, acc, k_ptrs, k_ok, offs_dv, dv_ok,
+                                             sk_d, qk_scale, PRECISION, INTERPRETER_BF16)
 
     part = (b * N_SPLIT + split) * (S * H) + rows  # [BLOCK_M] partial-row index
     tl.store(acc_ptr + part[:, None] * D + offs_dv[None, :], acc, mask=row_ok[:, None] & dv_ok[None, :])
@@ -203,14 +222,15 @@ def _merge_kernel(
 @triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, bias_ptr, sinks_ptr, out_ptr,
+    rows_a_ptr, pool_b_ptr, rows_b_ptr, TA, sr_a, sr_b, spb,
     H, S, T, qk_scale,
     sq_b, sq_h, sq_s, sq_d,
     sk_b, sk_t, sk_d,
     sb_b, sb_s, sb_t,
     so_b, so_h, so_s, so_d,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, SKIP_MASKED: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
-    PDL: tl.constexpr,
+    BLOCK_DV: tl.constexpr, SKIP_MASKED: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRETER_BF16: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_producers(PDL)
     pid_m = tl.program_id(0)
@@ -224,6 +244,8 @@ def _attention_kernel(
     q_rows = q_ptr + b * sq_b + h_idx * sq_h + s_idx * sq_s  # [BLOCK_M] pointers
     bias_rows = bias_ptr + b * sb_b + s_idx * sb_s
     k_base = k_ptr + b * sk_b
+    rows_a = rows_a_ptr + b * sr_a
+    rows_b = rows_b_ptr + b * sr_b
 
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
@@ -248,15 +270,16 @@ def _attention_kernel(
         if SKIP_MASKED:  # a block masked for every row adds exactly nothing: skip its GEMMs
             live = tl.max(tl.max(bias, axis=1), axis=0) > float("-inf")
         if live:
+            k_ptrs, k_ok = _key_rows(k_base, t_idx, t_ok, sk_t, rows_a, rows_b, pool_b_ptr, TA, spb, ROWS)
             if D <= BLOCK_D:
-                k = tl.load(k_base + t_idx[:, None] * sk_t + offs_d[None, :] * sk_d,
-                            mask=t_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                k = tl.load(k_ptrs[:, None] + offs_d[None, :] * sk_d,
+                            mask=k_ok[:, None] & (offs_d[None, :] < D), other=0.0)
                 qk = tl.dot(dot_operand(q_whole, INTERPRETER_BF16), tl.trans(dot_operand(k, INTERPRETER_BF16)), input_precision=PRECISION)
             else:
-                qk = _qk_chunked(q_rows, row_ok, k_base, t_idx, t_ok, sq_d, sk_t, sk_d,
+                qk = _qk_chunked(q_rows, row_ok, k_ptrs, k_ok, sq_d, sk_d,
                                  D, BLOCK_M, BLOCK_T, BLOCK_D, PRECISION, INTERPRETER_BF16)
-            m_i, l_i, acc = _online_softmax_step(qk, bias, m_i, l_i, acc, k_base, t_idx, t_ok, offs_dv, dv_ok,
-                                                 sk_t, sk_d, qk_scale, PRECISION, INTERPRETER_BF16)
+            m_i, l_i, acc = _online_softmax_step(qk, bias, m_i, l_i, acc, k_ptrs, k_ok, offs_dv, dv_ok,
+                                                 sk_d, qk_scale, PRECISION, INTERPRETER_BF16)
 
     out = acc / l_i[:, None]
     out_ptrs = out_ptr + b * so_b + (h_idx * so_h + s_idx * so_s)[:, None] + offs_dv[None, :] * so_d
@@ -279,6 +302,38 @@ def attention(ctx: KernelContext, q: torch.Tensor, keys: torch.Tensor, bias: tor
     if keys.shape[3] != d or keys.shape[0] not in (1, b) or sinks.numel() != h:
         return NotImplemented
     keys = keys.expand(b, 1, t, d)
+    return _launch(ctx, q, keys, (keys.stride(0), keys.stride(2), keys.stride(3)), t, None, bias, sinks, scale)
+
+
+def attention_rows(ctx: KernelContext, q: torch.Tensor, pool_a: torch.Tensor, rows_a: torch.Tensor,
+                   pool_b: torch.Tensor | None, rows_b: torch.Tensor | None, bias: torch.Tensor, sinks: torch.Tensor, *,
+                   scale: float) -> torch.Tensor:
+    """Launcher with ``AttentionRows.reference``'s signature: the kernels read key ``t`` of query
+    ``b`` from its pool row (``rows_a[b, t]``, then ``rows_b[b, t - Ta]``; -1 a zero key) instead of
+    a gathered copy. Declines pools that are not [M, D] of q's dtype with unit channel stride and
+    rows that are not contiguous int64 [B, T] on q's device."""
+    if q.dim() != 4 or bias.dim() != 4 or q.dtype not in _DTYPES or not q.device == bias.device:
+        return NotImplemented
+    b, h, s, d = q.shape
+    pairs = [(pool_a, rows_a)] + ([(pool_b, rows_b)] if pool_b is not None or rows_b is not None else [])
+    for pool, rows in pairs:
+        if pool is None or rows is None or pool.dim() != 2 or pool.shape[1] != d or pool.dtype != q.dtype \
+                or pool.stride(1) != 1 or pool.device != q.device or rows.dim() != 2 or rows.shape[0] != b \
+                or rows.dtype != torch.int64 or not rows.is_contiguous() or rows.device != q.device:
+            return NotImplemented
+    if sinks.numel() != h:
+        return NotImplemented
+    ta = rows_a.shape[1]
+    pool_b, rows_b = pairs[-1]
+    t = ta + (rows_b.shape[1] if len(pairs) == 2 else 0)
+    rows = (rows_a, pool_b, rows_b, ta, rows_a.stride(0), rows_b.stride(0), pool_b.stride(0))
+    return _launch(ctx, q, pool_a, (0, pool_a.stride(0), 1), t, rows, bias, sinks, scale)
+
+
+def _launch(ctx: KernelContext, q, keys, key_strides, t: int, rows, bias, sinks, scale: float) -> torch.Tensor:
+    """One attention call: ``keys`` with (batch, key, channel) strides, or a pool read at ``rows``
+    ((rows_a, pool_b, rows_b, Ta, rows_a's and rows_b's batch strides, pool_b's row stride))."""
+    b, h, s, d = q.shape
     bias = bias.expand(b, 1, s, t)  # stride 0 where the bias broadcasts (batch 1, shared rows)
     out = result_buffer(0, (b, h, s, d), q.dtype, q.device)
     if out.numel() == 0:
@@ -287,19 +342,21 @@ def attention(ctx: KernelContext, q: torch.Tensor, keys: torch.Tensor, bias: tor
     target = ctx.target
     cfg = attention_config(d, q.dtype, skip_masked, target)
     n_split, t_split = key_splits(b, h, s, t, d, cfg, target)
+    row_args = rows if rows is not None else (keys, keys, keys, t, 0, 0, 0)
     if n_split > 1:
-        _split_launch(ctx, q, keys, bias, sinks, out, float(scale) * LOG2E, n_split, t_split, cfg)
+        _split_launch(ctx, q, keys, key_strides, row_args, rows is not None, t, bias, sinks, out,
+                      float(scale) * LOG2E, n_split, t_split, cfg)
         return out
     grid = (triton.cdiv(s * h, cfg.block_m), triton.cdiv(d, cfg.block_dv), b)
     _attention_kernel[grid](
-        q, keys, bias, sinks, out,
+        q, keys, bias, sinks, out, *row_args,
         h, s, t, float(scale) * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
-        keys.stride(0), keys.stride(2), keys.stride(3),
+        *key_strides,
         bias.stride(0), bias.stride(2), bias.stride(3),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         D=d, BLOCK_M=cfg.block_m, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv,
-        SKIP_MASKED=skip_masked, PRECISION=dot_precision(q.dtype, target),
+        SKIP_MASKED=skip_masked, ROWS=rows is not None, PRECISION=dot_precision(q.dtype, target),
         INTERPRETER_BF16=interpreter_bf16(q.dtype), **cfg.launch.kwargs(ctx),
     )
     return out
@@ -321,26 +378,25 @@ def key_splits(b: int, h: int, s: int, t: int, d: int, cfg: AttentionConfig, tar
 MERGE_BLOCK = (16, 64)  # (rows, columns) per merge program: 32 programs for H=64, D=512
 
 
-def _split_launch(ctx: KernelContext, q, keys, bias, sinks, out, qk_scale: float, n_split: int, t_split: int,
-                  cfg: AttentionConfig) -> None:
+def _split_launch(ctx: KernelContext, q, keys, key_strides, row_args, rows: bool, t: int, bias, sinks, out,
+                  qk_scale: float, n_split: int, t_split: int, cfg: AttentionConfig) -> None:
     b, h, s, d = q.shape
-    t = keys.shape[2]
-    rows = s * h
-    acc = torch.empty((b, n_split, rows, d), dtype=torch.float32, device=q.device)
-    ml = torch.empty((b, n_split, rows, 2), dtype=torch.float32, device=q.device)
-    grid = (n_split, triton.cdiv(d, cfg.block_dv), b * triton.cdiv(rows, cfg.block_m))
+    n_rows = s * h
+    acc = torch.empty((b, n_split, n_rows, d), dtype=torch.float32, device=q.device)
+    ml = torch.empty((b, n_split, n_rows, 2), dtype=torch.float32, device=q.device)
+    grid = (n_split, triton.cdiv(d, cfg.block_dv), b * triton.cdiv(n_rows, cfg.block_m))
     _split_kernel[grid](
-        q, keys, bias, acc, ml,
+        q, keys, bias, acc, ml, *row_args,
         h, s, t, t_split, n_split, qk_scale,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
-        keys.stride(0), keys.stride(2), keys.stride(3),
+        *key_strides,
         bias.stride(0), bias.stride(2), bias.stride(3),
-        D=d, BLOCK_M=cfg.block_m, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv,
+        D=d, BLOCK_M=cfg.block_m, BLOCK_T=cfg.block_t, BLOCK_D=cfg.block_d, BLOCK_DV=cfg.block_dv, ROWS=rows,
         PRECISION=dot_precision(q.dtype, ctx.target), INTERPRETER_BF16=interpreter_bf16(q.dtype),
         **cfg.launch.kwargs(ctx),
     )
     block_r, block_c = MERGE_BLOCK
-    _merge_kernel[(triton.cdiv(rows, block_r), triton.cdiv(d, block_c), b)](
+    _merge_kernel[(triton.cdiv(n_rows, block_r), triton.cdiv(d, block_c), b)](
         acc, ml, sinks, out, h, s, n_split,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         D=d, BLOCK_R=block_r, BLOCK_C=block_c, INTERPRETER_BF16=interpreter_bf16(q.dtype),
@@ -349,3 +405,4 @@ def _split_launch(ctx: KernelContext, q, keys, bias, sinks, out, qk_scale: float
 
 for _name in ("attention.sliding", "attention.csa", "attention.hca"):
     register_kernel(_name)(attention)
+    register_kernel(_name + ".rows")(attention_rows)

@@ -11,7 +11,9 @@ The RMS norm of the pooled rows is then the ``rms_norm`` kernel.
 
 ``indexer.topk``: the scores ``I[b,t,s] = Σ_h w[b,t,h]·weights_scale·ReLU(q[b,t,h]·keys[b,s])·softmax_scale``
 come from a Triton kernel with the indexer heads on the GEMM's M axis (one query, a block of
-entries per program); ``top_indices`` then picks the k largest (``topk_config``: a bitwise search
+entries per program); ``indexer.topk.rows`` runs the same kernel reading each key from its pool row
+(a serving step's keys through its page tables, no gathered copy; a block of entries with no row
+skips its dot products); ``top_indices`` then picks the k largest (``topk_config``: a bitwise search
 for the k-th largest key + one compaction; a bitonic top-k as the tunable alternative).
 """
 
@@ -134,11 +136,11 @@ def compress(ctx: KernelContext, kv: torch.Tensor, score: torch.Tensor, norm_w: 
 
 @triton.jit
 def _index_scores_kernel(
-    q_ptr, k_ptr, w_ptr, future_ptr, out_ptr,
+    q_ptr, k_ptr, rows_ptr, w_ptr, future_ptr, out_ptr,
     H, C, softmax_scale, weights_scale,
-    sq_b, sq_s, sq_h, sq_d, sk_b, sk_c, sk_d, sw_b, sw_s, sw_h, sf_b, sf_s, sf_c,
+    sq_b, sq_s, sq_h, sq_d, sk_b, sk_c, sk_d, sr_b, sr_c, sw_b, sw_s, sw_h, sf_b, sf_s, sf_c,
     D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    ROWS: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_producers(PDL)
@@ -150,33 +152,49 @@ def _index_scores_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     q_base = q_ptr + b * sq_b + t * sq_s
-    k_rows = k_ptr + b * sk_b + offs_c * sk_c
+    if ROWS:  # entry c of query b is row rows[b, c] of the pool [M, D]; -1: a zero key
+        row = tl.load(rows_ptr + b * sr_b + offs_c * sr_c, mask=c_ok, other=-1).to(tl.int64)
+        c_ok = c_ok & (row >= 0)
+        k_rows = k_ptr + tl.maximum(row, 0) * sk_c
+    else:
+        k_rows = k_ptr + b * sk_b + offs_c * sk_c
 
     index = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        h_ok = (h0 + offs_h) < H
-        qk = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
-        for d0 in tl.static_range(0, D, BLOCK_D):
-            d_ok = (d0 + offs_d) < D
-            q = tl.load(q_base + (h0 + offs_h)[:, None] * sq_h + (d0 + offs_d)[None, :] * sq_d,
-                        mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-            k = tl.load(k_rows[:, None] + (d0 + offs_d)[None, :] * sk_d, mask=c_ok[:, None] & d_ok[None, :],
-                        other=0.0)
-            qk = tl.dot(dot_operand(q, INTERPRETER_BF16), tl.trans(dot_operand(k, INTERPRETER_BF16)), qk, input_precision=PRECISION)
-        w = tl.load(w_ptr + b * sw_b + t * sw_s + (h0 + offs_h) * sw_h, mask=h_ok, other=0.0).to(tl.float32)
-        index += tl.sum((tl.maximum(qk, 0.0) * softmax_scale) * (w * weights_scale)[:, None], axis=0)
+    if tl.max(c_ok.to(tl.int32), 0) > 0:  # a block of zero keys only (past a sequence's entries) scores 0
+        for h0 in range(0, H, BLOCK_H):
+            h_ok = (h0 + offs_h) < H
+            qk = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+            for d0 in tl.static_range(0, D, BLOCK_D):
+                d_ok = (d0 + offs_d) < D
+                q = tl.load(q_base + (h0 + offs_h)[:, None] * sq_h + (d0 + offs_d)[None, :] * sq_d,
+                            mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+                k = tl.load(k_rows[:, None] + (d0 + offs_d)[None, :] * sk_d, mask=c_ok[:, None] & d_ok[None, :],
+                            other=0.0)
+                qk = tl.dot(dot_operand(q, INTERPRETER_BF16), tl.trans(dot_operand(k, INTERPRETER_BF16)), qk,
+                            input_precision=PRECISION)
+            w = tl.load(w_ptr + b * sw_b + t * sw_s + (h0 + offs_h) * sw_h, mask=h_ok, other=0.0).to(tl.float32)
+            index += tl.sum((tl.maximum(qk, 0.0) * softmax_scale) * (w * weights_scale)[:, None], axis=0)
+    c_ok = offs_c < C
     future = tl.load(future_ptr + b * sf_b + t * sf_s + offs_c * sf_c, mask=c_ok, other=1)
     index = tl.where(future != 0, float("-inf"), index)
     tl.store(out_ptr + (b * tl.num_programs(1) + t) * C + offs_c, index, mask=c_ok)
 
 
 def index_scores(ctx: KernelContext, q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, future: torch.Tensor,
-                 softmax_scale: float, weights_scale: float) -> torch.Tensor:
+                 softmax_scale: float, weights_scale: float, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Masked index scores [B, S, C] in fp32; q [B, S, H, d], keys [B|1, C, d], w [B, S, H],
-    future (bool) broadcastable to [B, S, C]."""
+    future (bool) broadcastable to [B, S, C]. With ``rows`` [B, C] (S = 1), ``keys`` is a pool
+    [M, d] and entry c of query b is its row ``rows[b, c]`` (-1: a zero key)."""
     b, s, h, d = q.shape
-    c = keys.shape[1]
-    keys = keys.expand(b, c, d)
+    if rows is None:
+        c = keys.shape[1]
+        keys = keys.expand(b, c, d)
+        sk = (keys.stride(0), keys.stride(1), keys.stride(2))
+        sr = (0, 0)
+    else:
+        c = rows.shape[1]
+        sk = (0, keys.stride(0), keys.stride(1))
+        sr = (rows.stride(0), rows.stride(1))
     future = future.view(torch.uint8).expand(b, s, c)  # stride 0 where it broadcasts
     out = torch.empty((b, s, c), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -184,10 +202,10 @@ def index_scores(ctx: KernelContext, q: torch.Tensor, keys: torch.Tensor, w: tor
     target = ctx.target
     cfg = index_scores_config(h, d, q.dtype, target)
     _index_scores_kernel[(triton.cdiv(c, cfg.block_c), s, b)](
-        q, keys, w, future, out, h, c, float(softmax_scale), float(weights_scale),
-        q.stride(0), q.stride(1), q.stride(2), q.stride(3), keys.stride(0), keys.stride(1), keys.stride(2),
+        q, keys, rows if rows is not None else keys, w, future, out, h, c, float(softmax_scale), float(weights_scale),
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3), *sk, *sr,
         w.stride(0), w.stride(1), w.stride(2), future.stride(0), future.stride(1), future.stride(2),
-        D=d, BLOCK_H=cfg.block_h, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d,
+        D=d, BLOCK_H=cfg.block_h, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d, ROWS=rows is not None,
         PRECISION=dot_precision(q.dtype, target), INTERPRETER_BF16=interpreter_bf16(q.dtype),
         **cfg.launch.kwargs(ctx),
     )
@@ -215,6 +233,32 @@ def indexer_topk(ctx: KernelContext, q: torch.Tensor, keys: torch.Tensor, w: tor
         return NotImplemented
     future = future.reshape((1,) * (3 - future.dim()) + tuple(future.shape))
     scores = index_scores(ctx, q, keys, w, future, softmax_scale, weights_scale)
+    return top_indices(ctx, scores, k)
+
+
+@register_kernel("indexer.topk.rows")
+def indexer_topk_rows(ctx: KernelContext, q: torch.Tensor, pool: torch.Tensor, rows: torch.Tensor, w: torch.Tensor,
+                      future: torch.Tensor, *, k: int, softmax_scale: float, weights_scale: float) -> torch.Tensor:
+    """Launcher with ``IndexerTopkRows.reference``'s signature: the scores kernel reads each key
+    from the pool at its row. Declines q that is not [B, 1, H, d], a pool not [M, d] of q's dtype,
+    rows not integer [B, C] on q's device, w not [B, 1, H] and a future not bool broadcastable
+    to [B, 1, C]."""
+    if q.dim() != 4 or q.shape[1] != 1 or q.dtype not in _DTYPES or pool.dim() != 2 or pool.dtype != q.dtype:
+        return NotImplemented
+    b, s, h, d = q.shape
+    if pool.shape[1] != d or rows.dim() != 2 or rows.shape[0] != b or rows.dtype not in (torch.int32, torch.int64) \
+            or rows.device != q.device or pool.device != q.device or tuple(w.shape) != (b, s, h):
+        return NotImplemented
+    c = rows.shape[1]
+    if future.dtype != torch.bool or future.dim() > 3:
+        return NotImplemented
+    try:
+        if torch.broadcast_shapes(future.shape, (b, s, c)) != (b, s, c):
+            return NotImplemented
+    except RuntimeError:
+        return NotImplemented
+    future = future.reshape((1,) * (3 - future.dim()) + tuple(future.shape))
+    scores = index_scores(ctx, q, pool, w, future, softmax_scale, weights_scale, rows=rows)
     return top_indices(ctx, scores, k)
 
 
