@@ -47,14 +47,17 @@
 #                                                 # decode at ctx 65536 from a random state; graphed step device time (~6 min)
 #   bash benchmarks/device_session.sh moetopk     # #29: top-k kernel tests; chunked top-k vs torch on long rows; the prefill
 #                                                 # MoE's tile sweep vs its weight-read floor (~5 min)
+#   bash benchmarks/device_session.sh pagedreads  # #26: the .rows kernels' tests on the GPU; flash-slice --serving (bf16,
+#                                                 # ctx 65536) with keys read at their rows vs gathered copies
+#                                                 # (--no-fuse-paged-reads): concurrency 1, then 64 long prompts (~8 min)
 #
 # TARGET (default h200) names the target record the artifacts are compiled for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|c1|stepprof|serve26|serve26b|paged|first|long|moetopk) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|c1|stepprof|serve26|serve26b|paged|first|long|moetopk" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|c1|stepprof|serve26|serve26b|paged|first|long|moetopk|pagedreads) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|c1|stepprof|serve26|serve26b|paged|first|long|moetopk|pagedreads" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -96,6 +99,23 @@ case "$1" in
       timeout "$(left 240)" python benchmarks/profile_step.py --backends compiled --target "$target" --prompt "$ctx" \
         $synth --out "$out/prof_ctx$ctx.json" > "$out/prof_ctx$ctx.log" 2>&1
       grep -v Warn "$out/prof_ctx$ctx.log" | head -60 | cut -c1-160
+    done ;;
+  pagedreads)  # #26: keys read at their page-table rows (fuse_paged_reads) vs the gathered copies, same machine
+    timeout "$(left 120)" python -m pytest -q -p no:cacheprovider tests/backends/triton/test_attention_kernels.py \
+      tests/backends/triton/test_compress_kernels.py tests/backends/triton/test_serving_kernels.py -k "rows or engine" \
+      > "$out/pytest_rows.log" 2>&1; tail -1 "$out/pytest_rows.log" | cut -c1-200
+    for form in rows copies; do
+      art=/tmp/fs_serving_${form}_$target.ds4
+      flag=$([ "$form" = copies ] && echo --no-fuse-paged-reads)
+      timeout "$(left 110)" python -m ds4c.cli compile flash-slice --target "$target" --precision bf16 --serving \
+        --max-context 65536 $flag -o "$art" > "$out/compile_$form.log" 2>&1; tail -1 "$out/compile_$form.log" | cut -c1-160
+      timeout "$(left 90)" python -m ds4c.cli bench serve "$art" --device cuda --state-budget 24GB --requests 4 \
+        --concurrency 1 --prompt-len 512:512 --output-len 128:128 --compare none --overlap \
+        --json "$out/serve_c1_$form.json" > "$out/serve_c1_$form.log" 2>&1
+      grep -iE "tpot|ttft|prompt chunks" "$out/serve_c1_$form.log" | head -6 | cut -c1-180
+      timeout "$(left 120)" python -m ds4c.cli bench serve "$art" --device cuda --requests 64 --rate 100 \
+        --prompt-len 2048:16384 --output-len 32:128 --compare none --json "$out/serve_long_$form.json" \
+        > "$out/serve_long_$form.log" 2>&1; tail -8 "$out/serve_long_$form.log" | cut -c1-200
     done ;;
   c1)  # #26's concurrency 1 alone (~2.5 min): TPOT and TTFT (steps with prompt chunks) vs generate
     art=/tmp/fs_serving_$target.ds4

@@ -50,7 +50,7 @@ def test_inspect_lists_layers_weights_and_state(tiny):
     assert "CSA" in text and "HCA" in text and "sliding" in text and "hash MoE" in text
     # what the GPU lowering stage made, read from the artifact: 4 layers x (q, kv) norm+rope per entry point
     flat = " ".join(text.split())  # rich wraps long lines
-    assert "lowering lower_packed_weights -> fuse_norm_rope -> merge_sibling_linears" in flat, flat
+    assert "lowering lower_packed_weights -> fuse_norm_rope -> fuse_paged_reads -> merge_sibling_linears" in flat, flat
     assert "rms_norm.rope×" in flat and "moe.packed×" in flat, flat
     # the GPU runtime's static buffer plan, predicted on meta tensors at the compile plan's sizes
     assert "GPU activations (the compiled plan, evaluated by the runtime at each call's sizes; here at the plan's): @prefill (B=1, S=128)" in flat, flat
@@ -99,7 +99,8 @@ def test_flash_slice_compiles_small_with_referenced_weights(tmp_path):
 
 
 def test_compile_lowering_options_reach_the_compiler(monkeypatch, tmp_path):
-    """`--no-fuse-norm-rope`, `--no-merge-linears`, `--no-merge-packed`, `--no-pdl`: the lowering's compile options."""
+    """`--no-fuse-norm-rope`, `--no-fuse-paged-reads`, `--no-merge-linears`, `--no-merge-packed`, `--no-pdl`:
+    the lowering's compile options."""
     seen = {}
 
     def fake_compile(model, **kwargs):
@@ -109,8 +110,10 @@ def test_compile_lowering_options_reach_the_compiler(monkeypatch, tmp_path):
     monkeypatch.setattr(ds4c, "compile", fake_compile)
     out = str(tmp_path / "t.ds4")
     runner.invoke(app, ["compile", "tiny", "--target", "h100", "-o", out])
-    assert seen["lowering"] == {"fuse_norm_rope": True, "merge_linears": True, "merge_packed": True, "pdl": True}
+    assert seen["lowering"] == {"fuse_norm_rope": True, "fuse_paged_reads": True, "merge_linears": True, "merge_packed": True, "pdl": True}
     runner.invoke(app, ["compile", "tiny", "--target", "h100", "-o", out, "--no-fuse-norm-rope", "--no-merge-packed"])
-    assert seen["lowering"] == {"fuse_norm_rope": False, "merge_linears": True, "merge_packed": False, "pdl": True}
+    assert seen["lowering"] == {"fuse_norm_rope": False, "fuse_paged_reads": True, "merge_linears": True, "merge_packed": False, "pdl": True}
     runner.invoke(app, ["compile", "tiny", "--target", "h100", "-o", out, "--no-pdl"])
-    assert seen["lowering"] == {"fuse_norm_rope": True, "merge_linears": True, "merge_packed": True, "pdl": False}
+    assert seen["lowering"] == {"fuse_norm_rope": True, "fuse_paged_reads": True, "merge_linears": True, "merge_packed": True, "pdl": False}
+    runner.invoke(app, ["compile", "tiny", "--target", "h100", "-o", out, "--no-fuse-paged-reads"])
+    assert seen["lowering"]["fuse_paged_reads"] is False

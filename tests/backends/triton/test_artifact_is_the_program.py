@@ -27,7 +27,8 @@ def test_executor_runs_the_artifacts_ops_in_its_issue_order(target, tmp_path):
     path = tmp_path / f"tiny-{target}.ds4"
     ds4c.compile("tiny", target=target, precision="fp8", max_context=64, progress=False).save(path)
     manifest, program, container = read_artifact(path)
-    assert manifest["lowering"]["passes"] == ["lower_packed_weights", "fuse_norm_rope", "merge_sibling_linears"]
+    assert manifest["lowering"]["passes"] == ["lower_packed_weights", "fuse_norm_rope", "fuse_paged_reads",
+                                             "merge_sibling_linears"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = ds4c.load(path, device=device, backend="kernels", cuda_graphs=False, progress=False)
     assert set(model._executors) == set(program.graphs) >= {"prefill", "prefill_last", "decode"}

@@ -28,7 +28,7 @@ def test_inspect_shows_the_lowered_program_per_entry_point(tiny_fp8_artifact, mo
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
     assert "lowered program per entry point" in text
-    assert "lowering lower_packed_weights -> fuse_norm_rope -> merge_sibling_linears" in text
+    assert "lowering lower_packed_weights -> fuse_norm_rope -> fuse_paged_reads -> merge_sibling_linears" in text
 
     manifest, program, _ = read_artifact(tiny_fp8_artifact)
     wide = Console(width=2000, record=True)  # a row on one line

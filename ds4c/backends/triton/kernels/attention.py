@@ -71,18 +71,44 @@ def round_to(x, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
 
 
 @triton.jit
-def _key_rows(k_base, t_idx, t_ok, sk_t, rows_a, rows_b, pool_b, TA, spb, ROWS: tl.constexpr):
-    """(pointers to the block's keys [BLOCK_T], which of them to load). ``ROWS``: key ``t`` is row
-    ``rows_a[t]`` of the pool at ``k_base`` for ``t < TA``, else row ``rows_b[t - TA]`` of ``pool_b``;
-    a row of -1 is a zero key (not loaded). Otherwise key ``t`` is at ``k_base + t * sk_t``."""
-    if ROWS:
-        in_a = t_idx < TA
-        ra = tl.load(rows_a + t_idx, mask=t_ok & in_a, other=-1).to(tl.int64)
-        rb = tl.load(rows_b + (t_idx - TA), mask=t_ok & (t_idx >= TA), other=-1).to(tl.int64)
-        ptrs = tl.where(in_a, k_base + tl.maximum(ra, 0) * sk_t, pool_b + tl.maximum(rb, 0) * spb)
-        return ptrs, t_ok & (tl.where(in_a, ra, rb) >= 0)
-    else:
-        return k_base + t_idx * sk_t, t_ok
+def _last_visible(bias_row, sb_t, t_lo, t_hi, BLOCK_T: tl.constexpr):
+    """One past the last key in ``[t_lo, t_hi)`` whose bias (one query's row) is not -inf, rounded
+    up to a block and at most ``t_hi`` (``t_lo`` when none): the keys after it add exactly nothing (p = 0), so the T
+    loop stops there without a branch in it (a serving step's key lists run to the compiled
+    capacity; a short sequence's tail is all -inf). Reads the bias row only."""
+    offs_t = tl.arange(0, BLOCK_T)
+    last = tl.zeros([], dtype=tl.int32) + t_lo - 1
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        t_idx = t0 + offs_t
+        b = tl.load(bias_row + t_idx * sb_t, mask=t_idx < t_hi, other=float("-inf")).to(tl.float32)
+        last = tl.maximum(last, tl.max(tl.where(b > float("-inf"), t_idx, t_lo - 1), 0))
+    return tl.minimum(t_lo + tl.cdiv(last + 1 - t_lo, BLOCK_T) * BLOCK_T, t_hi)
+
+
+@triton.jit
+def _rows_segment(q_rows, row_ok, bias_rows, sb_t, keys, rows, sk_t, sk_d, t_from, t_to, t_base,
+                  m_i, l_i, acc, offs_dv, dv_ok, sq_d, qk_scale,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                  PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """Keys ``t`` in ``[t_from, t_to)`` of a list whose key ``t`` is row ``rows[t - t_base]`` of
+    ``keys`` (a pool [M, D] with row stride ``sk_t``; -1: a zero key, not loaded) into the running
+    ``(m_i, l_i, acc)``. One pool per loop: each key load's address is one indexed row of one
+    base, which Triton's pipeliner overlaps with the previous block's math (a ``where`` between two
+    pools' pointers made it load each block in turn)."""
+    offs_t = tl.arange(0, BLOCK_T)
+    for t0 in range(t_from, t_to, BLOCK_T):
+        t_idx = t0 + offs_t
+        t_ok = t_idx < t_to
+        bias = tl.load(bias_rows[:, None] + t_idx[None, :] * sb_t,
+                       mask=row_ok[:, None] & t_ok[None, :], other=float("-inf")).to(tl.float32)
+        row = tl.load(rows + (t_idx - t_base), mask=t_ok, other=-1).to(tl.int64)
+        k_ptrs = keys + tl.maximum(row, 0) * sk_t
+        k_ok = t_ok & (row >= 0)
+        qk = _qk_chunked(q_rows, row_ok, k_ptrs, k_ok, sq_d, sk_d,
+                         D, BLOCK_M, BLOCK_T, BLOCK_D, PRECISION, INTERPRETER_BF16)
+        m_i, l_i, acc = _online_softmax_step(qk, bias, m_i, l_i, acc, k_ptrs, k_ok, offs_dv, dv_ok,
+                                             sk_d, qk_scale, PRECISION, INTERPRETER_BF16)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -162,16 +188,25 @@ def _split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     t_lo = split * T_SPLIT
     t_hi = tl.minimum(T, t_lo + T_SPLIT)
-    for t0 in range(t_lo, t_hi, BLOCK_T):
-        t_idx = t0 + offs_t
-        t_ok = t_idx < t_hi
-        bias = tl.load(bias_rows[:, None] + t_idx[None, :] * sb_t,
-                       mask=row_ok[:, None] & t_ok[None, :], other=float("-inf")).to(tl.float32)
-        k_ptrs, k_ok = _key_rows(k_base, t_idx, t_ok, sk_t, rows_a, rows_b, pool_b_ptr, TA, spb, ROWS)
-        qk = _qk_chunked(q_rows, row_ok, k_ptrs, k_ok, sq_d, sk_d,
-                         D, BLOCK_M, BLOCK_T, BLOCK_D, PRECISION, INTERPRETER_BF16)
-        m_i, l_i, acc = _online_softmax_step(qk, bias, m_i, l_i, acc, k_ptrs, k_ok, offs_dv, dv_ok,
-                                             sk_d, qk_scale, PRECISION, INTERPRETER_BF16)
+    if ROWS:  # the first pool's rows, then the second's, up to the last visible key
+        t_end = _last_visible(bias_ptr + b * sb_b, sb_t, t_lo, t_hi, BLOCK_T)
+        m_i, l_i, acc = _rows_segment(q_rows, row_ok, bias_rows, sb_t, k_base, rows_a, sk_t, sk_d,
+                                      t_lo, tl.minimum(t_end, TA), 0, m_i, l_i, acc, offs_dv, dv_ok, sq_d, qk_scale,
+                                      D, BLOCK_M, BLOCK_T, BLOCK_D, PRECISION, INTERPRETER_BF16)
+        m_i, l_i, acc = _rows_segment(q_rows, row_ok, bias_rows, sb_t, pool_b_ptr, rows_b, spb, sk_d,
+                                      tl.maximum(t_lo, TA), t_end, TA, m_i, l_i, acc, offs_dv, dv_ok, sq_d, qk_scale,
+                                      D, BLOCK_M, BLOCK_T, BLOCK_D, PRECISION, INTERPRETER_BF16)
+    else:
+        for t0 in range(t_lo, t_hi, BLOCK_T):
+            t_idx = t0 + offs_t
+            t_ok = t_idx < t_hi
+            bias = tl.load(bias_rows[:, None] + t_idx[None, :] * sb_t,
+                           mask=row_ok[:, None] & t_ok[None, :], other=float("-inf")).to(tl.float32)
+            k_ptrs = k_base + t_idx * sk_t
+            qk = _qk_chunked(q_rows, row_ok, k_ptrs, t_ok, sq_d, sk_d,
+                             D, BLOCK_M, BLOCK_T, BLOCK_D, PRECISION, INTERPRETER_BF16)
+            m_i, l_i, acc = _online_softmax_step(qk, bias, m_i, l_i, acc, k_ptrs, t_ok, offs_dv, dv_ok,
+                                                 sk_d, qk_scale, PRECISION, INTERPRETER_BF16)
 
     part = (b * N_SPLIT + split) * (S * H) + rows  # [BLOCK_M] partial-row index
     tl.store(acc_ptr + part[:, None] * D + offs_dv[None, :], acc, mask=row_ok[:, None] & dv_ok[None, :])
@@ -261,25 +296,34 @@ def _attention_kernel(
         q_whole = tl.load(q_rows[:, None] + offs_d[None, :] * sq_d,
                           mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
 
-    for t0 in range(0, T, BLOCK_T):
-        t_idx = t0 + offs_t
-        t_ok = t_idx < T
-        bias = tl.load(bias_rows[:, None] + t_idx[None, :] * sb_t,
-                       mask=row_ok[:, None] & t_ok[None, :], other=float("-inf")).to(tl.float32)
-        live = True
-        if SKIP_MASKED:  # a block masked for every row adds exactly nothing: skip its GEMMs
-            live = tl.max(tl.max(bias, axis=1), axis=0) > float("-inf")
-        if live:
-            k_ptrs, k_ok = _key_rows(k_base, t_idx, t_ok, sk_t, rows_a, rows_b, pool_b_ptr, TA, spb, ROWS)
-            if D <= BLOCK_D:
-                k = tl.load(k_ptrs[:, None] + offs_d[None, :] * sk_d,
-                            mask=k_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                qk = tl.dot(dot_operand(q_whole, INTERPRETER_BF16), tl.trans(dot_operand(k, INTERPRETER_BF16)), input_precision=PRECISION)
-            else:
-                qk = _qk_chunked(q_rows, row_ok, k_ptrs, k_ok, sq_d, sk_d,
-                                 D, BLOCK_M, BLOCK_T, BLOCK_D, PRECISION, INTERPRETER_BF16)
-            m_i, l_i, acc = _online_softmax_step(qk, bias, m_i, l_i, acc, k_ptrs, k_ok, offs_dv, dv_ok,
-                                                 sk_d, qk_scale, PRECISION, INTERPRETER_BF16)
+    if ROWS:  # the first pool's rows, then the second's, up to the last visible key (S = 1)
+        t_end = _last_visible(bias_ptr + b * sb_b, sb_t, 0, T, BLOCK_T)
+        m_i, l_i, acc = _rows_segment(q_rows, row_ok, bias_rows, sb_t, k_base, rows_a, sk_t, sk_d,
+                                      0, tl.minimum(t_end, TA), 0, m_i, l_i, acc, offs_dv, dv_ok, sq_d, qk_scale,
+                                      D, BLOCK_M, BLOCK_T, BLOCK_D, PRECISION, INTERPRETER_BF16)
+        m_i, l_i, acc = _rows_segment(q_rows, row_ok, bias_rows, sb_t, pool_b_ptr, rows_b, spb, sk_d,
+                                      TA, t_end, TA, m_i, l_i, acc, offs_dv, dv_ok, sq_d, qk_scale,
+                                      D, BLOCK_M, BLOCK_T, BLOCK_D, PRECISION, INTERPRETER_BF16)
+    else:
+        for t0 in range(0, T, BLOCK_T):
+            t_idx = t0 + offs_t
+            t_ok = t_idx < T
+            bias = tl.load(bias_rows[:, None] + t_idx[None, :] * sb_t,
+                           mask=row_ok[:, None] & t_ok[None, :], other=float("-inf")).to(tl.float32)
+            live = True
+            if SKIP_MASKED:  # a block masked for every row adds exactly nothing: skip its GEMMs
+                live = tl.max(tl.max(bias, axis=1), axis=0) > float("-inf")
+            if live:
+                k_ptrs = k_base + t_idx * sk_t
+                if D <= BLOCK_D:
+                    k = tl.load(k_ptrs[:, None] + offs_d[None, :] * sk_d,
+                                mask=t_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                    qk = tl.dot(dot_operand(q_whole, INTERPRETER_BF16), tl.trans(dot_operand(k, INTERPRETER_BF16)), input_precision=PRECISION)
+                else:
+                    qk = _qk_chunked(q_rows, row_ok, k_ptrs, t_ok, sq_d, sk_d,
+                                     D, BLOCK_M, BLOCK_T, BLOCK_D, PRECISION, INTERPRETER_BF16)
+                m_i, l_i, acc = _online_softmax_step(qk, bias, m_i, l_i, acc, k_ptrs, t_ok, offs_dv, dv_ok,
+                                                     sk_d, qk_scale, PRECISION, INTERPRETER_BF16)
 
     out = acc / l_i[:, None]
     out_ptrs = out_ptr + b * so_b + (h_idx * so_h + s_idx * so_s)[:, None] + offs_dv[None, :] * so_d
@@ -310,9 +354,11 @@ def attention_rows(ctx: KernelContext, q: torch.Tensor, pool_a: torch.Tensor, ro
                    scale: float) -> torch.Tensor:
     """Launcher with ``AttentionRows.reference``'s signature: the kernels read key ``t`` of query
     ``b`` from its pool row (``rows_a[b, t]``, then ``rows_b[b, t - Ta]``; -1 a zero key) instead of
-    a gathered copy. Declines pools that are not [M, D] of q's dtype with unit channel stride and
-    rows that are not contiguous int64 [B, T] on q's device."""
-    if q.dim() != 4 or bias.dim() != 4 or q.dtype not in _DTYPES or not q.device == bias.device:
+    a gathered copy, and stop at each query's last key whose bias is not -inf (its list's tail,
+    past its sequence's entries, adds nothing). Declines q with more than one query per batch row
+    (the serving form has one: B tokens, S = 1), pools that are not [M, D] of q's dtype with unit
+    channel stride and rows that are not contiguous int64 [B, T] on q's device."""
+    if q.dim() != 4 or q.shape[2] != 1 or bias.dim() != 4 or q.dtype not in _DTYPES or not q.device == bias.device:
         return NotImplemented
     b, h, s, d = q.shape
     pairs = [(pool_a, rows_a)] + ([(pool_b, rows_b)] if pool_b is not None or rows_b is not None else [])
@@ -338,6 +384,8 @@ def _launch(ctx: KernelContext, q, keys, key_strides, t: int, rows, bias, sinks,
     out = result_buffer(0, (b, h, s, d), q.dtype, q.device)
     if out.numel() == 0:
         return out
+    # skip blocks masked for every row: with S > 1 (causal prefill), and for keys read at rows (a
+    # serving step's lists run to the compiled capacity; a short sequence's tail is all -inf)
     skip_masked = s > 1
     target = ctx.target
     cfg = attention_config(d, q.dtype, skip_masked, target)
