@@ -48,7 +48,15 @@ import torch
 
 from ds4c.errors import ArtifactError, Ds4cError, InputError
 from ds4c.models.deepseek_v4.model import MTP_STEP_INPUTS
-from ds4c.models.deepseek_v4.paged import POOL_KINDS, PageLayout, all_pools, page_bytes, size_pools
+from ds4c.models.deepseek_v4.paged import (
+    POOL_KINDS,
+    PageLayout,
+    all_pools,
+    default_buckets,
+    page_bytes,
+    size_pools,
+    token_buckets,  # noqa: F401 - the default token buckets, named here too
+)
 from ds4c.runtime.pages import PagePool, Pools, RequestPages
 from ds4c.runtime.prefix_cache import PrefixCache
 from ds4c.runtime.sampling import SamplerState, SamplingParams, finish_reasons, sample
@@ -226,16 +234,6 @@ def mtp_args(batch: StepBatch) -> tuple[torch.Tensor, ...]:
     return tuple(getattr(batch, name) for name in MTP_STEP_INPUTS)
 
 
-def token_buckets(most: int, base: int = 0) -> list[int]:
-    """The default token buckets of steps with prompt chunks, up to ``most`` rows: ``base`` (the
-    rows every step has anyway: one per padding sequence when few requests run) plus powers of two
-    from 64 and the halfway points between them (96, 192, 384, ...), then ``most``; a step pads its
-    rows beyond ``base`` to at most 1.5x (one prompt of 512 tokens with 64 padding sequences runs in
-    576 rows, not 768)."""
-    sizes = [base + b for i in range(6, most.bit_length()) for b in (1 << i, 3 << (i - 1))]
-    return sorted({*(b for b in sizes if b < most), most})
-
-
 class CompiledStepRunner(MTPRows):
     """An artifact's serving entry points over pools allocated here, on the artifact's device.
 
@@ -312,13 +310,10 @@ class CompiledStepRunner(MTPRows):
         self._graphing = (model.device.type == "cuda" and getattr(model, "cuda_graphs", False)
                           and getattr(model, "backend", "reference") != "reference")
         top = max_running or batch["max_running"]
-        self.step_seqs = top + 1  # sequences of a padded ragged_step: one more than can run, for the padding
+        default_decode, default_steps, self.step_seqs = default_buckets(top, max_step_tokens or batch["max_step_tokens"])
         if self._graphing:
-            if decode_buckets is None:
-                decode_buckets = sorted({*(1 << i for i in range(top.bit_length()) if 1 << i <= top), top})
-            if step_buckets is None:
-                most = (max_step_tokens or batch["max_step_tokens"]) + self.step_seqs
-                step_buckets = token_buckets(most, base=self.step_seqs - 1)  # a step holds >= 1 sequence
+            decode_buckets = default_decode if decode_buckets is None else decode_buckets
+            step_buckets = default_steps if step_buckets is None else step_buckets
         for name, given in (("decode_buckets", decode_buckets), ("step_buckets", step_buckets)):
             if given is not None and not all(isinstance(b, int) and b >= 1 for b in given):
                 raise InputError(f"CompiledStepRunner({name}={given!r}): give sizes >= 1")

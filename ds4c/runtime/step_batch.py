@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ds4c.models.deepseek_v4.paged import EMIT_KINDS, padded_sizes
 from ds4c.runtime.pages import RequestPages
 
-__all__ = ["Chunk", "StepBatch", "build_step"]
+__all__ = ["Chunk", "StepBatch", "build_step", "pad_step", "padded_sizes"]
 
-_EMIT_KINDS = {"emit_csa": "compressed_sparse_attention", "emit_hca": "heavily_compressed_attention"}
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def build_step(chunks: Sequence[Chunk], rates: dict[str, int], device: torch.dev
         logit_rows.extend(row + i for i in picked)
         owners.extend((r, chunk.start + i) for i in picked)
     emits = {}
-    for name, kind in _EMIT_KINDS.items():
+    for name, kind in EMIT_KINDS.items():
         m = rates.get(kind, 0)
         emits[name] = [t for t, p in enumerate(positions) if m and (p + 1) % m == 0 and p >= emit_from[t]]
 
@@ -124,19 +124,6 @@ def build_step(chunks: Sequence[Chunk], rates: dict[str, int], device: torch.dev
         comp_table=ints([c.pages.comp_row for c in chunks], torch.int32),
         slot=ints([c.pages.slot for c in chunks]), emit_csa=ints(emits["emit_csa"]), emit_hca=ints(emits["emit_hca"]),
         logit_owners=tuple(owners))
-
-
-def padded_sizes(tokens: int, seqs: int, rates: dict[str, int], logits: int | None = None) -> dict[str, int]:
-    """The first-axis sizes of a step padded to ``tokens`` rows, ``seqs`` sequences and ``logits``
-    logits rows (default ``seqs``): what ``pad_step`` makes and a graph of that bucket is captured
-    for. A chunk of n rows closes at most ``n // m + 1`` windows of rate m, so ``tokens // m + seqs``
-    emit entries cover any step."""
-    def emits(kind: str) -> int:
-        m = rates.get(kind, 0)
-        return tokens // m + seqs if m else 1
-
-    return {"N": tokens, "R": seqs, "L": seqs if logits is None else logits, "Ec": emits(_EMIT_KINDS["emit_csa"]),
-            "Eh": emits(_EMIT_KINDS["emit_hca"])}
 
 
 def pad_step(batch: StepBatch, tokens: int, seqs: int, rates: dict[str, int],

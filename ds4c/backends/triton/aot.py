@@ -3,7 +3,8 @@ hsaco for gfx942 / gfx950), built without a GPU.
 
 ``lower(target, program)`` is the backend hook ``ds4c.backends.lower_kernels`` calls after the pass
 pipeline. It finds every launch the kernel backend will make for the program (decode at batch 1,
-prefill at batch 1 and ``launches.PREFILL_LENGTHS`` tokens; see ``ds4c.backends.triton.launches``)
+prefill at batch 1 and ``launches.PREFILL_LENGTHS`` tokens, and with serving entry points the
+engine's steps in each of its buckets; see ``ds4c.backends.triton.launches``)
 and compiles each with ``triton.compile`` for ``GPUTarget(*target.triton_target)``, with the
 target's kernel configurations (``kernels/configs.py``). The artifact then holds:
 
@@ -115,7 +116,7 @@ def lower(target: Target, program: Program, *, progress: bool | None = None,
     launch with programmatic dependent launch, as ``ds4c.load`` then launches them)."""
     from safetensors.torch import save
 
-    from ds4c.backends.triton.launches import DECODE_BATCH, prefill_lengths
+    from ds4c.backends.triton.launches import DECODE_BATCH, prefill_lengths, serving_runs
     from ds4c.ir.printer import print_graph
 
     if target.triton_target is None:
@@ -129,6 +130,9 @@ def lower(target: Target, program: Program, *, progress: bool | None = None,
         "state": program.attrs.get("state", []),
         "prefill_lengths": lengths,
         "pdl": bool({**LOWERING_OPTIONS, **(options or {})}["pdl"]),
+        # the engine's steps (their buckets come from the batch record, their pools from the plan)
+        "serving": ({**program.attrs["serving"], "pages": program.attrs["serving_pages"]}
+                    if program.attrs.get("serving") and program.attrs.get("serving_pages") else None),
     }
     consts = {name: save({k: v.contiguous() for k, v in g.constants.items()}) for name, g in program.graphs.items()}
     key = hashlib.sha256(json.dumps([request, triton_version(), sorted((k, hashlib.sha256(v).hexdigest())
@@ -190,7 +194,9 @@ def lower(target: Target, program: Program, *, progress: bool | None = None,
         "binary_format": BINARY_SUFFIX[backend].lstrip("."),
         "sources": section_sources,
         "specialised_for": {"decode_batch": DECODE_BATCH, "prefill_batch": 1, "prefill_lengths": lengths,
-                            "pdl": request["pdl"]},
+                            "pdl": request["pdl"],
+                            **({"serving_steps": [[e, s] for e, s in serving_runs(program.graphs, request["serving"])]}
+                               if request["serving"] else {})},
         "binaries": binaries,
     }
     _CACHE[cache_key] = (section, members)
@@ -284,7 +290,8 @@ def _worker(tmpdir: Path, index: int, count: int) -> None:
     target = Target.from_dict(request["target"])
     graphs = {name: parse_graph(text, load((tmpdir / f"{name}.safetensors").read_bytes()))
               for name, text in request["ir"].items()}
-    launches = record_launches(graphs, request["state"], target, request["prefill_lengths"], pdl=request["pdl"])
+    launches = record_launches(graphs, request["state"], target, request["prefill_lengths"], pdl=request["pdl"],
+                               serving=request.get("serving"))
     print(json.dumps({"total": len(launches)}), flush=True)
     gpu_target = GPUTarget(*target.triton_target)
     backend = target.triton_target[0]

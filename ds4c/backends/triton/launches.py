@@ -47,6 +47,9 @@ DECODE_BATCH = 1
 # (``prefill_lengths``). Other lengths may add specialisations, which the JIT compiles once on
 # first use and caches.
 PREFILL_LENGTHS = (128, 64, 37)
+# An artifact with serving entry points also records the engine's steps (``serving_runs``): each
+# decode bucket and token bucket it captures at start, with the step's input buffers laid out as
+# the engine holds them (one blob per dtype), so its start compiles nothing either.
 
 
 def prefill_lengths(max_context: int | None) -> list[int]:
@@ -124,12 +127,51 @@ def meta_params(graphs: Mapping[str, Graph]) -> dict[str, torch.Tensor]:
     return {gi.value.name: _meta(gi.value.type, {}) for g in graphs.values() for gi in g.inputs if gi.kind == "param"}
 
 
+def _packed_meta(inputs: Mapping[str, torch.Tensor], order: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``inputs`` as views of one meta blob per dtype, in ``order``: the layout of a serving step's
+    static input buffers (``runtime.executor.GraphedServingStep``: one device blob per dtype, one
+    copy per step), so pointer alignments, which Triton specialises on, are the ones it launches with."""
+    names = [k for k in order if k in inputs] + [k for k in inputs if k not in order]
+    out: dict[str, torch.Tensor] = {}
+    for dtype in dict.fromkeys(inputs[k].dtype for k in names):
+        group = [k for k in names if inputs[k].dtype == dtype]
+        blob = torch.empty(sum(inputs[k].numel() for k in group), dtype=dtype, device="meta")
+        at = 0
+        for k in group:
+            out[k] = blob[at:at + inputs[k].numel()].view(inputs[k].shape)
+            at += inputs[k].numel()
+    return {k: out[k] for k in inputs}
+
+
+def serving_runs(graphs: Mapping[str, Graph], serving: Mapping[str, Any] | None) -> list[tuple[str, dict[str, int]]]:
+    """The serving steps an engine captures at start (``default_buckets`` of the artifact's batch
+    record: ``ragged_decode`` per decode bucket, ``ragged_step`` per token bucket, padded as
+    ``step_batch.pad_step`` pads them), as (entry point, sizes of its symbolic dims, pools
+    included); none without serving entry points."""
+    from ds4c.models.deepseek_v4.paged import default_buckets, padded_sizes
+
+    if not serving or not serving.get("pages") or not {"ragged_decode", "ragged_step"} & set(graphs):
+        return []
+    batch, pages = serving["batch"], serving["pages"]["pages"]
+    pools = {"PW": int(pages["window"]), "PC": int(pages["compressed"]), "SLOTS": int(pages["slots"])}
+    decode, steps, seqs = default_buckets(int(batch["max_running"]), int(batch["max_step_tokens"]))
+    runs: list[tuple[str, dict[str, int]]] = []
+    if "ragged_decode" in graphs:
+        runs += [("ragged_decode", {"R": r, **pools}) for r in decode]
+    if "ragged_step" in graphs:
+        runs += [("ragged_step", {**padded_sizes(n, seqs, dict(serving["rates"])), **pools}) for n in steps]
+    return runs
+
+
 def record_launches(graphs: Mapping[str, Graph], state_layout: Sequence[Mapping[str, Any]], target: Target,
-                    prefill_lengths: Sequence[int] = PREFILL_LENGTHS, *, pdl: bool) -> list[Launch]:
+                    prefill_lengths: Sequence[int] = PREFILL_LENGTHS, *, pdl: bool,
+                    serving: Mapping[str, Any] | None = None) -> list[Launch]:
     """The distinct launches of the kernel backend running ``graphs`` for ``target`` with the
     artifact's compile option ``pdl``: decode at batch 1, prefill at batch 1 and each of
-    ``prefill_lengths``; sorted, so every process agrees. The graphs are the artifact's, lowered for
-    the target: what ``ds4c.load`` runs."""
+    ``prefill_lengths``, and with the manifest's ``serving`` record the engine's steps in each of
+    their buckets (``serving_runs``; the speculative entry points are left to the JIT); sorted, so
+    every process agrees. The graphs are the artifact's, lowered for the target: what
+    ``ds4c.load`` and ``ds4c.Engine`` run."""
     from triton.backends.compiler import GPUTarget
 
     from ds4c.backends.triton.executor import KernelExecutor
@@ -147,14 +189,19 @@ def record_launches(graphs: Mapping[str, Graph], state_layout: Sequence[Mapping[
         runs.append(("decode", {"B": DECODE_BATCH}))
     if "prefill" in graphs:
         runs += [("prefill", {"B": 1, "S": int(n)}) for n in prefill_lengths]
+    runs += serving_runs(graphs, serving)
     found: dict[tuple[str, str], set[str]] = {}
     for entry, sizes in runs:
         g = graphs[entry]
         inputs = {gi.value.name: _meta(gi.value.type, sizes) for gi in g.inputs if gi.kind == "input"}
+        if entry not in ("decode", "prefill"):  # as the engine's graphs hold them (alignment specialises)
+            inputs = _packed_meta(inputs, (serving or {}).get("inputs", {}).get(entry, list(inputs)))
+        pools = {gi.value.name: _meta(gi.value.type, sizes) for gi in g.inputs if gi.kind == "state"}
         executor = KernelExecutor(g, "meta", context=context)
         sink: list[tuple[str, str]] = []
         with _recording(GPUTarget(*target.triton_target), sink):
-            _run_noting_ops(executor, inputs, weights, state, sink, found)
+            _run_noting_ops(executor, inputs, weights, state if entry in ("decode", "prefill") else pools, sink,
+                            found)
     return sorted((Launch(fn, spec, tuple(sorted(ops))) for (fn, spec), ops in found.items()),
                   key=lambda la: (la.function, la.specialization))
 

@@ -35,8 +35,8 @@ import torch
 
 import ds4c.ops.paged  # noqa: F401 - registers the paged addressing ops (torch.ops.ds4c.paged_rows, ...)
 
-__all__ = ["PageLayout", "StepIndex", "all_pools", "gather_rows", "page_bytes", "pool_capacity", "serving_layout",
-           "size_pools"]
+__all__ = ["EMIT_KINDS", "PageLayout", "StepIndex", "all_pools", "default_buckets", "gather_rows", "padded_sizes",
+           "page_bytes", "pool_capacity", "serving_layout", "size_pools", "token_buckets"]
 
 
 @dataclass(frozen=True)
@@ -190,6 +190,48 @@ class StepIndex:
         return torch.ops.ds4c.window_index(emit, self.positions, self.token_seq, self.seq_first, self.slot,
                                            self.comp_table, ratio=ratio, span=span, ring_rows=ring_rows,
                                            page=per_page)
+
+
+# -- the engine's buckets ----------------------------------------------------------------------------
+# Steps run padded to a few sizes (CUDA graphs are captured per size at engine start, and kernels
+# are compiled ahead of time for them): the runtime pads to them (``ds4c.runtime.step_batch``), the
+# compiler records their kernel launches (``ds4c.backends.triton.launches``).
+
+EMIT_KINDS = {"emit_csa": "compressed_sparse_attention", "emit_hca": "heavily_compressed_attention"}
+
+
+def token_buckets(most: int, base: int = 0) -> list[int]:
+    """The default token buckets of steps with prompt chunks, up to ``most`` rows: ``base`` (the
+    rows every step has anyway: one per padding sequence when few requests run) plus powers of two
+    from 64 and the halfway points between them (96, 192, 384, ...), then ``most``; a step pads its
+    rows beyond ``base`` to at most 1.5x (one prompt of 512 tokens with 64 padding sequences runs in
+    576 rows, not 768)."""
+    sizes = [base + b for i in range(6, most.bit_length()) for b in (1 << i, 3 << (i - 1))]
+    return sorted({*(b for b in sizes if b < most), most})
+
+
+def default_buckets(max_running: int, max_step_tokens: int) -> tuple[list[int], list[int], int]:
+    """(decode buckets, token buckets of steps with prompt chunks, sequences of such a step) of an
+    engine running at most ``max_running`` requests and ``max_step_tokens`` tokens a step: decode
+    steps at the powers of two up to max_running and max_running; steps with chunks hold max_running
+    + 1 sequences (one for the padding) in ``token_buckets`` rows from that many up."""
+    seqs = max_running + 1
+    decode = sorted({*(1 << i for i in range(max_running.bit_length()) if 1 << i <= max_running), max_running})
+    steps = [b for b in token_buckets(max_step_tokens + seqs, base=seqs - 1) if b >= seqs]
+    return decode, steps, seqs
+
+
+def padded_sizes(tokens: int, seqs: int, rates: dict[str, int], logits: int | None = None) -> dict[str, int]:
+    """The first-axis sizes of a step padded to ``tokens`` rows, ``seqs`` sequences and ``logits``
+    logits rows (default ``seqs``): what ``step_batch.pad_step`` makes and a graph of that bucket
+    is captured for. A chunk of n rows closes at most ``n // m + 1`` windows of rate m, so
+    ``tokens // m + seqs`` emit entries cover any step."""
+    def emits(kind: str) -> int:
+        m = rates.get(kind, 0)
+        return tokens // m + seqs if m else 1
+
+    return {"N": tokens, "R": seqs, "L": seqs if logits is None else logits, "Ec": emits(EMIT_KINDS["emit_csa"]),
+            "Eh": emits(EMIT_KINDS["emit_hca"])}
 
 
 def gather_window(rows: torch.Tensor, ring: torch.Tensor, sources: torch.Tensor, overlap: int = 0) -> torch.Tensor:

@@ -290,3 +290,28 @@ def test_ptxas_settled_before_keys_are_made(monkeypatch, tmp_path):
                         lambda: os.environ.setdefault("TRITON_PTXAS_PATH", str(ptxas)))
     assert aot._worker_env()["TRITON_PTXAS_PATH"] == str(ptxas)
     assert aot.pin_ptxas() == str(ptxas)
+
+
+@pytest.mark.slow
+def test_serving_steps_compile_ahead_of_time_in_the_engines_buckets(tmp_path):
+    """A ``--serving`` artifact holds the binaries of the engine's steps too (each decode bucket
+    and token bucket of ``default_buckets``, inputs laid out as the engine's step buffers hold
+    them), so an engine's start captures its graphs without compiling them; the serving-only ops
+    (paged addressing, keys read at their rows) are among them."""
+    from ds4c.models.deepseek_v4.paged import default_buckets
+
+    serving = {"max_running": 4, "max_chunk": 32, "max_step_tokens": 48}
+    art = ds4c.compile("tiny", target="h100", precision="bf16", max_context=128, progress=False, serving=serving,
+                       kernel_binaries=True)
+    section = art.manifest["kernels"]
+    steps = section["specialised_for"]["serving_steps"]
+    decode, tokens, seqs = default_buckets(4, 48)
+    assert [s["R"] for e, s in steps if e == "ragged_decode"] == decode == [1, 2, 4]
+    assert [s["N"] for e, s in steps if e == "ragged_step"] == tokens and seqs == 5
+    assert all(s["PC"] == art.manifest["serving"]["pages"]["pages"]["compressed"] for _, s in steps)
+    ops = {op for b in section["binaries"] for op in b["ops"]}
+    assert {"attention.sliding.rows", "attention.csa.rows", "attention.hca.rows", "indexer.topk.rows", "paged.rows",
+            "paged.window_index", "paged.window_gather", "paged.ring_rows", "compress.rows", "moe"} <= ops
+    plain = ds4c.compile("tiny", target="h100", precision="bf16", max_context=128, progress=False, kernel_binaries=True)
+    assert "serving_steps" not in plain.manifest["kernels"]["specialised_for"]
+    assert len(section["binaries"]) > len(plain.manifest["kernels"]["binaries"])
