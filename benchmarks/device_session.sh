@@ -42,7 +42,9 @@
 #                                                 # multi-turn workload with and without the prefix cache, TPOT at
 #                                                 # concurrency 1, a saturating trace vs static batches (~9 min)
 #   bash benchmarks/device_session.sh first       # #29: flash-slice's first token after load vs steady (2048-token
-#                                                 # prompt), Triton / Inductor compilations counted (~4 min)
+#                                                 # prompt), Triton / Inductor compilations counted; then an Engine's
+#                                                 # start (every bucket captured) and first request, compilations
+#                                                 # counted apart (~5 min)
 #   bash benchmarks/device_session.sh long        # #29: per-kernel profiles (compiled, bf16, B=1): prefill + decode at ctx 2048,
 #                                                 # decode at ctx 65536 from a random state; graphed step device time (~6 min)
 #   bash benchmarks/device_session.sh moetopk     # #29: top-k kernel tests; chunked top-k vs torch on long rows; the prefill
@@ -165,7 +167,7 @@ case "$1" in
       --output-len 64:512 --compare none --json "$out/serve_rate_8k.json" > "$out/serve_rate_8k.log" 2>&1
     tail -8 "$out/serve_rate_8k.log" | cut -c1-200 ;;
   first)
-    timeout "$(left 560)" python benchmarks/first_call.py --target "$target" --out "$out/first_call.json" \
+    timeout "$(left 560)" python benchmarks/first_call.py --target "$target" --serving --out "$out/first_call.json" \
       > "$out/first_call.log" 2>&1; echo "rc=$?"; grep -v Warn "$out/first_call.log" | tail -30 | cut -c1-300 ;;
   spec)
     timeout 560 python benchmarks/speculative.py --target "$target" --out "$out/speculative.json" \
