@@ -249,6 +249,7 @@ def run(
 ) -> None:
     """Load ARTIFACT and greedily generate tokens."""
     import ds4c
+    from ds4c.distributed.runtime import leave
     from ds4c.runtime.model import as_token_ids, is_ragged
     from ds4c.runtime.tokenizer import tokenizer_for
 
@@ -278,6 +279,7 @@ def run(
             engine = ds4c.Engine(model, speculative=speculative)
             if engine.rank:  # a sharded artifact's other ranks run rank 0's steps; rank 0 prints
                 engine.follow()
+                leave()
                 return
             new_ids = engine.generate(rows, ds4c.SamplingParams(max_new_tokens=max_new_tokens))
             accepted = engine.stats()["acceptance_length"]
@@ -288,6 +290,7 @@ def run(
     except Ds4cError as e:
         _fail(e)
     if model.manifest.get("rank", 0):  # a sharded artifact's other ranks: rank 0 prints
+        leave()
         return
     for i, ids in enumerate(rows):
         row = f" (row {i})" if len(rows) > 1 else ""
@@ -302,6 +305,7 @@ def run(
     line = buffer_plan_line(model.buffer_plans())
     if line:
         console.print(line)
+    leave()  # a sharded artifact's ranks: all here, then the group torn down (a no-op otherwise)
 
 
 def buffer_plan_line(plans: dict) -> str:

@@ -23,13 +23,14 @@ import torch
 from ds4c.distributed.mesh import Mesh
 from ds4c.errors import ConfigError
 
-__all__ = ["DEFAULT_TIMEOUT_S", "MULTICAST_OFF", "join"]
+__all__ = ["DEFAULT_TIMEOUT_S", "MULTICAST_OFF", "join", "leave"]
 
 DEFAULT_TIMEOUT_S = 120.0
 # NVLink multicast stays off in every worker (it can take a shared host's GPUs out of service)
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 _joined: dict[tuple[int, int], dict[str, Any]] = {}
+_initialised_here = False  # join made the default process group (leave may destroy it)
 
 
 def join(mesh: Mesh, device: torch.device, *, timeout_s: float | None = None,
@@ -55,6 +56,8 @@ def join(mesh: Mesh, device: torch.device, *, timeout_s: float | None = None,
             torch.cuda.set_device(device)
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout),
                                 **({"device_id": device} if device.type == "cuda" else {}))
+        global _initialised_here
+        _initialised_here = True
     world, rank = dist.get_world_size(), dist.get_rank()
     if world != mesh.world:
         raise ConfigError(f"{where} is sharded over {mesh.world} ranks (mesh {mesh}), but {world} processes were "
@@ -71,3 +74,23 @@ def join(mesh: Mesh, device: torch.device, *, timeout_s: float | None = None,
         _joined[key] = groups
     use_mesh(_joined[key])
     return rank, device
+
+
+def leave() -> None:
+    """End this rank's part cleanly: wait until every rank is here (none is still inside a
+    collective), then tear the process group down (the one ``join`` made; a process that made its
+    own keeps it). Without it the ranks exited at their own pace and gloo's connections closed
+    under a peer still reading them: now and then a rank aborted at exit (SIGABRT) after a run that
+    had succeeded. A peer that is gone already makes the barrier fail: then only tear down."""
+    import torch.distributed as dist
+
+    global _initialised_here
+    if not (_initialised_here and dist.is_initialized()):
+        return
+    try:
+        dist.barrier()
+    except RuntimeError:
+        pass
+    dist.destroy_process_group()
+    _joined.clear()
+    _initialised_here = False
