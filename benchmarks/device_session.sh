@@ -49,6 +49,9 @@
 #                                                 # decode at ctx 65536 from a random state; graphed step device time (~6 min)
 #   bash benchmarks/device_session.sh moetopk     # #29: top-k kernel tests; chunked top-k vs torch on long rows; the prefill
 #                                                 # MoE's tile sweep vs its weight-read floor (~5 min)
+#   bash benchmarks/device_session.sh batchab     # #26: the 256-request trace on flash-slice --serving (bf16) compiled for
+#                                                 # max_running 64 (default), 128 and 256: does a bigger batch of
+#                                                 # decodes per expert read pay for its padding? (~9 min)
 #   bash benchmarks/device_session.sh pagedreads  # #26: the .rows kernels' tests on the GPU; flash-slice --serving (bf16,
 #                                                 # ctx 65536) with keys read at their rows vs gathered copies
 #                                                 # (--no-fuse-paged-reads): concurrency 1, then 64 long prompts (~8 min)
@@ -58,8 +61,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|c1|stepprof|serve26|serve26b|paged|first|long|moetopk|pagedreads) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|c1|stepprof|serve26|serve26b|paged|first|long|moetopk|pagedreads" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|c1|stepprof|serve26|serve26b|paged|first|long|moetopk|pagedreads|batchab) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|c1|stepprof|serve26|serve26b|paged|first|long|moetopk|pagedreads|batchab" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -101,6 +104,16 @@ case "$1" in
       timeout "$(left 240)" python benchmarks/profile_step.py --backends compiled --target "$target" --prompt "$ctx" \
         $synth --out "$out/prof_ctx$ctx.json" > "$out/prof_ctx$ctx.log" 2>&1
       grep -v Warn "$out/prof_ctx$ctx.log" | head -60 | cut -c1-160
+    done ;;
+  batchab)  # #26: max_running 64 / 128 / 256 on the saturating trace, engine only, same machine
+    for mr in 64 128 256; do
+      art=/tmp/fs_serving_mr${mr}_$target.ds4
+      timeout "$(left 100)" python -m ds4c.cli compile flash-slice --target "$target" --precision bf16 --serving \
+        --max-context 8192 --serving-opt max_running=$mr -o "$art" > "$out/compile_mr$mr.log" 2>&1
+      tail -1 "$out/compile_mr$mr.log" | cut -c1-120
+      timeout "$(left 170)" python -m ds4c.cli bench serve "$art" --device cuda --requests 256 --rate 100 \
+        --prompt-len 128:4096 --output-len 64:512 --compare none --json "$out/serve_rate_mr$mr.json" \
+        > "$out/serve_rate_mr$mr.log" 2>&1; tail -6 "$out/serve_rate_mr$mr.log" | cut -c1-200
     done ;;
   pagedreads)  # #26: keys read at their page-table rows (fuse_paged_reads) vs the gathered copies, same machine
     timeout "$(left 120)" python -m pytest -q -p no:cacheprovider tests/backends/triton/test_attention_kernels.py \
