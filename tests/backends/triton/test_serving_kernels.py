@@ -87,3 +87,20 @@ def test_speculation_and_overlap_in_graphs_give_the_reference_tokens(speculative
     assert over.overlap and over.generate(PROMPTS, params) == ref
     assert over.stats()["overlapped_steps"] > 0
     assert all(p["used"] == 0 for p in over.stats()["pages"].values())
+
+
+@pytest.mark.slow
+def test_speculation_on_the_kernels_backend_gives_the_reference_tokens(speculative_artifact):
+    """The MTP block's steps and the verify steps on the kernels (the interpreter on CPU), keys
+    read at their rows (``fuse_paged_reads`` rewrote the MTP block's sliding attention too): the
+    reference backend's tokens."""
+    from ds4c.artifact.artifact import read_artifact
+
+    _, program, _ = read_artifact(speculative_artifact)
+    assert "attention.sliding.rows" in {op.name for op in program.graphs["mtp_step"].ops}
+    params = ds4c.SamplingParams(max_new_tokens=6)
+    ref = ds4c.Engine(ds4c.load(speculative_artifact, backend="reference")).generate(PROMPTS[:2], params)
+    spec = ds4c.Engine(ds4c.load(speculative_artifact, device=DEVICE, backend="kernels", cuda_graphs=False),
+                       speculative=3)
+    assert spec.generate(PROMPTS[:2], params) == ref and spec.stats()["verifies"] > 0
+    spec.close()
