@@ -26,7 +26,7 @@ from ds4c.errors import VerificationError
 from ds4c.ir.registry import OpDef, Operand, register_op
 from ds4c.ir.types import TensorType
 from ds4c.ops.norms import rms_norm_reference
-from ds4c.ops.paged import gather_reference
+from ds4c.ops.paged import gather_reference, rows_reference
 
 COMPRESS_ROWS = "compress.rows"
 TORCH_OPS = {"ds4c::compressor_rows": COMPRESS_ROWS}
@@ -120,7 +120,7 @@ class IndexerTopk(OpDef):
         return [TensorType(torch.int64, (*q.shape[:-2], k))]
 
 
-INDEXER_TOPK_ROWS = "indexer.topk.rows"
+INDEXER_TOPK_ROWS, INDEXER_TOPK_TABLE = "indexer.topk.rows", "indexer.topk.table"
 
 
 @register_op
@@ -148,4 +148,35 @@ class IndexerTopkRows(OpDef):
                 or pool.shape[1] != q.shape[-1]:
             raise VerificationError(f"{INDEXER_TOPK_ROWS}: takes q [.., heads, d], a pool [M, d] and rows [B, C] "
                                     f"(integers); got {q}, {pool}, {rows}")
+        return IndexerTopk.infer_types(self, operand_types, kwargs)
+
+
+@register_op
+class IndexerTopkTable(OpDef):
+    """``indexer.topk.rows`` whose rows are those of ``paged.rows(table, seq, none, limit,
+    count=, page=)``: entry ``c < limit[b]`` of query ``b`` is row ``table[seq[b], c // page] * page
+    + c % page`` of ``pool`` [M, d], the others zero keys; the kernel finds each key's row through
+    the page table, so nothing of size [B, C] is made but the scores."""
+
+    name = INDEXER_TOPK_TABLE
+    num_results = 1
+    operands = (Operand("q"), Operand("pool"), Operand("table", "index"), Operand("seq", "index"),
+                Operand("limit", "index"), Operand("w"), Operand("future", "index"))
+    traits = frozenset({"topk"})
+
+    def reference(self, q, pool, table, seq, limit, w, future, *, k: int, count: int, page: int, softmax_scale: float,
+                  weights_scale: float):
+        keys = gather_reference(pool, rows_reference(table, seq, None, limit, count=count, page=page))
+        s = index_scores_reference(q, keys, w, softmax_scale, weights_scale).masked_fill(future, float("-inf"))
+        return s.topk(k, dim=-1).indices
+
+    def infer_types(self, operand_types, kwargs):
+        q = self.tensor_operand(operand_types, 0, min_rank=2)
+        pool = self.tensor_operand(operand_types, 1, min_rank=2)
+        table = self.tensor_operand(operand_types, 2, min_rank=2)
+        count, page = kwargs.get("count"), kwargs.get("page")
+        if pool.rank != 2 or table.rank != 2 or pool.shape[1] != q.shape[-1] or not isinstance(count, int) \
+                or not isinstance(page, int) or count < 1 or page < 1:
+            raise VerificationError(f"{INDEXER_TOPK_TABLE}: takes q [.., heads, d], a pool [M, d], a table [R, S], "
+                                    f"count= and page= (positive); got {q}, {pool}, {table}, {count}, {page}")
         return IndexerTopk.infer_types(self, operand_types, kwargs)

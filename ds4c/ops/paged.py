@@ -3,6 +3,7 @@ compressors' three: ``paged.window_index``, ``paged.window_gather`` and ``paged.
 
     %rows = paged.rows(%window_table, %token_seq, %first, none, count=128, page=32) : i64[N,128]
     %keys = paged.gather(%pool_rows, %rows) : bf16[N,128,512]
+    %picks = paged.rows_at(%comp_table, %token_seq, %entries, %visible, page=64) : i64[N,512]
     %src, %pos, %at = paged.window_index(%emit, %positions, %token_seq, %seq_first, %slot, %comp_table,
         ratio=4, span=8, ring_rows=11, page=64) : i64[E,8], i64[E], i64[E]
     %win = paged.window_gather(%kv_gate, %ring, %src, overlap=4) : bf16[E,8,1024]
@@ -14,7 +15,9 @@ A serving step finds each token's state through its sequence's page table
 width: a ring of window pages, or the compressed pages in order). ``paged.rows`` computes the rows
 of ``count`` consecutive positions ``first[n] .. first[n] + count - 1`` per token ``n`` (``first``
 none: from 0), -1 for positions below 0 or at or past ``limit[n]`` (none: no limit);
-``paged.gather`` reads rows of a pool, zeros for -1. Written with ATen ops, the same addressing is
+``paged.gather`` reads rows of a pool, zeros for -1. ``paged.rows_at`` gives the rows of given
+positions ``entries[n, j]`` instead of consecutive ones (the indexer's picks: the rows of its top-k
+entries without the rows of every entry, ``fuse_paged_reads``). Written with ATen ops, the same addressing is
 some twenty small integer kernels per attention layer (index_select, gather, div, remainder, where,
 ...): in a decode step at batch 1 their launches cost more than the reads. As ops they are two
 launches (``ds4c.backends.triton.kernels.paged``).
@@ -42,10 +45,10 @@ from ds4c.errors import VerificationError
 from ds4c.ir.registry import OpDef, Operand, register_op
 from ds4c.ir.types import TensorType
 
-__all__ = ["PAGED_GATHER", "PAGED_ROWS", "RING_ROWS", "TORCH_OPS", "WINDOW_GATHER", "WINDOW_INDEX", "gather_reference",
-           "ring_rows_reference", "rows_reference", "window_gather_reference", "window_index_reference"]
+__all__ = ["PAGED_GATHER", "PAGED_ROWS", "PAGED_ROWS_AT", "RING_ROWS", "TORCH_OPS", "WINDOW_GATHER", "WINDOW_INDEX", "gather_reference",
+           "ring_rows_reference", "rows_at_reference", "rows_reference", "window_gather_reference", "window_index_reference"]
 
-PAGED_ROWS, PAGED_GATHER = "paged.rows", "paged.gather"
+PAGED_ROWS, PAGED_GATHER, PAGED_ROWS_AT = "paged.rows", "paged.gather", "paged.rows_at"
 WINDOW_INDEX, WINDOW_GATHER, RING_ROWS = "paged.window_index", "paged.window_gather", "paged.ring_rows"
 # the custom torch ops the model calls -> the IR ops they import as
 TORCH_OPS = {"ds4c::paged_rows": PAGED_ROWS, "ds4c::paged_gather": PAGED_GATHER,
@@ -66,6 +69,20 @@ def rows_reference(table: torch.Tensor, seq: torch.Tensor, first: torch.Tensor |
     if limit is not None:
         valid = valid & (q < limit.to(device=seq.device, dtype=torch.int64).unsqueeze(1))
     return torch.where(valid, rows, torch.full_like(rows, -1))
+
+
+def rows_at_reference(table: torch.Tensor, seq: torch.Tensor, entries: torch.Tensor, limit: torch.Tensor | None,
+                      *, page: int) -> torch.Tensor:
+    """[N, K] pool rows of positions ``entries[n, j]`` of sequence ``seq[n]``; -1 outside [0, limit[n])
+    (``rows_reference``'s rows at those positions)."""
+    q = entries.to(device=seq.device, dtype=torch.int64)
+    slots = table.shape[1]
+    qc = q.clamp(min=0)
+    pages = table.to(device=seq.device, dtype=torch.int64)[seq.long().unsqueeze(1), torch.div(qc, page, rounding_mode="floor") % slots]
+    valid = q >= 0
+    if limit is not None:
+        valid = valid & (q < limit.to(device=seq.device, dtype=torch.int64).unsqueeze(1))
+    return torch.where(valid, pages * page + qc % page, torch.full_like(q, -1))
 
 
 def gather_reference(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -216,6 +233,31 @@ class PagedRows(OpDef):
         if not isinstance(count, int) or count < 1 or not isinstance(page, int) or page < 1:
             raise VerificationError(f"{PAGED_ROWS}: count and page must be positive integers, got {count}, {page}")
         return [TensorType(torch.int64, (seq.shape[0], count))]
+
+
+@register_op
+class PagedRowsAt(OpDef):
+    name = PAGED_ROWS_AT
+    operands = (Operand("table", "index"), Operand("seq", "index"), Operand("entries", "index"),
+                Operand("limit", "index"))
+
+    def reference(self, table, seq, entries, limit=None, *, page: int) -> torch.Tensor:
+        return rows_at_reference(table, seq, entries, limit, page=page)
+
+    def infer_types(self, operand_types, kwargs):
+        table = self.tensor_operand(operand_types, 0, min_rank=2)
+        seq = self.tensor_operand(operand_types, 1, min_rank=1)
+        entries = self.tensor_operand(operand_types, 2, min_rank=2)
+        limit = operand_types[3] if len(operand_types) > 3 else None
+        if table.rank != 2 or seq.rank != 1 or entries.rank != 2 or entries.shape[0] != seq.shape[0] \
+                or entries.dtype != torch.int64 or (limit is not None and (not isinstance(limit, TensorType)
+                                                                           or limit.shape != seq.shape)):
+            raise VerificationError(f"{PAGED_ROWS_AT}: takes table [R, S], seq [N], entries int64 [N, K] and none or "
+                                    f"limit [N]; got {table}, {seq}, {entries}, {limit}")
+        page = kwargs.get("page")
+        if not isinstance(page, int) or page < 1:
+            raise VerificationError(f"{PAGED_ROWS_AT}: page must be a positive integer, got {page}")
+        return [TensorType(torch.int64, tuple(entries.shape))]
 
 
 @register_op

@@ -21,8 +21,17 @@ the way has no other reader (and is no graph output):
     %o = attention.csa(%q, %keys, %bias, %sinks, scale=..)
         -> %o = attention.csa.rows(%q, %window_pool, %window_rows, %comp_pool, %picks, %bias, %sinks, scale=..)
 
-(a sliding layer's keys are one gather: ``attention.sliding.rows(.., none, none, ..)``). The
-results are the same values (``ds4c.ops.compress``, ``ds4c.ops.attention``: the references
+(a sliding layer's keys are one gather: ``attention.sliding.rows(.., none, none, ..)``). Then the
+indexer's rows list itself, [N, C] int64, goes where only the page table made it and only row
+gathers of the picks read it besides the indexer::
+
+    %rows = paged.rows(%comp_table, %token_seq, none, %visible, count=C, page=64) : i64[N,C]
+    %top = indexer.topk.rows(%q, %pool, %rows, ..)   ->   %top = indexer.topk.table(%q, %pool, %comp_table,
+                                                                     %token_seq, %visible, .., count=C, page=64)
+    %picked = aten.gather.default(%rows, 1, %sel)   ->   %picked = paged.rows_at(%comp_table, %token_seq, %sel,
+                                                                                 %visible, page=64)
+
+The results are the same values (``ds4c.ops.compress``, ``ds4c.ops.attention``: the references
 gather); what the step keeps is the rows [N, T] (8 bytes an entry instead of 2d). The compile
 option ``fuse_paged_reads=False`` keeps the copies, for A/B runs.
 """
@@ -32,8 +41,8 @@ from __future__ import annotations
 from typing import Any
 
 from ds4c.ir.graph import Graph, Op, Value
-from ds4c.ops.compress import INDEXER_TOPK_ROWS
-from ds4c.ops.paged import PAGED_GATHER
+from ds4c.ops.compress import INDEXER_TOPK_ROWS, INDEXER_TOPK_TABLE
+from ds4c.ops.paged import PAGED_GATHER, PAGED_ROWS, PAGED_ROWS_AT
 from ds4c.passes.lower_packed_weights import lowers_for
 from ds4c.passes.manager import PassContext, register_pass
 
@@ -87,4 +96,40 @@ def fuse_paged_reads(graph: Graph, ctx: PassContext) -> Graph:
             pool_b, rows_b = parts[1].args if len(parts) == 2 else (None, None)
             rewritten[op] = op.replace(name=op.name + ".rows", args=(q, *parts[0].args, pool_b, rows_b, bias, sinks))
             dropped.update([unsqueeze, *parts] + ([cat] if cat is not None else []))
+    if dropped:
+        graph = graph.copy(ops=[rewritten.get(o, o) for o in graph.ops if o not in dropped])
+    return _rows_through_tables(graph, ctx)
+
+
+def _rows_through_tables(graph: Graph, ctx: PassContext) -> Graph:
+    """A ``paged.rows(table, seq, none, limit)`` read only by ``indexer.topk.rows`` (as their rows;
+    CSA layers of equal page tables share one after ``cse``) and by row gathers of their picks
+    (``aten.gather(rows, 1, top)``): each indexer finds its keys' rows through the table itself
+    (``indexer.topk.table``) and the picks' rows come from it too (``paged.rows_at``), so the rows
+    of every entry each token may see ([N, C] int64: 4.3 GB at a 2048-token step and a 1M-token
+    context) are never made."""
+    users, outputs = graph.users(), set(graph.output_values())
+    dropped: set[Op] = set()
+    rewritten: dict[Op, Op] = {}
+    for made in graph.ops:
+        if made.name != PAGED_ROWS or made.args[2] is not None or made.result in outputs:
+            continue
+        rows = made.result
+        readers = list(dict.fromkeys(users.get(rows, ())))
+        indexers = [u for u in readers if u.name == INDEXER_TOPK_ROWS and u.args[2] is rows
+                    and all(a is not rows for i, a in enumerate(u.args) if i != 2)]
+        picks = [u for u in readers if u.name == "aten.gather.default" and u.args[0] is rows and u.args[1] in (1, -1)]
+        if not indexers or len(indexers) + len(picks) != len(readers):
+            continue
+        if not ctx.allow_rewrite(f"indexers of %{rows.name} find their keys' rows through the page table"):
+            continue
+        table, seq, _, limit = made.args
+        count, page = made.kwargs["count"], made.kwargs["page"]
+        for op in indexers:
+            q, pool, _, w, future = op.args
+            rewritten[op] = op.replace(name=INDEXER_TOPK_TABLE, args=(q, pool, table, seq, limit, w, future),
+                                       kwargs={**op.kwargs, "count": count, "page": page})
+        for u in picks:
+            rewritten[u] = u.replace(name=PAGED_ROWS_AT, args=(table, seq, u.args[2], limit), kwargs={"page": page})
+        dropped.add(made)
     return graph.copy(ops=[rewritten.get(o, o) for o in graph.ops if o not in dropped]) if dropped else graph

@@ -352,3 +352,46 @@ input %b9: f32[N,1,1,9]) {
 }
 """
     assert only_graph(lower("fuse_paged_reads", before)) == before
+
+
+TABLE_BEFORE = """\
+graph @ragged_step(input %iq: f32[N,1,2,8], input %w: f32[N,1,2], input %ikeys: f32[64,8], input %table: i32[R,4], \
+input %seq: i64[N], input %visible: i64[N], input %future: i1[N,1,64]) {
+  %rows = paged.rows(%table, %seq, none, %visible, count=64, page=16) : i64[N,64]
+  %ik = paged.gather(%ikeys, %rows) : f32[N,64,8]
+  %top = indexer.topk(%iq, %ik, %w, %future, k=4, softmax_scale=0.5, weights_scale=0.7) : i64[N,1,4]
+  %sel = aten.select.int(%top, 1, 0) : i64[N,4]
+  %picked = aten.gather.default(%rows, 1, %sel) : i64[N,4]
+  return top=%top, picked=%picked
+}
+"""
+
+
+def test_fuse_paged_reads_finds_the_indexers_rows_through_the_page_table():
+    """The indexer's rows list (every entry each token may see) is made by nothing but the page
+    table: the indexer reads the table itself, the picks' rows come from ``paged.rows_at``, and the
+    [N, C] rows are not made; same results. Kept when the rows have another reader."""
+    out = lower("fuse_paged_reads", TABLE_BEFORE)
+    assert only_graph(out) == """\
+graph @ragged_step(input %iq: f32[N,1,2,8], input %w: f32[N,1,2], input %ikeys: f32[64,8], input %table: i32[R,4], \
+input %seq: i64[N], input %visible: i64[N], input %future: i1[N,1,64]) {
+  %top = indexer.topk.table(%iq, %ikeys, %table, %seq, %visible, %w, %future, k=4, softmax_scale=0.5, \
+weights_scale=0.7, count=64, page=16) : i64[N,1,4]
+  %sel = aten.select.int(%top, 1, 0) : i64[N,4]
+  %picked = paged.rows_at(%table, %seq, %sel, %visible, page=16) : i64[N,4]
+  return top=%top, picked=%picked
+}
+"""
+    gen = torch.Generator().manual_seed(3)
+    n = 3
+    visible = torch.tensor([5, 33, 64])
+    inputs = {"iq": torch.randn(n, 1, 2, 8, generator=gen), "w": torch.rand(n, 1, 2, generator=gen) + 0.1,
+              "ikeys": torch.randn(64, 8, generator=gen), "table": torch.stack([torch.randperm(4, generator=gen)
+                                                                              for _ in range(2)]).int(),
+              "seq": torch.tensor([0, 1, 1]), "visible": visible,
+              "future": (torch.arange(64).view(1, 1, -1) >= visible.view(-1, 1, 1))}
+    want = run_graph(parse_graph(TABLE_BEFORE), inputs, {})
+    got = run_graph(out.graphs["ragged_step"], inputs, {})
+    assert torch.equal(got["top"], want["top"]) and torch.equal(got["picked"], want["picked"])
+    kept = TABLE_BEFORE.replace("return top=%top, picked=%picked", "return top=%top, picked=%picked, rows=%rows")
+    assert "indexer.topk.rows(" in only_graph(lower("fuse_paged_reads", kept))

@@ -12,12 +12,14 @@ from ds4c.backends.triton.kernels.compress import (
     index_scores,
     indexer_topk,
     indexer_topk_rows,
+    indexer_topk_table,
     top_indices,
 )
 from ds4c.backends.triton.kernels.configs import topk_config
 from ds4c.ops.compress import (
     IndexerTopk,
     IndexerTopkRows,
+    IndexerTopkTable,
     compress_reference,
     compressor_rows_reference,
     index_scores_reference,
@@ -163,6 +165,34 @@ def test_topk_rows_reads_keys_from_the_pool_as_the_gathered_copy(dtype):
     assert torch.equal(ref.gather(-1, idx).sort(-1).values, ref.gather(-1, ref_idx).sort(-1).values)
     assert get_kernel("indexer.topk.rows") is indexer_topk_rows
     assert indexer_topk_rows(CTX, q, pool, rows[:, None], w, future, **attrs) is NotImplemented  # rows not [B, C]
+
+
+@pytest.mark.parametrize("table_dtype", [torch.int32, torch.int64])
+def test_topk_table_finds_the_rows_through_the_page_table(table_dtype):
+    """``indexer.topk.table``: the keys' rows come from the page table (``paged.rows(table, seq,
+    none, limit)``, pages shuffled, two tokens of one sequence, a token past its sequence's last
+    page's entries): the scores and the selection of the rows form over those rows."""
+    from ds4c.ops.paged import rows_reference
+
+    n, h, d, k, page, width = 4, 64, 128, 8, 16, 6
+    c = page * width
+    gen = torch.Generator().manual_seed(5)
+    pool = torch.randn(8 * page, d, generator=gen).to(torch.bfloat16)
+    table = torch.stack([torch.randperm(8, generator=gen)[:width] for _ in range(3)]).to(table_dtype)
+    seq, limit = torch.tensor([0, 2, 2, 1]), torch.tensor([5, 40, 41, 96])
+    q = torch.randn(n, 1, h, d, generator=gen).to(torch.bfloat16)
+    w = torch.randn(n, 1, h, generator=gen).to(torch.bfloat16)
+    future = torch.arange(c).view(1, 1, -1) >= limit.view(-1, 1, 1)
+    attrs = {"k": k, "softmax_scale": 0.1, "weights_scale": 0.2}
+    rows = rows_reference(table, seq, None, limit, count=c, page=page)
+    want = index_scores(CTX, *on_device(q, pool, w, future), 0.1, 0.2, rows=rows.to(DEVICE)).cpu()
+    got = index_scores(CTX, *on_device(q, pool, w, future), 0.1, 0.2,
+                       table=(table.to(DEVICE), seq.to(DEVICE), limit.to(DEVICE), c, page)).cpu()
+    assert torch.equal(got, want)
+    idx = indexer_topk_table(CTX, *on_device(q, pool, table, seq, limit, w, future), count=c, page=page, **attrs).cpu()
+    ref = IndexerTopkTable.reference(None, q, pool, table, seq, limit, w, future, count=c, page=page, **attrs)
+    assert torch.equal(want.gather(-1, idx).sort(-1).values, want.gather(-1, ref).sort(-1).values)
+    assert get_kernel("indexer.topk.table") is indexer_topk_table
 
 
 def test_topk_with_full_future_mask_per_batch():

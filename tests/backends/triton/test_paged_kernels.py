@@ -1,6 +1,6 @@
 """The Triton ``paged.*`` launchers against their references (interpreter on CPU, GPU if present):
 ``paged.rows`` for window keys (positions before 0), compressed keys (a limit per token), one row
-per token (the writes), int32 and strided tables; ``paged.gather`` with -1 rows, bf16 and fp32, a
+per token (the writes), int32 and strided tables; ``paged.rows_at`` at given positions; ``paged.gather`` with -1 rows, bf16 and fp32, a
 pool with padded rows; ``paged.window_index`` / ``paged.window_gather`` for a CSA-like
 (overlapping, ratio 4) and an HCA-like (ratio 16) compressor over a step of chunks that start
 mid-window, padding candidates and candidates that close no window; ``paged.ring_rows`` for chunks near and far from their end."""
@@ -49,6 +49,26 @@ def test_paged_rows_matches_reference(form, dtype, strided):
     assert got.dtype == torch.int64 and got.shape == want.shape
     assert torch.equal(got.cpu(), want)
     assert (want == -1).any() or form == "write"
+
+
+@pytest.mark.parametrize("dtype,strided", [(torch.int32, False), (torch.int64, True)])
+def test_paged_rows_at_gives_the_rows_of_the_given_positions(dtype, strided):
+    """``paged.rows_at``: the rows ``paged.rows`` gives, at given positions (the indexer's picks,
+    -1 and positions at or past the limit included), int32 and strided tables."""
+    from ds4c.ops.paged import rows_at_reference
+
+    gen = torch.Generator().manual_seed(4)
+    n, seqs, count, page = 29, 4, 300, 64
+    table = _table(seqs, 69, dtype, gen, strided)
+    seq = torch.randint(0, seqs, (n,), generator=gen)
+    limit = torch.randint(0, count, (n,), generator=gen)
+    entries = torch.randint(-1, count, (n, 17), generator=gen)
+    every = rows_reference(table, seq, None, limit, count=count, page=page)
+    want = torch.where(entries >= 0, every.gather(1, entries.clamp(min=0)), -1)
+    assert torch.equal(rows_at_reference(table, seq, entries, limit, page=page), want)
+    dev = [t.to(DEVICE) for t in (table, seq, entries, limit)]
+    got = get_kernel("paged.rows_at")(CTX, *dev, page=page)
+    assert torch.equal(got.cpu(), want) and (want == -1).any() and (want >= 0).any()
 
 
 @pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 512), (torch.float32, 40)])

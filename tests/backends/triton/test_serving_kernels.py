@@ -30,7 +30,8 @@ def test_engine_on_the_kernels_backend_gives_the_reference_tokens(artifact):
     _, program, _ = read_artifact(artifact)
     for entry in ("ragged_step", "ragged_decode"):  # the kernels read keys at their rows (fuse_paged_reads)
         names = {op.name for op in program.graphs[entry].ops}
-        assert {"attention.sliding.rows", "attention.csa.rows", "attention.hca.rows", "indexer.topk.rows"} <= names
+        assert {"attention.sliding.rows", "attention.csa.rows", "attention.hca.rows", "indexer.topk.table",
+                "paged.rows_at"} <= names
         assert "paged.gather" not in names
     params = ds4c.SamplingParams(max_new_tokens=5)
     ref = ds4c.Engine(ds4c.load(artifact, backend="reference")).generate(PROMPTS, params)

@@ -13,7 +13,8 @@ The RMS norm of the pooled rows is then the ``rms_norm`` kernel.
 come from a Triton kernel with the indexer heads on the GEMM's M axis (one query, a block of
 entries per program); ``indexer.topk.rows`` runs the same kernel reading each key from its pool row
 (a serving step's keys through its page tables, no gathered copy; a block of entries with no row
-skips its dot products); ``top_indices`` then picks the k largest (``topk_config``: a bitwise search
+skips its dot products), ``indexer.topk.table`` finds the rows through the page table itself
+(no [B, C] list of rows either); ``top_indices`` then picks the k largest (``topk_config``: a bitwise search
 for the k-th largest key + one compaction; a bitonic top-k as the tunable alternative).
 """
 
@@ -139,9 +140,10 @@ def _index_scores_kernel(
     q_ptr, k_ptr, rows_ptr, w_ptr, future_ptr, out_ptr,
     H, C, softmax_scale, weights_scale,
     sq_b, sq_s, sq_h, sq_d, sk_b, sk_c, sk_d, sr_b, sr_c, sw_b, sw_s, sw_h, sf_b, sf_s, sf_c,
+    table_ptr, seq_ptr, limit_ptr, st0, st1, page, slots,
     D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, TABLE: tl.constexpr = False, HAS_LIMIT: tl.constexpr = False,
 ):
     wait_for_producers(PDL)
     pid_c = tl.program_id(0)
@@ -152,7 +154,13 @@ def _index_scores_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     q_base = q_ptr + b * sq_b + t * sq_s
-    if ROWS:  # entry c of query b is row rows[b, c] of the pool [M, D]; -1: a zero key
+    if TABLE:  # entry c of query b: row table[seq[b], (c // page) % slots] * page + c % page, c < limit[b]
+        if HAS_LIMIT:
+            c_ok = c_ok & (offs_c < tl.load(limit_ptr + b))
+        seq = tl.load(seq_ptr + b).to(tl.int64)
+        page_id = tl.load(table_ptr + seq * st0 + ((offs_c // page) % slots) * st1, mask=c_ok, other=0).to(tl.int64)
+        k_rows = k_ptr + (page_id * page + offs_c % page) * sk_c
+    elif ROWS:  # entry c of query b is row rows[b, c] of the pool [M, D]; -1: a zero key
         row = tl.load(rows_ptr + b * sr_b + offs_c * sr_c, mask=c_ok, other=-1).to(tl.int64)
         c_ok = c_ok & (row >= 0)
         k_rows = k_ptr + tl.maximum(row, 0) * sk_c
@@ -181,12 +189,21 @@ def _index_scores_kernel(
 
 
 def index_scores(ctx: KernelContext, q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, future: torch.Tensor,
-                 softmax_scale: float, weights_scale: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+                 softmax_scale: float, weights_scale: float, rows: torch.Tensor | None = None,
+                 table: tuple | None = None) -> torch.Tensor:
     """Masked index scores [B, S, C] in fp32; q [B, S, H, d], keys [B|1, C, d], w [B, S, H],
     future (bool) broadcastable to [B, S, C]. With ``rows`` [B, C] (S = 1), ``keys`` is a pool
-    [M, d] and entry c of query b is its row ``rows[b, c]`` (-1: a zero key)."""
+    [M, d] and entry c of query b is its row ``rows[b, c]`` (-1: a zero key). With ``table`` =
+    (table [R, S], seq [B], limit [B] or None, count, page) (S = 1), ``keys`` is a pool and entry
+    c of query b is its row through the page table (``paged.rows``), a zero key from ``limit`` on."""
     b, s, h, d = q.shape
-    if rows is None:
+    tab = (keys, keys, keys, 0, 0, 1, 1)  # unused unless TABLE
+    if table is not None:
+        t, seq, limit, c, page = table
+        sk = (0, keys.stride(0), keys.stride(1))
+        sr = (0, 0)
+        tab = (t, seq, limit if limit is not None else seq, t.stride(0), t.stride(1), page, t.shape[1])
+    elif rows is None:
         c = keys.shape[1]
         keys = keys.expand(b, c, d)
         sk = (keys.stride(0), keys.stride(1), keys.stride(2))
@@ -204,8 +221,9 @@ def index_scores(ctx: KernelContext, q: torch.Tensor, keys: torch.Tensor, w: tor
     _index_scores_kernel[(triton.cdiv(c, cfg.block_c), s, b)](
         q, keys, rows if rows is not None else keys, w, future, out, h, c, float(softmax_scale), float(weights_scale),
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), *sk, *sr,
-        w.stride(0), w.stride(1), w.stride(2), future.stride(0), future.stride(1), future.stride(2),
+        w.stride(0), w.stride(1), w.stride(2), future.stride(0), future.stride(1), future.stride(2), *tab,
         D=d, BLOCK_H=cfg.block_h, BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d, ROWS=rows is not None,
+        TABLE=table is not None, HAS_LIMIT=table is not None and table[2] is not None,
         PRECISION=dot_precision(q.dtype, target), INTERPRETER_BF16=interpreter_bf16(q.dtype),
         **cfg.launch.kwargs(ctx),
     )
@@ -259,6 +277,34 @@ def indexer_topk_rows(ctx: KernelContext, q: torch.Tensor, pool: torch.Tensor, r
         return NotImplemented
     future = future.reshape((1,) * (3 - future.dim()) + tuple(future.shape))
     scores = index_scores(ctx, q, pool, w, future, softmax_scale, weights_scale, rows=rows)
+    return top_indices(ctx, scores, k)
+
+
+@register_kernel("indexer.topk.table")
+def indexer_topk_table(ctx: KernelContext, q: torch.Tensor, pool: torch.Tensor, table: torch.Tensor, seq: torch.Tensor,
+                       limit: torch.Tensor | None, w: torch.Tensor, future: torch.Tensor, *, k: int, count: int, page: int,
+                       softmax_scale: float, weights_scale: float) -> torch.Tensor:
+    """Launcher with ``IndexerTopkTable.reference``'s signature: the scores kernel finds each key's
+    pool row through the page table. Declines what ``indexer_topk_rows`` declines, a table that is
+    not int32/int64 [R, S], and seq / limit that are not contiguous integer vectors [B]."""
+    if q.dim() != 4 or q.shape[1] != 1 or q.dtype not in _DTYPES or pool.dim() != 2 or pool.dtype != q.dtype:
+        return NotImplemented
+    b, s, h, d = q.shape
+    vectors = [seq] + ([limit] if limit is not None else [])
+    if pool.shape[1] != d or table.dim() != 2 or table.dtype not in (torch.int32, torch.int64) \
+            or any(v.dim() != 1 or v.shape[0] != b or v.stride(0) != 1 or v.dtype not in (torch.int32, torch.int64)
+                   or v.device != q.device for v in vectors) \
+            or table.device != q.device or pool.device != q.device or tuple(w.shape) != (b, s, h):
+        return NotImplemented
+    if future.dtype != torch.bool or future.dim() > 3:
+        return NotImplemented
+    try:
+        if torch.broadcast_shapes(future.shape, (b, s, count)) != (b, s, count):
+            return NotImplemented
+    except RuntimeError:
+        return NotImplemented
+    future = future.reshape((1,) * (3 - future.dim()) + tuple(future.shape))
+    scores = index_scores(ctx, q, pool, w, future, softmax_scale, weights_scale, table=(table, seq, limit, count, page))
     return top_indices(ctx, scores, k)
 
 

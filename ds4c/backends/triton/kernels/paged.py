@@ -3,7 +3,7 @@
 launches instead of some twenty small ATen kernels per attention layer and fifty per compressor.
 
 ``paged.rows``: a program owns ``BLOCK_N`` tokens x ``BLOCK_C`` of their ``count`` positions
-``q = first[n] + i``, reads the page of each from its sequence's row of the table
+``q = first[n] + i`` (``paged.rows_at``: ``q = entries[n, i]``), reads the page of each from its sequence's row of the table
 (``table[seq[n], (q // page) % S]``, int32 or int64, any strides) and writes
 ``page_id * page + q % page``, or -1 where ``q < 0`` or ``q >= limit[n]``.
 
@@ -35,14 +35,17 @@ from ds4c.backends.triton.kernels.pdl import wait_for_producers
 @triton.jit
 def _rows_kernel(table_ptr, seq_ptr, first_ptr, limit_ptr, out_ptr, n, count, page, slots, st0, st1,
                  HAS_FIRST: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                 PDL: tl.constexpr):
+                 PDL: tl.constexpr, ENTRIES: tl.constexpr = False):
     wait_for_producers(PDL)
     t = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     i = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     t_ok = t < n
     mask = t_ok[:, None] & (i < count)[None, :]
     seq = tl.load(seq_ptr + t, mask=t_ok, other=0).to(tl.int64)
-    q = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.int64) + i[None, :].to(tl.int64)
+    if ENTRIES:  # paged.rows_at: the positions are given, [n, count] (first_ptr)
+        q = tl.load(first_ptr + t.to(tl.int64)[:, None] * count + i[None, :], mask=mask, other=-1).to(tl.int64)
+    else:
+        q = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.int64) + i[None, :].to(tl.int64)
     if HAS_FIRST:
         q += tl.load(first_ptr + t, mask=t_ok, other=0).to(tl.int64)[:, None]
     valid = q >= 0
@@ -224,6 +227,31 @@ def paged_rows(ctx: KernelContext, table: torch.Tensor, seq: torch.Tensor, first
         table, seq, first if first is not None else seq, limit if limit is not None else seq, out, n, count, page,
         table.shape[1], table.stride(0), table.stride(1),
         HAS_FIRST=first is not None, HAS_LIMIT=limit is not None, BLOCK_N=block_n, BLOCK_C=block_c,
+        **elementwise_launch(4).kwargs(ctx))
+    return out
+
+
+@register_kernel("paged.rows_at")
+def paged_rows_at(ctx: KernelContext, table: torch.Tensor, seq: torch.Tensor, entries: torch.Tensor,
+                  limit: torch.Tensor | None = None, *, page: int):
+    """Launcher with ``PagedRowsAt.reference``'s signature (``_rows_kernel`` reading the positions);
+    declines what ``paged_rows`` declines and entries that are not contiguous int64 [N, K]."""
+    operands = [t for t in (seq, limit) if t is not None]
+    if table.dim() != 2 or table.dtype not in (torch.int32, torch.int64) or not _vectors(*operands) \
+            or seq.device != table.device or any(t.shape != seq.shape for t in operands) or entries.dim() != 2 \
+            or entries.dtype != torch.int64 or not entries.is_contiguous() or entries.device != seq.device \
+            or entries.shape[0] != seq.shape[0]:
+        return NotImplemented
+    n, count = entries.shape
+    out = result_buffer(0, (n, count), torch.int64, seq.device)
+    if n == 0 or count == 0:
+        return out
+    block_c = min(triton.next_power_of_2(count), 256)
+    block_n = max(1, min(64, 1024 // block_c))
+    _rows_kernel[(triton.cdiv(n, block_n), triton.cdiv(count, block_c))](
+        table, seq, entries, limit if limit is not None else seq, out, n, count, page,
+        table.shape[1], table.stride(0), table.stride(1),
+        HAS_FIRST=False, HAS_LIMIT=limit is not None, BLOCK_N=block_n, BLOCK_C=block_c, ENTRIES=True,
         **elementwise_launch(4).kwargs(ctx))
     return out
 
