@@ -109,6 +109,8 @@ class CostModel:
             return 4.0 * b * h * s * t * d
         if op.name == "indexer.topk.rows" and len(tensors) >= 3:
             return 2.0 * self.numel(tensors[0].type) * (self.shape(tensors[2].type) or [1])[-1]
+        if op.name == "indexer.topk.table" and tensors:
+            return 2.0 * self.numel(tensors[0].type) * int(op.kwargs.get("count", 1))
         if op.name == "indexer.topk" and len(tensors) >= 2:
             keys = self.shape(tensors[1].type)
             return 2.0 * self.numel(tensors[0].type) * (keys[-2] if len(keys) >= 2 else 1)
