@@ -1,4 +1,5 @@
-"""Flash attention with one shared K=V head and per-head sinks: ``attention.sliding``, ``.csa``, ``.hca``.
+"""Flash attention with one shared K=V head and per-head sinks: ``attention.sliding``, ``.csa``, ``.hca``
+(and their ``.rows`` forms).
 
 All H query heads read the same keys (MQA), so a tile's M axis holds (query, head) pairs,
 ``row = s * H + h``: a decode step (S=1, H=64) is one tensor-core GEMM per block of keys, and the
@@ -18,6 +19,12 @@ keys are split over programs as well (flash-decoding): each program runs the onl
 its share of T from ``m = -inf, l = 0`` and stores its unnormalised ``acc`` with its ``(m, l)`` in
 fp32; ``_merge_kernel`` then rescales the shares to the common max, adds the sink to the
 denominator once, and divides.
+
+``attention.*.rows`` (a serving step, one query per token: B tokens, S = 1) reads the keys where
+they lie in the pools: key ``t`` of token ``b`` is row ``rows_a[b, t]`` of the first pool (its
+window) for ``t < Ta``, then row ``rows_b[b, t - Ta]`` of the second (its compressed entries); a
+row of -1 is a zero key, not loaded. The T loop runs once per pool (one indexed base per loop,
+which Triton pipelines) and stops at the token's last key whose bias is not -inf.
 """
 
 from __future__ import annotations
@@ -73,9 +80,9 @@ def round_to(x, dtype: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
 @triton.jit
 def _last_visible(bias_row, sb_t, t_lo, t_hi, BLOCK_T: tl.constexpr):
     """One past the last key in ``[t_lo, t_hi)`` whose bias (one query's row) is not -inf, rounded
-    up to a block and at most ``t_hi`` (``t_lo`` when none): the keys after it add exactly nothing (p = 0), so the T
-    loop stops there without a branch in it (a serving step's key lists run to the compiled
-    capacity; a short sequence's tail is all -inf). Reads the bias row only."""
+    up to a block and at most ``t_hi`` (``t_lo`` when none): the keys after it add exactly nothing
+    (p = 0), so the T loop stops there without a branch in it (a serving step's key lists run to
+    the compiled capacity; a short sequence's tail is all -inf). Reads the bias row only."""
     offs_t = tl.arange(0, BLOCK_T)
     last = tl.zeros([], dtype=tl.int32) + t_lo - 1
     for t0 in range(t_lo, t_hi, BLOCK_T):
@@ -115,8 +122,8 @@ def _rows_segment(q_rows, row_ok, bias_rows, sb_t, keys, rows, sk_t, sk_d, t_fro
 def _qk_chunked(q_rows, row_ok, k_ptrs, k_ok, sq_d, sk_d,
                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                 PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
-    """Q·Kᵀ [BLOCK_M, BLOCK_T] in fp32 for one block of keys (``k_ptrs``, ``_key_rows``), reduced
-    over D in chunks of ``BLOCK_D``."""
+    """Q·Kᵀ [BLOCK_M, BLOCK_T] in fp32 for one block of keys (``k_ptrs``: each key's row, loaded
+    where ``k_ok``), reduced over D in chunks of ``BLOCK_D``."""
     offs_d = tl.arange(0, BLOCK_D)
     qk = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
     for d0 in tl.static_range(0, D, BLOCK_D):
