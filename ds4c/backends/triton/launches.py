@@ -152,14 +152,24 @@ def serving_runs(graphs: Mapping[str, Graph], serving: Mapping[str, Any] | None)
 
     if not serving or not serving.get("pages") or not {"ragged_decode", "ragged_step"} & set(graphs):
         return []
-    batch, pages = serving["batch"], serving["pages"]["pages"]
+    batch, pages, rates = serving["batch"], serving["pages"]["pages"], dict(serving["rates"])
     pools = {"PW": int(pages["window"]), "PC": int(pages["compressed"]), "SLOTS": int(pages["slots"])}
     decode, steps, seqs = default_buckets(int(batch["max_running"]), int(batch["max_step_tokens"]))
     runs: list[tuple[str, dict[str, int]]] = []
     if "ragged_decode" in graphs:
         runs += [("ragged_decode", {"R": r, **pools}) for r in decode]
     if "ragged_step" in graphs:
-        runs += [("ragged_step", {**padded_sizes(n, seqs, dict(serving["rates"])), **pools}) for n in steps]
+        runs += [("ragged_step", {**padded_sizes(n, seqs, rates), **pools}) for n in steps]
+    if serving.get("mtp") and "mtp_step" in graphs and "ragged_step" in graphs:
+        # speculation (CompiledStepRunner.warm_up): the MTP block in the token buckets, and per decode
+        # bucket r a small step of r + 1 sequences of draft_tokens + 1 rows, as a verify (logits of
+        # every row) and as the MTP block's catch-up / chained drafts (logits of each sequence)
+        drafts = int(serving["layout"].get("draft_tokens", 0))
+        runs += [("mtp_step", {**padded_sizes(n, seqs, rates), **pools}) for n in steps]
+        for r in decode:
+            tokens, small = (r + 1) * (drafts + 1), r + 1
+            runs.append(("ragged_step", {**padded_sizes(tokens, small, rates, logits=tokens), **pools}))
+            runs.append(("mtp_step", {**padded_sizes(tokens, small, rates), **pools}))
     return runs
 
 
@@ -169,7 +179,7 @@ def record_launches(graphs: Mapping[str, Graph], state_layout: Sequence[Mapping[
     """The distinct launches of the kernel backend running ``graphs`` for ``target`` with the
     artifact's compile option ``pdl``: decode at batch 1, prefill at batch 1 and each of
     ``prefill_lengths``, and with the manifest's ``serving`` record the engine's steps in each of
-    their buckets (``serving_runs``; the speculative entry points are left to the JIT); sorted, so
+    their buckets (``serving_runs``, speculation's small steps and MTP block included); sorted, so
     every process agrees. The graphs are the artifact's, lowered for the target: what
     ``ds4c.load`` and ``ds4c.Engine`` run."""
     from triton.backends.compiler import GPUTarget
@@ -195,7 +205,8 @@ def record_launches(graphs: Mapping[str, Graph], state_layout: Sequence[Mapping[
         g = graphs[entry]
         inputs = {gi.value.name: _meta(gi.value.type, sizes) for gi in g.inputs if gi.kind == "input"}
         if entry not in ("decode", "prefill"):  # as the engine's graphs hold them (alignment specialises)
-            inputs = _packed_meta(inputs, (serving or {}).get("inputs", {}).get(entry, list(inputs)))
+            orders = {**(serving or {}).get("inputs", {}), "mtp_step": ((serving or {}).get("mtp") or {}).get("inputs")}
+            inputs = _packed_meta(inputs, orders.get(entry) or list(inputs))
         pools = {gi.value.name: _meta(gi.value.type, sizes) for gi in g.inputs if gi.kind == "state"}
         executor = KernelExecutor(g, "meta", context=context)
         sink: list[tuple[str, str]] = []

@@ -295,19 +295,22 @@ def test_ptxas_settled_before_keys_are_made(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_serving_steps_compile_ahead_of_time_in_the_engines_buckets(tmp_path):
     """A ``--serving`` artifact holds the binaries of the engine's steps too (each decode bucket
-    and token bucket of ``default_buckets``, inputs laid out as the engine's step buffers hold
-    them), so an engine's start captures its graphs without compiling them; the serving-only ops
-    (paged addressing, keys read at their rows) are among them."""
+    and token bucket of ``default_buckets``, with ``--speculative`` the verify steps and the MTP
+    block's, inputs laid out as the engine's step buffers hold them), so an engine's start captures
+    its graphs without compiling them; the serving-only ops (paged addressing, keys read at their
+    rows) are among them."""
     from ds4c.models.deepseek_v4.paged import default_buckets
 
     serving = {"max_running": 4, "max_chunk": 32, "max_step_tokens": 48}
     art = ds4c.compile("tiny", target="h100", precision="bf16", max_context=128, progress=False, serving=serving,
-                       kernel_binaries=True)
+                       kernel_binaries=True, speculative=3)
     section = art.manifest["kernels"]
     steps = section["specialised_for"]["serving_steps"]
     decode, tokens, seqs = default_buckets(4, 48)
     assert [s["R"] for e, s in steps if e == "ragged_decode"] == decode == [1, 2, 4]
-    assert [s["N"] for e, s in steps if e == "ragged_step"] == tokens and seqs == 5
+    # ragged_step: the token buckets, then per decode bucket r a verify of r + 1 sequences of 4 rows
+    assert [s["N"] for e, s in steps if e == "ragged_step"] == tokens + [8, 12, 20] and seqs == 5
+    assert [s["N"] for e, s in steps if e == "mtp_step"] == tokens + [8, 12, 20]  # the MTP block alike
     assert all(s["PC"] == art.manifest["serving"]["pages"]["pages"]["compressed"] for _, s in steps)
     ops = {op for b in section["binaries"] for op in b["ops"]}
     assert {"attention.sliding.rows", "attention.csa.rows", "attention.hca.rows", "indexer.topk.table", "paged.rows_at",
