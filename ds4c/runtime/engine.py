@@ -46,6 +46,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from ds4c.artifact.artifact import Artifact
 from ds4c.errors import ArtifactError, Ds4cError, InputError
 from ds4c.models.deepseek_v4.model import MTP_STEP_INPUTS
 from ds4c.models.deepseek_v4.paged import (
@@ -640,6 +641,16 @@ class Request:
         return [*self.prompt_ids, *self.output_ids]
 
     @property
+    def n_tokens(self) -> int:
+        """``len(self.tokens)``, without making the list (the scheduler asks every step)."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """``self.tokens[start:end]``, making only that part (a step's chunk of a long context)."""
+        p = len(self.prompt_ids)
+        return [*self.prompt_ids[start:min(end, p)], *self.output_ids[max(start - p, 0):max(end - p, 0)]]
+
+    @property
     def acceptance_length(self) -> float | None:
         """Tokens emitted per speculative verify step (accepted drafts + 1), None before the first."""
         return acceptance_length(self.accepted_drafts, self.verifies)
@@ -708,6 +719,10 @@ class Engine:
             from ds4c.runtime.model import load  # at call time: model's generate builds on this module
 
             source = load(source, device=device)
+        if isinstance(source, Artifact):  # ds4c.compile's result, not loaded
+            raise InputError("Engine(source): an in-memory Artifact (what ds4c.compile returns) is not loaded; save it "
+                             "and pass the path, Engine(art.save('model.ds4')), or a loaded model, "
+                             "Engine(ds4c.load(path, device=...))")
         planned = False
         if hasattr(source, "manifest"):  # a CompiledModel
             runner = CompiledStepRunner(source, pages=pages, state_budget=state_budget, max_running=max_running,
@@ -1039,20 +1054,19 @@ class Engine:
                 self._preempt(victim)
                 if victim is req:
                     return False
-            tokens = req.tokens
-            last = end == len(tokens)
-            plan[req] = Chunk(req._pages, [*tokens[req._computed:end], *drafts], req._computed,
+            last = end == req.n_tokens
+            plan[req] = Chunk(req._pages, [*req.token_slice(req._computed, end), *drafts], req._computed,
                               "all" if drafts else "last" if last else "none", emit_from=req._emit_from)
             budget[0] -= n + len(drafts)
             return True
 
-        decoding = [r for r in self._running if len(r.tokens) - r._computed == 1]
+        decoding = [r for r in self._running if r.n_tokens - r._computed == 1]
         for i, req in enumerate(decoding):  # decodes (a speculative one verifies its drafts), oldest first
             if req.status == "running":
                 room = budget[0] - (len(decoding) - i)  # every later decode keeps its one token
                 take(req, 1, "self", req._drafts[:max(0, room)])
-        for req in [r for r in self._running if len(r.tokens) - r._computed > 1]:  # prompts being prefilled
-            n = min(len(req.tokens) - req._computed, budget[0], self.max_chunk)
+        for req in [r for r in self._running if r.n_tokens - r._computed > 1]:  # prompts being prefilled
+            n = min(req.n_tokens - req._computed, budget[0], self.max_chunk)
             if req.status == "running" and n > 0 and not take(req, n, "younger"):
                 break
         preempted = self._stats["preemptions"] > preemptions_before
@@ -1068,7 +1082,7 @@ class Engine:
                         break
                     if not self._cache.evict():  # no room for the pages a hit copies: make some, look again
                         break
-            n = min(len(req.tokens) - req._computed, budget[0], self.max_chunk)
+            n = min(req.n_tokens - req._computed, budget[0], self.max_chunk)
             while (not self._admissible(req, req._computed + n) and self._cache is not None
                    and self._cache.evict()):
                 pass
@@ -1078,7 +1092,7 @@ class Engine:
                 req._computed = req._emit_from = 0
                 break
             req.cached_tokens = req._computed
-            self._stats["prefix_query_tokens"] += len(req.tokens)
+            self._stats["prefix_query_tokens"] += req.n_tokens
             self._stats["prefix_hit_tokens"] += req._computed
             self._waiting.popleft()
             req.status = "running"
@@ -1127,11 +1141,12 @@ class Engine:
         # of a recompute, may sit anywhere in it).
         spec = [r for r in reqs if self.speculative and plan[r].logits != "none"]
         rows = [r for r in reqs if plan[r].logits == "last" and r not in spec]
+        at = {id(r): i for i, r in enumerate(self._sampling)}  # (identity: a list's `in` is O(batch) per request)
         for r in rows:
-            if r not in self._sampling:
-                self._sampler.add(r.params, r.prompt_ids, r.output_ids)
+            if id(r) not in at:
+                at[id(r)] = self._sampler.add(r.params, r.prompt_ids, r.output_ids)
                 self._sampling.append(r)
-        self._sampler.select([self._sampling.index(r) for r in rows])
+        self._sampler.select([at[id(r)] for r in rows])
         self._sampling = rows
         batch = build_step([plan[r] for r in reqs], self.runner.rates)
         logits = self.runner.run(batch)
@@ -1149,7 +1164,7 @@ class Engine:
             n = len(plan[r].token_ids)
             before = r._computed
             r._computed += n
-            if self._cache is not None:  # the boundaries it crossed, while their pages are live
+            if self._cache is not None and self._cache.crosses(before, r._computed):  # while their pages are live
                 self._cache.insert(r.tokens, r._pages, before, r._computed)
             self._stats["decode_tokens" if n == 1 and r.output_ids else "prefill_tokens"] += n
         self._stats["steps"] += 1
@@ -1224,7 +1239,7 @@ class Engine:
         logits = self.runner.run(batch, input_ids=inflight.result.tokens)
         for r in reqs:
             r._computed += 1
-            if self._cache is not None:
+            if self._cache is not None and self._cache.crosses(r._computed - 1, r._computed):
                 # the chunk's token is the one in flight: insert once it is known (_finalize)
                 r._pending_insert = True
         self._stats["decode_tokens"] += len(reqs)
@@ -1303,7 +1318,8 @@ class Engine:
         kept = len(chunk.token_ids) - len(drafts) + accepted  # positions whose state stays
         req._computed = chunk.start + kept
         req._pages.rewind(req._computed)
-        if self._cache is not None:  # the boundaries the kept positions crossed, while their pages are live
+        if self._cache is not None and self._cache.crosses(chunk.start, req._computed):
+            # the boundaries the kept positions crossed, while their pages are live
             self._cache.insert(req.tokens + tokens[:accepted], req._pages, chunk.start, req._computed)
         req._drafts, req._draft_q = [], []
         self._stats["decode_tokens" if req.output_ids else "prefill_tokens"] += kept
@@ -1332,8 +1348,9 @@ class Engine:
             kept = r._computed - c.start
             if kept < 1:
                 continue
-            wants = len(r.tokens) - r._computed == 1
-            chunks.append(Chunk(r._pages, r.tokens[c.start + 1:r._computed + 1], c.start, "last" if wants else "none"))
+            wants = r.n_tokens - r._computed == 1
+            chunks.append(Chunk(r._pages, r.token_slice(c.start + 1, r._computed + 1), c.start,
+                                "last" if wants else "none"))
             index.extend(range(row_at[r], row_at[r] + kept))
             if wants:
                 drafting.append(r)

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ds4c.models.deepseek_v4.paged import PageLayout
 
 __all__ = ["PagePool", "Pools", "RequestPages"]
@@ -110,8 +112,10 @@ class Pools:
 class RequestPages:
     """One request's tables into ``pools``: the pages for positions ``0 .. end - 1``.
 
-    ``window_row`` (``layout.window_slots`` ids), ``comp_row`` (``layout.comp_entries`` ids) and
-    ``slot`` are what the step's metadata copies; 0 means no page."""
+    ``window_row`` (``layout.window_slots`` ids), ``comp_row`` (``layout.comp_entries`` ids, int32
+    arrays: a step stacks them as they are) and ``slot`` are what the step's metadata copies; 0
+    means no page. Growing by a few positions costs the positions' pages only, not the row: at a
+    1M-token context a request's compressed row has 4096 entries."""
 
     def __init__(self, layout: PageLayout, pools: Pools, history: int = 0):
         self.layout = layout
@@ -119,9 +123,10 @@ class RequestPages:
         self.history = history  # window positions kept beyond the window (the prefix cache's need)
         self.end = 0
         self.slot = 0
-        self.window_row = [0] * layout.window_slots
-        self.comp_row = [0] * layout.comp_entries
+        self.window_row = np.zeros(layout.window_slots, dtype=np.int32)
+        self.comp_row = np.zeros(layout.comp_entries, dtype=np.int32)
         self._window_pages: dict[int, int] = {}  # logical window page -> page id (live ones)
+        self._live_from = 0  # the first logical window page not released yet (grow)
 
     def _first_live_window_page(self, end: int) -> int:
         """The first logical window page a query at a position >= ``end`` can still read (and
@@ -132,7 +137,7 @@ class RequestPages:
         """Start from a cached prefix: positions ``0 .. end - 1`` are in the pools already.
         ``comp``: compressed row index -> page id, ``window``: logical window page -> page id; the
         caller has taken this request's hold on every one of them (``PagePool.share`` or ``alloc``)."""
-        if self.end or self.slot or self._window_pages or any(self.comp_row):
+        if self.end or self.slot or self._window_pages or self.comp_row.any():
             raise AssertionError("RequestPages.seed: the request already holds pages")
         for j, page in comp.items():
             self.comp_row[j] = page
@@ -142,7 +147,11 @@ class RequestPages:
         self.end = end
 
     def _comp_missing(self, end: int) -> list[int]:
-        return [j for j in range(math.ceil(end / self.layout.comp_page)) if not self.comp_row[j]]
+        """The compressed row's entries positions ``.. end - 1`` need that hold no page; those of
+        positions before ``self.end`` all hold one (``grow`` and ``seed`` fill them, ``release``
+        empties the whole row), so only the entries from there on are looked at."""
+        start = self.end // self.layout.comp_page
+        return (np.flatnonzero(self.comp_row[start:math.ceil(end / self.layout.comp_page)] == 0) + start).tolist()
 
     def pages_needed(self, end: int) -> tuple[int, int, int]:
         """(window, compressed, slot) pages ``grow(end)`` would take (none are taken here)."""
@@ -163,7 +172,14 @@ class RequestPages:
             raise ValueError(f"request grows by {end - self.end} positions in one step, beyond max_chunk {lay.max_chunk}")
         if end <= self.end:  # nothing to take (pages kept beyond a rewind stay)
             return True
-        self.release_window_before(self._first_live_window_page(self.end) * lay.window_page)
+        live_from = self._first_live_window_page(self.end)
+        if live_from > self._live_from:  # window pages no query from self.end on sees (every window_page steps)
+            self.release_window_before(live_from * lay.window_page)
+            self._live_from = live_from
+        if self.end and self.slot and (self.end - 1) // lay.window_page == (end - 1) // lay.window_page \
+                and (self.end - 1) // lay.comp_page == (end - 1) // lay.comp_page:
+            self.end = end  # within pages it holds (a decode step, mostly): nothing to take
+            return True
         n_window, n_comp, n_slot = self.pages_needed(end)
         if (n_window > self.pools.window.free_count or n_comp > self.pools.compressed.free_count
                 or n_slot > self.pools.slots.free_count):
@@ -207,14 +223,15 @@ class RequestPages:
         """Free every page and the slot (the request finished, was cancelled or is preempted); pages
         another holder shares stay allocated to it."""
         self.release_window_before((max(self._window_pages, default=0) + 1) * self.layout.window_page)
-        used = [p for p in self.comp_row if p]
+        used = self.comp_row[self.comp_row != 0].tolist()
         if used:
             self.pools.compressed.free(used)
         if self.slot:
             self.pools.slots.free([self.slot])
-        self.comp_row = [0] * self.layout.comp_entries
+        self.comp_row[:] = 0
         self.slot = 0
         self.end = 0
+        self._live_from = 0
 
     def window_pages(self) -> dict[int, int]:
         """Live window pages: logical page -> page id."""

@@ -172,12 +172,19 @@ class PrefixCache:
 
     # -- insertion ---------------------------------------------------------------------------------
 
+    def crosses(self, before: int, after: int) -> bool:
+        """Whether computing positions ``before .. after - 1`` crossed a granule boundary, i.e.
+        ``insert`` would record a node (the engine asks first: a request's tokens are only listed
+        then, not every step)."""
+        last = after // self.granule
+        return last > 0 and last * self.granule > before
+
     def insert(self, tokens: list[int] | tuple[int, ...], pages: RequestPages, before: int, after: int) -> None:
         """Record the nodes of the boundaries a request crossed in a step (positions ``before ..
         after - 1`` were computed): ``tokens`` are its known tokens, ``pages`` its pages."""
         g = self.granule
         last = after // g
-        if last * g <= before or last == 0:
+        if not self.crosses(before, after):
             return
         node = self.root
         now = next(self._clock)
@@ -187,7 +194,7 @@ class PrefixCache:
             child = node.children.get(block)
             if child is None:
                 j = (position - 1) // self.layout.comp_page
-                page = pages.comp_row[j]
+                page = int(pages.comp_row[j])
                 if not page:
                     return
                 child = _Node(depth, node, block, comp=(j, page))

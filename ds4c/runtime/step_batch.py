@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ds4c.models.deepseek_v4.paged import EMIT_KINDS, padded_sizes
@@ -85,7 +86,7 @@ def build_step(chunks: Sequence[Chunk], rates: dict[str, int], device: torch.dev
     seen: set[int] = set()
     for r, chunk in enumerate(chunks):
         n = len(chunk.token_ids)
-        if chunk.pages.layout != layout:
+        if chunk.pages.layout is not layout and chunk.pages.layout != layout:
             raise ValueError(f"chunk {r}: its pages use another PageLayout than chunk 0's")
         if id(chunk.pages) in seen:
             raise ValueError(f"chunk {r}: its sequence already has a chunk in this step")
@@ -114,14 +115,17 @@ def build_step(chunks: Sequence[Chunk], rates: dict[str, int], device: torch.dev
         m = rates.get(kind, 0)
         emits[name] = [t for t, p in enumerate(positions) if m and (p + 1) % m == 0 and p >= emit_from[t]]
 
-    def ints(values, dtype=torch.long):
-        return torch.tensor(values, dtype=dtype, device=device)
+    def ints(values) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(values, dtype=np.int64).reshape(-1)).to(device)
+
+    def table(rows) -> torch.Tensor:  # the requests' page rows (int32 arrays), stacked as they are
+        return torch.from_numpy(np.stack(rows).astype(np.int32, copy=False)).to(device)
 
     return StepBatch(
         input_ids=ints(ids), positions=ints(positions), token_seq=ints(token_seq), seq_first=ints(first),
         seq_last=ints(last), logit_rows=ints(logit_rows),
-        window_table=ints([c.pages.window_row for c in chunks], torch.int32),
-        comp_table=ints([c.pages.comp_row for c in chunks], torch.int32),
+        window_table=table([c.pages.window_row for c in chunks]),
+        comp_table=table([c.pages.comp_row for c in chunks]),
         slot=ints([c.pages.slot for c in chunks]), emit_csa=ints(emits["emit_csa"]), emit_hca=ints(emits["emit_hca"]),
         logit_owners=tuple(owners))
 

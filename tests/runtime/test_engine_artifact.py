@@ -92,6 +92,8 @@ def test_engine_refuses_what_it_cannot_serve():
         Engine(SimpleNamespace(manifest={"model": {}}))
     with pytest.raises(InputError, match="artifact path"):
         Engine(object())
+    with pytest.raises(InputError, match=r"in-memory Artifact .*art.save"):  # ds4c.compile's result, not loaded
+        Engine(ds4c.compile("tiny", target="cpu", max_context=32, serving=True, progress=False))
     broken = {"model": {}, "serving": {"layout": {"window": 8, "window_page": "4"}}}
     with pytest.raises(InputError, match="layout fields.*comp_page"):
         Engine(SimpleNamespace(manifest=broken))

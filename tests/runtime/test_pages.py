@@ -72,7 +72,7 @@ def test_growth_is_all_or_nothing():
     assert a.grow(7) and a.grow(14) and a.grow(17)  # a holds both compressed pages
     before = (b.end, list(b.window_row), list(b.comp_row), b.slot, pools.stats())
     assert not b.grow(5)
-    assert (b.end, b.window_row, b.comp_row, b.slot, pools.stats()) == before
+    assert (b.end, list(b.window_row), list(b.comp_row), b.slot, pools.stats()) == before
     a.release()
     assert b.grow(5)
     check_invariants(pools, [a, b])
