@@ -205,7 +205,7 @@ def run_engine(engine: Any, workload: Workload, *, sync: Callable[[], None] = la
             "preemptions": stats["preemptions"] - before["preemptions"],
             "steps": stats["steps"] - before["steps"],
             "decode_steps": stats["decode_steps"] - before["decode_steps"],
-            "decode_tokens": stats["decode_tokens"] - before["decode_tokens"],
+            "decode_tokens": stats["decode_only_tokens"] - before["decode_only_tokens"],  # of decode-only steps
             "decode_busy_s": stats["decode_busy_s"] - before["decode_busy_s"],
             "busy_s": stats["busy_s"] - before["busy_s"],
             "prompt_tokens_computed": stats["prefill_tokens"] - before["prefill_tokens"],

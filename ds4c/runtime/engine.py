@@ -800,7 +800,8 @@ class Engine:
         self._loop: threading.Thread | None = None
         self._stopping = False
         self._stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "finished": 0,
-                       "prefix_query_tokens": 0, "prefix_hit_tokens": 0, "decode_steps": 0, "verifies": 0,
+                       "prefix_query_tokens": 0, "prefix_hit_tokens": 0, "decode_steps": 0, "decode_only_tokens": 0,
+                       "verifies": 0,
                        "accepted_drafts": 0, "overlapped_steps": 0}
         self._busy = {"mixed": 0.0, "decode": 0.0}  # seconds in steps with prompt chunks / decodes only
         self._busy_mark = 0.0  # when the time counted in _busy last ended
@@ -917,7 +918,7 @@ class Engine:
                 "acceptance_length": acceptance_length(self._stats["accepted_drafts"], self._stats["verifies"]),
                 "busy_s": busy["mixed"] + busy["decode"], "decode_busy_s": busy["decode"],
                 "prefill_tokens_per_s": rate(self._stats["prefill_tokens"], busy["mixed"]),
-                "decode_tokens_per_s": rate(self._stats["decode_tokens"], busy["decode"])}
+                "decode_tokens_per_s": rate(self._stats["decode_only_tokens"], busy["decode"])}
 
     # -- one step ---------------------------------------------------------------------------------
 
@@ -1125,6 +1126,7 @@ class Engine:
 
     def _run(self, plan: dict[Request, Chunk]) -> list[Request]:
         started = time.perf_counter()
+        decoded = self._stats["decode_tokens"]
         try:
             return self._run_timed(plan)
         finally:
@@ -1132,6 +1134,8 @@ class Engine:
             self._busy_mark = time.perf_counter()
             self._busy["decode" if decode_only else "mixed"] += self._busy_mark - started
             self._stats["decode_steps"] += decode_only
+            if decode_only:  # the tokens of decode-only steps (decode_tokens counts those of mixed steps too)
+                self._stats["decode_only_tokens"] += self._stats["decode_tokens"] - decoded
 
     def _run_timed(self, plan: dict[Request, Chunk]) -> list[Request]:
         reqs = list(plan)
@@ -1243,6 +1247,7 @@ class Engine:
                 # the chunk's token is the one in flight: insert once it is known (_finalize)
                 r._pending_insert = True
         self._stats["decode_tokens"] += len(reqs)
+        self._stats["decode_only_tokens"] += len(reqs)
         self._stats["steps"] += 1
         self._stats["decode_steps"] += 1
         self._stats["overlapped_steps"] += 1
