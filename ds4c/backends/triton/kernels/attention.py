@@ -173,7 +173,7 @@ def _split_kernel(
     split = tl.program_id(0)
     pid_dv = tl.program_id(1)
     n_m = tl.cdiv(S * H, BLOCK_M)
-    b = tl.program_id(2) // n_m
+    b = (tl.program_id(2) // n_m).to(tl.int64)  # b * (keys of a batch row) may pass 2^31
     pid_m = tl.program_id(2) % n_m
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -277,7 +277,7 @@ def _attention_kernel(
     wait_for_producers(PDL)
     pid_m = tl.program_id(0)
     pid_dv = tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2).to(tl.int64)  # b * (keys of a batch row) may pass 2^31 (a serving step's copies)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < S * H

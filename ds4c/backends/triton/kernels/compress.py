@@ -148,7 +148,7 @@ def _index_scores_kernel(
     wait_for_producers(PDL)
     pid_c = tl.program_id(0)
     t = tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2).to(tl.int64)  # b * (a batch row's elements) passes 2^31 on a serving step's copies
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     offs_h = tl.arange(0, BLOCK_H)
