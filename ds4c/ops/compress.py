@@ -79,6 +79,12 @@ def compress_reference(kv: torch.Tensor, score: torch.Tensor, norm_w: torch.Tens
     return rms_norm_reference(pooled, norm_w, eps)
 
 
+def indexer_topk_reference(q, keys, w, future, k: int, softmax_scale: float, weights_scale: float) -> torch.Tensor:
+    """The k highest index scores' entries, ``future`` entries at -inf (every ``indexer.topk`` form)."""
+    s = index_scores_reference(q, keys, w, softmax_scale, weights_scale).masked_fill(future, float("-inf"))
+    return s.topk(k, dim=-1).indices
+
+
 def index_scores_reference(q, keys, w, softmax_scale: float, weights_scale: float) -> torch.Tensor:
     scores = torch.matmul(q.float(), keys.transpose(-1, -2).float().unsqueeze(1))
     scores = F.relu(scores) * softmax_scale
@@ -109,8 +115,7 @@ class IndexerTopk(OpDef):
     traits = frozenset({"topk"})
 
     def reference(self, q, keys, w, future, *, k: int, softmax_scale: float, weights_scale: float):
-        s = index_scores_reference(q, keys, w, softmax_scale, weights_scale).masked_fill(future, float("-inf"))
-        return s.topk(k, dim=-1).indices
+        return indexer_topk_reference(q, keys, w, future, k, softmax_scale, weights_scale)
 
     def infer_types(self, operand_types, kwargs):
         q = self.tensor_operand(operand_types, 0, min_rank=2)  # [.., heads, d]: scores summed over the heads
@@ -136,9 +141,7 @@ class IndexerTopkRows(OpDef):
     traits = frozenset({"topk"})
 
     def reference(self, q, pool, rows, w, future, *, k: int, softmax_scale: float, weights_scale: float):
-        keys = gather_reference(pool, rows)
-        s = index_scores_reference(q, keys, w, softmax_scale, weights_scale).masked_fill(future, float("-inf"))
-        return s.topk(k, dim=-1).indices
+        return indexer_topk_reference(q, gather_reference(pool, rows), w, future, k, softmax_scale, weights_scale)
 
     def infer_types(self, operand_types, kwargs):
         q = self.tensor_operand(operand_types, 0, min_rank=2)
@@ -167,8 +170,7 @@ class IndexerTopkTable(OpDef):
     def reference(self, q, pool, table, seq, limit, w, future, *, k: int, count: int, page: int, softmax_scale: float,
                   weights_scale: float):
         keys = gather_reference(pool, rows_reference(table, seq, None, limit, count=count, page=page))
-        s = index_scores_reference(q, keys, w, softmax_scale, weights_scale).masked_fill(future, float("-inf"))
-        return s.topk(k, dim=-1).indices
+        return indexer_topk_reference(q, keys, w, future, k, softmax_scale, weights_scale)
 
     def infer_types(self, operand_types, kwargs):
         q = self.tensor_operand(operand_types, 0, min_rank=2)

@@ -61,14 +61,7 @@ def rows_reference(table: torch.Tensor, seq: torch.Tensor, first: torch.Tensor |
     q = torch.arange(count, device=seq.device).unsqueeze(0).expand(seq.shape[0], count)
     if first is not None:
         q = q + first.to(device=seq.device, dtype=torch.int64).unsqueeze(1)
-    slots = table.shape[1]
-    qc = q.clamp(min=0)
-    pages = table.to(device=seq.device, dtype=torch.int64)[seq.long().unsqueeze(1), torch.div(qc, page, rounding_mode="floor") % slots]
-    rows = pages * page + qc % page
-    valid = q >= 0
-    if limit is not None:
-        valid = valid & (q < limit.to(device=seq.device, dtype=torch.int64).unsqueeze(1))
-    return torch.where(valid, rows, torch.full_like(rows, -1))
+    return rows_at_reference(table, seq, q, limit, page=page)
 
 
 def rows_at_reference(table: torch.Tensor, seq: torch.Tensor, entries: torch.Tensor, limit: torch.Tensor | None,

@@ -230,6 +230,23 @@ def index_scores(ctx: KernelContext, q: torch.Tensor, keys: torch.Tensor, w: tor
     return out
 
 
+def _scores_top_k(ctx: KernelContext, q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, future: torch.Tensor,
+                  c: int, k: int, softmax_scale: float, weights_scale: float, **addressing):
+    """The indexer launchers' common end: declines a future that is not bool and broadcastable to
+    [B, S, c]; else the masked scores (``index_scores``, keys addressed by ``addressing``) and their
+    top k."""
+    b, s = q.shape[:2]
+    if future.dtype != torch.bool or future.dim() > 3:
+        return NotImplemented
+    try:
+        if torch.broadcast_shapes(future.shape, (b, s, c)) != (b, s, c):
+            return NotImplemented
+    except RuntimeError:
+        return NotImplemented
+    future = future.reshape((1,) * (3 - future.dim()) + tuple(future.shape))
+    return top_indices(ctx, index_scores(ctx, q, keys, w, future, softmax_scale, weights_scale, **addressing), k)
+
+
 @register_kernel("indexer.topk")
 def indexer_topk(ctx: KernelContext, q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, future: torch.Tensor, *, k: int,
                  softmax_scale: float, weights_scale: float) -> torch.Tensor:
@@ -242,16 +259,7 @@ def indexer_topk(ctx: KernelContext, q: torch.Tensor, keys: torch.Tensor, w: tor
     c = keys.shape[1]
     if keys.shape[0] not in (1, b) or keys.shape[2] != d or tuple(w.shape) != (b, s, h):
         return NotImplemented
-    if future.dtype != torch.bool or future.dim() > 3:
-        return NotImplemented
-    try:
-        if torch.broadcast_shapes(future.shape, (b, s, c)) != (b, s, c):
-            return NotImplemented
-    except RuntimeError:
-        return NotImplemented
-    future = future.reshape((1,) * (3 - future.dim()) + tuple(future.shape))
-    scores = index_scores(ctx, q, keys, w, future, softmax_scale, weights_scale)
-    return top_indices(ctx, scores, k)
+    return _scores_top_k(ctx, q, keys, w, future, c, k, softmax_scale, weights_scale)
 
 
 @register_kernel("indexer.topk.rows")
@@ -267,17 +275,7 @@ def indexer_topk_rows(ctx: KernelContext, q: torch.Tensor, pool: torch.Tensor, r
     if pool.shape[1] != d or rows.dim() != 2 or rows.shape[0] != b or rows.dtype not in (torch.int32, torch.int64) \
             or rows.device != q.device or pool.device != q.device or tuple(w.shape) != (b, s, h):
         return NotImplemented
-    c = rows.shape[1]
-    if future.dtype != torch.bool or future.dim() > 3:
-        return NotImplemented
-    try:
-        if torch.broadcast_shapes(future.shape, (b, s, c)) != (b, s, c):
-            return NotImplemented
-    except RuntimeError:
-        return NotImplemented
-    future = future.reshape((1,) * (3 - future.dim()) + tuple(future.shape))
-    scores = index_scores(ctx, q, pool, w, future, softmax_scale, weights_scale, rows=rows)
-    return top_indices(ctx, scores, k)
+    return _scores_top_k(ctx, q, pool, w, future, rows.shape[1], k, softmax_scale, weights_scale, rows=rows)
 
 
 @register_kernel("indexer.topk.table")
@@ -296,16 +294,8 @@ def indexer_topk_table(ctx: KernelContext, q: torch.Tensor, pool: torch.Tensor, 
                    or v.device != q.device for v in vectors) \
             or table.device != q.device or pool.device != q.device or tuple(w.shape) != (b, s, h):
         return NotImplemented
-    if future.dtype != torch.bool or future.dim() > 3:
-        return NotImplemented
-    try:
-        if torch.broadcast_shapes(future.shape, (b, s, count)) != (b, s, count):
-            return NotImplemented
-    except RuntimeError:
-        return NotImplemented
-    future = future.reshape((1,) * (3 - future.dim()) + tuple(future.shape))
-    scores = index_scores(ctx, q, pool, w, future, softmax_scale, weights_scale, table=(table, seq, limit, count, page))
-    return top_indices(ctx, scores, k)
+    return _scores_top_k(ctx, q, pool, w, future, count, k, softmax_scale, weights_scale,
+                         table=(table, seq, limit, count, page))
 
 
 # -- top-k ----------------------------------------------------------------------------------------
