@@ -33,7 +33,7 @@ def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 def mhc_pre_reference(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, *,
                       norm_eps: float, hc_eps: float, sinkhorn_iters: int):
     n = h.shape[-2]
-    flat = rms_norm_reference(h.reshape(*h.shape[:-2], -1).float(), None, norm_eps)
+    flat = rms_norm_reference(h.flatten(-2).float(), None, norm_eps)  # flatten: -1 is ambiguous for 0 rows
     mix = F.linear(flat, fn.float())
     pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
     pre_b, post_b, comb_b = base.split([n, n, n * n])

@@ -21,22 +21,18 @@ The head grows backwards from the logits over ops that work position by position
 FFN half (mHC pre/post, the MoE: a decode-sized MoE for one token). The sequence length must be
 symbolic, and each value entering the head must carry it at dimension 1; otherwise the rewrite
 returns None, the pass leaves ``prefill_last`` as it is and the runtime slices its full logits.
-The state outputs are untouched.
+The state outputs are untouched. The region and the rewrite are ``narrow_positions``'s, shared with
+``hoist_row_gather`` (a serving step's logits rows).
 """
 
 from __future__ import annotations
 
 from ds4c.ir.graph import Graph, Op, Program, Value
-from ds4c.ir.registry import has_trait
-from ds4c.ir.types import TensorType
 from ds4c.passes.manager import PassContext, register_pass
+from ds4c.passes.narrow_positions import narrow_region, positionwise_region
 
 LAST_ENTRY = "prefill_last"
 _END = 9223372036854775807
-
-
-def _with_seq(t: TensorType, seq) -> TensorType:
-    return TensorType(t.dtype, (t.shape[0], seq, *t.shape[2:]))
 
 
 def last_position_logits(graph: Graph, output: str = "logits") -> Graph | None:
@@ -45,59 +41,23 @@ def last_position_logits(graph: Graph, output: str = "logits") -> Graph | None:
     outs = dict(graph.outputs)
     if output not in outs:
         return None
-    producers = graph.producers()
-    # ops the other outputs need
-    shared: set[Op] = set()
-    stack = [v for n, v in graph.outputs if n != output]
-    while stack:
-        op = producers.get(stack.pop())
-        if op is not None and op not in shared:
-            shared.add(op)
-            stack.extend(op.operands)
-    # the head: position-wise ops whose results only the head (or ``output``) reads, found from
-    # the output backwards; whatever they read from outside is sliced to the last position
-    users = graph.users()
-    head: list[Op] = []
-    seen: set[Op] = set()
-    for op in reversed(graph.ops):
-        if op in shared or not has_trait(op.name, "positionwise") or not op.results:
-            continue
-        readers = [u for r in op.results for u in users.get(r, [])]
-        feeds_output = outs[output] in op.results
-        if (feeds_output or readers) and all(u in seen for u in readers) and \
-                (feeds_output or any(u in seen for u in readers)):
-            seen.add(op)
-            head.append(op)
-    if outs[output] not in {r for op in head for r in op.results}:
+    target = outs[output]
+    head = positionwise_region(graph, target, other_outputs=[v for n, v in graph.outputs if n != output])
+    if not any(target in op.results for op in head):
         return None
-    head_results = {r for op in head for r in op.results}
-    params = set(graph.inputs_of_kind("param")) | set(graph.inputs_of_kind("const"))
-    seq = graph.tensor_type(outs[output]).shape[1] if graph.tensor_type(outs[output]).rank >= 2 else None
-    if not isinstance(seq, str):
-        return None  # a static sequence length: dim 1 of another value could equal it by chance
-    taken = graph.value_names()
-    sliced: dict[Value, Value] = {}
-    new_ops: list[Op] = []
-    for v in dict.fromkeys(v for op in head for v in op.operands if v not in head_results and v not in params):
-        t = v.type
-        if not isinstance(t, TensorType) or t.rank < 2 or t.shape[1] != seq:
-            return None  # a value entering the head without the sequence at dim 1
-        name = graph.fresh_name(f"{v.name}_last", taken)
-        taken.add(name)
-        sliced[v] = Value(name, _with_seq(t, 1))
-        new_ops.append(Op("aten.slice.Tensor", (v, 1, -1, _END), {}, (sliced[v],), loc="last_position_logits"))
-    retyped: dict[Value, Value] = dict(sliced)
-    order = {op: i for i, op in enumerate(graph.ops)}
-    ops = [op for op in graph.ops if op not in seen]
-    for op in sorted(head, key=order.__getitem__):
-        results = []
-        for r in op.results:
-            keep = isinstance(r.type, TensorType) and r.type.rank >= 2 and r.type.shape[1] == seq
-            retyped[r] = Value(r.name, _with_seq(r.type, 1)) if keep else r
-            results.append(retyped[r])
-        new_ops.append(op.map_operands(lambda v: retyped.get(v, v)).replace(results=tuple(results)))
-    outputs = [(n, retyped.get(v, v)) if n == output else (n, v) for n, v in graph.outputs]
-    out = graph.copy(ops=ops + new_ops, outputs=outputs)
+    t = graph.tensor_type(target)
+    seq = t.shape[1] if t.rank >= 2 else None
+
+    def last(v: Value, new: Value) -> Op:
+        return Op("aten.slice.Tensor", (v, 1, -1, _END), {}, (new,), loc="last_position_logits")
+
+    rewrite = narrow_region(graph, head, seq, 1, last, "last")
+    if rewrite is None:
+        return None
+    new_ops, narrowed = rewrite
+    moved = set(head)
+    outputs = [(n, narrowed.get(v, v)) if n == output else (n, v) for n, v in graph.outputs]
+    out = graph.copy(ops=[op for op in graph.ops if op not in moved] + new_ops, outputs=outputs)
     out.name = LAST_ENTRY
     return out
 

@@ -58,7 +58,7 @@ def list_passes() -> list[Pass]:
 # Named pipelines. Later stages (fusion, precision, memory, streams, lowering) append here.
 PIPELINES: dict[str, list[str]] = {
     "default": ["canonicalize_shapes", "fold_constants", "cse", "dce", "fuse_norms_mhc", "fuse_rope", "fuse_attention", "fuse_moe", "fuse_compress",
-                "cse", "dce", "last_position_logits", "canonicalize_shapes", "assign_precision", "quantize_weights",
+                "cse", "dce", "last_position_logits", "hoist_row_gather", "canonicalize_shapes", "assign_precision", "quantize_weights",
                 "lower_paged_state", "plan_memory",
                 "schedule_streams", "fit_serving_pools"],
     "none": [],
@@ -213,7 +213,7 @@ BUILTIN_PASS_MODULES = ("assign_precision", "canonicalize_shapes", "cse", "dce",
                         "fuse_compress", "fuse_moe", "fuse_norm_rope", "fuse_norms_mhc", "fuse_paged_reads", "fuse_rope",
                         "last_logits",
                         "lower_packed_weights", "lower_paged_state", "merge_sibling_linears", "plan_memory", "quantize_weights",
-                        "schedule_streams", "shard_experts")
+                        "row_gather", "schedule_streams", "shard_experts")
 
 
 def _load_builtin_passes() -> None:
