@@ -52,6 +52,8 @@
 #   bash benchmarks/device_session.sh batchab     # #26: the 256-request trace on flash-slice --serving (bf16) compiled for
 #                                                 # max_running 64 (default), 128 and 256: does a bigger batch of
 #                                                 # decodes per expert read pay for its padding? (~9 min)
+#   bash benchmarks/device_session.sh ab26        # #26 A/B, tree ./ab_old vs this tree: flash-slice --serving (bf16) each,
+#                                                 # concurrency 1 with 2048-token prompts, the 256-request trace (~7 min)
 #   bash benchmarks/device_session.sh pagedreads  # #26: the .rows kernels' tests on the GPU; flash-slice --serving (bf16,
 #                                                 # ctx 65536) with keys read at their rows vs gathered copies
 #                                                 # (--no-fuse-paged-reads): concurrency 1, then 64 long prompts (~8 min)
@@ -230,6 +232,23 @@ case "$1" in
     test -d ab_old/ds4c || { echo "ab_old/ds4c missing: run git archive \$A ds4c pyproject.toml | tar -x -C ab_old first" >&2; exit 2; }
     timeout 580 python benchmarks/ab_commits.py --a ab_old --b . --target "$target" --rounds 1 --out "$out/ab.json" \
       > "$out/ab.log" 2>&1; tail -80 "$out/ab.log" | grep -E "b_over_a|next_token|error" ;;
+  ab26)
+    # #26 A/B on one machine: tree ./ab_old (A: git archive "$A" ds4c pyproject.toml | tar -x -C ab_old) vs this
+    # tree (B), flash-slice --serving (bf16) each: TTFT / TPOT at concurrency 1 with 2048-token prompts, then the
+    # 256-request trace (engine only, prefix cache on as bench serve's default)
+    test -d ab_old/ds4c || { echo "ab_old/ds4c missing: run git archive \$A ds4c pyproject.toml | tar -x -C ab_old first" >&2; exit 2; }
+    for side in a b; do
+      dir=$([ "$side" = a ] && echo ab_old || echo .)
+      art=/tmp/fs_serving_${side}_$target.ds4
+      (cd "$dir" && timeout "$(left 150)" python -m ds4c.cli compile flash-slice --target "$target" --precision bf16 \
+        --serving --max-context 8192 -o "$art" > "$out/ab26_compile_$side.log" 2>&1); echo "$side compile rc=$?"
+      (cd "$dir" && timeout "$(left 60)" python -m ds4c.cli bench serve "$art" --device cuda --requests 6 --concurrency 1 \
+        --prompt-len 2048:2048 --output-len 32:32 --compare none --json "$out/ab26_c1_$side.json" \
+        > "$out/ab26_c1_$side.log" 2>&1); grep -E "│ engine|decode-only|prompt chunks" "$out/ab26_c1_$side.log" | cut -c1-160
+      (cd "$dir" && timeout "$(left 120)" python -m ds4c.cli bench serve "$art" --device cuda --requests 256 --rate 100 \
+        --prompt-len 128:4096 --output-len 64:512 --compare none --json "$out/ab26_rate_$side.json" \
+        > "$out/ab26_rate_$side.log" 2>&1); grep -E "│ engine|decode-only|prompt chunks" "$out/ab26_rate_$side.log" | cut -c1-160
+    done ;;
   plan)
     timeout 200 python benchmarks/gpu_smoke.py --out "$out/smoke_plan.json" > "$out/smoke_plan.log" 2>&1
     tail -3 "$out/smoke_plan.log" | cut -c1-700

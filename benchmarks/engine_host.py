@@ -11,7 +11,12 @@ Two measurements, no GPU needed:
   1048576 tokens (a request's compressed page row has 32 and 4096 entries);
 - ``engine``: ``Engine.step()`` on the tiny preset with its step runner replaced by one that returns
   zero logits at once, in decode-only steps of B requests (the whole host side: admission, pages,
-  chunks, metadata, sampling, retirement).
+  chunks, metadata, sampling, retirement);
+- ``trace``: ``bench serve``'s driver (``run_engine``) over #26's saturating trace (256 requests,
+  prompts 128..3500 tokens, outputs 64..512, all submitted at once) on the tiny preset at
+  flash-slice's page layout (window pages of 32 positions, compressed pages of 256, 2048-token
+  chunks, 64 running), model stubbed, with and without the prefix cache: the host's share of a
+  saturated run (on the GPU each of its ~1500 steps also waits for the device).
 """
 
 from __future__ import annotations
@@ -77,15 +82,46 @@ def engine(batches: list[int], steps: int = 100) -> dict:
     return out
 
 
+def trace(requests: int = 256) -> dict:
+    import ds4c
+    from ds4c.bench.serve import make_workload, run_engine
+
+    art = ds4c.compile("tiny", target="cpu", max_context=4096, progress=False,
+                       serving={"max_running": 64, "max_chunk": 2048, "window_page": 32, "comp_page": 256})
+    path = art.save(tempfile.mkdtemp() + "/tiny.ds4")
+    out = {}
+    for cache in (False, True):
+        eng = ds4c.Engine(path, prefix_cache=cache)
+        zeros = torch.zeros(4096, eng.runner.vocab_size)
+        eng.runner.run = lambda batch, input_ids=None, zeros=zeros: zeros[:batch.logit_rows.shape[0]]
+        work = make_workload(requests, "128:3500", "64:512", eng.runner.vocab_size, max_context=4096, rate=1e9)
+        t = time.perf_counter()
+        run = run_engine(eng, work)
+        seconds = time.perf_counter() - t
+        key = "prefix_cache" if cache else "no_cache"
+        out[key] = {"requests": requests, "steps": run["steps"], "seconds": seconds,
+                    "ms_per_step": seconds / run["steps"] * 1e3, "prefix_cache": run["prefix_cache"]}
+        print(f"{requests}-request trace, model stubbed, {key}: {seconds:.2f} s host, {run['steps']} steps, "
+              f"{out[key]['ms_per_step']:.2f} ms per step {run['prefix_cache'] or ''}")
+        eng.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 1 << 20])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--parts", nargs="+", default=["paging", "engine", "trace"])
     ap.add_argument("--out", default="engine_host.json")
     args = ap.parse_args()
     torch.set_num_threads(1)  # host bookkeeping: one thread, as the engine's loop runs
-    res = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-           "paging": paging(args.contexts), "engine": engine(args.batches)}
+    res = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    if "paging" in args.parts:
+        res["paging"] = paging(args.contexts)
+    if "engine" in args.parts:
+        res["engine"] = engine(args.batches)
+    if "trace" in args.parts:
+        res["trace"] = trace()
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
 

@@ -163,8 +163,22 @@ def test_a_batched_workload_with_shared_prefixes_preemption_and_eviction(trained
     assert stats["prefix_cache"]["hit_tokens"] > 0
     assert sum(r.cached_tokens for r in batched) > 0
     _compare(batched, _alone(model, work, _greedy))
+    # the holds the cache counts as it goes are the tree's (stats no longer walks it)
+    assert stats["prefix_cache"]["holds"] == _walked_holds(engine._cache)
     engine._cache.clear()
     assert all(p["used"] == 0 for p in engine.stats()["pages"].values())
+    assert engine.stats()["prefix_cache"]["holds"] == {"window": 0, "compressed": 0} == _walked_holds(engine._cache)
+
+
+def _walked_holds(cache) -> dict[str, int]:
+    held = {"window": 0, "compressed": 0}
+    stack = list(cache.root.children.values())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children.values())
+        held["compressed"] += 1
+        held["window"] += len(node.window or ())
+    return held
 
 
 def test_sessions_keep_their_history_when_window_pages_run_short(trained):  # noqa: F811
