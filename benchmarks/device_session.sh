@@ -53,7 +53,8 @@
 #                                                 # max_running 64 (default), 128 and 256: does a bigger batch of
 #                                                 # decodes per expert read pay for its padding? (~9 min)
 #   bash benchmarks/device_session.sh ab26        # #26 A/B, tree ./ab_old vs this tree: flash-slice --serving (bf16) each,
-#                                                 # concurrency 1 with 2048-token prompts, the 256-request trace (~7 min)
+#                                                 # concurrency 1 with and without the prefix cache, the 256-request
+#                                                 # trace (~8 min)
 #   bash benchmarks/device_session.sh pagedreads  # #26: the .rows kernels' tests on the GPU; flash-slice --serving (bf16,
 #                                                 # ctx 65536) with keys read at their rows vs gathered copies
 #                                                 # (--no-fuse-paged-reads): concurrency 1, then 64 long prompts (~8 min)
@@ -63,8 +64,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 case "${1:-}" in
-  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|c1|stepprof|serve26|serve26b|paged|first|long|moetopk|pagedreads|batchab) ;;
-  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|c1|stepprof|serve26|serve26b|paged|first|long|moetopk|pagedreads|batchab" >&2
+  exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|c1|stepprof|serve26|serve26b|paged|first|long|moetopk|pagedreads|batchab|ab26) ;;
+  *) echo "usage: bash benchmarks/device_session.sh exactness|profile|variants|pdl|peers|tune|kernels|rowloop|topk|fusion|plan|planvariants|keys|ab|serving|prefix|flash1|spec|c1|stepprof|serve26|serve26b|paged|first|long|moetopk|pagedreads|batchab|ab26" >&2
      exit 2 ;;
 esac
 out="${OUT:-device_out}"
@@ -234,17 +235,20 @@ case "$1" in
       > "$out/ab.log" 2>&1; tail -80 "$out/ab.log" | grep -E "b_over_a|next_token|error" ;;
   ab26)
     # #26 A/B on one machine: tree ./ab_old (A: git archive "$A" ds4c pyproject.toml | tar -x -C ab_old) vs this
-    # tree (B), flash-slice --serving (bf16) each: TTFT / TPOT at concurrency 1 with 2048-token prompts, then the
-    # 256-request trace (engine only, prefix cache on as bench serve's default)
+    # tree (B), flash-slice --serving (bf16) each: TPOT / TTFT at concurrency 1 (512-token prompts) with and without
+    # the prefix cache, then the 256-request trace (engine only, prefix cache on as bench serve's default)
     test -d ab_old/ds4c || { echo "ab_old/ds4c missing: run git archive \$A ds4c pyproject.toml | tar -x -C ab_old first" >&2; exit 2; }
     for side in a b; do
       dir=$([ "$side" = a ] && echo ab_old || echo .)
       art=/tmp/fs_serving_${side}_$target.ds4
       (cd "$dir" && timeout "$(left 150)" python -m ds4c.cli compile flash-slice --target "$target" --precision bf16 \
         --serving --max-context 8192 -o "$art" > "$out/ab26_compile_$side.log" 2>&1); echo "$side compile rc=$?"
-      (cd "$dir" && timeout "$(left 60)" python -m ds4c.cli bench serve "$art" --device cuda --requests 6 --concurrency 1 \
-        --prompt-len 2048:2048 --output-len 32:32 --compare none --json "$out/ab26_c1_$side.json" \
-        > "$out/ab26_c1_$side.log" 2>&1); grep -E "│ engine|decode-only|prompt chunks" "$out/ab26_c1_$side.log" | cut -c1-160
+      for pc in prefix-cache no-prefix-cache; do  # the first run of a side also compiles its kernels (bench serve
+        # loads without --trust-binaries): a generous limit
+        (cd "$dir" && timeout "$(left 150)" python -m ds4c.cli bench serve "$art" --device cuda --requests 4 --concurrency 1 \
+          --prompt-len 512:512 --output-len 128:128 --compare none --overlap --"$pc" --json "$out/ab26_c1_${pc}_$side.json" \
+          > "$out/ab26_c1_${pc}_$side.log" 2>&1); echo "$side c1 $pc"; grep -E "│ engine" "$out/ab26_c1_${pc}_$side.log" | cut -c1-120
+      done
       (cd "$dir" && timeout "$(left 120)" python -m ds4c.cli bench serve "$art" --device cuda --requests 256 --rate 100 \
         --prompt-len 128:4096 --output-len 64:512 --compare none --json "$out/ab26_rate_$side.json" \
         > "$out/ab26_rate_$side.log" 2>&1); grep -E "│ engine|decode-only|prompt chunks" "$out/ab26_rate_$side.log" | cut -c1-160
