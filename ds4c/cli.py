@@ -649,6 +649,9 @@ def bench_serve(
     overlap: Annotated[bool | None, typer.Option(
         "--overlap/--no-overlap", help="launch each decode step before the previous one's tokens are read "
                                        "(default: on CUDA)")] = None,
+    trust_binaries: Annotated[bool, typer.Option(
+        "--trust-binaries", help="use the kernel binaries stored in ARTIFACT even if no trusted key signed it "
+                                 "(otherwise Triton compiles the kernels at the engine's start)")] = False,
 ) -> None:
     """Serve a synthetic trace on ds4c.Engine (or a running `ds4c serve`, --url) and report
     throughput, TTFT and TPOT (p50/p90/p99), pages, preemptions, prompt tokens computed and prefix
@@ -683,7 +686,7 @@ def bench_serve(
             vocab, max_context, where = info.get("vocab_size", 100), info["max_model_len"], url
             model = None
         else:
-            model = ds4c.load(artifact, device=device)
+            model = ds4c.load(artifact, device=device, trust_binaries=trust_binaries)
             vocab, max_context, where = model.vocab_size, model.max_context, str(model.device)
             budget = _parse_bytes(state_budget) if state_budget else None
             if "mesh" in model.manifest:  # sharded: the engine alone (baselines would need every rank too)

@@ -171,7 +171,7 @@ def test_bench_serve_reports_the_engine_against_static_batches(artifact, tmp_pat
     over = json.loads(out.read_text())["engine"]["overlap"]
     assert over["on"] and over["overlapped_steps"] > 0
     res = runner.invoke(app, ["bench", "serve", str(path), "--requests", "3", "--rate", "500", "--compare", "none",
-                              "--prompt-len", "4:8", "--output-len", "2:3"])
+                              "--prompt-len", "4:8", "--output-len", "2:3", "--trust-binaries"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["bench", "serve", str(path), "--prompt-len", "200:250", "--output-len", "64:64"])
     assert res.exit_code != 0 and "max_context" in res.output
