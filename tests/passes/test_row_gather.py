@@ -83,6 +83,8 @@ def test_the_step_gives_the_same_logits_and_pools(fused, tmp_path):
             for g in (graph, hoist_row_gather_pass(graph, PassContext()))]
     assert outs[0]["logits"].shape == (3, 512)
     assert set(outs[0]) == set(outs[1])
-    for name in outs[0]:
-        # (a compress row with every score masked is NaN; it lands in the trash page)
-        assert torch.allclose(outs[0][name], outs[1][name], atol=1e-5, rtol=1e-5, equal_nan=True), name
+    assert torch.allclose(outs[0]["logits"], outs[1]["logits"], atol=1e-5, rtol=1e-5)
+    for name in set(outs[0]) - {"logits"}:
+        # page / slot 0 is the pools' trash: rows that write nowhere real all land there, in an order
+        # index_put does not fix (the same graph run twice differs there)
+        assert torch.allclose(outs[0][name][1:], outs[1][name][1:], atol=1e-5, rtol=1e-5, equal_nan=True), name
