@@ -81,7 +81,9 @@ def hoist_row_gather_pass(graph: Graph, ctx: PassContext) -> Graph:
     Guarantees: every output is unchanged in value; a graph without such a gather is returned as is.
     """
     out = graph
-    for gather in _row_gathers(graph):
+    tried: set[Value] = set()  # by result: a rewrite rebuilds the ops that follow, not their results
+    while (gather := next((op for op in _row_gathers(out) if op.result not in tried), None)) is not None:
+        tried.add(gather.result)
         moved = hoist_row_gather(out, gather)
         if moved is not None and ctx.allow_rewrite(f"%{gather.result.name}'s rows gathered before the "
                                                    "position-wise ops that feed it"):
