@@ -137,7 +137,7 @@ class PrefixCache:
             return None
         walk: _Node | None = best
         now = next(self._clock)
-        while walk is not None and walk.parent is not None:
+        while walk is not None:
             walk.used = now
             self._requeue(walk)
             walk = walk.parent
@@ -237,9 +237,9 @@ class PrefixCache:
 
     @staticmethod
     def _key(node: _Node) -> tuple[int, int, int] | None:
-        """``node``'s place in the eviction order, None when it holds nothing to drop (an inner node
-        without window pages: its compressed page goes with its last descendant)."""
-        if node.window is None and node.children:
+        """``node``'s place in the eviction order, None when it holds nothing to drop (the root; an
+        inner node without window pages: its compressed page goes with its last descendant)."""
+        if node.parent is None or node.window is None and node.children:
             return None
         plain = node.window is not None and len(node.children) == 1
         return (0 if plain else 1, node.used, 0 if node.children else 1)
@@ -282,8 +282,7 @@ class PrefixCache:
                 self.pools.compressed.free([victim.comp[1]])
                 del victim.parent.children[victim.block]
                 self.nodes -= 1
-                if victim.parent.parent is not None:
-                    self._requeue(victim.parent)
+                self._requeue(victim.parent)
             if self.pools.window.free_count + self.pools.compressed.free_count > free:
                 break
         return dropped
